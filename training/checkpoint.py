@@ -1,0 +1,111 @@
+"""The checkpoint directory contract (DESIGN.md Stage 1), shared by training and engine_build.
+
+``checkpoint.pt`` holds only tensors and plain containers so that
+``torch.load(..., weights_only=True)`` reads it; writes are atomic (temp file + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.models import build_model
+from training.preprocessing import PreprocessSpec
+
+FORMAT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.pt"
+LABELS_FILE = "labels.json"
+METRICS_FILE = "metrics.json"
+ARGS_FILE = "args.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be used; the message names the path."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(out_dir: Path, ckpt: dict[str, Any]) -> Path:
+    """Write ``checkpoint.pt`` and ``labels.json`` atomically.
+
+    Required keys: arch, num_classes, classes (list of {make, model, make_id, model_id} in
+    class-index order), level, preprocess (PreprocessSpec dict), state_dict, epoch, args.
+    Optional: optimizer, lr_scheduler, scaler, ema_state_dict, rng, metrics.
+    """
+    out_dir = Path(out_dir)
+    ckpt = {"format_version": FORMAT_VERSION, **ckpt}
+    atomic_torch_save(out_dir / CHECKPOINT_FILE, ckpt)
+    labels = {str(i): c for i, c in enumerate(ckpt["classes"])}
+    atomic_write_json(out_dir / LABELS_FILE, labels)
+    return out_dir / CHECKPOINT_FILE
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint directory (or the ``checkpoint.pt`` in it) with ``weights_only=True``."""
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"no checkpoint at {file}")
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"unreadable checkpoint {file}: {exc.__class__.__name__}") from exc
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"unreadable checkpoint {file}: not a carstream checkpoint")
+    missing = [k for k in ("arch", "num_classes", "classes", "state_dict", "preprocess")
+               if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {file} lacks {', '.join(missing)}")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {file} has format {ckpt['format_version']}, newer than {FORMAT_VERSION}"
+        )
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> nn.Module:
+    """The eval-mode FP32 model a checkpoint describes (EMA weights when present)."""
+    model = build_model(ckpt["arch"], int(ckpt["num_classes"]))
+    state = ckpt.get("ema_state_dict") if use_ema and ckpt.get("ema_state_dict") else None
+    model.load_state_dict(state or ckpt["state_dict"])
+    return model.eval()
+
+
+def preprocess_spec_of(ckpt: dict[str, Any]) -> PreprocessSpec:
+    return PreprocessSpec(**ckpt["preprocess"])
