@@ -1,0 +1,43 @@
+"""Session fixtures: a real Tansu broker and a real redis-server on free loopback ports.
+
+Each fixture starts its own server in a temporary directory and stops it at the end of the
+session. Tests create the topics they need with `worker.stack.create_topics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from worker.stack import RedisServer, StackError, TansuBroker, free_port, redis_server_available
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """bootstrap_servers ("127.0.0.1:port") of a memory-only Tansu broker."""
+    broker = TansuBroker(tmp_path_factory.mktemp("tansu"), free_port())
+    try:
+        broker.start()
+    except StackError as exc:
+        pytest.fail(f"could not start the Tansu broker: {exc}")
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """redis:// URL of a throw-away redis-server (skips only if redis-server is not installed)."""
+    if not redis_server_available():
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"), free_port())
+    try:
+        server.start()
+    except StackError as exc:
+        pytest.fail(f"could not start redis-server: {exc}")
+    try:
+        yield server.url
+    finally:
+        server.stop()

