@@ -1,0 +1,338 @@
+"""Checkpoint -> verified model bundle: export, quantise, build plans, prove parity, install.
+
+``build_bundle`` is the whole stage as one function (the CLI in ``__main__`` is a thin adapter):
+every artifact is checked against the PyTorch FP32 model on held-out images before the bundle
+directory appears, and a failed gate leaves no bundle behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine_build import heldout
+from engine_build.bundle import PARITY_FILE, load_bundle, sha256_file
+from engine_build.manifest import MANIFEST_FILE, Artifact, BatchProfile, Label, Manifest
+from engine_build.onnx_export import HalfPrecision, export_onnx
+from engine_build.parity import ParityDataError, ParitySet, parity_report, run_batched
+from engine_build.runtime.onnxruntime_engine import OnnxRuntimeEngine
+from training.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    preprocess_spec_of,
+)
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp16", "fp32", "int8")
+BUILD_BACKENDS = ("auto", "tensorrt", "onnxruntime")
+ONNX_FILE, INT8_FILE, FP16_ONNX_FILE = "model.onnx", "model.int8.onnx", "model.fp16.onnx"
+TORCH_FILE, PLAN_FILE = "model.pt", "model.fp16.plan"
+
+
+class BuildError(ValueError):
+    """Bad build input (checkpoint, options, parity data); the message names it."""
+
+
+class ParityGateError(RuntimeError):
+    """An artifact disagrees with the PyTorch model more than its threshold allows."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    precisions: tuple[str, ...] = ("fp16", "fp32")
+    backends: tuple[str, ...] = ("auto",)
+    min_batch: int = 1
+    opt_batch: int = 32
+    max_batch: int = 64
+    parity_data: Path | None = None
+    parity_images: int = 256
+    calibration_images: int = 128
+    workspace_gb: float = 4.0
+    timing_cache: Path | None = None
+    fp32_agreement: float = 0.999
+    fp16_agreement: float = 0.995
+    int8_agreement: float = 0.0
+    model_name: str | None = None
+    model_version: str | None = None
+    opset: int = 17
+    threads: int | None = None
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad or not self.precisions:
+            raise BuildError(
+                f"--precision: unknown {', '.join(bad) or '(empty)'}; "
+                f"choose from {', '.join(PRECISIONS)}"
+            )
+        bad = [b for b in self.backends if b not in BUILD_BACKENDS]
+        if bad or not self.backends:
+            raise BuildError(
+                f"--backends: unknown {', '.join(bad) or '(empty)'}; "
+                f"choose from {', '.join(BUILD_BACKENDS)}"
+            )
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise BuildError(
+                f"batch profile must satisfy 1 <= min <= opt <= max; got "
+                f"{self.min_batch}/{self.opt_batch}/{self.max_batch}"
+            )
+        if self.parity_images < 1:
+            raise BuildError(f"--parity-images must be >= 1; got {self.parity_images}")
+
+
+def _as_tuple(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return tuple(value)  # type: ignore[arg-type]
+
+
+def _artifact(bundle_dir: Path, file: str, backend: str, precision: str, **extra) -> Artifact:
+    path = bundle_dir / file
+    return Artifact(
+        backend=backend,
+        precision=precision,
+        file=file,
+        sha256=sha256_file(path),
+        size_bytes=path.stat().st_size,
+        **extra,
+    )
+
+
+def _gate(name: str, report: dict, threshold: float) -> None:
+    report["gate"] = {
+        "min_top1_agreement": threshold,
+        "passed": report["top1_agreement"] >= threshold,
+    }
+    log.info(
+        "parity %s: agreement %.4f (gate %.4f), max|dlogit| %.4g, n=%d",
+        name,
+        report["top1_agreement"],
+        threshold,
+        report["max_abs_logit_diff"],
+        report["n_images"],
+    )
+
+
+def _tensorrt_wanted(opts: BuildOptions) -> str | None:
+    """None when a TensorRT plan should be built, else why not (raises if it was demanded)."""
+    if "fp16" not in opts.precisions:
+        return "fp16 not requested"
+    if "tensorrt" not in opts.backends and "auto" not in opts.backends:
+        return "tensorrt backend not requested"
+    from engine_build.tensorrt_build import tensorrt_available
+
+    why = tensorrt_available()
+    if why and "tensorrt" in opts.backends:
+        raise BuildError(f"--backends tensorrt: cannot build a TensorRT plan here: {why}")
+    return why
+
+
+def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished bundle into place; a reader never sees a half-written directory."""
+    if out_dir.exists():
+        if any(out_dir.iterdir()) and not overwrite:
+            raise BuildError(f"--out {out_dir} exists and is not empty (pass --force to replace)")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def build_bundle(checkpoint_dir: Path | str, out_dir: Path | str, **options) -> Path:
+    """Build a bundle from ``checkpoint_dir`` into ``out_dir``; options as in BuildOptions.
+
+    Raises BuildError for bad input and ParityGateError when an artifact fails its gate.
+    """
+    for key in ("precisions", "backends"):
+        if key in options:
+            options[key] = _as_tuple(options[key])
+    try:
+        opts = BuildOptions(**options)
+    except TypeError as exc:
+        raise BuildError(f"build_bundle: {exc}") from exc
+    opts.validate()
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    try:
+        ckpt = load_checkpoint(checkpoint_dir)
+    except CheckpointError as exc:
+        raise BuildError(str(exc)) from exc
+    if out_dir.exists() and any(out_dir.iterdir()) and not opts.overwrite:
+        raise BuildError(f"--out {out_dir} exists and is not empty (pass --force to replace)")
+    no_trt = _tensorrt_wanted(opts)
+
+    spec = preprocess_spec_of(ckpt)
+    model = model_from_checkpoint(ckpt)
+    try:
+        parity_set = heldout.parity_set_for(ckpt, spec, opts.parity_data, opts.parity_images)
+    except ParityDataError as exc:
+        raise BuildError(str(exc)) from exc
+    log.info(
+        "parity set: %d images (%d labelled) from %s",
+        len(parity_set.images),
+        int((parity_set.labels >= 0).sum()),
+        parity_set.source,
+    )
+    with torch.inference_mode():
+        reference = run_batched(
+            lambda x: model(torch.from_numpy(x)).numpy(), parity_set.images, opts.max_batch
+        )
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.building-"))
+    try:
+        manifest, report = _build_into(
+            tmp, ckpt, model, spec, opts, parity_set, reference, no_trt, checkpoint_dir
+        )
+        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+        (tmp / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        load_bundle(tmp)  # the bundle we hand over must pass the worker's own checks
+        _install(tmp, out_dir, opts.overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("bundle written to %s", out_dir)
+    return out_dir
+
+
+def _build_into(
+    tmp: Path,
+    ckpt: dict,
+    model: torch.nn.Module,
+    spec,
+    opts: BuildOptions,
+    parity_set: ParitySet,
+    reference: np.ndarray,
+    no_trt: str | None,
+    checkpoint_dir: Path,
+) -> tuple[Manifest, dict]:
+    profile = BatchProfile(min=opts.min_batch, opt=opts.opt_batch, max=opts.max_batch)
+    labels = [
+        Label(**{k: c.get(k) for k in ("make", "model", "make_id", "model_id")})
+        for c in ckpt["classes"]
+    ]
+    ckpt_file = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir.is_dir() else checkpoint_dir
+    draft = Manifest(
+        model_name=opts.model_name or f"carstream-{ckpt['arch']}",
+        model_version=opts.model_version or f"epoch{ckpt.get('epoch', 0)}",
+        arch=ckpt["arch"],
+        level=ckpt.get("level", "model"),
+        num_classes=int(ckpt["num_classes"]),
+        labels=labels,
+        preprocess=spec,
+        batch_profile=profile,
+        artifacts=[],
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        source_checkpoint_sha256=sha256_file(ckpt_file),
+    )
+    report: dict = {
+        "reference": "pytorch-fp32",
+        "parity_source": parity_set.source,
+        "artifacts": {},
+    }
+    artifacts: list[Artifact] = []
+
+    def check(art: Artifact, logits: np.ndarray, threshold: float) -> None:
+        key = f"{art.backend}-{art.precision}"
+        entry = parity_report(reference, logits, parity_set.labels)
+        entry["file"] = art.file
+        _gate(key, entry, threshold)
+        report["artifacts"][key] = entry
+        if not entry["gate"]["passed"]:
+            raise ParityGateError(
+                f"parity gate failed for {art.file}: top-1 agreement "
+                f"{entry['top1_agreement']:.4f} < {threshold} on {entry['n_images']} images "
+                f"(max |logit diff| {entry['max_abs_logit_diff']:.4g})",
+                report,
+            )
+
+    def ort_logits(art: Artifact) -> np.ndarray:
+        partial = draft.model_copy(update={"artifacts": [art]})
+        from engine_build.bundle import Bundle
+
+        engine = OnnxRuntimeEngine(Bundle(tmp, partial), art.precision, threads=opts.threads)
+        try:
+            return run_batched(engine.infer, parity_set.images, opts.max_batch)
+        finally:
+            engine.close()
+
+    # FP32 ONNX: always; the CPU path and the source of every other artifact.
+    export_onnx(model, tmp / ONNX_FILE, spec.crop, draft.input_name, draft.output_name, opts.opset)
+    fp32 = _artifact(tmp, ONNX_FILE, "onnxruntime", "fp32")
+    check(fp32, ort_logits(fp32), opts.fp32_agreement)
+    artifacts.append(fp32)
+
+    # FP32 state_dict: what the torch-cuda backend runs in FP16 on GPUs without TensorRT.
+    torch.save(model.state_dict(), tmp / TORCH_FILE)
+    artifacts.append(_artifact(tmp, TORCH_FILE, "torch", "fp32"))
+
+    if "int8" in opts.precisions:
+        from engine_build.quantize import quantize_int8
+
+        calib = heldout.calibration_images(parity_set, opts.calibration_images)
+        quantize_int8(tmp / ONNX_FILE, tmp / INT8_FILE, draft.input_name, calib, tmp)
+        int8 = _artifact(tmp, INT8_FILE, "onnxruntime", "int8")
+        check(int8, ort_logits(int8), opts.int8_agreement)
+        report["artifacts"]["onnxruntime-int8"]["calibration_images"] = len(calib)
+        artifacts.append(int8)
+
+    if no_trt is None:
+        artifacts.append(_build_plan(tmp, model, draft, opts, check, parity_set))
+    elif "fp16" in opts.precisions:
+        log.warning("no TensorRT plan built: %s", no_trt)
+        report["tensorrt_skipped"] = no_trt
+    return draft.model_copy(update={"artifacts": artifacts}), report
+
+
+def _build_plan(tmp, model, draft: Manifest, opts: BuildOptions, check, parity_set) -> Artifact:
+    """TensorRT FP16 plan from an FP16-inside ONNX export, checked on this GPU."""
+    import copy
+
+    from engine_build.bundle import Bundle
+    from engine_build.runtime.tensorrt_engine import TensorRTEngine
+    from engine_build.tensorrt_build import build_fp16_plan
+
+    fp16_onnx = tmp / FP16_ONNX_FILE
+    export_onnx(
+        HalfPrecision(copy.deepcopy(model)),
+        fp16_onnx,
+        draft.preprocess.crop,
+        draft.input_name,
+        draft.output_name,
+        opts.opset,
+    )
+    built = build_fp16_plan(
+        fp16_onnx,
+        draft.input_name,
+        draft.preprocess.crop,
+        draft.batch_profile,
+        opts.workspace_gb,
+        opts.timing_cache,
+    )
+    fp16_onnx.unlink()
+    (tmp / PLAN_FILE).write_bytes(built.plan)
+    plan = _artifact(tmp, PLAN_FILE, "tensorrt", "fp16", tensorrt=built.info)
+    engine = TensorRTEngine(Bundle(tmp, draft.model_copy(update={"artifacts": [plan]})))
+    try:
+        check(
+            plan, run_batched(engine.infer, parity_set.images, opts.max_batch), opts.fp16_agreement
+        )
+    finally:
+        engine.close()
+    return plan

@@ -1,0 +1,79 @@
+"""PyTorch -> ONNX with a dynamic batch axis, checked by onnx.checker and loaded by ONNX Runtime.
+
+The TorchScript exporter (``dynamo=False``) is used: torch 2.14's default torch.export-based
+exporter needs ``onnxscript``, which is not a dependency and cannot be fetched offline, and the
+TorchScript path exports torchvision ResNets exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from engine_build.runtime.onnxruntime_engine import make_session
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """The exported graph failed onnx.checker or could not be loaded by ONNX Runtime."""
+
+
+class HalfPrecision(nn.Module):
+    """FP16 weights and activations with FP32 graph I/O: a strongly-typed FP16 network for TRT."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.half()).float()
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    image_size: int,
+    input_name: str = "images",
+    output_name: str = "logits",
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Export ``model`` (eval mode) to ``path`` and prove the file is usable before returning."""
+    path = Path(path)
+    dummy = torch.zeros(2, 3, image_size, image_size, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy-exporter notice
+        torch.onnx.export(
+            model.eval(),
+            (dummy,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            do_constant_folding=True,
+        )
+    check_onnx(path)
+    return path
+
+
+def check_onnx(path: Path) -> None:
+    """onnx.checker (full check) and an ONNX Runtime session; raise ExportError on either."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx.checker rejected {path}: {exc}") from exc
+    try:
+        session = make_session(str(path), threads=1)
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        raise ExportError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+    for io in (*session.get_inputs(), *session.get_outputs()):
+        log.info("onnx %s: %s %s %s", path.name, io.name, io.type, io.shape)

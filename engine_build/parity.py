@@ -1,0 +1,119 @@
+"""Parity images and the numbers that prove an artifact answers like the PyTorch FP32 model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from training.preprocessing import PreprocessSpec, preprocess_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
+
+class ParityDataError(ValueError):
+    """No usable parity images; the message names the directory."""
+
+
+@dataclass(frozen=True)
+class ParitySet:
+    """Preprocessed images (N, 3, H, W) and their class indices (-1 where unknown)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    source: str
+
+    @property
+    def labelled(self) -> bool:
+        return bool((self.labels >= 0).any())
+
+
+def class_name_index(classes: list[dict]) -> dict[str, int]:
+    """Folder names that identify a class: model name, 'make model', 'make_model', model_id."""
+    index: dict[str, int] = {}
+    for i, c in enumerate(classes):
+        make, model = str(c.get("make", "")), str(c.get("model", ""))
+        for key in (model, f"{make} {model}", f"{make}_{model}", c.get("model_id")):
+            if key not in (None, "", " ", "_"):
+                index.setdefault(str(key), i)
+    return index
+
+
+def evenly_spaced(items: list, limit: int) -> list:
+    """A deterministic sample of at most ``limit`` items spread over the whole (sorted) list."""
+    if len(items) <= limit:
+        return items
+    step = len(items) / limit
+    return [items[int(i * step)] for i in range(limit)]
+
+
+def load_images(
+    files: list[Path], labels: list[int], spec: PreprocessSpec, source: str
+) -> ParitySet:
+    """Preprocess ``files`` exactly as the worker will; unreadable files are skipped and logged."""
+    arrays, kept = [], []
+    for file, label in zip(files, labels, strict=True):
+        try:
+            with Image.open(file) as img:
+                arrays.append(preprocess_image(img, spec))
+        except (OSError, UnidentifiedImageError) as exc:
+            log.warning("skipping unreadable parity image %s: %s", file, exc)
+            continue
+        kept.append(label)
+    if not arrays:
+        raise ParityDataError(f"no readable images in {source}")
+    return ParitySet(np.stack(arrays), np.asarray(kept, dtype=np.int64), source)
+
+
+def image_dir_parity_set(
+    root: Path, classes: list[dict], spec: PreprocessSpec, limit: int
+) -> ParitySet:
+    """Images under ``root``; a parent folder named after a class labels them."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ParityDataError(f"--parity-data: not a directory: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ParityDataError(
+            f"--parity-data: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}"
+        )
+    files = evenly_spaced(files, limit)
+    names = class_name_index(classes)
+    labels = [names.get(p.parent.name, -1) for p in files]
+    return load_images(files, labels, spec, str(root))
+
+
+def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float | None:
+    known = labels >= 0
+    if not known.any():
+        return None
+    return float((logits[known].argmax(1) == labels[known]).mean())
+
+
+def parity_report(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> dict:
+    """Agreement of ``candidate`` logits with the FP32 ``reference`` on the same images."""
+    agree = reference.argmax(1) == candidate.argmax(1)
+    ref_acc, cand_acc = top1_accuracy(reference, labels), top1_accuracy(candidate, labels)
+    return {
+        "n_images": int(reference.shape[0]),
+        "n_labelled": int((labels >= 0).sum()),
+        "top1_agreement": float(agree.mean()),
+        "max_abs_logit_diff": float(np.abs(reference - candidate).max()),
+        "mean_abs_logit_diff": float(np.abs(reference - candidate).mean()),
+        "top1_accuracy_pytorch": ref_acc,
+        "top1_accuracy_artifact": cand_acc,
+        "accuracy_cost": None if ref_acc is None else ref_acc - cand_acc,
+    }
+
+
+def run_batched(
+    infer: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int
+) -> np.ndarray:
+    """Logits for ``images`` in batches of at most ``batch``."""
+    return np.concatenate([infer(images[i : i + batch]) for i in range(0, len(images), batch)])

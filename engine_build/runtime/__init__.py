@@ -1,0 +1,36 @@
+"""Runtime side of a bundle: one Engine interface, three backends, and auto selection."""
+
+from engine_build.runtime.base import (
+    Engine,
+    EngineUnavailableError,
+    InputSpec,
+    PlanMismatchError,
+)
+from engine_build.runtime.factory import BACKENDS, create_engine
+from engine_build.runtime.onnxruntime_engine import OnnxRuntimeEngine
+
+
+def __getattr__(name: str):
+    # GPU engines import lazily so that `import engine_build.runtime` stays cheap on CPU hosts.
+    if name == "TorchCudaEngine":
+        from engine_build.runtime.torch_cuda import TorchCudaEngine
+
+        return TorchCudaEngine
+    if name == "TensorRTEngine":
+        from engine_build.runtime.tensorrt_engine import TensorRTEngine
+
+        return TensorRTEngine
+    raise AttributeError(name)
+
+
+__all__ = [
+    "BACKENDS",
+    "Engine",
+    "EngineUnavailableError",
+    "InputSpec",
+    "OnnxRuntimeEngine",
+    "PlanMismatchError",
+    "TensorRTEngine",
+    "TorchCudaEngine",
+    "create_engine",
+]

@@ -1,0 +1,60 @@
+"""The one inference interface every backend implements, and its input checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from engine_build.bundle import Bundle
+
+
+class EngineUnavailableError(RuntimeError):
+    """This backend cannot run here (no GPU, library missing, no artifact in the bundle)."""
+
+
+class PlanMismatchError(EngineUnavailableError):
+    """A TensorRT plan built for another GPU model or TensorRT version than the one in hand."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What ``infer`` takes: a float32 batch of shape (N, *shape) named ``name`` in the model."""
+
+    name: str
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Raw logits for a preprocessed float32 NCHW batch of 1..max_batch images."""
+
+    name: str
+    max_batch: int
+
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def input_spec(self) -> InputSpec: ...
+
+    def close(self) -> None: ...
+
+
+def input_spec_of(bundle: Bundle) -> InputSpec:
+    crop = bundle.manifest.preprocess.crop
+    return InputSpec(
+        name=bundle.manifest.input_name, shape=(3, crop, crop), dtype=np.dtype(np.float32)
+    )
+
+
+def check_batch(batch: np.ndarray, spec: InputSpec, max_batch: int) -> np.ndarray:
+    """Validate shape and batch size; return a C-contiguous float32 view or copy."""
+    if not isinstance(batch, np.ndarray) or batch.ndim != 4 or batch.shape[1:] != spec.shape:
+        shape = getattr(batch, "shape", type(batch).__name__)
+        raise ValueError(
+            f"expected a batch of shape (N, {', '.join(map(str, spec.shape))}); got {shape}"
+        )
+    if not 1 <= batch.shape[0] <= max_batch:
+        raise ValueError(f"batch size {batch.shape[0]} outside 1..{max_batch}")
+    return np.ascontiguousarray(batch, dtype=np.float32)

@@ -1,0 +1,59 @@
+"""Pick the fastest backend this machine can run for a bundle (DESIGN.md Stage 3 order)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from engine_build.bundle import Bundle
+from engine_build.runtime.base import Engine, EngineUnavailableError, PlanMismatchError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tensorrt", "torch-cuda", "onnxruntime")
+AUTO_ORDER = ("tensorrt", "torch-cuda", "onnxruntime")
+
+
+def _open(bundle: Bundle, backend: str, opts: dict[str, Any]) -> Engine:
+    if backend == "tensorrt":
+        from engine_build.runtime.tensorrt_engine import TensorRTEngine
+
+        return TensorRTEngine(bundle, **opts)
+    if backend == "torch-cuda":
+        from engine_build.runtime.torch_cuda import TorchCudaEngine
+
+        return TorchCudaEngine(bundle, **opts)
+    from engine_build.runtime.onnxruntime_engine import OnnxRuntimeEngine
+
+    return OnnxRuntimeEngine(bundle, **opts)
+
+
+def create_engine(bundle: Bundle, backend: str = "auto", **opts: Any) -> Engine:
+    """The engine for ``backend``; ``auto`` tries TensorRT, then torch-cuda, then ONNX Runtime.
+
+    Options go to the backend that accepts them (``threads``/``precision`` to onnxruntime,
+    ``cuda_graphs`` to torch-cuda). An explicitly named backend that cannot run raises
+    EngineUnavailableError (PlanMismatchError for a plan built for another GPU/TensorRT).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    accepted = {
+        "tensorrt": set(),
+        "torch-cuda": {"cuda_graphs"},
+        "onnxruntime": {"precision", "threads"},
+    }
+    if backend != "auto":
+        return _open(bundle, backend, opts)
+    for candidate in AUTO_ORDER:
+        kwargs = {k: v for k, v in opts.items() if k in accepted[candidate]}
+        try:
+            engine = _open(bundle, candidate, kwargs)
+        except PlanMismatchError as exc:
+            log.warning("backend %s refused: %s; trying the next", candidate, exc)
+            continue
+        except EngineUnavailableError as exc:
+            log.info("backend %s unavailable: %s; trying the next", candidate, exc)
+            continue
+        log.info("auto backend: %s", engine.name)
+        return engine
+    raise EngineUnavailableError(f"no backend can run bundle {bundle.path}")

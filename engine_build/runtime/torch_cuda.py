@@ -1,0 +1,92 @@
+"""PyTorch on CUDA in FP16: the GPU backend when TensorRT is missing or its plan does not fit."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from engine_build.bundle import Bundle
+from engine_build.runtime.base import EngineUnavailableError, InputSpec, check_batch, input_spec_of
+from training.models import build_model
+
+log = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Powers of two up to ``max_batch`` (and max_batch itself): one CUDA graph each."""
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b *= 2
+    return [*buckets, max_batch]
+
+
+def bucket_for(n: int, buckets: list[int]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class TorchCudaEngine:
+    """FP16, channels_last ResNet from the bundle's ``model.pt``; CUDA graphs per batch bucket."""
+
+    def __init__(self, bundle: Bundle, cuda_graphs: bool = False, device: str = "cuda"):
+        if not torch.cuda.is_available():
+            raise EngineUnavailableError("torch-cuda needs a CUDA GPU; torch sees none")
+        artifact = bundle.artifact("torch")
+        if artifact is None:
+            raise EngineUnavailableError(f"bundle {bundle.path} has no torch artifact (model.pt)")
+        m = bundle.manifest
+        state = torch.load(bundle.artifact_path(artifact), map_location="cpu", weights_only=True)
+        model = build_model(m.arch, m.num_classes)
+        model.load_state_dict(state)
+        self._device = torch.device(device)
+        self._model = model.eval().to(
+            self._device, dtype=torch.float16, memory_format=torch.channels_last
+        )
+        self.name = "torch-cuda-fp16" + ("-graphs" if cuda_graphs else "")
+        self.max_batch = m.batch_profile.max
+        self._spec = input_spec_of(bundle)
+        self._buckets = batch_buckets(self.max_batch)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._cuda_graphs = cuda_graphs
+        log.info("loaded %s on %s", self.name, torch.cuda.get_device_name(self._device))
+
+    def input_spec(self) -> InputSpec:
+        return self._spec
+
+    def _graph(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        """Capture (once) a CUDA graph for ``bucket`` images with static in/out buffers."""
+        if bucket not in self._graphs:
+            static_in = torch.zeros(
+                (bucket, *self._spec.shape), device=self._device, dtype=torch.float16
+            ).contiguous(memory_format=torch.channels_last)
+            stream = torch.cuda.Stream(self._device)
+            stream.wait_stream(torch.cuda.current_stream(self._device))
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(3):  # warm-up on a side stream, as the CUDA graphs docs ask
+                    self._model(static_in)
+            torch.cuda.current_stream(self._device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.inference_mode():
+                static_out = self._model(static_in)
+            self._graphs[bucket] = (graph, static_in, static_out)
+        return self._graphs[bucket]
+
+    @torch.inference_mode()
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        batch = check_batch(batch, self._spec, self.max_batch)
+        n = batch.shape[0]
+        x = torch.from_numpy(batch).to(self._device, non_blocking=True).half()
+        if self._cuda_graphs:
+            graph, static_in, static_out = self._graph(bucket_for(n, self._buckets))
+            static_in[:n].copy_(x)
+            graph.replay()
+            out = static_out[:n]
+        else:
+            out = self._model(x.contiguous(memory_format=torch.channels_last))
+        return out.float().cpu().numpy()
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._model = None
