@@ -1,0 +1,248 @@
+"""Redis trends: the key schema (pure) and the exactly-once Lua writer + reader (real Redis)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+import redis
+
+from worker.trends import (
+    TrendReader,
+    TrendRecord,
+    TrendWriter,
+    increments,
+    minute_bucket,
+    normalize_city,
+    trend_key,
+    window_keys,
+)
+
+TOPIC = "car-posts"
+MIN_TTL = 48 * 3600
+HOUR_TTL = 30 * 24 * 3600
+
+
+def _base() -> datetime:
+    """A whole hour a few hours ago: recent enough for every minute bucket to live."""
+    return datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=5)
+
+
+def rec(
+    offset: int,
+    at: datetime,
+    make: str | None = "Toyota",
+    model: str | None = "Corolla",
+    city: str | None = None,
+    partition: int = 0,
+    low: bool = False,
+) -> TrendRecord:
+    return TrendRecord(TOPIC, partition, offset, at, make, model, city, low)
+
+
+# --- pure key schema -------------------------------------------------------------------
+
+
+def test_buckets_are_utc_minutes_and_hours() -> None:
+    paris = datetime(2024, 3, 1, 2, 30, 59, tzinfo=timezone(timedelta(hours=1)))
+    assert minute_bucket(paris) == "202403010130"
+    keys = {k for k, _ in increments(rec(0, datetime(2024, 3, 1, 23, 59, 1, tzinfo=UTC)))}
+    assert "carstream:trends:make:m:202403012359" in keys
+    assert "carstream:trends:model:h:2024030123" in keys
+    with pytest.raises(ValueError, match="naive"):
+        minute_bucket(datetime(2024, 3, 1))
+
+
+def test_city_normalisation() -> None:
+    assert normalize_city("  São   Paulo ") == normalize_city("SÃO PAULO") == "são paulo"
+    assert normalize_city("   ") is None
+    assert normalize_city(None) is None
+    assert len(normalize_city("x" * 500) or "") == 64
+
+
+def test_increments_per_kind() -> None:
+    at = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+    assert increments(rec(0, at, make=None, model=None)) == []  # dead-lettered: count nothing
+    ok = increments(rec(0, at, city="Paris"))
+    assert ("carstream:trends:model:m:202403011200", "Toyota|Corolla") in ok
+    assert ("carstream:trends:make:h:2024030112:city:paris", "Toyota") in ok
+    assert ("carstream:trends:city:m:202403011200", "paris") in ok
+    low = increments(rec(0, at, low=True))
+    assert {k.split(":")[2] for k, _ in low} == {"lowconf"}  # never counted as a brand
+
+
+def test_window_keys_short_window_uses_minutes() -> None:
+    now = datetime(2024, 3, 1, 11, 1, 30, tzinfo=UTC)
+    assert window_keys("make", 3, now) == [
+        trend_key("make", "m", b) for b in ("202403011059", "202403011100", "202403011101")
+    ]
+
+
+def test_window_keys_long_window_uses_hours_and_edge_minutes() -> None:
+    now = datetime(2024, 3, 1, 13, 30, tzinfo=UTC)
+    keys = window_keys("make", 180, now, minute_ttl_s=MIN_TTL)  # 10:31 .. 13:30
+    minutes = [k for k in keys if ":m:" in k]
+    hours = [k.rsplit(":", 1)[1] for k in keys if ":h:" in k]
+    assert hours == ["2024030111", "2024030112"]
+    assert len(minutes) == 29 + 31  # 10:31-10:59 and 13:00-13:30
+    assert len(set(keys)) == len(keys)
+
+
+def test_window_keys_beyond_minute_ttl_fall_back_to_the_hour() -> None:
+    now = datetime(2024, 3, 10, 13, 30, tzinfo=UTC)
+    keys = window_keys("make", 3 * 24 * 60, now, minute_ttl_s=MIN_TTL)
+    assert keys[0] == trend_key("make", "h", "2024030713")  # leading edge, minutes expired
+    assert not any(":m:202403071" in k for k in keys)
+
+
+# --- Lua writer + reader against a real redis-server -----------------------------------
+
+
+@pytest.fixture()
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/9")
+    client.flushdb()
+    yield client
+    client.close()
+
+
+def snapshot(client: redis.Redis) -> dict[bytes, object]:
+    """Every trend key with its full contents (what a redelivery must not change)."""
+    out: dict[bytes, object] = {}
+    for key in client.scan_iter("carstream:trends:*"):
+        kind = client.type(key)
+        out[key] = client.hgetall(key) if kind == b"hash" else client.zrange(key, 0, -1, True)
+    return out
+
+
+@pytest.mark.integration
+def test_apply_counts_and_advances_position(r: redis.Redis) -> None:
+    at = _base() + timedelta(minutes=10)
+    w = TrendWriter(r, "g", MIN_TTL, HOUR_TTL)
+    res = w.apply([rec(0, at), rec(1, at, "BMW", "X5"), rec(2, at), rec(3, at, None, None)])
+    assert (res.applied, res.ignored) == (4, 0)
+    assert w.positions() == {(TOPIC, 0): 3}
+    reader = TrendReader(r)
+    now = at + timedelta(seconds=30)
+    assert reader.top(5, by="make", now=now) == [("Toyota", 2), ("BMW", 1)]
+    assert reader.top(5, by="model", now=now) == [("Toyota|Corolla", 2), ("BMW|X5", 1)]
+
+
+@pytest.mark.integration
+def test_redelivered_batch_changes_nothing(r: redis.Redis) -> None:
+    at = _base()
+    w = TrendWriter(r, "g", MIN_TTL, HOUR_TTL)
+    batch = [rec(i, at, partition=i % 2) for i in range(10, 16)]
+    assert w.apply(batch).applied == 6
+    before = snapshot(r)
+    res = w.apply(batch)
+    assert (res.applied, res.ignored) == (0, 6)
+    assert snapshot(r) == before
+
+
+@pytest.mark.integration
+def test_stale_replica_waking_late_changes_nothing(r: redis.Redis) -> None:
+    at = _base()
+    new_owner = TrendWriter(r, "g", MIN_TTL, HOUR_TTL)
+    stale = TrendWriter(r, "g", MIN_TTL, HOUR_TTL)  # another replica, same group
+    new_owner.apply([rec(o, at) for o in range(0, 20)])
+    before = snapshot(r)
+    res = stale.apply([rec(o, at, "Audi", "A4") for o in range(5, 12)])  # its old batch
+    assert (res.applied, res.ignored) == (0, 7)
+    assert snapshot(r) == before
+    assert new_owner.positions() == {(TOPIC, 0): 19}
+
+
+@pytest.mark.integration
+def test_mixed_batch_applies_only_the_new_records(r: redis.Redis) -> None:
+    at = _base()
+    w = TrendWriter(r, "g", MIN_TTL, HOUR_TTL)
+    w.apply([rec(o, at) for o in range(0, 6)])  # offsets 0..5 of partition 0
+    res = w.apply(
+        [rec(o, at, "Audi", "A4") for o in (7, 4, 5, 6)]  # out of order on purpose
+        + [rec(0, at, "Audi", "A4", partition=1)]  # partition 1 never applied
+    )
+    assert (res.applied, res.ignored) == (3, 2)
+    counts = dict(TrendReader(r).top(1, now=at))
+    assert counts == {"Toyota": 6, "Audi": 3}
+    assert w.positions() == {(TOPIC, 0): 7, (TOPIC, 1): 0}
+
+
+@pytest.mark.integration
+def test_groups_keep_separate_positions(r: redis.Redis) -> None:
+    at = _base()
+    TrendWriter(r, "g1").apply([rec(0, at)])
+    assert TrendWriter(r, "g2").apply([rec(0, at)]).applied == 1
+
+
+@pytest.mark.integration
+def test_ttls_follow_event_time(r: redis.Redis) -> None:
+    w = TrendWriter(r, "g", minute_ttl_s=3600, hour_ttl_s=7200)
+    now = datetime.now(UTC)
+    old = now - timedelta(minutes=30)
+    future = now + timedelta(days=365)  # skewed client clock
+    w.apply([rec(0, old), rec(1, future, "Kia", "Rio")])
+    old_min_ttl = r.ttl(trend_key("make", "m", minute_bucket(old)))
+    assert 3600 - 31 * 60 - 5 <= old_min_ttl <= 3600 - 29 * 60  # anchored on the bucket end
+    hour_ttl = r.ttl(trend_key("make", "h", old.strftime("%Y%m%d%H")))
+    assert 0 < hour_ttl <= 7200
+    future_ttl = r.ttl(trend_key("make", "m", minute_bucket(future)))
+    assert 3590 <= future_ttl <= 3600  # capped: as if posted now, not a year ahead
+    assert r.ttl("carstream:trends:applied:g") == -1  # positions never expire
+
+
+@pytest.mark.integration
+def test_city_buckets_and_cities(r: redis.Redis) -> None:
+    at = _base()
+    w = TrendWriter(r, "g")
+    w.apply(
+        [
+            rec(0, at, city=" Paris"),
+            rec(1, at, "BMW", "X5", city="PARIS"),
+            rec(2, at, "BMW", "X5", city="Lyon"),
+            rec(3, at, "BMW", "X1"),
+        ]
+    )
+    reader = TrendReader(r)
+    assert reader.top(1, city="paris ", now=at) == [("BMW", 1), ("Toyota", 1)]
+    assert reader.top(1, by="model", city="Lyon", now=at) == [("BMW|X5", 1)]
+    assert reader.top(1, now=at) == [("BMW", 3), ("Toyota", 1)]
+    assert reader.cities(1, now=at) == [("paris", 2), ("lyon", 1)]
+
+
+@pytest.mark.integration
+def test_low_confidence_is_counted_apart(r: redis.Redis) -> None:
+    at = _base()
+    TrendWriter(r, "g").apply(
+        [rec(0, at), rec(1, at, "BMW", "X5", low=True), rec(2, at, "BMW", "X5", "Oslo", low=True)]
+    )
+    reader = TrendReader(r)
+    assert reader.top(1, now=at) == [("Toyota", 1)]
+    assert reader.low_confidence(1, now=at) == [("BMW", 2)]
+    assert reader.low_confidence(1, city="oslo", now=at) == [("BMW", 1)]
+
+
+@pytest.mark.integration
+def test_window_union_across_minute_and_hour_boundaries(r: redis.Redis) -> None:
+    b = _base()  # hh:00
+    times = {
+        "Audi": b - timedelta(hours=2, seconds=1),  # just before the 3h window
+        "BMW": b - timedelta(hours=2) + timedelta(seconds=5),  # first minute of it (edge)
+        "Fiat": b - timedelta(minutes=90),  # inside a whole hour (rollup)
+        "Kia": b - timedelta(seconds=30),  # last minute of the hour before b
+        "Mini": b + timedelta(minutes=59, seconds=59),  # the current minute
+    }
+    TrendWriter(r, "g").apply([rec(i, t, make) for i, (make, t) in enumerate(times.items())])
+    reader = TrendReader(r)
+    now = b + timedelta(minutes=59, seconds=59, microseconds=1)
+
+    def makes(window: int) -> set[str]:
+        return {m for m, _ in reader.top(window, top=100, now=now)}
+
+    assert makes(1) == {"Mini"}
+    assert makes(60) == {"Mini"}
+    assert makes(61) == {"Mini", "Kia"}
+    assert makes(180) == {"Mini", "Kia", "Fiat", "BMW"}
+    assert makes(181) == set(times)
+    assert reader.top(181, top=2, now=now) == [("Audi", 1), ("BMW", 1)]

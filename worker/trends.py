@@ -1,0 +1,328 @@
+"""Live brand/model trends in Redis: the public key schema, the exactly-once writer, a reader.
+
+Key schema (documented for readers in docs/trends.md), all sorted sets of counts:
+
+    carstream:trends:{dim}:m:{YYYYMMDDHHMM}              per event-time minute (UTC)
+    carstream:trends:{dim}:h:{YYYYMMDDHH}                per event-time hour (rollup)
+    carstream:trends:{dim}:{m|h}:{bucket}:city:{city}    the same, for one city
+
+with dim `make` (member "Toyota"), `model` (member "Toyota|Corolla"), `lowconf` (the
+top-1 make guess of low-confidence posts, kept apart from `make`) and `city` (posts per
+city; overall keys only). Sorted sets make "top N over a window" one ZUNION of the
+window's buckets, summed by Redis, then a sort of a few hundred members at most.
+
+Exactly once: the counts and the applied offset of each (group, topic, partition), in
+`carstream:trends:applied:{group}`, change together in one Lua script call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import redis
+
+from worker.trends_script import APPLY_BATCH_LUA
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "carstream:trends:"
+MODEL_SEPARATOR = "|"
+CITY_MAX_CHARS = 64
+DEFAULT_MINUTE_TTL_S = 48 * 3600
+DEFAULT_HOUR_TTL_S = 30 * 24 * 3600
+Dimension = Literal["make", "model", "lowconf", "city"]
+Resolution = Literal["m", "h"]
+
+
+@dataclass(frozen=True, slots=True)
+class TrendRecord:
+    """One consumed post as the trends see it; make None means dead-lettered (count nothing).
+
+    For low-confidence posts make/model are the classifier's top-1 guess, counted apart.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    posted_at: datetime
+    make: str | None
+    model: str | None
+    city: str | None
+    low_confidence: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """How many records of a batch were counted, and how many were already applied before."""
+
+    applied: int
+    ignored: int
+
+
+# --- pure key schema -------------------------------------------------------------------
+
+
+def _utc(ts: datetime) -> datetime:
+    if ts.tzinfo is None:
+        raise ValueError(f"naive datetime {ts.isoformat()}: event times must carry a timezone")
+    return ts.astimezone(UTC)
+
+
+def minute_bucket(ts: datetime) -> str:
+    """`YYYYMMDDHHMM` of the UTC minute that contains `ts`."""
+    return _utc(ts).strftime("%Y%m%d%H%M")
+
+
+def hour_bucket(ts: datetime) -> str:
+    """`YYYYMMDDHH` of the UTC hour that contains `ts`."""
+    return _utc(ts).strftime("%Y%m%d%H")
+
+
+def normalize_city(city: str | None) -> str | None:
+    """The city as it appears in keys: NFKC, trimmed, inner spaces collapsed, casefolded, capped.
+
+    None for a missing or blank city ("Paris ", "paris" and "PARIS" are one city).
+    """
+    if city is None:
+        return None
+    norm = " ".join(unicodedata.normalize("NFKC", city).split()).casefold()
+    return norm[:CITY_MAX_CHARS] or None
+
+
+def model_member(make: str, model: str | None) -> str:
+    """Sorted-set member of a model: "Make|Model", unambiguous across makes."""
+    return f"{make}{MODEL_SEPARATOR}{model or 'unknown'}"
+
+
+def trend_key(dim: Dimension, res: Resolution, bucket: str, city: str | None = None) -> str:
+    """The Redis key of one bucket; `city` must already be normalised."""
+    key = f"{PREFIX}{dim}:{res}:{bucket}"
+    return f"{key}:city:{city}" if city else key
+
+
+def applied_key(group_id: str) -> str:
+    """Hash of the last applied offset per "<topic>:<partition>" for one consumer group."""
+    return f"{PREFIX}applied:{group_id}"
+
+
+def increments(record: TrendRecord) -> list[tuple[str, str]]:
+    """(key, member) pairs a record adds 1 to; none for a dead-lettered record."""
+    if record.make is None:
+        return []
+    city = normalize_city(record.city)
+    pairs: list[tuple[str, str]] = []
+    for res, bucket in (
+        ("m", minute_bucket(record.posted_at)),
+        ("h", hour_bucket(record.posted_at)),
+    ):
+        if record.low_confidence:
+            members: list[tuple[Dimension, str]] = [("lowconf", record.make)]
+        else:
+            members = [("make", record.make), ("model", model_member(record.make, record.model))]
+        for dim, member in members:
+            pairs.append((trend_key(dim, res, bucket), member))
+            if city:
+                pairs.append((trend_key(dim, res, bucket, city), member))
+        if city:
+            pairs.append((trend_key("city", res, bucket), city))
+    return pairs
+
+
+def _expire_at(key: str, minute_ttl_s: int, hour_ttl_s: int, now: float) -> int:
+    """Unix time a bucket key expires: end of its bucket (or now, if later) plus its TTL.
+
+    Anchoring on event time keeps a bucket's lifetime fixed however late events arrive;
+    capping at now keeps a far-future posted_at from living for years.
+    """
+    res, bucket = key[len(PREFIX) :].split(":")[1:3]
+    if res == "m":
+        end = datetime.strptime(bucket, "%Y%m%d%H%M").replace(tzinfo=UTC) + timedelta(minutes=1)
+        ttl = minute_ttl_s
+    else:
+        end = datetime.strptime(bucket, "%Y%m%d%H").replace(tzinfo=UTC) + timedelta(hours=1)
+        ttl = hour_ttl_s
+    return int(min(end.timestamp(), now)) + ttl
+
+
+# --- writer ----------------------------------------------------------------------------
+
+
+class TrendWriter:
+    """Applies batches of records to the trend keys exactly once per (group, topic, partition)."""
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        group_id: str,
+        minute_ttl_s: int = DEFAULT_MINUTE_TTL_S,
+        hour_ttl_s: int = DEFAULT_HOUR_TTL_S,
+    ) -> None:
+        if minute_ttl_s <= 0 or hour_ttl_s <= 0:
+            raise ValueError("trend TTLs must be positive")
+        self._redis = redis_client
+        self._applied_key = applied_key(group_id)
+        self._minute_ttl_s = minute_ttl_s
+        self._hour_ttl_s = hour_ttl_s
+        self._script = redis_client.register_script(APPLY_BATCH_LUA)
+
+    def apply(self, records: Sequence[TrendRecord], now: float | None = None) -> ApplyResult:
+        """Count the records not applied before and advance each partition, atomically.
+
+        Safe to call again with the same batch (after a crash before the offset commit),
+        and from a replica that lost its partitions meanwhile: neither changes a count.
+        """
+        if not records:
+            return ApplyResult(0, 0)
+        now = time.time() if now is None else now
+        key_index: dict[str, int] = {}
+        by_partition: dict[str, list[TrendRecord]] = {}
+        for rec in records:
+            by_partition.setdefault(f"{rec.topic}:{rec.partition}", []).append(rec)
+        batch = []
+        for field, recs in by_partition.items():
+            encoded = []
+            for rec in sorted(recs, key=lambda r: r.offset):
+                flat: list[int | str] = []
+                for key, member in increments(rec):
+                    flat.append(key_index.setdefault(key, len(key_index) + 1))
+                    flat.append(member)
+                encoded.append([rec.offset, flat])
+            batch.append([field, encoded])
+        keys = list(key_index)  # insertion order == index order
+        expire = [_expire_at(k, self._minute_ttl_s, self._hour_ttl_s, now) for k in keys]
+        applied, ignored = self._script(
+            keys=[self._applied_key, *keys],
+            args=[json.dumps(batch, ensure_ascii=False), json.dumps(expire)],
+        )
+        if ignored:
+            logger.info("trends: %d records already applied were ignored", ignored)
+        return ApplyResult(int(applied), int(ignored))
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        """The last applied offset per (topic, partition) for this writer's group."""
+        raw = self._redis.hgetall(self._applied_key)
+        out: dict[tuple[str, int], int] = {}
+        for field, value in raw.items():
+            field = field.decode() if isinstance(field, bytes) else field
+            topic, _, partition = field.rpartition(":")
+            out[(topic, int(partition))] = int(value)
+        return out
+
+
+# --- reader ----------------------------------------------------------------------------
+
+
+def window_keys(
+    dim: Dimension,
+    window_minutes: int,
+    now: datetime,
+    city: str | None = None,
+    minute_ttl_s: int = DEFAULT_MINUTE_TTL_S,
+) -> list[str]:
+    """Keys that together cover the last `window_minutes` minutes up to and including now's.
+
+    Whole hours inside the window are read from hour rollups, the partial hours at its
+    edges from minute buckets. Where an edge's minute buckets have already expired (windows
+    longer than the minute TTL), that edge's whole hour rollup is used instead, so the
+    window starts up to 59 minutes early rather than silently missing counts.
+    """
+    if window_minutes < 1:
+        raise ValueError(f"window must be at least one minute, got {window_minutes}")
+    end = _utc(now).replace(second=0, microsecond=0)  # the current minute, included
+    start = end - timedelta(minutes=window_minutes - 1)
+    norm_city = normalize_city(city)
+    keys: list[str] = []
+    first_full_hour = start.replace(minute=0) + (
+        timedelta(hours=1) if start.minute else timedelta()
+    )
+    last_hour = end.replace(minute=0)
+    last_full_hour = last_hour if end.minute == 59 else last_hour - timedelta(hours=1)
+    if first_full_hour > last_full_hour:  # no whole hour inside: minute buckets only
+        return [
+            trend_key(dim, "m", minute_bucket(start + timedelta(minutes=i)), norm_city)
+            for i in range(window_minutes)
+        ]
+    minute_horizon = _utc(now) - timedelta(seconds=minute_ttl_s)
+    # leading edge: start .. first_full_hour - 1 min
+    if start < first_full_hour:
+        if start < minute_horizon:
+            keys.append(trend_key(dim, "h", hour_bucket(start), norm_city))
+        else:
+            t = start
+            while t < first_full_hour:
+                keys.append(trend_key(dim, "m", minute_bucket(t), norm_city))
+                t += timedelta(minutes=1)
+    hour = first_full_hour
+    while hour <= last_full_hour:
+        keys.append(trend_key(dim, "h", hour_bucket(hour), norm_city))
+        hour += timedelta(hours=1)
+    # trailing edge: last_full_hour + 1 h .. end (recent, always within the minute TTL)
+    t = last_full_hour + timedelta(hours=1)
+    while t <= end:
+        keys.append(trend_key(dim, "m", minute_bucket(t), norm_city))
+        t += timedelta(minutes=1)
+    return keys
+
+
+class TrendReader:
+    """Top makes, models, cities and low-confidence guesses over a trailing window."""
+
+    def __init__(self, redis_client: redis.Redis, minute_ttl_s: int = DEFAULT_MINUTE_TTL_S):
+        self._redis = redis_client
+        self._minute_ttl_s = minute_ttl_s
+
+    def _top(
+        self,
+        dim: Dimension,
+        window_minutes: int,
+        city: str | None,
+        top: int | None,
+        now: datetime | None,
+    ) -> list[tuple[str, int]]:
+        now = datetime.now(UTC) if now is None else now
+        keys = window_keys(dim, window_minutes, now, city, self._minute_ttl_s)
+        merged = self._redis.zunion(keys, withscores=True, aggregate="SUM")
+        counts = [(_text(member), round(score)) for member, score in merged]
+        counts.sort(key=lambda mc: (-mc[1], mc[0]))
+        return counts if top is None else counts[:top]
+
+    def top(
+        self,
+        window_minutes: int,
+        by: Literal["make", "model"] = "make",
+        city: str | None = None,
+        top: int = 10,
+        now: datetime | None = None,
+    ) -> list[tuple[str, int]]:
+        """The `top` makes (or "Make|Model" models) by posts in the window, highest first."""
+        if by not in ("make", "model"):
+            raise ValueError(f"by must be 'make' or 'model', got {by!r}")
+        return self._top(by, window_minutes, city, top, now)
+
+    def cities(
+        self, window_minutes: int, top: int | None = None, now: datetime | None = None
+    ) -> list[tuple[str, int]]:
+        """Classified posts per (normalised) city in the window, highest first."""
+        return self._top("city", window_minutes, None, top, now)
+
+    def low_confidence(
+        self, window_minutes: int, city: str | None = None, now: datetime | None = None
+    ) -> list[tuple[str, int]]:
+        """Low-confidence posts in the window by their top-1 make guess (not counted as brands)."""
+        return self._top("lowconf", window_minutes, city, None, now)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def total(counts: Iterable[tuple[str, int]]) -> int:
+    """Sum of a reader result's counts."""
+    return sum(count for _, count in counts)
