@@ -1,0 +1,106 @@
+"""`python -m worker trends`: window parsing (pure) and the CLI against a real Redis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+
+from worker.trends import TrendRecord, TrendWriter
+from worker.trends_cli import parse_window, redacted
+
+
+@pytest.mark.parametrize(("text", "minutes"), [("15m", 15), ("2h", 120), ("1d", 1440), ("3H", 180)])
+def test_parse_window(text: str, minutes: int) -> None:
+    assert parse_window(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["", "15", "m", "0m", "1w", "-5m", "1.5h", "400d"])
+def test_parse_window_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="--window"):
+        parse_window(text)
+
+
+def test_redacted_drops_credentials() -> None:
+    assert redacted("redis://user:s3cret@host:6380/2") == "redis://host:6380/2"
+
+
+def _trends(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "trends", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture()
+def trends_url(redis_url: str) -> str:
+    url = redis_url.rsplit("/", 1)[0] + "/8"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    at = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=10)
+    records = [
+        ("Toyota", "Corolla", "Paris", 0),
+        ("Toyota", "Yaris", "Paris", 1),
+        ("Toyota", "Corolla", "Lyon", 2),
+        ("BMW", "X5", "Lyon", 3),
+        ("Audi", "A4", None, 60),  # an hour before: outside 15m, inside 2h
+    ]
+    TrendWriter(client, "cli").apply(
+        [
+            TrendRecord("t", 0, i, at - timedelta(minutes=back), make, model, city, False)
+            for i, (make, model, city, back) in enumerate(records)
+        ]
+    )
+    client.close()
+    return url
+
+
+@pytest.mark.integration
+def test_cli_json_top_makes_and_models(trends_url: str) -> None:
+    out = _trends("--redis-url", trends_url, "--window", "15m", "--json")
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)
+    assert payload["window_minutes"] == 15
+    assert payload["top"] == [{"name": "Toyota", "count": 3}, {"name": "BMW", "count": 1}]
+
+    out = _trends(
+        "--redis-url", trends_url, "--window", "2h", "--by", "model", "--top", "2", "--json"
+    )
+    assert json.loads(out.stdout)["top"] == [
+        {"name": "Toyota|Corolla", "count": 2},
+        {"name": "Audi|A4", "count": 1},
+    ]
+
+
+@pytest.mark.integration
+def test_cli_city_filter_and_table(trends_url: str) -> None:
+    out = _trends("--redis-url", trends_url, "--window", "15m", "--city", " LYON", "--json")
+    assert [(r["name"], r["count"]) for r in json.loads(out.stdout)["top"]] == [
+        ("BMW", 1),
+        ("Toyota", 1),
+    ]
+    table = _trends("--redis-url", trends_url, "--window", "15m", "--by", "city")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[1].split() == ["1.", "lyon", "2"] and lines[2].split() == ["2.", "paris", "2"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--window", "15x"], "'15x'"),
+        (["--top", "0"], "--top 0"),
+        (["--at", "yesterday"], "yesterday"),
+    ],
+)
+def test_cli_bad_values_exit_2_with_one_line(args: list[str], needle: str) -> None:
+    out = _trends(*args)
+    assert out.returncode == 2
+    assert needle in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

@@ -1,0 +1,137 @@
+"""`python -m worker trends`: print the live top makes/models (or cities) from Redis.
+
+Connects exactly as `python -m worker run` does (same CARSTREAM_* settings, `--redis-url`
+overrides); reads through `TrendReader`, so what it prints is what dashboards get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
+
+from worker.trends import TrendReader
+
+logger = logging.getLogger(__name__)
+
+_WINDOW = re.compile(r"^\s*(\d+)\s*([mhd])\s*$", re.IGNORECASE)
+_UNIT_MINUTES = {"m": 1, "h": 60, "d": 1440}
+MAX_WINDOW_MINUTES = 366 * 1440
+BY_CHOICES = ("make", "model", "city", "low-confidence")
+
+
+def parse_window(text: str) -> int:
+    """Minutes in a window written as 15m, 2h or 1d."""
+    match = _WINDOW.match(text)
+    if not match:
+        raise ValueError(f"--window {text!r}: expected a number with m, h or d (15m, 2h, 1d)")
+    minutes = int(match.group(1)) * _UNIT_MINUTES[match.group(2).lower()]
+    if not 1 <= minutes <= MAX_WINDOW_MINUTES:
+        raise ValueError(f"--window {text!r}: must be between 1m and 366d")
+    return minutes
+
+
+def parse_at(text: str) -> datetime:
+    """An RFC 3339 timestamp with a timezone (Z allowed)."""
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--at {text!r}: not an RFC 3339 timestamp") from None
+    if at.tzinfo is None:
+        raise ValueError(f"--at {text!r}: needs a timezone (e.g. Z)")
+    return at.astimezone(UTC)
+
+
+def redacted(url: str) -> str:
+    """The URL without its userinfo, safe to print."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Top car makes/models in Redis over a trailing event-time window.",
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--window", default="60m", help="trailing window: 15m, 2h, 1d")
+    parser.add_argument(
+        "--by", choices=BY_CHOICES, default="make", help="what to rank (models are Make|Model)"
+    )
+    parser.add_argument("--city", default=None, help="only posts from this city")
+    parser.add_argument("--top", type=int, default=10, help="how many to print")
+    parser.add_argument("--at", default=None, help="end of the window, RFC 3339 (default: now)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--redis-url", default=None, help="Redis URL (default: the worker's CARSTREAM_REDIS_URL)"
+    )
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI edge: parse, read through TrendReader, print a table or JSON."""
+    try:
+        minutes = parse_window(args.window)
+        at = parse_at(args.at) if args.at else datetime.now(UTC)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.top < 1:
+        return _fail(f"--top {args.top}: must be at least 1")
+    if args.city is not None and args.by == "city":
+        return _fail("--city cannot be combined with --by city")
+
+    import redis
+
+    from worker.connections import redis_client
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings(**({"redis_url": args.redis_url} if args.redis_url else {}))
+    client = redis_client(settings)
+    reader = TrendReader(client, minute_ttl_s=settings.trend_minute_ttl_s)
+    try:
+        if args.by == "city":
+            rows = reader.cities(minutes, top=args.top, now=at)
+        elif args.by == "low-confidence":
+            rows = reader.low_confidence(minutes, city=args.city, now=at)[: args.top]
+        else:
+            rows = reader.top(minutes, by=args.by, city=args.city, top=args.top, now=at)
+    except redis.RedisError as exc:
+        print(f"error: Redis at {redacted(settings.redis_url)}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+    if args.json:
+        payload = {
+            "window_minutes": minutes,
+            "by": args.by,
+            "city": args.city,
+            "at": at.isoformat().replace("+00:00", "Z"),
+            "top": [{"name": name, "count": count} for name, count in rows],
+        }
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        scope = f" in {args.city}" if args.city else ""
+        print(f"top {args.by} over the last {args.window}{scope} (up to {at:%Y-%m-%d %H:%M} UTC)")
+        if not rows:
+            print("  (no posts counted)")
+        width = max((len(name) for name, _ in rows), default=0)
+        for rank, (name, count) in enumerate(rows, 1):
+            print(f"{rank:>3}. {name:<{width}}  {count}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main(get_args_parser().parse_args()))
