@@ -58,7 +58,7 @@ class BuildOptions:
     precisions: tuple[str, ...] = ("fp16", "fp32")
     backends: tuple[str, ...] = ("auto",)
     min_batch: int = 1
-    opt_batch: int = 32
+    opt_batch: int | None = None  # default: min(32, max_batch)
     max_batch: int = 64
     parity_data: Path | None = None
     parity_images: int = 256
@@ -74,6 +74,11 @@ class BuildOptions:
     threads: int | None = None
     overwrite: bool = False
 
+    @property
+    def profile(self) -> BatchProfile:
+        opt = self.opt_batch if self.opt_batch is not None else min(32, self.max_batch)
+        return BatchProfile(min=self.min_batch, opt=opt, max=self.max_batch)
+
     def validate(self) -> None:
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad or not self.precisions:
@@ -87,11 +92,17 @@ class BuildOptions:
                 f"--backends: unknown {', '.join(bad) or '(empty)'}; "
                 f"choose from {', '.join(BUILD_BACKENDS)}"
             )
-        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+        opt = self.opt_batch if self.opt_batch is not None else min(32, self.max_batch)
+        if not 1 <= self.min_batch <= opt <= self.max_batch:
             raise BuildError(
                 f"batch profile must satisfy 1 <= min <= opt <= max; got "
-                f"{self.min_batch}/{self.opt_batch}/{self.max_batch}"
+                f"{self.min_batch}/{opt}/{self.max_batch}"
             )
+        for flag in ("fp32_agreement", "fp16_agreement", "int8_agreement"):
+            if not 0.0 <= getattr(self, flag) <= 1.0:
+                raise BuildError(
+                    f"--{flag.replace('_', '-')} must be in [0, 1]; got {getattr(self, flag)}"
+                )
         if self.parity_images < 1:
             raise BuildError(f"--parity-images must be >= 1; got {self.parity_images}")
 
@@ -222,7 +233,7 @@ def _build_into(
     no_trt: str | None,
     checkpoint_dir: Path,
 ) -> tuple[Manifest, dict]:
-    profile = BatchProfile(min=opts.min_batch, opt=opts.opt_batch, max=opts.max_batch)
+    profile = opts.profile
     labels = [
         Label(**{k: c.get(k) for k in ("make", "model", "make_id", "model_id")})
         for c in ckpt["classes"]

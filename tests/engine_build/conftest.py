@@ -21,14 +21,25 @@ CLASSES = [
 IMAGE_SIZE = 32
 
 
-def write_checkpoint(out: Path, arch: str = "resnet18", seed: int = 0, **args) -> Path:
-    """A checkpoint exactly as training writes it (random weights, BN statistics warmed up)."""
+def write_checkpoint(
+    out: Path, arch: str = "resnet18", seed: int = 0, near_tie: bool = False, **args
+) -> Path:
+    """A checkpoint exactly as training writes it (random weights, BN statistics warmed up).
+
+    ``near_tie`` makes classes 0 and 1 differ by ~1e-6 in every logit, so any quantisation
+    flips their order: a model that int8 cannot reproduce, for gate tests.
+    """
     torch.manual_seed(seed)
     model = build_model(arch, len(CLASSES))
     model.train()
     with torch.no_grad():  # non-trivial running stats, as after real training
         for _ in range(2):
             model(torch.randn(8, 3, IMAGE_SIZE, IMAGE_SIZE))
+        if near_tie:
+            fc = model.fc
+            fc.weight[1] = fc.weight[0] + 1e-6 * torch.randn_like(fc.weight[0])
+            fc.bias[1] = fc.bias[0]
+            fc.bias[2] = -100.0
     spec = PreprocessSpec.for_image_size(IMAGE_SIZE)
     save_checkpoint(
         out,

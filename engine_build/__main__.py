@@ -1,0 +1,179 @@
+"""``python -m engine_build``: build a verified model bundle from a training checkpoint.
+
+Exit codes: 0 built, 2 bad input or a failed parity gate (one line on stderr, no traceback),
+1 an unexpected failure (export/TensorRT), with its traceback in the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from engine_build.build import (
+    BUILD_BACKENDS,
+    PRECISIONS,
+    BuildError,
+    ParityGateError,
+    build_bundle,
+)
+from engine_build.bundle import BundleError
+
+log = logging.getLogger("engine_build")
+
+
+def comma_list(choices: tuple[str, ...]):
+    """argparse type for 'a,b' lists whose items must be in ``choices``."""
+
+    def parse(value: str) -> tuple[str, ...]:
+        items = tuple(v.strip() for v in value.split(",") if v.strip())
+        bad = [v for v in items if v not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"invalid value {value!r}; choose a comma list of {', '.join(choices)}"
+            )
+        return items
+
+    return parse
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments end in one line naming the value, exit 2, no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="python -m engine_build",
+        description="Checkpoint -> model bundle (ONNX, TensorRT FP16 plan, parity report)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        add_help=add_help,
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="training checkpoint directory (or its checkpoint.pt)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    parser.add_argument(
+        "--precision",
+        type=comma_list(PRECISIONS),
+        default=("fp16", "fp32"),
+        help="comma list: fp32 (ONNX, always built), fp16 (TensorRT plan), int8 (ONNX Runtime QDQ)",
+    )
+    parser.add_argument(
+        "--backends",
+        type=comma_list(BUILD_BACKENDS),
+        default=("auto",),
+        help="auto builds TensorRT only where it can; tensorrt demands it",
+    )
+    parser.add_argument("--min-batch", type=int, default=1, help="TensorRT profile minimum")
+    parser.add_argument(
+        "--opt-batch", type=int, default=None, help="TensorRT profile optimum; min(32, max)"
+    )
+    parser.add_argument("--max-batch", type=int, default=64, help="largest batch any engine takes")
+    parser.add_argument(
+        "--parity-data",
+        type=Path,
+        default=None,
+        help="images for parity (class folders label them); default: the "
+        "checkpoint's held-out split",
+    )
+    parser.add_argument(
+        "--parity-images",
+        type=int,
+        default=256,
+        help="at most this many parity images, evenly spread",
+    )
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=128,
+        help="int8 calibration images (taken from the parity images)",
+    )
+    parser.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT workspace")
+    parser.add_argument(
+        "--timing-cache",
+        type=Path,
+        default=None,
+        help="TensorRT timing cache file, loaded if present and saved after",
+    )
+    parser.add_argument(
+        "--fp32-agreement",
+        type=float,
+        default=0.999,
+        help="min top-1 agreement of the FP32 ONNX model with PyTorch",
+    )
+    parser.add_argument(
+        "--fp16-agreement",
+        type=float,
+        default=0.995,
+        help="min top-1 agreement of the TensorRT FP16 plan",
+    )
+    parser.add_argument(
+        "--int8-agreement",
+        type=float,
+        default=0.0,
+        help="min top-1 agreement of the int8 model (0 = report only)",
+    )
+    parser.add_argument("--model-name", default=None, help="default: carstream-<arch>")
+    parser.add_argument("--model-version", default=None, help="default: epoch<N>")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        out = build_bundle(
+            args.checkpoint,
+            args.out,
+            precisions=args.precision,
+            backends=args.backends,
+            min_batch=args.min_batch,
+            opt_batch=args.opt_batch,
+            max_batch=args.max_batch,
+            parity_data=args.parity_data,
+            parity_images=args.parity_images,
+            calibration_images=args.calibration_images,
+            workspace_gb=args.workspace_gb,
+            timing_cache=args.timing_cache,
+            fp32_agreement=args.fp32_agreement,
+            fp16_agreement=args.fp16_agreement,
+            int8_agreement=args.int8_agreement,
+            model_name=args.model_name,
+            model_version=args.model_version,
+            opset=args.opset,
+            threads=args.threads,
+            overwrite=args.force,
+        )
+    except (BuildError, BundleError) as exc:
+        print(f"python -m engine_build: error: {exc}", file=sys.stderr)
+        return 2
+    except ParityGateError as exc:
+        report = args.out.with_name(f"{args.out.name}.parity-failed.json")
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(exc.report, indent=2) + "\n")
+        print(
+            f"python -m engine_build: error: {exc}; no bundle written, report in {report}",
+            file=sys.stderr,
+        )
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,90 @@
+"""`python -m engine_build`: bad input is one line on stderr and exit 2; success prints the path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engine_build.__main__ import get_args_parser, main
+from engine_build.bundle import load_bundle
+
+from .conftest import write_checkpoint
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine_build", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--checkpoint", "/no/such/ckpt", "--out", "{tmp}/b"], "/no/such/ckpt"),
+        (["--checkpoint", "{ckpt}", "--out", "{tmp}/b", "--precision", "fp32,fp8"], "'fp32,fp8'"),
+        (["--checkpoint", "{ckpt}", "--out", "{tmp}/b", "--max-batch", "x"], "'x'"),
+        (["--checkpoint", "{ckpt}", "--out", "{tmp}/b", "--parity-data", "/no/imgs"], "/no/imgs"),
+        (["--out", "{tmp}/b"], "--checkpoint"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(checkpoint_dir, tmp_path, args, needle):
+    args = [a.format(ckpt=checkpoint_dir, tmp=tmp_path) for a in args]
+    proc = run_cli(*args, "--log-level", "ERROR")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert needle in lines[0] and lines[0].startswith("python -m engine_build: error:")
+    assert not (tmp_path / "b").exists()
+
+
+def test_failed_gate_exit_2_with_report(parity_dir, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ckpt", near_tie=True)
+    proc = run_cli(
+        "--checkpoint",
+        str(ckpt),
+        "--out",
+        str(tmp_path / "b"),
+        "--precision",
+        "fp32,int8",
+        "--parity-data",
+        str(parity_dir),
+        "--int8-agreement",
+        "0.9",
+        "--log-level",
+        "ERROR",
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "parity gate failed" in proc.stderr
+    report = json.loads((tmp_path / "b.parity-failed.json").read_text())
+    assert report["artifacts"]["onnxruntime-int8"]["gate"]["passed"] is False
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_builds_a_bundle(checkpoint_dir, parity_dir, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    args = get_args_parser().parse_args(
+        [
+            "--checkpoint",
+            str(checkpoint_dir),
+            "--out",
+            str(out),
+            "--parity-data",
+            str(parity_dir),
+            "--max-batch",
+            "4",
+            "--model-name",
+            "cars",
+            "--model-version",
+            "2024.1",
+            "--log-level",
+            "WARNING",
+        ]
+    )
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    manifest = load_bundle(out).manifest
+    assert (manifest.model_name, manifest.model_version) == ("cars", "2024.1")
+    assert (manifest.batch_profile.opt, manifest.batch_profile.max) == (4, 4)

@@ -1,0 +1,170 @@
+"""The Engine interface: ONNX Runtime here, GPU backends where the hardware exists."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine_build.bundle import load_bundle
+from engine_build.manifest import Artifact, TensorRTInfo
+from engine_build.runtime import (
+    Engine,
+    EngineUnavailableError,
+    OnnxRuntimeEngine,
+    create_engine,
+)
+from engine_build.runtime.tensorrt_engine import plan_mismatch
+from engine_build.runtime.torch_cuda import batch_buckets, bucket_for
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+
+HAS_CUDA = torch.cuda.is_available()
+try:
+    import tensorrt  # noqa: F401
+
+    HAS_TRT = True
+except ImportError:
+    HAS_TRT = False
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir):
+    return load_bundle(bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint_dir):
+    model = model_from_checkpoint(load_checkpoint(checkpoint_dir))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def batch(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_onnxruntime_fp32_any_batch_size_matches_pytorch(bundle, reference, n):
+    engine = OnnxRuntimeEngine(bundle, "fp32", threads=1)
+    assert isinstance(engine, Engine)
+    spec = engine.input_spec()
+    assert (spec.name, spec.shape, spec.dtype) == ("images", (3, 32, 32), np.float32)
+    x = batch(n, seed=n)
+    logits = engine.infer(x)
+    assert logits.shape == (n, 3) and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, reference(x), atol=1e-4, rtol=1e-4)
+    engine.close()
+
+
+def test_onnxruntime_int8_runs_close_to_fp32(bundle, reference):
+    engine = create_engine(bundle, "onnxruntime", precision="int8", threads=1)
+    assert engine.name == "onnxruntime-int8" and engine.max_batch == 8
+    x = batch(8)
+    logits = engine.infer(x)
+    assert logits.shape == (8, 3)
+    ref = reference(x)
+    assert np.abs(logits - ref).max() < 0.5 * np.abs(ref).max()  # quantised, not garbage
+
+
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        (np.zeros((9, 3, 32, 32), np.float32), r"batch size 9 outside 1\.\.8"),
+        (np.zeros((0, 3, 32, 32), np.float32), "batch size 0"),
+        (np.zeros((2, 3, 64, 64), np.float32), r"\(N, 3, 32, 32\)"),
+        (np.zeros((3, 32, 32), np.float32), r"\(N, 3, 32, 32\)"),
+    ],
+)
+def test_infer_rejects_bad_batches(bundle, x, match):
+    engine = OnnxRuntimeEngine(bundle)
+    with pytest.raises(ValueError, match=match):
+        engine.infer(x)
+
+
+def test_auto_picks_onnxruntime_without_gpu(bundle):
+    if HAS_CUDA:
+        pytest.skip("a CUDA GPU is present: auto picks a GPU backend here")
+    engine = create_engine(bundle, "auto", threads=1)
+    assert engine.name == "onnxruntime-fp32"
+    assert engine.infer(batch(2)).shape == (2, 3)
+
+
+def test_explicit_gpu_backends_refuse_without_gpu(bundle):
+    if HAS_CUDA:
+        pytest.skip("a CUDA GPU is present")
+    with pytest.raises(EngineUnavailableError, match="CUDA"):
+        create_engine(bundle, "torch-cuda")
+    with pytest.raises(EngineUnavailableError, match="no TensorRT fp16 plan"):
+        create_engine(bundle, "tensorrt")
+    with pytest.raises(ValueError, match="unknown backend"):
+        create_engine(bundle, "openvino")
+
+
+def _plan(gpu: str = "NVIDIA H100 80GB HBM3", version: str = "10.13.0") -> Artifact:
+    info = TensorRTInfo(version=version, gpu_name=gpu, compute_capability="9.0", typing="strong")
+    return Artifact(
+        backend="tensorrt",
+        precision="fp16",
+        file="model.fp16.plan",
+        sha256="0" * 64,
+        size_bytes=1,
+        tensorrt=info,
+    )
+
+
+def test_plan_mismatch_names_gpu_and_version():
+    assert plan_mismatch(_plan(), "NVIDIA H100 80GB HBM3", "10.13.0") is None
+    why = plan_mismatch(_plan(), "NVIDIA L4", "10.13.0")
+    assert "NVIDIA H100 80GB HBM3" in why and "NVIDIA L4" in why and "TensorRT" not in why
+    why = plan_mismatch(_plan(), "NVIDIA H100 80GB HBM3", "10.9.0")
+    assert "10.13.0" in why and "10.9.0" in why and "GPU" not in why
+
+
+def test_cuda_graph_buckets_cover_every_batch():
+    buckets = batch_buckets(48)
+    assert buckets == [1, 2, 4, 8, 16, 32, 48]
+    assert all(bucket_for(n, buckets) >= n for n in range(1, 49))
+    assert bucket_for(33, buckets) == 48 and bucket_for(4, buckets) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="torch-cuda engine needs a CUDA GPU; none visible")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_torch_cuda_fp16_matches_pytorch(bundle, reference, graphs):
+    engine = create_engine(bundle, "torch-cuda", cuda_graphs=graphs)
+    for n in (1, 3, 8):
+        x = batch(n, seed=n)
+        agree = (engine.infer(x).argmax(1) == reference(x).argmax(1)).mean()
+        assert agree >= 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (HAS_CUDA and HAS_TRT),
+    reason="TensorRT plan tests need a CUDA GPU and the tensorrt package",
+)
+def test_tensorrt_plan_build_and_infer(checkpoint_dir, parity_dir, tmp_path, reference):
+    from engine_build.build import build_bundle
+
+    out = build_bundle(
+        checkpoint_dir,
+        tmp_path / "b",
+        precisions="fp16,fp32",
+        backends="tensorrt",
+        parity_data=parity_dir,
+        max_batch=8,
+        opt_batch=4,
+        timing_cache=tmp_path / "timing.cache",
+    )
+    bundle = load_bundle(out)
+    plan = bundle.artifact("tensorrt", "fp16")
+    assert plan.tensorrt.typing in {"strong", "weak"} and (tmp_path / "timing.cache").is_file()
+    engine = create_engine(bundle, "auto")
+    assert engine.name == "tensorrt-fp16"
+    for n in (1, 5, 8):
+        x = batch(n, seed=n)
+        assert (engine.infer(x).argmax(1) == reference(x).argmax(1)).mean() >= 0.99
