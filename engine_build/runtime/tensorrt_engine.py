@@ -56,15 +56,21 @@ class TensorRTEngine:
     """Runs ``model.fp16.plan``; refuses (PlanMismatchError) a plan for another GPU or TRT."""
 
     def __init__(self, bundle: Bundle, precision: str = "fp16", device: int = 0):
-        artifact = bundle.artifact("tensorrt", precision)
-        if artifact is None:
+        plans = [
+            a
+            for a in bundle.manifest.artifacts
+            if a.backend == "tensorrt" and a.precision == precision
+        ]
+        if not plans:
             raise EngineUnavailableError(f"bundle {bundle.path} has no TensorRT {precision} plan")
         if not torch.cuda.is_available():
             raise EngineUnavailableError("TensorRT needs a CUDA GPU; torch sees none")
         trt = import_tensorrt()
-        why = plan_mismatch(artifact, torch.cuda.get_device_name(device), trt.__version__)
-        if why:
-            raise PlanMismatchError(why)
+        gpu = torch.cuda.get_device_name(device)
+        reasons = [plan_mismatch(a, gpu, trt.__version__) for a in plans]
+        if all(reasons):  # a bundle may carry one plan per GPU type; one must fit this GPU
+            raise PlanMismatchError("; ".join(r for r in reasons if r))
+        artifact = plans[reasons.index(None)]
         m = bundle.manifest
         self.name = f"tensorrt-{precision}"
         self.max_batch = m.batch_profile.max

@@ -153,3 +153,32 @@ def test_tensorrt_demanded_without_gpu_is_an_error(checkpoint_dir, parity_dir, t
         pytest.skip("TensorRT and a GPU are present here")
     with pytest.raises(BuildError, match="--backends tensorrt"):
         build_bundle(checkpoint_dir, tmp_path / "b", backends="tensorrt", parity_data=parity_dir)
+
+
+def test_fp16_onnx_for_tensorrt_is_fp16_inside_fp32_io(checkpoint_dir, tmp_path):
+    """The graph the TensorRT strongly-typed build parses: FP16 weights, FP32 in/out."""
+    import onnxruntime as ort
+    import torch
+
+    from engine_build.onnx_export import HalfPrecision, export_onnx
+    from training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(checkpoint_dir))
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(x)).numpy()
+    path = export_onnx(HalfPrecision(model), tmp_path / "fp16.onnx", 32)
+    graph = onnx.load(str(path)).graph
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert graph.input[0].type.tensor_type.elem_type == f32
+    assert graph.output[0].type.tensor_type.elem_type == f32
+    assert any(init.data_type == f16 for init in graph.initializer)
+    (out,) = ort.InferenceSession(str(path)).run(None, {"images": x})
+    np.testing.assert_allclose(out, ref, atol=0.05 * np.abs(ref).max())
+
+
+def test_tensorrt_unavailable_says_why():
+    from engine_build.tensorrt_build import tensorrt_available
+
+    why = tensorrt_available()
+    assert why is None or "CUDA" in why or "tensorrt" in why
