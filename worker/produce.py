@@ -55,8 +55,8 @@ class TokenBucket:
             now = self._clock()
             self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
             self._last = now
-            if self._tokens >= 1:
-                self._tokens -= 1
+            if self._tokens >= 1 - 1e-9:  # tolerance: float clocks may fall a hair short
+                self._tokens = max(0.0, self._tokens - 1)
                 return
             self._sleep((1 - self._tokens) / self.rate)
 
