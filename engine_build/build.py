@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from engine_build import heldout
-from engine_build.bundle import PARITY_FILE, load_bundle, sha256_file
+from engine_build.bundle import PARITY_FILE, Bundle, load_bundle, sha256_file
 from engine_build.manifest import MANIFEST_FILE, Artifact, BatchProfile, Label, Manifest
 from engine_build.onnx_export import HalfPrecision, export_onnx
 from engine_build.parity import ParityDataError, ParitySet, parity_report, run_batched
@@ -32,6 +33,7 @@ from training.checkpoint import (
     model_from_checkpoint,
     preprocess_spec_of,
 )
+from training.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +228,7 @@ def _build_into(
     tmp: Path,
     ckpt: dict,
     model: torch.nn.Module,
-    spec,
+    spec: PreprocessSpec,
     opts: BuildOptions,
     parity_set: ParitySet,
     reference: np.ndarray,
@@ -275,8 +277,6 @@ def _build_into(
 
     def ort_logits(art: Artifact) -> np.ndarray:
         partial = draft.model_copy(update={"artifacts": [art]})
-        from engine_build.bundle import Bundle
-
         engine = OnnxRuntimeEngine(Bundle(tmp, partial), art.precision, threads=opts.threads)
         try:
             return run_batched(engine.infer, parity_set.images, opts.max_batch)
@@ -311,11 +311,17 @@ def _build_into(
     return draft.model_copy(update={"artifacts": artifacts}), report
 
 
-def _build_plan(tmp, model, draft: Manifest, opts: BuildOptions, check, parity_set) -> Artifact:
+def _build_plan(
+    tmp: Path,
+    model: torch.nn.Module,
+    draft: Manifest,
+    opts: BuildOptions,
+    check: Callable[[Artifact, np.ndarray, float], None],
+    parity_set: ParitySet,
+) -> Artifact:
     """TensorRT FP16 plan from an FP16-inside ONNX export, checked on this GPU."""
     import copy
 
-    from engine_build.bundle import Bundle
     from engine_build.runtime.tensorrt_engine import TensorRTEngine
     from engine_build.tensorrt_build import build_fp16_plan
 

@@ -57,8 +57,10 @@ def parity_set_for(
     if parity_data is not None:
         return image_dir_parity_set(Path(parity_data), classes, spec, limit)
     root = recorded_data_dir(ckpt)
-    if root is not None and (root / COMPCARS_TEST).is_file():
-        return compcars_parity_set(root, classes, spec, limit)
+    for candidate in (root, root.parent if root is not None else None):
+        # the recorded dir may be the archive root or its ``data/`` folder
+        if candidate is not None and (candidate / COMPCARS_TEST).is_file():
+            return compcars_parity_set(candidate, classes, spec, limit)
     for split in FOLDER_SPLITS:
         if root is not None and (root / split).is_dir():
             return image_dir_parity_set(root / split, classes, spec, limit)

@@ -1,0 +1,226 @@
+"""Model-only throughput: images/s and latency p50/p95 per backend, precision and batch size.
+
+Builds a real bundle (the same ``build_bundle`` path as production) for ``--arch`` with random
+weights -- speed does not depend on the weights -- then times each Engine the machine can run:
+ONNX Runtime FP32 and INT8 on the CPU, torch-cuda FP16 and TensorRT FP16 where a GPU exists.
+Writes benchmarks/results/model_throughput.{json,md}.
+
+    python benchmarks/model_throughput.py                       # resnet50 @ 224, batches 1..64
+    python benchmarks/model_throughput.py --arch resnet18 --batches 1,8 --min-seconds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from PIL import Image
+
+from engine_build.build import build_bundle
+from engine_build.bundle import load_bundle
+from engine_build.runtime import EngineUnavailableError, create_engine
+from training.checkpoint import save_checkpoint
+from training.models import build_model
+from training.preprocessing import PreprocessSpec
+
+log = logging.getLogger("model_throughput")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=431, help="CompCars models")
+    parser.add_argument("--batches", default="1,8,32,64", help="comma list of batch sizes")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ORT threads")
+    parser.add_argument("--min-iters", type=int, default=3, help="timed iterations at least")
+    parser.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds at least")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 build and run")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    return parser
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    return next(
+        (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
+        "unknown",
+    )
+
+
+def make_bundle(args: argparse.Namespace, work: Path, max_batch: int) -> Path:
+    """A random-weight checkpoint in the training contract, built into a bundle."""
+    torch.manual_seed(0)
+    classes = [
+        {"make": f"make{i // 10}", "model": f"model{i}", "make_id": i // 10, "model_id": i}
+        for i in range(args.num_classes)
+    ]
+    spec = PreprocessSpec.for_image_size(args.image_size)
+    model = build_model(args.arch, args.num_classes)
+    save_checkpoint(
+        work / "ckpt",
+        {
+            "arch": args.arch,
+            "num_classes": args.num_classes,
+            "classes": classes,
+            "level": "model",
+            "preprocess": spec.model_dump(mode="json"),
+            "state_dict": model.state_dict(),
+            "epoch": 0,
+            "args": {"benchmark": True},
+        },
+    )
+    rng = np.random.default_rng(0)
+    (work / "images").mkdir()
+    for i in range(16):  # parity + int8 calibration images; speed does not depend on them
+        pixels = rng.integers(0, 255, size=(spec.resize, spec.resize + 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(work / "images" / f"{i}.png")
+    precisions = "fp16,fp32" if args.no_int8 else "fp16,fp32,int8"
+    return build_bundle(
+        work / "ckpt",
+        work / "bundle",
+        precisions=precisions,
+        parity_data=work / "images",
+        max_batch=max_batch,
+        threads=args.threads,
+        int8_agreement=0.0,
+    )
+
+
+def time_engine(engine, batch: int, image_size: int, args: argparse.Namespace) -> dict:
+    x = (
+        np.random.default_rng(batch)
+        .standard_normal((batch, 3, image_size, image_size))
+        .astype(np.float32)
+    )
+    for _ in range(args.warmup):
+        engine.infer(x)
+    latencies: list[float] = []
+    start = time.perf_counter()
+    while len(latencies) < args.min_iters or time.perf_counter() - start < args.min_seconds:
+        t0 = time.perf_counter()
+        engine.infer(x)  # returns host logits: a synchronised, end-to-end call
+        latencies.append(time.perf_counter() - t0)
+    total = sum(latencies)
+    q = (
+        statistics.quantiles(latencies, n=20, method="inclusive")
+        if len(latencies) > 1
+        else [latencies[0]] * 19
+    )
+    return {
+        "batch": batch,
+        "iters": len(latencies),
+        "images_per_s": round(batch * len(latencies) / total, 2),
+        "latency_ms_p50": round(statistics.median(latencies) * 1e3, 2),
+        "latency_ms_p95": round(q[18] * 1e3, 2),
+    }
+
+
+ENGINES = [  # (label, backend, options)
+    ("onnxruntime", "fp32", "onnxruntime", {"precision": "fp32"}),
+    ("onnxruntime", "int8", "onnxruntime", {"precision": "int8"}),
+    ("torch-cuda", "fp16", "torch-cuda", {}),
+    ("torch-cuda-graphs", "fp16", "torch-cuda", {"cuda_graphs": True}),
+    ("tensorrt", "fp16", "tensorrt", {}),
+]
+
+
+def render_md(result: dict) -> str:
+    lines = [
+        f"# Model throughput: {result['arch']} @ {result['image_size']}px",
+        "",
+        f"- command: `{result['command']}`",
+        f"- machine: {result['machine']['cpu']} ({result['machine']['cores']} cores), "
+        f"GPU: {result['machine']['gpu'] or 'none'}",
+        f"- date: {result['date']}; load average at start: {result['machine']['loadavg']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}",
+        f"- random weights; ORT threads: {result['threads']}; skipped: "
+        f"{'; '.join(result['skipped']) or 'none'}",
+        "",
+        "| backend | precision | batch | images/s | p50 ms | p95 ms | iters |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["results"]:
+        lines.append(
+            f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['images_per_s']} "
+            f"| {r['latency_ms_p50']} | {r['latency_ms_p95']} | {r['iters']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "arch": args.arch,
+        "image_size": args.image_size,
+        "threads": args.threads,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "loadavg": [round(v, 2) for v in os.getloadavg()],
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "onnx": onnx.__version__,
+            "numpy": np.__version__,
+        },
+        "results": [],
+        "skipped": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        bundle = load_bundle(make_bundle(args, Path(tmp), max(batches)))
+        result["bundle_build_s"] = round(time.perf_counter() - t0, 1)
+        for label, precision, backend, opts in ENGINES:
+            if backend == "onnxruntime":
+                opts = {**opts, "threads": args.threads}
+            try:
+                engine = create_engine(bundle, backend, **opts)
+            except EngineUnavailableError as exc:
+                result["skipped"].append(f"{label}-{precision}: {exc}")
+                continue
+            for b in batches:
+                row = {
+                    "backend": label,
+                    "precision": precision,
+                    **time_engine(engine, b, args.image_size, args),
+                }
+                print(json.dumps(row), flush=True)
+                result["results"].append(row)
+            engine.close()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "model_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out_dir / "model_throughput.md").write_text(render_md(result))
+    print(render_md(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
