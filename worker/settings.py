@@ -1,0 +1,129 @@
+"""The worker's one settings class: flags or ``CARSTREAM_*`` environment variables.
+
+Frozen so a running worker cannot drift from what it logged at start; secrets are ``SecretStr``
+so they never reach logs, metrics or ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Backend = Literal["auto", "tensorrt", "torch-cuda", "onnxruntime"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    """Everything `python -m worker run` needs; every field is also a kebab-case flag."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CARSTREAM_", frozen=True, extra="forbid", case_sensitive=False
+    )
+
+    # Kafka
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka brokers, comma separated")
+    group_id: str = Field("carstream-workers", min_length=1, description="consumer group")
+    group_instance_id: str | None = Field(
+        None, description="static group membership id (e.g. the pod name); unset = dynamic"
+    )
+    input_topic: str = "car-posts"
+    output_topic: str = "car-predictions"
+    dlq_topic: str = "car-posts.dlq"
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+    session_timeout_ms: int = Field(10_000, ge=1_000, le=3_600_000)
+    heartbeat_interval_ms: int | None = Field(None, ge=100)
+    max_poll_interval_ms: int = Field(300_000, ge=1_000)
+    max_message_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="input events above go to the DLQ"
+    )
+
+    # Redis
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// (TLS)")
+    redis_password: SecretStr | None = None
+    redis_tls_ca_certs: str | None = None
+    redis_tls_certfile: str | None = None
+    redis_tls_keyfile: str | None = None
+    redis_socket_timeout_s: float = Field(5.0, gt=0)
+    trend_minute_ttl_s: int = Field(48 * 3600, ge=60, description="TTL of per-minute buckets")
+    trend_hour_ttl_s: int = Field(30 * 24 * 3600, ge=3600, description="TTL of hourly rollups")
+
+    # Model and batching
+    bundle: str | None = Field(None, description="model bundle directory (engine_build output)")
+    backend: Backend = "auto"
+    inference_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads")
+    max_batch: int = Field(32, ge=1, le=4096)
+    max_wait_ms: int = Field(50, ge=0, le=60_000)
+    decode_threads: int = Field(4, ge=1, le=256)
+    min_confidence: float = Field(0.5, ge=0.0, le=1.0)
+    top_k: int = Field(5, ge=1, le=100)
+
+    # URL fetching (image_url events)
+    url_fetch_enabled: bool = True
+    url_timeout_s: float = Field(5.0, gt=0, le=120)
+    url_max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    url_allow_private: bool = Field(
+        False, description="allow private, loopback and link-local addresses (tests only)"
+    )
+    url_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="if set, only these host names may be fetched"
+    )
+
+    # Operations
+    metrics_port: int = Field(9400, ge=0, le=65535, description="0 disables the HTTP endpoint")
+    metrics_host: str = "0.0.0.0"
+    log_json: bool = False
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    worker_id: str = Field(default_factory=default_worker_id)
+
+    @field_validator("url_allow_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            stripped = value.strip()
+            if stripped.startswith("["):
+                import json
+
+                return json.loads(stripped)
+            return [h.strip().lower() for h in stripped.split(",") if h.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_security(self) -> WorkerSettings:
+        if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism")
+        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512") and (
+            not self.sasl_username or self.sasl_password is None
+        ):
+            raise ValueError(
+                f"sasl_mechanism {self.sasl_mechanism} needs sasl_username and sasl_password"
+            )
+        return self
+
+    def redacted(self) -> dict:
+        """The settings as logged at start: secrets masked."""
+        data = self.model_dump(mode="json")
+        for key in ("sasl_password", "redis_password"):
+            if data.get(key) is not None:
+                data[key] = "**********"
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.redis_url)
+        if parts.password:
+            data["redis_url"] = self.redis_url.replace(parts.password, "**********")
+        return data
