@@ -204,6 +204,16 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _first_error(exc: Exception) -> str:
+    """One line out of a pydantic ValidationError: the field and what is wrong with it."""
+    errors = exc.errors()  # type: ignore[attr-defined]
+    if not errors:
+        return str(exc).splitlines()[0]
+    err = errors[0]
+    field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+    return f"{field}: {err.get('msg', 'invalid')}"
+
+
 def main(args: argparse.Namespace) -> int:
     """CLI edge: validate, build the producer from the worker's Kafka settings, report."""
     if args.rate < 0:
@@ -224,12 +234,16 @@ def main(args: argparse.Namespace) -> int:
 
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
+    from pydantic import ValidationError
 
     from worker.connections import kafka_common_config
     from worker.settings import WorkerSettings
 
     overrides = {"bootstrap_servers": args.bootstrap_servers} if args.bootstrap_servers else {}
-    settings = WorkerSettings(**overrides)
+    try:
+        settings = WorkerSettings(**overrides)
+    except ValidationError as exc:
+        return _fail(f"settings: {_first_error(exc)}")
     topic = args.topic or settings.input_topic
     try:
         producer = KafkaProducer(

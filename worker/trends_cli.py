@@ -79,6 +79,16 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _first_error(exc: Exception) -> str:
+    """One line out of a pydantic ValidationError: the field and what is wrong with it."""
+    errors = exc.errors()  # type: ignore[attr-defined]
+    if not errors:
+        return str(exc).splitlines()[0]
+    err = errors[0]
+    field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+    return f"{field}: {err.get('msg', 'invalid')}"
+
+
 def main(args: argparse.Namespace) -> int:
     """CLI edge: parse, read through TrendReader, print a table or JSON."""
     try:
@@ -92,11 +102,15 @@ def main(args: argparse.Namespace) -> int:
         return _fail("--city cannot be combined with --by city")
 
     import redis
+    from pydantic import ValidationError
 
     from worker.connections import redis_client
     from worker.settings import WorkerSettings
 
-    settings = WorkerSettings(**({"redis_url": args.redis_url} if args.redis_url else {}))
+    try:
+        settings = WorkerSettings(**({"redis_url": args.redis_url} if args.redis_url else {}))
+    except ValidationError as exc:
+        return _fail(f"settings: {_first_error(exc)}")
     client = redis_client(settings)
     reader = TrendReader(client, minute_ttl_s=settings.trend_minute_ttl_s)
     try:
