@@ -20,7 +20,9 @@ STACK=("$PY" -m worker stack --state-dir "$DEMO_DIR/stack" --kafka-port "$KAFKA_
 export CARSTREAM_BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT"
 export CARSTREAM_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
 export CARSTREAM_GROUP_ID=carstream-demo
-export CARSTREAM_SESSION_TIMEOUT_MS=6000
+export CARSTREAM_SESSION_TIMEOUT_MS=6000  # Tansu: the group forms within about half of it
+export CARSTREAM_BACKEND=onnxruntime
+METRICS_PORT=${DEMO_METRICS_PORT:-9400}
 
 say() { printf '\n== %s\n' "$*"; }
 started=$(date +%s)
@@ -66,10 +68,41 @@ say "building the model bundle"
 
 say "starting 2 worker replicas"
 for i in 1 2; do
-    "$PY" -m worker run --bundle "$DEMO_DIR/bundle" --metrics-port $((9100 + i)) \
-        >"$DEMO_DIR/worker-$i.log" 2>&1 &
+    CARSTREAM_METRICS_PORT=$((METRICS_PORT + i)) CARSTREAM_WORKER_ID="demo-$i" \
+        "$PY" -m worker run --bundle "$DEMO_DIR/bundle" >"$DEMO_DIR/worker-$i.log" 2>&1 &
     replicas+=($!)
 done
+"$PY" - "$METRICS_PORT" "$WAIT_S" "$DEMO_DIR" "${replicas[@]}" <<'EOF'
+import sys, time, urllib.request
+
+base, wait_s, demo_dir, pids = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4:]
+deadline = time.monotonic() + wait_s
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+for i, pid in enumerate(pids, 1):
+    url = f"http://127.0.0.1:{base + i}/readyz"
+    while True:
+        if not alive(pid):
+            sys.exit(f"worker replica {i} exited during start-up; see {demo_dir}/worker-{i}.log")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    print(f"  replica {i} ready ({url})")
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            sys.exit(f"replica {i} not ready after {wait_s:.0f}s ({url})")
+        time.sleep(0.5)
+EOF
 
 say "producing the sample test images as posts"
 city_flags=()
