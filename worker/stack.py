@@ -421,20 +421,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _check_port(parser: argparse.ArgumentParser, flag: str, port: int) -> None:
-    if not 1 <= port <= 65535:
-        parser.error(f"{flag} {port}: not a TCP port (1-65535)")
+def _argument_error(args: argparse.Namespace) -> str | None:
+    """The first bad argument as one line, or None."""
+    for flag, port in (("--kafka-port", args.kafka_port), ("--redis-port", args.redis_port)):
+        if not 1 <= port <= 65535:
+            return f"{flag} {port}: not a TCP port (1-65535)"
+    if args.partitions < 1:
+        return f"--partitions {args.partitions}: must be at least 1"
+    if args.state_dir.exists() and not args.state_dir.is_dir():
+        return f"--state-dir {args.state_dir}: exists and is not a directory"
+    return None
 
 
 def main(args: argparse.Namespace) -> int:
     """CLI edge: one-line errors with exit code 2 for bad arguments, 1 for failures."""
-    parser = get_args_parser()
-    _check_port(parser, "--kafka-port", args.kafka_port)
-    _check_port(parser, "--redis-port", args.redis_port)
-    if args.partitions < 1:
-        parser.error(f"--partitions {args.partitions}: must be at least 1")
-    if args.state_dir.exists() and not args.state_dir.is_dir():
-        parser.error(f"--state-dir {args.state_dir}: exists and is not a directory")
+    problem = _argument_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     stack = LocalStack(args.state_dir, args.kafka_port, args.redis_port, args.redis_aof)
     try:
         if args.action == "up":

@@ -90,4 +90,4 @@ def test_cli_bad_arguments_exit_2_with_one_line(args: list[str], needle: str) ->
     result = _cli(*args)
     assert result.returncode == 2
     assert needle in result.stderr
-    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
