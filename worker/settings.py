@@ -54,7 +54,7 @@ class WorkerSettings(BaseSettings):
     )
 
     # Redis
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// (TLS)")
+    redis_url: str = Field("redis://127.0.0.1:6380/0", description="redis:// or rediss:// (TLS)")
     redis_password: SecretStr | None = None
     redis_tls_ca_certs: str | None = None
     redis_tls_certfile: str | None = None

@@ -1,0 +1,58 @@
+"""``python -m worker {run,trends,produce,stack}``.
+
+Subcommands are imported lazily so that ``trends`` or ``stack`` start without loading the
+model runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "run": ("worker.run", "consume post events, classify them, publish results, count trends"),
+    "trends": ("worker.trends_cli", "print live top makes/models/cities from Redis"),
+    "produce": ("worker.produce", "publish post events (images or JSON lines); load generator"),
+    "stack": ("worker.stack", "start/stop/inspect the local broker + Redis stack"),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments end in one line naming the value, exit 2, no usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _usage() -> str:
+    lines = ["usage: python -m worker {run,trends,produce,stack} [--help] ...", ""]
+    lines += [f"  {name:<8} {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        sys.stderr.write(
+            f"python -m worker: error: unknown subcommand {name!r} "
+            f"(choose from {', '.join(SUBCOMMANDS)})\n"
+        )
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    parser = OneLineParser(
+        prog=f"python -m worker {name}",
+        description=SUBCOMMANDS[name][1],
+        parents=[module.get_args_parser(add_help=False)],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        conflict_handler="resolve",
+    )
+    return int(module.main(parser.parse_args(rest)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
