@@ -88,8 +88,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"unreadable checkpoint {file}: {exc.__class__.__name__}") from exc
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"unreadable checkpoint {file}: not a carstream checkpoint")
-    missing = [k for k in ("arch", "num_classes", "classes", "state_dict", "preprocess")
-               if k not in ckpt]
+    missing = [
+        k for k in ("arch", "num_classes", "classes", "state_dict", "preprocess") if k not in ckpt
+    ]
     if missing:
         raise CheckpointError(f"checkpoint {file} lacks {', '.join(missing)}")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:

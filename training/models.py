@@ -1,4 +1,4 @@
-"""torchvision ResNets with a fresh classification head, and where their ImageNet weights come from."""
+"""torchvision ResNets with a fresh head, and where their ImageNet weights come from."""
 
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ def load_pretrained_backbone(model: nn.Module, arch: str, pretrained: str) -> st
         except Exception as exc:  # offline, DNS failure, proxy: all surface differently
             log.warning(
                 "could not get ImageNet weights %s (%s); training %s FROM SCRATCH",
-                weights, exc.__class__.__name__, arch,
+                weights,
+                exc.__class__.__name__,
+                arch,
             )
             return "none (ImageNet weights unavailable offline; from scratch)"
         source = f"torchvision:{weights}"

@@ -61,8 +61,8 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
         canvas = Image.new("RGB", (max(w, size), max(h, size)))
         canvas.paste(img, ((max(w, size) - w) // 2, (max(h, size) - h) // 2))
         img, (w, h) = canvas, canvas.size
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
+    top = round((h - size) / 2.0)
+    left = round((w - size) / 2.0)
     return img.crop((left, top, left + size, top + size))
 
 

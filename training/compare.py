@@ -1,0 +1,146 @@
+"""``compare``: train and evaluate several architectures on the same data; the seed's table.
+
+Accuracy (top-1, top-5, make top-1) next to cost (training time, parameters, GFLOPs at the crop
+size, inference images/s on this machine), as compare.md, compare.json and compare.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from training import plots
+from training import train as train_cmd
+from training.checkpoint import atomic_write_bytes, atomic_write_json
+from training.cli import BadArgumentError, OneLineParser, positive_int
+from training.distributed import DistInfo
+from training.models import ARCHS, UnknownArchError, build_model
+
+log = logging.getLogger(__name__)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def gflops(model: nn.Module, image_size: int) -> float:
+    """Forward FLOPs of one image (FlopCounterMode counts a multiply-add as 2 FLOPs)."""
+    model = model.eval()
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
+
+
+@torch.inference_mode()
+def inference_images_per_s(
+    model: nn.Module, image_size: int, device: torch.device, batch: int = 16, iters: int = 5
+) -> float:
+    """Forward throughput on random input (after one warm-up batch)."""
+    model = model.eval().to(device)
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batch * iters / (time.perf_counter() - start)
+
+
+def parse_archs(text: str) -> list[str]:
+    archs = [a.strip() for a in text.split(",") if a.strip()]
+    if not archs:
+        raise BadArgumentError("--archs is empty")
+    for a in archs:
+        if a not in ARCHS:
+            raise UnknownArchError(f"unknown arch {a!r} in --archs; choose from {', '.join(ARCHS)}")
+    return archs
+
+
+def markdown_table(rows: list[dict[str, Any]], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| arch | top-1 | top-5 | make top-1 | train time (s) | params (M) | GFLOPs "
+        "| inference img/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['arch']} | {r['top1']:.4f} | {r['top5']:.4f} | {r['make_top1']:.4f} | "
+            f"{r['train_seconds']:.1f} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | "
+            f"{r['inference_images_per_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def get_args_parser(add_parser=None, name: str = "compare") -> argparse.ArgumentParser:
+    kwargs = {
+        "description": "Train and evaluate several ResNets on the same data; write a table.",
+        "formatter_class": argparse.ArgumentDefaultsHelpFormatter,
+    }
+    parser = (
+        add_parser(name, help="compare architectures", **kwargs)
+        if add_parser
+        else OneLineParser(prog=f"python -m training {name}", **kwargs)
+    )
+    parser.add_argument("--archs", default="resnet18,resnet34,resnet50", help="comma-separated")
+    parser.add_argument("--out", type=Path, required=True, help="one sub-directory per arch")
+    train_cmd.add_data_args(parser)
+    train_cmd.add_train_args(parser)
+    parser.add_argument("--bench-batch", type=positive_int, default=16, help="inference batch")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    archs = parse_archs(args.archs)
+    device = train_cmd.resolve_device(args.device, DistInfo())
+    rows = []
+    for arch in archs:
+        run_args = copy.copy(args)
+        run_args.arch, run_args.out = arch, args.out / arch
+        run_args.resume, run_args.stop_after = None, None
+        start = time.perf_counter()
+        metrics = train_cmd.main(run_args)
+        train_seconds = time.perf_counter() - start
+        model = build_model(arch, metrics["num_classes"])
+        rows.append(
+            {
+                "arch": arch,
+                "top1": metrics["top1"],
+                "top5": metrics["top5"],
+                "make_top1": metrics["make_top1"],
+                "train_seconds": train_seconds,
+                "params": count_params(model),
+                "gflops": gflops(model, args.image_size),
+                "inference_images_per_s": inference_images_per_s(
+                    model, args.image_size, device, batch=args.bench_batch
+                ),
+                "epochs": args.epochs,
+                "image_size": args.image_size,
+                "device": str(device),
+                "pretrained_source": metrics["pretrained_source"],
+                "checkpoint": str(run_args.out),
+            }
+        )
+    header = (
+        f"# Architecture comparison\n\n{args.dataset} at {args.data}, {args.epochs} epochs, "
+        f"{args.image_size} px, device {device}, pretrained {rows[0]['pretrained_source']}. "
+        "GFLOPs count a multiply-add as 2."
+    )
+    atomic_write_json(args.out / "compare.json", rows)
+    atomic_write_bytes(args.out / "compare.md", markdown_table(rows, header).encode())
+    plots.compare_plot(rows, args.out / "compare.png")
+    print(markdown_table(rows, header))
+    return rows

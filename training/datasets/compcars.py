@@ -1,0 +1,167 @@
+"""CompCars web-nature, read from the archive exactly as distributed.
+
+Layout (``DIR`` may be the archive root or its ``data/`` folder)::
+
+    data/image/<make_id>/<model_id>/<year>/<name>.jpg      year may be "unknown"
+    data/label/<make_id>/<model_id>/<year>/<name>.txt      viewpoint / box count / x1 y1 x2 y2
+    data/misc/make_model_name.mat                          make_names (163,1), model_names (2004,1)
+    data/train_test_split/classification/{train,test}.txt  make/model/year/name.jpg per line
+
+Only models named in the split files become classes, in (make_id, model_id) order; listed images
+missing from the archive are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.io
+
+from training.datasets.base import BBox, DatasetError, DatasetIndex, Sample, filter_corrupt
+
+log = logging.getLogger(__name__)
+
+SPLIT_DIR = Path("train_test_split/classification")
+NAMES_MAT = Path("misc/make_model_name.mat")
+
+
+def find_data_root(data_dir: Path) -> Path:
+    """The archive's ``data/`` folder, given the archive root or ``data/`` itself."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DatasetError(f"no such data directory: {data_dir}")
+    for cand in (data_dir / "data", data_dir):
+        if (cand / SPLIT_DIR).is_dir() and (cand / "image").is_dir():
+            return cand
+    raise DatasetError(
+        f"{data_dir} is not a CompCars archive: expected data/image/ and "
+        f"data/{SPLIT_DIR}/ (or image/ and {SPLIT_DIR}/ directly inside it)"
+    )
+
+
+def cell_strings(cell: np.ndarray) -> list[str]:
+    """A MATLAB (N,1) cell array of strings as a list; empty cells become ''."""
+    out: list[str] = []
+    for item in np.asarray(cell, dtype=object).reshape(-1):
+        arr = np.asarray(item).reshape(-1)
+        out.append(str(arr[0]).strip() if arr.size else "")
+    return out
+
+
+def read_names(mat_path: Path) -> tuple[dict[int, str], dict[int, str]]:
+    """1-based ``make_id -> name`` and ``model_id -> name`` (raw; empty names kept as '')."""
+    try:
+        mat = scipy.io.loadmat(mat_path)
+    except (OSError, ValueError, NotImplementedError) as exc:
+        raise DatasetError(f"unreadable {mat_path}: {exc}") from exc
+    for key in ("make_names", "model_names"):
+        if key not in mat:
+            raise DatasetError(f"{mat_path} has no {key!r} variable")
+    makes = {i + 1: n for i, n in enumerate(cell_strings(mat["make_names"]))}
+    models = {i + 1: n for i, n in enumerate(cell_strings(mat["model_names"]))}
+    return makes, models
+
+
+def make_labels(makes: dict[int, str]) -> dict[int, str]:
+    """Readable, unique make labels: fallback for empty names, id suffix only on duplicates."""
+    named = {i: (n or f"make {i}") for i, n in makes.items()}
+    dupes = {n for n, c in Counter(named.values()).items() if c > 1}
+    return {i: (f"{n} (make {i})" if n in dupes else n) for i, n in named.items()}
+
+
+def read_split(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DatasetError(f"missing split file {path}")
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def parse_split_line(line: str, split_file: Path) -> tuple[int, int]:
+    parts = line.split("/")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError) as exc:
+        raise DatasetError(
+            f"{split_file}: line {line!r} is not make_id/model_id/year/name.jpg"
+        ) from exc
+
+
+def read_bbox(label_path: Path) -> BBox | None:
+    """The first box of a label file as 0-based (x1, y1, x2, y2) with exclusive x2/y2.
+
+    The file holds the viewpoint, the box count and ``x1 y1 x2 y2`` in 1-based inclusive pixels.
+    """
+    try:
+        lines = label_path.read_text().split("\n")
+        x1, y1, x2, y2 = (int(float(v)) for v in lines[2].split()[:4])
+    except (OSError, IndexError, ValueError):
+        return None
+    if x2 < x1 or y2 < y1:
+        return None
+    return max(x1 - 1, 0), max(y1 - 1, 0), x2, y2
+
+
+def build_classes(
+    model_keys: set[tuple[int, int]],
+    makes: dict[int, str],
+    models: dict[int, str],
+    level: str,
+) -> tuple[list[dict[str, Any]], dict[tuple[int, int], int]]:
+    """Class list in (make_id, model_id) order and the (make_id, model_id) -> index map."""
+    make_label = make_labels(makes)
+    if level == "make":
+        make_ids = sorted({mk for mk, _ in model_keys})
+        classes = [
+            {"make": make_label.get(mk, f"make {mk}"), "model": "", "make_id": mk, "model_id": None}
+            for mk in make_ids
+        ]
+        pos = {mk: i for i, mk in enumerate(make_ids)}
+        return classes, {key: pos[key[0]] for key in model_keys}
+    keys = sorted(model_keys)
+    classes = [
+        {
+            "make": make_label.get(mk, f"make {mk}"),
+            "model": models.get(md) or f"model {md}",
+            "make_id": mk,
+            "model_id": md,
+        }
+        for mk, md in keys
+    ]
+    return classes, {key: i for i, key in enumerate(keys)}
+
+
+def load_compcars(
+    data_dir: Path, split: str, level: str = "model", crop: str = "full", strict: bool = False
+) -> DatasetIndex:
+    """Index one split (``train`` or ``test``); classes come from both split files."""
+    root = find_data_root(data_dir)
+    mat_path = root / NAMES_MAT
+    if not mat_path.is_file():
+        raise DatasetError(f"missing {mat_path} (make/model names)")
+    makes, models = read_names(mat_path)
+    split_files = {s: root / SPLIT_DIR / f"{s}.txt" for s in ("train", "test")}
+    lines = {s: read_split(p) for s, p in split_files.items()}
+    keyed = {
+        s: [(ln, parse_split_line(ln, split_files[s])) for ln in ls] for s, ls in lines.items()
+    }
+    all_keys = {key for rows in keyed.values() for _, key in rows}
+    classes, index = build_classes(all_keys, makes, models, level)
+
+    samples: list[Sample] = []
+    missing = 0
+    for line, key in keyed[split]:
+        path = root / "image" / line
+        if not path.is_file():
+            missing += 1
+            continue
+        bbox = None
+        if crop == "bbox":
+            bbox = read_bbox((root / "label" / line).with_suffix(".txt"))
+        samples.append(Sample(path, index[key], bbox))
+    if missing:
+        log.info("%s split: %d listed images missing from the archive, skipped", split, missing)
+    samples, corrupt = filter_corrupt(samples, strict)
+    return DatasetIndex(samples, classes, missing, corrupt, source=f"compcars:{root}")

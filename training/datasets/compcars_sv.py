@@ -1,0 +1,125 @@
+"""CompCars surveillance-nature (``sv_data``).
+
+Layout (``DIR`` is the ``sv_data`` folder)::
+
+    image/<sv_model_id>/<name>.jpg
+    sv_make_model_name.mat      one row per sv_model_id (1-based): make name, model name,
+                                web-nature model id (the third column is optional here)
+    train_surveillance.txt      <sv_model_id>/<name>.jpg per line
+    test_surveillance.txt
+
+Assumed from the dataset's README: the .mat holds one variable (``sv_make_model_name``) that is an
+(N, 2 or 3) cell array. Surveillance images are already tight crops of the car front, so there are
+no boxes. Make ids are not in this file, so a class's make_id is the make name's first sv row.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.io
+
+from training.datasets.base import DatasetError, DatasetIndex, Sample, filter_corrupt
+from training.datasets.compcars import read_split
+
+log = logging.getLogger(__name__)
+
+NAMES_MAT = "sv_make_model_name.mat"
+SPLIT_FILES = {"train": "train_surveillance.txt", "test": "test_surveillance.txt"}
+
+
+def find_sv_root(data_dir: Path) -> Path:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DatasetError(f"no such data directory: {data_dir}")
+    for cand in (data_dir, data_dir / "sv_data"):
+        if (cand / NAMES_MAT).is_file() and (cand / "image").is_dir():
+            return cand
+    raise DatasetError(
+        f"{data_dir} is not a CompCars sv_data folder: expected {NAMES_MAT}, image/ and "
+        f"{', '.join(SPLIT_FILES.values())}"
+    )
+
+
+def _cell_text(item: Any) -> str:
+    arr = np.asarray(item).reshape(-1)
+    return str(arr[0]).strip() if arr.size else ""
+
+
+def read_sv_names(mat_path: Path) -> dict[int, tuple[str, str, str]]:
+    """``sv_model_id -> (make, model, web model id or '')``."""
+    try:
+        mat = scipy.io.loadmat(mat_path)
+    except (OSError, ValueError, NotImplementedError) as exc:
+        raise DatasetError(f"unreadable {mat_path}: {exc}") from exc
+    keys = [k for k in mat if not k.startswith("__")]
+    if not keys:
+        raise DatasetError(f"{mat_path} holds no variable")
+    cell = np.asarray(mat["sv_make_model_name"] if "sv_make_model_name" in mat else mat[keys[0]])
+    if cell.ndim != 2 or cell.shape[1] < 2:
+        raise DatasetError(f"{mat_path}: expected an (N, 2+) cell array, got shape {cell.shape}")
+    out = {}
+    for i, row in enumerate(cell):
+        web = _cell_text(row[2]) if cell.shape[1] > 2 else ""
+        out[i + 1] = (_cell_text(row[0]), _cell_text(row[1]), web)
+    return out
+
+
+def load_compcars_sv(
+    data_dir: Path, split: str, level: str = "model", crop: str = "full", strict: bool = False
+) -> DatasetIndex:
+    """Index one surveillance split; classes are the sv models listed in either split file."""
+    root = find_sv_root(data_dir)
+    names = read_sv_names(root / NAMES_MAT)
+    lines = {s: read_split(root / f) for s, f in SPLIT_FILES.items()}
+    keyed: dict[str, list[tuple[str, int]]] = {}
+    for s, ls in lines.items():
+        rows = []
+        for ln in ls:
+            head = ln.split("/")[0]
+            if not head.isdigit():
+                raise DatasetError(f"{root / SPLIT_FILES[s]}: line {ln!r} is not sv_model_id/name")
+            rows.append((ln, int(head)))
+        keyed[s] = rows
+    sv_ids = sorted({i for rows in keyed.values() for _, i in rows})
+    first_row_of_make: dict[str, int] = {}
+    for i in sorted(names):
+        first_row_of_make.setdefault(names[i][0] or f"make {i}", i)
+
+    def make_of(i: int) -> str:
+        return (names.get(i, ("", "", ""))[0]) or f"make {i}"
+
+    if level == "make":
+        makes = sorted({make_of(i) for i in sv_ids}, key=lambda m: first_row_of_make.get(m, 0))
+        classes = [
+            {"make": m, "model": "", "make_id": first_row_of_make.get(m), "model_id": None}
+            for m in makes
+        ]
+        pos = {m: k for k, m in enumerate(makes)}
+        index = {i: pos[make_of(i)] for i in sv_ids}
+    else:
+        classes = []
+        for i in sv_ids:
+            _make, model, web = names.get(i, ("", "", ""))
+            classes.append(
+                {
+                    "make": make_of(i),
+                    "model": model or f"model {i}",
+                    "make_id": first_row_of_make.get(make_of(i)),
+                    "model_id": i,
+                    "web_model_id": int(web) if web.isdigit() else None,
+                }
+            )
+        index = {i: k for k, i in enumerate(sv_ids)}
+    samples, missing = [], 0
+    for ln, i in keyed[split]:
+        path = root / "image" / ln
+        if path.is_file():
+            samples.append(Sample(path, index[i], None))
+        else:
+            missing += 1
+    samples, corrupt = filter_corrupt(samples, strict)
+    return DatasetIndex(samples, classes, missing, corrupt, source=f"compcars-sv:{root}")

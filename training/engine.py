@@ -1,0 +1,102 @@
+"""One training epoch and one evaluation pass; every object they use is passed in."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable,
+    device: torch.device,
+    epoch: int,
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
+    channels_last: bool = False,
+    progress: bool = False,
+    writer: Any = None,
+    global_step: int = 0,
+) -> dict[str, float]:
+    """Train for one pass over ``loader``; the scheduler steps per iteration."""
+    model.train()
+    use_amp = scaler is not None
+    total_loss, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
+    for images, targets in bar:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            logits = model(images)
+            loss = criterion(logits, targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        n = targets.shape[0]
+        total_loss += loss.item() * n
+        correct += int((logits.argmax(1) == targets).sum())
+        seen += n
+        global_step += 1
+        if writer is not None:
+            writer.add_scalar("train/loss", loss.item(), global_step)
+            writer.add_scalar("train/lr", optimizer.param_groups[-1]["lr"], global_step)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+    seconds = time.perf_counter() - start
+    return {
+        "loss": total_loss / max(seen, 1),
+        "acc": correct / max(seen, 1),
+        "images": seen,
+        "seconds": seconds,
+        "images_per_s": seen / seconds if seconds > 0 else 0.0,
+        "global_step": global_step,
+    }
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    *,
+    amp: bool = False,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits (float32, CPU) and targets of ``loader``, model in eval mode."""
+    model.eval()
+    all_logits, all_targets = [], []
+    for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            logits = model(images)
+        all_logits.append(logits.float().cpu())
+        all_targets.append(targets)
+    return torch.cat(all_logits), torch.cat(all_targets)

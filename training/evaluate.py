@@ -1,0 +1,75 @@
+"""``evaluate``: a checkpoint on a data set's test split, with the eval preprocessing it records."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from training import plots
+from training.checkpoint import (
+    atomic_write_json,
+    load_checkpoint,
+    model_from_checkpoint,
+    preprocess_spec_of,
+)
+from training.cli import OneLineParser
+from training.datasets import DatasetError, load_index
+from training.distributed import DistInfo
+from training.engine import evaluate
+from training.metrics import classification_metrics
+from training.train import add_data_args, eval_loader, resolve_device
+
+
+def get_args_parser(add_parser=None, name: str = "evaluate") -> argparse.ArgumentParser:
+    kwargs = {
+        "description": "Evaluate a training checkpoint on a data set's test split.",
+        "formatter_class": argparse.ArgumentDefaultsHelpFormatter,
+    }
+    parser = (
+        add_parser(name, help="evaluate a checkpoint", **kwargs)
+        if add_parser
+        else OneLineParser(prog=f"python -m training {name}", **kwargs)
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
+    add_data_args(parser)
+    parser.add_argument("--split", choices=("test", "train"), default="test", help="which split")
+    parser.add_argument("--out", type=Path, help="write metrics.json and plots here")
+    parser.add_argument("--no-ema", action="store_true", help="use raw weights, not EMA")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    ckpt = load_checkpoint(args.checkpoint)
+    level = ckpt.get("level", args.level)
+    index = load_index(args.dataset, args.data, args.split, level, args.crop, args.strict)
+    if index.classes != ckpt["classes"]:
+        raise DatasetError(
+            f"{args.data}: its {index.num_classes} classes differ from the checkpoint's "
+            f"{ckpt['num_classes']} ({args.checkpoint})"
+        )
+    if not index.samples:
+        raise DatasetError(f"{args.data}: no {args.split} images found")
+    device = resolve_device(args.device, DistInfo())
+    model = model_from_checkpoint(ckpt, use_ema=not args.no_ema).to(device)
+    spec = preprocess_spec_of(ckpt)
+    logits, targets = evaluate(model, eval_loader(index, spec, args), device)
+    m = classification_metrics(logits, targets, index.classes)
+    m.update(
+        num_classes=index.num_classes,
+        skipped_missing=index.skipped_missing,
+        skipped_corrupt=index.skipped_corrupt,
+        checkpoint=str(args.checkpoint),
+        split=args.split,
+    )
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.out / "metrics.json", m)
+        plots.confused_pairs(m["confused_pairs"], index.classes, args.out / "confused_pairs.png")
+    print(
+        f"top1 {m['top1']:.4f} top5 {m['top5']:.4f} balanced {m['balanced_accuracy']:.4f} "
+        f"make-top1 {m['make_top1']:.4f} on {m['num_test']} {args.split} images "
+        f"({index.skipped_missing} missing skipped)"
+    )
+    return m

@@ -1,0 +1,434 @@
+"""``train``: fine-tune a ResNet and write the checkpoint directory of DESIGN.md Stage 1.
+
+Single process, or one process per GPU under ``torchrun`` (DDP; only rank 0 writes). Every epoch
+ends with an atomic checkpoint holding optimizer, scheduler, scaler, EMA and RNG states, and each
+epoch's shuffling and augmentation come from generators seeded by (seed, epoch), so ``--resume``
+continues exactly where the uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from training import plots
+from training.checkpoint import (
+    ARGS_FILE,
+    METRICS_FILE,
+    atomic_write_json,
+    load_checkpoint,
+    save_checkpoint,
+)
+from training.cli import (
+    BadArgumentError,
+    OneLineParser,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    unit_float,
+)
+from training.datasets import CROPS, LEVELS, READERS, DatasetError, DatasetIndex, load_index
+from training.datasets.image_dataset import ImageDataset
+from training.distributed import DistInfo, barrier, cleanup, init_distributed
+from training.engine import evaluate, train_one_epoch
+from training.imbalance import MODES, class_balanced_weights, sample_weights
+from training.metrics import classification_metrics
+from training.models import ARCHS, build_model, load_pretrained_backbone
+from training.preprocessing import PreprocessSpec
+from training.schedule import warmup_cosine
+from training.transforms import EvalTransform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that say which data set to read; shared with evaluate and compare."""
+    parser.add_argument("--dataset", choices=list(READERS), default="compcars", help="layout")
+    parser.add_argument("--data", type=Path, required=True, help="data directory")
+    parser.add_argument("--level", choices=LEVELS, default="model", help="classify models or makes")
+    parser.add_argument("--crop", choices=CROPS, default="full", help="bbox: crop to label box")
+    parser.add_argument("--strict", action="store_true", help="fail on a corrupt image")
+    parser.add_argument("--workers", type=non_negative_int, default=4, help="loader processes")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="per process")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of one training run; shared with compare."""
+    parser.add_argument("--image-size", type=positive_int, default=224, help="crop size")
+    parser.add_argument("--epochs", type=positive_int, default=30, help="total epochs")
+    parser.add_argument("--opt", choices=("sgd", "adamw"), default="sgd", help="optimizer")
+    parser.add_argument("--lr", type=positive_float, default=0.01, help="backbone LR")
+    parser.add_argument("--head-lr-mult", type=positive_float, default=10.0, help="head LR factor")
+    parser.add_argument("--momentum", type=unit_float, default=0.9, help="SGD momentum")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
+    parser.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up")
+    parser.add_argument("--label-smoothing", type=unit_float, default=0.1, help="CE smoothing")
+    parser.add_argument("--imbalance", choices=MODES, default="none", help="imbalance handling")
+    parser.add_argument("--cb-beta", type=unit_float, default=0.999, help="class-balanced beta")
+    parser.add_argument("--ema-decay", type=unit_float, default=0.0, help="EMA decay; 0 = off")
+    parser.add_argument(
+        "--pretrained", default="imagenet", help="imagenet, none, or a state_dict file"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--no-amp", action="store_true", help="disable AMP on CUDA")
+    parser.add_argument("--eval-every", type=non_negative_int, default=1, help="0 = only at end")
+
+
+def get_args_parser(add_parser=None, name: str = "train") -> argparse.ArgumentParser:
+    kwargs = {
+        "description": "Fine-tune a torchvision ResNet on CompCars, CompCars-sv or a folder tree.",
+        "formatter_class": argparse.ArgumentDefaultsHelpFormatter,
+    }
+    parser = (
+        add_parser(name, help="fine-tune a classifier", **kwargs)
+        if add_parser
+        else OneLineParser(prog=f"python -m training {name}", **kwargs)
+    )
+    add_data_args(parser)
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory")
+    parser.add_argument("--arch", choices=list(ARCHS), default="resnet50", help="architecture")
+    add_train_args(parser)
+    parser.add_argument("--resume", type=Path, help="checkpoint directory to continue from")
+    parser.add_argument(
+        "--stop-after", type=positive_int, help="stop after this many epochs in this invocation"
+    )
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadArgumentError(f"--device {name}: CUDA is not available")
+        return (
+            torch.device("cuda", dist_info.local_rank) if dist_info.enabled else torch.device(name)
+        )
+    if name != "cpu":
+        raise BadArgumentError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def load_splits(args: argparse.Namespace) -> tuple[DatasetIndex, DatasetIndex]:
+    train_idx = load_index(args.dataset, args.data, "train", args.level, args.crop, args.strict)
+    test_idx = load_index(args.dataset, args.data, "test", args.level, args.crop, args.strict)
+    if not train_idx.samples:
+        raise DatasetError(f"{args.data}: no training images found")
+    if not test_idx.samples:
+        raise DatasetError(f"{args.data}: no test images found")
+    return train_idx, test_idx
+
+
+def param_groups(model: nn.Module, lr: float, head_mult: float) -> list[dict[str, Any]]:
+    """Backbone at ``lr``, the new head (``fc``) at ``lr * head_mult``."""
+    head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+    return [{"params": body, "lr": lr}, {"params": head, "lr": lr * head_mult}]
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    groups = param_groups(model, args.lr, args.head_lr_mult)
+    if args.opt == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(
+        groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=True
+    )
+
+
+def build_criterion(args: argparse.Namespace, counts: list[int]) -> nn.Module:
+    weight = (
+        class_balanced_weights(counts, args.cb_beta) if args.imbalance == "class-balanced" else None
+    )
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def train_loader(
+    dataset: ImageDataset,
+    targets: list[int],
+    counts: list[int],
+    args: argparse.Namespace,
+    epoch: int,
+    dist_info: DistInfo,
+    pin: bool,
+) -> DataLoader:
+    """This epoch's loader; its order and its workers' seeds derive from (seed, epoch) only."""
+    gen = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
+    if dist_info.enabled:
+        sampler = DistributedSampler(dataset, seed=args.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+    elif args.imbalance == "weighted-sampler":
+        w = sample_weights(targets, counts)
+        sampler = WeightedRandomSampler(w, len(targets), replacement=True, generator=gen)
+    else:
+        sampler = RandomSampler(dataset, generator=gen)
+    return DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=args.workers,
+        pin_memory=pin,
+        drop_last=len(dataset) > args.batch_size * dist_info.world_size,
+        generator=gen,
+    )
+
+
+def eval_loader(index: DatasetIndex, spec: PreprocessSpec, args: argparse.Namespace) -> DataLoader:
+    return DataLoader(
+        ImageDataset(index.samples, EvalTransform(spec)),
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=args.workers,
+    )
+
+
+def recorded_args(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """The resolved arguments as plain JSON values (paths absolute)."""
+    out = {k: (str(Path(v).resolve()) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    out.pop("command", None)
+    out["data_dir"] = out["data"]
+    out.update(extra)
+    return out
+
+
+def full_metrics(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    train_idx: DatasetIndex,
+    test_idx: DatasetIndex,
+) -> dict[str, Any]:
+    m = classification_metrics(logits, targets, test_idx.classes)
+    return {
+        "top1": m["top1"],
+        "top5": m["top5"],
+        "balanced_accuracy": m["balanced_accuracy"],
+        "make_top1": m["make_top1"],
+        "num_classes": test_idx.num_classes,
+        "num_train": len(train_idx.samples),
+        "num_test": len(test_idx.samples),
+        "skipped_missing": train_idx.skipped_missing + test_idx.skipped_missing,
+        "skipped_missing_train": train_idx.skipped_missing,
+        "skipped_missing_test": test_idx.skipped_missing,
+        "skipped_corrupt": train_idx.skipped_corrupt + test_idx.skipped_corrupt,
+        "chance_top1": 1.0 / max(test_idx.num_classes, 1),
+        "per_class": m["per_class"],
+        "confused_pairs": m["confused_pairs"],
+    }
+
+
+def write_reports(
+    out: Path, metrics: dict[str, Any], train_counts: list[int], classes: list
+) -> None:
+    atomic_write_json(out / METRICS_FILE, metrics)
+    plots.per_class_vs_frequency(metrics["per_class"], train_counts, out / "per_class_accuracy.png")
+    plots.confused_pairs(metrics["confused_pairs"], classes, out / "confused_pairs.png")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train; return the final metrics (rank 0) or {} (other ranks)."""
+    dist_info = init_distributed()
+    try:
+        return _train(args, dist_info)
+    finally:
+        cleanup(dist_info)
+
+
+def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
+    device = resolve_device(args.device, dist_info)
+    on_cuda = device.type == "cuda"
+    amp = on_cuda and not args.no_amp
+    torch.manual_seed(args.seed)
+    train_idx, test_idx = load_splits(args)
+    classes = train_idx.classes
+    counts = train_idx.class_counts()
+    spec = PreprocessSpec.for_image_size(args.image_size)
+    log.info(
+        "%s: %d classes, %d train / %d test images, %d listed images missing, %d corrupt",
+        train_idx.source,
+        len(classes),
+        len(train_idx.samples),
+        len(test_idx.samples),
+        train_idx.skipped_missing + test_idx.skipped_missing,
+        train_idx.skipped_corrupt + test_idx.skipped_corrupt,
+    )
+
+    model = build_model(args.arch, len(classes))
+    resume_ckpt = load_checkpoint(args.resume) if args.resume else None
+    if resume_ckpt is not None:
+        if resume_ckpt["arch"] != args.arch or resume_ckpt["classes"] != classes:
+            raise BadArgumentError(
+                f"--resume {args.resume}: checkpoint is {resume_ckpt['arch']} with "
+                f"{resume_ckpt['num_classes']} classes; this run is {args.arch} with {len(classes)}"
+            )
+        model.load_state_dict(resume_ckpt["state_dict"])
+        pretrained_source = resume_ckpt["args"].get("pretrained_source", "resumed")
+    else:
+        try:
+            pretrained_source = load_pretrained_backbone(model, args.arch, args.pretrained)
+        except ValueError as exc:
+            raise BadArgumentError(f"--pretrained {args.pretrained}: {exc}") from exc
+    model = model.to(device, memory_format=torch.channels_last) if on_cuda else model.to(device)
+
+    train_ds = ImageDataset(train_idx.samples, train_transform(spec))
+    targets = [s.target for s in train_idx.samples]
+    steps = math.ceil(len(train_ds) / (args.batch_size * dist_info.world_size))
+    if len(train_ds) > args.batch_size * dist_info.world_size:
+        steps = len(train_ds) // (args.batch_size * dist_info.world_size)
+    optimizer = build_optimizer(model, args)
+    scheduler = warmup_cosine(optimizer, round(args.warmup_epochs * steps), args.epochs * steps)
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
+        if args.ema_decay > 0
+        else None
+    )
+    criterion = build_criterion(args, counts).to(device)
+    start_epoch, global_step = 0, 0
+    if resume_ckpt is not None:
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
+        if scaler is not None and resume_ckpt.get("scaler"):
+            scaler.load_state_dict(resume_ckpt["scaler"])
+        if ema is not None and resume_ckpt.get("ema_state_dict"):
+            ema.module.load_state_dict(resume_ckpt["ema_state_dict"])
+            ema.n_averaged.fill_(int(resume_ckpt.get("ema_n_averaged", 1)))
+        start_epoch = int(resume_ckpt["epoch"]) + 1
+        global_step = int(resume_ckpt.get("global_step", start_epoch * steps))
+        log.info("resumed from %s at epoch %d", args.resume, start_epoch)
+
+    train_model: nn.Module = model
+    if dist_info.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if on_cuda else None
+        )
+    out: Path = args.out
+    writer = None
+    record = recorded_args(
+        args,
+        pretrained_source=pretrained_source,
+        world_size=dist_info.world_size,
+        device=str(device),
+        amp=amp,
+        preprocess=spec.model_dump(),
+    )
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / ARGS_FILE, record)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+        if pretrained_source.startswith("none"):
+            log.warning("training %s from scratch: %s", args.arch, pretrained_source)
+
+    progress = sys.stderr.isatty() and dist_info.is_main
+    eval_dl = eval_loader(test_idx, spec, args)
+    last_eval: dict[str, Any] = {}
+    train_seconds = 0.0
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, args.epochs):
+        torch.manual_seed(epoch_seed(args.seed, epoch))  # this epoch's augmentations
+        loader = train_loader(train_ds, targets, counts, args, epoch, dist_info, on_cuda)
+        stats = train_one_epoch(
+            train_model,
+            criterion,
+            optimizer,
+            loader,
+            device,
+            epoch,
+            scheduler=scheduler,
+            scaler=scaler,
+            ema=ema,
+            channels_last=on_cuda,
+            progress=progress,
+            writer=writer,
+            global_step=global_step,
+        )
+        global_step = int(stats["global_step"])
+        train_seconds += stats["seconds"]
+        log.info(
+            "epoch %d/%d: loss %.4f train-acc %.3f (%.1f img/s)",
+            epoch + 1,
+            args.epochs,
+            stats["loss"],
+            stats["acc"],
+            stats["images_per_s"],
+        )
+        if dist_info.is_main:
+            eval_model = ema.module if ema is not None else model
+            if args.eval_every and (epoch + 1) % args.eval_every == 0:
+                logits, tgt = evaluate(eval_model, eval_dl, device, amp=amp, channels_last=on_cuda)
+                last_eval = classification_metrics(logits, tgt, classes)
+                writer.add_scalar("test/top1", last_eval["top1"], epoch + 1)
+                writer.add_scalar("test/top5", last_eval["top5"], epoch + 1)
+                log.info(
+                    "epoch %d: test top1 %.3f top5 %.3f",
+                    epoch + 1,
+                    last_eval["top1"],
+                    last_eval["top5"],
+                )
+            writer.add_scalar("train/epoch_loss", stats["loss"], epoch + 1)
+            save_checkpoint(
+                out,
+                {
+                    "arch": args.arch,
+                    "num_classes": len(classes),
+                    "classes": classes,
+                    "level": args.level,
+                    "preprocess": spec.model_dump(),
+                    "state_dict": model.state_dict(),
+                    "epoch": epoch,
+                    "global_step": global_step,
+                    "args": record,
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "ema_state_dict": ema.module.state_dict() if ema is not None else None,
+                    "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
+                    "rng": {"torch": torch.get_rng_state()},
+                    "metrics": {k: last_eval[k] for k in ("top1", "top5")} if last_eval else {},
+                },
+            )
+        barrier(dist_info)
+        if args.stop_after and epoch + 1 - start_epoch >= args.stop_after:
+            log.info("stopping after epoch %d (--stop-after); continue with --resume", epoch + 1)
+            break
+    if not dist_info.is_main:
+        return {}
+    eval_model = ema.module if ema is not None else model
+    logits, tgt = evaluate(eval_model, eval_dl, device, amp=amp, channels_last=on_cuda)
+    metrics = full_metrics(logits, tgt, train_idx, test_idx)
+    metrics.update(
+        {
+            "arch": args.arch,
+            "level": args.level,
+            "epochs_completed": epoch + 1,
+            "epochs": args.epochs,
+            "pretrained_source": pretrained_source,
+            "imbalance": args.imbalance,
+            "ema": ema is not None,
+            "train_seconds_this_run": round(train_seconds, 3),
+        }
+    )
+    write_reports(out, metrics, counts, classes)
+    writer.close()
+    print(
+        f"{args.arch} on {train_idx.source}: top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f} "
+        f"make-top1 {metrics['make_top1']:.4f} ({len(classes)} classes, chance "
+        f"{metrics['chance_top1']:.4f}); wrote {out}"
+    )
+    return metrics
