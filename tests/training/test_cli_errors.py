@@ -1,0 +1,61 @@
+"""Bad input from the command line: one line on stderr naming the culprit, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training", *argv], capture_output=True, text=True, timeout=120
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1, proc.stderr
+    assert needle in errors[0]
+
+
+def test_missing_data_dir(tmp_path):
+    missing = tmp_path / "no_such_dir"
+    proc = run_cli("train", "--data", str(missing), "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, str(missing))
+
+
+def test_wrong_layout(tmp_path):
+    (tmp_path / "images").mkdir()
+    proc = run_cli("evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path))
+    assert_one_line_error(proc, str(tmp_path))
+
+
+def test_wrong_layout_train(tmp_path):
+    proc = run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, str(tmp_path))
+
+
+def test_unknown_arch(sample_root, tmp_path):
+    proc = run_cli("train", "--data", str(sample_root), "--out", str(tmp_path), "--arch", "vgg99")
+    assert_one_line_error(proc, "vgg99")
+
+
+def test_unreadable_checkpoint(sample_root, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x00garbage")
+    proc = run_cli("evaluate", "--checkpoint", str(tmp_path), "--data", str(sample_root))
+    assert_one_line_error(proc, str(tmp_path / "checkpoint.pt"))
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--epochs", "0"), ("--lr", "abc")])
+def test_bad_numbers(sample_root, tmp_path, flag, value):
+    proc = run_cli("train", "--data", str(sample_root), "--out", str(tmp_path), flag, value)
+    assert_one_line_error(proc, value)
+
+
+def test_make_sample_help_says_synthetic():
+    proc = run_cli("make-sample", "--help")
+    assert proc.returncode == 0 and "SYNTHETIC" in proc.stdout

@@ -1,0 +1,133 @@
+"""The CompCars web-nature reader on a generated archive carrying every quirk of the real one."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from training.datasets import DatasetError, load_index
+from training.datasets.compcars import make_labels, read_bbox, read_names
+from training.datasets.image_dataset import crop_to_bbox
+from training.sample import MISSING_PER_SPLIT, TRAIN_FRACTION, plan_classes
+
+from .conftest import NUM_CLASSES, PER_CLASS
+
+
+def test_only_split_models_become_classes_in_id_order(sample_root):
+    idx = load_index("compcars", sample_root, "train")
+    planned = plan_classes(NUM_CLASSES)
+    in_split = sorted((c.make_id, c.model_id) for c in planned if c.in_split)
+    unlisted = [(c.make_id, c.model_id) for c in planned if not c.in_split]
+    keys = [(c["make_id"], c["model_id"]) for c in idx.classes]
+    assert keys == in_split
+    assert unlisted and not set(unlisted) & set(keys)
+    assert (sample_root / "data/image" / f"{unlisted[0][0]}/{unlisted[0][1]}").is_dir()
+
+
+def test_counts_and_missing_are_skipped(sample_root):
+    n_train = round(PER_CLASS * TRAIN_FRACTION)
+    train = load_index("compcars", sample_root, "train")
+    test = load_index("compcars", sample_root, "test")
+    assert len(train.samples) == NUM_CLASSES * n_train
+    assert len(test.samples) == NUM_CLASSES * (PER_CLASS - n_train)
+    assert train.skipped_missing == test.skipped_missing == MISSING_PER_SPLIT
+    assert all(s.path.is_file() for s in train.samples + test.samples)
+    assert set(Counter(s.target for s in train.samples).values()) == {n_train}
+    assert train.classes == test.classes
+
+
+def test_names_fallback_and_duplicate_make(sample_root):
+    idx = load_index("compcars", sample_root, "train")
+    makes, models = read_names(sample_root / "data/misc/make_model_name.mat")
+    empty = [c for c in idx.classes if models[c["model_id"]] == ""]
+    assert len(empty) == 1 and empty[0]["model"] == f"model {empty[0]['model_id']}"
+    raw = Counter(makes[c["make_id"]] for c in idx.classes)
+    dup_name = next(n for n in raw if sum(1 for v in makes.values() if v == n) > 1)
+    dup_ids = {c["make_id"] for c in idx.classes if makes[c["make_id"]] == dup_name}
+    assert len(dup_ids) == 2
+    labels = {c["make_id"]: c["make"] for c in idx.classes}
+    assert {labels[i] for i in dup_ids} == {f"{dup_name} (make {i})" for i in dup_ids}
+    for c in idx.classes:  # names that are not duplicated stay untouched
+        if c["make_id"] not in dup_ids:
+            assert c["make"] == makes[c["make_id"]]
+            assert c["model"] == (models[c["model_id"]] or f"model {c['model_id']}")
+
+
+def test_make_labels_pure():
+    assert make_labels({1: "Audi", 2: "", 3: "BWM", 4: "Audi"}) == {
+        1: "Audi (make 1)",
+        2: "make 2",
+        3: "BWM",
+        4: "Audi (make 4)",
+    }
+
+
+def test_unknown_year_images_are_read(sample_root):
+    idx = load_index("compcars", sample_root, "train")
+    unknown = [s for s in idx.samples if s.path.parent.name == "unknown"]
+    assert unknown and all(s.path.is_file() for s in unknown)
+
+
+def test_make_level_keeps_duplicate_names_apart(sample_root):
+    models_idx = load_index("compcars", sample_root, "train")
+    makes_idx = load_index("compcars", sample_root, "train", level="make")
+    make_ids = sorted({c["make_id"] for c in models_idx.classes})
+    assert [c["make_id"] for c in makes_idx.classes] == make_ids
+    assert len({c["make"] for c in makes_idx.classes}) == len(make_ids)
+    for a, b in zip(models_idx.samples, makes_idx.samples, strict=True):
+        assert makes_idx.classes[b.target]["make_id"] == models_idx.classes[a.target]["make_id"]
+
+
+def test_bbox_parsing_is_one_based_inclusive(tmp_path):
+    label = tmp_path / "a.txt"
+    label.write_text("3\n1\n11 21 50 60\n")
+    assert read_bbox(label) == (10, 20, 50, 60)
+    label.write_text("garbage")
+    assert read_bbox(label) is None
+
+
+def test_bbox_crop_follows_label_and_is_clamped(sample_root):
+    idx = load_index("compcars", sample_root, "train", crop="bbox")
+    assert all(s.bbox is not None for s in idx.samples)
+    s = idx.samples[0]
+    with Image.open(s.path) as img:
+        w, h = img.size
+        x1, y1, x2, y2 = s.bbox
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+        cropped = crop_to_bbox(img, s.bbox, margin=0.1)
+        assert x2 - x1 <= cropped.size[0] <= min(w, (x2 - x1) * 1.2 + 2)
+        whole = crop_to_bbox(img, (0, 0, w, h), margin=0.5)  # margin beyond the edges
+        assert whole.size == (w, h)
+
+
+def test_full_crop_has_no_boxes(sample_root):
+    assert all(s.bbox is None for s in load_index("compcars", sample_root, "test").samples)
+
+
+def test_corrupt_images_skipped_or_strict(sample_root, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(sample_root, root)
+    victim = load_index("compcars", root, "train").samples[3].path
+    victim.write_bytes(b"not a jpeg at all")
+    idx = load_index("compcars", root, "train")
+    assert idx.skipped_corrupt == 1 and victim not in {s.path for s in idx.samples}
+    with pytest.raises(DatasetError, match=str(victim)):
+        load_index("compcars", root, "train", strict=True)
+
+
+def test_data_dir_given_as_data_folder(sample_root):
+    a = load_index("compcars", sample_root, "test")
+    b = load_index("compcars", sample_root / "data", "test")
+    assert [s.path for s in a.samples] == [s.path for s in b.samples]
+
+
+@pytest.mark.parametrize("sub", ["nope", "empty"])
+def test_bad_data_dir_names_the_path(tmp_path, sub):
+    path = tmp_path / sub
+    if sub == "empty":
+        path.mkdir()
+    with pytest.raises(DatasetError, match=str(path)):
+        load_index("compcars", path, "train")

@@ -1,0 +1,99 @@
+"""The surveillance (sv_data) reader and the class-per-folder reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+from training.datasets import DatasetError, load_index
+
+
+def _jpg(path: Path, colour=(200, 30, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), colour).save(path)
+
+
+@pytest.fixture
+def sv_root(tmp_path) -> Path:
+    root = tmp_path / "sv_data"
+    rows = [("Audi", "A4L", "23"), ("BMW", "", "77"), ("Audi", "Q5", "31")]
+    cell = np.empty((len(rows), 3), dtype=object)
+    for i, row in enumerate(rows):
+        for j, v in enumerate(row):
+            cell[i, j] = v
+    root.mkdir()
+    scipy.io.savemat(root / "sv_make_model_name.mat", {"sv_make_model_name": cell})
+    train, test = [], []
+    for sv_id in (1, 2, 3):
+        for k in range(3):
+            rel = f"{sv_id}/{k:04d}.jpg"
+            _jpg(root / "image" / rel)
+            (train if k < 2 else test).append(rel)
+    train.append("3/missing.jpg")
+    (root / "train_surveillance.txt").write_text("\n".join(train) + "\n")
+    (root / "test_surveillance.txt").write_text("\n".join(test) + "\n")
+    return root
+
+
+def test_sv_reader_classes_names_and_missing(sv_root):
+    idx = load_index("compcars-sv", sv_root, "train")
+    assert [(c["make"], c["model"], c["model_id"]) for c in idx.classes] == [
+        ("Audi", "A4L", 1),
+        ("BMW", "model 2", 2),
+        ("Audi", "Q5", 3),
+    ]
+    assert [c["web_model_id"] for c in idx.classes] == [23, 77, 31]
+    assert idx.classes[0]["make_id"] == idx.classes[2]["make_id"] != idx.classes[1]["make_id"]
+    assert len(idx.samples) == 6 and idx.skipped_missing == 1
+    assert len(load_index("compcars-sv", sv_root, "test").samples) == 3
+
+
+def test_sv_reader_make_level(sv_root):
+    idx = load_index("compcars-sv", sv_root, "train", level="make")
+    assert [c["make"] for c in idx.classes] == ["Audi", "BMW"]
+    assert sorted({s.target for s in idx.samples}) == [0, 1]
+
+
+def test_sv_reader_rejects_other_layout(tmp_path):
+    with pytest.raises(DatasetError, match="sv_data"):
+        load_index("compcars-sv", tmp_path, "train")
+
+
+def test_folder_two_level_with_split_dirs(tmp_path):
+    for split, n in (("train", 3), ("val", 1)):
+        for make, model in (("Audi", "A4"), ("Audi", "Q5"), ("Kia", "K5")):
+            for k in range(n):
+                _jpg(tmp_path / split / make / model / f"{k}.jpg")
+    train = load_index("folder", tmp_path, "train")
+    test = load_index("folder", tmp_path, "test")
+    assert [(c["make"], c["model"]) for c in train.classes] == [
+        ("Audi", "A4"),
+        ("Audi", "Q5"),
+        ("Kia", "K5"),
+    ]
+    assert len(train.samples) == 9 and len(test.samples) == 3
+    makes = load_index("folder", tmp_path, "train", level="make")
+    assert [c["make"] for c in makes.classes] == ["Audi", "Kia"]
+
+
+def test_folder_one_level_hash_split_is_disjoint_and_stable(tmp_path):
+    for cls in ("sedan_a", "suv_b"):
+        for k in range(40):
+            _jpg(tmp_path / cls / f"{k}.jpg")
+    (tmp_path / "sedan_a" / "notes.txt").write_text("not an image")
+    train = load_index("folder", tmp_path, "train")
+    test = load_index("folder", tmp_path, "test")
+    assert [c["make"] for c in train.classes] == ["sedan_a", "suv_b"]
+    tr, te = {s.path for s in train.samples}, {s.path for s in test.samples}
+    assert not tr & te and len(tr | te) == 80 and 0 < len(te) < 40
+    assert te == {s.path for s in load_index("folder", tmp_path, "test").samples}
+
+
+def test_folder_without_images_is_an_error(tmp_path):
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(DatasetError, match=str(tmp_path)):
+        load_index("folder", tmp_path, "train")

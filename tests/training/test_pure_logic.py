@@ -1,0 +1,50 @@
+"""Metrics, imbalance weights and the LR schedule: pure functions, checked on hand-made input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.imbalance import class_balanced_weights, sample_weights
+from training.metrics import classification_metrics
+from training.schedule import warmup_cosine_factor
+
+CLASSES = [
+    {"make": "Audi", "model": "A4", "make_id": 1, "model_id": 10},
+    {"make": "Audi", "model": "Q5", "make_id": 1, "model_id": 11},
+    {"make": "Kia", "model": "K5", "make_id": 2, "model_id": 20},
+]
+
+
+def test_metrics_top1_make_and_balanced():
+    targets = torch.tensor([0, 0, 0, 1, 2])
+    preds = torch.tensor([0, 0, 1, 1, 0])  # one same-make mistake, one cross-make mistake
+    logits = torch.nn.functional.one_hot(preds, 3).float()
+    m = classification_metrics(logits, targets, CLASSES)
+    assert m["top1"] == pytest.approx(3 / 5)
+    assert m["make_top1"] == pytest.approx(4 / 5)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert m["top5"] == 1.0
+    assert [p["accuracy"] for p in m["per_class"]] == pytest.approx([2 / 3, 1.0, 0.0])
+    assert {(p["true"], p["pred"]) for p in m["confused_pairs"]} == {(0, 1), (2, 0)}
+
+
+def test_class_balanced_weights_favour_rare_classes():
+    w = class_balanced_weights([1000, 100, 10], beta=0.999)
+    assert w[0] < w[1] < w[2]
+    assert w.mean().item() == pytest.approx(1.0)
+    assert torch.allclose(class_balanced_weights([5, 5, 5]), torch.ones(3))
+
+
+def test_sample_weights_equalise_classes():
+    targets = [0, 0, 0, 1]
+    w = sample_weights(targets, [3, 1])
+    assert w[:3].sum().item() == pytest.approx(w[3].item())
+
+
+def test_warmup_then_cosine():
+    assert warmup_cosine_factor(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_cosine_factor(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine_factor(10, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine_factor(55, 10, 100) == pytest.approx(0.5)
+    assert warmup_cosine_factor(100, 10, 100) == pytest.approx(0.0)
