@@ -121,7 +121,8 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "top1": metrics["top1"],
                 "top5": metrics["top5"],
                 "make_top1": metrics["make_top1"],
-                "train_seconds": train_seconds,
+                "train_seconds": metrics["train_seconds_this_run"],
+                "wall_seconds": train_seconds,
                 "params": count_params(model),
                 "gflops": gflops(model, args.image_size),
                 "inference_images_per_s": inference_images_per_s(

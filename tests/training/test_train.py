@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -59,7 +60,7 @@ def test_checkpoint_loads_weights_only(trained):
 def test_eval_preprocessing_is_preprocess_image(sample_root):
     spec = PreprocessSpec.for_image_size(64)
     idx = load_index("compcars", sample_root, "test")
-    loader = eval_loader(idx, spec, argparse_ns(batch_size=4, workers=0))
+    loader = eval_loader(idx, spec, argparse.Namespace(batch_size=4, workers=0))
     assert isinstance(loader.dataset.transform, EvalTransform)
     with Image.open(idx.samples[0].path) as img:
         expected = preprocess_image(img, spec)
@@ -99,7 +100,19 @@ def test_resume_reproduces_uninterrupted_run(sample_root, tmp_path):
             assert torch.equal(tensor, b[key][name]), (key, name)
 
 
-def argparse_ns(**kw):
-    import argparse
-
-    return argparse.Namespace(**kw)
+def test_compare_writes_table_json_and_plot(sample_root, tmp_path):
+    argv = train_argv(sample_root, tmp_path, "--epochs", "1", "--eval-every", "0")
+    argv = [
+        "compare",
+        "--archs",
+        "resnet18",
+        *[a for a in argv[1:] if a not in ("--arch", "resnet18")],
+    ]
+    assert cli_main(argv) == 0
+    rows = json.loads((tmp_path / "compare.json").read_text())
+    assert [r["arch"] for r in rows] == ["resnet18"]
+    r = rows[0]
+    assert r["params"] > 1e6 and r["gflops"] > 0 and r["inference_images_per_s"] > 0
+    assert 0 <= r["top1"] <= 1 and (tmp_path / "resnet18" / "checkpoint.pt").is_file()
+    assert "| resnet18 |" in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "compare.png").stat().st_size > 0
