@@ -1,0 +1,126 @@
+"""Prometheus metrics and the /metrics, /healthz, /readyz endpoints.
+
+A registry per worker (not the global one) so tests can run several workers in one process.
+Liveness means the loop is still turning; readiness means the engine is warm and the consumer
+holds partitions (or has joined with nothing to hold).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter("carstream_consumed", "records consumed", registry=r)
+        self.results = Counter("carstream_results", "results published", ["status"], registry=r)
+        self.dead_letters = Counter(
+            "carstream_dead_letters", "records sent to the DLQ", ["kind"], registry=r
+        )
+        self.batch_size = Histogram(
+            "carstream_batch_size",
+            "records per flushed batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "carstream_decode_seconds",
+            "decode+preprocess time per image",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "carstream_inference_seconds",
+            "engine time per batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "carstream_end_to_end_seconds",
+            "from consumption to committed result, per record",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lag = Gauge(
+            "carstream_lag", "records behind the partition end", ["partition"], registry=r
+        )
+        self.retries = Counter(
+            "carstream_retries", "retried Kafka/Redis operations", ["target"], registry=r
+        )
+        self.ready = Gauge("carstream_ready", "1 when the worker is ready", registry=r)
+        self.trends_ignored = Counter(
+            "carstream_trend_records_ignored",
+            "records already counted (redelivery after a crash or rebalance)",
+            registry=r,
+        )
+        self._last_beat = time.monotonic()
+        self._ready = False
+
+    def beat(self) -> None:
+        self._last_beat = time.monotonic()
+
+    def set_ready(self, ready: bool) -> None:
+        self._ready = ready
+        self.ready.set(1 if ready else 0)
+
+    def is_alive(self, stall_s: float) -> bool:
+        return time.monotonic() - self._last_beat < stall_s
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+
+class _Handler(BaseHTTPRequestHandler):
+    metrics: WorkerMetrics
+    stall_s: float
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            ok = self.metrics.is_alive(self.stall_s)
+            self._send(200 if ok else 503, b"ok\n" if ok else b"stalled\n")
+        elif path == "/readyz":
+            ok = self.metrics.is_ready()
+            self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+        else:
+            self._send(404, b"not found\n")
+
+    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("http %s", format % args)
+
+
+def serve(metrics: WorkerMetrics, host: str, port: int, stall_s: float) -> ThreadingHTTPServer:
+    """Start the endpoint in a daemon thread; returns the server (``.shutdown()`` to stop)."""
+    handler = type("Handler", (_Handler,), {"metrics": metrics, "stall_s": stall_s})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics (healthz, readyz)", host, server.server_port)
+    return server

@@ -1,0 +1,367 @@
+"""The worker loop: poll -> batch -> decode (thread pool) -> infer -> publish -> count -> commit.
+
+Delivery rules (DESIGN.md): results and dead letters are delivered first, then the batch's trend
+increments and partition positions go to Redis in one atomic script, and only then are the
+offsets committed. A crash anywhere before the commit redelivers the batch: results may repeat
+(same post_id, same answer), counts never do. Kafka and Redis failures are retried with backoff;
+a batch that could not be delivered and applied is never committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import numpy as np
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+from redis.exceptions import RedisError
+
+from engine_build.manifest import Manifest
+from engine_build.runtime import Engine
+from worker.batching import Batcher
+from worker.dead_letter import dlq_headers
+from worker.errors import PostError
+from worker.metrics import WorkerMetrics
+from worker.postprocess import classify
+from worker.prepare import Prepared, prepare
+from worker.schemas import Prediction, Source, TopKEntry
+from worker.settings import WorkerSettings
+from worker.trends import TrendRecord, TrendWriter
+from worker.url_fetch import UrlPolicy
+
+log = logging.getLogger(__name__)
+
+
+class BatchAbortedError(Exception):
+    """A batch could not be delivered or applied before shutdown; it stays uncommitted."""
+
+
+@dataclass
+class Pending:
+    """A consumed record whose decode is running in the pool."""
+
+    record: Any  # kafka ConsumerRecord
+    received: float  # time.monotonic() at poll
+    prepared: Future[Prepared]
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with a cap; ``wait`` returns False when told to stop."""
+
+    first_s: float = 0.2
+    max_s: float = 10.0
+
+    def wait(self, attempt: int, stop: threading.Event) -> bool:
+        return not stop.wait(min(self.max_s, self.first_s * 2**attempt))
+
+
+def make_outputs(
+    batch: list[Pending],
+    prepared: list[Prepared],
+    logits: dict[int, np.ndarray],
+    manifest: Manifest,
+    settings: WorkerSettings,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> tuple[
+    list[tuple[bytes, bytes]], list[tuple[bytes | None, bytes | None, list]], list[TrendRecord]
+]:
+    """Pure: results (key, value), dead letters (key, original value, headers), trend records.
+
+    ``logits`` maps a batch position to its row; positions missing from it have an error.
+    """
+    results: list[tuple[bytes, bytes]] = []
+    dead: list[tuple[bytes | None, bytes | None, list]] = []
+    trends: list[TrendRecord] = []
+    rows = sorted(logits)
+    classified = (
+        dict(
+            zip(
+                rows,
+                classify(
+                    np.stack([logits[i] for i in rows]), settings.top_k, settings.min_confidence
+                ),
+                strict=True,
+            )
+        )
+        if rows
+        else {}
+    )
+    classified_at = now()
+    for pos, (item, prep) in enumerate(zip(batch, prepared, strict=True)):
+        rec = item.record
+        if pos not in classified:
+            error = prep.error or PostError("internal", "no inference result")
+            dead.append(
+                (
+                    rec.key,
+                    rec.value,
+                    dlq_headers(error, rec.topic, rec.partition, rec.offset, settings.worker_id),
+                )
+            )
+            trends.append(
+                TrendRecord(rec.topic, rec.partition, rec.offset, classified_at, None, None, None)
+            )
+            continue
+        event = prep.event
+        c = classified[pos]
+        label = manifest.labels[c.index]
+        prediction = Prediction(
+            post_id=event.post_id,
+            make=label.make,
+            model=label.model,
+            confidence=round(c.confidence, 6),
+            top_k=[
+                TopKEntry(
+                    make=manifest.labels[i].make, model=manifest.labels[i].model, score=round(s, 6)
+                )
+                for i, s in c.top_k
+            ],
+            status="low_confidence" if c.low_confidence else "ok",
+            model_name=manifest.model_name,
+            model_version=manifest.model_version,
+            posted_at=event.posted_at,
+            classified_at=classified_at,
+            latency_ms=round((time.monotonic() - item.received) * 1000.0, 3),
+            city=event.city,
+            platform=event.platform,
+            source=Source(topic=rec.topic, partition=rec.partition, offset=rec.offset),
+            worker_id=settings.worker_id,
+        )
+        results.append((event.post_id.encode(), prediction.model_dump_json().encode()))
+        trends.append(
+            TrendRecord(
+                rec.topic,
+                rec.partition,
+                rec.offset,
+                event.posted_at,
+                label.make,
+                label.model,
+                event.city,
+                c.low_confidence,
+            )
+        )
+    return results, dead, trends
+
+
+def commit_offsets(batch: list[Pending]) -> dict[TopicPartition, OffsetAndMetadata]:
+    """Next offset to read per partition: highest processed offset + 1."""
+    top: dict[TopicPartition, int] = {}
+    for item in batch:
+        tp = TopicPartition(item.record.topic, item.record.partition)
+        top[tp] = max(top.get(tp, -1), item.record.offset)
+    return {tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in top.items()}
+
+
+class StreamWorker(ConsumerRebalanceListener):
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        engine: Engine,
+        manifest: Manifest,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        trends: TrendWriter,
+        metrics: WorkerMetrics,
+        stop: threading.Event,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.manifest = manifest
+        self.consumer = consumer
+        self.producer = producer
+        self.trends = trends
+        self.metrics = metrics
+        self.stop = stop
+        self.backoff = Backoff()
+        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.batcher: Batcher[Pending] = Batcher(settings.max_batch, settings.max_wait_ms)
+        self._prepare = partial(
+            prepare,
+            spec=manifest.preprocess,
+            policy=UrlPolicy.from_settings(settings),
+            max_message_bytes=settings.max_message_bytes,
+        )
+        self._last_offset: dict[TopicPartition, int] = {}
+
+    # --- rebalance: finish what was polled from partitions we are about to lose --------------
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        if not revoked or not len(self.batcher):
+            return
+        log.info("partitions revoked %s: finishing %d pending records", revoked, len(self.batcher))
+        try:
+            while len(self.batcher):
+                self.process(self.batcher.take())
+        except BatchAbortedError:
+            lost = set(revoked)
+            dropped = self.batcher.take_where(
+                lambda p: TopicPartition(p.record.topic, p.record.partition) not in lost
+            )
+            log.warning("dropped %d uncommitted records of revoked partitions", len(dropped))
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
+        self.metrics.set_ready(True)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        s = self.settings
+        self.consumer.subscribe([s.input_topic], listener=self)
+        try:
+            while not self.stop.is_set():
+                self.metrics.beat()
+                room = 2 * s.max_batch - len(self.batcher)
+                timeout = self.batcher.time_left_ms() if len(self.batcher) else 500
+                if room > 0:
+                    self._poll(int(timeout), room)
+                if self.batcher.ready():
+                    # prefetch the next batch so it decodes while this one is inferred
+                    extra = 2 * s.max_batch - len(self.batcher)
+                    if extra > 0:
+                        self._poll(0, extra)
+                    self.process(self.batcher.take())
+            log.info("stop requested: draining %d pending records", len(self.batcher))
+            while len(self.batcher):
+                self.process(self.batcher.take())
+        except BatchAbortedError as exc:
+            log.warning("batch left uncommitted at shutdown: %s", exc)
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _poll(self, timeout_ms: int, max_records: int) -> None:
+        try:
+            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except KafkaError as exc:
+            self.metrics.retries.labels("kafka").inc()
+            log.warning("poll failed (%s); retrying", exc)
+            self.stop.wait(1.0)
+            return
+        now = time.monotonic()
+        for records in polled.values():
+            for rec in records:
+                self.batcher.add(Pending(rec, now, self.pool.submit(self._prepare, rec.value)))
+                self._last_offset[TopicPartition(rec.topic, rec.partition)] = rec.offset
+        self.metrics.consumed.inc(sum(len(r) for r in polled.values()))
+
+    def process(self, batch: list[Pending]) -> None:
+        """Infer, publish, count and commit one batch; raises BatchAbortedError at shutdown only."""
+        if not batch:
+            return
+        self.metrics.batch_size.observe(len(batch))
+        prepared = [item.prepared.result() for item in batch]
+        for prep in prepared:
+            self.metrics.decode_seconds.observe(prep.seconds)
+        logits = self._infer(prepared)
+        results, dead, trend_records = make_outputs(
+            batch, prepared, logits, self.manifest, self.settings
+        )
+        self._deliver(results, dead)
+        self._apply_trends(trend_records)
+        self._commit(commit_offsets(batch))
+        done = time.monotonic()
+        for item in batch:
+            self.metrics.end_to_end_seconds.observe(done - item.received)
+        self._update_lag()
+        self.metrics.beat()
+
+    def _infer(self, prepared: list[Prepared]) -> dict[int, np.ndarray]:
+        """Logits by batch position, in engine-sized chunks; an engine failure isolates items."""
+        good = [i for i, p in enumerate(prepared) if p.error is None]
+        out: dict[int, np.ndarray] = {}
+        step = self.engine.max_batch
+        for start in range(0, len(good), step):
+            idx = good[start : start + step]
+            batch = np.stack([prepared[i].array for i in idx])
+            t0 = time.perf_counter()
+            try:
+                logits = self.engine.infer(batch)
+            except Exception:
+                log.exception("engine failed on a batch of %d; retrying one by one", len(idx))
+                for i in idx:
+                    try:
+                        out[i] = self.engine.infer(prepared[i].array[None])[0]
+                    except Exception as exc:
+                        prepared[i] = Prepared(
+                            prepared[i].event,
+                            None,
+                            PostError("internal", f"inference failed: {exc}"),
+                            prepared[i].seconds,
+                        )
+                continue
+            self.metrics.inference_seconds.observe(time.perf_counter() - t0)
+            out.update(zip(idx, logits, strict=True))
+        return out
+
+    def _deliver(self, results: list, dead: list) -> None:
+        s = self.settings
+        for attempt in range(1_000_000):
+            try:
+                futures = [
+                    self.producer.send(s.output_topic, key=key, value=value)
+                    for key, value in results
+                ]
+                futures += [
+                    self.producer.send(s.dlq_topic, key=key, value=value, headers=headers)
+                    for key, value, headers in dead
+                ]
+                self.producer.flush(timeout=30)
+                for f in futures:
+                    f.get(timeout=30)
+                break
+            except KafkaError as exc:
+                self.metrics.retries.labels("kafka").inc()
+                log.warning("publishing a batch failed (%s); retry %d", exc, attempt + 1)
+                if not self.backoff.wait(attempt, self.stop) and attempt >= 2:
+                    raise BatchAbortedError(f"results not delivered: {exc}") from exc
+        for _, value in results:
+            self.metrics.results.labels(
+                "low_confidence" if b'"low_confidence"' in value else "ok"
+            ).inc()
+        for _, _, headers in dead:
+            kind = dict(headers).get("carstream.error_kind", b"internal").decode()
+            self.metrics.dead_letters.labels(kind).inc()
+
+    def _apply_trends(self, records: list[TrendRecord]) -> None:
+        for attempt in range(1_000_000):
+            try:
+                result = self.trends.apply(records)
+                if result.ignored:
+                    self.metrics.trends_ignored.inc(result.ignored)
+                return
+            except RedisError as exc:
+                self.metrics.retries.labels("redis").inc()
+                log.warning("applying trends failed (%s); retry %d", exc, attempt + 1)
+                if not self.backoff.wait(attempt, self.stop) and attempt >= 2:
+                    raise BatchAbortedError(f"trends not applied: {exc}") from exc
+
+    def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        for attempt in range(5):
+            try:
+                self.consumer.commit(offsets=offsets)
+                return
+            except CommitFailedError as exc:
+                # the group rebalanced: the new owner re-reads these records; Redis dedupes them
+                log.warning(
+                    "commit refused after a rebalance (%s); records will be redelivered", exc
+                )
+                return
+            except KafkaError as exc:
+                self.metrics.retries.labels("kafka").inc()
+                log.warning("commit failed (%s); retry %d", exc, attempt + 1)
+                self.backoff.wait(attempt, threading.Event())
+        log.error("giving up committing %s; records will be redelivered and deduplicated", offsets)
+
+    def _update_lag(self) -> None:
+        for tp, last in self._last_offset.items():
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(max(0, high - last - 1))

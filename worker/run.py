@@ -1,0 +1,195 @@
+"""``python -m worker run``: the streaming classifier process.
+
+Every :class:`WorkerSettings` field is a kebab-case flag; a flag given on the command line
+overrides its ``CARSTREAM_*`` environment variable, which overrides the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+import types
+import typing
+
+import numpy as np
+from pydantic import SecretStr, ValidationError
+
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for name, field in WorkerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.get_default(call_default_factory=False)
+        if isinstance(default, SecretStr) or "password" in name:
+            shown = "unset"
+        elif field.default_factory is not None:
+            shown = "computed" if name == "worker_id" else "empty"
+        else:
+            shown = default
+        env = "CARSTREAM_" + name.upper()
+        desc = field.description or name.replace("_", " ")
+        help_text = f"{desc} [env {env}] (default: {shown})"
+        annotation = field.annotation
+        if annotation is bool:
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            is_list = typing.get_origin(annotation) in (list,) or "list[" in str(annotation)
+            parser.add_argument(
+                flag,
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar="A,B" if is_list else name.split("_")[-1].upper(),
+            )
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
+    """Flags given on the command line override the environment."""
+    return WorkerSettings(**vars(args))
+
+
+def _warm_up(engine, max_batch: int) -> None:
+    """First calls allocate buffers and pick kernels; do it before taking partitions."""
+    spec = engine.input_spec()
+    for n in sorted({1, min(max_batch, engine.max_batch)}):
+        engine.infer(np.zeros((n, *spec.shape), dtype=np.float32))
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "settings"
+        print(f"python -m worker run: error: {loc}: {first['msg']}", file=sys.stderr)
+        return 2
+    from worker.logging_setup import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)
+    if not settings.bundle:
+        print(
+            "python -m worker run: error: --bundle (or CARSTREAM_BUNDLE) is required",
+            file=sys.stderr,
+        )
+        return 2
+
+    # imported here so `--help` and argument errors never load the model runtime
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.errors import NoBrokersAvailable
+
+    from engine_build.bundle import BundleError, load_bundle
+    from engine_build.runtime import EngineUnavailableError, create_engine
+    from worker.connections import kafka_common_config, redis_client
+    from worker.metrics import WorkerMetrics, serve
+    from worker.pipeline import StreamWorker
+    from worker.trends import TrendWriter
+
+    try:
+        bundle = load_bundle(settings.bundle)
+    except BundleError as exc:
+        print(f"python -m worker run: error: {exc}", file=sys.stderr)
+        return 2
+    opts = {"threads": settings.inference_threads} if settings.inference_threads else {}
+    try:
+        engine = create_engine(bundle, settings.backend, **opts)
+    except (EngineUnavailableError, ValueError) as exc:
+        print(f"python -m worker run: error: backend {settings.backend}: {exc}", file=sys.stderr)
+        return 2
+    log.info("settings: %s", settings.redacted())
+    log.info(
+        "bundle %s %s on %s", bundle.manifest.model_name, bundle.manifest.model_version, engine.name
+    )
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: types.FrameType | None) -> None:
+        stop.set()  # only a flag: the loop drains, commits and returns
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    metrics = WorkerMetrics()
+    server = None
+    if settings.metrics_port:
+        stall_s = max(60.0, settings.max_poll_interval_ms / 1000.0)
+        server = serve(metrics, settings.metrics_host, settings.metrics_port, stall_s)
+    _warm_up(engine, settings.max_batch)
+    log.info("engine warm (%s, max batch %d)", engine.name, engine.max_batch)
+
+    common = kafka_common_config(settings)
+    consumer_opts = dict(
+        group_id=settings.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=settings.max_batch,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms
+        or max(100, settings.session_timeout_ms // 3),
+        max_poll_interval_ms=settings.max_poll_interval_ms,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=max(1024 * 1024, settings.max_message_bytes + 1024),
+    )
+    if settings.group_instance_id:
+        consumer_opts["group_instance_id"] = settings.group_instance_id
+    attempt = 0
+    while not stop.is_set():
+        try:
+            consumer = KafkaConsumer(**common, **consumer_opts)
+            producer = KafkaProducer(
+                **common,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=5,
+                max_request_size=max(1024 * 1024, settings.max_message_bytes + 64 * 1024),
+            )
+            break
+        except NoBrokersAvailable:
+            attempt += 1
+            log.warning("no Kafka broker at %s; retry %d", settings.bootstrap_servers, attempt)
+            stop.wait(min(10.0, 0.5 * 2**attempt))
+    else:
+        engine.close()
+        return 0
+
+    writer = TrendWriter(
+        redis_client(settings),
+        settings.group_id,
+        settings.trend_minute_ttl_s,
+        settings.trend_hour_ttl_s,
+    )
+    worker = StreamWorker(
+        settings, engine, bundle.manifest, consumer, producer, writer, metrics, stop
+    )
+    started = time.monotonic()
+    try:
+        worker.run()
+    finally:
+        metrics.set_ready(False)
+        consumer.close(autocommit=False)
+        producer.close(timeout=30)
+        engine.close()
+        if server is not None:
+            server.shutdown()
+        log.info("stopped after %.1f s", time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

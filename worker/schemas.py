@@ -1,0 +1,132 @@
+"""Message contracts of DESIGN.md Stage 3: the post event in, the prediction out.
+
+Parsing is a pure function from raw bytes to a validated event or a :class:`PostError`, so every
+way an event can be bad has one kind and one reason, tested without a broker.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from worker.errors import PostError
+
+MAX_JSON_DEPTH = 16
+
+
+class PostEvent(BaseModel):
+    """An image post on topic ``car-posts`` (key = post_id). Unknown fields are ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", str_strip_whitespace=False)
+
+    post_id: str = Field(min_length=1, max_length=128)
+    image_b64: str | None = None
+    image_url: str | None = Field(None, max_length=4096)
+    posted_at: datetime
+    platform: str | None = Field(None, max_length=64)
+    city: str | None = Field(None, max_length=128)
+    lang: str | None = Field(None, max_length=35)
+
+    @field_validator("posted_at", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: object) -> object:
+        if not isinstance(value, str):
+            raise ValueError("posted_at must be an RFC 3339 string")
+        return value
+
+    @field_validator("posted_at")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("posted_at needs a timezone offset (e.g. Z)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_image(self) -> PostEvent:
+        if (self.image_b64 is None) == (self.image_url is None):
+            raise ValueError("exactly one of image_b64 and image_url is required")
+        return self
+
+
+class TopKEntry(BaseModel):
+    make: str
+    model: str
+    score: float
+
+
+class Source(BaseModel):
+    topic: str
+    partition: int
+    offset: int
+
+
+class Prediction(BaseModel):
+    """One result per post on ``car-predictions`` (key = post_id)."""
+
+    post_id: str
+    make: str
+    model: str
+    confidence: float
+    top_k: list[TopKEntry]
+    status: Literal["ok", "low_confidence"]
+    model_name: str
+    model_version: str
+    posted_at: datetime
+    classified_at: datetime
+    latency_ms: float
+    city: str | None = None
+    platform: str | None = None
+    source: Source
+    worker_id: str
+
+
+def _depth(text: str) -> int:
+    """Maximum bracket nesting outside strings: cheap, and bounded before json.loads recurses."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_event(raw: bytes | None, max_bytes: int) -> PostEvent:
+    """Raw message value -> PostEvent, or PostError naming why not."""
+    if raw is None:
+        raise PostError("schema", "empty message (null value)")
+    if len(raw) > max_bytes:
+        raise PostError("too_large", f"message is {len(raw)} bytes, limit {max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PostError("invalid_utf8", f"not UTF-8 at byte {exc.start}") from None
+    if _depth(text) > MAX_JSON_DEPTH:
+        raise PostError("invalid_json", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise PostError("invalid_json", f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise PostError("schema", f"expected a JSON object, got {type(obj).__name__}")
+    try:
+        return PostEvent.model_validate(obj)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in exc.errors()
+        )
+        raise PostError("schema", problems) from None
