@@ -12,7 +12,7 @@ PY=${PY:-.venv/bin/python}
 DEMO_DIR=${DEMO_DIR:-demo}
 KAFKA_PORT=${DEMO_KAFKA_PORT:-19092}
 REDIS_PORT=${DEMO_REDIS_PORT:-16380}
-EPOCHS=${DEMO_EPOCHS:-3}
+EPOCHS=${DEMO_EPOCHS:-8}
 WAIT_S=${DEMO_WAIT_S:-300}
 CITIES=(Paris Lyon Berlin Madrid)
 
@@ -59,8 +59,9 @@ say "sample data set"
 "$PY" -m training make-sample --out "$DEMO_DIR/sample"
 
 say "training a small resnet18 ($EPOCHS epochs)"
-"$PY" -m training --arch resnet18 --data "$DEMO_DIR/sample" --out "$DEMO_DIR/checkpoint" \
-    --epochs "$EPOCHS" --image-size 96 --batch-size 32 --workers 0
+"$PY" -m training train --dataset compcars --data "$DEMO_DIR/sample" --out "$DEMO_DIR/checkpoint" \
+    --arch resnet18 --pretrained none --opt adamw --lr 0.001 --head-lr-mult 1 \
+    --epochs "$EPOCHS" --image-size 64 --batch-size 32 --workers 0
 
 say "building the model bundle"
 "$PY" -m engine_build --checkpoint "$DEMO_DIR/checkpoint" --out "$DEMO_DIR/bundle" --force \
@@ -107,7 +108,7 @@ EOF
 say "producing the sample test images as posts"
 city_flags=()
 for c in "${CITIES[@]}"; do city_flags+=(--city "$c"); done
-report=$("$PY" -m worker produce --images "$DEMO_DIR/sample/test" "${city_flags[@]}" --json)
+report=$("$PY" -m worker produce --images "$DEMO_DIR/sample/data/image" "${city_flags[@]}" --json)
 echo "$report"
 sent=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["sent"])' "$report")
 
