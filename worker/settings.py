@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -16,6 +17,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 Backend = Literal["auto", "tensorrt", "torch-cuda", "onnxruntime"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
+
+
+def _mask_url_password(url: str) -> str:
+    """``redis://user:pw@host`` -> ``redis://user:**********@host`` (URLs are logged)."""
+    password = urlsplit(url).password
+    return url.replace(f":{password}@", ":**********@", 1) if password else url
 
 
 def default_worker_id() -> str:
@@ -115,15 +122,15 @@ class WorkerSettings(BaseSettings):
             )
         return self
 
+    def __repr_args__(self):
+        for key, value in super().__repr_args__():
+            yield key, (_mask_url_password(value) if key == "redis_url" else value)
+
     def redacted(self) -> dict:
         """The settings as logged at start: secrets masked."""
         data = self.model_dump(mode="json")
         for key in ("sasl_password", "redis_password"):
             if data.get(key) is not None:
                 data[key] = "**********"
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(self.redis_url)
-        if parts.password:
-            data["redis_url"] = self.redis_url.replace(parts.password, "**********")
+        data["redis_url"] = _mask_url_password(self.redis_url)
         return data

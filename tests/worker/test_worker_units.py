@@ -1,0 +1,274 @@
+"""Pure worker logic: batching rule, event parsing, post-processing, DLQ headers, outputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from engine_build.manifest import Manifest
+from training.preprocessing import PreprocessSpec
+from worker.batching import Batcher
+from worker.dead_letter import dlq_headers, parse_dlq_headers
+from worker.errors import PostError
+from worker.pipeline import Pending, commit_offsets, make_outputs
+from worker.postprocess import classify, softmax
+from worker.prepare import Prepared
+from worker.schemas import Prediction, parse_event
+from worker.settings import WorkerSettings
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# --- batching ------------------------------------------------------------------------------
+
+
+def test_batch_flushes_when_full_before_the_deadline():
+    clock = FakeClock()
+    b = Batcher(max_batch=3, max_wait_ms=1000, clock=clock)
+    for i in range(2):
+        b.add(i)
+    assert not b.ready()
+    b.add(2)
+    assert b.ready()
+    assert b.take() == [0, 1, 2]
+    assert len(b) == 0 and not b.ready()
+
+
+def test_batch_flushes_at_max_wait_counted_from_the_first_item():
+    clock = FakeClock()
+    b = Batcher(max_batch=100, max_wait_ms=50, clock=clock)
+    b.add("a")
+    clock.t += 0.030
+    b.add("b")
+    assert not b.ready()
+    assert b.time_left_ms() == pytest.approx(20.0)
+    clock.t += 0.019
+    assert not b.ready()
+    clock.t += 0.002
+    assert b.ready()
+    assert b.take() == ["a", "b"]
+
+
+def test_take_returns_at_most_max_batch_and_restarts_the_wait_for_the_rest():
+    clock = FakeClock()
+    b = Batcher(max_batch=2, max_wait_ms=10, clock=clock)
+    for i in range(5):
+        b.add(i)
+    assert b.take() == [0, 1]
+    assert len(b) == 3
+    assert b.time_left_ms() == pytest.approx(10.0)
+
+
+def test_take_where_removes_items_of_revoked_partitions():
+    b = Batcher(max_batch=10, max_wait_ms=10, clock=FakeClock())
+    for item in [("p0", 1), ("p1", 2), ("p0", 3)]:
+        b.add(item)
+    dropped = b.take_where(lambda it: it[0] != "p0")
+    assert dropped == [("p0", 1), ("p0", 3)]
+    assert b.take() == [("p1", 2)]
+
+
+def test_batcher_rejects_nonsense_limits():
+    with pytest.raises(ValueError):
+        Batcher(max_batch=0, max_wait_ms=10)
+
+
+# --- event parsing -------------------------------------------------------------------------
+
+GOOD = {"post_id": "p1", "image_b64": "aGVsbG8=", "posted_at": "2026-11-24T10:00:00Z"}
+
+
+def _raw(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def test_valid_event_parses_with_optional_fields_and_ignores_unknown_ones():
+    ev = parse_event(_raw({**GOOD, "city": "Lyon", "lang": "fr", "extra": [1]}), 10_000)
+    assert ev.post_id == "p1" and ev.city == "Lyon"
+    assert ev.posted_at == datetime(2026, 11, 24, 10, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (b"\xff\xfe{", "invalid_utf8"),
+        (b"{not json", "invalid_json"),
+        (b"[1, 2]", "schema"),
+        (b"null", "schema"),
+        (None, "schema"),
+        (b"[" * 400 + b"]" * 400, "invalid_json"),
+        (_raw({**GOOD, "post_id": ""}), "schema"),
+        (_raw({**GOOD, "post_id": "x" * 129}), "schema"),
+        (_raw({**GOOD, "post_id": 7}), "schema"),
+        (_raw({k: v for k, v in GOOD.items() if k != "posted_at"}), "schema"),
+        (_raw({**GOOD, "posted_at": "2026-11-24T10:00:00"}), "schema"),
+        (_raw({**GOOD, "posted_at": 1732442400}), "schema"),
+        (_raw({**GOOD, "posted_at": "yesterday"}), "schema"),
+        (_raw({**GOOD, "image_url": "https://example.com/a.jpg"}), "schema"),
+        (_raw({"post_id": "p", "posted_at": GOOD["posted_at"]}), "schema"),
+        (b'{"post_id": "a", ' + b'"pad": "' + b"x" * 2000 + b'"}', "too_large"),
+    ],
+)
+def test_bad_events_get_their_error_kind(raw, kind):
+    with pytest.raises(PostError) as info:
+        parse_event(raw, 1024)
+    assert info.value.kind == kind
+    assert info.value.reason
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting():
+    ev = parse_event(_raw({**GOOD, "platform": "[[[[[[[[[[[[[[[[[[[[[[[[["}), 10_000)
+    assert ev.platform.startswith("[[")
+
+
+# --- post-processing -----------------------------------------------------------------------
+
+
+def test_softmax_is_stable_for_large_fp16_like_logits():
+    p = softmax(np.array([[1000.0, 999.0, -1000.0]], dtype=np.float32))
+    assert np.isfinite(p).all() and p.sum() == pytest.approx(1.0)
+    assert p[0, 0] > p[0, 1] > p[0, 2]
+
+
+def test_classify_orders_top_k_and_flags_low_confidence():
+    logits = np.array([[0.0, 3.0, 1.0], [0.0, 0.0, 0.1]], dtype=np.float32)
+    out = classify(logits, top_k=2, min_confidence=0.5)
+    assert [i for i, _ in out[0].top_k] == [1, 2]
+    assert out[0].index == 1 and not out[0].low_confidence
+    assert out[1].index == 2 and out[1].low_confidence
+    assert out[0].confidence == pytest.approx(softmax(logits)[0, 1])
+
+
+def test_classify_caps_k_at_the_number_of_classes_and_rejects_nan():
+    assert len(classify(np.zeros((1, 2), np.float32), 5, 0.1)[0].top_k) == 2
+    with pytest.raises(ValueError):
+        classify(np.array([[np.nan, 1.0]], np.float32), 1, 0.1)
+
+
+# --- dead letters --------------------------------------------------------------------------
+
+
+def test_dlq_headers_round_trip_and_carry_the_source_position():
+    headers = dlq_headers(PostError("bad_base64", "invalid padding"), "car-posts", 3, 42, "w-1")
+    assert all(isinstance(v, bytes) for _, v in headers)
+    parsed = parse_dlq_headers(headers)
+    assert parsed == {
+        "error_kind": "bad_base64",
+        "error_reason": "invalid padding",
+        "source_topic": "car-posts",
+        "source_partition": "3",
+        "source_offset": "42",
+        "worker_id": "w-1",
+    }
+
+
+# --- outputs of a batch --------------------------------------------------------------------
+
+
+@dataclass
+class Rec:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class DoneFuture:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def _manifest() -> Manifest:
+    return Manifest(
+        model_name="m",
+        model_version="v1",
+        arch="resnet18",
+        num_classes=2,
+        labels=[{"make": "Audi", "model": "A4"}, {"make": "BMW", "model": "X5"}],
+        preprocess=PreprocessSpec(),
+        artifacts=[],
+        created_at="2026-11-24T00:00:00Z",
+    )
+
+
+def test_make_outputs_builds_results_dead_letters_and_trend_records():
+    settings = WorkerSettings(worker_id="w-9", min_confidence=0.6, top_k=2)
+    good = parse_event(_raw({**GOOD, "city": "Lyon"}), 10_000)
+    bad_raw = b"\xffnot utf8"
+    batch = [
+        Pending(Rec("t", 0, 5, b"p1", _raw(GOOD)), 0.0, DoneFuture(None)),
+        Pending(Rec("t", 1, 9, None, bad_raw), 0.0, DoneFuture(None)),
+    ]
+    prepared = [
+        Prepared(good, np.zeros((3, 2, 2), np.float32), None, 0.01),
+        Prepared(None, None, PostError("invalid_utf8", "not UTF-8 at byte 0"), 0.0),
+    ]
+    logits = {0: np.array([0.0, 5.0], np.float32)}
+    results, dead, trends = make_outputs(batch, prepared, logits, _manifest(), settings)
+
+    assert len(results) == 1
+    key, value = results[0]
+    pred = Prediction.model_validate_json(value)
+    assert key == b"p1" and pred.make == "BMW" and pred.model == "X5"
+    assert pred.status == "ok" and pred.model_version == "v1"
+    assert [(e.make, e.model) for e in pred.top_k] == [("BMW", "X5"), ("Audi", "A4")]
+    assert (pred.source.topic, pred.source.partition, pred.source.offset) == ("t", 0, 5)
+    assert pred.worker_id == "w-9" and pred.city == "Lyon"
+
+    assert len(dead) == 1
+    dkey, dvalue, headers = dead[0]
+    assert dvalue == bad_raw and dkey is None
+    assert parse_dlq_headers(headers)["error_kind"] == "invalid_utf8"
+
+    by_offset = {t.offset: t for t in trends}
+    assert by_offset[5].make == "BMW" and by_offset[5].city == "Lyon"
+    assert not by_offset[5].low_confidence
+    assert by_offset[9].make is None  # dead letter: advances the position, counts nothing
+
+
+def test_low_confidence_result_is_flagged():
+    settings = WorkerSettings(min_confidence=0.99)
+    ev = parse_event(_raw(GOOD), 10_000)
+    batch = [Pending(Rec("t", 0, 1, b"p1", _raw(GOOD)), 0.0, DoneFuture(None))]
+    prepared = [Prepared(ev, np.zeros(1, np.float32), None, 0.0)]
+    results, _, trends = make_outputs(
+        batch, prepared, {0: np.array([0.0, 0.1], np.float32)}, _manifest(), settings
+    )
+    assert json.loads(results[0][1])["status"] == "low_confidence"
+    assert trends[0].low_confidence
+
+
+def test_commit_offsets_are_next_offset_per_partition():
+    batch = [Pending(Rec("t", 0, o, None, b""), 0.0, DoneFuture(None)) for o in (4, 7, 5)] + [
+        Pending(Rec("t", 2, 0, None, b""), 0.0, DoneFuture(None))
+    ]
+    offsets = {(tp.partition, om.offset) for tp, om in commit_offsets(batch).items()}
+    assert offsets == {(0, 8), (2, 1)}
+
+
+def test_secrets_never_appear_in_redacted_settings_or_repr():
+    s = WorkerSettings(
+        security_protocol="SASL_SSL",
+        sasl_mechanism="PLAIN",
+        sasl_username="u",
+        sasl_password="hunter2",
+        redis_url="redis://:topsecret@127.0.0.1:6380/0",
+        redis_password="alsosecret",
+    )
+    text = json.dumps(s.redacted()) + repr(s) + str(s)
+    for secret in ("hunter2", "topsecret", "alsosecret"):
+        assert secret not in text

@@ -1,0 +1,108 @@
+"""Image bytes -> an RGB PIL image, or a PostError saying why not.
+
+Pure and thread-safe: the worker calls it from its decode pool. The pixel budget is checked from
+the header before any pixel is decoded, so a decompression bomb costs a header read.
+"""
+
+from __future__ import annotations
+
+import binascii
+import io
+import warnings
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from worker.errors import PostError
+
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "MPO"})
+DEFAULT_MAX_PIXELS = 64_000_000
+_DATA_URI_PREFIX = "data:"
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey image
+
+
+def decode_base64(text: str, max_bytes: int) -> bytes:
+    """Strict base64 (optionally a ``data:image/...;base64,`` URI) with a size cap."""
+    if text.startswith(_DATA_URI_PREFIX):
+        header, sep, payload = text.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise PostError("bad_base64", "data URI is not base64-encoded")
+        text = payload
+    if len(text) // 4 * 3 > max_bytes + 3:
+        raise PostError("too_large", f"image is over {max_bytes} bytes")
+    try:
+        data = binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise PostError("bad_base64", f"invalid base64: {exc}") from None
+    if not data:
+        raise PostError("not_an_image", "empty image")
+    if len(data) > max_bytes:
+        raise PostError("too_large", f"image is {len(data)} bytes, limit {max_bytes}")
+    return data
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode -> RGB; transparency is composited on white (how the post is seen in a feed)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit/32-bit grey: scale to 8 bits instead of clipping everything above 255 to white
+        peak = 65535.0 if img.mode.startswith("I;16") else float(max(1, img.getextrema()[1]))
+        img = img.point(lambda v: v * (255.0 / peak)).convert("L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "PA"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def decode_image(
+    data: bytes, *, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode, apply EXIF orientation, return a loaded RGB image.
+
+    ``draft_size``: JPEGs are decoded at the smallest 1/2, 1/4 or 1/8 DCT scale whose shorter
+    side is still >= draft_size (the resize target), which is several times faster on photos.
+    """
+    if not data:
+        raise PostError("not_an_image", "empty image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise PostError("not_an_image", "not a recognised image format") from None
+        except Image.DecompressionBombError as exc:
+            raise PostError("decompression_bomb", str(exc)) from None
+        except Image.DecompressionBombWarning as exc:
+            raise PostError("decompression_bomb", str(exc)) from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise PostError("truncated_image", f"unreadable image header: {exc}") from None
+        if img.format not in ALLOWED_FORMATS:
+            raise PostError("unsupported_format", f"{img.format} images are not accepted")
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise PostError("not_an_image", f"image has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            raise PostError(
+                "decompression_bomb",
+                f"{width}x{height} is {width * height} pixels, limit {max_pixels}",
+            )
+        try:
+            if draft_size and img.format in ("JPEG", "MPO"):
+                img.draft("RGB", (draft_size, draft_size))
+            if getattr(img, "is_animated", False):
+                img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise PostError("decompression_bomb", str(exc)) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise PostError(
+                "truncated_image", f"image data is truncated or corrupt: {exc}"
+            ) from None
