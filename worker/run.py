@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
 
     # imported here so `--help` and argument errors never load the model runtime
     from kafka import KafkaConsumer, KafkaProducer
-    from kafka.errors import NoBrokersAvailable
+    from kafka.errors import RetriableError
 
     from engine_build.bundle import BundleError, load_bundle
     from engine_build.runtime import EngineUnavailableError, create_engine
@@ -160,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
                 max_request_size=max(1024 * 1024, settings.max_message_bytes + 64 * 1024),
             )
             break
-        except NoBrokersAvailable:
+        except RetriableError:
             attempt += 1
             log.warning("no Kafka broker at %s; retry %d", settings.bootstrap_servers, attempt)
             stop.wait(min(10.0, 0.5 * 2**attempt))

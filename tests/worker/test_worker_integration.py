@@ -1,0 +1,384 @@
+"""The worker end to end: real Tansu broker, real redis-server, `python -m worker run` replicas.
+
+The truth for each good post is what the bundle's engine says for it (computed here through the
+same prepare + engine path); the tests check delivery and counting, not model accuracy: every
+post has exactly one distinct result, Redis counts equal the tally of those results by make,
+model and city, every bad post sits in the DLQ byte for byte with its reason, and nothing is
+left uncommitted.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from PIL import Image
+
+from training.checkpoint import save_checkpoint
+from training.models import build_model
+from training.preprocessing import PreprocessSpec
+from worker.dead_letter import parse_dlq_headers
+from worker.stack import create_topics
+from worker.trends import TrendReader
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+CLASSES = [
+    {"make": "Audi", "model": "A4", "make_id": 1, "model_id": 11},
+    {"make": "Audi", "model": "Q5", "make_id": 1, "model_id": 12},
+    {"make": "BMW", "model": "X5", "make_id": 2, "model_id": 22},
+    {"make": "Citroen", "model": "C3", "make_id": 3, "model_id": 33},
+]
+CITIES = ["Paris", "Lyon", "Berlin", None]
+IMAGE_SIZE = 32
+PARTITIONS = 4
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+def _image_bytes(rng: np.random.Generator, fmt: str = "PNG") -> bytes:
+    base = rng.integers(0, 255, size=3)
+    pixels = np.clip(base + rng.integers(-40, 40, size=(48, 64, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory) -> Path:
+    """A real fp32 bundle of a small resnet18, built by engine_build from a checkpoint."""
+    from engine_build.build import build_bundle
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", len(CLASSES))
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, 3, IMAGE_SIZE, IMAGE_SIZE))
+        model.fc.weight.mul_(20.0)  # spread the logits so the four classes all occur
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(
+        ckpt,
+        {
+            "arch": "resnet18",
+            "num_classes": len(CLASSES),
+            "classes": CLASSES,
+            "level": "model",
+            "preprocess": PreprocessSpec.for_image_size(IMAGE_SIZE).model_dump(mode="json"),
+            "state_dict": model.state_dict(),
+            "epoch": 1,
+            "args": {"arch": "resnet18", "dataset": "folder"},
+        },
+    )
+    parity = tmp_path_factory.mktemp("parity")
+    rng = np.random.default_rng(1)
+    for cls in CLASSES:
+        (parity / cls["model"]).mkdir()
+        for i in range(3):
+            (parity / cls["model"] / f"{i}.png").write_bytes(_image_bytes(rng))
+    out = tmp_path_factory.mktemp("bundles") / "bundle"
+    return build_bundle(ckpt, out, precisions="fp32", parity_data=parity, max_batch=16, threads=1)
+
+
+@pytest.fixture(scope="session")
+def truth_engine(bundle_dir):
+    from engine_build.bundle import load_bundle
+    from engine_build.runtime import create_engine
+
+    bundle = load_bundle(bundle_dir)
+    engine = create_engine(bundle, "onnxruntime", threads=1)
+    yield bundle.manifest, engine
+    engine.close()
+
+
+def expected_label(raw: bytes, truth_engine) -> tuple[str, str]:
+    from worker.postprocess import classify
+    from worker.prepare import prepare
+    from worker.url_fetch import UrlPolicy
+
+    manifest, engine = truth_engine
+    prep = prepare(raw, manifest.preprocess, UrlPolicy(), 10 * 1024 * 1024)
+    assert prep.error is None, prep.error
+    c = classify(engine.infer(prep.array[None]), 5, 0.0)[0]
+    label = manifest.labels[c.index]
+    return label.make, label.model
+
+
+class Topics:
+    def __init__(self, bootstrap: str) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.input, self.output, self.dlq = f"posts-{tag}", f"preds-{tag}", f"posts-{tag}.dlq"
+        self.group = f"workers-{tag}"
+        create_topics(bootstrap, [self.input, self.output, self.dlq], PARTITIONS)
+
+
+_db_counter = iter(range(1, 16))
+
+
+@pytest.fixture
+def env(kafka_bootstrap, redis_url, bundle_dir):
+    """Fresh topics, a fresh Redis database, and the worker's environment for them."""
+    topics = Topics(kafka_bootstrap)
+    url = redis_url.rsplit("/", 1)[0] + f"/{next(_db_counter)}"
+    redis.Redis.from_url(url).flushdb()
+    worker_env = {
+        **os.environ,
+        "CARSTREAM_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "CARSTREAM_REDIS_URL": url,
+        "CARSTREAM_GROUP_ID": topics.group,
+        "CARSTREAM_INPUT_TOPIC": topics.input,
+        "CARSTREAM_OUTPUT_TOPIC": topics.output,
+        "CARSTREAM_DLQ_TOPIC": topics.dlq,
+        "CARSTREAM_BUNDLE": str(bundle_dir),
+        "CARSTREAM_BACKEND": "onnxruntime",
+        "CARSTREAM_INFERENCE_THREADS": "1",
+        "CARSTREAM_DECODE_THREADS": "2",
+        "CARSTREAM_MAX_BATCH": "8",
+        "CARSTREAM_MAX_WAIT_MS": "50",
+        "CARSTREAM_SESSION_TIMEOUT_MS": "6000",
+        "CARSTREAM_METRICS_PORT": "0",
+        "CARSTREAM_URL_FETCH_ENABLED": "false",
+        "PYTHONPATH": str(REPO),
+    }
+    procs: list[subprocess.Popen] = []
+    yield topics, url, worker_env, procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=30)
+
+
+def start_worker(worker_env: dict, procs: list, name: str, log_dir: Path) -> subprocess.Popen:
+    log = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run"],
+        env={**worker_env, "CARSTREAM_WORKER_ID": name},
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    procs.append(proc)
+    return proc
+
+
+def good_posts(n: int, seed: int = 0) -> list[tuple[str, bytes, str | None]]:
+    rng = np.random.default_rng(seed)
+    posts = []
+    for i in range(n):
+        post_id = f"post-{seed}-{i}"
+        city = CITIES[i % len(CITIES)]
+        event = {
+            "post_id": post_id,
+            "image_b64": base64.b64encode(_image_bytes(rng)).decode(),
+            "posted_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "platform": "test",
+        }
+        if city:
+            event["city"] = city
+        posts.append((post_id, json.dumps(event).encode(), city))
+    return posts
+
+
+def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]):
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    futures = [producer.send(topic, key=k, value=v) for k, v in messages]
+    producer.flush()
+    for f in futures:
+        f.get(timeout=30)
+    producer.close()
+
+
+def consume_all(bootstrap: str, topic: str, until, deadline_s: float, procs=()) -> list:
+    """Read a topic from the start until ``until(records)`` holds or the deadline passes.
+
+    Fails at once when every worker in ``procs`` has exited (its log says why).
+    """
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=500
+    )
+    parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    records: list = []
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and not until(records):
+        if procs and all(p.poll() is not None for p in procs):
+            pytest.fail(f"every worker exited: {[p.returncode for p in procs]}")
+        for batch in consumer.poll(timeout_ms=500).values():
+            records.extend(batch)
+    consumer.close()
+    return records
+
+
+def wait_no_lag(bootstrap: str, topics: Topics, deadline_s: float = 60) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    probe = KafkaConsumer(bootstrap_servers=bootstrap)
+    parts = [TopicPartition(topics.input, p) for p in range(PARTITIONS)]
+    end = probe.end_offsets(parts)
+    deadline = time.monotonic() + deadline_s
+    committed = {}
+    try:
+        while time.monotonic() < deadline:
+            offsets = admin.list_group_offsets({topics.group: parts})[topics.group]
+            committed = {tp: om.offset for tp, om in offsets.items() if om is not None}
+            if all(committed.get(tp, 0) >= end[tp] for tp in parts if end[tp] > 0):
+                return
+            time.sleep(0.3)
+    finally:
+        admin.close()
+        probe.close()
+    pytest.fail(f"consumer group still lags: committed {committed}, end {end}")
+
+
+def check_counts(url: str, results_by_post: dict, city_of: dict) -> None:
+    reader = TrendReader(redis.Redis.from_url(url))
+    makes = Counter(r["make"] for r in results_by_post.values() if r["status"] == "ok")
+    models = Counter(
+        f"{r['make']}|{r['model']}" for r in results_by_post.values() if r["status"] == "ok"
+    )
+    assert dict(reader.top(60, by="make", top=1000)) == dict(makes)
+    assert dict(reader.top(60, by="model", top=1000)) == dict(models)
+    for city in {c for c in city_of.values() if c}:
+        in_city = Counter(
+            r["make"]
+            for pid, r in results_by_post.items()
+            if city_of[pid] == city and r["status"] == "ok"
+        )
+        assert dict(reader.top(60, by="make", city=city, top=1000)) == dict(in_city), city
+
+
+def results_by_post_id(records) -> dict[str, dict]:
+    """Distinct results per post; a repeat must be the same answer."""
+    out: dict[str, dict] = {}
+    for rec in records:
+        value = json.loads(rec.value)
+        assert rec.key.decode() == value["post_id"]
+        prev = out.setdefault(value["post_id"], value)
+        assert (prev["make"], prev["model"], prev["source"]) == (
+            value["make"],
+            value["model"],
+            value["source"],
+        ), "a duplicate result differs from the first"
+    return out
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+
+def test_every_post_one_result_and_exact_counts_with_bad_input_dead_lettered(
+    env, kafka_bootstrap, truth_engine, tmp_path
+):
+    topics, url, worker_env, procs = env
+    posts = good_posts(40)
+    rng = np.random.default_rng(5)
+    png = _image_bytes(rng)
+    now = datetime.now(UTC).isoformat()
+    bad = {
+        "invalid_utf8": b"\xff\xfe\x00garbage",
+        "invalid_json": b'{"post_id": "x",',
+        "schema": json.dumps({"post_id": "", "image_b64": "", "posted_at": now}).encode(),
+        "bad_base64": json.dumps(
+            {"post_id": "b1", "image_b64": "!!!notbase64", "posted_at": now}
+        ).encode(),
+        "not_an_image": json.dumps(
+            {"post_id": "b2", "image_b64": base64.b64encode(b"hello").decode(), "posted_at": now}
+        ).encode(),
+        "truncated_image": json.dumps(
+            {
+                "post_id": "b3",
+                "image_b64": base64.b64encode(png[: len(png) // 2]).decode(),
+                "posted_at": now,
+            }
+        ).encode(),
+        "url_refused": json.dumps(
+            {"post_id": "b4", "image_url": "http://127.0.0.1/x.jpg", "posted_at": now}
+        ).encode(),
+    }
+    messages = [(pid.encode(), raw) for pid, raw, _ in posts]
+    # interleave the bad ones between good posts
+    for i, raw in enumerate(bad.values()):
+        messages.insert(3 + i * 5, (f"bad-{i}".encode(), raw))
+    produce(kafka_bootstrap, topics.input, messages)
+
+    start_worker(worker_env, procs, "w1", tmp_path)
+    results = consume_all(
+        kafka_bootstrap,
+        topics.output,
+        lambda recs: len({r.key for r in recs}) >= len(posts),
+        deadline_s=120,
+        procs=procs,
+    )
+    by_post = results_by_post_id(results)
+    assert set(by_post) == {pid for pid, _, _ in posts}
+
+    for pid, raw, _ in posts:
+        assert (by_post[pid]["make"], by_post[pid]["model"]) == expected_label(raw, truth_engine)
+
+    dead = consume_all(kafka_bootstrap, topics.dlq, lambda recs: len(recs) >= len(bad), 60)
+    assert len(dead) == len(bad)
+    got = {parse_dlq_headers(r.headers)["error_kind"]: r for r in dead}
+    assert set(got) == set(bad)
+    for kind, raw in bad.items():
+        headers = parse_dlq_headers(got[kind].headers)
+        assert got[kind].value == raw  # byte for byte
+        assert headers["error_reason"]
+        assert headers["source_topic"] == topics.input
+        assert headers["worker_id"] == "w1"
+
+    wait_no_lag(kafka_bootstrap, topics)
+    check_counts(url, by_post, {pid: city for pid, _, city in posts})
+    assert procs[0].poll() is None, "the worker died on bad input"
+
+    procs[0].send_signal(signal.SIGTERM)
+    assert procs[0].wait(timeout=60) == 0
+
+
+def test_two_replicas_split_partitions_and_a_killed_one_loses_nothing(
+    env, kafka_bootstrap, tmp_path
+):
+    topics, url, worker_env, procs = env
+    first = good_posts(60, seed=1)
+    produce(kafka_bootstrap, topics.input, [(p.encode(), raw) for p, raw, _ in first])
+    start_worker(worker_env, procs, "w1", tmp_path)
+    start_worker(worker_env, procs, "w2", tmp_path)
+
+    # wait until some results exist, then kill -9 one replica mid-stream
+    consume_all(kafka_bootstrap, topics.output, lambda recs: len(recs) >= 10, 120, procs)
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait(timeout=30)
+    second = good_posts(60, seed=2)
+    produce(kafka_bootstrap, topics.input, [(p.encode(), raw) for p, raw, _ in second])
+    start_worker(worker_env, procs, "w1-restarted", tmp_path)
+
+    every = first + second
+    results = consume_all(
+        kafka_bootstrap,
+        topics.output,
+        lambda recs: len({r.key for r in recs}) >= len(every),
+        deadline_s=180,
+        procs=procs,
+    )
+    by_post = results_by_post_id(results)
+    assert set(by_post) == {pid for pid, _, _ in every}
+    workers = {r["worker_id"] for r in by_post.values()}
+    assert len(workers) >= 2, f"one replica did all the work: {workers}"
+
+    wait_no_lag(kafka_bootstrap, topics, deadline_s=90)
+    check_counts(url, by_post, {pid: city for pid, _, city in every})
