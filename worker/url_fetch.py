@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[..., list]
+Vetter = Callable[[IPAddress], "str | None"]
 
 _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
@@ -116,7 +117,7 @@ def _vet_url(url: str, policy: UrlPolicy) -> tuple[str, str, int, str]:
     return scheme, host, port or (443 if scheme == "https" else 80), path
 
 
-def _resolve(host: str, port: int, policy: UrlPolicy, resolver: Resolver) -> str:
+def _resolve(host: str, port: int, policy: UrlPolicy, resolver: Resolver, vet: Vetter) -> str:
     """The one address to connect to, after vetting every address the name resolves to."""
     literal = _parse_ip_literal(host)
     if literal is not None:
@@ -131,7 +132,7 @@ def _resolve(host: str, port: int, policy: UrlPolicy, resolver: Resolver) -> str
             raise PostError("url_fetch_failed", f"{host} resolves to no address")
     if not policy.allow_private:
         for ip in addresses:
-            reason = is_refused_address(ip)
+            reason = vet(ip)
             if reason:
                 raise PostError("url_refused", f"{host} resolves to {ip}: {reason}")
     return str(addresses[0])
@@ -156,15 +157,24 @@ def _remaining(deadline: float, url: str) -> float:
     return left
 
 
-def fetch(url: str, policy: UrlPolicy, resolver: Resolver = socket.getaddrinfo) -> bytes:
-    """The body of ``url``; PostError url_refused, url_fetch_failed or too_large otherwise."""
+def fetch(
+    url: str,
+    policy: UrlPolicy,
+    resolver: Resolver = socket.getaddrinfo,
+    vet: Vetter | None = None,
+) -> bytes:
+    """The body of ``url``; PostError url_refused, url_fetch_failed or too_large otherwise.
+
+    ``resolver`` and ``vet`` (default :func:`is_refused_address`) are injectable for tests.
+    """
+    vet = vet or is_refused_address
     if not policy.enabled:
         raise PostError("url_refused", "fetching image URLs is disabled on this worker")
     deadline = time.monotonic() + policy.timeout_s
     current = url
     for _hop in range(policy.max_redirects + 1):
         scheme, host, port, path = _vet_url(current, policy)
-        ip = _resolve(host, port, policy, resolver)
+        ip = _resolve(host, port, policy, resolver, vet)
         shown = f"{scheme}://{host}:{port}{urlsplit(current).path}"  # no query: it may hold tokens
         timeout = _remaining(deadline, shown)
         if scheme == "https":

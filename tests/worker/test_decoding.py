@@ -1,0 +1,166 @@
+"""Decoding every accepted format, refusing the rest, and JPEG draft decoding within tolerance."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.preprocessing import PreprocessSpec, preprocess_image
+from worker.decoding import decode_base64, decode_image
+from worker.errors import PostError
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def solid(color, size=(40, 30), mode="RGB") -> Image.Image:
+    return Image.new(mode, size, color)
+
+
+def mean_rgb(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(axis=0)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kw"),
+    [
+        ("JPEG", {"quality": 95}),
+        ("JPEG", {"quality": 95, "progressive": True}),
+        ("PNG", {}),
+        ("WEBP", {"quality": 95}),
+        ("BMP", {}),
+        ("GIF", {}),
+    ],
+)
+def test_each_format_decodes_to_rgb_with_its_size_and_colour(fmt, kw):
+    img = decode_image(encode(solid((200, 40, 40)), fmt, **kw))
+    assert img.mode == "RGB" and img.size == (40, 30)
+    assert np.allclose(mean_rgb(img), (200, 40, 40), atol=12)
+
+
+def test_grayscale_jpeg_becomes_rgb_grey():
+    img = decode_image(encode(solid(128, mode="L"), "JPEG"))
+    r, g, b = mean_rgb(img)
+    assert img.mode == "RGB" and abs(r - 128) < 3 and r == g == b
+
+
+def test_cmyk_jpeg_keeps_its_colour():
+    cmyk = solid((200, 40, 40)).convert("CMYK")
+    img = decode_image(encode(cmyk, "JPEG", quality=95))
+    assert np.allclose(mean_rgb(img), (200, 40, 40), atol=20)
+
+
+def test_exif_orientation_is_applied():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    data = encode(solid((10, 200, 10), size=(40, 20)), "JPEG", exif=exif.tobytes())
+    assert decode_image(data).size == (20, 40)
+
+
+def test_png_alpha_is_composited_on_white():
+    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    assert np.allclose(mean_rgb(decode_image(encode(rgba, "PNG"))), (255, 255, 255))
+
+
+def test_palette_png_with_transparency():
+    pal = Image.new("P", (8, 8), 0)
+    pal.putpalette([0, 0, 255] + [0] * 765)
+    data = encode(pal, "PNG", transparency=0)
+    assert np.allclose(mean_rgb(decode_image(data)), (255, 255, 255))
+    opaque = encode(pal, "PNG")
+    assert np.allclose(mean_rgb(decode_image(opaque)), (0, 0, 255))
+
+
+def test_16_bit_png_mid_grey_stays_mid_grey():
+    arr = np.full((6, 6), 32768, dtype=np.uint16)
+    data = encode(Image.fromarray(arr), "PNG")  # uint16 -> mode I;16
+    r, g, b = mean_rgb(decode_image(data))
+    assert 120 < r < 136 and r == g == b
+
+
+def test_gif_first_frame_is_used():
+    frames = [solid((255, 0, 0), (8, 8)), solid((0, 255, 0), (8, 8))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    r, g, _ = mean_rgb(decode_image(buf.getvalue()))
+    assert r > 200 and g < 50
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"", "not_an_image"),
+        (b"hello, not an image", "not_an_image"),
+        (encode(solid((1, 2, 3)), "TIFF"), "unsupported_format"),
+        (_png_header_only(100_000, 100_000), "decompression_bomb"),
+        (encode(solid((9, 9, 9), (64, 64)), "PNG")[:60], "truncated_image"),
+        (encode(Image.effect_noise((64, 64), 50).convert("RGB"), "JPEG")[:400], "truncated_image"),
+    ],
+)
+def test_bad_images_get_their_error_kind(data, kind):
+    with pytest.raises(PostError) as info:
+        decode_image(data)
+    assert info.value.kind == kind
+
+
+def test_pixel_budget_is_a_parameter():
+    data = encode(solid((0, 0, 0), (100, 100)), "PNG")
+    with pytest.raises(PostError, match="decompression_bomb"):
+        decode_image(data, max_pixels=5_000)
+    assert decode_image(data, max_pixels=10_000).size == (100, 100)
+
+
+def test_jpeg_draft_keeps_resize_size_and_matches_full_decode_after_preprocessing():
+    rng = np.random.default_rng(0)
+    # a smooth photo-like 1280x960 image: gradients plus blocks plus mild noise
+    y, x = np.mgrid[0:960, 0:1280]
+    base = np.stack([x / 1280 * 255, y / 960 * 255, (x + y) % 256], axis=-1)
+    base[200:600, 300:900] = (30, 90, 200)
+    pixels = np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+    data = encode(Image.fromarray(pixels), "JPEG", quality=90)
+    spec = PreprocessSpec()  # resize 256, crop 224
+
+    drafted = decode_image(data, draft_size=spec.resize)
+    full = decode_image(data)
+    assert min(drafted.size) >= spec.resize
+    assert drafted.size[0] < full.size[0]  # the draft really decoded at a reduced scale
+    diff = np.abs(preprocess_image(drafted, spec) - preprocess_image(full, spec))
+    assert diff.mean() < 0.05  # normalised units; ~0.01-0.02 typical (see docs/worker.md)
+
+
+def test_draft_is_not_applied_below_the_resize_size():
+    data = encode(solid((50, 60, 70), (300, 280)), "JPEG")
+    assert decode_image(data, draft_size=256).size == (300, 280)
+
+
+def test_base64_strict_and_data_uri():
+    payload = b"\x89PNG..."
+    text = base64.b64encode(payload).decode()
+    assert decode_base64(text, 1000) == payload
+    assert decode_base64("data:image/png;base64," + text, 1000) == payload
+    for bad in ("!!!", "abc", "YWJj ZA==", "data:image/png," + text, "é"):
+        with pytest.raises(PostError) as info:
+            decode_base64(bad, 1000)
+        assert info.value.kind == "bad_base64", bad
+    with pytest.raises(PostError) as info:
+        decode_base64(base64.b64encode(b"x" * 2000).decode(), 1000)
+    assert info.value.kind == "too_large"
