@@ -1,0 +1,101 @@
+"""`python -m worker run` start-up errors, and the health/metrics endpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from worker.metrics import WorkerMetrics, serve
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CARSTREAM_")}
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "run", *args],
+        cwd=REPO,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        ((), {}, "--bundle"),
+        (("--bundle", "/no/such/bundle"), {}, "/no/such/bundle"),
+        (("--bundle", "/x", "--max-batch", "abc"), {}, "max_batch"),
+        (("--bundle", "/x", "--backend", "gpu-magic"), {}, "backend"),
+        (("--bundle", "/x"), {"CARSTREAM_MIN_CONFIDENCE": "2"}, "min_confidence"),
+        (("--bundle", "/x", "--security-protocol", "SASL_SSL"), {}, "sasl_mechanism"),
+        (("--no-such-flag",), {}, "--no-such-flag"),
+    ],
+)
+def test_bad_settings_are_one_line_exit_2(args, env, needle):
+    proc = run_worker(*args, **env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_setting_with_its_environment_variable():
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "run", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    from worker.settings import WorkerSettings
+
+    for name in WorkerSettings.model_fields:
+        assert f"CARSTREAM_{name.upper()}" in proc.stdout, name
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_health_ready_and_metrics_endpoints():
+    metrics = WorkerMetrics()
+    server = serve(metrics, "127.0.0.1", 0, stall_s=60)
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert get(base + "/healthz")[0] == 200
+        assert get(base + "/readyz")[0] == 503
+        metrics.set_ready(True)
+        assert get(base + "/readyz")[0] == 200
+        metrics.consumed.inc(3)
+        metrics.dead_letters.labels("schema").inc()
+        status, body = get(base + "/metrics")
+        assert status == 200
+        assert "carstream_consumed_total 3.0" in body
+        assert 'carstream_dead_letters_total{kind="schema"} 1.0' in body
+        assert get(base + "/nope")[0] == 404
+    finally:
+        server.shutdown()
+
+
+def test_healthz_fails_when_the_loop_stalls():
+    metrics = WorkerMetrics()
+    server = serve(metrics, "127.0.0.1", 0, stall_s=0.0)
+    try:
+        assert get(f"http://127.0.0.1:{server.server_port}/healthz")[0] == 503
+    finally:
+        server.shutdown()
