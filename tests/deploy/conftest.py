@@ -1,0 +1,90 @@
+"""Rendering the kustomize overlays without kubectl: the subset of kustomize that deploy/k8s
+uses (resources, namespace, labels, images, strategic-merge patches by file)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "deploy" / "k8s"
+USED_FIELDS = {"apiVersion", "kind", "resources", "namespace", "labels", "images", "patches"}
+
+
+def load_docs(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def merge(base, patch):
+    """Strategic merge as the overlays use it: maps recursively, named-map lists by name."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for key, value in patch.items():
+            out[key] = merge(base[key], value) if key in base else copy.deepcopy(value)
+        return out
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(i, dict) and "name" in i for i in base + patch)
+    ):
+        out = [copy.deepcopy(i) for i in base]
+        for item in patch:
+            for n, existing in enumerate(out):
+                if existing["name"] == item["name"]:
+                    out[n] = merge(existing, item)
+                    break
+            else:
+                out.append(copy.deepcopy(item))
+        return out
+    return copy.deepcopy(patch)
+
+
+def _set_image(obj: dict, images: list[dict]) -> None:
+    spec = obj.get("spec", {})
+    pod = spec.get("template", {}).get("spec") or spec.get("jobTemplate", {}).get("spec", {})
+    for container in pod.get("containers", []) if isinstance(pod, dict) else []:
+        name = container["image"].split(":", 1)[0]
+        for image in images:
+            if image["name"] == name:
+                container["image"] = f"{image.get('newName', name)}:{image['newTag']}"
+
+
+def render(directory: Path) -> list[dict]:
+    kustomization = load_docs(directory / "kustomization.yaml")[0]
+    unknown = set(kustomization) - USED_FIELDS
+    assert not unknown, f"{directory}: kustomize fields this test renderer lacks: {unknown}"
+    objects: list[dict] = []
+    for entry in kustomization.get("resources", []):
+        path = directory / entry
+        objects += render(path) if path.is_dir() else load_docs(path)
+    for patch_entry in kustomization.get("patches", []):
+        patch = load_docs(directory / patch_entry["path"])[0]
+        targets = [
+            o
+            for o in objects
+            if o["kind"] == patch["kind"] and o["metadata"]["name"] == patch["metadata"]["name"]
+        ]
+        assert targets, f"patch {patch_entry['path']} matches nothing"
+        for target in targets:
+            objects[objects.index(target)] = merge(target, patch)
+    for obj in objects:
+        if "namespace" in kustomization and obj["kind"] != "Namespace":
+            obj["metadata"]["namespace"] = kustomization["namespace"]
+        for label in kustomization.get("labels", []):
+            obj["metadata"].setdefault("labels", {}).update(label["pairs"])
+        _set_image(obj, kustomization.get("images", []))
+    return objects
+
+
+@pytest.fixture(scope="session", params=["cpu", "gpu"])
+def overlay(request) -> tuple[str, list[dict]]:
+    return request.param, render(K8S / "overlays" / request.param)
+
+
+@pytest.fixture(scope="session")
+def render_overlay():
+    return lambda name: render(K8S / "overlays" / name)
