@@ -129,6 +129,8 @@ def test_bad_events_get_their_error_kind(raw, kind):
 def test_brackets_inside_strings_do_not_count_as_nesting():
     ev = parse_event(_raw({**GOOD, "platform": "[[[[[[[[[[[[[[[[[[[[[[[[["}), 10_000)
     assert ev.platform.startswith("[[")
+    escaped = parse_event(_raw({**GOOD, "lang": '\\"[[[[[[[[[[[[[[[[[[[["', "city": "x"}), 10_000)
+    assert escaped.city == "x"
 
 
 # --- post-processing -----------------------------------------------------------------------

@@ -1,0 +1,371 @@
+"""End-to-end throughput and latency of the worker on the local stack, against its peers.
+
+On a real Tansu broker and redis-server (started here on free loopback ports), with a real
+ResNet bundle (random weights: speed does not depend on them) and photo-like JPEG posts of
+social-media sizes (1080x1080, 1280x960), it measures:
+
+- model-only throughput of the same engine at the worker's batch size (the ceiling);
+- saturation throughput of `python -m worker run` (posts produced ahead, drained);
+- the same worker with batching off (max_batch 1);
+- the per-message peer (benchmarks/peer_consumer.py);
+- latency p50/p95/p99 (posted_at -> classified_at) at fixed offered loads, as fractions of the
+  worker's measured saturation.
+
+Writes benchmarks/results/e2e_throughput.{json,md}.
+
+    python benchmarks/e2e_throughput.py                     # resnet50 @ 224, 240 posts
+    python benchmarks/e2e_throughput.py --arch resnet18 --posts 100 --load-seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from model_throughput import cpu_model, make_bundle  # noqa: E402
+
+from engine_build.bundle import load_bundle  # noqa: E402
+from engine_build.runtime import create_engine  # noqa: E402
+from worker.stack import LocalStack, create_topics, free_port  # noqa: E402
+
+PARTITIONS = 4
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=431)
+    parser.add_argument("--posts", type=int, default=240, help="posts per saturation run")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=int, default=50)
+    parser.add_argument("--decode-threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ORT threads")
+    parser.add_argument("--loads", default="0.25,0.5,0.9", help="fractions of saturation")
+    parser.add_argument("--load-seconds", type=float, default=30.0)
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    return parser
+
+
+def photo_jpegs(count: int, seed: int = 0) -> list[bytes]:
+    """Photo-like JPEGs (smooth gradients, shapes, sensor noise) at social-media sizes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        w, h = (1080, 1080) if i % 2 == 0 else (1280, 960)
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        c = rng.uniform(0, 255, size=(3, 3))
+        img = np.stack(
+            [c[k, 0] + (c[k, 1] - c[k, 0]) * x / w + c[k, 2] * 0.2 * y / h for k in range(3)],
+            axis=-1,
+        )
+        x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
+        img[y0 : y0 + h // 3, x0 : x0 + w // 3] = rng.uniform(0, 255, size=3)
+        img += rng.normal(0, 8, img.shape)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def event(post_id: str, jpeg_b64: str) -> bytes:
+    return json.dumps(
+        {"post_id": post_id, "image_b64": jpeg_b64, "posted_at": now_rfc3339(), "city": "Paris"}
+    ).encode()
+
+
+class Run:
+    """Fresh topics and group for one measurement."""
+
+    def __init__(self, bootstrap: str) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.input, self.output, self.dlq = f"bench-{tag}", f"bench-{tag}.out", f"bench-{tag}.dlq"
+        self.group = f"bench-{tag}"
+        create_topics(bootstrap, [self.input, self.output, self.dlq], PARTITIONS)
+
+
+def env_for(run: Run, stack: LocalStack, bundle: Path, args, max_batch: int) -> dict:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "CARSTREAM_BOOTSTRAP_SERVERS": stack.bootstrap,
+        "CARSTREAM_REDIS_URL": stack.redis.url,
+        "CARSTREAM_GROUP_ID": run.group,
+        "CARSTREAM_INPUT_TOPIC": run.input,
+        "CARSTREAM_OUTPUT_TOPIC": run.output,
+        "CARSTREAM_DLQ_TOPIC": run.dlq,
+        "CARSTREAM_BUNDLE": str(bundle),
+        "CARSTREAM_BACKEND": "onnxruntime",
+        "CARSTREAM_INFERENCE_THREADS": str(args.threads),
+        "CARSTREAM_DECODE_THREADS": str(args.decode_threads),
+        "CARSTREAM_MAX_BATCH": str(max_batch),
+        "CARSTREAM_MAX_WAIT_MS": str(args.max_wait_ms),
+        "CARSTREAM_SESSION_TIMEOUT_MS": "6000",
+        "CARSTREAM_METRICS_PORT": "0",
+        "CARSTREAM_MIN_CONFIDENCE": "0",
+    }
+
+
+def produce(bootstrap: str, topic: str, payloads: list[bytes], rate: float | None = None) -> None:
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=8 * 1024 * 1024
+    )
+    start = time.monotonic()
+    for i, value in enumerate(payloads):
+        if rate:
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            value = json.dumps({**json.loads(value), "posted_at": now_rfc3339()}).encode()
+        producer.send(topic, value=value)
+    producer.flush()
+    producer.close()
+
+
+def collect(bootstrap: str, topic: str, n: int, deadline_s: float, proc) -> list[dict]:
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_bytes=64 * 1024 * 1024
+    )
+    parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    seen: dict[str, dict] = {}
+    deadline = time.monotonic() + deadline_s
+    while len(seen) < n and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        for batch in consumer.poll(timeout_ms=500).values():
+            for rec in batch:
+                value = json.loads(rec.value)
+                seen.setdefault(value["post_id"], value)
+    consumer.close()
+    if len(seen) < n:
+        raise RuntimeError(f"only {len(seen)}/{n} results within {deadline_s:.0f}s")
+    return list(seen.values())
+
+
+def ts(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def throughput(results: list[dict]) -> float:
+    """Posts/s between the first and the last result, not counting the first batch."""
+    times = sorted(ts(r["classified_at"]) for r in results)
+    first = times[0]
+    after = [t for t in times if t > first]
+    return len(after) / (times[-1] - first) if after else float("nan")
+
+
+def start(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    log = log_path.open("wb")
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def saturation(name, cmd, stack, bundle, args, max_batch, posts, work) -> dict:
+    run = Run(stack.bootstrap)
+    produce(stack.bootstrap, run.input, posts)
+    proc = start(cmd, env_for(run, stack, bundle, args, max_batch), work / f"{run.group}.log")
+    try:
+        results = collect(stack.bootstrap, run.output, len(posts), 900, proc)
+    finally:
+        stop(proc)
+    rate = throughput(results)
+    print(f"  {name}: {rate:.2f} posts/s", flush=True)
+    return {"config": name, "max_batch": max_batch, "posts": len(posts), "posts_per_s": rate}
+
+
+def latency(rate: float, seconds: float, stack, bundle, args, jpegs, work) -> dict:
+    run = Run(stack.bootstrap)
+    proc = start(
+        [sys.executable, "-m", "worker", "run"],
+        env_for(run, stack, bundle, args, args.max_batch),
+        work / f"{run.group}.log",
+    )
+    try:
+        produce(stack.bootstrap, run.input, [event("warm-0", jpegs[0])])
+        collect(stack.bootstrap, run.output, 1, 300, proc)  # started, assigned and warm
+        n = max(5, int(rate * seconds))
+        payloads = [event(f"p{i}", jpegs[i % len(jpegs)]) for i in range(n)]
+        produce(stack.bootstrap, run.input, payloads, rate=rate)
+        results = collect(stack.bootstrap, run.output, n + 1, seconds + 600, proc)
+    finally:
+        stop(proc)
+    lat = sorted(
+        (ts(r["classified_at"]) - ts(r["posted_at"])) * 1000
+        for r in results
+        if r["post_id"] != "warm-0"
+    )
+    q = statistics.quantiles(lat, n=100)
+    return {
+        "offered_posts_per_s": rate,
+        "posts": len(lat),
+        "p50_ms": q[49],
+        "p95_ms": q[94],
+        "p99_ms": q[98],
+    }
+
+
+def model_only(bundle: Path, args) -> dict:
+    engine = create_engine(load_bundle(bundle), "onnxruntime", threads=args.threads)
+    batch = (
+        np.random.default_rng(0)
+        .standard_normal((args.max_batch, 3, args.image_size, args.image_size))
+        .astype(np.float32)
+    )
+    engine.infer(batch)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        engine.infer(batch)
+        times.append(time.perf_counter() - t0)
+    engine.close()
+    per_batch = statistics.median(times)
+    return {
+        "batch": args.max_batch,
+        "images_per_s": args.max_batch / per_batch,
+        "batch_ms": per_batch * 1000,
+    }
+
+
+def render_md(r: dict) -> str:
+    lines = [
+        f"# End-to-end worker throughput and latency: {r['arch']} @ {r['image_size']}px",
+        "",
+        f"- command: `{r['command']}`",
+        f"- machine: {r['machine']}",
+        f"- date: {r['date']}",
+        f"- versions: {r['versions']}",
+        f"- posts: photo-like JPEGs, 1080x1080 and 1280x960 (mean {r['jpeg_kb']:.0f} KB), base64 "
+        f"in JSON; local Tansu broker and redis-server on loopback; ONNX Runtime FP32, "
+        f"{r['threads']} threads; decode threads {r['decode_threads']}; max_wait "
+        f"{r['max_wait_ms']} ms",
+        "",
+        "## Saturation",
+        "",
+        "| configuration | max batch | posts/s | vs model-only |",
+        "| --- | ---: | ---: | ---: |",
+        f"| model only (engine.infer, no Kafka/decode) | {r['model_only']['batch']} | "
+        f"{r['model_only']['images_per_s']:.2f} | 1.00 |",
+    ]
+    for s in r["saturation"]:
+        lines.append(
+            f"| {s['config']} | {s['max_batch']} | {s['posts_per_s']:.2f} | "
+            f"{s['posts_per_s'] / r['model_only']['images_per_s']:.2f} |"
+        )
+    lines += [
+        "",
+        "## Latency at fixed offered load (posted_at -> classified_at)",
+        "",
+        "| load | offered posts/s | posts | p50 ms | p95 ms | p99 ms |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for frac, lat in zip(r["loads"], r["latency"], strict=True):
+        lines.append(
+            f"| {frac:.0%} | {lat['offered_posts_per_s']:.2f} | {lat['posts']} | "
+            f"{lat['p50_ms']:.0f} | {lat['p95_ms']:.0f} | {lat['p99_ms']:.0f} |"
+        )
+    lines += [
+        "",
+        f"One batch of {r['model_only']['batch']} takes "
+        f"{r['model_only']['batch_ms']:.0f} ms in the engine; the p99 target at 50% load "
+        f"is max_wait + two batch times = "
+        f"{r['max_wait_ms'] + 2 * r['model_only']['batch_ms']:.0f} ms.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    import onnxruntime
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="e2e-bench-") as tmp:
+        work = Path(tmp)
+        stack = LocalStack(work / "stack", kafka_port=free_port(), redis_port=free_port())
+        stack.up(topics=(), partitions=PARTITIONS)
+        try:
+            print("building bundle...", flush=True)
+            args.no_int8 = True  # make_bundle's switch: the CPU path measured here is FP32
+            bundle = make_bundle(args, work, args.max_batch)
+            jpegs_raw = photo_jpegs(12)
+            jpegs = [base64.b64encode(j).decode() for j in jpegs_raw]
+            posts = [event(f"s{i}", jpegs[i % len(jpegs)]) for i in range(args.posts)]
+            ref = model_only(bundle, args)
+            print(f"  model only: {ref['images_per_s']:.2f} images/s", flush=True)
+            worker = [sys.executable, "-m", "worker", "run"]
+            peer = [sys.executable, str(Path(__file__).parent / "peer_consumer.py")]
+            sat = [
+                saturation(
+                    "worker (batched)", worker, stack, bundle, args, args.max_batch, posts, work
+                ),
+                saturation("worker, batching off", worker, stack, bundle, args, 1, posts, work),
+                saturation("per-message peer", peer, stack, bundle, args, 1, posts, work),
+            ]
+            loads = [float(x) for x in args.loads.split(",")]
+            lat = []
+            for frac in loads:
+                rate = frac * sat[0]["posts_per_s"]
+                lat.append(latency(rate, args.load_seconds, stack, bundle, args, jpegs, work))
+                print(f"  {frac:.0%} load: p99 {lat[-1]['p99_ms']:.0f} ms", flush=True)
+        finally:
+            stack.down()
+    result = {
+        "command": "python benchmarks/e2e_throughput.py " + " ".join(sys.argv[1:]),
+        "machine": f"{cpu_model()} ({os.cpu_count()} cores), GPU: none",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "versions": f"python {sys.version.split()[0]}, torch {torch.__version__}, "
+        f"onnxruntime {onnxruntime.__version__}",
+        "arch": args.arch,
+        "image_size": args.image_size,
+        "threads": args.threads,
+        "decode_threads": args.decode_threads,
+        "max_wait_ms": args.max_wait_ms,
+        "jpeg_kb": statistics.mean(len(j) for j in jpegs_raw) / 1024,
+        "model_only": ref,
+        "saturation": sat,
+        "loads": loads,
+        "latency": lat,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "e2e_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out_dir / "e2e_throughput.md").write_text(render_md(result))
+    print(render_md(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
