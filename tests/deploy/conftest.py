@@ -1,9 +1,15 @@
-"""Rendering the kustomize overlays without kubectl: the subset of kustomize that deploy/k8s
-uses (resources, namespace, labels, images, strategic-merge patches by file)."""
+"""Rendering the kustomize overlays: with kubectl's built-in kustomize (put into .venv/bin by
+tests/deploy/install-kubectl.sh), exactly as `kubectl apply -k` renders them. Without kubectl a
+test-side renderer of the subset deploy/k8s uses (resources, namespace, labels, images,
+strategic-merge patches by file) stands in, except under CI=true, where a missing kubectl fails."""
 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,14 +38,15 @@ def merge(base, patch):
         and all(isinstance(i, dict) and "name" in i for i in base + patch)
     ):
         out = [copy.deepcopy(i) for i in base]
+        added = []
         for item in patch:
             for n, existing in enumerate(out):
                 if existing["name"] == item["name"]:
                     out[n] = merge(existing, item)
                     break
             else:
-                out.append(copy.deepcopy(item))
-        return out
+                added.append(copy.deepcopy(item))
+        return added + out  # kustomize puts the patch's new items first
     return copy.deepcopy(patch)
 
 
@@ -80,11 +87,45 @@ def render(directory: Path) -> list[dict]:
     return objects
 
 
-@pytest.fixture(scope="session", params=["cpu", "gpu"])
+def kubectl() -> str | None:
+    beside_python = Path(sys.executable).parent / "kubectl"
+    return str(beside_python) if beside_python.is_file() else shutil.which("kubectl")
+
+
+def kustomize(directory: Path) -> list[dict]:
+    """Render with kubectl's kustomize; the stand-in renderer only outside CI."""
+    exe = kubectl()
+    if exe is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("kubectl is missing: run tests/deploy/install-kubectl.sh (make setup)")
+        return render(directory)
+    proc = subprocess.run(
+        [exe, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, f"kubectl kustomize {directory}: {proc.stderr.strip()}"
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+_RENDERED: dict[str, list[dict]] = {}
+
+
+def rendered(name: str) -> list[dict]:
+    if name not in _RENDERED:
+        _RENDERED[name] = kustomize(K8S / "overlays" / name)
+    return copy.deepcopy(_RENDERED[name])
+
+
+@pytest.fixture(params=["cpu", "gpu"])
 def overlay(request) -> tuple[str, list[dict]]:
-    return request.param, render(K8S / "overlays" / request.param)
+    return request.param, rendered(request.param)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def render_overlay():
-    return lambda name: render(K8S / "overlays" / name)
+    return rendered
+
+
+@pytest.fixture
+def renderers():
+    """(kubectl path or None, kubectl renderer, stand-in renderer) for comparing them."""
+    return kubectl(), kustomize, render

@@ -35,10 +35,18 @@ def one(objects: list[dict], kind: str) -> dict:
 # --- Kubernetes ----------------------------------------------------------------------------
 
 
-def test_every_core_object_validates_against_the_kubernetes_schema(overlay, tmp_path):
+RENDER_TARGETS = ["cpu", "gpu", "gpu/engine-build"]
+
+
+@pytest.mark.parametrize("name", RENDER_TARGETS)
+def test_every_core_object_validates_against_the_kubernetes_schema(name, render_overlay):
     import kubernetes_validate
 
-    name, objects = overlay
+    objects = render_overlay(name)
+    if name == "gpu/engine-build":
+        assert [o["kind"] for o in objects] == ["Job"]
+        kubernetes_validate.validate(objects[0], K8S_VERSION, strict=True)
+        return
     core = [o for o in objects if not o["apiVersion"].startswith(("keda.sh", "monitoring.coreos"))]
     assert {"Deployment", "ConfigMap", "Secret", "Service", "PodDisruptionBudget"} <= {
         o["kind"] for o in core
@@ -71,19 +79,66 @@ def test_worker_pod_is_hardened_and_probed(overlay):
     assert container["image"].startswith("registry.example.com/carstream/worker:")
 
 
+def expand(arg: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion of container args from the container's env."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg)
+
+
 def test_gpu_overlay_asks_for_a_gpu_of_one_product_and_builds_engines_there(render_overlay):
     objects = render_overlay("gpu")
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
-    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    pod_template = one(objects, "Deployment")["spec"]["template"]
+    pod = pod_template["spec"]
+    (worker,) = pod["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     product = pod["nodeSelector"]["nvidia.com/gpu.product"]
-    job = one(objects, "Job")
+    worker_env = {e["name"]: e.get("value") for e in worker["env"]}
+
+    (job,) = render_overlay("gpu/engine-build")
     job_pod = job["spec"]["template"]["spec"]
     assert job_pod["nodeSelector"]["nvidia.com/gpu.product"] == product
-    assert job_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
-    args = job_pod["containers"][0]["args"]
-    assert "--precision=fp16,fp32" in args and "--backends=tensorrt" in args
+    assert job_pod["tolerations"] == pod["tolerations"]
+    assert job_pod["restartPolicy"] == "Never"
+    (builder,) = job_pod["containers"]
+    assert builder["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert builder["image"] == worker["image"], (
+        "the engine must be built with the worker's TensorRT"
+    )
+    env = {e["name"]: e["value"] for e in builder["env"]}
+    args = dict(
+        expand(a, env).removeprefix("--").split("=", 1) for a in builder["args"] if "=" in a
+    )
+    assert args["precision"] == "fp16,fp32" and args["backends"] == "tensorrt"
+    # the Job writes exactly the bundle the workers load, for the version they are labelled with
+    assert args["out"] == worker_env["CARSTREAM_BUNDLE"]
+    assert args["model-version"] == pod_template["metadata"]["labels"]["carstream/model-version"]
+    assert (
+        job["spec"]["template"]["metadata"]["labels"]["carstream/model-version"]
+        == (args["model-version"])
+    )
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in job_pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {one(objects, "PersistentVolumeClaim")["metadata"]["name"]}
     cpu = render_overlay("cpu")
     assert "nvidia.com/gpu" not in str(one(cpu, "Deployment"))
+
+
+def test_stand_in_renderer_matches_kubectl_kustomize(renderers):
+    exe, kustomize, render = renderers
+    if exe is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("kubectl is missing: run tests/deploy/install-kubectl.sh (make setup)")
+        pytest.skip("kubectl not installed: run tests/deploy/install-kubectl.sh")
+
+    def key(o):
+        return (o["kind"], o["metadata"]["name"])
+
+    for name in RENDER_TARGETS:
+        real = sorted(kustomize(DEPLOY / "k8s" / "overlays" / name), key=key)
+        assert real == sorted(render(DEPLOY / "k8s" / "overlays" / name), key=key), name
 
 
 def test_keda_scales_the_deployment_on_the_groups_lag_within_the_partition_count(overlay):
