@@ -5,3 +5,5 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 "$PY" benchmarks/model_throughput.py "$@"
 "$PY" benchmarks/train_throughput.py
+"$PY" benchmarks/decode_throughput.py
+"$PY" benchmarks/e2e_throughput.py

@@ -1,0 +1,168 @@
+"""Decode + preprocess throughput: per format and size, PIL full vs JPEG draft, 1..N threads,
+and batched GPU JPEG decoding (torchvision.io.decode_jpeg on CUDA) when a GPU is present.
+
+Uses the worker's own code path (worker.decoding.decode_image + training's preprocess_image)
+on photo-like images. Writes benchmarks/results/decode_throughput.{json,md}.
+
+    python benchmarks/decode_throughput.py
+    python benchmarks/decode_throughput.py --threads 1,2,4 --seconds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from e2e_throughput import photo_jpegs  # noqa: E402
+from model_throughput import cpu_model  # noqa: E402
+
+from training.preprocessing import PreprocessSpec, preprocess_image  # noqa: E402
+from worker.decoding import decode_image  # noqa: E402
+
+SIZES = {"1080x1080": (1080, 1080), "1280x960": (1280, 960), "640x640": (640, 640)}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma list")
+    parser.add_argument("--seconds", type=float, default=1.5, help="timed seconds per case")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    return parser
+
+
+def encoded(fmt: str, size: tuple[int, int]) -> bytes:
+    """A photo-like image of ``size`` in ``fmt``."""
+    base = Image.open(io.BytesIO(photo_jpegs(1)[0])).convert("RGB").resize(size)
+    buf = io.BytesIO()
+    kwargs = {"JPEG": {"quality": 85}, "WEBP": {"quality": 85}, "PNG": {}}[fmt]
+    base.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def rate(fn, data: bytes, threads: int, seconds: float) -> float:
+    """Images/s of ``fn(data)`` run by ``threads`` threads for about ``seconds``."""
+    fn(data)
+    done = 0
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        while time.perf_counter() - start < seconds:
+            list(pool.map(fn, [data] * (threads * 4)))
+            done += threads * 4
+    return done / (time.perf_counter() - start)
+
+
+def gpu_rows(spec: PreprocessSpec, seconds: float) -> list[dict]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    from torchvision.io import decode_jpeg
+    from torchvision.transforms.v2 import functional as tvf
+
+    rows = []
+    data = torch.frombuffer(bytearray(encoded("JPEG", SIZES["1080x1080"])), dtype=torch.uint8)
+    mean = torch.tensor(spec.mean, device="cuda").view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device="cuda").view(1, 3, 1, 1)
+    for batch in (32, 128):
+        inputs = [data] * batch
+
+        def run(inputs=inputs):
+            imgs = decode_jpeg(inputs, device="cuda")
+            out = torch.stack([tvf.center_crop(tvf.resize(i, spec.resize), spec.crop) for i in imgs])
+            return ((out.float() / 255) - mean) / std
+
+        run()
+        torch.cuda.synchronize()
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            run()
+            n += batch
+        torch.cuda.synchronize()
+        rows.append(
+            {
+                "format": "JPEG",
+                "size": "1080x1080",
+                "mode": f"nvjpeg batch {batch}",
+                "threads": 1,
+                "images_per_s": n / (time.perf_counter() - start),
+            }
+        )
+    return rows
+
+
+def main(args: argparse.Namespace) -> int:
+    spec = PreprocessSpec()
+    threads = [int(t) for t in args.threads.split(",")]
+    rows = []
+    for size_name, size in SIZES.items():
+        for fmt in ("JPEG", "PNG", "WEBP"):
+            data = encoded(fmt, size)
+            modes = {"full": None, "draft": spec.resize} if fmt == "JPEG" else {"full": None}
+            for mode, draft in modes.items():
+
+                def fn(d, draft=draft):
+                    return preprocess_image(decode_image(d, draft_size=draft), spec)
+
+                for t in threads:
+                    r = rate(fn, data, t, args.seconds)
+                    rows.append(
+                        {
+                            "format": fmt,
+                            "size": size_name,
+                            "kb": len(data) // 1024,
+                            "mode": mode,
+                            "threads": t,
+                            "images_per_s": r,
+                        }
+                    )
+                    print(f"{fmt:5} {size_name:10} {mode:6} x{t}: {r:7.1f}/s", flush=True)
+    rows += gpu_rows(spec, args.seconds)
+    result = {
+        "command": "python benchmarks/decode_throughput.py " + " ".join(sys.argv[1:]),
+        "machine": f"{cpu_model()} ({os.cpu_count()} cores)",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "preprocess": spec.model_dump(mode="json"),
+        "rows": rows,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "decode_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "# Decode + preprocess throughput (worker.decoding + preprocess_image)",
+        "",
+        f"- command: `{result['command']}`",
+        f"- machine: {result['machine']}",
+        f"- date: {result['date']}",
+        f"- preprocessing: resize {spec.resize}, crop {spec.crop}; images are photo-like; "
+        "draft = libjpeg DCT scaling to the smallest scale keeping the resize size",
+        "",
+        "| format | size | KB | mode | threads | images/s |",
+        "| --- | --- | ---: | --- | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['format']} | {r['size']} | {r.get('kb', '')} | {r['mode']} | "
+            f"{r['threads']} | {r['images_per_s']:.1f} |"
+        )
+    if not any("nvjpeg" in r["mode"] for r in rows):
+        lines += ["", "No CUDA GPU here: the batched nvJPEG rows are not measured."]
+    (args.out_dir / "decode_throughput.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
