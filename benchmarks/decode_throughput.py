@@ -83,7 +83,9 @@ def gpu_rows(spec: PreprocessSpec, seconds: float) -> list[dict]:
 
         def run(inputs=inputs):
             imgs = decode_jpeg(inputs, device="cuda")
-            out = torch.stack([tvf.center_crop(tvf.resize(i, spec.resize), spec.crop) for i in imgs])
+            out = torch.stack(
+                [tvf.center_crop(tvf.resize(i, spec.resize), spec.crop) for i in imgs]
+            )
             return ((out.float() / 255) - mean) / std
 
         run()
