@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import binascii
 import io
-import warnings
+import logging
+import struct
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -19,6 +20,13 @@ DEFAULT_MAX_PIXELS = 64_000_000
 _DATA_URI_PREFIX = "data:"
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey image
+
+log = logging.getLogger(__name__)
+
+# What Pillow's decoders raise on corrupt input besides OSError: fuzzed files are known to reach
+# struct/index/key errors in format plugins, and a bad post must become a dead letter, not a crash.
+_CORRUPT = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError)
+_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def decode_base64(text: str, max_bytes: int) -> bytes:
@@ -42,11 +50,16 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any mode -> RGB; transparency is composited on white (how the post is seen in a feed)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit/32-bit grey: scale to 8 bits instead of clipping everything above 255 to white
-        peak = 65535.0 if img.mode.startswith("I;16") else float(max(1, img.getextrema()[1]))
-        img = img.point(lambda v: v * (255.0 / peak)).convert("L")
+    """Any mode -> RGB.
+
+    Transparency is composited on white: a cut-out product shot is seen on a white page, while
+    dropping alpha would expose whatever colour the transparent pixels happen to store (often
+    black), and the model was trained on opaque photos, so white is the nearest to what it knows.
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit grey (mode I only comes from 16-bit PNGs among the allowed formats): scale
+        # 0..65535 to 0..255; a plain convert would clip everything above 255 to white
+        img = img.point(lambda v: v * (255.0 / 65535.0)).convert("L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("LA", "PA"):
@@ -70,39 +83,47 @@ def decode_image(
     """
     if not data:
         raise PostError("not_an_image", "empty image")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise PostError("not_an_image", "not a recognised image format") from None
-        except Image.DecompressionBombError as exc:
-            raise PostError("decompression_bomb", str(exc)) from None
-        except Image.DecompressionBombWarning as exc:
-            raise PostError("decompression_bomb", str(exc)) from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise PostError("truncated_image", f"unreadable image header: {exc}") from None
-        if img.format not in ALLOWED_FORMATS:
-            raise PostError("unsupported_format", f"{img.format} images are not accepted")
-        width, height = img.size
-        if width < 1 or height < 1:
-            raise PostError("not_an_image", f"image has no pixels ({width}x{height})")
-        if width * height > max_pixels:
-            raise PostError(
-                "decompression_bomb",
-                f"{width}x{height} is {width * height} pixels, limit {max_pixels}",
-            )
-        try:
-            if draft_size and img.format in ("JPEG", "MPO"):
-                img.draft("RGB", (draft_size, draft_size))
-            if getattr(img, "is_animated", False):
-                img.seek(0)
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise PostError("decompression_bomb", str(exc)) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise PostError(
-                "truncated_image", f"image data is truncated or corrupt: {exc}"
-            ) from None
+    # Pillow warns above Image.MAX_IMAGE_PIXELS and raises above twice that. Catching the warning
+    # needs warnings.catch_warnings, which swaps process-global state and is not thread-safe, so
+    # instead any image Pillow would warn about is over our budget too.
+    if Image.MAX_IMAGE_PIXELS is not None:
+        max_pixels = min(max_pixels, Image.MAX_IMAGE_PIXELS)
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise PostError("not_an_image", "not a recognised image format") from None
+    except _BOMB as exc:  # the warning too, where a caller runs with warnings as errors
+        raise PostError("decompression_bomb", str(exc)) from None
+    except _CORRUPT as exc:
+        raise PostError("truncated_image", f"unreadable image header: {exc}") from None
+    if img.format not in ALLOWED_FORMATS:
+        raise PostError("unsupported_format", f"{img.format} images are not accepted")
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise PostError("not_an_image", f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise PostError(
+            "decompression_bomb", f"{width}x{height} is {width * height} pixels, limit {max_pixels}"
+        )
+    try:
+        if draft_size and img.format in ("JPEG", "MPO"):
+            # picks the smallest DCT scale (1/1, 1/2, 1/4, 1/8) keeping both sides >= draft_size
+            img.draft("RGB", (draft_size, draft_size))
+        if getattr(img, "is_animated", False):
+            img.seek(0)
+        img.load()
+    except _BOMB as exc:
+        raise PostError("decompression_bomb", str(exc)) from None
+    except _CORRUPT as exc:
+        raise PostError("truncated_image", f"image data is truncated or corrupt: {exc}") from None
+    return _to_rgb(_apply_orientation(img))
+
+
+def _apply_orientation(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied; a corrupt EXIF block leaves the pixels as stored rather than
+    rejecting an otherwise good photo (phones and editors write broken EXIF surprisingly often)."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as exc:  # any EXIF parsing failure means "no orientation"
+        log.debug("ignoring unreadable EXIF orientation: %s", exc)
+        return img

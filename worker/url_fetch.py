@@ -8,15 +8,20 @@ server cannot hold a decode thread; the body is read in chunks against a size ca
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import logging
+import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from worker.errors import PostError
 
@@ -28,12 +33,22 @@ Vetter = Callable[[IPAddress], "str | None"]
 
 _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_IPV4_COMPAT = ipaddress.ip_network("::/96")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known prefix: embeds an IPv4 address
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # local-use NAT64 (RFC 8215)
+_NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)")
+_PATH_SAFE = "/%!$&'()*+,;=:@-._~"
+# getaddrinfo cannot be interrupted, so it runs here and the caller waits at most its deadline;
+# a resolver stuck past that keeps one of these threads until libc gives up, not a decode thread
+_RESOLVE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="url-resolve")
 _REDIRECTS = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
 class UrlPolicy:
+    """What ``image_url`` posts may fetch; built once from the worker settings."""
+
     enabled: bool = True
     timeout_s: float = 5.0
     max_bytes: int = 20 * 1024 * 1024
@@ -43,6 +58,7 @@ class UrlPolicy:
 
     @classmethod
     def from_settings(cls, settings) -> UrlPolicy:
+        """The policy of a :class:`worker.settings.WorkerSettings` (any object with its fields)."""
         return cls(
             enabled=settings.url_fetch_enabled,
             timeout_s=settings.url_timeout_s,
@@ -53,18 +69,26 @@ class UrlPolicy:
 
 
 def is_refused_address(ip: IPAddress) -> str | None:
-    """Why this address must not be fetched from, or None when it is a public unicast address."""
+    """Why this address must not be fetched from, or None when it is a public unicast address.
+
+    IPv6 forms that carry an IPv4 address (mapped, compatible, 6to4, Teredo, NAT64) are judged
+    by the address they carry, since that is where the packets can end up.
+    """
+    if ip in _METADATA:
+        return "cloud metadata address"
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip in _METADATA:
-            return "cloud metadata address"
+        if ip.is_loopback or ip.is_unspecified:
+            return "loopback address" if ip.is_loopback else "unspecified address"
+        if ip in _IPV4_COMPAT:
+            return "IPv4-compatible IPv6 address (deprecated, never a public destination)"
         embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None:
             reason = is_refused_address(embedded)
             return f"embeds {embedded}: {reason}" if reason else None
-        if ip in ipaddress.ip_network("::/96"):  # IPv4-compatible (deprecated)
-            return "IPv4-compatible IPv6 address"
-    if ip in _METADATA:
-        return "cloud metadata address"
+        if ip in _NAT64_LOCAL:
+            return "local-use NAT64 address"
     checks = [
         ("loopback", ip.is_loopback),
         ("unspecified", ip.is_unspecified),
@@ -84,7 +108,7 @@ def is_refused_address(ip: IPAddress) -> str | None:
 
 def _parse_ip_literal(host: str) -> IPAddress | None:
     try:
-        return ipaddress.ip_address(host.strip("[]"))
+        return ipaddress.ip_address(host)
     except ValueError:
         return None
 
@@ -101,33 +125,43 @@ def _vet_url(url: str, policy: UrlPolicy) -> tuple[str, str, int, str]:
         raise PostError("url_refused", f"scheme {scheme or '(none)'!r} is not http(s)")
     if parts.username is not None or parts.password is not None:
         raise PostError("url_refused", "credentials in URLs are not accepted")
-    host = (parts.hostname or "").lower()
+    host = (parts.hostname or "").lower().removesuffix(".")
     if not host:
         raise PostError("url_refused", "URL has no host")
-    if policy.allow_hosts and host not in policy.allow_hosts:
+    if _parse_ip_literal(host) is None:
+        if all(_NUMERIC_LABEL.fullmatch(label) for label in host.split(".")):
+            # 2130706433, 0x7f.1, 0177.0.0.1, 127.1: forms libc reads as addresses but that are
+            # not the canonical dotted quad; refused rather than re-implementing inet_aton
+            raise PostError("url_refused", f"non-canonical numeric host {host!r}")
+        try:
+            host = host.encode("idna").decode("ascii")  # what DNS and the Host header carry
+        except UnicodeError:
+            raise PostError("url_refused", f"invalid host name {host!r}") from None
+    if policy.allow_hosts and host not in {h.lower() for h in policy.allow_hosts}:
         raise PostError("url_refused", f"host {host} is not in the allow-list")
-    if _parse_ip_literal(host) is None and (
-        host.replace(".", "").isdigit() or host.startswith("0x")
-    ):
-        # 2130706433, 0x7f.1, 017700000001: numeric forms libc would read as addresses
-        raise PostError("url_refused", f"non-canonical numeric host {host!r}")
-    path = parts.path or "/"
+    path = quote(parts.path or "/", safe=_PATH_SAFE)
     if parts.query:
-        path += "?" + parts.query
+        path += "?" + quote(parts.query, safe=_PATH_SAFE + "?")
     return scheme, host, port or (443 if scheme == "https" else 80), path
 
 
-def _resolve(host: str, port: int, policy: UrlPolicy, resolver: Resolver, vet: Vetter) -> str:
+def _resolve(
+    host: str, port: int, policy: UrlPolicy, resolver: Resolver, vet: Vetter, deadline: float
+) -> str:
     """The one address to connect to, after vetting every address the name resolves to."""
     literal = _parse_ip_literal(host)
     if literal is not None:
         addresses = [literal]
     else:
+        future = _RESOLVE_POOL.submit(resolver, host, port, type=socket.SOCK_STREAM)
         try:
-            infos = resolver(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError, OSError) as exc:
+            infos = future.result(timeout=_remaining(deadline, host))
+        except FutureTimeout:
+            future.cancel()
+            raise PostError("url_fetch_failed", f"timed out resolving {host}") from None
+        except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
             raise PostError("url_fetch_failed", f"cannot resolve {host}: {exc}") from None
-        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
         if not addresses:
             raise PostError("url_fetch_failed", f"{host} resolves to no address")
     if not policy.allow_private:
@@ -138,22 +172,70 @@ def _resolve(host: str, port: int, policy: UrlPolicy, resolver: Resolver, vet: V
     return str(addresses[0])
 
 
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """HTTP to an already vetted address: no name lookup happens at connect time."""
+
+    def __init__(self, ip: str, host: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._ip = ip
+        self.live_sock: socket.socket | None = None
+
+    def connect(self) -> None:
+        self.sock = self.live_sock = socket.create_connection((self._ip, self.port), self.timeout)
+
+
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to a fixed address, with SNI and certificate checks against the URL's host name."""
+    """HTTPS to a vetted address, with SNI and certificate checks against the URL's host name."""
 
     def __init__(self, ip: str, host: str, port: int, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
         self._ip = ip
+        # http.client drops self.sock once a "Connection: close" response starts; the body is
+        # still read from this socket, which the deadline must be able to reach
+        self.live_sock: socket.socket | None = None
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._ip, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        # live_sock is set before the handshake so the deadline watchdog can cut a slow one
+        self.live_sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self.live_sock = self._context.wrap_socket(
+            self.live_sock, server_hostname=self.host
+        )
 
 
-def _remaining(deadline: float, url: str) -> float:
+class _Deadline:
+    """Wall-clock limit for one fetch.
+
+    Socket timeouts are per operation, so a server dripping one header byte a second would never
+    trip them; at the deadline a timer shuts the connection's socket down, which wakes any
+    blocked read with an error.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+        self.conn: _PinnedHTTPConnection | _PinnedHTTPSConnection | None = None
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        sock = self.conn.live_sock if self.conn is not None else None
+        if sock is not None:
+            # socket.socket.shutdown, not SSLSocket's, which would unwrap TLS mid-read
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    @property
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+
+def _remaining(deadline: float, what: str) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
-        raise PostError("url_fetch_failed", f"timed out fetching {url}")
+        raise PostError("url_fetch_failed", f"timed out fetching {what}")
     return left
 
 
@@ -161,71 +243,97 @@ def fetch(
     url: str,
     policy: UrlPolicy,
     resolver: Resolver = socket.getaddrinfo,
+    *,
     vet: Vetter | None = None,
 ) -> bytes:
     """The body of ``url``; PostError url_refused, url_fetch_failed or too_large otherwise.
 
-    ``resolver`` and ``vet`` (default :func:`is_refused_address`) are injectable for tests.
+    ``resolver`` (``getaddrinfo``'s signature) and ``vet`` (default :func:`is_refused_address`)
+    are injection points for tests; the worker passes neither.
     """
     vet = vet or is_refused_address
     if not policy.enabled:
         raise PostError("url_refused", "fetching image URLs is disabled on this worker")
-    deadline = time.monotonic() + policy.timeout_s
-    current = url
-    for _hop in range(policy.max_redirects + 1):
-        scheme, host, port, path = _vet_url(current, policy)
-        ip = _resolve(host, port, policy, resolver, vet)
-        shown = f"{scheme}://{host}:{port}{urlsplit(current).path}"  # no query: it may hold tokens
-        timeout = _remaining(deadline, shown)
-        if scheme == "https":
-            conn: http.client.HTTPConnection = _PinnedHTTPSConnection(ip, host, port, timeout)
-        else:
-            conn = http.client.HTTPConnection(ip, port, timeout=timeout)
-        try:
-            default_port = 443 if scheme == "https" else 80
-            host_header = host if port == default_port else f"{host}:{port}"
-            if ":" in host and not host.startswith("["):
-                host_header = f"[{host}]" if port == default_port else f"[{host}]:{port}"
-            conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
-            conn.putheader("Host", host_header)
-            conn.putheader("User-Agent", "carstream-worker/1")
-            conn.putheader("Accept", "image/*")
-            conn.endheaders()
-            response = conn.getresponse()
-            if response.status in _REDIRECTS:
-                location = response.getheader("Location")
-                if not location:
-                    raise PostError("url_fetch_failed", f"redirect without Location from {shown}")
-                current = urljoin(current, location)
-                log.debug("redirect %s -> %s", shown, urlsplit(current).path)
-                continue
-            if not 200 <= response.status < 300:
-                raise PostError("url_fetch_failed", f"HTTP {response.status} from {shown}")
-            length = response.getheader("Content-Length")
-            if length and length.isdigit() and int(length) > policy.max_bytes:
-                raise PostError("too_large", f"{shown} is {length} bytes, limit {policy.max_bytes}")
-            body = bytearray()
-            while True:
-                if conn.sock is not None:
-                    conn.sock.settimeout(_remaining(deadline, shown))
-                chunk = (
-                    response.read1(_CHUNK) if hasattr(response, "read1") else response.read(_CHUNK)
-                )
-                if not chunk:
-                    break
-                body += chunk
-                if len(body) > policy.max_bytes:
-                    raise PostError("too_large", f"{shown} sent over {policy.max_bytes} bytes")
-                _remaining(deadline, shown)
-            return bytes(body)
-        except PostError:
-            raise
-        except (OSError, http.client.HTTPException) as exc:
-            if time.monotonic() >= deadline or isinstance(exc, TimeoutError | socket.timeout):
-                raise PostError("url_fetch_failed", f"timed out fetching {shown}") from None
-            raise PostError(
-                "url_fetch_failed", f"{shown}: {exc.__class__.__name__}: {exc}"
-            ) from None
-        finally:
-            conn.close()
-    raise PostError("url_refused", f"more than {policy.max_redirects} redirects from {url}")
+    deadline = _Deadline(policy.timeout_s)
+    try:
+        current = url
+        for _hop in range(policy.max_redirects + 1):
+            scheme, host, port, path = _vet_url(current, policy)
+            shown = (
+                f"{scheme}://{host}:{port}{path.split('?', 1)[0]}"  # no query: it may hold tokens
+            )
+            ip = _resolve(host, port, policy, resolver, vet, deadline.at)
+            log.debug("fetching %s from %s", shown, ip)
+            location = _get(ip, scheme, host, port, path, shown, policy, deadline)
+            if isinstance(location, bytes):
+                log.debug("fetched %d bytes from %s", len(location), shown)
+                return location
+            current = urljoin(current, location)
+            log.debug("redirect %s -> %s", shown, urlsplit(current)._replace(query="").geturl())
+        raise PostError("url_refused", f"more than {policy.max_redirects} redirects")
+    finally:
+        deadline.cancel()
+
+
+def _get(
+    ip: str,
+    scheme: str,
+    host: str,
+    port: int,
+    path: str,
+    shown: str,
+    policy: UrlPolicy,
+    deadline: _Deadline,
+) -> bytes | str:
+    """One GET: the body, or the Location of a redirect (not yet vetted)."""
+    timeout = _remaining(deadline.at, shown)
+    pinned = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
+    conn: _PinnedHTTPConnection | _PinnedHTTPSConnection = pinned(ip, host, port, timeout)
+    deadline.conn = conn
+    response: http.client.HTTPResponse | None = None
+    try:
+        default_port = 443 if scheme == "https" else 80
+        name = f"[{host}]" if ":" in host else host
+        conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", name if port == default_port else f"{name}:{port}")
+        conn.putheader("User-Agent", "carstream-worker/1")
+        conn.putheader("Accept", "image/*")
+        conn.putheader("Connection", "close")
+        conn.endheaders()
+        response = conn.getresponse()
+        if response.status in _REDIRECTS:
+            location = response.getheader("Location")
+            if not location:
+                raise PostError("url_fetch_failed", f"redirect without Location from {shown}")
+            return location
+        if not 200 <= response.status < 300:
+            raise PostError("url_fetch_failed", f"HTTP {response.status} from {shown}")
+        length = response.getheader("Content-Length", "")
+        if length.strip().isdigit() and int(length) > policy.max_bytes:
+            raise PostError("too_large", f"{shown} is {length} bytes, limit {policy.max_bytes}")
+        body = bytearray()
+        while True:
+            left = _remaining(deadline.at, shown)
+            if conn.live_sock is not None:
+                conn.live_sock.settimeout(left)
+            chunk = response.read1(_CHUNK)
+            if not chunk:
+                break
+            body += chunk
+            if len(body) > policy.max_bytes:
+                raise PostError("too_large", f"{shown} sent over {policy.max_bytes} bytes")
+        _remaining(deadline.at, shown)  # the watchdog's shutdown also ends the loop, as an EOF
+        if response.length:  # bytes still owed by Content-Length
+            raise PostError("url_fetch_failed", f"{shown}: connection closed mid-body")
+        return bytes(body)
+    except PostError:
+        raise
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if deadline.passed or isinstance(exc, TimeoutError):
+            raise PostError("url_fetch_failed", f"timed out fetching {shown}") from None
+        raise PostError("url_fetch_failed", f"{shown}: {exc.__class__.__name__}: {exc}") from None
+    finally:
+        deadline.conn = None
+        if response is not None:  # owns the socket once the server says "Connection: close"
+            response.close()
+        conn.close()

@@ -1,14 +1,19 @@
-"""The URL policy: address classification, scheme and host rules, and real fetches from a local
-HTTP server (ok, 404, oversized, slow drip, redirects)."""
+"""The URL policy: address classification, scheme and host rules, and real fetches from local
+HTTP(S) servers (ok, 404, oversized, slow drip, redirects, certificate checks)."""
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -37,14 +42,24 @@ from worker.url_fetch import UrlPolicy, fetch, is_refused_address
         "::ffff:127.0.0.1",
         "::ffff:10.0.0.1",
         "2002:7f00:1::1",  # 6to4 embedding 127.0.0.1
+        "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo, client 10.0.0.1
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+        "64:ff9b:1::a00:1",  # local-use NAT64
+        "::127.0.0.1",  # IPv4-compatible
+        "fec0::1",  # site-local
         "ff02::1",
+        "198.18.0.1",  # benchmarking
+        "192.0.2.1",  # documentation
     ],
 )
 def test_internal_addresses_are_refused(address):
     assert is_refused_address(ipaddress.ip_address(address))
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "151.101.1.69", "2001:4860:4860::8888"])
+@pytest.mark.parametrize(
+    "address",
+    ["8.8.8.8", "151.101.1.69", "2001:4860:4860::8888", "::ffff:8.8.8.8", "64:ff9b::808:808"],
+)
 def test_public_addresses_are_allowed(address):
     assert is_refused_address(ipaddress.ip_address(address)) is None
 
@@ -71,7 +86,15 @@ def fake_resolver(mapping: dict[str, str]):
         "http://169.254.169.254/latest/meta-data/",
         "http://2130706433/",
         "http://0x7f000001/",
+        "http://0x7f.0.0.1/",
+        "http://0177.0.0.1/",
+        "http://127.1/",
+        "http://127.0.0.1./",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[fe80::1%25eth0]/",
         "http:///nohost",
+        "http://bad..label/",
+        "javascript:alert(1)",
     ],
 )
 def test_refused_urls(url):
@@ -90,10 +113,25 @@ def test_a_name_resolving_to_an_internal_address_is_refused():
     assert info.value.kind == "url_refused" and "10.0.0.5" in info.value.reason
 
 
+def test_any_internal_address_among_several_refuses_the_name():
+    def resolve(host, port, type=socket.SOCK_STREAM):
+        return [
+            (socket.AF_INET, type, 6, "", ("8.8.8.8", port)),
+            (socket.AF_INET6, type, 6, "", ("::1", port, 0, 0)),
+        ]
+
+    with pytest.raises(PostError) as info:
+        fetch("http://mixed.example/a.jpg", UrlPolicy(), resolve)
+    assert info.value.kind == "url_refused" and "::1" in info.value.reason
+
+
 def test_allow_list_and_disabled_policy():
-    policy = UrlPolicy(allow_hosts=("cdn.example",))
+    policy = UrlPolicy(allow_hosts=("CDN.example",))
     with pytest.raises(PostError, match="allow-list"):
         fetch("http://other.example/a.jpg", policy, fake_resolver({"other.example": "8.8.8.8"}))
+    # allowed host: gets past the allow-list to the address check
+    with pytest.raises(PostError, match=r"resolves to 10\.0\.0\.1"):
+        fetch("http://cdn.EXAMPLE/a.jpg", policy, fake_resolver({"cdn.example": "10.0.0.1"}))
     with pytest.raises(PostError, match="disabled"):
         fetch("http://cdn.example/a.jpg", UrlPolicy(enabled=False))
 
@@ -102,6 +140,23 @@ def test_unresolvable_name_is_a_fetch_failure():
     with pytest.raises(PostError) as info:
         fetch("http://nowhere.invalid/a.jpg", UrlPolicy(), fake_resolver({}))
     assert info.value.kind == "url_fetch_failed"
+
+
+def test_a_hanging_resolver_is_cut_at_the_deadline():
+    release = threading.Event()
+
+    def hanging(host, port, type=socket.SOCK_STREAM):
+        release.wait(30)
+        return []
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(PostError) as info:
+            fetch("http://slow-dns.example/a.jpg", UrlPolicy(timeout_s=0.3), hanging)
+    finally:
+        release.set()
+    assert info.value.kind == "url_fetch_failed" and "resolving" in info.value.reason
+    assert time.monotonic() - started < 2.0
 
 
 # --- against a real local server -----------------------------------------------------------
@@ -118,6 +173,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, BODY)
         elif self.path == "/host":
             self._send(200, self.headers["Host"].encode())
+        elif self.path.startswith("/echo"):
+            self._send(200, self.path.encode())
         elif self.path == "/missing":
             self._send(404, b"no")
         elif self.path == "/big":
@@ -140,6 +197,15 @@ class Handler(BaseHTTPRequestHandler):
                     time.sleep(0.1)
             except OSError:
                 pass
+        elif self.path == "/slow-headers":
+            try:
+                for byte in b"HTTP/1.1 200 OK\r\nX-Padding: " + b"p" * 100:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass
+            self.close_connection = True
         elif self.path.startswith("/redirect/"):
             target = self.path.removeprefix("/redirect/")
             self.send_response(302)
@@ -167,6 +233,7 @@ def server() -> Iterator[str]:
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_port}"
     httpd.shutdown()
+    httpd.server_close()
 
 
 LOCAL = UrlPolicy(allow_private=True, timeout_s=2.0, max_bytes=2000)
@@ -190,13 +257,23 @@ def test_oversized_bodies_are_refused(server, path):
     assert info.value.kind == "too_large"
 
 
-def test_slow_drip_is_cut_at_the_deadline(server):
+@pytest.mark.parametrize("path", ["/slow", "/slow-headers"])
+def test_slow_drip_is_cut_at_the_deadline(server, path):
+    """Per-read socket timeouts never trip on a byte every 0.1 s; the wall-clock deadline must."""
     started = time.monotonic()
     with pytest.raises(PostError) as info:
-        fetch(server + "/slow", UrlPolicy(allow_private=True, timeout_s=1.0))
+        fetch(server + path, UrlPolicy(allow_private=True, timeout_s=1.0))
     elapsed = time.monotonic() - started
-    assert info.value.kind == "url_fetch_failed"
-    assert elapsed < 3.0  # the server would drip for 10 s
+    assert info.value.kind == "url_fetch_failed" and "timed out" in info.value.reason
+    assert elapsed < 2.0  # the server would drip for 10 s
+
+
+def test_paths_are_percent_encoded_and_queries_never_logged(server, caplog):
+    caplog.set_level(logging.DEBUG, logger="worker.url_fetch")
+    body = fetch(server + "/echo/\u00fc x?token=SECRET&t=\u00e4", LOCAL)
+    assert body == b"/echo/%C3%BC%20x?token=SECRET&t=%C3%A4"
+    fetch(server + "/redirect/echo?token=SECRET", LOCAL)
+    assert "fetching" in caplog.text and "SECRET" not in caplog.text
 
 
 def test_redirects_are_followed_within_the_limit(server):
@@ -204,23 +281,103 @@ def test_redirects_are_followed_within_the_limit(server):
     with pytest.raises(PostError) as info:
         fetch(server + "/loop", LOCAL)
     assert info.value.kind == "url_refused" and "redirects" in info.value.reason
+    assert fetch(server + "/redirect/ok", UrlPolicy(allow_private=True, max_redirects=1)) == BODY
+    with pytest.raises(PostError, match="redirects"):
+        fetch(server + "/redirect/ok", UrlPolicy(allow_private=True, max_redirects=0))
 
 
-def test_every_redirect_hop_is_vetted(server):
-    """The local test server stands in for a public host: a vetter that refuses only 10/8
-    lets the first hop reach it, and the redirect to 10.0.0.1 must then be refused by the
-    same vetter (the worker uses is_refused_address, tested above)."""
+# The loopback test server has to stand in for a public host without switching the address check
+# off (allow_private=True would skip exactly what is under test). So the injected vetter exempts
+# that one address, 127.0.0.1, and defers to the real is_refused_address for every other
+# address: a redirect to another loopback address, a private one or the metadata service must
+# still be refused on the hop it appears.
+STANDIN = ipaddress.ip_address("127.0.0.1")
+
+
+def standin_vet(ip):
+    return None if ip == STANDIN else is_refused_address(ip)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.2:{port}/ok",
+        "http://10.0.0.1/x.jpg",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:{port}/ok",
+        "http://2130706433/",
+        "http://inside.test/x.jpg",
+        "file:///etc/passwd",
+    ],
+)
+def test_every_redirect_hop_is_vetted(server, target):
     port = int(server.rsplit(":", 1)[1])
-    resolver = fake_resolver({"public.test": "127.0.0.1"})
-
-    def vet(ip):
-        return "private" if ip in ipaddress.ip_network("10.0.0.0/8") else None
-
-    policy = UrlPolicy(timeout_s=2.0, max_bytes=2000)
-    assert fetch(f"http://public.test:{port}/ok", policy, resolver, vet) == BODY
+    resolver = fake_resolver({"public.test": "127.0.0.1", "inside.test": "192.168.0.7"})
+    policy = UrlPolicy(timeout_s=2.0, max_bytes=2000)  # allow_private=False
+    assert fetch(f"http://public.test:{port}/ok", policy, resolver, vet=standin_vet) == BODY
+    assert fetch(f"http://public.test:{port}/redirect/ok", policy, resolver, vet=standin_vet) == (
+        BODY
+    )
+    url = f"http://public.test:{port}/redirect/{target.format(port=port)}"
     with pytest.raises(PostError) as info:
-        fetch(f"http://public.test:{port}/redirect/http://10.0.0.1/x.jpg", policy, resolver, vet)
-    assert info.value.kind == "url_refused" and "10.0.0.1" in info.value.reason
-    # and with the real vetter the loopback first hop is refused outright
+        fetch(url, policy, resolver, vet=standin_vet)
+    assert info.value.kind == "url_refused", info.value.reason
+
+
+def test_the_real_vetter_refuses_the_loopback_stand_in(server):
+    port = int(server.rsplit(":", 1)[1])
     with pytest.raises(PostError, match="url_refused"):
-        fetch(f"http://public.test:{port}/ok", policy, resolver)
+        fetch(
+            f"http://public.test:{port}/ok",
+            UrlPolicy(),
+            fake_resolver({"public.test": "127.0.0.1"}),
+        )
+
+
+# --- HTTPS: the connection goes to the vetted address, the certificate is checked for the name
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory) -> Iterator[tuple[int, Path]]:
+    if not shutil.which("openssl"):
+        pytest.skip("openssl CLI not installed")
+    tmp = tmp_path_factory.mktemp("tls")
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "1", "-subj", "/CN=public.test",
+         "-addext", "subjectAltName=DNS:public.test",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_port, cert
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_https_pins_the_address_and_verifies_the_url_host(tls_server, monkeypatch):
+    port, cert = tls_server
+    resolver = fake_resolver({"public.test": "127.0.0.1", "other.test": "127.0.0.1"})
+    policy = UrlPolicy(allow_private=True, timeout_s=3.0)
+    with pytest.raises(PostError) as info:  # self-signed: not trusted by the system store
+        fetch(f"https://public.test:{port}/ok", policy, resolver)
+    assert (
+        info.value.kind == "url_fetch_failed" and "CERTIFICATE_VERIFY_FAILED" in info.value.reason
+    )
+
+    trusting = ssl.create_default_context(cafile=str(cert))
+    monkeypatch.setattr("worker.url_fetch.ssl.create_default_context", lambda: trusting)
+    assert fetch(f"https://public.test:{port}/ok", policy, resolver) == BODY
+    assert (
+        fetch(f"https://public.test:{port}/host", policy, resolver)
+        == f"public.test:{port}".encode()
+    )
+    with pytest.raises(PostError) as info:  # same address, but the certificate is not for this name
+        fetch(f"https://other.test:{port}/ok", policy, resolver)
+    assert info.value.kind == "url_fetch_failed" and "other.test" in info.value.reason
