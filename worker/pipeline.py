@@ -21,7 +21,12 @@ from typing import Any
 
 import numpy as np
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 from kafka.structs import OffsetAndMetadata
 from redis.exceptions import RedisError
 
@@ -39,6 +44,26 @@ from worker.trends import TrendRecord, TrendWriter
 from worker.url_fetch import UrlPolicy
 
 log = logging.getLogger(__name__)
+
+
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One record to publish."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list | None
+
+    def without_value(self) -> Outgoing:
+        note = [
+            ("carstream.value_omitted", b"too large for the dead-letter topic"),
+            ("carstream.original_size", str(len(self.value or b"")).encode()),
+        ]
+        return Outgoing(self.topic, self.key, None, [*(self.headers or []), *note])
 
 
 class BatchAbortedError(Exception):
@@ -302,26 +327,57 @@ class StreamWorker(ConsumerRebalanceListener):
         return out
 
     def _deliver(self, results: list, dead: list) -> None:
+        """Publish results and dead letters; only the sends that failed are retried.
+
+        A dead letter too large for the DLQ topic (producer or broker limit) is sent again
+        without its value, with headers saying so: losing the bytes of an oversized bad post
+        beats blocking its partition forever.
+        """
         s = self.settings
-        for attempt in range(1_000_000):
+        pending = [Outgoing(s.output_topic, k, v, None) for k, v in results]
+        pending += [Outgoing(s.dlq_topic, k, v, h) for k, v, h in dead]
+        attempt = 0
+        while pending:
+            last_error: Exception | None = None
+            sent: list[tuple[Outgoing, Any]] = []
+            for msg in pending:
+                try:
+                    future = self.producer.send(
+                        msg.topic, key=msg.key, value=msg.value, headers=msg.headers
+                    )
+                except KafkaError as exc:  # raised at once, e.g. over max_request_size
+                    future = exc
+                sent.append((msg, future))
             try:
-                futures = [
-                    self.producer.send(s.output_topic, key=key, value=value)
-                    for key, value in results
-                ]
-                futures += [
-                    self.producer.send(s.dlq_topic, key=key, value=value, headers=headers)
-                    for key, value, headers in dead
-                ]
                 self.producer.flush(timeout=30)
-                for f in futures:
-                    f.get(timeout=30)
-                break
             except KafkaError as exc:
+                log.warning("flush failed: %s", exc)
+            retry = []
+            for msg, future in sent:
+                error = future if isinstance(future, Exception) else None
+                if error is None:
+                    try:
+                        future.get(timeout=30)
+                        continue
+                    except KafkaError as exc:
+                        error = exc
+                if isinstance(error, TOO_LARGE) and msg.topic == s.dlq_topic and msg.value:
+                    log.warning(
+                        "dead letter of %d bytes is too large for %s; sending it without its value",
+                        len(msg.value),
+                        msg.topic,
+                    )
+                    retry.append(msg.without_value())
+                else:
+                    retry.append(msg)
+                    last_error = error
+            pending = retry
+            if last_error is not None:  # not only oversized dead letters to resend bare
                 self.metrics.retries.labels("kafka").inc()
-                log.warning("publishing a batch failed (%s); retry %d", exc, attempt + 1)
+                log.warning("%d sends failed (%s); retry %d", len(pending), last_error, attempt + 1)
                 if not self.backoff.wait(attempt, self.stop) and attempt >= 2:
-                    raise BatchAbortedError(f"results not delivered: {exc}") from exc
+                    raise BatchAbortedError(f"results not delivered: {last_error}")
+                attempt += 1
         for _, value in results:
             self.metrics.results.labels(
                 "low_confidence" if b'"low_confidence"' in value else "ok"

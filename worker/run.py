@@ -22,6 +22,10 @@ from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
+# Largest record the worker sends: an oversized bad post is dead-lettered with its bytes up to
+# this size (or the broker's limit); beyond either it is dead-lettered without its value.
+DLQ_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -157,7 +161,8 @@ def main(args: argparse.Namespace) -> int:
                 acks="all",
                 enable_idempotence=True,
                 linger_ms=5,
-                max_request_size=max(1024 * 1024, settings.max_message_bytes + 64 * 1024),
+                # dead letters carry the original bytes, which may exceed max_message_bytes
+                max_request_size=DLQ_MAX_REQUEST_BYTES,
             )
             break
         except RetriableError:

@@ -371,15 +371,6 @@ def test_slow_endless_failing_and_looping_urls_from_a_local_server(
     fx.record_row({"fault": "hostile URLs (local server)", "kinds": len(bad), **stats})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "worker bug: the DLQ producer's max_request_size is max_message_bytes + 64 KiB "
-        "(worker/run.py), so the original 20 MB bytes can never be dead-lettered; "
-        "StreamWorker._deliver retries MessageSizeTooLargeError forever and the partition "
-        "is blocked (each retry re-sends the batch's results)"
-    ),
-)
 def test_event_over_max_message_bytes_is_dead_lettered_not_blocking(fx, stack, kafka_bootstrap):
     """A 20 MB event with max_message_bytes = 1 MiB: DLQ'd as too_large, the partition moves on."""
     now = fx.now_rfc3339()
