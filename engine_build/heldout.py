@@ -1,9 +1,10 @@
 """Where parity and calibration images come from when the user names none.
 
-Default: the held-out split of the dataset the checkpoint was trained on, found from the
-checkpoint's recorded ``args`` (its data directory) and the dataset layouts fixed in DESIGN.md:
-CompCars' ``data/train_test_split/classification/test.txt``, or a class-per-folder tree's
-``test/`` or ``val/`` folder. Otherwise ``--parity-data DIR`` is required.
+Default: the held-out split of the dataset the checkpoint was trained on, read by training's
+own dataset reader from the checkpoint's recorded ``args`` (dataset kind, data directory, level,
+crop), so the labels and the bbox crop are exactly evaluation's. A checkpoint that records only
+a data directory falls back to its ``test/`` or ``val/`` folder. Otherwise ``--parity-data DIR``
+is required.
 """
 
 from __future__ import annotations
@@ -12,20 +13,22 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from PIL import UnidentifiedImageError
 
 from engine_build.parity import (
     ParityDataError,
     ParitySet,
     evenly_spaced,
     image_dir_parity_set,
-    load_images,
 )
-from training.preprocessing import PreprocessSpec
+from training.datasets import READERS, load_index
+from training.datasets.base import DatasetError
+from training.datasets.image_dataset import load_image
+from training.preprocessing import PreprocessSpec, preprocess_image
 
 log = logging.getLogger(__name__)
 
 DATA_DIR_KEYS = ("data_dir", "data_path", "data", "root")
-COMPCARS_TEST = Path("data/train_test_split/classification/test.txt")
 FOLDER_SPLITS = ("test", "val")
 
 
@@ -37,16 +40,42 @@ def recorded_data_dir(ckpt: dict) -> Path | None:
     return None
 
 
-def compcars_parity_set(
-    root: Path, classes: list[dict], spec: PreprocessSpec, limit: int
-) -> ParitySet:
-    """CompCars web-nature test split; labels from <make_id>/<model_id> in each listed path."""
-    index = {(str(c.get("make_id")), str(c.get("model_id"))): i for i, c in enumerate(classes)}
-    lines = [ln.strip() for ln in (root / COMPCARS_TEST).read_text().splitlines() if ln.strip()]
-    chosen = evenly_spaced(sorted(lines), limit)
-    files = [root / "data" / "image" / ln for ln in chosen]
-    labels = [index.get(tuple(Path(ln).parts[:2]), -1) for ln in chosen]
-    return load_images(files, labels, spec, f"{root / COMPCARS_TEST} (CompCars test split)")
+def _class_key(c: dict) -> tuple[str, str]:
+    return (str(c.get("make")), str(c.get("model")))
+
+
+def training_parity_set(ckpt: dict, spec: PreprocessSpec, limit: int) -> ParitySet | None:
+    """The held-out split read by training's own dataset reader, with the checkpoint's level and
+    crop, so labels and pixels are those of evaluation; None when the checkpoint does not record
+    its dataset."""
+    args = ckpt.get("args") or {}
+    kind, root = args.get("dataset"), recorded_data_dir(ckpt)
+    if kind not in READERS or root is None:
+        return None
+    level = args.get("level") or ckpt.get("level") or "model"
+    crop = args.get("crop") or "full"
+    try:
+        index = load_index(kind, root, "test", level=level, crop=crop)
+    except DatasetError as exc:
+        raise ParityDataError(f"held-out split of {root}: {exc}; pass --parity-data DIR") from exc
+    # the checkpoint's class order is authoritative; map the reader's classes onto it by name
+    ckpt_index = {_class_key(c): i for i, c in enumerate(ckpt["classes"])}
+    to_ckpt = [ckpt_index.get(_class_key(c), -1) for c in index.classes]
+    chosen = evenly_spaced(index.samples, limit)
+    arrays, labels = [], []
+    for sample in chosen:
+        try:
+            arrays.append(preprocess_image(load_image(sample), spec))
+        except (OSError, UnidentifiedImageError) as exc:
+            log.warning("skipping unreadable parity image %s: %s", sample.path, exc)
+            continue
+        labels.append(to_ckpt[sample.target])
+    if not arrays:
+        raise ParityDataError(f"no readable held-out images in {root}; pass --parity-data DIR")
+    source = (
+        f"{kind}:{root} test split (level {level}, crop {crop}; {index.skipped_missing} missing)"
+    )
+    return ParitySet(np.stack(arrays), np.asarray(labels, dtype=np.int64), source)
 
 
 def parity_set_for(
@@ -56,17 +85,16 @@ def parity_set_for(
     classes = ckpt["classes"]
     if parity_data is not None:
         return image_dir_parity_set(Path(parity_data), classes, spec, limit)
+    recorded = training_parity_set(ckpt, spec, limit)
+    if recorded is not None:
+        return recorded
     root = recorded_data_dir(ckpt)
-    for candidate in (root, root.parent if root is not None else None):
-        # the recorded dir may be the archive root or its ``data/`` folder
-        if candidate is not None and (candidate / COMPCARS_TEST).is_file():
-            return compcars_parity_set(candidate, classes, spec, limit)
     for split in FOLDER_SPLITS:
         if root is not None and (root / split).is_dir():
             return image_dir_parity_set(root / split, classes, spec, limit)
     raise ParityDataError(
-        f"no held-out images: the checkpoint's data dir ({root or 'not recorded'}) has no "
-        f"{COMPCARS_TEST} nor {'/'.join(FOLDER_SPLITS)}/ folder; pass --parity-data DIR"
+        f"no held-out images: the checkpoint records no dataset/data dir with a test split "
+        f"({root or 'not recorded'}); pass --parity-data DIR"
     )
 
 

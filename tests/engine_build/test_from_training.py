@@ -1,0 +1,94 @@
+"""The real hand-over: `python -m training train` writes a checkpoint, `python -m engine_build`
+builds a bundle from it with no --parity-data (the default held-out split must be found through
+training's own reader), and the bundle matches the checkpoint's labels and preprocessing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine_build.bundle import load_bundle
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sample")
+    run("training", "make-sample", "--out", str(out), "--classes", "4", "--per-class", "10")
+    return out
+
+
+@pytest.mark.parametrize("level", ["model", "make"])
+def test_bundle_from_a_trained_checkpoint_passes_parity_on_the_held_out_split(
+    sample, tmp_path, level
+):
+    ckpt, bundle_dir = tmp_path / "ckpt", tmp_path / "bundle"
+    run(
+        "training",
+        "train",
+        "--dataset",
+        "compcars",
+        "--data",
+        str(sample),
+        "--out",
+        str(ckpt),
+        "--arch",
+        "resnet18",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--pretrained",
+        "none",
+        "--level",
+        level,
+        "--crop",
+        "bbox",
+    )
+    run(
+        "engine_build",
+        "--checkpoint",
+        str(ckpt),
+        "--out",
+        str(bundle_dir),
+        "--precision",
+        "fp32",
+        "--max-batch",
+        "8",
+        "--threads",
+        "1",
+    )
+    bundle = load_bundle(bundle_dir)
+    labels = json.loads((ckpt / "labels.json").read_text())
+    assert [(lab.make, lab.model) for lab in bundle.manifest.labels] == [
+        (labels[str(i)]["make"], labels[str(i)]["model"]) for i in range(len(labels))
+    ]
+    ckpt_args = json.loads((ckpt / "args.json").read_text())
+    assert bundle.manifest.preprocess.crop == ckpt_args["image_size"] == 32
+    assert bundle.manifest.level == level
+
+    parity = json.loads((bundle_dir / "parity.json").read_text())
+    fp32 = parity["artifacts"]["onnxruntime-fp32"]
+    assert fp32["n_images"] > 0 and fp32["n_labelled"] == fp32["n_images"]
+    assert fp32["top1_agreement"] >= 0.999
+    assert "test split" in parity["parity_source"]
+    assert f"level {level}" in parity["parity_source"] and "crop bbox" in parity["parity_source"]
+    if level == "make":
+        assert len(bundle.manifest.labels) < 4  # makes, not the 4 models
