@@ -239,11 +239,11 @@ def latency(rate: float, seconds: float, stack, bundle, args, jpegs, work) -> di
     }
 
 
-def model_only(bundle: Path, args) -> dict:
+def model_only(bundle: Path, args, size: int) -> dict:
     engine = create_engine(load_bundle(bundle), "onnxruntime", threads=args.threads)
     batch = (
         np.random.default_rng(0)
-        .standard_normal((args.max_batch, 3, args.image_size, args.image_size))
+        .standard_normal((size, 3, args.image_size, args.image_size))
         .astype(np.float32)
     )
     engine.infer(batch)
@@ -255,8 +255,8 @@ def model_only(bundle: Path, args) -> dict:
     engine.close()
     per_batch = statistics.median(times)
     return {
-        "batch": args.max_batch,
-        "images_per_s": args.max_batch / per_batch,
+        "batch": size,
+        "images_per_s": size / per_batch,
         "batch_ms": per_batch * 1000,
     }
 
@@ -280,6 +280,9 @@ def render_md(r: dict) -> str:
         "| --- | ---: | ---: | ---: |",
         f"| model only (engine.infer, no Kafka/decode) | {r['model_only']['batch']} | "
         f"{r['model_only']['images_per_s']:.2f} | 1.00 |",
+        f"| model only, batch 1 (the ceiling of any unbatched loop) | 1 | "
+        f"{r['model_only_batch1']['images_per_s']:.2f} | "
+        f"{r['model_only_batch1']['images_per_s'] / r['model_only']['images_per_s']:.2f} |",
     ]
     for s in r["saturation"]:
         lines.append(
@@ -324,7 +327,8 @@ def main(args: argparse.Namespace) -> int:
             jpegs_raw = photo_jpegs(12)
             jpegs = [base64.b64encode(j).decode() for j in jpegs_raw]
             posts = [event(f"s{i}", jpegs[i % len(jpegs)]) for i in range(args.posts)]
-            ref = model_only(bundle, args)
+            ref = model_only(bundle, args, args.max_batch)
+            ref1 = model_only(bundle, args, 1)
             print(f"  model only: {ref['images_per_s']:.2f} images/s", flush=True)
             worker = [sys.executable, "-m", "worker", "run"]
             peer = [sys.executable, str(Path(__file__).parent / "peer_consumer.py")]
@@ -356,6 +360,7 @@ def main(args: argparse.Namespace) -> int:
         "max_wait_ms": args.max_wait_ms,
         "jpeg_kb": statistics.mean(len(j) for j in jpegs_raw) / 1024,
         "model_only": ref,
+        "model_only_batch1": ref1,
         "saturation": sat,
         "loads": loads,
         "latency": lat,
