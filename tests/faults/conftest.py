@@ -8,12 +8,15 @@ importlib mode, so test files cannot import each other): the helpers are exposed
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -413,3 +416,112 @@ def record_row(row: dict) -> None:
 def fx():
     """This module: the helpers above, for test files (importlib mode cannot import them)."""
     return sys.modules[__name__]
+
+
+# --- a broker behind a TCP proxy that can be cut ---------------------------------------------
+
+
+class CuttableProxy:
+    """TCP forwarder 127.0.0.1:port -> 127.0.0.1:target; ``cut`` drops every connection and
+    refuses new ones (the broker is unreachable), ``restore`` listens again on the same port."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = free_port()
+        self._conns: list = []
+        self._lock = threading.Lock()
+        self._listener = None
+        self.restore()
+
+    def restore(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(64)
+        self._listener = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self.cut()
+
+
+class ProxiedTansu(TansuBroker):
+    """Tansu listening on its port but advertising the proxy's, so every client goes through it."""
+
+    def __init__(self, state_dir: Path, port: int, advertised_port: int) -> None:
+        super().__init__(state_dir, port)
+        self.advertised_port = advertised_port
+
+    def argv(self) -> list[str]:
+        argv = super().argv()
+        i = argv.index("--advertised-listener-url")
+        argv[i + 1] = f"tcp://127.0.0.1:{self.advertised_port}"
+        return argv
+
+
+@pytest.fixture
+def proxied_broker(tmp_path: Path) -> Iterator[tuple[str, CuttableProxy]]:
+    """(bootstrap via the proxy, the proxy) of a fresh Tansu reachable only through the proxy."""
+    port = free_port()
+    proxy = CuttableProxy(port)
+    broker = ProxiedTansu(tmp_path / "tansu", port, proxy.port)
+    try:
+        broker.start()
+    except StackError as exc:
+        proxy.close()
+        pytest.fail(f"could not start the Tansu broker: {exc}")
+    try:
+        yield f"127.0.0.1:{proxy.port}", proxy
+    finally:
+        proxy.close()
+        broker.stop()
+
+
+@pytest.fixture
+def proxied_stack(proxied_broker, redis_server, bundle_dir, tmp_path):
+    bootstrap, proxy = proxied_broker
+    topics = Topics(bootstrap)
+    fleet = Fleet(worker_env(bootstrap, redis_server.url, topics, bundle_dir), tmp_path)
+    try:
+        yield (topics, redis_server, fleet), bootstrap, proxy
+    finally:
+        fleet.close()
