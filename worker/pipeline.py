@@ -217,21 +217,30 @@ class StreamWorker(ConsumerRebalanceListener):
             max_message_bytes=settings.max_message_bytes,
         )
         self._last_offset: dict[TopicPartition, int] = {}
+        self._lock = threading.Lock()  # the batcher is also touched by the rebalance callback
+        self._rewind: dict[TopicPartition, int] = {}  # first dropped offset per partition
 
     # --- rebalance: finish what was polled from partitions we are about to lose --------------
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        if not revoked or not len(self.batcher):
-            return
-        log.info("partitions revoked %s: finishing %d pending records", revoked, len(self.batcher))
-        try:
-            while len(self.batcher):
-                self.process(self.batcher.take())
-        except BatchAbortedError:
-            lost = set(revoked)
+        """Drop, uncommitted, what was polled from the partitions we lose.
+
+        kafka-python 3 runs this callback on its network thread, where a commit cannot block,
+        so the records in hand are not finished here: whoever owns each partition next reads
+        them again (this consumer too: the main loop seeks back if it gets the partition back),
+        and the trends' applied offsets keep them from being counted twice.
+        """
+        lost = set(revoked)
+        with self._lock:
             dropped = self.batcher.take_where(
                 lambda p: TopicPartition(p.record.topic, p.record.partition) not in lost
             )
-            log.warning("dropped %d uncommitted records of revoked partitions", len(dropped))
+            for item in dropped:
+                tp = TopicPartition(item.record.topic, item.record.partition)
+                self._rewind[tp] = min(self._rewind.get(tp, item.record.offset), item.record.offset)
+        for tp in lost:
+            self._last_offset.pop(tp, None)
+        if dropped:
+            log.info("partitions revoked %s: dropped %d uncommitted records", revoked, len(dropped))
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
@@ -253,10 +262,14 @@ class StreamWorker(ConsumerRebalanceListener):
                     extra = 2 * s.max_batch - len(self.batcher)
                     if extra > 0:
                         self._poll(0, extra)
-                    self.process(self.batcher.take())
+                    with self._lock:
+                        batch = self.batcher.take()
+                    self.process(batch)
             log.info("stop requested: draining %d pending records", len(self.batcher))
             while len(self.batcher):
-                self.process(self.batcher.take())
+                with self._lock:
+                    batch = self.batcher.take()
+                self.process(batch)
         except BatchAbortedError as exc:
             log.warning("batch left uncommitted at shutdown: %s", exc)
         finally:
@@ -271,11 +284,34 @@ class StreamWorker(ConsumerRebalanceListener):
             self.stop.wait(1.0)
             return
         now = time.monotonic()
-        for records in polled.values():
-            for rec in records:
-                self.batcher.add(Pending(rec, now, self.pool.submit(self._prepare, rec.value)))
-                self._last_offset[TopicPartition(rec.topic, rec.partition)] = rec.offset
+        with self._lock:
+            for records in polled.values():
+                for rec in records:
+                    future = self.pool.submit(self._prepare, rec.value)
+                    self.batcher.add(Pending(rec, now, future))
+                    self._last_offset[TopicPartition(rec.topic, rec.partition)] = rec.offset
+            if self._rewind:
+                self._apply_rewinds()
         self.metrics.consumed.inc(sum(len(r) for r in polled.values()))
+
+    def _apply_rewinds(self) -> None:
+        """Seek back to the first dropped record of every partition we hold again (lock held).
+
+        Without this, a consumer that gets the same partition back after a rebalance would go
+        on from its fetch position and skip the records it dropped.
+        """
+        held = self.consumer.assignment()
+        for tp, offset in self._rewind.items():
+            self.batcher.take_where(
+                lambda p, tp=tp, offset=offset: (
+                    TopicPartition(p.record.topic, p.record.partition) != tp
+                    or p.record.offset < offset
+                )
+            )
+            if tp in held:
+                self.consumer.seek(tp, offset)
+                log.info("re-reading %s from offset %d after the rebalance", tp, offset)
+        self._rewind.clear()
 
     def process(self, batch: list[Pending]) -> None:
         """Infer, publish, count and commit one batch; raises BatchAbortedError at shutdown only."""
@@ -417,7 +453,7 @@ class StreamWorker(ConsumerRebalanceListener):
         log.error("giving up committing %s; records will be redelivered and deduplicated", offsets)
 
     def _update_lag(self) -> None:
-        for tp, last in self._last_offset.items():
+        for tp, last in list(self._last_offset.items()):
             high = self.consumer.highwater(tp)
             if high is not None:
                 self.metrics.lag.labels(str(tp.partition)).set(max(0, high - last - 1))

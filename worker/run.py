@@ -87,6 +87,16 @@ def main(args: argparse.Namespace) -> int:
     from worker.logging_setup import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
+
+    # first thing: a SIGTERM while the engine loads must still end in a clean exit 0
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: types.FrameType | None) -> None:
+        stop.set()  # only a flag: the loop drains, commits and returns
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
     if not settings.bundle:
         print(
             "python -m worker run: error: --bundle (or CARSTREAM_BUNDLE) is required",
@@ -120,14 +130,6 @@ def main(args: argparse.Namespace) -> int:
     log.info(
         "bundle %s %s on %s", bundle.manifest.model_name, bundle.manifest.model_version, engine.name
     )
-
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: types.FrameType | None) -> None:
-        stop.set()  # only a flag: the loop drains, commits and returns
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
 
     metrics = WorkerMetrics()
     server = None
