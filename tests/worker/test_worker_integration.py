@@ -48,6 +48,7 @@ CLASSES = [
 CITIES = ["Paris", "Lyon", "Berlin", None]
 IMAGE_SIZE = 32
 PARTITIONS = 4
+LOG_SECRET = "sasl-Secret-never-logged"
 
 
 # --- fixtures ------------------------------------------------------------------------------
@@ -155,6 +156,7 @@ def env(kafka_bootstrap, redis_url, bundle_dir):
         "CARSTREAM_SESSION_TIMEOUT_MS": "6000",
         "CARSTREAM_METRICS_PORT": "0",
         "CARSTREAM_URL_FETCH_ENABLED": "false",
+        "CARSTREAM_SASL_PASSWORD": LOG_SECRET,  # set (unused on PLAINTEXT): must never be logged
         "PYTHONPATH": str(REPO),
     }
     procs: list[subprocess.Popen] = []
@@ -348,6 +350,8 @@ def test_every_post_one_result_and_exact_counts_with_bad_input_dead_lettered(
 
     procs[0].send_signal(signal.SIGTERM)
     assert procs[0].wait(timeout=60) == 0
+    log_text = (tmp_path / "w1.log").read_text()
+    assert "settings:" in log_text and LOG_SECRET not in log_text
 
 
 def test_two_replicas_split_partitions_and_a_killed_one_loses_nothing(
