@@ -274,3 +274,34 @@ def test_secrets_never_appear_in_redacted_settings_or_repr():
     text = json.dumps(s.redacted()) + repr(s) + str(s)
     for secret in ("hunter2", "topsecret", "alsosecret"):
         assert secret not in text
+
+
+def test_kafka_security_settings_reach_the_client_config():
+    from worker.connections import kafka_common_config
+
+    s = WorkerSettings(
+        bootstrap_servers="b1:9093, b2:9093",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="carstream",
+        sasl_password="hunter2",
+        ssl_cafile="/etc/ca.crt",
+    )
+    config = kafka_common_config(s)
+    assert config["bootstrap_servers"] == ["b1:9093", "b2:9093"]
+    assert config["security_protocol"] == "SASL_SSL"
+    assert config["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert config["sasl_plain_username"] == "carstream"
+    assert config["sasl_plain_password"] == "hunter2"  # unwrapped only here, for the client
+    assert config["ssl_cafile"] == "/etc/ca.crt" and config["ssl_check_hostname"] is True
+    plain = kafka_common_config(WorkerSettings())
+    assert "sasl_mechanism" not in plain and "ssl_cafile" not in plain
+
+
+def test_sasl_without_mechanism_or_credentials_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="sasl_mechanism"):
+        WorkerSettings(security_protocol="SASL_PLAINTEXT")
+    with pytest.raises(ValidationError, match="sasl_username"):
+        WorkerSettings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN")
