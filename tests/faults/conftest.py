@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import json
 import os
 import signal
@@ -27,13 +26,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-import torch
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from PIL import Image
 
-from training.checkpoint import save_checkpoint
-from training.models import build_model
-from training.preprocessing import PreprocessSpec
+from tests.support import CLASSES, IMAGE_SIZE, image_bytes  # noqa: F401 (fx.* for tests)
 from worker.stack import (
     RedisServer,
     StackError,
@@ -45,33 +40,13 @@ from worker.stack import (
 from worker.trends import TrendReader
 
 REPO = Path(__file__).resolve().parents[2]
-CLASSES = [
-    {"make": "Audi", "model": "A4", "make_id": 1, "model_id": 11},
-    {"make": "Audi", "model": "Q5", "make_id": 1, "model_id": 12},
-    {"make": "BMW", "model": "X5", "make_id": 2, "model_id": 22},
-    {"make": "Citroen", "model": "C3", "make_id": 3, "model_id": 33},
-]
 CITIES = ["Paris", "Lyon", "Berlin", "Madrid", None]
-IMAGE_SIZE = 32
 PARTITIONS = 6
 SOAK = int(os.environ.get("CARSTREAM_SOAK", "0") or 0)
 SOAK_FACTOR = max(1, SOAK * 5) if SOAK else 1
 
 
 # --- servers -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    broker = TansuBroker(tmp_path_factory.mktemp("tansu"), free_port())
-    try:
-        broker.start()
-    except StackError as exc:
-        pytest.fail(f"could not start the Tansu broker: {exc}")
-    try:
-        yield broker.bootstrap
-    finally:
-        broker.stop()
 
 
 @pytest.fixture
@@ -92,48 +67,9 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 # --- model bundle --------------------------------------------------------------------------
 
 
-def image_bytes(rng: np.random.Generator, fmt: str = "PNG", size=(48, 64)) -> bytes:
-    base = rng.integers(0, 255, size=3)
-    pixels = np.clip(base + rng.integers(-40, 40, size=(*size, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format=fmt)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory) -> Path:
-    """A real fp32 bundle of a small resnet18 (4 classes), built by engine_build."""
-    from engine_build.build import build_bundle
-
-    torch.manual_seed(0)
-    model = build_model("resnet18", len(CLASSES))
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(8, 3, IMAGE_SIZE, IMAGE_SIZE))
-        model.fc.weight.mul_(20.0)  # spread the logits so the four classes all occur
-    ckpt = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(
-        ckpt,
-        {
-            "arch": "resnet18",
-            "num_classes": len(CLASSES),
-            "classes": CLASSES,
-            "level": "model",
-            "preprocess": PreprocessSpec.for_image_size(IMAGE_SIZE).model_dump(mode="json"),
-            "state_dict": model.state_dict(),
-            "epoch": 1,
-            "args": {"arch": "resnet18", "dataset": "folder"},
-        },
-    )
-    parity = tmp_path_factory.mktemp("parity")
-    rng = np.random.default_rng(1)
-    for cls in CLASSES:
-        (parity / cls["model"]).mkdir()
-        for i in range(3):
-            (parity / cls["model"] / f"{i}.png").write_bytes(image_bytes(rng))
-    out = tmp_path_factory.mktemp("bundles") / "bundle"
-    return build_bundle(ckpt, out, precisions="fp32", parity_data=parity, max_batch=16, threads=1)
+def bundle_dir(worker_bundle_dir: Path) -> Path:
+    return worker_bundle_dir
 
 
 # --- topics, workers -----------------------------------------------------------------------

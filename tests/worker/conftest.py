@@ -1,4 +1,4 @@
-"""Session fixtures: a real Tansu broker and a real redis-server on free loopback ports.
+"""Session fixture: a real redis-server on a free loopback port (the broker: tests/conftest.py).
 
 Each fixture starts its own server in a temporary directory and stops it at the end of the
 session. Tests create the topics they need with `worker.stack.create_topics`.
@@ -11,21 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.stack import RedisServer, StackError, TansuBroker, free_port, redis_server_available
-
-
-@pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """bootstrap_servers ("127.0.0.1:port") of a memory-only Tansu broker."""
-    broker = TansuBroker(tmp_path_factory.mktemp("tansu"), free_port())
-    try:
-        broker.start()
-    except StackError as exc:
-        pytest.fail(f"could not start the Tansu broker: {exc}")
-    try:
-        yield broker.bootstrap
-    finally:
-        broker.stop()
+from worker.stack import RedisServer, StackError, free_port, redis_server_available
 
 
 @pytest.fixture(scope="session")

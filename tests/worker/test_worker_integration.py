@@ -10,7 +10,6 @@ left uncommitted.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import signal
@@ -25,13 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-import torch
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from PIL import Image
 
-from training.checkpoint import save_checkpoint
-from training.models import build_model
-from training.preprocessing import PreprocessSpec
+from tests.support import image_bytes
 from worker.dead_letter import parse_dlq_headers
 from worker.stack import create_topics
 from worker.trends import TrendReader
@@ -39,14 +34,7 @@ from worker.trends import TrendReader
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-CLASSES = [
-    {"make": "Audi", "model": "A4", "make_id": 1, "model_id": 11},
-    {"make": "Audi", "model": "Q5", "make_id": 1, "model_id": 12},
-    {"make": "BMW", "model": "X5", "make_id": 2, "model_id": 22},
-    {"make": "Citroen", "model": "C3", "make_id": 3, "model_id": 33},
-]
 CITIES = ["Paris", "Lyon", "Berlin", None]
-IMAGE_SIZE = 32
 PARTITIONS = 4
 LOG_SECRET = "sasl-Secret-never-logged"
 
@@ -54,48 +42,9 @@ LOG_SECRET = "sasl-Secret-never-logged"
 # --- fixtures ------------------------------------------------------------------------------
 
 
-def _image_bytes(rng: np.random.Generator, fmt: str = "PNG") -> bytes:
-    base = rng.integers(0, 255, size=3)
-    pixels = np.clip(base + rng.integers(-40, 40, size=(48, 64, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format=fmt)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory) -> Path:
-    """A real fp32 bundle of a small resnet18, built by engine_build from a checkpoint."""
-    from engine_build.build import build_bundle
-
-    torch.manual_seed(0)
-    model = build_model("resnet18", len(CLASSES))
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(8, 3, IMAGE_SIZE, IMAGE_SIZE))
-        model.fc.weight.mul_(20.0)  # spread the logits so the four classes all occur
-    ckpt = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(
-        ckpt,
-        {
-            "arch": "resnet18",
-            "num_classes": len(CLASSES),
-            "classes": CLASSES,
-            "level": "model",
-            "preprocess": PreprocessSpec.for_image_size(IMAGE_SIZE).model_dump(mode="json"),
-            "state_dict": model.state_dict(),
-            "epoch": 1,
-            "args": {"arch": "resnet18", "dataset": "folder"},
-        },
-    )
-    parity = tmp_path_factory.mktemp("parity")
-    rng = np.random.default_rng(1)
-    for cls in CLASSES:
-        (parity / cls["model"]).mkdir()
-        for i in range(3):
-            (parity / cls["model"] / f"{i}.png").write_bytes(_image_bytes(rng))
-    out = tmp_path_factory.mktemp("bundles") / "bundle"
-    return build_bundle(ckpt, out, precisions="fp32", parity_data=parity, max_batch=16, threads=1)
+def bundle_dir(worker_bundle_dir: Path) -> Path:
+    return worker_bundle_dir
 
 
 @pytest.fixture(scope="session")
@@ -188,7 +137,7 @@ def good_posts(n: int, seed: int = 0) -> list[tuple[str, bytes, str | None]]:
         city = CITIES[i % len(CITIES)]
         event = {
             "post_id": post_id,
-            "image_b64": base64.b64encode(_image_bytes(rng)).decode(),
+            "image_b64": base64.b64encode(image_bytes(rng)).decode(),
             "posted_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
             "platform": "test",
         }
@@ -290,7 +239,7 @@ def test_every_post_one_result_and_exact_counts_with_bad_input_dead_lettered(
     topics, url, worker_env, procs = env
     posts = good_posts(40)
     rng = np.random.default_rng(5)
-    png = _image_bytes(rng)
+    png = image_bytes(rng)
     now = datetime.now(UTC).isoformat()
     bad = {
         "invalid_utf8": b"\xff\xfe\x00garbage",

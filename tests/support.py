@@ -1,0 +1,73 @@
+"""Helpers shared by the suites that run real workers (tests/worker, tests/faults).
+
+Importable as ``tests.support`` (pytest's ``pythonpath`` includes the repository root).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training.checkpoint import save_checkpoint
+from training.models import build_model
+from training.preprocessing import PreprocessSpec
+
+CLASSES = [
+    {"make": "Audi", "model": "A4", "make_id": 1, "model_id": 11},
+    {"make": "Audi", "model": "Q5", "make_id": 1, "model_id": 12},
+    {"make": "BMW", "model": "X5", "make_id": 2, "model_id": 22},
+    {"make": "Citroen", "model": "C3", "make_id": 3, "model_id": 33},
+]
+IMAGE_SIZE = 32
+
+
+def image_bytes(rng: np.random.Generator, fmt: str = "PNG", size=(48, 64)) -> bytes:
+    """A small noisy image of one random colour, encoded as ``fmt``."""
+    base = rng.integers(0, 255, size=3)
+    pixels = np.clip(base + rng.integers(-40, 40, size=(*size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def build_worker_bundle(work: Path) -> Path:
+    """A real fp32 bundle of a small resnet18 over CLASSES, built by engine_build."""
+    from engine_build.build import build_bundle
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", len(CLASSES))
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, 3, IMAGE_SIZE, IMAGE_SIZE))
+        model.fc.weight.mul_(20.0)  # spread the logits so the four classes all occur
+    save_checkpoint(
+        work / "ckpt",
+        {
+            "arch": "resnet18",
+            "num_classes": len(CLASSES),
+            "classes": CLASSES,
+            "level": "model",
+            "preprocess": PreprocessSpec.for_image_size(IMAGE_SIZE).model_dump(mode="json"),
+            "state_dict": model.state_dict(),
+            "epoch": 1,
+            "args": {"arch": "resnet18", "dataset": "folder"},
+        },
+    )
+    rng = np.random.default_rng(1)
+    for cls in CLASSES:
+        (work / "parity" / cls["model"]).mkdir(parents=True)
+        for i in range(3):
+            (work / "parity" / cls["model"] / f"{i}.png").write_bytes(image_bytes(rng))
+    return build_bundle(
+        work / "ckpt",
+        work / "bundle",
+        precisions="fp32",
+        parity_data=work / "parity",
+        max_batch=16,
+        threads=1,
+    )
