@@ -72,6 +72,12 @@ def preprocess_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         img = img.convert("RGB")
     img = resize_shorter_side(img, spec.resize, spec.interpolation)
     img = center_crop(img, spec.crop)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    # (x/255 - mean)/std as one multiply-add per pixel, written straight into the CHW output:
+    # two passes over the crop instead of five, which matters in the worker's decode threads
+    pixels = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    out = np.empty(pixels.shape, dtype=np.float32)  # C-contiguous CHW, as engines expect
+    np.multiply(pixels, 1.0 / (255.0 * std), out=out)
+    out += -mean / std
+    return out

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from training.imbalance import class_balanced_weights, sample_weights
 from training.metrics import classification_metrics
@@ -48,3 +50,22 @@ def test_warmup_then_cosine():
     assert warmup_cosine_factor(10, 10, 100) == pytest.approx(1.0)
     assert warmup_cosine_factor(55, 10, 100) == pytest.approx(0.5)
     assert warmup_cosine_factor(100, 10, 100) == pytest.approx(0.0)
+
+
+def test_preprocess_image_normalises_like_torchvision_and_returns_contiguous_chw():
+    import torchvision.transforms.functional as tvf
+
+    from training.preprocessing import PreprocessSpec, preprocess_image
+
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(rng.integers(0, 256, size=(300, 400, 3), dtype=np.uint8))
+    spec = PreprocessSpec.for_image_size(64, mean=(0.1, 0.5, 0.9), std=(0.2, 0.3, 0.4))
+    out = preprocess_image(img, spec)
+    assert out.shape == (3, 64, 64) and out.dtype == np.float32
+    assert out.flags["C_CONTIGUOUS"]
+    # the same crop through torchvision's to_tensor + normalize
+    crop = tvf.center_crop(tvf.resize(img, spec.resize), spec.crop)
+    expected = tvf.normalize(tvf.to_tensor(crop), spec.mean, spec.std).numpy()
+    np.testing.assert_allclose(out, expected, atol=2e-2)  # PIL vs tensor resize rounding
+    exact = (np.asarray(crop, dtype=np.float32) / 255.0 - spec.mean) / spec.std
+    np.testing.assert_allclose(out, exact.transpose(2, 0, 1), atol=1e-5)

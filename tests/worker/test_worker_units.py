@@ -17,7 +17,7 @@ from worker.errors import PostError
 from worker.pipeline import Pending, commit_offsets, make_outputs
 from worker.postprocess import classify, softmax
 from worker.prepare import Prepared
-from worker.schemas import Prediction, parse_event
+from worker.schemas import MAX_JSON_DEPTH, Prediction, parse_event
 from worker.settings import WorkerSettings
 
 
@@ -131,6 +131,24 @@ def test_brackets_inside_strings_do_not_count_as_nesting():
     assert ev.platform.startswith("[[")
     escaped = parse_event(_raw({**GOOD, "lang": '\\"[[[[[[[[[[[[[[[[[[[["', "city": "x"}), 10_000)
     assert escaped.city == "x"
+
+
+def _nested(depth: int) -> bytes:
+    """An event whose ``extra`` field nests ``depth - 1`` lists inside the top-level object."""
+    return _raw({**GOOD, "extra": json.loads("[" * (depth - 1) + "]" * (depth - 1))})
+
+
+def test_nesting_up_to_the_limit_parses_and_one_more_level_is_refused():
+    assert parse_event(_nested(MAX_JSON_DEPTH), 10_000).post_id == "p1"
+    with pytest.raises(PostError) as info:
+        parse_event(_nested(MAX_JSON_DEPTH + 1), 10_000)
+    assert info.value.kind == "invalid_json"
+
+
+def test_many_shallow_brackets_are_not_mistaken_for_deep_nesting():
+    # more opening brackets than the limit (so the token scan runs), but never deeper than 2
+    ev = parse_event(_raw({**GOOD, "extra": [[i] for i in range(50)]}), 10_000)
+    assert ev.post_id == "p1"
 
 
 # --- post-processing -----------------------------------------------------------------------
