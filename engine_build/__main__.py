@@ -20,6 +20,7 @@ from engine_build.build import (
     build_bundle,
 )
 from engine_build.bundle import BundleError
+from training.cli_errors import OneLineParser
 
 log = logging.getLogger("engine_build")
 
@@ -37,13 +38,6 @@ def comma_list(choices: tuple[str, ...]):
         return items
 
     return parse
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad arguments end in one line naming the value, exit 2, no usage dump."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from training import compare, evaluate, sample, train
-from training.cli import OneLineParser, run_guarded, setup_logging
+from training.cli import run_guarded, setup_logging
+from training.cli_errors import OneLineParser
 
 COMMANDS = {
     "make-sample": sample,

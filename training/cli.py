@@ -8,10 +8,9 @@ import sys
 from collections.abc import Callable
 
 from training.checkpoint import CheckpointError
+from training.cli_errors import EXIT_BAD_INPUT
 from training.datasets.base import DatasetError
 from training.models import UnknownArchError
-
-EXIT_BAD_INPUT = 2
 
 
 class BadArgumentError(ValueError):
@@ -19,13 +18,6 @@ class BadArgumentError(ValueError):
 
 
 USER_ERRORS = (DatasetError, CheckpointError, UnknownArchError, FileNotFoundError, BadArgumentError)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage dump), still exiting 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
 def positive_int(text: str) -> int:

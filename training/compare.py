@@ -20,7 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from training import plots
 from training import train as train_cmd
 from training.checkpoint import atomic_write_bytes, atomic_write_json
-from training.cli import BadArgumentError, OneLineParser, positive_int
+from training.cli import BadArgumentError, positive_int
+from training.cli_errors import OneLineParser
 from training.distributed import DistInfo
 from training.models import ARCHS, UnknownArchError, build_model
 

@@ -13,7 +13,7 @@ from training.checkpoint import (
     model_from_checkpoint,
     preprocess_spec_of,
 )
-from training.cli import OneLineParser
+from training.cli_errors import OneLineParser
 from training.datasets import DatasetError, load_index
 from training.distributed import DistInfo
 from training.engine import evaluate

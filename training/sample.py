@@ -20,7 +20,8 @@ import numpy as np
 import scipy.io
 from PIL import Image, ImageDraw
 
-from training.cli import BadArgumentError, OneLineParser, positive_int
+from training.cli import BadArgumentError, positive_int
+from training.cli_errors import OneLineParser
 
 log = logging.getLogger(__name__)
 

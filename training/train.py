@@ -31,12 +31,12 @@ from training.checkpoint import (
 )
 from training.cli import (
     BadArgumentError,
-    OneLineParser,
     non_negative_int,
     positive_float,
     positive_int,
     unit_float,
 )
+from training.cli_errors import OneLineParser
 from training.datasets import CROPS, LEVELS, READERS, DatasetError, DatasetIndex, load_index
 from training.datasets.image_dataset import ImageDataset
 from training.distributed import DistInfo, barrier, cleanup, init_distributed

@@ -10,19 +10,14 @@ import argparse
 import importlib
 import sys
 
+from training.cli_errors import OneLineParser
+
 SUBCOMMANDS = {
     "run": ("worker.run", "consume post events, classify them, publish results, count trends"),
     "trends": ("worker.trends_cli", "print live top makes/models/cities from Redis"),
     "produce": ("worker.produce", "publish post events (images or JSON lines); load generator"),
     "stack": ("worker.stack", "start/stop/inspect the local broker + Redis stack"),
 }
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad arguments end in one line naming the value, exit 2, no usage dump."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _usage() -> str:

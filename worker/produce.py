@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from training.cli_errors import fail, first_validation_error
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
@@ -199,37 +201,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
-def _first_error(exc: Exception) -> str:
-    """One line out of a pydantic ValidationError: the field and what is wrong with it."""
-    errors = exc.errors()  # type: ignore[attr-defined]
-    if not errors:
-        return str(exc).splitlines()[0]
-    err = errors[0]
-    field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
-    return f"{field}: {err.get('msg', 'invalid')}"
-
-
 def main(args: argparse.Namespace) -> int:
     """CLI edge: validate, build the producer from the worker's Kafka settings, report."""
     if args.rate < 0:
-        return _fail(f"--rate {args.rate}: must be >= 0")
+        return fail(f"--rate {args.rate}: must be >= 0")
     if args.count is not None and args.count < 1:
-        return _fail(f"--count {args.count}: must be at least 1")
+        return fail(f"--count {args.count}: must be at least 1")
     if args.images is not None:
         if not args.images.is_dir():
-            return _fail(f"--images {args.images}: not a directory")
+            return fail(f"--images {args.images}: not a directory")
         images = find_images(args.images)
         if not images:
-            return _fail(f"--images {args.images}: no image files found")
+            return fail(f"--images {args.images}: no image files found")
         messages = image_messages(images, args.city, args.platform, args.count)
     else:
         if not args.jsonl.is_file():
-            return _fail(f"--jsonl {args.jsonl}: not a readable file")
+            return fail(f"--jsonl {args.jsonl}: not a readable file")
         messages = jsonl_messages(args.jsonl, args.count)
 
     from kafka import KafkaProducer
@@ -243,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         settings = WorkerSettings(**overrides)
     except ValidationError as exc:
-        return _fail(f"settings: {_first_error(exc)}")
+        return fail(f"settings: {first_validation_error(exc)}")
     topic = args.topic or settings.input_topic
     try:
         producer = KafkaProducer(

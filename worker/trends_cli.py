@@ -14,6 +14,7 @@ import sys
 from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
+from training.cli_errors import fail, first_validation_error
 from worker.trends import TrendReader
 
 logger = logging.getLogger(__name__)
@@ -74,32 +75,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
-def _first_error(exc: Exception) -> str:
-    """One line out of a pydantic ValidationError: the field and what is wrong with it."""
-    errors = exc.errors()  # type: ignore[attr-defined]
-    if not errors:
-        return str(exc).splitlines()[0]
-    err = errors[0]
-    field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
-    return f"{field}: {err.get('msg', 'invalid')}"
-
-
 def main(args: argparse.Namespace) -> int:
     """CLI edge: parse, read through TrendReader, print a table or JSON."""
     try:
         minutes = parse_window(args.window)
         at = parse_at(args.at) if args.at else datetime.now(UTC)
     except ValueError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if args.top < 1:
-        return _fail(f"--top {args.top}: must be at least 1")
+        return fail(f"--top {args.top}: must be at least 1")
     if args.city is not None and args.by == "city":
-        return _fail("--city cannot be combined with --by city")
+        return fail("--city cannot be combined with --by city")
 
     import redis
     from pydantic import ValidationError
@@ -110,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         settings = WorkerSettings(**({"redis_url": args.redis_url} if args.redis_url else {}))
     except ValidationError as exc:
-        return _fail(f"settings: {_first_error(exc)}")
+        return fail(f"settings: {first_validation_error(exc)}")
     client = redis_client(settings)
     reader = TrendReader(client, minute_ttl_s=settings.trend_minute_ttl_s)
     try:

@@ -1,0 +1,36 @@
+"""One-line command-line errors, shared by the three packages' CLIs.
+
+A user who mistypes a flag or feeds a bad file gets one line naming it and exit code 2, never a
+usage dump or a traceback. Dependency-free so the worker's light CLIs (produce, trends) can use it
+without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage dump), still exiting 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def fail(message: str) -> int:
+    """Print ``error: message`` on stderr; return the bad-input exit code."""
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def first_validation_error(exc: Exception) -> str:
+    """One line out of a pydantic ValidationError: the field and what is wrong with it."""
+    errors = exc.errors()  # type: ignore[attr-defined]
+    if not errors:
+        return str(exc).splitlines()[0]
+    err = errors[0]
+    field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+    return f"{field}: {err.get('msg', 'invalid')}"
