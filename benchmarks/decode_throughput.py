@@ -67,26 +67,21 @@ def rate(fn, data: bytes, threads: int, seconds: float) -> float:
 
 
 def gpu_rows(spec: PreprocessSpec, seconds: float) -> list[dict]:
+    """The worker's GPU-decode path (worker.gpu_preprocess): nvJPEG batch decode + resize,
+    crop and normalise on the device, for batches of 1080x1080 photo JPEGs."""
     import torch
 
     if not torch.cuda.is_available():
         return []
-    from torchvision.io import decode_jpeg
-    from torchvision.transforms.v2 import functional as tvf
+    from worker.gpu_preprocess import GpuJpeg, decode_jpegs, preprocess_batch
 
     rows = []
-    data = torch.frombuffer(bytearray(encoded("JPEG", SIZES["1080x1080"])), dtype=torch.uint8)
-    mean = torch.tensor(spec.mean, device="cuda").view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device="cuda").view(1, 3, 1, 1)
+    jpeg = GpuJpeg(encoded("JPEG", SIZES["1080x1080"]))
     for batch in (32, 128):
-        inputs = [data] * batch
+        jpegs = [jpeg] * batch
 
-        def run(inputs=inputs):
-            imgs = decode_jpeg(inputs, device="cuda")
-            out = torch.stack(
-                [tvf.center_crop(tvf.resize(i, spec.resize), spec.crop) for i in imgs]
-            )
-            return ((out.float() / 255) - mean) / std
+        def run(jpegs=jpegs):
+            return preprocess_batch(decode_jpegs(jpegs, "cuda"), spec)
 
         run()
         torch.cuda.synchronize()

@@ -81,6 +81,23 @@ def decode_image(
     ``draft_size``: JPEGs are decoded at the smallest 1/2, 1/4 or 1/8 DCT scale whose shorter
     side is still >= draft_size (the resize target), which is several times faster on photos.
     """
+    img = open_checked(data, max_pixels)
+    try:
+        if draft_size and img.format in ("JPEG", "MPO"):
+            # picks the smallest DCT scale (1/1, 1/2, 1/4, 1/8) keeping both sides >= draft_size
+            img.draft("RGB", (draft_size, draft_size))
+        if getattr(img, "is_animated", False):
+            img.seek(0)
+        img.load()
+    except _BOMB as exc:
+        raise PostError("decompression_bomb", str(exc)) from None
+    except _CORRUPT as exc:
+        raise PostError("truncated_image", f"image data is truncated or corrupt: {exc}") from None
+    return _to_rgb(_apply_orientation(img))
+
+
+def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open from the header only: an allowed format within the pixel budget, not yet decoded."""
     if not data:
         raise PostError("not_an_image", "empty image")
     # Pillow warns above Image.MAX_IMAGE_PIXELS and raises above twice that. Catching the warning
@@ -105,18 +122,16 @@ def decode_image(
         raise PostError(
             "decompression_bomb", f"{width}x{height} is {width * height} pixels, limit {max_pixels}"
         )
+    return img
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1..8) of an opened image; 1 when absent or unreadable."""
     try:
-        if draft_size and img.format in ("JPEG", "MPO"):
-            # picks the smallest DCT scale (1/1, 1/2, 1/4, 1/8) keeping both sides >= draft_size
-            img.draft("RGB", (draft_size, draft_size))
-        if getattr(img, "is_animated", False):
-            img.seek(0)
-        img.load()
-    except _BOMB as exc:
-        raise PostError("decompression_bomb", str(exc)) from None
-    except _CORRUPT as exc:
-        raise PostError("truncated_image", f"image data is truncated or corrupt: {exc}") from None
-    return _to_rgb(_apply_orientation(img))
+        value = img.getexif().get(0x0112, 1)
+    except Exception:  # broken EXIF is common; it means "as stored", as in _apply_orientation
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _apply_orientation(img: Image.Image) -> Image.Image:

@@ -35,9 +35,10 @@ from engine_build.runtime import Engine
 from worker.batching import Batcher
 from worker.dead_letter import dlq_headers
 from worker.errors import PostError
+from worker.gpu_preprocess import decode_jpegs, normalize, resize_crop
 from worker.metrics import WorkerMetrics
 from worker.postprocess import classify
-from worker.prepare import Prepared, prepare
+from worker.prepare import Prepared, decode_on_cpu, prepare
 from worker.schemas import Prediction, Source, TopKEntry
 from worker.settings import WorkerSettings
 from worker.trends import TrendRecord, TrendWriter
@@ -178,6 +179,12 @@ def make_outputs(
     return results, dead, trends
 
 
+def torch_stack(rows: list[Any]) -> Any:
+    import torch
+
+    return torch.stack(rows)
+
+
 def commit_offsets(batch: list[Pending]) -> dict[TopicPartition, OffsetAndMetadata]:
     """Next offset to read per partition: highest processed offset + 1."""
     top: dict[TopicPartition, int] = {}
@@ -210,11 +217,18 @@ class StreamWorker(ConsumerRebalanceListener):
         self.backoff = Backoff()
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.batcher: Batcher[Pending] = Batcher(settings.max_batch, settings.max_wait_ms)
+        # GPU decode: JPEGs are decoded by nvJPEG on the engine's device, batch by batch
+        self.gpu_device = (
+            getattr(engine, "device", None)
+            if settings.gpu_decode and hasattr(engine, "infer_device")
+            else None
+        )
         self._prepare = partial(
             prepare,
             spec=manifest.preprocess,
             policy=UrlPolicy.from_settings(settings),
             max_message_bytes=settings.max_message_bytes,
+            gpu_jpeg=self.gpu_device is not None,
         )
         self._last_offset: dict[TopicPartition, int] = {}
         self._lock = threading.Lock()  # the batcher is also touched by the rebalance callback
@@ -336,20 +350,27 @@ class StreamWorker(ConsumerRebalanceListener):
 
     def _infer(self, prepared: list[Prepared]) -> dict[int, np.ndarray]:
         """Logits by batch position, in engine-sized chunks; an engine failure isolates items."""
-        good = [i for i, p in enumerate(prepared) if p.error is None]
+        if self.gpu_device is not None:
+            rows = self._device_rows(prepared)
+            run = self.engine.infer_device  # type: ignore[attr-defined]
+        else:
+            rows = {i: p.array for i, p in enumerate(prepared) if p.error is None}
+            run = self.engine.infer
+        stack = torch_stack if self.gpu_device is not None else np.stack
+        good = sorted(rows)
         out: dict[int, np.ndarray] = {}
         step = self.engine.max_batch
         for start in range(0, len(good), step):
             idx = good[start : start + step]
-            batch = np.stack([prepared[i].array for i in idx])
+            batch = stack([rows[i] for i in idx])
             t0 = time.perf_counter()
             try:
-                logits = self.engine.infer(batch)
+                logits = run(batch)
             except Exception:
                 log.exception("engine failed on a batch of %d; retrying one by one", len(idx))
                 for i in idx:
                     try:
-                        out[i] = self.engine.infer(prepared[i].array[None])[0]
+                        out[i] = run(rows[i][None])[0]
                     except Exception as exc:
                         prepared[i] = Prepared(
                             prepared[i].event,
@@ -361,6 +382,39 @@ class StreamWorker(ConsumerRebalanceListener):
             self.metrics.inference_seconds.observe(time.perf_counter() - t0)
             out.update(zip(idx, logits, strict=True))
         return out
+
+    def _device_rows(self, prepared: list[Prepared]) -> dict[int, Any]:
+        """Normalised CHW tensors on the engine's GPU by batch position (GPU-decode path).
+
+        JPEGs left by the decode threads are decoded in one nvJPEG call; if that call fails
+        (torchvision returns nothing then), each is decoded alone, and one that nvJPEG cannot
+        decode goes through the CPU decoder, which either decodes it or names what is wrong
+        (the dead-letter reason). Images decoded on the CPU are uploaded as they are.
+        """
+        import torch
+
+        spec = self.manifest.preprocess
+        device = self.gpu_device
+        idx = [i for i, p in enumerate(prepared) if p.error is None and p.jpeg is not None]
+        images: dict[int, torch.Tensor] = {}
+        if idx:
+            try:
+                decoded = decode_jpegs([prepared[i].jpeg for i in idx], device)
+                images = dict(zip(idx, decoded, strict=True))
+            except Exception as exc:
+                log.info("batched GPU decode failed (%s); decoding one by one", exc)
+                for i in idx:
+                    try:
+                        images[i] = decode_jpegs([prepared[i].jpeg], device)[0]
+                    except Exception:
+                        prepared[i] = decode_on_cpu(prepared[i], spec)
+        rows: dict[int, torch.Tensor] = {}
+        for i, prep in enumerate(prepared):
+            if i in images:
+                rows[i] = normalize(resize_crop(images[i], spec)[None], spec)[0]
+            elif prep.error is None and prep.array is not None:
+                rows[i] = torch.from_numpy(prep.array).to(device)
+        return rows
 
     def _deliver(self, results: list, dead: list) -> None:
         """Publish results and dead letters; only the sends that failed are retried.

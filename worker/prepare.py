@@ -1,6 +1,8 @@
 """One post's bytes -> a model-ready array, or the reason it cannot be classified.
 
-Runs in the decode thread pool; pure apart from the URL fetch, which its policy guards.
+Runs in the decode thread pool; pure apart from the URL fetch, which its policy guards. With
+``gpu_jpeg`` a baseline JPEG is only checked from its header here and left for the batched GPU
+decoder (worker.gpu_preprocess); every other image is decoded on the CPU as before.
 """
 
 from __future__ import annotations
@@ -11,20 +13,33 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.preprocessing import PreprocessSpec, preprocess_image
-from worker.decoding import decode_base64, decode_image
+from worker.decoding import decode_base64, decode_image, exif_orientation, open_checked
 from worker.errors import PostError
+from worker.gpu_preprocess import GpuJpeg
 from worker.schemas import PostEvent, parse_event
 from worker.url_fetch import UrlPolicy, fetch
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A parsed event and its input tensor, or the error that sends the record to the DLQ."""
+    """A parsed event and its input tensor (or its JPEG for the GPU), or why it goes to the DLQ."""
 
     event: PostEvent | None
     array: np.ndarray | None
     error: PostError | None
     seconds: float
+    jpeg: GpuJpeg | None = None
+
+
+def gpu_decodable(img) -> bool:
+    """Baseline 8-bit RGB or grey JPEGs: what nvJPEG's batched decoder handles; CMYK,
+    progressive and multi-picture files stay on the CPU decoder."""
+    return (
+        img.format == "JPEG"
+        and img.mode in ("RGB", "L")
+        and not img.info.get("progressive")
+        and not img.info.get("progression")
+    )
 
 
 def prepare(
@@ -33,6 +48,7 @@ def prepare(
     policy: UrlPolicy,
     max_message_bytes: int,
     draft: bool = True,
+    gpu_jpeg: bool = False,
 ) -> Prepared:
     """Parse, fetch or decode, and preprocess one record value; never raises for bad input."""
     started = time.perf_counter()
@@ -43,6 +59,11 @@ def prepare(
             data = decode_base64(event.image_b64, policy.max_bytes)
         else:
             data = fetch(event.image_url, policy)
+        if gpu_jpeg:
+            header = open_checked(data)
+            if gpu_decodable(header):
+                jpeg = GpuJpeg(data, exif_orientation(header))
+                return Prepared(event, None, None, time.perf_counter() - started, jpeg)
         image = decode_image(data, draft_size=spec.resize if draft else None)
         array = preprocess_image(image, spec)
         return Prepared(event, array, None, time.perf_counter() - started)
@@ -51,3 +72,18 @@ def prepare(
     except Exception as exc:  # a decoder bug must not take the worker down with the post
         reason = f"unexpected {exc.__class__.__name__}: {exc}"
         return Prepared(event, None, PostError("internal", reason), time.perf_counter() - started)
+
+
+def decode_on_cpu(prep: Prepared, spec: PreprocessSpec) -> Prepared:
+    """The CPU decode of a JPEG the GPU decoder refused: its array, or the PostError for the DLQ."""
+    if prep.jpeg is None:
+        return prep
+    started = time.perf_counter()
+    try:
+        array = preprocess_image(decode_image(prep.jpeg.data, draft_size=spec.resize), spec)
+        return Prepared(prep.event, array, None, prep.seconds + time.perf_counter() - started)
+    except PostError as exc:
+        return Prepared(prep.event, None, exc, prep.seconds + time.perf_counter() - started)
+    except Exception as exc:
+        reason = f"unexpected {exc.__class__.__name__}: {exc}"
+        return Prepared(prep.event, None, PostError("internal", reason), prep.seconds)

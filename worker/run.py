@@ -130,6 +130,8 @@ def main(args: argparse.Namespace) -> int:
     log.info(
         "bundle %s %s on %s", bundle.manifest.model_name, bundle.manifest.model_version, engine.name
     )
+    if settings.gpu_decode and not hasattr(engine, "infer_device"):
+        log.warning("gpu_decode ignored: the %s engine does not run on a GPU", engine.name)
 
     metrics = WorkerMetrics()
     server = None

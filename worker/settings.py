@@ -77,6 +77,11 @@ class WorkerSettings(BaseSettings):
     max_batch: int = Field(32, ge=1, le=4096)
     max_wait_ms: int = Field(50, ge=0, le=60_000)
     decode_threads: int = Field(4, ge=1, le=256)
+    gpu_decode: bool = Field(
+        False,
+        description="decode baseline JPEGs in batches with nvJPEG and preprocess them on the "
+        "engine's GPU (torch-cuda and tensorrt backends; ignored with a warning otherwise)",
+    )
     min_confidence: float = Field(0.5, ge=0.0, le=1.0)
     top_k: int = Field(5, ge=1, le=100)
 

@@ -29,7 +29,11 @@ class InputSpec:
 
 @runtime_checkable
 class Engine(Protocol):
-    """Raw logits for a preprocessed float32 NCHW batch of 1..max_batch images."""
+    """Raw logits for a preprocessed float32 NCHW batch of 1..max_batch images.
+
+    The CUDA backends also have ``device`` and ``infer_device(batch)``, which takes the batch as a
+    float32 torch tensor already on that device (the worker's GPU-decode path).
+    """
 
     name: str
     max_batch: int
@@ -58,3 +62,16 @@ def check_batch(batch: np.ndarray, spec: InputSpec, max_batch: int) -> np.ndarra
     if not 1 <= batch.shape[0] <= max_batch:
         raise ValueError(f"batch size {batch.shape[0]} outside 1..{max_batch}")
     return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def check_device_batch(batch, spec: InputSpec, max_batch: int, device) -> None:
+    """The checks of :func:`check_batch` for a torch tensor already on the engine's device."""
+    if batch.ndim != 4 or tuple(batch.shape[1:]) != spec.shape:
+        raise ValueError(
+            f"expected a batch of shape (N, {', '.join(map(str, spec.shape))}); got "
+            f"{tuple(batch.shape)}"
+        )
+    if not 1 <= batch.shape[0] <= max_batch:
+        raise ValueError(f"batch size {batch.shape[0]} outside 1..{max_batch}")
+    if batch.device != device:
+        raise ValueError(f"batch is on {batch.device}, the engine on {device}")

@@ -19,6 +19,7 @@ from engine_build.runtime.base import (
     InputSpec,
     PlanMismatchError,
     check_batch,
+    check_device_batch,
     input_spec_of,
 )
 
@@ -77,6 +78,7 @@ class TensorRTEngine:
         self._min_batch = m.batch_profile.min
         self._spec = input_spec_of(bundle)
         self._device = torch.device("cuda", device)
+        self.device = self._device
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(
@@ -105,12 +107,27 @@ class TensorRTEngine:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = check_batch(batch, self._spec, self.max_batch)
         n = batch.shape[0]
-        run_n = max(n, self._min_batch)  # pad up to the profile's minimum shape
         self._h_in[:n].copy_(torch.from_numpy(batch))
-        if run_n > n:
-            self._h_in[n:run_n].zero_()
         with torch.cuda.stream(self._stream):
-            self._d_in[:run_n].copy_(self._h_in[:run_n], non_blocking=True)
+            self._d_in[:n].copy_(self._h_in[:n], non_blocking=True)
+        return self._execute(n)
+
+    def infer_device(self, batch: torch.Tensor) -> np.ndarray:
+        """Logits for a float32 NCHW batch already on this engine's GPU (no host round trip)."""
+        check_device_batch(batch, self._spec, self.max_batch, self._device)
+        n = batch.shape[0]
+        # the batch was made on the caller's stream: order our copy after it
+        self._stream.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(self._stream):
+            self._d_in[:n].copy_(batch)
+        return self._execute(n)
+
+    def _execute(self, n: int) -> np.ndarray:
+        """Run the plan on the first ``n`` rows of the device input buffer."""
+        run_n = max(n, self._min_batch)  # pad up to the profile's minimum shape
+        with torch.cuda.stream(self._stream):
+            if run_n > n:
+                self._d_in[n:run_n].zero_()
             self._context.set_input_shape(self._in_name, (run_n, *self._spec.shape))
             if not self._context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError(f"{self.name}: execute_async_v3 failed")

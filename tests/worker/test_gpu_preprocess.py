@@ -1,0 +1,238 @@
+"""The GPU-decode path (worker.gpu_preprocess and the worker's use of it), run on the CPU.
+
+Everything in worker.gpu_preprocess is device-agnostic torch, so its arithmetic, EXIF handling
+and the worker's fallbacks are checked here against the CPU path; the last test repeats the
+decode on CUDA where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from engine_build.bundle import load_bundle
+from engine_build.runtime import create_engine
+from tests.support import image_bytes
+from training.preprocessing import PreprocessSpec, preprocess_image
+from worker.decoding import decode_image
+from worker.gpu_preprocess import GpuJpeg, decode_jpegs, exif_orient, preprocess_batch
+from worker.metrics import WorkerMetrics
+from worker.pipeline import StreamWorker
+from worker.prepare import prepare
+from worker.settings import WorkerSettings
+from worker.url_fetch import UrlPolicy
+
+ORIENTATION = 0x0112
+
+
+def photo(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """A smooth, asymmetric photo-like RGB array (resampling differences stay small on it)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([255 * x / w, 255 * y / h, 128 + 60 * np.sin(x / 17 + y / 23)], axis=-1)
+    img[: h // 3, : w // 4] = rng.uniform(0, 255, size=3)  # a corner block: orientation shows
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def encode(
+    arr: np.ndarray, fmt: str = "JPEG", orientation: int | None = None, cmyk: bool = False, **kw
+) -> bytes:
+    img = Image.fromarray(arr).convert("CMYK") if cmyk else Image.fromarray(arr)
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[ORIENTATION] = orientation
+        kw["exif"] = exif.tobytes()
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def chw(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orient_matches_pillow_exif_transpose(orientation):
+    arr = photo(40, 24)
+    reference = np.asarray(
+        ImageOps.exif_transpose(Image.open(io.BytesIO(encode(arr, "PNG", orientation))))
+    )
+    got = exif_orient(chw(arr), orientation).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(got, reference)
+
+
+def test_batched_decode_matches_the_cpu_decoder_and_applies_exif():
+    arrays = [photo(160, 120, 1), photo(90, 130, 2)]
+    jpegs = [GpuJpeg(encode(arrays[0]), 1), GpuJpeg(encode(arrays[1], orientation=6), 6)]
+    decoded = decode_jpegs(jpegs, "cpu")
+    for jpeg, img in zip(jpegs, decoded, strict=True):
+        expected = np.asarray(decode_image(jpeg.data))  # Pillow, EXIF applied, full size
+        assert img.dtype == torch.uint8 and img.shape[0] == 3
+        assert img.permute(1, 2, 0).shape == expected.shape
+        assert np.abs(img.permute(1, 2, 0).numpy().astype(int) - expected).max() <= 2
+
+
+def test_one_bad_jpeg_fails_the_batched_call():
+    good = encode(photo(64, 64))
+    with pytest.raises(RuntimeError):
+        decode_jpegs([GpuJpeg(good), GpuJpeg(good[: len(good) // 2])], "cpu")
+
+
+@pytest.mark.parametrize(
+    ("size", "spec"),
+    [
+        ((640, 480), PreprocessSpec()),  # landscape, the default 256/224
+        ((300, 500), PreprocessSpec()),  # portrait
+        ((100, 80), PreprocessSpec()),  # upscaled
+        ((50, 40), PreprocessSpec(resize=48, crop=64)),  # smaller than the crop: black padding
+        ((333, 250), PreprocessSpec.for_image_size(64, interpolation="bicubic")),
+        ((333, 250), PreprocessSpec.for_image_size(64, interpolation="nearest")),
+    ],
+)
+def test_device_preprocessing_matches_preprocess_image(size, spec):
+    arr = photo(*size)
+    expected = preprocess_image(Image.fromarray(arr), spec)
+    got = preprocess_batch([chw(arr)], spec)[0].numpy()
+    assert got.shape == expected.shape == (3, spec.crop, spec.crop)
+    diff = np.abs(got - expected)
+    # torch's antialiased kernels and Pillow's differ by a grey level here and there
+    assert diff.mean() < 0.01, diff.mean()
+    assert diff.max() < 0.1 if spec.interpolation != "nearest" else np.median(diff) < 1e-4
+
+
+# --- prepare(gpu_jpeg=True): what is left for the GPU and what is decoded here ------------------
+
+
+def _event(data: bytes) -> bytes:
+    import base64
+    import json
+
+    return json.dumps(
+        {
+            "post_id": "p1",
+            "posted_at": "2026-11-25T10:00:00Z",
+            "image_b64": base64.b64encode(data).decode(),
+        }
+    ).encode()
+
+
+def _prepare(data: bytes, gpu: bool = True):
+    return prepare(_event(data), PreprocessSpec(), UrlPolicy(), 10**8, gpu_jpeg=gpu)
+
+
+def test_baseline_jpegs_are_left_for_the_gpu_with_their_orientation():
+    p = _prepare(encode(photo(300, 200), orientation=8))
+    assert p.error is None and p.array is None
+    assert p.jpeg is not None and p.jpeg.orientation == 8
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode(photo(300, 200), progressive=True),
+        encode(photo(300, 200), "PNG"),
+        encode(photo(300, 200), "WEBP"),
+        encode(photo(300, 200), cmyk=True),
+    ],
+    ids=["progressive-jpeg", "png", "webp", "cmyk-jpeg"],
+)
+def test_other_images_are_decoded_on_the_cpu(data):
+    p = _prepare(data)
+    assert p.error is None and p.jpeg is None
+    assert p.array.shape == (3, 224, 224)
+
+
+def test_bad_images_fail_in_the_decode_thread_as_before():
+    huge = encode(photo(64, 64))  # a header that claims 65535 x 65535 pixels
+    huge = huge.replace(
+        b"\xff\xc0\x00\x11\x08\x00\x40\x00\x40", b"\xff\xc0\x00\x11\x08\xff\xff\xff\xff"
+    )
+    cases = [(b"not an image", "not_an_image"), (b"\xff\xd8\xff", "not_an_image")]
+    cases.append((huge, "decompression_bomb"))
+    for data, kind in cases:
+        gpu, cpu = _prepare(data), _prepare(data, gpu=False)
+        assert gpu.error is not None and gpu.error.kind == cpu.error.kind == kind
+
+
+# --- the worker's GPU path, on a device engine whose device is the CPU --------------------------
+
+
+class CpuDeviceEngine:
+    """The real ONNX Runtime engine behind the ``device``/``infer_device`` face of the CUDA
+    engines, with the CPU as the device: drives the worker's GPU-decode path here."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.name, self.max_batch, self.device = "cpu-device", engine.max_batch, torch.device("cpu")
+        self.calls: list[int] = []
+
+    def infer(self, batch):
+        return self._engine.infer(batch)
+
+    def infer_device(self, batch: torch.Tensor):
+        assert batch.device == self.device and batch.dtype == torch.float32
+        self.calls.append(batch.shape[0])
+        return self._engine.infer(batch.numpy())
+
+    def input_spec(self):
+        return self._engine.input_spec()
+
+    def close(self):
+        self._engine.close()
+
+
+def test_worker_gpu_path_classifies_like_the_cpu_path_and_dead_letters_what_nvjpeg_and_pil_refuse(
+    worker_bundle_dir,
+):
+    bundle = load_bundle(worker_bundle_dir)
+    engine = CpuDeviceEngine(create_engine(bundle, "onnxruntime", threads=1))
+    rng = np.random.default_rng(5)
+    good_jpeg = encode(photo(96, 64, 3), orientation=6)
+    truncated = encode(photo(400, 300, 4))
+    truncated = truncated[: len(truncated) // 2]  # a readable header, half the scan data
+    datas = [good_jpeg, image_bytes(rng, "PNG"), truncated, encode(photo(50, 70, 6))]
+
+    def worker(gpu: bool) -> StreamWorker:
+        settings = WorkerSettings(bundle=str(worker_bundle_dir), gpu_decode=gpu, max_batch=8)
+        return StreamWorker(
+            settings, engine, bundle.manifest, None, None, None, WorkerMetrics(), threading.Event()
+        )
+
+    gpu_worker, cpu_worker = worker(True), worker(False)
+    assert gpu_worker.gpu_device == torch.device("cpu") and cpu_worker.gpu_device is None
+    results = {}
+    for name, w in (("gpu", gpu_worker), ("cpu", cpu_worker)):
+        prepared = [w._prepare(_event(d)) for d in datas]
+        if name == "gpu":
+            assert [p.jpeg is not None for p in prepared] == [True, False, True, True]
+        logits = w._infer(prepared)
+        results[name] = (logits, [p.error.kind if p.error else None for p in prepared])
+        w.pool.shutdown()
+    (gpu_logits, gpu_errors), (cpu_logits, cpu_errors) = results["gpu"], results["cpu"]
+    assert gpu_errors == cpu_errors == [None, None, "truncated_image", None]
+    assert sorted(gpu_logits) == sorted(cpu_logits) == [0, 1, 3]
+    assert engine.calls == [3]  # one engine call for the batch, on the device
+    for i in (0, 1, 3):
+        assert np.argmax(gpu_logits[i]) == np.argmax(cpu_logits[i])
+        np.testing.assert_allclose(gpu_logits[i], cpu_logits[i], atol=0.5, rtol=0.05)
+
+
+@pytest.mark.gpu
+def test_nvjpeg_decode_matches_the_cpu_decode():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU: nvJPEG decoding is checked on GPU machines only")
+    jpegs = [GpuJpeg(encode(photo(1080, 1080, i)), 1 + i % 8) for i in range(8)]
+    on_gpu = decode_jpegs(jpegs, "cuda")
+    on_cpu = decode_jpegs(jpegs, "cpu")
+    for g, c in zip(on_gpu, on_cpu, strict=True):
+        assert g.is_cuda and g.shape == c.shape
+        assert (g.cpu().int() - c.int()).abs().float().mean() < 1.5
+    spec = PreprocessSpec()
+    gpu_batch = preprocess_batch(on_gpu, spec).cpu()
+    cpu_batch = preprocess_batch(on_cpu, spec)
+    assert (gpu_batch - cpu_batch).abs().mean() < 0.02
