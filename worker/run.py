@@ -120,7 +120,11 @@ def main(args: argparse.Namespace) -> int:
     except BundleError as exc:
         print(f"python -m worker run: error: {exc}", file=sys.stderr)
         return 2
-    opts = {"threads": settings.inference_threads} if settings.inference_threads else {}
+    opts: dict[str, object] = {}
+    if settings.inference_threads:
+        opts["threads"] = settings.inference_threads
+    if settings.cuda_graphs:
+        opts["cuda_graphs"] = True
     try:
         engine = create_engine(bundle, settings.backend, **opts)
     except (EngineUnavailableError, ValueError) as exc:

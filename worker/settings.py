@@ -77,6 +77,11 @@ class WorkerSettings(BaseSettings):
     max_batch: int = Field(32, ge=1, le=4096)
     max_wait_ms: int = Field(50, ge=0, le=60_000)
     decode_threads: int = Field(4, ge=1, le=256)
+    cuda_graphs: bool = Field(
+        False,
+        description="torch-cuda backend: replay one captured CUDA graph per batch-size bucket "
+        "(powers of two up to max_batch) instead of launching kernels one by one",
+    )
     gpu_decode: bool = Field(
         False,
         description="decode baseline JPEGs in batches with nvJPEG and preprocess them on the "

@@ -43,7 +43,10 @@ def create_engine(bundle: Bundle, backend: str = "auto", **opts: Any) -> Engine:
         "onnxruntime": {"precision", "threads"},
     }
     if backend != "auto":
-        return _open(bundle, backend, opts)
+        ignored = sorted(set(opts) - accepted[backend])
+        if ignored:  # e.g. ONNX Runtime threads set in a config shared with GPU workers
+            log.info("backend %s ignores options %s", backend, ", ".join(ignored))
+        return _open(bundle, backend, {k: v for k, v in opts.items() if k in accepted[backend]})
     for candidate in AUTO_ORDER:
         kwargs = {k: v for k, v in opts.items() if k in accepted[candidate]}
         try:

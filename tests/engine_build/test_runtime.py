@@ -93,6 +93,13 @@ def test_auto_picks_onnxruntime_without_gpu(bundle):
     assert engine.infer(batch(2)).shape == (2, 3)
 
 
+def test_options_of_other_backends_are_ignored_not_fatal(bundle):
+    # one worker config serves CPU and GPU replicas: cuda_graphs must not break onnxruntime
+    engine = create_engine(bundle, "onnxruntime", threads=1, cuda_graphs=True)
+    assert engine.name == "onnxruntime-fp32"
+    assert engine.infer(batch(1)).shape == (1, 3)
+
+
 def test_explicit_gpu_backends_refuse_without_gpu(bundle):
     if HAS_CUDA:
         pytest.skip("a CUDA GPU is present")
