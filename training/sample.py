@@ -25,19 +25,20 @@ from training.cli_errors import OneLineParser
 
 log = logging.getLogger(__name__)
 
-MAKE_NAMES = ["Audi", "BMW", "Toyota", "Volvo", "Honda", "Kia", "Mazda", "Skoda", "Fiat", "Jeep"]
-MODEL_NAMES = [
-    "A4L",
-    "X5",
-    "Corolla",
-    "XC60",
-    "Civic",
-    "K5",
-    "CX-5",
-    "Octavia",
-    "Panda",
-    "Wrangler",
-]
+# real makes with their own models, so the demo's trend tables read like the real thing
+MAKE_MODELS = {
+    "Audi": ["A4L", "Q5", "A6L", "Q3"],
+    "BMW": ["X5", "3 Series", "X1", "5 Series"],
+    "Toyota": ["Corolla", "RAV4", "Camry", "Yaris"],
+    "Volvo": ["XC60", "S60", "XC90", "V40"],
+    "Honda": ["Civic", "CR-V", "Accord", "Fit"],
+    "Kia": ["K5", "Sportage", "Rio", "Sorento"],
+    "Mazda": ["CX-5", "Mazda3", "Mazda6", "MX-5"],
+    "Skoda": ["Octavia", "Superb", "Fabia", "Kodiaq"],
+    "Fiat": ["Panda", "500", "Tipo", "Punto"],
+    "Jeep": ["Wrangler", "Cherokee", "Renegade", "Compass"],
+}
+MAKE_NAMES = list(MAKE_MODELS)
 TRAIN_FRACTION = 0.7
 MISSING_PER_SPLIT = 2
 
@@ -59,9 +60,13 @@ def plan_classes(num_classes: int) -> list[SampleClass]:
     make_names = [MAKE_NAMES[k % len(MAKE_NAMES)] for k in range(num_makes)]
     make_names[-1] = make_names[0]  # one make name under two ids
     out = []
+    used = dict.fromkeys(make_names, 0)
     for i in range(num_classes + 1):  # the last one is in the archive but in no split
         k = i % num_makes if i < num_classes else 0
-        model = f"{MODEL_NAMES[i % len(MODEL_NAMES)]}{'' if i < len(MODEL_NAMES) else i}"
+        models = MAKE_MODELS[make_names[k]]
+        j = used[make_names[k]]  # models of one make name stay distinct across its ids
+        used[make_names[k]] += 1
+        model = models[j % len(models)] + ("" if j < len(models) else f" {j // len(models) + 1}")
         out.append(
             SampleClass(
                 make_id=make_ids[k],
