@@ -15,6 +15,7 @@ Writes benchmarks/results/e2e_throughput.{json,md}.
 
     python benchmarks/e2e_throughput.py                     # resnet50 @ 224, 240 posts
     python benchmarks/e2e_throughput.py --arch resnet18 --posts 100 --load-seconds 10
+    python benchmarks/e2e_throughput.py --backend torch-cuda --gpu-decode --posts 4000   # GPU
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-wait-ms", type=int, default=50)
     parser.add_argument("--decode-threads", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ORT threads")
+    parser.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=["onnxruntime", "torch-cuda", "tensorrt", "auto"],
+        help="engine of the worker, the peer and the model-only row",
+    )
+    parser.add_argument(
+        "--gpu-decode", action="store_true", help="worker decodes JPEGs with nvJPEG (CUDA engines)"
+    )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="torch-cuda engine replays CUDA graphs"
+    )
     parser.add_argument("--loads", default="0.25,0.5,0.9", help="fractions of saturation")
     parser.add_argument("--load-seconds", type=float, default=30.0)
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
@@ -120,7 +133,9 @@ def env_for(run: Run, stack: LocalStack, bundle: Path, args, max_batch: int) -> 
         "CARSTREAM_OUTPUT_TOPIC": run.output,
         "CARSTREAM_DLQ_TOPIC": run.dlq,
         "CARSTREAM_BUNDLE": str(bundle),
-        "CARSTREAM_BACKEND": "onnxruntime",
+        "CARSTREAM_BACKEND": args.backend,
+        "CARSTREAM_GPU_DECODE": str(args.gpu_decode).lower(),
+        "CARSTREAM_CUDA_GRAPHS": str(args.cuda_graphs).lower(),
         "CARSTREAM_INFERENCE_THREADS": str(args.threads),
         "CARSTREAM_DECODE_THREADS": str(args.decode_threads),
         "CARSTREAM_MAX_BATCH": str(max_batch),
@@ -240,7 +255,9 @@ def latency(rate: float, seconds: float, stack, bundle, args, jpegs, work) -> di
 
 
 def model_only(bundle: Path, args, size: int) -> dict:
-    engine = create_engine(load_bundle(bundle), "onnxruntime", threads=args.threads)
+    engine = create_engine(
+        load_bundle(bundle), args.backend, threads=args.threads, cuda_graphs=args.cuda_graphs
+    )
     batch = (
         np.random.default_rng(0)
         .standard_normal((size, 3, args.image_size, args.image_size))
@@ -252,9 +269,11 @@ def model_only(bundle: Path, args, size: int) -> dict:
         t0 = time.perf_counter()
         engine.infer(batch)
         times.append(time.perf_counter() - t0)
+    name = engine.name
     engine.close()
     per_batch = statistics.median(times)
     return {
+        "engine": name,
         "batch": size,
         "images_per_s": size / per_batch,
         "batch_ms": per_batch * 1000,
@@ -270,9 +289,10 @@ def render_md(r: dict) -> str:
         f"- date: {r['date']}",
         f"- versions: {r['versions']}",
         f"- posts: photo-like JPEGs, 1080x1080 and 1280x960 (mean {r['jpeg_kb']:.0f} KB), base64 "
-        f"in JSON; local Tansu broker and redis-server on loopback; ONNX Runtime FP32, "
-        f"{r['threads']} threads; decode threads {r['decode_threads']}; max_wait "
-        f"{r['max_wait_ms']} ms",
+        f"in JSON; local Tansu broker and redis-server on loopback; engine "
+        f"{r['model_only'].get('engine', 'onnxruntime-fp32')} (ORT threads {r['threads']}); "
+        f"GPU decode {'on' if r.get('gpu_decode') else 'off'}; decode threads "
+        f"{r['decode_threads']}; max_wait {r['max_wait_ms']} ms",
         "",
         "## Saturation",
         "",
@@ -349,7 +369,8 @@ def main(args: argparse.Namespace) -> int:
             stack.down()
     result = {
         "command": "python benchmarks/e2e_throughput.py " + " ".join(sys.argv[1:]),
-        "machine": f"{cpu_model()} ({os.cpu_count()} cores), GPU: none",
+        "machine": f"{cpu_model()} ({os.cpu_count()} cores), GPU: "
+        + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": f"python {sys.version.split()[0]}, torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}",
@@ -357,6 +378,7 @@ def main(args: argparse.Namespace) -> int:
         "image_size": args.image_size,
         "threads": args.threads,
         "decode_threads": args.decode_threads,
+        "gpu_decode": args.gpu_decode,
         "max_wait_ms": args.max_wait_ms,
         "jpeg_kb": statistics.mean(len(j) for j in jpegs_raw) / 1024,
         "model_only": ref,

@@ -38,7 +38,12 @@ class _Done:
 def main() -> int:
     settings = WorkerSettings()
     bundle = load_bundle(settings.bundle)
-    engine = create_engine(bundle, "onnxruntime", threads=settings.inference_threads)
+    engine = create_engine(
+        bundle,
+        settings.backend,
+        threads=settings.inference_threads,
+        cuda_graphs=settings.cuda_graphs,
+    )
     manifest = bundle.manifest
     policy = UrlPolicy.from_settings(settings)
     stop = threading.Event()

@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--classes", type=int, default=431, help="CompCars split models")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [
@@ -88,8 +89,8 @@ def main() -> None:
         "note": "synthetic in-memory batches; forward+backward+SGD step; FP32 on CPU",
         "results": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_throughput.json").write_text(json.dumps(meta, indent=2) + "\n")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "train_throughput.json").write_text(json.dumps(meta, indent=2) + "\n")
     lines = [
         "# Training throughput",
         "",
@@ -107,7 +108,7 @@ def main() -> None:
         f"{r['seconds_per_step']} |"
         for r in rows
     ]
-    (RESULTS / "train_throughput.md").write_text("\n".join(lines) + "\n")
+    (args.out_dir / "train_throughput.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

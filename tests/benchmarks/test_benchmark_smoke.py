@@ -1,0 +1,75 @@
+"""Every benchmark runs end to end on tiny settings and writes its results.
+
+Not a measurement (timed assertions do not belong here): it keeps `make bench` from rotting
+between the sessions that record figures. The e2e one starts a real Tansu broker and
+redis-server, real worker processes and the per-message peer.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_benchmark(script: str, out_dir: Path, *args: str, timeout: int = 600) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--out-dir", str(out_dir), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    name = script.removesuffix(".py")
+    assert (out_dir / f"{name}.md").read_text().startswith("# ")
+    return json.loads((out_dir / f"{name}.json").read_text())
+
+
+def test_model_throughput_runs(tmp_path):
+    result = run_benchmark(
+        "model_throughput.py",
+        tmp_path,
+        *("--arch", "resnet18", "--image-size", "32", "--num-classes", "8", "--batches", "1,4"),
+        *("--min-iters", "1", "--min-seconds", "0", "--threads", "1"),
+    )
+    rows = [r for r in result["results"] if r["backend"] == "onnxruntime"]
+    assert {(r["precision"], r["batch"]) for r in rows} >= {("fp32", 1), ("fp32", 4)}
+    assert all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_decode_throughput_runs(tmp_path):
+    result = run_benchmark("decode_throughput.py", tmp_path, "--threads", "1", "--seconds", "0.05")
+    modes = {(r["format"], r["mode"]) for r in result["rows"]}
+    assert {("JPEG", "full"), ("JPEG", "draft"), ("PNG", "full")} <= modes
+    assert all(r["images_per_s"] > 0 for r in result["rows"])
+
+
+def test_train_throughput_runs(tmp_path):
+    result = run_benchmark(
+        "train_throughput.py",
+        tmp_path,
+        *("--archs", "resnet18", "--image-size", "32", "--batch-size", "2", "--iters", "1"),
+    )
+    assert [r["arch"] for r in result["results"]] == ["resnet18"]
+    assert result["results"][0]["images_per_s"] > 0
+
+
+@pytest.mark.integration
+def test_e2e_throughput_runs_worker_peer_and_latency(tmp_path):
+    result = run_benchmark(
+        "e2e_throughput.py",
+        tmp_path,
+        *("--arch", "resnet18", "--image-size", "32", "--num-classes", "8", "--posts", "24"),
+        *("--max-batch", "8", "--loads", "0.5", "--load-seconds", "2", "--threads", "1"),
+    )
+    configs = [s["config"] for s in result["saturation"]]
+    assert configs == ["worker (batched)", "worker, batching off", "per-message peer"]
+    assert all(s["posts_per_s"] > 0 and s["posts"] == 24 for s in result["saturation"])
+    (latency,) = result["latency"]
+    assert latency["posts"] >= 5 and 0 < latency["p50_ms"] <= latency["p99_ms"]
