@@ -69,6 +69,13 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     return WorkerSettings(**vars(args))
 
 
+def fetch_wait_ms(settings: WorkerSettings) -> int:
+    """The consumer's fetch_max_wait_ms: as set, else the batch wait (10 ms at least)."""
+    if settings.fetch_max_wait_ms is not None:
+        return settings.fetch_max_wait_ms
+    return max(10, settings.max_wait_ms)
+
+
 def _warm_up(engine, max_batch: int) -> None:
     """First calls allocate buffers and pick kernels; do it before taking partitions."""
     spec = engine.input_spec()
@@ -156,6 +163,7 @@ def main(args: argparse.Namespace) -> int:
         or max(100, settings.session_timeout_ms // 3),
         max_poll_interval_ms=settings.max_poll_interval_ms,
         fetch_max_bytes=64 * 1024 * 1024,
+        fetch_max_wait_ms=fetch_wait_ms(settings),
         max_partition_fetch_bytes=max(1024 * 1024, settings.max_message_bytes + 1024),
     )
     if settings.group_instance_id:

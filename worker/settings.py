@@ -56,6 +56,14 @@ class WorkerSettings(BaseSettings):
     session_timeout_ms: int = Field(10_000, ge=1_000, le=3_600_000)
     heartbeat_interval_ms: int | None = Field(None, ge=100)
     max_poll_interval_ms: int = Field(300_000, ge=1_000)
+    fetch_max_wait_ms: int | None = Field(
+        None,
+        ge=0,
+        le=60_000,
+        description="longest a fetch waits at the broker for new posts; default: max_wait_ms "
+        "(at least 10): a broker that answers only when this runs out (Tansu does) would "
+        "otherwise add kafka-python's 500 ms to every quiet-time post",
+    )
     max_message_bytes: int = Field(
         10 * 1024 * 1024, ge=1024, description="input events above go to the DLQ"
     )

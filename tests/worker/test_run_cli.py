@@ -99,3 +99,13 @@ def test_healthz_fails_when_the_loop_stalls():
         assert get(f"http://127.0.0.1:{server.server_port}/healthz")[0] == 503
     finally:
         server.shutdown()
+
+
+def test_fetch_wait_follows_the_batch_wait_unless_set():
+    from worker.run import fetch_wait_ms
+    from worker.settings import WorkerSettings
+
+    # a broker that answers a fetch only when its wait runs out must not add 500 ms to posts
+    assert fetch_wait_ms(WorkerSettings(max_wait_ms=50)) == 50
+    assert fetch_wait_ms(WorkerSettings(max_wait_ms=0)) == 10
+    assert fetch_wait_ms(WorkerSettings(max_wait_ms=50, fetch_max_wait_ms=200)) == 200
