@@ -85,7 +85,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"unreadable checkpoint {file}: {exc.__class__.__name__}") from exc
+        # torch's own message talks about weights_only, which would send users the wrong way
+        raise CheckpointError(
+            f"unreadable checkpoint {file}: not a PyTorch checkpoint, or a damaged one "
+            f"({exc.__class__.__name__})"
+        ) from exc
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"unreadable checkpoint {file}: not a carstream checkpoint")
     missing = [

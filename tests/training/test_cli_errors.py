@@ -48,6 +48,7 @@ def test_unreadable_checkpoint(sample_root, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"\x00garbage")
     proc = run_cli("evaluate", "--checkpoint", str(tmp_path), "--data", str(sample_root))
     assert_one_line_error(proc, str(tmp_path / "checkpoint.pt"))
+    assert "not a PyTorch checkpoint" in proc.stderr and "weights_only" not in proc.stderr
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--epochs", "0"), ("--lr", "abc")])
