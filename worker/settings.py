@@ -116,6 +116,13 @@ class WorkerSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     worker_id: str = Field(default_factory=default_worker_id)
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+        return value
+
     @field_validator("url_allow_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:

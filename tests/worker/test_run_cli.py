@@ -38,6 +38,7 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess:
         (("--bundle", "/x"), {"CARSTREAM_MIN_CONFIDENCE": "2"}, "min_confidence"),
         (("--bundle", "/x", "--security-protocol", "SASL_SSL"), {}, "sasl_mechanism"),
         (("--no-such-flag",), {}, "--no-such-flag"),
+        (("--bundle", "/x", "--redis-url", "localhost:6379"), {}, "redis_url"),
     ],
 )
 def test_bad_settings_are_one_line_exit_2(args, env, needle):

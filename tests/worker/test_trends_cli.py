@@ -97,6 +97,7 @@ def test_cli_city_filter_and_table(trends_url: str) -> None:
         (["--window", "15x"], "'15x'"),
         (["--top", "0"], "--top 0"),
         (["--at", "yesterday"], "yesterday"),
+        (["--redis-url", "localhost:6379"], "redis_url"),
     ],
 )
 def test_cli_bad_values_exit_2_with_one_line(args: list[str], needle: str) -> None:
