@@ -31,6 +31,8 @@ from model_throughput import cpu_model  # noqa: E402
 
 from training.preprocessing import PreprocessSpec, preprocess_image  # noqa: E402
 from worker.decoding import decode_image  # noqa: E402
+from worker.prepare import prepare  # noqa: E402
+from worker.url_fetch import UrlPolicy  # noqa: E402
 
 SIZES = {"1080x1080": (1080, 1080), "1280x960": (1280, 960), "640x640": (640, 640)}
 
@@ -102,6 +104,41 @@ def gpu_rows(spec: PreprocessSpec, seconds: float) -> list[dict]:
     return rows
 
 
+def post_rows(spec: PreprocessSpec, threads: list[int], seconds: float) -> list[dict]:
+    """A whole post through the decode threads' function (worker.prepare.prepare): JSON parse,
+    base64, then either the CPU decode + preprocess or, with --gpu-decode, the header check only
+    (the JPEG is then decoded by nvJPEG in the main thread). The second is the CPU cost per post
+    left on a GPU worker's decode threads."""
+    import base64
+
+    from e2e_throughput import event
+
+    rows = []
+    for size_name in ("1080x1080", "1280x960"):
+        post = event("p1", base64.b64encode(encoded("JPEG", SIZES[size_name])).decode())
+        for mode, gpu in (("post, CPU decode", False), ("post, header only (GPU decode)", True)):
+
+            def fn(raw, gpu=gpu):
+                out = prepare(raw, spec, UrlPolicy(), 64 * 1024 * 1024, gpu_jpeg=gpu)
+                assert out.error is None, out.error
+                return out
+
+            for t in threads:
+                r = rate(fn, post, t, seconds)
+                rows.append(
+                    {
+                        "format": "JPEG",
+                        "size": size_name,
+                        "kb": len(post) // 1024,
+                        "mode": mode,
+                        "threads": t,
+                        "images_per_s": r,
+                    }
+                )
+                print(f"post  {size_name:10} {mode} x{t}: {r:7.1f}/s", flush=True)
+    return rows
+
+
 def main(args: argparse.Namespace) -> int:
     spec = PreprocessSpec()
     threads = [int(t) for t in args.threads.split(",")]
@@ -128,6 +165,7 @@ def main(args: argparse.Namespace) -> int:
                         }
                     )
                     print(f"{fmt:5} {size_name:10} {mode:6} x{t}: {r:7.1f}/s", flush=True)
+    rows += post_rows(spec, threads, args.seconds)
     rows += gpu_rows(spec, args.seconds)
     result = {
         "command": "python benchmarks/decode_throughput.py " + " ".join(sys.argv[1:]),
