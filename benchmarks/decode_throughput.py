@@ -75,7 +75,8 @@ def gpu_rows(spec: PreprocessSpec, seconds: float) -> list[dict]:
 
     if not torch.cuda.is_available():
         return []
-    from worker.gpu_preprocess import GpuJpeg, decode_jpegs, preprocess_batch
+    from worker.gpu_preprocess import decode_jpegs, preprocess_batch
+    from worker.prepare import GpuJpeg
 
     rows = []
     jpeg = GpuJpeg(encoded("JPEG", SIZES["1080x1080"]))

@@ -16,22 +16,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F  # noqa: N812 -- the conventional name
 
 from training.preprocessing import PreprocessSpec
+from worker.prepare import GpuJpeg
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GpuJpeg:
-    """A JPEG left for the batched GPU decoder: its bytes and its EXIF orientation (1..8)."""
-
-    data: bytes
-    orientation: int = 1
 
 
 def exif_orient(image: torch.Tensor, orientation: int) -> torch.Tensor:

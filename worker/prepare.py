@@ -15,9 +15,16 @@ import numpy as np
 from training.preprocessing import PreprocessSpec, preprocess_image
 from worker.decoding import decode_base64, decode_image, exif_orientation, open_checked
 from worker.errors import PostError
-from worker.gpu_preprocess import GpuJpeg
 from worker.schemas import PostEvent, parse_event
 from worker.url_fetch import UrlPolicy, fetch
+
+
+@dataclass(frozen=True)
+class GpuJpeg:
+    """A JPEG left for the batched GPU decoder: its bytes and its EXIF orientation (1..8)."""
+
+    data: bytes
+    orientation: int = 1
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from engine_build.runtime import create_engine
 from tests.support import image_bytes
 from training.preprocessing import PreprocessSpec, preprocess_image
 from worker.decoding import decode_image
-from worker.gpu_preprocess import GpuJpeg, decode_jpegs, exif_orient, preprocess_batch
+from worker.gpu_preprocess import decode_jpegs, exif_orient, preprocess_batch
 from worker.metrics import WorkerMetrics
 from worker.pipeline import StreamWorker
-from worker.prepare import prepare
+from worker.prepare import GpuJpeg, prepare
 from worker.settings import WorkerSettings
 from worker.url_fetch import UrlPolicy
 
