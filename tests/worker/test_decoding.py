@@ -248,7 +248,17 @@ def test_base64_strict_and_data_uri():
     text = base64.b64encode(payload).decode()
     assert decode_base64(text, 1000) == payload
     assert decode_base64("data:image/png;base64," + text, 1000) == payload
-    for bad in ("!!!", "abc", "YWJj ZA==", "data:image/png," + text, "é"):
+    bad_texts = (
+        "!!!",
+        "abc",
+        "YWJj ZA==",
+        "data:image/png," + text,
+        "é",
+        "YQ==YQ==",
+        "YQ",
+        "YWJj\nZA==",
+    )
+    for bad in (*bad_texts, "-_-_", text[:8] + "\x00" + text[8:]):
         with pytest.raises(PostError) as info:
             decode_base64(bad, 1000)
         assert info.value.kind == "bad_base64", bad
