@@ -105,6 +105,25 @@ def gpu_rows(spec: PreprocessSpec, seconds: float) -> list[dict]:
     return rows
 
 
+def measure_rows(fn, data, fmt, size_name, mode, threads, seconds) -> list[dict]:
+    """One table row per thread count: ``fn(data)`` images/s."""
+    rows = []
+    for t in threads:
+        r = rate(fn, data, t, seconds)
+        rows.append(
+            {
+                "format": fmt,
+                "size": size_name,
+                "kb": len(data) // 1024,
+                "mode": mode,
+                "threads": t,
+                "images_per_s": r,
+            }
+        )
+        print(f"{fmt:5} {size_name:10} {mode:6} x{t}: {r:7.1f}/s", flush=True)
+    return rows
+
+
 def post_rows(spec: PreprocessSpec, threads: list[int], seconds: float) -> list[dict]:
     """A whole post through the decode threads' function (worker.prepare.prepare): JSON parse,
     base64, then either the CPU decode + preprocess or, with --gpu-decode, the header check only
@@ -124,19 +143,7 @@ def post_rows(spec: PreprocessSpec, threads: list[int], seconds: float) -> list[
                 assert out.error is None, out.error
                 return out
 
-            for t in threads:
-                r = rate(fn, post, t, seconds)
-                rows.append(
-                    {
-                        "format": "JPEG",
-                        "size": size_name,
-                        "kb": len(post) // 1024,
-                        "mode": mode,
-                        "threads": t,
-                        "images_per_s": r,
-                    }
-                )
-                print(f"post  {size_name:10} {mode} x{t}: {r:7.1f}/s", flush=True)
+            rows += measure_rows(fn, post, "JPEG", size_name, mode, threads, seconds)
     return rows
 
 
@@ -153,19 +160,7 @@ def main(args: argparse.Namespace) -> int:
                 def fn(d, draft=draft):
                     return preprocess_image(decode_image(d, draft_size=draft), spec)
 
-                for t in threads:
-                    r = rate(fn, data, t, args.seconds)
-                    rows.append(
-                        {
-                            "format": fmt,
-                            "size": size_name,
-                            "kb": len(data) // 1024,
-                            "mode": mode,
-                            "threads": t,
-                            "images_per_s": r,
-                        }
-                    )
-                    print(f"{fmt:5} {size_name:10} {mode:6} x{t}: {r:7.1f}/s", flush=True)
+                rows += measure_rows(fn, data, fmt, size_name, mode, threads, args.seconds)
     rows += post_rows(spec, threads, args.seconds)
     rows += gpu_rows(spec, args.seconds)
     result = {
