@@ -23,6 +23,7 @@ from worker.connections import kafka_common_config, redis_client
 from worker.pipeline import Pending, make_outputs
 from worker.prepare import prepare
 from worker.settings import WorkerSettings
+from worker.thread_names import name_python_threads
 from worker.trends import TrendWriter
 from worker.url_fetch import UrlPolicy
 
@@ -60,6 +61,7 @@ def main() -> int:
     )
     producer = KafkaProducer(**common, acks="all", enable_idempotence=True)
     writer = TrendWriter(redis_client(settings), settings.group_id)
+    name_python_threads()  # so benchmarks/worker_ab.py can tell Kafka I/O from inference
     print("ready", flush=True)
     while not stop.is_set():
         for records in consumer.poll(timeout_ms=500, max_records=1).values():

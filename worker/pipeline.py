@@ -41,6 +41,7 @@ from worker.postprocess import classify
 from worker.prepare import Prepared, decode_on_cpu, prepare
 from worker.schemas import Prediction, Source, TopKEntry
 from worker.settings import WorkerSettings
+from worker.thread_names import name_this_thread
 from worker.trends import TrendRecord, TrendWriter
 from worker.url_fetch import UrlPolicy
 
@@ -215,7 +216,9 @@ class StreamWorker(ConsumerRebalanceListener):
         self.metrics = metrics
         self.stop = stop
         self.backoff = Backoff()
-        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.pool = ThreadPoolExecutor(
+            settings.decode_threads, thread_name_prefix="decode", initializer=name_this_thread
+        )
         self.batcher: Batcher[Pending] = Batcher(settings.max_batch, settings.max_wait_ms)
         # GPU decode: JPEGs are decoded by nvJPEG on the engine's device, batch by batch
         self.gpu_device = (

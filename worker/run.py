@@ -120,6 +120,7 @@ def main(args: argparse.Namespace) -> int:
     from worker.connections import kafka_common_config, redis_client
     from worker.metrics import WorkerMetrics, serve
     from worker.pipeline import StreamWorker
+    from worker.thread_names import name_python_threads
     from worker.trends import TrendWriter
 
     try:
@@ -198,6 +199,7 @@ def main(args: argparse.Namespace) -> int:
     worker = StreamWorker(
         settings, engine, bundle.manifest, consumer, producer, writer, metrics, stop
     )
+    name_python_threads()  # Kafka I/O and metrics threads, for top -H and CPU accounting
     started = time.monotonic()
     try:
         worker.run()

@@ -73,3 +73,25 @@ def test_e2e_throughput_runs_worker_peer_and_latency(tmp_path):
     assert all(s["posts_per_s"] > 0 and s["posts"] == 24 for s in result["saturation"])
     (latency,) = result["latency"]
     assert latency["posts"] >= 5 and 0 < latency["p50_ms"] <= latency["p99_ms"]
+
+
+@pytest.mark.integration
+def test_worker_ab_runs_each_config_and_splits_cpu_by_thread(tmp_path):
+    result = run_benchmark(
+        "worker_ab.py",
+        tmp_path,
+        *("--arch", "resnet18", "--image-size", "32", "--num-classes", "8", "--posts", "48"),
+        *("--max-batch", "8", "--threads", "1", "--reps", "1"),
+        *("--config", "base:", "--config", "one-decode:CARSTREAM_DECODE_THREADS=1"),
+        *("--config", "peer:CMD=peer"),
+    )
+    by_name = {c["config"]: c for c in result["configs"]}
+    assert list(by_name) == ["base", "one-decode", "peer"]
+    assert by_name["one-decode"]["env"] == {"CARSTREAM_DECODE_THREADS": "1"}
+    for config in by_name.values():
+        assert config["median_posts_per_s"] > 0
+    # the worker's decode threads carry their kernel names (worker.thread_names); the peer
+    # decodes on its main thread, so it has no decode group
+    assert by_name["base"]["cpu_ms_per_post"]["decode"] > 0
+    assert by_name["peer"]["cpu_ms_per_post"]["decode"] == 0
+    assert by_name["peer"]["cpu_ms_per_post"]["main"] > 0

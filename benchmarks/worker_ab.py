@@ -1,0 +1,259 @@
+"""A/B worker settings at saturation, round robin, with the worker's CPU time split by thread.
+
+Each ``--config NAME:VAR=VALUE,...`` sets environment variables of the worker (any
+CARSTREAM_* setting, or ``CMD=peer`` to run benchmarks/peer_consumer.py instead); every config
+runs ``--reps`` times in turn, so drift on a shared machine hits all of them alike, and the
+engine's model-only throughput is measured before and after. CPU time per post is read from
+/proc/<pid>/task/*/stat between the first and the last result and split by the kernel thread
+names worker.thread_names gives: main (the loop, and inference thread 0), the inference
+runtime's pool, decode, Kafka I/O. Linux only (it reads /proc).
+
+    python benchmarks/worker_ab.py --config base: --config one-decode:CARSTREAM_DECODE_THREADS=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kafka import KafkaConsumer, TopicPartition
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).parent))
+
+import e2e_throughput as e2e  # noqa: E402
+from model_throughput import cpu_model, make_bundle  # noqa: E402
+
+from worker.stack import LocalStack, free_port  # noqa: E402
+
+GROUPS = ("main", "inference pool", "decode", "kafka", "other")
+
+
+def parse_config(text: str) -> tuple[str, dict[str, str]]:
+    """``name:VAR=VALUE,VAR=VALUE`` -> (name, env); ``name:`` is the defaults."""
+    name, sep, rest = text.partition(":")
+    if not name or not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:VAR=VALUE,... (or NAME:)")
+    env = {}
+    for item in filter(None, rest.split(",")):
+        var, eq, value = item.partition("=")
+        if not var or not eq:
+            raise argparse.ArgumentTypeError(f"{text!r}: {item!r} is not VAR=VALUE")
+        env[var] = value
+    return name, env
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--config", type=parse_config, action="append", help="NAME:VAR=VALUE,... (repeatable)"
+    )
+    parser.add_argument("--reps", type=int, default=3, help="runs of each config")
+    parser.add_argument("--posts", type=int, default=320, help="posts per run")
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=431)
+    parser.add_argument("--max-batch", type=int, default=32, help="unless a config sets it")
+    parser.add_argument("--max-wait-ms", type=int, default=50)
+    parser.add_argument("--decode-threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ORT threads")
+    parser.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=["onnxruntime", "torch-cuda", "tensorrt", "auto"],
+    )
+    parser.add_argument("--gpu-decode", action="store_true", help="nvJPEG decode (CUDA engines)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="torch-cuda replays CUDA graphs")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    return parser
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of one process so far, by thread group."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys(GROUPS, 0.0)
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except OSError:  # the thread ended between listdir and read
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        out[group_of(int(tid) == pid, comm)] += seconds
+    return out
+
+
+def group_of(is_main: bool, comm: str) -> str:
+    if is_main:
+        return "main"
+    if comm.startswith("decode"):
+        return "decode"
+    if comm.startswith("kafka"):
+        return "kafka"
+    if comm == "metrics-http":
+        return "other"
+    return "inference pool"  # unnamed native threads: the inference runtime's own pool
+
+
+def measure(bootstrap: str, topic: str, n: int, proc, deadline_s: float) -> dict:
+    """Results, and CPU seconds by group between the first result and the last."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_bytes=64 * 1024 * 1024
+    )
+    parts = [TopicPartition(topic, p) for p in range(e2e.PARTITIONS)]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    seen: dict[str, dict] = {}
+    first_cpu, first_count = None, 0
+    deadline = time.monotonic() + deadline_s
+    try:
+        while len(seen) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(seen)}/{n} results within {deadline_s:.0f}s")
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {proc.returncode}")
+            for batch in consumer.poll(timeout_ms=200).values():
+                for rec in batch:
+                    value = json.loads(rec.value)
+                    seen.setdefault(value["post_id"], value)
+            if seen and first_cpu is None:
+                first_cpu, first_count = thread_cpu(proc.pid), len(seen)
+        last_cpu = thread_cpu(proc.pid)
+    finally:
+        consumer.close()
+    done = len(seen) - first_count
+    return {
+        "results": list(seen.values()),
+        "cpu_ms_per_post": {
+            g: 1000 * (last_cpu[g] - first_cpu[g]) / done if done else float("nan") for g in GROUPS
+        },
+    }
+
+
+def run_config(name, env, stack, bundle, args, posts, work) -> dict:
+    run = e2e.Run(stack.bootstrap)
+    e2e.produce(stack.bootstrap, run.input, posts)
+    peer = env.get("CMD") == "peer"
+    script = [str(Path(__file__).parent / "peer_consumer.py")] if peer else ["-m", "worker", "run"]
+    max_batch = 1 if peer else args.max_batch
+    full_env = {**e2e.env_for(run, stack, bundle, args, max_batch), **env}
+    proc = e2e.start([sys.executable, *script], full_env, work / f"{run.group}.log")
+    try:
+        got = measure(stack.bootstrap, run.output, len(posts), proc, 900)
+    finally:
+        e2e.stop(proc)
+    rate = e2e.throughput(got["results"])
+    cpu = got["cpu_ms_per_post"]
+    print(
+        f"  {name}: {rate:.2f} posts/s; CPU ms/post "
+        + ", ".join(f"{g} {cpu[g]:.1f}" for g in GROUPS),
+        flush=True,
+    )
+    return {"posts_per_s": rate, "cpu_ms_per_post": cpu}
+
+
+def summarise(name: str, env: dict, runs: list[dict], model_only: float) -> dict:
+    rates = [r["posts_per_s"] for r in runs]
+    cpu = {g: statistics.median(r["cpu_ms_per_post"][g] for r in runs) for g in GROUPS}
+    return {
+        "config": name,
+        "env": env,
+        "posts_per_s": rates,
+        "median_posts_per_s": statistics.median(rates),
+        "vs_model_only": statistics.median(rates) / model_only,
+        "cpu_ms_per_post": cpu,
+    }
+
+
+def render_md(r: dict) -> str:
+    lines = [
+        f"# Worker A/B at saturation: {r['arch']} @ {r['image_size']}px",
+        "",
+        f"- command: `{r['command']}`",
+        f"- machine: {r['machine']}",
+        f"- date: {r['date']}",
+        f"- posts: {r['posts']} per run, photo-like JPEGs 1080x1080 and 1280x960, base64 in JSON; "
+        f"local Tansu + redis-server; {r['reps']} runs per config, round robin",
+        f"- model-only (engine.infer, batch {r['max_batch']}): {r['model_only_before']:.2f} "
+        f"images/s before, {r['model_only_after']:.2f} after; ratios use their mean",
+        "- CPU ms/post: median over runs, from /proc per-thread times between the first and the "
+        "last result; main = the loop and inference thread 0",
+        "",
+        "| config | settings | posts/s (each run) | median | vs model-only | "
+        + " | ".join(f"CPU {g}" for g in GROUPS)
+        + " | CPU total |",
+        "| --- | --- | --- | ---: | ---: | " + " | ".join("---:" for _ in GROUPS) + " | ---: |",
+    ]
+    for c in r["configs"]:
+        settings = ", ".join(f"{k}={v}" for k, v in c["env"].items()) or "defaults"
+        cpu = c["cpu_ms_per_post"]
+        lines.append(
+            f"| {c['config']} | {settings} | "
+            + " / ".join(f"{x:.1f}" for x in c["posts_per_s"])
+            + f" | {c['median_posts_per_s']:.2f} | {c['vs_model_only']:.2f} | "
+            + " | ".join(f"{cpu[g]:.1f}" for g in GROUPS)
+            + f" | {sum(cpu.values()):.1f} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    configs = args.config or [("defaults", {})]
+    max_batch = max(
+        [args.max_batch] + [int(env.get("CARSTREAM_MAX_BATCH", 0)) for _, env in configs]
+    )
+    with tempfile.TemporaryDirectory(prefix="worker-ab-") as tmp:
+        work = Path(tmp)
+        stack = LocalStack(work / "stack", kafka_port=free_port(), redis_port=free_port())
+        stack.up(topics=(), partitions=e2e.PARTITIONS)
+        try:
+            args.no_int8 = True
+            bundle = make_bundle(args, work, max_batch)
+            jpegs = [base64.b64encode(j).decode() for j in e2e.photo_jpegs(12)]
+            posts = [e2e.event(f"s{i}", jpegs[i % len(jpegs)]) for i in range(args.posts)]
+            before = e2e.model_only(bundle, args, args.max_batch)["images_per_s"]
+            print(f"model only: {before:.2f} images/s", flush=True)
+            runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
+            for _ in range(args.reps):
+                for name, env in configs:
+                    runs[name].append(run_config(name, env, stack, bundle, args, posts, work))
+            after = e2e.model_only(bundle, args, args.max_batch)["images_per_s"]
+            print(f"model only: {after:.2f} images/s", flush=True)
+        finally:
+            stack.down()
+    reference = (before + after) / 2
+    result = {
+        "command": "python benchmarks/worker_ab.py " + " ".join(sys.argv[1:]),
+        "machine": f"{cpu_model()} ({os.cpu_count()} cores)",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "arch": args.arch,
+        "image_size": args.image_size,
+        "posts": args.posts,
+        "reps": args.reps,
+        "max_batch": args.max_batch,
+        "model_only_before": before,
+        "model_only_after": after,
+        "configs": [summarise(name, env, runs[name], reference) for name, env in configs],
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "worker_ab.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out_dir / "worker_ab.md").write_text(render_md(result))
+    print(render_md(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
