@@ -109,7 +109,10 @@ def make_outputs(
     results: list[tuple[bytes, bytes]] = []
     dead: list[tuple[bytes | None, bytes | None, list]] = []
     trends: list[TrendRecord] = []
-    rows = sorted(logits)
+    # an engine that overflows (FP16) or a corrupt plan can return NaN/inf for some rows: those
+    # posts become dead letters, and the rest of the batch is still classified
+    non_finite = {i for i, row in logits.items() if not np.isfinite(row).all()}
+    rows = sorted(set(logits) - non_finite)
     classified = (
         dict(
             zip(
@@ -127,7 +130,10 @@ def make_outputs(
     for pos, (item, prep) in enumerate(zip(batch, prepared, strict=True)):
         rec = item.record
         if pos not in classified:
-            error = prep.error or PostError("internal", "no inference result")
+            if pos in non_finite:
+                error = PostError("internal", "engine returned non-finite logits (NaN or inf)")
+            else:
+                error = prep.error or PostError("internal", "no inference result")
             dead.append(
                 (
                     rec.key,

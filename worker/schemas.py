@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -16,6 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from worker.errors import PostError
 
 MAX_JSON_DEPTH = 16
+# event times outside these bounds are client bugs (Go's zero time is year 1), and years 1 and
+# 9999 overflow datetime arithmetic in the trend buckets: they go to the DLQ as schema errors
+EARLIEST_POSTED_AT = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_POSTED_AT = datetime(2100, 1, 1, tzinfo=UTC)
+# RFC 3339 date-time: seconds required, fraction optional, offset required (checked apart, so a
+# missing offset gets its own message); "T", "t" or a space between date and time
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?P<offset>[Zz]|[+-]\d{2}:\d{2})?"
+)
 
 
 class PostEvent(BaseModel):
@@ -34,15 +43,32 @@ class PostEvent(BaseModel):
     @field_validator("posted_at", mode="before")
     @classmethod
     def _rfc3339(cls, value: object) -> object:
+        """Only RFC 3339 strings: pydantic alone also takes epoch numbers and "1700000000"."""
         if not isinstance(value, str):
             raise ValueError("posted_at must be an RFC 3339 string")
+        match = _RFC3339.fullmatch(value)
+        if match is None:
+            raise ValueError(
+                f"posted_at {value[:40]!r} is not an RFC 3339 timestamp like 2026-11-25T14:03:00Z"
+            )
+        if match.group("offset") is None:
+            raise ValueError("posted_at needs a timezone offset (e.g. Z)")
         return value
 
     @field_validator("posted_at")
     @classmethod
-    def _aware(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
+    def _in_range(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:  # unreachable after _rfc3339; kept for model_construct users
             raise ValueError("posted_at needs a timezone offset (e.g. Z)")
+        try:
+            utc = value.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
+            utc = None
+        if utc is None or not EARLIEST_POSTED_AT <= utc < LATEST_POSTED_AT:
+            raise ValueError(
+                f"posted_at {value.isoformat()} is not between {EARLIEST_POSTED_AT:%Y-%m-%d} "
+                f"and {LATEST_POSTED_AT:%Y-%m-%d} UTC"
+            )
         return value
 
     @model_validator(mode="after")

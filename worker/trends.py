@@ -225,49 +225,37 @@ def window_keys(
     now: datetime,
     city: str | None = None,
     minute_ttl_s: int = DEFAULT_MINUTE_TTL_S,
+    wall_now: datetime | None = None,
 ) -> list[str]:
     """Keys that together cover the last `window_minutes` minutes up to and including now's.
 
     Whole hours inside the window are read from hour rollups, the partial hours at its
-    edges from minute buckets. Where an edge's minute buckets have already expired (windows
-    longer than the minute TTL), that edge's whole hour rollup is used instead, so the
-    window starts up to 59 minutes early rather than silently missing counts.
+    edges from minute buckets. Where a partial hour's minute buckets have already expired
+    (older than the minute TTL before ``wall_now``, the real current time, which differs from
+    ``now`` when a reader asks about the past), that hour's rollup is used instead, so the
+    window widens by up to 59 minutes rather than silently missing counts.
     """
     if window_minutes < 1:
         raise ValueError(f"window must be at least one minute, got {window_minutes}")
     end = _utc(now).replace(second=0, microsecond=0)  # the current minute, included
     start = end - timedelta(minutes=window_minutes - 1)
+    horizon = _utc(now if wall_now is None else wall_now) - timedelta(seconds=minute_ttl_s)
     norm_city = normalize_city(city)
     keys: list[str] = []
-    first_full_hour = start.replace(minute=0) + (
-        timedelta(hours=1) if start.minute else timedelta()
-    )
-    last_hour = end.replace(minute=0)
-    last_full_hour = last_hour if end.minute == 59 else last_hour - timedelta(hours=1)
-    if first_full_hour > last_full_hour:  # no whole hour inside: minute buckets only
-        return [
-            trend_key(dim, "m", minute_bucket(start + timedelta(minutes=i)), norm_city)
-            for i in range(window_minutes)
-        ]
-    minute_horizon = _utc(now) - timedelta(seconds=minute_ttl_s)
-    # leading edge: start .. first_full_hour - 1 min
-    if start < first_full_hour:
-        if start < minute_horizon:
-            keys.append(trend_key(dim, "h", hour_bucket(start), norm_city))
+    minute = timedelta(minutes=1)
+    t = start
+    while t <= end:  # one hour of the window at a time
+        hour = t.replace(minute=0)
+        last = min(end, hour + 59 * minute)
+        whole_hour = t == hour and last == hour + 59 * minute
+        if whole_hour or t < horizon:
+            keys.append(trend_key(dim, "h", hour_bucket(hour), norm_city))
         else:
-            t = start
-            while t < first_full_hour:
-                keys.append(trend_key(dim, "m", minute_bucket(t), norm_city))
-                t += timedelta(minutes=1)
-    hour = first_full_hour
-    while hour <= last_full_hour:
-        keys.append(trend_key(dim, "h", hour_bucket(hour), norm_city))
-        hour += timedelta(hours=1)
-    # trailing edge: last_full_hour + 1 h .. end (recent, always within the minute TTL)
-    t = last_full_hour + timedelta(hours=1)
-    while t <= end:
-        keys.append(trend_key(dim, "m", minute_bucket(t), norm_city))
-        t += timedelta(minutes=1)
+            keys.extend(
+                trend_key(dim, "m", minute_bucket(t + i * minute), norm_city)
+                for i in range(int((last - t) / minute) + 1)
+            )
+        t = last + minute
     return keys
 
 
@@ -286,8 +274,9 @@ class TrendReader:
         top: int | None,
         now: datetime | None,
     ) -> list[tuple[str, int]]:
-        now = datetime.now(UTC) if now is None else now
-        keys = window_keys(dim, window_minutes, now, city, self._minute_ttl_s)
+        wall_now = datetime.now(UTC)
+        now = wall_now if now is None else now
+        keys = window_keys(dim, window_minutes, now, city, self._minute_ttl_s, wall_now)
         merged = self._redis.zunion(keys, withscores=True, aggregate="SUM")
         counts = [(_text(member), round(score)) for member, score in merged]
         counts.sort(key=lambda mc: (-mc[1], mc[0]))

@@ -11,10 +11,11 @@ import json
 import logging
 import re
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 from training.cli_errors import fail, first_validation_error
+from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT
 from worker.trends import TrendReader
 
 logger = logging.getLogger(__name__)
@@ -37,14 +38,28 @@ def parse_window(text: str) -> int:
 
 
 def parse_at(text: str) -> datetime:
-    """An RFC 3339 timestamp with a timezone (Z allowed)."""
+    """An RFC 3339 timestamp with a timezone (Z allowed), in the years events may carry."""
     try:
         at = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise ValueError(f"--at {text!r}: not an RFC 3339 timestamp") from None
     if at.tzinfo is None:
         raise ValueError(f"--at {text!r}: needs a timezone (e.g. Z)")
-    return at.astimezone(UTC)
+    try:
+        utc = at.astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not EARLIEST_POSTED_AT <= utc < LATEST_POSTED_AT:
+        raise ValueError(
+            f"--at {text!r}: must be between {EARLIEST_POSTED_AT:%Y-%m-%d} and "
+            f"{LATEST_POSTED_AT:%Y-%m-%d} UTC, the range of event times"
+        )
+    return utc
+
+
+def expired_before(wall_now: datetime, hour_ttl_s: int) -> datetime:
+    """Counts of event times before this have expired with their hour rollups."""
+    return wall_now - timedelta(seconds=hour_ttl_s)
 
 
 def redacted(url: str) -> str:
@@ -97,6 +112,16 @@ def main(args: argparse.Namespace) -> int:
         settings = WorkerSettings(**({"redis_url": args.redis_url} if args.redis_url else {}))
     except ValidationError as exc:
         return fail(f"settings: {first_validation_error(exc)}")
+    horizon = expired_before(datetime.now(UTC), settings.trend_hour_ttl_s)
+    window_start = at - timedelta(minutes=minutes - 1)
+    complete = window_start.replace(minute=0, second=0, microsecond=0) >= horizon
+    if not complete:
+        print(
+            f"warning: counts before {horizon:%Y-%m-%d %H:00} UTC have expired (hour rollups "
+            f"live {settings.trend_hour_ttl_s // 86400} days, CARSTREAM_TREND_HOUR_TTL_S): "
+            "this window undercounts",
+            file=sys.stderr,
+        )
     client = redis_client(settings)
     reader = TrendReader(client, minute_ttl_s=settings.trend_minute_ttl_s)
     try:
@@ -118,6 +143,7 @@ def main(args: argparse.Namespace) -> int:
             "by": args.by,
             "city": args.city,
             "at": at.isoformat().replace("+00:00", "Z"),
+            "complete": complete,
             "top": [{"name": name, "count": count} for name, count in rows],
         }
         print(json.dumps(payload, ensure_ascii=False))

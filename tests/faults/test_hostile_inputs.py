@@ -286,6 +286,12 @@ def test_hostile_corpus_is_dead_lettered_and_good_posts_are_unaffected(
             "schema",
         ),
         "post-id-number": (b64_event("x", png, now).replace(b'"x"', b"12345"), "schema"),
+        # a Go client's zero time, and datetime's edges: these once overflowed the trend
+        # bucket arithmetic after the results were published, crash-looping every replica
+        "go-zero-posted-at": (b64_event("b35", png, "0001-01-01T00:00:00Z"), "schema"),
+        "year-1-with-offset": (b64_event("b36", png, "0001-01-01T00:00:00+01:00"), "schema"),
+        "year-9999-behind-utc": (b64_event("b37", png, "9999-12-31T23:59:59-01:00"), "schema"),
+        "epoch-string-posted-at": (b64_event("b38", png, "1700000000"), "schema"),
         # base64
         "bad-base64": (event("b20", now, image_b64="!!!not*base64==="), "bad_base64"),
         "data-uri-not-base64": (event("b21", now, image_b64="data:image/png,%89PNG"), "bad_base64"),

@@ -96,6 +96,15 @@ def test_window_keys_beyond_minute_ttl_fall_back_to_the_hour() -> None:
     assert not any(":m:202403071" in k for k in keys)
 
 
+def test_window_keys_in_the_past_measure_expiry_from_the_wall_clock() -> None:
+    wall = datetime(2024, 3, 10, 13, 30, tzinfo=UTC)
+    at = wall - timedelta(days=3)  # `trends --at` three days ago: its minutes are gone
+    keys = window_keys("make", 120, at, minute_ttl_s=MIN_TTL, wall_now=wall)  # 11:31 .. 13:30
+    assert keys == [trend_key("make", "h", b) for b in ("2024030711", "2024030712", "2024030713")]
+    recent = window_keys("make", 120, wall, minute_ttl_s=MIN_TTL, wall_now=wall)
+    assert sum(":m:" in k for k in recent) == 29 + 31  # now: the edges still come from minutes
+
+
 # --- Lua writer + reader against a real redis-server -----------------------------------
 
 
@@ -114,6 +123,16 @@ def snapshot(client: redis.Redis) -> dict[bytes, object]:
         kind = client.type(key)
         out[key] = client.hgetall(key) if kind == b"hash" else client.zrange(key, 0, -1, True)
     return out
+
+
+@pytest.mark.integration
+def test_a_window_days_ago_counts_from_hour_rollups_after_minutes_expired(r: redis.Redis) -> None:
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=3)
+    w = TrendWriter(r, "g", MIN_TTL, HOUR_TTL)  # minute keys of 3 days ago expire at once
+    w.apply([rec(0, hour - timedelta(minutes=15)), rec(1, hour + timedelta(minutes=15))])
+    assert not list(r.scan_iter("carstream:trends:make:m:*"))
+    counts = dict(TrendReader(r, MIN_TTL).top(120, now=hour + timedelta(minutes=30)))
+    assert counts == {"Toyota": 2}
 
 
 @pytest.mark.integration

@@ -91,12 +91,27 @@ def test_cli_city_filter_and_table(trends_url: str) -> None:
     assert lines[1].split() == ["1.", "lyon", "2"] and lines[2].split() == ["2.", "paris", "2"]
 
 
+@pytest.mark.integration
+def test_cli_says_when_a_window_reaches_past_the_hour_rollups(trends_url: str) -> None:
+    recent = _trends("--redis-url", trends_url, "--window", "2h", "--json")
+    assert json.loads(recent.stdout)["complete"] is True and not recent.stderr
+
+    long = _trends("--redis-url", trends_url, "--window", "40d", "--json")
+    assert long.returncode == 0, long.stderr
+    payload = json.loads(long.stdout)
+    assert payload["complete"] is False
+    assert payload["top"][0] == {"name": "Toyota", "count": 3}  # what has not expired still counts
+    assert "have expired" in long.stderr and "undercounts" in long.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
         (["--window", "15x"], "'15x'"),
         (["--top", "0"], "--top 0"),
         (["--at", "yesterday"], "yesterday"),
+        (["--at", "0001-01-01T00:00:00Z"], "between 1970-01-01 and 2100-01-01"),
+        (["--at", "9999-12-31T23:59:59-01:00"], "9999"),
         (["--redis-url", "localhost:6379"], "redis_url"),
     ],
 )

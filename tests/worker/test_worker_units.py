@@ -92,6 +92,19 @@ def _raw(obj) -> bytes:
     return json.dumps(obj).encode()
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1970-01-01T00:00:00Z", datetime(1970, 1, 1, tzinfo=UTC)),
+        ("2099-12-31T23:59:59.999999Z", datetime(2099, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+        ("2026-11-24 11:30:00+01:30", datetime(2026, 11, 24, 10, tzinfo=UTC)),
+        ("2026-11-24t10:00:00.5z", datetime(2026, 11, 24, 10, 0, 0, 500000, tzinfo=UTC)),
+    ],
+)
+def test_rfc3339_variants_within_range_parse(text, expected):
+    assert parse_event(_raw({**GOOD, "posted_at": text}), 10_000).posted_at == expected
+
+
 def test_valid_event_parses_with_optional_fields_and_ignores_unknown_ones():
     ev = parse_event(_raw({**GOOD, "city": "Lyon", "lang": "fr", "extra": [1]}), 10_000)
     assert ev.post_id == "p1" and ev.city == "Lyon"
@@ -114,6 +127,16 @@ def test_valid_event_parses_with_optional_fields_and_ignores_unknown_ones():
         (_raw({**GOOD, "posted_at": "2026-11-24T10:00:00"}), "schema"),
         (_raw({**GOOD, "posted_at": 1732442400}), "schema"),
         (_raw({**GOOD, "posted_at": "yesterday"}), "schema"),
+        # not RFC 3339, though pydantic alone would take them
+        (_raw({**GOOD, "posted_at": "1732442400"}), "schema"),
+        (_raw({**GOOD, "posted_at": "1732442400.5"}), "schema"),
+        (_raw({**GOOD, "posted_at": "2026-11-24T10:00Z"}), "schema"),
+        # Go's zero time and the datetime edges: they overflow trend bucket arithmetic
+        (_raw({**GOOD, "posted_at": "0001-01-01T00:00:00Z"}), "schema"),
+        (_raw({**GOOD, "posted_at": "0001-01-01T00:00:00+01:00"}), "schema"),
+        (_raw({**GOOD, "posted_at": "9999-12-31T23:59:59-01:00"}), "schema"),
+        (_raw({**GOOD, "posted_at": "1969-12-31T23:59:59Z"}), "schema"),
+        (_raw({**GOOD, "posted_at": "2100-01-01T00:00:00Z"}), "schema"),
         (_raw({**GOOD, "image_url": "https://example.com/a.jpg"}), "schema"),
         (_raw({"post_id": "p", "posted_at": GOOD["posted_at"]}), "schema"),
         (b'{"post_id": "a", ' + b'"pad": "' + b"x" * 2000 + b'"}', "too_large"),
@@ -258,6 +281,27 @@ def test_make_outputs_builds_results_dead_letters_and_trend_records():
     assert by_offset[5].make == "BMW" and by_offset[5].city == "Lyon"
     assert not by_offset[5].low_confidence
     assert by_offset[9].make is None  # dead letter: advances the position, counts nothing
+
+
+def test_a_non_finite_logit_row_is_a_dead_letter_and_the_rest_are_classified():
+    settings = WorkerSettings()
+    ev = parse_event(_raw(GOOD), 10_000)
+    batch = [
+        Pending(Rec("t", 0, off, b"p1", _raw(GOOD)), 0.0, DoneFuture(None)) for off in (1, 2, 3)
+    ]
+    prepared = [Prepared(ev, np.zeros(1, np.float32), None, 0.0)] * 3
+    logits = {
+        0: np.array([0.0, 5.0], np.float32),
+        1: np.array([np.inf, 0.0], np.float32),  # an FP16 engine overflowed
+        2: np.array([np.nan, 1.0], np.float32),
+    }
+    results, dead, trends = make_outputs(batch, prepared, logits, _manifest(), settings)
+    assert [Prediction.model_validate_json(v).source.offset for _, v in results] == [1]
+    assert len(dead) == 2
+    for _, _, headers in dead:
+        parsed = parse_dlq_headers(headers)
+        assert parsed["error_kind"] == "internal" and "non-finite" in parsed["error_reason"]
+    assert [t.make for t in sorted(trends, key=lambda t: t.offset)] == ["BMW", None, None]
 
 
 def test_low_confidence_result_is_flagged():
