@@ -1,7 +1,8 @@
 """Rendering the kustomize overlays: with kubectl's built-in kustomize (put into .venv/bin by
 tests/deploy/install-kubectl.sh), exactly as `kubectl apply -k` renders them. Without kubectl a
 test-side renderer of the subset deploy/k8s uses (resources, namespace, labels, images,
-strategic-merge patches by file) stands in, except under CI=true, where a missing kubectl fails."""
+strategic-merge patches by file, JSON 6902 patches by file with a target) stands in, except
+under CI=true, where a missing kubectl fails."""
 
 from __future__ import annotations
 
@@ -50,6 +51,47 @@ def merge(base, patch):
     return copy.deepcopy(patch)
 
 
+def _pointer(path: str) -> list[str]:
+    assert path.startswith("/"), path
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def json6902(obj: dict, ops: list[dict]) -> dict:
+    """The JSON patch operations the overlays use (add, replace, remove) applied to a copy."""
+    obj = copy.deepcopy(obj)
+    for op in ops:
+        *parents, last = _pointer(op["path"])
+        node = obj
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if op["op"] == "remove":
+            del node[int(last) if isinstance(node, list) else last]
+        elif op["op"] in ("add", "replace"):
+            if isinstance(node, list):
+                if last == "-":
+                    node.append(copy.deepcopy(op["value"]))
+                elif op["op"] == "add":
+                    node.insert(int(last), copy.deepcopy(op["value"]))
+                else:
+                    node[int(last)] = copy.deepcopy(op["value"])
+            else:
+                assert op["op"] == "add" or last in node, f"replace of missing {op['path']}"
+                node[last] = copy.deepcopy(op["value"])
+        else:
+            raise AssertionError(f"JSON patch op this test renderer lacks: {op['op']}")
+    return obj
+
+
+def _matches(obj: dict, target: dict) -> bool:
+    group, _, version = obj["apiVersion"].rpartition("/")
+    return (
+        target.get("kind", obj["kind"]) == obj["kind"]
+        and target.get("name", obj["metadata"]["name"]) == obj["metadata"]["name"]
+        and target.get("group", group) == group
+        and target.get("version", version) == version
+    )
+
+
 def _set_image(obj: dict, images: list[dict]) -> None:
     spec = obj.get("spec", {})
     pod = spec.get("template", {}).get("spec") or spec.get("jobTemplate", {}).get("spec", {})
@@ -70,6 +112,12 @@ def render(directory: Path) -> list[dict]:
         objects += render(path) if path.is_dir() else load_docs(path)
     for patch_entry in kustomization.get("patches", []):
         patch = load_docs(directory / patch_entry["path"])[0]
+        if isinstance(patch, list):  # JSON 6902: a list of operations on the named target
+            matched = [o for o in objects if _matches(o, patch_entry["target"])]
+            assert matched, f"patch {patch_entry['path']} matches nothing"
+            for target in matched:
+                objects[objects.index(target)] = json6902(target, patch)
+            continue
         targets = [
             o
             for o in objects

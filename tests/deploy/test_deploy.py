@@ -34,6 +34,10 @@ def one(objects: list[dict], kind: str) -> dict:
     return found[0]
 
 
+# The workers' controller: a StatefulSet, for stable pod names under static group membership.
+WORKLOAD = "StatefulSet"
+
+
 # --- Kubernetes ----------------------------------------------------------------------------
 
 
@@ -50,7 +54,7 @@ def test_every_core_object_validates_against_the_kubernetes_schema(name, render_
         kubernetes_validate.validate(objects[0], K8S_VERSION, strict=True)
         return
     core = [o for o in objects if not o["apiVersion"].startswith(("keda.sh", "monitoring.coreos"))]
-    assert {"Deployment", "ConfigMap", "Secret", "Service", "PodDisruptionBudget"} <= {
+    assert {WORKLOAD, "ConfigMap", "Secret", "Service", "PodDisruptionBudget"} <= {
         o["kind"] for o in core
     }
     for obj in core:
@@ -62,8 +66,8 @@ def test_every_core_object_validates_against_the_kubernetes_schema(name, render_
 
 def test_worker_pod_is_hardened_and_probed(overlay):
     _, objects = overlay
-    deployment = one(objects, "Deployment")
-    pod = deployment["spec"]["template"]["spec"]
+    workload = one(objects, WORKLOAD)
+    pod = workload["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -88,7 +92,7 @@ def expand(arg: str, env: dict[str, str]) -> str:
 
 def test_gpu_overlay_asks_for_a_gpu_of_one_product_and_builds_engines_there(render_overlay):
     objects = render_overlay("gpu")
-    pod_template = one(objects, "Deployment")["spec"]["template"]
+    pod_template = one(objects, WORKLOAD)["spec"]["template"]
     pod = pod_template["spec"]
     (worker,) = pod["containers"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -125,7 +129,7 @@ def test_gpu_overlay_asks_for_a_gpu_of_one_product_and_builds_engines_there(rend
     }
     assert claims == {one(objects, "PersistentVolumeClaim")["metadata"]["name"]}
     cpu = render_overlay("cpu")
-    assert "nvidia.com/gpu" not in str(one(cpu, "Deployment"))
+    assert "nvidia.com/gpu" not in str(one(cpu, WORKLOAD))
 
 
 def test_stand_in_renderer_matches_kubectl_kustomize(renderers):
@@ -143,12 +147,17 @@ def test_stand_in_renderer_matches_kubectl_kustomize(renderers):
         assert real == sorted(render(DEPLOY / "k8s" / "overlays" / name), key=key), name
 
 
-def test_keda_scales_the_deployment_on_the_groups_lag_within_the_partition_count(overlay):
+def test_keda_scales_the_workers_on_the_groups_lag_within_the_partition_count(overlay):
     _, objects = overlay
     scaled = one(objects, "ScaledObject")
-    deployment = one(objects, "Deployment")
+    workload = one(objects, WORKLOAD)
     config = one(objects, "ConfigMap")["data"]
-    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    # KEDA scales a Deployment unless told otherwise: the ref must name the StatefulSet's kind
+    assert scaled["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": WORKLOAD,
+        "name": workload["metadata"]["name"],
+    }
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "kafka"
     assert trigger["metadata"]["consumerGroup"] == config["CARSTREAM_GROUP_ID"]
@@ -366,7 +375,7 @@ def test_custom_resource_schemas_catch_the_usual_mistakes(render_overlay):
 
 def test_service_monitor_and_pdb_select_the_worker_pods(overlay):
     _, objects = overlay
-    labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    labels = one(objects, WORKLOAD)["spec"]["template"]["metadata"]["labels"]
     for kind in ("PodDisruptionBudget",):
         selector = one(objects, kind)["spec"]["selector"]["matchLabels"]
         assert selector.items() <= labels.items()
@@ -394,12 +403,119 @@ def test_engine_build_job_args_are_ones_the_cli_accepts(render_overlay):
     assert builder["command"][-2:] == ["-m", "engine_build"]
     env = {e["name"]: e["value"] for e in builder["env"]}
     args = parse_cli("engine_build.__main__", [expand(a, env) for a in builder["args"]])
-    assert args.force and args.max_batch >= 1
+    assert args.max_batch >= 1
+    # never --force: a re-run must not overwrite a bundle that running workers read
+    assert not args.force, "the engine-build Job must not pass --force"
+
+
+def test_engine_build_job_writes_a_new_directory_per_gpu_model_and_image(render_overlay):
+    """The bundle directory is keyed by everything a TensorRT plan depends on (GPU type, model
+    version, image = TensorRT version), so a rebuild for any of them lands beside the one in use,
+    and the workers are pointed at exactly that directory."""
+    (job,) = render_overlay("gpu/engine-build")
+    (builder,) = job["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in builder["env"]}
+    args = parse_cli("engine_build.__main__", [expand(a, env) for a in builder["args"]])
+    image_tag = builder["image"].rsplit(":", 1)[1]
+    assert env["IMAGE_TAG"] == image_tag, "IMAGE_TAG must be the tag of the Job's image"
+    expected = f"/models/bundle-{env['GPU_TYPE']}-{env['MODEL_VERSION']}-{image_tag}"
+    assert str(args.out) == expected
+    assert image_tag in str(args.timing_cache) and env["GPU_TYPE"] in str(args.timing_cache)
+    (worker,) = one(render_overlay("gpu"), WORKLOAD)["spec"]["template"]["spec"]["containers"]
+    worker_env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert worker_env["CARSTREAM_BUNDLE"] == expected
+
+
+def test_engine_build_refuses_an_existing_bundle_without_force(tmp_path):
+    """What the Job relies on instead of --force: installing over a non-empty bundle fails and
+    leaves the old bundle as it was."""
+    from engine_build.build import BuildError, _install
+
+    out = tmp_path / "bundle-h100-v1-0.1.0-gpu"
+    out.mkdir()
+    (out / "manifest.json").write_text("in use")
+    new = tmp_path / ".building"
+    new.mkdir()
+    (new / "manifest.json").write_text("new")
+    with pytest.raises(BuildError, match="exists and is not empty"):
+        _install(new, out, overwrite=False)
+    assert (out / "manifest.json").read_text() == "in use"
+
+
+def _effective_env(objects: list[dict]) -> dict[str, str]:
+    """The worker container's CARSTREAM_* values: its env over the ConfigMap (envFrom)."""
+    env = dict(one(objects, "ConfigMap")["data"])
+    (container,) = one(objects, WORKLOAD)["spec"]["template"]["spec"]["containers"]
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def _cpus(quantity: str) -> float:
+    return int(quantity[:-1]) / 1000 if str(quantity).endswith("m") else float(quantity)
+
+
+def test_worker_threads_fit_the_cpu_limit(overlay):
+    """More busy threads than the CPU limit means CFS throttling. CPU: ONNX Runtime's inference
+    threads plus the decode threads fit the limit; GPU: the decode threads do (its inference
+    waits on the GPU)."""
+    name, objects = overlay
+    (container,) = one(objects, WORKLOAD)["spec"]["template"]["spec"]["containers"]
+    limit = _cpus(container["resources"]["limits"]["cpu"])
+    env = _effective_env(objects)
+    decode = int(env["CARSTREAM_DECODE_THREADS"])
+    if name == "cpu":
+        # unset, ONNX Runtime would start one thread per host core, whatever the limit
+        inference = int(env["CARSTREAM_INFERENCE_THREADS"])
+        assert inference + decode <= limit, (inference, decode, limit)
+        # ResNet-50: ~55 core-ms inference vs ~6 decoding per post
+        assert decode <= inference
+    else:
+        assert decode <= limit, (decode, limit)
+    assert _cpus(container["resources"]["requests"]["cpu"]) <= limit
+
+
+def test_lag_threshold_is_replica_throughput_times_accepted_backlog(overlay):
+    """Each overlay derives lagThreshold from its own replica's posts/s and the seconds of
+    backlog a replica may carry before KEDA adds one (the annotations record both)."""
+    name, objects = overlay
+    scaled = one(objects, "ScaledObject")
+    notes = scaled["metadata"]["annotations"]
+    rate = float(notes["carstream/replica-posts-per-second"])
+    seconds = float(notes["carstream/target-backlog-seconds"])
+    (trigger,) = scaled["spec"]["triggers"]
+    threshold = int(trigger["metadata"]["lagThreshold"])
+    assert abs(threshold - rate * seconds) <= 0.05 * rate * seconds, (name, threshold)
+    assert 5 <= seconds <= 120, "minutes of backlog per replica before scaling out"
+    if name == "cpu":
+        assert rate <= 100, "a CPU replica does ~34 posts/s (README, e2e_throughput)"
+
+
+def test_static_membership_pods_have_stable_names(overlay):
+    """A static group member (group.instance.id) never sends LeaveGroup, so its id must come
+    back when its pod is replaced: a StatefulSet's pod names do, a Deployment's do not."""
+    _, objects = overlay
+    assert not by_kind(objects, "Deployment")
+    workload = one(objects, WORKLOAD)
+    spec = workload["spec"]
+    (container,) = spec["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CARSTREAM_GROUP_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.name"
+    )
+    # scaling is not serialised pod by pod; rolling updates still go one at a time
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["updateStrategy"]["type"] == "RollingUpdate"
+    assert "replicas" not in spec, "KEDA owns the replica count"
+    services = {s["metadata"]["name"]: s for s in by_kind(objects, "Service")}
+    assert services[spec["serviceName"]]["spec"]["clusterIP"] == "None", "governing: headless"
+    # the stall after a scale-down or a lost node is one session timeout: keep it short
+    session_ms = int(_effective_env(objects)["CARSTREAM_SESSION_TIMEOUT_MS"])
+    assert 10_000 <= session_ms <= 60_000
 
 
 def test_worker_container_runs_the_worker(overlay):
     _, objects = overlay
-    (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    (container,) = one(objects, WORKLOAD)["spec"]["template"]["spec"]["containers"]
     assert container["args"] == ["run"]
     parse_cli("worker.run", container["args"][1:])
 
