@@ -116,11 +116,26 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http %s", format % args)
 
 
-def serve(metrics: WorkerMetrics, host: str, port: int, stall_s: float) -> ThreadingHTTPServer:
-    """Start the endpoint in a daemon thread; returns the server (``.shutdown()`` to stop)."""
+def bind(metrics: WorkerMetrics, host: str, port: int, stall_s: float) -> ThreadingHTTPServer:
+    """Listen on host:port without answering yet (``start`` does); OSError if it cannot.
+
+    `python -m worker run` binds before loading the engine, so a taken port or an unknown host
+    is a one-line error within a second, not a crash after a model load.
+    """
     handler = type("Handler", (_Handler,), {"metrics": metrics, "stall_s": stall_s})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-    log.info("metrics on http://%s:%d/metrics (healthz, readyz)", host, server.server_port)
     return server
+
+
+def start(server: ThreadingHTTPServer) -> ThreadingHTTPServer:
+    """Answer requests from a daemon thread; returns the server (``.shutdown()`` to stop)."""
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    host, port = server.server_address[:2]
+    log.info("metrics on http://%s:%d/metrics (healthz, readyz)", host, port)
+    return server
+
+
+def serve(metrics: WorkerMetrics, host: str, port: int, stall_s: float) -> ThreadingHTTPServer:
+    """Start the endpoint in a daemon thread; returns the server (``.shutdown()`` to stop)."""
+    return start(bind(metrics, host, port, stall_s))

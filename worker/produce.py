@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import functools
 import itertools
 import json
 import logging
+import math
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -133,11 +136,49 @@ def _post_id_key(line: bytes) -> bytes | None:
 
 @dataclass
 class SendReport:
-    """What a produce run achieved."""
+    """What a produce run achieved.
+
+    `attempted` records were handed to the producer (or refused by it); each ends `sent`
+    (acknowledged), `failed` (refused or rejected, counted per kind in `failures`), or, when the
+    run stopped early (`error`), `unconfirmed`: queued or in flight when the broker stopped
+    answering, so perhaps written, perhaps not.
+    """
 
     sent: int = 0
     failed: int = 0
+    attempted: int = 0
     seconds: float = 0.0
+    failures: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def unconfirmed(self) -> int:
+        return max(0, self.attempted - self.sent - self.failed)
+
+    @property
+    def rate(self) -> float:
+        """Acknowledged posts per second."""
+        return self.sent / self.seconds if self.seconds > 0 else 0.0
+
+    def record_failure(self, number: int, exc: BaseException) -> None:
+        """Count a failed record; log the first failure of each kind only."""
+        if self.error is not None:
+            return  # abandoned by the close after an abort: unconfirmed, not known to be lost
+        kind = type(exc).__name__
+        self.failed += 1
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+        if self.failures[kind] == 1:
+            reason = str(exc) if kind in str(exc) else f"{kind}: {exc}"
+            logger.warning(
+                "record %d not sent: %s (further %s failures are counted, not logged)",
+                number,
+                reason,
+                kind,
+            )
+
+
+class ProduceAbortedError(RuntimeError):
+    """The run cannot go on: the topic has no metadata or the broker stopped answering."""
 
 
 def send_all(
@@ -146,26 +187,70 @@ def send_all(
     messages: Iterator[Message],
     bucket: TokenBucket,
     flush_timeout_s: float = 60.0,
+    report: SendReport | None = None,
 ) -> SendReport:
-    """Send every message at the bucket's pace, then flush; counts acknowledged vs failed."""
-    report = SendReport()
+    """Send every message at the bucket's pace, then flush; counts acknowledged vs failed.
+
+    A record the producer refuses outright (over its max_request_size, say) counts as failed
+    and the run goes on. A send or flush that times out (no metadata for the topic within
+    max_block_ms: it does not exist and the broker does not create it, or the broker is gone)
+    raises ProduceAbortedError; `report` (pass one in to keep it) then holds the counts so far.
+    """
+    from kafka.errors import KafkaError, KafkaTimeoutError
+
+    report = report if report is not None else SendReport()
     started = time.monotonic()
 
     def ok(_metadata: Any) -> None:
         report.sent += 1
 
-    def failed(exc: BaseException) -> None:
-        report.failed += 1
-        logger.warning("send failed: %s", exc)
-
-    for message in messages:
-        bucket.acquire()
-        future = producer.send(topic, value=message.value, key=message.key)
-        future.add_callback(ok)
-        future.add_errback(failed)
-    producer.flush(timeout=flush_timeout_s)
-    report.seconds = time.monotonic() - started
+    try:
+        for number, message in enumerate(messages, 1):
+            bucket.acquire()
+            report.attempted += 1
+            try:
+                future = producer.send(topic, value=message.value, key=message.key)
+            except KafkaTimeoutError as exc:
+                raise ProduceAbortedError(
+                    f"topic {topic!r}: no metadata or buffer space within the timeout "
+                    f"(does the topic exist? is the broker up?): {exc}"
+                ) from exc
+            except KafkaError as exc:  # MessageSizeTooLargeError and other refusals
+                report.record_failure(number, exc)
+                continue
+            future.add_callback(ok)
+            future.add_errback(functools.partial(report.record_failure, number))
+        try:
+            producer.flush(timeout=flush_timeout_s)
+        except KafkaTimeoutError as exc:
+            raise ProduceAbortedError(
+                f"topic {topic!r}: records still unacknowledged after {flush_timeout_s:g}s "
+                f"(is the broker up?)"
+            ) from exc
+    finally:
+        report.seconds = time.monotonic() - started
     return report
+
+
+def close_abandoning(producer: Any, grace_s: float) -> None:
+    """Close a producer whose broker stopped answering; records still queued fail (errbacks).
+
+    kafka-python's close(timeout) flushes first and raises when that flush times out, leaving
+    the producer open (its __del__ then raises again at exit), so force its sender closed.
+    """
+    from kafka.errors import KafkaError
+
+    try:
+        producer.close(timeout=grace_s)
+        return
+    except KafkaError:
+        pass
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        sender.force_close()  # fails the incomplete batches, which ends the flush below
+        sender.join(grace_s)
+    with contextlib.suppress(KafkaError):
+        producer.close(timeout=grace_s)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -197,6 +282,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--bootstrap-servers", default=None, help="Kafka brokers (default: worker settings)"
     )
     parser.add_argument("--topic", default=None, help="topic (default: the worker's input topic)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for topic metadata or buffer space per send, and for the final "
+        "flush; past it the run stops with an error",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
@@ -205,6 +297,8 @@ def main(args: argparse.Namespace) -> int:
     """CLI edge: validate, build the producer from the worker's Kafka settings, report."""
     if args.rate < 0:
         return fail(f"--rate {args.rate}: must be >= 0")
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        return fail(f"--timeout {args.timeout}: must be a number of seconds > 0")
     if args.count is not None and args.count < 1:
         return fail(f"--count {args.count}: must be at least 1")
     if args.images is not None:
@@ -226,27 +320,34 @@ def main(args: argparse.Namespace) -> int:
     from worker.connections import kafka_common_config
     from worker.settings import WorkerSettings
 
-    overrides = {"bootstrap_servers": args.bootstrap_servers} if args.bootstrap_servers else {}
+    overrides = {}
+    if args.bootstrap_servers is not None:  # given empty is an error, not the default
+        overrides["bootstrap_servers"] = args.bootstrap_servers
     try:
         settings = WorkerSettings(**overrides)
     except ValidationError as exc:
         return fail(f"settings: {first_validation_error(exc)}")
     topic = args.topic or settings.input_topic
+    timeout_ms = int(args.timeout * 1000)
     try:
         producer = KafkaProducer(
             **kafka_common_config(settings),
             acks="all",
             linger_ms=20,
             max_request_size=16 * 1024 * 1024,
+            max_block_ms=timeout_ms,
         )
     except KafkaError as exc:
         print(f"error: cannot reach Kafka at {settings.bootstrap_servers}: {exc}", file=sys.stderr)
         return 1
+    report = SendReport()
     try:
-        report = send_all(producer, topic, messages, TokenBucket(args.rate))
-    finally:
+        send_all(producer, topic, messages, TokenBucket(args.rate), args.timeout, report)
+    except ProduceAbortedError as exc:
+        report.error = str(exc)
+        close_abandoning(producer, min(5.0, args.timeout))  # queued records count as failed
+    else:
         producer.close()
-    rate = report.sent / report.seconds if report.seconds else 0.0
     if args.json:
         print(
             json.dumps(
@@ -254,15 +355,27 @@ def main(args: argparse.Namespace) -> int:
                     "topic": topic,
                     "sent": report.sent,
                     "failed": report.failed,
+                    "unconfirmed": report.unconfirmed,
+                    "failures": report.failures,
                     "seconds": round(report.seconds, 3),
+                    "rate": round(report.rate, 2),
+                    "error": report.error,
                 }
             )
         )
     else:
+        extra = f" unconfirmed={report.unconfirmed}" if report.unconfirmed else ""
         print(
-            f"sent={report.sent} failed={report.failed} topic={topic} "
-            f"seconds={report.seconds:.2f} rate={rate:.1f}/s"
+            f"sent={report.sent} failed={report.failed}{extra} topic={topic} "
+            f"seconds={report.seconds:.2f} rate={report.rate:.1f}/s"
         )
+    if report.error:
+        print(
+            f"error: {report.error} (stopped after sent={report.sent} failed={report.failed} "
+            f"unconfirmed={report.unconfirmed})",
+            file=sys.stderr,
+        )
+        return 1
     return 0 if report.failed == 0 else 1
 
 

@@ -20,6 +20,11 @@ from pydantic import SecretStr, ValidationError
 
 from worker.settings import WorkerSettings
 
+if typing.TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
+
+    from worker.metrics import WorkerMetrics
+
 log = logging.getLogger(__name__)
 
 # Largest record the worker sends: an oversized bad post is dead-lettered with its bytes up to
@@ -111,6 +116,38 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
 
+    from worker.metrics import WorkerMetrics, bind
+
+    # bound before the engine loads: a taken port or unknown host fails in a second, not after
+    metrics = WorkerMetrics()
+    server = None
+    if settings.metrics_port:
+        stall_s = max(60.0, settings.max_poll_interval_ms / 1000.0)
+        address = f"{settings.metrics_host}:{settings.metrics_port}"
+        try:
+            server = bind(metrics, settings.metrics_host, settings.metrics_port, stall_s)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            print(
+                f"python -m worker run: error: --metrics-host/--metrics-port {address}: "
+                f"cannot listen there: {reason}",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        return _serve(settings, stop, metrics, server)
+    finally:
+        if server is not None:
+            server.server_close()
+
+
+def _serve(
+    settings: WorkerSettings,
+    stop: threading.Event,
+    metrics: WorkerMetrics,
+    server: ThreadingHTTPServer | None,
+) -> int:
+    """Load the engine, connect, run the loop until `stop`; `server` is bound, not started."""
     # imported here so `--help` and argument errors never load the model runtime
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.errors import RetriableError
@@ -118,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
     from engine_build.bundle import BundleError, load_bundle
     from engine_build.runtime import EngineUnavailableError, create_engine
     from worker.connections import kafka_common_config, redis_client
-    from worker.metrics import WorkerMetrics, serve
+    from worker.metrics import start
     from worker.pipeline import StreamWorker
     from worker.thread_names import name_python_threads
     from worker.trends import TrendWriter
@@ -145,11 +182,9 @@ def main(args: argparse.Namespace) -> int:
     if settings.gpu_decode and not hasattr(engine, "infer_device"):
         log.warning("gpu_decode ignored: the %s engine does not run on a GPU", engine.name)
 
-    metrics = WorkerMetrics()
-    server = None
-    if settings.metrics_port:
-        stall_s = max(60.0, settings.max_poll_interval_ms / 1000.0)
-        server = serve(metrics, settings.metrics_host, settings.metrics_port, stall_s)
+    if server is not None:
+        metrics.beat()  # liveness counts from here, as before the engine loaded
+        start(server)
     _warm_up(engine, settings.max_batch)
     log.info("engine warm (%s, max batch %d)", engine.name, engine.max_batch)
 
@@ -188,6 +223,8 @@ def main(args: argparse.Namespace) -> int:
             stop.wait(min(10.0, 0.5 * 2**attempt))
     else:
         engine.close()
+        if server is not None:
+            server.shutdown()
         return 0
 
     writer = TrendWriter(

@@ -7,6 +7,7 @@ so they never reach logs, metrics or ``repr``.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -23,6 +24,56 @@ def _mask_url_password(url: str) -> str:
     """``redis://user:pw@host`` -> ``redis://user:**********@host`` (URLs are logged)."""
     password = urlsplit(url).password
     return url.replace(f":{password}@", ":**********@", 1) if password else url
+
+
+def _check_port(text: str, where: str = "") -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{where}port {text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
+def parse_bootstrap_servers(value: str) -> list[str]:
+    """``host:port[,host:port...]`` (IPv6 as ``[addr]:port``) -> the entries, stripped.
+
+    Raises ValueError naming the first bad entry: kafka-python would otherwise fail with an
+    IndexError or an int() error deep inside the first client it builds.
+    """
+    servers = [entry.strip() for entry in value.split(",") if entry.strip()]
+    if not servers:
+        raise ValueError("no broker given; expected host:port[,host:port...]")
+    for entry in servers:
+        # kafka-python drops a leading SECURITY_PROTOCOL://, as the Java client does
+        host, sep, port = re.sub(r"^[A-Za-z_]+://", "", entry).rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host or "[" in host or "]" in host:
+            raise ValueError(f"{entry!r}: write an IPv6 broker as [address]:port")
+        if not sep or not host or any(c.isspace() for c in host) or "/" in host:
+            raise ValueError(f"{entry!r}: expected host:port")
+        _check_port(port, f"{entry!r}: ")
+    return servers
+
+
+def check_redis_url(value: str) -> str:
+    """The URL if redis-py can connect with it: known scheme, port 1-65535, numeric database."""
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+    parts = urlsplit(value)
+    if parts.scheme != "unix":
+        netloc = parts.netloc.rpartition("@")[2]
+        _host, sep, port = netloc.rpartition(":")
+        if sep and not netloc.endswith("]"):  # "[::1]" alone has colons but no port
+            _check_port(port)
+        db = parts.path.lstrip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"database {db!r} in the path is not a number")
+    from redis.connection import parse_url  # what redis_client() will run on it
+
+    try:
+        parse_url(value)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    return value
 
 
 def default_worker_id() -> str:
@@ -116,12 +167,15 @@ class WorkerSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     worker_id: str = Field(default_factory=default_worker_id)
 
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        return ",".join(parse_bootstrap_servers(value))
+
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
-        return value
+    def _redis_url(cls, value: str) -> str:
+        return check_redis_url(value)
 
     @field_validator("url_allow_hosts", mode="before")
     @classmethod

@@ -1,7 +1,8 @@
 """The local stack: a Tansu broker and a redis-server on loopback, no Docker.
 
-`python -m worker stack up|down|status` manages both as background processes whose pids and
-ports live in a state directory, so `up` is idempotent and `down` finds what `up` started.
+`python -m worker stack up|down|status` manages both as background processes whose pids
+(``<name>.pid``) and ports (``stack.json``) live in a state directory, so `up` is idempotent,
+`down` finds what `up` started, and `status` or a later `up` need no port flags.
 The same classes start throw-away servers for the integration tests.
 """
 
@@ -77,6 +78,42 @@ class ServiceStatus:
     running: bool
     answering: bool
     log: str
+
+
+STATE_FILE = "stack.json"
+
+
+@dataclass(frozen=True)
+class StackRecord:
+    """What `up` started with, kept in ``state_dir/stack.json`` for status, down and later ups."""
+
+    kafka_port: int
+    redis_port: int
+    redis_appendonly: bool = False
+
+    @classmethod
+    def read(cls, state_dir: Path) -> StackRecord | None:
+        """The record in `state_dir`, or None if there is none (or it is unreadable)."""
+        path = Path(state_dir) / STATE_FILE
+        try:
+            data = json.loads(path.read_text())
+            record = cls(
+                kafka_port=int(data["kafka_port"]),
+                redis_port=int(data["redis_port"]),
+                redis_appendonly=bool(data.get("redis_appendonly", False)),
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("ignoring %s: %s", path, exc)
+            return None
+        return record
+
+    def write(self, state_dir: Path) -> None:
+        path = Path(state_dir) / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
 
 
 class _Service:
@@ -334,7 +371,9 @@ def create_topics(
                         f"{topic.get('error_message') or ''}".rstrip()
                     )
             admin.wait_for_topics(missing, timeout_ms=int(timeout_s * 1000))
-        for info in admin.describe_topics([n for n in names if n in existing]):
+        present = [name for name in names if name in existing]
+        # describe_topics([]) describes every topic on the broker
+        for info in admin.describe_topics(present) if present else ():
             have = len(info.get("partitions") or [])
             if have != partitions:
                 logger.warning(
@@ -362,6 +401,19 @@ class LocalStack:
         self.kafka = TansuBroker(self.state_dir, kafka_port)
         self.redis = RedisServer(self.state_dir, redis_port, appendonly=redis_appendonly)
 
+    @classmethod
+    def running_record(cls, state_dir: Path) -> StackRecord | None:
+        """The ports `up` recorded in `state_dir` while any process it started still runs."""
+        record = StackRecord.read(state_dir)
+        if record is None:
+            return None
+        stack = cls(state_dir, record.kafka_port, record.redis_port, record.redis_appendonly)
+        return record if stack.kafka.running() or stack.redis.running() else None
+
+    @property
+    def record(self) -> StackRecord:
+        return StackRecord(self.kafka.port, self.redis.port, self.redis.appendonly)
+
     @property
     def bootstrap(self) -> str:
         return self.kafka.bootstrap
@@ -376,7 +428,19 @@ class LocalStack:
         partitions: int = 4,
         timeout_s: float = READY_TIMEOUT_S,
     ) -> None:
-        """Start what is not running, wait for both to answer, create missing topics."""
+        """Start what is not running, wait for both to answer, create missing topics.
+
+        The ports are recorded first, so status and down know them even if a start fails.
+        """
+        running = self.running_record(self.state_dir)
+        if running is not None and running != self.record:
+            raise StackError(
+                f"the stack in {self.state_dir} already runs with kafka port "
+                f"{running.kafka_port}, redis port {running.redis_port}"
+                f"{' (redis AOF on)' if running.redis_appendonly else ''}; stop it first"
+            )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.record.write(self.state_dir)
         self.redis.start(timeout_s)
         self.kafka.start(timeout_s)
         if topics:
@@ -384,7 +448,9 @@ class LocalStack:
 
     def down(self) -> list[str]:
         """Stop both; returns the names of those that were running."""
-        return [svc.name for svc in (self.kafka, self.redis) if svc.stop()]
+        stopped = [svc.name for svc in (self.kafka, self.redis) if svc.stop()]
+        (self.state_dir / STATE_FILE).unlink(missing_ok=True)
+        return stopped
 
     def status(self) -> list[ServiceStatus]:
         return [self.kafka.status(), self.redis.status()]
@@ -400,8 +466,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="pid files, logs, redis data"
     )
-    parser.add_argument("--kafka-port", type=int, default=DEFAULT_KAFKA_PORT, help="broker port")
-    parser.add_argument("--redis-port", type=int, default=DEFAULT_REDIS_PORT, help="redis port")
+    parser.add_argument(
+        "--kafka-port",
+        type=int,
+        default=None,
+        help=f"broker port (default: the running stack's, else {DEFAULT_KAFKA_PORT})",
+    )
+    parser.add_argument(
+        "--redis-port",
+        type=int,
+        default=None,
+        help=f"redis port (default: the running stack's, else {DEFAULT_REDIS_PORT})",
+    )
     parser.add_argument(
         "--partitions", type=int, default=4, help="partitions of each topic created by `up`"
     )
@@ -412,7 +488,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="topics created by `up` if missing",
     )
     parser.add_argument(
-        "--redis-aof", action="store_true", help="turn on Redis append-only-file persistence"
+        "--redis-aof",
+        action="store_true",
+        default=None,
+        help="turn on Redis append-only-file persistence (default: as the running stack)",
     )
     parser.add_argument(
         "--timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for readiness"
@@ -424,7 +503,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def _argument_error(args: argparse.Namespace) -> str | None:
     """The first bad argument as one line, or None."""
     for flag, port in (("--kafka-port", args.kafka_port), ("--redis-port", args.redis_port)):
-        if not 1 <= port <= 65535:
+        if port is not None and not 1 <= port <= 65535:
             return f"{flag} {port}: not a TCP port (1-65535)"
     if args.partitions < 1:
         return f"--partitions {args.partitions}: must be at least 1"
@@ -433,13 +512,47 @@ def _argument_error(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _resolve_stack(args: argparse.Namespace) -> LocalStack:
+    """The stack the flags name: a running stack's recorded ports unless flags say otherwise.
+
+    Raises ValueError when a flag contradicts the stack running from `--state-dir`.
+    """
+    running = LocalStack.running_record(args.state_dir)
+    if running is not None:
+        aof = {True: "on", False: "off", None: None}
+        given = (
+            ("--kafka-port", args.kafka_port, running.kafka_port, "kafka port"),
+            ("--redis-port", args.redis_port, running.redis_port, "redis port"),
+            ("--redis-aof", aof[args.redis_aof], aof[running.redis_appendonly], "redis AOF"),
+        )
+        for flag, value, recorded, what in given:
+            if value is not None and value != recorded:
+                raise ValueError(
+                    f"{flag} {value}: the stack running from {args.state_dir} has {what} "
+                    f"{recorded}; drop the flag or run `stack down` first"
+                )
+        return LocalStack(
+            args.state_dir, running.kafka_port, running.redis_port, running.redis_appendonly
+        )
+    return LocalStack(
+        args.state_dir,
+        DEFAULT_KAFKA_PORT if args.kafka_port is None else args.kafka_port,
+        DEFAULT_REDIS_PORT if args.redis_port is None else args.redis_port,
+        bool(args.redis_aof),
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     """CLI edge: one-line errors with exit code 2 for bad arguments, 1 for failures."""
     problem = _argument_error(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    stack = LocalStack(args.state_dir, args.kafka_port, args.redis_port, args.redis_aof)
+    try:
+        stack = _resolve_stack(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.action == "up":
             stack.up(args.topics, args.partitions, args.timeout)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,8 +16,17 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from PIL import Image
 
-from worker.produce import TokenBucket, build_event, find_images, jsonl_messages
-from worker.stack import create_topics
+from worker.produce import (
+    Message,
+    ProduceAbortedError,
+    SendReport,
+    TokenBucket,
+    build_event,
+    find_images,
+    jsonl_messages,
+    send_all,
+)
+from worker.stack import TansuBroker, create_topics, free_port
 
 
 class FakeClock:
@@ -162,6 +173,8 @@ def test_produce_jsonl_round_trip(kafka_bootstrap: str, tmp_path: Path) -> None:
         (["--images", "/nonexistent/dir"], "/nonexistent/dir"),
         (["--jsonl", "/nonexistent/e.jsonl"], "/nonexistent/e.jsonl"),
         (["--images", ".", "--rate", "-1"], "--rate -1"),
+        (["--images", ".", "--timeout", "0"], "--timeout 0"),
+        (["--jsonl", "pyproject.toml", "--bootstrap-servers", ""], "bootstrap_servers"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args: list[str], needle: str) -> None:
@@ -169,3 +182,179 @@ def test_bad_arguments_exit_2_with_one_line(args: list[str], needle: str) -> Non
     assert result.returncode == 2
     assert needle in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+class _Future:
+    def __init__(self) -> None:
+        self.callbacks: list = []
+        self.errbacks: list = []
+
+    def add_callback(self, fn) -> None:
+        self.callbacks.append(fn)
+
+    def add_errback(self, fn) -> None:
+        self.errbacks.append(fn)
+
+
+class FakeProducer:
+    """Acknowledges at flush; refuses values over `max_bytes`; times out from `timeout_at`."""
+
+    def __init__(self, max_bytes: int = 100, timeout_at: int | None = None, flush_fails=False):
+        self.max_bytes = max_bytes
+        self.timeout_at = timeout_at
+        self.flush_fails = flush_fails
+        self.pending: list[_Future] = []
+        self.calls = 0
+        self.closed_with: list = []
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None) -> _Future:
+        from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+
+        self.calls += 1
+        if self.timeout_at is not None and self.calls >= self.timeout_at:
+            raise KafkaTimeoutError(f"Failed to update metadata after 1.0 secs: {topic}")
+        if len(value) > self.max_bytes:
+            raise MessageSizeTooLargeError(f"The message is {len(value)} bytes")
+        future = _Future()
+        self.pending.append(future)
+        return future
+
+    def flush(self, timeout: float | None = None) -> None:
+        from kafka.errors import KafkaTimeoutError
+
+        if self.flush_fails:
+            raise KafkaTimeoutError("Timeout waiting for future")
+        for future in self.pending:
+            for fn in future.callbacks:
+                fn(None)
+        self.pending.clear()
+
+    def close(self, timeout: float | None = None) -> None:
+        self.closed_with.append(timeout)
+
+
+def _messages(sizes: list[int]) -> list[Message]:
+    return [Message(None, b"x" * n) for n in sizes]
+
+
+def test_oversized_records_fail_and_the_rest_are_sent(caplog) -> None:
+    producer = FakeProducer(max_bytes=100)
+    with caplog.at_level("WARNING", logger="worker.produce"):
+        report = send_all(producer, "t", iter(_messages([10, 500, 20, 600, 30])), TokenBucket(0))
+    assert (report.sent, report.failed, report.unconfirmed) == (3, 2, 0)
+    assert report.failures == {"MessageSizeTooLargeError": 2}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "record 2 not sent" in warnings[0]  # once per kind
+
+
+def test_a_metadata_timeout_aborts_with_the_counts_so_far() -> None:
+    producer = FakeProducer(timeout_at=3)
+    report = SendReport()
+    with pytest.raises(ProduceAbortedError, match=r"'typo-topic'.*does the topic exist"):
+        send_all(producer, "typo-topic", iter(_messages([1] * 5)), TokenBucket(0), report=report)
+    assert (report.attempted, report.sent, report.failed, report.unconfirmed) == (3, 0, 0, 3)
+    assert report.seconds > 0
+
+
+def test_a_flush_timeout_aborts() -> None:
+    report = SendReport()
+    with pytest.raises(ProduceAbortedError, match="unacknowledged after 2s"):
+        producer = FakeProducer(flush_fails=True)
+        send_all(producer, "t", iter(_messages([1, 1])), TokenBucket(0), 2.0, report)
+    assert report.unconfirmed == 2
+
+
+def test_rate_is_acknowledged_posts_per_second() -> None:
+    assert SendReport(sent=30, seconds=2.0).rate == 15.0
+    assert SendReport(sent=0, seconds=0.0).rate == 0.0
+
+
+def test_cli_reports_a_missing_topic_in_one_line_with_counts(monkeypatch, tmp_path, capsys):
+    import kafka
+
+    from worker import produce
+
+    lines = tmp_path / "e.jsonl"
+    lines.write_text('{"post_id": "a"}\n{"post_id": "b"}\n{"post_id": "c"}\n')
+    made: list[FakeProducer] = []
+
+    def fake(**config):
+        assert config["max_block_ms"] == 1500  # --timeout bounds the metadata wait
+        made.append(FakeProducer(timeout_at=2))
+        return made[-1]
+
+    monkeypatch.setattr(kafka, "KafkaProducer", fake)
+    args = produce.get_args_parser().parse_args(
+        ["--jsonl", str(lines), "--topic", "typo", "--timeout", "1.5", "--json",
+         "--bootstrap-servers", "127.0.0.1:1"]
+    )  # fmt: skip
+    assert produce.main(args) == 1
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["error"] and "'typo'" in report["error"]
+    assert (report["sent"], report["failed"], report["unconfirmed"]) == (0, 0, 2)
+    assert "rate" in report
+    assert len(err.strip().splitlines()) == 1
+    assert "does the topic exist" in err and "unconfirmed=2" in err
+    assert made[0].closed_with  # closed, not left to __del__
+
+
+@pytest.mark.integration
+def test_produce_counts_oversized_lines_as_failed(kafka_bootstrap: str, tmp_path: Path) -> None:
+    create_topics(kafka_bootstrap, ["produce-big"], 1)
+    big = "x" * (17 * 1024 * 1024)  # over the producer's 16 MiB max_request_size
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(['{"post_id": "a"}', big, '{"post_id": "b"}', big]) + "\n")
+    result = _produce(
+        "--jsonl", str(path), "--topic", "produce-big", "--bootstrap-servers", kafka_bootstrap,
+        "--json",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (report["sent"], report["failed"], report["unconfirmed"]) == (2, 2, 0)
+    assert report["failures"] == {"MessageSizeTooLargeError": 2}
+    assert report["rate"] > 0 and report["error"] is None
+    logged = result.stderr.strip().splitlines()
+    assert len(logged) == 1 and "MessageSizeTooLargeError" in logged[0]  # once per kind
+    assert len(_consume(kafka_bootstrap, "produce-big", 2)) == 2
+
+
+def _wait_for_records(bootstrap: str, topic: str, timeout_s: float = 30.0) -> None:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        tp = TopicPartition(topic, 0)
+        deadline = time.monotonic() + timeout_s
+        while consumer.end_offsets([tp])[tp] == 0:
+            assert time.monotonic() < deadline, f"nothing reached {topic}"
+            time.sleep(0.1)
+    finally:
+        consumer.close()
+
+
+@pytest.mark.integration
+def test_produce_stops_with_one_line_when_the_broker_goes_away(tmp_path: Path) -> None:
+    broker = TansuBroker(tmp_path / "tansu", free_port())
+    broker.start()
+    try:
+        create_topics(broker.bootstrap, ["gone"], 1)
+        path = tmp_path / "e.jsonl"
+        path.write_text("".join(json.dumps({"post_id": f"p{i}"}) + "\n" for i in range(40)))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "produce", "--jsonl", str(path), "--topic", "gone",
+             "--rate", "10", "--timeout", "2", "--json", "--bootstrap-servers", broker.bootstrap],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        _wait_for_records(broker.bootstrap, "gone")  # some acknowledged, most not sent yet
+        os.kill(broker.pid(), signal.SIGKILL)  # gone at once (on SIGTERM Tansu drains clients)
+    finally:
+        broker.stop()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "is the broker up" in lines[0]
+    report = json.loads(out)
+    assert report["error"]
+    assert 0 < report["sent"] < 40
+    assert report["sent"] + report["failed"] + report["unconfirmed"] == 40

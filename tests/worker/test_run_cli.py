@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.metrics import WorkerMetrics, serve
+from worker.metrics import WorkerMetrics, bind, serve, start
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,6 +40,12 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess:
         (("--bundle", "/x", "--security-protocol", "SASL_SSL"), {}, "sasl_mechanism"),
         (("--no-such-flag",), {}, "--no-such-flag"),
         (("--bundle", "/x", "--redis-url", "localhost:6379"), {}, "redis_url"),
+        # refused before the engine loads, not by kafka-python / redis-py after it
+        (("--bundle", "/x", "--bootstrap-servers", ""), {}, "bootstrap_servers"),
+        (("--bundle", "/x", "--bootstrap-servers", "127.0.0.1:abc"), {}, "'abc'"),
+        (("--bundle", "/x"), {"CARSTREAM_BOOTSTRAP_SERVERS": "b:70000"}, "bootstrap_servers"),
+        (("--bundle", "/x", "--redis-url", "redis://127.0.0.1:99999/0"), {}, "'99999'"),
+        (("--bundle", "/x", "--metrics-host", "nohost.invalid"), {}, "nohost.invalid:9400"),
     ],
 )
 def test_bad_settings_are_one_line_exit_2(args, env, needle):
@@ -48,6 +55,35 @@ def test_bad_settings_are_one_line_exit_2(args, env, needle):
     assert len(lines) == 1, proc.stderr
     assert needle in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_metrics_port_in_use_is_one_line_exit_2_before_the_bundle_loads(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # no bundle there: the bind must fail first, as it would before a real model loads
+        proc = run_worker(
+            "--bundle", str(tmp_path / "absent"), "--metrics-host", "127.0.0.1",
+            "--metrics-port", str(port),
+        )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+
+
+def test_bind_then_start_serves_only_once_started():
+    metrics = WorkerMetrics()
+    server = bind(metrics, "127.0.0.1", 0, stall_s=60)
+    try:
+        with pytest.raises(OSError):  # the port is taken as soon as bind returns
+            bind(WorkerMetrics(), "127.0.0.1", server.server_port, stall_s=60)
+        start(server)
+        assert get(f"http://127.0.0.1:{server.server_port}/healthz")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_help_lists_every_setting_with_its_environment_variable():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,14 @@ import pytest
 import redis
 from kafka import KafkaAdminClient
 
-from worker.stack import LocalStack, create_topics, free_port, redis_server_available
+from worker.stack import (
+    LocalStack,
+    StackError,
+    StackRecord,
+    create_topics,
+    free_port,
+    redis_server_available,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -91,3 +99,63 @@ def test_cli_bad_arguments_exit_2_with_one_line(args: list[str], needle: str) ->
     assert result.returncode == 2
     assert needle in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_status_and_up_use_the_ports_up_recorded(tmp_path: Path) -> None:
+    state = ["--state-dir", str(tmp_path / "st")]
+    kafka_port, redis_port = free_port(), free_port()
+    try:
+        up = _cli("up", "--topics", "t-rec", *state, "--kafka-port", str(kafka_port),
+                  "--redis-port", str(redis_port))  # fmt: skip
+        assert up.returncode == 0, up.stderr
+        recorded = json.loads((tmp_path / "st" / "stack.json").read_text())
+        assert recorded["kafka_port"] == kafka_port and recorded["redis_port"] == redis_port
+
+        status = _cli("status", "--json", *state)  # no port flags
+        assert status.returncode == 0, status.stdout + status.stderr
+        ports = {s["name"]: s["port"] for s in json.loads(status.stdout)}
+        assert ports == {"tansu": kafka_port, "redis": redis_port}
+
+        again = _cli("up", "--topics", "t-rec", *state)  # no port flags: the same stack
+        assert again.returncode == 0, again.stderr
+        assert f"127.0.0.1:{kafka_port}" in again.stdout
+
+        for flags, needle in (
+            (["--kafka-port", str(free_port())], f"kafka port {kafka_port}"),
+            (["--redis-port", str(free_port())], f"redis port {redis_port}"),
+            (["--redis-aof"], "redis AOF off"),
+        ):
+            for action in ("status", "up"):
+                clash = _cli(action, *state, *flags)
+                assert clash.returncode == 2, (action, flags, clash.stderr)
+                lines = clash.stderr.strip().splitlines()
+                assert len(lines) == 1 and needle in lines[0], clash.stderr
+        assert _cli("status", *state, "--kafka-port", str(kafka_port)).returncode == 0
+    finally:
+        down = _cli("down", *state)  # no port flags either
+    assert down.returncode == 0, down.stderr
+    assert "tansu" in down.stdout and "redis" in down.stdout
+    assert not (tmp_path / "st" / "stack.json").exists()
+
+
+def test_up_refuses_other_ports_while_a_stack_runs(tmp_path: Path) -> None:
+    stack = LocalStack(tmp_path / "state", free_port(), free_port())
+    try:
+        stack.redis.start()  # half up: a record must still say which ports are in use
+        stack.record.write(stack.state_dir)
+        assert LocalStack.running_record(stack.state_dir) == stack.record
+        with pytest.raises(StackError, match=f"kafka port {stack.kafka.port}"):
+            LocalStack(stack.state_dir, free_port(), stack.redis.port).up(topics=[])
+    finally:
+        stack.down()
+    assert LocalStack.running_record(stack.state_dir) is None
+
+
+def test_a_stale_or_broken_record_is_ignored(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    StackRecord(free_port(), free_port()).write(state)  # nothing of it runs
+    assert StackRecord.read(state) is not None
+    assert LocalStack.running_record(state) is None
+    (state / "stack.json").write_text("{not json")
+    assert StackRecord.read(state) is None

@@ -1,0 +1,120 @@
+"""WorkerSettings refuses Kafka and Redis addresses its clients would crash on, in every CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from worker.connections import kafka_common_config, redis_client
+from worker.settings import WorkerSettings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("", "no broker given"),
+        (" , ", "no broker given"),
+        ("127.0.0.1:abc", "'abc'"),
+        ("kafka", "expected host:port"),
+        ("kafka:", "port ''"),
+        (":9092", "expected host:port"),
+        ("kafka:0", "port '0'"),
+        ("kafka:65536", "port '65536'"),
+        ("ok:9092,kafka:99999", "'kafka:99999'"),
+        ("::1:9092", "[address]:port"),
+        ("my host:9092", "expected host:port"),
+    ],
+)
+def test_bad_bootstrap_servers_are_refused(value: str, needle: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        WorkerSettings(bootstrap_servers=value)
+    (error,) = info.value.errors()
+    assert error["loc"] == ("bootstrap_servers",)
+    assert needle in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("value", "brokers"),
+    [
+        ("127.0.0.1:9092", ["127.0.0.1:9092"]),
+        (" b1:9093 , b2:9093, ", ["b1:9093", "b2:9093"]),
+        ("[::1]:9092,kafka-0.kafka.svc:65535", ["[::1]:9092", "kafka-0.kafka.svc:65535"]),
+        ("SASL_SSL://broker:9094", ["SASL_SSL://broker:9094"]),  # kafka-python drops the scheme
+    ],
+)
+def test_good_bootstrap_servers_reach_the_clients(value: str, brokers: list[str]) -> None:
+    settings = WorkerSettings(bootstrap_servers=value)
+    assert kafka_common_config(settings)["bootstrap_servers"] == brokers
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("redis://127.0.0.1:99999/0", "port '99999'"),
+        ("redis://127.0.0.1:0/0", "port '0'"),
+        ("rediss://:secret@cache:abc/0", "port 'abc'"),
+        ("redis://cache:6379/zero", "database 'zero'"),
+        ("redis://cache:6379/0?socket_timeout=soon", "socket_timeout"),
+        ("localhost:6379", "must start with"),
+    ],
+)
+def test_bad_redis_urls_are_refused(url: str, needle: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        WorkerSettings(redis_url=url)
+    (error,) = info.value.errors()
+    assert error["loc"] == ("redis_url",)
+    assert needle in error["msg"]
+    assert "secret" not in str(info.value.errors()[0]["msg"])
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6380/0",
+        "redis://cache",
+        "rediss://user:p:w@cache.example:6379/3",
+        "redis://[::1]:6379/0",
+        "redis://[::1]/0",
+        "unix:///run/redis.sock?db=2",
+    ],
+)
+def test_good_redis_urls_build_a_client(url: str) -> None:
+    client = redis_client(WorkerSettings(redis_url=url))
+    client.close()
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CARSTREAM_")}
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        cwd=REPO,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (("trends", "--redis-url", "redis://127.0.0.1:99999/0"), {}, "redis_url"),
+        (("trends",), {"CARSTREAM_REDIS_URL": "redis://127.0.0.1:99999/0"}, "redis_url"),
+        (("produce", "--jsonl", "pyproject.toml", "--bootstrap-servers", ""), {}, "no broker"),
+        (("produce", "--jsonl", "pyproject.toml", "--bootstrap-servers", "h:abc"), {}, "'abc'"),
+        (("produce", "--jsonl", "pyproject.toml"), {"CARSTREAM_BOOTSTRAP_SERVERS": "h:0"}, "'0'"),
+    ],
+)
+def test_trends_and_produce_refuse_the_same_addresses_in_one_line(args, env, needle) -> None:
+    proc = _cli(*args, **env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0]
