@@ -107,6 +107,17 @@ class BuildOptions:
                 )
         if self.parity_images < 1:
             raise BuildError(f"--parity-images must be >= 1; got {self.parity_images}")
+        if "int8" in self.precisions and self.calibration_images < 1:
+            raise BuildError(
+                f"--calibration-images must be >= 1 with --precision int8; "
+                f"got {self.calibration_images}"
+            )
+        if "tensorrt" in self.backends and "fp16" not in self.precisions:
+            # the plan is the fp16 artifact: demanding it without fp16 would build nothing
+            raise BuildError(
+                f"--backends tensorrt demands the FP16 TensorRT plan, but --precision is "
+                f"{','.join(self.precisions)}; add fp16"
+            )
 
 
 def _as_tuple(value: object) -> tuple[str, ...]:

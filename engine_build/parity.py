@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from training.preprocessing import PreprocessSpec, preprocess_image
+from training.preprocessing import PreprocessSpec, oriented_rgb, preprocess_image
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,13 @@ def evenly_spaced(items: list, limit: int) -> list:
 def load_images(
     files: list[Path], labels: list[int], spec: PreprocessSpec, source: str
 ) -> ParitySet:
-    """Preprocess ``files`` exactly as the worker will; unreadable files are skipped and logged."""
+    """Preprocess ``files`` exactly as the worker will (EXIF orientation and alpha included);
+    unreadable files are skipped and logged."""
     arrays, kept = [], []
     for file, label in zip(files, labels, strict=True):
         try:
             with Image.open(file) as img:
-                arrays.append(preprocess_image(img, spec))
+                arrays.append(preprocess_image(oriented_rgb(img), spec))
         except (OSError, UnidentifiedImageError) as exc:
             log.warning("skipping unreadable parity image %s: %s", file, exc)
             continue

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from training.checkpoint import CheckpointError
 from training.cli_errors import EXIT_BAD_INPUT
@@ -45,8 +47,20 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (weight decay, warm-up epochs); torch would refuse a negative weight
+    decay only after the data set and model were loaded, with a traceback."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
     return value
 
 
@@ -59,6 +73,16 @@ def unit_float(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
     return value
+
+
+def check_out_dir(path: Path, flag: str = "--out") -> None:
+    """Refuse an output path that cannot become a directory before any work is done, rather
+    than with a traceback after an epoch of training."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise BadArgumentError(f"{flag} {path}: {p} exists and is not a directory")
+            return
 
 
 def setup_logging(verbose: bool = False) -> None:

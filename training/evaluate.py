@@ -1,8 +1,13 @@
-"""``evaluate``: a checkpoint on a data set's test split, with the eval preprocessing it records."""
+"""``evaluate``: a checkpoint on a data set's test split, with the eval preprocessing it records.
+
+The crop mode (full image or labelled box) is part of that preprocessing: by default the one
+the checkpoint was trained with, so a bbox model is not silently scored on whole photos.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +18,15 @@ from training.checkpoint import (
     model_from_checkpoint,
     preprocess_spec_of,
 )
+from training.cli import check_out_dir
 from training.cli_errors import OneLineParser
 from training.datasets import DatasetError, load_index
 from training.distributed import DistInfo
 from training.engine import evaluate
 from training.metrics import classification_metrics
 from training.train import add_data_args, eval_loader, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 def get_args_parser(add_parser=None, name: str = "evaluate") -> argparse.ArgumentParser:
@@ -32,7 +40,11 @@ def get_args_parser(add_parser=None, name: str = "evaluate") -> argparse.Argumen
         else OneLineParser(prog=f"python -m training {name}", **kwargs)
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
-    add_data_args(parser)
+    add_data_args(
+        parser,
+        crop_default=None,
+        crop_help="default: the crop the checkpoint was trained with; another one is logged",
+    )
     parser.add_argument("--split", choices=("test", "train"), default="test", help="which split")
     parser.add_argument("--out", type=Path, help="write metrics.json and plots here")
     parser.add_argument("--no-ema", action="store_true", help="use raw weights, not EMA")
@@ -40,10 +52,26 @@ def get_args_parser(add_parser=None, name: str = "evaluate") -> argparse.Argumen
     return parser
 
 
+def recorded_crop(ckpt: dict[str, Any]) -> str:
+    """The crop mode the checkpoint was trained with (``full`` when it records none)."""
+    return (ckpt.get("args") or {}).get("crop") or "full"
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.out:
+        check_out_dir(args.out)
     ckpt = load_checkpoint(args.checkpoint)
     level = ckpt.get("level", args.level)
-    index = load_index(args.dataset, args.data, args.split, level, args.crop, args.strict)
+    trained_crop = recorded_crop(ckpt)
+    crop = args.crop or trained_crop
+    if crop != trained_crop:
+        log.warning(
+            "--crop %s: the checkpoint was trained with crop %s; evaluating on %s anyway",
+            crop,
+            trained_crop,
+            crop,
+        )
+    index = load_index(args.dataset, args.data, args.split, level, crop, args.strict)
     if index.classes != ckpt["classes"]:
         raise DatasetError(
             f"{args.data}: its {index.num_classes} classes differ from the checkpoint's "
@@ -62,6 +90,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         skipped_corrupt=index.skipped_corrupt,
         checkpoint=str(args.checkpoint),
         split=args.split,
+        crop=crop,
+        checkpoint_crop=trained_crop,
     )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +99,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         plots.confused_pairs(m["confused_pairs"], index.classes, args.out / "confused_pairs.png")
     print(
         f"top1 {m['top1']:.4f} top5 {m['top5']:.4f} balanced {m['balanced_accuracy']:.4f} "
-        f"make-top1 {m['make_top1']:.4f} on {m['num_test']} {args.split} images "
+        f"make-top1 {m['make_top1']:.4f} on {m['num_test']} {args.split} images, crop {crop} "
         f"({index.skipped_missing} missing skipped)"
     )
     return m

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
+from torch.utils.data import Sampler
 
 MODES = ("none", "weighted-sampler", "class-balanced")
 
@@ -18,3 +21,35 @@ def sample_weights(targets: list[int], counts: list[int]) -> torch.Tensor:
     """Per-sample weights 1/count(class): every class is drawn equally often in expectation."""
     inv = [1.0 / max(c, 1) for c in counts]
     return torch.tensor([inv[t] for t in targets], dtype=torch.double)
+
+
+class DistributedWeightedSampler(Sampler[int]):
+    """Weighted sampling with replacement under DDP: each rank takes its share of one draw.
+
+    Every rank draws the same ``len(weights)`` (rounded down to a multiple of ``num_replicas``)
+    indices from a generator seeded by ``seed + epoch`` and keeps every ``num_replicas``-th one
+    from position ``rank``, so together the ranks see exactly one weighted epoch, as a single
+    process's WeightedRandomSampler would, without talking to each other. Call
+    :meth:`set_epoch` each epoch (as with DistributedSampler) for a fresh draw; rank and world
+    size are explicit, so no process group is needed to build or test it.
+    """
+
+    def __init__(self, weights: torch.Tensor, num_replicas: int, rank: int, seed: int = 0):
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in a world of {num_replicas}")
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.num_samples = len(self.weights) // num_replicas  # drop_last, as DistributedSampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        total = self.num_samples * self.num_replicas
+        drawn = torch.multinomial(self.weights, total, replacement=True, generator=gen)
+        return iter(drawn[self.rank : total : self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,9 +60,27 @@ def load_pretrained_backbone(model: nn.Module, arch: str, pretrained: str) -> st
         path = Path(pretrained)
         if not path.is_file():
             raise FileNotFoundError(f"--pretrained: no such weights file: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
+        try:
+            with warnings.catch_warnings():  # torch's pickle-protocol warning, noise here
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            # torch's own message talks about weights_only, which would send users the wrong way
+            raise ValueError(
+                f"not a PyTorch state dict or checkpoint, or a damaged one "
+                f"({exc.__class__.__name__})"
+            ) from exc
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
+        if not (
+            isinstance(state, dict)
+            and state
+            and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())
+        ):
+            raise ValueError(
+                f"not a PyTorch state dict or checkpoint (holds a {type(state).__name__} "
+                f"that does not map parameter names to tensors)"
+            )
         source = f"file:{path}"
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -2,11 +2,15 @@
 
 Training records a :class:`PreprocessSpec` in the checkpoint; engine_build copies it into the
 bundle manifest; the worker applies :func:`preprocess_image` with the manifest's spec. One
-implementation means the worker sees exactly the pixels that evaluation saw.
+implementation means the worker sees exactly the pixels that evaluation saw. That includes the
+step before it: :func:`oriented_rgb` (EXIF orientation, transparency, 16-bit grey) turns an
+opened image into the RGB picture both the training loader and the worker's decoder hand on.
+No torch here: the worker's decode path imports this module.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import numpy as np
@@ -15,6 +19,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+log = logging.getLogger(__name__)
+
+EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the transpose that shows the picture upright (as ImageOps.exif_transpose)
+_ORIENT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_16BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -40,6 +59,62 @@ class PreprocessSpec(BaseModel):
     def for_image_size(cls, image_size: int, **kwargs) -> PreprocessSpec:
         """The torchvision convention: resize to size/0.875, crop to size."""
         return cls(resize=round(image_size / 0.875), crop=image_size, **kwargs)
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1..8) of an opened image; 1 when absent or unreadable.
+
+    Broken EXIF is common (phones and editors write it surprisingly often); it means "as
+    stored" rather than rejecting an otherwise good photo.
+    """
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception as exc:  # any EXIF parsing failure means "no orientation"
+        log.debug("ignoring unreadable EXIF orientation: %s", exc)
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode -> RGB.
+
+    Transparency is composited on white: a cut-out product shot is seen on a white page, while
+    dropping alpha would expose whatever colour the transparent pixels happen to store (often
+    black), and the model was trained on opaque photos, so white is the nearest to what it knows.
+    """
+    if img.mode in _16BIT_GREY:
+        # 16-bit grey (mode I only comes from 16-bit PNGs among the usual formats): scale
+        # 0..65535 to 0..255; a plain convert would clip everything above 255 to white
+        img = img.point(lambda v: v * (255.0 / 65535.0)).convert("L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "PA"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def oriented_rgb(img: Image.Image, box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """An opened image -> the upright RGB picture a viewer sees: EXIF orientation applied,
+    transparency on white, 16-bit grey rescaled (see :func:`to_rgb`).
+
+    ``box`` (left, top, right, bottom) crops *before* orientation, in stored-pixel coordinates:
+    CompCars boxes were labelled on pixels as stored (MATLAB's imread ignores EXIF), so the
+    box is cut from the stored pixels and the crop is then turned upright like the whole photo.
+    The result may be ``img`` itself when nothing needed changing.
+    """
+    img.load()
+    method = _ORIENT.get(exif_orientation(img))
+    if box is not None:
+        img = img.crop(box)
+    if method is not None:
+        img = img.transpose(method)
+    return to_rgb(img)
 
 
 def resize_shorter_side(img: Image.Image, size: int, interpolation: str) -> Image.Image:

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.io
 from PIL import Image, ImageDraw
 
-from training.cli import BadArgumentError, positive_int
+from training.cli import BadArgumentError, check_out_dir, positive_int
 from training.cli_errors import OneLineParser
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ def main(args: argparse.Namespace) -> dict[str, int]:
         raise BadArgumentError("--classes must be >= 3 (the sample needs room for every quirk)")
     if args.per_class < 2:
         raise BadArgumentError("--per-class must be >= 2 (one train and one test image)")
+    check_out_dir(args.out)
     summary = make_sample(args.out, args.classes, args.per_class, args.seed)
     print(
         f"wrote SYNTHETIC CompCars-layout sample to {args.out}: {summary['classes']} classes, "

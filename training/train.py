@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from training import plots
@@ -31,6 +31,8 @@ from training.checkpoint import (
 )
 from training.cli import (
     BadArgumentError,
+    check_out_dir,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
@@ -41,7 +43,12 @@ from training.datasets import CROPS, LEVELS, READERS, DatasetError, DatasetIndex
 from training.datasets.image_dataset import ImageDataset
 from training.distributed import DistInfo, barrier, cleanup, init_distributed
 from training.engine import evaluate, train_one_epoch
-from training.imbalance import MODES, class_balanced_weights, sample_weights
+from training.imbalance import (
+    MODES,
+    DistributedWeightedSampler,
+    class_balanced_weights,
+    sample_weights,
+)
 from training.metrics import classification_metrics
 from training.models import ARCHS, build_model, load_pretrained_backbone
 from training.preprocessing import PreprocessSpec
@@ -51,12 +58,17 @@ from training.transforms import EvalTransform, train_transform
 log = logging.getLogger(__name__)
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Flags that say which data set to read; shared with evaluate and compare."""
+def add_data_args(
+    parser: argparse.ArgumentParser,
+    crop_default: str | None = "full",
+    crop_help: str = "bbox: crop to label box",
+) -> None:
+    """Flags that say which data set to read; shared with evaluate and compare (evaluate passes
+    ``crop_default=None`` so the checkpoint's recorded crop applies unless --crop is given)."""
     parser.add_argument("--dataset", choices=list(READERS), default="compcars", help="layout")
     parser.add_argument("--data", type=Path, required=True, help="data directory")
     parser.add_argument("--level", choices=LEVELS, default="model", help="classify models or makes")
-    parser.add_argument("--crop", choices=CROPS, default="full", help="bbox: crop to label box")
+    parser.add_argument("--crop", choices=CROPS, default=crop_default, help=crop_help)
     parser.add_argument("--strict", action="store_true", help="fail on a corrupt image")
     parser.add_argument("--workers", type=non_negative_int, default=4, help="loader processes")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="per process")
@@ -71,8 +83,12 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=positive_float, default=0.01, help="backbone LR")
     parser.add_argument("--head-lr-mult", type=positive_float, default=10.0, help="head LR factor")
     parser.add_argument("--momentum", type=unit_float, default=0.9, help="SGD momentum")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
-    parser.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up")
+    parser.add_argument(
+        "--weight-decay", type=non_negative_float, default=1e-4, help="weight decay"
+    )
+    parser.add_argument(
+        "--warmup-epochs", type=non_negative_float, default=1.0, help="linear warm-up"
+    )
     parser.add_argument("--label-smoothing", type=unit_float, default=0.1, help="CE smoothing")
     parser.add_argument("--imbalance", choices=MODES, default="none", help="imbalance handling")
     parser.add_argument("--cb-beta", type=unit_float, default=0.999, help="class-balanced beta")
@@ -169,7 +185,14 @@ def train_loader(
 ) -> DataLoader:
     """This epoch's loader; its order and its workers' seeds derive from (seed, epoch) only."""
     gen = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
-    if dist_info.enabled:
+    sampler: Sampler[int]
+    if dist_info.enabled and args.imbalance == "weighted-sampler":
+        # this rank's share of one (seed, epoch)-seeded weighted draw over the whole data set
+        sampler = DistributedWeightedSampler(
+            sample_weights(targets, counts), dist_info.world_size, dist_info.rank, seed=args.seed
+        )
+        sampler.set_epoch(epoch)
+    elif dist_info.enabled:
         sampler = DistributedSampler(dataset, seed=args.seed, drop_last=True)
         sampler.set_epoch(epoch)
     elif args.imbalance == "weighted-sampler":
@@ -249,6 +272,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
+    check_out_dir(args.out)
     device = resolve_device(args.device, dist_info)
     on_cuda = device.type == "cuda"
     amp = on_cuda and not args.no_amp

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import binascii
 import io
-import logging
 import struct
 
 import pybase64
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
+from training.preprocessing import exif_orientation, oriented_rgb  # noqa: F401 (re-exported)
 from worker.errors import PostError
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "MPO"})
@@ -21,8 +21,6 @@ DEFAULT_MAX_PIXELS = 64_000_000
 _DATA_URI_PREFIX = "data:"
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey image
-
-log = logging.getLogger(__name__)
 
 # What Pillow's decoders raise on corrupt input besides OSError: fuzzed files are known to reach
 # struct/index/key errors in format plugins, and a bad post must become a dead letter, not a crash.
@@ -52,34 +50,13 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
     return data
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any mode -> RGB.
-
-    Transparency is composited on white: a cut-out product shot is seen on a white page, while
-    dropping alpha would expose whatever colour the transparent pixels happen to store (often
-    black), and the model was trained on opaque photos, so white is the nearest to what it knows.
-    """
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit grey (mode I only comes from 16-bit PNGs among the allowed formats): scale
-        # 0..65535 to 0..255; a plain convert would clip everything above 255 to white
-        img = img.point(lambda v: v * (255.0 / 65535.0)).convert("L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("LA", "PA"):
-        img = img.convert("RGBA")
-    if img.mode == "RGBA":
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img, mask=img.getchannel("A"))
-        return background
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return img
-
-
 def decode_image(
     data: bytes, *, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Image.Image:
     """Decode, apply EXIF orientation, return a loaded RGB image.
+
+    The mode and orientation handling is training's :func:`oriented_rgb`, so a served photo is
+    the picture the model was trained and evaluated on.
 
     ``draft_size``: JPEGs are decoded at the smallest 1/2, 1/4 or 1/8 DCT scale whose shorter
     side is still >= draft_size (the resize target), which is several times faster on photos.
@@ -96,7 +73,7 @@ def decode_image(
         raise PostError("decompression_bomb", str(exc)) from None
     except _CORRUPT as exc:
         raise PostError("truncated_image", f"image data is truncated or corrupt: {exc}") from None
-    return _to_rgb(_apply_orientation(img))
+    return oriented_rgb(img)
 
 
 def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -126,22 +103,3 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             "decompression_bomb", f"{width}x{height} is {width * height} pixels, limit {max_pixels}"
         )
     return img
-
-
-def exif_orientation(img: Image.Image) -> int:
-    """The EXIF orientation tag (1..8) of an opened image; 1 when absent or unreadable."""
-    try:
-        value = img.getexif().get(0x0112, 1)
-    except Exception:  # broken EXIF is common; it means "as stored", as in _apply_orientation
-        return 1
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
-
-
-def _apply_orientation(img: Image.Image) -> Image.Image:
-    """EXIF orientation applied; a corrupt EXIF block leaves the pixels as stored rather than
-    rejecting an otherwise good photo (phones and editors write broken EXIF surprisingly often)."""
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception as exc:  # any EXIF parsing failure means "no orientation"
-        log.debug("ignoring unreadable EXIF orientation: %s", exc)
-        return img

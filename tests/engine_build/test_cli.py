@@ -40,6 +40,29 @@ def test_bad_input_is_one_line_exit_2(checkpoint_dir, tmp_path, args, needle):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["--precision", "fp32", "--backends", "tensorrt"], "--backends tensorrt"),
+        (["--precision", "fp32,int8", "--calibration-images", "0"], "--calibration-images"),
+    ],
+)
+def test_unbuildable_options_are_one_line_exit_2(
+    checkpoint_dir, parity_dir, tmp_path, options, needle
+):
+    """A demanded TensorRT plan without fp16, or int8 with no calibration images, is refused
+    before any work, rather than exiting 0 without the plan or dividing by zero."""
+    proc = run_cli(
+        "--checkpoint", str(checkpoint_dir), "--out", str(tmp_path / "b"),
+        "--parity-data", str(parity_dir), "--log-level", "ERROR", *options,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert needle in lines[0] and lines[0].startswith("python -m engine_build: error:")
+    assert not (tmp_path / "b").exists()
+
+
 def test_failed_gate_exit_2_with_report(parity_dir, tmp_path):
     ckpt = write_checkpoint(tmp_path / "ckpt", near_tie=True)
     proc = run_cli(

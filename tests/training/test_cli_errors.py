@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
@@ -51,7 +53,10 @@ def test_unreadable_checkpoint(sample_root, tmp_path):
     assert "not a PyTorch checkpoint" in proc.stderr and "weights_only" not in proc.stderr
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--epochs", "0"), ("--lr", "abc")])
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--epochs", "0"), ("--lr", "abc"), ("--weight-decay", "-1"), ("--lr", "inf")],
+)
 def test_bad_numbers(sample_root, tmp_path, flag, value):
     proc = run_cli("train", "--data", str(sample_root), "--out", str(tmp_path), flag, value)
     assert_one_line_error(proc, value)
@@ -60,3 +65,35 @@ def test_bad_numbers(sample_root, tmp_path, flag, value):
 def test_make_sample_help_says_synthetic():
     proc = run_cli("make-sample", "--help")
     assert proc.returncode == 0 and "SYNTHETIC" in proc.stdout
+
+
+@pytest.mark.parametrize("content", ["random", "pickled_dict", "tensor_list"])
+def test_pretrained_file_that_is_not_a_state_dict(sample_root, tmp_path, content):
+    weights = tmp_path / "weights.pt"
+    if content == "random":
+        weights.write_bytes(bytes(range(256)) * 4)
+    elif content == "pickled_dict":
+        weights.write_bytes(pickle.dumps({"a": {1, 2}}))
+    else:
+        torch.save([torch.zeros(2)], weights)
+    proc = run_cli(
+        "train", "--data", str(sample_root), "--out", str(tmp_path / "o"), "--device", "cpu",
+        "--pretrained", str(weights),
+    )  # fmt: skip
+    assert_one_line_error(proc, str(weights))
+    assert "not a PyTorch state dict" in proc.stderr and "weights_only" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("command", "below"), [("make-sample", ""), ("make-sample", "sub"),
+                                                ("train", "")])  # fmt: skip
+def test_out_that_cannot_be_a_directory(sample_root, tmp_path, command, below):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory\n")
+    out = a_file / below if below else a_file
+    argv = ["--out", str(out)]
+    if command == "train":
+        argv += ["--data", str(sample_root), "--pretrained", "none", "--device", "cpu"]
+    proc = run_cli(command, *argv)
+    assert_one_line_error(proc, f"{a_file} exists and is not a directory")
+    assert a_file.read_text() == "not a directory\n"

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from training.imbalance import class_balanced_weights, sample_weights
+from training.distributed import DistInfo
+from training.imbalance import (
+    DistributedWeightedSampler,
+    class_balanced_weights,
+    sample_weights,
+)
 from training.metrics import classification_metrics
 from training.schedule import warmup_cosine_factor
+from training.train import train_loader
 
 CLASSES = [
     {"make": "Audi", "model": "A4", "make_id": 1, "model_id": 10},
@@ -42,6 +50,42 @@ def test_sample_weights_equalise_classes():
     targets = [0, 0, 0, 1]
     w = sample_weights(targets, [3, 1])
     assert w[:3].sum().item() == pytest.approx(w[3].item())
+
+
+def _ranks(weights, world: int, epoch: int, seed: int = 0) -> list[list[int]]:
+    out = []
+    for rank in range(world):
+        sampler = DistributedWeightedSampler(weights, world, rank, seed=seed)
+        sampler.set_epoch(epoch)
+        out.append(list(sampler))
+        assert len(out[-1]) == len(sampler)
+    return out
+
+
+def test_distributed_weighted_sampler_splits_one_balanced_draw_between_ranks():
+    targets = [0] * 900 + [1] * 90 + [2] * 10  # 90:9:1 imbalance
+    w = sample_weights(targets, [900, 90, 10])
+    r0, r1 = _ranks(w, world=2, epoch=0)
+    assert len(r0) == len(r1) == 500 and r0 != r1
+    assert _ranks(w, world=2, epoch=0) == [r0, r1]  # every rank derives the same draw
+    per_class = np.bincount([targets[i] for i in r0 + r1], minlength=3)
+    assert per_class.min() > 250, per_class  # about 1000/3 each, not 900/90/10
+    for ranks in (r0, r1):  # each rank alone is balanced too, not one class per rank
+        assert np.bincount([targets[i] for i in ranks], minlength=3).min() > 100
+    assert _ranks(w, world=2, epoch=1) != [r0, r1]  # set_epoch gives a fresh draw
+    assert _ranks(w, world=2, epoch=0, seed=1) != [r0, r1]
+    assert [len(r) for r in _ranks(w[:999], world=2, epoch=0)] == [499, 499]  # drop_last
+
+
+def test_ddp_train_loader_keeps_the_weighted_sampler():
+    """Under torchrun, --imbalance weighted-sampler must not fall back to a plain sampler."""
+    targets = [0] * 30 + [1] * 3
+    dataset = list(range(len(targets)))
+    args = argparse.Namespace(seed=0, imbalance="weighted-sampler", batch_size=4, workers=0)
+    loader = train_loader(dataset, targets, [30, 3], args, 2, DistInfo(1, 2, 1), pin=False)
+    assert isinstance(loader.sampler, DistributedWeightedSampler)
+    assert loader.sampler.rank == 1 and loader.sampler.num_replicas == 2
+    assert loader.sampler.epoch == 2 and len(loader.sampler) == 16
 
 
 def test_warmup_then_cosine():

@@ -86,6 +86,35 @@ def test_evaluate_cli_reproduces_training_metrics(trained, sample_root, tmp_path
         assert model(x).shape == (1, NUM_CLASSES)
 
 
+def _evaluate(ckpt_dir, sample_root, out, *extra: str) -> dict:
+    rc = cli_main([
+        "evaluate", "--checkpoint", str(ckpt_dir), "--data", str(sample_root),
+        "--workers", "0", "--device", "cpu", "--out", str(out), *extra,
+    ])  # fmt: skip
+    assert rc == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_evaluate_uses_the_checkpoints_recorded_crop(trained, sample_root, tmp_path, caplog):
+    raw = torch.load(trained["out"] / "checkpoint.pt", map_location="cpu", weights_only=True)
+    raw["args"]["crop"] = "bbox"  # as if trained with --crop bbox
+    bbox_ckpt = tmp_path / "bbox_ckpt"
+    bbox_ckpt.mkdir()
+    torch.save(raw, bbox_ckpt / "checkpoint.pt")
+
+    default = _evaluate(bbox_ckpt, sample_root, tmp_path / "default")
+    assert default["crop"] == default["checkpoint_crop"] == "bbox"
+    explicit = _evaluate(bbox_ckpt, sample_root, tmp_path / "explicit", "--crop", "bbox")
+    assert default["per_class"] == explicit["per_class"] and default["top1"] == explicit["top1"]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+    overridden = _evaluate(bbox_ckpt, sample_root, tmp_path / "full", "--crop", "full")
+    assert overridden["crop"] == "full" and overridden["checkpoint_crop"] == "bbox"
+    assert abs(overridden["top1"] - trained["metrics"]["top1"]) < 1e-6  # full-image pixels
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "trained with crop bbox" in warnings[0]
+
+
 def test_resume_reproduces_uninterrupted_run(sample_root, tmp_path):
     common = ("--epochs", "2", "--eval-every", "0", "--seed", "7", "--ema-decay", "0.9")
     straight, split = tmp_path / "straight", tmp_path / "split"

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from training.preprocessing import PreprocessSpec, preprocess_image
 from worker.decoding import decode_base64, decode_image
@@ -215,8 +215,15 @@ def test_unreadable_exif_keeps_the_image(monkeypatch):
     def broken(img):
         raise SyntaxError("bad EXIF IFD")
 
-    monkeypatch.setattr("worker.decoding.ImageOps.exif_transpose", broken)
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "getexif", broken)
     assert decode_image(encode(solid((1, 2, 3)), "JPEG")).size == (40, 30)
+
+
+def test_truncated_exif_block_keeps_the_image():
+    truncated = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff"  # IFD runs past the end
+    with pytest.warns(UserWarning, match="Corrupt EXIF"):
+        img = decode_image(encode(solid((1, 2, 3)), "JPEG", exif=truncated))
+    assert img.size == (40, 30)
 
 
 def test_concurrent_decoding_matches_serial_decoding():

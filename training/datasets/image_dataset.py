@@ -9,15 +9,19 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from training.datasets.base import BBox, Sample
+from training.preprocessing import oriented_rgb
 
 BBOX_MARGIN = 0.05
 
 
-def crop_to_bbox(img: Image.Image, bbox: BBox, margin: float = BBOX_MARGIN) -> Image.Image:
-    """Crop to ``bbox`` grown by ``margin`` of its size on each side, clamped to the image."""
+def bbox_crop_box(
+    bbox: BBox, size: tuple[int, int], margin: float = BBOX_MARGIN
+) -> tuple[int, int, int, int] | None:
+    """``bbox`` grown by ``margin`` of its size on each side, clamped to an image of ``size``;
+    None when nothing of it is left inside the image."""
     x1, y1, x2, y2 = bbox
     mx, my = (x2 - x1) * margin, (y2 - y1) * margin
-    w, h = img.size
+    w, h = size
     box = (
         max(0, int(x1 - mx)),
         max(0, int(y1 - my)),
@@ -25,15 +29,29 @@ def crop_to_bbox(img: Image.Image, bbox: BBox, margin: float = BBOX_MARGIN) -> I
         min(h, round(y2 + my)),
     )
     if box[2] <= box[0] or box[3] <= box[1]:
-        return img
-    return img.crop(box)
+        return None
+    return box
+
+
+def crop_to_bbox(img: Image.Image, bbox: BBox, margin: float = BBOX_MARGIN) -> Image.Image:
+    """Crop to ``bbox`` grown by ``margin`` of its size on each side, clamped to the image."""
+    box = bbox_crop_box(bbox, img.size, margin)
+    return img if box is None else img.crop(box)
 
 
 def load_image(sample: Sample) -> Image.Image:
-    """The RGB image of a sample, cropped to its box when it has one."""
+    """The RGB picture of a sample as the worker would decode it (training's ``oriented_rgb``:
+    EXIF orientation, transparency on white, 16-bit grey rescaled), cropped to its box when it
+    has one.
+
+    The box is cut from the pixels as stored and the crop then turned upright: CompCars boxes
+    were labelled on stored pixels (MATLAB's imread ignores EXIF orientation).
+    """
     with Image.open(sample.path) as f:
-        img = f.convert("RGB")
-    return crop_to_bbox(img, sample.bbox) if sample.bbox is not None else img
+        box = None if sample.bbox is None else bbox_crop_box(sample.bbox, f.size)
+        img = oriented_rgb(f, box)
+        # closing the file invalidates ``f``; keep a copy when nothing else made a new image
+        return img.copy() if img is f else img
 
 
 class ImageDataset(Dataset):

@@ -1,0 +1,95 @@
+"""Training's loader and the worker's decoder see the same picture (DESIGN: evaluation is exactly
+what the worker does): EXIF orientation, transparency, 16-bit grey, and the bbox crop order."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine_build.parity import load_images
+from training.datasets.base import Sample
+from training.datasets.image_dataset import bbox_crop_box, load_image
+from training.preprocessing import PreprocessSpec, preprocess_image
+from worker.decoding import decode_image
+
+
+def _stripes(size=(40, 20)) -> Image.Image:
+    """Left half red, right half blue, top rows green: every orientation looks different."""
+    w, h = size
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[:, : w // 2] = (220, 20, 20)
+    arr[:, w // 2 :] = (20, 20, 220)
+    arr[: h // 4] = (20, 220, 20)
+    return Image.fromarray(arr)
+
+
+def _jpeg_rotated(path: Path, orientation: int = 6) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    _stripes().save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return path.read_bytes()
+
+
+def _transparent_png(path: Path) -> bytes:
+    rgba = Image.new("RGBA", (12, 8), (0, 0, 0, 0))  # transparent pixels that store black
+    rgba.paste((200, 30, 30, 255), (0, 0, 6, 8))
+    rgba.save(path, format="PNG")
+    return path.read_bytes()
+
+
+def _grey16_png(path: Path) -> bytes:
+    Image.fromarray(np.full((6, 6), 32768, dtype=np.uint16)).save(path, format="PNG")
+    return path.read_bytes()
+
+
+def _assert_same(a: Image.Image, b: Image.Image) -> None:
+    assert a.mode == b.mode == "RGB"
+    assert a.size == b.size
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("make", [_jpeg_rotated, _transparent_png, _grey16_png])
+def test_training_loader_equals_worker_decoder(tmp_path, make):
+    path = tmp_path / f"img.{'jpg' if make is _jpeg_rotated else 'png'}"
+    data = make(path)
+    _assert_same(load_image(Sample(path, 0)), decode_image(data))
+
+
+def test_exif_6_photo_is_trained_upright(tmp_path):
+    path = tmp_path / "phone.jpg"
+    _jpeg_rotated(path)
+    img = load_image(Sample(path, 0))
+    assert img.size == (20, 40)  # stored 40x20, shown rotated 90 degrees clockwise
+    top_left = np.asarray(img)[2, 2]  # stored bottom-left (red) is shown top-left
+    assert top_left[0] > 150 and top_left[2] < 80
+
+
+def test_bbox_is_cut_from_stored_pixels_then_turned_upright(tmp_path):
+    path = tmp_path / "phone.jpg"
+    data = _jpeg_rotated(path)
+    bbox = (4, 2, 24, 12)  # stored-pixel coordinates, as CompCars labels them
+    x1, y1, x2, y2 = bbox_crop_box(bbox, (40, 20))
+    upright = decode_image(data)  # 20x40; stored (x, y) is shown at (h - 1 - y, x)
+    expected = upright.crop((20 - y2, x1, 20 - y1, x2))
+    _assert_same(load_image(Sample(path, 0, bbox)), expected)
+
+
+def test_engine_build_parity_images_are_decoded_like_the_worker(tmp_path):
+    spec = PreprocessSpec(resize=16, crop=16)
+    path = tmp_path / "phone.jpg"
+    data = _jpeg_rotated(path)
+    parity = load_images([path], [0], spec, str(tmp_path))
+    assert np.array_equal(parity.images[0], preprocess_image(decode_image(data), spec))
+
+
+def test_load_image_outlives_its_file(tmp_path):
+    path = tmp_path / "plain.png"
+    _stripes().save(path)
+    img = load_image(Sample(path, 0))
+    assert img.getpixel((1, 19)) == (220, 20, 20)  # usable after the file was closed
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
