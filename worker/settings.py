@@ -33,8 +33,9 @@ def _check_port(text: str, where: str = "") -> int:
 
 
 def parse_bootstrap_servers(value: str) -> list[str]:
-    """``host:port[,host:port...]`` (IPv6 as ``[addr]:port``) -> the entries, stripped.
+    """``host[:port][,host[:port]...]`` (IPv6 as ``[addr][:port]``) -> the entries, stripped.
 
+    A broker without a port is kafka-python's default port 9092, as kafka-python reads it.
     Raises ValueError naming the first bad entry: kafka-python would otherwise fail with an
     IndexError or an int() error deep inside the first client it builds.
     """
@@ -43,14 +44,21 @@ def parse_bootstrap_servers(value: str) -> list[str]:
         raise ValueError("no broker given; expected host:port[,host:port...]")
     for entry in servers:
         # kafka-python drops a leading SECURITY_PROTOCOL://, as the Java client does
-        host, sep, port = re.sub(r"^[A-Za-z_]+://", "", entry).rpartition(":")
+        address = re.sub(r"^[A-Za-z_]+://", "", entry)
+        if address.startswith("[") and address.endswith("]"):
+            host, sep, port = address, "", ""  # [IPv6] alone: the default port
+        elif ":" not in address:
+            host, sep, port = address, "", ""  # host alone: the default port
+        else:
+            host, sep, port = address.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         elif ":" in host or "[" in host or "]" in host:
             raise ValueError(f"{entry!r}: write an IPv6 broker as [address]:port")
-        if not sep or not host or any(c.isspace() for c in host) or "/" in host:
+        if not host or any(c.isspace() for c in host) or "/" in host:
             raise ValueError(f"{entry!r}: expected host:port")
-        _check_port(port, f"{entry!r}: ")
+        if sep:
+            _check_port(port, f"{entry!r}: ")
     return servers
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from kafka.cluster import collect_hosts
 from pydantic import ValidationError
 
 from worker.connections import kafka_common_config, redis_client
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
         ("", "no broker given"),
         (" , ", "no broker given"),
         ("127.0.0.1:abc", "'abc'"),
-        ("kafka", "expected host:port"),
+        ("my host", "expected host:port"),
         ("kafka:", "port ''"),
         (":9092", "expected host:port"),
         ("kafka:0", "port '0'"),
@@ -47,11 +48,18 @@ def test_bad_bootstrap_servers_are_refused(value: str, needle: str) -> None:
         (" b1:9093 , b2:9093, ", ["b1:9093", "b2:9093"]),
         ("[::1]:9092,kafka-0.kafka.svc:65535", ["[::1]:9092", "kafka-0.kafka.svc:65535"]),
         ("SASL_SSL://broker:9094", ["SASL_SSL://broker:9094"]),  # kafka-python drops the scheme
+        # no port: kafka-python's default 9092, which it has always accepted
+        ("kafka", ["kafka"]),
+        ("kafka,b2:9093,[::1],10.0.0.7", ["kafka", "b2:9093", "[::1]", "10.0.0.7"]),
+        ("SASL_SSL://broker", ["SASL_SSL://broker"]),
     ],
 )
 def test_good_bootstrap_servers_reach_the_clients(value: str, brokers: list[str]) -> None:
     settings = WorkerSettings(bootstrap_servers=value)
     assert kafka_common_config(settings)["bootstrap_servers"] == brokers
+    # and kafka-python itself reads every entry (a port-less one as port 9092)
+    hosts = collect_hosts(brokers, randomize=False)
+    assert len(hosts) == len(brokers) and all(1 <= port <= 65535 for _h, port, _af in hosts)
 
 
 @pytest.mark.parametrize(
