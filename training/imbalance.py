@@ -48,6 +48,8 @@ class DistributedWeightedSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         total = self.num_samples * self.num_replicas
+        if total == 0:  # fewer samples than ranks: every rank gets none, as DistributedSampler
+            return iter([])
         drawn = torch.multinomial(self.weights, total, replacement=True, generator=gen)
         return iter(drawn[self.rank : total : self.num_replicas].tolist())
 
