@@ -424,6 +424,8 @@ def test_engine_build_job_writes_a_new_directory_per_gpu_model_and_image(render_
     (worker,) = one(render_overlay("gpu"), WORKLOAD)["spec"]["template"]["spec"]["containers"]
     worker_env = {e["name"]: e.get("value") for e in worker["env"]}
     assert worker_env["CARSTREAM_BUNDLE"] == expected
+    # the plan runs only under the TensorRT it was built with: the Job runs the workers' image
+    assert builder["image"] == worker["image"], "engine-build Job and gpu workers: same image"
 
 
 def test_engine_build_refuses_an_existing_bundle_without_force(tmp_path):
