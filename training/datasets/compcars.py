@@ -14,7 +14,6 @@ missing from the archive are skipped and counted.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +66,14 @@ def read_names(mat_path: Path) -> tuple[dict[int, str], dict[int, str]]:
 
 
 def make_labels(makes: dict[int, str]) -> dict[int, str]:
-    """Readable, unique make labels: fallback for empty names, id suffix only on duplicates."""
-    named = {i: (n or f"make {i}") for i, n in makes.items()}
-    dupes = {n for n, c in Counter(named.values()).items() if c > 1}
-    return {i: (f"{n} (make {i})" if n in dupes else n) for i, n in named.items()}
+    """Make labels as people read them: the archive's name, ``make <id>`` when it is empty.
+
+    A name the archive gives two make ids keeps its plain name on both: the results and the
+    trend counts are read by brand, and "Audi (make 2)" next to "Audi (make 8)" would split one
+    brand's count in two. The classes stay apart by make_id/model_id in labels.json, and the
+    training metrics group makes by id.
+    """
+    return {i: (n or f"make {i}") for i, n in makes.items()}
 
 
 def read_split(path: Path) -> list[str]:
