@@ -27,7 +27,7 @@ class DistributedWeightedSampler(Sampler[int]):
     """Weighted sampling with replacement under DDP: each rank takes its share of one draw.
 
     Every rank draws the same ``len(weights)`` (rounded down to a multiple of ``num_replicas``)
-    indices from a generator seeded by ``seed + epoch`` and keeps every ``num_replicas``-th one
+    indices from a generator seeded by (seed, epoch) and keeps every ``num_replicas``-th one
     from position ``rank``, so together the ranks see exactly one weighted epoch, as a single
     process's WeightedRandomSampler would, without talking to each other. Call
     :meth:`set_epoch` each epoch (as with DistributedSampler) for a fresh draw; rank and world
@@ -46,7 +46,8 @@ class DistributedWeightedSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        # (seed, epoch) pairs never share a stream: seed 0 epoch 1 is not seed 1 epoch 0
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         total = self.num_samples * self.num_replicas
         if total == 0:  # fewer samples than ranks: every rank gets none, as DistributedSampler
             return iter([])

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -150,6 +151,8 @@ class SendReport:
     seconds: float = 0.0
     failures: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    # failures are counted from the main thread (refused sends) and the sender thread (errbacks)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def unconfirmed(self) -> int:
@@ -165,9 +168,11 @@ class SendReport:
         if self.error is not None:
             return  # abandoned by the close after an abort: unconfirmed, not known to be lost
         kind = type(exc).__name__
-        self.failed += 1
-        self.failures[kind] = self.failures.get(kind, 0) + 1
-        if self.failures[kind] == 1:
+        with self._lock:
+            self.failed += 1
+            self.failures[kind] = self.failures.get(kind, 0) + 1
+            first = self.failures[kind] == 1
+        if first:
             reason = str(exc) if kind in str(exc) else f"{kind}: {exc}"
             logger.warning(
                 "record %d not sent: %s (further %s failures are counted, not logged)",
@@ -346,6 +351,9 @@ def main(args: argparse.Namespace) -> int:
     except ProduceAbortedError as exc:
         report.error = str(exc)
         close_abandoning(producer, min(5.0, args.timeout))  # queued records count as failed
+    except BaseException:  # Ctrl-C or a bug: still hand over what is queued, then re-raise
+        close_abandoning(producer, min(5.0, args.timeout))
+        raise
     else:
         producer.close()
     if args.json:

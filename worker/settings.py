@@ -71,8 +71,18 @@ def check_redis_url(value: str) -> str:
         netloc = parts.netloc.rpartition("@")[2]
         _host, sep, port = netloc.rpartition(":")
         if sep and not netloc.endswith("]"):  # "[::1]" alone has colons but no port
-            _check_port(port)
-        db = parts.path.lstrip("/")
+            try:
+                _check_port(port)
+            except ValueError:
+                # a password with an unencoded / ? # splits the URL there, and what looks like
+                # the port is then a piece of the password: keep it out of the message
+                if "@" in value:
+                    raise ValueError(
+                        "the port is not a number in 1-65535 (percent-encode / ? # @ in the "
+                        "password)"
+                    ) from None
+                raise
+        db = parts.path.strip("/")
         if db and not db.isdigit():
             raise ValueError(f"database {db!r} in the path is not a number")
     from redis.connection import parse_url  # what redis_client() will run on it

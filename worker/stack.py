@@ -527,9 +527,12 @@ def _resolve_stack(args: argparse.Namespace) -> LocalStack:
         )
         for flag, value, recorded, what in given:
             if value is not None and value != recorded:
+                hint = "drop the flag" + (
+                    "" if args.action == "down" else " or run `stack down` first"
+                )
                 raise ValueError(
                     f"{flag} {value}: the stack running from {args.state_dir} has {what} "
-                    f"{recorded}; drop the flag or run `stack down` first"
+                    f"{recorded}; {hint}"
                 )
         return LocalStack(
             args.state_dir, running.kafka_port, running.redis_port, running.redis_appendonly

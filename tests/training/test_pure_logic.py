@@ -74,6 +74,7 @@ def test_distributed_weighted_sampler_splits_one_balanced_draw_between_ranks():
         assert np.bincount([targets[i] for i in ranks], minlength=3).min() > 100
     assert _ranks(w, world=2, epoch=1) != [r0, r1]  # set_epoch gives a fresh draw
     assert _ranks(w, world=2, epoch=0, seed=1) != [r0, r1]
+    assert _ranks(w, world=2, epoch=1, seed=0) != _ranks(w, world=2, epoch=0, seed=1)
     assert [len(r) for r in _ranks(w[:999], world=2, epoch=0)] == [499, 499]  # drop_last
     # fewer samples than ranks: every rank yields none (multinomial refuses to draw 0)
     assert _ranks(w[:1], world=2, epoch=0) == [[], []]
