@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.preprocessing import PreprocessSpec, preprocess_image
-from worker.decoding import decode_base64, decode_image, exif_orientation, open_checked
+from worker.decoding import (
+    DEFAULT_MAX_PIXELS,
+    decode_base64,
+    decode_image,
+    exif_orientation,
+    open_checked,
+)
 from worker.errors import PostError
 from worker.schemas import PostEvent, parse_event
 from worker.url_fetch import UrlPolicy, fetch
@@ -49,6 +55,27 @@ def gpu_decodable(img) -> bool:
     )
 
 
+def check_resized_size(
+    width: int, height: int, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> None:
+    """PostError decompression_bomb when resizing the shorter side to ``spec.resize`` would make
+    an image of more than ``max_pixels``, the budget its decoded pixels are held to.
+
+    The decode budget alone misses extreme aspect ratios: a 274-byte 1x100000 PNG decodes to
+    100,000 pixels, but resizing its shorter side to 256 makes 256x25,600,000 (26 GB of RGB),
+    which a worker's memory limit answers by killing the replica, for every replica that reads
+    the post. Any photo's resize stays far below the budget, so no real post is refused.
+    """
+    short, long = sorted((width, height))
+    resized = spec.resize * int(spec.resize * long / short)  # resize_shorter_side's rounding
+    if resized > max_pixels:
+        raise PostError(
+            "decompression_bomb",
+            f"{width}x{height} resized to a shorter side of {spec.resize} is {resized} pixels, "
+            f"limit {max_pixels}",
+        )
+
+
 def prepare(
     raw: bytes | None,
     spec: PreprocessSpec,
@@ -68,10 +95,12 @@ def prepare(
             data = fetch(event.image_url, policy)
         if gpu_jpeg:
             header = open_checked(data)
+            check_resized_size(*header.size, spec)
             if gpu_decodable(header):
                 jpeg = GpuJpeg(data, exif_orientation(header))
                 return Prepared(event, None, None, time.perf_counter() - started, jpeg)
         image = decode_image(data, draft_size=spec.resize if draft else None)
+        check_resized_size(*image.size, spec)
         array = preprocess_image(image, spec)
         return Prepared(event, array, None, time.perf_counter() - started)
     except PostError as exc:
