@@ -55,13 +55,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--arch", default="resnet50")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--num-classes", type=int, default=431)
     parser.add_argument("--posts", type=int, default=240, help="posts per saturation run")
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--max-wait-ms", type=int, default=50)
-    parser.add_argument("--decode-threads", type=int, default=2)
+    add_worker_args(parser)
+    parser.add_argument("--loads", default="0.25,0.5,0.9", help="fractions of saturation")
+    parser.add_argument("--load-seconds", type=float, default=30.0)
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    return parser
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    """The model and worker settings shared with benchmarks/worker_ab.py."""
+    parser.add_argument("--arch", default="resnet50", help="model (random weights)")
+    parser.add_argument("--image-size", type=int, default=224, help="model input size")
+    parser.add_argument("--num-classes", type=int, default=431, help="CompCars model classes")
+    parser.add_argument("--max-batch", type=int, default=32, help="the worker's max batch")
+    parser.add_argument("--max-wait-ms", type=int, default=50, help="the worker's max wait")
+    parser.add_argument("--decode-threads", type=int, default=2, help="the worker's decode pool")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ORT threads")
     parser.add_argument(
         "--backend",
@@ -75,10 +84,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="torch-cuda engine replays CUDA graphs"
     )
-    parser.add_argument("--loads", default="0.25,0.5,0.9", help="fractions of saturation")
-    parser.add_argument("--load-seconds", type=float, default=30.0)
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
-    return parser
 
 
 def photo_jpegs(count: int, seed: int = 0) -> list[bytes]:

@@ -61,20 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--reps", type=int, default=3, help="runs of each config")
     parser.add_argument("--posts", type=int, default=320, help="posts per run")
-    parser.add_argument("--arch", default="resnet50")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--num-classes", type=int, default=431)
-    parser.add_argument("--max-batch", type=int, default=32, help="unless a config sets it")
-    parser.add_argument("--max-wait-ms", type=int, default=50)
-    parser.add_argument("--decode-threads", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ORT threads")
-    parser.add_argument(
-        "--backend",
-        default="onnxruntime",
-        choices=["onnxruntime", "torch-cuda", "tensorrt", "auto"],
-    )
-    parser.add_argument("--gpu-decode", action="store_true", help="nvJPEG decode (CUDA engines)")
-    parser.add_argument("--cuda-graphs", action="store_true", help="torch-cuda replays CUDA graphs")
+    e2e.add_worker_args(parser)  # a config's CARSTREAM_* variables override these
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     return parser
 

@@ -6,6 +6,7 @@ Importable as ``tests.support`` (pytest's ``pythonpath`` includes the repository
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,27 @@ CLASSES = [
     {"make": "Citroen", "model": "C3", "make_id": 3, "model_id": 33},
 ]
 IMAGE_SIZE = 32
+
+
+@dataclass
+class Rec:
+    """The fields of a kafka ConsumerRecord that the pure pipeline functions read."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class DoneFuture:
+    """A finished Future holding ``value`` (what Pending.prepared is in the pure tests)."""
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 def image_bytes(rng: np.random.Generator, fmt: str = "PNG", size=(48, 64)) -> bytes:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.models import build_model
+from training.models import build_model, torch_load_weights_only
 from training.preprocessing import PreprocessSpec
 
 FORMAT_VERSION = 1
@@ -83,13 +83,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"no checkpoint at {file}")
     try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        # torch's own message talks about weights_only, which would send users the wrong way
-        raise CheckpointError(
-            f"unreadable checkpoint {file}: not a PyTorch checkpoint, or a damaged one "
-            f"({exc.__class__.__name__})"
-        ) from exc
+        ckpt = torch_load_weights_only(file)
+    except ValueError as exc:
+        raise CheckpointError(f"unreadable checkpoint {file}: {exc}") from exc
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"unreadable checkpoint {file}: not a carstream checkpoint")
     missing = [

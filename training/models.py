@@ -24,6 +24,22 @@ class UnknownArchError(ValueError):
     pass
 
 
+def torch_load_weights_only(file: Path, what: str = "checkpoint") -> object:
+    """``torch.load(weights_only=True)`` on CPU; a file it cannot read is a ValueError saying so.
+
+    torch's own message talks about weights_only, which would send users the wrong way, and its
+    pickle-protocol warning is noise here.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"not a PyTorch {what}, or a damaged one ({exc.__class__.__name__})"
+        ) from exc
+
+
 def build_model(arch: str, num_classes: int) -> nn.Module:
     """An untrained ``arch`` whose ``fc`` has ``num_classes`` outputs."""
     if arch not in ARCHS:
@@ -60,16 +76,7 @@ def load_pretrained_backbone(model: nn.Module, arch: str, pretrained: str) -> st
         path = Path(pretrained)
         if not path.is_file():
             raise FileNotFoundError(f"--pretrained: no such weights file: {path}")
-        try:
-            with warnings.catch_warnings():  # torch's pickle-protocol warning, noise here
-                warnings.simplefilter("ignore", UserWarning)
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            # torch's own message talks about weights_only, which would send users the wrong way
-            raise ValueError(
-                f"not a PyTorch state dict or checkpoint, or a damaged one "
-                f"({exc.__class__.__name__})"
-            ) from exc
+        state = torch_load_weights_only(path, "state dict or checkpoint")
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not (

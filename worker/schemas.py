@@ -27,6 +27,15 @@ _RFC3339 = re.compile(
 )
 
 
+def in_event_time_range(value: datetime) -> bool:
+    """Whether an aware datetime lies in [EARLIEST_POSTED_AT, LATEST_POSTED_AT) UTC."""
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
+        return False
+    return EARLIEST_POSTED_AT <= utc < LATEST_POSTED_AT
+
+
 class PostEvent(BaseModel):
     """An image post on topic ``car-posts`` (key = post_id). Unknown fields are ignored."""
 
@@ -60,11 +69,7 @@ class PostEvent(BaseModel):
     def _in_range(cls, value: datetime) -> datetime:
         if value.tzinfo is None:  # unreachable after _rfc3339; kept for model_construct users
             raise ValueError("posted_at needs a timezone offset (e.g. Z)")
-        try:
-            utc = value.astimezone(UTC)
-        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
-            utc = None
-        if utc is None or not EARLIEST_POSTED_AT <= utc < LATEST_POSTED_AT:
+        if not in_event_time_range(value):
             raise ValueError(
                 f"posted_at {value.isoformat()} is not between {EARLIEST_POSTED_AT:%Y-%m-%d} "
                 f"and {LATEST_POSTED_AT:%Y-%m-%d} UTC"

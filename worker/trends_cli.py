@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 from training.cli_errors import fail, first_validation_error
-from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT
+from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT, in_event_time_range
 from worker.trends import TrendReader
 
 logger = logging.getLogger(__name__)
@@ -45,16 +45,12 @@ def parse_at(text: str) -> datetime:
         raise ValueError(f"--at {text!r}: not an RFC 3339 timestamp") from None
     if at.tzinfo is None:
         raise ValueError(f"--at {text!r}: needs a timezone (e.g. Z)")
-    try:
-        utc = at.astimezone(UTC)
-    except OverflowError:
-        utc = None
-    if utc is None or not EARLIEST_POSTED_AT <= utc < LATEST_POSTED_AT:
+    if not in_event_time_range(at):
         raise ValueError(
             f"--at {text!r}: must be between {EARLIEST_POSTED_AT:%Y-%m-%d} and "
             f"{LATEST_POSTED_AT:%Y-%m-%d} UTC, the range of event times"
         )
-    return utc
+    return at.astimezone(UTC)
 
 
 def expired_before(wall_now: datetime, hour_ttl_s: int) -> datetime:

@@ -25,7 +25,6 @@ import struct
 import time
 import typing
 import zlib
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -33,6 +32,7 @@ import pytest
 from PIL import Image
 
 from engine_build.manifest import Manifest
+from tests.support import DoneFuture, Rec
 from training.preprocessing import PreprocessSpec
 from worker.errors import ErrorKind, PostError
 from worker.pipeline import Pending, make_outputs
@@ -384,20 +384,6 @@ def test_every_accepted_event_gives_trend_keys_that_parse_back():
         check_trend_keys(record, now, case)
 
 
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
-class DoneFuture:
-    def result(self):
-        return None
-
-
 def manifest() -> Manifest:
     return Manifest(
         model_name="m",
@@ -448,7 +434,9 @@ def test_make_outputs_gives_one_outcome_and_one_trend_record_per_post():
                 raw = rng.randbytes(rng.randint(0, 40))
                 prepared.append(Prepared(None, None, PostError("schema", "bad"), 0.0))
             key = raw[:16] if rng.random() < 0.5 else None
-            batch.append(Pending(Rec("car-posts", pos % 3, offset, key, raw), 0.0, DoneFuture()))
+            batch.append(
+                Pending(Rec("car-posts", pos % 3, offset, key, raw), 0.0, DoneFuture(None))
+            )
         try:
             results, dead, trends = make_outputs(batch, prepared, logits, mf, settings)
         except Exception as exc:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 
 from engine_build.manifest import Manifest
+from tests.support import DoneFuture, Rec
 from training.preprocessing import PreprocessSpec
 from worker.batching import Batcher
 from worker.dead_letter import dlq_headers, parse_dlq_headers
@@ -216,23 +216,6 @@ def test_dlq_headers_round_trip_and_carry_the_source_position():
 
 
 # --- outputs of a batch --------------------------------------------------------------------
-
-
-@dataclass
-class Rec:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
-class DoneFuture:
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
 
 
 def _manifest() -> Manifest:
