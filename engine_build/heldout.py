@@ -21,6 +21,7 @@ from engine_build.parity import (
     evenly_spaced,
     image_dir_parity_set,
 )
+from training.checkpoint import recorded_crop
 from training.datasets import READERS, load_index
 from training.datasets.base import DatasetError
 from training.datasets.image_dataset import load_image
@@ -40,8 +41,13 @@ def recorded_data_dir(ckpt: dict) -> Path | None:
     return None
 
 
-def _class_key(c: dict) -> tuple[str, str]:
-    return (str(c.get("make")), str(c.get("model")))
+def class_key(c: dict) -> tuple:
+    """What identifies a class across the reader and the checkpoint: the dataset's ids where it
+    has them (CompCars: one make name can belong to two make ids, and labels may be renamed
+    between versions), else the names (folder data sets)."""
+    if c.get("make_id") is not None:
+        return ("id", c["make_id"], c.get("model_id"))
+    return ("name", str(c.get("make")), str(c.get("model")))
 
 
 def training_parity_set(ckpt: dict, spec: PreprocessSpec, limit: int) -> ParitySet | None:
@@ -53,14 +59,14 @@ def training_parity_set(ckpt: dict, spec: PreprocessSpec, limit: int) -> ParityS
     if kind not in READERS or root is None:
         return None
     level = args.get("level") or ckpt.get("level") or "model"
-    crop = args.get("crop") or "full"
+    crop = recorded_crop(ckpt)
     try:
         index = load_index(kind, root, "test", level=level, crop=crop)
     except DatasetError as exc:
         raise ParityDataError(f"held-out split of {root}: {exc}; pass --parity-data DIR") from exc
     # the checkpoint's class order is authoritative; map the reader's classes onto it by name
-    ckpt_index = {_class_key(c): i for i, c in enumerate(ckpt["classes"])}
-    to_ckpt = [ckpt_index.get(_class_key(c), -1) for c in index.classes]
+    ckpt_index = {class_key(c): i for i, c in enumerate(ckpt["classes"])}
+    to_ckpt = [ckpt_index.get(class_key(c), -1) for c in index.classes]
     chosen = evenly_spaced(index.samples, limit)
     arrays, labels = [], []
     for sample in chosen:

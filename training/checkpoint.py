@@ -76,6 +76,11 @@ def save_checkpoint(out_dir: Path, ckpt: dict[str, Any]) -> Path:
     return out_dir / CHECKPOINT_FILE
 
 
+def recorded_crop(ckpt: dict[str, Any]) -> str:
+    """The crop mode the checkpoint was trained with (``full`` when it records none)."""
+    return (ckpt.get("args") or {}).get("crop") or "full"
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint directory (or the ``checkpoint.pt`` in it) with ``weights_only=True``."""
     path = Path(path)

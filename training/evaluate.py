@@ -17,6 +17,7 @@ from training.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
     preprocess_spec_of,
+    recorded_crop,
 )
 from training.cli import check_out_dir
 from training.cli_errors import OneLineParser
@@ -50,11 +51,6 @@ def get_args_parser(add_parser=None, name: str = "evaluate") -> argparse.Argumen
     parser.add_argument("--no-ema", action="store_true", help="use raw weights, not EMA")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
-
-
-def recorded_crop(ckpt: dict[str, Any]) -> str:
-    """The crop mode the checkpoint was trained with (``full`` when it records none)."""
-    return (ckpt.get("args") or {}).get("crop") or "full"
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

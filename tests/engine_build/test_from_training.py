@@ -92,3 +92,22 @@ def test_bundle_from_a_trained_checkpoint_passes_parity_on_the_held_out_split(
     assert f"level {level}" in parity["parity_source"] and "crop bbox" in parity["parity_source"]
     if level == "make":
         assert len(bundle.manifest.labels) < 4  # makes, not the 4 models
+
+
+def test_held_out_classes_map_to_the_checkpoint_by_dataset_ids_not_names():
+    from engine_build.heldout import class_key
+
+    # one make name under two ids (a CompCars quirk) with the same model name: two classes
+    a = {"make": "Audi", "model": "A4L", "make_id": 2, "model_id": 10}
+    b = {"make": "Audi", "model": "A4L", "make_id": 8, "model_id": 40}
+    assert class_key(a) != class_key(b)
+    # a checkpoint from before labels were renamed still maps by its ids
+    renamed = {**a, "make": "Audi (make 2)"}
+    assert class_key(renamed) == class_key(a)
+    # make level: no model id; folder data sets: no ids, names identify the class
+    assert class_key({"make": "Audi", "model": "", "make_id": 2, "model_id": None}) != class_key(
+        {"make": "Audi", "model": "", "make_id": 8, "model_id": None}
+    )
+    folder = {"make": "Audi", "model": "A4", "make_id": None, "model_id": None}
+    assert class_key(folder) == class_key({**folder})
+    assert class_key(folder) != class_key({**folder, "model": "A6"})
