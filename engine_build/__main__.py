@@ -20,6 +20,7 @@ from engine_build.build import (
     build_bundle,
 )
 from engine_build.bundle import BundleError
+from training.cli import BadArgumentError, check_out_dir
 from training.cli_errors import OneLineParser
 
 log = logging.getLogger("engine_build")
@@ -131,6 +132,11 @@ def main(args: argparse.Namespace) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        check_out_dir(args.out)
+    except BadArgumentError as exc:
+        print(f"python -m engine_build: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         out = build_bundle(
             args.checkpoint,
             args.out,
@@ -154,6 +160,10 @@ def main(args: argparse.Namespace) -> int:
             overwrite=args.force,
         )
     except (BuildError, BundleError) as exc:
+        print(f"python -m engine_build: error: {exc}", file=sys.stderr)
+        return 2
+    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
+        # an --out or --timing-cache the user cannot write: the message names the path
         print(f"python -m engine_build: error: {exc}", file=sys.stderr)
         return 2
     except ParityGateError as exc:

@@ -19,7 +19,18 @@ class BadArgumentError(ValueError):
     """A flag value that is well-formed but unusable; the message names the flag and value."""
 
 
-USER_ERRORS = (DatasetError, CheckpointError, UnknownArchError, FileNotFoundError, BadArgumentError)
+# path problems are the user's to fix too (an --out they cannot write, a file where a folder
+# belongs): their message names the path, so one line says everything a traceback would
+USER_ERRORS = (
+    DatasetError,
+    CheckpointError,
+    UnknownArchError,
+    BadArgumentError,
+    FileNotFoundError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
 
 
 def positive_int(text: str) -> int:

@@ -28,10 +28,15 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["--checkpoint", "{ckpt}", "--out", "{tmp}/b", "--max-batch", "x"], "'x'"),
         (["--checkpoint", "{ckpt}", "--out", "{tmp}/b", "--parity-data", "/no/imgs"], "/no/imgs"),
         (["--out", "{tmp}/b"], "--checkpoint"),
+        (
+            ["--checkpoint", "{ckpt}", "--out", "{tmp}/a-file/b", "--parity-data", "{parity}"],
+            "a-file",
+        ),
     ],
 )
-def test_bad_input_is_one_line_exit_2(checkpoint_dir, tmp_path, args, needle):
-    args = [a.format(ckpt=checkpoint_dir, tmp=tmp_path) for a in args]
+def test_bad_input_is_one_line_exit_2(checkpoint_dir, parity_dir, tmp_path, args, needle):
+    (tmp_path / "a-file").write_text("not a folder")
+    args = [a.format(ckpt=checkpoint_dir, tmp=tmp_path, parity=parity_dir) for a in args]
     proc = run_cli(*args, "--log-level", "ERROR")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

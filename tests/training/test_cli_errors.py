@@ -97,3 +97,32 @@ def test_out_that_cannot_be_a_directory(sample_root, tmp_path, command, below):
     proc = run_cli(command, *argv)
     assert_one_line_error(proc, f"{a_file} exists and is not a directory")
     assert a_file.read_text() == "not a directory\n"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        PermissionError(13, "Permission denied", "/srv/runs/x"),
+        NotADirectoryError(20, "Not a directory", "/etc/passwd/x"),
+        IsADirectoryError(21, "Is a directory", "/tmp"),
+    ],
+)
+def test_path_errors_anywhere_in_a_command_are_one_line(error, capsys):
+    from training.cli import run_guarded
+
+    def command(_args):
+        raise error
+
+    assert run_guarded(command, None) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and error.filename in err
+
+
+def test_unexpected_errors_still_raise():
+    from training.cli import run_guarded
+
+    def command(_args):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError):
+        run_guarded(command, None)
