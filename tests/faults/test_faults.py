@@ -40,11 +40,24 @@ class Feeder(threading.Thread):
         self.error: BaseException | None = None
         self.sent = 0
         self.halt = threading.Event()
+        # messages from index `hold_from` on wait for `release`: a fault test that needs posts
+        # to arrive *during* its fault sets both, instead of racing fast workers to the end
+        self.hold_from: int | None = None
+        self.release = threading.Event()
+
+    def _released(self) -> bool:
+        """Wait for ``release``; False when halted first."""
+        while not self.release.wait(0.2):
+            if self.halt.is_set():
+                return False
+        return True
 
     def run(self) -> None:
         try:
             p = self.fx.producer(self.bootstrap)
             for i in range(0, len(self.messages), self.chunk):
+                if self.hold_from is not None and i >= self.hold_from and not self._released():
+                    break
                 futures = [
                     p.send(self.topic, key=k, value=v) for k, v in self.messages[i : i + self.chunk]
                 ]
@@ -234,10 +247,12 @@ def test_redis_restarted_mid_run_workers_back_off_and_commit_nothing_unapplied(
     fx, stack, kafka_bootstrap
 ):
     s = Scenario(fx, stack, kafka_bootstrap, "redis-restart", posts=360, seed=13)
+    s.feeder.hold_from = len(s.feeder.messages) // 2  # the second half arrives in the outage
     s.start()
     s.wait_progress(len(s.posts) // 3)
     server = s.redis_server
     server.stop()  # SIGTERM: the AOF is flushed, the port freed
+    s.feeder.release.set()  # fast workers may have drained the first half: give them work
     s.injected += 1
     deadline = time.monotonic() + 60
 
