@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
-import json
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from e2e_throughput import photo_jpegs  # noqa: E402
-from model_throughput import cpu_model  # noqa: E402
+from report import cpu_model, write_results  # noqa: E402
 
 from training.preprocessing import PreprocessSpec, preprocess_image  # noqa: E402
 from worker.decoding import decode_image  # noqa: E402
@@ -170,8 +169,6 @@ def main(args: argparse.Namespace) -> int:
         "preprocess": spec.model_dump(mode="json"),
         "rows": rows,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "decode_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Decode + preprocess throughput (worker.decoding + preprocess_image)",
         "",
@@ -191,7 +188,7 @@ def main(args: argparse.Namespace) -> int:
         )
     if not any("nvjpeg" in r["mode"] for r in rows):
         lines += ["", "No CUDA GPU here: the batched nvJPEG rows are not measured."]
-    (args.out_dir / "decode_throughput.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out_dir, "decode_throughput", result, "\n".join(lines))
     return 0
 
 

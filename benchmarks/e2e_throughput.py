@@ -42,7 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from model_throughput import cpu_model, make_bundle  # noqa: E402
+from model_throughput import make_bundle  # noqa: E402
+from report import cpu_model, write_results  # noqa: E402
 
 from engine_build.bundle import load_bundle  # noqa: E402
 from engine_build.runtime import create_engine  # noqa: E402
@@ -392,10 +393,7 @@ def main(args: argparse.Namespace) -> int:
         "loads": loads,
         "latency": lat,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "e2e_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out_dir / "e2e_throughput.md").write_text(render_md(result))
-    print(render_md(result))
+    write_results(args.out_dir, "e2e_throughput", result, render_md(result))
     return 0
 
 

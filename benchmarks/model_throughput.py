@@ -18,7 +18,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ import onnx
 import onnxruntime
 import torch
 from PIL import Image
+from report import cpu_model, write_results
 
 from engine_build.build import build_bundle
 from engine_build.bundle import load_bundle
@@ -55,17 +55,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 build and run")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     return parser
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    return next(
-        (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
-        "unknown",
-    )
 
 
 def make_bundle(args: argparse.Namespace, work: Path, max_batch: int) -> Path:
@@ -215,10 +204,7 @@ def main(args: argparse.Namespace) -> int:
                 print(json.dumps(row), flush=True)
                 result["results"].append(row)
             engine.close()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "model_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out_dir / "model_throughput.md").write_text(render_md(result))
-    print(render_md(result))
+    write_results(args.out_dir, "model_throughput", result, render_md(result))
     return 0
 
 

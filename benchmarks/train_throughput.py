@@ -11,31 +11,19 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torchvision
+from report import cpu_model, write_results
 from torch import nn
 
 from training.engine import train_one_epoch
 from training.models import build_model
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def measure(arch: str, image_size: int, batch: int, iters: int, classes: int) -> dict:
@@ -89,8 +77,6 @@ def main() -> None:
         "note": "synthetic in-memory batches; forward+backward+SGD step; FP32 on CPU",
         "results": rows,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "train_throughput.json").write_text(json.dumps(meta, indent=2) + "\n")
     lines = [
         "# Training throughput",
         "",
@@ -108,8 +94,7 @@ def main() -> None:
         f"{r['seconds_per_step']} |"
         for r in rows
     ]
-    (args.out_dir / "train_throughput.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out_dir, "train_throughput", meta, "\n".join(lines))
 
 
 if __name__ == "__main__":

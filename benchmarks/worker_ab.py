@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import e2e_throughput as e2e  # noqa: E402
-from model_throughput import cpu_model, make_bundle  # noqa: E402
+from model_throughput import make_bundle  # noqa: E402
+from report import cpu_model, write_results  # noqa: E402
 
 from worker.stack import LocalStack, free_port  # noqa: E402
 
@@ -244,10 +245,7 @@ def main(args: argparse.Namespace) -> int:
         "model_only_after": after,
         "configs": [summarise(name, env, runs[name], reference) for name, env in configs],
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "worker_ab.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out_dir / "worker_ab.md").write_text(render_md(result))
-    print(render_md(result))
+    write_results(args.out_dir, "worker_ab", result, render_md(result))
     return 0
 
 

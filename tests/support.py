@@ -6,6 +6,9 @@ Importable as ``tests.support`` (pytest's ``pythonpath`` includes the repository
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,20 @@ CLASSES = [
     {"make": "Citroen", "model": "C3", "make_id": 3, "model_id": 33},
 ]
 IMAGE_SIZE = 32
+REPO = Path(__file__).resolve().parents[1]
+
+
+def worker_cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m worker ARGS`` with only ``env`` as CARSTREAM_* (the caller's are dropped)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CARSTREAM_")}
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        cwd=REPO,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -12,21 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import worker_cli
 from worker.metrics import WorkerMetrics, bind, serve, start
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CARSTREAM_")}
-    return subprocess.run(
-        [sys.executable, "-m", "worker", "run", *args],
-        cwd=REPO,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return worker_cli("run", *args, **env)
 
 
 @pytest.mark.parametrize(

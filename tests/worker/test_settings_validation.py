@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from kafka.cluster import collect_hosts
 from pydantic import ValidationError
 
+from tests.support import worker_cli
 from worker.connections import kafka_common_config, redis_client
 from worker.settings import WorkerSettings
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -103,18 +97,6 @@ def test_good_redis_urls_build_a_client(url: str) -> None:
     client.close()
 
 
-def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CARSTREAM_")}
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=REPO,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 @pytest.mark.parametrize(
     ("args", "env", "needle"),
     [
@@ -126,7 +108,7 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     ],
 )
 def test_trends_and_produce_refuse_the_same_addresses_in_one_line(args, env, needle) -> None:
-    proc = _cli(*args, **env)
+    proc = worker_cli(*args, timeout=60, **env)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

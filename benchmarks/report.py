@@ -1,0 +1,33 @@
+"""What every benchmark records beside its figures, and how it writes them.
+
+Each benchmark writes ``<name>.json`` (for tools) and ``<name>.md`` (for people) into its
+``--out-dir`` and prints the table, so a run leaves the same record whichever script made it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from lscpu (figures mean little without it)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    return next(
+        (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
+        "unknown",
+    )
+
+
+def write_results(out_dir: Path, name: str, result: dict, markdown: str) -> None:
+    """Write ``<name>.json`` and ``<name>.md`` under ``out_dir`` and print the Markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown if markdown.endswith("\n") else markdown + "\n"
+    (out_dir / f"{name}.md").write_text(text)
+    print(text, end="", flush=True)
