@@ -11,7 +11,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from training.datasets.base import DatasetError
+
 log = logging.getLogger(__name__)
+
+
+def split_batch(batch, unreadable: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, targets)`` of a loader batch; the images that did not decode (the third
+    element that ``collate_skipping_unreadable`` adds) go to the ``unreadable`` tally."""
+    images, targets, *rest = batch
+    if rest and rest[0] and unreadable is not None:
+        unreadable.add(rest[0])
+    return images, targets
 
 
 def train_one_epoch(
@@ -29,14 +40,25 @@ def train_one_epoch(
     progress: bool = False,
     writer: Any = None,
     global_step: int = 0,
+    unreadable: Any = None,
 ) -> dict[str, float]:
-    """Train for one pass over ``loader``; the scheduler steps per iteration."""
+    """Train for one pass over ``loader``; the scheduler steps per iteration.
+
+    A batch left with fewer than 2 images after unreadable ones were dropped is not trained on
+    (BatchNorm needs 2), but the LR schedule still advances so it stays in step with the epoch.
+    """
     model.train()
     use_amp = scaler is not None
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
-    for images, targets in bar:
+    for batch in bar:
+        images, targets = split_batch(batch, unreadable)
+        if targets.shape[0] < 2:
+            if scheduler is not None:
+                scheduler.step()
+            global_step += 1
+            continue
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if channels_last:
@@ -87,11 +109,16 @@ def evaluate(
     amp: bool = False,
     channels_last: bool = False,
     progress: bool = False,
+    unreadable: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits (float32, CPU) and targets of ``loader``, model in eval mode."""
+    """All logits (float32, CPU) and targets of ``loader``, model in eval mode; images that
+    did not decode are left out (and handed to ``unreadable``)."""
     model.eval()
     all_logits, all_targets = [], []
-    for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
+    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        images, targets = split_batch(batch, unreadable)
+        if targets.shape[0] == 0:
+            continue
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -99,4 +126,6 @@ def evaluate(
             logits = model(images)
         all_logits.append(logits.float().cpu())
         all_targets.append(targets)
+    if not all_logits:
+        raise DatasetError("none of the evaluation images could be decoded")
     return torch.cat(all_logits), torch.cat(all_targets)

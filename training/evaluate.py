@@ -22,6 +22,7 @@ from training.checkpoint import (
 from training.cli import check_out_dir
 from training.cli_errors import OneLineParser
 from training.datasets import DatasetError, load_index
+from training.datasets.image_dataset import UnreadableImages
 from training.distributed import DistInfo
 from training.engine import evaluate
 from training.metrics import classification_metrics
@@ -78,12 +79,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device, DistInfo())
     model = model_from_checkpoint(ckpt, use_ema=not args.no_ema).to(device)
     spec = preprocess_spec_of(ckpt)
-    logits, targets = evaluate(model, eval_loader(index, spec, args), device)
+    unreadable = UnreadableImages(strict=args.strict)
+    logits, targets = evaluate(model, eval_loader(index, spec, args), device, unreadable=unreadable)
     m = classification_metrics(logits, targets, index.classes)
     m.update(
         num_classes=index.num_classes,
         skipped_missing=index.skipped_missing,
         skipped_corrupt=index.skipped_corrupt,
+        skipped_unreadable=len(unreadable),
+        unreadable_images=list(unreadable.paths)[:100],
         checkpoint=str(args.checkpoint),
         split=args.split,
         crop=crop,

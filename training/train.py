@@ -40,7 +40,11 @@ from training.cli import (
 )
 from training.cli_errors import OneLineParser
 from training.datasets import CROPS, LEVELS, READERS, DatasetError, DatasetIndex, load_index
-from training.datasets.image_dataset import ImageDataset
+from training.datasets.image_dataset import (
+    ImageDataset,
+    UnreadableImages,
+    collate_skipping_unreadable,
+)
 from training.distributed import DistInfo, barrier, cleanup, init_distributed
 from training.engine import evaluate, train_one_epoch
 from training.imbalance import (
@@ -208,6 +212,7 @@ def train_loader(
         pin_memory=pin,
         drop_last=len(dataset) > args.batch_size * dist_info.world_size,
         generator=gen,
+        collate_fn=collate_skipping_unreadable,
     )
 
 
@@ -217,6 +222,7 @@ def eval_loader(index: DatasetIndex, spec: PreprocessSpec, args: argparse.Namesp
         batch_size=args.batch_size,
         shuffle=False,
         num_workers=args.workers,
+        collate_fn=collate_skipping_unreadable,
     )
 
 
@@ -234,6 +240,7 @@ def full_metrics(
     targets: torch.Tensor,
     train_idx: DatasetIndex,
     test_idx: DatasetIndex,
+    unreadable: UnreadableImages,
 ) -> dict[str, Any]:
     m = classification_metrics(logits, targets, test_idx.classes)
     return {
@@ -248,6 +255,8 @@ def full_metrics(
         "skipped_missing_train": train_idx.skipped_missing,
         "skipped_missing_test": test_idx.skipped_missing,
         "skipped_corrupt": train_idx.skipped_corrupt + test_idx.skipped_corrupt,
+        "skipped_unreadable": len(unreadable),
+        "unreadable_images": list(unreadable.paths)[:100],
         "chance_top1": 1.0 / max(test_idx.num_classes, 1),
         "per_class": m["per_class"],
         "confused_pairs": m["confused_pairs"],
@@ -362,10 +371,12 @@ def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     progress = sys.stderr.isatty() and dist_info.is_main
     eval_dl = eval_loader(test_idx, spec, args)
     last_eval: dict[str, Any] = {}
+    unreadable = UnreadableImages(strict=args.strict)  # images that pass the index but not decode
     train_seconds = 0.0
     epoch = start_epoch - 1
     for epoch in range(start_epoch, args.epochs):
         torch.manual_seed(epoch_seed(args.seed, epoch))  # this epoch's augmentations
+        skipped_before = unreadable.occurrences
         loader = train_loader(train_ds, targets, counts, args, epoch, dist_info, on_cuda)
         stats = train_one_epoch(
             train_model,
@@ -381,21 +392,30 @@ def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
             progress=progress,
             writer=writer,
             global_step=global_step,
+            unreadable=unreadable,
         )
         global_step = int(stats["global_step"])
         train_seconds += stats["seconds"]
         log.info(
-            "epoch %d/%d: loss %.4f train-acc %.3f (%.1f img/s)",
+            "epoch %d/%d: loss %.4f train-acc %.3f (%.1f img/s), %d unreadable images skipped",
             epoch + 1,
             args.epochs,
             stats["loss"],
             stats["acc"],
             stats["images_per_s"],
+            unreadable.occurrences - skipped_before,
         )
         if dist_info.is_main:
             eval_model = ema.module if ema is not None else model
             if args.eval_every and (epoch + 1) % args.eval_every == 0:
-                logits, tgt = evaluate(eval_model, eval_dl, device, amp=amp, channels_last=on_cuda)
+                logits, tgt = evaluate(
+                    eval_model,
+                    eval_dl,
+                    device,
+                    amp=amp,
+                    channels_last=on_cuda,
+                    unreadable=unreadable,
+                )
                 last_eval = classification_metrics(logits, tgt, classes)
                 writer.add_scalar("test/top1", last_eval["top1"], epoch + 1)
                 writer.add_scalar("test/top5", last_eval["top5"], epoch + 1)
@@ -434,8 +454,10 @@ def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     if not dist_info.is_main:
         return {}
     eval_model = ema.module if ema is not None else model
-    logits, tgt = evaluate(eval_model, eval_dl, device, amp=amp, channels_last=on_cuda)
-    metrics = full_metrics(logits, tgt, train_idx, test_idx)
+    logits, tgt = evaluate(
+        eval_model, eval_dl, device, amp=amp, channels_last=on_cuda, unreadable=unreadable
+    )
+    metrics = full_metrics(logits, tgt, train_idx, test_idx, unreadable)
     metrics.update(
         {
             "arch": args.arch,

@@ -1,17 +1,31 @@
-"""The torch Dataset over an index: opens each image, crops to its box, applies a transform."""
+"""The torch Dataset over an index: opens each image, crops to its box, applies a transform.
+
+An image that passed the index's cheap header check can still fail to decode (a truncated JPEG:
+``Image.verify`` does not decode JPEG data, and decoding all of CompCars' 136k images before
+training would cost minutes). Such an image never kills a run: the dataset hands back an
+:class:`UnreadableImage` in its place, :func:`collate_skipping_unreadable` leaves it out of the
+batch, and the training loop passes it to an :class:`UnreadableImages` tally, which logs each path
+once and counts it (or, with ``--strict``, stops the run with a one-line error naming the file).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
+import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from training.datasets.base import BBox, Sample
+from training.datasets.base import BBox, DatasetError, Sample
 from training.preprocessing import oriented_rgb
 
+log = logging.getLogger(__name__)
+
 BBOX_MARGIN = 0.05
+# what PIL raises for a file whose header looked fine but whose data does not decode
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def bbox_crop_box(
@@ -54,6 +68,13 @@ def load_image(sample: Sample) -> Image.Image:
         return img.copy() if img is f else img
 
 
+class UnreadableImage(NamedTuple):
+    """Stands in for a sample whose image did not decode (picklable: crosses loader workers)."""
+
+    path: str
+    reason: str
+
+
 class ImageDataset(Dataset):
     def __init__(self, samples: list[Sample], transform: Callable[[Image.Image], Any]):
         self.samples = samples
@@ -62,6 +83,46 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
+    def __getitem__(self, i: int) -> tuple[Any, int] | UnreadableImage:
         sample = self.samples[i]
-        return self.transform(load_image(sample)), sample.target
+        try:
+            img = load_image(sample)
+        except DECODE_ERRORS as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            return UnreadableImage(str(sample.path), reason)
+        return self.transform(img), sample.target
+
+
+def collate_skipping_unreadable(
+    batch: list[tuple[Any, int] | UnreadableImage],
+) -> tuple[torch.Tensor, torch.Tensor, list[UnreadableImage]]:
+    """``(images, targets, unreadable)``: the batch without the images that did not decode
+    (``images`` may be empty when none did) and what they were."""
+    bad = [b for b in batch if isinstance(b, UnreadableImage)]
+    good = [b for b in batch if not isinstance(b, UnreadableImage)]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    images, targets = default_collate(good)
+    return images, targets, bad
+
+
+class UnreadableImages:
+    """The images of a run that failed to decode: each path logged once and counted, or with
+    ``strict`` the first one stops the run (a :class:`DatasetError`, one line naming the file)."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self.paths: dict[str, str] = {}  # path -> reason, in the order they were met
+        self.occurrences = 0  # an image read every epoch counts every epoch
+
+    def add(self, bad: Iterable[UnreadableImage]) -> None:
+        for item in bad:
+            if self.strict:
+                raise DatasetError(f"unreadable image (--strict): {item.path}: {item.reason}")
+            self.occurrences += 1
+            if item.path not in self.paths:
+                self.paths[item.path] = item.reason
+                log.warning("skipping unreadable image %s: %s", item.path, item.reason)
+
+    def __len__(self) -> int:
+        return len(self.paths)

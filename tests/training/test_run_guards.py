@@ -1,0 +1,54 @@
+"""What a training run does with bad images and with flags that would spoil it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.__main__ import main as cli_main
+from training.sample import make_sample
+
+from .test_cli_errors import assert_one_line_error, run_cli
+
+
+def tiny_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    """The smallest real run: resnet18 at 32 px, batch 4, one epoch, on the CPU."""
+    return [
+        "train", "--dataset", "compcars", "--data", str(data), "--out", str(out),
+        "--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--workers", "0",
+        "--pretrained", "none", "--device", "cpu", "--epochs", "1", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def tiny_sample(tmp_path) -> Path:
+    root = tmp_path / "sample"
+    make_sample(root, 4, 6, seed=0)
+    return root
+
+
+def _truncate_a_training_image(root: Path) -> Path:
+    split = root / "data/train_test_split/classification/train.txt"
+    for line in split.read_text().split():
+        path = root / "data/image" / line
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+            return path
+    raise AssertionError("no training image in the sample")
+
+
+def test_truncated_jpeg_is_skipped_and_reported(tiny_sample, tmp_path):
+    bad = _truncate_a_training_image(tiny_sample)
+    out = tmp_path / "out"
+    assert cli_main(tiny_argv(tiny_sample, out)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped_unreadable"] == 1
+    assert metrics["unreadable_images"] == [str(bad)]
+
+
+def test_truncated_jpeg_with_strict_is_one_line_naming_it(tiny_sample, tmp_path):
+    bad = _truncate_a_training_image(tiny_sample)
+    proc = run_cli(*tiny_argv(tiny_sample, tmp_path / "out", "--strict"))
+    assert_one_line_error(proc, str(bad))
