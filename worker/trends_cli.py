@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from training.cli_errors import fail, first_validation_error
 from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT, in_event_time_range
-from worker.trends import TrendReader
+from worker.trends import TrendReader, normalize_city
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,13 @@ def parse_at(text: str) -> datetime:
 
 
 def expired_before(wall_now: datetime, hour_ttl_s: int) -> datetime:
-    """Counts of event times before this have expired with their hour rollups."""
-    return wall_now - timedelta(seconds=hour_ttl_s)
+    """Start of the oldest hour rollup still alive: counts of event times before it are gone.
+
+    An hour rollup expires ``hour_ttl_s`` after the end of its hour (``_expire_at``), so the
+    hour starting at ``s`` lives while ``s + 1 h + ttl > wall_now``.
+    """
+    oldest = wall_now.astimezone(UTC) - timedelta(seconds=hour_ttl_s, hours=1)
+    return oldest.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
 
 
 def redacted(url: str) -> str:
@@ -97,6 +102,8 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"--top {args.top}: must be at least 1")
     if args.city is not None and args.by == "city":
         return fail("--city cannot be combined with --by city")
+    if args.city is not None and normalize_city(args.city) is None:
+        return fail(f"--city {args.city!r}: blank (leave --city out to count every city)")
 
     import redis
     from pydantic import ValidationError
@@ -113,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
     complete = window_start.replace(minute=0, second=0, microsecond=0) >= horizon
     if not complete:
         print(
-            f"warning: counts before {horizon:%Y-%m-%d %H:00} UTC have expired (hour rollups "
+            f"warning: counts before {horizon:%Y-%m-%d %H:%M} UTC have expired (hour rollups "
             f"live {settings.trend_hour_ttl_s // 86400} days, CARSTREAM_TREND_HOUR_TTL_S): "
             "this window undercounts",
             file=sys.stderr,

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from worker.trends import TrendRecord, TrendWriter
-from worker.trends_cli import parse_window, redacted
+from worker.trends_cli import expired_before, parse_window, redacted
 
 
 @pytest.mark.parametrize(("text", "minutes"), [("15m", 15), ("2h", 120), ("1d", 1440), ("3H", 180)])
@@ -113,6 +113,7 @@ def test_cli_says_when_a_window_reaches_past_the_hour_rollups(trends_url: str) -
         (["--at", "0001-01-01T00:00:00Z"], "between 1970-01-01 and 2100-01-01"),
         (["--at", "9999-12-31T23:59:59-01:00"], "9999"),
         (["--redis-url", "localhost:6379"], "redis_url"),
+        (["--city", "   "], "--city '   ': blank"),  # would silently count every city
     ],
 )
 def test_cli_bad_values_exit_2_with_one_line(args: list[str], needle: str) -> None:
@@ -120,3 +121,24 @@ def test_cli_bad_values_exit_2_with_one_line(args: list[str], needle: str) -> No
     assert out.returncode == 2
     assert needle in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("wall_now", "oldest_alive"),
+    [
+        # the hour rollup of 16:00 a TTL ago expired at 17:00 today; 17:00's lives until 18:00
+        (datetime(2026, 11, 25, 17, 47, tzinfo=UTC), datetime(2026, 10, 26, 17, 0, tzinfo=UTC)),
+        (datetime(2026, 11, 25, 17, 0, tzinfo=UTC), datetime(2026, 10, 26, 17, 0, tzinfo=UTC)),
+        (datetime(2026, 11, 25, 16, 59, 59, tzinfo=UTC), datetime(2026, 10, 26, 16, 0, tzinfo=UTC)),
+    ],
+)
+def test_expiry_horizon_is_the_oldest_hour_rollup_still_alive(wall_now, oldest_alive) -> None:
+    assert expired_before(wall_now, 30 * 86400) == oldest_alive
+
+
+@pytest.mark.integration
+def test_cli_full_hour_rollup_window_is_complete(trends_url: str) -> None:
+    # 30 days is exactly the hour rollups' TTL: its first (partial) hour is still alive
+    out = _trends("--redis-url", trends_url, "--window", "30d", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["complete"] is True and not out.stderr
