@@ -8,6 +8,7 @@ holds partitions (or has joined with nothing to hold).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -116,6 +117,19 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http %s", format % args)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: tuple) -> None:
+        """Through logging, not a traceback on stderr (which breaks --log-json): a probe that
+        gave up before the answer (requests queued while the engine loads) is routine."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):  # BrokenPipe, ConnectionReset, ...
+            log.debug("metrics client %s went away: %s", client_address, exc)
+        else:
+            log.warning("metrics request from %s failed", client_address, exc_info=True)
+
+
 def bind(metrics: WorkerMetrics, host: str, port: int, stall_s: float) -> ThreadingHTTPServer:
     """Listen on host:port without answering yet (``start`` does); OSError if it cannot.
 
@@ -123,9 +137,7 @@ def bind(metrics: WorkerMetrics, host: str, port: int, stall_s: float) -> Thread
     is a one-line error within a second, not a crash after a model load.
     """
     handler = type("Handler", (_Handler,), {"metrics": metrics, "stall_s": stall_s})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return _Server((host, port), handler)
 
 
 def start(server: ThreadingHTTPServer) -> ThreadingHTTPServer:
