@@ -18,7 +18,7 @@ import typing
 import numpy as np
 from pydantic import SecretStr, ValidationError
 
-from worker.settings import WorkerSettings
+from worker.settings import FETCH_MARGIN_BYTES, WorkerSettings
 
 if typing.TYPE_CHECKING:
     from http.server import ThreadingHTTPServer
@@ -79,6 +79,29 @@ def fetch_wait_ms(settings: WorkerSettings) -> int:
     if settings.fetch_max_wait_ms is not None:
         return settings.fetch_max_wait_ms
     return max(10, settings.max_wait_ms)
+
+
+def consumer_config(settings: WorkerSettings) -> dict[str, object]:
+    """kafka-python KafkaConsumer options (besides the connection ones) for these settings."""
+    fetch_wait = fetch_wait_ms(settings)
+    opts: dict[str, object] = dict(
+        group_id=settings.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=settings.max_batch,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms
+        or max(100, settings.session_timeout_ms // 3),
+        max_poll_interval_ms=settings.max_poll_interval_ms,
+        fetch_max_bytes=64 * 1024 * 1024,
+        fetch_max_wait_ms=fetch_wait,
+        # kafka-python refuses fetch_max_wait_ms >= request_timeout_ms (30 s by default)
+        request_timeout_ms=max(30_000, fetch_wait + 10_000),
+        max_partition_fetch_bytes=max(1024 * 1024, settings.max_message_bytes + FETCH_MARGIN_BYTES),
+    )
+    if settings.group_instance_id:
+        opts["group_instance_id"] = settings.group_instance_id
+    return opts
 
 
 def _warm_up(engine, max_batch: int) -> None:
@@ -150,7 +173,7 @@ def _serve(
     """Load the engine, connect, run the loop until `stop`; `server` is bound, not started."""
     # imported here so `--help` and argument errors never load the model runtime
     from kafka import KafkaConsumer, KafkaProducer
-    from kafka.errors import RetriableError
+    from kafka.errors import KafkaConfigurationError, RetriableError
 
     from engine_build.bundle import BundleError, load_bundle
     from engine_build.runtime import EngineUnavailableError, create_engine
@@ -189,21 +212,7 @@ def _serve(
     log.info("engine warm (%s, max batch %d)", engine.name, engine.max_batch)
 
     common = kafka_common_config(settings)
-    consumer_opts = dict(
-        group_id=settings.group_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_poll_records=settings.max_batch,
-        session_timeout_ms=settings.session_timeout_ms,
-        heartbeat_interval_ms=settings.heartbeat_interval_ms
-        or max(100, settings.session_timeout_ms // 3),
-        max_poll_interval_ms=settings.max_poll_interval_ms,
-        fetch_max_bytes=64 * 1024 * 1024,
-        fetch_max_wait_ms=fetch_wait_ms(settings),
-        max_partition_fetch_bytes=max(1024 * 1024, settings.max_message_bytes + 1024),
-    )
-    if settings.group_instance_id:
-        consumer_opts["group_instance_id"] = settings.group_instance_id
+    consumer_opts = consumer_config(settings)
     attempt = 0
     while not stop.is_set():
         try:
@@ -221,6 +230,13 @@ def _serve(
             attempt += 1
             log.warning("no Kafka broker at %s; retry %d", settings.bootstrap_servers, attempt)
             stop.wait(min(10.0, 0.5 * 2**attempt))
+        except (KafkaConfigurationError, ValueError) as exc:
+            # WorkerSettings refuses what we know of before the model loads; this is the rest
+            print(f"python -m worker run: error: Kafka client settings: {exc}", file=sys.stderr)
+            engine.close()
+            if server is not None:
+                server.shutdown()
+            return 2
     else:
         engine.close()
         if server is not None:

@@ -94,6 +94,25 @@ def check_redis_url(value: str) -> str:
     return value
 
 
+# Kafka carries these settings as int32: a larger value crashes kafka-python (struct.error)
+# or is refused by the broker, which a consumer then answers by retrying its join forever
+INT32_MAX = 2**31 - 1
+# the consumer fetches up to max_message_bytes plus this much per partition (record overhead)
+FETCH_MARGIN_BYTES = 1024
+# a legal Kafka topic name (Kafka's Topic.validate); "." and ".." are refused apart
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def check_topic_name(value: str) -> str:
+    """The name if Kafka accepts it as a topic: 1-249 of ``A-Za-z0-9._-``, not ``.`` or ``..``."""
+    if not _TOPIC_NAME.fullmatch(value) or value in (".", ".."):
+        raise ValueError(
+            f"{value!r} is not a Kafka topic name (1-249 characters of A-Z a-z 0-9 . _ -, "
+            "not '.' or '..')"
+        )
+    return value
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -123,8 +142,12 @@ class WorkerSettings(BaseSettings):
     ssl_keyfile: str | None = None
     ssl_check_hostname: bool = True
     session_timeout_ms: int = Field(10_000, ge=1_000, le=3_600_000)
-    heartbeat_interval_ms: int | None = Field(None, ge=100)
-    max_poll_interval_ms: int = Field(300_000, ge=1_000)
+    heartbeat_interval_ms: int | None = Field(
+        None, ge=100, description="below session_timeout_ms; default: a third of it"
+    )
+    max_poll_interval_ms: int = Field(
+        300_000, ge=1_000, le=INT32_MAX, description="at least session_timeout_ms"
+    )
     fetch_max_wait_ms: int | None = Field(
         None,
         ge=0,
@@ -134,7 +157,10 @@ class WorkerSettings(BaseSettings):
         "otherwise add kafka-python's 500 ms to every quiet-time post",
     )
     max_message_bytes: int = Field(
-        10 * 1024 * 1024, ge=1024, description="input events above go to the DLQ"
+        10 * 1024 * 1024,
+        ge=1024,
+        le=INT32_MAX - FETCH_MARGIN_BYTES,
+        description="input events whose key + value are larger go to the DLQ",
     )
 
     # Redis
@@ -143,7 +169,7 @@ class WorkerSettings(BaseSettings):
     redis_tls_ca_certs: str | None = None
     redis_tls_certfile: str | None = None
     redis_tls_keyfile: str | None = None
-    redis_socket_timeout_s: float = Field(5.0, gt=0)
+    redis_socket_timeout_s: float = Field(5.0, gt=0, le=3600)
     trend_minute_ttl_s: int = Field(48 * 3600, ge=60, description="TTL of per-minute buckets")
     trend_hour_ttl_s: int = Field(30 * 24 * 3600, ge=3600, description="TTL of hourly rollups")
 
@@ -190,6 +216,11 @@ class WorkerSettings(BaseSettings):
     def _bootstrap(cls, value: str) -> str:
         return ",".join(parse_bootstrap_servers(value))
 
+    @field_validator("input_topic", "output_topic", "dlq_topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        return check_topic_name(value)
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
@@ -216,6 +247,41 @@ class WorkerSettings(BaseSettings):
         ):
             raise ValueError(
                 f"sasl_mechanism {self.sasl_mechanism} needs sasl_username and sasl_password"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_topics(self) -> WorkerSettings:
+        # dead letters or results written to the input topic are read again: a bad post would
+        # loop through the DLQ for ever, a result would come back as a bad post
+        topics = [
+            ("input_topic", self.input_topic),
+            ("output_topic", self.output_topic),
+            ("dlq_topic", self.dlq_topic),
+        ]
+        for i, (name, value) in enumerate(topics):
+            for other, other_value in topics[i + 1 :]:
+                if value == other_value:
+                    raise ValueError(f"{name} and {other} are both {value!r}; use three topics")
+        return self
+
+    @model_validator(mode="after")
+    def _check_group_timing(self) -> WorkerSettings:
+        # kafka-python refuses a heartbeat at or above the session timeout only when the
+        # consumer is built, after the model has loaded; a session longer than the poll interval
+        # makes a stalled loop look alive to the group for longer than it may stall
+        if (
+            self.heartbeat_interval_ms is not None
+            and self.heartbeat_interval_ms >= self.session_timeout_ms
+        ):
+            raise ValueError(
+                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
+                f"session_timeout_ms ({self.session_timeout_ms})"
+            )
+        if self.session_timeout_ms > self.max_poll_interval_ms:
+            raise ValueError(
+                f"session_timeout_ms ({self.session_timeout_ms}) must not exceed "
+                f"max_poll_interval_ms ({self.max_poll_interval_ms})"
             )
         return self
 

@@ -38,6 +38,28 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         (("--bundle", "/x"), {"CARSTREAM_BOOTSTRAP_SERVERS": "b:70000"}, "bootstrap_servers"),
         (("--bundle", "/x", "--redis-url", "redis://127.0.0.1:99999/0"), {}, "'99999'"),
         (("--bundle", "/x", "--metrics-host", "nohost.invalid"), {}, "nohost.invalid:9400"),
+        # a DLQ or results topic that is the input topic loops records back into the worker
+        (("--bundle", "/x", "--dlq-topic", "car-posts"), {}, "use three topics"),
+        (("--bundle", "/x"), {"CARSTREAM_OUTPUT_TOPIC": "car-posts"}, "use three topics"),
+        (("--bundle", "/x", "--output-topic", "car-posts.dlq"), {}, "use three topics"),
+        (("--bundle", "/x", "--input-topic", ""), {}, "input_topic"),
+        (("--bundle", "/x", "--dlq-topic", "bad topic"), {}, "not a Kafka topic name"),
+        (("--bundle", "/x", "--output-topic", ".."), {}, "not a Kafka topic name"),
+        (("--bundle", "/x", "--input-topic", "t" * 250), {}, "not a Kafka topic name"),
+        # refused by kafka-python or the broker only after the model has loaded, if at all
+        (
+            ("--bundle", "/x", "--heartbeat-interval-ms", "10000"),
+            {},
+            "heartbeat_interval_ms (10000) must be below session_timeout_ms (10000)",
+        ),
+        (
+            ("--bundle", "/x", "--session-timeout-ms", "60000", "--max-poll-interval-ms", "30000"),
+            {},
+            "must not exceed max_poll_interval_ms",
+        ),
+        (("--bundle", "/x", "--max-message-bytes", "3000000000"), {}, "max_message_bytes"),
+        (("--bundle", "/x", "--max-poll-interval-ms", "3000000000"), {}, "max_poll_interval_ms"),
+        (("--bundle", "/x", "--redis-socket-timeout-s", "inf"), {}, "redis_socket_timeout_s"),
     ],
 )
 def test_bad_settings_are_one_line_exit_2(args, env, needle):
@@ -128,6 +150,31 @@ def test_healthz_fails_when_the_loop_stalls():
         assert get(f"http://127.0.0.1:{server.server_port}/healthz")[0] == 503
     finally:
         server.shutdown()
+
+
+def test_good_settings_at_the_limits_build_a_consumer():
+    """What WorkerSettings accepts, kafka-python accepts too (built without a broker)."""
+    from kafka import KafkaConsumer
+
+    from worker.run import consumer_config
+    from worker.settings import FETCH_MARGIN_BYTES, INT32_MAX, WorkerSettings
+
+    for settings in (
+        WorkerSettings(),
+        # a fetch wait of 30 s or more was a KafkaConfigurationError after the model loaded
+        WorkerSettings(max_wait_ms=60_000),
+        WorkerSettings(fetch_max_wait_ms=60_000),
+        WorkerSettings(
+            session_timeout_ms=3_600_000,
+            heartbeat_interval_ms=3_599_999,
+            max_poll_interval_ms=INT32_MAX,
+            max_message_bytes=INT32_MAX - FETCH_MARGIN_BYTES,
+        ),
+    ):
+        opts = consumer_config(settings)
+        assert opts["max_partition_fetch_bytes"] <= INT32_MAX
+        consumer = KafkaConsumer(bootstrap_servers="127.0.0.1:1", api_version=(2, 5), **opts)
+        consumer.close()
 
 
 def test_fetch_wait_follows_the_batch_wait_unless_set():
