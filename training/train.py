@@ -271,6 +271,66 @@ def write_reports(
     plots.confused_pairs(metrics["confused_pairs"], classes, out / "confused_pairs.png")
 
 
+# flags that define a run: a resumed run must match the checkpoint's on every one (optimizer state,
+# step counts per epoch, the LR schedule, the data and the recorded preprocessing depend on them).
+# Everything else may change on resume: --epochs (extend or shorten), --stop-after, --workers,
+# --device, --no-amp, --eval-every, --strict, --out, --verbose; --pretrained is unused.
+RESUME_FIXED = (
+    "arch",
+    "dataset",
+    "data",
+    "level",
+    "crop",
+    "image_size",
+    "batch_size",
+    "world_size",
+    "opt",
+    "lr",
+    "head_lr_mult",
+    "momentum",
+    "weight_decay",
+    "warmup_epochs",
+    "label_smoothing",
+    "imbalance",
+    "cb_beta",
+    "ema_decay",
+    "seed",
+)
+
+
+def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``--flag now (checkpoint: then)`` for each run-defining flag that differs; flags the
+    checkpoint does not record (an older checkpoint) are not compared."""
+    out = []
+    for key in RESUME_FIXED:
+        if key in saved and key in current and saved[key] != current[key]:
+            flag = "--" + key.replace("_", "-")
+            out.append(f"{flag} {current[key]} (checkpoint: {saved[key]})")
+    return out
+
+
+def check_resume(args: argparse.Namespace, ckpt: dict[str, Any], world_size: int) -> None:
+    """Refuse to continue a checkpoint with different run-defining flags (one line naming each);
+    log a changed --epochs, which stretches or shortens the cosine decay from here on."""
+    saved = ckpt.get("args") or {}
+    current = recorded_args(args, world_size=world_size)
+    diffs = resume_mismatches(saved, current)
+    if diffs:
+        raise BadArgumentError(
+            f"--resume {args.resume}: this run's flags differ from the checkpoint's: "
+            f"{'; '.join(diffs)}; only --epochs, --stop-after, --workers, --device, --no-amp, "
+            "--eval-every, --strict and --out may change on resume"
+        )
+    if "epochs" in saved and saved["epochs"] != args.epochs:
+        log.warning(
+            "--epochs %d (checkpoint: %s): the cosine LR decay is recomputed over %d epochs from "
+            "the resumed step on",
+            args.epochs,
+            saved["epochs"],
+            args.epochs,
+        )
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train; return the final metrics (rank 0) or {} (other ranks)."""
     dist_info = init_distributed()
@@ -285,6 +345,9 @@ def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     device = resolve_device(args.device, dist_info)
     on_cuda = device.type == "cuda"
     amp = on_cuda and not args.no_amp
+    resume_ckpt = load_checkpoint(args.resume) if args.resume else None
+    if resume_ckpt is not None:
+        check_resume(args, resume_ckpt, dist_info.world_size)
     torch.manual_seed(args.seed)
     train_idx, test_idx = load_splits(args)
     classes = train_idx.classes
@@ -301,7 +364,6 @@ def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     )
 
     model = build_model(args.arch, len(classes))
-    resume_ckpt = load_checkpoint(args.resume) if args.resume else None
     if resume_ckpt is not None:
         if resume_ckpt["arch"] != args.arch or resume_ckpt["classes"] != classes:
             raise BadArgumentError(

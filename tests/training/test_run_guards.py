@@ -52,3 +52,19 @@ def test_truncated_jpeg_with_strict_is_one_line_naming_it(tiny_sample, tmp_path)
     bad = _truncate_a_training_image(tiny_sample)
     proc = run_cli(*tiny_argv(tiny_sample, tmp_path / "out", "--strict"))
     assert_one_line_error(proc, str(bad))
+
+
+def test_resume_refuses_changed_run_defining_flags(tiny_sample, tmp_path):
+    out = tmp_path / "out"
+    assert cli_main(tiny_argv(tiny_sample, out, "--opt", "sgd")) == 0
+    proc = run_cli(
+        *tiny_argv(tiny_sample, out, "--opt", "adamw", "--image-size", "48"), "--resume", str(out)
+    )
+    assert_one_line_error(proc, "--opt adamw (checkpoint: sgd)")
+    assert "--image-size 48 (checkpoint: 32)" in proc.stderr
+    proc = run_cli(*tiny_argv(tiny_sample, out, "--batch-size", "8"), "--resume", str(out))
+    assert_one_line_error(proc, "--batch-size 8 (checkpoint: 4)")
+    # --epochs may change: extending a finished run continues it
+    resumed = [*tiny_argv(tiny_sample, out, "--opt", "sgd"), "--epochs", "2", "--resume", str(out)]
+    assert cli_main(resumed) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 2
