@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from engine_build.manifest import Manifest
 from engine_build.runtime import Engine
 from worker.batching import Batcher
-from worker.dead_letter import dlq_headers
+from worker.dead_letter import HEADER_PREFIX, dlq_headers, parse_dlq_headers
 from worker.errors import PostError
 from worker.gpu_preprocess import decode_jpegs, normalize, resize_crop
 from worker.metrics import WorkerMetrics
@@ -49,6 +49,13 @@ log = logging.getLogger(__name__)
 
 
 TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+# a dead letter still too large without its value keeps this much of its key (a post_id key,
+# at most 128 characters, always fits whole)
+DLQ_KEY_PREFIX_BYTES = 512
+
+
+class FatalWorkerError(Exception):
+    """The worker cannot go on (the batch stays uncommitted and is redelivered after a restart)."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +67,26 @@ class Outgoing:
     value: bytes | None
     headers: list | None
 
-    def without_value(self) -> Outgoing:
+    def smaller(self) -> Outgoing | None:
+        """The next smaller form of a dead letter the DLQ topic refused as too large.
+
+        First without its value; then also with its key cut to ``DLQ_KEY_PREFIX_BYTES``; each
+        step adds headers saying what was left out. None when nothing is left to cut.
+        """
+        headers = list(self.headers or [])
+        if self.value:
+            note = [
+                (HEADER_PREFIX + "value_omitted", b"too large for the dead-letter topic"),
+                (HEADER_PREFIX + "original_size", str(len(self.value)).encode()),
+            ]
+            return Outgoing(self.topic, self.key, None, [*headers, *note])
+        if self.key is None or len(self.key) <= DLQ_KEY_PREFIX_BYTES:
+            return None
         note = [
-            ("carstream.value_omitted", b"too large for the dead-letter topic"),
-            ("carstream.original_size", str(len(self.value or b"")).encode()),
+            (HEADER_PREFIX + "key_truncated", b"too large for the dead-letter topic"),
+            (HEADER_PREFIX + "original_key_size", str(len(self.key)).encode()),
         ]
-        return Outgoing(self.topic, self.key, None, [*(self.headers or []), *note])
+        return Outgoing(self.topic, self.key[:DLQ_KEY_PREFIX_BYTES], None, [*headers, *note])
 
 
 class BatchAbortedError(Exception):
@@ -310,7 +331,7 @@ class StreamWorker(ConsumerRebalanceListener):
         with self._lock:
             for records in polled.values():
                 for rec in records:
-                    future = self.pool.submit(self._prepare, rec.value)
+                    future = self.pool.submit(self._prepare, rec.value, key=rec.key)
                     self.batcher.add(Pending(rec, now, future))
                     self._last_offset[TopicPartition(rec.topic, rec.partition)] = rec.offset
             if self._rewind:
@@ -429,8 +450,11 @@ class StreamWorker(ConsumerRebalanceListener):
         """Publish results and dead letters; only the sends that failed are retried.
 
         A dead letter too large for the DLQ topic (producer or broker limit) is sent again
-        without its value, with headers saying so: losing the bytes of an oversized bad post
-        beats blocking its partition forever.
+        without its value, then with its key cut short too, with headers saying so: losing the
+        bytes of an oversized bad post beats blocking its partition forever. One still too large
+        then (a DLQ topic that takes no more than a few hundred bytes) is dropped with an error
+        log. A result too large for the results topic is a FatalWorkerError: a size error is
+        never retried, since it would fail the same way for ever.
         """
         s = self.settings
         pending = [Outgoing(s.output_topic, k, v, None) for k, v in results]
@@ -460,18 +484,42 @@ class StreamWorker(ConsumerRebalanceListener):
                         continue
                     except KafkaError as exc:
                         error = exc
-                if isinstance(error, TOO_LARGE) and msg.topic == s.dlq_topic and msg.value:
-                    log.warning(
-                        "dead letter of %d bytes is too large for %s; sending it without its value",
-                        len(msg.value),
-                        msg.topic,
-                    )
-                    retry.append(msg.without_value())
-                else:
+                if not isinstance(error, TOO_LARGE):
                     retry.append(msg)
                     last_error = error
+                    continue
+                size = len(msg.key or b"") + len(msg.value or b"")
+                if msg.topic != s.dlq_topic:
+                    raise FatalWorkerError(
+                        f"a result of {size} bytes is too large for {msg.topic} ({error}); "
+                        "raise the topic's max.message.bytes"
+                    )
+                smaller = msg.smaller()
+                where = parse_dlq_headers(msg.headers)
+                origin = (
+                    f"{where.get('source_topic')}/{where.get('source_partition')}"
+                    f"@{where.get('source_offset')}"
+                )
+                if smaller is None:
+                    log.error(
+                        "dead letter of %s is too large for %s even without its value and with "
+                        "its key cut to %d bytes (%s); dropped",
+                        origin,
+                        msg.topic,
+                        DLQ_KEY_PREFIX_BYTES,
+                        error,
+                    )
+                    continue
+                log.warning(
+                    "dead letter of %s (%d bytes) is too large for %s; sending it %s",
+                    origin,
+                    size,
+                    msg.topic,
+                    "without its value" if msg.value else "with its key cut short",
+                )
+                retry.append(smaller)
             pending = retry
-            if last_error is not None:  # not only oversized dead letters to resend bare
+            if last_error is not None:  # not only oversized dead letters to resend smaller
                 self.metrics.retries.labels("kafka").inc()
                 log.warning("%d sends failed (%s); retry %d", len(pending), last_error, attempt + 1)
                 if not self.backoff.wait(attempt, self.stop) and attempt >= 2:

@@ -83,11 +83,22 @@ def prepare(
     max_message_bytes: int,
     draft: bool = True,
     gpu_jpeg: bool = False,
+    key: bytes | None = None,
 ) -> Prepared:
-    """Parse, fetch or decode, and preprocess one record value; never raises for bad input."""
+    """Parse, fetch or decode, and preprocess one record value; never raises for bad input.
+
+    ``max_message_bytes`` bounds the record's key and value together: a huge key is as much a
+    hostile record as a huge value (and the dead letter carries both).
+    """
     started = time.perf_counter()
     event = None
     try:
+        if key and len(key) + len(raw or b"") > max_message_bytes:
+            raise PostError(
+                "too_large",
+                f"message is {len(key) + len(raw or b'')} bytes (key {len(key)}, value "
+                f"{len(raw or b'')}), limit {max_message_bytes}",
+            )
         event = parse_event(raw, max_message_bytes)
         if event.image_b64 is not None:
             data = decode_base64(event.image_b64, policy.max_bytes)

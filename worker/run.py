@@ -179,7 +179,7 @@ def _serve(
     from engine_build.runtime import EngineUnavailableError, create_engine
     from worker.connections import kafka_common_config, redis_client
     from worker.metrics import start
-    from worker.pipeline import StreamWorker
+    from worker.pipeline import FatalWorkerError, StreamWorker
     from worker.thread_names import name_python_threads
     from worker.trends import TrendWriter
 
@@ -256,6 +256,14 @@ def _serve(
     started = time.monotonic()
     try:
         worker.run()
+    except FatalWorkerError as exc:
+        # the batch in hand stays uncommitted: the replica that gets it next (this one, restarted
+        # by its orchestrator) reads it again
+        log.error("stopping: %s; the batch in hand is left uncommitted", exc)
+        return 1
+    except Exception:
+        log.exception("stopping on an unexpected error; the batch in hand is left uncommitted")
+        return 1
     finally:
         metrics.set_ready(False)
         consumer.close(autocommit=False)

@@ -1,0 +1,158 @@
+"""StreamWorker delivery and inference isolation, against fake producers and engines (no broker)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import pytest
+from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+
+from training.preprocessing import PreprocessSpec
+from worker.dead_letter import dlq_headers, parse_dlq_headers
+from worker.errors import PostError
+from worker.metrics import WorkerMetrics
+from worker.pipeline import DLQ_KEY_PREFIX_BYTES, Backoff, FatalWorkerError, StreamWorker
+from worker.prepare import prepare
+from worker.settings import WorkerSettings
+from worker.url_fetch import UrlPolicy
+
+LIMIT = 1024 * 1024  # Apache Kafka's default max.message.bytes
+
+
+class _Future(Future):
+    def get(self, timeout=None):
+        return self.result(timeout)
+
+
+class BrokerLikeProducer:
+    """Acknowledges records up to ``limit`` bytes (key + value + headers), refuses larger ones."""
+
+    def __init__(self, limit: int = LIMIT, fail_first: int = 0) -> None:
+        self.limit = limit
+        self.fail_first = fail_first  # the first sends time out (a broker hiccup)
+        self.sends: list[tuple[str, bytes | None, bytes | None, list]] = []
+        self.delivered: list[tuple[str, bytes | None, bytes | None, list]] = []
+
+    def send(self, topic, key=None, value=None, headers=None):
+        record = (topic, key, value, list(headers or []))
+        self.sends.append(record)
+        future = _Future()
+        size = len(key or b"") + len(value or b"")
+        size += sum(len(k) + len(v or b"") for k, v in headers or [])
+        if len(self.sends) <= self.fail_first:
+            future.set_exception(KafkaTimeoutError("no answer"))
+        elif size > self.limit:
+            future.set_exception(MessageSizeTooLargeError("record too large"))
+        else:
+            self.delivered.append(record)
+            future.set_result(None)
+        return future
+
+    def flush(self, timeout=None):
+        pass
+
+
+def worker_with(producer, **settings) -> StreamWorker:
+    """A StreamWorker with only what _deliver and _infer touch."""
+    worker = object.__new__(StreamWorker)
+    worker.settings = WorkerSettings(metrics_port=0, **settings)
+    worker.producer = producer
+    worker.metrics = WorkerMetrics()
+    worker.backoff = Backoff(0.001, 0.005)
+    worker.stop = threading.Event()
+    worker.gpu_device = None
+    return worker
+
+
+def deliver_within(worker: StreamWorker, results: list, dead: list, seconds: float = 10) -> None:
+    """Run _deliver in a thread; fail (instead of hanging the suite) if it does not return."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            worker._deliver(results, dead)
+        except BaseException as exc:  # re-raised below, in the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        worker.stop.set()
+        pytest.fail(
+            f"_deliver still retrying after {seconds} s ({len(worker.producer.sends)} sends)"
+        )
+    if errors:
+        raise errors[0]
+
+
+def _dead(key: bytes | None, value: bytes | None, offset: int = 7):
+    return (key, value, dlq_headers(PostError("invalid_json", "x"), "car-posts", 0, offset, "w"))
+
+
+# --- oversized dead letters -----------------------------------------------------------------
+
+
+def test_a_key_too_large_for_the_dlq_is_cut_short_and_the_partition_moves_on():
+    producer = BrokerLikeProducer()
+    worker = worker_with(producer)
+    key = b"k" * (2 * LIMIT)  # a hostile producer: 2 MiB key, tiny invalid value
+    deliver_within(worker, [], [_dead(key, b"not json")])
+
+    assert len(producer.delivered) == 1
+    topic, sent_key, value, headers = producer.delivered[0]
+    assert topic == "car-posts.dlq" and value is None
+    assert sent_key == key[:DLQ_KEY_PREFIX_BYTES]
+    parsed = parse_dlq_headers(headers)
+    assert parsed["original_size"] == "8" and parsed["value_omitted"]
+    assert parsed["original_key_size"] == str(len(key)) and parsed["key_truncated"]
+    assert parsed["error_kind"] == "invalid_json" and parsed["source_offset"] == "7"
+    assert worker.metrics.retries.labels("kafka")._value.get() == 0  # size errors: no backoff
+
+
+def test_a_value_too_large_for_the_dlq_keeps_its_key():
+    producer = BrokerLikeProducer()
+    worker = worker_with(producer)
+    deliver_within(worker, [], [_dead(b"post-1", b"v" * (2 * LIMIT))])
+    (_, key, value, headers) = producer.delivered[0]
+    assert key == b"post-1" and value is None
+    assert "key_truncated" not in parse_dlq_headers(headers)
+
+
+def test_a_dead_letter_the_dlq_refuses_at_any_size_is_dropped_not_retried_for_ever(caplog):
+    producer = BrokerLikeProducer(limit=100)  # smaller than the DLQ headers alone
+    worker = worker_with(producer)
+    good = _dead(b"p2", b"{}", offset=8)
+    deliver_within(worker, [], [_dead(b"k" * 5000, b"not json"), good])
+    assert producer.delivered == []
+    assert len(producer.sends) <= 5  # dead letter 1: 3 tries, dead letter 2: 2 tries
+    assert "car-posts/0@7 is too large" in caplog.text and "dropped" in caplog.text
+
+
+def test_a_result_too_large_for_the_results_topic_is_fatal_not_retried_for_ever():
+    producer = BrokerLikeProducer(limit=10)
+    worker = worker_with(producer)
+    with pytest.raises(FatalWorkerError, match="car-predictions"):
+        deliver_within(worker, [(b"p1", b'{"status": "ok"}')], [])
+    assert len(producer.sends) == 1
+
+
+def test_other_send_errors_are_still_retried():
+    producer = BrokerLikeProducer(fail_first=2)
+    worker = worker_with(producer)
+    deliver_within(worker, [(b"p1", b"{}")], [_dead(b"b1", b"x")])
+    assert {r[0] for r in producer.delivered} == {"car-predictions", "car-posts.dlq"}
+    assert worker.metrics.retries.labels("kafka")._value.get() == 1
+
+
+def test_the_input_size_limit_counts_the_key_too():
+    raw = b'{"post_id": "p"}'
+    spec, policy = PreprocessSpec(), UrlPolicy()
+    limit = 2048
+    big_key = b"k" * (limit - len(raw) + 1)
+    prep = prepare(raw, spec, policy, limit, key=big_key)
+    assert prep.error is not None and prep.error.kind == "too_large"
+    assert f"key {len(big_key)}" in prep.error.reason
+    fits = prepare(raw, spec, policy, limit, key=big_key[:-1])
+    assert fits.error is not None and fits.error.kind == "schema"  # checked further
