@@ -158,8 +158,9 @@ _RENDERED: dict[str, list[dict]] = {}
 
 
 def rendered(name: str) -> list[dict]:
+    """An overlay ("cpu", "gpu", "gpu/engine-build") or "base", rendered once per session."""
     if name not in _RENDERED:
-        _RENDERED[name] = kustomize(K8S / "overlays" / name)
+        _RENDERED[name] = kustomize(K8S / name if name == "base" else K8S / "overlays" / name)
     return copy.deepcopy(_RENDERED[name])
 
 

@@ -169,8 +169,12 @@ def test_keda_scales_the_workers_on_the_groups_lag_within_the_partition_count(ov
     assert trigger["metadata"]["allowIdleConsumers"] == "false"
     auth = one(objects, "TriggerAuthentication")
     secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
+    documented = _documented_secrets()  # created from files (docs/deploy.md), not rendered
     for ref in auth["spec"]["secretTargetRef"]:
-        assert ref["key"] in secrets[ref["name"]]["stringData"], ref
+        if ref["name"] in secrets:
+            assert ref["key"] in secrets[ref["name"]]["stringData"], ref
+        else:
+            assert ref["key"] in documented.get(ref["name"], set()), ref
 
 
 # Structural schemas of the custom resources, written from the KEDA v2 and Prometheus Operator
@@ -456,20 +460,27 @@ def _cpus(quantity: str) -> float:
     return int(quantity[:-1]) / 1000 if str(quantity).endswith("m") else float(quantity)
 
 
+# ResNet-50 on a CPU core: ~6 ms of decoding per ~55 ms of ONNX Runtime inference, per post
+DECODE_PER_INFERENCE = 6 / 55
+
+
 def test_worker_threads_fit_the_cpu_limit(overlay):
     """More busy threads than the CPU limit means CFS throttling. CPU: ONNX Runtime's inference
     threads plus the decode threads fit the limit; GPU: the decode threads do (its inference
-    waits on the GPU)."""
+    waits on the GPU), and so does its ONNX Runtime fallback, where the decode threads only
+    keep pace with the inference threads."""
     name, objects = overlay
     (container,) = one(objects, WORKLOAD)["spec"]["template"]["spec"]["containers"]
     limit = _cpus(container["resources"]["limits"]["cpu"])
     env = _effective_env(objects)
     decode = int(env["CARSTREAM_DECODE_THREADS"])
+    # unset, ONNX Runtime (the cpu backend, the gpu pods' last fallback) would start one thread
+    # per host core, whatever the limit
+    assert "CARSTREAM_INFERENCE_THREADS" in env, f"{name}: CARSTREAM_INFERENCE_THREADS unset"
+    inference = int(env["CARSTREAM_INFERENCE_THREADS"])
+    assert inference * (1 + DECODE_PER_INFERENCE) <= limit, (name, inference, limit)
     if name == "cpu":
-        # unset, ONNX Runtime would start one thread per host core, whatever the limit
-        inference = int(env["CARSTREAM_INFERENCE_THREADS"])
         assert inference + decode <= limit, (inference, decode, limit)
-        # ResNet-50: ~55 core-ms inference vs ~6 decoding per post
         assert decode <= inference
     else:
         assert decode <= limit, (decode, limit)
@@ -520,6 +531,129 @@ def test_worker_container_runs_the_worker(overlay):
     (container,) = one(objects, WORKLOAD)["spec"]["template"]["spec"]["containers"]
     assert container["args"] == ["run"]
     parse_cli("worker.run", container["args"][1:])
+
+
+# The worker settings that name a file or directory the worker opens.
+PATH_SETTINGS = {
+    "ssl_cafile",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "redis_tls_ca_certs",
+    "redis_tls_certfile",
+    "redis_tls_keyfile",
+    "bundle",
+}
+
+
+def test_path_settings_are_every_file_setting_of_the_worker():
+    looks_like_a_file = {
+        f for f in WorkerSettings.model_fields if re.search(r"(file|certs|bundle|_path|_dir)$", f)
+    }
+    assert looks_like_a_file <= PATH_SETTINGS, looks_like_a_file - PATH_SETTINGS
+    assert set(WorkerSettings.model_fields) >= PATH_SETTINGS
+
+
+def _covering_mount(path: str, mounts: list[dict]) -> dict | None:
+    """The volumeMount a path lies under (the deepest one), or None."""
+    under = [
+        m
+        for m in mounts
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    return max(under, key=lambda m: len(m["mountPath"])) if under else None
+
+
+@pytest.mark.parametrize("name", ["base", "cpu", "gpu"])
+def test_every_file_a_setting_names_is_on_a_volume_the_worker_mounts(name, render_overlay):
+    """The root filesystem is read-only and the image holds no CA, key or bundle: every file a
+    CARSTREAM_* setting names must lie on a volume of the worker container (else the worker
+    retries its connections for ever), read-only, and a Secret/ConfigMap volume that projects
+    chosen keys must project that very file."""
+    objects = render_overlay(name)
+    env = _effective_env(objects)
+    pod = one(objects, WORKLOAD)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = container.get("volumeMounts", [])
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    secrets = {o["metadata"]["name"]: o for o in by_kind(objects, "Secret")}
+    files = {k: v for k, v in env.items() if k.removeprefix("CARSTREAM_").lower() in PATH_SETTINGS}
+    assert {"CARSTREAM_SSL_CAFILE", "CARSTREAM_REDIS_TLS_CA_CERTS", "CARSTREAM_BUNDLE"} <= set(
+        files
+    ), files
+    for key, path in files.items():
+        assert path.startswith("/"), f"{name}: {key}={path} is relative to the working dir"
+        mount = _covering_mount(path, mounts)
+        assert mount is not None, f"{name}: {key}={path} is on no volume the worker mounts"
+        assert mount.get("readOnly") is True, f"{name}: {mount['name']} is mounted writable"
+        assert "subPath" not in mount, "a subPath mount never sees a rotated Secret"
+        volume = volumes[mount["name"]]
+        inside = path[len(mount["mountPath"]) :].strip("/")
+        source = volume.get("secret") or volume.get("configMap")
+        if source is None:
+            continue  # a PVC: its content is the release process's (the bundle)
+        items = source.get("items")
+        if items:
+            assert inside in {i["path"] for i in items}, f"{name}: {key}: {inside} not projected"
+        secret = secrets.get(source.get("secretName"))
+        if secret is not None:  # a Secret of the manifests: the key must be in it
+            keys = {i["key"] for i in items} if items else {inside}
+            assert keys <= set(secret.get("data", {})) | set(secret.get("stringData", {}))
+
+
+def _documented_secrets() -> dict[str, set[str]]:
+    """Secret name -> keys, from the `kubectl create secret generic` commands in docs/deploy.md."""
+    text = (REPO / "docs" / "deploy.md").read_text().replace("\\\n", " ")
+    found: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        m = re.search(r"kubectl -n carstream create secret generic ([\w.-]+)(.*)", line)
+        if m:
+            keys = set(re.findall(r"--from-(?:file|literal)=([\w.-]+)=", m.group(2)))
+            found.setdefault(m.group(1), set()).update(keys)
+    return found
+
+
+def test_every_secret_the_pods_and_keda_read_exists_or_is_documented(overlay):
+    """A Secret the worker pod mounts or loads, or KEDA reads, is either rendered by the overlay
+    or created by a command docs/deploy.md gives, with the keys read from it."""
+    name, objects = overlay
+    rendered_keys = {
+        o["metadata"]["name"]: set(o.get("data", {})) | set(o.get("stringData", {}))
+        for o in by_kind(objects, "Secret")
+    }
+    documented = _documented_secrets()
+    pod = one(objects, WORKLOAD)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    wanted: dict[str, set[str]] = {}
+    for volume in pod.get("volumes", []):
+        if "secret" in volume:
+            keys = {i["key"] for i in volume["secret"].get("items", [])}
+            wanted.setdefault(volume["secret"]["secretName"], set()).update(keys)
+    for source in container.get("envFrom", []):
+        if "secretRef" in source:
+            wanted.setdefault(source["secretRef"]["name"], set())
+    for auth in by_kind(objects, "TriggerAuthentication"):
+        for ref in auth["spec"].get("secretTargetRef", []):
+            wanted.setdefault(ref["name"], set()).add(ref["key"])
+    assert {"carstream-kafka-ca", "carstream-redis-ca"} <= set(wanted)
+    for secret, keys in wanted.items():
+        have = rendered_keys.get(secret, set()) | documented.get(secret, set())
+        assert secret in rendered_keys or secret in documented, f"{name}: Secret {secret}?"
+        assert keys <= have, f"{name}: Secret {secret} lacks {keys - have}"
+
+
+def test_bundle_claim_is_read_write_many_and_read_only_for_the_workers(overlay):
+    """The bundles are written (engine-build Job, release process) while workers on several
+    nodes read them: ReadWriteMany, and that mode alone, since a claim binds only a volume
+    offering every mode it lists (ReadOnlyMany + ReadWriteOnce stays Pending on block storage)."""
+    name, objects = overlay
+    claim = one(objects, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], name
+    pod = one(objects, WORKLOAD)["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert volume["persistentVolumeClaim"] == {
+        "claimName": claim["metadata"]["name"],
+        "readOnly": True,
+    }
 
 
 # --- settings everywhere are settings the worker accepts --------------------------------------
@@ -638,11 +772,10 @@ def docker_compose() -> str:
     return str(exe)
 
 
-def test_compose_file_is_valid_for_docker_compose(tmp_path):
-    """`docker compose config` (no engine needed) parses, interpolates and validates the file
-    against the Compose specification, every profile included."""
+def compose_config(tmp_path: Path, **variables: str) -> dict:
+    """`docker compose config --format json`, every profile on, with these variables set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CARSTREAM_", "COMPOSE_"))}
-    env |= {"CARSTREAM_WORKERS": "3", "CARSTREAM_PARTITIONS": "12", "HOME": str(tmp_path)}
+    env |= {**variables, "HOME": str(tmp_path)}
     profiles = ["--profile", "demo", "--profile", "gpu"]
     proc = subprocess.run(
         [
@@ -660,7 +793,13 @@ def test_compose_file_is_valid_for_docker_compose(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    resolved = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_compose_file_is_valid_for_docker_compose(tmp_path):
+    """`docker compose config` (no engine needed) parses, interpolates and validates the file
+    against the Compose specification, every profile included."""
+    resolved = compose_config(tmp_path, CARSTREAM_WORKERS="3", CARSTREAM_PARTITIONS="12")
     services = resolved["services"]
     assert services["worker"]["deploy"]["replicas"] == 3
     assert services["topics"]["environment"]["PARTITIONS"] == "12"
@@ -685,6 +824,62 @@ def test_compose_commands_are_ones_the_clis_accept():
     assert build["entrypoint"][-2:] == ["-m", "engine_build"]
     args = parse_cli("engine_build.__main__", build["command"])
     assert str(args.out).startswith("/work/") and "tensorrt" in args.backends
+
+
+def test_compose_kafka_keeps_its_log_on_its_volume_as_redis_does():
+    """Kafka's data (topics, the group's offsets) must outlive `down` + `up` as Redis's AOF does:
+    Redis alone keeping the applied offsets would make the worker ignore every post of a fresh
+    Kafka (offsets from 0 again). The apache/kafka image logs to /tmp/kraft-combined-logs
+    unless KAFKA_LOG_DIRS says otherwise."""
+    services = compose()["services"]
+    named = set(compose()["volumes"])
+
+    def volume_targets(service: dict) -> dict[str, str]:
+        pairs = (v.split(":")[:2] for v in service.get("volumes", []))
+        return {target: source for source, target in pairs if source in named}
+
+    kafka = services["kafka"]
+    log_dirs = kafka["environment"].get("KAFKA_LOG_DIRS")
+    assert log_dirs, "KAFKA_LOG_DIRS unset: Kafka logs to /tmp inside the container"
+    for log_dir in log_dirs.split(","):
+        assert log_dir in volume_targets(kafka), f"{log_dir} is not a named volume"
+    redis = services["redis"]
+    assert "--appendonly" in redis["command"] and "/data" in volume_targets(redis)
+
+
+# host ports a carstream machine already uses: the host's own redis-server (Debian starts one
+# on 6379; deploy/local/install-system-deps.sh installs it and leaves it), the local stack's
+# defaults (`python -m worker stack`: 9092, 6380; metrics 9400) and `make demo`'s (demo.sh)
+LOCAL_PORTS = {6379, 6380, 9092, 9400} | {
+    int(p)
+    for p in re.findall(r"\$\{DEMO_\w+_PORT:-(\d+)\}", (DEPLOY / "local" / "demo.sh").read_text())
+}
+
+
+def test_compose_publishes_no_host_port_the_host_redis_or_local_stack_holds(tmp_path):
+    assert {19092, 16380} <= LOCAL_PORTS  # demo.sh's defaults were found
+    published = {}
+    for name, service in compose_config(tmp_path)["services"].items():
+        for port in service.get("ports", []):
+            published[int(port["published"])] = name
+    assert published, "compose publishes Kafka and Redis for tools on the host"
+    clash = {p: n for p, n in published.items() if p in LOCAL_PORTS}
+    assert not clash, f"host ports already in use on a carstream machine: {clash}"
+
+
+def test_compose_services_writing_host_folders_run_as_the_host_user(tmp_path):
+    """The images run as uid 10001, which cannot write a folder of the host user's: a service
+    with a writable bind mount runs as CARSTREAM_UID:CARSTREAM_GID instead."""
+    resolved = compose_config(tmp_path, CARSTREAM_UID="4321", CARSTREAM_GID="4322")
+    writers = set()
+    for name, service in resolved["services"].items():
+        for volume in service.get("volumes", []):
+            if volume["type"] == "bind" and not volume.get("read_only"):
+                writers.add(name)
+                assert service.get("user") == "4321:4322", (name, volume["target"])
+    assert "engine-build" in writers
+    default = compose_config(tmp_path)["services"]["engine-build"]["user"]
+    assert re.fullmatch(r"\d+:\d+", default), default
 
 
 # --- Dockerfiles ---------------------------------------------------------------------------
