@@ -24,6 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 from training import plots
 from training.checkpoint import (
     ARGS_FILE,
+    CHECKPOINT_FILE,
     METRICS_FILE,
     atomic_write_json,
     load_checkpoint,
@@ -103,6 +104,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--no-amp", action="store_true", help="disable AMP on CUDA")
     parser.add_argument("--eval-every", type=non_negative_int, default=1, help="0 = only at end")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a checkpoint already in --out (without it, only --resume may write there)",
+    )
 
 
 def get_args_parser(add_parser=None, name: str = "train") -> argparse.ArgumentParser:
@@ -331,6 +337,23 @@ def check_resume(args: argparse.Namespace, ckpt: dict[str, Any], world_size: int
         )
 
 
+def check_no_checkpoint_in_out(args: argparse.Namespace) -> None:
+    """Refuse to train into an --out that holds a checkpoint, unless this run continues that very
+    checkpoint (--resume pointing there) or --overwrite says to replace it: a finished model must
+    not be overwritten by a mistyped command."""
+    existing = Path(args.out) / CHECKPOINT_FILE
+    if not existing.is_file() or getattr(args, "overwrite", False):
+        return
+    if args.resume is not None:
+        resume = Path(args.resume).resolve()
+        if existing.resolve() in (resume, resume / CHECKPOINT_FILE):
+            return
+    raise BadArgumentError(
+        f"--out {args.out} already holds {CHECKPOINT_FILE}; continue it with --resume "
+        f"{args.out}, or pass --overwrite to replace it"
+    )
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train; return the final metrics (rank 0) or {} (other ranks)."""
     dist_info = init_distributed()
@@ -342,6 +365,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     check_out_dir(args.out)
+    check_no_checkpoint_in_out(args)
     device = resolve_device(args.device, dist_info)
     on_cuda = device.type == "cuda"
     amp = on_cuda and not args.no_amp

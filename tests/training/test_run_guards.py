@@ -68,3 +68,14 @@ def test_resume_refuses_changed_run_defining_flags(tiny_sample, tmp_path):
     resumed = [*tiny_argv(tiny_sample, out, "--opt", "sgd"), "--epochs", "2", "--resume", str(out)]
     assert cli_main(resumed) == 0
     assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 2
+
+
+def test_out_holding_a_checkpoint_is_not_overwritten_by_accident(tiny_sample, tmp_path):
+    out = tmp_path / "out"
+    assert cli_main(tiny_argv(tiny_sample, out, "--seed", "1")) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    proc = run_cli(*tiny_argv(tiny_sample, out, "--seed", "2"))
+    assert_one_line_error(proc, f"--out {out} already holds checkpoint.pt")
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert cli_main(tiny_argv(tiny_sample, out, "--seed", "2", "--overwrite")) == 0
+    assert (out / "checkpoint.pt").read_bytes() != before
