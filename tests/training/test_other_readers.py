@@ -97,3 +97,24 @@ def test_folder_without_images_is_an_error(tmp_path):
     (tmp_path / "empty_class").mkdir()
     with pytest.raises(DatasetError, match=str(tmp_path)):
         load_index("folder", tmp_path, "train")
+
+
+def test_sv_reader_web_model_ids_stored_as_numbers(tmp_path):
+    """MATLAB cells store numbers as double: a web model id 10 is 10.0 in the .mat."""
+    root = tmp_path / "sv_data"
+    webs = [np.array([[10.0]]), np.array([[77]], dtype=np.uint16), np.array([[31]], dtype=np.int64),
+            "42", np.array([[2.5]]), np.array([[np.nan]]), np.zeros((0, 0))]  # fmt: skip
+    cell = np.empty((len(webs), 3), dtype=object)
+    for i, web in enumerate(webs):
+        cell[i] = ["Audi", f"M{i}", web]
+    root.mkdir()
+    scipy.io.savemat(root / "sv_make_model_name.mat", {"sv_make_model_name": cell})
+    lines = [f"{i + 1}/0.jpg" for i in range(len(webs))]
+    for rel in lines:
+        _jpg(root / "image" / rel)
+    (root / "train_surveillance.txt").write_text("\n".join(lines) + "\n")
+    (root / "test_surveillance.txt").write_text("\n".join(lines) + "\n")
+    raw = scipy.io.loadmat(root / "sv_make_model_name.mat")["sv_make_model_name"]
+    assert raw[0, 2].dtype == np.float64  # the file really stores a double
+    idx = load_index("compcars-sv", root, "train")
+    assert [c["web_model_id"] for c in idx.classes] == [10, 77, 31, 42, None, None, None]

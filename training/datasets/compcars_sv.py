@@ -16,6 +16,7 @@ no boxes. Make ids are not in this file, so a class's make_id is the make name's
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,27 @@ def _cell_text(item: Any) -> str:
     return str(arr[0]).strip() if arr.size else ""
 
 
-def read_sv_names(mat_path: Path) -> dict[int, tuple[str, str, str]]:
-    """``sv_model_id -> (make, model, web model id or '')``."""
+def _cell_id(item: Any) -> int | None:
+    """A cell holding an integer id: MATLAB stores numbers as double (``10.0``), and an id may
+    also come as an integer of any width or as text; None when empty, non-integral or not a
+    number (or negative)."""
+    arr = np.asarray(item).reshape(-1)
+    if not arr.size:
+        return None
+    value = arr[0]
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        number = float(str(value).strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or number != round(number) or number < 0:
+        return None
+    return round(number)
+
+
+def read_sv_names(mat_path: Path) -> dict[int, tuple[str, str, int | None]]:
+    """``sv_model_id -> (make, model, web-nature model id or None)``."""
     try:
         mat = scipy.io.loadmat(mat_path)
     except (OSError, ValueError, NotImplementedError) as exc:
@@ -63,7 +83,7 @@ def read_sv_names(mat_path: Path) -> dict[int, tuple[str, str, str]]:
         raise DatasetError(f"{mat_path}: expected an (N, 2+) cell array, got shape {cell.shape}")
     out = {}
     for i, row in enumerate(cell):
-        web = _cell_text(row[2]) if cell.shape[1] > 2 else ""
+        web = _cell_id(row[2]) if cell.shape[1] > 2 else None
         out[i + 1] = (_cell_text(row[0]), _cell_text(row[1]), web)
     return out
 
@@ -90,7 +110,7 @@ def load_compcars_sv(
         first_row_of_make.setdefault(names[i][0] or f"make {i}", i)
 
     def make_of(i: int) -> str:
-        return (names.get(i, ("", "", ""))[0]) or f"make {i}"
+        return (names.get(i, ("", "", None))[0]) or f"make {i}"
 
     if level == "make":
         makes = sorted({make_of(i) for i in sv_ids}, key=lambda m: first_row_of_make.get(m, 0))
@@ -103,14 +123,14 @@ def load_compcars_sv(
     else:
         classes = []
         for i in sv_ids:
-            _make, model, web = names.get(i, ("", "", ""))
+            _make, model, web = names.get(i, ("", "", None))
             classes.append(
                 {
                     "make": make_of(i),
                     "model": model or f"model {i}",
                     "make_id": first_row_of_make.get(make_of(i)),
                     "model_id": i,
-                    "web_model_id": int(web) if web.isdigit() else None,
+                    "web_model_id": web,
                 }
             )
         index = {i: k for k, i in enumerate(sv_ids)}
