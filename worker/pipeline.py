@@ -70,8 +70,9 @@ class Outgoing:
     def smaller(self) -> Outgoing | None:
         """The next smaller form of a dead letter the DLQ topic refused as too large.
 
-        First without its value; then also with its key cut to ``DLQ_KEY_PREFIX_BYTES``; each
-        step adds headers saying what was left out. None when nothing is left to cut.
+        First without its value; then also with its key cut to ``DLQ_KEY_PREFIX_BYTES`` and
+        without the original record's headers; each step adds headers saying what was left out.
+        None when nothing is left to cut.
         """
         headers = list(self.headers or [])
         if self.value:
@@ -80,13 +81,21 @@ class Outgoing:
                 (HEADER_PREFIX + "original_size", str(len(self.value)).encode()),
             ]
             return Outgoing(self.topic, self.key, None, [*headers, *note])
-        if self.key is None or len(self.key) <= DLQ_KEY_PREFIX_BYTES:
+        own = [(k, v) for k, v in headers if k.startswith(HEADER_PREFIX)]
+        long_key = self.key is not None and len(self.key) > DLQ_KEY_PREFIX_BYTES
+        if not long_key and len(own) == len(headers):
             return None
-        note = [
-            (HEADER_PREFIX + "key_truncated", b"too large for the dead-letter topic"),
-            (HEADER_PREFIX + "original_key_size", str(len(self.key)).encode()),
-        ]
-        return Outgoing(self.topic, self.key[:DLQ_KEY_PREFIX_BYTES], None, [*headers, *note])
+        note = []
+        key = self.key
+        if long_key:
+            note += [
+                (HEADER_PREFIX + "key_truncated", b"too large for the dead-letter topic"),
+                (HEADER_PREFIX + "original_key_size", str(len(self.key)).encode()),
+            ]
+            key = self.key[:DLQ_KEY_PREFIX_BYTES]
+        if len(own) < len(headers):
+            note.append((HEADER_PREFIX + "headers_omitted", str(len(headers) - len(own)).encode()))
+        return Outgoing(self.topic, key, None, [*own, *note])
 
 
 class BatchAbortedError(Exception):
@@ -111,6 +120,14 @@ class Backoff:
 
     def wait(self, attempt: int, stop: threading.Event) -> bool:
         return not stop.wait(min(self.max_s, self.first_s * 2**attempt))
+
+
+def original_headers(record: Any) -> list[tuple[str, bytes | None]]:
+    """The headers a dead letter keeps from its record: all but ``carstream.*`` ones (a replayed
+    dead letter's old verdict would be mistaken for the new one)."""
+    return [
+        (k, v) for k, v in getattr(record, "headers", None) or [] if not k.startswith(HEADER_PREFIX)
+    ]
 
 
 def make_outputs(
@@ -159,7 +176,12 @@ def make_outputs(
                 (
                     rec.key,
                     rec.value,
-                    dlq_headers(error, rec.topic, rec.partition, rec.offset, settings.worker_id),
+                    [
+                        *original_headers(rec),
+                        *dlq_headers(
+                            error, rec.topic, rec.partition, rec.offset, settings.worker_id
+                        ),
+                    ],
                 )
             )
             trends.append(
@@ -450,7 +472,8 @@ class StreamWorker(ConsumerRebalanceListener):
         """Publish results and dead letters; only the sends that failed are retried.
 
         A dead letter too large for the DLQ topic (producer or broker limit) is sent again
-        without its value, then with its key cut short too, with headers saying so: losing the
+        without its value, then with its key cut short and without the original record's headers,
+        with headers saying so: losing the
         bytes of an oversized bad post beats blocking its partition forever. One still too large
         then (a DLQ topic that takes no more than a few hundred bytes) is dropped with an error
         log. A result too large for the results topic is a FatalWorkerError: a size error is
@@ -502,8 +525,8 @@ class StreamWorker(ConsumerRebalanceListener):
                 )
                 if smaller is None:
                     log.error(
-                        "dead letter of %s is too large for %s even without its value and with "
-                        "its key cut to %d bytes (%s); dropped",
+                        "dead letter of %s is too large for %s even without its value and "
+                        "original headers and with its key cut to %d bytes (%s); dropped",
                         origin,
                         msg.topic,
                         DLQ_KEY_PREFIX_BYTES,
@@ -515,7 +538,7 @@ class StreamWorker(ConsumerRebalanceListener):
                     origin,
                     size,
                     msg.topic,
-                    "without its value" if msg.value else "with its key cut short",
+                    "without its value" if msg.value else "with its key and headers cut",
                 )
                 retry.append(smaller)
             pending = retry

@@ -111,12 +111,28 @@ def test_a_key_too_large_for_the_dlq_is_cut_short_and_the_partition_moves_on():
     assert worker.metrics.retries.labels("kafka")._value.get() == 0  # size errors: no backoff
 
 
+def test_original_headers_too_large_for_the_dlq_are_dropped_after_the_value():
+    producer = BrokerLikeProducer()
+    worker = worker_with(producer)
+    key, value, ours = _dead(b"post-1", b"v" * 10)
+    headers = [("trace", b"t" * (2 * LIMIT)), *ours]
+    deliver_within(worker, [], [(key, value, headers)])
+    (_, sent_key, sent_value, sent_headers) = producer.delivered[0]
+    assert sent_key == b"post-1" and sent_value is None
+    assert "trace" not in dict(sent_headers)
+    parsed = parse_dlq_headers(sent_headers)
+    assert parsed["headers_omitted"] == "1" and "key_truncated" not in parsed
+    assert parsed["error_kind"] == "invalid_json"
+
+
 def test_a_value_too_large_for_the_dlq_keeps_its_key():
     producer = BrokerLikeProducer()
     worker = worker_with(producer)
-    deliver_within(worker, [], [_dead(b"post-1", b"v" * (2 * LIMIT))])
+    key, value, ours = _dead(b"post-1", b"v" * (2 * LIMIT))
+    deliver_within(worker, [], [(key, value, [("trace", b"abc"), *ours])])
     (_, key, value, headers) = producer.delivered[0]
     assert key == b"post-1" and value is None
+    assert ("trace", b"abc") in headers  # the original headers go as long as they fit
     assert "key_truncated" not in parse_dlq_headers(headers)
 
 

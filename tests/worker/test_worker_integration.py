@@ -147,9 +147,13 @@ def good_posts(n: int, seed: int = 0) -> list[tuple[str, bytes, str | None]]:
     return posts
 
 
-def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]):
+def produce(bootstrap: str, topic: str, messages: list[tuple], headers: dict | None = None):
+    """Send (key, value) pairs; ``headers`` maps a message's index to its Kafka headers."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    futures = [producer.send(topic, key=k, value=v) for k, v in messages]
+    futures = [
+        producer.send(topic, key=k, value=v, headers=(headers or {}).get(i))
+        for i, (k, v) in enumerate(messages)
+    ]
     producer.flush()
     for f in futures:
         f.get(timeout=30)
@@ -266,7 +270,8 @@ def test_every_post_one_result_and_exact_counts_with_bad_input_dead_lettered(
     # interleave the bad ones between good posts
     for i, raw in enumerate(bad.values()):
         messages.insert(3 + i * 5, (f"bad-{i}".encode(), raw))
-    produce(kafka_bootstrap, topics.input, messages)
+    trace = [("trace-id", b"t-123"), ("carstream.error_kind", b"stale")]
+    produce(kafka_bootstrap, topics.input, messages, headers={3 + 1 * 5: trace})
 
     start_worker(worker_env, procs, "w1", tmp_path)
     results = consume_all(
@@ -292,6 +297,9 @@ def test_every_post_one_result_and_exact_counts_with_bad_input_dead_lettered(
         assert headers["error_reason"]
         assert headers["source_topic"] == topics.input
         assert headers["worker_id"] == "w1"
+    # the producer's own headers stay on the dead letter; an old carstream verdict does not
+    assert got["invalid_json"].headers[0] == ("trace-id", b"t-123")
+    assert [k for k, _ in got["invalid_json"].headers].count("carstream.error_kind") == 1
 
     wait_no_lag(kafka_bootstrap, topics)
     check_counts(url, by_post, {pid: city for pid, _, city in posts})
