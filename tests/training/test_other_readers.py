@@ -118,3 +118,26 @@ def test_sv_reader_web_model_ids_stored_as_numbers(tmp_path):
     assert raw[0, 2].dtype == np.float64  # the file really stores a double
     idx = load_index("compcars-sv", root, "train")
     assert [c["web_model_id"] for c in idx.classes] == [10, 77, 31, 42, None, None, None]
+
+
+@pytest.mark.parametrize("held_out", ["test", "val", "valid", "validation", "Validation"])
+def test_folder_train_and_any_held_out_name_are_the_splits(tmp_path, held_out):
+    for split, n in (("train", 2), (held_out, 1)):
+        for cls in ("sedan_a", "suv_b"):
+            for k in range(n):
+                _jpg(tmp_path / split / cls / f"{k}.jpg")
+    train = load_index("folder", tmp_path, "train")
+    test = load_index("folder", tmp_path, "test")
+    assert [c["make"] for c in train.classes] == ["sedan_a", "suv_b"]
+    assert len(train.samples) == 4 and len(test.samples) == 2
+    assert all(s.path.parts[-3] == "train" for s in train.samples)
+    assert all(s.path.parts[-3] == held_out for s in test.samples)
+
+
+@pytest.mark.parametrize("dirs", [("train",), ("validation",), ("train", "holdout"), ("val",)])
+def test_folder_split_folders_without_a_pair_are_an_error(tmp_path, dirs):
+    for d in dirs:
+        _jpg(tmp_path / d / "sedan_a" / "0.jpg")
+    with pytest.raises(DatasetError, match="split folder") as err:
+        load_index("folder", tmp_path, "train")
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)

@@ -1,7 +1,10 @@
 """A plain class-per-folder tree: ``<make>/<model>/*.jpg`` or ``<class>/*.jpg``.
 
-If ``DIR`` has ``train/`` and ``test/`` (or ``val/``) folders they are the splits; otherwise a
-stable hash of each file's relative path puts ``TEST_PERCENT`` % of every class in ``test``.
+If ``DIR`` has a ``train/`` folder and a held-out one (``test/``, ``val/``, ``valid/`` or
+``validation/``, in that order of preference) they are the splits; with no split-like folder, a
+stable hash of each file's relative path puts ``TEST_PERCENT`` % of every class in ``test``. A tree
+with some split-like folders but not that pair is refused: reading them as makes would mix the
+held-out images into training.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from training.datasets.base import (
 log = logging.getLogger(__name__)
 
 TEST_PERCENT = 20
-SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
+SPLIT_DIRS = {"train": ("train",), "test": ("test", "val", "valid", "validation")}
+SPLIT_NAMES = {name for names in SPLIT_DIRS.values() for name in names}
 
 
 def _images(folder: Path) -> list[Path]:
@@ -50,18 +54,36 @@ def _in_test(rel: str) -> bool:
     return int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) % 100 < TEST_PERCENT
 
 
+def find_split_dirs(root: Path) -> dict[str, Path]:
+    """``{"train": dir, "test": dir}`` when ``root`` has a train folder and a held-out one
+    (names matched case-insensitively); ``{}`` when it has no split-like folder at all."""
+    found = {d.name.lower(): d for d in _subdirs(root) if d.name.lower() in SPLIT_NAMES}
+    if not found:
+        return {}
+    train = found.get("train")
+    held_out = next((found[n] for n in SPLIT_DIRS["test"] if n in found), None)
+    if train is None or held_out is None:
+        names = ", ".join(f"{d.name}/" for d in sorted(found.values()))
+        raise DatasetError(
+            f"{root} has split folder(s) {names} but not both train/ and a held-out test/, val/, "
+            "valid/ or validation/; add the missing one, or put the classes directly under "
+            f"{root} for a {TEST_PERCENT}% hash split"
+        )
+    unused = ", ".join(f"{d.name}/" for d in sorted(found.values()) if d not in (train, held_out))
+    if unused:
+        log.warning("%s: using %s/ as the test split; %s not used", root, held_out.name, unused)
+    return {"train": train, "test": held_out}
+
+
 def load_folder(
     data_dir: Path, split: str, level: str = "model", crop: str = "full", strict: bool = False
 ) -> DatasetIndex:
     root = Path(data_dir)
     if not root.is_dir():
         raise DatasetError(f"no such data directory: {root}")
-    split_roots = {
-        s: next((root / d for d in dirs if (root / d).is_dir()), None)
-        for s, dirs in SPLIT_DIRS.items()
-    }
-    if split_roots["train"] and split_roots["test"]:
-        trees = {s: scan_tree(r) for s, r in split_roots.items() if r is not None}
+    split_roots = find_split_dirs(root)
+    if split_roots:
+        trees = {s: scan_tree(r) for s, r in split_roots.items()}
         keys = set(trees["train"]) | set(trees["test"])
         chosen = {k: v for k, v in trees[split].items()}
     else:
