@@ -98,6 +98,19 @@ class Outgoing:
         return Outgoing(self.topic, key, None, [*own, *note])
 
 
+@dataclass(frozen=True)
+class Result:
+    """One result to publish, with its status for the metrics (never read back from the JSON)."""
+
+    key: bytes
+    value: bytes
+    status: str  # "ok" or "low_confidence"
+
+    def __iter__(self):
+        """Unpacks as the (key, value) pair it replaced."""
+        return iter((self.key, self.value))
+
+
 class BatchAbortedError(Exception):
     """A batch could not be delivered or applied before shutdown; it stays uncommitted."""
 
@@ -137,14 +150,12 @@ def make_outputs(
     manifest: Manifest,
     settings: WorkerSettings,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
-) -> tuple[
-    list[tuple[bytes, bytes]], list[tuple[bytes | None, bytes | None, list]], list[TrendRecord]
-]:
-    """Pure: results (key, value), dead letters (key, original value, headers), trend records.
+) -> tuple[list[Result], list[tuple[bytes | None, bytes | None, list]], list[TrendRecord]]:
+    """Pure: results, dead letters (key, original value, headers), trend records.
 
     ``logits`` maps a batch position to its row; positions missing from it have an error.
     """
-    results: list[tuple[bytes, bytes]] = []
+    results: list[Result] = []
     dead: list[tuple[bytes | None, bytes | None, list]] = []
     trends: list[TrendRecord] = []
     # an engine that overflows (FP16) or a corrupt plan can return NaN/inf for some rows: those
@@ -213,7 +224,9 @@ def make_outputs(
             source=Source(topic=rec.topic, partition=rec.partition, offset=rec.offset),
             worker_id=settings.worker_id,
         )
-        results.append((event.post_id.encode(), prediction.model_dump_json().encode()))
+        results.append(
+            Result(event.post_id.encode(), prediction.model_dump_json().encode(), prediction.status)
+        )
         trends.append(
             TrendRecord(
                 rec.topic,
@@ -468,7 +481,7 @@ class StreamWorker(ConsumerRebalanceListener):
                 rows[i] = torch.from_numpy(prep.array).to(device)
         return rows
 
-    def _deliver(self, results: list, dead: list) -> None:
+    def _deliver(self, results: list[Result], dead: list) -> None:
         """Publish results and dead letters; only the sends that failed are retried.
 
         A dead letter too large for the DLQ topic (producer or broker limit) is sent again
@@ -480,7 +493,7 @@ class StreamWorker(ConsumerRebalanceListener):
         never retried, since it would fail the same way for ever.
         """
         s = self.settings
-        pending = [Outgoing(s.output_topic, k, v, None) for k, v in results]
+        pending = [Outgoing(s.output_topic, r.key, r.value, None) for r in results]
         pending += [Outgoing(s.dlq_topic, k, v, h) for k, v, h in dead]
         attempt = 0
         while pending:
@@ -548,10 +561,8 @@ class StreamWorker(ConsumerRebalanceListener):
                 if not self.backoff.wait(attempt, self.stop) and attempt >= 2:
                     raise BatchAbortedError(f"results not delivered: {last_error}")
                 attempt += 1
-        for _, value in results:
-            self.metrics.results.labels(
-                "low_confidence" if b'"low_confidence"' in value else "ok"
-            ).inc()
+        for result in results:
+            self.metrics.results.labels(result.status).inc()
         for _, _, headers in dead:
             kind = dict(headers).get("carstream.error_kind", b"internal").decode()
             self.metrics.dead_letters.labels(kind).inc()

@@ -5,15 +5,27 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 
+import numpy as np
 import pytest
 from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
+from engine_build.manifest import Manifest
+from tests.support import DoneFuture, Rec
 from training.preprocessing import PreprocessSpec
 from worker.dead_letter import dlq_headers, parse_dlq_headers
 from worker.errors import PostError
 from worker.metrics import WorkerMetrics
-from worker.pipeline import DLQ_KEY_PREFIX_BYTES, Backoff, FatalWorkerError, StreamWorker
-from worker.prepare import prepare
+from worker.pipeline import (
+    DLQ_KEY_PREFIX_BYTES,
+    Backoff,
+    FatalWorkerError,
+    Pending,
+    Result,
+    StreamWorker,
+    make_outputs,
+)
+from worker.prepare import Prepared, prepare
+from worker.schemas import PostEvent
 from worker.settings import WorkerSettings
 from worker.url_fetch import UrlPolicy
 
@@ -150,14 +162,14 @@ def test_a_result_too_large_for_the_results_topic_is_fatal_not_retried_for_ever(
     producer = BrokerLikeProducer(limit=10)
     worker = worker_with(producer)
     with pytest.raises(FatalWorkerError, match="car-predictions"):
-        deliver_within(worker, [(b"p1", b'{"status": "ok"}')], [])
+        deliver_within(worker, [Result(b"p1", b'{"status": "ok"}', "ok")], [])
     assert len(producer.sends) == 1
 
 
 def test_other_send_errors_are_still_retried():
     producer = BrokerLikeProducer(fail_first=2)
     worker = worker_with(producer)
-    deliver_within(worker, [(b"p1", b"{}")], [_dead(b"b1", b"x")])
+    deliver_within(worker, [Result(b"p1", b"{}", "ok")], [_dead(b"b1", b"x")])
     assert {r[0] for r in producer.delivered} == {"car-predictions", "car-posts.dlq"}
     assert worker.metrics.retries.labels("kafka")._value.get() == 1
 
@@ -172,3 +184,36 @@ def test_the_input_size_limit_counts_the_key_too():
     assert f"key {len(big_key)}" in prep.error.reason
     fits = prepare(raw, spec, policy, limit, key=big_key[:-1])
     assert fits.error is not None and fits.error.kind == "schema"  # checked further
+
+
+# --- results metrics ------------------------------------------------------------------------
+
+
+def test_the_results_metric_uses_the_status_not_a_search_of_the_json():
+    """A confident post whose post_id and city are "low_confidence" is counted as ok."""
+    manifest = Manifest(
+        model_name="m",
+        model_version="v1",
+        arch="resnet18",
+        num_classes=2,
+        labels=[{"make": "Audi", "model": "A4"}, {"make": "BMW", "model": "X5"}],
+        preprocess=PreprocessSpec(),
+        artifacts=[],
+        created_at="2026-11-24T00:00:00Z",
+    )
+    event = PostEvent(
+        post_id="low_confidence",
+        image_b64="x",
+        posted_at="2026-01-01T00:00:00Z",
+        city="low_confidence",
+    )
+    batch = [Pending(Rec("car-posts", 0, 0, b"low_confidence", b"{}"), 0.0, DoneFuture())]
+    prepared = [Prepared(event, np.zeros(1, np.float32), None, 0.0)]
+    logits = {0: np.array([10.0, 0.0], np.float32)}  # confident
+    producer = BrokerLikeProducer()
+    worker = worker_with(producer)
+    results, dead, _ = make_outputs(batch, prepared, logits, manifest, worker.settings)
+    assert [r.status for r in results] == ["ok"] and b'"low_confidence"' in results[0].value
+    deliver_within(worker, results, dead)
+    assert worker.metrics.results.labels("ok")._value.get() == 1
+    assert worker.metrics.results.labels("low_confidence")._value.get() == 0

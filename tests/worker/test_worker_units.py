@@ -314,7 +314,8 @@ def test_low_confidence_result_is_flagged():
     results, _, trends = make_outputs(
         batch, prepared, {0: np.array([0.0, 0.1], np.float32)}, _manifest(), settings
     )
-    assert json.loads(results[0][1])["status"] == "low_confidence"
+    assert json.loads(results[0].value)["status"] == "low_confidence"
+    assert results[0].status == "low_confidence"
     assert trends[0].low_confidence
 
 
