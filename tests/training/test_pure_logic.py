@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.distributed import DistInfo
 from training.imbalance import (
     DistributedWeightedSampler,
@@ -116,3 +119,32 @@ def test_preprocess_image_normalises_like_torchvision_and_returns_contiguous_chw
     np.testing.assert_allclose(out, expected, atol=2e-2)  # PIL vs tensor resize rounding
     exact = (np.asarray(crop, dtype=np.float32) / 255.0 - spec.mean) / spec.std
     np.testing.assert_allclose(out, exact.transpose(2, 0, 1), atol=1e-5)
+
+
+def test_checkpoint_write_is_fsynced_before_and_after_the_rename(tmp_path, monkeypatch):
+    """The temp file's data reach the disk before it replaces checkpoint.pt, and the rename
+    itself is made durable by an fsync of the directory."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        events.append(("fsync", kind if kind == "dir" else os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ckpt = {
+        "arch": "resnet18", "num_classes": 1, "classes": CLASSES[:1], "level": "model",
+        "preprocess": {}, "state_dict": {"w": torch.zeros(2)}, "epoch": 0, "args": {},
+    }  # fmt: skip
+    save_checkpoint(tmp_path, ckpt)
+    final = str(tmp_path / "checkpoint.pt")
+    at = events.index(("replace", final))
+    assert events[at - 1][0] == "fsync" and ".checkpoint.pt." in events[at - 1][1], events
+    assert events[at + 1] == ("fsync", "dir"), events
+    assert torch.equal(load_checkpoint(tmp_path)["state_dict"]["w"], torch.zeros(2))
