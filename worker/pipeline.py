@@ -257,6 +257,60 @@ def commit_offsets(batch: list[Pending]) -> dict[TopicPartition, OffsetAndMetada
     return {tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in top.items()}
 
 
+class EngineFailedError(FatalWorkerError):
+    """The engine fails on every input, a blank one included: it is unhealthy, not the posts."""
+
+
+def infer_isolating(
+    run: Callable[[Any], Any],
+    rows: dict[int, Any],
+    step: int,
+    stack: Callable[[list[Any]], Any],
+    blank: Callable[[Any], Any],
+    observe: Callable[[float], None] = lambda seconds: None,
+) -> tuple[dict[int, Any], dict[int, str]]:
+    """Logits by position, and why the engine failed on each position it failed on.
+
+    Rows go to ``run`` in chunks of ``step``. A chunk that fails is run again one row at a time,
+    so one poison input costs only its own post. When every row of the chunk fails alone too,
+    the engine is run on a ``blank`` (all zeros) row like its first: if that fails as well, the
+    engine itself is unhealthy (CUDA out of memory for good, a lost device), and
+    EngineFailedError is raised rather than dead-lettering good posts (the batch stays
+    uncommitted; a restarted worker reads it again). ``observe`` gets each chunk's seconds.
+    """
+    out: dict[int, Any] = {}
+    failed: dict[int, str] = {}
+    good = sorted(rows)
+    for start in range(0, len(good), step):
+        idx = good[start : start + step]
+        t0 = time.perf_counter()
+        try:
+            logits = run(stack([rows[i] for i in idx]))
+        except Exception:
+            log.exception("engine failed on a batch of %d; retrying one by one", len(idx))
+        else:
+            observe(time.perf_counter() - t0)
+            out.update(zip(idx, logits, strict=True))
+            continue
+        errors: dict[int, str] = {}
+        for i in idx:
+            try:
+                out[i] = run(rows[i][None])[0]
+            except Exception as exc:
+                errors[i] = f"{exc.__class__.__name__}: {exc}"
+        if errors and len(errors) == len(idx):
+            try:
+                run(blank(rows[idx[0]][None]))
+            except Exception as exc:
+                raise EngineFailedError(
+                    f"the engine failed on all {len(idx)} posts of a batch, one by one, and on a "
+                    f"blank input ({exc.__class__.__name__}: {exc})"
+                ) from exc
+            log.warning("the engine runs but failed on %d posts: dead-lettering them", len(errors))
+        failed.update(errors)
+    return out, failed
+
+
 class StreamWorker(ConsumerRebalanceListener):
     def __init__(
         self,
@@ -414,38 +468,31 @@ class StreamWorker(ConsumerRebalanceListener):
         self.metrics.beat()
 
     def _infer(self, prepared: list[Prepared]) -> dict[int, np.ndarray]:
-        """Logits by batch position, in engine-sized chunks; an engine failure isolates items."""
+        """Logits by batch position, in engine-sized chunks; an engine failure isolates items.
+
+        A row the engine fails on while it runs others is dead-lettered as ``internal`` (its
+        ``prepared`` entry gets the error); an engine that runs nothing raises EngineFailedError.
+        """
         if self.gpu_device is not None:
+            import torch
+
             rows = self._device_rows(prepared)
             run = self.engine.infer_device  # type: ignore[attr-defined]
+            stack, blank = torch_stack, torch.zeros_like
         else:
             rows = {i: p.array for i, p in enumerate(prepared) if p.error is None}
             run = self.engine.infer
-        stack = torch_stack if self.gpu_device is not None else np.stack
-        good = sorted(rows)
-        out: dict[int, np.ndarray] = {}
-        step = self.engine.max_batch
-        for start in range(0, len(good), step):
-            idx = good[start : start + step]
-            batch = stack([rows[i] for i in idx])
-            t0 = time.perf_counter()
-            try:
-                logits = run(batch)
-            except Exception:
-                log.exception("engine failed on a batch of %d; retrying one by one", len(idx))
-                for i in idx:
-                    try:
-                        out[i] = run(rows[i][None])[0]
-                    except Exception as exc:
-                        prepared[i] = Prepared(
-                            prepared[i].event,
-                            None,
-                            PostError("internal", f"inference failed: {exc}"),
-                            prepared[i].seconds,
-                        )
-                continue
-            self.metrics.inference_seconds.observe(time.perf_counter() - t0)
-            out.update(zip(idx, logits, strict=True))
+            stack, blank = np.stack, np.zeros_like
+        out, failed = infer_isolating(
+            run, rows, self.engine.max_batch, stack, blank, self.metrics.inference_seconds.observe
+        )
+        for i, reason in failed.items():
+            prepared[i] = Prepared(
+                prepared[i].event,
+                None,
+                PostError("internal", f"inference failed: {reason}"),
+                prepared[i].seconds,
+            )
         return out
 
     def _device_rows(self, prepared: list[Prepared]) -> dict[int, Any]:

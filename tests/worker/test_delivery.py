@@ -18,10 +18,12 @@ from worker.metrics import WorkerMetrics
 from worker.pipeline import (
     DLQ_KEY_PREFIX_BYTES,
     Backoff,
+    EngineFailedError,
     FatalWorkerError,
     Pending,
     Result,
     StreamWorker,
+    infer_isolating,
     make_outputs,
 )
 from worker.prepare import Prepared, prepare
@@ -217,3 +219,113 @@ def test_the_results_metric_uses_the_status_not_a_search_of_the_json():
     deliver_within(worker, results, dead)
     assert worker.metrics.results.labels("ok")._value.get() == 1
     assert worker.metrics.results.labels("low_confidence")._value.get() == 0
+
+
+# --- engine failures ------------------------------------------------------------------------
+
+
+class FakeEngine:
+    """Runs rows of one float each: fails on a batch of more than one when ``batch_fails``, on
+    rows equal to a ``poison`` value, and on everything (blank rows too) when ``dead``."""
+
+    max_batch = 4
+
+    def __init__(self, batch_fails=True, poison=(), dead=False) -> None:
+        self.batch_fails, self.poison, self.dead = batch_fails, set(poison), dead
+        self.calls: list[int] = []
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append(len(batch))
+        if self.dead:
+            raise RuntimeError("CUDA error: out of memory")
+        if len(batch) > 1 and self.batch_fails:
+            raise RuntimeError("batch failed")
+        if any(float(row[0]) in self.poison for row in batch):
+            raise RuntimeError("poison")
+        return np.stack([np.array([float(row[0]), 0.0], np.float32) for row in batch])
+
+
+def _rows(n: int) -> dict[int, np.ndarray]:
+    return {i: np.array([float(i + 1)], np.float32) for i in range(n)}
+
+
+def test_a_poison_row_is_isolated_and_the_others_are_classified():
+    engine = FakeEngine(poison={2.0})
+    out, failed = infer_isolating(engine.infer, _rows(6), 4, np.stack, np.zeros_like)
+    assert sorted(out) == [0, 2, 3, 4, 5] and list(failed) == [1]
+    assert "poison" in failed[1]
+
+
+def test_an_engine_that_runs_nothing_raises_instead_of_dead_lettering_good_posts():
+    engine = FakeEngine(dead=True)
+    with pytest.raises(EngineFailedError, match=r"all 4 posts .* blank input .*out of memory"):
+        infer_isolating(engine.infer, _rows(6), 4, np.stack, np.zeros_like)
+    assert engine.calls == [4, 1, 1, 1, 1, 1]  # the chunk, each row alone, the blank probe
+
+
+def test_rows_that_all_fail_on_a_healthy_engine_are_poison_and_dead_lettered():
+    # one post alone in its batch that the engine refuses: not a reason to stop the worker
+    engine = FakeEngine(poison={1.0})
+    out, failed = infer_isolating(engine.infer, _rows(1), 4, np.stack, np.zeros_like)
+    assert out == {} and list(failed) == [0]
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def commit(self, offsets=None):
+        self.calls.append(offsets)
+
+    def apply(self, records):
+        self.calls.append(records)
+
+
+def test_a_batch_on_an_unhealthy_engine_is_neither_published_counted_nor_committed():
+    producer = BrokerLikeProducer()
+    worker = worker_with(producer)
+    worker.engine = FakeEngine(dead=True)
+    worker.manifest = Manifest(
+        model_name="m",
+        model_version="v1",
+        arch="resnet18",
+        num_classes=2,
+        labels=[{"make": "Audi", "model": "A4"}, {"make": "BMW", "model": "X5"}],
+        preprocess=PreprocessSpec(),
+        artifacts=[],
+        created_at="2026-11-24T00:00:00Z",
+    )
+    worker.consumer, worker.trends = _Recorder(), _Recorder()
+    event = PostEvent(post_id="p", image_b64="x", posted_at="2026-01-01T00:00:00Z")
+    batch = [
+        Pending(
+            Rec("car-posts", 0, off, b"p", b"{}"),
+            0.0,
+            DoneFuture(Prepared(event, np.ones(1, np.float32), None, 0.0)),
+        )
+        for off in range(3)
+    ]
+    with pytest.raises(EngineFailedError):
+        worker.process(batch)
+    assert producer.sends == [] and worker.trends.calls == [] and worker.consumer.calls == []
+
+
+@pytest.mark.integration
+def test_a_fatal_loop_error_is_logged_and_exits_1(
+    kafka_bootstrap, worker_bundle_dir, monkeypatch, caplog
+):
+    from worker import pipeline
+    from worker.run import _serve
+
+    def fail(self) -> None:
+        raise EngineFailedError("the engine failed on everything")
+
+    monkeypatch.setattr(pipeline.StreamWorker, "run", fail)
+    settings = WorkerSettings(
+        bundle=str(worker_bundle_dir),
+        backend="onnxruntime",
+        bootstrap_servers=kafka_bootstrap,
+        metrics_port=0,
+    )
+    assert _serve(settings, threading.Event(), WorkerMetrics(), None) == 1
+    assert "stopping: the engine failed on everything" in caplog.text
