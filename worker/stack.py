@@ -12,10 +12,12 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -171,14 +173,29 @@ class _Service:
                 cwd=self.state_dir,
                 start_new_session=True,  # outlives the CLI that started it
             )
-        self.pid_file.write_text(f"{proc.pid}\n")
         try:
+            self.pid_file.write_text(f"{proc.pid}\n")
             self.wait_ready(timeout_s, proc)
-        except StackError:
-            self.stop()
+        except BaseException:  # not ready, Ctrl-C, or no pid file: never leave it running
+            self._kill_started(proc)
             raise
         logger.info("%s started (pid %d, port %d)", self.name, proc.pid, self.port)
         return True
+
+    def _kill_started(self, proc: subprocess.Popen) -> None:
+        """Kill a child this process just started, through its handle.
+
+        Not through stop(): until the child has exec'd, /proc/<pid>/cmdline still shows the
+        Python that forked it, so the pid-file check would call it someone else's and leave it.
+        """
+        with contextlib.suppress(OSError):
+            proc.kill()
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s (pid %d) did not exit after SIGKILL", self.name, proc.pid)
+        with contextlib.suppress(OSError):
+            self.pid_file.unlink(missing_ok=True)
 
     def wait_ready(self, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
         deadline = time.monotonic() + timeout_s
@@ -190,7 +207,7 @@ class _Service:
             if self.answers():
                 return
             time.sleep(0.1)
-        raise StackError(f"{self.name} did not answer on port {self.port} within {timeout_s:.0f}s")
+        raise StackError(f"{self.name} did not answer on port {self.port} within {timeout_s:g}s")
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> bool:
         """SIGTERM, then SIGKILL after the deadline. Returns True if something was stopped."""
@@ -400,6 +417,7 @@ class LocalStack:
         self.state_dir = Path(state_dir)
         self.kafka = TansuBroker(self.state_dir, kafka_port)
         self.redis = RedisServer(self.state_dir, redis_port, appendonly=redis_appendonly)
+        self.stopped_on_failure: list[str] = []  # what a failed or interrupted up() stopped
 
     @classmethod
     def running_record(cls, state_dir: Path) -> StackRecord | None:
@@ -430,7 +448,9 @@ class LocalStack:
     ) -> None:
         """Start what is not running, wait for both to answer, create missing topics.
 
-        The ports are recorded first, so status and down know them even if a start fails.
+        Both ports are checked before anything starts. The ports are recorded first, so
+        status and down know them while anything runs. On any failure, Ctrl-C included, what
+        this call started is stopped again (a process already running before it is left).
         """
         running = self.running_record(self.state_dir)
         if running is not None and running != self.record:
@@ -439,12 +459,28 @@ class LocalStack:
                 f"{running.kafka_port}, redis port {running.redis_port}"
                 f"{' (redis AOF on)' if running.redis_appendonly else ''}; stop it first"
             )
+        services = (self.redis, self.kafka)
+        to_start = [svc for svc in services if not svc.running()]
+        for svc in to_start:  # both ports before starting anything
+            if _port_open(svc.port):
+                raise StackError(
+                    f"{svc.name}: port 127.0.0.1:{svc.port} is already taken by another process"
+                )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.record.write(self.state_dir)
-        self.redis.start(timeout_s)
-        self.kafka.start(timeout_s)
-        if topics:
-            create_topics(self.bootstrap, topics, partitions)
+        started: list[_Service] = []
+        try:
+            for svc in services:
+                if svc.start(timeout_s):
+                    started.append(svc)
+            if topics:
+                create_topics(self.bootstrap, topics, partitions)
+        except BaseException:  # a failure or Ctrl-C: stop what this call started, no more
+            self.stopped_on_failure = [svc.name for svc in reversed(started) if svc.stop()]
+            if not any(svc.running() for svc in services):
+                with contextlib.suppress(OSError):
+                    (self.state_dir / STATE_FILE).unlink(missing_ok=True)
+            raise
 
     def down(self) -> list[str]:
         """Stop both; returns the names of those that were running."""
@@ -507,8 +543,31 @@ def _argument_error(args: argparse.Namespace) -> str | None:
             return f"{flag} {port}: not a TCP port (1-65535)"
     if args.partitions < 1:
         return f"--partitions {args.partitions}: must be at least 1"
-    if args.state_dir.exists() and not args.state_dir.is_dir():
-        return f"--state-dir {args.state_dir}: exists and is not a directory"
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        return f"--timeout {args.timeout:g}: must be a number of seconds > 0"
+    return _state_dir_error(args.state_dir, create=args.action == "up")
+
+
+def _state_dir_error(state_dir: Path, create: bool) -> str | None:
+    """What is wrong with `state_dir` as one line, or None; `create` makes it (for `up`).
+
+    A missing directory is fine for status and down (nothing was started from it).
+    """
+    try:
+        mode = state_dir.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:  # a file where a folder belongs, no permission
+        return f"--state-dir {state_dir}: {exc.strerror or exc}"
+    if mode is not None and not stat.S_ISDIR(mode):
+        return f"--state-dir {state_dir}: exists and is not a directory"
+    if create:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"--state-dir {state_dir}: cannot create it: {exc.strerror or exc}"
+        if not os.access(state_dir, os.W_OK | os.X_OK):
+            return f"--state-dir {state_dir}: not writable"
     return None
 
 
@@ -556,6 +615,9 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.action == "up" and stack.kafka.port == stack.redis.port:
+        print(f"error: kafka and redis both on port {stack.kafka.port}", file=sys.stderr)
+        return 2
     try:
         if args.action == "up":
             stack.up(args.topics, args.partitions, args.timeout)
@@ -577,6 +639,14 @@ def main(args: argparse.Namespace) -> int:
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the state directory changed under us, a full disk
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        stopped = ", ".join(stack.stopped_on_failure) or "nothing"
+        what = f"; stopped what it had started: {stopped}" if args.action == "up" else ""
+        print(f"interrupted: stack {args.action}{what}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,12 +63,13 @@ def test_create_topics_only_creates_missing(kafka_bootstrap: str) -> None:
     assert _partitions(kafka_bootstrap, "ct-3") == 2
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "worker.stack", *args],
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, **env},
     )
 
 
@@ -92,10 +97,27 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("args", "needle"),
-    [(["up", "--partitions", "0"], "--partitions 0"), (["up", "--kafka-port", "70000"], "70000")],
+    [
+        (["up", "--partitions", "0"], "--partitions 0"),
+        (["up", "--kafka-port", "70000"], "70000"),
+        (["up", "--timeout", "-1"], "--timeout -1"),
+        (["up", "--timeout", "0"], "--timeout 0"),
+        (["up", "--timeout", "nan"], "--timeout nan"),
+        (["up", "--kafka-port", "9", "--redis-port", "9"], "both on port 9"),
+    ],
 )
-def test_cli_bad_arguments_exit_2_with_one_line(args: list[str], needle: str) -> None:
-    result = _cli(*args)
+def test_cli_bad_arguments_exit_2_with_one_line(
+    args: list[str], needle: str, tmp_path: Path
+) -> None:
+    # a state dir and free ports of its own, which the flags under test override: a
+    # regression that starts something then does not touch the default stack
+    action, *rest = args
+    own = ["--state-dir", str(tmp_path / "st"), "--kafka-port", str(free_port()),
+           "--redis-port", str(free_port())]  # fmt: skip
+    try:
+        result = _cli(action, *own, *rest)
+    finally:
+        _cli("down", *own[:2])  # the ports it recorded, if a regression started anything
     assert result.returncode == 2
     assert needle in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -159,3 +181,131 @@ def test_a_stale_or_broken_record_is_ignored(tmp_path: Path) -> None:
     assert LocalStack.running_record(state) is None
     (state / "stack.json").write_text("{not json")
     assert StackRecord.read(state) is None
+
+
+def test_cli_state_dir_errors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    for action in ("up", "status", "down"):
+        result = _cli(action, "--state-dir", str(tmp_path / "file" / "sub"))
+        assert result.returncode == 2, (action, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Not a directory" in lines[0], (action, result.stderr)
+    result = _cli("up", "--state-dir", "/proc/nope")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --state-dir /proc/nope: cannot create it: No such file or directory"
+    ]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _kill_fake_broker(child_pid: Path) -> None:
+    text = child_pid.read_text().strip() if child_pid.exists() else ""
+    if text and _alive(int(text)):
+        os.kill(int(text), signal.SIGKILL)
+
+
+def _fake_broker(directory: Path, name: str) -> tuple[Path, Path]:
+    """A broker binary that never answers; writes its pid (same after exec) to a file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    binary, pid_file = directory / name, directory / f"{name}.child-pid"
+    binary.write_text(f'#!/bin/sh\necho $$ > "{pid_file}"\nexec sleep 300\n')
+    binary.chmod(0o755)
+    return binary, pid_file
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_until(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_cli_up_that_fails_kills_the_child_it_started(tmp_path: Path) -> None:
+    """The child is killed through its handle, not the pid-file check on its cmdline.
+
+    That check sees a child that has not exec'd yet as someone else's (its cmdline is still
+    Python's) and left it running; a binary without the marker in its name stands in for it.
+    """
+    binary, child_pid = _fake_broker(tmp_path / "bin", "not-the-broker")
+    state = ["--state-dir", str(tmp_path / "st")]
+    redis_port = free_port()
+    ports = ["--kafka-port", str(free_port()), "--redis-port", str(redis_port)]
+    try:
+        up = _cli("up", "--timeout", "1", *state, *ports, CALF_TANSU_BIN=str(binary))
+        assert up.returncode == 1, up.stderr
+        assert up.stderr.strip().splitlines()[-1].startswith("error: tansu did not answer")
+        pid = int(child_pid.read_text())
+        assert not _alive(pid)
+        assert not _listening(redis_port)  # what this up started is stopped again
+        assert not (tmp_path / "st" / "redis.pid").exists()
+    finally:
+        _cli("down", *state)
+        _kill_fake_broker(child_pid)
+
+
+def test_cli_up_starts_nothing_when_the_broker_port_is_taken(tmp_path: Path) -> None:
+    state = ["--state-dir", str(tmp_path / "st")]
+    redis_port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        kafka_port = taken.getsockname()[1]
+        try:
+            up = _cli(
+                "up", *state, "--kafka-port", str(kafka_port), "--redis-port", str(redis_port)
+            )
+            assert up.returncode == 1
+            assert up.stderr.strip().splitlines() == [
+                f"error: tansu: port 127.0.0.1:{kafka_port} is already taken by another process"
+            ]
+            assert not _listening(redis_port)
+            assert not (tmp_path / "st" / "redis.pid").exists()
+        finally:
+            _cli("down", *state)
+
+
+def test_cli_ctrl_c_during_up_stops_what_it_started(tmp_path: Path) -> None:
+    binary, child_pid = _fake_broker(tmp_path / "bin", "tansu")  # never answers
+    st = tmp_path / "st"
+    redis_port = free_port()
+    argv = [sys.executable, "-m", "worker", "stack", "up", "--state-dir", str(st),
+            "--kafka-port", str(free_port()), "--redis-port", str(redis_port)]  # fmt: skip
+    proc = subprocess.Popen(
+        argv,
+        env={**os.environ, "CALF_TANSU_BIN": str(binary)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # redis answered, the broker runs and is being waited for
+        _wait_until(lambda: child_pid.exists() and child_pid.read_text().strip() != "")
+        assert _listening(redis_port)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert err.strip().splitlines() == [
+            "interrupted: stack up; stopped what it had started: redis"
+        ]
+        assert not _alive(int(child_pid.read_text()))
+        assert not _listening(redis_port)
+        assert not list(st.glob("*.pid")) and not (st / "stack.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _cli("down", "--state-dir", str(st))
+        _kill_fake_broker(child_pid)
