@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
 DEFAULT_PLATFORM = "carstream-produce"
+MAX_TIMEOUT_S = 86400.0  # a day; kafka-python and threading overflow on far larger waits
 
 
 class TokenBucket:
@@ -44,8 +45,8 @@ class TokenBucket:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if rate < 0:
-            raise ValueError(f"rate must be >= 0, got {rate}")
+        if not (math.isfinite(rate) and rate >= 0):  # a NaN rate would never wait
+            raise ValueError(f"rate must be a finite number >= 0, got {rate}")
         self.rate = rate
         self.capacity = max(1.0, burst if burst is not None else rate / 10)
         self._tokens = self.capacity
@@ -292,18 +293,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         help="seconds to wait for topic metadata or buffer space per send, and for the final "
-        "flush; past it the run stops with an error",
+        f"flush; past it the run stops with an error (at most {MAX_TIMEOUT_S:g})",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
-    """CLI edge: validate, build the producer from the worker's Kafka settings, report."""
-    if args.rate < 0:
-        return fail(f"--rate {args.rate}: must be >= 0")
-    if not (args.timeout > 0 and math.isfinite(args.timeout)):
-        return fail(f"--timeout {args.timeout}: must be a number of seconds > 0")
+    """CLI edge: validate, build the producer from the worker's Kafka settings, report.
+
+    Ctrl-C exits 130: mid-run after handing over what is queued and printing the report.
+    """
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)  # before sending (mid-run is handled in _main)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    if not (math.isfinite(args.rate) and args.rate >= 0):
+        return fail(f"--rate {args.rate:g}: must be a finite number of events per second >= 0")
+    if not (0 < args.timeout <= MAX_TIMEOUT_S):  # also false for NaN
+        return fail(f"--timeout {args.timeout:g}: must be seconds > 0 and <= {MAX_TIMEOUT_S:g}")
     if args.count is not None and args.count < 1:
         return fail(f"--count {args.count}: must be at least 1")
     if args.images is not None:
@@ -346,16 +358,22 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: cannot reach Kafka at {settings.bootstrap_servers}: {exc}", file=sys.stderr)
         return 1
     report = SendReport()
+    interrupted = False
+    grace_s = min(5.0, args.timeout)
     try:
         send_all(producer, topic, messages, TokenBucket(args.rate), args.timeout, report)
+        producer.close()
     except ProduceAbortedError as exc:
         report.error = str(exc)
-        close_abandoning(producer, min(5.0, args.timeout))  # queued records count as failed
-    except BaseException:  # Ctrl-C or a bug: still hand over what is queued, then re-raise
-        close_abandoning(producer, min(5.0, args.timeout))
+        close_abandoning(producer, grace_s)  # what is still queued stays unconfirmed
+    except KeyboardInterrupt:
+        interrupted = True
+        report.error = "interrupted"  # set first: records abandoned below are unconfirmed
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C cuts the grace short
+            close_abandoning(producer, grace_s)  # hands over what is queued, within the grace
+    except BaseException:  # a bug: still hand over what is queued, then re-raise
+        close_abandoning(producer, grace_s)
         raise
-    else:
-        producer.close()
     if args.json:
         print(
             json.dumps(
@@ -377,6 +395,13 @@ def main(args: argparse.Namespace) -> int:
             f"sent={report.sent} failed={report.failed}{extra} topic={topic} "
             f"seconds={report.seconds:.2f} rate={report.rate:.1f}/s"
         )
+    if interrupted:
+        print(
+            f"interrupted: stopped after sent={report.sent} failed={report.failed} "
+            f"unconfirmed={report.unconfirmed}",
+            file=sys.stderr,
+        )
+        return 130
     if report.error:
         print(
             f"error: {report.error} (stopped after sent={report.sent} failed={report.failed} "

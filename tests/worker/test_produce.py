@@ -67,6 +67,12 @@ def test_zero_rate_never_waits() -> None:
     assert clock.t == 100.0
 
 
+@pytest.mark.parametrize("rate", [-1.0, float("nan"), float("inf")])
+def test_token_bucket_refuses_a_rate_it_cannot_pace(rate: float) -> None:
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        TokenBucket(rate)
+
+
 def test_build_event_matches_the_input_schema() -> None:
     event = build_event(b"\x89PNG...", city="Lyon", platform="x")
     assert set(event) == {"post_id", "image_b64", "posted_at", "platform", "city"}
@@ -174,6 +180,10 @@ def test_produce_jsonl_round_trip(kafka_bootstrap: str, tmp_path: Path) -> None:
         (["--jsonl", "/nonexistent/e.jsonl"], "/nonexistent/e.jsonl"),
         (["--images", ".", "--rate", "-1"], "--rate -1"),
         (["--images", ".", "--timeout", "0"], "--timeout 0"),
+        (["--images", ".", "--timeout", "1e308"], "--timeout 1e+308"),
+        (["--images", ".", "--timeout", "nan"], "--timeout nan"),
+        (["--images", ".", "--rate", "nan"], "--rate nan"),
+        (["--images", ".", "--rate", "inf"], "--rate inf"),
         (["--jsonl", "pyproject.toml", "--bootstrap-servers", ""], "bootstrap_servers"),
     ],
 )
@@ -358,3 +368,36 @@ def test_produce_stops_with_one_line_when_the_broker_goes_away(tmp_path: Path) -
     assert report["error"]
     assert 0 < report["sent"] < 40
     assert report["sent"] + report["failed"] + report["unconfirmed"] == 40
+
+
+@pytest.mark.integration
+def test_ctrl_c_mid_run_reports_the_counts_and_exits_130(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    create_topics(kafka_bootstrap, ["produce-ctrl-c"], 1)
+    path = tmp_path / "e.jsonl"
+    path.write_text("".join(json.dumps({"post_id": f"p{i}"}) + "\n" for i in range(40)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "produce", "--jsonl", str(path), "--topic",
+         "produce-ctrl-c", "--rate", "10", "--json", "--bootstrap-servers", kafka_bootstrap],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for_records(kafka_bootstrap, "produce-ctrl-c")  # mid-run: most not sent yet
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    report = json.loads(out)
+    assert report["error"] == "interrupted"
+    assert 0 < report["sent"] < 40 and report["failed"] == 0
+    lines = err.strip().splitlines()
+    assert lines == [
+        f"interrupted: stopped after sent={report['sent']} failed=0 "
+        f"unconfirmed={report['unconfirmed']}"
+    ]
+    assert len(_consume(kafka_bootstrap, "produce-ctrl-c", report["sent"])) >= report["sent"]
