@@ -20,6 +20,7 @@ from engine_build.build import (
     build_bundle,
 )
 from engine_build.bundle import BundleError
+from engine_build.onnx_export import MAX_OPSET, MIN_OPSET
 from training.cli import BadArgumentError, check_out_dir
 from training.cli_errors import OneLineParser
 
@@ -55,7 +56,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="training checkpoint directory (or its checkpoint.pt)",
     )
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
-    parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing bundle (never a directory that is not a bundle, nor one "
+        "holding the checkpoint)",
+    )
     parser.add_argument(
         "--precision",
         type=comma_list(PRECISIONS),
@@ -92,7 +98,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=128,
         help="int8 calibration images (taken from the parity images)",
     )
-    parser.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT workspace")
+    parser.add_argument(
+        "--workspace-gb", type=float, default=4.0, help="TensorRT workspace (GiB, > 0)"
+    )
     parser.add_argument(
         "--timing-cache",
         type=Path,
@@ -119,8 +127,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model-name", default=None, help="default: carstream-<arch>")
     parser.add_argument("--model-version", default=None, help="default: epoch<N>")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+    parser.add_argument(
+        "--opset", type=int, default=17, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET}"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads, >= 1")
     parser.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -23,8 +24,15 @@ import torch
 from engine_build import heldout
 from engine_build.bundle import PARITY_FILE, Bundle, load_bundle, sha256_file
 from engine_build.manifest import MANIFEST_FILE, Artifact, BatchProfile, Label, Manifest
-from engine_build.onnx_export import HalfPrecision, export_onnx
-from engine_build.parity import ParityDataError, ParitySet, parity_report, run_batched
+from engine_build.onnx_export import MAX_OPSET, MIN_OPSET, HalfPrecision, export_onnx
+from engine_build.parity import (
+    ParityDataError,
+    ParitySet,
+    batch1_report,
+    finite_rows,
+    parity_report,
+    run_batched,
+)
 from engine_build.runtime.onnxruntime_engine import OnnxRuntimeEngine
 from training.checkpoint import (
     CHECKPOINT_FILE,
@@ -41,6 +49,7 @@ PRECISIONS = ("fp16", "fp32", "int8")
 BUILD_BACKENDS = ("auto", "tensorrt", "onnxruntime")
 ONNX_FILE, INT8_FILE, FP16_ONNX_FILE = "model.onnx", "model.int8.onnx", "model.fp16.onnx"
 TORCH_FILE, PLAN_FILE = "model.pt", "model.fp16.plan"
+BATCH1_IMAGES = 8  # parity images also run one at a time through every artifact
 
 
 class BuildError(ValueError):
@@ -105,6 +114,15 @@ class BuildOptions:
                 raise BuildError(
                     f"--{flag.replace('_', '-')} must be in [0, 1]; got {getattr(self, flag)}"
                 )
+        if self.threads is not None and self.threads < 1:
+            raise BuildError(f"--threads must be >= 1; got {self.threads}")
+        if not (self.workspace_gb > 0 and math.isfinite(self.workspace_gb)):
+            raise BuildError(f"--workspace-gb must be > 0; got {self.workspace_gb}")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise BuildError(
+                f"--opset must be in {MIN_OPSET}..{MAX_OPSET} (int8 QDQ needs >= {MIN_OPSET}; "
+                f"torch's TorchScript exporter supports <= {MAX_OPSET}); got {self.opset}"
+            )
         if self.parity_images < 1:
             raise BuildError(f"--parity-images must be >= 1; got {self.parity_images}")
         if "int8" in self.precisions and self.calibration_images < 1:
@@ -138,19 +156,45 @@ def _artifact(bundle_dir: Path, file: str, backend: str, precision: str, **extra
     )
 
 
-def _gate(name: str, report: dict, threshold: float) -> None:
-    report["gate"] = {
-        "min_top1_agreement": threshold,
-        "passed": report["top1_agreement"] >= threshold,
-    }
+def _gate(name: str, report: dict, threshold: float) -> list[str]:
+    """Record the gate's verdict in ``report``; return why it failed (empty when it passed).
+
+    An artifact passes when its top-1 agreement reaches ``threshold``, every logit it gave is
+    finite, and images run one at a time answer like the batched run (same threshold).
+    """
+    n = report["n_images"]
+    failures = []
+    if report["non_finite_logits"]:
+        failures.append(f"{report['non_finite_logits']} non-finite logits (NaN/inf) on {n} images")
+    if report["top1_agreement"] < threshold:
+        diff = report["max_abs_logit_diff"]
+        failures.append(
+            f"top-1 agreement {report['top1_agreement']:.4f} < {threshold} on {n} images "
+            f"(max |logit diff| {'n/a' if diff is None else f'{diff:.4g}'})"
+        )
+    one = report.get("batch1")
+    if one and one["non_finite_logits"]:
+        failures.append(
+            f"batch 1 gives {one['non_finite_logits']} non-finite logits (NaN/inf) on "
+            f"{one['n_images']} images"
+        )
+    if one and one["top1_agreement_with_batched"] < threshold:
+        failures.append(
+            f"batch 1 top-1 agreement with the batched run "
+            f"{one['top1_agreement_with_batched']:.4f} < {threshold} on {one['n_images']} images"
+        )
+    report["gate"] = {"min_top1_agreement": threshold, "passed": not failures, "failures": failures}
     log.info(
-        "parity %s: agreement %.4f (gate %.4f), max|dlogit| %.4g, n=%d",
+        "parity %s: agreement %.4f (gate %.4f), max|dlogit| %s, non-finite %d, n=%d%s",
         name,
         report["top1_agreement"],
         threshold,
         report["max_abs_logit_diff"],
-        report["n_images"],
+        report["non_finite_logits"],
+        n,
+        f"; FAILED: {'; '.join(failures)}" if failures else "",
     )
+    return failures
 
 
 def _tensorrt_wanted(opts: BuildOptions) -> str | None:
@@ -167,11 +211,53 @@ def _tensorrt_wanted(opts: BuildOptions) -> str | None:
     return why
 
 
+def _is_bundle(path: Path) -> bool:
+    """A directory engine_build wrote: its manifest.json is a JSON object with a schema_version."""
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "schema_version" in manifest
+
+
+def _check_out(out_dir: Path, overwrite: bool) -> None:
+    """An --out the build may fill: absent, empty, or (with --force) an existing bundle.
+
+    --force deletes what --out names, so it never touches a directory that is not a bundle: a
+    checkpoint, a data set or a home directory given as --out by mistake is refused, not erased.
+    """
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not _is_bundle(out_dir):
+        raise BuildError(
+            f"--out {out_dir} exists and is not empty, and is not a bundle (no bundle "
+            f"{MANIFEST_FILE}): --force replaces only a bundle; choose another --out"
+        )
+    if not overwrite:
+        raise BuildError(f"--out {out_dir} exists and is not empty (pass --force to replace)")
+
+
+def _check_not_checkpoint(out_dir: Path, checkpoint_dir: Path) -> None:
+    """Refuse an --out that is, contains or lies inside the checkpoint's directory."""
+    home = checkpoint_dir if checkpoint_dir.is_dir() else checkpoint_dir.parent
+    out, ckpt = out_dir.resolve(), home.resolve()
+    if out == ckpt:
+        where = "is"
+    elif out in ckpt.parents:
+        where = "contains"
+    elif ckpt in out.parents:
+        where = "is inside"
+    else:
+        return
+    raise BuildError(
+        f"--out {out_dir} {where} the checkpoint directory {home}; write the bundle elsewhere"
+    )
+
+
 def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Move the finished bundle into place; a reader never sees a half-written directory."""
     if out_dir.exists():
-        if any(out_dir.iterdir()) and not overwrite:
-            raise BuildError(f"--out {out_dir} exists and is not empty (pass --force to replace)")
+        _check_out(out_dir, overwrite)  # again: --out may have changed during the build
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
@@ -198,8 +284,8 @@ def build_bundle(checkpoint_dir: Path | str, out_dir: Path | str, **options) -> 
         ckpt = load_checkpoint(checkpoint_dir)
     except CheckpointError as exc:
         raise BuildError(str(exc)) from exc
-    if out_dir.exists() and any(out_dir.iterdir()) and not opts.overwrite:
-        raise BuildError(f"--out {out_dir} exists and is not empty (pass --force to replace)")
+    _check_not_checkpoint(out_dir, checkpoint_dir)
+    _check_out(out_dir, opts.overwrite)
     no_trt = _tensorrt_wanted(opts)
 
     spec = preprocess_spec_of(ckpt)
@@ -217,6 +303,19 @@ def build_bundle(checkpoint_dir: Path | str, out_dir: Path | str, **options) -> 
     with torch.inference_mode():
         reference = run_batched(
             lambda x: model(torch.from_numpy(x)).numpy(), parity_set.images, opts.max_batch
+        )
+    broken = int((~finite_rows(reference)).sum())
+    if broken:  # nothing to compare against: every artifact would "agree" with NaN
+        raise ParityGateError(
+            f"parity gate failed: the PyTorch FP32 reference itself gives non-finite logits "
+            f"(NaN/inf) on {broken} of {len(reference)} parity images; the checkpoint "
+            f"{checkpoint_dir} is broken",
+            {
+                "reference": "pytorch-fp32",
+                "parity_source": parity_set.source,
+                "reference_non_finite_images": broken,
+                "artifacts": {},
+            },
         )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -272,32 +371,35 @@ def _build_into(
     }
     artifacts: list[Artifact] = []
 
-    def check(art: Artifact, logits: np.ndarray, threshold: float) -> None:
+    def check(art: Artifact, infer: Callable[[np.ndarray], np.ndarray], threshold: float) -> None:
+        """Run the parity images through ``infer`` in batches of up to max_batch, and the first
+        few one at a time (batch 1, and the padding path of a TensorRT profile with min > 1)."""
         key = f"{art.backend}-{art.precision}"
+        logits = run_batched(infer, parity_set.images, opts.max_batch)
+        k = min(BATCH1_IMAGES, len(logits))
+        single = run_batched(infer, parity_set.images[:k], 1)
         entry = parity_report(reference, logits, parity_set.labels)
+        entry["batch1"] = batch1_report(reference[:k], logits[:k], single)
         entry["file"] = art.file
-        _gate(key, entry, threshold)
+        failures = _gate(key, entry, threshold)
         report["artifacts"][key] = entry
-        if not entry["gate"]["passed"]:
+        if failures:
             raise ParityGateError(
-                f"parity gate failed for {art.file}: top-1 agreement "
-                f"{entry['top1_agreement']:.4f} < {threshold} on {entry['n_images']} images "
-                f"(max |logit diff| {entry['max_abs_logit_diff']:.4g})",
-                report,
+                f"parity gate failed for {art.file}: {'; '.join(failures)}", report
             )
 
-    def ort_logits(art: Artifact) -> np.ndarray:
+    def ort_check(art: Artifact, threshold: float) -> None:
         partial = draft.model_copy(update={"artifacts": [art]})
         engine = OnnxRuntimeEngine(Bundle(tmp, partial), art.precision, threads=opts.threads)
         try:
-            return run_batched(engine.infer, parity_set.images, opts.max_batch)
+            check(art, engine.infer, threshold)
         finally:
             engine.close()
 
     # FP32 ONNX: always; the CPU path and the source of every other artifact.
     export_onnx(model, tmp / ONNX_FILE, spec.crop, draft.input_name, draft.output_name, opts.opset)
     fp32 = _artifact(tmp, ONNX_FILE, "onnxruntime", "fp32")
-    check(fp32, ort_logits(fp32), opts.fp32_agreement)
+    ort_check(fp32, opts.fp32_agreement)
     artifacts.append(fp32)
 
     # FP32 state_dict: what the torch-cuda backend runs in FP16 on GPUs without TensorRT.
@@ -310,12 +412,12 @@ def _build_into(
         calib = heldout.calibration_images(parity_set, opts.calibration_images)
         quantize_int8(tmp / ONNX_FILE, tmp / INT8_FILE, draft.input_name, calib, tmp)
         int8 = _artifact(tmp, INT8_FILE, "onnxruntime", "int8")
-        check(int8, ort_logits(int8), opts.int8_agreement)
+        ort_check(int8, opts.int8_agreement)
         report["artifacts"]["onnxruntime-int8"]["calibration_images"] = len(calib)
         artifacts.append(int8)
 
     if no_trt is None:
-        artifacts.append(_build_plan(tmp, model, draft, opts, check, parity_set))
+        artifacts.append(_build_plan(tmp, model, draft, opts, check))
     elif "fp16" in opts.precisions:
         log.warning("no TensorRT plan built: %s", no_trt)
         report["tensorrt_skipped"] = no_trt
@@ -327,8 +429,7 @@ def _build_plan(
     model: torch.nn.Module,
     draft: Manifest,
     opts: BuildOptions,
-    check: Callable[[Artifact, np.ndarray, float], None],
-    parity_set: ParitySet,
+    check: Callable[[Artifact, Callable[[np.ndarray], np.ndarray], float], None],
 ) -> Artifact:
     """TensorRT FP16 plan from an FP16-inside ONNX export, checked on this GPU."""
     import copy
@@ -358,9 +459,7 @@ def _build_plan(
     plan = _artifact(tmp, PLAN_FILE, "tensorrt", "fp16", tensorrt=built.info)
     engine = TensorRTEngine(Bundle(tmp, draft.model_copy(update={"artifacts": [plan]})))
     try:
-        check(
-            plan, run_batched(engine.infer, parity_set.images, opts.max_batch), opts.fp16_agreement
-        )
+        check(plan, engine.infer, opts.fp16_agreement)
     finally:
         engine.close()
     return plan

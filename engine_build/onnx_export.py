@@ -20,6 +20,13 @@ from engine_build.runtime.onnxruntime_engine import make_session
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
+# The opsets a build accepts (--opset). Above 20 torch 2.14's TorchScript exporter only warns
+# that it does not support the opset (ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET) and errors past 23.
+# Below 13 the int8 artifact breaks: ONNX Runtime's per-channel QDQ model puts an ``axis`` on
+# DequantizeLinear, which opsets before 13 do not have (the model fails to load); below 9 the
+# exporter also keeps weights as graph inputs and skips constant folding. TensorRT 10's parser
+# reads opset 9 and up. One range for every build, so an fp32-only bundle can always gain int8.
+MIN_OPSET, MAX_OPSET = 13, 20
 
 
 class ExportError(RuntimeError):

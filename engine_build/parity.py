@@ -90,26 +90,66 @@ def image_dir_parity_set(
     return load_images(files, labels, spec, str(root))
 
 
+def finite_rows(logits: np.ndarray) -> np.ndarray:
+    """True for each image whose logits are all finite (no NaN, no inf)."""
+    return np.isfinite(logits).all(axis=1)
+
+
 def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float | None:
+    """Top-1 accuracy on the labelled images; an image with a non-finite logit counts as wrong."""
     known = labels >= 0
     if not known.any():
         return None
-    return float((logits[known].argmax(1) == labels[known]).mean())
+    right = (logits.argmax(1) == labels) & finite_rows(logits)
+    return float(right[known].mean())
+
+
+def _abs_diff(reference: np.ndarray, candidate: np.ndarray) -> tuple[float | None, float | None]:
+    """max and mean |reference - candidate|, None when either has a non-finite logit (a NaN
+    would otherwise make the report invalid JSON)."""
+    with np.errstate(invalid="ignore"):  # inf - inf
+        diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    if diff.size == 0 or not np.isfinite(diff).all():
+        return None, None
+    return float(diff.max()), float(diff.mean())
 
 
 def parity_report(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> dict:
-    """Agreement of ``candidate`` logits with the FP32 ``reference`` on the same images."""
-    agree = reference.argmax(1) == candidate.argmax(1)
+    """Agreement of ``candidate`` logits with the FP32 ``reference`` on the same images.
+
+    An image whose candidate logits are not all finite never agrees (NaN argmaxes to 0 and inf
+    to its own class, so argmax alone would count them as answers), and ``non_finite_logits``
+    counts them for the gate.
+    """
+    agree = (reference.argmax(1) == candidate.argmax(1)) & finite_rows(candidate)
     ref_acc, cand_acc = top1_accuracy(reference, labels), top1_accuracy(candidate, labels)
+    max_diff, mean_diff = _abs_diff(reference, candidate)
     return {
         "n_images": int(reference.shape[0]),
         "n_labelled": int((labels >= 0).sum()),
         "top1_agreement": float(agree.mean()),
-        "max_abs_logit_diff": float(np.abs(reference - candidate).max()),
-        "mean_abs_logit_diff": float(np.abs(reference - candidate).mean()),
+        "non_finite_logits": int((~np.isfinite(candidate)).sum()),
+        "max_abs_logit_diff": max_diff,
+        "mean_abs_logit_diff": mean_diff,
         "top1_accuracy_pytorch": ref_acc,
         "top1_accuracy_artifact": cand_acc,
-        "accuracy_cost": None if ref_acc is None else ref_acc - cand_acc,
+        "accuracy_cost": None if ref_acc is None or cand_acc is None else ref_acc - cand_acc,
+    }
+
+
+def batch1_report(reference: np.ndarray, batched: np.ndarray, single: np.ndarray) -> dict:
+    """How the same images answer one at a time (``single``) against the batched run of the same
+    artifact and against the reference: batch 1 is the worker's commonest batch and, for a
+    TensorRT profile with min > 1, the padding path."""
+    max_diff, _ = _abs_diff(reference, single)
+    max_vs_batched, _ = _abs_diff(batched, single)
+    same = (single.argmax(1) == batched.argmax(1)) & finite_rows(single)
+    return {
+        "n_images": int(single.shape[0]),
+        "non_finite_logits": int((~np.isfinite(single)).sum()),
+        "top1_agreement_with_batched": float(same.mean()),
+        "max_abs_diff_vs_batched": max_vs_batched,
+        "max_abs_logit_diff": max_diff,
     }
 
 

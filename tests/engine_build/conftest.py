@@ -22,12 +22,18 @@ IMAGE_SIZE = 32
 
 
 def write_checkpoint(
-    out: Path, arch: str = "resnet18", seed: int = 0, near_tie: bool = False, **args
+    out: Path,
+    arch: str = "resnet18",
+    seed: int = 0,
+    near_tie: bool = False,
+    nan_logit: bool = False,
+    **args,
 ) -> Path:
     """A checkpoint exactly as training writes it (random weights, BN statistics warmed up).
 
     ``near_tie`` makes classes 0 and 1 differ by ~1e-6 in every logit, so any quantisation
-    flips their order: a model that int8 cannot reproduce, for gate tests.
+    flips their order: a model that int8 cannot reproduce, for gate tests. ``nan_logit`` makes
+    class 0's logit NaN for every image: a broken checkpoint whose reference is not finite.
     """
     torch.manual_seed(seed)
     model = build_model(arch, len(CLASSES))
@@ -40,6 +46,8 @@ def write_checkpoint(
             fc.weight[1] = fc.weight[0] + 1e-6 * torch.randn_like(fc.weight[0])
             fc.bias[1] = fc.bias[0]
             fc.bias[2] = -100.0
+        if nan_logit:
+            model.fc.bias[0] = float("nan")
     spec = PreprocessSpec.for_image_size(IMAGE_SIZE)
     save_checkpoint(
         out,

@@ -34,9 +34,13 @@ def test_parity_report_per_artifact(bundle_dir):
     fp32 = report["artifacts"]["onnxruntime-fp32"]
     assert fp32["n_images"] == 12 and fp32["n_labelled"] == 12
     assert fp32["top1_agreement"] >= 0.999 and fp32["max_abs_logit_diff"] < 1e-3
-    assert fp32["gate"] == {"min_top1_agreement": 0.999, "passed": True}
+    assert fp32["gate"] == {"min_top1_agreement": 0.999, "passed": True, "failures": []}
     assert 0.0 <= fp32["top1_accuracy_pytorch"] <= 1.0
     assert fp32["top1_accuracy_artifact"] == fp32["top1_accuracy_pytorch"]
+    assert fp32["non_finite_logits"] == 0
+    batch1 = fp32["batch1"]
+    assert batch1["n_images"] == 8 and batch1["non_finite_logits"] == 0
+    assert batch1["top1_agreement_with_batched"] == 1.0 and batch1["max_abs_logit_diff"] < 1e-3
 
 
 def test_int8_built_with_accuracy_cost_reported(bundle_dir):
@@ -91,6 +95,73 @@ def test_failed_gate_leaves_no_bundle(parity_dir, tmp_path):
     assert not list(tmp_path.glob(".bundle.building-*"))
 
 
+def corrupt_onnxruntime(monkeypatch, corrupt):
+    """Make OnnxRuntimeEngine.infer return ``corrupt(engine_name, batch_logits)``."""
+    from engine_build.runtime.onnxruntime_engine import OnnxRuntimeEngine
+
+    real = OnnxRuntimeEngine.infer
+    monkeypatch.setattr(
+        OnnxRuntimeEngine, "infer", lambda self, batch: corrupt(self.name, real(self, batch))
+    )
+
+
+def inf_at_top1(name, logits):
+    """Non-finite logits whose argmax still agrees with PyTorch everywhere."""
+    if name == "onnxruntime-fp32":
+        logits = logits.copy()
+        logits[np.arange(len(logits)), logits.argmax(1)] = np.inf
+    return logits
+
+
+def all_nan_int8(name, logits):
+    return np.full_like(logits, np.nan) if name == "onnxruntime-int8" else logits
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "file"), [(inf_at_top1, "model.onnx"), (all_nan_int8, "model.int8.onnx")]
+)
+def test_non_finite_logits_fail_the_gate(
+    checkpoint_dir, parity_dir, tmp_path, monkeypatch, corrupt, file
+):
+    """NaN argmaxes to 0 and inf to its own class: agreement alone let such an artifact pass
+    (int8 is report-only by default, yet NaN output is never acceptable)."""
+    corrupt_onnxruntime(monkeypatch, corrupt)
+    out = tmp_path / "bundle"
+    with pytest.raises(ParityGateError, match=rf"{file}: .*non-finite") as info:
+        build_bundle(
+            checkpoint_dir, out, precisions="fp32,int8", parity_data=parity_dir, max_batch=8
+        )
+    key = "onnxruntime-int8" if "int8" in file else "onnxruntime-fp32"
+    entry = info.value.report["artifacts"][key]
+    assert entry["non_finite_logits"] > 0 and entry["gate"]["passed"] is False
+    json.dumps(info.value.report, allow_nan=False)  # the report stays strict JSON
+    assert not out.exists()
+
+
+def test_non_finite_reference_is_refused(parity_dir, tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ckpt", nan_logit=True)
+    out = tmp_path / "bundle"
+    with pytest.raises(ParityGateError, match=r"PyTorch FP32 reference.*non-finite.*12 of 12"):
+        build_bundle(ckpt, out, precisions="fp32", parity_data=parity_dir, max_batch=8)
+    assert not out.exists()
+
+
+def test_batch_of_one_is_verified(checkpoint_dir, parity_dir, tmp_path, monkeypatch):
+    """12 parity images at max_batch 8 run as batches of 8 and 4: an engine wrong only at
+    batch 1 (the worker's commonest batch; TensorRT's padding path) used to pass."""
+
+    def wrong_at_batch_1(name, logits):
+        return np.roll(logits, 1, axis=1) if len(logits) == 1 else logits
+
+    corrupt_onnxruntime(monkeypatch, wrong_at_batch_1)
+    out = tmp_path / "bundle"
+    with pytest.raises(ParityGateError, match=r"model\.onnx: batch 1 .*agreement") as info:
+        build_bundle(checkpoint_dir, out, precisions="fp32", parity_data=parity_dir, max_batch=8)
+    batch1 = info.value.report["artifacts"]["onnxruntime-fp32"]["batch1"]
+    assert batch1["n_images"] == 8 and batch1["top1_agreement_with_batched"] == 0.0
+    assert not out.exists()
+
+
 def test_default_parity_images_come_from_the_checkpoints_test_split(tmp_path):
     data = tmp_path / "data"
     write_images(data / "train", per_class=1, seed=1)
@@ -114,21 +185,43 @@ def test_no_parity_images_is_a_clear_error(checkpoint_dir, tmp_path):
 
 def test_existing_bundle_replaced_only_when_asked(checkpoint_dir, parity_dir, tmp_path):
     out = tmp_path / "bundle"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
-    kw = {
-        "precisions": "fp32",
-        "parity_data": parity_dir,
-        "max_batch": 4,
-        "opt_batch": 2,
-        "model_version": "v7",
-    }
+    kw = {"precisions": "fp32", "parity_data": parity_dir, "max_batch": 4, "opt_batch": 2}
+    build_bundle(checkpoint_dir, out, model_version="v6", **kw)
     with pytest.raises(BuildError, match="not empty"):
-        build_bundle(checkpoint_dir, out, **kw)
-    assert (out / "keep.txt").exists()
-    build_bundle(checkpoint_dir, out, overwrite=True, **kw)
-    assert not (out / "keep.txt").exists()
+        build_bundle(checkpoint_dir, out, model_version="v7", **kw)
+    assert load_bundle(out).manifest.model_version == "v6"
+    build_bundle(checkpoint_dir, out, overwrite=True, model_version="v7", **kw)
     assert load_bundle(out).manifest.model_version == "v7"
+
+
+def test_force_replaces_only_a_bundle(checkpoint_dir, parity_dir, tmp_path):
+    """--force must not delete a folder that is not a bundle (no manifest.json): it might be
+    a checkpoint, a data set or a home directory. An empty folder is fine to build into."""
+    kw = {"precisions": "fp32", "parity_data": parity_dir, "max_batch": 4, "opt_batch": 2}
+    other = tmp_path / "not-a-bundle"
+    (other / "sub").mkdir(parents=True)
+    (other / "keep.txt").write_text("x")
+    (other / "sub" / "manifest.json").write_text("{}")  # only the top level counts
+    with pytest.raises(BuildError, match=f"{other} .*not a bundle.*manifest.json"):
+        build_bundle(checkpoint_dir, other, overwrite=True, **kw)
+    assert (other / "keep.txt").read_text() == "x" and (other / "sub").is_dir()
+    assert not list(tmp_path.glob(".not-a-bundle.*"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert load_bundle(build_bundle(checkpoint_dir, empty, **kw)).manifest.arch == "resnet18"
+
+
+@pytest.mark.parametrize("where", ["parent", "same", "inside"])
+def test_out_overlapping_the_checkpoint_is_refused(parity_dir, tmp_path, where):
+    """--out runs --checkpoint runs/r18 --force used to replace runs, checkpoint and all."""
+    ckpt = write_checkpoint(tmp_path / "runs" / "r18")
+    before = sorted(p.name for p in ckpt.iterdir())
+    out = {"parent": tmp_path / "runs", "same": ckpt, "inside": ckpt / "bundle"}[where]
+    for checkpoint in (ckpt, ckpt / "checkpoint.pt"):
+        with pytest.raises(BuildError, match=f"--out {out} .*checkpoint"):
+            build_bundle(checkpoint, out, precisions="fp32", parity_data=parity_dir, overwrite=True)
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    assert not (ckpt / "bundle").exists()
 
 
 @pytest.mark.parametrize(
@@ -139,11 +232,29 @@ def test_existing_bundle_replaced_only_when_asked(checkpoint_dir, parity_dir, tm
         ({"min_batch": 4, "opt_batch": 2}, "min <= opt <= max"),
         ({"fp16_agreement": 1.5}, "fp16-agreement"),
         ({"colour": "red"}, "colour"),
+        ({"threads": -1}, "--threads must be >= 1"),
+        ({"threads": 0}, "--threads must be >= 1"),
+        ({"workspace_gb": -5}, "--workspace-gb must be > 0"),
+        ({"workspace_gb": float("nan")}, "--workspace-gb must be > 0"),
+        ({"opset": 7}, "--opset must be in 13..20"),
+        ({"opset": 12}, "--opset must be in 13..20"),
+        ({"opset": 21}, "--opset must be in 13..20"),
     ],
 )
-def test_bad_options_rejected(checkpoint_dir, tmp_path, options, match):
+def test_bad_options_rejected(checkpoint_dir, parity_dir, tmp_path, options, match):
+    kw = {"precisions": "fp32", "parity_data": parity_dir, **options}
     with pytest.raises(BuildError, match=match):
-        build_bundle(checkpoint_dir, tmp_path / "b", **options)
+        build_bundle(checkpoint_dir, tmp_path / "b", **kw)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("opset", [13, 20])
+def test_opset_range_ends_build(checkpoint_dir, parity_dir, tmp_path, opset):
+    out = build_bundle(
+        checkpoint_dir, tmp_path / "b", precisions="fp32,int8", parity_data=parity_dir,
+        max_batch=4, opt_batch=2, opset=opset,
+    )  # fmt: skip
+    assert onnx.load(str(out / "model.onnx")).opset_import[0].version == opset
 
 
 def test_tensorrt_demanded_without_gpu_is_an_error(checkpoint_dir, parity_dir, tmp_path):

@@ -28,6 +28,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["--checkpoint", "{ckpt}", "--out", "{tmp}/b", "--max-batch", "x"], "'x'"),
         (["--checkpoint", "{ckpt}", "--out", "{tmp}/b", "--parity-data", "/no/imgs"], "/no/imgs"),
         (["--out", "{tmp}/b"], "--checkpoint"),
+        (["--checkpoint", "{ckpt}", "--out", "{tmp}/b", "--threads", "-1"], "--threads"),
+        (["--checkpoint", "{ckpt}", "--out", "{tmp}/b", "--workspace-gb", "-5"], "--workspace-gb"),
+        (["--checkpoint", "{ckpt}", "--out", "{tmp}/b", "--opset", "7"], "--opset"),
         (
             ["--checkpoint", "{ckpt}", "--out", "{tmp}/a-file/b", "--parity-data", "{parity}"],
             "a-file",
@@ -37,6 +40,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_bad_input_is_one_line_exit_2(checkpoint_dir, parity_dir, tmp_path, args, needle):
     (tmp_path / "a-file").write_text("not a folder")
     args = [a.format(ckpt=checkpoint_dir, tmp=tmp_path, parity=parity_dir) for a in args]
+    if "--parity-data" not in args and "--checkpoint" in args:
+        # everything else buildable: only the flag under test may be refused
+        args += ["--parity-data", str(parity_dir), "--precision", "fp32"]
     proc = run_cli(*args, "--log-level", "ERROR")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -66,6 +72,26 @@ def test_unbuildable_options_are_one_line_exit_2(
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert needle in lines[0] and lines[0].startswith("python -m engine_build: error:")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("out", ["runs", "runs/r18", "elsewhere"])
+def test_force_never_deletes_the_checkpoint_or_a_non_bundle(parity_dir, tmp_path, out):
+    """`--checkpoint runs/r18 --out runs --force` used to delete runs, checkpoint included;
+    --force now replaces only a bundle and never a folder holding the checkpoint."""
+    ckpt = write_checkpoint(tmp_path / "runs" / "r18")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in ckpt.iterdir())
+    proc = run_cli(
+        "--checkpoint", str(ckpt), "--out", str(tmp_path / out), "--force",
+        "--precision", "fp32", "--parity-data", str(parity_dir), "--log-level", "ERROR",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m engine_build: error: --out ")
+    assert str(tmp_path / out) in lines[0]
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    assert (tmp_path / "elsewhere" / "notes.txt").read_text() == "mine"
 
 
 def test_failed_gate_exit_2_with_report(parity_dir, tmp_path):
