@@ -19,13 +19,13 @@ from training.checkpoint import (
     preprocess_spec_of,
     recorded_crop,
 )
-from training.cli import check_out_dir
+from training.cli import BadArgumentError, check_out_dir
 from training.cli_errors import OneLineParser
 from training.datasets import DatasetError, load_index
 from training.datasets.image_dataset import UnreadableImages
 from training.distributed import DistInfo
 from training.engine import evaluate
-from training.metrics import classification_metrics
+from training.metrics import classification_metrics, to_make_level
 from training.train import add_data_args, eval_loader, resolve_device
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,9 @@ def get_args_parser(add_parser=None, name: str = "evaluate") -> argparse.Argumen
         parser,
         crop_default=None,
         crop_help="default: the crop the checkpoint was trained with; another one is logged",
+        level_default=None,
+        level_help="default: the checkpoint's level; make on a model-level checkpoint scores "
+        "each make by its best model",
     )
     parser.add_argument("--split", choices=("test", "train"), default="test", help="which split")
     parser.add_argument("--out", type=Path, help="write metrics.json and plots here")
@@ -58,7 +61,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         check_out_dir(args.out)
     ckpt = load_checkpoint(args.checkpoint)
-    level = ckpt.get("level", args.level)
+    trained_level = ckpt.get("level") or "model"
+    level = args.level or trained_level
+    if level != trained_level and trained_level == "make":
+        raise BadArgumentError(
+            f"--level {level}: {args.checkpoint} classifies makes, it cannot be scored on models"
+        )
     trained_crop = recorded_crop(ckpt)
     crop = args.crop or trained_crop
     if crop != trained_crop:
@@ -68,7 +76,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             trained_crop,
             crop,
         )
-    index = load_index(args.dataset, args.data, args.split, level, crop, args.strict)
+    index = load_index(args.dataset, args.data, args.split, trained_level, crop, args.strict)
     if index.classes != ckpt["classes"]:
         raise DatasetError(
             f"{args.data}: its {index.num_classes} classes differ from the checkpoint's "
@@ -81,9 +89,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     spec = preprocess_spec_of(ckpt)
     unreadable = UnreadableImages(strict=args.strict)
     logits, targets = evaluate(model, eval_loader(index, spec, args), device, unreadable=unreadable)
-    m = classification_metrics(logits, targets, index.classes)
+    classes = index.classes
+    if level != trained_level:  # a model-level checkpoint read at make level
+        logits, targets, classes = to_make_level(logits, targets, classes)
+    m = classification_metrics(logits, targets, classes)
     m.update(
-        num_classes=index.num_classes,
+        level=level,
+        checkpoint_level=trained_level,
+        num_classes=len(classes),
         skipped_missing=index.skipped_missing,
         skipped_corrupt=index.skipped_corrupt,
         skipped_unreadable=len(unreadable),
@@ -96,10 +109,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out / "metrics.json", m)
-        plots.confused_pairs(m["confused_pairs"], index.classes, args.out / "confused_pairs.png")
+        plots.confused_pairs(m["confused_pairs"], classes, args.out / "confused_pairs.png")
     print(
         f"top1 {m['top1']:.4f} top5 {m['top5']:.4f} balanced {m['balanced_accuracy']:.4f} "
-        f"make-top1 {m['make_top1']:.4f} on {m['num_test']} {args.split} images, crop {crop} "
+        f"make-top1 {m['make_top1']:.4f} on {m['num_test']} {args.split} images, level {level}, "
+        f"crop {crop} "
         f"({index.skipped_missing} missing skipped)"
     )
     return m

@@ -66,3 +66,25 @@ def classification_metrics(
         ],
         "confused_pairs": confused,
     }
+
+
+def to_make_level(
+    logits: torch.Tensor, targets: torch.Tensor, classes: list[dict[str, Any]]
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """A model-level classifier's output read at make level: each make scores its best model's
+    logit (so make top-1 is exactly ``make_top1``: the make of the predicted model), targets
+    become their make, and the classes are the makes in order of first appearance."""
+    keys = make_keys(classes)
+    makes = list(dict.fromkeys(keys))
+    pos = {k: i for i, k in enumerate(makes)}
+    make_of = torch.tensor([pos[k] for k in keys], dtype=torch.long)
+    make_logits = torch.full((logits.shape[0], len(makes)), -torch.inf, dtype=logits.dtype)
+    make_logits.scatter_reduce_(1, make_of.expand(logits.shape[0], -1), logits, reduce="amax")
+    first = {}
+    for k, c in zip(keys, classes, strict=True):
+        first.setdefault(k, c)
+    make_classes = [
+        {"make": c["make"], "model": "", "make_id": c.get("make_id"), "model_id": None}
+        for c in (first[k] for k in makes)
+    ]
+    return make_logits, make_of[targets.long()], make_classes

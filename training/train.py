@@ -67,12 +67,14 @@ def add_data_args(
     parser: argparse.ArgumentParser,
     crop_default: str | None = "full",
     crop_help: str = "bbox: crop to label box",
+    level_default: str | None = "model",
+    level_help: str = "classify models or makes",
 ) -> None:
     """Flags that say which data set to read; shared with evaluate and compare (evaluate passes
     ``crop_default=None`` so the checkpoint's recorded crop applies unless --crop is given)."""
     parser.add_argument("--dataset", choices=list(READERS), default="compcars", help="layout")
     parser.add_argument("--data", type=Path, required=True, help="data directory")
-    parser.add_argument("--level", choices=LEVELS, default="model", help="classify models or makes")
+    parser.add_argument("--level", choices=LEVELS, default=level_default, help=level_help)
     parser.add_argument("--crop", choices=CROPS, default=crop_default, help=crop_help)
     parser.add_argument("--strict", action="store_true", help="fail on a corrupt image")
     parser.add_argument("--workers", type=non_negative_int, default=4, help="loader processes")

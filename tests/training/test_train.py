@@ -145,3 +145,31 @@ def test_compare_writes_table_json_and_plot(sample_root, tmp_path):
     assert 0 <= r["top1"] <= 1 and (tmp_path / "resnet18" / "checkpoint.pt").is_file()
     assert "| resnet18 |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_evaluate_model_checkpoint_at_make_level(trained, sample_root, tmp_path):
+    models = _evaluate(trained["out"], sample_root, tmp_path / "model")
+    makes = _evaluate(trained["out"], sample_root, tmp_path / "make", "--level", "make")
+    assert models["level"] == "model" and makes["level"] == "make"
+    assert makes["checkpoint_level"] == "model"
+    make_classes = load_index("compcars", sample_root, "test", level="make").classes
+    assert makes["num_classes"] == len(make_classes) < models["num_classes"]
+    assert [(c["make"], c["model"]) for c in makes["per_class"]] == [
+        (c["make"], c["model"]) for c in make_classes
+    ]
+    assert makes["top1"] == makes["make_top1"] == models["make_top1"]
+    assert makes["num_test"] == models["num_test"]
+
+
+def test_evaluate_make_checkpoint_at_model_level_is_refused(trained, sample_root, tmp_path):
+    from .test_cli_errors import assert_one_line_error, run_cli
+
+    raw = torch.load(trained["out"] / "checkpoint.pt", map_location="cpu", weights_only=True)
+    raw["level"] = "make"
+    (tmp_path / "make_ckpt").mkdir()
+    torch.save(raw, tmp_path / "make_ckpt" / "checkpoint.pt")
+    proc = run_cli(
+        "evaluate", "--checkpoint", str(tmp_path / "make_ckpt"), "--data", str(sample_root),
+        "--device", "cpu", "--level", "model",
+    )  # fmt: skip
+    assert_one_line_error(proc, "--level model")
