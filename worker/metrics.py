@@ -72,6 +72,11 @@ class WorkerMetrics:
             "records already counted (redelivery after a crash or rebalance)",
             registry=r,
         )
+        self.trend_duplicates = Counter(
+            "carstream_trend_duplicates",
+            "posts not counted because their post_id was counted within the dedup window",
+            registry=r,
+        )
         self._last_beat = time.monotonic()
         self._ready = False
 

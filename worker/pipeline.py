@@ -237,6 +237,7 @@ def make_outputs(
                 label.model,
                 event.city,
                 c.low_confidence,
+                event.post_id,
             )
         )
     return results, dead, trends
@@ -620,6 +621,8 @@ class StreamWorker(ConsumerRebalanceListener):
                 result = self.trends.apply(records)
                 if result.ignored:
                     self.metrics.trends_ignored.inc(result.ignored)
+                if result.duplicates:
+                    self.metrics.trend_duplicates.inc(result.duplicates)
                 return
             except RedisError as exc:
                 self.metrics.retries.labels("redis").inc()

@@ -248,6 +248,7 @@ def _serve(
         settings.group_id,
         settings.trend_minute_ttl_s,
         settings.trend_hour_ttl_s,
+        settings.dedup_ttl_s,
     )
     worker = StreamWorker(
         settings, engine, bundle.manifest, consumer, producer, writer, metrics, stop

@@ -172,6 +172,13 @@ class WorkerSettings(BaseSettings):
     redis_socket_timeout_s: float = Field(5.0, gt=0, le=3600)
     trend_minute_ttl_s: int = Field(48 * 3600, ge=60, description="TTL of per-minute buckets")
     trend_hour_ttl_s: int = Field(30 * 24 * 3600, ge=3600, description="TTL of hourly rollups")
+    dedup_ttl_s: int = Field(
+        3600,
+        ge=0,
+        le=INT32_MAX,
+        description="a post re-sent under the same post_id within this many seconds is counted "
+        "once (one Redis key per post for this long); 0 disables",
+    )
 
     # Model and batching
     bundle: str | None = Field(None, description="model bundle directory (engine_build output)")

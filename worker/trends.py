@@ -12,7 +12,9 @@ city; overall keys only). Sorted sets make "top N over a window" one ZUNION of t
 window's buckets, summed by Redis, then a sort of a few hundred members at most.
 
 Exactly once: the counts and the applied offset of each (group, topic, partition), in
-`carstream:trends:applied:{group}`, change together in one Lua script call.
+`carstream:trends:applied:{group}`, change together in one Lua script call. Within a window
+(``dedup_ttl_s``), a post re-sent under the same post_id at a new offset is counted once too:
+`carstream:trends:seen:{post_id}` is set (NX, with that TTL) in the same call.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ MODEL_SEPARATOR = "|"
 CITY_MAX_CHARS = 64
 DEFAULT_MINUTE_TTL_S = 48 * 3600
 DEFAULT_HOUR_TTL_S = 30 * 24 * 3600
+DEFAULT_DEDUP_TTL_S = 3600
 Dimension = Literal["make", "model", "lowconf", "city"]
 Resolution = Literal["m", "h"]
 
@@ -46,6 +49,7 @@ class TrendRecord:
     """One consumed post as the trends see it; make None means dead-lettered (count nothing).
 
     For low-confidence posts make/model are the classifier's top-1 guess, counted apart.
+    ``post_id`` (the idempotency key) dedupes a post re-sent at another offset; None: no dedup.
     """
 
     topic: str
@@ -56,14 +60,17 @@ class TrendRecord:
     model: str | None
     city: str | None
     low_confidence: bool = False
+    post_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
-    """How many records of a batch were counted, and how many were already applied before."""
+    """How many records of a batch were applied, how many were at offsets applied before, and
+    how many were new offsets carrying a post_id counted within the dedup window."""
 
     applied: int
     ignored: int
+    duplicates: int = 0
 
 
 # --- pure key schema -------------------------------------------------------------------
@@ -110,6 +117,11 @@ def trend_key(dim: Dimension, res: Resolution, bucket: str, city: str | None = N
 def applied_key(group_id: str) -> str:
     """Hash of the last applied offset per "<topic>:<partition>" for one consumer group."""
     return f"{PREFIX}applied:{group_id}"
+
+
+def seen_key(post_id: str) -> str:
+    """Marks a post_id counted, for the dedup window (TTL ``dedup_ttl_s``)."""
+    return f"{PREFIX}seen:{post_id}"
 
 
 def increments(record: TrendRecord) -> list[tuple[str, str]]:
@@ -163,29 +175,37 @@ class TrendWriter:
         group_id: str,
         minute_ttl_s: int = DEFAULT_MINUTE_TTL_S,
         hour_ttl_s: int = DEFAULT_HOUR_TTL_S,
+        dedup_ttl_s: int = DEFAULT_DEDUP_TTL_S,
     ) -> None:
         if minute_ttl_s <= 0 or hour_ttl_s <= 0:
             raise ValueError("trend TTLs must be positive")
+        if dedup_ttl_s < 0:
+            raise ValueError("the dedup TTL must be 0 (off) or positive")
         self._redis = redis_client
         self._applied_key = applied_key(group_id)
         self._minute_ttl_s = minute_ttl_s
         self._hour_ttl_s = hour_ttl_s
+        self._dedup_ttl_s = dedup_ttl_s
         self._script = redis_client.register_script(APPLY_BATCH_LUA)
 
     def apply(self, records: Sequence[TrendRecord], now: float | None = None) -> ApplyResult:
         """Count the records not applied before and advance each partition, atomically.
 
         Safe to call again with the same batch (after a crash before the offset commit),
-        and from a replica that lost its partitions meanwhile: neither changes a count.
+        and from a replica that lost its partitions meanwhile: neither changes a count. With a
+        dedup TTL, a counted record whose post_id was counted within that TTL (a post re-sent by
+        its producer, at a new offset) counts nothing either.
         """
         if not records:
             return ApplyResult(0, 0)
         now = time.time() if now is None else now
         key_index: dict[str, int] = {}
+        seen_index: dict[str, int] = {}
         by_partition: dict[str, list[TrendRecord]] = {}
         for rec in records:
             by_partition.setdefault(f"{rec.topic}:{rec.partition}", []).append(rec)
         batch = []
+        encoded_all: list[list] = []
         for field, recs in by_partition.items():
             encoded = []
             for rec in sorted(recs, key=lambda r: r.offset):
@@ -193,17 +213,32 @@ class TrendWriter:
                 for key, member in increments(rec):
                     flat.append(key_index.setdefault(key, len(key_index) + 1))
                     flat.append(member)
-                encoded.append([rec.offset, flat])
+                seen = 0  # dead letters count nothing, so they never mark a post_id seen
+                if self._dedup_ttl_s and flat and rec.post_id is not None:
+                    seen = seen_index.setdefault(seen_key(rec.post_id), len(seen_index) + 1)
+                encoded.append([rec.offset, flat, seen])
             batch.append([field, encoded])
-        keys = list(key_index)  # insertion order == index order
-        expire = [_expire_at(k, self._minute_ttl_s, self._hour_ttl_s, now) for k in keys]
-        applied, ignored = self._script(
-            keys=[self._applied_key, *keys],
-            args=[json.dumps(batch, ensure_ascii=False), json.dumps(expire)],
+            encoded_all.extend(encoded)
+        trend_keys = list(key_index)  # insertion order == index order
+        for rec_encoded in encoded_all:  # seen keys follow the trend keys in KEYS
+            if rec_encoded[2]:
+                rec_encoded[2] += len(trend_keys)
+        expire = [_expire_at(k, self._minute_ttl_s, self._hour_ttl_s, now) for k in trend_keys]
+        applied, ignored, duplicates = self._script(
+            keys=[self._applied_key, *trend_keys, *seen_index],
+            args=[
+                json.dumps(batch, ensure_ascii=False),
+                json.dumps(expire),
+                self._dedup_ttl_s,
+            ],
         )
         if ignored:
             logger.info("trends: %d records already applied were ignored", ignored)
-        return ApplyResult(int(applied), int(ignored))
+        if duplicates:
+            logger.info(
+                "trends: %d re-sent posts (post_id seen before) were not counted", duplicates
+            )
+        return ApplyResult(int(applied), int(ignored), int(duplicates))
 
     def positions(self) -> dict[tuple[str, int], int]:
         """The last applied offset per (topic, partition) for this writer's group."""

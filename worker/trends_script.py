@@ -8,21 +8,26 @@ APPLY_BATCH_LUA = r"""
 -- carstream: apply one batch of trend increments exactly once (see docs/trends.md).
 --
 -- KEYS[1]      the consumer group's applied-offset hash: field "<topic>:<partition>" -> offset
--- KEYS[2..n]   the trend sorted sets this batch may touch
--- ARGV[1]      JSON [[field, [[offset, [key_index, member, key_index, member, ...]], ...]], ...]
---              records of each partition in ascending offset order; key_index is 1-based
---              into KEYS[2..n]
--- ARGV[2]      JSON [expire_at, ...], unix seconds, one per KEYS[2..n]
+-- KEYS[2..n]   the trend sorted sets this batch may touch, then the post_id "seen" keys
+-- ARGV[1]      JSON [[field, [[offset, [key_index, member, ...], seen_index], ...]], ...]
+--              records of each partition in ascending offset order; key_index and seen_index
+--              are 1-based into KEYS[2..n]; seen_index 0: no post_id dedup for this record
+-- ARGV[2]      JSON [expire_at, ...], unix seconds, one per trend key (KEYS[2..]); the seen
+--              keys' entries are unused
+-- ARGV[3]      TTL of a seen key, seconds (the post_id dedup window)
 --
 -- A record at or below its partition's stored offset was applied before (a redelivery, or a
--- stalled replica that lost its partitions waking up late): it changes nothing. The others
--- are counted and the partition's offset moves to the highest one, in the same atomic call.
--- Returns {applied, ignored}.
+-- stalled replica that lost its partitions waking up late): it changes nothing, and its seen key
+-- is not touched. A newer record with a seen key is counted only if SET NX creates that key (a
+-- post re-sent by a producer, at a new offset, within the window is a duplicate). Either way the
+-- partition's offset moves to the highest one, in the same atomic call.
+-- Returns {applied, ignored, duplicates}.
 
 local applied_key = KEYS[1]
 local batch = cjson.decode(ARGV[1])
 local expire_at = cjson.decode(ARGV[2])
-local applied, ignored = 0, 0
+local seen_ttl = tonumber(ARGV[3])
+local applied, ignored, duplicates = 0, 0, 0
 local touched = {}
 
 for _, part in ipairs(batch) do
@@ -38,14 +43,19 @@ for _, part in ipairs(batch) do
     if offset <= position then
       ignored = ignored + 1
     else
-      local incs = rec[2]
-      for i = 1, #incs, 2 do
-        local idx = incs[i]
-        redis.call('ZINCRBY', KEYS[idx + 1], 1, incs[i + 1])
-        touched[idx] = true
+      local seen = rec[3]
+      if seen > 0 and not redis.call('SET', KEYS[seen + 1], '1', 'NX', 'EX', seen_ttl) then
+        duplicates = duplicates + 1
+      else
+        local incs = rec[2]
+        for i = 1, #incs, 2 do
+          local idx = incs[i]
+          redis.call('ZINCRBY', KEYS[idx + 1], 1, incs[i + 1])
+          touched[idx] = true
+        end
+        applied = applied + 1
       end
       position = offset
-      applied = applied + 1
     end
   end
   if position > start then
@@ -57,5 +67,5 @@ for idx, _ in pairs(touched) do
   redis.call('EXPIREAT', KEYS[idx + 1], expire_at[idx])
 end
 
-return {applied, ignored}
+return {applied, ignored, duplicates}
 """

@@ -37,8 +37,9 @@ def rec(
     city: str | None = None,
     partition: int = 0,
     low: bool = False,
+    post_id: str | None = None,
 ) -> TrendRecord:
-    return TrendRecord(TOPIC, partition, offset, at, make, model, city, low)
+    return TrendRecord(TOPIC, partition, offset, at, make, model, city, low, post_id)
 
 
 # --- pure key schema -------------------------------------------------------------------
@@ -121,7 +122,10 @@ def snapshot(client: redis.Redis) -> dict[bytes, object]:
     out: dict[bytes, object] = {}
     for key in client.scan_iter("carstream:trends:*"):
         kind = client.type(key)
-        out[key] = client.hgetall(key) if kind == b"hash" else client.zrange(key, 0, -1, True)
+        if kind == b"string":  # a post_id seen key
+            out[key] = (client.get(key), client.ttl(key))
+        else:
+            out[key] = client.hgetall(key) if kind == b"hash" else client.zrange(key, 0, -1, True)
     return out
 
 
@@ -186,6 +190,56 @@ def test_mixed_batch_applies_only_the_new_records(r: redis.Redis) -> None:
     counts = dict(TrendReader(r).top(1, now=at))
     assert counts == {"Toyota": 6, "Audi": 3}
     assert w.positions() == {(TOPIC, 0): 7, (TOPIC, 1): 0}
+
+
+@pytest.mark.integration
+def test_a_post_re_sent_at_a_new_offset_is_counted_once_within_the_window(r: redis.Redis) -> None:
+    at = _base()
+    w = TrendWriter(r, "g", MIN_TTL, HOUR_TTL, dedup_ttl_s=600)
+    first = w.apply([rec(0, at, post_id="p1"), rec(1, at, "BMW", "X5", post_id="p2")])
+    assert (first.applied, first.ignored, first.duplicates) == (2, 0, 0)
+    # the producer retried p1 (offset 2; its guess is the same), and p1 again in one batch with p3
+    again = w.apply([rec(2, at, post_id="p1")])
+    both = w.apply([rec(3, at, "Audi", "A4", post_id="p3"), rec(4, at, "Audi", "A4", post_id="p3")])
+    assert (again.applied, again.duplicates) == (0, 1)
+    assert (both.applied, both.duplicates) == (1, 1)
+    counts = dict(TrendReader(r).top(5, now=at))
+    assert counts == {"Toyota": 1, "BMW": 1, "Audi": 1}
+    assert w.positions() == {(TOPIC, 0): 4}  # the offsets move on past duplicates
+    assert 590 <= r.ttl("carstream:trends:seen:p1") <= 600
+    assert r.get("carstream:trends:seen:p2") == b"1"
+
+
+@pytest.mark.integration
+def test_a_redelivered_batch_does_not_touch_seen_keys(r: redis.Redis) -> None:
+    at = _base()
+    w = TrendWriter(r, "g", MIN_TTL, HOUR_TTL, dedup_ttl_s=600)
+    w.apply([rec(0, at, post_id="p1"), rec(1, at, post_id="p2")])
+    r.expire("carstream:trends:seen:p1", 100)
+    before = snapshot(r)
+    res = w.apply([rec(0, at, post_id="p1"), rec(1, at, post_id="p-new")])  # a redelivery
+    assert (res.applied, res.ignored, res.duplicates) == (0, 2, 0)
+    assert snapshot(r) == before  # no seen key for p-new, p1's TTL not renewed
+    assert not r.exists("carstream:trends:seen:p-new")
+
+
+@pytest.mark.integration
+def test_a_dead_letter_does_not_mark_its_post_id_seen(r: redis.Redis) -> None:
+    at = _base()
+    w = TrendWriter(r, "g", MIN_TTL, HOUR_TTL, dedup_ttl_s=600)
+    w.apply([rec(0, at, None, None, post_id="p1")])  # the first copy failed (e.g. URL fetch)
+    assert w.apply([rec(1, at, post_id="p1")]).applied == 1  # the re-sent copy counts
+    assert dict(TrendReader(r).top(5, now=at)) == {"Toyota": 1}
+
+
+@pytest.mark.integration
+def test_dedup_off_counts_every_offset(r: redis.Redis) -> None:
+    at = _base()
+    w = TrendWriter(r, "g", MIN_TTL, HOUR_TTL, dedup_ttl_s=0)
+    res = w.apply([rec(0, at, post_id="p1"), rec(1, at, post_id="p1")])
+    assert (res.applied, res.duplicates) == (2, 0)
+    assert dict(TrendReader(r).top(5, now=at)) == {"Toyota": 2}
+    assert not list(r.scan_iter("carstream:trends:seen:*"))
 
 
 @pytest.mark.integration

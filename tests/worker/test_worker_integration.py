@@ -343,3 +343,27 @@ def test_two_replicas_split_partitions_and_a_killed_one_loses_nothing(
 
     wait_no_lag(kafka_bootstrap, topics, deadline_s=90)
     check_counts(url, by_post, {pid: city for pid, _, city in every})
+
+
+def test_a_post_re_sent_by_its_producer_gets_a_result_each_time_and_is_counted_once(
+    env, kafka_bootstrap, tmp_path
+):
+    topics, url, worker_env, procs = env
+    posts = good_posts(6, seed=3)
+    resent = posts[0]
+    # the producer timed out waiting for its ack and sent post 0 again: a new offset, same post_id
+    messages = [(p.encode(), raw) for p, raw, _ in posts] + [(resent[0].encode(), resent[1])]
+    produce(kafka_bootstrap, topics.input, messages)
+    start_worker(worker_env, procs, "w1", tmp_path)
+    results = consume_all(
+        kafka_bootstrap, topics.output, lambda recs: len(recs) >= len(messages), 120, procs
+    )
+    values = [json.loads(r.value) for r in results]
+    copies = [v for v in values if v["post_id"] == resent[0]]
+    # the results topic is unchanged: one result per record, both keyed by the post_id
+    assert len(copies) == 2 and len({v["source"]["offset"] for v in copies}) == 2
+    assert (copies[0]["make"], copies[0]["model"]) == (copies[1]["make"], copies[1]["model"])
+    wait_no_lag(kafka_bootstrap, topics)
+    by_post = {v["post_id"]: v for v in values}  # what the counts must equal: each post once
+    check_counts(url, by_post, {pid: city for pid, _, city in posts})
+    assert redis.Redis.from_url(url).exists(f"carstream:trends:seen:{resent[0]}")
