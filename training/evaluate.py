@@ -26,7 +26,7 @@ from training.datasets.image_dataset import UnreadableImages
 from training.distributed import DistInfo
 from training.engine import evaluate
 from training.metrics import classification_metrics, to_make_level
-from training.train import add_data_args, eval_loader, resolve_device
+from training.train import add_data_args, check_crop, eval_loader, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         )
     trained_crop = recorded_crop(ckpt)
     crop = args.crop or trained_crop
+    check_crop(crop, args.dataset)
     if crop != trained_crop:
         log.warning(
             "--crop %s: the checkpoint was trained with crop %s; evaluating on %s anyway",

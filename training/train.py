@@ -339,6 +339,32 @@ def check_resume(args: argparse.Namespace, ckpt: dict[str, Any], world_size: int
         )
 
 
+MIN_IMAGE_SIZE = 32  # a ResNet downsamples 32x: smaller inputs leave nothing for the last stage
+MIN_BATCH_SIZE = 2  # BatchNorm cannot train on one image (a 1x1 map at the last stage)
+DATASETS_WITH_BOXES = ("compcars",)  # compcars-sv images are crops already; folders have no labels
+
+
+def check_crop(crop: str, dataset: str) -> None:
+    """--crop bbox needs a reader that has boxes; elsewhere it would be a no-op recorded as bbox."""
+    if crop == "bbox" and dataset not in DATASETS_WITH_BOXES:
+        raise BadArgumentError(
+            f"--crop bbox: --dataset {dataset} has no bounding boxes (only "
+            f"{', '.join(DATASETS_WITH_BOXES)} does); use --crop full"
+        )
+
+
+def check_train_args(args: argparse.Namespace) -> None:
+    """Flag values argparse accepts but a training run cannot use; one line naming each."""
+    if args.batch_size < MIN_BATCH_SIZE:
+        raise BadArgumentError(
+            f"--batch-size {args.batch_size}: must be >= {MIN_BATCH_SIZE} per process "
+            "(BatchNorm cannot train on one image)"
+        )
+    if args.image_size < MIN_IMAGE_SIZE:
+        raise BadArgumentError(f"--image-size {args.image_size}: must be >= {MIN_IMAGE_SIZE}")
+    check_crop(args.crop, args.dataset)
+
+
 def check_no_checkpoint_in_out(args: argparse.Namespace) -> None:
     """Refuse to train into an --out that holds a checkpoint, unless this run continues that very
     checkpoint (--resume pointing there) or --overwrite says to replace it: a finished model must
@@ -366,6 +392,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
+    check_train_args(args)
     check_out_dir(args.out)
     check_no_checkpoint_in_out(args)
     device = resolve_device(args.device, dist_info)

@@ -79,3 +79,18 @@ def test_out_holding_a_checkpoint_is_not_overwritten_by_accident(tiny_sample, tm
     assert (out / "checkpoint.pt").read_bytes() == before
     assert cli_main(tiny_argv(tiny_sample, out, "--seed", "2", "--overwrite")) == 0
     assert (out / "checkpoint.pt").read_bytes() != before
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (("--batch-size", "1"), "--batch-size 1"),
+        (("--image-size", "16"), "--image-size 16"),
+        (("--dataset", "folder", "--crop", "bbox"), "--crop bbox: --dataset folder"),
+        (("--dataset", "compcars-sv", "--crop", "bbox"), "--crop bbox: --dataset compcars-sv"),
+    ],
+)
+def test_unusable_train_flags_are_one_line(tiny_sample, tmp_path, extra, needle):
+    proc = run_cli(*tiny_argv(tiny_sample, tmp_path / "out", *extra))
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "out").exists()
