@@ -22,7 +22,7 @@ from training import train as train_cmd
 from training.checkpoint import atomic_write_bytes, atomic_write_json
 from training.cli import BadArgumentError, positive_int
 from training.cli_errors import OneLineParser
-from training.distributed import DistInfo
+from training.distributed import DistInfo, barrier, cleanup, init_distributed
 from training.models import ARCHS, UnknownArchError, build_model
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ def parse_archs(text: str) -> list[str]:
     archs = [a.strip() for a in text.split(",") if a.strip()]
     if not archs:
         raise BadArgumentError("--archs is empty")
+    dupes = sorted({a for a in archs if archs.count(a) > 1})
+    if dupes:
+        raise BadArgumentError(f"--archs {text}: {', '.join(dupes)} named twice")
     for a in archs:
         if a not in ARCHS:
             raise UnknownArchError(f"unknown arch {a!r} in --archs; choose from {', '.join(ARCHS)}")
@@ -104,17 +107,40 @@ def get_args_parser(add_parser=None, name: str = "compare") -> argparse.Argument
     return parser
 
 
+def arch_run_args(args: argparse.Namespace, arch: str) -> argparse.Namespace:
+    run_args = copy.copy(args)
+    run_args.arch, run_args.out = arch, args.out / arch
+    run_args.resume, run_args.stop_after = None, None
+    return run_args
+
+
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Train and measure each arch; return the table's rows (rank 0) or [] (other ranks)."""
     archs = parse_archs(args.archs)
-    device = train_cmd.resolve_device(args.device, DistInfo())
+    # every arch's --out is checked before the first one trains, not after it
+    for arch in archs:
+        train_cmd.check_no_checkpoint_in_out(arch_run_args(args, arch))
+    dist_info = init_distributed()  # one process group for all the runs (under torchrun)
+    try:
+        rows = _compare(args, archs, dist_info)
+        barrier(dist_info)  # the other ranks wait while rank 0 measures and writes the table
+        return rows
+    finally:
+        cleanup(dist_info)
+
+
+def _compare(
+    args: argparse.Namespace, archs: list[str], dist_info: DistInfo
+) -> list[dict[str, Any]]:
+    device = train_cmd.resolve_device(args.device, dist_info)
     rows = []
     for arch in archs:
-        run_args = copy.copy(args)
-        run_args.arch, run_args.out = arch, args.out / arch
-        run_args.resume, run_args.stop_after = None, None
+        run_args = arch_run_args(args, arch)
         start = time.perf_counter()
         metrics = train_cmd.main(run_args)
         train_seconds = time.perf_counter() - start
+        if not metrics:  # a non-main rank under torchrun: it trained its share; rank 0 reports
+            continue
         model = build_model(arch, metrics["num_classes"])
         rows.append(
             {
@@ -136,6 +162,8 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "checkpoint": str(run_args.out),
             }
         )
+    if not rows:
+        return []
     header = (
         f"# Architecture comparison\n\n{args.dataset} at {args.data}, {args.epochs} epochs, "
         f"{args.image_size} px, device {device}, pretrained {rows[0]['pretrained_source']}. "

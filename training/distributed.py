@@ -14,6 +14,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owner: bool = True  # this DistInfo's init_distributed set the process group up
 
     @property
     def enabled(self) -> bool:
@@ -25,11 +26,17 @@ class DistInfo:
 
 
 def init_distributed() -> DistInfo:
-    """Join the torchrun process group (NCCL on CUDA, Gloo on CPU) when launched under it."""
+    """Join the torchrun process group (NCCL on CUDA, Gloo on CPU) when launched under it.
+
+    A group that is already up (``compare`` holds one across its training runs: tearing a group
+    down and setting it up again on torchrun's store is not reliable) is joined as it is, and
+    :func:`cleanup` leaves it to whoever set it up."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_initialized():
+        return DistInfo(info.rank, info.world_size, info.local_rank, owner=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -42,5 +49,5 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if info.enabled and info.owner and dist.is_initialized():
         dist.destroy_process_group()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +97,19 @@ def test_unusable_train_flags_are_one_line(tiny_sample, tmp_path, extra, needle)
     proc = run_cli(*tiny_argv(tiny_sample, tmp_path / "out", *extra))
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_under_torchrun(tiny_sample, tmp_path):
+    """Two CPU processes (Gloo): every rank trains each arch, only rank 0 writes the table."""
+    out = tmp_path / "cmp"
+    argv = [a for a in tiny_argv(tiny_sample, out)[1:] if a not in ("--arch", "resnet18")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "training", "compare", "--archs", "resnet18,resnet34", *argv],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["arch"] for r in rows] == ["resnet18", "resnet34"]
+    for arch in ("resnet18", "resnet34"):
+        assert json.loads((out / arch / "args.json").read_text())["world_size"] == 2
