@@ -11,6 +11,9 @@ top-1 make guess of low-confidence posts, kept apart from `make`) and `city` (po
 city; overall keys only). Sorted sets make "top N over a window" one ZUNION of the
 window's buckets, summed by Redis, then a sort of a few hundred members at most.
 
+The writer records the TTLs it gives the buckets in the hash `carstream:trends:config`
+(`minute_ttl_s`, `hour_ttl_s`); readers choose minute buckets or hour rollups by those.
+
 Exactly once: the counts and the applied offset of each (group, topic, partition), in
 `carstream:trends:applied:{group}`, change together in one Lua script call. Within a window
 (``dedup_ttl_s``), a post re-sent under the same post_id at a new offset is counted once too:
@@ -100,6 +103,9 @@ def normalize_city(city: str | None) -> str | None:
     if city is None:
         return None
     norm = " ".join(unicodedata.normalize("NFKC", city).split()).casefold()
+    # casefold turns the Turkish dotted capital İ into i + U+0307 (combining dot above), so
+    # "İstanbul" and "Istanbul" would be two cities; the dot carries no meaning on a lower i
+    norm = norm.replace("i\u0307", "i")
     return norm[:CITY_MAX_CHARS] or None
 
 
@@ -112,6 +118,9 @@ def trend_key(dim: Dimension, res: Resolution, bucket: str, city: str | None = N
     """The Redis key of one bucket; `city` must already be normalised."""
     key = f"{PREFIX}{dim}:{res}:{bucket}"
     return f"{key}:city:{city}" if city else key
+
+
+CONFIG_KEY = f"{PREFIX}config"
 
 
 def applied_key(group_id: str) -> str:
@@ -225,11 +234,13 @@ class TrendWriter:
                 rec_encoded[2] += len(trend_keys)
         expire = [_expire_at(k, self._minute_ttl_s, self._hour_ttl_s, now) for k in trend_keys]
         applied, ignored, duplicates = self._script(
-            keys=[self._applied_key, *trend_keys, *seen_index],
+            keys=[self._applied_key, *trend_keys, *seen_index, CONFIG_KEY],
             args=[
                 json.dumps(batch, ensure_ascii=False),
                 json.dumps(expire),
                 self._dedup_ttl_s,
+                self._minute_ttl_s,
+                self._hour_ttl_s,
             ],
         )
         if ignored:
@@ -295,11 +306,44 @@ def window_keys(
 
 
 class TrendReader:
-    """Top makes, models, cities and low-confidence guesses over a trailing window."""
+    """Top makes, models, cities and low-confidence guesses over a trailing window.
 
-    def __init__(self, redis_client: redis.Redis, minute_ttl_s: int = DEFAULT_MINUTE_TTL_S):
+    Which buckets still exist depends on the TTLs the *writers* used, so by default the reader
+    takes them from `carstream:trends:config` (defaults where no writer recorded any); pass
+    ``minute_ttl_s``/``hour_ttl_s`` only to override.
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        minute_ttl_s: int | None = None,
+        hour_ttl_s: int | None = None,
+    ):
         self._redis = redis_client
         self._minute_ttl_s = minute_ttl_s
+        self._hour_ttl_s = hour_ttl_s
+
+    def ttls(self) -> tuple[int, int]:
+        """(minute, hour) bucket TTLs in seconds: the overrides, else the writers' recorded ones."""
+        if self._minute_ttl_s is not None and self._hour_ttl_s is not None:
+            return self._minute_ttl_s, self._hour_ttl_s
+        recorded = self._redis.hmget(CONFIG_KEY, ["minute_ttl_s", "hour_ttl_s"])
+        values = []
+        for override, raw, default in zip(
+            (self._minute_ttl_s, self._hour_ttl_s),
+            recorded,
+            (DEFAULT_MINUTE_TTL_S, DEFAULT_HOUR_TTL_S),
+            strict=True,
+        ):
+            if override is not None:
+                values.append(override)
+                continue
+            try:
+                values.append(int(raw) if raw is not None else default)
+            except ValueError:
+                logger.warning("ignoring a malformed TTL %r in %s", raw, CONFIG_KEY)
+                values.append(default)
+        return values[0], values[1]
 
     def _top(
         self,
@@ -311,7 +355,8 @@ class TrendReader:
     ) -> list[tuple[str, int]]:
         wall_now = datetime.now(UTC)
         now = wall_now if now is None else now
-        keys = window_keys(dim, window_minutes, now, city, self._minute_ttl_s, wall_now)
+        minute_ttl_s, _ = self.ttls()
+        keys = window_keys(dim, window_minutes, now, city, minute_ttl_s, wall_now)
         merged = self._redis.zunion(keys, withscores=True, aggregate="SUM")
         counts = [(_text(member), round(score)) for member, score in merged]
         counts.sort(key=lambda mc: (-mc[1], mc[0]))

@@ -115,19 +115,20 @@ def main(args: argparse.Namespace) -> int:
         settings = WorkerSettings(**({"redis_url": args.redis_url} if args.redis_url else {}))
     except ValidationError as exc:
         return fail(f"settings: {first_validation_error(exc)}")
-    horizon = expired_before(datetime.now(UTC), settings.trend_hour_ttl_s)
-    window_start = at - timedelta(minutes=minutes - 1)
-    complete = window_start.replace(minute=0, second=0, microsecond=0) >= horizon
-    if not complete:
-        print(
-            f"warning: counts before {horizon:%Y-%m-%d %H:%M} UTC have expired (hour rollups "
-            f"live {settings.trend_hour_ttl_s // 86400} days, CARSTREAM_TREND_HOUR_TTL_S): "
-            "this window undercounts",
-            file=sys.stderr,
-        )
     client = redis_client(settings)
-    reader = TrendReader(client, minute_ttl_s=settings.trend_minute_ttl_s)
+    reader = TrendReader(client)  # bucket TTLs as the workers recorded them
     try:
+        _, hour_ttl_s = reader.ttls()
+        horizon = expired_before(datetime.now(UTC), hour_ttl_s)
+        window_start = at - timedelta(minutes=minutes - 1)
+        complete = window_start.replace(minute=0, second=0, microsecond=0) >= horizon
+        if not complete:
+            print(
+                f"warning: counts before {horizon:%Y-%m-%d %H:%M} UTC have expired (the workers "
+                f"keep hour rollups {hour_ttl_s} s = {hour_ttl_s / 86400:g} d, "
+                "CARSTREAM_TREND_HOUR_TTL_S): this window undercounts",
+                file=sys.stderr,
+            )
         if args.by == "city":
             rows = reader.cities(minutes, top=args.top, now=at)
         elif args.by == "low-confidence":

@@ -8,13 +8,17 @@ APPLY_BATCH_LUA = r"""
 -- carstream: apply one batch of trend increments exactly once (see docs/trends.md).
 --
 -- KEYS[1]      the consumer group's applied-offset hash: field "<topic>:<partition>" -> offset
--- KEYS[2..n]   the trend sorted sets this batch may touch, then the post_id "seen" keys
+-- KEYS[2..n-1] the trend sorted sets this batch may touch, then the post_id "seen" keys
+-- KEYS[n]      the trends config hash (carstream:trends:config)
 -- ARGV[1]      JSON [[field, [[offset, [key_index, member, ...], seen_index], ...]], ...]
 --              records of each partition in ascending offset order; key_index and seen_index
 --              are 1-based into KEYS[2..n]; seen_index 0: no post_id dedup for this record
 -- ARGV[2]      JSON [expire_at, ...], unix seconds, one per trend key (KEYS[2..]); the seen
 --              keys' entries are unused
 -- ARGV[3]      TTL of a seen key, seconds (the post_id dedup window)
+-- ARGV[4..5]   the writer's minute and hour bucket TTLs, recorded in KEYS[#KEYS] (the config
+--              hash) whenever the batch counts something, so readers pick buckets by the TTLs
+--              the buckets were written with, not their own settings
 --
 -- A record at or below its partition's stored offset was applied before (a redelivery, or a
 -- stalled replica that lost its partitions waking up late): it changes nothing, and its seen key
@@ -63,8 +67,13 @@ for _, part in ipairs(batch) do
   end
 end
 
+local any_touched = false
 for idx, _ in pairs(touched) do
   redis.call('EXPIREAT', KEYS[idx + 1], expire_at[idx])
+  any_touched = true
+end
+if any_touched then
+  redis.call('HSET', KEYS[#KEYS], 'minute_ttl_s', ARGV[4], 'hour_ttl_s', ARGV[5])
 end
 
 return {applied, ignored, duplicates}

@@ -58,6 +58,9 @@ def test_buckets_are_utc_minutes_and_hours() -> None:
 def test_city_normalisation() -> None:
     assert normalize_city("  São   Paulo ") == normalize_city("SÃO PAULO") == "são paulo"
     assert normalize_city("   ") is None
+    # casefold gives i + U+0307 for the Turkish dotted capital: still the same city
+    assert normalize_city("İSTANBUL") == normalize_city("İstanbul") == "istanbul"
+    assert normalize_city("Istanbul") == "istanbul"
     assert normalize_city(None) is None
     assert len(normalize_city("x" * 500) or "") == 64
 
@@ -137,6 +140,27 @@ def test_a_window_days_ago_counts_from_hour_rollups_after_minutes_expired(r: red
     assert not list(r.scan_iter("carstream:trends:make:m:*"))
     counts = dict(TrendReader(r, MIN_TTL).top(120, now=hour + timedelta(minutes=30)))
     assert counts == {"Toyota": 2}
+
+
+@pytest.mark.integration
+def test_reader_uses_the_ttls_the_writers_recorded_not_its_own(r: redis.Redis) -> None:
+    # workers keep minute buckets 1 h; a reader with default settings (48 h) would read the
+    # expired minutes of a partial hour and miss its counts
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    post = now - timedelta(minutes=150)  # its minute bucket has expired, its hour rollup lives
+    TrendWriter(r, "g", minute_ttl_s=3600, hour_ttl_s=7 * 86400).apply([rec(0, post, "Old")])
+    assert TrendReader(r).ttls() == (3600, 7 * 86400)
+    window = int((now - post.replace(minute=0)) / timedelta(minutes=1)) - 5  # starts mid-hour
+    assert TrendReader(r).top(window, now=now) == [("Old", 1)]
+    assert TrendReader(r, minute_ttl_s=48 * 3600).top(window, now=now) == []  # the old bug
+    assert TrendReader(r, hour_ttl_s=86400).ttls() == (3600, 86400)  # overrides win
+
+
+@pytest.mark.integration
+def test_reader_ttls_default_when_no_writer_recorded_them(r: redis.Redis) -> None:
+    assert TrendReader(r).ttls() == (MIN_TTL, HOUR_TTL)
+    r.hset("carstream:trends:config", mapping={"minute_ttl_s": "junk"})
+    assert TrendReader(r).ttls() == (MIN_TTL, HOUR_TTL)
 
 
 @pytest.mark.integration

@@ -142,3 +142,14 @@ def test_cli_full_hour_rollup_window_is_complete(trends_url: str) -> None:
     out = _trends("--redis-url", trends_url, "--window", "30d", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["complete"] is True and not out.stderr
+
+
+@pytest.mark.integration
+def test_cli_completeness_uses_the_workers_hour_ttl(trends_url: str) -> None:
+    client = redis.Redis.from_url(trends_url)
+    client.hset("carstream:trends:config", "hour_ttl_s", 86400)  # as workers with a 1-day TTL
+    client.close()
+    out = _trends("--redis-url", trends_url, "--window", "3d", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["complete"] is False
+    assert "keep hour rollups 86400 s = 1 d" in out.stderr
