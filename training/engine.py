@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -23,6 +24,16 @@ def split_batch(batch, unreadable: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if rest and rest[0] and unreadable is not None:
         unreadable.add(rest[0])
     return images, targets
+
+
+def smallest_batch(n: int, device: torch.device) -> int:
+    """The smallest of this step's batch sizes over all ranks (``n`` outside DDP): a batch one
+    rank skips must be skipped by all, or their gradient all-reduces fall out of step."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return n
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def train_one_epoch(
@@ -54,7 +65,7 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
     for batch in bar:
         images, targets = split_batch(batch, unreadable)
-        if targets.shape[0] < 2:
+        if smallest_batch(targets.shape[0], device) < 2:
             if scheduler is not None:
                 scheduler.step()
             global_step += 1

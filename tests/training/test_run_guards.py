@@ -113,3 +113,18 @@ def test_compare_under_torchrun(tiny_sample, tmp_path):
     assert [r["arch"] for r in rows] == ["resnet18", "resnet34"]
     for arch in ("resnet18", "resnet34"):
         assert json.loads((out / arch / "args.json").read_text())["world_size"] == 2
+
+
+def test_unreadable_image_under_ddp_skips_the_step_on_every_rank(tiny_sample, tmp_path):
+    """With batch 2 the batch holding the bad image is left with 1: both ranks must skip that
+    step, or their gradient all-reduces fall out of step and the run hangs."""
+    _truncate_a_training_image(tiny_sample)
+    out = tmp_path / "out"
+    argv = tiny_argv(tiny_sample, out, "--batch-size", "2", "--epochs", "2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "training", *argv],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 2
