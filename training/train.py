@@ -286,7 +286,6 @@ def write_reports(
 RESUME_FIXED = (
     "arch",
     "dataset",
-    "data",
     "level",
     "crop",
     "image_size",
@@ -326,8 +325,17 @@ def check_resume(args: argparse.Namespace, ckpt: dict[str, Any], world_size: int
     if diffs:
         raise BadArgumentError(
             f"--resume {args.resume}: this run's flags differ from the checkpoint's: "
-            f"{'; '.join(diffs)}; only --epochs, --stop-after, --workers, --device, --no-amp, "
-            "--eval-every, --strict and --out may change on resume"
+            f"{'; '.join(diffs)}; only --data (the same data at another path), --epochs, "
+            "--stop-after, --workers, --device, --no-amp, --eval-every, --strict and --out may "
+            "change on resume"
+        )
+    if "data" in saved and saved["data"] != current.get("data"):
+        # the same archive mounted elsewhere (another node, another job); the class list is
+        # compared separately, so a different data set is still refused
+        log.warning(
+            "--data %s (checkpoint: %s): resuming on data at a new path",
+            current.get("data"),
+            saved["data"],
         )
     if "epochs" in saved and saved["epochs"] != args.epochs:
         log.warning(

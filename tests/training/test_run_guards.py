@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,15 @@ def test_resume_refuses_changed_run_defining_flags(tiny_sample, tmp_path):
     # --epochs may change: extending a finished run continues it
     resumed = [*tiny_argv(tiny_sample, out, "--opt", "sgd"), "--epochs", "2", "--resume", str(out)]
     assert cli_main(resumed) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 2
+
+
+def test_resume_accepts_the_same_data_at_another_path(tiny_sample, tmp_path):
+    out = tmp_path / "out"
+    assert cli_main(tiny_argv(tiny_sample, out)) == 0
+    moved = tmp_path / "mounted-elsewhere"
+    shutil.copytree(tiny_sample, moved)
+    assert cli_main([*tiny_argv(moved, out), "--epochs", "2", "--resume", str(out)]) == 0
     assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 2
 
 
