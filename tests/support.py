@@ -52,6 +52,7 @@ class Rec:
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: list | None = None
 
 
 class DoneFuture:

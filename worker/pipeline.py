@@ -80,7 +80,8 @@ class Outgoing:
                 (HEADER_PREFIX + "value_omitted", b"too large for the dead-letter topic"),
                 (HEADER_PREFIX + "original_size", str(len(self.value)).encode()),
             ]
-            return Outgoing(self.topic, self.key, None, [*headers, *note])
+            # b"", not None: a keyless record needs a value (kafka-python refuses neither)
+            return Outgoing(self.topic, self.key, b"", [*headers, *note])
         own = [(k, v) for k, v in headers if k.startswith(HEADER_PREFIX)]
         long_key = self.key is not None and len(self.key) > DLQ_KEY_PREFIX_BYTES
         if not long_key and len(own) == len(headers):
@@ -95,7 +96,7 @@ class Outgoing:
             key = self.key[:DLQ_KEY_PREFIX_BYTES]
         if len(own) < len(headers):
             note.append((HEADER_PREFIX + "headers_omitted", str(len(headers) - len(own)).encode()))
-        return Outgoing(self.topic, key, None, [*own, *note])
+        return Outgoing(self.topic, key, b"", [*own, *note])
 
 
 @dataclass(frozen=True)
@@ -135,11 +136,15 @@ class Backoff:
         return not stop.wait(min(self.max_s, self.first_s * 2**attempt))
 
 
-def original_headers(record: Any) -> list[tuple[str, bytes | None]]:
+def original_headers(record: Any) -> list[tuple[str, bytes]]:
     """The headers a dead letter keeps from its record: all but ``carstream.*`` ones (a replayed
-    dead letter's old verdict would be mistaken for the new one)."""
+    dead letter's old verdict would be mistaken for the new one). A null header value (legal in
+    Kafka) becomes empty bytes: kafka-python's producer refuses None, and a refused dead letter
+    must not stop the worker."""
     return [
-        (k, v) for k, v in getattr(record, "headers", None) or [] if not k.startswith(HEADER_PREFIX)
+        (k, b"" if v is None else v)
+        for k, v in getattr(record, "headers", None) or []
+        if not k.startswith(HEADER_PREFIX)
     ]
 
 
@@ -554,6 +559,11 @@ class StreamWorker(ConsumerRebalanceListener):
                     )
                 except KafkaError as exc:  # raised at once, e.g. over max_request_size
                     future = exc
+                except (TypeError, ValueError) as exc:  # refused before any I/O: never sendable
+                    if msg.topic != s.dlq_topic:
+                        raise FatalWorkerError(f"a result cannot be sent: {exc}") from exc
+                    log.error("a dead letter cannot be sent (%s); dropped: %r", exc, msg.headers)
+                    continue
                 sent.append((msg, future))
             try:
                 self.producer.flush(timeout=30)

@@ -25,6 +25,7 @@ from worker.pipeline import (
     StreamWorker,
     infer_isolating,
     make_outputs,
+    original_headers,
 )
 from worker.prepare import Prepared, prepare
 from worker.schemas import PostEvent
@@ -49,6 +50,11 @@ class BrokerLikeProducer:
         self.delivered: list[tuple[str, bytes | None, bytes | None, list]] = []
 
     def send(self, topic, key=None, value=None, headers=None):
+        # what kafka-python's KafkaProducer.send refuses before any I/O
+        if key is None and value is None:
+            raise ValueError("Need at least one: key or value")
+        if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in headers or []):
+            raise TypeError("All headers items must be (str, bytes) tuples")
         record = (topic, key, value, list(headers or []))
         self.sends.append(record)
         future = _Future()
@@ -116,7 +122,7 @@ def test_a_key_too_large_for_the_dlq_is_cut_short_and_the_partition_moves_on():
 
     assert len(producer.delivered) == 1
     topic, sent_key, value, headers = producer.delivered[0]
-    assert topic == "car-posts.dlq" and value is None
+    assert topic == "car-posts.dlq" and value == b""
     assert sent_key == key[:DLQ_KEY_PREFIX_BYTES]
     parsed = parse_dlq_headers(headers)
     assert parsed["original_size"] == "8" and parsed["value_omitted"]
@@ -132,7 +138,7 @@ def test_original_headers_too_large_for_the_dlq_are_dropped_after_the_value():
     headers = [("trace", b"t" * (2 * LIMIT)), *ours]
     deliver_within(worker, [], [(key, value, headers)])
     (_, sent_key, sent_value, sent_headers) = producer.delivered[0]
-    assert sent_key == b"post-1" and sent_value is None
+    assert sent_key == b"post-1" and sent_value == b""
     assert "trace" not in dict(sent_headers)
     parsed = parse_dlq_headers(sent_headers)
     assert parsed["headers_omitted"] == "1" and "key_truncated" not in parsed
@@ -145,7 +151,7 @@ def test_a_value_too_large_for_the_dlq_keeps_its_key():
     key, value, ours = _dead(b"post-1", b"v" * (2 * LIMIT))
     deliver_within(worker, [], [(key, value, [("trace", b"abc"), *ours])])
     (_, key, value, headers) = producer.delivered[0]
-    assert key == b"post-1" and value is None
+    assert key == b"post-1" and value == b""
     assert ("trace", b"abc") in headers  # the original headers go as long as they fit
     assert "key_truncated" not in parse_dlq_headers(headers)
 
@@ -158,6 +164,34 @@ def test_a_dead_letter_the_dlq_refuses_at_any_size_is_dropped_not_retried_for_ev
     assert producer.delivered == []
     assert len(producer.sends) <= 5  # dead letter 1: 3 tries, dead letter 2: 2 tries
     assert "car-posts/0@7 is too large" in caplog.text and "dropped" in caplog.text
+
+
+def test_a_keyless_dead_letter_too_large_for_the_dlq_is_sent_without_its_value():
+    producer = BrokerLikeProducer()
+    worker = worker_with(producer)
+    deliver_within(worker, [], [_dead(None, b"x" * (2 * LIMIT))])
+    ((_, key, value, headers),) = producer.delivered
+    assert key is None and value == b""
+    assert parse_dlq_headers(headers)["original_size"] == str(2 * LIMIT)
+
+
+def test_a_null_header_value_of_the_input_record_does_not_stop_the_worker():
+    record = Rec("car-posts", 0, 3, b"p1", b"not json", headers=[("trace", None), ("a", b"1")])
+    assert original_headers(record) == [("trace", b""), ("a", b"1")]
+    producer = BrokerLikeProducer()
+    worker = worker_with(producer)
+    key, value, ours = _dead(b"p1", b"not json")
+    deliver_within(worker, [], [(key, value, [*original_headers(record), *ours])])
+    assert len(producer.delivered) == 1
+
+
+def test_a_dead_letter_the_producer_refuses_outright_is_dropped_and_the_batch_goes_on(caplog):
+    producer = BrokerLikeProducer()
+    worker = worker_with(producer)
+    bad = (b"p1", b"x", [("trace", None)])  # as if built without original_headers
+    deliver_within(worker, [Result(b"p2", b"{}", "ok")], [bad])
+    assert [r[0] for r in producer.delivered] == ["car-predictions"]
+    assert "cannot be sent" in caplog.text
 
 
 def test_a_result_too_large_for_the_results_topic_is_fatal_not_retried_for_ever():

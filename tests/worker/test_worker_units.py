@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
@@ -267,19 +266,14 @@ def test_make_outputs_builds_results_dead_letters_and_trend_records():
     assert by_offset[9].make is None  # dead letter: advances the position, counts nothing
 
 
-@dataclass
-class HeaderRec(Rec):
-    headers: list | None = None
-
-
 def test_dead_letters_keep_the_original_headers_but_not_old_carstream_ones():
     old_verdict = dlq_headers(PostError("schema", "old"), "car-posts", 0, 1, "w-old")
     headers = [("trace-id", b"abc"), ("empty", None), *old_verdict]
-    batch = [Pending(HeaderRec("t", 0, 3, b"k", b"{", headers), 0.0, DoneFuture(None))]
+    batch = [Pending(Rec("t", 0, 3, b"k", b"{", headers), 0.0, DoneFuture(None))]
     prepared = [Prepared(None, None, PostError("invalid_json", "not JSON"), 0.0)]
     _, dead, _ = make_outputs(batch, prepared, {}, _manifest(), WorkerSettings(worker_id="w-2"))
     (_, _, sent) = dead[0]
-    assert sent[:2] == [("trace-id", b"abc"), ("empty", None)]
+    assert sent[:2] == [("trace-id", b"abc"), ("empty", b"")]  # the producer refuses None
     assert [k for k, _ in sent].count("carstream.error_kind") == 1
     parsed = parse_dlq_headers(sent)
     assert parsed["error_kind"] == "invalid_json" and parsed["worker_id"] == "w-2"
