@@ -137,17 +137,30 @@ def parity_report(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarr
     }
 
 
+NEAR_TIE_RELATIVE = 0.01  # batch-1 top-1 flips between logits this close are not counted
+
+
 def batch1_report(reference: np.ndarray, batched: np.ndarray, single: np.ndarray) -> dict:
     """How the same images answer one at a time (``single``) against the batched run of the same
     artifact and against the reference: batch 1 is the worker's commonest batch and, for a
     TensorRT profile with min > 1, the padding path."""
     max_diff, _ = _abs_diff(reference, single)
     max_vs_batched, _ = _abs_diff(batched, single)
-    same = (single.argmax(1) == batched.argmax(1)) & finite_rows(single)
+    b_top, s_top = batched.argmax(1), single.argmax(1)
+    rows = np.arange(len(batched))
+    with np.errstate(invalid="ignore"):
+        # a flip between two classes the batched run itself scored within 1% of each other is a
+        # near-tie (FP16 kernels for batch 1 differ slightly), not a broken path: with only a
+        # few images, one such flip would otherwise fail a good engine
+        gap = np.abs(batched[rows, b_top] - batched[rows, s_top])
+        near_tie = gap <= NEAR_TIE_RELATIVE * np.maximum(1.0, np.abs(batched[rows, b_top]))
+    finite = finite_rows(single)
+    same = (s_top == b_top) & finite
     return {
         "n_images": int(single.shape[0]),
         "non_finite_logits": int((~np.isfinite(single)).sum()),
-        "top1_agreement_with_batched": float(same.mean()),
+        "top1_agreement_with_batched": float((same | (near_tie & finite)).mean()),
+        "near_tie_flips": int((~same & near_tie & finite).sum()),
         "max_abs_diff_vs_batched": max_vs_batched,
         "max_abs_logit_diff": max_diff,
     }

@@ -10,7 +10,7 @@ import pytest
 
 from engine_build.build import BuildError, ParityGateError, build_bundle
 from engine_build.bundle import PARITY_FILE, load_bundle
-from engine_build.parity import class_name_index, parity_report
+from engine_build.parity import batch1_report, class_name_index, parity_report
 
 from .conftest import CLASSES, write_checkpoint, write_images
 
@@ -160,6 +160,21 @@ def test_batch_of_one_is_verified(checkpoint_dir, parity_dir, tmp_path, monkeypa
     batch1 = info.value.report["artifacts"]["onnxruntime-fp32"]["batch1"]
     assert batch1["n_images"] == 8 and batch1["top1_agreement_with_batched"] == 0.0
     assert not out.exists()
+
+
+def test_batch_one_near_ties_do_not_fail_a_good_engine_but_clear_flips_do():
+    batched = np.array([[5.0, 4.99, 0.0], [1.0, 3.0, 0.0], [2.0, 0.0, 0.0]], np.float32)
+    near_tie = batched.copy()
+    near_tie[0] = [4.99, 5.0, 0.0]  # classes 0 and 1 within 1%: rounding, not a broken path
+    report = batch1_report(batched, batched, near_tie)
+    assert report["top1_agreement_with_batched"] == 1.0 and report["near_tie_flips"] == 1
+    clear = batched.copy()
+    clear[1] = [3.0, 1.0, 0.0]  # class 1 led by 2.0: a real disagreement
+    report = batch1_report(batched, batched, clear)
+    assert report["top1_agreement_with_batched"] == 2 / 3 and report["near_tie_flips"] == 0
+    nan = batched.copy()
+    nan[0] = np.nan  # never a near-tie
+    assert batch1_report(batched, batched, nan)["top1_agreement_with_batched"] == 2 / 3
 
 
 def test_default_parity_images_come_from_the_checkpoints_test_split(tmp_path):
