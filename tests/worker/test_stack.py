@@ -244,7 +244,8 @@ def test_cli_up_that_fails_kills_the_child_it_started(tmp_path: Path) -> None:
     redis_port = free_port()
     ports = ["--kafka-port", str(free_port()), "--redis-port", str(redis_port)]
     try:
-        up = _cli("up", "--timeout", "1", *state, *ports, CALF_TANSU_BIN=str(binary))
+        # the same timeout covers Redis, started first: 1 s was too short for it on a busy box
+        up = _cli("up", "--timeout", "5", *state, *ports, CALF_TANSU_BIN=str(binary))
         assert up.returncode == 1, up.stderr
         assert up.stderr.strip().splitlines()[-1].startswith("error: tansu did not answer")
         pid = int(child_pid.read_text())
