@@ -18,7 +18,7 @@ import typing
 import numpy as np
 from pydantic import SecretStr, ValidationError
 
-from worker.settings import FETCH_MARGIN_BYTES, WorkerSettings
+from worker.settings import FETCH_MARGIN_BYTES, WorkerSettings, unknown_env_settings
 
 if typing.TYPE_CHECKING:
     from http.server import ThreadingHTTPServer
@@ -41,15 +41,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     for name, field in WorkerSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=False)
+        desc = field.description or name.replace("_", " ")
         if isinstance(default, SecretStr) or "password" in name:
             shown = "unset"
         elif field.default_factory is not None:
             shown = "computed" if name == "worker_id" else "empty"
+        elif default is None:
+            # "default: ..." in the description already says what unset means
+            shown = None if "default:" in desc or desc.endswith("required") else "unset"
         else:
             shown = default
         env = "CARSTREAM_" + name.upper()
-        desc = field.description or name.replace("_", " ")
-        help_text = f"{desc} [env {env}] (default: {shown})"
+        help_text = f"{desc} [env {env}]" + ("" if shown is None else f" (default: {shown})")
         annotation = field.annotation
         if annotation is bool:
             parser.add_argument(
@@ -119,9 +122,17 @@ def main(args: argparse.Namespace) -> int:
         loc = ".".join(str(p) for p in first["loc"]) or "settings"
         print(f"python -m worker run: error: {loc}: {first['msg']}", file=sys.stderr)
         return 2
+    try:
+        settings.check_files()  # a missing CA file otherwise reads as a broker that is not there
+    except ValueError as exc:
+        print(f"python -m worker run: error: {exc}", file=sys.stderr)
+        return 2
     from worker.logging_setup import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
+    for variable, closest in unknown_env_settings():
+        hint = f"; did you mean {closest}?" if closest else ""
+        log.warning("%s is not a worker setting and is ignored%s", variable, hint)
 
     # first thing: a SIGTERM while the engine loads must still end in a clean exit 0
     stop = threading.Event()
@@ -178,6 +189,7 @@ def _serve(
     from engine_build.bundle import BundleError, load_bundle
     from engine_build.runtime import EngineUnavailableError, create_engine
     from worker.connections import kafka_common_config, redis_client
+    from worker.logging_setup import ignore_kafka_close_race
     from worker.metrics import start
     from worker.pipeline import FatalWorkerError, StreamWorker
     from worker.thread_names import name_python_threads
@@ -267,6 +279,9 @@ def _serve(
         return 1
     finally:
         metrics.set_ready(False)
+        # kafka-python closes the consumer's sockets under its IO thread's feet, which may then
+        # log an ERROR with a traceback for a socket it finds closed (worker/logging_setup.py)
+        ignore_kafka_close_race()
         consumer.close(autocommit=False)
         producer.close(timeout=30)
         engine.close()

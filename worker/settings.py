@@ -6,9 +6,12 @@ so they never reach logs, metrics or ``repr``.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
+import stat
+from collections.abc import Mapping
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -113,6 +116,39 @@ def check_topic_name(value: str) -> str:
     return value
 
 
+# the settings that name a file the Kafka or Redis client opens when it connects
+FILE_SETTINGS = (
+    "ssl_cafile",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "redis_tls_ca_certs",
+    "redis_tls_certfile",
+    "redis_tls_keyfile",
+)
+
+
+def unreadable_file_reason(path: str) -> str | None:
+    """None if ``path`` is a regular file this process can open for reading, else why not."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:  # a parent that is a file, a parent we may not search, ...
+        return (exc.strerror or str(exc)).lower()
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return f"not readable by this user (uid {os.getuid()})"
+    try:  # os.access answers for the real uid and ignores ACLs/LSMs: opening is the proof
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    return None
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -181,7 +217,9 @@ class WorkerSettings(BaseSettings):
     )
 
     # Model and batching
-    bundle: str | None = Field(None, description="model bundle directory (engine_build output)")
+    bundle: str | None = Field(
+        None, description="model bundle directory (engine_build output); required"
+    )
     backend: Backend = "auto"
     inference_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads")
     max_batch: int = Field(32, ge=1, le=4096)
@@ -292,6 +330,22 @@ class WorkerSettings(BaseSettings):
             )
         return self
 
+    def check_files(self) -> None:
+        """Raise ValueError naming the first file setting whose file cannot be read.
+
+        Not a validator: the settings stay a description of a deployment (tests/deploy builds
+        them from manifests whose mounted files exist only in the pod); a process that is about
+        to connect calls this first. Without it a missing CA file surfaces as a broker that
+        "is not there" retried for ever, or as a Redis "Error 2" on every batch.
+        """
+        for name in FILE_SETTINGS:
+            path = getattr(self, name)
+            if not path:  # unset (an empty variable is unset for the clients too)
+                continue
+            reason = unreadable_file_reason(path)
+            if reason is not None:
+                raise ValueError(f"{name}: {path}: {reason}")
+
     def __repr_args__(self):
         for key, value in super().__repr_args__():
             yield key, (_mask_url_password(value) if key == "redis_url" else value)
@@ -304,3 +358,27 @@ class WorkerSettings(BaseSettings):
                 data[key] = "**********"
         data["redis_url"] = _mask_url_password(self.redis_url)
         return data
+
+
+def unknown_env_settings(
+    environ: Mapping[str, str] | None = None,
+) -> list[tuple[str, str | None]]:
+    """``CARSTREAM_*`` variables that are no setting, each with the closest setting's variable.
+
+    WorkerSettings reads the variables of its fields and ignores every other one, so a typo
+    (``CARSTREAM_DECODE_THRAEDS``) silently leaves the default in force. Not an error: test
+    harnesses and docker compose use ``CARSTREAM_*`` variables of their own.
+    """
+    environ = os.environ if environ is None else environ
+    prefix = WorkerSettings.model_config["env_prefix"].lower()
+    fields = list(WorkerSettings.model_fields)
+    found: list[tuple[str, str | None]] = []
+    for key in sorted(environ):
+        if not key.lower().startswith(prefix):
+            continue
+        name = key[len(prefix) :].lower()
+        if name in WorkerSettings.model_fields:  # case_sensitive=False: any case is read
+            continue
+        close = difflib.get_close_matches(name, fields, n=1, cutoff=0.75)
+        found.append((key, (prefix + close[0]).upper() if close else None))
+    return found

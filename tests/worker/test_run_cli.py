@@ -60,6 +60,11 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         (("--bundle", "/x", "--max-message-bytes", "3000000000"), {}, "max_message_bytes"),
         (("--bundle", "/x", "--max-poll-interval-ms", "3000000000"), {}, "max_poll_interval_ms"),
         (("--bundle", "/x", "--redis-socket-timeout-s", "inf"), {}, "redis_socket_timeout_s"),
+        # a TLS file the clients cannot open: before, a Kafka "no broker at ..." retried for ever
+        # or a Redis "Error 2 ... No such file or directory" on every batch, after the model
+        (("--bundle", "/x", "--ssl-cafile", "/no/ca.pem"), {}, "ssl_cafile: /no/ca.pem: no such"),
+        (("--bundle", "/x"), {"CARSTREAM_SSL_CERTFILE": "/dev/null"}, "not a regular file"),
+        (("--bundle", "/x"), {"CARSTREAM_REDIS_TLS_CA_CERTS": "/"}, "/: is a directory"),
     ],
 )
 def test_bad_settings_are_one_line_exit_2(args, env, needle):
@@ -113,6 +118,48 @@ def test_help_lists_every_setting_with_its_environment_variable():
 
     for name in WorkerSettings.model_fields:
         assert f"CARSTREAM_{name.upper()}" in proc.stdout, name
+    text = " ".join(proc.stdout.split())  # argparse wraps the help text
+    # a setting without a default was listed as "(default: None)"
+    assert "None" not in text
+    assert "--ssl-cafile CAFILE ssl cafile [env CARSTREAM_SSL_CAFILE] (default: unset)" in text
+    assert (
+        "--sasl-password PASSWORD sasl password [env CARSTREAM_SASL_PASSWORD] (default: unset)"
+        in text
+    )
+    # where the description says what unset means, no "(default: ...)" contradicts it
+    assert (
+        "--heartbeat-interval-ms MS below session_timeout_ms; default: a third of it "
+        "[env CARSTREAM_HEARTBEAT_INTERVAL_MS] --max-poll-interval-ms"
+    ) in text
+    assert "[env CARSTREAM_FETCH_MAX_WAIT_MS] --max-message-bytes" in text
+    assert "required [env CARSTREAM_BUNDLE] --backend" in text
+    assert "[env CARSTREAM_MAX_BATCH] (default: 32)" in text
+
+
+def test_an_unknown_carstream_variable_is_a_warning_naming_the_closest_setting():
+    # a typo silently left the default in force; other CARSTREAM_* variables (test harnesses,
+    # docker compose) are legitimate, so it is a warning and the worker goes on
+    proc = run_worker(
+        "--bundle", "/no/such/bundle", CARSTREAM_DECODE_THRAEDS="3", CARSTREAM_SOAK="1"
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr  # for the bundle, not for the variables
+    warnings = [line for line in proc.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 2, proc.stderr
+    assert warnings[0].endswith(
+        "CARSTREAM_DECODE_THRAEDS is not a worker setting and is ignored; "
+        "did you mean CARSTREAM_DECODE_THREADS?"
+    )
+    assert warnings[1].endswith("CARSTREAM_SOAK is not a worker setting and is ignored")
+    assert "/no/such/bundle" in proc.stderr.splitlines()[-1]
+
+
+def test_known_carstream_variables_in_any_case_give_no_warning():
+    proc = run_worker(
+        "--bundle", "/no/such/bundle", CARSTREAM_DECODE_THREADS="3", carstream_max_batch="8"
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "WARNING" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def get(url: str) -> tuple[int, str]:

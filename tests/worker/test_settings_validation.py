@@ -1,6 +1,9 @@
-"""WorkerSettings refuses Kafka and Redis addresses its clients would crash on, in every CLI."""
+"""WorkerSettings refuses Kafka and Redis addresses its clients would crash on, in every CLI,
+and names a TLS file setting whose file the clients could not open."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 from kafka.cluster import collect_hosts
@@ -8,7 +11,7 @@ from pydantic import ValidationError
 
 from tests.support import worker_cli
 from worker.connections import kafka_common_config, redis_client
-from worker.settings import WorkerSettings
+from worker.settings import FILE_SETTINGS, WorkerSettings
 
 
 @pytest.mark.parametrize(
@@ -113,3 +116,53 @@ def test_trends_and_produce_refuse_the_same_addresses_in_one_line(args, env, nee
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert needle in lines[0]
+
+
+# --- files the Kafka and Redis clients open ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FILE_SETTINGS)
+def test_a_missing_directory_or_special_file_setting_is_named_with_its_path(name, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, reason in (
+        (tmp_path / "absent.pem", "no such file"),
+        (tmp_path / "absent-dir" / "ca.pem", "no such file"),
+        (tmp_path, "is a directory"),
+        (fifo, "not a regular file"),
+    ):
+        settings = WorkerSettings(**{name: str(path)})  # a description: built without the file
+        with pytest.raises(ValueError) as info:
+            settings.check_files()
+        assert str(info.value).startswith(f"{name}: {path}: {reason}")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode bits")
+def test_an_unreadable_file_setting_is_refused(tmp_path):
+    secret = tmp_path / "client.key"
+    secret.write_text("key")
+    secret.chmod(0)
+    with pytest.raises(ValueError, match=r"ssl_keyfile: .*client\.key: not readable"):
+        WorkerSettings(ssl_keyfile=str(secret)).check_files()
+
+
+def test_readable_and_unset_file_settings_pass(tmp_path):
+    pem = tmp_path / "ca.pem"
+    pem.write_text("not parsed here")
+    link = tmp_path / "ca-link.pem"  # Kubernetes projects Secret keys as symlinks
+    link.symlink_to(pem)
+    WorkerSettings().check_files()
+    WorkerSettings(**{name: "" for name in FILE_SETTINGS}).check_files()  # empty is unset
+    WorkerSettings(**{name: str(link) for name in FILE_SETTINGS}).check_files()
+
+
+def test_run_refuses_a_missing_ca_file_in_one_line_before_connecting(tmp_path):
+    # before: "no Kafka broker at 127.0.0.1:9092; retry N" for ever, after the model loaded
+    proc = worker_cli(
+        "run", "--bundle", "/no/such/bundle", "--security-protocol", "SSL",
+        "--ssl-cafile", str(tmp_path / "ca.pem"), timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"python -m worker run: error: ssl_cafile: {tmp_path / 'ca.pem'}: no such file"
+    ]
