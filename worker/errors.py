@@ -18,6 +18,7 @@ ErrorKind = Literal[
     "url_refused",
     "url_fetch_failed",
     "internal",
+    "corrupt_record",
 ]
 
 

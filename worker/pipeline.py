@@ -23,6 +23,7 @@ import numpy as np
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import (
     CommitFailedError,
+    CorruptRecordError,
     KafkaError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
@@ -110,6 +111,22 @@ class Result:
     def __iter__(self):
         """Unpacks as the (key, value) pair it replaced."""
         return iter((self.key, self.value))
+
+
+@dataclass(frozen=True)
+class UnreadableRecord:
+    """Stands in for a record the Kafka client cannot parse (its bytes are out of reach)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None = None
+    value: bytes = b""
+    headers: list | None = None
+
+
+PROBE_POLL_MS = 2000  # how long to wait for one partition's record when locating a corrupt one
+MAX_CORRUPT_SKIP = 100_000  # offsets skipped at most per unreadable record batch
 
 
 class BatchAbortedError(Exception):
@@ -417,6 +434,9 @@ class StreamWorker(ConsumerRebalanceListener):
     def _poll(self, timeout_ms: int, max_records: int) -> None:
         try:
             polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except CorruptRecordError as exc:
+            self._skip_corrupt_record(exc)
+            return
         except KafkaError as exc:
             self.metrics.retries.labels("kafka").inc()
             log.warning("poll failed (%s); retrying", exc)
@@ -432,6 +452,108 @@ class StreamWorker(ConsumerRebalanceListener):
             if self._rewind:
                 self._apply_rewinds()
         self.metrics.consumed.inc(sum(len(r) for r in polled.values()))
+
+    def _skip_corrupt_record(self, exc: CorruptRecordError) -> None:
+        """Dead-letter the records kafka-python cannot parse, and move past them.
+
+        kafka-python raises CorruptRecordError (a CRC mismatch, or a header key that is not
+        UTF-8, which a librdkafka producer can send) without naming the partition, and leaves
+        that partition's position on the record, so every later poll would fail on it: one bad
+        record would block its partition for ever. The partition is found by polling each one
+        alone for a record. A fetch returns whole record batches and the client parses a batch
+        from its start, so the records after the bad one in the same batch cannot be read either:
+        the offsets from the bad one up to the first readable one are skipped. Each joins the
+        batch as a dead letter (empty value: the client cannot read its bytes; the headers name
+        the offset, for a replay with another client), so they are delivered and committed in
+        order, and every other partition is put back where it was.
+        """
+        hint = self._drop_poisoned_fetch()
+        held = set(self.consumer.assignment())
+        saved = {tp: self.consumer.position(tp) for tp in held}
+        culprit, first_readable = None, None
+        try:
+            order = sorted(held, key=lambda t: (t != hint, t.topic, t.partition))
+            for tp in order:
+                if self._probe(held, tp, saved[tp]) == "corrupt":
+                    culprit = tp
+                    break
+            if culprit is not None:
+                # never past the log end: a fetch there could reset the position and re-read
+                end = self.consumer.end_offsets([culprit]).get(culprit, 0)
+                first_readable = saved[culprit] + 1
+                while first_readable < min(end, saved[culprit] + MAX_CORRUPT_SKIP):
+                    if self._probe(held, culprit, first_readable) != "corrupt":
+                        break
+                    first_readable += 1
+        finally:
+            self.consumer.resume(*held)
+            current = self.consumer.assignment()
+            for tp, position in saved.items():
+                if tp in current:
+                    self.consumer.seek(tp, position)
+        if culprit is None or culprit not in self.consumer.assignment():
+            self.metrics.retries.labels("kafka").inc()
+            log.warning("poll failed on a corrupt record (%s) not located yet; retrying", exc)
+            self.stop.wait(1.0)
+            return
+        first = saved[culprit]
+        log.error(
+            "%s offsets %d..%d cannot be read by the Kafka client (%s): dead-lettered as "
+            "corrupt_record, reading on from offset %d",
+            culprit,
+            first,
+            first_readable - 1,
+            exc,
+            first_readable,
+        )
+        now = time.monotonic()
+        with self._lock:
+            for offset in range(first, first_readable):
+                reason = (
+                    f"the Kafka client cannot parse the record: {exc}"
+                    if offset == first
+                    else f"in the record batch of unparseable offset {first}, after it"
+                )
+                prepared: Future[Prepared] = Future()
+                prepared.set_result(Prepared(None, None, PostError("corrupt_record", reason), 0.0))
+                record = UnreadableRecord(culprit.topic, culprit.partition, offset)
+                self.batcher.add(Pending(record, now, prepared))
+            self._last_offset[culprit] = first_readable - 1
+        self.consumer.seek(culprit, first_readable)
+        self.metrics.consumed.inc(first_readable - first)
+
+    def _drop_poisoned_fetch(self) -> TopicPartition | None:
+        """Drop the fetched records whose parsing raised; return their partition, if any.
+
+        kafka-python 3.0 keeps the record iterator that raised as the next in line: a later poll
+        at that position gets nothing from it and loops on it for ever (100% CPU, no log). There
+        is no public way to drop it, so this reaches into the fetcher (kafka-python is pinned
+        below 3.1; the integration test of corrupt records fails if this stops working).
+        """
+        fetcher = getattr(self.consumer, "_fetcher", None)
+        part = getattr(fetcher, "_next_partition_records", None)
+        if part is None:
+            return None
+        tp = part.topic_partition
+        part.drain()
+        fetcher._next_partition_records = None
+        return tp
+
+    def _probe(self, held: set[TopicPartition], tp: TopicPartition, offset: int) -> str:
+        """Poll ``tp`` alone from ``offset`` for one record: "corrupt" (the record at ``offset``
+        cannot be parsed), "record", "empty", or "moved" (the position was reset elsewhere)."""
+        self.consumer.pause(*(held - {tp}))
+        self.consumer.resume(tp)
+        self.consumer.seek(tp, offset)
+        try:
+            polled = self.consumer.poll(timeout_ms=PROBE_POLL_MS, max_records=1)
+        except CorruptRecordError:
+            self._drop_poisoned_fetch()
+            return "corrupt" if self.consumer.position(tp) == offset else "moved"
+        offsets = [r.offset for records in polled.values() for r in records]
+        if any(o < offset for o in offsets):
+            return "moved"
+        return "record" if offsets else "empty"
 
     def _apply_rewinds(self) -> None:
         """Seek back to the first dropped record of every partition we hold again (lock held).

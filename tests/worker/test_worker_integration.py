@@ -367,3 +367,96 @@ def test_a_post_re_sent_by_its_producer_gets_a_result_each_time_and_is_counted_o
     by_post = {v["post_id"]: v for v in values}  # what the counts must equal: each post once
     check_counts(url, by_post, {pid: city for pid, _, city in posts})
     assert redis.Redis.from_url(url).exists(f"carstream:trends:seen:{resent[0]}")
+
+
+class _NotUtf8HeaderKey(str):
+    """A header key whose bytes are not UTF-8, as a librdkafka producer (C strings) can send;
+    kafka-python's producer only takes str, so its encoding is overridden."""
+
+    def encode(self, *args, **kwargs) -> bytes:
+        return b"\xff\xfe-key"
+
+
+def test_a_record_the_kafka_client_cannot_parse_is_dead_lettered_not_blocking(
+    env, kafka_bootstrap, tmp_path
+):
+    topics, _, worker_env, procs = env
+    posts = good_posts(12, seed=7)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    sent = []
+    for i, (pid, raw, _) in enumerate(posts):
+        sent.append(producer.send(topics.input, key=pid.encode(), value=raw, partition=0))
+        if i == 5:  # kafka-python's consumer raises CorruptRecordError on this one, for ever
+            headers = [(_NotUtf8HeaderKey("x"), b"v")]
+            bad = producer.send(topics.input, key=b"bad", value=b"{}", partition=0, headers=headers)
+            sent.append(bad)
+    producer.flush()
+    bad_offset = bad.get(timeout=30).offset
+    for future in sent:
+        future.get(timeout=30)
+    producer.close()
+
+    start_worker(worker_env, procs, "w1", tmp_path)
+    results = consume_all(
+        kafka_bootstrap,
+        topics.output,
+        lambda recs: len({r.key for r in recs}) >= len(posts),
+        deadline_s=120,
+        procs=procs,
+    )
+    assert set(results_by_post_id(results)) == {pid for pid, _, _ in posts}
+    (dead,) = consume_all(kafka_bootstrap, topics.dlq, lambda recs: len(recs) >= 1, 60)
+    headers = parse_dlq_headers(dead.headers)
+    assert headers["error_kind"] == "corrupt_record"
+    assert (headers["source_partition"], headers["source_offset"]) == ("0", str(bad_offset))
+    assert dead.value == b""  # the client cannot read the original bytes
+    wait_no_lag(kafka_bootstrap, topics)
+    assert procs[0].poll() is None
+
+
+def test_records_after_an_unparseable_one_in_its_batch_are_dead_lettered_then_reading_goes_on(
+    env, kafka_bootstrap, tmp_path
+):
+    """A fetch returns whole record batches and kafka-python parses one from its start, so the
+    records behind the bad one in the same batch are unreadable too; later batches are not."""
+    topics, _, worker_env, procs = env
+    posts = good_posts(8, seed=8)
+    producer = KafkaProducer(
+        bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=500, batch_size=4 << 20
+    )
+    batch = [
+        producer.send(topics.input, key=p.encode(), value=raw, partition=1)
+        for p, raw, _ in posts[:3]
+    ]
+    headers = [(_NotUtf8HeaderKey("x"), b"v")]
+    batch.append(producer.send(topics.input, key=b"bad", value=b"{}", partition=1, headers=headers))
+    batch += [
+        producer.send(topics.input, key=p.encode(), value=raw, partition=1)
+        for p, raw, _ in posts[3:6]
+    ]
+    producer.flush()
+    offsets = [f.get(timeout=30).offset for f in batch]
+    later = [
+        producer.send(topics.input, key=p.encode(), value=raw, partition=1)
+        for p, raw, _ in posts[6:]
+    ]
+    producer.flush()
+    for f in later:
+        f.get(timeout=30)
+    producer.close()
+
+    start_worker(worker_env, procs, "w1", tmp_path)
+    readable = {pid for pid, _, _ in posts[:3] + posts[6:]}
+    results = consume_all(
+        kafka_bootstrap,
+        topics.output,
+        lambda recs: {r.key.decode() for r in recs} >= readable,
+        deadline_s=120,
+        procs=procs,
+    )
+    assert set(results_by_post_id(results)) == readable
+    dead = consume_all(kafka_bootstrap, topics.dlq, lambda recs: len(recs) >= 4, 60)
+    got = sorted(int(parse_dlq_headers(r.headers)["source_offset"]) for r in dead)
+    assert got == offsets[3:]  # the bad record and the three behind it in its batch
+    assert {parse_dlq_headers(r.headers)["error_kind"] for r in dead} == {"corrupt_record"}
+    wait_no_lag(kafka_bootstrap, topics)
