@@ -344,6 +344,10 @@ def _main(args: argparse.Namespace) -> int:
         settings = WorkerSettings(**overrides)
     except ValidationError as exc:
         return fail(f"settings: {first_validation_error(exc)}")
+    try:
+        settings.check_files()  # a missing CA file otherwise reads as a server not answering
+    except ValueError as exc:
+        return fail(str(exc))
     topic = args.topic or settings.input_topic
     timeout_ms = int(args.timeout * 1000)
     try:

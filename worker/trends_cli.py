@@ -115,6 +115,10 @@ def main(args: argparse.Namespace) -> int:
         settings = WorkerSettings(**({"redis_url": args.redis_url} if args.redis_url else {}))
     except ValidationError as exc:
         return fail(f"settings: {first_validation_error(exc)}")
+    try:
+        settings.check_files()  # a missing CA file otherwise reads as a server not answering
+    except ValueError as exc:
+        return fail(str(exc))
     client = redis_client(settings)
     reader = TrendReader(client)  # bucket TTLs as the workers recorded them
     try:

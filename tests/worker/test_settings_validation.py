@@ -166,3 +166,14 @@ def test_run_refuses_a_missing_ca_file_in_one_line_before_connecting(tmp_path):
     assert proc.stderr.splitlines() == [
         f"python -m worker run: error: ssl_cafile: {tmp_path / 'ca.pem'}: no such file"
     ]
+
+
+@pytest.mark.parametrize("command", [("trends",), ("produce", "--jsonl", "pyproject.toml")])
+def test_trends_and_produce_check_the_tls_files_before_connecting(command, tmp_path) -> None:
+    missing = tmp_path / "no-ca.crt"
+    proc = worker_cli(
+        *command, timeout=60, CARSTREAM_SSL_CAFILE=str(missing), CARSTREAM_REDIS_TLS_CA_CERTS=""
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ssl_cafile" in lines[0] and str(missing) in lines[0]
