@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from kafka.errors import (
     KafkaError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
+    UnsupportedCodecError,
 )
 from kafka.structs import OffsetAndMetadata
 from redis.exceptions import RedisError
@@ -129,6 +131,16 @@ PROBE_POLL_MS = 2000  # how long to wait for one partition's record when locatin
 MAX_CORRUPT_SKIP = 100_000  # offsets skipped at most per unreadable record batch
 
 
+def unparseable(exc: BaseException) -> bool:
+    """Whether ``exc`` came from parsing fetched records (not from the network or the group):
+    a corrupt record, a codec the client lacks, or a compressed payload that does not decode
+    (gzip/zlib/lz4 errors escape kafka-python's own wrapping)."""
+    if isinstance(exc, CorruptRecordError | UnsupportedCodecError):
+        return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any("/kafka/record/" in f.filename.replace("\\", "/") for f in frames)
+
+
 class BatchAbortedError(Exception):
     """A batch could not be delivered or applied before shutdown; it stays uncommitted."""
 
@@ -208,7 +220,8 @@ def make_outputs(
             dead.append(
                 (
                     rec.key,
-                    rec.value,
+                    # a keyless tombstone: kafka-python sends no record without key and value
+                    b"" if rec.key is None and rec.value is None else rec.value,
                     [
                         *original_headers(rec),
                         *dlq_headers(
@@ -375,6 +388,7 @@ class StreamWorker(ConsumerRebalanceListener):
         self._last_offset: dict[TopicPartition, int] = {}
         self._lock = threading.Lock()  # the batcher is also touched by the rebalance callback
         self._rewind: dict[TopicPartition, int] = {}  # first dropped offset per partition
+        self._rebalances = 0  # bumped by both callbacks: a corrupt-record search restarts
 
     # --- rebalance: finish what was polled from partitions we are about to lose --------------
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -385,6 +399,7 @@ class StreamWorker(ConsumerRebalanceListener):
         them again (this consumer too: the main loop seeks back if it gets the partition back),
         and the trends' applied offsets keep them from being counted twice.
         """
+        self._rebalances += 1
         lost = set(revoked)
         with self._lock:
             dropped = self.batcher.take_where(
@@ -399,6 +414,7 @@ class StreamWorker(ConsumerRebalanceListener):
             log.info("partitions revoked %s: dropped %d uncommitted records", revoked, len(dropped))
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._rebalances += 1
         log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
         self.metrics.set_ready(True)
 
@@ -434,13 +450,15 @@ class StreamWorker(ConsumerRebalanceListener):
     def _poll(self, timeout_ms: int, max_records: int) -> None:
         try:
             polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-        except CorruptRecordError as exc:
+        except Exception as exc:
+            if not unparseable(exc):
+                if not isinstance(exc, KafkaError):
+                    raise
+                self.metrics.retries.labels("kafka").inc()
+                log.warning("poll failed (%s); retrying", exc)
+                self.stop.wait(1.0)
+                return
             self._skip_corrupt_record(exc)
-            return
-        except KafkaError as exc:
-            self.metrics.retries.labels("kafka").inc()
-            log.warning("poll failed (%s); retrying", exc)
-            self.stop.wait(1.0)
             return
         now = time.monotonic()
         with self._lock:
@@ -453,49 +471,58 @@ class StreamWorker(ConsumerRebalanceListener):
                 self._apply_rewinds()
         self.metrics.consumed.inc(sum(len(r) for r in polled.values()))
 
-    def _skip_corrupt_record(self, exc: CorruptRecordError) -> None:
+    def _skip_corrupt_record(self, exc: Exception) -> None:
         """Dead-letter the records kafka-python cannot parse, and move past them.
 
-        kafka-python raises CorruptRecordError (a CRC mismatch, or a header key that is not
-        UTF-8, which a librdkafka producer can send) without naming the partition, and leaves
-        that partition's position on the record, so every later poll would fail on it: one bad
-        record would block its partition for ever. The partition is found by polling each one
-        alone for a record. A fetch returns whole record batches and the client parses a batch
-        from its start, so the records after the bad one in the same batch cannot be read either:
-        the offsets from the bad one up to the first readable one are skipped. Each joins the
-        batch as a dead letter (empty value: the client cannot read its bytes; the headers name
-        the offset, for a replay with another client), so they are delivered and committed in
-        order, and every other partition is put back where it was.
+        kafka-python raises (CorruptRecordError for a CRC mismatch or a header key that is not
+        UTF-8, which a librdkafka producer can send; a codec error for a payload that does not
+        decompress) without naming the partition, and leaves that partition's position on the
+        record, so every later poll would fail on it: one bad record would block its partition
+        for ever. The partition is found by polling each one alone for a record. A fetch returns
+        whole record batches and the client parses a batch from its start, so the records after
+        the bad one in the same batch cannot be read either: the offsets from the bad one up to
+        the first readable one are skipped. Each joins the batch as a dead letter (empty value:
+        the client cannot read its bytes; the headers name the offset, for a replay with another
+        client), so they are delivered and committed in order. Every partition is put back where
+        it was; a rebalance during the search abandons it (the next poll starts over).
         """
         hint = self._drop_poisoned_fetch()
+        generation = self._rebalances
         held = set(self.consumer.assignment())
         saved = {tp: self.consumer.position(tp) for tp in held}
-        culprit, first_readable = None, None
+        culprit, first_readable, done = None, None, False
         try:
             order = sorted(held, key=lambda t: (t != hint, t.topic, t.partition))
             for tp in order:
-                if self._probe(held, tp, saved[tp]) == "corrupt":
+                verdict = self._probe(tp, saved[tp])
+                if self._rebalances != generation or verdict == "error":
+                    return
+                if verdict == "corrupt":
                     culprit = tp
                     break
-            if culprit is not None:
-                # never past the log end: a fetch there could reset the position and re-read
-                end = self.consumer.end_offsets([culprit]).get(culprit, 0)
-                first_readable = saved[culprit] + 1
-                while first_readable < min(end, saved[culprit] + MAX_CORRUPT_SKIP):
-                    if self._probe(held, culprit, first_readable) != "corrupt":
-                        break
-                    first_readable += 1
+            if culprit is None:
+                self.metrics.retries.labels("kafka").inc()
+                log.warning("poll failed on a record (%s) not located yet; retrying", exc)
+                self.stop.wait(1.0)
+                return
+            # never past the log end: a fetch there could reset the position and re-read
+            end = self.consumer.end_offsets([culprit]).get(culprit, 0)
+            first_readable = saved[culprit] + 1
+            while first_readable < min(end, saved[culprit] + MAX_CORRUPT_SKIP):
+                self.metrics.beat()  # a long batch to skip is progress, not a stall
+                verdict = self._probe(culprit, first_readable)
+                if self._rebalances != generation or verdict == "error":
+                    return
+                if verdict != "corrupt":
+                    break
+                first_readable += 1
+            done = True
         finally:
-            self.consumer.resume(*held)
             current = self.consumer.assignment()
+            self.consumer.resume(*current)
             for tp, position in saved.items():
-                if tp in current:
+                if tp in current and not (done and tp == culprit):
                     self.consumer.seek(tp, position)
-        if culprit is None or culprit not in self.consumer.assignment():
-            self.metrics.retries.labels("kafka").inc()
-            log.warning("poll failed on a corrupt record (%s) not located yet; retrying", exc)
-            self.stop.wait(1.0)
-            return
         first = saved[culprit]
         log.error(
             "%s offsets %d..%d cannot be read by the Kafka client (%s): dead-lettered as "
@@ -539,18 +566,30 @@ class StreamWorker(ConsumerRebalanceListener):
         fetcher._next_partition_records = None
         return tp
 
-    def _probe(self, held: set[TopicPartition], tp: TopicPartition, offset: int) -> str:
+    def _probe(self, tp: TopicPartition, offset: int) -> str:
         """Poll ``tp`` alone from ``offset`` for one record: "corrupt" (the record at ``offset``
-        cannot be parsed), "record", "empty", or "moved" (the position was reset elsewhere)."""
-        self.consumer.pause(*(held - {tp}))
+        cannot be parsed), "record", "empty", "moved" (the position was reset elsewhere) or
+        "error" (the network or the group failed: no verdict).
+
+        Other partitions are paused; one assigned by a rebalance inside this poll is not, so
+        what it returns is handed back (its position set to the first record returned).
+        """
+        self.consumer.pause(*(self.consumer.assignment() - {tp}))
         self.consumer.resume(tp)
         self.consumer.seek(tp, offset)
         try:
             polled = self.consumer.poll(timeout_ms=PROBE_POLL_MS, max_records=1)
-        except CorruptRecordError:
+        except Exception as exc:
+            if not unparseable(exc):
+                log.warning("probing %s at %d failed (%s)", tp, offset, exc)
+                return "error"
             self._drop_poisoned_fetch()
             return "corrupt" if self.consumer.position(tp) == offset else "moved"
-        offsets = [r.offset for records in polled.values() for r in records]
+        assigned = self.consumer.assignment()
+        for other, records in polled.items():
+            if other != tp and records and other in assigned:
+                self.consumer.seek(other, min(r.offset for r in records))
+        offsets = [r.offset for r in polled.get(tp, [])]
         if any(o < offset for o in offsets):
             return "moved"
         return "record" if offsets else "empty"
@@ -684,7 +723,14 @@ class StreamWorker(ConsumerRebalanceListener):
                 except (TypeError, ValueError) as exc:  # refused before any I/O: never sendable
                     if msg.topic != s.dlq_topic:
                         raise FatalWorkerError(f"a result cannot be sent: {exc}") from exc
-                    log.error("a dead letter cannot be sent (%s); dropped: %r", exc, msg.headers)
+                    where = parse_dlq_headers(msg.headers)
+                    log.error(
+                        "dead letter of %s/%s@%s cannot be sent (%s); dropped",
+                        where.get("source_topic"),
+                        where.get("source_partition"),
+                        where.get("source_offset"),
+                        exc,
+                    )
                     continue
                 sent.append((msg, future))
             try:
@@ -780,7 +826,10 @@ class StreamWorker(ConsumerRebalanceListener):
         log.error("giving up committing %s; records will be redelivered and deduplicated", offsets)
 
     def _update_lag(self) -> None:
+        assigned = self.consumer.assignment()
         for tp, last in list(self._last_offset.items()):
+            if tp not in assigned:  # revoked meanwhile: highwater() would raise
+                continue
             high = self.consumer.highwater(tp)
             if high is not None:
                 self.metrics.lag.labels(str(tp.partition)).set(max(0, high - last - 1))

@@ -363,3 +363,27 @@ def test_a_fatal_loop_error_is_logged_and_exits_1(
     )
     assert _serve(settings, threading.Event(), WorkerMetrics(), None) == 1
     assert "stopping: the engine failed on everything" in caplog.text
+
+
+def test_a_keyless_tombstone_reaches_the_dlq():
+    """A record with neither key nor value is a bad post like any other; kafka-python sends no
+    record without both, so its dead letter carries an empty value."""
+    batch = [Pending(Rec("car-posts", 0, 4, None, None), 0.0, DoneFuture())]
+    prepared = [Prepared(None, None, PostError("invalid_json", "empty"), 0.0)]
+    producer = BrokerLikeProducer()
+    worker = worker_with(producer)
+    manifest = Manifest(
+        model_name="m",
+        model_version="v1",
+        arch="resnet18",
+        num_classes=1,
+        labels=[{"make": "Audi", "model": "A4"}],
+        preprocess=PreprocessSpec(),
+        artifacts=[],
+        created_at="2026-11-24T00:00:00Z",
+    )
+    _, dead, _ = make_outputs(batch, prepared, {}, manifest, worker.settings)
+    deliver_within(worker, [], dead)
+    ((_, key, value, headers),) = producer.delivered
+    assert key is None and value == b""
+    assert parse_dlq_headers(headers)["source_offset"] == "4"

@@ -460,3 +460,60 @@ def test_records_after_an_unparseable_one_in_its_batch_are_dead_lettered_then_re
     assert got == offsets[3:]  # the bad record and the three behind it in its batch
     assert {parse_dlq_headers(r.headers)["error_kind"] for r in dead} == {"corrupt_record"}
     wait_no_lag(kafka_bootstrap, topics)
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+def test_posts_compressed_by_the_producer_are_read(codec, env, kafka_bootstrap, tmp_path):
+    """Producers (and brokers) may compress batches with any Kafka codec; without the codec's
+    library kafka-python cannot read the batch, and the worker stopped on it."""
+    topics, _, worker_env, procs = env
+    posts = good_posts(4, seed=9)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, compression_type=codec)
+    for pid, raw, _ in posts:
+        producer.send(topics.input, key=pid.encode(), value=raw)
+    producer.flush()
+    producer.close()
+    start_worker(worker_env, procs, "w1", tmp_path)
+    results = consume_all(
+        kafka_bootstrap,
+        topics.output,
+        lambda recs: len({r.key for r in recs}) >= len(posts),
+        deadline_s=120,
+        procs=procs,
+    )
+    assert set(results_by_post_id(results)) == {pid for pid, _, _ in posts}
+
+
+def test_a_batch_whose_compressed_payload_does_not_decode_is_dead_lettered(
+    env, kafka_bootstrap, tmp_path, monkeypatch
+):
+    """A gzip-labelled batch whose payload is not gzip (its CRC is valid: the producer computes
+    it over what it sends) raised BadGzipFile from poll, outside kafka-python's error wrapping:
+    the worker exited, and crash-looped on the same batch after every restart."""
+    import kafka.record.default_records as default_records
+
+    topics, _, worker_env, procs = env
+    posts = good_posts(3, seed=10)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, compression_type="gzip")
+    producer.send(topics.input, key=posts[0][0].encode(), value=posts[0][1], partition=2).get(30)
+    with monkeypatch.context() as patch:
+        patch.setattr(default_records, "gzip_encode", lambda data: b"\x1f\x8bnot-gzip")
+        bad = producer.send(topics.input, key=b"z", value=b"x" * 200, partition=2).get(30).offset
+    for pid, raw, _ in posts[1:]:
+        producer.send(topics.input, key=pid.encode(), value=raw, partition=2).get(30)
+    producer.close()
+
+    start_worker(worker_env, procs, "w1", tmp_path)
+    results = consume_all(
+        kafka_bootstrap,
+        topics.output,
+        lambda recs: len({r.key for r in recs}) >= len(posts),
+        deadline_s=120,
+        procs=procs,
+    )
+    assert set(results_by_post_id(results)) == {pid for pid, _, _ in posts}
+    (dead,) = consume_all(kafka_bootstrap, topics.dlq, lambda recs: len(recs) >= 1, 60)
+    headers = parse_dlq_headers(dead.headers)
+    assert headers["error_kind"] == "corrupt_record" and headers["source_offset"] == str(bad)
+    wait_no_lag(kafka_bootstrap, topics)
+    assert procs[0].poll() is None
