@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine_build.manifest import Manifest
 from training.checkpoint import save_checkpoint
 from training.models import build_model
 from training.preprocessing import PreprocessSpec
@@ -28,6 +29,21 @@ CLASSES = [
 ]
 IMAGE_SIZE = 32
 REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_manifest(labels: list[dict] | None = None) -> Manifest:
+    """A manifest for the pure pipeline tests (Audi A4 and BMW X5 unless ``labels`` given)."""
+    labels = labels or [{"make": "Audi", "model": "A4"}, {"make": "BMW", "model": "X5"}]
+    return Manifest(
+        model_name="m",
+        model_version="v1",
+        arch="resnet18",
+        num_classes=len(labels),
+        labels=labels,
+        preprocess=PreprocessSpec(),
+        artifacts=[],
+        created_at="2026-11-24T00:00:00Z",
+    )
 
 
 def worker_cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:

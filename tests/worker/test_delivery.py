@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
-from engine_build.manifest import Manifest
-from tests.support import DoneFuture, Rec
+from tests.support import DoneFuture, Rec, tiny_manifest
 from training.preprocessing import PreprocessSpec
 from worker.dead_letter import dlq_headers, parse_dlq_headers
 from worker.errors import PostError
@@ -227,16 +226,7 @@ def test_the_input_size_limit_counts_the_key_too():
 
 def test_the_results_metric_uses_the_status_not_a_search_of_the_json():
     """A confident post whose post_id and city are "low_confidence" is counted as ok."""
-    manifest = Manifest(
-        model_name="m",
-        model_version="v1",
-        arch="resnet18",
-        num_classes=2,
-        labels=[{"make": "Audi", "model": "A4"}, {"make": "BMW", "model": "X5"}],
-        preprocess=PreprocessSpec(),
-        artifacts=[],
-        created_at="2026-11-24T00:00:00Z",
-    )
+    manifest = tiny_manifest()
     event = PostEvent(
         post_id="low_confidence",
         image_b64="x",
@@ -319,16 +309,7 @@ def test_a_batch_on_an_unhealthy_engine_is_neither_published_counted_nor_committ
     producer = BrokerLikeProducer()
     worker = worker_with(producer)
     worker.engine = FakeEngine(dead=True)
-    worker.manifest = Manifest(
-        model_name="m",
-        model_version="v1",
-        arch="resnet18",
-        num_classes=2,
-        labels=[{"make": "Audi", "model": "A4"}, {"make": "BMW", "model": "X5"}],
-        preprocess=PreprocessSpec(),
-        artifacts=[],
-        created_at="2026-11-24T00:00:00Z",
-    )
+    worker.manifest = tiny_manifest()
     worker.consumer, worker.trends = _Recorder(), _Recorder()
     event = PostEvent(post_id="p", image_b64="x", posted_at="2026-01-01T00:00:00Z")
     batch = [
@@ -372,16 +353,7 @@ def test_a_keyless_tombstone_reaches_the_dlq():
     prepared = [Prepared(None, None, PostError("invalid_json", "empty"), 0.0)]
     producer = BrokerLikeProducer()
     worker = worker_with(producer)
-    manifest = Manifest(
-        model_name="m",
-        model_version="v1",
-        arch="resnet18",
-        num_classes=1,
-        labels=[{"make": "Audi", "model": "A4"}],
-        preprocess=PreprocessSpec(),
-        artifacts=[],
-        created_at="2026-11-24T00:00:00Z",
-    )
+    manifest = tiny_manifest([{"make": "Audi", "model": "A4"}])
     _, dead, _ = make_outputs(batch, prepared, {}, manifest, worker.settings)
     deliver_within(worker, [], dead)
     ((_, key, value, headers),) = producer.delivered

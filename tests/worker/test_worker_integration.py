@@ -234,6 +234,29 @@ def results_by_post_id(records) -> dict[str, dict]:
     return out
 
 
+def one_worker_results(
+    kafka_bootstrap: str,
+    topics: Topics,
+    worker_env: dict,
+    procs: list,
+    log_dir: Path,
+    expected: set[str],
+) -> dict[str, dict]:
+    """Start one worker and wait until it has published a result for every post in ``expected``
+    (and for no other)."""
+    start_worker(worker_env, procs, "w1", log_dir)
+    results = consume_all(
+        kafka_bootstrap,
+        topics.output,
+        lambda recs: {r.key.decode() for r in recs} >= expected,
+        deadline_s=120,
+        procs=procs,
+    )
+    by_post = results_by_post_id(results)
+    assert set(by_post) == expected
+    return by_post
+
+
 # --- tests ---------------------------------------------------------------------------------
 
 
@@ -396,15 +419,8 @@ def test_a_record_the_kafka_client_cannot_parse_is_dead_lettered_not_blocking(
         future.get(timeout=30)
     producer.close()
 
-    start_worker(worker_env, procs, "w1", tmp_path)
-    results = consume_all(
-        kafka_bootstrap,
-        topics.output,
-        lambda recs: len({r.key for r in recs}) >= len(posts),
-        deadline_s=120,
-        procs=procs,
-    )
-    assert set(results_by_post_id(results)) == {pid for pid, _, _ in posts}
+    expected = {pid for pid, _, _ in posts}
+    one_worker_results(kafka_bootstrap, topics, worker_env, procs, tmp_path, expected)
     (dead,) = consume_all(kafka_bootstrap, topics.dlq, lambda recs: len(recs) >= 1, 60)
     headers = parse_dlq_headers(dead.headers)
     assert headers["error_kind"] == "corrupt_record"
@@ -445,16 +461,8 @@ def test_records_after_an_unparseable_one_in_its_batch_are_dead_lettered_then_re
         f.get(timeout=30)
     producer.close()
 
-    start_worker(worker_env, procs, "w1", tmp_path)
     readable = {pid for pid, _, _ in posts[:3] + posts[6:]}
-    results = consume_all(
-        kafka_bootstrap,
-        topics.output,
-        lambda recs: {r.key.decode() for r in recs} >= readable,
-        deadline_s=120,
-        procs=procs,
-    )
-    assert set(results_by_post_id(results)) == readable
+    one_worker_results(kafka_bootstrap, topics, worker_env, procs, tmp_path, readable)
     dead = consume_all(kafka_bootstrap, topics.dlq, lambda recs: len(recs) >= 4, 60)
     got = sorted(int(parse_dlq_headers(r.headers)["source_offset"]) for r in dead)
     assert got == offsets[3:]  # the bad record and the three behind it in its batch
@@ -473,15 +481,8 @@ def test_posts_compressed_by_the_producer_are_read(codec, env, kafka_bootstrap, 
         producer.send(topics.input, key=pid.encode(), value=raw)
     producer.flush()
     producer.close()
-    start_worker(worker_env, procs, "w1", tmp_path)
-    results = consume_all(
-        kafka_bootstrap,
-        topics.output,
-        lambda recs: len({r.key for r in recs}) >= len(posts),
-        deadline_s=120,
-        procs=procs,
-    )
-    assert set(results_by_post_id(results)) == {pid for pid, _, _ in posts}
+    expected = {pid for pid, _, _ in posts}
+    one_worker_results(kafka_bootstrap, topics, worker_env, procs, tmp_path, expected)
 
 
 def test_a_batch_whose_compressed_payload_does_not_decode_is_dead_lettered(
@@ -503,15 +504,8 @@ def test_a_batch_whose_compressed_payload_does_not_decode_is_dead_lettered(
         producer.send(topics.input, key=pid.encode(), value=raw, partition=2).get(30)
     producer.close()
 
-    start_worker(worker_env, procs, "w1", tmp_path)
-    results = consume_all(
-        kafka_bootstrap,
-        topics.output,
-        lambda recs: len({r.key for r in recs}) >= len(posts),
-        deadline_s=120,
-        procs=procs,
-    )
-    assert set(results_by_post_id(results)) == {pid for pid, _, _ in posts}
+    expected = {pid for pid, _, _ in posts}
+    one_worker_results(kafka_bootstrap, topics, worker_env, procs, tmp_path, expected)
     (dead,) = consume_all(kafka_bootstrap, topics.dlq, lambda recs: len(recs) >= 1, 60)
     headers = parse_dlq_headers(dead.headers)
     assert headers["error_kind"] == "corrupt_record" and headers["source_offset"] == str(bad)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from engine_build.manifest import Manifest
-from tests.support import DoneFuture, Rec
-from training.preprocessing import PreprocessSpec
+from tests.support import DoneFuture, Rec, tiny_manifest
 from worker.batching import Batcher
 from worker.dead_letter import dlq_headers, parse_dlq_headers
 from worker.errors import PostError
@@ -219,16 +218,7 @@ def test_dlq_headers_round_trip_and_carry_the_source_position():
 
 
 def _manifest() -> Manifest:
-    return Manifest(
-        model_name="m",
-        model_version="v1",
-        arch="resnet18",
-        num_classes=2,
-        labels=[{"make": "Audi", "model": "A4"}, {"make": "BMW", "model": "X5"}],
-        preprocess=PreprocessSpec(),
-        artifacts=[],
-        created_at="2026-11-24T00:00:00Z",
-    )
+    return tiny_manifest()
 
 
 def test_make_outputs_builds_results_dead_letters_and_trend_records():
