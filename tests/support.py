@@ -31,7 +31,9 @@ IMAGE_SIZE = 32
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_manifest(labels: list[dict] | None = None) -> Manifest:
+def tiny_manifest(
+    labels: list[dict] | None = None, preprocess: PreprocessSpec | None = None
+) -> Manifest:
     """A manifest for the pure pipeline tests (Audi A4 and BMW X5 unless ``labels`` given)."""
     labels = labels or [{"make": "Audi", "model": "A4"}, {"make": "BMW", "model": "X5"}]
     return Manifest(
@@ -40,7 +42,7 @@ def tiny_manifest(labels: list[dict] | None = None) -> Manifest:
         arch="resnet18",
         num_classes=len(labels),
         labels=labels,
-        preprocess=PreprocessSpec(),
+        preprocess=preprocess or PreprocessSpec(),
         artifacts=[],
         created_at="2026-11-24T00:00:00Z",
     )

@@ -32,7 +32,7 @@ import pytest
 from PIL import Image
 
 from engine_build.manifest import Manifest
-from tests.support import DoneFuture, Rec
+from tests.support import DoneFuture, Rec, tiny_manifest
 from training.preprocessing import PreprocessSpec
 from worker.errors import ErrorKind, PostError
 from worker.pipeline import Pending, make_outputs
@@ -385,16 +385,7 @@ def test_every_accepted_event_gives_trend_keys_that_parse_back():
 
 
 def manifest() -> Manifest:
-    return Manifest(
-        model_name="m",
-        model_version="v1",
-        arch="resnet18",
-        num_classes=len(LABELS),
-        labels=LABELS,
-        preprocess=SPEC,
-        artifacts=[],
-        created_at="2026-11-24T00:00:00Z",
-    )
+    return tiny_manifest(LABELS, SPEC)
 
 
 def rand_logits(rng: random.Random, dtype) -> np.ndarray:
