@@ -202,9 +202,9 @@ def throughput(results: list[dict]) -> float:
     return len(after) / (times[-1] - first) if after else float("nan")
 
 
-def start(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+def start(cmd: list[str], env: dict, log_path: Path, cwd: Path = REPO) -> subprocess.Popen:
     log = log_path.open("wb")
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -1,12 +1,13 @@
 """A/B worker settings at saturation, round robin, with the worker's CPU time split by thread.
 
 Each ``--config NAME:VAR=VALUE,...`` sets environment variables of the worker (any
-CARSTREAM_* setting, or ``CMD=peer`` to run benchmarks/peer_consumer.py instead); every config
+CARSTREAM_* setting, ``CMD=peer`` to run benchmarks/peer_consumer.py instead, or ``SRC=DIR`` to
+run the worker of another checkout, such as ``git worktree add /tmp/main main``); every config
 runs ``--reps`` times in turn, so drift on a shared machine hits all of them alike, and the
 engine's model-only throughput is measured before and after. CPU time per post is read from
 /proc/<pid>/task/*/stat between the first and the last result and split by the kernel thread
-names worker.thread_names gives: main (the loop, and inference thread 0), the inference
-runtime's pool, decode, Kafka I/O. Linux only (it reads /proc).
+names worker.thread_names gives: main (poll, batching, commits), the inference thread and the
+inference runtime's pool, decode, Kafka I/O. Linux only (it reads /proc).
 
     python benchmarks/worker_ab.py --config base: --config one-decode:CARSTREAM_DECODE_THREADS=1
 """
@@ -145,7 +146,9 @@ def run_config(name, env, stack, bundle, args, posts, work) -> dict:
     script = [str(Path(__file__).parent / "peer_consumer.py")] if peer else ["-m", "worker", "run"]
     max_batch = 1 if peer else args.max_batch
     full_env = {**e2e.env_for(run, stack, bundle, args, max_batch), **env}
-    proc = e2e.start([sys.executable, *script], full_env, work / f"{run.group}.log")
+    src = Path(env.get("SRC", e2e.REPO))  # another checkout's worker, e.g. a worktree of main
+    full_env["PYTHONPATH"] = str(src)
+    proc = e2e.start([sys.executable, *script], full_env, work / f"{run.group}.log", cwd=src)
     try:
         got = measure(stack.bootstrap, run.output, len(posts), proc, 900)
     finally:
@@ -191,7 +194,8 @@ def render_md(r: dict) -> str:
             ", ".join(c["config"] for c in r["configs"] if "process start" in c["cpu_windows"])
             or "none"
         )
-        + "); main = the loop and inference thread 0",
+        + "); main = poll, batching and commits; inference pool = the inference thread and "
+        "the runtime's pool",
         "",
         "| config | settings | posts/s (each run) | median | vs model-only | "
         + " | ".join(f"CPU {g}" for g in GROUPS)
