@@ -455,9 +455,14 @@ class StreamWorker(ConsumerRebalanceListener):
                 ahead = s.max_batch if len(inflight) >= MAX_INFLIGHT_BATCHES else 2 * s.max_batch
                 room = ahead - len(self.batcher)
                 if room > 0:
-                    timeout = self.batcher.time_left_ms() if len(self.batcher) else 500.0
-                    if inflight:  # come back soon to commit what the inference thread finishes
-                        timeout = min(timeout, INFLIGHT_POLL_MS)
+                    if len(inflight) >= MAX_INFLIGHT_BATCHES:
+                        # no batch can be handed over before one finishes: a due batch must not
+                        # turn this into a poll(0) spin that takes the engine's CPU
+                        timeout = INFLIGHT_POLL_MS
+                    else:
+                        timeout = self.batcher.time_left_ms() if len(self.batcher) else 500.0
+                        if inflight:  # come back soon to commit what the inference thread ends
+                            timeout = min(timeout, INFLIGHT_POLL_MS)
                     self._poll(int(timeout), room)
                 elif inflight:
                     wait([inflight[0]], timeout=INFLIGHT_POLL_MS / 1000.0)

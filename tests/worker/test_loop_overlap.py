@@ -44,9 +44,13 @@ class FakeConsumer:
     engine is inside ``infer`` (``polled_while_busy``): a loop that does not read on while it
     infers never gets them."""
 
-    def __init__(self, records: list[Rec], engine_busy: threading.Event, first: int = 4):
+    def __init__(
+        self, records: list[Rec], engine_busy: threading.Event, first: int = 4, trickle=None
+    ):
         self.records = deque(records)
         self.first = first
+        self.trickle = trickle  # records per poll once released (None: as many as asked)
+        self.busy_polls: list[int] = []  # the timeout of each poll made while the engine ran
         self.given = 0
         self.engine_busy = engine_busy
         self.polled_while_busy = threading.Event()
@@ -60,10 +64,13 @@ class FakeConsumer:
     def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict:
         if self.engine_busy.is_set():
             self.polled_while_busy.set()
+            self.busy_polls.append(timeout_ms)
         out: dict[TopicPartition, list[Rec]] = {}
         limit = max_records or len(self.records)
         if not self.polled_while_busy.is_set():
             limit = min(limit, self.first - self.given)
+        elif self.trickle is not None:
+            limit = min(limit, self.trickle)
         for _ in range(min(limit, len(self.records))):
             rec = self.records.popleft()
             out.setdefault(TopicPartition(rec.topic, rec.partition), []).append(rec)
