@@ -6,8 +6,8 @@ run the worker of another checkout, such as ``git worktree add /tmp/main main``)
 runs ``--reps`` times in turn, so drift on a shared machine hits all of them alike, and the
 engine's model-only throughput is measured before and after. CPU time per post is read from
 /proc/<pid>/task/*/stat between the first and the last result and split by the kernel thread
-names worker.thread_names gives: main (poll, batching, commits), the inference thread and the
-inference runtime's pool, decode, Kafka I/O. Linux only (it reads /proc).
+names worker.thread_names gives: main (the loop, and inference thread 0), the inference
+runtime's pool, decode, Kafka I/O. Linux only (it reads /proc).
 
     python benchmarks/worker_ab.py --config base: --config one-decode:CARSTREAM_DECODE_THREADS=1
 """
@@ -194,8 +194,7 @@ def render_md(r: dict) -> str:
             ", ".join(c["config"] for c in r["configs"] if "process start" in c["cpu_windows"])
             or "none"
         )
-        + "); main = poll, batching and commits; inference pool = the inference thread and "
-        "the runtime's pool",
+        + "); main = the loop and inference thread 0",
         "",
         "| config | settings | posts/s (each run) | median | vs model-only | "
         + " | ".join(f"CPU {g}" for g in GROUPS)

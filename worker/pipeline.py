@@ -13,9 +13,8 @@ import logging
 import threading
 import time
 import traceback
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -127,12 +126,6 @@ class UnreadableRecord:
     value: bytes = b""
     headers: list | None = None
 
-
-# batches handed to the inference thread at once: one running, one ready to start the moment the
-# first is done; more would only hold posts back from a later, fuller batch
-MAX_INFLIGHT_BATCHES = 2
-# how long a poll blocks while a batch is in flight: the commit of a finished batch waits this long
-INFLIGHT_POLL_MS = 20.0
 
 PROBE_POLL_MS = 2000  # how long to wait for one partition's record when locating a corrupt one
 MAX_CORRUPT_SKIP = 100_000  # offsets skipped at most per unreadable record batch
@@ -379,12 +372,6 @@ class StreamWorker(ConsumerRebalanceListener):
             settings.decode_threads, thread_name_prefix="decode", initializer=name_this_thread
         )
         self.batcher: Batcher[Pending] = Batcher(settings.max_batch, settings.max_wait_ms)
-        # every engine call after warm-up runs on this one thread (CUDA graphs and streams stay
-        # on one thread); it also publishes and counts, so batches finish in the order taken
-        self.inference = ThreadPoolExecutor(
-            1, thread_name_prefix="inference", initializer=name_this_thread
-        )
-        self._failed = threading.Event()  # a batch failed: the ones behind it must not apply
         # GPU decode: JPEGs are decoded by nvJPEG on the engine's device, batch by batch
         self.gpu_device = (
             getattr(engine, "device", None)
@@ -433,79 +420,32 @@ class StreamWorker(ConsumerRebalanceListener):
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
-        """Poll and decode on this thread while the inference thread runs the batches before.
-
-        The consumer is only touched here (kafka-python's consumer is not thread-safe): this
-        thread polls, hands ready batches to the inference thread (one running, one waiting),
-        and commits each batch's offsets once that thread has delivered its results and applied
-        its counts, in the order the batches were taken. Fetching and decoding thus go on while
-        the engine runs: the engine never waits on a broker round trip, a commit, or the decode
-        of posts that arrived during the batch before.
-        """
         s = self.settings
         self.consumer.subscribe([s.input_topic], listener=self)
-        inflight: deque[Future[dict[TopicPartition, OffsetAndMetadata]]] = deque()
         try:
             while not self.stop.is_set():
-                if not inflight:
-                    self.metrics.beat()  # otherwise the inference thread beats, batch by batch
-                self._reap(inflight)
-                # read ahead: a batch to decode while the engine runs, two when it has no next
-                # batch waiting yet; beyond that, polling would only cost CPU the engine needs
-                ahead = s.max_batch if len(inflight) >= MAX_INFLIGHT_BATCHES else 2 * s.max_batch
-                room = ahead - len(self.batcher)
+                self.metrics.beat()
+                room = 2 * s.max_batch - len(self.batcher)
+                timeout = self.batcher.time_left_ms() if len(self.batcher) else 500
                 if room > 0:
-                    if len(inflight) >= MAX_INFLIGHT_BATCHES:
-                        # no batch can be handed over before one finishes: a due batch must not
-                        # turn this into a poll(0) spin that takes the engine's CPU
-                        timeout = INFLIGHT_POLL_MS
-                    else:
-                        timeout = self.batcher.time_left_ms() if len(self.batcher) else 500.0
-                        if inflight:  # come back soon to commit what the inference thread ends
-                            timeout = min(timeout, INFLIGHT_POLL_MS)
                     self._poll(int(timeout), room)
-                elif inflight:
-                    wait([inflight[0]], timeout=INFLIGHT_POLL_MS / 1000.0)
-                if self.batcher.ready() and len(inflight) < MAX_INFLIGHT_BATCHES:
+                if self.batcher.ready():
+                    # prefetch the next batch so it decodes while this one is inferred
+                    extra = 2 * s.max_batch - len(self.batcher)
+                    if extra > 0:
+                        self._poll(0, extra)
                     with self._lock:
                         batch = self.batcher.take()
-                    inflight.append(self.inference.submit(self._handle_in_order, batch))
-            log.info(
-                "stop requested: draining %d pending records and %d batches in flight",
-                len(self.batcher),
-                len(inflight),
-            )
+                    self.process(batch)
+            log.info("stop requested: draining %d pending records", len(self.batcher))
             while len(self.batcher):
                 with self._lock:
                     batch = self.batcher.take()
-                inflight.append(self.inference.submit(self._handle_in_order, batch))
-            while inflight:
-                self._reap(inflight, block=True)
+                self.process(batch)
         except BatchAbortedError as exc:
             log.warning("batch left uncommitted at shutdown: %s", exc)
         finally:
-            # after a failure, batches behind the failed one are neither applied nor committed
-            self._failed.set()
-            self.inference.shutdown(wait=True, cancel_futures=True)
             self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def _reap(
-        self,
-        inflight: deque[Future[dict[TopicPartition, OffsetAndMetadata]]],
-        block: bool = False,
-    ) -> None:
-        """Commit the batches the inference thread has finished, oldest first; re-raise the
-        error of one that failed (the batches behind it are then neither counted nor committed).
-        """
-        while inflight and (block or inflight[0].done()):
-            offsets = inflight.popleft().result()
-            # a batch finished after its partitions were revoked is not committed for them: the
-            # new owner reads those records again (Redis counts them once) and commits itself
-            held = self.consumer.assignment()
-            offsets = {tp: om for tp, om in offsets.items() if tp in held}
-            if offsets:
-                self._commit(offsets)
-            self._update_lag()
 
     def _poll(self, timeout_ms: int, max_records: int) -> None:
         try:
@@ -674,35 +614,9 @@ class StreamWorker(ConsumerRebalanceListener):
         self._rewind.clear()
 
     def process(self, batch: list[Pending]) -> None:
-        """Infer, publish, count and commit one batch, all on the calling thread."""
-        offsets = self.handle(batch)
-        if offsets:
-            self._commit(offsets)
-        self._update_lag()
-
-    def _handle_in_order(self, batch: list[Pending]) -> dict[TopicPartition, OffsetAndMetadata]:
-        """``handle`` on the inference thread, refusing every batch after one that failed.
-
-        A later batch must not apply its counts once an earlier one failed: Redis would move
-        the partition's applied position past the failed batch's records, and their redelivery
-        would then not be counted. The batches run one after another on this one thread, so the
-        flag is set before the next batch starts.
-        """
-        if self._failed.is_set():
-            raise BatchAbortedError("an earlier batch failed; this one is left uncommitted")
-        try:
-            return self.handle(batch)
-        except BaseException:
-            self._failed.set()
-            raise
-
-    def handle(self, batch: list[Pending]) -> dict[TopicPartition, OffsetAndMetadata]:
-        """Infer, publish and count one batch; the offsets to commit once that is done.
-
-        Raises BatchAbortedError at shutdown only, FatalWorkerError when the worker cannot go on.
-        """
+        """Infer, publish, count and commit one batch; raises BatchAbortedError at shutdown only."""
         if not batch:
-            return {}
+            return
         self.metrics.batch_size.observe(len(batch))
         prepared = [item.prepared.result() for item in batch]
         for prep in prepared:
@@ -713,11 +627,12 @@ class StreamWorker(ConsumerRebalanceListener):
         )
         self._deliver(results, dead)
         self._apply_trends(trend_records)
+        self._commit(commit_offsets(batch))
         done = time.monotonic()
         for item in batch:
             self.metrics.end_to_end_seconds.observe(done - item.received)
+        self._update_lag()
         self.metrics.beat()
-        return commit_offsets(batch)
 
     def _infer(self, prepared: list[Prepared]) -> dict[int, np.ndarray]:
         """Logits by batch position, in engine-sized chunks; an engine failure isolates items.
