@@ -87,12 +87,18 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def photo_jpegs(count: int, seed: int = 0) -> list[bytes]:
-    """Photo-like JPEGs (smooth gradients, shapes, sensor noise) at social-media sizes."""
+PHOTO_SIZES = ((1080, 1080), (1280, 960))  # typical social-media uploads
+THUMB_SIZES = ((320, 320), (400, 300))
+
+
+def photo_jpegs(
+    count: int, seed: int = 0, sizes: tuple[tuple[int, int], ...] = PHOTO_SIZES
+) -> list[bytes]:
+    """Photo-like JPEGs (smooth gradients, shapes, sensor noise), sizes taken in turn."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
-        w, h = (1080, 1080) if i % 2 == 0 else (1280, 960)
+        w, h = sizes[i % len(sizes)]
         y, x = np.mgrid[0:h, 0:w].astype(np.float32)
         c = rng.uniform(0, 255, size=(3, 3))
         img = np.stack(

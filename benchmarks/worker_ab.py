@@ -1,13 +1,16 @@
 """A/B worker settings at saturation, round robin, with the worker's CPU time split by thread.
 
 Each ``--config NAME:VAR=VALUE,...`` sets environment variables of the worker (any
-CARSTREAM_* setting, ``CMD=peer`` to run benchmarks/peer_consumer.py instead, or ``SRC=DIR`` to
-run the worker of another checkout, such as ``git worktree add /tmp/main main``); every config
+CARSTREAM_* setting; ``CMD=peer`` to run benchmarks/peer_consumer.py instead, ``CMD=sim`` or
+``CMD=sim-peer`` to run either with benchmarks/sim_engine.py's stand-in for a GPU engine
+(SIM_BATCH_MS, SIM_IMAGE_MS); or ``SRC=DIR`` to run the worker of another checkout, such as
+``git worktree add /tmp/main main``); every config
 runs ``--reps`` times in turn, so drift on a shared machine hits all of them alike, and the
 engine's model-only throughput is measured before and after. CPU time per post is read from
 /proc/<pid>/task/*/stat between the first and the last result and split by the kernel thread
 names worker.thread_names gives: main (the loop, and inference thread 0), the inference
-runtime's pool, decode, Kafka I/O. Linux only (it reads /proc).
+runtime's pool (with the overlapped loop's inference thread), decode, the overlapped loop's
+delivery thread, Kafka I/O. Linux only (it reads /proc).
 
     python benchmarks/worker_ab.py --config base: --config one-decode:CARSTREAM_DECODE_THREADS=1
 """
@@ -37,7 +40,8 @@ from report import cpu_model, write_results  # noqa: E402
 
 from worker.stack import LocalStack, free_port  # noqa: E402
 
-GROUPS = ("main", "inference pool", "decode", "kafka", "other")
+GROUPS = ("main", "inference pool", "decode", "delivery", "kafka", "other")
+COMMANDS = ("worker", "peer", "sim", "sim-peer")  # what CMD= may name
 
 
 def parse_config(text: str) -> tuple[str, dict[str, str]]:
@@ -51,6 +55,10 @@ def parse_config(text: str) -> tuple[str, dict[str, str]]:
         if not var or not eq:
             raise argparse.ArgumentTypeError(f"{text!r}: {item!r} is not VAR=VALUE")
         env[var] = value
+    if env.get("CMD", "worker") not in COMMANDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: CMD must be one of {', '.join(COMMANDS)}, not {env['CMD']!r}"
+        )
     return name, env
 
 
@@ -63,6 +71,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--reps", type=int, default=3, help="runs of each config")
     parser.add_argument("--posts", type=int, default=320, help="posts per run")
+    parser.add_argument(
+        "--images",
+        choices=["photo", "thumb"],
+        default="photo",
+        help="photo: 1080x1080 and 1280x960 JPEGs; thumb: 320x320 and 400x300 (a stand-in for "
+        "posts whose decode is nearly free, as with GPU decoding)",
+    )
     e2e.add_worker_args(parser)  # a config's CARSTREAM_* variables override these
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     return parser
@@ -91,6 +106,8 @@ def group_of(is_main: bool, comm: str) -> str:
         return "decode"
     if comm.startswith("kafka"):
         return "kafka"
+    if comm.startswith("delivery"):  # the overlapped loop's publish-and-count thread
+        return "delivery"
     if comm == "metrics-http":
         return "other"
     return "inference pool"  # unnamed native threads: the inference runtime's own pool
@@ -142,9 +159,15 @@ def measure(bootstrap: str, topic: str, n: int, proc, deadline_s: float) -> dict
 def run_config(name, env, stack, bundle, args, posts, work) -> dict:
     run = e2e.Run(stack.bootstrap)
     e2e.produce(stack.bootstrap, run.input, posts)
-    peer = env.get("CMD") == "peer"
-    script = [str(Path(__file__).parent / "peer_consumer.py")] if peer else ["-m", "worker", "run"]
-    max_batch = 1 if peer else args.max_batch
+    cmd = env.get("CMD", "worker")
+    here = Path(__file__).parent
+    script = {
+        "worker": ["-m", "worker", "run"],
+        "peer": [str(here / "peer_consumer.py")],
+        "sim": [str(here / "sim_engine.py"), "worker"],
+        "sim-peer": [str(here / "sim_engine.py"), "peer"],
+    }[cmd]
+    max_batch = 1 if cmd.endswith("peer") else args.max_batch
     full_env = {**e2e.env_for(run, stack, bundle, args, max_batch), **env}
     src = Path(env.get("SRC", e2e.REPO))  # another checkout's worker, e.g. a worktree of main
     full_env["PYTHONPATH"] = str(src)
@@ -184,7 +207,9 @@ def render_md(r: dict) -> str:
         f"- command: `{r['command']}`",
         f"- machine: {r['machine']}",
         f"- date: {r['date']}",
-        f"- posts: {r['posts']} per run, photo-like JPEGs 1080x1080 and 1280x960, base64 in JSON; "
+        f"- posts: {r['posts']} per run, photo-like JPEGs "
+        + " and ".join(f"{w}x{h}" for w, h in r["image_sizes"])
+        + ", base64 in JSON; "
         f"local Tansu + redis-server; {r['reps']} runs per config, round robin",
         f"- model-only (engine.infer, batch {r['max_batch']}): {r['model_only_before']:.2f} "
         f"images/s before, {r['model_only_after']:.2f} after; ratios use their mean",
@@ -227,7 +252,8 @@ def main(args: argparse.Namespace) -> int:
         try:
             args.no_int8 = True
             bundle = make_bundle(args, work, max_batch)
-            jpegs = [base64.b64encode(j).decode() for j in e2e.photo_jpegs(12)]
+            sizes = e2e.THUMB_SIZES if args.images == "thumb" else e2e.PHOTO_SIZES
+            jpegs = [base64.b64encode(j).decode() for j in e2e.photo_jpegs(12, sizes=sizes)]
             posts = [e2e.event(f"s{i}", jpegs[i % len(jpegs)]) for i in range(args.posts)]
             before = e2e.model_only(bundle, args, args.max_batch)["images_per_s"]
             print(f"model only: {before:.2f} images/s", flush=True)
@@ -247,6 +273,7 @@ def main(args: argparse.Namespace) -> int:
         "arch": args.arch,
         "image_size": args.image_size,
         "posts": args.posts,
+        "image_sizes": e2e.THUMB_SIZES if args.images == "thumb" else e2e.PHOTO_SIZES,
         "reps": args.reps,
         "max_batch": args.max_batch,
         "model_only_before": before,

@@ -13,8 +13,9 @@ import logging
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -126,6 +127,13 @@ class UnreadableRecord:
     value: bytes = b""
     headers: list | None = None
 
+
+# batches handed over at once in the overlapped loop: one publishing and counting, one on the
+# engine, one ready to start the moment the engine is free; more would only hold posts back from
+# a later, fuller batch
+MAX_INFLIGHT_BATCHES = 3
+# how long a poll blocks while a batch is in flight: the commit of a finished batch waits this long
+INFLIGHT_POLL_MS = 20.0
 
 PROBE_POLL_MS = 2000  # how long to wait for one partition's record when locating a corrupt one
 MAX_CORRUPT_SKIP = 100_000  # offsets skipped at most per unreadable record batch
@@ -347,6 +355,20 @@ def infer_isolating(
     return out, failed
 
 
+def overlaps(mode: str, engine: Engine) -> bool:
+    """Whether the loop runs batches on an inference thread (``overlap`` setting).
+
+    ``auto`` turns it on for engines on a GPU (they have ``infer_device``): there the engine
+    does not share the CPU, and a loop that polls, waits for decodes, publishes and commits
+    between batches would leave it idle most of the time. On a CPU engine the overlapped loop
+    measured slower (benchmarks/results/loop_overlap_ab): polling and decoding beside ONNX
+    Runtime's parallel sections slow the engine more than the overlap gains.
+    """
+    if mode == "auto":
+        return hasattr(engine, "infer_device")
+    return mode == "on"
+
+
 class StreamWorker(ConsumerRebalanceListener):
     def __init__(
         self,
@@ -372,6 +394,18 @@ class StreamWorker(ConsumerRebalanceListener):
             settings.decode_threads, thread_name_prefix="decode", initializer=name_this_thread
         )
         self.batcher: Batcher[Pending] = Batcher(settings.max_batch, settings.max_wait_ms)
+        # overlapped loop: every engine call after warm-up runs on the one inference thread (CUDA
+        # graphs and streams stay on one thread), and the one delivery thread publishes and
+        # counts each batch after it, so the engine starts the next batch meanwhile and batches
+        # finish in the order taken
+        self.inference = ThreadPoolExecutor(
+            1, thread_name_prefix="inference", initializer=name_this_thread
+        )
+        self.delivery = ThreadPoolExecutor(
+            1, thread_name_prefix="delivery", initializer=name_this_thread
+        )
+        self._failed = threading.Event()  # a batch failed: the ones behind it must not apply
+        self.overlap = overlaps(settings.overlap, engine)
         # GPU decode: JPEGs are decoded by nvJPEG on the engine's device, batch by batch
         self.gpu_device = (
             getattr(engine, "device", None)
@@ -420,32 +454,118 @@ class StreamWorker(ConsumerRebalanceListener):
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
-        s = self.settings
-        self.consumer.subscribe([s.input_topic], listener=self)
+        """Consume until the stop flag is set, then finish what was polled and return."""
+        self.consumer.subscribe([self.settings.input_topic], listener=self)
+        log.info(
+            "loop: %s",
+            "overlapped (batches run on an inference thread)" if self.overlap else "serial",
+        )
         try:
-            while not self.stop.is_set():
-                self.metrics.beat()
-                room = 2 * s.max_batch - len(self.batcher)
-                timeout = self.batcher.time_left_ms() if len(self.batcher) else 500
-                if room > 0:
-                    self._poll(int(timeout), room)
-                if self.batcher.ready():
-                    # prefetch the next batch so it decodes while this one is inferred
-                    extra = 2 * s.max_batch - len(self.batcher)
-                    if extra > 0:
-                        self._poll(0, extra)
-                    with self._lock:
-                        batch = self.batcher.take()
-                    self.process(batch)
-            log.info("stop requested: draining %d pending records", len(self.batcher))
-            while len(self.batcher):
-                with self._lock:
-                    batch = self.batcher.take()
-                self.process(batch)
+            if self.overlap:
+                self._run_overlapped()
+            else:
+                self._run_serial()
         except BatchAbortedError as exc:
             log.warning("batch left uncommitted at shutdown: %s", exc)
         finally:
+            # after a failure, batches behind the failed one are neither applied nor committed
+            self._failed.set()
+            self.delivery.shutdown(wait=True, cancel_futures=True)
+            self.inference.shutdown(wait=True, cancel_futures=True)
             self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _run_serial(self) -> None:
+        """Poll, then infer, publish, count and commit each batch on this thread.
+
+        The decode threads work on the next batch's posts while this one is inferred. On a CPU
+        engine this beats the overlapped loop: polling beside the engine takes cores from it.
+        """
+        s = self.settings
+        while not self.stop.is_set():
+            self.metrics.beat()
+            room = 2 * s.max_batch - len(self.batcher)
+            timeout = self.batcher.time_left_ms() if len(self.batcher) else 500
+            if room > 0:
+                self._poll(int(timeout), room)
+            if self.batcher.ready():
+                # prefetch the next batch so it decodes while this one is inferred
+                extra = 2 * s.max_batch - len(self.batcher)
+                if extra > 0:
+                    self._poll(0, extra)
+                with self._lock:
+                    batch = self.batcher.take()
+                self.process(batch)
+        log.info("stop requested: draining %d pending records", len(self.batcher))
+        while len(self.batcher):
+            with self._lock:
+                batch = self.batcher.take()
+            self.process(batch)
+
+    def _run_overlapped(self) -> None:
+        """Poll and decode on this thread while the inference thread runs the batches before.
+
+        The consumer is only touched here (kafka-python's consumer is not thread-safe): this
+        thread polls, hands ready batches to the inference thread (one running, one waiting),
+        and commits each batch's offsets once that thread has delivered its results and applied
+        its counts, in the order the batches were taken. Fetching and decoding thus go on while
+        the engine runs: the engine never waits on a broker round trip, a commit, or the decode
+        of posts that arrived during the batch before.
+        """
+        s = self.settings
+        inflight: deque[Future[dict[TopicPartition, OffsetAndMetadata]]] = deque()
+        while not self.stop.is_set():
+            if not inflight:
+                self.metrics.beat()  # otherwise the inference thread beats, batch by batch
+            self._reap(inflight)
+            # read ahead: a batch to decode while the engine runs, two when it has no next
+            # batch waiting yet; beyond that, polling would only cost CPU the engine needs
+            ahead = s.max_batch if len(inflight) >= MAX_INFLIGHT_BATCHES else 2 * s.max_batch
+            room = ahead - len(self.batcher)
+            if room > 0:
+                if len(inflight) >= MAX_INFLIGHT_BATCHES:
+                    # no batch can be handed over before one finishes: a due batch must not
+                    # turn this into a poll(0) spin that takes the engine's CPU
+                    timeout = INFLIGHT_POLL_MS
+                else:
+                    timeout = self.batcher.time_left_ms() if len(self.batcher) else 500.0
+                    if inflight:  # come back soon to commit what the inference thread ends
+                        timeout = min(timeout, INFLIGHT_POLL_MS)
+                self._poll(int(timeout), room)
+            elif inflight:
+                wait([inflight[0]], timeout=INFLIGHT_POLL_MS / 1000.0)
+            if self.batcher.ready() and len(inflight) < MAX_INFLIGHT_BATCHES:
+                with self._lock:
+                    batch = self.batcher.take()
+                inflight.append(self._submit(batch))
+        log.info(
+            "stop requested: draining %d pending records and %d batches in flight",
+            len(self.batcher),
+            len(inflight),
+        )
+        while len(self.batcher):
+            with self._lock:
+                batch = self.batcher.take()
+            inflight.append(self._submit(batch))
+        while inflight:
+            self._reap(inflight, block=True)
+
+    def _reap(
+        self,
+        inflight: deque[Future[dict[TopicPartition, OffsetAndMetadata]]],
+        block: bool = False,
+    ) -> None:
+        """Commit the batches the inference thread has finished, oldest first; re-raise the
+        error of one that failed (the batches behind it are then neither counted nor committed).
+        """
+        while inflight and (block or inflight[0].done()):
+            offsets = inflight.popleft().result()
+            # a batch finished after its partitions were revoked is not committed for them: the
+            # new owner reads those records again (Redis counts them once) and commits itself
+            held = self.consumer.assignment()
+            offsets = {tp: om for tp, om in offsets.items() if tp in held}
+            if offsets:
+                self._commit(offsets)
+            self._update_lag()
 
     def _poll(self, timeout_ms: int, max_records: int) -> None:
         try:
@@ -614,25 +734,80 @@ class StreamWorker(ConsumerRebalanceListener):
         self._rewind.clear()
 
     def process(self, batch: list[Pending]) -> None:
-        """Infer, publish, count and commit one batch; raises BatchAbortedError at shutdown only."""
+        """Infer, publish, count and commit one batch, all on the calling thread."""
+        offsets = self.handle(batch)
+        if offsets:
+            self._commit(offsets)
+        self._update_lag()
+
+    def _submit(self, batch: list[Pending]) -> Future[dict[TopicPartition, OffsetAndMetadata]]:
+        """Hand one batch to the inference thread and then the delivery thread; the future
+        of the offsets to commit once its results are delivered and its counts applied."""
+        inferred = self.inference.submit(self._infer_in_order, batch)
+        return self.delivery.submit(self._finish_in_order, batch, inferred)
+
+    def _infer_in_order(self, batch: list[Pending]) -> tuple[list[Prepared], dict]:
+        """``infer_batch`` on the inference thread; nothing runs after a batch failed."""
+        if self._failed.is_set():
+            raise BatchAbortedError("an earlier batch failed; this one is left uncommitted")
+        try:
+            return self.infer_batch(batch)
+        except BaseException:
+            self._failed.set()
+            raise
+
+    def _finish_in_order(
+        self, batch: list[Pending], inferred: Future[tuple[list[Prepared], dict]]
+    ) -> dict[TopicPartition, OffsetAndMetadata]:
+        """``finish`` on the delivery thread, refusing every batch after one that failed.
+
+        A later batch must not apply its counts once an earlier one failed: Redis would move
+        the partition's applied position past the failed batch's records, and their redelivery
+        would then not be counted. The batches are finished one after another on this one
+        thread, so the flag is set before the next batch is published.
+        """
+        try:
+            prepared, logits = inferred.result()
+            if self._failed.is_set():
+                raise BatchAbortedError("an earlier batch failed; this one is left uncommitted")
+            return self.finish(batch, prepared, logits)
+        except BaseException:
+            self._failed.set()
+            raise
+
+    def handle(self, batch: list[Pending]) -> dict[TopicPartition, OffsetAndMetadata]:
+        """Infer, publish and count one batch; the offsets to commit once that is done.
+
+        Raises BatchAbortedError at shutdown only, FatalWorkerError when the worker cannot go on.
+        """
         if not batch:
-            return
+            return {}
+        prepared, logits = self.infer_batch(batch)
+        return self.finish(batch, prepared, logits)
+
+    def infer_batch(self, batch: list[Pending]) -> tuple[list[Prepared], dict[int, np.ndarray]]:
+        """Wait for the batch's decodes and run the engine: what each post became, and the
+        logits by batch position (a post the engine failed on gets its error in ``prepared``)."""
         self.metrics.batch_size.observe(len(batch))
         prepared = [item.prepared.result() for item in batch]
         for prep in prepared:
             self.metrics.decode_seconds.observe(prep.seconds)
-        logits = self._infer(prepared)
+        return prepared, self._infer(prepared)
+
+    def finish(
+        self, batch: list[Pending], prepared: list[Prepared], logits: dict[int, np.ndarray]
+    ) -> dict[TopicPartition, OffsetAndMetadata]:
+        """Publish results and dead letters, then apply the counts: the offsets to commit."""
         results, dead, trend_records = make_outputs(
             batch, prepared, logits, self.manifest, self.settings
         )
         self._deliver(results, dead)
         self._apply_trends(trend_records)
-        self._commit(commit_offsets(batch))
         done = time.monotonic()
         for item in batch:
             self.metrics.end_to_end_seconds.observe(done - item.received)
-        self._update_lag()
         self.metrics.beat()
+        return commit_offsets(batch)
 
     def _infer(self, prepared: list[Prepared]) -> dict[int, np.ndarray]:
         """Logits by batch position, in engine-sized chunks; an engine failure isolates items.

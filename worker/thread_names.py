@@ -1,11 +1,11 @@
 """OS names for the worker's threads, so ``top -H`` and CPU accounting can tell them apart.
 
 Python 3.11 names threads only inside the interpreter; the kernel sees every thread as
-``python``. With these names, ``top -H -p <pid>`` shows decode threads, Kafka I/O and the
-metrics server, and what is still called ``python`` besides the main thread is the inference
-runtime's own pool (ONNX Runtime's intra-op threads). benchmarks/worker_ab.py reads them to
-split the worker's CPU time by stage. Linux only; elsewhere, and where /proc is read-only,
-naming is skipped.
+``python``. With these names, ``top -H -p <pid>`` shows decode threads, the overlapped loop's
+inference and delivery threads, Kafka I/O and the metrics server, and what is still called
+``python`` besides the main thread is the inference runtime's own pool (ONNX Runtime's intra-op
+threads). benchmarks/worker_ab.py reads them to split the worker's CPU time by stage. Linux
+only; elsewhere, and where /proc is read-only, naming is skipped.
 """
 
 from __future__ import annotations

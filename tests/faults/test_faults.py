@@ -284,8 +284,15 @@ def test_redis_restarted_mid_run_workers_back_off_and_commit_nothing_unapplied(
     s.finish()
 
 
-def test_rebalance_storm_replicas_added_and_removed_while_posts_flow(fx, stack, kafka_bootstrap):
-    s = Scenario(fx, stack, kafka_bootstrap, "rebalance-storm", posts=480, seed=14)
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_rebalance_storm_replicas_added_and_removed_while_posts_flow(
+    overlap, fx, stack, kafka_bootstrap
+):
+    # overlap on: partitions are revoked while batches are in flight on the inference thread
+    # (the GPU engines' loop, run here on the CPU engine)
+    stack[2].env["CARSTREAM_OVERLAP"] = overlap
+    label = "rebalance-storm" + ("-overlapped" if overlap == "on" else "")
+    s = Scenario(fx, stack, kafka_bootstrap, label, posts=480, seed=14)
     rng = random.Random(14)
     s.feeder.every_s = 0.4  # posts keep flowing through the whole storm
     s.start(replicas=1)

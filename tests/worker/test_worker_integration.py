@@ -260,10 +260,12 @@ def one_worker_results(
 # --- tests ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("overlap", ["off", "on"])
 def test_every_post_one_result_and_exact_counts_with_bad_input_dead_lettered(
-    env, kafka_bootstrap, truth_engine, tmp_path
+    overlap, env, kafka_bootstrap, truth_engine, tmp_path
 ):
     topics, url, worker_env, procs = env
+    worker_env["CARSTREAM_OVERLAP"] = overlap  # auto is off on this CPU engine
     posts = good_posts(40)
     rng = np.random.default_rng(5)
     png = image_bytes(rng)
@@ -334,10 +336,12 @@ def test_every_post_one_result_and_exact_counts_with_bad_input_dead_lettered(
     assert "settings:" in log_text and LOG_SECRET not in log_text
 
 
+@pytest.mark.parametrize("overlap", ["off", "on"])
 def test_two_replicas_split_partitions_and_a_killed_one_loses_nothing(
-    env, kafka_bootstrap, tmp_path
+    overlap, env, kafka_bootstrap, tmp_path
 ):
     topics, url, worker_env, procs = env
+    worker_env["CARSTREAM_OVERLAP"] = overlap  # auto is off on this CPU engine
     first = good_posts(60, seed=1)
     produce(kafka_bootstrap, topics.input, [(p.encode(), raw) for p, raw, _ in first])
     start_worker(worker_env, procs, "w1", tmp_path)

@@ -1,0 +1,86 @@
+"""The worker (or the per-message peer) with its engine replaced by a stand-in for a GPU.
+
+On a machine without a GPU this shows how a loop behaves when its engine is fast and off the
+CPU: the stand-in keeps the bundle's input spec and batch size, checks every batch like the
+real engines, and answers each ``infer`` call after ``SIM_BATCH_MS + n * SIM_IMAGE_MS``
+milliseconds of sleeping (no CPU, the GIL released), with random logits. Decoding, Kafka and
+Redis are the real ones. It also has ``infer_device``, like the CUDA engines, so the worker's
+``overlap=auto`` takes the same loop it would take on a GPU (set CARSTREAM_OVERLAP to choose).
+
+    SIM_BATCH_MS=2 SIM_IMAGE_MS=0.3 CARSTREAM_BUNDLE=... python benchmarks/sim_engine.py worker
+    python benchmarks/worker_ab.py --config sim:CMD=sim,SIM_BATCH_MS=2,SIM_IMAGE_MS=0.3
+
+The defaults (2 ms per call + 0.3 ms per image: ~2,700 images/s at batch 32) are of the order
+of ResNet-50 FP16 on a data-centre GPU; they are a stand-in, not a measurement of one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import engine_build.runtime as runtime  # noqa: E402
+from engine_build.runtime.base import check_batch  # noqa: E402
+
+BATCH_MS = float(os.environ.get("SIM_BATCH_MS", "2"))
+IMAGE_MS = float(os.environ.get("SIM_IMAGE_MS", "0.3"))
+
+
+class SleepEngine:
+    """An engine that spends no CPU: the time a GPU would take, slept."""
+
+    def __init__(self, real, batch_ms: float = BATCH_MS, image_ms: float = IMAGE_MS) -> None:
+        self.max_batch = real.max_batch
+        self._spec = real.input_spec()
+        self._classes = int(real.infer(np.zeros((1, *self._spec.shape), np.float32)).shape[1])
+        real.close()
+        self.batch_ms, self.image_ms = batch_ms, image_ms
+        self.name = f"sim({batch_ms:g} ms + {image_ms:g} ms/image)"
+        self._rng = np.random.default_rng(0)
+
+    def input_spec(self):
+        return self._spec
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        batch = check_batch(batch, self._spec, self.max_batch)
+        time.sleep((self.batch_ms + len(batch) * self.image_ms) / 1000.0)
+        return self._rng.standard_normal((len(batch), self._classes)).astype(np.float32)
+
+    def infer_device(self, batch):  # never called: CARSTREAM_GPU_DECODE stays off
+        raise NotImplementedError("the stand-in engine has no device")
+
+    def close(self) -> None:
+        pass
+
+
+def main(argv: list[str]) -> int:
+    target = argv[0] if argv else "worker"
+    real_create = runtime.create_engine
+
+    def create_engine(bundle, backend="auto", **opts):
+        opts.pop("cuda_graphs", None)
+        return SleepEngine(real_create(bundle, "onnxruntime", **opts))
+
+    runtime.create_engine = create_engine  # what worker.run and peer_consumer import
+    if target == "peer":
+        sys.path.insert(0, str(Path(__file__).parent))
+        import peer_consumer
+
+        return peer_consumer.main()
+    if target != "worker":
+        print(f"sim_engine.py: error: unknown target {target!r} (worker or peer)", file=sys.stderr)
+        return 2
+    from worker.__main__ import main as worker_main
+
+    return worker_main(["run"])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,336 @@
+"""The overlapped loop keeps reading while a batch is inferred, and commits batches in order.
+
+StreamWorker.run with fake Kafka, Redis and engine objects (no broker): these tests pin the
+loop's rules, which the integration and fault suites exercise on the real stack (with both
+loops: tests/worker/test_worker_integration.py runs its core tests with overlap on and off).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+from kafka import TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from tests.support import Rec, image_bytes, tiny_manifest
+from worker.metrics import WorkerMetrics
+from worker.pipeline import (
+    BatchAbortedError,
+    FatalWorkerError,
+    Pending,
+    StreamWorker,
+    overlaps,
+)
+from worker.settings import WorkerSettings
+from worker.trends import ApplyResult
+
+TOPIC = "car-posts"
+TP0, TP1 = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
+
+
+def post(i: int) -> bytes:
+    jpeg = image_bytes(np.random.default_rng(i), "JPEG")
+    return json.dumps(
+        {
+            "post_id": f"p{i}",
+            "image_b64": base64.b64encode(jpeg).decode(),
+            "posted_at": "2026-12-01T10:00:00Z",
+        }
+    ).encode()
+
+
+class FakeConsumer:
+    """Hands out its first ``first`` records, and the rest only once a poll comes while the
+    engine is inside ``infer`` (``polled_while_busy``): a loop that does not read on while it
+    infers never gets them."""
+
+    def __init__(
+        self, records: list[Rec], engine_busy: threading.Event, first: int = 4, trickle=None
+    ):
+        self.records = deque(records)
+        self.first = first
+        self.trickle = trickle  # records per poll once released (None: as many as asked)
+        self.busy_polls: list[int] = []  # the timeout of each poll made while the engine ran
+        self.given = 0
+        self.engine_busy = engine_busy
+        self.polled_while_busy = threading.Event()
+        self.commits: list[dict] = []
+        self.held = {TP0, TP1}
+        self.idle = threading.Event()  # never set: an empty poll waits out its timeout
+
+    def subscribe(self, topics, listener=None) -> None:
+        self.listener = listener
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+        if self.engine_busy.is_set():
+            self.polled_while_busy.set()
+            self.busy_polls.append(timeout_ms)
+        out: dict[TopicPartition, list[Rec]] = {}
+        limit = max_records or len(self.records)
+        if not self.polled_while_busy.is_set():
+            limit = min(limit, self.first - self.given)
+        elif self.trickle is not None:
+            limit = min(limit, self.trickle)
+        for _ in range(min(limit, len(self.records))):
+            rec = self.records.popleft()
+            out.setdefault(TopicPartition(rec.topic, rec.partition), []).append(rec)
+            self.given += 1
+        if not out:
+            self.idle.wait(timeout_ms / 1000.0)
+        return out
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.held)
+
+    def commit(self, offsets=None) -> None:
+        self.commits.append({tp: om.offset for tp, om in offsets.items()})
+
+    def highwater(self, tp):
+        return None
+
+
+class SentFuture:
+    """What kafka-python's send returns, already acknowledged."""
+
+    def get(self, timeout=None) -> None:
+        return None
+
+
+class FakeProducer:
+    def __init__(self, fail: bool = False) -> None:
+        self.sends: list[tuple] = []
+        self.fail = fail
+
+    def send(self, topic, key=None, value=None, headers=None):
+        if self.fail:
+            raise TypeError("refused")
+        self.sends.append((topic, key))
+        return SentFuture()
+
+    def flush(self, timeout=None) -> None:
+        pass
+
+
+class FakeTrends:
+    def __init__(self) -> None:
+        self.applied: list[list[int]] = []
+
+    def apply(self, records):
+        self.applied.append([r.offset for r in records])
+        return ApplyResult(applied=len(records), ignored=0)
+
+
+class GatedEngine:
+    """Its first call waits (at most ``wait_s``) for the loop to poll meanwhile."""
+
+    max_batch = 4
+
+    def __init__(self, busy: threading.Event, wait_s: float = 10.0) -> None:
+        self.busy = busy
+        self.wait_s = wait_s
+        self.gate: threading.Event | None = None
+        self.calls = 0
+        self.second_call = threading.Event()
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        if self.calls >= 2:
+            self.second_call.set()
+        self.busy.set()
+        try:
+            if self.calls == 1 and self.gate is not None:
+                self.gate.wait(self.wait_s)
+            logits = np.zeros((len(batch), 2), dtype=np.float32)
+            logits[:, 0] = 5.0
+            return logits
+        finally:
+            self.busy.clear()
+
+
+def make_worker(records: list[Rec], producer=None, overlap: str = "on", wait_s: float = 10.0):
+    busy = threading.Event()
+    engine = GatedEngine(busy, wait_s)
+    consumer = FakeConsumer(records, busy)
+    engine.gate = consumer.polled_while_busy
+    stop = threading.Event()
+    settings = WorkerSettings(
+        metrics_port=0,
+        max_batch=4,
+        max_wait_ms=20,
+        decode_threads=2,
+        dedup_ttl_s=0,
+        overlap=overlap,
+    )
+    worker = StreamWorker(
+        settings,
+        engine,
+        tiny_manifest(),
+        consumer,
+        producer or FakeProducer(),
+        FakeTrends(),
+        WorkerMetrics(),
+        stop,
+    )
+    return worker, consumer, engine, stop
+
+
+def run_until(worker: StreamWorker, stop: threading.Event, done, seconds: float = 30.0):
+    """Run the loop in a thread until ``done()`` holds, then stop it (SIGTERM's path)."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    finished = threading.Event()
+    deadline = time.monotonic() + seconds
+    while thread.is_alive() and not done() and time.monotonic() < deadline:
+        finished.wait(0.01)
+    reached = done()
+    stop.set()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the loop did not stop"
+    assert reached or errors, f"not done within {seconds} s"
+    return errors
+
+
+def test_the_consumer_is_polled_while_a_batch_is_inferred_and_every_batch_commits_in_order():
+    records = [Rec(TOPIC, i % 2, i // 2, f"p{i}".encode(), post(i)) for i in range(12)]
+    worker, consumer, _, stop = make_worker(records)
+
+    def committed(tp: TopicPartition) -> int:
+        return max((c[tp] for c in consumer.commits if tp in c), default=0)
+
+    errors = run_until(worker, stop, lambda: committed(TP0) == committed(TP1) == 6)
+    assert errors == []
+    # a sequential loop never polls during inference: the engine's first call would time out
+    assert consumer.polled_while_busy.is_set()
+    # every partition's committed offset only moves forward, and ends past the last record
+    for tp in (TP0, TP1):
+        seen = [c[tp] for c in consumer.commits if tp in c]
+        assert seen == sorted(seen) and seen[-1] == 6
+    assert sorted(o for batch in worker.trends.applied for o in batch) == sorted(
+        r.offset for r in records
+    )
+
+
+def test_a_batch_behind_a_failed_one_is_neither_counted_nor_published():
+    records = [Rec(TOPIC, 0, i, f"p{i}".encode(), post(i)) for i in range(8)]
+    worker, _, engine, _ = make_worker(records, FakeProducer(fail=True))
+    engine.gate = None
+    pending = [
+        Pending(rec, 0.0, worker.pool.submit(worker._prepare, rec.value, key=rec.key))
+        for rec in records
+    ]
+    with pytest.raises(FatalWorkerError):
+        worker._submit(pending[:4]).result()
+    worker.producer = FakeProducer()  # the next batch could be sent now: it must not be
+    with pytest.raises(BatchAbortedError):
+        worker._submit(pending[4:]).result()
+    assert worker.trends.applied == [] and worker.producer.sends == []
+    worker.pool.shutdown()
+    worker.inference.shutdown()
+    worker.delivery.shutdown()
+
+
+def test_a_finished_batch_commits_only_the_partitions_still_held_and_stops_at_a_failure():
+    worker, consumer, _, _ = make_worker([])
+
+    def done(value=None, error=None) -> Future:
+        future: Future = Future()
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+        return future
+
+    consumer.held = {TP0}  # TP1 was revoked while its batch was in flight
+    inflight = deque([done({TP0: OffsetAndMetadata(5, "", -1), TP1: OffsetAndMetadata(9, "", -1)})])
+    worker._reap(inflight)
+    assert consumer.commits == [{TP0: 5}]
+
+    inflight = deque(
+        [done(error=FatalWorkerError("boom")), done({TP0: OffsetAndMetadata(7, "", -1)})]
+    )
+    with pytest.raises(FatalWorkerError):
+        worker._reap(inflight)
+    assert consumer.commits == [{TP0: 5}]  # the batch behind the failed one is not committed
+    worker.pool.shutdown()
+    worker.inference.shutdown()
+    worker.delivery.shutdown()
+
+
+def test_the_serial_loop_never_polls_while_the_engine_runs():
+    """overlap off (auto on a CPU engine): the loop polls only between batches, so the engine
+    keeps every core; the fake consumer then never releases more than its first records."""
+    records = [Rec(TOPIC, i % 2, i // 2, f"p{i}".encode(), post(i)) for i in range(12)]
+    worker, consumer, _, stop = make_worker(records, overlap="off", wait_s=0.2)
+    assert not worker.overlap
+
+    def committed(tp: TopicPartition) -> int:
+        return max((c[tp] for c in consumer.commits if tp in c), default=0)
+
+    errors = run_until(worker, stop, lambda: committed(TP0) == committed(TP1) == 2)
+    assert errors == []
+    assert not consumer.polled_while_busy.is_set()
+    assert consumer.given == 4
+
+
+class CudaLikeEngine(GatedEngine):
+    def infer_device(self, batch):  # what the torch-cuda and TensorRT engines have
+        raise AssertionError("not called")
+
+
+@pytest.mark.parametrize(
+    ("mode", "engine_cls", "expected"),
+    [
+        ("auto", GatedEngine, False),
+        ("auto", CudaLikeEngine, True),
+        ("on", GatedEngine, True),
+        ("off", CudaLikeEngine, False),
+    ],
+)
+def test_overlap_auto_is_on_for_gpu_engines_only(mode, engine_cls, expected):
+    assert overlaps(mode, engine_cls(threading.Event())) is expected
+
+
+class SlowAckProducer(FakeProducer):
+    """Its first send waits (at most 10 s) until the engine has started a second batch."""
+
+    def __init__(self, engine: GatedEngine) -> None:
+        super().__init__()
+        self.engine = engine
+        self.engine_ran_meanwhile = False
+
+    def send(self, topic, key=None, value=None, headers=None):
+        if not self.sends:
+            self.engine_ran_meanwhile = self.engine.second_call.wait(10.0)
+        return super().send(topic, key, value, headers)
+
+
+def test_the_engine_runs_the_next_batch_while_the_one_before_is_published():
+    """Publishing and counting are off the engine's thread: a slow broker ack does not keep
+    the engine idle (on a GPU, a batch's publish takes as long as its inference)."""
+    records = [Rec(TOPIC, i % 2, i // 2, f"p{i}".encode(), post(i)) for i in range(12)]
+    worker, consumer, engine, stop = make_worker(records)
+    engine.gate = None
+    consumer.first = len(records)
+    worker.producer = producer = SlowAckProducer(engine)
+
+    def committed(tp: TopicPartition) -> int:
+        return max((c[tp] for c in consumer.commits if tp in c), default=0)
+
+    errors = run_until(worker, stop, lambda: committed(TP0) == committed(TP1) == 6)
+    assert errors == []
+    assert producer.engine_ran_meanwhile
