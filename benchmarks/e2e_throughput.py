@@ -85,6 +85,48 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="torch-cuda engine replays CUDA graphs"
     )
+    parser.add_argument(
+        "--overlap", choices=["auto", "on", "off"], default="auto", help="the worker's loop"
+    )
+    parser.add_argument(
+        "--images",
+        choices=["photo", "thumb"],
+        default="photo",
+        help="photo: 1080x1080 and 1280x960 JPEGs; thumb: 320x320 and 400x300 (a stand-in for "
+        "posts whose decode is nearly free, as with GPU decoding)",
+    )
+    parser.add_argument(
+        "--sim-engine",
+        type=sim_times,
+        default=None,
+        metavar="BATCH_MS,IMAGE_MS",
+        help="replace the engine of the worker, the peer and the model-only row by "
+        "benchmarks/sim_engine.py's stand-in for a GPU (sleeps BATCH_MS + n * IMAGE_MS per call)",
+    )
+
+
+def sim_times(text: str) -> tuple[float, float]:
+    """``BATCH_MS,IMAGE_MS`` -> two non-negative floats."""
+    try:
+        batch_ms, image_ms = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BATCH_MS,IMAGE_MS") from None
+    if batch_ms < 0 or image_ms < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: times must be >= 0")
+    return batch_ms, image_ms
+
+
+def image_sizes(args) -> tuple[tuple[int, int], ...]:
+    return THUMB_SIZES if args.images == "thumb" else PHOTO_SIZES
+
+
+def commands(args) -> tuple[list[str], list[str]]:
+    """The worker's and the peer's command lines (through the stand-in engine with --sim-engine)."""
+    here = Path(__file__).parent
+    if args.sim_engine:
+        sim = [sys.executable, str(here / "sim_engine.py")]
+        return [*sim, "worker"], [*sim, "peer"]
+    return [sys.executable, "-m", "worker", "run"], [sys.executable, str(here / "peer_consumer.py")]
 
 
 PHOTO_SIZES = ((1080, 1080), (1280, 960))  # typical social-media uploads
@@ -155,6 +197,12 @@ def env_for(run: Run, stack: LocalStack, bundle: Path, args, max_batch: int) -> 
         "CARSTREAM_SESSION_TIMEOUT_MS": "6000",
         "CARSTREAM_METRICS_PORT": "0",
         "CARSTREAM_MIN_CONFIDENCE": "0",
+        "CARSTREAM_OVERLAP": args.overlap,
+        **(
+            {"SIM_BATCH_MS": str(args.sim_engine[0]), "SIM_IMAGE_MS": str(args.sim_engine[1])}
+            if args.sim_engine
+            else {}
+        ),
     }
 
 
@@ -238,7 +286,7 @@ def saturation(name, cmd, stack, bundle, args, max_batch, posts, work) -> dict:
 def latency(rate: float, seconds: float, stack, bundle, args, jpegs, work) -> dict:
     run = Run(stack.bootstrap)
     proc = start(
-        [sys.executable, "-m", "worker", "run"],
+        commands(args)[0],
         env_for(run, stack, bundle, args, args.max_batch),
         work / f"{run.group}.log",
     )
@@ -267,9 +315,15 @@ def latency(rate: float, seconds: float, stack, bundle, args, jpegs, work) -> di
 
 
 def model_only(bundle: Path, args, size: int) -> dict:
-    engine = create_engine(
-        load_bundle(bundle), args.backend, threads=args.threads, cuda_graphs=args.cuda_graphs
-    )
+    if args.sim_engine:
+        from sim_engine import SleepEngine
+
+        real = create_engine(load_bundle(bundle), "onnxruntime", threads=args.threads)
+        engine = SleepEngine(real, *args.sim_engine)
+    else:
+        engine = create_engine(
+            load_bundle(bundle), args.backend, threads=args.threads, cuda_graphs=args.cuda_graphs
+        )
     batch = (
         np.random.default_rng(0)
         .standard_normal((size, 3, args.image_size, args.image_size))
@@ -300,11 +354,14 @@ def render_md(r: dict) -> str:
         f"- machine: {r['machine']}",
         f"- date: {r['date']}",
         f"- versions: {r['versions']}",
-        f"- posts: photo-like JPEGs, 1080x1080 and 1280x960 (mean {r['jpeg_kb']:.0f} KB), base64 "
+        "- posts: photo-like JPEGs, "
+        + " and ".join(f"{w}x{h}" for w, h in r.get("image_sizes", PHOTO_SIZES))
+        + f" (mean {r['jpeg_kb']:.0f} KB), base64 "
         f"in JSON; local Tansu broker and redis-server on loopback; engine "
         f"{r['model_only'].get('engine', 'onnxruntime-fp32')} (ORT threads {r['threads']}); "
         f"GPU decode {'on' if r.get('gpu_decode') else 'off'}; decode threads "
-        f"{r['decode_threads']}; max_wait {r['max_wait_ms']} ms",
+        f"{r['decode_threads']}; max_wait {r['max_wait_ms']} ms; overlap "
+        f"{r.get('overlap', 'auto')}",
         "",
         "## Saturation",
         "",
@@ -341,6 +398,13 @@ def render_md(r: dict) -> str:
         f"{r['max_wait_ms'] + 2 * r['model_only']['batch_ms']:.0f} ms.",
         "",
     ]
+    if r.get("sim_engine"):
+        lines[-1:-1] = [
+            "The engine is benchmarks/sim_engine.py's stand-in for a GPU (it sleeps "
+            f"{r['sim_engine'][0]:g} ms + {r['sim_engine'][1]:g} ms per image per call, using no "
+            "CPU); decoding, Kafka and Redis are real.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -356,14 +420,13 @@ def main(args: argparse.Namespace) -> int:
             print("building bundle...", flush=True)
             args.no_int8 = True  # make_bundle's switch: the CPU path measured here is FP32
             bundle = make_bundle(args, work, args.max_batch)
-            jpegs_raw = photo_jpegs(12)
+            jpegs_raw = photo_jpegs(12, sizes=image_sizes(args))
             jpegs = [base64.b64encode(j).decode() for j in jpegs_raw]
             posts = [event(f"s{i}", jpegs[i % len(jpegs)]) for i in range(args.posts)]
             ref = model_only(bundle, args, args.max_batch)
             ref1 = model_only(bundle, args, 1)
             print(f"  model only: {ref['images_per_s']:.2f} images/s", flush=True)
-            worker = [sys.executable, "-m", "worker", "run"]
-            peer = [sys.executable, str(Path(__file__).parent / "peer_consumer.py")]
+            worker, peer = commands(args)
             sat = [
                 saturation(
                     "worker (batched)", worker, stack, bundle, args, args.max_batch, posts, work
@@ -391,6 +454,9 @@ def main(args: argparse.Namespace) -> int:
         "threads": args.threads,
         "decode_threads": args.decode_threads,
         "gpu_decode": args.gpu_decode,
+        "overlap": args.overlap,
+        "image_sizes": image_sizes(args),
+        "sim_engine": args.sim_engine,
         "max_wait_ms": args.max_wait_ms,
         "jpeg_kb": statistics.mean(len(j) for j in jpegs_raw) / 1024,
         "model_only": ref,

@@ -8,7 +8,8 @@ Redis are the real ones. It also has ``infer_device``, like the CUDA engines, so
 ``overlap=auto`` takes the same loop it would take on a GPU (set CARSTREAM_OVERLAP to choose).
 
     SIM_BATCH_MS=2 SIM_IMAGE_MS=0.3 CARSTREAM_BUNDLE=... python benchmarks/sim_engine.py worker
-    python benchmarks/worker_ab.py --config sim:CMD=sim,SIM_BATCH_MS=2,SIM_IMAGE_MS=0.3
+    python benchmarks/e2e_throughput.py --sim-engine 2,0.3 --images thumb
+    python benchmarks/worker_ab.py --sim-engine 2,0.3 --config on:CARSTREAM_OVERLAP=on ...
 
 The defaults (2 ms per call + 0.3 ms per image: ~2,700 images/s at batch 32) are of the order
 of ResNet-50 FP16 on a data-centre GPU; they are a stand-in, not a measurement of one.
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # after PYTHONPATH: worker_ab's SRC=DIR runs another checkout's worker
 
 import engine_build.runtime as runtime  # noqa: E402
 from engine_build.runtime.base import check_batch  # noqa: E402

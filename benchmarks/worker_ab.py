@@ -1,10 +1,9 @@
 """A/B worker settings at saturation, round robin, with the worker's CPU time split by thread.
 
 Each ``--config NAME:VAR=VALUE,...`` sets environment variables of the worker (any
-CARSTREAM_* setting; ``CMD=peer`` to run benchmarks/peer_consumer.py instead, ``CMD=sim`` or
-``CMD=sim-peer`` to run either with benchmarks/sim_engine.py's stand-in for a GPU engine
-(SIM_BATCH_MS, SIM_IMAGE_MS); or ``SRC=DIR`` to run the worker of another checkout, such as
-``git worktree add /tmp/main main``); every config
+CARSTREAM_* setting; ``CMD=peer`` to run benchmarks/peer_consumer.py instead; or ``SRC=DIR``
+to run the worker of another checkout, such as ``git worktree add /tmp/main main``; with
+``--sim-engine`` every config runs on benchmarks/sim_engine.py's stand-in for a GPU); each
 runs ``--reps`` times in turn, so drift on a shared machine hits all of them alike, and the
 engine's model-only throughput is measured before and after. CPU time per post is read from
 /proc/<pid>/task/*/stat between the first and the last result and split by the kernel thread
@@ -41,7 +40,7 @@ from report import cpu_model, write_results  # noqa: E402
 from worker.stack import LocalStack, free_port  # noqa: E402
 
 GROUPS = ("main", "inference pool", "decode", "delivery", "kafka", "other")
-COMMANDS = ("worker", "peer", "sim", "sim-peer")  # what CMD= may name
+COMMANDS = ("worker", "peer")  # what CMD= may name
 
 
 def parse_config(text: str) -> tuple[str, dict[str, str]]:
@@ -71,13 +70,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--reps", type=int, default=3, help="runs of each config")
     parser.add_argument("--posts", type=int, default=320, help="posts per run")
-    parser.add_argument(
-        "--images",
-        choices=["photo", "thumb"],
-        default="photo",
-        help="photo: 1080x1080 and 1280x960 JPEGs; thumb: 320x320 and 400x300 (a stand-in for "
-        "posts whose decode is nearly free, as with GPU decoding)",
-    )
     e2e.add_worker_args(parser)  # a config's CARSTREAM_* variables override these
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     return parser
@@ -159,19 +151,13 @@ def measure(bootstrap: str, topic: str, n: int, proc, deadline_s: float) -> dict
 def run_config(name, env, stack, bundle, args, posts, work) -> dict:
     run = e2e.Run(stack.bootstrap)
     e2e.produce(stack.bootstrap, run.input, posts)
-    cmd = env.get("CMD", "worker")
-    here = Path(__file__).parent
-    script = {
-        "worker": ["-m", "worker", "run"],
-        "peer": [str(here / "peer_consumer.py")],
-        "sim": [str(here / "sim_engine.py"), "worker"],
-        "sim-peer": [str(here / "sim_engine.py"), "peer"],
-    }[cmd]
-    max_batch = 1 if cmd.endswith("peer") else args.max_batch
+    worker, peer = e2e.commands(args)
+    cmd = peer if env.get("CMD") == "peer" else worker
+    max_batch = 1 if env.get("CMD") == "peer" else args.max_batch
     full_env = {**e2e.env_for(run, stack, bundle, args, max_batch), **env}
     src = Path(env.get("SRC", e2e.REPO))  # another checkout's worker, e.g. a worktree of main
     full_env["PYTHONPATH"] = str(src)
-    proc = e2e.start([sys.executable, *script], full_env, work / f"{run.group}.log", cwd=src)
+    proc = e2e.start(cmd, full_env, work / f"{run.group}.log", cwd=src)
     try:
         got = measure(stack.bootstrap, run.output, len(posts), proc, 900)
     finally:
@@ -252,7 +238,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             args.no_int8 = True
             bundle = make_bundle(args, work, max_batch)
-            sizes = e2e.THUMB_SIZES if args.images == "thumb" else e2e.PHOTO_SIZES
+            sizes = e2e.image_sizes(args)
             jpegs = [base64.b64encode(j).decode() for j in e2e.photo_jpegs(12, sizes=sizes)]
             posts = [e2e.event(f"s{i}", jpegs[i % len(jpegs)]) for i in range(args.posts)]
             before = e2e.model_only(bundle, args, args.max_batch)["images_per_s"]
@@ -273,7 +259,7 @@ def main(args: argparse.Namespace) -> int:
         "arch": args.arch,
         "image_size": args.image_size,
         "posts": args.posts,
-        "image_sizes": e2e.THUMB_SIZES if args.images == "thumb" else e2e.PHOTO_SIZES,
+        "image_sizes": e2e.image_sizes(args),
         "reps": args.reps,
         "max_batch": args.max_batch,
         "model_only_before": before,

@@ -95,3 +95,24 @@ def test_worker_ab_runs_each_config_and_splits_cpu_by_thread(tmp_path):
     assert by_name["base"]["cpu_ms_per_post"]["decode"] > 0
     assert by_name["peer"]["cpu_ms_per_post"]["decode"] == 0
     assert by_name["peer"]["cpu_ms_per_post"]["main"] > 0
+
+
+@pytest.mark.integration
+def test_worker_ab_with_the_stand_in_gpu_engine_runs_both_loops(tmp_path):
+    result = run_benchmark(
+        "worker_ab.py",
+        tmp_path,
+        *("--arch", "resnet18", "--image-size", "32", "--num-classes", "8", "--posts", "48"),
+        *("--max-batch", "8", "--threads", "1", "--reps", "1", "--images", "thumb"),
+        *("--sim-engine", "1,0.1", "--config", "overlapped:CARSTREAM_OVERLAP=on"),
+        *("--config", "serial:CARSTREAM_OVERLAP=off", "--config", "peer:CMD=peer"),
+    )
+    by_name = {c["config"]: c for c in result["configs"]}
+    assert result["image_sizes"] == [[320, 320], [400, 300]]
+    # the stand-in sleeps 1 ms + 0.1 ms per image, so a batch of 8 takes 1.8 ms at least
+    assert 0 < result["model_only_before"] <= 8 / 0.0018
+    for config in by_name.values():
+        assert config["median_posts_per_s"] > 0
+    # only the overlapped loop publishes and counts on its delivery thread
+    assert by_name["overlapped"]["cpu_ms_per_post"]["delivery"] > 0
+    assert by_name["serial"]["cpu_ms_per_post"]["delivery"] == 0
