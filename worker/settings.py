@@ -237,9 +237,10 @@ class WorkerSettings(BaseSettings):
     )
     overlap: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="run engine, publish and count on an inference thread while the main thread "
-        "polls, decodes and commits; auto: on for GPU engines (torch-cuda, tensorrt), off for "
-        "onnxruntime, whose engine needs the cores that polling would take",
+        description="run the engine on an inference thread and publish + count on a delivery "
+        "thread while the main thread polls, decodes and commits; auto: on for GPU engines "
+        "(torch-cuda, tensorrt), off for onnxruntime, whose engine needs the cores that polling "
+        "would take",
     )
     min_confidence: float = Field(0.5, ge=0.0, le=1.0)
     top_k: int = Field(5, ge=1, le=100)
