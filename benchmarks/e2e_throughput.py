@@ -176,10 +176,18 @@ class Run:
         create_topics(bootstrap, [self.input, self.output, self.dlq], PARTITIONS)
 
 
+def pythonpath(src: Path = REPO) -> str:
+    """``src`` first, then the inherited PYTHONPATH (where a GPU machine's carried packages
+    are) without this checkout, so another checkout's worker (worker_ab's SRC=DIR) is run."""
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    rest = [p for p in inherited if Path(p).resolve() != REPO]
+    return os.pathsep.join([str(src), *rest])
+
+
 def env_for(run: Run, stack: LocalStack, bundle: Path, args, max_batch: int) -> dict:
     return {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": pythonpath(),
         "CARSTREAM_BOOTSTRAP_SERVERS": stack.bootstrap,
         "CARSTREAM_REDIS_URL": stack.redis.url,
         "CARSTREAM_GROUP_ID": run.group,

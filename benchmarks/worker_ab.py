@@ -156,7 +156,7 @@ def run_config(name, env, stack, bundle, args, posts, work) -> dict:
     max_batch = 1 if env.get("CMD") == "peer" else args.max_batch
     full_env = {**e2e.env_for(run, stack, bundle, args, max_batch), **env}
     src = Path(env.get("SRC", e2e.REPO))  # another checkout's worker, e.g. a worktree of main
-    full_env["PYTHONPATH"] = str(src)
+    full_env["PYTHONPATH"] = e2e.pythonpath(src)
     proc = e2e.start(cmd, full_env, work / f"{run.group}.log", cwd=src)
     try:
         got = measure(stack.bootstrap, run.output, len(posts), proc, 900)
