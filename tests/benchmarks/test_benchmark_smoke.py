@@ -116,3 +116,16 @@ def test_worker_ab_with_the_stand_in_gpu_engine_runs_both_loops(tmp_path):
     # only the overlapped loop publishes and counts on its delivery thread
     assert by_name["overlapped"]["cpu_ms_per_post"]["delivery"] > 0
     assert by_name["serial"]["cpu_ms_per_post"]["delivery"] == 0
+
+
+def test_benchmark_workers_keep_the_inherited_pythonpath_behind_their_checkout(monkeypatch):
+    """On a GPU machine the worker's dependencies are carried on PYTHONPATH: the benchmark's
+    worker must keep them, put its own checkout first, and not also this one (SRC=DIR)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import e2e_throughput as e2e
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    monkeypatch.setenv("PYTHONPATH", f"/tmp/site:{REPO}")
+    assert e2e.pythonpath().split(":") == [str(REPO), "/tmp/site"]
+    assert e2e.pythonpath(Path("/tmp/other")).split(":") == ["/tmp/other", "/tmp/site"]
