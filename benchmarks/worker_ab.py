@@ -152,8 +152,8 @@ def run_config(name, env, stack, bundle, args, posts, work) -> dict:
     run = e2e.Run(stack.bootstrap)
     e2e.produce(stack.bootstrap, run.input, posts)
     worker, peer = e2e.commands(args)
-    cmd = peer if env.get("CMD") == "peer" else worker
-    max_batch = 1 if env.get("CMD") == "peer" else args.max_batch
+    is_peer = env.get("CMD") == "peer"
+    cmd, max_batch = (peer, 1) if is_peer else (worker, args.max_batch)
     full_env = {**e2e.env_for(run, stack, bundle, args, max_batch), **env}
     src = Path(env.get("SRC", e2e.REPO))  # another checkout's worker, e.g. a worktree of main
     full_env["PYTHONPATH"] = e2e.pythonpath(src)

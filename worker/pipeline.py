@@ -356,13 +356,14 @@ def infer_isolating(
 
 
 def overlaps(mode: str, engine: Engine) -> bool:
-    """Whether the loop runs batches on an inference thread (``overlap`` setting).
+    """Whether the loop runs batches on inference and delivery threads (``overlap`` setting).
 
     ``auto`` turns it on for engines on a GPU (they have ``infer_device``): there the engine
     does not share the CPU, and a loop that polls, waits for decodes, publishes and commits
     between batches would leave it idle most of the time. On a CPU engine the overlapped loop
-    measured slower (benchmarks/results/loop_overlap_ab): polling and decoding beside ONNX
-    Runtime's parallel sections slow the engine more than the overlap gains.
+    gained nothing (benchmarks/results/overlap_cpu; an earlier version measured slower,
+    loop_overlap_ab): polling and decoding beside ONNX Runtime's parallel sections slow the
+    engine as much as the overlap gains.
     """
     if mode == "auto":
         return hasattr(engine, "infer_device")
@@ -458,7 +459,7 @@ class StreamWorker(ConsumerRebalanceListener):
         self.consumer.subscribe([self.settings.input_topic], listener=self)
         log.info(
             "loop: %s",
-            "overlapped (batches run on an inference thread)" if self.overlap else "serial",
+            "overlapped (engine and delivery threads)" if self.overlap else "serial",
         )
         try:
             if self.overlap:
@@ -502,20 +503,21 @@ class StreamWorker(ConsumerRebalanceListener):
             self.process(batch)
 
     def _run_overlapped(self) -> None:
-        """Poll and decode on this thread while the inference thread runs the batches before.
+        """Poll and decode on this thread while the inference and delivery threads run the
+        batches before.
 
         The consumer is only touched here (kafka-python's consumer is not thread-safe): this
-        thread polls, hands ready batches to the inference thread (one running, one waiting),
-        and commits each batch's offsets once that thread has delivered its results and applied
-        its counts, in the order the batches were taken. Fetching and decoding thus go on while
-        the engine runs: the engine never waits on a broker round trip, a commit, or the decode
+        thread polls, hands ready batches over (at most MAX_INFLIGHT_BATCHES), and commits each
+        batch's offsets once the delivery thread has published its results and applied its
+        counts, in the order the batches were taken. Fetching and decoding thus go on while the
+        engine runs, and the engine never waits on a broker round trip, a commit, or the decode
         of posts that arrived during the batch before.
         """
         s = self.settings
         inflight: deque[Future[dict[TopicPartition, OffsetAndMetadata]]] = deque()
         while not self.stop.is_set():
             if not inflight:
-                self.metrics.beat()  # otherwise the inference thread beats, batch by batch
+                self.metrics.beat()  # otherwise the delivery thread beats, batch by batch
             self._reap(inflight)
             # read ahead: a batch to decode while the engine runs, two when it has no next
             # batch waiting yet; beyond that, polling would only cost CPU the engine needs
@@ -528,7 +530,7 @@ class StreamWorker(ConsumerRebalanceListener):
                     timeout = INFLIGHT_POLL_MS
                 else:
                     timeout = self.batcher.time_left_ms() if len(self.batcher) else 500.0
-                    if inflight:  # come back soon to commit what the inference thread ends
+                    if inflight:  # come back soon to commit what the delivery thread ends
                         timeout = min(timeout, INFLIGHT_POLL_MS)
                 self._poll(int(timeout), room)
             elif inflight:
@@ -743,34 +745,29 @@ class StreamWorker(ConsumerRebalanceListener):
     def _submit(self, batch: list[Pending]) -> Future[dict[TopicPartition, OffsetAndMetadata]]:
         """Hand one batch to the inference thread and then the delivery thread; the future
         of the offsets to commit once its results are delivered and its counts applied."""
-        inferred = self.inference.submit(self._infer_in_order, batch)
-        return self.delivery.submit(self._finish_in_order, batch, inferred)
+        inferred = self.inference.submit(self._in_order, self.infer_batch, batch)
+        return self.delivery.submit(self._finish_after, batch, inferred)
 
-    def _infer_in_order(self, batch: list[Pending]) -> tuple[list[Prepared], dict]:
-        """``infer_batch`` on the inference thread; nothing runs after a batch failed."""
-        if self._failed.is_set():
-            raise BatchAbortedError("an earlier batch failed; this one is left uncommitted")
-        try:
-            return self.infer_batch(batch)
-        except BaseException:
-            self._failed.set()
-            raise
-
-    def _finish_in_order(
+    def _finish_after(
         self, batch: list[Pending], inferred: Future[tuple[list[Prepared], dict]]
     ) -> dict[TopicPartition, OffsetAndMetadata]:
-        """``finish`` on the delivery thread, refusing every batch after one that failed.
+        """``finish`` on the delivery thread once the batch is inferred (an inference failure
+        re-raises here, having set the failed flag)."""
+        prepared, logits = inferred.result()
+        return self._in_order(self.finish, batch, prepared, logits)
+
+    def _in_order(self, stage: Callable[..., Any], *args: Any) -> Any:
+        """Run one stage of a batch, refusing it after any batch failed at any stage.
 
         A later batch must not apply its counts once an earlier one failed: Redis would move
         the partition's applied position past the failed batch's records, and their redelivery
-        would then not be counted. The batches are finished one after another on this one
-        thread, so the flag is set before the next batch is published.
+        would then not be counted. Each stage runs its batches one after another on one
+        thread, so the flag is set before the next batch reaches the stage that failed.
         """
+        if self._failed.is_set():
+            raise BatchAbortedError("an earlier batch failed; this one is left uncommitted")
         try:
-            prepared, logits = inferred.result()
-            if self._failed.is_set():
-                raise BatchAbortedError("an earlier batch failed; this one is left uncommitted")
-            return self.finish(batch, prepared, logits)
+            return stage(*args)
         except BaseException:
             self._failed.set()
             raise
