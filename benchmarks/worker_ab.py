@@ -75,10 +75,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) of one process so far, by thread group."""
+def thread_cpu(pid: int) -> tuple[dict[str, float], dict[str, int]]:
+    """CPU seconds (user + system) of one process so far, and its live threads, by group.
+
+    The thread counts say which stages a process runs even where one used less than a clock
+    tick of CPU (a short run's delivery thread, say)."""
     tick = os.sysconf("SC_CLK_TCK")
     out = dict.fromkeys(GROUPS, 0.0)
+    threads = dict.fromkeys(GROUPS, 0)
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
@@ -87,8 +91,10 @@ def thread_cpu(pid: int) -> dict[str, float]:
             continue
         fields = stat.rsplit(")", 1)[1].split()
         seconds = (int(fields[11]) + int(fields[12])) / tick
-        out[group_of(int(tid) == pid, comm)] += seconds
-    return out
+        group = group_of(int(tid) == pid, comm)
+        out[group] += seconds
+        threads[group] += 1
+    return out, threads
 
 
 def group_of(is_main: bool, comm: str) -> str:
@@ -129,8 +135,8 @@ def measure(bootstrap: str, topic: str, n: int, proc, deadline_s: float) -> dict
                     value = json.loads(rec.value)
                     seen.setdefault(value["post_id"], value)
             if seen and window == "process start" and len(seen) < n:
-                first_cpu, first_count, window = thread_cpu(proc.pid), len(seen), "first result"
-        last_cpu = thread_cpu(proc.pid)
+                first_cpu, first_count, window = thread_cpu(proc.pid)[0], len(seen), "first result"
+        last_cpu, threads = thread_cpu(proc.pid)
     finally:
         consumer.close()
     missed = [g for g in GROUPS if last_cpu[g] > 0 and last_cpu[g] == first_cpu[g]]
@@ -142,6 +148,7 @@ def measure(bootstrap: str, topic: str, n: int, proc, deadline_s: float) -> dict
     return {
         "results": list(seen.values()),
         "cpu_window": window,
+        "threads": threads,
         "cpu_ms_per_post": {
             g: 1000 * (last_cpu[g] - first_cpu[g]) / done if done else float("nan") for g in GROUPS
         },
@@ -169,7 +176,12 @@ def run_config(name, env, stack, bundle, args, posts, work) -> dict:
         + ", ".join(f"{g} {cpu[g]:.1f}" for g in GROUPS),
         flush=True,
     )
-    return {"posts_per_s": rate, "cpu_ms_per_post": cpu, "cpu_window": got["cpu_window"]}
+    return {
+        "posts_per_s": rate,
+        "cpu_ms_per_post": cpu,
+        "cpu_window": got["cpu_window"],
+        "threads": got["threads"],
+    }
 
 
 def summarise(name: str, env: dict, runs: list[dict], model_only: float) -> dict:
@@ -183,6 +195,7 @@ def summarise(name: str, env: dict, runs: list[dict], model_only: float) -> dict
         "vs_model_only": statistics.median(rates) / model_only,
         "cpu_ms_per_post": cpu,
         "cpu_windows": sorted({r["cpu_window"] for r in runs}),
+        "threads": {g: max(r["threads"][g] for r in runs) for g in GROUPS},
     }
 
 

@@ -113,8 +113,10 @@ def test_worker_ab_with_the_stand_in_gpu_engine_runs_both_loops(tmp_path):
     assert 0 < result["model_only_before"] <= 8 / 0.0018
     for config in by_name.values():
         assert config["median_posts_per_s"] > 0
-    # only the overlapped loop publishes and counts on its delivery thread
-    assert by_name["overlapped"]["cpu_ms_per_post"]["delivery"] > 0
+    # only the overlapped loop publishes and counts on its delivery thread (its CPU can be
+    # under one clock tick in so short a run, so the thread itself is what is checked)
+    assert by_name["overlapped"]["threads"]["delivery"] == 1
+    assert by_name["serial"]["threads"]["delivery"] == 0
     assert by_name["serial"]["cpu_ms_per_post"]["delivery"] == 0
 
 
