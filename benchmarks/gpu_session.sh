@@ -57,8 +57,8 @@ S=${SECONDS_SCALE:-1}
 sec() { "$PY" -c "print(round(max(0.05, $1 * $S), 3))"; }
 step model 110 "$PY" benchmarks/model_throughput.py "${MODEL[@]}" --batches 1,8,32,64,128 \
   --min-seconds "$(sec 1)" --no-int8 --out-dir "$RES/model"
-step decode 70 "$PY" benchmarks/decode_throughput.py --seconds "$(sec 0.7)" --threads 1,8,16 \
-  --out-dir "$RES/decode"
+step decode 70 "$PY" benchmarks/decode_throughput.py --seconds "$(sec 0.6)" --rounds 1 \
+  --threads 1,8,16 --out-dir "$RES/decode"
 step e2e 170 "$PY" benchmarks/e2e_throughput.py "${MODEL[@]}" --backend "$BACKEND" $GPU_DECODE \
   --posts "$POSTS" --decode-threads 8 --load-seconds "$(sec 4)" --out-dir "$RES/e2e"
 step loops 130 "$PY" benchmarks/worker_ab.py "${MODEL[@]}" --backend "$BACKEND" $GPU_DECODE \

