@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import numpy as np
@@ -165,6 +166,20 @@ def test_nesting_up_to_the_limit_parses_and_one_more_level_is_refused():
     with pytest.raises(PostError) as info:
         parse_event(_nested(MAX_JSON_DEPTH + 1), 10_000)
     assert info.value.kind == "invalid_json"
+
+
+@pytest.mark.parametrize("opener", ["[", '{"a":'])
+def test_nesting_past_the_recursion_limit_is_refused_in_a_decode_thread(opener):
+    # 200,000 levels: json.loads gives up at the interpreter's recursion limit; in a pool
+    # thread (where the worker parses) that must be the same clean refusal, not a crash
+    closer = "]" if opener == "[" else "}"
+    text = '{"post_id": "p1", "extra": ' + opener * 200_000 + "1" + closer * 200_000 + "}"
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(parse_event, text.encode(), 10_000_000)
+        with pytest.raises(PostError) as info:
+            future.result()
+    assert info.value.kind == "invalid_json"
+    assert f"deeper than {MAX_JSON_DEPTH}" in info.value.reason
 
 
 def test_many_shallow_brackets_are_not_mistaken_for_deep_nesting():
