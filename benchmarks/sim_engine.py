@@ -7,12 +7,20 @@ milliseconds of sleeping (no CPU, the GIL released), with random logits. Decodin
 Redis are the real ones. It also has ``infer_device``, like the CUDA engines, so the worker's
 ``overlap=auto`` takes the same loop it would take on a GPU (set CARSTREAM_OVERLAP to choose).
 
+With CARSTREAM_GPU_DECODE=true the worker takes its GPU-decode path: the decode threads only
+parse posts and check JPEG headers (the real code), and nvJPEG's batched decode, the resize and
+the normalisation on the device are stood in for by a sleep of ``SIM_DECODE_MS`` per image and
+blank CPU tensors of the crop's size. That measures the one thing a GPU worker's sizing needs
+and no CPU machine otherwise shows: how many posts one worker process's CPU side (Kafka,
+parsing, header checks, publishing, counting, all sharing Python's GIL) can feed a GPU.
+
     SIM_BATCH_MS=2 SIM_IMAGE_MS=0.3 CARSTREAM_BUNDLE=... python benchmarks/sim_engine.py worker
     python benchmarks/e2e_throughput.py --sim-engine 2,0.3 --images thumb
     python benchmarks/worker_ab.py --sim-engine 2,0.3 --config on:CARSTREAM_OVERLAP=on ...
 
-The defaults (2 ms per call + 0.3 ms per image: ~2,700 images/s at batch 32) are of the order
-of ResNet-50 FP16 on a data-centre GPU; they are a stand-in, not a measurement of one.
+The defaults (2 ms per call + 0.3 ms per image: ~2,700 images/s at batch 32; 0.1 ms per image of
+GPU decoding, ~10,000 images/s) are of the order of ResNet-50 FP16 and nvJPEG on a data-centre
+GPU; they are a stand-in, not a measurement of one.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from engine_build.runtime.base import check_batch  # noqa: E402
 
 BATCH_MS = float(os.environ.get("SIM_BATCH_MS", "2"))
 IMAGE_MS = float(os.environ.get("SIM_IMAGE_MS", "0.3"))
+DECODE_MS = float(os.environ.get("SIM_DECODE_MS", "0.1"))
 
 
 class SleepEngine:
@@ -54,11 +63,48 @@ class SleepEngine:
         time.sleep((self.batch_ms + len(batch) * self.image_ms) / 1000.0)
         return self._rng.standard_normal((len(batch), self._classes)).astype(np.float32)
 
-    def infer_device(self, batch):  # never called: CARSTREAM_GPU_DECODE stays off
-        raise NotImplementedError("the stand-in engine has no device")
+    device = "cpu"  # where the GPU-decode path puts its tensors (worker.pipeline reads it)
+
+    def infer_device(self, batch):
+        """The GPU-decode path's call: a float32 NCHW torch tensor on ``device``."""
+        return self.infer(batch.numpy())
 
     def close(self) -> None:
         pass
+
+
+def stand_in_gpu_decode(pipeline, decode_ms: float = DECODE_MS) -> None:
+    """Replace the pipeline's nvJPEG decode, device resize, normalisation and batch stacking
+    with a sleep and one preallocated blank batch (used only with CARSTREAM_GPU_DECODE=true).
+
+    The stand-ins cost no CPU beyond their Python calls: on a GPU those steps are kernel
+    launches (a few per image, some microseconds each), which this leaves out.
+    """
+    import torch
+
+    torch.set_num_threads(1)  # no intra-op pool spinning beside the worker's threads
+    blank = {"batch": torch.zeros((0, 3, 0, 0))}
+
+    def blank_batch(n: int, crop: int) -> torch.Tensor:
+        if blank["batch"].shape[0] < n or blank["batch"].shape[-1] != crop:
+            blank["batch"] = torch.zeros((max(n, 64), 3, crop, crop), dtype=torch.float32)
+        return blank["batch"][:n]
+
+    def decode_jpegs(jpegs, device):
+        time.sleep(len(jpegs) * decode_ms / 1000.0)
+        return [None] * len(jpegs)
+
+    def resize_crop(image, spec):
+        return blank_batch(1, spec.crop)[0]
+
+    def normalize(batch, spec):
+        return batch
+
+    def torch_stack(rows):
+        return blank_batch(len(rows), rows[0].shape[-1])
+
+    pipeline.decode_jpegs, pipeline.resize_crop = decode_jpegs, resize_crop
+    pipeline.normalize, pipeline.torch_stack = normalize, torch_stack
 
 
 def main(argv: list[str]) -> int:
@@ -78,6 +124,10 @@ def main(argv: list[str]) -> int:
     if target != "worker":
         print(f"sim_engine.py: error: unknown target {target!r} (worker or peer)", file=sys.stderr)
         return 2
+    if os.environ.get("CARSTREAM_GPU_DECODE", "").lower() in ("1", "true", "yes", "on"):
+        import worker.pipeline
+
+        stand_in_gpu_decode(worker.pipeline)
     from worker.__main__ import main as worker_main
 
     return worker_main(["run"])

@@ -125,6 +125,41 @@ def test_worker_ab_with_the_stand_in_gpu_engine_runs_both_loops(tmp_path):
     assert by_name["serial"]["cpu_ms_per_post"]["delivery"] == 0
 
 
+@pytest.mark.integration
+def test_worker_ab_with_the_stand_in_gpu_engine_takes_the_gpu_decode_path(tmp_path):
+    # with --gpu-decode the stand-in engine's infer_device and the stand-in nvJPEG run; a worker
+    # that failed on that path would publish nothing and the benchmark would fail
+    result = run_benchmark(
+        "worker_ab.py",
+        tmp_path,
+        *("--arch", "resnet18", "--image-size", "32", "--num-classes", "8", "--posts", "48"),
+        *("--max-batch", "8", "--threads", "1", "--reps", "1", "--sim-engine", "1,0.1"),
+        *("--gpu-decode", "--config", "serial:CARSTREAM_OVERLAP=off"),
+    )
+    assert result["configs"][0]["median_posts_per_s"] > 0
+
+
+def test_stand_in_gpu_decode_replaces_the_device_steps_with_blank_tensors():
+    import types
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import sim_engine
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    pipeline = types.SimpleNamespace()
+    sim_engine.stand_in_gpu_decode(pipeline, decode_ms=0.0)
+    spec = types.SimpleNamespace(crop=32)
+    images = pipeline.decode_jpegs([b"a", b"b", b"c"], "cpu")
+    rows = [pipeline.normalize(pipeline.resize_crop(i, spec)[None], spec)[0] for i in images]
+    assert [tuple(r.shape) for r in rows] == [(3, 32, 32)] * 3
+    batch = pipeline.torch_stack(rows)
+    assert tuple(batch.shape) == (3, 3, 32, 32) and batch.dtype == torch.float32
+    assert tuple(pipeline.torch_stack(rows * 40).shape) == (120, 3, 32, 32)  # grows past 64
+
+
 def test_benchmark_workers_keep_the_inherited_pythonpath_behind_their_checkout(monkeypatch):
     """On a GPU machine the worker's dependencies are carried on PYTHONPATH: the benchmark's
     worker must keep them, put its own checkout first, and not also this one (SRC=DIR)."""
