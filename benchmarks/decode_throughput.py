@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from e2e_throughput import photo_jpegs  # noqa: E402
 from report import cpu_model, write_results  # noqa: E402
 
+from training.cli import positive_int  # noqa: E402
 from training.preprocessing import (  # noqa: E402
     PreprocessSpec,
     center_crop,
@@ -46,17 +47,6 @@ from worker.prepare import prepare  # noqa: E402
 from worker.url_fetch import UrlPolicy  # noqa: E402
 
 SIZES = {"1080x1080": (1080, 1080), "1280x960": (1280, 960), "640x640": (640, 640)}
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
-    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
