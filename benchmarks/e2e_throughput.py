@@ -176,6 +176,37 @@ class Run:
         create_topics(bootstrap, [self.input, self.output, self.dlq], PARTITIONS)
 
 
+def available_memory_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    """MemAvailable from /proc/meminfo, or None where it cannot be read (not Linux)."""
+    try:
+        with open(meminfo, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def broker_memory_problem(copies: int, payload_bytes: int, available: int | None) -> str | None:
+    """Why ``copies`` copies of ``payload_bytes`` of posts (one per run, each produced to a
+    fresh topic that the memory-only Tansu broker keeps until it stops, and the benchmark's
+    own) would not fit in memory, or None.
+
+    Half the available memory is the budget, the rest is for the broker's overheads, the worker
+    and the engine; past it the broker is killed mid-run and the benchmark waits on it.
+    """
+    planned = copies * payload_bytes
+    if available is None or planned <= available // 2:
+        return None
+    return (
+        f"{copies} copies of {payload_bytes / 2**20:.0f} MiB of posts (one per run, which the "
+        f"memory-only broker keeps to the end, and this process's) = {planned / 2**30:.1f} GiB; "
+        f"this machine has {available / 2**30:.1f} GiB available: use fewer --posts, --reps or "
+        "configs"
+    )
+
+
 def pythonpath(src: Path = REPO) -> str:
     """``src`` first, then the inherited PYTHONPATH (where a GPU machine's carried packages
     are) without this checkout, so another checkout's worker (worker_ab's SRC=DIR) is run."""

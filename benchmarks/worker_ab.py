@@ -244,6 +244,18 @@ def main(args: argparse.Namespace) -> int:
     max_batch = max(
         [args.max_batch] + [int(env.get("CARSTREAM_MAX_BATCH", 0)) for _, env in configs]
     )
+    sizes = e2e.image_sizes(args)
+    jpegs = [base64.b64encode(j).decode() for j in e2e.photo_jpegs(12, sizes=sizes)]
+    # checked before the posts exist: this process holds them too (one more copy)
+    sample = [len(e2e.event(f"s{i}", j)) for i, j in enumerate(jpegs)]
+    payload = sum(sample[i % len(sample)] for i in range(args.posts))
+    problem = e2e.broker_memory_problem(
+        args.reps * len(configs) + 1, payload, e2e.available_memory_bytes()
+    )
+    if problem:
+        print(f"worker_ab.py: error: {problem}", file=sys.stderr)
+        return 2
+    posts = [e2e.event(f"s{i}", jpegs[i % len(jpegs)]) for i in range(args.posts)]
     with tempfile.TemporaryDirectory(prefix="worker-ab-") as tmp:
         work = Path(tmp)
         stack = LocalStack(work / "stack", kafka_port=free_port(), redis_port=free_port())
@@ -251,9 +263,6 @@ def main(args: argparse.Namespace) -> int:
         try:
             args.no_int8 = True
             bundle = make_bundle(args, work, max_batch)
-            sizes = e2e.image_sizes(args)
-            jpegs = [base64.b64encode(j).decode() for j in e2e.photo_jpegs(12, sizes=sizes)]
-            posts = [e2e.event(f"s{i}", jpegs[i % len(jpegs)]) for i in range(args.posts)]
             before = e2e.model_only(bundle, args, args.max_batch)["images_per_s"]
             print(f"model only: {before:.2f} images/s", flush=True)
             runs: dict[str, list[dict]] = {name: [] for name, _ in configs}

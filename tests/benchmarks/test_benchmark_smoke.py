@@ -160,6 +160,35 @@ def test_stand_in_gpu_decode_replaces_the_device_steps_with_blank_tensors():
     assert tuple(pipeline.torch_stack(rows * 40).shape) == (120, 3, 32, 32)  # grows past 64
 
 
+def test_a_benchmark_plan_that_would_not_fit_the_memory_only_broker_is_refused(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import e2e_throughput as e2e
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    gib = 2**30
+    assert e2e.broker_memory_problem(13, gib, available=40 * gib) is None
+    problem = e2e.broker_memory_problem(13, gib, available=20 * gib)
+    assert problem and "13 copies" in problem and "20.0 GiB available" in problem
+    assert e2e.broker_memory_problem(100, gib, available=None) is None  # not Linux: no check
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   23000000 kB\n")
+    assert e2e.available_memory_bytes(str(meminfo)) == 23000000 * 1024
+    assert e2e.available_memory_bytes(str(tmp_path / "missing")) is None
+
+
+def test_worker_ab_refuses_a_run_the_broker_cannot_hold_before_starting_anything():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "worker_ab.py"), "--posts", "2000000"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("worker_ab.py: error: ") and "use fewer --posts" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_benchmark_workers_keep_the_inherited_pythonpath_behind_their_checkout(monkeypatch):
     """On a GPU machine the worker's dependencies are carried on PYTHONPATH: the benchmark's
     worker must keep them, put its own checkout first, and not also this one (SRC=DIR)."""
