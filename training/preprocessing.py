@@ -117,13 +117,18 @@ def oriented_rgb(img: Image.Image, box: tuple[int, int, int, int] | None = None)
     return to_rgb(img)
 
 
+def shorter_side_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side ``size``: torchvision ``Resize(int)`` rounding,
+    shared by the CPU and GPU preprocessing and the worker's pixel budget."""
+    if w <= h:
+        return size, int(size * h / w)
+    return int(size * w / h), size
+
+
 def resize_shorter_side(img: Image.Image, size: int, interpolation: str) -> Image.Image:
     """Resize so the shorter side is ``size`` (torchvision ``Resize(int)`` rounding)."""
     w, h = img.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
+    new_w, new_h = shorter_side_size(w, h, size)
     if (new_w, new_h) == (w, h):
         return img
     return img.resize((new_w, new_h), _RESAMPLE[interpolation], reducing_gap=None)
@@ -159,10 +164,7 @@ def resized_center_crop(
     padding and nearest keep the two-step path (rare, or cheap).
     """
     w, h = img.size
-    if w <= h:
-        new_w, new_h = resize, int(resize * h / w)
-    else:
-        new_w, new_h = int(resize * w / h), resize
+    new_w, new_h = shorter_side_size(w, h, resize)
     if interpolation == "nearest" or new_w < crop or new_h < crop or new_w >= w or new_h >= h:
         return center_crop(resize_shorter_side(img, resize, interpolation), crop)
     top = round((new_h - crop) / 2.0)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F  # noqa: N812 -- the conventional name
 
-from training.preprocessing import PreprocessSpec
+from training.preprocessing import PreprocessSpec, shorter_side_size
 from worker.prepare import GpuJpeg
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,7 @@ def decode_jpegs(jpegs: Sequence[GpuJpeg], device: torch.device | str) -> list[t
 def resize_crop(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     """uint8 CHW -> float32 CHW of ``spec.crop``, in 0..255 (normalisation is done per batch)."""
     _, h, w = image.shape
-    if w <= h:
-        new_w, new_h = spec.resize, int(spec.resize * h / w)
-    else:
-        new_w, new_h = int(spec.resize * w / h), spec.resize
+    new_w, new_h = shorter_side_size(w, h, spec.resize)
     x = image.unsqueeze(0).float()
     if (new_h, new_w) != (h, w):
         if spec.interpolation == "nearest":  # nearest-exact picks the pixels Pillow picks

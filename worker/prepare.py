@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.preprocessing import PreprocessSpec, preprocess_image
+from training.preprocessing import PreprocessSpec, preprocess_image, shorter_side_size
 from worker.decoding import (
     DEFAULT_MAX_PIXELS,
     decode_base64,
@@ -66,8 +66,8 @@ def check_resized_size(
     which a worker's memory limit answers by killing the replica, for every replica that reads
     the post. Any photo's resize stays far below the budget, so no real post is refused.
     """
-    short, long = sorted((width, height))
-    resized = spec.resize * int(spec.resize * long / short)  # resize_shorter_side's rounding
+    new_w, new_h = shorter_side_size(width, height, spec.resize)
+    resized = new_w * new_h
     if resized > max_pixels:
         raise PostError(
             "decompression_bomb",

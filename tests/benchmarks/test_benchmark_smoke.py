@@ -7,6 +7,7 @@ redis-server, real worker processes and the per-message peer.
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 import subprocess
@@ -30,6 +31,15 @@ def run_benchmark(script: str, out_dir: Path, *args: str, timeout: int = 600) ->
     name = script.removesuffix(".py")
     assert (out_dir / f"{name}.md").read_text().startswith("# ")
     return json.loads((out_dir / f"{name}.json").read_text())
+
+
+def benchmark_module(name: str):
+    """Import ``benchmarks/<name>.py`` (a script directory, not a package) for its pure parts."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
 
 
 def test_model_throughput_runs(tmp_path):
@@ -144,11 +154,7 @@ def test_stand_in_gpu_decode_replaces_the_device_steps_with_blank_tensors():
 
     import torch
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import sim_engine
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    sim_engine = benchmark_module("sim_engine")
     pipeline = types.SimpleNamespace()
     sim_engine.stand_in_gpu_decode(pipeline, decode_ms=0.0)
     spec = types.SimpleNamespace(crop=32)
@@ -161,11 +167,7 @@ def test_stand_in_gpu_decode_replaces_the_device_steps_with_blank_tensors():
 
 
 def test_a_benchmark_plan_that_would_not_fit_the_memory_only_broker_is_refused(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import e2e_throughput as e2e
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    e2e = benchmark_module("e2e_throughput")
     gib = 2**30
     assert e2e.broker_memory_problem(13, gib, available=40 * gib) is None
     problem = e2e.broker_memory_problem(13, gib, available=20 * gib)
@@ -192,11 +194,7 @@ def test_worker_ab_refuses_a_run_the_broker_cannot_hold_before_starting_anything
 def test_benchmark_workers_keep_the_inherited_pythonpath_behind_their_checkout(monkeypatch):
     """On a GPU machine the worker's dependencies are carried on PYTHONPATH: the benchmark's
     worker must keep them, put its own checkout first, and not also this one (SRC=DIR)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import e2e_throughput as e2e
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    e2e = benchmark_module("e2e_throughput")
     monkeypatch.setenv("PYTHONPATH", f"/tmp/site:{REPO}")
     assert e2e.pythonpath().split(":") == [str(REPO), "/tmp/site"]
     assert e2e.pythonpath(Path("/tmp/other")).split(":") == ["/tmp/other", "/tmp/site"]
