@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -72,7 +73,16 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="the worker's max batch")
     parser.add_argument("--max-wait-ms", type=int, default=50, help="the worker's max wait")
     parser.add_argument("--decode-threads", type=int, default=2, help="the worker's decode pool")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ORT threads")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="ORT threads (per engine instance)"
+    )
+    parser.add_argument(
+        "--engine-instances",
+        type=int,
+        default=1,
+        help="the worker's engine instances, inferring side by side; the model-only row runs as "
+        "many at once, the per-message peer one engine on threads x instances",
+    )
     parser.add_argument(
         "--backend",
         default="onnxruntime",
@@ -230,6 +240,7 @@ def env_for(run: Run, stack: LocalStack, bundle: Path, args, max_batch: int) -> 
         "CARSTREAM_GPU_DECODE": str(args.gpu_decode).lower(),
         "CARSTREAM_CUDA_GRAPHS": str(args.cuda_graphs).lower(),
         "CARSTREAM_INFERENCE_THREADS": str(args.threads),
+        "CARSTREAM_ENGINE_INSTANCES": str(args.engine_instances),
         "CARSTREAM_DECODE_THREADS": str(args.decode_threads),
         "CARSTREAM_MAX_BATCH": str(max_batch),
         "CARSTREAM_MAX_WAIT_MS": str(args.max_wait_ms),
@@ -353,35 +364,59 @@ def latency(rate: float, seconds: float, stack, bundle, args, jpegs, work) -> di
     }
 
 
-def model_only(bundle: Path, args, size: int) -> dict:
-    if args.sim_engine:
-        from sim_engine import SleepEngine
+def model_only(bundle: Path, args, size: int, calls: int = 3) -> dict:
+    """Batches of ``size`` through ``--engine-instances`` engines at once, ``calls`` each.
 
-        real = create_engine(load_bundle(bundle), "onnxruntime", threads=args.threads)
-        engine = SleepEngine(real, *args.sim_engine)
-    else:
-        engine = create_engine(
-            load_bundle(bundle), args.backend, threads=args.threads, cuda_graphs=args.cuda_graphs
-        )
+    ``batch_ms`` is one call's time (the median) while the others run beside it: the batch
+    time of the worker's latency target."""
+    instances = getattr(args, "engine_instances", 1)
+    engines = []
+    for _ in range(instances):
+        if args.sim_engine:
+            from sim_engine import SleepEngine
+
+            real = create_engine(load_bundle(bundle), "onnxruntime", threads=args.threads)
+            engines.append(SleepEngine(real, *args.sim_engine))
+        else:
+            engines.append(
+                create_engine(
+                    load_bundle(bundle),
+                    args.backend,
+                    threads=args.threads,
+                    cuda_graphs=args.cuda_graphs,
+                )
+            )
     batch = (
         np.random.default_rng(0)
         .standard_normal((size, 3, args.image_size, args.image_size))
         .astype(np.float32)
     )
-    engine.infer(batch)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
+    for engine in engines:
         engine.infer(batch)
-        times.append(time.perf_counter() - t0)
-    name = engine.name
-    engine.close()
-    per_batch = statistics.median(times)
+    times: list[float] = []
+
+    def run(engine) -> None:
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            engine.infer(batch)
+            times.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    name = engines[0].name
+    for engine in engines:
+        engine.close()
     return {
         "engine": name,
+        "instances": instances,
         "batch": size,
-        "images_per_s": size / per_batch,
-        "batch_ms": per_batch * 1000,
+        "images_per_s": size * len(times) / wall,
+        "batch_ms": statistics.median(times) * 1000,
     }
 
 
@@ -397,7 +432,8 @@ def render_md(r: dict) -> str:
         + " and ".join(f"{w}x{h}" for w, h in r.get("image_sizes", PHOTO_SIZES))
         + f" (mean {r['jpeg_kb']:.0f} KB), base64 "
         f"in JSON; local Tansu broker and redis-server on loopback; engine "
-        f"{r['model_only'].get('engine', 'onnxruntime-fp32')} (ORT threads {r['threads']}); "
+        f"{r['model_only'].get('engine', 'onnxruntime-fp32')} x {r.get('engine_instances', 1)} "
+        f"(ORT threads {r['threads']} each); "
         f"GPU decode {'on' if r.get('gpu_decode') else 'off'}; decode threads "
         f"{r['decode_threads']}; max_wait {r['max_wait_ms']} ms; overlap "
         f"{r.get('overlap', 'auto')}",
@@ -491,6 +527,7 @@ def main(args: argparse.Namespace) -> int:
         "arch": args.arch,
         "image_size": args.image_size,
         "threads": args.threads,
+        "engine_instances": args.engine_instances,
         "decode_threads": args.decode_threads,
         "gpu_decode": args.gpu_decode,
         "overlap": args.overlap,

@@ -20,6 +20,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,7 +49,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--num-classes", type=int, default=431, help="CompCars models")
     parser.add_argument("--batches", default="1,8,32,64", help="comma list of batch sizes")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="ORT threads")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="ORT threads, shared by the instances"
+    )
+    parser.add_argument(
+        "--instances",
+        default="1",
+        help="comma list: engine copies inferring side by side (the worker's engine_instances); "
+        "ONNX Runtime gives each threads / instances threads",
+    )
     parser.add_argument("--min-iters", type=int, default=3, help="timed iterations at least")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds at least")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
@@ -96,21 +105,33 @@ def make_bundle(args: argparse.Namespace, work: Path, max_batch: int) -> Path:
     )
 
 
-def time_engine(engine, batch: int, image_size: int, args: argparse.Namespace) -> dict:
+def time_engines(engines: list, batch: int, image_size: int, args: argparse.Namespace) -> dict:
+    """Every engine infers batches on its own thread at once; images/s over the wall time."""
     x = (
         np.random.default_rng(batch)
         .standard_normal((batch, 3, image_size, image_size))
         .astype(np.float32)
     )
-    for _ in range(args.warmup):
-        engine.infer(x)
+    for engine in engines:
+        for _ in range(args.warmup):
+            engine.infer(x)
     latencies: list[float] = []
     start = time.perf_counter()
-    while len(latencies) < args.min_iters or time.perf_counter() - start < args.min_seconds:
-        t0 = time.perf_counter()
-        engine.infer(x)  # returns host logits: a synchronised, end-to-end call
-        latencies.append(time.perf_counter() - t0)
-    total = sum(latencies)
+
+    def run(engine) -> None:
+        done = 0
+        while done < args.min_iters or time.perf_counter() - start < args.min_seconds:
+            t0 = time.perf_counter()
+            engine.infer(x)  # returns host logits: a synchronised, end-to-end call
+            latencies.append(time.perf_counter() - t0)
+            done += 1
+
+    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
     q = (
         statistics.quantiles(latencies, n=20, method="inclusive")
         if len(latencies) > 1
@@ -119,7 +140,7 @@ def time_engine(engine, batch: int, image_size: int, args: argparse.Namespace) -
     return {
         "batch": batch,
         "iters": len(latencies),
-        "images_per_s": round(batch * len(latencies) / total, 2),
+        "images_per_s": round(batch * len(latencies) / wall, 2),
         "latency_ms_p50": round(statistics.median(latencies) * 1e3, 2),
         "latency_ms_p95": round(q[18] * 1e3, 2),
     }
@@ -146,13 +167,16 @@ def render_md(result: dict) -> str:
         f"- random weights; ORT threads: {result['threads']}; skipped: "
         f"{'; '.join(result['skipped']) or 'none'}",
         "",
-        "| backend | precision | batch | images/s | p50 ms | p95 ms | iters |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| backend | precision | instances x ORT threads | batch | images/s | p50 ms | p95 ms "
+        "| iters |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["results"]:
+        each = f" x {r['ort_threads']}" if r.get("ort_threads") else ""
         lines.append(
-            f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['images_per_s']} "
-            f"| {r['latency_ms_p50']} | {r['latency_ms_p95']} | {r['iters']} |"
+            f"| {r['backend']} | {r['precision']} | {r.get('instances', 1)}{each} | {r['batch']} "
+            f"| {r['images_per_s']} | {r['latency_ms_p50']} | {r['latency_ms_p95']} "
+            f"| {r['iters']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -161,6 +185,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
+    instances = [int(n) for n in args.instances.split(",")]
     result = {
         "command": " ".join(["python", *sys.argv]),
         "arch": args.arch,
@@ -188,22 +213,31 @@ def main(args: argparse.Namespace) -> int:
         bundle = load_bundle(make_bundle(args, Path(tmp), max(batches)))
         result["bundle_build_s"] = round(time.perf_counter() - t0, 1)
         for label, precision, backend, opts in ENGINES:
-            if backend == "onnxruntime":
-                opts = {**opts, "threads": args.threads}
-            try:
-                engine = create_engine(bundle, backend, **opts)
-            except EngineUnavailableError as exc:
-                result["skipped"].append(f"{label}-{precision}: {exc}")
-                continue
-            for b in batches:
-                row = {
-                    "backend": label,
-                    "precision": precision,
-                    **time_engine(engine, b, args.image_size, args),
-                }
-                print(json.dumps(row), flush=True)
-                result["results"].append(row)
-            engine.close()
+            for n in instances:
+                ort_threads = max(1, args.threads // n) if backend == "onnxruntime" else None
+                if ort_threads:
+                    opts = {**opts, "threads": ort_threads}
+                engines = []
+                try:
+                    for _ in range(n):
+                        engines.append(create_engine(bundle, backend, **opts))
+                except EngineUnavailableError as exc:
+                    result["skipped"].append(f"{label}-{precision}: {exc}")
+                    for engine in engines:
+                        engine.close()
+                    break
+                for b in batches:
+                    row = {
+                        "backend": label,
+                        "precision": precision,
+                        "instances": n,
+                        "ort_threads": ort_threads,
+                        **time_engines(engines, b, args.image_size, args),
+                    }
+                    print(json.dumps(row), flush=True)
+                    result["results"].append(row)
+                for engine in engines:
+                    engine.close()
     write_results(args.out_dir, "model_throughput", result, render_md(result))
     return 0
 

@@ -39,10 +39,15 @@ class _Done:
 def main() -> int:
     settings = WorkerSettings()
     bundle = load_bundle(settings.bundle)
+    # one engine on every thread the worker's instances would use: the peer's loop has no way
+    # to run a second one
+    threads = settings.inference_threads
+    if threads and settings.engine_instances > 1:
+        threads *= settings.engine_instances
     engine = create_engine(
         bundle,
         settings.backend,
-        threads=settings.inference_threads,
+        threads=threads,
         cuda_graphs=settings.cuda_graphs,
     )
     manifest = bundle.manifest

@@ -210,7 +210,9 @@ def render_md(r: dict) -> str:
         + " and ".join(f"{w}x{h}" for w, h in r["image_sizes"])
         + ", base64 in JSON; "
         f"local Tansu + redis-server; {r['reps']} runs per config, round robin",
-        f"- model-only (engine.infer, batch {r['max_batch']}): {r['model_only_before']:.2f} "
+        f"- model-only (engine.infer, batch {r['max_batch']}, "
+        f"{r.get('engine_instances', 1)} instance(s) at once, ORT threads "
+        f"{r.get('ort_threads', '?')} each): {r['model_only_before']:.2f} "
         f"images/s before, {r['model_only_after']:.2f} after; ratios use their mean",
         "- CPU ms/post: median over runs, from /proc per-thread times between the first and the "
         "last result (from process start where a run was over before its first result was read: "
@@ -284,6 +286,8 @@ def main(args: argparse.Namespace) -> int:
         "image_sizes": e2e.image_sizes(args),
         "reps": args.reps,
         "max_batch": args.max_batch,
+        "engine_instances": args.engine_instances,
+        "ort_threads": args.threads,
         "model_only_before": before,
         "model_only_after": after,
         "configs": [summarise(name, env, runs[name], reference) for name, env in configs],

@@ -10,11 +10,12 @@ a batch that could not be delivered and applied is never committed.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -128,10 +129,10 @@ class UnreadableRecord:
     headers: list | None = None
 
 
-# batches handed over at once in the overlapped loop: one publishing and counting, one on the
-# engine, one ready to start the moment the engine is free; more would only hold posts back from
-# a later, fuller batch
-MAX_INFLIGHT_BATCHES = 3
+# batches handed over at once in the overlapped loop, beyond one per engine instance: one
+# publishing and counting, one ready to start the moment an instance is free; more would only
+# hold posts back from a later, fuller batch
+SPARE_INFLIGHT_BATCHES = 2
 # how long a poll blocks while a batch is in flight: the commit of a finished batch waits this long
 INFLIGHT_POLL_MS = 20.0
 
@@ -355,18 +356,19 @@ def infer_isolating(
     return out, failed
 
 
-def overlaps(mode: str, engine: Engine) -> bool:
+def overlaps(mode: str, engine: Engine, instances: int = 1) -> bool:
     """Whether the loop runs batches on inference and delivery threads (``overlap`` setting).
 
     ``auto`` turns it on for engines on a GPU (they have ``infer_device``): there the engine
     does not share the CPU, and a loop that polls, waits for decodes, publishes and commits
-    between batches would leave it idle most of the time. On a CPU engine the overlapped loop
-    gained nothing (benchmarks/results/overlap_cpu; an earlier version measured slower,
-    loop_overlap_ab): polling and decoding beside ONNX Runtime's parallel sections slow the
-    engine as much as the overlap gains.
+    between batches would leave it idle most of the time. It is on for more than one engine
+    instance too, which only the inference threads can run side by side. On one CPU engine
+    the overlapped loop gained nothing (benchmarks/results/overlap_cpu; an earlier version
+    measured slower, loop_overlap_ab): polling and decoding beside ONNX Runtime's parallel
+    sections slow the engine as much as the overlap gains.
     """
     if mode == "auto":
-        return hasattr(engine, "infer_device")
+        return instances > 1 or hasattr(engine, "infer_device")
     return mode == "on"
 
 
@@ -374,7 +376,7 @@ class StreamWorker(ConsumerRebalanceListener):
     def __init__(
         self,
         settings: WorkerSettings,
-        engine: Engine,
+        engines: Sequence[Engine],
         manifest: Manifest,
         consumer: KafkaConsumer,
         producer: KafkaProducer,
@@ -382,8 +384,12 @@ class StreamWorker(ConsumerRebalanceListener):
         metrics: WorkerMetrics,
         stop: threading.Event,
     ) -> None:
+        if not engines:
+            raise ValueError("StreamWorker needs at least one engine")
         self.settings = settings
-        self.engine = engine
+        # instances of one bundle: the first one's max batch and device stand for all
+        self.engines = list(engines)
+        self.engine = self.engines[0]
         self.manifest = manifest
         self.consumer = consumer
         self.producer = producer
@@ -395,22 +401,29 @@ class StreamWorker(ConsumerRebalanceListener):
             settings.decode_threads, thread_name_prefix="decode", initializer=name_this_thread
         )
         self.batcher: Batcher[Pending] = Batcher(settings.max_batch, settings.max_wait_ms)
-        # overlapped loop: every engine call after warm-up runs on the one inference thread (CUDA
-        # graphs and streams stay on one thread), and the one delivery thread publishes and
-        # counts each batch after it, so the engine starts the next batch meanwhile and batches
-        # finish in the order taken
+        # overlapped loop: each engine instance belongs to one inference thread, which makes
+        # every call to it after warm-up (CUDA graphs and streams stay on one thread), and the
+        # one delivery thread publishes and counts each batch after it, so the engines start
+        # the next batches meanwhile and batches finish in the order taken
+        self._unbound: queue.SimpleQueue[Engine] = queue.SimpleQueue()
+        for instance in self.engines:
+            self._unbound.put(instance)
+        self._lane = threading.local()  # .engine: the calling inference thread's instance
         self.inference = ThreadPoolExecutor(
-            1, thread_name_prefix="inference", initializer=name_this_thread
+            len(self.engines), thread_name_prefix="inference", initializer=self._bind_engine
         )
         self.delivery = ThreadPoolExecutor(
             1, thread_name_prefix="delivery", initializer=name_this_thread
         )
         self._failed = threading.Event()  # a batch failed: the ones behind it must not apply
-        self.overlap = overlaps(settings.overlap, engine)
+        self.overlap = overlaps(settings.overlap, self.engine, len(self.engines))
+        if len(self.engines) > 1 and not self.overlap:
+            raise ValueError(f"{len(self.engines)} engine instances need the overlapped loop")
+        self.max_inflight = len(self.engines) + SPARE_INFLIGHT_BATCHES
         # GPU decode: JPEGs are decoded by nvJPEG on the engine's device, batch by batch
         self.gpu_device = (
-            getattr(engine, "device", None)
-            if settings.gpu_decode and hasattr(engine, "infer_device")
+            getattr(self.engine, "device", None)
+            if settings.gpu_decode and hasattr(self.engine, "infer_device")
             else None
         )
         self._prepare = partial(
@@ -459,7 +472,9 @@ class StreamWorker(ConsumerRebalanceListener):
         self.consumer.subscribe([self.settings.input_topic], listener=self)
         log.info(
             "loop: %s",
-            "overlapped (engine and delivery threads)" if self.overlap else "serial",
+            f"overlapped ({len(self.engines)} inference thread(s) and a delivery thread)"
+            if self.overlap
+            else "serial",
         )
         try:
             if self.overlap:
@@ -507,7 +522,7 @@ class StreamWorker(ConsumerRebalanceListener):
         batches before.
 
         The consumer is only touched here (kafka-python's consumer is not thread-safe): this
-        thread polls, hands ready batches over (at most MAX_INFLIGHT_BATCHES), and commits each
+        thread polls, hands ready batches over (at most ``max_inflight``), and commits each
         batch's offsets once the delivery thread has published its results and applied its
         counts, in the order the batches were taken. Fetching and decoding thus go on while the
         engine runs, and the engine never waits on a broker round trip, a commit, or the decode
@@ -521,10 +536,10 @@ class StreamWorker(ConsumerRebalanceListener):
             self._reap(inflight)
             # read ahead: a batch to decode while the engine runs, two when it has no next
             # batch waiting yet; beyond that, polling would only cost CPU the engine needs
-            ahead = s.max_batch if len(inflight) >= MAX_INFLIGHT_BATCHES else 2 * s.max_batch
+            ahead = s.max_batch if len(inflight) >= self.max_inflight else 2 * s.max_batch
             room = ahead - len(self.batcher)
             if room > 0:
-                if len(inflight) >= MAX_INFLIGHT_BATCHES:
+                if len(inflight) >= self.max_inflight:
                     # no batch can be handed over before one finishes: a due batch must not
                     # turn this into a poll(0) spin that takes the engine's CPU
                     timeout = INFLIGHT_POLL_MS
@@ -535,7 +550,7 @@ class StreamWorker(ConsumerRebalanceListener):
                 self._poll(int(timeout), room)
             elif inflight:
                 wait([inflight[0]], timeout=INFLIGHT_POLL_MS / 1000.0)
-            if self.batcher.ready() and len(inflight) < MAX_INFLIGHT_BATCHES:
+            if self.batcher.ready() and len(inflight) < self.max_inflight:
                 with self._lock:
                     batch = self.batcher.take()
                 inflight.append(self._submit(batch))
@@ -735,6 +750,12 @@ class StreamWorker(ConsumerRebalanceListener):
                 log.info("re-reading %s from offset %d after the rebalance", tp, offset)
         self._rewind.clear()
 
+    def _bind_engine(self) -> None:
+        """Inference-thread initializer: this thread's own engine instance (the executor
+        starts at most one thread per instance)."""
+        name_this_thread()
+        self._lane.engine = self._unbound.get_nowait()
+
     def process(self, batch: list[Pending]) -> None:
         """Infer, publish, count and commit one batch, all on the calling thread."""
         offsets = self.handle(batch)
@@ -761,8 +782,10 @@ class StreamWorker(ConsumerRebalanceListener):
 
         A later batch must not apply its counts once an earlier one failed: Redis would move
         the partition's applied position past the failed batch's records, and their redelivery
-        would then not be counted. Each stage runs its batches one after another on one
-        thread, so the flag is set before the next batch reaches the stage that failed.
+        would then not be counted. Counts are applied on the one delivery thread, which takes
+        the batches in order and waits for each one's inference, so the flag is set before the
+        next batch reaches its delivery. (With several engine instances a later batch may be
+        inferred after an earlier one failed; its delivery still refuses it.)
         """
         if self._failed.is_set():
             raise BatchAbortedError("an earlier batch failed; this one is left uncommitted")
@@ -812,18 +835,20 @@ class StreamWorker(ConsumerRebalanceListener):
         A row the engine fails on while it runs others is dead-lettered as ``internal`` (its
         ``prepared`` entry gets the error); an engine that runs nothing raises EngineFailedError.
         """
+        # an inference thread's own instance; the serial loop's (main) thread has the only one
+        engine = getattr(self._lane, "engine", self.engine)
         if self.gpu_device is not None:
             import torch
 
             rows = self._device_rows(prepared)
-            run = self.engine.infer_device  # type: ignore[attr-defined]
+            run = engine.infer_device  # type: ignore[attr-defined]
             stack, blank = torch_stack, torch.zeros_like
         else:
             rows = {i: p.array for i, p in enumerate(prepared) if p.error is None}
-            run = self.engine.infer
+            run = engine.infer
             stack, blank = np.stack, np.zeros_like
         out, failed = infer_isolating(
-            run, rows, self.engine.max_batch, stack, blank, self.metrics.inference_seconds.observe
+            run, rows, engine.max_batch, stack, blank, self.metrics.inference_seconds.observe
         )
         for i, reason in failed.items():
             prepared[i] = Prepared(

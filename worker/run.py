@@ -114,6 +114,11 @@ def _warm_up(engine, max_batch: int) -> None:
         engine.infer(np.zeros((n, *spec.shape), dtype=np.float32))
 
 
+def _close_all(engines: list) -> None:
+    for engine in engines:
+        engine.close()
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
@@ -205,14 +210,23 @@ def _serve(
         opts["threads"] = settings.inference_threads
     if settings.cuda_graphs:
         opts["cuda_graphs"] = True
+    engines: list = []
     try:
-        engine = create_engine(bundle, settings.backend, **opts)
+        for _ in range(settings.engine_instances):
+            engines.append(create_engine(bundle, settings.backend, **opts))
     except (EngineUnavailableError, ValueError) as exc:
+        for loaded in engines:
+            loaded.close()
         print(f"python -m worker run: error: backend {settings.backend}: {exc}", file=sys.stderr)
         return 2
+    engine = engines[0]
     log.info("settings: %s", settings.redacted())
     log.info(
-        "bundle %s %s on %s", bundle.manifest.model_name, bundle.manifest.model_version, engine.name
+        "bundle %s %s on %s x %d",
+        bundle.manifest.model_name,
+        bundle.manifest.model_version,
+        engine.name,
+        len(engines),
     )
     if settings.gpu_decode and not hasattr(engine, "infer_device"):
         log.warning("gpu_decode ignored: the %s engine does not run on a GPU", engine.name)
@@ -220,8 +234,9 @@ def _serve(
     if server is not None:
         metrics.beat()  # liveness counts from here, as before the engine loaded
         start(server)
-    _warm_up(engine, settings.max_batch)
-    log.info("engine warm (%s, max batch %d)", engine.name, engine.max_batch)
+    for instance in engines:
+        _warm_up(instance, settings.max_batch)
+    log.info("engine warm (%s x %d, max batch %d)", engine.name, len(engines), engine.max_batch)
 
     common = kafka_common_config(settings)
     consumer_opts = consumer_config(settings)
@@ -245,12 +260,12 @@ def _serve(
         except (KafkaConfigurationError, ValueError) as exc:
             # WorkerSettings refuses what we know of before the model loads; this is the rest
             print(f"python -m worker run: error: Kafka client settings: {exc}", file=sys.stderr)
-            engine.close()
+            _close_all(engines)
             if server is not None:
                 server.shutdown()
             return 2
     else:
-        engine.close()
+        _close_all(engines)
         if server is not None:
             server.shutdown()
         return 0
@@ -263,7 +278,7 @@ def _serve(
         settings.dedup_ttl_s,
     )
     worker = StreamWorker(
-        settings, engine, bundle.manifest, consumer, producer, writer, metrics, stop
+        settings, engines, bundle.manifest, consumer, producer, writer, metrics, stop
     )
     name_python_threads()  # Kafka I/O and metrics threads, for top -H and CPU accounting
     started = time.monotonic()
@@ -284,7 +299,7 @@ def _serve(
         ignore_kafka_close_race()
         consumer.close(autocommit=False)
         producer.close(timeout=30)
-        engine.close()
+        _close_all(engines)
         if server is not None:
             server.shutdown()
         log.info("stopped after %.1f s", time.monotonic() - started)

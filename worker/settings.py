@@ -221,7 +221,17 @@ class WorkerSettings(BaseSettings):
         None, description="model bundle directory (engine_build output); required"
     )
     backend: Backend = "auto"
-    inference_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads")
+    inference_threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime intra-op threads (per engine instance)"
+    )
+    engine_instances: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="copies of the engine, each inferring its own batch on its own inference "
+        "thread (the overlapped loop); on a CPU, N single-thread ONNX Runtime instances keep the "
+        "cores busier than one N-thread instance",
+    )
     max_batch: int = Field(32, ge=1, le=4096)
     max_wait_ms: int = Field(50, ge=0, le=60_000)
     decode_threads: int = Field(4, ge=1, le=256)
@@ -239,8 +249,8 @@ class WorkerSettings(BaseSettings):
         "auto",
         description="run the engine on an inference thread and publish + count on a delivery "
         "thread while the main thread polls, decodes and commits; auto: on for GPU engines "
-        "(torch-cuda, tensorrt), off for onnxruntime, whose engine needs the cores that polling "
-        "would take",
+        "(torch-cuda, tensorrt) and for engine_instances above 1, off for one onnxruntime "
+        "instance, whose parallel sections lose to polling beside them",
     )
     min_confidence: float = Field(0.5, ge=0.0, le=1.0)
     top_k: int = Field(5, ge=1, le=100)
@@ -299,6 +309,17 @@ class WorkerSettings(BaseSettings):
         ):
             raise ValueError(
                 f"sasl_mechanism {self.sasl_mechanism} needs sasl_username and sasl_password"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_instances(self) -> WorkerSettings:
+        # the serial loop infers on its own thread, one batch at a time: a second instance
+        # would sit idle
+        if self.engine_instances > 1 and self.overlap == "off":
+            raise ValueError(
+                f"engine_instances {self.engine_instances} needs the overlapped loop, "
+                "but overlap is off (set overlap to auto or on)"
             )
         return self
 

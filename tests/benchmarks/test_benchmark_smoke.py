@@ -47,11 +47,14 @@ def test_model_throughput_runs(tmp_path):
         "model_throughput.py",
         tmp_path,
         *("--arch", "resnet18", "--image-size", "32", "--num-classes", "8", "--batches", "1,4"),
-        *("--min-iters", "1", "--min-seconds", "0", "--threads", "1"),
+        *("--min-iters", "1", "--min-seconds", "0", "--threads", "2", "--instances", "1,2"),
     )
     rows = [r for r in result["results"] if r["backend"] == "onnxruntime"]
-    assert {(r["precision"], r["batch"]) for r in rows} >= {("fp32", 1), ("fp32", 4)}
+    got = {(r["precision"], r["instances"], r["ort_threads"], r["batch"]) for r in rows}
+    assert got >= {(p, n, 2 // n, b) for p in ("fp32", "int8") for n in (1, 2) for b in (1, 4)}
     assert all(r["images_per_s"] > 0 for r in rows)
+    # two instances side by side: each makes at least --min-iters calls
+    assert all(r["iters"] >= r["instances"] for r in rows)
 
 
 def test_decode_throughput_runs(tmp_path):
@@ -96,12 +99,13 @@ def test_worker_ab_runs_each_config_and_splits_cpu_by_thread(tmp_path):
         "worker_ab.py",
         tmp_path,
         *("--arch", "resnet18", "--image-size", "32", "--num-classes", "8", "--posts", "48"),
-        *("--max-batch", "8", "--threads", "1", "--reps", "1"),
+        *("--max-batch", "8", "--threads", "1", "--reps", "1", "--engine-instances", "2"),
         *("--config", "base:", "--config", "one-decode:CARSTREAM_DECODE_THREADS=1"),
         *("--config", "peer:CMD=peer"),
     )
     by_name = {c["config"]: c for c in result["configs"]}
     assert list(by_name) == ["base", "one-decode", "peer"]
+    assert result["engine_instances"] == 2 and result["model_only_before"] > 0
     assert by_name["one-decode"]["env"] == {"CARSTREAM_DECODE_THREADS": "1"}
     for config in by_name.values():
         assert config["median_posts_per_s"] > 0

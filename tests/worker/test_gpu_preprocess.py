@@ -200,7 +200,14 @@ def test_worker_gpu_path_classifies_like_the_cpu_path_and_dead_letters_what_nvjp
     def worker(gpu: bool) -> StreamWorker:
         settings = WorkerSettings(bundle=str(worker_bundle_dir), gpu_decode=gpu, max_batch=8)
         return StreamWorker(
-            settings, engine, bundle.manifest, None, None, None, WorkerMetrics(), threading.Event()
+            settings,
+            [engine],
+            bundle.manifest,
+            None,
+            None,
+            None,
+            WorkerMetrics(),
+            threading.Event(),
         )
 
     gpu_worker, cpu_worker = worker(True), worker(False)

@@ -154,7 +154,13 @@ class GatedEngine:
             self.busy.clear()
 
 
-def make_worker(records: list[Rec], producer=None, overlap: str = "on", wait_s: float = 10.0):
+def make_worker(
+    records: list[Rec],
+    producer=None,
+    overlap: str = "on",
+    wait_s: float = 10.0,
+    engines: list | None = None,
+):
     busy = threading.Event()
     engine = GatedEngine(busy, wait_s)
     consumer = FakeConsumer(records, busy)
@@ -170,7 +176,7 @@ def make_worker(records: list[Rec], producer=None, overlap: str = "on", wait_s: 
     )
     worker = StreamWorker(
         settings,
-        engine,
+        engines or [engine],
         tiny_manifest(),
         consumer,
         producer or FakeProducer(),
@@ -303,6 +309,105 @@ class CudaLikeEngine(GatedEngine):
 )
 def test_overlap_auto_is_on_for_gpu_engines_only(mode, engine_cls, expected):
     assert overlaps(mode, engine_cls(threading.Event())) is expected
+
+
+def test_overlap_auto_is_on_for_several_engine_instances_and_off_refuses_them():
+    assert overlaps("auto", GatedEngine(threading.Event()), instances=2)
+    two = [GatedEngine(threading.Event()), GatedEngine(threading.Event())]
+    with pytest.raises(ValueError, match="2 engine instances need the overlapped loop"):
+        make_worker([], overlap="off", engines=two)
+
+
+class MeetingEngine:
+    """Each call waits (at most 10 s) at a barrier with the other instance's call: only two
+    batches inferred side by side get through. Records the threads that called it."""
+
+    max_batch = 4
+
+    def __init__(self, barrier: threading.Barrier) -> None:
+        self.barrier = barrier
+        self.threads: set[int] = set()
+        self.calls = 0
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.threads.add(threading.get_ident())
+        self.calls += 1
+        self.barrier.wait()
+        logits = np.zeros((len(batch), 2), dtype=np.float32)
+        logits[:, 1] = 5.0
+        return logits
+
+
+def test_two_engine_instances_infer_two_batches_at_once_each_on_its_own_thread():
+    records = [Rec(TOPIC, i % 2, i // 2, f"p{i}".encode(), post(i)) for i in range(16)]
+    barrier = threading.Barrier(2, timeout=10)
+    engines = [MeetingEngine(barrier), MeetingEngine(barrier)]
+    worker, consumer, _, stop = make_worker(records, engines=engines)
+    consumer.first = len(records)
+    assert worker.overlap and worker.max_inflight == 4
+
+    def committed(tp: TopicPartition) -> int:
+        return max((c[tp] for c in consumer.commits if tp in c), default=0)
+
+    errors = run_until(worker, stop, lambda: committed(TP0) == committed(TP1) == 8)
+    # one instance alone would break the barrier (BrokenBarrierError -> a fatal batch)
+    assert errors == [] and not barrier.broken
+    assert all(e.calls >= 2 for e in engines)
+    # each instance stays on one inference thread, and the two threads differ
+    assert all(len(e.threads) == 1 for e in engines)
+    assert engines[0].threads != engines[1].threads
+    for tp in (TP0, TP1):
+        seen = [c[tp] for c in consumer.commits if tp in c]
+        assert seen == sorted(seen) and seen[-1] == 8
+    assert sorted(o for batch in worker.trends.applied for o in batch) == sorted(
+        r.offset for r in records
+    )
+
+
+class FailsAfterTheOtherStarts:
+    """Raises on every call, but only once the other instance has started a batch."""
+
+    max_batch = 4
+
+    def __init__(self, other_started: threading.Event) -> None:
+        self.other_started = other_started
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        assert self.other_started.wait(10), "the second instance never started"
+        raise RuntimeError("device lost")
+
+
+class SignalsStart(MeetingEngine):
+    def __init__(self, started: threading.Event) -> None:
+        super().__init__(threading.Barrier(1))
+        self.started = started
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.started.set()
+        return super().infer(batch)
+
+
+def test_a_batch_inferred_beside_a_failing_one_is_neither_counted_nor_published():
+    """With two instances the batch behind a failed one may already be inferred; its delivery
+    must still refuse it, or Redis would move past the failed batch's records."""
+    records = [Rec(TOPIC, 0, i, f"p{i}".encode(), post(i)) for i in range(8)]
+    started = threading.Event()
+    good = SignalsStart(started)
+    worker, _, _, _ = make_worker(records, engines=[FailsAfterTheOtherStarts(started), good])
+    pending = [
+        Pending(rec, 0.0, worker.pool.submit(worker._prepare, rec.value, key=rec.key))
+        for rec in records
+    ]
+    first, second = worker._submit(pending[:4]), worker._submit(pending[4:])
+    with pytest.raises(FatalWorkerError):
+        first.result(timeout=30)
+    with pytest.raises(BatchAbortedError):
+        second.result(timeout=30)
+    assert good.calls == 1  # the second batch was inferred, on the other instance
+    assert worker.trends.applied == [] and worker.producer.sends == []
+    worker.pool.shutdown()
+    worker.inference.shutdown()
+    worker.delivery.shutdown()
 
 
 class SlowAckProducer(FakeProducer):

@@ -60,6 +60,13 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         (("--bundle", "/x", "--max-message-bytes", "3000000000"), {}, "max_message_bytes"),
         (("--bundle", "/x", "--max-poll-interval-ms", "3000000000"), {}, "max_poll_interval_ms"),
         (("--bundle", "/x", "--redis-socket-timeout-s", "inf"), {}, "redis_socket_timeout_s"),
+        # the serial loop would leave a second instance idle
+        (
+            ("--bundle", "/x", "--engine-instances", "2", "--overlap", "off"),
+            {},
+            "engine_instances 2 needs the overlapped loop",
+        ),
+        (("--bundle", "/x", "--engine-instances", "0"), {}, "engine_instances"),
         # a TLS file the clients cannot open: before, a Kafka "no broker at ..." retried for ever
         # or a Redis "Error 2 ... No such file or directory" on every batch, after the model
         (("--bundle", "/x", "--ssl-cafile", "/no/ca.pem"), {}, "ssl_cafile: /no/ca.pem: no such"),

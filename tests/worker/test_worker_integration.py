@@ -260,12 +260,17 @@ def one_worker_results(
 # --- tests ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overlap", ["off", "on"])
+@pytest.mark.parametrize(
+    ("overlap", "instances"),
+    [("off", 1), ("on", 1), ("auto", 2)],
+    ids=["serial", "overlapped", "two-instances"],
+)
 def test_every_post_one_result_and_exact_counts_with_bad_input_dead_lettered(
-    overlap, env, kafka_bootstrap, truth_engine, tmp_path
+    overlap, instances, env, kafka_bootstrap, truth_engine, tmp_path
 ):
     topics, url, worker_env, procs = env
-    worker_env["CARSTREAM_OVERLAP"] = overlap  # auto is off on this CPU engine
+    worker_env["CARSTREAM_OVERLAP"] = overlap  # auto is off on one CPU engine, on for two
+    worker_env["CARSTREAM_ENGINE_INSTANCES"] = str(instances)
     posts = good_posts(40)
     rng = np.random.default_rng(5)
     png = image_bytes(rng)
@@ -334,6 +339,8 @@ def test_every_post_one_result_and_exact_counts_with_bad_input_dead_lettered(
     assert procs[0].wait(timeout=60) == 0
     log_text = (tmp_path / "w1.log").read_text()
     assert "settings:" in log_text and LOG_SECRET not in log_text
+    loop = "overlapped" if (overlap, instances) != ("off", 1) else "serial"
+    assert f"loop: {loop}" in log_text and f"x {instances}, max batch" in log_text
 
 
 @pytest.mark.parametrize("overlap", ["off", "on"])
