@@ -477,7 +477,10 @@ def test_worker_threads_fit_the_cpu_limit(overlay):
     # unset, ONNX Runtime (the cpu backend, the gpu pods' last fallback) would start one thread
     # per host core, whatever the limit
     assert "CARSTREAM_INFERENCE_THREADS" in env, f"{name}: CARSTREAM_INFERENCE_THREADS unset"
-    inference = int(env["CARSTREAM_INFERENCE_THREADS"])
+    # ONNX Runtime's threads are per engine instance
+    inference = int(env["CARSTREAM_INFERENCE_THREADS"]) * int(
+        env.get("CARSTREAM_ENGINE_INSTANCES", "1")
+    )
     assert inference * (1 + DECODE_PER_INFERENCE) <= limit, (name, inference, limit)
     if name == "cpu":
         assert inference + decode <= limit, (inference, decode, limit)
