@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -43,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from model_throughput import make_bundle  # noqa: E402
+from model_throughput import make_bundle, time_engines  # noqa: E402
 from report import cpu_model, write_results  # noqa: E402
 
 from engine_build.bundle import load_bundle  # noqa: E402
@@ -386,28 +385,8 @@ def model_only(bundle: Path, args, size: int, calls: int = 3) -> dict:
                     cuda_graphs=args.cuda_graphs,
                 )
             )
-    batch = (
-        np.random.default_rng(0)
-        .standard_normal((size, 3, args.image_size, args.image_size))
-        .astype(np.float32)
-    )
-    for engine in engines:
-        engine.infer(batch)
-    times: list[float] = []
-
-    def run(engine) -> None:
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            engine.infer(batch)
-            times.append(time.perf_counter() - t0)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
+    timing = argparse.Namespace(warmup=1, min_iters=calls, min_seconds=0.0)
+    timed = time_engines(engines, size, args.image_size, timing)
     name = engines[0].name
     for engine in engines:
         engine.close()
@@ -415,8 +394,8 @@ def model_only(bundle: Path, args, size: int, calls: int = 3) -> dict:
         "engine": name,
         "instances": instances,
         "batch": size,
-        "images_per_s": size * len(times) / wall,
-        "batch_ms": statistics.median(times) * 1000,
+        "images_per_s": timed["images_per_s"],
+        "batch_ms": timed["latency_ms_p50"],
     }
 
 
