@@ -81,6 +81,7 @@ def worker_with(producer, **settings) -> StreamWorker:
     worker.backoff = Backoff(0.001, 0.005)
     worker.stop = threading.Event()
     worker.gpu_device = None
+    worker._lane = threading.local()  # no inference thread: _infer uses worker.engine
     return worker
 
 
