@@ -108,7 +108,13 @@ def consumer_config(settings: WorkerSettings) -> dict[str, object]:
 
 
 def _warm_up(engine, max_batch: int) -> None:
-    """First calls allocate buffers and pick kernels; do it before taking partitions."""
+    """First calls allocate buffers and pick kernels; do it before taking partitions.
+
+    An engine with its own ``warm_up`` (torch-cuda: one CUDA graph per batch bucket) does it all.
+    """
+    if hasattr(engine, "warm_up"):
+        engine.warm_up(max_batch)
+        return
     spec = engine.input_spec()
     for n in sorted({1, min(max_batch, engine.max_batch)}):
         engine.infer(np.zeros((n, *spec.shape), dtype=np.float32))

@@ -150,6 +150,34 @@ def test_torch_cuda_fp16_matches_pytorch(bundle, reference, graphs):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="torch-cuda engine needs a CUDA GPU; none visible")
+def test_torch_cuda_warm_up_captures_every_bucket_the_worker_can_send(bundle):
+    engine = create_engine(bundle, "torch-cuda", cuda_graphs=True)
+    engine.warm_up(6)
+    captured = set(engine._graphs)
+    assert {bucket_for(n, engine._buckets) for n in range(1, 7)} <= captured
+    engine.infer(batch(5))  # a size between the warm-up's: no capture mid-stream
+    assert set(engine._graphs) == captured
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="torch-cuda engine needs a CUDA GPU; none visible")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_torch_cuda_instances_infer_side_by_side_on_their_own_streams(bundle, reference, graphs):
+    from concurrent.futures import ThreadPoolExecutor
+
+    engines = [create_engine(bundle, "torch-cuda", cuda_graphs=graphs) for _ in range(2)]
+    for engine in engines:
+        engine.warm_up(8)
+    assert engines[0]._stream != engines[1]._stream
+    xs = [batch(8, seed=s) for s in range(16)]
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda i: engines[i % 2].infer(xs[i]), range(len(xs))))
+    for x, out in zip(xs, outs, strict=True):
+        assert (out.argmax(1) == reference(x).argmax(1)).mean() >= 0.99
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(
     not (HAS_CUDA and HAS_TRT),
     reason="TensorRT plan tests need a CUDA GPU and the tensorrt package",

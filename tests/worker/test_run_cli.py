@@ -9,10 +9,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from engine_build.runtime.base import InputSpec
 from tests.support import worker_cli
 from worker.metrics import WorkerMetrics, bind, serve, start
+from worker.run import _warm_up
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -239,3 +242,34 @@ def test_fetch_wait_follows_the_batch_wait_unless_set():
     assert fetch_wait_ms(WorkerSettings(max_wait_ms=50)) == 50
     assert fetch_wait_ms(WorkerSettings(max_wait_ms=0)) == 10
     assert fetch_wait_ms(WorkerSettings(max_wait_ms=50, fetch_max_wait_ms=200)) == 200
+
+
+class _RecordingEngine:
+    max_batch = 64
+
+    def __init__(self):
+        self.sizes: list[int] = []
+
+    def input_spec(self):
+        return InputSpec("images", (3, 4, 4), np.dtype(np.float32))
+
+    def infer(self, batch):
+        self.sizes.append(batch.shape[0])
+        return np.zeros((batch.shape[0], 2), dtype=np.float32)
+
+
+class _SelfWarmingEngine(_RecordingEngine):
+    def warm_up(self, max_batch):
+        self.sizes.append(("warm_up", max_batch))
+
+
+def test_warm_up_runs_the_largest_batch_the_worker_sends_or_the_engines_own():
+    plain = _RecordingEngine()
+    _warm_up(plain, 32)
+    assert plain.sizes == [1, 32]
+    capped = _RecordingEngine()
+    _warm_up(capped, 128)  # never above the engine's own max batch
+    assert capped.sizes == [1, 64]
+    own = _SelfWarmingEngine()
+    _warm_up(own, 32)  # torch-cuda captures one CUDA graph per bucket itself
+    assert own.sizes == [("warm_up", 32)]
