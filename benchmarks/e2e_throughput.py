@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from model_throughput import make_bundle, time_engines  # noqa: E402
+from model_throughput import WARMUP_CALLS, make_bundle, time_engines  # noqa: E402
 from report import cpu_model, write_results  # noqa: E402
 
 from engine_build.bundle import load_bundle  # noqa: E402
@@ -89,6 +89,13 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         help="engine of the worker, the peer and the model-only row",
     )
     parser.add_argument(
+        "--onnx-precision",
+        choices=["fp32", "int8"],
+        default="fp32",
+        help="onnxruntime backend: the ONNX model of the worker, the peer and the model-only row "
+        "(int8: the bundle is built with engine_build's static quantisation too)",
+    )
+    parser.add_argument(
         "--gpu-decode", action="store_true", help="worker decodes JPEGs with nvJPEG (CUDA engines)"
     )
     parser.add_argument(
@@ -112,6 +119,12 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         help="replace the engine of the worker, the peer and the model-only row by "
         "benchmarks/sim_engine.py's stand-in for a GPU (sleeps BATCH_MS + n * IMAGE_MS per call)",
     )
+
+
+def precision_option(args) -> dict[str, str]:
+    """create_engine's precision, only when not the default (other backends would log it)."""
+    precision = getattr(args, "onnx_precision", "fp32")
+    return {} if precision == "fp32" else {"precision": precision}
 
 
 def sim_times(text: str) -> tuple[float, float]:
@@ -240,6 +253,7 @@ def env_for(run: Run, stack: LocalStack, bundle: Path, args, max_batch: int) -> 
         "CARSTREAM_CUDA_GRAPHS": str(args.cuda_graphs).lower(),
         "CARSTREAM_INFERENCE_THREADS": str(args.threads),
         "CARSTREAM_ENGINE_INSTANCES": str(args.engine_instances),
+        "CARSTREAM_ONNX_PRECISION": getattr(args, "onnx_precision", "fp32"),
         "CARSTREAM_DECODE_THREADS": str(args.decode_threads),
         "CARSTREAM_MAX_BATCH": str(max_batch),
         "CARSTREAM_MAX_WAIT_MS": str(args.max_wait_ms),
@@ -383,9 +397,10 @@ def model_only(bundle: Path, args, size: int, calls: int = 3) -> dict:
                     args.backend,
                     threads=args.threads,
                     cuda_graphs=args.cuda_graphs,
+                    **precision_option(args),
                 )
             )
-    timing = argparse.Namespace(warmup=1, min_iters=calls, min_seconds=0.0)
+    timing = argparse.Namespace(warmup=WARMUP_CALLS, min_iters=calls, min_seconds=0.0)
     timed = time_engines(engines, size, args.image_size, timing)
     name = engines[0].name
     for engine in engines:
@@ -472,7 +487,7 @@ def main(args: argparse.Namespace) -> int:
         stack.up(topics=(), partitions=PARTITIONS)
         try:
             print("building bundle...", flush=True)
-            args.no_int8 = True  # make_bundle's switch: the CPU path measured here is FP32
+            args.no_int8 = args.onnx_precision != "int8"  # make_bundle's switch
             bundle = make_bundle(args, work, args.max_batch)
             jpegs_raw = photo_jpegs(12, sizes=image_sizes(args))
             jpegs = [base64.b64encode(j).decode() for j in jpegs_raw]

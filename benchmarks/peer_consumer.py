@@ -22,6 +22,7 @@ from engine_build.runtime import create_engine
 from worker.connections import kafka_common_config, redis_client
 from worker.pipeline import Pending, make_outputs
 from worker.prepare import prepare
+from worker.run import engine_options
 from worker.settings import WorkerSettings
 from worker.thread_names import name_python_threads
 from worker.trends import TrendWriter
@@ -41,15 +42,10 @@ def main() -> int:
     bundle = load_bundle(settings.bundle)
     # one engine on every thread the worker's instances would use: the peer's loop has no way
     # to run a second one
-    threads = settings.inference_threads
-    if threads and settings.engine_instances > 1:
-        threads *= settings.engine_instances
-    engine = create_engine(
-        bundle,
-        settings.backend,
-        threads=threads,
-        cuda_graphs=settings.cuda_graphs,
-    )
+    opts = engine_options(settings)
+    if "threads" in opts and settings.engine_instances > 1:
+        opts["threads"] = settings.inference_threads * settings.engine_instances
+    engine = create_engine(bundle, settings.backend, **opts)
     manifest = bundle.manifest
     policy = UrlPolicy.from_settings(settings)
     stop = threading.Event()

@@ -210,7 +210,8 @@ def render_md(r: dict) -> str:
         + " and ".join(f"{w}x{h}" for w, h in r["image_sizes"])
         + ", base64 in JSON; "
         f"local Tansu + redis-server; {r['reps']} runs per config, round robin",
-        f"- model-only (engine.infer, batch {r['max_batch']}, "
+        f"- model-only (engine.infer, ONNX {r.get('onnx_precision', 'fp32')}, "
+        f"batch {r['max_batch']}, "
         f"{r.get('engine_instances', 1)} instance(s) at once, ORT threads "
         f"{r.get('ort_threads', '?')} each): {r['model_only_before']:.2f} "
         f"images/s before, {r['model_only_after']:.2f} after; ratios use their mean",
@@ -263,7 +264,7 @@ def main(args: argparse.Namespace) -> int:
         stack = LocalStack(work / "stack", kafka_port=free_port(), redis_port=free_port())
         stack.up(topics=(), partitions=e2e.PARTITIONS)
         try:
-            args.no_int8 = True
+            args.no_int8 = args.onnx_precision != "int8"
             bundle = make_bundle(args, work, max_batch)
             before = e2e.model_only(bundle, args, args.max_batch)["images_per_s"]
             print(f"model only: {before:.2f} images/s", flush=True)
@@ -287,6 +288,7 @@ def main(args: argparse.Namespace) -> int:
         "reps": args.reps,
         "max_batch": args.max_batch,
         "engine_instances": args.engine_instances,
+        "onnx_precision": args.onnx_precision,
         "ort_threads": args.threads,
         "model_only_before": before,
         "model_only_after": after,

@@ -93,7 +93,7 @@ def image_bytes(rng: np.random.Generator, fmt: str = "PNG", size=(48, 64)) -> by
 
 
 def build_worker_bundle(work: Path) -> Path:
-    """A real fp32 bundle of a small resnet18 over CLASSES, built by engine_build."""
+    """A real fp32 + int8 bundle of a small resnet18 over CLASSES, built by engine_build."""
     from engine_build.build import build_bundle
 
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def build_worker_bundle(work: Path) -> Path:
     return build_bundle(
         work / "ckpt",
         work / "bundle",
-        precisions="fp32",
+        precisions="fp32,int8",
         parity_data=work / "parity",
         max_batch=16,
         threads=1,

@@ -125,6 +125,12 @@ def shorter_side_size(w: int, h: int, size: int) -> tuple[int, int]:
     return int(size * w / h), size
 
 
+def center_crop_offset(w: int, h: int, size: int) -> tuple[int, int]:
+    """(left, top) of a centred ``size`` crop of a ``w`` x ``h`` image: torchvision
+    ``CenterCrop``'s rounding, shared by the CPU and GPU preprocessing."""
+    return round((w - size) / 2.0), round((h - size) / 2.0)
+
+
 def resize_shorter_side(img: Image.Image, size: int, interpolation: str) -> Image.Image:
     """Resize so the shorter side is ``size`` (torchvision ``Resize(int)`` rounding)."""
     w, h = img.size
@@ -141,8 +147,7 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
         canvas = Image.new("RGB", (max(w, size), max(h, size)))
         canvas.paste(img, ((max(w, size) - w) // 2, (max(h, size) - h) // 2))
         img, (w, h) = canvas, canvas.size
-    top = round((h - size) / 2.0)
-    left = round((w - size) / 2.0)
+    left, top = center_crop_offset(w, h, size)
     return img.crop((left, top, left + size, top + size))
 
 
@@ -167,8 +172,7 @@ def resized_center_crop(
     new_w, new_h = shorter_side_size(w, h, resize)
     if interpolation == "nearest" or new_w < crop or new_h < crop or new_w >= w or new_h >= h:
         return center_crop(resize_shorter_side(img, resize, interpolation), crop)
-    top = round((new_h - crop) / 2.0)
-    left = round((new_w - crop) / 2.0)
+    left, top = center_crop_offset(new_w, new_h, crop)
     sx, sy = w / new_w, h / new_h
     box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
     return img.resize((crop, crop), _RESAMPLE[interpolation], box=box, reducing_gap=None)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F  # noqa: N812 -- the conventional name
 
-from training.preprocessing import PreprocessSpec, shorter_side_size
+from training.preprocessing import PreprocessSpec, center_crop_offset, shorter_side_size
 from worker.prepare import GpuJpeg
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,7 @@ def resize_crop(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
         pad_w, pad_h = max(size - new_w, 0), max(size - new_h, 0)
         x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
         new_h, new_w = x.shape[2], x.shape[3]
-    top = round((new_h - size) / 2.0)
-    left = round((new_w - size) / 2.0)
+    left, top = center_crop_offset(new_w, new_h, size)
     return x[0, :, top : top + size, left : left + size]
 
 

@@ -107,6 +107,35 @@ def consumer_config(settings: WorkerSettings) -> dict[str, object]:
     return opts
 
 
+def engine_options(settings: WorkerSettings) -> dict[str, object]:
+    """create_engine's options; each backend takes the ones it knows (factory.create_engine)."""
+    opts: dict[str, object] = {}
+    if settings.inference_threads:
+        opts["threads"] = settings.inference_threads
+    if settings.onnx_precision != "fp32":  # unset, so GPU workers do not log it as ignored
+        opts["precision"] = settings.onnx_precision
+    if settings.cuda_graphs:
+        opts["cuda_graphs"] = True
+    return opts
+
+
+def parity_note(parity: dict | None, engine_name: str) -> tuple[str, bool] | None:
+    """What the bundle's parity.json measured for a reduced-precision engine, and whether it is
+    sound (finite logits): an operator who picks int8 sees its cost in the worker's own log."""
+    if not engine_name.endswith("-int8") or not isinstance(parity, dict):
+        return None
+    entry = (parity.get("artifacts") or {}).get(engine_name)
+    if not isinstance(entry, dict):
+        return f"{engine_name}: the bundle's parity.json has no entry for it", False
+    parts = [f"top-1 agreement with PyTorch {entry.get('top1_agreement')}"]
+    if entry.get("accuracy_cost") is not None:
+        parts.append(f"accuracy cost {entry['accuracy_cost']}")
+    parts.append(f"on {entry.get('n_images')} parity images")
+    if entry.get("non_finite_logits"):
+        parts.append(f"{entry['non_finite_logits']} non-finite logits")
+    return f"{engine_name}: {', '.join(parts)} (parity.json)", not entry.get("non_finite_logits")
+
+
 def _warm_up(engine, max_batch: int) -> None:
     """First calls allocate buffers and pick kernels; do it before taking partitions.
 
@@ -211,11 +240,7 @@ def _serve(
     except BundleError as exc:
         print(f"python -m worker run: error: {exc}", file=sys.stderr)
         return 2
-    opts: dict[str, object] = {}
-    if settings.inference_threads:
-        opts["threads"] = settings.inference_threads
-    if settings.cuda_graphs:
-        opts["cuda_graphs"] = True
+    opts = engine_options(settings)
     engines: list = []
     try:
         for _ in range(settings.engine_instances):
@@ -234,6 +259,9 @@ def _serve(
         engine.name,
         len(engines),
     )
+    note = parity_note(bundle.parity, engine.name)
+    if note is not None:
+        (log.info if note[1] else log.warning)("%s", note[0])
     if settings.gpu_decode and not hasattr(engine, "infer_device"):
         log.warning("gpu_decode ignored: the %s engine does not run on a GPU", engine.name)
 

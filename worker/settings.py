@@ -224,6 +224,13 @@ class WorkerSettings(BaseSettings):
     inference_threads: int | None = Field(
         None, ge=1, description="ONNX Runtime intra-op threads (per engine instance)"
     )
+    onnx_precision: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="onnxruntime backend: which of the bundle's ONNX models to run; int8 is "
+        "engine_build's static-quantised model (--precision int8), faster on CPUs with int8 "
+        "dot-product instructions, at the accuracy cost its parity.json records (logged at "
+        "start)",
+    )
     engine_instances: int = Field(
         1,
         ge=1,

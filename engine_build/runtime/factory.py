@@ -47,16 +47,19 @@ def create_engine(bundle: Bundle, backend: str = "auto", **opts: Any) -> Engine:
         if ignored:  # e.g. ONNX Runtime threads set in a config shared with GPU workers
             log.info("backend %s ignores options %s", backend, ", ".join(ignored))
         return _open(bundle, backend, {k: v for k, v in opts.items() if k in accepted[backend]})
+    reasons = []
     for candidate in AUTO_ORDER:
         kwargs = {k: v for k, v in opts.items() if k in accepted[candidate]}
         try:
             engine = _open(bundle, candidate, kwargs)
         except PlanMismatchError as exc:
             log.warning("backend %s refused: %s; trying the next", candidate, exc)
+            reasons.append(f"{candidate}: {exc}")
             continue
         except EngineUnavailableError as exc:
             log.info("backend %s unavailable: %s; trying the next", candidate, exc)
+            reasons.append(f"{candidate}: {exc}")
             continue
         log.info("auto backend: %s", engine.name)
         return engine
-    raise EngineUnavailableError(f"no backend can run bundle {bundle.path}")
+    raise EngineUnavailableError(f"no backend can run bundle {bundle.path} ({'; '.join(reasons)})")

@@ -85,7 +85,9 @@ def test_e2e_throughput_runs_worker_peer_and_latency(tmp_path):
         tmp_path,
         *("--arch", "resnet18", "--image-size", "32", "--num-classes", "8", "--posts", "24"),
         *("--max-batch", "8", "--loads", "0.5", "--load-seconds", "2", "--threads", "1"),
+        *("--onnx-precision", "int8"),
     )
+    assert result["model_only"]["engine"] == "onnxruntime-int8"
     configs = [s["config"] for s in result["saturation"]]
     assert configs == ["worker (batched)", "worker, batching off", "per-message peer"]
     assert all(s["posts_per_s"] > 0 and s["posts"] == 24 for s in result["saturation"])

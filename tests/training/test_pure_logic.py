@@ -205,3 +205,17 @@ def test_checkpoint_write_is_fsynced_before_and_after_the_rename(tmp_path, monke
     assert events[at - 1][0] == "fsync" and ".checkpoint.pt." in events[at - 1][1], events
     assert events[at + 1] == ("fsync", "dir"), events
     assert torch.equal(load_checkpoint(tmp_path)["state_dict"]["w"], torch.zeros(2))
+
+
+def test_center_crop_offset_is_torchvision_center_crops_rounding():
+    import torch
+    import torchvision.transforms.functional as tvf
+
+    from training.preprocessing import center_crop_offset
+
+    for w, h, size in [(7, 7, 3), (8, 7, 3), (256, 341, 224), (301, 256, 224), (5, 9, 4)]:
+        img = torch.arange(w * h).reshape(1, h, w)
+        left, top = center_crop_offset(w, h, size)
+        assert torch.equal(
+            tvf.center_crop(img, [size, size]), img[:, top : top + size, left : left + size]
+        )

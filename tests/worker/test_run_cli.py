@@ -15,7 +15,8 @@ import pytest
 from engine_build.runtime.base import InputSpec
 from tests.support import worker_cli
 from worker.metrics import WorkerMetrics, bind, serve, start
-from worker.run import _warm_up
+from worker.run import _warm_up, engine_options, parity_note
+from worker.settings import WorkerSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,6 +71,7 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
             "engine_instances 2 needs the overlapped loop",
         ),
         (("--bundle", "/x", "--engine-instances", "0"), {}, "engine_instances"),
+        (("--bundle", "/x", "--onnx-precision", "fp16"), {}, "onnx_precision"),
         # a TLS file the clients cannot open: before, a Kafka "no broker at ..." retried for ever
         # or a Redis "Error 2 ... No such file or directory" on every batch, after the model
         (("--bundle", "/x", "--ssl-cafile", "/no/ca.pem"), {}, "ssl_cafile: /no/ca.pem: no such"),
@@ -273,3 +275,44 @@ def test_warm_up_runs_the_largest_batch_the_worker_sends_or_the_engines_own():
     own = _SelfWarmingEngine()
     _warm_up(own, 32)  # torch-cuda captures one CUDA graph per bucket itself
     assert own.sizes == [("warm_up", 32)]
+
+
+def test_an_int8_worker_on_a_bundle_without_int8_is_one_line_exit_2(worker_bundle_dir, tmp_path):
+    import json
+    import shutil
+
+    fp32_only = tmp_path / "bundle"
+    shutil.copytree(worker_bundle_dir, fp32_only)
+    manifest = json.loads((fp32_only / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["precision"] != "int8"]
+    (fp32_only / "manifest.json").write_text(json.dumps(manifest))
+    for backend in ("onnxruntime", "auto"):
+        proc = run_worker(
+            "--bundle", str(fp32_only), "--onnx-precision", "int8", "--backend", backend
+        )
+        assert proc.returncode == 2
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("python -m worker run")]
+        assert len(errors) == 1 and "no onnxruntime int8 artifact" in errors[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_engine_options_pass_precision_only_when_it_is_not_the_default():
+    assert engine_options(WorkerSettings(bundle="/b")) == {}
+    opts = engine_options(
+        WorkerSettings(bundle="/b", onnx_precision="int8", inference_threads=1, cuda_graphs=True)
+    )
+    assert opts == {"precision": "int8", "threads": 1, "cuda_graphs": True}
+
+
+def test_parity_note_reports_the_int8_cost_and_flags_non_finite_logits():
+    entry = {"top1_agreement": 0.97, "accuracy_cost": 0.01, "n_images": 200, "non_finite_logits": 0}
+    parity = {"artifacts": {"onnxruntime-int8": entry}}
+    text, sound = parity_note(parity, "onnxruntime-int8")
+    assert sound and "0.97" in text and "0.01" in text and "200" in text
+    assert parity_note(parity, "onnxruntime-fp32") is None  # full precision: nothing to say
+    assert parity_note(None, "onnxruntime-int8") is None  # a bundle without parity.json
+    text, sound = parity_note({"artifacts": {}}, "onnxruntime-int8")
+    assert not sound and "no entry" in text
+    bad = {"artifacts": {"onnxruntime-int8": {**entry, "non_finite_logits": 3}}}
+    text, sound = parity_note(bad, "onnxruntime-int8")
+    assert not sound and "3 non-finite" in text

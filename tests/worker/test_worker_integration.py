@@ -403,6 +403,39 @@ def test_a_post_re_sent_by_its_producer_gets_a_result_each_time_and_is_counted_o
     assert redis.Redis.from_url(url).exists(f"carstream:trends:seen:{resent[0]}")
 
 
+def test_an_int8_worker_runs_the_bundles_quantised_model_and_logs_its_parity(
+    env, kafka_bootstrap, bundle_dir, tmp_path
+):
+    from engine_build.bundle import load_bundle
+    from engine_build.runtime import create_engine
+
+    topics, url, worker_env, procs = env
+    worker_env["CARSTREAM_ONNX_PRECISION"] = "int8"
+    bundle = load_bundle(bundle_dir)
+    int8 = create_engine(bundle, "onnxruntime", precision="int8", threads=1)
+    posts = good_posts(12, seed=11)
+    produce(kafka_bootstrap, topics.input, [(p.encode(), raw) for p, raw, _ in posts])
+    start_worker(worker_env, procs, "w1", tmp_path)
+    results = consume_all(
+        kafka_bootstrap, topics.output, lambda recs: len(recs) >= len(posts), 120, procs
+    )
+    by_post = results_by_post_id(results)
+    assert set(by_post) == {pid for pid, _, _ in posts}
+    for pid, raw, _ in posts:  # the int8 model's own answers, not the fp32 model's
+        assert (by_post[pid]["make"], by_post[pid]["model"]) == expected_label(
+            raw, (bundle.manifest, int8)
+        )
+    wait_no_lag(kafka_bootstrap, topics)
+    check_counts(url, by_post, {pid: city for pid, _, city in posts})
+    procs[0].send_signal(signal.SIGTERM)
+    assert procs[0].wait(timeout=60) == 0
+    log_text = (tmp_path / "w1.log").read_text()
+    agreement = bundle.parity["artifacts"]["onnxruntime-int8"]["top1_agreement"]
+    assert "on onnxruntime-int8 x 1" in log_text
+    assert f"onnxruntime-int8: top-1 agreement with PyTorch {agreement}" in log_text
+    int8.close()
+
+
 class _NotUtf8HeaderKey(str):
     """A header key whose bytes are not UTF-8, as a librdkafka producer (C strings) can send;
     kafka-python's producer only takes str, so its encoding is overridden."""
