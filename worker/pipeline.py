@@ -885,10 +885,12 @@ class StreamWorker(ConsumerRebalanceListener):
                     except Exception:
                         prepared[i] = decode_on_cpu(prepared[i], spec)
         rows: dict[int, torch.Tensor] = {}
+        on_gpu = sorted(images)
+        if on_gpu:  # one normalise per batch: its mean/std uploads and kernels, not one per image
+            crops = normalize(torch.stack([resize_crop(images[i], spec) for i in on_gpu]), spec)
+            rows.update(zip(on_gpu, crops, strict=True))
         for i, prep in enumerate(prepared):
-            if i in images:
-                rows[i] = normalize(resize_crop(images[i], spec)[None], spec)[0]
-            elif prep.error is None and prep.array is not None:
+            if i not in images and prep.error is None and prep.array is not None:
                 rows[i] = torch.from_numpy(prep.array).to(device)
         return rows
 
