@@ -123,8 +123,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
 
 def precision_option(args) -> dict[str, str]:
     """create_engine's precision, only when not the default (other backends would log it)."""
-    precision = getattr(args, "onnx_precision", "fp32")
-    return {} if precision == "fp32" else {"precision": precision}
+    return {} if args.onnx_precision == "fp32" else {"precision": args.onnx_precision}
 
 
 def sim_times(text: str) -> tuple[float, float]:
@@ -253,7 +252,7 @@ def env_for(run: Run, stack: LocalStack, bundle: Path, args, max_batch: int) -> 
         "CARSTREAM_CUDA_GRAPHS": str(args.cuda_graphs).lower(),
         "CARSTREAM_INFERENCE_THREADS": str(args.threads),
         "CARSTREAM_ENGINE_INSTANCES": str(args.engine_instances),
-        "CARSTREAM_ONNX_PRECISION": getattr(args, "onnx_precision", "fp32"),
+        "CARSTREAM_ONNX_PRECISION": args.onnx_precision,
         "CARSTREAM_DECODE_THREADS": str(args.decode_threads),
         "CARSTREAM_MAX_BATCH": str(max_batch),
         "CARSTREAM_MAX_WAIT_MS": str(args.max_wait_ms),
