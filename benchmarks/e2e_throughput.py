@@ -376,8 +376,9 @@ def latency(rate: float, seconds: float, stack, bundle, args, jpegs, work) -> di
     }
 
 
-def model_only(bundle: Path, args, size: int, calls: int = 3) -> dict:
-    """Batches of ``size`` through ``--engine-instances`` engines at once, ``calls`` each.
+def model_only(bundle: Path, args, size: int, calls: int = 3, min_seconds: float = 0.0) -> dict:
+    """Batches of ``size`` through ``--engine-instances`` engines at once, ``calls`` each
+    (and for ``min_seconds`` at least).
 
     ``batch_ms`` is one call's time (the median) while the others run beside it: the batch
     time of the worker's latency target."""
@@ -399,7 +400,7 @@ def model_only(bundle: Path, args, size: int, calls: int = 3) -> dict:
                     **precision_option(args),
                 )
             )
-    timing = argparse.Namespace(warmup=WARMUP_CALLS, min_iters=calls, min_seconds=0.0)
+    timing = argparse.Namespace(warmup=WARMUP_CALLS, min_iters=calls, min_seconds=min_seconds)
     timed = time_engines(engines, size, args.image_size, timing)
     name = engines[0].name
     for engine in engines:

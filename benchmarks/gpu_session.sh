@@ -62,7 +62,8 @@ step decode 70 "$PY" benchmarks/decode_throughput.py --seconds "$(sec 0.6)" --ro
 step e2e 170 "$PY" benchmarks/e2e_throughput.py "${MODEL[@]}" --backend "$BACKEND" $GPU_DECODE \
   --posts "$POSTS" --decode-threads 8 --load-seconds "$(sec 4)" --out-dir "$RES/e2e"
 step loops 130 "$PY" benchmarks/worker_ab.py "${MODEL[@]}" --backend "$BACKEND" $GPU_DECODE \
-  --posts "$POSTS" --decode-threads 8 --reps 2 --config serial:CARSTREAM_OVERLAP=off \
+  --posts "$POSTS" --decode-threads 8 --reps 2 --model-only-seconds "$(sec 1)" \
+  --config serial:CARSTREAM_OVERLAP=off \
   --config overlapped:CARSTREAM_OVERLAP=on --out-dir "$RES/loops"
 tar -C "$RES" -czf "$OUT/gpu_results.tgz" .
 echo "gpu_session: done; results in gpu_results.tgz"

@@ -10,7 +10,7 @@ PY=${PY:-.venv/bin/python}
 # defaults against their neighbours, and the peer, with CPU time per post by thread
 "$PY" benchmarks/worker_ab.py --reps 3 --config default: \
   --config decode-1:CARSTREAM_DECODE_THREADS=1 --config batch-16:CARSTREAM_MAX_BATCH=16 \
-  --config batch-64:CARSTREAM_MAX_BATCH=64 --config peer:CMD=peer
+  --config batch-64:CARSTREAM_MAX_BATCH=64 --config peer:CMD=peer --baseline peer
 # the GPU regime on any machine: benchmarks/sim_engine.py's stand-in engine, small posts
 "$PY" benchmarks/e2e_throughput.py --arch resnet18 --sim-engine 10,2 --images thumb --posts 2000 \
   --load-seconds 20 --out-dir benchmarks/results/sim_gpu_e2e

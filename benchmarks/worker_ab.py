@@ -4,8 +4,12 @@ Each ``--config NAME:VAR=VALUE,...`` sets environment variables of the worker (a
 CARSTREAM_* setting; ``CMD=peer`` to run benchmarks/peer_consumer.py instead; or ``SRC=DIR``
 to run the worker of another checkout, such as ``git worktree add /tmp/main main``; with
 ``--sim-engine`` every config runs on benchmarks/sim_engine.py's stand-in for a GPU); each
-runs ``--reps`` times in turn, so drift on a shared machine hits all of them alike, and the
-engine's model-only throughput is measured before and after. CPU time per post is read from
+runs ``--reps`` times in turn, so drift on a shared machine hits all of them alike. The
+engine's model-only throughput is measured before each round and after the last, and each run's
+ratio to it uses the two measurements either side of its round (a paired ratio: on a VM whose
+speed drifts by 10-20% within minutes, one figure before and one after a 20-minute A/B made the
+"vs model-only" column a matter of when they fell); ``--baseline NAME`` adds each config's
+ratio to that config's run in the same round, paired the same way. CPU time per post is read from
 /proc/<pid>/task/*/stat between the first and the last result and split by the kernel thread
 names worker.thread_names gives: main (the loop, and inference thread 0), the inference
 runtime's pool (with the overlapped loop's inference thread), decode, the overlapped loop's
@@ -70,6 +74,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--reps", type=int, default=3, help="runs of each config")
     parser.add_argument("--posts", type=int, default=320, help="posts per run")
+    parser.add_argument(
+        "--model-only-seconds",
+        type=float,
+        default=5.0,
+        help="length of each model-only measurement (one before each round, one after the last)",
+    )
+    parser.add_argument(
+        "--baseline", metavar="NAME", help="a config to give every config's paired ratio to"
+    )
     e2e.add_worker_args(parser)  # a config's CARSTREAM_* variables override these
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     return parser
@@ -184,19 +197,46 @@ def run_config(name, env, stack, bundle, args, posts, work) -> dict:
     }
 
 
-def summarise(name: str, env: dict, runs: list[dict], model_only: float) -> dict:
+def bracketed_ratios(rates: list[float], references: list[float]) -> list[float]:
+    """Run i's rate over the mean of the model-only measurements before and after its round."""
+    if len(references) != len(rates) + 1:
+        raise ValueError(f"{len(rates)} runs need {len(rates) + 1} references: {len(references)}")
+    return [rate / ((references[i] + references[i + 1]) / 2) for i, rate in enumerate(rates)]
+
+
+def paired_ratios(rates: list[float], baseline: list[float]) -> list[float]:
+    """Run i's rate over the baseline config's run in the same round."""
+    if len(rates) != len(baseline):
+        raise ValueError(f"{len(rates)} runs against {len(baseline)} baseline runs")
+    return [rate / base for rate, base in zip(rates, baseline, strict=True)]
+
+
+def summarise(
+    name: str,
+    env: dict,
+    runs: list[dict],
+    references: list[float],
+    baseline: list[dict] | None = None,
+) -> dict:
     rates = [r["posts_per_s"] for r in runs]
     cpu = {g: statistics.median(r["cpu_ms_per_post"][g] for r in runs) for g in GROUPS}
-    return {
+    ratios = bracketed_ratios(rates, references)
+    out = {
         "config": name,
         "env": env,
         "posts_per_s": rates,
         "median_posts_per_s": statistics.median(rates),
-        "vs_model_only": statistics.median(rates) / model_only,
+        "vs_model_only_each": ratios,
+        "vs_model_only": statistics.median(ratios),
         "cpu_ms_per_post": cpu,
         "cpu_windows": sorted({r["cpu_window"] for r in runs}),
         "threads": {g: max(r["threads"][g] for r in runs) for g in GROUPS},
     }
+    if baseline is not None:
+        vs_base = paired_ratios(rates, [r["posts_per_s"] for r in baseline])
+        out["vs_baseline_each"] = vs_base
+        out["vs_baseline"] = statistics.median(vs_base)
+    return out
 
 
 def render_md(r: dict) -> str:
@@ -213,8 +253,17 @@ def render_md(r: dict) -> str:
         f"- model-only (engine.infer, ONNX {r.get('onnx_precision', 'fp32')}, "
         f"batch {r['max_batch']}, "
         f"{r.get('engine_instances', 1)} instance(s) at once, ORT threads "
-        f"{r.get('ort_threads', '?')} each): {r['model_only_before']:.2f} "
-        f"images/s before, {r['model_only_after']:.2f} after; ratios use their mean",
+        f"{r.get('ort_threads', '?')} each, {r['model_only_seconds']:g} s per measurement), "
+        "before each round and after the last: "
+        + " / ".join(f"{x:.2f}" for x in r["model_only"])
+        + ' images/s; "vs model-only" is the median of each run\'s ratio to the mean of the '
+        "two measurements either side of its round"
+        + (
+            f"; \"vs {r['baseline']}\" the median of each run's ratio to {r['baseline']}'s run "
+            "in the same round"
+            if r.get("baseline")
+            else ""
+        ),
         "- CPU ms/post: median over runs, from /proc per-thread times between the first and the "
         "last result (from process start where a run was over before its first result was read: "
         + (
@@ -224,9 +273,13 @@ def render_md(r: dict) -> str:
         + "); main = the loop and inference thread 0",
         "",
         "| config | settings | posts/s (each run) | median | vs model-only | "
+        + (f"vs {r['baseline']} | " if r.get("baseline") else "")
         + " | ".join(f"CPU {g}" for g in GROUPS)
         + " | CPU total |",
-        "| --- | --- | --- | ---: | ---: | " + " | ".join("---:" for _ in GROUPS) + " | ---: |",
+        "| --- | --- | --- | ---: | ---: | "
+        + ("---: | " if r.get("baseline") else "")
+        + " | ".join("---:" for _ in GROUPS)
+        + " | ---: |",
     ]
     for c in r["configs"]:
         settings = ", ".join(f"{k}={v}" for k, v in c["env"].items()) or "defaults"
@@ -235,6 +288,7 @@ def render_md(r: dict) -> str:
             f"| {c['config']} | {settings} | "
             + " / ".join(f"{x:.1f}" for x in c["posts_per_s"])
             + f" | {c['median_posts_per_s']:.2f} | {c['vs_model_only']:.2f} | "
+            + (f"{c['vs_baseline']:.2f} | " if r.get("baseline") else "")
             + " | ".join(f"{cpu[g]:.1f}" for g in GROUPS)
             + f" | {sum(cpu.values()):.1f} |"
         )
@@ -244,6 +298,17 @@ def render_md(r: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     configs = args.config or [("defaults", {})]
+    names = [name for name, _ in configs]
+    if len(set(names)) != len(names):
+        print(f"worker_ab.py: error: config names repeat: {', '.join(names)}", file=sys.stderr)
+        return 2
+    if args.baseline is not None and args.baseline not in names:
+        print(
+            f"worker_ab.py: error: --baseline {args.baseline!r} names no config "
+            f"(configs: {', '.join(names)})",
+            file=sys.stderr,
+        )
+        return 2
     max_batch = max(
         [args.max_batch] + [int(env.get("CARSTREAM_MAX_BATCH", 0)) for _, env in configs]
     )
@@ -266,17 +331,21 @@ def main(args: argparse.Namespace) -> int:
         try:
             args.no_int8 = args.onnx_precision != "int8"
             bundle = make_bundle(args, work, max_batch)
-            before = e2e.model_only(bundle, args, args.max_batch)["images_per_s"]
-            print(f"model only: {before:.2f} images/s", flush=True)
+            references: list[float] = []
             runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
-            for _ in range(args.reps):
+            for rnd in range(args.reps + 1):
+                ref = e2e.model_only(
+                    bundle, args, args.max_batch, min_seconds=args.model_only_seconds
+                )["images_per_s"]
+                references.append(ref)
+                print(f"model only: {ref:.2f} images/s", flush=True)
+                if rnd == args.reps:
+                    break
                 for name, env in configs:
                     runs[name].append(run_config(name, env, stack, bundle, args, posts, work))
-            after = e2e.model_only(bundle, args, args.max_batch)["images_per_s"]
-            print(f"model only: {after:.2f} images/s", flush=True)
         finally:
             stack.down()
-    reference = (before + after) / 2
+    baseline = runs[args.baseline] if args.baseline is not None else None
     result = {
         "command": "python benchmarks/worker_ab.py " + " ".join(sys.argv[1:]),
         "machine": f"{cpu_model()} ({os.cpu_count()} cores)",
@@ -290,9 +359,14 @@ def main(args: argparse.Namespace) -> int:
         "engine_instances": args.engine_instances,
         "onnx_precision": args.onnx_precision,
         "ort_threads": args.threads,
-        "model_only_before": before,
-        "model_only_after": after,
-        "configs": [summarise(name, env, runs[name], reference) for name, env in configs],
+        "model_only_seconds": args.model_only_seconds,
+        "model_only": references,
+        "model_only_before": references[0],
+        "model_only_after": references[-1],
+        "baseline": args.baseline,
+        "configs": [
+            summarise(name, env, runs[name], references, baseline) for name, env in configs
+        ],
     }
     write_results(args.out_dir, "worker_ab", result, render_md(result))
     return 0

@@ -103,11 +103,19 @@ def test_worker_ab_runs_each_config_and_splits_cpu_by_thread(tmp_path):
         *("--arch", "resnet18", "--image-size", "32", "--num-classes", "8", "--posts", "48"),
         *("--max-batch", "8", "--threads", "1", "--reps", "1", "--engine-instances", "2"),
         *("--config", "base:", "--config", "one-decode:CARSTREAM_DECODE_THREADS=1"),
-        *("--config", "peer:CMD=peer"),
+        *("--config", "peer:CMD=peer", "--baseline", "peer", "--model-only-seconds", "0.2"),
     )
     by_name = {c["config"]: c for c in result["configs"]}
     assert list(by_name) == ["base", "one-decode", "peer"]
-    assert result["engine_instances"] == 2 and result["model_only_before"] > 0
+    assert result["engine_instances"] == 2 and result["baseline"] == "peer"
+    # model-only before the round and after it; each run's ratio uses the pair around it
+    (before, after) = result["model_only"]
+    assert before > 0 and after > 0
+    for config in by_name.values():
+        (rate,) = config["posts_per_s"]
+        assert config["vs_model_only"] == pytest.approx(rate / ((before + after) / 2))
+        assert config["vs_baseline"] == pytest.approx(rate / by_name["peer"]["posts_per_s"][0])
+    assert by_name["peer"]["vs_baseline"] == 1.0
     assert by_name["one-decode"]["env"] == {"CARSTREAM_DECODE_THREADS": "1"}
     for config in by_name.values():
         assert config["median_posts_per_s"] > 0
@@ -126,12 +134,13 @@ def test_worker_ab_with_the_stand_in_gpu_engine_runs_both_loops(tmp_path):
         *("--arch", "resnet18", "--image-size", "32", "--num-classes", "8", "--posts", "48"),
         *("--max-batch", "8", "--threads", "1", "--reps", "1", "--images", "thumb"),
         *("--sim-engine", "1,0.1", "--config", "overlapped:CARSTREAM_OVERLAP=on"),
+        *("--model-only-seconds", "0.2"),
         *("--config", "serial:CARSTREAM_OVERLAP=off", "--config", "peer:CMD=peer"),
     )
     by_name = {c["config"]: c for c in result["configs"]}
     assert result["image_sizes"] == [[320, 320], [400, 300]]
     # the stand-in sleeps 1 ms + 0.1 ms per image, so a batch of 8 takes 1.8 ms at least
-    assert 0 < result["model_only_before"] <= 8 / 0.0018
+    assert all(0 < x <= 8 / 0.0018 for x in result["model_only"])
     for config in by_name.values():
         assert config["median_posts_per_s"] > 0
     # only the overlapped loop publishes and counts on its delivery thread (its CPU can be
@@ -150,7 +159,13 @@ def test_worker_ab_with_the_stand_in_gpu_engine_takes_the_gpu_decode_path(tmp_pa
         tmp_path,
         *("--arch", "resnet18", "--image-size", "32", "--num-classes", "8", "--posts", "48"),
         *("--max-batch", "8", "--threads", "1", "--reps", "1", "--sim-engine", "1,0.1"),
-        *("--gpu-decode", "--config", "serial:CARSTREAM_OVERLAP=off"),
+        *(
+            "--gpu-decode",
+            "--config",
+            "serial:CARSTREAM_OVERLAP=off",
+            "--model-only-seconds",
+            "0.2",
+        ),
     )
     assert result["configs"][0]["median_posts_per_s"] > 0
 
@@ -183,6 +198,37 @@ def test_a_benchmark_plan_that_would_not_fit_the_memory_only_broker_is_refused(t
     meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   23000000 kB\n")
     assert e2e.available_memory_bytes(str(meminfo)) == 23000000 * 1024
     assert e2e.available_memory_bytes(str(tmp_path / "missing")) is None
+
+
+def test_worker_ab_ratios_pair_each_run_with_the_measurements_of_its_own_round():
+    worker_ab = benchmark_module("worker_ab")
+    # the machine slows from 50 to 30 images/s over two rounds: a run at 45 in the first round
+    # and one at 27 in the second are both 0.9x of their moment
+    assert worker_ab.bracketed_ratios([45.0, 36.0], [50.0, 50.0, 30.0]) == [0.9, 0.9]
+    assert worker_ab.paired_ratios([45.0, 27.0], [30.0, 18.0]) == [1.5, 1.5]
+    with pytest.raises(ValueError, match="2 runs need 3 references"):
+        worker_ab.bracketed_ratios([1.0, 2.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="2 runs against 1 baseline"):
+        worker_ab.paired_ratios([1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--config", "a:", "--baseline", "peer"], "--baseline 'peer' names no config"),
+        (["--config", "a:", "--config", "a:CARSTREAM_MAX_BATCH=8"], "config names repeat: a, a"),
+    ],
+)
+def test_worker_ab_refuses_a_baseline_or_names_that_cannot_be_paired(argv, message):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "worker_ab.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("worker_ab.py: error: ") and message in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_worker_ab_refuses_a_run_the_broker_cannot_hold_before_starting_anything():
