@@ -13,7 +13,10 @@ ratio to that config's run in the same round, paired the same way. CPU time per 
 /proc/<pid>/task/*/stat between the first and the last result and split by the kernel thread
 names worker.thread_names gives: main (the loop, and inference thread 0), the inference
 runtime's pool (with the overlapped loop's inference thread), decode, the overlapped loop's
-delivery thread, Kafka I/O. Linux only (it reads /proc).
+delivery thread, Kafka I/O. Linux only (it reads /proc). Over the same window the worker's
+own metrics endpoint gives the engine's side: the share of the wall time its engine instances
+spent in ``engine.infer`` ("engine busy") and the images/s they ran while in it, so a gap to
+model-only splits into an engine left waiting and an engine running slower than alone.
 
     python benchmarks/worker_ab.py --config base: --config one-decode:CARSTREAM_DECODE_THREADS=1
 """
@@ -29,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
@@ -124,8 +128,49 @@ def group_of(is_main: bool, comm: str) -> str:
     return "inference pool"  # unnamed native threads: the inference runtime's own pool
 
 
-def measure(bootstrap: str, topic: str, n: int, proc, deadline_s: float) -> dict:
-    """Results, and CPU seconds by group between the first result and the last."""
+ENGINE_SAMPLES = {
+    "carstream_inference_seconds_sum": "infer_s",  # wall seconds in engine calls, all instances
+    "carstream_batch_size_sum": "images",  # posts put through the engine
+}
+
+
+def parse_engine_metrics(text: str) -> dict[str, float]:
+    """The engine's totals from a worker's Prometheus text exposition."""
+    out = dict.fromkeys(ENGINE_SAMPLES.values(), 0.0)
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ENGINE_SAMPLES:
+            out[ENGINE_SAMPLES[name]] = float(value)
+    return out
+
+
+def scrape_engine(port: int):
+    """A callable that reads the engine's totals from the worker's metrics endpoint."""
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return parse_engine_metrics(resp.read().decode())
+
+    return scrape
+
+
+def engine_split(first: dict, last: dict, seconds: float, instances: int) -> dict[str, float]:
+    """The engines' busy share of ``seconds`` and their images/s while busy, between scrapes."""
+    infer_s = last["infer_s"] - first["infer_s"]
+    images = last["images"] - first["images"]
+    if seconds <= 0 or infer_s <= 0:
+        return {"engine_busy": float("nan"), "engine_images_per_s": float("nan")}
+    return {
+        "engine_busy": infer_s / (seconds * instances),
+        "engine_images_per_s": images / infer_s * instances,
+    }
+
+
+def measure(
+    bootstrap: str, topic: str, n: int, proc, deadline_s: float, scrape=None, instances: int = 1
+) -> dict:
+    """Results, and CPU seconds by group between the first result and the last (and, with
+    ``scrape``, the engine's busy share and speed over the same window)."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_bytes=64 * 1024 * 1024
     )
@@ -149,7 +194,11 @@ def measure(bootstrap: str, topic: str, n: int, proc, deadline_s: float) -> dict
                     seen.setdefault(value["post_id"], value)
             if seen and window == "process start" and len(seen) < n:
                 first_cpu, first_count, window = thread_cpu(proc.pid)[0], len(seen), "first result"
+                first_engine = scrape() if scrape else None
+                first_t = time.monotonic()
         last_cpu, threads = thread_cpu(proc.pid)
+        last_engine = scrape() if scrape else None
+        last_t = time.monotonic()
     finally:
         consumer.close()
     missed = [g for g in GROUPS if last_cpu[g] > 0 and last_cpu[g] == first_cpu[g]]
@@ -157,10 +206,17 @@ def measure(bootstrap: str, topic: str, n: int, proc, deadline_s: float) -> dict
         # a group that worked but not inside the window: the run (a tiny, fast one) was over
         # before its first result was read, so the window saw none of that work
         first_cpu, first_count, window = dict.fromkeys(GROUPS, 0.0), 0, "process start"
+    engine = {"engine_busy": float("nan"), "engine_images_per_s": float("nan")}
+    if last_engine is not None and window == "first result":
+        engine = engine_split(first_engine, last_engine, last_t - first_t, instances)
+    elif last_engine is not None:  # from process start: the speed, but no busy share
+        zero = dict.fromkeys(ENGINE_SAMPLES.values(), 0.0)
+        engine = {**engine_split(zero, last_engine, 1.0, instances), "engine_busy": float("nan")}
     done = len(seen) - first_count
     return {
         "results": list(seen.values()),
         "cpu_window": window,
+        **engine,
         "threads": threads,
         "cpu_ms_per_post": {
             g: 1000 * (last_cpu[g] - first_cpu[g]) / done if done else float("nan") for g in GROUPS
@@ -177,20 +233,30 @@ def run_config(name, env, stack, bundle, args, posts, work) -> dict:
     full_env = {**e2e.env_for(run, stack, bundle, args, max_batch), **env}
     src = Path(env.get("SRC", e2e.REPO))  # another checkout's worker, e.g. a worktree of main
     full_env["PYTHONPATH"] = e2e.pythonpath(src)
+    scrape = None
+    if not is_peer:  # the peer has no metrics endpoint
+        full_env.setdefault("CARSTREAM_METRICS_HOST", "127.0.0.1")
+        if full_env["CARSTREAM_METRICS_PORT"] == "0":
+            full_env["CARSTREAM_METRICS_PORT"] = str(free_port())
+        scrape = scrape_engine(int(full_env["CARSTREAM_METRICS_PORT"]))
+    instances = int(full_env["CARSTREAM_ENGINE_INSTANCES"])
     proc = e2e.start(cmd, full_env, work / f"{run.group}.log", cwd=src)
     try:
-        got = measure(stack.bootstrap, run.output, len(posts), proc, 900)
+        got = measure(stack.bootstrap, run.output, len(posts), proc, 900, scrape, instances)
     finally:
         e2e.stop(proc)
     rate = e2e.throughput(got["results"])
     cpu = got["cpu_ms_per_post"]
     print(
-        f"  {name}: {rate:.2f} posts/s; CPU ms/post "
+        f"  {name}: {rate:.2f} posts/s; engine busy {got['engine_busy']:.2f} at "
+        f"{got['engine_images_per_s']:.1f} images/s; CPU ms/post "
         + ", ".join(f"{g} {cpu[g]:.1f}" for g in GROUPS),
         flush=True,
     )
     return {
         "posts_per_s": rate,
+        "engine_busy": got["engine_busy"],
+        "engine_images_per_s": got["engine_images_per_s"],
         "cpu_ms_per_post": cpu,
         "cpu_window": got["cpu_window"],
         "threads": got["threads"],
@@ -211,6 +277,12 @@ def paired_ratios(rates: list[float], baseline: list[float]) -> list[float]:
     return [rate / base for rate, base in zip(rates, baseline, strict=True)]
 
 
+def median_or_nan(values) -> float:
+    """The median of the measured values (NaN: not measured in that run), NaN if none was."""
+    got = [v for v in values if v == v]
+    return statistics.median(got) if got else float("nan")
+
+
 def summarise(
     name: str,
     env: dict,
@@ -228,6 +300,8 @@ def summarise(
         "median_posts_per_s": statistics.median(rates),
         "vs_model_only_each": ratios,
         "vs_model_only": statistics.median(ratios),
+        "engine_busy": median_or_nan(r["engine_busy"] for r in runs),
+        "engine_images_per_s": median_or_nan(r["engine_images_per_s"] for r in runs),
         "cpu_ms_per_post": cpu,
         "cpu_windows": sorted({r["cpu_window"] for r in runs}),
         "threads": {g: max(r["threads"][g] for r in runs) for g in GROUPS},
@@ -237,6 +311,10 @@ def summarise(
         out["vs_baseline_each"] = vs_base
         out["vs_baseline"] = statistics.median(vs_base)
     return out
+
+
+def or_dash(value: float | None, spec: str) -> str:
+    return "—" if value is None or value != value else format(value, spec)
 
 
 def render_md(r: dict) -> str:
@@ -271,13 +349,19 @@ def render_md(r: dict) -> str:
             or "none"
         )
         + "); main = the loop and inference thread 0",
+        "- engine busy: the share of that window's wall time the worker's engine instances spent "
+        "in engine calls (its `carstream_inference_seconds` metric, over instances); engine "
+        "images/s while busy: the posts they ran over that time (compare with model-only: "
+        "a worker's rate is about busy x that speed)",
         "",
         "| config | settings | posts/s (each run) | median | vs model-only | "
         + (f"vs {r['baseline']} | " if r.get("baseline") else "")
+        + "engine busy | engine images/s while busy | "
         + " | ".join(f"CPU {g}" for g in GROUPS)
         + " | CPU total |",
         "| --- | --- | --- | ---: | ---: | "
         + ("---: | " if r.get("baseline") else "")
+        + "---: | ---: | "
         + " | ".join("---:" for _ in GROUPS)
         + " | ---: |",
     ]
@@ -289,6 +373,8 @@ def render_md(r: dict) -> str:
             + " / ".join(f"{x:.1f}" for x in c["posts_per_s"])
             + f" | {c['median_posts_per_s']:.2f} | {c['vs_model_only']:.2f} | "
             + (f"{c['vs_baseline']:.2f} | " if r.get("baseline") else "")
+            + f"{or_dash(c.get('engine_busy'), '.2f')} | "
+            + f"{or_dash(c.get('engine_images_per_s'), '.1f')} | "
             + " | ".join(f"{cpu[g]:.1f}" for g in GROUPS)
             + f" | {sum(cpu.values()):.1f} |"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -116,6 +117,13 @@ def test_worker_ab_runs_each_config_and_splits_cpu_by_thread(tmp_path):
         assert config["vs_model_only"] == pytest.approx(rate / ((before + after) / 2))
         assert config["vs_baseline"] == pytest.approx(rate / by_name["peer"]["posts_per_s"][0])
     assert by_name["peer"]["vs_baseline"] == 1.0
+    # the worker's metrics endpoint gave its engine's side; the peer has none
+    # (a run over before its first result was read has the speed but no busy share)
+    busy = by_name["base"]["engine_busy"]
+    assert math.isnan(busy) or 0 < busy <= 1.0 + 1e-6
+    assert by_name["base"]["engine_images_per_s"] > 0
+    assert math.isnan(by_name["peer"]["engine_busy"])
+    assert "| — | — |" in (tmp_path / "worker_ab.md").read_text()
     assert by_name["one-decode"]["env"] == {"CARSTREAM_DECODE_THREADS": "1"}
     for config in by_name.values():
         assert config["median_posts_per_s"] > 0
@@ -210,6 +218,30 @@ def test_worker_ab_ratios_pair_each_run_with_the_measurements_of_its_own_round()
         worker_ab.bracketed_ratios([1.0, 2.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="2 runs against 1 baseline"):
         worker_ab.paired_ratios([1.0, 2.0], [1.0])
+
+
+def test_worker_ab_splits_a_gap_to_model_only_into_engine_idle_and_engine_speed():
+    worker_ab = benchmark_module("worker_ab")
+    text = (
+        "# HELP carstream_inference_seconds engine time per batch\n"
+        'carstream_inference_seconds_bucket{le="0.5"} 3.0\n'
+        "carstream_inference_seconds_count 4.0\n"
+        "carstream_inference_seconds_sum 2.5\n"
+        "carstream_batch_size_sum 100.0\n"
+        "carstream_batch_size_count 4.0\n"
+    )
+    first = worker_ab.parse_engine_metrics(text)
+    assert first == {"infer_s": 2.5, "images": 100.0}
+    last = {"infer_s": 10.5, "images": 420.0}
+    # 8 s of engine calls in a 10 s window ran 320 images: busy 0.8 at 40 images/s
+    assert worker_ab.engine_split(first, last, 10.0, 1) == {
+        "engine_busy": 0.8,
+        "engine_images_per_s": 40.0,
+    }
+    # two instances: 8 s of calls between them over 10 s is each busy 0.4 of the time
+    two = worker_ab.engine_split(first, last, 10.0, 2)
+    assert two == {"engine_busy": 0.4, "engine_images_per_s": 80.0}
+    assert math.isnan(worker_ab.engine_split(first, first, 10.0, 1)["engine_busy"])
 
 
 @pytest.mark.parametrize(
