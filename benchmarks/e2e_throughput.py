@@ -57,6 +57,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--posts", type=int, default=240, help="posts per saturation run")
+    parser.add_argument(
+        "--model-only-seconds",
+        type=float,
+        default=5.0,
+        help="length of each model-only measurement (3 calls were too few on a noisy VM)",
+    )
     add_worker_args(parser)
     parser.add_argument("--loads", default="0.25,0.5,0.9", help="fractions of saturation")
     parser.add_argument("--load-seconds", type=float, default=30.0)
@@ -492,8 +498,8 @@ def main(args: argparse.Namespace) -> int:
             jpegs_raw = photo_jpegs(12, sizes=image_sizes(args))
             jpegs = [base64.b64encode(j).decode() for j in jpegs_raw]
             posts = [event(f"s{i}", jpegs[i % len(jpegs)]) for i in range(args.posts)]
-            ref = model_only(bundle, args, args.max_batch)
-            ref1 = model_only(bundle, args, 1)
+            ref = model_only(bundle, args, args.max_batch, min_seconds=args.model_only_seconds)
+            ref1 = model_only(bundle, args, 1, min_seconds=args.model_only_seconds)
             print(f"  model only: {ref['images_per_s']:.2f} images/s", flush=True)
             worker, peer = commands(args)
             sat = [

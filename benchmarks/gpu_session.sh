@@ -60,7 +60,8 @@ step model 110 "$PY" benchmarks/model_throughput.py "${MODEL[@]}" --batches 1,8,
 step decode 70 "$PY" benchmarks/decode_throughput.py --seconds "$(sec 0.6)" --rounds 1 \
   --threads 1,8,16 --out-dir "$RES/decode"
 step e2e 170 "$PY" benchmarks/e2e_throughput.py "${MODEL[@]}" --backend "$BACKEND" $GPU_DECODE \
-  --posts "$POSTS" --decode-threads 8 --load-seconds "$(sec 4)" --out-dir "$RES/e2e"
+  --posts "$POSTS" --decode-threads 8 --load-seconds "$(sec 4)" --model-only-seconds "$(sec 1)" \
+  --out-dir "$RES/e2e"
 step loops 130 "$PY" benchmarks/worker_ab.py "${MODEL[@]}" --backend "$BACKEND" $GPU_DECODE \
   --posts "$POSTS" --decode-threads 8 --reps 2 --model-only-seconds "$(sec 1)" \
   --config serial:CARSTREAM_OVERLAP=off \

@@ -42,9 +42,13 @@ class Batcher(Generic[T]):
         return (self.clock() - self._first_at) * 1000.0 >= self.max_wait_ms
 
     def time_left_ms(self) -> float:
-        """How long a poll may block before the current batch is due (max_wait when empty)."""
+        """How long a poll may block before the current batch is due (max_wait when empty,
+        0 when a full batch is already waiting: the rest that ``take`` leaves starts a new wait,
+        and a loop that polled for that wait first left a ready batch idle for up to max_wait)."""
         if not self._items:
             return float(self.max_wait_ms)
+        if len(self._items) >= self.max_batch:
+            return 0.0
         waited = (self.clock() - self._first_at) * 1000.0
         return max(0.0, self.max_wait_ms - waited)
 

@@ -86,7 +86,7 @@ def test_e2e_throughput_runs_worker_peer_and_latency(tmp_path):
         tmp_path,
         *("--arch", "resnet18", "--image-size", "32", "--num-classes", "8", "--posts", "24"),
         *("--max-batch", "8", "--loads", "0.5", "--load-seconds", "2", "--threads", "1"),
-        *("--onnx-precision", "int8"),
+        *("--onnx-precision", "int8", "--model-only-seconds", "0.2"),
     )
     assert result["model_only"]["engine"] == "onnxruntime-int8"
     configs = [s["config"] for s in result["saturation"]]

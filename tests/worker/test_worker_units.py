@@ -66,6 +66,10 @@ def test_take_returns_at_most_max_batch_and_restarts_the_wait_for_the_rest():
         b.add(i)
     assert b.take() == [0, 1]
     assert len(b) == 3
+    # the rest hold a full batch: it is due now, and a poll must not block for a new wait
+    assert b.ready() and b.time_left_ms() == 0.0
+    assert b.take() == [2, 3]
+    assert len(b) == 1 and not b.ready()
     assert b.time_left_ms() == pytest.approx(10.0)
 
 
