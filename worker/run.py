@@ -114,6 +114,8 @@ def engine_options(settings: WorkerSettings) -> dict[str, object]:
         opts["threads"] = settings.inference_threads
     if settings.onnx_precision != "fp32":  # unset, so GPU workers do not log it as ignored
         opts["precision"] = settings.onnx_precision
+    if not settings.inference_spinning:  # likewise
+        opts["spinning"] = False
     if settings.cuda_graphs:
         opts["cuda_graphs"] = True
     return opts

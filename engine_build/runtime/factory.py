@@ -31,8 +31,8 @@ def _open(bundle: Bundle, backend: str, opts: dict[str, Any]) -> Engine:
 def create_engine(bundle: Bundle, backend: str = "auto", **opts: Any) -> Engine:
     """The engine for ``backend``; ``auto`` tries TensorRT, then torch-cuda, then ONNX Runtime.
 
-    Options go to the backend that accepts them (``threads``/``precision`` to onnxruntime,
-    ``cuda_graphs`` to torch-cuda). An explicitly named backend that cannot run raises
+    Options go to the backend that accepts them (``threads``/``precision``/``spinning`` to
+    onnxruntime, ``cuda_graphs`` to torch-cuda). An explicitly named backend that cannot run raises
     EngineUnavailableError (PlanMismatchError for a plan built for another GPU/TensorRT).
     """
     if backend not in BACKENDS:
@@ -40,7 +40,7 @@ def create_engine(bundle: Bundle, backend: str = "auto", **opts: Any) -> Engine:
     accepted = {
         "tensorrt": set(),
         "torch-cuda": {"cuda_graphs"},
-        "onnxruntime": {"precision", "threads"},
+        "onnxruntime": {"precision", "threads", "spinning"},
     }
     if backend != "auto":
         ignored = sorted(set(opts) - accepted[backend])

@@ -47,6 +47,21 @@ def batch(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)
 
 
+def test_onnxruntime_spinning_off_sets_the_session_option_and_answers_the_same(bundle, reference):
+    # the option reaches the session (create_engine passes it to onnxruntime, and only there)
+    spin = create_engine(bundle, "onnxruntime", threads=2)
+    still = create_engine(bundle, "onnxruntime", threads=2, spinning=False)
+    key = "session.intra_op.allow_spinning"
+    assert still._session.get_session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(RuntimeError):  # unset: ONNX Runtime's default (spinning)
+        spin._session.get_session_options().get_session_config_entry(key)
+    x = batch(4, seed=7)
+    np.testing.assert_allclose(still.infer(x), reference(x), atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(still.infer(x), spin.infer(x))
+    spin.close()
+    still.close()
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
 def test_onnxruntime_fp32_any_batch_size_matches_pytorch(bundle, reference, n):
     engine = OnnxRuntimeEngine(bundle, "fp32", threads=1)

@@ -302,6 +302,20 @@ def test_engine_options_pass_precision_only_when_it_is_not_the_default():
         WorkerSettings(bundle="/b", onnx_precision="int8", inference_threads=1, cuda_graphs=True)
     )
     assert opts == {"precision": "int8", "threads": 1, "cuda_graphs": True}
+    off = engine_options(WorkerSettings(bundle="/b", inference_spinning=False))
+    assert off == {"spinning": False}
+
+
+def test_no_inference_spinning_flag_and_variable_turn_spinning_off(monkeypatch):
+    from worker.run import get_args_parser, settings_from_args
+
+    parser = get_args_parser()
+    args = parser.parse_args(["--bundle", "/b", "--no-inference-spinning"])
+    assert settings_from_args(args).inference_spinning is False
+    monkeypatch.setenv("CARSTREAM_INFERENCE_SPINNING", "false")
+    assert settings_from_args(parser.parse_args(["--bundle", "/b"])).inference_spinning is False
+    monkeypatch.delenv("CARSTREAM_INFERENCE_SPINNING")
+    assert settings_from_args(parser.parse_args(["--bundle", "/b"])).inference_spinning is True
 
 
 def test_parity_note_reports_the_int8_cost_and_flags_non_finite_logits():
