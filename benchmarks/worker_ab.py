@@ -154,14 +154,18 @@ def scrape_engine(port: int):
     return scrape
 
 
-def engine_split(first: dict, last: dict, seconds: float, instances: int) -> dict[str, float]:
-    """The engines' busy share of ``seconds`` and their images/s while busy, between scrapes."""
+def engine_split(
+    first: dict, last: dict, seconds: float | None, instances: int
+) -> dict[str, float]:
+    """The engines' busy share of ``seconds`` and their images/s while busy, between scrapes
+    (``seconds`` None: a window from process start, whose length the speed does not need)."""
+    nan = float("nan")
     infer_s = last["infer_s"] - first["infer_s"]
     images = last["images"] - first["images"]
-    if seconds <= 0 or infer_s <= 0:
-        return {"engine_busy": float("nan"), "engine_images_per_s": float("nan")}
+    if infer_s <= 0 or (seconds is not None and seconds <= 0):
+        return {"engine_busy": nan, "engine_images_per_s": nan}
     return {
-        "engine_busy": infer_s / (seconds * instances),
+        "engine_busy": nan if seconds is None else infer_s / (seconds * instances),
         "engine_images_per_s": images / infer_s * instances,
     }
 
@@ -181,6 +185,8 @@ def measure(
     # CPU from the first result on (start-up and the first batch excluded); when every result
     # arrives in the first poll (a tiny, fast run), from process start instead
     first_cpu, first_count, window = dict.fromkeys(GROUPS, 0.0), 0, "process start"
+    no_engine = dict.fromkeys(ENGINE_SAMPLES.values(), 0.0)  # the metrics at process start
+    first_engine, first_t = no_engine, None
     deadline = time.monotonic() + deadline_s
     try:
         while len(seen) < n:
@@ -194,11 +200,9 @@ def measure(
                     seen.setdefault(value["post_id"], value)
             if seen and window == "process start" and len(seen) < n:
                 first_cpu, first_count, window = thread_cpu(proc.pid)[0], len(seen), "first result"
-                first_engine = scrape() if scrape else None
-                first_t = time.monotonic()
+                first_engine, first_t = (scrape() if scrape else no_engine), time.monotonic()
         last_cpu, threads = thread_cpu(proc.pid)
-        last_engine = scrape() if scrape else None
-        last_t = time.monotonic()
+        last_engine, last_t = (scrape() if scrape else None), time.monotonic()
     finally:
         consumer.close()
     missed = [g for g in GROUPS if last_cpu[g] > 0 and last_cpu[g] == first_cpu[g]]
@@ -206,12 +210,11 @@ def measure(
         # a group that worked but not inside the window: the run (a tiny, fast one) was over
         # before its first result was read, so the window saw none of that work
         first_cpu, first_count, window = dict.fromkeys(GROUPS, 0.0), 0, "process start"
+        first_engine, first_t = no_engine, None
     engine = {"engine_busy": float("nan"), "engine_images_per_s": float("nan")}
-    if last_engine is not None and window == "first result":
-        engine = engine_split(first_engine, last_engine, last_t - first_t, instances)
-    elif last_engine is not None:  # from process start: the speed, but no busy share
-        zero = dict.fromkeys(ENGINE_SAMPLES.values(), 0.0)
-        engine = {**engine_split(zero, last_engine, 1.0, instances), "engine_busy": float("nan")}
+    if last_engine is not None:  # None: the peer, which has no metrics endpoint
+        seconds = None if first_t is None else last_t - first_t  # None: from process start
+        engine = engine_split(first_engine, last_engine, seconds, instances)
     done = len(seen) - first_count
     return {
         "results": list(seen.values()),

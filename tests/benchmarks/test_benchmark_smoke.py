@@ -242,6 +242,9 @@ def test_worker_ab_splits_a_gap_to_model_only_into_engine_idle_and_engine_speed(
     two = worker_ab.engine_split(first, last, 10.0, 2)
     assert two == {"engine_busy": 0.4, "engine_images_per_s": 80.0}
     assert math.isnan(worker_ab.engine_split(first, first, 10.0, 1)["engine_busy"])
+    # a window from process start: the speed, and no busy share
+    from_start = worker_ab.engine_split(first, last, None, 1)
+    assert math.isnan(from_start["engine_busy"]) and from_start["engine_images_per_s"] == 40.0
 
 
 @pytest.mark.parametrize(
