@@ -53,6 +53,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
             shown = default
         env = "CARSTREAM_" + name.upper()
         help_text = f"{desc} [env {env}]" + ("" if shown is None else f" (default: {shown})")
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help: a "%" is text here
         annotation = field.annotation
         if annotation is bool:
             parser.add_argument(
