@@ -47,6 +47,7 @@ from report import cpu_model, write_results  # noqa: E402
 
 from engine_build.bundle import load_bundle  # noqa: E402
 from engine_build.runtime import create_engine  # noqa: E402
+from worker.run import precision_option  # noqa: E402
 from worker.stack import LocalStack, create_topics, free_port  # noqa: E402
 
 PARTITIONS = 4
@@ -125,11 +126,6 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         help="replace the engine of the worker, the peer and the model-only row by "
         "benchmarks/sim_engine.py's stand-in for a GPU (sleeps BATCH_MS + n * IMAGE_MS per call)",
     )
-
-
-def precision_option(args) -> dict[str, str]:
-    """create_engine's precision, only when not the default (other backends would log it)."""
-    return {} if args.onnx_precision == "fp32" else {"precision": args.onnx_precision}
 
 
 def sim_times(text: str) -> tuple[float, float]:
@@ -403,7 +399,7 @@ def model_only(bundle: Path, args, size: int, calls: int = 3, min_seconds: float
                     args.backend,
                     threads=args.threads,
                     cuda_graphs=args.cuda_graphs,
-                    **precision_option(args),
+                    **precision_option(args.onnx_precision),
                 )
             )
     timing = argparse.Namespace(warmup=WARMUP_CALLS, min_iters=calls, min_seconds=min_seconds)

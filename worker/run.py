@@ -108,13 +108,18 @@ def consumer_config(settings: WorkerSettings) -> dict[str, object]:
     return opts
 
 
+def precision_option(precision: str) -> dict[str, str]:
+    """create_engine's precision, only when not the default fp32: unset, GPU backends do not
+    log it as ignored (the benchmarks' model-only rows pass it the same way)."""
+    return {} if precision == "fp32" else {"precision": precision}
+
+
 def engine_options(settings: WorkerSettings) -> dict[str, object]:
     """create_engine's options; each backend takes the ones it knows (factory.create_engine)."""
     opts: dict[str, object] = {}
     if settings.inference_threads:
         opts["threads"] = settings.inference_threads
-    if settings.onnx_precision != "fp32":  # unset, so GPU workers do not log it as ignored
-        opts["precision"] = settings.onnx_precision
+    opts.update(precision_option(settings.onnx_precision))
     if not settings.inference_spinning:  # likewise
         opts["spinning"] = False
     if settings.cuda_graphs:
