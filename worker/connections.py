@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 
 from worker.settings import WorkerSettings
+
+T = TypeVar("T")
+
+
+class ConnectTimeoutError(Exception):
+    """A Kafka client was still connecting past its deadline (a TLS handshake never answered)."""
+
+
+def within_deadline(factory: Callable[[], T], timeout_s: float) -> T:
+    """factory() in a daemon thread; ConnectTimeoutError if it has not returned in timeout_s.
+
+    kafka-python 3.0 bounds its bootstrap by bootstrap_timeout_ms except for the TLS handshake,
+    which it awaits with no deadline: a peer that accepts and never answers (SSL to a listener
+    that waits for the client to speak, or a black-holed proxy) would hang the constructor for
+    ever. The abandoned thread holds one socket until the process exits.
+    """
+    outcome: dict[str, Any] = {}
+
+    def build() -> None:
+        try:
+            outcome["value"] = factory()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=build, name="kafka-connect", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise ConnectTimeoutError(f"no answer within {timeout_s:g}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def kafka_common_config(settings: WorkerSettings) -> dict[str, Any]:

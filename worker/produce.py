@@ -26,13 +26,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from training.cli_errors import fail, first_validation_error
+from training.cli_errors import EXIT_BAD_INPUT, fail, first_validation_error
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
 DEFAULT_PLATFORM = "carstream-produce"
 MAX_TIMEOUT_S = 86400.0  # a day; kafka-python and threading overflow on far larger waits
+CONNECT_GRACE_S = 5.0  # past --timeout, for kafka-python to report its own bootstrap timeout
+MIN_RATE = 1 / MAX_TIMEOUT_S  # one event a day; time.sleep overflows on the wait of a far lower
 
 
 class TokenBucket:
@@ -65,7 +67,8 @@ class TokenBucket:
             if self._tokens >= 1 - 1e-9:  # tolerance: float clocks may fall a hair short
                 self._tokens = max(0.0, self._tokens - 1)
                 return
-            self._sleep((1 - self._tokens) / self.rate)
+            # capped: the wait of a tiny rate overflows time.sleep; the loop sleeps again
+            self._sleep(min((1 - self._tokens) / self.rate, MAX_TIMEOUT_S))
 
 
 def rfc3339_now() -> str:
@@ -97,6 +100,10 @@ def find_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+class InputReadError(Exception):
+    """An input file (an image, the JSON lines file) could not be read mid-run."""
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One Kafka message to send."""
@@ -115,25 +122,33 @@ def image_messages(
     city_cycle = itertools.cycle(cities) if cities else itertools.repeat(None)
     source = itertools.cycle(images) if count is not None else iter(images)
     for path in itertools.islice(source, count):
-        event = build_event(path.read_bytes(), next(city_cycle), platform)
+        try:
+            image = path.read_bytes()
+        except OSError as exc:  # removed, unreadable or failing since find_images listed it
+            raise InputReadError(f"--images: cannot read {path}: {exc.strerror or exc}") from exc
+        event = build_event(image, next(city_cycle), platform)
         yield Message(event["post_id"].encode(), json.dumps(event).encode())
 
 
 def jsonl_messages(path: Path, count: int | None) -> Iterator[Message]:
     """Each non-blank line as given; keyed by its post_id when it is a JSON object with one."""
-    with path.open("rb") as lines:
-        stripped = (line.rstrip(b"\r\n") for line in lines)
-        for line in itertools.islice((ln for ln in stripped if ln.strip()), count):
-            yield Message(_post_id_key(line), line)
+    try:
+        with path.open("rb") as lines:
+            stripped = (line.rstrip(b"\r\n") for line in lines)
+            for line in itertools.islice((ln for ln in stripped if ln.strip()), count):
+                yield Message(_post_id_key(line), line)
+    except OSError as exc:
+        raise InputReadError(f"--jsonl {path}: cannot read: {exc.strerror or exc}") from exc
 
 
 def _post_id_key(line: bytes) -> bytes | None:
     try:
         obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+        post_id = obj.get("post_id") if isinstance(obj, dict) else None
+        # ValueError covers bad UTF-8 and a post_id with a lone surrogate (\ud800) too
+        return post_id.encode() if isinstance(post_id, str) else None
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than json can parse
         return None
-    post_id = obj.get("post_id") if isinstance(obj, dict) else None
-    return post_id.encode() if isinstance(post_id, str) else None
 
 
 @dataclass
@@ -269,7 +284,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     source.add_argument("--images", type=Path, help="directory of images, one post per image")
     source.add_argument("--jsonl", type=Path, help="file of events, one JSON line each, sent as is")
     parser.add_argument(
-        "--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)"
+        "--rate",
+        type=float,
+        default=0.0,
+        help=f"events per second (0 = as fast as possible, else at least {MIN_RATE:.3g})",
     )
     parser.add_argument(
         "--city",
@@ -292,8 +310,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=60.0,
-        help="seconds to wait for topic metadata or buffer space per send, and for the final "
-        f"flush; past it the run stops with an error (at most {MAX_TIMEOUT_S:g})",
+        help="seconds to wait for the broker at start, for topic metadata or buffer space per "
+        f"send, and for the final flush; past it the run stops with an error (at most "
+        f"{MAX_TIMEOUT_S:g})",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
@@ -312,12 +331,28 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    if not (math.isfinite(args.rate) and args.rate >= 0):
-        return fail(f"--rate {args.rate:g}: must be a finite number of events per second >= 0")
+    if not (math.isfinite(args.rate) and (args.rate == 0 or args.rate >= MIN_RATE)):
+        return fail(
+            f"--rate {args.rate:g}: must be 0 (no limit) or a finite number of events per "
+            f"second >= {MIN_RATE:.3g} (one a day)"
+        )
     if not (0 < args.timeout <= MAX_TIMEOUT_S):  # also false for NaN
         return fail(f"--timeout {args.timeout:g}: must be seconds > 0 and <= {MAX_TIMEOUT_S:g}")
-    if args.count is not None and args.count < 1:
-        return fail(f"--count {args.count}: must be at least 1")
+    if args.count is not None and not 1 <= args.count <= sys.maxsize:
+        return fail(f"--count {args.count}: must be at least 1 and at most {sys.maxsize}")
+    if args.topic is not None:  # given empty is an error, not the default
+        from worker.settings import check_topic_name
+
+        try:
+            check_topic_name(args.topic)
+        except ValueError as exc:
+            return fail(f"--topic {exc}")
+    if args.jsonl is not None and (args.city or args.platform != DEFAULT_PLATFORM):
+        flag = "--city" if args.city else "--platform"
+        return fail(f"{flag} applies to --images only (--jsonl lines are sent as given)")
+    problem = _field_problem(args.city, args.platform) if args.images is not None else None
+    if problem:
+        return fail(problem)
     if args.images is not None:
         if not args.images.is_dir():
             return fail(f"--images {args.images}: not a directory")
@@ -329,12 +364,20 @@ def _main(args: argparse.Namespace) -> int:
         if not args.jsonl.is_file():
             return fail(f"--jsonl {args.jsonl}: not a readable file")
         messages = jsonl_messages(args.jsonl, args.count)
+    try:  # the first record now: an unreadable or empty input fails before connecting
+        first = next(messages)
+    except InputReadError as exc:
+        return fail(str(exc))
+    except StopIteration:
+        return fail(f"--jsonl {args.jsonl}: no events (every line is blank)")
+    read_errors: list[str] = []
+    messages = _stop_at_read_error(itertools.chain([first], messages), read_errors)
 
     from kafka import KafkaProducer
-    from kafka.errors import KafkaError
+    from kafka.errors import KafkaError, KafkaTimeoutError
     from pydantic import ValidationError
 
-    from worker.connections import kafka_common_config
+    from worker.connections import ConnectTimeoutError, kafka_common_config, within_deadline
     from worker.settings import WorkerSettings
 
     overrides = {}
@@ -349,17 +392,30 @@ def _main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail(str(exc))
     topic = args.topic or settings.input_topic
-    timeout_ms = int(args.timeout * 1000)
+    timeout_ms = max(1, int(args.timeout * 1000))  # 0 ms would not even try
+    make_producer = functools.partial(
+        KafkaProducer,
+        **kafka_common_config(settings),
+        acks="all",
+        linger_ms=20,
+        max_request_size=16 * 1024 * 1024,
+        max_block_ms=timeout_ms,
+        bootstrap_timeout_ms=timeout_ms,  # kafka-python's default is 30 s, whatever --timeout
+    )
     try:
-        producer = KafkaProducer(
-            **kafka_common_config(settings),
-            acks="all",
-            linger_ms=20,
-            max_request_size=16 * 1024 * 1024,
-            max_block_ms=timeout_ms,
+        producer = within_deadline(make_producer, args.timeout + CONNECT_GRACE_S)
+    except (KafkaError, ConnectTimeoutError) as exc:
+        timed_out = isinstance(exc, KafkaTimeoutError | ConnectTimeoutError)
+        within = f" within --timeout {args.timeout:g}s" if timed_out else ""
+        reason = (
+            f"no answer to the {settings.security_protocol} handshake"
+            if isinstance(exc, ConnectTimeoutError)
+            else exc
         )
-    except KafkaError as exc:
-        print(f"error: cannot reach Kafka at {settings.bootstrap_servers}: {exc}", file=sys.stderr)
+        print(
+            f"error: cannot reach Kafka at {settings.bootstrap_servers}{within}: {reason}",
+            file=sys.stderr,
+        )
         return 1
     report = SendReport()
     interrupted = False
@@ -378,6 +434,8 @@ def _main(args: argparse.Namespace) -> int:
     except BaseException:  # a bug: still hand over what is queued, then re-raise
         close_abandoning(producer, grace_s)
         raise
+    if read_errors and report.error is None:  # what was read before it was sent and flushed
+        report.error = read_errors[0]
     if args.json:
         print(
             json.dumps(
@@ -412,8 +470,36 @@ def _main(args: argparse.Namespace) -> int:
             f"unconfirmed={report.unconfirmed})",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_BAD_INPUT if report.error in read_errors else 1
     return 0 if report.failed == 0 else 1
+
+
+def _field_problem(cities: Sequence[str], platform: str) -> str | None:
+    """Why --city/--platform values would make posts the worker dead-letters or counts cityless."""
+    from pydantic import ValidationError
+
+    from worker.schemas import PostEvent
+
+    for flag, value in [*(("--city", c) for c in cities), ("--platform", platform)]:
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return f"{flag} {value!r}: not valid UTF-8"
+        if flag == "--city" and not value.strip():
+            return f"{flag} {value!r}: blank (leave --city out for posts without a city)"
+        try:
+            PostEvent.model_validate(build_event(b"", **{flag[2:]: value}))
+        except ValidationError as exc:
+            return f"{flag} {value!r}: {first_validation_error(exc)}"
+    return None
+
+
+def _stop_at_read_error(messages: Iterator[Message], errors: list[str]) -> Iterator[Message]:
+    """The messages until one cannot be read; its error goes to `errors`, the run then ends."""
+    try:
+        yield from messages
+    except InputReadError as exc:
+        errors.append(str(exc))
 
 
 if __name__ == "__main__":

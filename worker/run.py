@@ -7,6 +7,7 @@ overrides its ``CARSTREAM_*`` environment variable, which overrides the default.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 # Largest record the worker sends: an oversized bad post is dead-lettered with its bytes up to
 # this size (or the broker's limit); beyond either it is dead-lettered without its value.
 DLQ_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+CONNECT_GRACE_S = 5.0  # past kafka_connect_timeout_s, for kafka-python to report its own timeout
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -236,7 +238,12 @@ def _serve(
 
     from engine_build.bundle import BundleError, load_bundle
     from engine_build.runtime import EngineUnavailableError, create_engine
-    from worker.connections import kafka_common_config, redis_client
+    from worker.connections import (
+        ConnectTimeoutError,
+        kafka_common_config,
+        redis_client,
+        within_deadline,
+    )
     from worker.logging_setup import ignore_kafka_close_race
     from worker.metrics import start
     from worker.pipeline import FatalWorkerError, StreamWorker
@@ -281,21 +288,47 @@ def _serve(
     log.info("engine warm (%s x %d, max batch %d)", engine.name, len(engines), engine.max_batch)
 
     common = kafka_common_config(settings)
+    common["bootstrap_timeout_ms"] = int(settings.kafka_connect_timeout_s * 1000)
+    deadline_s = settings.kafka_connect_timeout_s + CONNECT_GRACE_S
     consumer_opts = consumer_config(settings)
     attempt = 0
     while not stop.is_set():
+        consumer = None
         try:
-            consumer = KafkaConsumer(**common, **consumer_opts)
-            producer = KafkaProducer(
-                **common,
-                acks="all",
-                enable_idempotence=True,
-                linger_ms=5,
-                # dead letters carry the original bytes, which may exceed max_message_bytes
-                max_request_size=DLQ_MAX_REQUEST_BYTES,
+            consumer = within_deadline(
+                functools.partial(KafkaConsumer, **common, **consumer_opts), deadline_s
+            )
+            producer = within_deadline(
+                functools.partial(
+                    KafkaProducer,
+                    **common,
+                    acks="all",
+                    enable_idempotence=True,
+                    linger_ms=5,
+                    # dead letters carry the original bytes, which may exceed max_message_bytes
+                    max_request_size=DLQ_MAX_REQUEST_BYTES,
+                ),
+                deadline_s,
             )
             break
+        except ConnectTimeoutError as exc:
+            # the hung client cannot be closed or retried in this process: exit, and let the
+            # orchestrator restart the replica with a clean one
+            print(
+                f"python -m worker run: error: Kafka at {settings.bootstrap_servers} did not "
+                f"finish connecting ({exc}; security_protocol {settings.security_protocol}: "
+                "does the listener speak it?)",
+                file=sys.stderr,
+            )
+            if consumer is not None:
+                consumer.close(autocommit=False)
+            _close_all(engines)
+            if server is not None:
+                server.shutdown()
+            return 1
         except RetriableError:
+            if consumer is not None:  # the producer failed: the next attempt builds both again
+                consumer.close(autocommit=False)
             attempt += 1
             log.warning("no Kafka broker at %s; retry %d", settings.bootstrap_servers, attempt)
             stop.wait(min(10.0, 0.5 * 2**attempt))

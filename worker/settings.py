@@ -177,6 +177,13 @@ class WorkerSettings(BaseSettings):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     ssl_check_hostname: bool = True
+    kafka_connect_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="longest a Kafka client may take to connect at start; an unreachable broker "
+        "is retried, a TLS handshake still unanswered 5 s past it exits 1",
+    )
     session_timeout_ms: int = Field(10_000, ge=1_000, le=3_600_000)
     heartbeat_interval_ms: int | None = Field(
         None, ge=100, description="below session_timeout_ms; default: a third of it"

@@ -43,6 +43,7 @@ CITY_MAX_CHARS = 64
 DEFAULT_MINUTE_TTL_S = 48 * 3600
 DEFAULT_HOUR_TTL_S = 30 * 24 * 3600
 DEFAULT_DEDUP_TTL_S = 3600
+MAX_TTL_S = 100 * 366 * 86400  # a century; far larger ones overflow the datetime arithmetic
 Dimension = Literal["make", "model", "lowconf", "city"]
 Resolution = Literal["m", "h"]
 
@@ -339,10 +340,13 @@ class TrendReader:
                 values.append(override)
                 continue
             try:
-                values.append(int(raw) if raw is not None else default)
+                value = int(raw) if raw is not None else default
+                if not 0 < value <= MAX_TTL_S:
+                    raise ValueError(value)
             except ValueError:
                 logger.warning("ignoring a malformed TTL %r in %s", raw, CONFIG_KEY)
-                values.append(default)
+                value = default
+            values.append(value)
         return values[0], values[1]
 
     def _top(

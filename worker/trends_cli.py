@@ -67,6 +67,7 @@ def redacted(url: str) -> str:
     """The URL without its userinfo, safe to print."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # IPv6
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
@@ -104,6 +105,10 @@ def main(args: argparse.Namespace) -> int:
         return fail("--city cannot be combined with --by city")
     if args.city is not None and normalize_city(args.city) is None:
         return fail(f"--city {args.city!r}: blank (leave --city out to count every city)")
+    try:
+        (args.city or "").encode()  # a non-UTF-8 argument arrives with lone surrogates
+    except UnicodeEncodeError:
+        return fail(f"--city {args.city!r}: not valid UTF-8")
 
     import redis
     from pydantic import ValidationError
@@ -112,7 +117,9 @@ def main(args: argparse.Namespace) -> int:
     from worker.settings import WorkerSettings
 
     try:
-        settings = WorkerSettings(**({"redis_url": args.redis_url} if args.redis_url else {}))
+        # given empty is an error, not the default
+        overrides = {"redis_url": args.redis_url} if args.redis_url is not None else {}
+        settings = WorkerSettings(**overrides)
     except ValidationError as exc:
         return fail(f"settings: {first_validation_error(exc)}")
     try:

@@ -17,6 +17,7 @@ from kafka import KafkaConsumer, TopicPartition
 from PIL import Image
 
 from worker.produce import (
+    MAX_TIMEOUT_S,
     Message,
     ProduceAbortedError,
     SendReport,
@@ -73,6 +74,20 @@ def test_token_bucket_refuses_a_rate_it_cannot_pace(rate: float) -> None:
         TokenBucket(rate)
 
 
+def test_token_bucket_waits_of_a_tiny_rate_stay_sleepable() -> None:
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        raise KeyboardInterrupt  # one wait is enough to look at
+
+    bucket = TokenBucket(rate=1e-300, sleep=sleep)
+    bucket.acquire()
+    with pytest.raises(KeyboardInterrupt):
+        bucket.acquire()
+    assert waits == [MAX_TIMEOUT_S]  # 1e300 s overflowed time.sleep (a traceback)
+
+
 def test_build_event_matches_the_input_schema() -> None:
     event = build_event(b"\x89PNG...", city="Lyon", platform="x")
     assert set(event) == {"post_id", "image_b64", "posted_at", "platform", "city"}
@@ -92,6 +107,15 @@ def test_jsonl_lines_pass_through_unchanged(tmp_path: Path) -> None:
     assert [m.value for m in messages] == [lines[0], lines[1], lines[3]]
     assert [m.key for m in messages] == [b"a1", None, None]
     assert len(list(jsonl_messages(path, 2))) == 2
+
+
+def test_jsonl_keys_of_post_ids_that_cannot_be_keys_are_none(tmp_path: Path) -> None:
+    lines = [b'{"post_id": "\\ud800"}', b"[" * 100_000, b'{"post_id": "ok"}']
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    messages = list(jsonl_messages(path, None))  # a lone surrogate or deep nesting: tracebacks
+    assert [m.value for m in messages] == lines
+    assert [m.key for m in messages] == [None, None, b"ok"]
 
 
 def _images(root: Path, n: int) -> list[Path]:
@@ -185,9 +209,24 @@ def test_produce_jsonl_round_trip(kafka_bootstrap: str, tmp_path: Path) -> None:
         (["--images", ".", "--rate", "nan"], "--rate nan"),
         (["--images", ".", "--rate", "inf"], "--rate inf"),
         (["--jsonl", "pyproject.toml", "--bootstrap-servers", ""], "bootstrap_servers"),
+        # each of these was a traceback or a silent surprise
+        (["--images", ".", "--count", str(2**64)], f"--count {2**64}"),
+        (["--images", ".", "--rate", "1e-300"], "--rate 1e-300"),
+        (["--images", ".", "--topic", ""], "--topic '' is not a Kafka topic name"),
+        (["--images", ".", "--topic", "bad topic!"], "--topic 'bad topic!' is not"),
+        (["--images", ".", "--city", "  "], "--city '  ': blank"),
+        (["--images", ".", "--city", "\udcff"], "--city '\\udcff': not valid UTF-8"),
+        (["--images", ".", "--city", "x" * 129], "at most 128 characters"),
+        (["--images", ".", "--platform", "x" * 65], "at most 64 characters"),
+        (["--jsonl", "pyproject.toml", "--city", "Paris"], "--city applies to --images only"),
+        (["--jsonl", "EMPTY"], "no events (every line is blank)"),
+        (["--jsonl", "BLANK"], "no events (every line is blank)"),
     ],
 )
-def test_bad_arguments_exit_2_with_one_line(args: list[str], needle: str) -> None:
+def test_bad_arguments_exit_2_with_one_line(args: list[str], needle: str, tmp_path: Path) -> None:
+    (tmp_path / "EMPTY").write_bytes(b"")
+    (tmp_path / "BLANK").write_bytes(b"\n  \r\n\n")
+    args = [str(tmp_path / a) if a in ("EMPTY", "BLANK") else a for a in args]
     result = _produce(*args)
     assert result.returncode == 2
     assert needle in result.stderr
@@ -307,6 +346,80 @@ def test_cli_reports_a_missing_topic_in_one_line_with_counts(monkeypatch, tmp_pa
     assert len(err.strip().splitlines()) == 1
     assert "does the topic exist" in err and "unconfirmed=2" in err
     assert made[0].closed_with  # closed, not left to __del__
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_an_input_that_fails_to_read_exits_2_with_one_line() -> None:
+    result = _produce("--jsonl", "/proc/self/mem")  # a regular file whose read() fails: EIO
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --jsonl /proc/self/mem: cannot read: Input/output error"
+    ]
+
+
+def test_an_image_gone_mid_run_stops_the_run_with_the_counts(monkeypatch, tmp_path, capsys):
+    import kafka
+
+    from worker import produce
+
+    last = sorted(_images(tmp_path / "imgs", 3))[-1]
+    made: list[FakeProducer] = []
+
+    class Producer(FakeProducer):
+        def send(self, topic, value, key=None):
+            last.unlink(missing_ok=True)  # gone after the scan, before it is read: was a traceback
+            return super().send(topic, value, key)
+
+    def fake(**config):
+        assert config["bootstrap_timeout_ms"] == 1500  # --timeout bounds the connect too
+        made.append(Producer(max_bytes=10**6))
+        return made[-1]
+
+    monkeypatch.setattr(kafka, "KafkaProducer", fake)
+    args = produce.get_args_parser().parse_args(
+        ["--images", str(tmp_path / "imgs"), "--timeout", "1.5", "--json",
+         "--bootstrap-servers", "127.0.0.1:1"]
+    )  # fmt: skip
+    assert produce.main(args) == 2
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert (report["sent"], report["failed"], report["unconfirmed"]) == (2, 0, 0)  # flushed
+    assert report["error"] == f"--images: cannot read {last}: No such file or directory"
+    assert err.strip().splitlines() == [
+        f"error: {report['error']} (stopped after sent=2 failed=0 unconfirmed=0)"
+    ]
+
+
+def test_an_unreachable_broker_fails_within_the_timeout(tmp_path: Path) -> None:
+    _images(tmp_path / "imgs", 1)
+    started = time.monotonic()
+    result = _produce(
+        "--images", str(tmp_path / "imgs"), "--timeout", "1",
+        "--bootstrap-servers", f"127.0.0.1:{free_port()}",
+    )  # fmt: skip
+    assert time.monotonic() - started < 20  # kafka-python alone waits 30 s to bootstrap
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach Kafka at 127.0.0.1:" in lines[0]
+    assert "within --timeout 1s" in lines[0]
+
+
+def test_a_tls_handshake_nobody_answers_fails_within_the_timeout(tmp_path: Path) -> None:
+    import socket
+
+    _images(tmp_path / "imgs", 1)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts, nobody answers
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "worker", "produce", "--images", str(tmp_path / "imgs"),
+             "--timeout", "1", "--bootstrap-servers", f"127.0.0.1:{silent.getsockname()[1]}"],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "CARSTREAM_SECURITY_PROTOCOL": "SSL"},
+        )  # fmt: skip
+    assert time.monotonic() - started < 20  # kafka-python waits on that handshake for ever
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "within --timeout 1s: no answer to the SSL handshake" in lines[0]
 
 
 @pytest.mark.integration

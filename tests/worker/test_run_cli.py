@@ -296,6 +296,41 @@ def test_an_int8_worker_on_a_bundle_without_int8_is_one_line_exit_2(worker_bundl
         assert "Traceback" not in proc.stderr
 
 
+def test_a_tls_handshake_nobody_answers_exits_1_with_one_line(worker_bundle_dir):
+    # kafka-python 3.0 awaits a TLS handshake with no deadline: without one of its own the
+    # worker would hang at start for ever, silently (its liveness already beating)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts, nobody answers
+        proc = run_worker(
+            "--bundle",
+            str(worker_bundle_dir),
+            "--bootstrap-servers",
+            f"127.0.0.1:{silent.getsockname()[1]}",
+            CARSTREAM_SECURITY_PROTOCOL="SSL",
+            CARSTREAM_SSL_CHECK_HOSTNAME="false",
+            CARSTREAM_KAFKA_CONNECT_TIMEOUT_S="1",
+            CARSTREAM_METRICS_PORT="0",
+        )
+    assert proc.returncode == 1, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("python -m worker run")]
+    assert len(errors) == 1, proc.stderr
+    assert "did not finish connecting (no answer within 6s; security_protocol SSL" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_within_deadline_returns_raises_or_times_out():
+    import threading
+
+    from worker.connections import ConnectTimeoutError, within_deadline
+
+    assert within_deadline(lambda: 42, 5) == 42
+    with pytest.raises(KeyError, match="boom"):
+        within_deadline(lambda: {}["boom"], 5)
+    never = threading.Event()
+    with pytest.raises(ConnectTimeoutError, match=r"no answer within 0\.1s"):
+        within_deadline(never.wait, 0.1)
+    never.set()
+
+
 def test_engine_options_pass_precision_only_when_it_is_not_the_default():
     assert engine_options(WorkerSettings(bundle="/b")) == {}
     opts = engine_options(

@@ -161,6 +161,10 @@ def test_reader_ttls_default_when_no_writer_recorded_them(r: redis.Redis) -> Non
     assert TrendReader(r).ttls() == (MIN_TTL, HOUR_TTL)
     r.hset("carstream:trends:config", mapping={"minute_ttl_s": "junk"})
     assert TrendReader(r).ttls() == (MIN_TTL, HOUR_TTL)
+    # out of range: a huge one overflowed the reader's datetime arithmetic (a traceback)
+    r.hset("carstream:trends:config", mapping={"minute_ttl_s": "-5", "hour_ttl_s": "9" * 20})
+    assert TrendReader(r).ttls() == (MIN_TTL, HOUR_TTL)
+    assert TrendReader(r).top(60) == []
 
 
 @pytest.mark.integration

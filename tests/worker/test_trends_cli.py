@@ -27,6 +27,7 @@ def test_parse_window_rejects(text: str) -> None:
 
 def test_redacted_drops_credentials() -> None:
     assert redacted("redis://user:s3cret@host:6380/2") == "redis://host:6380/2"
+    assert redacted("redis://user:s3cret@[::1]:6380/2") == "redis://[::1]:6380/2"
 
 
 def _trends(*args: str) -> subprocess.CompletedProcess[str]:
@@ -114,6 +115,8 @@ def test_cli_says_when_a_window_reaches_past_the_hour_rollups(trends_url: str) -
         (["--at", "9999-12-31T23:59:59-01:00"], "9999"),
         (["--redis-url", "localhost:6379"], "redis_url"),
         (["--city", "   "], "--city '   ': blank"),  # would silently count every city
+        (["--city", "\udcff"], "not valid UTF-8"),  # a non-UTF-8 byte: was a traceback
+        (["--redis-url", ""], "redis_url"),  # was silently the default URL
     ],
 )
 def test_cli_bad_values_exit_2_with_one_line(args: list[str], needle: str) -> None:
@@ -153,3 +156,16 @@ def test_cli_completeness_uses_the_workers_hour_ttl(trends_url: str) -> None:
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["complete"] is False
     assert "keep hour rollups 86400 s = 1 d" in out.stderr
+
+
+@pytest.mark.integration
+def test_cli_ignores_an_out_of_range_ttl_in_the_config(trends_url: str) -> None:
+    client = redis.Redis.from_url(trends_url)
+    client.hset("carstream:trends:config", "hour_ttl_s", "9" * 20)  # overflowed: a traceback
+    client.close()
+    out = _trends("--redis-url", trends_url, "--window", "15m", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["top"][0] == {"name": "Toyota", "count": 3}
+    assert set(out.stderr.strip().splitlines()) == {  # once per read of the config
+        f"ignoring a malformed TTL b'{'9' * 20}' in carstream:trends:config"
+    }
