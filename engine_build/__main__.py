@@ -21,7 +21,7 @@ from engine_build.build import (
 )
 from engine_build.bundle import BundleError
 from engine_build.onnx_export import MAX_OPSET, MIN_OPSET
-from training.cli import BadArgumentError, check_out_dir
+from training.cli import BadArgumentError, check_out_dir, check_utf8_path
 from training.cli_errors import OneLineParser
 
 log = logging.getLogger("engine_build")
@@ -143,6 +143,7 @@ def main(args: argparse.Namespace) -> int:
     )
     try:
         check_out_dir(args.out)
+        check_utf8_path(args.out)  # the ONNX exporter needs it as text
     except BadArgumentError as exc:
         print(f"python -m engine_build: error: {exc}", file=sys.stderr)
         return 2

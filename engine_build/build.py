@@ -289,7 +289,10 @@ def build_bundle(checkpoint_dir: Path | str, out_dir: Path | str, **options) -> 
     no_trt = _tensorrt_wanted(opts)
 
     spec = preprocess_spec_of(ckpt)
-    model = model_from_checkpoint(ckpt)
+    try:
+        model = model_from_checkpoint(ckpt, source=checkpoint_dir)
+    except CheckpointError as exc:
+        raise BuildError(str(exc)) from exc
     try:
         parity_set = heldout.parity_set_for(ckpt, spec, opts.parity_data, opts.parity_images)
     except ParityDataError as exc:

@@ -17,7 +17,8 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
-from training.models import build_model, torch_load_weights_only
+from training.cli_errors import first_validation_error
+from training.models import ARCHS, build_model, torch_load_weights_only
 from training.preprocessing import PreprocessSpec
 
 FORMAT_VERSION = 1
@@ -113,18 +114,66 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     ]
     if missing:
         raise CheckpointError(f"checkpoint {file} lacks {', '.join(missing)}")
-    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+    version = ckpt.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"checkpoint {file} has a non-integer format_version {version!r}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {file} has format {ckpt['format_version']}, newer than {FORMAT_VERSION}"
         )
+    bad = _malformed_field(ckpt)
+    if bad:
+        raise CheckpointError(f"checkpoint {file} is damaged: {bad}")
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> nn.Module:
-    """The eval-mode FP32 model a checkpoint describes (EMA weights when present)."""
+def _malformed_field(ckpt: dict[str, Any]) -> str | None:
+    """Why a loaded checkpoint's fields cannot be what training writes, or None: a hand-edited
+    or foreign file would otherwise fail later with a traceback far from the file's name."""
+    if ckpt["arch"] not in ARCHS:
+        return f"unknown arch {ckpt['arch']!r}; choose one of {', '.join(ARCHS)}"
+    n = ckpt["num_classes"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return f"num_classes {n!r} is not a positive integer"
+    classes = ckpt["classes"]
+    if not (isinstance(classes, list) and all(isinstance(c, dict) for c in classes)):
+        return "classes is not a list of {make, model, make_id, model_id} entries"
+    if len(classes) != n:
+        return f"it lists {len(classes)} classes but num_classes is {n}"
+    if not isinstance(ckpt["state_dict"], dict):
+        return "state_dict is not a dict of tensors"
+    if ckpt.get("level") not in (None, "model", "make"):
+        return f"level {ckpt['level']!r} is neither model nor make"
+    if not isinstance(ckpt.get("args") or {}, dict):
+        return "args is not a dict"
+    try:
+        PreprocessSpec(**ckpt["preprocess"])
+    except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        detail = first_validation_error(exc) if hasattr(exc, "errors") else str(exc)
+        return f"preprocess: {detail}"
+    return None
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], source: object) -> None:
+    """``model.load_state_dict(state)``; weights that do not fit (another arch, another class
+    count, missing tensors) are a CheckpointError naming ``source``, not torch's traceback."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(
+            f"{source}: its weights do not fit the model it describes ({detail[:200]})"
+        ) from exc
+
+
+def model_from_checkpoint(
+    ckpt: dict[str, Any], use_ema: bool = True, source: object = "checkpoint"
+) -> nn.Module:
+    """The eval-mode FP32 model a checkpoint describes (EMA weights when present); ``source``
+    (its path) names it in the error when the weights do not fit."""
     model = build_model(ckpt["arch"], int(ckpt["num_classes"]))
     state = ckpt.get("ema_state_dict") if use_ema and ckpt.get("ema_state_dict") else None
-    model.load_state_dict(state or ckpt["state_dict"])
+    load_weights(model, state or ckpt["state_dict"], source)
     return model.eval()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,20 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+MAX_SEED = 2**32 - 1  # torch, numpy and Python all take it; training derives per-epoch seeds
+
+
+def seed_int(text: str) -> int:
+    """A random seed in 0..2**32-1: a larger one overflows torch's generator mid-run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in 0..{MAX_SEED}")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -94,6 +109,16 @@ def check_out_dir(path: Path, flag: str = "--out") -> None:
             if not p.is_dir():
                 raise BadArgumentError(f"{flag} {path}: {p} exists and is not a directory")
             return
+
+
+def check_utf8_path(path: Path, flag: str = "--out") -> None:
+    """Refuse a path whose name is not UTF-8 where a library downstream needs it as text
+    (TensorBoard's writer, the ONNX exporter), rather than with a traceback after the work."""
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode(errors="backslashreplace")
+        raise BadArgumentError(f"{flag} {shown}: the path is not UTF-8; choose another") from None
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from training import plots
 from training.checkpoint import (
+    METRICS_FILE,
     atomic_write_json,
     load_checkpoint,
     model_from_checkpoint,
@@ -26,7 +27,13 @@ from training.datasets.image_dataset import UnreadableImages
 from training.distributed import DistInfo
 from training.engine import evaluate
 from training.metrics import classification_metrics, to_make_level
-from training.train import add_data_args, check_crop, eval_loader, resolve_device
+from training.train import (
+    add_data_args,
+    check_crop,
+    class_difference,
+    eval_loader,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,12 @@ def get_args_parser(add_parser=None, name: str = "evaluate") -> argparse.Argumen
 def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         check_out_dir(args.out)
+        home = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
+        if args.out.resolve() == home.resolve():
+            raise BadArgumentError(
+                f"--out {args.out} is the checkpoint's directory: writing there would replace "
+                f"training's {METRICS_FILE} and plots; choose another --out"
+            )
     ckpt = load_checkpoint(args.checkpoint)
     trained_level = ckpt.get("level") or "model"
     level = args.level or trained_level
@@ -81,12 +94,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if index.classes != ckpt["classes"]:
         raise DatasetError(
             f"{args.data}: its {index.num_classes} classes differ from the checkpoint's "
-            f"{ckpt['num_classes']} ({args.checkpoint})"
+            f"{ckpt['num_classes']} ({class_difference(index.classes, ckpt['classes'])}; "
+            f"{args.checkpoint})"
         )
     if not index.samples:
         raise DatasetError(f"{args.data}: no {args.split} images found")
     device = resolve_device(args.device, DistInfo())
-    model = model_from_checkpoint(ckpt, use_ema=not args.no_ema).to(device)
+    model = model_from_checkpoint(ckpt, not args.no_ema, args.checkpoint).to(device)
     spec = preprocess_spec_of(ckpt)
     unreadable = UnreadableImages(strict=args.strict)
     logits, targets = evaluate(model, eval_loader(index, spec, args), device, unreadable=unreadable)
@@ -109,7 +123,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(args.out / "metrics.json", m)
+        atomic_write_json(args.out / METRICS_FILE, m)
         plots.confused_pairs(m["confused_pairs"], classes, args.out / "confused_pairs.png")
     print(
         f"top1 {m['top1']:.4f} top5 {m['top5']:.4f} balanced {m['balanced_accuracy']:.4f} "

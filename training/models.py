@@ -90,7 +90,11 @@ def load_pretrained_backbone(model: nn.Module, arch: str, pretrained: str) -> st
             )
         source = f"file:{path}"
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same names, other shapes: another arch's weights
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"pretrained weights {source} do not fit {arch}: {detail[:200]}") from exc
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise ValueError(

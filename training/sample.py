@@ -20,7 +20,7 @@ import numpy as np
 import scipy.io
 from PIL import Image, ImageDraw
 
-from training.cli import BadArgumentError, check_out_dir, positive_int
+from training.cli import BadArgumentError, check_out_dir, positive_int, seed_int
 from training.cli_errors import OneLineParser
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def get_args_parser(add_parser=None, name: str = "make-sample") -> argparse.Argu
     parser.add_argument("--out", type=Path, required=True, help="archive root to write")
     parser.add_argument("--classes", type=positive_int, default=6, help="models in the split")
     parser.add_argument("--per-class", type=positive_int, default=30, help="images per model")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
     return parser
 
 

@@ -26,17 +26,21 @@ from training.checkpoint import (
     ARGS_FILE,
     CHECKPOINT_FILE,
     METRICS_FILE,
+    CheckpointError,
     atomic_write_json,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
 )
 from training.cli import (
     BadArgumentError,
     check_out_dir,
+    check_utf8_path,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
+    seed_int,
     unit_float,
 )
 from training.cli_errors import OneLineParser
@@ -103,7 +107,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pretrained", default="imagenet", help="imagenet, none, or a state_dict file"
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
     parser.add_argument("--no-amp", action="store_true", help="disable AMP on CUDA")
     parser.add_argument("--eval-every", type=non_negative_int, default=1, help="0 = only at end")
     parser.add_argument(
@@ -347,6 +351,8 @@ def check_resume(args: argparse.Namespace, ckpt: dict[str, Any], world_size: int
         )
 
 
+# what a resumed run restores beyond the weights (training writes them every epoch)
+RESUME_STATE = ("optimizer", "lr_scheduler", "epoch")
 MIN_IMAGE_SIZE = 32  # a ResNet downsamples 32x: smaller inputs leave nothing for the last stage
 MIN_BATCH_SIZE = 2  # BatchNorm cannot train on one image (a 1x1 map at the last stage)
 DATASETS_WITH_BOXES = ("compcars",)  # compcars-sv images are crops already; folders have no labels
@@ -368,9 +374,28 @@ def check_train_args(args: argparse.Namespace) -> None:
             f"--batch-size {args.batch_size}: must be >= {MIN_BATCH_SIZE} per process "
             "(BatchNorm cannot train on one image)"
         )
+    if args.warmup_epochs > args.epochs:
+        raise BadArgumentError(
+            f"--warmup-epochs {args.warmup_epochs}: must be <= --epochs {args.epochs}"
+        )
     if args.image_size < MIN_IMAGE_SIZE:
         raise BadArgumentError(f"--image-size {args.image_size}: must be >= {MIN_IMAGE_SIZE}")
     check_crop(args.crop, args.dataset)
+
+
+def class_difference(data_classes: list[dict], ckpt_classes: list[dict]) -> str:
+    """Where a data set's class list first departs from a checkpoint's, for error messages
+    (equal counts alone would read as no difference at all)."""
+    if len(data_classes) != len(ckpt_classes):
+        return f"{len(data_classes)} classes in the data, {len(ckpt_classes)} in the checkpoint"
+
+    def name(c: dict) -> str:
+        return f"{c.get('make')} {c.get('model')} (ids {c.get('make_id')}/{c.get('model_id')})"
+
+    for i, (ours, theirs) in enumerate(zip(data_classes, ckpt_classes, strict=True)):
+        if ours != theirs:
+            return f"class {i} is {name(ours)} in the data, {name(theirs)} in the checkpoint"
+    return "same classes"
 
 
 def check_no_checkpoint_in_out(args: argparse.Namespace) -> None:
@@ -402,6 +427,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     check_train_args(args)
     check_out_dir(args.out)
+    check_utf8_path(args.out)  # TensorBoard's writer needs it as text
     check_no_checkpoint_in_out(args)
     device = resolve_device(args.device, dist_info)
     on_cuda = device.type == "cuda"
@@ -430,9 +456,16 @@ def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
             raise BadArgumentError(
                 f"--resume {args.resume}: checkpoint is {resume_ckpt['arch']} with "
                 f"{resume_ckpt['num_classes']} classes; this run is {args.arch} with {len(classes)}"
+                f" ({class_difference(classes, resume_ckpt['classes'])})"
             )
-        model.load_state_dict(resume_ckpt["state_dict"])
-        pretrained_source = resume_ckpt["args"].get("pretrained_source", "resumed")
+        missing = [k for k in RESUME_STATE if k not in resume_ckpt]
+        if missing:
+            raise CheckpointError(
+                f"--resume {args.resume}: the checkpoint has no {', '.join(missing)} to resume "
+                "from (not written by `python -m training train`?)"
+            )
+        load_weights(model, resume_ckpt["state_dict"], f"--resume {args.resume}")
+        pretrained_source = (resume_ckpt.get("args") or {}).get("pretrained_source", "resumed")
     else:
         try:
             pretrained_source = load_pretrained_backbone(model, args.arch, args.pretrained)

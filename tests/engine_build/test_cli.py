@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from engine_build.__main__ import get_args_parser, main
 from engine_build.bundle import load_bundle
@@ -92,6 +94,52 @@ def test_force_never_deletes_the_checkpoint_or_a_non_bundle(parity_dir, tmp_path
     assert str(tmp_path / out) in lines[0]
     assert sorted(p.name for p in ckpt.iterdir()) == before
     assert (tmp_path / "elsewhere" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        ("arch", "its weights do not fit the model"),  # resnet18 weights, resnet34 named
+        ("num_classes", "it lists 3 classes but num_classes is 4"),
+        ("preprocess", "is damaged: preprocess: crop"),
+        ("format_version", "non-integer format_version"),
+    ],
+)
+def test_damaged_checkpoint_is_one_line_exit_2(parity_dir, tmp_path, damage, needle):
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    raw = torch.load(ckpt / "checkpoint.pt", weights_only=True)
+    raw.update(
+        {
+            "arch": {"arch": "resnet34"},
+            "num_classes": {"num_classes": 4},
+            "preprocess": {"preprocess": {**raw["preprocess"], "crop": "big"}},
+            "format_version": {"format_version": "1"},
+        }[damage]
+    )
+    torch.save(raw, ckpt / "checkpoint.pt")
+    proc = run_cli(
+        "--checkpoint", str(ckpt), "--out", str(tmp_path / "b"), "--precision", "fp32",
+        "--parity-data", str(parity_dir), "--log-level", "ERROR",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("python -m engine_build: error:") and needle in lines[0]
+    assert str(ckpt) in lines[0]
+    assert not (tmp_path / "b").exists()
+
+
+def test_out_that_is_not_utf8_is_one_line_exit_2(checkpoint_dir, parity_dir, tmp_path):
+    """The ONNX exporter takes the path as text: it failed with a TypeError traceback."""
+    out = os.fsdecode(os.fsencode(tmp_path) + b"/b\xff")
+    proc = run_cli(
+        "--checkpoint", str(checkpoint_dir), "--out", out, "--precision", "fp32",
+        "--parity-data", str(parity_dir), "--log-level", "ERROR",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "b\\xff: the path is not UTF-8" in lines[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_gate_exit_2_with_report(parity_dir, tmp_path):

@@ -55,7 +55,13 @@ def test_unreadable_checkpoint(sample_root, tmp_path):
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--epochs", "0"), ("--lr", "abc"), ("--weight-decay", "-1"), ("--lr", "inf")],
+    [
+        ("--epochs", "0"),
+        ("--lr", "abc"),
+        ("--weight-decay", "-1"),
+        ("--lr", "inf"),
+        ("--seed", str(2**64)),  # overflowed torch's generator with a traceback
+    ],
 )
 def test_bad_numbers(sample_root, tmp_path, flag, value):
     proc = run_cli("train", "--data", str(sample_root), "--out", str(tmp_path), flag, value)

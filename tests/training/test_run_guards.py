@@ -99,6 +99,7 @@ def test_out_holding_a_checkpoint_is_not_overwritten_by_accident(tiny_sample, tm
     [
         (("--batch-size", "1"), "--batch-size 1"),
         (("--image-size", "16"), "--image-size 16"),
+        (("--warmup-epochs", "1e308"), "--warmup-epochs 1e+308: must be <= --epochs 1"),
         (("--dataset", "folder", "--crop", "bbox"), "--crop bbox: --dataset folder"),
         (("--dataset", "compcars-sv", "--crop", "bbox"), "--crop bbox: --dataset compcars-sv"),
     ],

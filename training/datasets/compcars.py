@@ -55,7 +55,7 @@ def read_names(mat_path: Path) -> tuple[dict[int, str], dict[int, str]]:
     """1-based ``make_id -> name`` and ``model_id -> name`` (raw; empty names kept as '')."""
     try:
         mat = scipy.io.loadmat(mat_path)
-    except (OSError, ValueError, NotImplementedError) as exc:
+    except (OSError, ValueError, NotImplementedError, scipy.io.matlab.MatReadError) as exc:
         raise DatasetError(f"unreadable {mat_path}: {exc}") from exc
     for key in ("make_names", "model_names"):
         if key not in mat:
@@ -79,7 +79,11 @@ def make_labels(makes: dict[int, str]) -> dict[int, str]:
 def read_split(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"missing split file {path}")
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"split file {path} is not UTF-8 text ({exc.reason})") from exc
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
 def parse_split_line(line: str, split_file: Path) -> tuple[int, int]:

@@ -73,7 +73,7 @@ def read_sv_names(mat_path: Path) -> dict[int, tuple[str, str, int | None]]:
     """``sv_model_id -> (make, model, web-nature model id or None)``."""
     try:
         mat = scipy.io.loadmat(mat_path)
-    except (OSError, ValueError, NotImplementedError) as exc:
+    except (OSError, ValueError, NotImplementedError, scipy.io.matlab.MatReadError) as exc:
         raise DatasetError(f"unreadable {mat_path}: {exc}") from exc
     keys = [k for k in mat if not k.startswith("__")]
     if not keys:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,19 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _class_name(folder: Path) -> str:
+    """A class folder's name, which becomes a label in labels.json, the plots and the bundle
+    manifest: it must be text, so a name that is not UTF-8 is refused, naming the folder."""
+    try:
+        folder.name.encode()
+    except UnicodeEncodeError:
+        shown = os.fsencode(folder).decode(errors="backslashreplace")
+        raise DatasetError(
+            f"class folder {shown} has a name that is not UTF-8 (it would be a label); rename it"
+        ) from None
+    return folder.name
+
+
 def scan_tree(root: Path) -> dict[tuple[str, str], list[Path]]:
     """``(make, model) -> images``; a one-level tree uses the class name for both."""
     out: dict[tuple[str, str], list[Path]] = {}
@@ -44,14 +58,15 @@ def scan_tree(root: Path) -> dict[tuple[str, str], list[Path]]:
         nested = [d for d in _subdirs(top) if _images(d)]
         if nested:
             for d in nested:
-                out[(top.name, d.name)] = _images(d)
+                out[(_class_name(top), _class_name(d))] = _images(d)
         elif _images(top):
-            out[(top.name, top.name)] = _images(top)
+            out[(_class_name(top), _class_name(top))] = _images(top)
     return out
 
 
 def _in_test(rel: str) -> bool:
-    return int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) % 100 < TEST_PERCENT
+    # fsencode: the name's bytes as stored, also for a name that is not UTF-8
+    return int(hashlib.sha1(os.fsencode(rel)).hexdigest()[:8], 16) % 100 < TEST_PERCENT
 
 
 def find_split_dirs(root: Path) -> dict[str, Path]:
