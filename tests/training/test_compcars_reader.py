@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -106,6 +108,24 @@ def test_bbox_crop_follows_label_and_is_clamped(sample_root):
         assert x2 - x1 <= cropped.size[0] <= min(w, (x2 - x1) * 1.2 + 2)
         whole = crop_to_bbox(img, (0, 0, w, h), margin=0.5)  # margin beyond the edges
         assert whole.size == (w, h)
+
+
+def test_images_without_a_usable_box_are_counted_in_a_warning(sample_root, tmp_path, caplog):
+    root = tmp_path / "copy"
+    shutil.copytree(sample_root, root)
+    images = [s.path for s in load_index("compcars", root, "train").samples[:2]]
+    labels = [Path(str(p).replace("/image/", "/label/")).with_suffix(".txt") for p in images]
+    labels[0].unlink()
+    labels[1].write_text("garbled\n")
+    with caplog.at_level(logging.WARNING, logger="training.datasets.compcars"):
+        idx = load_index("compcars", root, "train", crop="bbox")
+    assert {s.path for s in idx.samples if s.bbox is None} == set(images)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"2 of {len(idx.samples)} images have no usable box" in warnings[0]
+    caplog.clear()
+    load_index("compcars", sample_root, "train", crop="bbox")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_full_crop_has_no_boxes(sample_root):

@@ -159,6 +159,7 @@ def load_compcars(
 
     samples: list[Sample] = []
     missing = 0
+    unboxed: list[Path] = []
     for line, key in keyed[split]:
         path = root / "image" / line
         if not path.is_file():
@@ -166,9 +167,22 @@ def load_compcars(
             continue
         bbox = None
         if crop == "bbox":
-            bbox = read_bbox((root / "label" / line).with_suffix(".txt"))
+            label = (root / "label" / line).with_suffix(".txt")
+            bbox = read_bbox(label)
+            if bbox is None:
+                unboxed.append(label)
         samples.append(Sample(path, index[key], bbox))
     if missing:
         log.info("%s split: %d listed images missing from the archive, skipped", split, missing)
+    if unboxed:
+        # a run recorded as crop=bbox that mostly saw whole images would say nothing otherwise
+        log.warning(
+            "%s split, --crop bbox: %d of %d images have no usable box (missing or unreadable "
+            "label file, e.g. %s) and are used whole",
+            split,
+            len(unboxed),
+            len(samples),
+            unboxed[0],
+        )
     samples, corrupt = filter_corrupt(samples, strict)
     return DatasetIndex(samples, classes, missing, corrupt, source=f"compcars:{root}")
