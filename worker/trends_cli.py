@@ -129,7 +129,9 @@ def main(args: argparse.Namespace) -> int:
     client = redis_client(settings)
     reader = TrendReader(client)  # bucket TTLs as the workers recorded them
     try:
-        _, hour_ttl_s = reader.ttls()
+        minute_ttl_s, hour_ttl_s = reader.ttls()
+        # read once: the queries below would read (and warn about a malformed one) again
+        reader = TrendReader(client, minute_ttl_s, hour_ttl_s)
         horizon = expired_before(datetime.now(UTC), hour_ttl_s)
         window_start = at - timedelta(minutes=minutes - 1)
         complete = window_start.replace(minute=0, second=0, microsecond=0) >= horizon
