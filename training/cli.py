@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from training.checkpoint import CheckpointError
-from training.cli_errors import EXIT_BAD_INPUT
+from training.cli_errors import EXIT_BAD_INPUT, utf8_problem
 from training.datasets.base import DatasetError
 from training.models import UnknownArchError
 
@@ -114,11 +113,9 @@ def check_out_dir(path: Path, flag: str = "--out") -> None:
 def check_utf8_path(path: Path, flag: str = "--out") -> None:
     """Refuse a path whose name is not UTF-8 where a library downstream needs it as text
     (TensorBoard's writer, the ONNX exporter), rather than with a traceback after the work."""
-    try:
-        str(path).encode()
-    except UnicodeEncodeError:
-        shown = os.fsencode(path).decode(errors="backslashreplace")
-        raise BadArgumentError(f"{flag} {shown}: the path is not UTF-8; choose another") from None
+    shown = utf8_problem(path)
+    if shown is not None:
+        raise BadArgumentError(f"{flag} {shown}: the path is not UTF-8; choose another")
 
 
 def setup_logging(verbose: bool = False) -> None:

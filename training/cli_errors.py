@@ -8,6 +8,7 @@ without importing torch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -24,6 +25,21 @@ def fail(message: str) -> int:
     """Print ``error: message`` on stderr; return the bad-input exit code."""
     print(f"error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+def utf8_problem(name: str | os.PathLike[str]) -> str | None:
+    """None when ``name`` (text or a path) is UTF-8; else the name shown for a one-line error.
+
+    A name that is not UTF-8 (a file name's bytes, a command-line argument) reaches Python with
+    lone surrogates, which text consumers (labels, JSON, TensorBoard, Redis keys) cannot take.
+    It is shown from its bytes with backslashreplace: ``b\xff`` rather than a traceback.
+    """
+    text = os.fspath(name)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode(errors="backslashreplace")
+    return None
 
 
 def first_validation_error(exc: Exception) -> str:

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from training.cli_errors import EXIT_BAD_INPUT, fail, first_validation_error
+from training.cli_errors import EXIT_BAD_INPUT, fail, first_validation_error, utf8_problem
 
 logger = logging.getLogger(__name__)
 
@@ -481,9 +481,7 @@ def _field_problem(cities: Sequence[str], platform: str) -> str | None:
     from worker.schemas import PostEvent
 
     for flag, value in [*(("--city", c) for c in cities), ("--platform", platform)]:
-        try:
-            value.encode()
-        except UnicodeEncodeError:
+        if utf8_problem(value) is not None:  # shown as repr: the escapes name the bad bytes
             return f"{flag} {value!r}: not valid UTF-8"
         if flag == "--city" and not value.strip():
             return f"{flag} {value!r}: blank (leave --city out for posts without a city)"

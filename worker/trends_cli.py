@@ -14,7 +14,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
-from training.cli_errors import fail, first_validation_error
+from training.cli_errors import fail, first_validation_error, utf8_problem
 from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT, in_event_time_range
 from worker.trends import TrendReader, normalize_city
 
@@ -105,9 +105,7 @@ def main(args: argparse.Namespace) -> int:
         return fail("--city cannot be combined with --by city")
     if args.city is not None and normalize_city(args.city) is None:
         return fail(f"--city {args.city!r}: blank (leave --city out to count every city)")
-    try:
-        (args.city or "").encode()  # a non-UTF-8 argument arrives with lone surrogates
-    except UnicodeEncodeError:
+    if args.city is not None and utf8_problem(args.city) is not None:
         return fail(f"--city {args.city!r}: not valid UTF-8")
 
     import redis

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +134,31 @@ def test_unexpected_errors_still_raise():
 
     with pytest.raises(RuntimeError):
         run_guarded(command, None)
+
+
+def test_utf8_problem_is_none_for_text_and_shows_other_names_by_their_bytes():
+    from training.cli_errors import utf8_problem
+
+    assert utf8_problem("São Paulo") is None
+    assert utf8_problem(Path("runs/été")) is None
+    bad = os.fsdecode(b"runs/o\xff")  # a file name's bytes arrive with a lone surrogate
+    assert utf8_problem(bad) == "runs/o\\xff"
+    assert utf8_problem(Path(bad)) == "runs/o\\xff"
+    assert utf8_problem("\udcff") == "\\xff"  # an argument from sys.argv, likewise
+
+
+def test_the_four_utf8_checks_share_one_helper_and_keep_their_messages(tmp_path):
+    from training.cli import BadArgumentError, check_utf8_path
+    from training.datasets.base import DatasetError
+    from training.datasets.folder import _class_name
+    from worker.produce import _field_problem
+
+    bad = os.fsdecode(b"o\xff")
+    with pytest.raises(BadArgumentError, match=r"^--out o\\xff: the path is not UTF-8; choose"):
+        check_utf8_path(Path(bad))
+    check_utf8_path(tmp_path)  # UTF-8: no error
+    with pytest.raises(DatasetError, match=r"class folder .*/o\\xff has a name that is not UTF-8"):
+        _class_name(tmp_path / bad)
+    assert _class_name(tmp_path / "Audi") == "Audi"
+    assert _field_problem([bad], "p") == "--city 'o\\udcff': not valid UTF-8"
+    assert _field_problem(["Lyon"], "\udcff") == "--platform '\\udcff': not valid UTF-8"

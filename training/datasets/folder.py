@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from training.cli_errors import utf8_problem
 from training.datasets.base import (
     IMAGE_SUFFIXES,
     DatasetError,
@@ -41,13 +42,11 @@ def _subdirs(folder: Path) -> list[Path]:
 def _class_name(folder: Path) -> str:
     """A class folder's name, which becomes a label in labels.json, the plots and the bundle
     manifest: it must be text, so a name that is not UTF-8 is refused, naming the folder."""
-    try:
-        folder.name.encode()
-    except UnicodeEncodeError:
-        shown = os.fsencode(folder).decode(errors="backslashreplace")
+    if utf8_problem(folder.name) is not None:  # the whole path is then not UTF-8 either
         raise DatasetError(
-            f"class folder {shown} has a name that is not UTF-8 (it would be a label); rename it"
-        ) from None
+            f"class folder {utf8_problem(folder)} has a name that is not UTF-8 (it would be a "
+            "label); rename it"
+        )
     return folder.name
 
 
