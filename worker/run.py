@@ -15,6 +15,7 @@ import threading
 import time
 import types
 import typing
+from typing import Any
 
 import numpy as np
 from pydantic import SecretStr, ValidationError
@@ -233,17 +234,9 @@ def _serve(
 ) -> int:
     """Load the engine, connect, run the loop until `stop`; `server` is bound, not started."""
     # imported here so `--help` and argument errors never load the model runtime
-    from kafka import KafkaConsumer, KafkaProducer
-    from kafka.errors import KafkaConfigurationError, RetriableError
-
     from engine_build.bundle import BundleError, load_bundle
     from engine_build.runtime import EngineUnavailableError, create_engine
-    from worker.connections import (
-        ConnectTimeoutError,
-        kafka_common_config,
-        redis_client,
-        within_deadline,
-    )
+    from worker.connections import redis_client
     from worker.logging_setup import ignore_kafka_close_race
     from worker.metrics import start
     from worker.pipeline import FatalWorkerError, StreamWorker
@@ -283,9 +276,61 @@ def _serve(
     if server is not None:
         metrics.beat()  # liveness counts from here, as before the engine loaded
         start(server)
-    for instance in engines:
-        _warm_up(instance, settings.max_batch)
-    log.info("engine warm (%s x %d, max batch %d)", engine.name, len(engines), engine.max_batch)
+    # one cleanup path for every way out from here on: connect timeout, bad client settings,
+    # a stop before connecting, the loop's end, and any error nobody expected
+    try:
+        for instance in engines:
+            _warm_up(instance, settings.max_batch)
+        log.info("engine warm (%s x %d, max batch %d)", engine.name, len(engines), engine.max_batch)
+        connected = _connect(settings, stop)
+        if isinstance(connected, int):
+            return connected
+        consumer, producer = connected
+        writer = TrendWriter(
+            redis_client(settings),
+            settings.group_id,
+            settings.trend_minute_ttl_s,
+            settings.trend_hour_ttl_s,
+            settings.dedup_ttl_s,
+        )
+        worker = StreamWorker(
+            settings, engines, bundle.manifest, consumer, producer, writer, metrics, stop
+        )
+        name_python_threads()  # Kafka I/O and metrics threads, for top -H and CPU accounting
+        started = time.monotonic()
+        try:
+            worker.run()
+        except FatalWorkerError as exc:
+            # the batch in hand stays uncommitted: the replica that gets it next (this one,
+            # restarted by its orchestrator) reads it again
+            log.error("stopping: %s; the batch in hand is left uncommitted", exc)
+            return 1
+        except Exception:
+            log.exception("stopping on an unexpected error; the batch in hand is left uncommitted")
+            return 1
+        finally:
+            metrics.set_ready(False)
+            # kafka-python closes the consumer's sockets under its IO thread's feet, which may
+            # then log an ERROR with a traceback for a socket it finds closed
+            # (worker/logging_setup.py)
+            ignore_kafka_close_race()
+            consumer.close(autocommit=False)
+            producer.close(timeout=30)
+            log.info("stopped after %.1f s", time.monotonic() - started)
+        return 0
+    finally:
+        _close_all(engines)
+        if server is not None:
+            server.shutdown()
+
+
+def _connect(settings: WorkerSettings, stop: threading.Event) -> tuple[Any, Any] | int:
+    """The consumer and producer, retrying while no broker answers; else the exit code:
+    1 when a client hangs connecting, 2 for client settings Kafka refuses, 0 on `stop`."""
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.errors import KafkaConfigurationError, RetriableError
+
+    from worker.connections import ConnectTimeoutError, kafka_common_config, within_deadline
 
     common = kafka_common_config(settings)
     common["bootstrap_timeout_ms"] = int(settings.kafka_connect_timeout_s * 1000)
@@ -310,7 +355,7 @@ def _serve(
                 ),
                 deadline_s,
             )
-            break
+            return consumer, producer
         except ConnectTimeoutError as exc:
             # the hung client cannot be closed or retried in this process: exit, and let the
             # orchestrator restart the replica with a clean one
@@ -322,9 +367,6 @@ def _serve(
             )
             if consumer is not None:
                 consumer.close(autocommit=False)
-            _close_all(engines)
-            if server is not None:
-                server.shutdown()
             return 1
         except RetriableError:
             if consumer is not None:  # the producer failed: the next attempt builds both again
@@ -335,49 +377,9 @@ def _serve(
         except (KafkaConfigurationError, ValueError) as exc:
             # WorkerSettings refuses what we know of before the model loads; this is the rest
             print(f"python -m worker run: error: Kafka client settings: {exc}", file=sys.stderr)
-            _close_all(engines)
-            if server is not None:
-                server.shutdown()
+            if consumer is not None:
+                consumer.close(autocommit=False)
             return 2
-    else:
-        _close_all(engines)
-        if server is not None:
-            server.shutdown()
-        return 0
-
-    writer = TrendWriter(
-        redis_client(settings),
-        settings.group_id,
-        settings.trend_minute_ttl_s,
-        settings.trend_hour_ttl_s,
-        settings.dedup_ttl_s,
-    )
-    worker = StreamWorker(
-        settings, engines, bundle.manifest, consumer, producer, writer, metrics, stop
-    )
-    name_python_threads()  # Kafka I/O and metrics threads, for top -H and CPU accounting
-    started = time.monotonic()
-    try:
-        worker.run()
-    except FatalWorkerError as exc:
-        # the batch in hand stays uncommitted: the replica that gets it next (this one, restarted
-        # by its orchestrator) reads it again
-        log.error("stopping: %s; the batch in hand is left uncommitted", exc)
-        return 1
-    except Exception:
-        log.exception("stopping on an unexpected error; the batch in hand is left uncommitted")
-        return 1
-    finally:
-        metrics.set_ready(False)
-        # kafka-python closes the consumer's sockets under its IO thread's feet, which may then
-        # log an ERROR with a traceback for a socket it finds closed (worker/logging_setup.py)
-        ignore_kafka_close_race()
-        consumer.close(autocommit=False)
-        producer.close(timeout=30)
-        _close_all(engines)
-        if server is not None:
-            server.shutdown()
-        log.info("stopped after %.1f s", time.monotonic() - started)
     return 0
 
 

@@ -365,3 +365,85 @@ def test_parity_note_reports_the_int8_cost_and_flags_non_finite_logits():
     bad = {"artifacts": {"onnxruntime-int8": {**entry, "non_finite_logits": 3}}}
     text, sound = parity_note(bad, "onnxruntime-int8")
     assert not sound and "3 non-finite" in text
+
+
+class _ClosableEngine:
+    name = "fake"
+    max_batch = 8
+
+    def __init__(self, warm_error: Exception | None = None) -> None:
+        self.closed = 0
+        self.warm_error = warm_error
+
+    def warm_up(self, _max_batch: int) -> None:
+        if self.warm_error is not None:
+            raise self.warm_error
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class _FakeServer:
+    def __init__(self) -> None:
+        self.shutdowns = 0
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+def _serve_with_fakes(monkeypatch, connect_error=None, stop_first=False, warm_error=None):
+    """`_serve` with a fake bundle, engines and metrics server, and a connect that fails."""
+    import threading
+    import types
+
+    import engine_build.bundle
+    import engine_build.runtime
+    import worker.connections
+    import worker.metrics
+    from worker.run import _serve
+
+    engines = [_ClosableEngine(warm_error), _ClosableEngine()]
+    made = iter(engines)
+    manifest = types.SimpleNamespace(model_name="m", model_version="1")
+    bundle = types.SimpleNamespace(manifest=manifest, parity=None)
+    monkeypatch.setattr(engine_build.bundle, "load_bundle", lambda _path: bundle)
+    monkeypatch.setattr(engine_build.runtime, "create_engine", lambda *_a, **_k: next(made))
+    monkeypatch.setattr(worker.metrics, "start", lambda server: server)
+
+    def within_deadline(_factory, _timeout_s):
+        raise connect_error
+
+    monkeypatch.setattr(worker.connections, "within_deadline", within_deadline)
+    settings = WorkerSettings(bundle="/b", engine_instances=2)
+    stop = threading.Event()
+    if stop_first:
+        stop.set()
+    server = _FakeServer()
+    outcome: object
+    try:
+        outcome = _serve(settings, stop, WorkerMetrics(), server)
+    except Exception as exc:  # the test looks at what escaped
+        outcome = exc
+    return outcome, [e.closed for e in engines], server.shutdowns
+
+
+def test_every_way_out_of_serve_closes_the_engines_and_the_metrics_server_once(monkeypatch):
+    from kafka.errors import KafkaConfigurationError
+
+    from worker.connections import ConnectTimeoutError
+
+    cases = [
+        ({"connect_error": ConnectTimeoutError("no answer within 6s")}, 1),
+        ({"connect_error": KafkaConfigurationError("bad option")}, 2),
+        ({"stop_first": True}, 0),
+    ]
+    for kwargs, code in cases:
+        assert _serve_with_fakes(monkeypatch, **kwargs) == (code, [1, 1], 1), kwargs
+
+
+def test_an_unexpected_error_starting_up_still_closes_the_engines_and_the_server(monkeypatch):
+    # before: the engines stayed open and the metrics thread kept serving a dead worker
+    outcome, closed, shutdowns = _serve_with_fakes(monkeypatch, RuntimeError("a bug"))
+    assert isinstance(outcome, RuntimeError) and closed == [1, 1] and shutdowns == 1
+    outcome, closed, shutdowns = _serve_with_fakes(monkeypatch, warm_error=MemoryError("oom"))
+    assert isinstance(outcome, MemoryError) and closed == [1, 1] and shutdowns == 1
