@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import redis
 
@@ -69,8 +71,28 @@ def kafka_common_config(settings: WorkerSettings) -> dict[str, Any]:
     return config
 
 
+def redacted(url: str) -> str:
+    """The URL without its userinfo and query (which may carry ``password=``), safe to print.
+
+    Keeps the URL's form: ``unix:///run/redis.sock`` stays that, not ``unix:/run/redis.sock``.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # IPv6
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+_UNKNOWN_OPTION = re.compile(r"unexpected keyword argument '([^']*)'")
+
+
 def redis_client(settings: WorkerSettings) -> redis.Redis:
-    """A Redis client; ``rediss://`` URLs use TLS with the configured certificates."""
+    """A Redis client; ``rediss://`` URLs use TLS with the configured certificates.
+
+    ValueError, one line naming the (redacted) URL, for options redis-py refuses: those of the
+    URL's query (``?protocol=9``, an unknown ``?foo=1``) it otherwise refuses only at the first
+    command, as a ConnectionError that a worker would retry for ever. Connects lazily: no I/O.
+    """
     kwargs: dict[str, Any] = {
         "socket_timeout": settings.redis_socket_timeout_s,
         "socket_connect_timeout": settings.redis_socket_timeout_s,
@@ -85,4 +107,21 @@ def redis_client(settings: WorkerSettings) -> redis.Redis:
             kwargs["ssl_certfile"] = settings.redis_tls_certfile
         if settings.redis_tls_keyfile:
             kwargs["ssl_keyfile"] = settings.redis_tls_keyfile
-    return redis.Redis.from_url(settings.redis_url, **kwargs)
+    try:
+        client = redis.Redis.from_url(settings.redis_url, **kwargs)
+    except (redis.RedisError, TypeError, ValueError) as exc:
+        raise ValueError(f"redis_url {redacted(settings.redis_url)}: {_reason(exc)}") from None
+    pool = client.connection_pool
+    try:
+        pool.connection_class(**pool.connection_kwargs)  # what the first command builds
+    except (redis.RedisError, TypeError, ValueError) as exc:
+        client.close()
+        raise ValueError(f"redis_url {redacted(settings.redis_url)}: {_reason(exc)}") from None
+    return client
+
+
+def _reason(exc: Exception) -> str:
+    unknown = _UNKNOWN_OPTION.search(str(exc)) if isinstance(exc, TypeError) else None
+    if unknown:
+        return f"unknown option {unknown.group(1)!r} in the query"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

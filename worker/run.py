@@ -165,6 +165,14 @@ def _close_all(engines: list) -> None:
         engine.close()
 
 
+def check_redis_options(settings: WorkerSettings) -> None:
+    """ValueError naming the redacted URL if redis-py refuses the Redis options (a bad
+    ``?protocol=``, an unknown query option); builds a client without connecting."""
+    from worker.connections import redis_client
+
+    redis_client(settings).close()
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
@@ -175,6 +183,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         settings.check_files()  # a missing CA file otherwise reads as a broker that is not there
+        check_redis_options(settings)  # else a Redis error retried on every batch, for ever
     except ValueError as exc:
         print(f"python -m worker run: error: {exc}", file=sys.stderr)
         return 2

@@ -12,9 +12,9 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit, urlunsplit
 
 from training.cli_errors import fail, first_validation_error, utf8_problem
+from worker.connections import redacted
 from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT, in_event_time_range
 from worker.trends import TrendReader, normalize_city
 
@@ -61,15 +61,6 @@ def expired_before(wall_now: datetime, hour_ttl_s: int) -> datetime:
     """
     oldest = wall_now.astimezone(UTC) - timedelta(seconds=hour_ttl_s, hours=1)
     return oldest.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
-
-
-def redacted(url: str) -> str:
-    """The URL without its userinfo, safe to print."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host  # IPv6
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -124,7 +115,10 @@ def main(args: argparse.Namespace) -> int:
         settings.check_files()  # a missing CA file otherwise reads as a server not answering
     except ValueError as exc:
         return fail(str(exc))
-    client = redis_client(settings)
+    try:
+        client = redis_client(settings)  # refuses a bad option of the URL before any I/O
+    except ValueError as exc:
+        return fail(str(exc))
     reader = TrendReader(client)  # bucket TTLs as the workers recorded them
     try:
         minute_ttl_s, hour_ttl_s = reader.ttls()

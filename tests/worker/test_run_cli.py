@@ -41,6 +41,17 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         (("--bundle", "/x", "--bootstrap-servers", "127.0.0.1:abc"), {}, "'abc'"),
         (("--bundle", "/x"), {"CARSTREAM_BOOTSTRAP_SERVERS": "b:70000"}, "bootstrap_servers"),
         (("--bundle", "/x", "--redis-url", "redis://127.0.0.1:99999/0"), {}, "'99999'"),
+        # redis-py refuses these only at the first command, which the loop retried for ever
+        (
+            ("--bundle", "/x", "--redis-url", "redis://u:s3cret@127.0.0.1:6379/0?protocol=9"),
+            {},
+            "redis_url redis://127.0.0.1:6379/0: protocol must be either 2 or 3",
+        ),
+        (
+            ("--bundle", "/x"),
+            {"CARSTREAM_REDIS_URL": "unix:///run/r.sock?password=s3cret&nope=1"},
+            "redis_url unix:///run/r.sock: unknown option 'nope' in the query",
+        ),
         (("--bundle", "/x", "--metrics-host", "nohost.invalid"), {}, "nohost.invalid:9400"),
         # a DLQ or results topic that is the input topic loops records back into the worker
         (("--bundle", "/x", "--dlq-topic", "car-posts"), {}, "use three topics"),
@@ -84,7 +95,7 @@ def test_bad_settings_are_one_line_exit_2(args, env, needle):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert needle in lines[0]
+    assert needle in lines[0] and "s3cret" not in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

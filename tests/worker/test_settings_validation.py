@@ -177,3 +177,21 @@ def test_trends_and_produce_check_the_tls_files_before_connecting(command, tmp_p
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "ssl_cafile" in lines[0] and str(missing) in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("redis://u:s3cret@cache:6379/0?protocol=9", "protocol must be either 2 or 3"),
+        ("redis://cache/0?protocol=x", "protocol must be an integer"),
+        ("redis://cache/0?nope=1", "unknown option 'nope' in the query"),
+        ("rediss://cache/0?ssl_cert_reqs=bogus", "Invalid SSL Certificate Requirements Flag"),
+    ],
+)
+def test_redis_options_redis_py_refuses_only_at_the_first_command_are_refused_up_front(
+    url: str, needle: str
+) -> None:
+    settings = WorkerSettings(redis_url=url)  # the settings' own checks let these through
+    with pytest.raises(ValueError, match=r"^redis_url redis") as err:
+        redis_client(settings)
+    assert needle in str(err.value) and "s3cret" not in str(err.value)

@@ -28,6 +28,12 @@ def test_parse_window_rejects(text: str) -> None:
 def test_redacted_drops_credentials() -> None:
     assert redacted("redis://user:s3cret@host:6380/2") == "redis://host:6380/2"
     assert redacted("redis://user:s3cret@[::1]:6380/2") == "redis://[::1]:6380/2"
+    assert redacted("redis://cache?password=s3cret") == "redis://cache"
+
+
+def test_redacted_keeps_the_form_of_a_unix_socket_url() -> None:
+    assert redacted("unix:///run/redis.sock") == "unix:///run/redis.sock"  # was unix:/run/...
+    assert redacted("unix://user:s3cret@/run/redis.sock?db=2") == "unix:///run/redis.sock"
 
 
 def _trends(*args: str) -> subprocess.CompletedProcess[str]:
@@ -117,12 +123,18 @@ def test_cli_says_when_a_window_reaches_past_the_hour_rollups(trends_url: str) -
         (["--city", "   "], "--city '   ': blank"),  # would silently count every city
         (["--city", "\udcff"], "not valid UTF-8"),  # a non-UTF-8 byte: was a traceback
         (["--redis-url", ""], "redis_url"),  # was silently the default URL
+        # redis-py refuses these only at the first command: exit 1 "error: Redis at ..." before
+        (
+            ["--redis-url", "redis://u:s3cret@localhost:6379/0?protocol=9"],
+            "error: redis_url redis://localhost:6379/0: protocol must be either 2 or 3",
+        ),
+        (["--redis-url", "redis://localhost/0?foo=1"], "unknown option 'foo' in the query"),
     ],
 )
 def test_cli_bad_values_exit_2_with_one_line(args: list[str], needle: str) -> None:
     out = _trends(*args)
     assert out.returncode == 2
-    assert needle in out.stderr
+    assert needle in out.stderr and "s3cret" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
