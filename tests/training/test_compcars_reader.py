@@ -7,11 +7,14 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.io
 from PIL import Image
 
 from training.datasets import DatasetError, load_index
 from training.datasets.compcars import make_labels, read_bbox, read_names
+from training.datasets.compcars_sv import read_sv_names
 from training.datasets.image_dataset import crop_to_bbox
 from training.sample import MISSING_PER_SPLIT, TRAIN_FRACTION, plan_classes
 
@@ -59,6 +62,39 @@ def test_names_fallback_and_duplicate_make(sample_root):
     # the classes of the two ids stay distinct classes
     dup_classes = [(c["make_id"], c["model_id"]) for c in idx.classes if c["make_id"] in dup_ids]
     assert len(set(dup_classes)) == len(dup_classes) and {mk for mk, _ in dup_classes} == dup_ids
+
+
+def _cells(values: list) -> np.ndarray:
+    cell = np.empty((len(values), 1), dtype=object)
+    for i, v in enumerate(values):
+        cell[i, 0] = v
+    return cell
+
+
+def test_names_stored_as_numbers_read_as_written(tmp_path):
+    """A name MATLAB stored as a number is a double in the .mat: 3 must read "3", not "3.0".
+    Names stored as text (the real make_model_name.mat: char arrays in (N,1) cells, an empty
+    cell for a missing name) read exactly as before."""
+    mat = tmp_path / "make_model_name.mat"
+    makes = ["Audi", np.zeros((0, 0)), np.array([[3.0]]), np.array([[7]], dtype=np.int32)]
+    models = ["A4L", " 3 Series ", np.array([[307.0]]), np.array([[2.5]]), np.array([[np.nan]]),
+              "", np.array([[1e6]])]  # fmt: skip
+    scipy.io.savemat(mat, {"make_names": _cells(makes), "model_names": _cells(models)})
+    raw = scipy.io.loadmat(mat)
+    assert raw["model_names"][0, 0].dtype.kind == "U"  # text, as in the real file
+    assert raw["model_names"][2, 0].dtype == np.float64  # the number really is a double
+    got_makes, got_models = read_names(mat)
+    assert got_makes == {1: "Audi", 2: "", 3: "3", 4: "7"}
+    assert got_models == {1: "A4L", 2: "3 Series", 3: "307", 4: "2.5", 5: "", 6: "", 7: "1000000"}
+
+
+def test_sv_names_stored_as_numbers_read_as_written(tmp_path):
+    mat = tmp_path / "sv_make_model_name.mat"
+    cell = np.empty((2, 2), dtype=object)
+    cell[0] = ["Peugeot", np.array([[307.0]])]
+    cell[1] = [np.array([[3.0]]), "Q5"]
+    scipy.io.savemat(mat, {"sv_make_model_name": cell})
+    assert read_sv_names(mat) == {1: ("Peugeot", "307", None), 2: ("3", "Q5", None)}
 
 
 def test_make_labels_pure():

@@ -6,10 +6,12 @@ Readers never open images for training; they list them. ``ImageDataset`` opens t
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
@@ -20,6 +22,27 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 class DatasetError(ValueError):
     """A data directory that cannot be read as the requested layout; the message names the path."""
+
+
+def mat_cell_text(item: Any) -> str:
+    """The text of one MATLAB cell as ``scipy.io.loadmat`` returns it; '' when it is empty.
+
+    CompCars' ``.mat`` files hold names as char arrays (loaded as a one-element string array), and
+    an empty name as an empty array. A name stored as a number (MATLAB keeps every number as a
+    double) reads as people write it: ``3.0`` becomes ``"3"``, ``2.5`` stays ``"2.5"``, and NaN or
+    infinity, MATLAB's missing values, count as empty.
+    """
+    arr = np.asarray(item).reshape(-1)
+    if not arr.size:
+        return ""
+    value = arr[0]
+    if isinstance(value, (np.floating, float)):
+        number = float(value)
+        if not math.isfinite(number):
+            return ""
+        if number == round(number):
+            return str(round(number))
+    return str(value).strip()
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 import scipy.io
 
-from training.datasets.base import BBox, DatasetError, DatasetIndex, Sample, filter_corrupt
+from training.datasets.base import (
+    BBox,
+    DatasetError,
+    DatasetIndex,
+    Sample,
+    filter_corrupt,
+    mat_cell_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +50,9 @@ def find_data_root(data_dir: Path) -> Path:
 
 
 def cell_strings(cell: np.ndarray) -> list[str]:
-    """A MATLAB (N,1) cell array of strings as a list; empty cells become ''."""
-    out: list[str] = []
-    for item in np.asarray(cell, dtype=object).reshape(-1):
-        arr = np.asarray(item).reshape(-1)
-        out.append(str(arr[0]).strip() if arr.size else "")
-    return out
+    """A MATLAB (N,1) cell array of strings as a list; empty cells become '', and a name stored as
+    a whole number reads ``3``, not ``3.0`` (see ``mat_cell_text``)."""
+    return [mat_cell_text(item) for item in np.asarray(cell, dtype=object).reshape(-1)]
 
 
 def read_names(mat_path: Path) -> tuple[dict[int, str], dict[int, str]]:

@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 import scipy.io
 
-from training.datasets.base import DatasetError, DatasetIndex, Sample, filter_corrupt
+from training.datasets.base import (
+    DatasetError,
+    DatasetIndex,
+    Sample,
+    filter_corrupt,
+    mat_cell_text,
+)
 from training.datasets.compcars import read_split
 
 log = logging.getLogger(__name__)
@@ -43,11 +49,6 @@ def find_sv_root(data_dir: Path) -> Path:
         f"{data_dir} is not a CompCars sv_data folder: expected {NAMES_MAT}, image/ and "
         f"{', '.join(SPLIT_FILES.values())}"
     )
-
-
-def _cell_text(item: Any) -> str:
-    arr = np.asarray(item).reshape(-1)
-    return str(arr[0]).strip() if arr.size else ""
 
 
 def _cell_id(item: Any) -> int | None:
@@ -84,7 +85,7 @@ def read_sv_names(mat_path: Path) -> dict[int, tuple[str, str, int | None]]:
     out = {}
     for i, row in enumerate(cell):
         web = _cell_id(row[2]) if cell.shape[1] > 2 else None
-        out[i + 1] = (_cell_text(row[0]), _cell_text(row[1]), web)
+        out[i + 1] = (mat_cell_text(row[0]), mat_cell_text(row[1]), web)
     return out
 
 
