@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine_build.build import (
     BUILD_BACKENDS,
+    MAX_BATCH,
     PRECISIONS,
     BuildError,
     ParityGateError,
@@ -78,7 +79,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--opt-batch", type=int, default=None, help="TensorRT profile optimum; min(32, max)"
     )
-    parser.add_argument("--max-batch", type=int, default=64, help="largest batch any engine takes")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=64,
+        help=f"largest batch any engine takes, at most {MAX_BATCH} (the worker's largest "
+        "max_batch)",
+    )
     parser.add_argument(
         "--parity-data",
         type=Path,
@@ -125,8 +132,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=0.0,
         help="min top-1 agreement of the int8 model (0 = report only)",
     )
-    parser.add_argument("--model-name", default=None, help="default: carstream-<arch>")
-    parser.add_argument("--model-version", default=None, help="default: epoch<N>")
+    parser.add_argument(
+        "--model-name",
+        default=None,
+        help="recorded in the manifest and results; not blank, no control characters; "
+        "default: carstream-<arch>",
+    )
+    parser.add_argument(
+        "--model-version",
+        default=None,
+        help="recorded in the manifest and results; not blank, no control characters; "
+        "default: epoch<N>",
+    )
     parser.add_argument(
         "--opset", type=int, default=17, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET}"
     )

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,27 @@ BUILD_BACKENDS = ("auto", "tensorrt", "onnxruntime")
 ONNX_FILE, INT8_FILE, FP16_ONNX_FILE = "model.onnx", "model.int8.onnx", "model.fp16.onnx"
 TORCH_FILE, PLAN_FILE = "model.pt", "model.fp16.plan"
 BATCH1_IMAGES = 8  # parity images also run one at a time through every artifact
+# the worker's max_batch is at most 4096 (worker/settings.py), so a larger profile is never used;
+# TensorRT would still allocate for it (--max-batch 40960 at 224 px: a 23 GiB input buffer)
+MAX_BATCH = 4096
+# control characters (newline, tab, escape...) and line/paragraph separators: the name and version
+# go into the manifest and every result message, where they would break lines or logs
+_UNPRINTABLE = ("Cc", "Zl", "Zp")
+
+
+def check_label_text(flag: str, value: str | None) -> None:
+    """Refuse a --model-name / --model-version that is empty, only whitespace, or holds a control
+    character (None: the default is used)."""
+    if value is None:
+        return
+    if not value.strip():
+        raise BuildError(f"{flag} {value!r}: must not be empty or only whitespace")
+    bad = next((c for c in value if unicodedata.category(c) in _UNPRINTABLE), None)
+    if bad is not None:
+        raise BuildError(
+            f"{flag} {value!r}: holds the control character or line break U+{ord(bad):04X}; "
+            "use printable text"
+        )
 
 
 class BuildError(ValueError):
@@ -109,6 +131,13 @@ class BuildOptions:
                 f"batch profile must satisfy 1 <= min <= opt <= max; got "
                 f"{self.min_batch}/{opt}/{self.max_batch}"
             )
+        if self.max_batch > MAX_BATCH:
+            raise BuildError(
+                f"--max-batch {self.max_batch}: must be <= {MAX_BATCH} (the worker's largest "
+                "max_batch)"
+            )
+        check_label_text("--model-name", self.model_name)
+        check_label_text("--model-version", self.model_version)
         for flag in ("fp32_agreement", "fp16_agreement", "int8_agreement"):
             if not 0.0 <= getattr(self, flag) <= 1.0:
                 raise BuildError(

@@ -1,0 +1,61 @@
+"""Options with no sane use — an extra zero in --max-batch, a blank model name, a newline in the
+version that would land in the manifest and every result message — are one line and exit 2
+before the checkpoint is even opened."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine_build.__main__ import get_args_parser, main
+from engine_build.build import MAX_BATCH, BuildError, BuildOptions
+
+
+def run_main(tmp_path, *options: str) -> int:
+    argv = ["--checkpoint", str(tmp_path / "no_ckpt"), "--out", str(tmp_path / "b")]
+    return main(get_args_parser().parse_args([*argv, "--log-level", "ERROR", *options]))
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["--max-batch", "640000"], "--max-batch 640000"),
+        (["--max-batch", str(MAX_BATCH + 1)], f"--max-batch {MAX_BATCH + 1}"),
+        (["--model-name", ""], "--model-name ''"),
+        (["--model-name", "  \t"], "--model-name"),
+        (["--model-name", "cars\nv2"], "U+000A"),
+        (["--model-version", "v1\n"], "--model-version 'v1\\n'"),
+        (["--model-version", "v1\r"], "U+000D"),
+        (["--model-version", "v\x1b[31m1"], "U+001B"),
+        (["--model-version", "v1\u2028"], "U+2028"),
+        (["--model-version", ""], "--model-version ''"),
+    ],
+)
+def test_refused_in_one_line_before_any_work(tmp_path, capsys, options, needle):
+    assert run_main(tmp_path, *options) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m engine_build: error:"), err
+    assert needle in err and "no_ckpt" not in err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_batch": MAX_BATCH, "opt_batch": 32},
+        {"model_name": "carstream-r50 (Ünïcode ok)", "model_version": "2024.06 rc1"},
+    ],
+)
+def test_sane_values_still_pass(options):
+    BuildOptions(precisions=("fp32",), **options).validate()
+
+
+def test_python_api_refuses_a_blank_name_too():
+    with pytest.raises(BuildError, match="--model-name"):
+        BuildOptions(model_name=" ").validate()
+
+
+def test_bounds_are_in_the_help():
+    helps = {a.dest: a.help for a in get_args_parser()._actions}
+    assert str(MAX_BATCH) in helps["max_batch"]
+    assert "control characters" in helps["model_name"]
+    assert "control characters" in helps["model_version"]
