@@ -27,6 +27,10 @@ from training.models import ARCHS, UnknownArchError, build_model
 
 log = logging.getLogger(__name__)
 
+# the worker's max_batch is at most 4096 (worker/settings.py), so no larger batch ever reaches a
+# deployed engine; 40960 images at 224 px would be a 23 GiB input tensor before the first layer
+MAX_BENCH_BATCH = 4096
+
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -102,7 +106,12 @@ def get_args_parser(add_parser=None, name: str = "compare") -> argparse.Argument
     parser.add_argument("--out", type=Path, required=True, help="one sub-directory per arch")
     train_cmd.add_data_args(parser)
     train_cmd.add_train_args(parser)
-    parser.add_argument("--bench-batch", type=positive_int, default=16, help="inference batch")
+    parser.add_argument(
+        "--bench-batch",
+        type=positive_int,
+        default=16,
+        help=f"inference benchmark batch, 1..{MAX_BENCH_BATCH} (the worker's largest max_batch)",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -117,6 +126,9 @@ def arch_run_args(args: argparse.Namespace, arch: str) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Train and measure each arch; return the table's rows (rank 0) or [] (other ranks)."""
     archs = parse_archs(args.archs)
+    if args.bench_batch > MAX_BENCH_BATCH:  # refused now, not after every arch has trained
+        raise BadArgumentError(f"--bench-batch {args.bench_batch}: must be <= {MAX_BENCH_BATCH}")
+    train_cmd.check_train_args(args)  # so is a bad --image-size or --batch-size
     # every arch's --out is checked before the first one trains, not after it
     for arch in archs:
         train_cmd.check_no_checkpoint_in_out(arch_run_args(args, arch))

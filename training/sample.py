@@ -194,7 +194,24 @@ def get_args_parser(add_parser=None, name: str = "make-sample") -> argparse.Argu
     parser.add_argument("--classes", type=positive_int, default=6, help="models in the split")
     parser.add_argument("--per-class", type=positive_int, default=30, help="images per model")
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out that already exists and is not empty, replacing the files the "
+        "sample writes (without it such an --out is refused; nothing else there is deleted)",
+    )
     return parser
+
+
+def check_out_is_new(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that already holds something (an earlier sample, or anything else) unless
+    --overwrite says to write over it: a mistyped --out must not silently change a data set. An
+    empty directory is used as is."""
+    if overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    raise BadArgumentError(
+        f"--out {out} already exists and is not empty; pass --overwrite to write the sample over it"
+    )
 
 
 def main(args: argparse.Namespace) -> dict[str, int]:
@@ -203,6 +220,7 @@ def main(args: argparse.Namespace) -> dict[str, int]:
     if args.per_class < 2:
         raise BadArgumentError("--per-class must be >= 2 (one train and one test image)")
     check_out_dir(args.out)
+    check_out_is_new(args.out, args.overwrite)
     summary = make_sample(args.out, args.classes, args.per_class, args.seed)
     print(
         f"wrote SYNTHETIC CompCars-layout sample to {args.out}: {summary['classes']} classes, "

@@ -66,6 +66,11 @@ from training.transforms import EvalTransform, train_transform
 
 log = logging.getLogger(__name__)
 
+MIN_IMAGE_SIZE = 32  # a ResNet downsamples 32x: smaller inputs leave nothing for the last stage
+# 18x the usual 224 px: resnet50's first conv output alone is 1 GiB (fp32) per 4096 px image, and
+# training keeps several such maps per image, so a larger size is an extra zero, not a plan
+MAX_IMAGE_SIZE = 4096
+
 
 def add_data_args(
     parser: argparse.ArgumentParser,
@@ -88,7 +93,13 @@ def add_data_args(
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     """Flags of one training run; shared with compare."""
-    parser.add_argument("--image-size", type=positive_int, default=224, help="crop size")
+    parser.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=224,
+        help=f"crop size in px, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (beyond {MAX_IMAGE_SIZE} one "
+        "image's activations take GiBs: a typo, not a plan)",
+    )
     parser.add_argument("--epochs", type=positive_int, default=30, help="total epochs")
     parser.add_argument("--opt", choices=("sgd", "adamw"), default="sgd", help="optimizer")
     parser.add_argument("--lr", type=positive_float, default=0.01, help="backbone LR")
@@ -353,7 +364,6 @@ def check_resume(args: argparse.Namespace, ckpt: dict[str, Any], world_size: int
 
 # what a resumed run restores beyond the weights (training writes them every epoch)
 RESUME_STATE = ("optimizer", "lr_scheduler", "epoch")
-MIN_IMAGE_SIZE = 32  # a ResNet downsamples 32x: smaller inputs leave nothing for the last stage
 MIN_BATCH_SIZE = 2  # BatchNorm cannot train on one image (a 1x1 map at the last stage)
 DATASETS_WITH_BOXES = ("compcars",)  # compcars-sv images are crops already; folders have no labels
 
@@ -378,8 +388,10 @@ def check_train_args(args: argparse.Namespace) -> None:
         raise BadArgumentError(
             f"--warmup-epochs {args.warmup_epochs}: must be <= --epochs {args.epochs}"
         )
-    if args.image_size < MIN_IMAGE_SIZE:
-        raise BadArgumentError(f"--image-size {args.image_size}: must be >= {MIN_IMAGE_SIZE}")
+    if not MIN_IMAGE_SIZE <= args.image_size <= MAX_IMAGE_SIZE:
+        raise BadArgumentError(
+            f"--image-size {args.image_size}: must be in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}"
+        )
     check_crop(args.crop, args.dataset)
 
 
