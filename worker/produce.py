@@ -16,6 +16,8 @@ import itertools
 import json
 import logging
 import math
+import os
+import stat
 import sys
 import threading
 import time
@@ -35,6 +37,10 @@ DEFAULT_PLATFORM = "carstream-produce"
 MAX_TIMEOUT_S = 86400.0  # a day; kafka-python and threading overflow on far larger waits
 CONNECT_GRACE_S = 5.0  # past --timeout, for kafka-python to report its own bootstrap timeout
 MIN_RATE = 1 / MAX_TIMEOUT_S  # one event a day; time.sleep overflows on the wait of a far lower
+MAX_REQUEST_BYTES = 16 * 1024 * 1024  # the producer's max_request_size: no larger record is sent
+# base64 makes 4 bytes of 3: a larger image cannot fit an event within the request size
+MAX_IMAGE_BYTES = MAX_REQUEST_BYTES // 4 * 3
+_SKIP_CHUNK = 1 << 20  # how much of an over-long JSON line is read at a time, to skip it
 
 
 class TokenBucket:
@@ -106,10 +112,36 @@ class InputReadError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One Kafka message to send."""
+    """One Kafka message to send; `refused` (why) instead when it cannot be one."""
 
     key: bytes | None
     value: bytes
+    refused: str | None = None
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1024 * 1024):g} MiB"
+
+
+def read_image(path: Path, max_bytes: int = MAX_IMAGE_BYTES) -> bytes | str:
+    """The file's bytes, or why it is too large to send (a string), without reading it whole.
+
+    A regular file is judged by its size before any read, so a multi-GB file costs one fstat;
+    a file whose size says nothing (a pipe, a /proc file: 0) by a read of at most max_bytes + 1.
+    """
+    with path.open("rb") as file:
+        info = os.fstat(file.fileno())
+        if stat.S_ISREG(info.st_mode) and info.st_size > max_bytes:
+            size = f"{info.st_size} bytes"
+        else:
+            data = file.read(max_bytes + 1)
+            if len(data) <= max_bytes:
+                return data
+            size = "more"
+    return (
+        f"--images: {path}: {size}, over the {_mib(max_bytes)} an image can have in a "
+        f"{_mib(max_bytes // 3 * 4)} record (base64); not read"
+    )
 
 
 def image_messages(
@@ -117,28 +149,79 @@ def image_messages(
     cities: Sequence[str],
     platform: str,
     count: int | None,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> Iterator[Message]:
-    """Post events from the images (cycled when `count` exceeds them), cities round-robin."""
+    """Post events from the images (cycled when `count` exceeds them), cities round-robin.
+
+    An image too large for a record is a refused message (counted as failed), never read whole.
+    """
     city_cycle = itertools.cycle(cities) if cities else itertools.repeat(None)
     source = itertools.cycle(images) if count is not None else iter(images)
     for path in itertools.islice(source, count):
         try:
-            image = path.read_bytes()
+            image = read_image(path, max_image_bytes)
         except OSError as exc:  # removed, unreadable or failing since find_images listed it
             raise InputReadError(f"--images: cannot read {path}: {exc.strerror or exc}") from exc
+        if isinstance(image, str):
+            next(city_cycle)  # the posts that are sent keep their round-robin cities
+            yield Message(None, b"", refused=image)
+            continue
         event = build_event(image, next(city_cycle), platform)
         yield Message(event["post_id"].encode(), json.dumps(event).encode())
 
 
-def jsonl_messages(path: Path, count: int | None) -> Iterator[Message]:
-    """Each non-blank line as given; keyed by its post_id when it is a JSON object with one."""
+def jsonl_messages(
+    path: Path, count: int | None, max_bytes: int = MAX_REQUEST_BYTES
+) -> Iterator[Message]:
+    """Each non-blank line as given; keyed by its post_id when it is a JSON object with one.
+
+    `count` lines at most; fewer lines than `count` are each sent once, with one warning (only
+    --images are cycled). A line over `max_bytes` is a refused message (counted as failed): it
+    is skipped a chunk at a time, never held whole.
+    """
+    yielded = 0
     try:
         with path.open("rb") as lines:
-            stripped = (line.rstrip(b"\r\n") for line in lines)
-            for line in itertools.islice((ln for ln in stripped if ln.strip()), count):
-                yield Message(_post_id_key(line), line)
+            for number, line in enumerate(_bounded_lines(lines, max_bytes), 1):
+                if isinstance(line, int):
+                    yield Message(
+                        None,
+                        b"",
+                        refused=f"--jsonl {path}: line {number}: {line} bytes, over the "
+                        f"{_mib(max_bytes)} of a record; not read whole",
+                    )
+                else:
+                    line = line.rstrip(b"\r\n")
+                    if not line.strip():
+                        continue
+                    yield Message(_post_id_key(line), line)
+                yielded += 1
+                if yielded == count:
+                    return
     except OSError as exc:
         raise InputReadError(f"--jsonl {path}: cannot read: {exc.strerror or exc}") from exc
+    if count is not None and yielded:  # none at all is an error the caller reports
+        logger.warning(
+            "--count %d but %s has %d non-blank line%s: each is sent once (--count cycles "
+            "--images only)",
+            count,
+            path,
+            yielded,
+            "" if yielded == 1 else "s",
+        )
+
+
+def _bounded_lines(file: Any, max_bytes: int) -> Iterator[bytes | int]:
+    """The file's lines (line ends kept), each read with at most max_bytes + 1 bytes held;
+    a longer line is skipped and given as its length instead."""
+    while line := file.readline(max_bytes + 1):
+        if len(line.rstrip(b"\r\n")) <= max_bytes:
+            yield line
+            continue
+        size = len(line)
+        while not line.endswith(b"\n") and (line := file.readline(_SKIP_CHUNK)):
+            size += len(line)
+        yield size - (2 if line.endswith(b"\r\n") else 1 if line.endswith(b"\n") else 0)
 
 
 def _post_id_key(line: bytes) -> bytes | None:
@@ -217,7 +300,7 @@ def send_all(
     max_block_ms: it does not exist and the broker does not create it, or the broker is gone)
     raises ProduceAbortedError; `report` (pass one in to keep it) then holds the counts so far.
     """
-    from kafka.errors import KafkaError, KafkaTimeoutError
+    from kafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 
     report = report if report is not None else SendReport()
     started = time.monotonic()
@@ -227,6 +310,10 @@ def send_all(
 
     try:
         for number, message in enumerate(messages, 1):
+            if message.refused is not None:  # too large: the producer would refuse it too,
+                report.attempted += 1  # so it fails as the same kind, unread and unsent
+                report.record_failure(number, MessageSizeTooLargeError(message.refused))
+                continue
             bucket.acquire()
             report.attempted += 1
             try:
@@ -398,7 +485,7 @@ def _main(args: argparse.Namespace) -> int:
         **kafka_common_config(settings),
         acks="all",
         linger_ms=20,
-        max_request_size=16 * 1024 * 1024,
+        max_request_size=MAX_REQUEST_BYTES,
         max_block_ms=timeout_ms,
         bootstrap_timeout_ms=timeout_ms,  # kafka-python's default is 30 s, whatever --timeout
     )

@@ -17,6 +17,7 @@ from kafka import KafkaConsumer, TopicPartition
 from PIL import Image
 
 from worker.produce import (
+    MAX_IMAGE_BYTES,
     MAX_TIMEOUT_S,
     Message,
     ProduceAbortedError,
@@ -24,7 +25,9 @@ from worker.produce import (
     TokenBucket,
     build_event,
     find_images,
+    image_messages,
     jsonl_messages,
+    read_image,
     send_all,
 )
 from worker.stack import TansuBroker, create_topics, free_port
@@ -116,6 +119,81 @@ def test_jsonl_keys_of_post_ids_that_cannot_be_keys_are_none(tmp_path: Path) -> 
     messages = list(jsonl_messages(path, None))  # a lone surrogate or deep nesting: tracebacks
     assert [m.value for m in messages] == lines
     assert [m.key for m in messages] == [None, None, b"ok"]
+
+
+def test_a_huge_image_is_refused_by_its_size_without_being_read(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.jpg"
+    with huge.open("wb") as f:
+        f.truncate(4 << 30)  # 4 GiB, sparse: reading it whole took 4 GiB of memory first
+    reason = read_image(huge)
+    assert reason == (
+        f"--images: {huge}: {4 << 30} bytes, over the 12 MiB an image can have in a 16 MiB "
+        "record (base64); not read"
+    )
+    assert MAX_IMAGE_BYTES // 3 * 4 == 16 * 1024 * 1024
+    small = tmp_path / "small.png"
+    small.write_bytes(b"\x89PNG" * 10)
+    messages = list(image_messages([small, huge, small], ["Paris", "Lyon"], "p", None))
+    assert [m.refused for m in messages] == [None, reason, None]
+    cities = [json.loads(m.value)["city"] for m in messages if m.refused is None]
+    assert cities == ["Paris", "Paris"]  # round-robin over the posts the huge one would have had
+
+
+def test_a_file_without_a_size_is_read_with_a_bounded_read(tmp_path: Path) -> None:
+    import threading
+
+    fifo = tmp_path / "pipe.png"
+    for payload, expected in [(b"y" * 30, b"y" * 30), (b"y" * 31, None)]:
+        os.mkfifo(fifo)
+        writer = threading.Thread(target=lambda p=payload: fifo.write_bytes(p))
+        writer.start()
+        got = read_image(fifo, max_bytes=30)
+        writer.join(5)
+        fifo.unlink()
+        if expected is None:
+            assert isinstance(got, str) and f"{fifo}: more, over the" in got
+        else:
+            assert got == expected
+
+
+def test_jsonl_lines_over_the_record_size_are_refused_and_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(b'{"post_id": "a"}\n' + b"z" * 100 + b"\r\n\n" + b"w" * 20 + b"\n" + b"q" * 21)
+    messages = list(jsonl_messages(path, None, max_bytes=20))
+    assert [m.value for m in messages] == [b'{"post_id": "a"}', b"", b"w" * 20, b""]
+    assert [m.key for m in messages] == [b"a", None, None, None]
+    assert messages[1].refused == f"--jsonl {path}: line 2: 100 bytes, over the " + (
+        f"{20 / 1024 / 1024:g} MiB of a record; not read whole"
+    )
+    assert messages[3].refused is not None and "line 5: 21 bytes" in messages[3].refused
+
+
+def test_refused_messages_count_as_failed_without_reaching_the_producer(caplog) -> None:
+    producer = FakeProducer(max_bytes=100)
+    messages = [Message(None, b"x"), Message(None, b"", refused="--images: big.jpg: too large")]
+    with caplog.at_level("WARNING", logger="worker.produce"):
+        report = send_all(producer, "t", iter(messages * 2), TokenBucket(0))
+    assert (report.attempted, report.sent, report.failed) == (4, 2, 2)
+    assert report.failures == {"MessageSizeTooLargeError": 2} and producer.calls == 2
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith("record 2 not sent: ")
+    assert "MessageSizeTooLargeError: --images: big.jpg: too large" in warnings[0]
+
+
+def test_a_count_beyond_the_jsonl_lines_sends_each_once_with_one_warning(
+    tmp_path: Path, caplog
+) -> None:
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(b'{"post_id": "a"}\n\n{"post_id": "b"}\n')
+    with caplog.at_level("WARNING", logger="worker.produce"):
+        assert len(list(jsonl_messages(path, 5))) == 2  # not cycled, as before
+        assert len(list(jsonl_messages(path, 2))) == 2  # enough lines: no warning
+        assert len(list(jsonl_messages(path, None))) == 2
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        f"--count 5 but {path} has 2 non-blank lines: each is sent once (--count cycles "
+        "--images only)"
+    ]
 
 
 def _images(root: Path, n: int) -> list[Path]:
