@@ -56,11 +56,12 @@ redis.Redis.from_url("$CARSTREAM_REDIS_URL").flushdb()  # the demo's own Redis: 
 EOF
 
 say "sample data set"
-"$PY" -m training make-sample --out "$DEMO_DIR/sample"
+# --overwrite here and in train: a second `make demo` starts again from its own earlier files
+"$PY" -m training make-sample --out "$DEMO_DIR/sample" --overwrite
 
 say "training a small resnet18 ($EPOCHS epochs)"
 "$PY" -m training train --dataset compcars --data "$DEMO_DIR/sample" --out "$DEMO_DIR/checkpoint" \
-    --arch resnet18 --pretrained none --opt adamw --lr 0.001 --head-lr-mult 1 \
+    --overwrite --arch resnet18 --pretrained none --opt adamw --lr 0.001 --head-lr-mult 1 \
     --epochs "$EPOCHS" --image-size 64 --batch-size 32 --workers 0
 
 say "building the model bundle"
