@@ -295,19 +295,19 @@ def _serve(
         if isinstance(connected, int):
             return connected
         consumer, producer = connected
-        writer = TrendWriter(
-            redis_client(settings),
-            settings.group_id,
-            settings.trend_minute_ttl_s,
-            settings.trend_hour_ttl_s,
-            settings.dedup_ttl_s,
-        )
-        worker = StreamWorker(
-            settings, engines, bundle.manifest, consumer, producer, writer, metrics, stop
-        )
-        name_python_threads()  # Kafka I/O and metrics threads, for top -H and CPU accounting
         started = time.monotonic()
         try:
+            writer = TrendWriter(
+                redis_client(settings),
+                settings.group_id,
+                settings.trend_minute_ttl_s,
+                settings.trend_hour_ttl_s,
+                settings.dedup_ttl_s,
+            )
+            worker = StreamWorker(
+                settings, engines, bundle.manifest, consumer, producer, writer, metrics, stop
+            )
+            name_python_threads()  # Kafka I/O and metrics threads, for top -H and CPU accounting
             worker.run()
         except FatalWorkerError as exc:
             # the batch in hand stays uncommitted: the replica that gets it next (this one,
@@ -318,6 +318,7 @@ def _serve(
             log.exception("stopping on an unexpected error; the batch in hand is left uncommitted")
             return 1
         finally:
+            # the clients are closed on every way out, a failure setting up the loop included
             metrics.set_ready(False)
             # kafka-python closes the consumer's sockets under its IO thread's feet, which may
             # then log an ERROR with a traceback for a socket it finds closed

@@ -402,8 +402,19 @@ class _FakeServer:
         self.shutdowns += 1
 
 
-def _serve_with_fakes(monkeypatch, connect_error=None, stop_first=False, warm_error=None):
-    """`_serve` with a fake bundle, engines and metrics server, and a connect that fails."""
+class _ClosableClient:
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def close(self, **_kwargs) -> None:
+        self.closed += 1
+
+
+def _serve_with_fakes(
+    monkeypatch, connect_error=None, stop_first=False, warm_error=None, clients=None
+):
+    """`_serve` with a fake bundle, engines and metrics server, and a connect that fails (or,
+    with ``clients``, hands out those fake consumer and producer)."""
     import threading
     import types
 
@@ -421,7 +432,11 @@ def _serve_with_fakes(monkeypatch, connect_error=None, stop_first=False, warm_er
     monkeypatch.setattr(engine_build.runtime, "create_engine", lambda *_a, **_k: next(made))
     monkeypatch.setattr(worker.metrics, "start", lambda server: server)
 
+    handed = iter(clients or ())
+
     def within_deadline(_factory, _timeout_s):
+        if clients:
+            return next(handed)
         raise connect_error
 
     monkeypatch.setattr(worker.connections, "within_deadline", within_deadline)
@@ -458,3 +473,16 @@ def test_an_unexpected_error_starting_up_still_closes_the_engines_and_the_server
     assert isinstance(outcome, RuntimeError) and closed == [1, 1] and shutdowns == 1
     outcome, closed, shutdowns = _serve_with_fakes(monkeypatch, warm_error=MemoryError("oom"))
     assert isinstance(outcome, MemoryError) and closed == [1, 1] and shutdowns == 1
+
+
+def test_a_failure_setting_up_the_loop_closes_the_kafka_clients_too(monkeypatch):
+    import worker.pipeline
+
+    def refuse(*_args, **_kwargs):
+        raise ValueError("the loop refuses these settings")
+
+    monkeypatch.setattr(worker.pipeline, "StreamWorker", refuse)
+    clients = [_ClosableClient(), _ClosableClient()]  # the consumer, then the producer
+    outcome, closed, shutdowns = _serve_with_fakes(monkeypatch, clients=clients)
+    assert outcome == 1 and closed == [1, 1] and shutdowns == 1
+    assert [c.closed for c in clients] == [1, 1]
