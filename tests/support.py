@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -129,3 +130,66 @@ def build_worker_bundle(work: Path) -> Path:
         max_batch=16,
         threads=1,
     )
+
+
+def make_certificates(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A one-day test CA and a server certificate and key for 127.0.0.1 it signed (PEM files:
+    ca, cert, key); skips the test without the openssl CLI."""
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed: cannot make a test certificate")
+    ca_key, ca, key, csr, crt = (
+        tmp_path / n for n in ("ca.key", "ca.crt", "s.key", "s.csr", "s.crt")
+    )
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca),
+        "-days",
+        "1",
+        "-subj",
+        "/CN=carstream-test-ca",
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-out",
+        str(crt),
+        "-days",
+        "1",
+        "-extfile",
+        str(ext),
+    )
+    return ca, crt, key

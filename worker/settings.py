@@ -10,6 +10,7 @@ import difflib
 import os
 import re
 import socket
+import ssl
 import stat
 from collections.abc import Mapping
 from typing import Annotated, Literal
@@ -125,6 +126,64 @@ FILE_SETTINGS = (
     "redis_tls_certfile",
     "redis_tls_keyfile",
 )
+
+
+# the CA bundles and the client certificate/key pairs among them, which Python's ssl module loads
+# as the clients do (load_verify_locations, load_cert_chain)
+CA_SETTINGS = ("ssl_cafile", "redis_tls_ca_certs")
+CERT_KEY_SETTINGS = (("ssl_certfile", "ssl_keyfile"), ("redis_tls_certfile", "redis_tls_keyfile"))
+
+
+_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)")
+
+
+def _ssl_reason(exc: Exception) -> str:
+    """OpenSSL's reason in words, without the ``(_ssl.c:NNNN)`` location."""
+    reason = getattr(exc, "reason", None)
+    text = _SSL_SOURCE.sub("", str(exc))
+    if reason == "NO_CERTIFICATE_OR_CRL_FOUND":
+        return "no PEM certificate in it"
+    if reason == "KEY_VALUES_MISMATCH":
+        return "the key does not match the certificate"
+    if "PEM lib" in text:
+        return "a damaged or unreadable PEM block"
+    return text
+
+
+def bad_ca_file_reason(path: str) -> str | None:
+    """None if ``path`` holds PEM CA certificates, else why not: a file that is not one
+    otherwise reads, inside kafka-python, as a broker that cannot be bootstrapped."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        return f"not a CA certificate file: {_ssl_reason(exc)}"
+    return None
+
+
+def _no_key_password() -> bytes:
+    # carstream has no key-password setting: an encrypted key must fail, not prompt on a TTY
+    raise ValueError("the key is encrypted, and carstream takes no key password; decrypt it")
+
+
+def bad_cert_chain_reason(certfile: str, keyfile: str | None) -> str | None:
+    """None if the client certificate (with its key, in ``keyfile`` or in the same file) loads
+    as the clients load it, else why not: no certificate, no key, a key that does not match,
+    an encrypted key."""
+    if bad_ca_file_reason(certfile) is not None:  # holds no certificate at all
+        return "no PEM certificate in it"
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+            certfile, keyfile, password=_no_key_password
+        )
+    except ssl.SSLError as exc:
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            return _ssl_reason(exc)
+        if keyfile is None:
+            return "no PEM private key in it, and no key file is set"
+        return "the key file holds no PEM private key"
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return None
 
 
 def unreadable_file_reason(path: str) -> str | None:
@@ -394,6 +453,19 @@ class WorkerSettings(BaseSettings):
             reason = unreadable_file_reason(path)
             if reason is not None:
                 raise ValueError(f"{name}: {path}: {reason}")
+        for name in CA_SETTINGS:
+            if getattr(self, name):
+                reason = bad_ca_file_reason(getattr(self, name))
+                if reason is not None:
+                    raise ValueError(f"{name}: {getattr(self, name)}: {reason}")
+        for cert, key in CERT_KEY_SETTINGS:
+            if getattr(self, cert):
+                reason = bad_cert_chain_reason(getattr(self, cert), getattr(self, key) or None)
+                if reason is not None:
+                    shown = f"{cert}: {getattr(self, cert)}"
+                    if getattr(self, key):
+                        shown += f" with {key}: {getattr(self, key)}"
+                    raise ValueError(f"{shown}: {reason}")
 
     def __repr_args__(self):
         for key, value in super().__repr_args__():

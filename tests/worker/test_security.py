@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.support import make_certificates
 from worker.connections import redis_client
 from worker.settings import WorkerSettings
 from worker.stack import free_port
@@ -64,67 +65,8 @@ def test_redis_password_is_used_and_required(tmp_path):
         proc.wait(timeout=10)
 
 
-def _certs(tmp_path: Path) -> tuple[Path, Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed: cannot make a test certificate")
-    ca_key, ca, key, csr, crt = (
-        tmp_path / n for n in ("ca.key", "ca.crt", "s.key", "s.csr", "s.crt")
-    )
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        str(ca_key),
-        "-out",
-        str(ca),
-        "-days",
-        "1",
-        "-subj",
-        "/CN=carstream-test-ca",
-    )
-    run(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        str(key),
-        "-out",
-        str(csr),
-        "-subj",
-        "/CN=127.0.0.1",
-    )
-    ext = tmp_path / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    run(
-        "x509",
-        "-req",
-        "-in",
-        str(csr),
-        "-CA",
-        str(ca),
-        "-CAkey",
-        str(ca_key),
-        "-CAcreateserial",
-        "-out",
-        str(crt),
-        "-days",
-        "1",
-        "-extfile",
-        str(ext),
-    )
-    return ca, crt, key
-
-
 def test_redis_tls_with_the_configured_ca(tmp_path):
-    ca, crt, key = _certs(tmp_path)
+    ca, crt, key = make_certificates(tmp_path)
     port = free_port()
     proc = start_redis(
         tmp_path,

@@ -4,12 +4,13 @@ and names a TLS file setting whose file the clients could not open."""
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 from kafka.cluster import collect_hosts
 from pydantic import ValidationError
 
-from tests.support import worker_cli
+from tests.support import make_certificates, worker_cli
 from worker.connections import kafka_common_config, redis_client
 from worker.settings import FILE_SETTINGS, WorkerSettings
 
@@ -147,13 +148,81 @@ def test_an_unreadable_file_setting_is_refused(tmp_path):
 
 
 def test_readable_and_unset_file_settings_pass(tmp_path):
-    pem = tmp_path / "ca.pem"
-    pem.write_text("not parsed here")
-    link = tmp_path / "ca-link.pem"  # Kubernetes projects Secret keys as symlinks
-    link.symlink_to(pem)
+    ca, crt, key = make_certificates(tmp_path)
+    links = {}
+    for name, target in (("ca", ca), ("crt", crt), ("key", key)):
+        links[name] = tmp_path / f"{name}-link.pem"  # Kubernetes projects Secrets as symlinks
+        links[name].symlink_to(target)
     WorkerSettings().check_files()
     WorkerSettings(**{name: "" for name in FILE_SETTINGS}).check_files()  # empty is unset
-    WorkerSettings(**{name: str(link) for name in FILE_SETTINGS}).check_files()
+    WorkerSettings(
+        ssl_cafile=str(links["ca"]),
+        ssl_certfile=str(links["crt"]),
+        ssl_keyfile=str(links["key"]),
+        redis_tls_ca_certs=str(links["ca"]),
+        redis_tls_certfile=str(links["crt"]),
+        redis_tls_keyfile=str(links["key"]),
+    ).check_files()
+    combined = tmp_path / "client.pem"  # certificate and key in one file, no key file set
+    combined.write_text(crt.read_text() + key.read_text())
+    WorkerSettings(ssl_certfile=str(combined)).check_files()
+
+
+@pytest.mark.parametrize("prefix", ["ssl", "redis_tls"])
+def test_tls_files_that_are_not_what_their_setting_needs_are_named_with_the_reason(
+    prefix, tmp_path
+):
+    # before: kafka-python's "Unable to bootstrap" retried for ever, or a Redis SSL error on
+    # every batch, for a CA bundle that holds no certificate or a key that is not the cert's
+    _, crt, key = make_certificates(tmp_path)
+    (tmp_path / "other").mkdir()
+    other = make_certificates(tmp_path / "other")[2]  # a key from another certificate
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN NOTHING-----\n")
+    ca_name = "ssl_cafile" if prefix == "ssl" else "redis_tls_ca_certs"
+    cert_name, key_name = f"{prefix}_certfile", f"{prefix}_keyfile"
+    cases = [
+        ({ca_name: garbage}, f"{ca_name}: {garbage}: not a CA certificate file: a damaged"),
+        ({ca_name: crt.parent / "ext.cnf"}, "not a CA certificate file: no PEM certificate"),
+        ({ca_name: key}, f"{ca_name}: {key}: not a CA certificate file: no PEM certificate"),
+        ({cert_name: garbage, key_name: key}, f"{cert_name}: {garbage} with {key_name}: {key}: "
+         "no PEM certificate in it"),
+        ({cert_name: crt, key_name: other}, "the key does not match the certificate"),
+        ({cert_name: crt, key_name: garbage}, "the key file holds no PEM private key"),
+        ({cert_name: crt}, f"{cert_name}: {crt}: no PEM private key in it, and no key file"),
+    ]  # fmt: skip
+    for values, expected in cases:
+        settings = WorkerSettings(**{k: str(v) for k, v in values.items()})
+        with pytest.raises(ValueError) as info:
+            settings.check_files()
+        assert expected in str(info.value) and "\n" not in str(info.value), values
+
+
+def test_an_encrypted_key_is_refused_rather_than_prompting_for_its_password(tmp_path):
+    _, crt, key = make_certificates(tmp_path)
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(
+        ["openssl", "rsa", "-in", str(key), "-aes256", "-passout", "pass:pw", "-out",
+         str(encrypted)],
+        check=True, capture_output=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    settings = WorkerSettings(ssl_certfile=str(crt), ssl_keyfile=str(encrypted))
+    with pytest.raises(ValueError, match="the key is encrypted"):
+        settings.check_files()
+
+
+def test_run_refuses_a_ca_file_without_certificates_in_one_line(tmp_path):
+    bogus = tmp_path / "ca.pem"
+    bogus.write_text("not a certificate\n")
+    proc = worker_cli(
+        "run", "--bundle", "/no/such/bundle", "--security-protocol", "SSL",
+        "--ssl-cafile", str(bogus), timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"python -m worker run: error: ssl_cafile: {bogus}: not a CA certificate file: "
+        "no PEM certificate in it"
+    ]
 
 
 def test_run_refuses_a_missing_ca_file_in_one_line_before_connecting(tmp_path):
