@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = Path(".stack")
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_REDIS_PORT = 6380
+# a typo guard for the memory-only dev broker: 100,000 partitions would each take its memory
+MAX_PARTITIONS = 1024
 DEFAULT_TOPICS = ("car-posts", "car-predictions", "car-posts.dlq")
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -515,7 +517,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help=f"redis port (default: the running stack's, else {DEFAULT_REDIS_PORT})",
     )
     parser.add_argument(
-        "--partitions", type=int, default=4, help="partitions of each topic created by `up`"
+        "--partitions",
+        type=int,
+        default=4,
+        help=f"partitions of each topic created by `up` (1-{MAX_PARTITIONS}; the most replicas "
+        "that can share the work)",
     )
     parser.add_argument(
         "--topics",
@@ -543,6 +549,11 @@ def _argument_error(args: argparse.Namespace) -> str | None:
             return f"{flag} {port}: not a TCP port (1-65535)"
     if args.partitions < 1:
         return f"--partitions {args.partitions}: must be at least 1"
+    if args.partitions > MAX_PARTITIONS:
+        return (
+            f"--partitions {args.partitions}: at most {MAX_PARTITIONS} on the local stack, "
+            "whose memory-only broker holds every partition in memory"
+        )
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         return f"--timeout {args.timeout:g}: must be a number of seconds > 0"
     return _state_dir_error(args.state_dir, create=args.action == "up")

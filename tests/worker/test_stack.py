@@ -99,6 +99,7 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
     ("args", "needle"),
     [
         (["up", "--partitions", "0"], "--partitions 0"),
+        (["up", "--partitions", "100000"], "--partitions 100000: at most 1024"),
         (["up", "--kafka-port", "70000"], "70000"),
         (["up", "--timeout", "-1"], "--timeout -1"),
         (["up", "--timeout", "0"], "--timeout 0"),
