@@ -4,7 +4,9 @@ error and every I/O tensor is logged, and a null engine fails loudly.
 FP16 uses a *strongly typed* network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``) over an
 ONNX graph that is FP16 inside with FP32 I/O: TensorRT deprecated weak typing (``BuilderFlag.FP16``
 precision hints) in 10.12 and removes it in 11. TensorRT builds older than the flag fall back to
-weak typing, and the manifest records which one was used.
+weak typing (an ``EXPLICIT_BATCH`` network, which the ONNX parser needs before TensorRT 10), and the
+manifest records which one was used. TensorRT's own messages reach Python logging through the one
+process-wide logger of :func:`engine_build.runtime.tensorrt_engine.tensorrt_logger`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from engine_build.manifest import BatchProfile, TensorRTInfo
-from engine_build.runtime.tensorrt_engine import import_tensorrt
+from engine_build.runtime.tensorrt_engine import (
+    import_tensorrt,
+    tensorrt_logger,
+    trt_errors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +57,19 @@ def gpu_identity(device: int = 0) -> tuple[str, str]:
     return torch.cuda.get_device_name(device), f"{major}.{minor}"
 
 
-def _log_io(network: Any) -> None:
+def _log_io(network: Any, input_name: str) -> None:
+    """Log every network input and output; raise unless ``input_name`` is one of the inputs."""
+    inputs = []
     for i in range(network.num_inputs):
         t = network.get_input(i)
+        inputs.append(t.name)
         log.info("TensorRT input  %s shape=%s dtype=%s", t.name, tuple(t.shape), t.dtype)
     for i in range(network.num_outputs):
         t = network.get_output(i)
         log.info("TensorRT output %s shape=%s dtype=%s", t.name, tuple(t.shape), t.dtype)
+    if input_name not in inputs:
+        found = ", ".join(inputs) or "none"
+        raise TensorRTBuildError(f"the parsed network has no input {input_name!r} (has: {found})")
 
 
 def build_fp16_plan(
@@ -70,21 +82,26 @@ def build_fp16_plan(
 ) -> PlanBuild:
     """Build a FP16 plan for ``onnx_path`` (FP16 graph, FP32 I/O) over the batch profile."""
     trt = import_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = tensorrt_logger(trt)
+    mark = logger.mark()
     builder = trt.Builder(logger)
-    strong = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strong else 0
-    network = builder.create_network(flags)
+    creation = trt.NetworkDefinitionCreationFlag
+    strong = hasattr(creation, "STRONGLY_TYPED")
+    # EXPLICIT_BATCH is ignored (deprecated) in TensorRT 10, but required by the parser before it
+    network = builder.create_network(
+        1 << int(creation.STRONGLY_TYPED if strong else creation.EXPLICIT_BATCH)
+    )
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        for err in errors:
-            log.error("TensorRT ONNX parser: %s", err)
+    parsed = parser.parse_from_file(str(onnx_path))
+    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    for err in errors:
+        log.error("TensorRT ONNX parser: %s", err)
+    if not parsed or errors:  # as Polygraphy: any parser error fails, whatever parse returned
         raise TensorRTBuildError(
             f"TensorRT could not parse {onnx_path}: {len(errors)} error(s); first: "
-            f"{errors[0] if errors else 'unknown'}"
+            f"{errors[0] if errors else trt_errors(logger, mark)}"
         )
-    _log_io(network)
+    _log_io(network, input_name)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
@@ -93,22 +110,42 @@ def build_fp16_plan(
     opt_profile = builder.create_optimization_profile()
     chw = (3, image_size, image_size)
     opt_profile.set_shape(input_name, (profile.min, *chw), (profile.opt, *chw), (profile.max, *chw))
-    config.add_optimization_profile(opt_profile)
+    if config.add_optimization_profile(opt_profile) < 0:
+        raise TensorRTBuildError(
+            f"TensorRT rejected the optimisation profile {profile.min}/{profile.opt}/{profile.max} "
+            f"for {input_name!r}: {trt_errors(logger, mark)}"
+        )
 
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    try:
+        cache = config.create_timing_cache(cache_bytes)
+    except Exception as exc:  # a damaged file: TensorRT's binding raises or returns None
+        log.error("TensorRT could not read timing cache %s: %s", timing_cache, exc)
+        cache = None
+    # set_timing_cache returns False for a cache from another TensorRT version or GPU
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise TensorRTBuildError(
+            f"timing cache {timing_cache or '(new)'} cannot be used here (damaged, or made by "
+            f"another TensorRT version or GPU type?): {trt_errors(logger, mark)}; delete it or "
+            "pass another --timing-cache"
+        )
     log.info(
         "timing cache: %s", f"{timing_cache} ({len(cache_bytes)} bytes)" if cache_bytes else "new"
     )
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise TensorRTBuildError(f"TensorRT returned no engine for {onnx_path} (see log above)")
+        raise TensorRTBuildError(
+            f"TensorRT returned no engine for {onnx_path}: {trt_errors(logger, mark)}"
+        )
     if timing_cache:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-        log.info("timing cache saved to %s", timing_cache)
+        saved = config.get_timing_cache()
+        if saved is None:
+            log.warning("TensorRT has no timing cache to save to %s", timing_cache)
+        else:
+            timing_cache.parent.mkdir(parents=True, exist_ok=True)
+            timing_cache.write_bytes(bytes(saved.serialize()))
+            log.info("timing cache saved to %s", timing_cache)
     gpu_name, capability = gpu_identity()
     info = TensorRTInfo(
         version=trt.__version__,

@@ -7,6 +7,7 @@ come from torch.cuda, so no pycuda is needed either.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,67 @@ def import_tensorrt() -> Any:
     return trt
 
 
+_LOGGERS: dict[int, Any] = {}
+_LOGGERS_LOCK = threading.Lock()
+
+
+def tensorrt_logger(trt: Any) -> Any:
+    """The one ``trt.ILogger`` of this process, forwarding TensorRT's messages to Python logging.
+
+    TensorRT keeps a single logger pointer for the whole library ("if using multiple builder or
+    runtime objects, use the same logger, and ensure that it is thread-safe"), so every Builder and
+    Runtime here shares this one. Errors are also kept (the last 50), so that a failed build or
+    deserialisation can name TensorRT's own reason in its exception, not only on stderr.
+    """
+    with _LOGGERS_LOCK:
+        if id(trt) not in _LOGGERS:
+            _LOGGERS[id(trt)] = _make_logger(trt)
+        return _LOGGERS[id(trt)]
+
+
+def _make_logger(trt: Any) -> Any:
+    errors = (trt.Logger.INTERNAL_ERROR, trt.Logger.ERROR)
+    levels = {trt.Logger.WARNING: logging.WARNING, trt.Logger.INFO: logging.DEBUG}
+    trt_log = logging.getLogger("tensorrt")
+
+    class PythonLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self._lock = threading.Lock()
+            self._errors: list[str] = []
+            self._count = 0
+
+        def log(self, severity: Any, msg: str) -> None:  # called by TensorRT: must not raise
+            try:
+                if severity in errors:
+                    trt_log.error("%s", msg)
+                    with self._lock:
+                        self._errors = [*self._errors[-49:], msg]
+                        self._count += 1
+                elif severity in levels:
+                    trt_log.log(levels[severity], "%s", msg)
+            except Exception:  # a logging failure must not reach TensorRT
+                pass
+
+        def mark(self) -> int:
+            """A position; :meth:`errors_since` returns the errors logged after it."""
+            with self._lock:
+                return self._count
+
+        def errors_since(self, mark: int) -> list[str]:
+            with self._lock:
+                n = self._count - mark
+                return self._errors[-n:] if n > 0 else []
+
+    return PythonLogger()
+
+
+def trt_errors(logger: Any, mark: int) -> str:
+    """TensorRT's errors logged since ``mark``, for an exception message."""
+    errors = logger.errors_since(mark)
+    return "; ".join(errors) if errors else "no TensorRT error logged"
+
+
 def plan_mismatch(artifact: Artifact, gpu_name: str, trt_version: str) -> str | None:
     """Why a plan cannot run on ``gpu_name`` with TensorRT ``trt_version``; None when it fits."""
     info = artifact.tensorrt
@@ -49,8 +111,53 @@ def plan_mismatch(artifact: Artifact, gpu_name: str, trt_version: str) -> str | 
     return f"plan {artifact.file} " + "; ".join(reasons) if reasons else None
 
 
-def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
-    return {trt.float32: torch.float32, trt.float16: torch.float16}[dtype]
+def plan_io(
+    trt: Any,
+    engine: Any,
+    input_name: str,
+    output_name: str,
+    sample_shape: tuple[int, ...],
+    num_classes: int,
+) -> tuple[torch.dtype, torch.dtype]:
+    """Log every I/O tensor of a deserialised plan and check them against the manifest.
+
+    TensorRT does not fail on a wrong name: ``get_tensor_dtype`` answers FLOAT and
+    ``get_tensor_shape`` an empty shape for a name the plan lacks, so the checks are made here,
+    over ``num_io_tensors``/``get_tensor_name``/``get_tensor_mode``. Returns the torch dtypes of the
+    input and the output; raises EngineUnavailableError naming every difference.
+    """
+    dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
+    found = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        mode = engine.get_tensor_mode(name)
+        shape = tuple(engine.get_tensor_shape(name))
+        dtype = engine.get_tensor_dtype(name)
+        kind = "input " if mode == trt.TensorIOMode.INPUT else "output"
+        log.info("TensorRT plan %s %s shape=%s dtype=%s", kind, name, shape, dtype)
+        found[name] = (mode, shape, dtype)
+    expected = {
+        input_name: (trt.TensorIOMode.INPUT, (-1, *sample_shape)),
+        output_name: (trt.TensorIOMode.OUTPUT, (-1, num_classes)),
+    }
+    problems = [f"unexpected I/O tensor {name!r}" for name in found if name not in expected]
+    for name, (mode, shape) in expected.items():
+        role = "input" if mode == trt.TensorIOMode.INPUT else "output"
+        if name not in found:
+            problems.append(f"no {role} {name!r}")
+            continue
+        got_mode, got_shape, got_dtype = found[name]
+        if got_mode != mode:
+            problems.append(f"{name!r} is not an {role}")
+        if len(got_shape) != len(shape) or got_shape[1:] != shape[1:]:
+            problems.append(f"{name!r} has shape {got_shape}, the manifest says {shape}")
+        if got_dtype not in dtypes:
+            problems.append(f"{name!r} has dtype {got_dtype}, not float32/float16")
+    if problems:
+        raise EngineUnavailableError(
+            "TensorRT plan does not match the bundle manifest: " + "; ".join(problems)
+        )
+    return dtypes[found[input_name][2]], dtypes[found[output_name][2]]
 
 
 class TensorRTEngine:
@@ -79,26 +186,35 @@ class TensorRTEngine:
         self._spec = input_spec_of(bundle)
         self._device = torch.device("cuda", device)
         self.device = self._device
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(
-            bundle.artifact_path(artifact).read_bytes()
-        )
-        if self._engine is None:
-            raise EngineUnavailableError(f"TensorRT could not deserialize {artifact.file}")
-        self._context = self._engine.create_execution_context()
-        self._stream = torch.cuda.Stream(self._device)
-        self._in_name, self._out_name = m.input_name, m.output_name
-        in_dtype = _torch_dtype(trt, self._engine.get_tensor_dtype(self._in_name))
-        out_dtype = _torch_dtype(trt, self._engine.get_tensor_dtype(self._out_name))
-        full_in = (self.max_batch, *self._spec.shape)
-        full_out = (self.max_batch, m.num_classes)
-        self._d_in = torch.empty(full_in, dtype=in_dtype, device=self._device)
-        self._d_out = torch.empty(full_out, dtype=out_dtype, device=self._device)
-        self._h_in = torch.empty(full_in, dtype=torch.float32, pin_memory=True)
-        self._h_out = torch.empty(full_out, dtype=torch.float32, pin_memory=True)
-        self._context.set_tensor_address(self._in_name, self._d_in.data_ptr())
-        self._context.set_tensor_address(self._out_name, self._d_out.data_ptr())
+        self._logger = tensorrt_logger(trt)
+        mark = self._logger.mark()
+        # TensorRT works on the current CUDA device: make it this engine's for every TRT call
+        with torch.cuda.device(self._device):
+            self._runtime = trt.Runtime(self._logger)
+            self._engine = self._runtime.deserialize_cuda_engine(
+                bundle.artifact_path(artifact).read_bytes()
+            )
+            if self._engine is None:
+                why = trt_errors(self._logger, mark)
+                raise EngineUnavailableError(f"TensorRT cannot deserialize {artifact.file}: {why}")
+            self._in_name, self._out_name = m.input_name, m.output_name
+            in_dtype, out_dtype = plan_io(
+                trt, self._engine, self._in_name, self._out_name, self._spec.shape, m.num_classes
+            )
+            self._context = self._engine.create_execution_context()
+            if self._context is None:
+                why = trt_errors(self._logger, mark)
+                raise EngineUnavailableError(f"TensorRT could not create a context: {why}")
+            self._stream = torch.cuda.Stream(self._device)
+            full_in = (self.max_batch, *self._spec.shape)
+            full_out = (self.max_batch, m.num_classes)
+            self._d_in = torch.empty(full_in, dtype=in_dtype, device=self._device)
+            self._d_out = torch.empty(full_out, dtype=out_dtype, device=self._device)
+            self._h_in = torch.empty(full_in, dtype=torch.float32, pin_memory=True)
+            self._h_out = torch.empty(full_out, dtype=torch.float32, pin_memory=True)
+            for name, buf in ((self._in_name, self._d_in), (self._out_name, self._d_out)):
+                if not self._context.set_tensor_address(name, buf.data_ptr()):
+                    raise EngineUnavailableError(f"TensorRT refused the address of {name!r}")
         log.info("loaded %s (%s, TensorRT %s)", self.name, artifact.file, trt.__version__)
 
     def input_spec(self) -> InputSpec:
@@ -125,12 +241,17 @@ class TensorRTEngine:
     def _execute(self, n: int) -> np.ndarray:
         """Run the plan on the first ``n`` rows of the device input buffer."""
         run_n = max(n, self._min_batch)  # pad up to the profile's minimum shape
-        with torch.cuda.stream(self._stream):
+        mark = self._logger.mark()
+        with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
             if run_n > n:
                 self._d_in[n:run_n].zero_()
-            self._context.set_input_shape(self._in_name, (run_n, *self._spec.shape))
+            if not self._context.set_input_shape(self._in_name, (run_n, *self._spec.shape)):
+                raise RuntimeError(
+                    f"{self.name}: batch {run_n} is outside the plan's optimisation profile"
+                )
             if not self._context.execute_async_v3(self._stream.cuda_stream):
-                raise RuntimeError(f"{self.name}: execute_async_v3 failed")
+                why = trt_errors(self._logger, mark)
+                raise RuntimeError(f"{self.name}: execute_async_v3 failed: {why}")
             self._h_out[:run_n].copy_(self._d_out[:run_n], non_blocking=True)
         self._stream.synchronize()
         return self._h_out[:n].numpy().copy()

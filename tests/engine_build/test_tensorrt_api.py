@@ -1,0 +1,354 @@
+"""The TensorRT 10 calls of the builder and the runtime, against a small fake ``tensorrt`` module.
+
+TensorRT and a GPU are absent on the development machines, so these tests pin down what the code
+does with the API's documented return values (a parser that reports errors, ``-1`` from
+``add_optimization_profile``, ``False`` from ``set_timing_cache``, ``None`` from
+``build_serialized_network``, FLOAT for an unknown tensor name) without the real library.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engine_build import tensorrt_build
+from engine_build.manifest import BatchProfile
+from engine_build.runtime.base import EngineUnavailableError
+from engine_build.runtime.tensorrt_engine import plan_io, tensorrt_logger, trt_errors
+from engine_build.tensorrt_build import TensorRTBuildError, build_fp16_plan
+
+
+class Severity(enum.Enum):
+    INTERNAL_ERROR = 0
+    ERROR = 1
+    WARNING = 2
+    INFO = 3
+    VERBOSE = 4
+
+
+class DataType(enum.Enum):
+    FLOAT = 0
+    HALF = 1
+    INT8 = 2
+
+
+class TensorIOMode(enum.Enum):
+    NONE = 0
+    INPUT = 1
+    OUTPUT = 2
+
+
+class ILogger:
+    def __init__(self) -> None:
+        pass
+
+
+class Tensor(SimpleNamespace):
+    pass
+
+
+class FakeNetwork:
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+        self.inputs = [Tensor(name="images", shape=(-1, 3, 32, 32), dtype=DataType.FLOAT)]
+        self.outputs = [Tensor(name="logits", shape=(-1, 3), dtype=DataType.FLOAT)]
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.outputs)
+
+    def get_input(self, i: int) -> Tensor:
+        return self.inputs[i]
+
+    def get_output(self, i: int) -> Tensor:
+        return self.outputs[i]
+
+
+class FakeParser:
+    def __init__(self, network: FakeNetwork, logger, behaviour: dict) -> None:
+        self.behaviour = behaviour
+        self.errors = list(behaviour.get("parser_errors", []))
+
+    def parse_from_file(self, path: str) -> bool:
+        self.behaviour["parsed_path"] = path
+        return self.behaviour.get("parse_ok", True)
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def get_error(self, i: int) -> str:
+        return self.errors[i]
+
+
+class FakeProfile:
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple] = {}
+
+    def set_shape(self, name, min, opt, max) -> None:
+        self.shapes[name] = (tuple(min), tuple(opt), tuple(max))
+
+
+class FakeTimingCache:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def serialize(self) -> bytes:
+        return self.data + b"+new"
+
+
+class FakeConfig:
+    def __init__(self, behaviour: dict) -> None:
+        self.behaviour = behaviour
+        self.flags: set = set()
+        self.pools: dict = {}
+        self.profiles: list[FakeProfile] = []
+        self.cache: FakeTimingCache | None = None
+
+    def set_memory_pool_limit(self, pool, size: int) -> None:
+        self.pools[pool] = size
+
+    def set_flag(self, flag) -> None:
+        self.flags.add(flag)
+
+    def add_optimization_profile(self, profile: FakeProfile) -> int:
+        if not self.behaviour.get("profile_ok", True):
+            return -1
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def create_timing_cache(self, data: bytes) -> FakeTimingCache:
+        return FakeTimingCache(bytes(data))
+
+    def set_timing_cache(self, cache: FakeTimingCache, ignore_mismatch: bool) -> bool:
+        self.behaviour["ignore_mismatch"] = ignore_mismatch
+        if not self.behaviour.get("cache_ok", True):
+            return False
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self) -> FakeTimingCache | None:
+        return self.cache
+
+
+def fake_trt(strong: bool = True, **behaviour) -> SimpleNamespace:
+    """A ``tensorrt`` module with the parts of the TensorRT 10 Python API that the code uses."""
+    made: dict = {"behaviour": behaviour}
+    flags = {"EXPLICIT_BATCH": 0}
+    if strong:
+        flags["STRONGLY_TYPED"] = 5
+
+    class Builder:
+        def __init__(self, logger) -> None:
+            self.logger = logger
+            made["builder"] = self
+
+        def create_network(self, flags: int) -> FakeNetwork:
+            made["network"] = FakeNetwork(flags)
+            if behaviour.get("no_input"):
+                made["network"].inputs[0].name = "input.1"
+            return made["network"]
+
+        def create_builder_config(self) -> FakeConfig:
+            made["config"] = FakeConfig(behaviour)
+            return made["config"]
+
+        def create_optimization_profile(self) -> FakeProfile:
+            return FakeProfile()
+
+        def build_serialized_network(self, network, config):
+            if behaviour.get("build_fails"):
+                self.logger.log(Severity.ERROR, "out of memory building the engine")
+                return None
+            return b"PLAN"
+
+    def parser(network, logger) -> FakeParser:
+        made["parser"] = FakeParser(network, logger, behaviour)
+        return made["parser"]
+
+    return SimpleNamespace(
+        __version__="10.13.0.35",
+        made=made,
+        ILogger=ILogger,
+        Logger=SimpleNamespace(**{s.name: s for s in Severity}),
+        NetworkDefinitionCreationFlag=SimpleNamespace(**flags),
+        Builder=Builder,
+        OnnxParser=parser,
+        MemoryPoolType=SimpleNamespace(WORKSPACE="workspace"),
+        BuilderFlag=SimpleNamespace(FP16="fp16"),
+        TensorIOMode=TensorIOMode,
+        float32=DataType.FLOAT,
+        float16=DataType.HALF,
+        int8=DataType.INT8,
+    )
+
+
+@pytest.fixture
+def use_trt(monkeypatch):
+    def install(trt):
+        monkeypatch.setattr(tensorrt_build, "import_tensorrt", lambda: trt)
+        gpu = ("NVIDIA H100 80GB HBM3", "9.0")
+        monkeypatch.setattr(tensorrt_build, "gpu_identity", lambda: gpu)
+        return trt
+
+    return install
+
+
+PROFILE = BatchProfile(min=1, opt=4, max=8)
+
+
+def build(tmp_path, cache=None):
+    onnx = tmp_path / "model.fp16.onnx"
+    return build_fp16_plan(onnx, "images", 32, PROFILE, workspace_gb=0.5, timing_cache=cache)
+
+
+def test_strongly_typed_build_logs_io_sets_profile_and_saves_cache(use_trt, tmp_path, caplog):
+    trt = use_trt(fake_trt())
+    cache = tmp_path / "cache" / "h100.timing"
+    with caplog.at_level(logging.INFO, logger="engine_build.tensorrt_build"):
+        built = build(tmp_path, cache)
+    made = trt.made
+    assert made["network"].flags == 1 << 5  # STRONGLY_TYPED alone: EXPLICIT_BATCH is ignored in 10
+    config = made["config"]
+    assert "fp16" not in config.flags  # no weak-typing precision flag on a strongly typed network
+    assert config.pools == {"workspace": 1 << 29}
+    assert config.profiles[0].shapes == {"images": ((1, 3, 32, 32), (4, 3, 32, 32), (8, 3, 32, 32))}
+    assert made["behaviour"]["ignore_mismatch"] is False
+    assert built.plan == b"PLAN" and built.info.typing == "strong"
+    assert built.info.version == "10.13.0.35" and built.info.gpu_name == "NVIDIA H100 80GB HBM3"
+    assert cache.read_bytes() == b"+new"
+    text = caplog.text
+    assert "TensorRT input  images shape=(-1, 3, 32, 32)" in text
+    assert "TensorRT output logits shape=(-1, 3)" in text
+
+
+def test_without_strong_typing_the_network_is_explicit_batch_with_the_fp16_flag(use_trt, tmp_path):
+    trt = use_trt(fake_trt(strong=False))
+    built = build(tmp_path)
+    assert trt.made["network"].flags == 1 << 0  # EXPLICIT_BATCH: the pre-10 parser needs it
+    assert "fp16" in trt.made["config"].flags and built.info.typing == "weak"
+
+
+@pytest.mark.parametrize("parse_ok", [False, True])
+def test_every_parser_error_is_logged_and_fails_the_build(use_trt, tmp_path, caplog, parse_ok):
+    # Polygraphy's check: errors fail the build even when parse_from_file returned True
+    errors = ["node Conv_3: unsupported attribute", "node Add_9: shape mismatch"]
+    use_trt(fake_trt(parse_ok=parse_ok, parser_errors=errors))
+    with pytest.raises(TensorRTBuildError, match=r"2 error.*Conv_3"):
+        build(tmp_path)
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert [m for m in logged if "TensorRT ONNX parser" in m] == [
+        f"TensorRT ONNX parser: {e}" for e in errors
+    ]
+
+
+def test_a_failed_parse_without_parser_errors_still_fails(use_trt, tmp_path):
+    use_trt(fake_trt(parse_ok=False))
+    with pytest.raises(TensorRTBuildError, match="could not parse"):
+        build(tmp_path)
+
+
+def test_a_network_without_the_manifest_input_is_refused(use_trt, tmp_path):
+    use_trt(fake_trt(no_input=True))
+    with pytest.raises(TensorRTBuildError, match=r"no input 'images' \(has: input.1\)"):
+        build(tmp_path)
+
+
+def test_a_rejected_optimisation_profile_fails(use_trt, tmp_path):
+    use_trt(fake_trt(profile_ok=False))
+    with pytest.raises(TensorRTBuildError, match="optimisation profile 1/4/8"):
+        build(tmp_path)
+
+
+def test_a_timing_cache_from_another_gpu_fails_and_is_left_alone(use_trt, tmp_path):
+    use_trt(fake_trt(cache_ok=False))
+    cache = tmp_path / "l4.timing"
+    cache.write_bytes(b"L4-CACHE")
+    with pytest.raises(TensorRTBuildError, match="another TensorRT version or GPU"):
+        build(tmp_path, cache)
+    assert cache.read_bytes() == b"L4-CACHE"
+
+
+def test_a_null_engine_raises_with_tensorrts_own_error(use_trt, tmp_path, caplog):
+    use_trt(fake_trt(build_fails=True))
+    with pytest.raises(TensorRTBuildError, match=r"no engine.*out of memory building the engine"):
+        build(tmp_path)
+    assert any(r.name == "tensorrt" and "out of memory" in r.getMessage() for r in caplog.records)
+
+
+def test_one_logger_per_process_forwards_to_python_logging(caplog):
+    trt = fake_trt()
+    logger = tensorrt_logger(trt)
+    assert tensorrt_logger(trt) is logger  # TensorRT keeps one logger pointer for the library
+    mark = logger.mark()
+    with caplog.at_level(logging.DEBUG, logger="tensorrt"):
+        logger.log(Severity.WARNING, "fp16 subnormal weights")
+        logger.log(Severity.VERBOSE, "tactic 0x1234")  # dropped
+        logger.log(Severity.ERROR, "engine plan built for sm_89")
+        logger.log("not a severity", "ignored")  # never raises back into TensorRT
+    levels = {r.getMessage(): r.levelno for r in caplog.records if r.name == "tensorrt"}
+    assert levels == {
+        "fp16 subnormal weights": logging.WARNING,
+        "engine plan built for sm_89": logging.ERROR,
+    }
+    assert trt_errors(logger, mark) == "engine plan built for sm_89"
+    assert trt_errors(logger, logger.mark()) == "no TensorRT error logged"
+
+
+class FakeEngine:
+    def __init__(self, tensors: dict) -> None:
+        self.tensors = tensors
+
+    @property
+    def num_io_tensors(self) -> int:
+        return len(self.tensors)
+
+    def get_tensor_name(self, i: int) -> str:
+        return list(self.tensors)[i]
+
+    def get_tensor_mode(self, name: str):
+        return self.tensors.get(name, (TensorIOMode.NONE,))[0]
+
+    def get_tensor_shape(self, name: str):
+        return self.tensors[name][1] if name in self.tensors else ()
+
+    def get_tensor_dtype(self, name: str):
+        # TensorRT answers FLOAT for a name the plan lacks: never a sign the name is right
+        return self.tensors[name][2] if name in self.tensors else DataType.FLOAT
+
+
+def test_plan_io_logs_every_tensor_and_maps_dtypes(caplog):
+    engine = FakeEngine(
+        {
+            "images": (TensorIOMode.INPUT, (-1, 3, 32, 32), DataType.FLOAT),
+            "logits": (TensorIOMode.OUTPUT, (-1, 3), DataType.HALF),
+        }
+    )
+    with caplog.at_level(logging.INFO, logger="engine_build.runtime.tensorrt_engine"):
+        dtypes = plan_io(fake_trt(), engine, "images", "logits", (3, 32, 32), 3)
+    assert dtypes == (torch.float32, torch.float16)
+    assert "TensorRT plan input  images shape=(-1, 3, 32, 32)" in caplog.text
+    assert "TensorRT plan output logits shape=(-1, 3)" in caplog.text
+
+
+def test_plan_io_names_every_difference_from_the_manifest():
+    engine = FakeEngine(
+        {
+            "input.1": (TensorIOMode.INPUT, (-1, 3, 32, 32), DataType.FLOAT),
+            "logits": (TensorIOMode.OUTPUT, (-1, 5), DataType.INT8),
+        }
+    )
+    with pytest.raises(EngineUnavailableError) as err:
+        plan_io(fake_trt(), engine, "images", "logits", (3, 32, 32), 3)
+    why = str(err.value)
+    assert "unexpected I/O tensor 'input.1'" in why and "no input 'images'" in why
+    assert "'logits' has shape (-1, 5), the manifest says (-1, 3)" in why
+    assert "not float32/float16" in why
