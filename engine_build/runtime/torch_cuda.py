@@ -33,6 +33,19 @@ def bucket_for(n: int, buckets: list[int]) -> int:
     return next(b for b in buckets if b >= n)
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` with its index: ``cuda`` is the current CUDA device, ``cuda:0`` say.
+
+    Tensors always carry an index (``torch.device("cuda") != torch.device("cuda:0")``), so an
+    engine whose ``device`` lacked one would refuse every batch made on its GPU (the worker
+    decodes onto ``engine.device``) as being on another device.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class TorchCudaEngine:
     """FP16, channels_last ResNet from the bundle's ``model.pt``; CUDA graphs per batch bucket.
 
@@ -50,7 +63,7 @@ class TorchCudaEngine:
         state = torch.load(bundle.artifact_path(artifact), map_location="cpu", weights_only=True)
         model = build_model(m.arch, m.num_classes)
         model.load_state_dict(state)
-        self._device = torch.device(device)
+        self._device = resolve_device(device)
         self.device = self._device
         self._model = model.eval().to(
             self._device, dtype=torch.float16, memory_format=torch.channels_last
@@ -86,14 +99,18 @@ class TorchCudaEngine:
             static_in = torch.zeros(
                 (bucket, *self._spec.shape), device=self._device, dtype=torch.float16
             ).contiguous(memory_format=torch.channels_last)
+            # warm-up on a side stream, as the CUDA graphs docs ask, and capture on that same
+            # stream (as make_graphed_callables does): libraries' per-stream handles and
+            # workspaces are made before the capture, and no instance shares torch.cuda.graph's
+            # process-wide default capture stream
             stream = torch.cuda.Stream(self._device)
             stream.wait_stream(torch.cuda.current_stream(self._device))
             with torch.cuda.stream(stream), torch.inference_mode():
-                for _ in range(3):  # warm-up on a side stream, as the CUDA graphs docs ask
+                for _ in range(3):
                     self._model(static_in)
             torch.cuda.current_stream(self._device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.inference_mode():
+            with torch.cuda.graph(graph, stream=stream), torch.inference_mode():
                 static_out = self._model(static_in)
             self._graphs[bucket] = (graph, static_in, static_out)
         return self._graphs[bucket]

@@ -15,7 +15,7 @@ from engine_build.runtime import (
     create_engine,
 )
 from engine_build.runtime.tensorrt_engine import plan_mismatch
-from engine_build.runtime.torch_cuda import batch_buckets, bucket_for
+from engine_build.runtime.torch_cuda import batch_buckets, bucket_for, resolve_device
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 
 HAS_CUDA = torch.cuda.is_available()
@@ -151,6 +151,25 @@ def test_cuda_graph_buckets_cover_every_batch():
     assert buckets == [1, 2, 4, 8, 16, 32, 48]
     assert all(bucket_for(n, buckets) >= n for n in range(1, 49))
     assert bucket_for(33, buckets) == 48 and bucket_for(4, buckets) == 4
+
+
+def test_torch_cuda_device_carries_an_index(monkeypatch):
+    # a tensor's device always has one: an engine on plain "cuda" refused every GPU-decoded batch
+    assert torch.device("cuda") != torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolve_device("cuda") == torch.device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="torch-cuda engine needs a CUDA GPU; none visible")
+def test_torch_cuda_infer_device_takes_a_batch_made_on_plain_cuda(bundle, reference):
+    engine = create_engine(bundle, "torch-cuda")
+    assert engine.device.index is not None
+    x = batch(3)
+    logits = engine.infer_device(torch.from_numpy(x).to("cuda"))
+    assert (logits.argmax(1) == reference(x).argmax(1)).mean() >= 0.99
 
 
 @pytest.mark.gpu
