@@ -7,9 +7,13 @@ JPEGs are then decoded for the whole batch at once with ``torchvision.io.decode_
 through host memory. Everything here is written against torch tensors on any device, so the
 same code is tested on the CPU and runs on CUDA.
 
-The arithmetic follows :func:`training.preprocessing.preprocess_image` (shorter side to
-``resize`` with antialiased bilinear, centre crop with torchvision's rounding, black padding,
-``(x/255 - mean) / std``); resampling differs from Pillow's by a few grey levels at most.
+The arithmetic follows the worker's CPU path: a large JPEG is first reduced by the 1/2, 1/4 or
+1/8 factor Pillow's draft mode decodes it at (:func:`worker.decoding.decode_image`), here as a
+block average of the full-size decode, then :func:`training.preprocessing.preprocess_image`
+(shorter side to ``resize`` with antialiased bilinear, centre crop with torchvision's rounding,
+black padding, ``(x/255 - mean) / std``); resampling differs from Pillow's by a few grey levels
+at most. The block average also keeps the scale factor left for ``F.interpolate`` small: its
+antialiased CUDA kernels refuse large ones ("Too much shared memory required").
 """
 
 from __future__ import annotations
@@ -50,6 +54,46 @@ def exif_orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
+_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length field
+
+
+def has_end_of_image(data: bytes) -> bool:
+    """Whether the JPEG has an EOI marker after its first scan starts.
+
+    The header segments (APPn, with EXIF thumbnails that end in EOI markers of their own) are
+    skipped by their lengths; in entropy-coded data 0xFF is always stuffed or a restart marker,
+    so a 0xFFD9 after the SOS is the image's end. Data after the EOI (a motion photo's video) is
+    allowed, as Pillow allows it.
+    """
+    pos, n = 2, len(data)
+    if data[:2] != b"\xff\xd8":
+        return False
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xDA:  # SOS: the scan data follows its header
+            return data.find(b"\xff\xd9", pos + 2) != -1
+        elif marker in _STANDALONE_MARKERS:
+            pos += 2
+        elif marker == 0xD9:  # EOI before any scan
+            return False
+        else:
+            if pos + 3 >= n:
+                return False
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return False
+
+
+def draft_factor(width: int, height: int, size: int) -> int:
+    """The DCT scale Pillow's ``draft("RGB", (size, size))`` decodes a JPEG at: the largest of
+    8, 4, 2, 1 that keeps both sides >= ``size`` (``JpegImageFile.draft``'s choice)."""
+    scale = min(width // size, height // size)
+    return next(k for k in (8, 4, 2, 1) if scale >= k)
+
+
 def decode_jpegs(jpegs: Sequence[GpuJpeg], device: torch.device | str) -> list[torch.Tensor]:
     """Decode JPEGs in one batched call to uint8 RGB CHW tensors on ``device``, EXIF applied.
 
@@ -58,16 +102,30 @@ def decode_jpegs(jpegs: Sequence[GpuJpeg], device: torch.device | str) -> list[t
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    for n, j in enumerate(jpegs):
+        if not has_end_of_image(j.data):
+            # libjpeg (the CPU decoder) refuses a truncated scan; nvJPEG is not known to, and a
+            # half-decoded picture would be classified instead of dead-lettered
+            raise RuntimeError(f"JPEG {n} of the batch ends before its EOI marker (truncated?)")
     raw = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
     images = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
     return [exif_orient(img, j.orientation) for img, j in zip(images, jpegs, strict=True)]
 
 
-def resize_crop(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 CHW -> float32 CHW of ``spec.crop``, in 0..255 (normalisation is done per batch)."""
+def resize_crop(image: torch.Tensor, spec: PreprocessSpec, draft: bool = True) -> torch.Tensor:
+    """uint8 CHW -> float32 CHW of ``spec.crop``, in 0..255 (normalisation is done per batch).
+
+    ``draft``: the image is a full-size JPEG decode, first reduced as the CPU path's draft-mode
+    decode reduces it (a k x k block average, partial blocks at the edges, rounded to uint8
+    levels, sides ``ceil(side / k)``, as libjpeg's scaled decode makes them).
+    """
     _, h, w = image.shape
-    new_w, new_h = shorter_side_size(w, h, spec.resize)
     x = image.unsqueeze(0).float()
+    k = draft_factor(w, h, spec.resize) if draft else 1
+    if k > 1:
+        x = F.avg_pool2d(x, k, stride=k, ceil_mode=True).round_()
+        h, w = x.shape[2], x.shape[3]
+    new_w, new_h = shorter_side_size(w, h, spec.resize)
     if (new_h, new_w) != (h, w):
         if spec.interpolation == "nearest":  # nearest-exact picks the pixels Pillow picks
             x = F.interpolate(x, size=(new_h, new_w), mode="nearest-exact")
@@ -92,7 +150,9 @@ def normalize(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     return batch.mul_(1.0 / (255.0 * std)).sub_(mean / std)
 
 
-def preprocess_batch(images: Sequence[torch.Tensor], spec: PreprocessSpec) -> torch.Tensor:
+def preprocess_batch(
+    images: Sequence[torch.Tensor], spec: PreprocessSpec, draft: bool = True
+) -> torch.Tensor:
     """Decoded uint8 CHW images (any sizes) -> a normalised float32 NCHW batch on their device."""
-    batch = torch.stack([resize_crop(img, spec) for img in images])
+    batch = torch.stack([resize_crop(img, spec, draft) for img in images])
     return normalize(batch, spec)

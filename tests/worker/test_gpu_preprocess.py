@@ -19,8 +19,16 @@ from engine_build.bundle import load_bundle
 from engine_build.runtime import create_engine
 from tests.support import image_bytes
 from training.preprocessing import PreprocessSpec, preprocess_image
+from worker import gpu_preprocess
 from worker.decoding import decode_image
-from worker.gpu_preprocess import decode_jpegs, exif_orient, preprocess_batch
+from worker.gpu_preprocess import (
+    decode_jpegs,
+    draft_factor,
+    exif_orient,
+    has_end_of_image,
+    preprocess_batch,
+    resize_crop,
+)
 from worker.metrics import WorkerMetrics
 from worker.pipeline import StreamWorker
 from worker.prepare import GpuJpeg, prepare
@@ -97,12 +105,71 @@ def test_one_bad_jpeg_fails_the_batched_call():
 def test_device_preprocessing_matches_preprocess_image(size, spec):
     arr = photo(*size)
     expected = preprocess_image(Image.fromarray(arr), spec)
-    got = preprocess_batch([chw(arr)], spec)[0].numpy()
+    got = preprocess_batch([chw(arr)], spec, draft=False)[0].numpy()
     assert got.shape == expected.shape == (3, spec.crop, spec.crop)
     diff = np.abs(got - expected)
     # torch's antialiased kernels and Pillow's differ by a grey level here and there
     assert diff.mean() < 0.01, diff.mean()
     assert diff.max() < 0.1 if spec.interpolation != "nearest" else np.median(diff) < 1e-4
+
+
+def test_truncated_jpegs_fail_the_batched_call_even_where_the_decoder_takes_them(monkeypatch):
+    # nvJPEG is not known to refuse a truncated scan as libjpeg does: the missing EOI is checked
+    # before decoding, so the worker's fallback hands the image to Pillow, which names it
+    from torchvision import io as tvio
+
+    monkeypatch.setattr(tvio, "decode_jpeg", lambda raw, **kw: [torch.zeros(3, 8, 8)] * len(raw))
+    good = encode(photo(64, 64))
+    assert len(decode_jpegs([GpuJpeg(good)], "cpu")) == 1
+    with pytest.raises(RuntimeError, match="JPEG 1 of the batch ends before its EOI"):
+        decode_jpegs([GpuJpeg(good), GpuJpeg(good[:-2])], "cpu")
+
+
+def test_end_of_image_is_looked_for_after_the_scan_starts():
+    good = encode(photo(64, 48))
+    assert has_end_of_image(good)
+    assert has_end_of_image(good + b"trailing data: a motion photo's video")
+    assert not has_end_of_image(good[: len(good) // 2])
+    assert not has_end_of_image(good[:-2])
+    assert not has_end_of_image(b"not a jpeg")
+    # an EOI inside a header segment (an EXIF thumbnail, a comment) is not the image's own
+    commented = encode(photo(64, 48), comment=b"thumb \xff\xd8...\xff\xd9")
+    assert b"\xff\xd9" in commented[: commented.index(b"\xff\xda")]
+    assert has_end_of_image(commented)
+    assert not has_end_of_image(commented[:-2])
+
+
+@pytest.mark.parametrize(("w", "h"), [(640, 480), (1100, 1500), (2400, 1800), (4100, 2100)])
+def test_large_jpegs_are_reduced_as_the_cpu_paths_draft_decode_reduces_them(w, h):
+    spec = PreprocessSpec()
+    data = encode(photo(w, h, 1), quality=90)
+    drafted = Image.open(io.BytesIO(data))
+    drafted.draft("RGB", (spec.resize, spec.resize))
+    k = draft_factor(w, h, spec.resize)
+    assert drafted.size == (-(-w // k), -(-h // k))  # Pillow's draft size: ceil(side / k)
+    expected = _prepare(data, gpu=False).array  # the worker's CPU path, draft decode included
+    got = preprocess_batch(decode_jpegs([GpuJpeg(data)], "cpu"), spec)[0].numpy()
+    diff = np.abs(got - expected)
+    assert diff.mean() < 0.01, diff.mean()
+    assert diff.max() < 0.25, diff.max()
+
+
+def test_resize_scale_stays_within_what_the_cuda_antialias_kernel_takes(monkeypatch):
+    # upsample_bilinear2d_aa / bicubic on CUDA raise "Too much shared memory required" once the
+    # scale factor nears 94 (bilinear) or 47 (bicubic) with 48 KiB of shared memory per block;
+    # a 64 MP photo to a small resize needs ~110 without the draft reduction
+    seen = []
+    interpolate = gpu_preprocess.F.interpolate
+
+    def recording(x, size, **kw):
+        seen.append(max(x.shape[2] / size[0], x.shape[3] / size[1]))
+        return interpolate(x, size=size, **kw)
+
+    monkeypatch.setattr(gpu_preprocess.F, "interpolate", recording)
+    spec = PreprocessSpec.for_image_size(16, interpolation="bicubic")  # resize 18
+    out = resize_crop(torch.zeros(3, 2000, 2000, dtype=torch.uint8), spec)
+    assert out.shape == (3, 16, 16)
+    assert seen and max(seen) < 2000 / 18 / 4, seen  # 111 without the reduction; 13.9 with it
 
 
 # --- prepare(gpu_jpeg=True): what is left for the GPU and what is decoded here ------------------
