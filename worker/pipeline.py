@@ -886,9 +886,18 @@ class StreamWorker(ConsumerRebalanceListener):
                         prepared[i] = decode_on_cpu(prepared[i], spec)
         rows: dict[int, torch.Tensor] = {}
         on_gpu = sorted(images)
-        if on_gpu:  # one normalise per batch: its mean/std uploads and kernels, not one per image
-            crops = normalize(torch.stack([resize_crop(images[i], spec) for i in on_gpu]), spec)
-            rows.update(zip(on_gpu, crops, strict=True))
+        try:  # one normalise per batch: its mean/std uploads and kernels, not one per image
+            if on_gpu:
+                crops = normalize(torch.stack([resize_crop(images[i], spec) for i in on_gpu]), spec)
+                rows.update(zip(on_gpu, crops, strict=True))
+        except Exception as exc:  # e.g. CUDA out of memory, a resize the kernel refuses
+            log.info("GPU preprocessing of the batch failed (%s); one image at a time", exc)
+            for i in on_gpu:
+                try:
+                    rows[i] = normalize(resize_crop(images[i], spec).unsqueeze(0), spec)[0]
+                except Exception:  # this image alone: the CPU decoder, or its dead letter
+                    del images[i]
+                    prepared[i] = decode_on_cpu(prepared[i], spec)
         for i, prep in enumerate(prepared):
             if i not in images and prep.error is None and prep.array is not None:
                 rows[i] = torch.from_numpy(prep.array).to(device)

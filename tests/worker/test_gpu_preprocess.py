@@ -296,6 +296,48 @@ def test_worker_gpu_path_classifies_like_the_cpu_path_and_dead_letters_what_nvjp
         np.testing.assert_allclose(gpu_logits[i], cpu_logits[i], atol=0.5, rtol=0.05)
 
 
+def test_a_gpu_preprocessing_failure_costs_only_that_image_its_gpu_path(
+    worker_bundle_dir, monkeypatch
+):
+    """A resize or normalise that fails on the device (out of memory, a scale the CUDA kernel
+    refuses) sends the images it fails on to the CPU decoder instead of failing the batch."""
+    import worker.pipeline
+
+    bundle = load_bundle(worker_bundle_dir)
+    engine = CpuDeviceEngine(create_engine(bundle, "onnxruntime", threads=1))
+    datas = [encode(photo(96, 64, 3)), encode(photo(50, 70, 6)), encode(photo(80, 80, 1))]
+    settings = WorkerSettings(bundle=str(worker_bundle_dir), gpu_decode=True, max_batch=8)
+    w = StreamWorker(
+        settings, [engine], bundle.manifest, None, None, None, WorkerMetrics(), threading.Event()
+    )
+    real = worker.pipeline.resize_crop
+    refused: list[tuple[int, ...]] = []
+
+    def resize_refusing_50_wide(image, spec, *args, **kwargs):
+        if image.shape[-1] == 50:  # the 50x70 photo
+            refused.append(tuple(image.shape))
+            raise RuntimeError("Too much shared memory required")
+        return real(image, spec, *args, **kwargs)
+
+    monkeypatch.setattr(worker.pipeline, "resize_crop", resize_refusing_50_wide)
+    prepared = [w._prepare(_event(d)) for d in datas]
+    assert all(p.jpeg is not None for p in prepared)
+    logits = w._infer(prepared)
+    w.pool.shutdown()
+    assert len(refused) == 2  # in the batch, then alone
+    assert sorted(logits) == [0, 1, 2] and all(p.error is None for p in prepared)
+    assert prepared[1].jpeg is None and prepared[1].array is not None  # decoded on the CPU
+    assert engine.calls == [3]
+    cpu = StreamWorker(
+        WorkerSettings(bundle=str(worker_bundle_dir), max_batch=8),
+        [engine], bundle.manifest, None, None, None, WorkerMetrics(), threading.Event(),
+    )  # fmt: skip
+    cpu_logits = cpu._infer([cpu._prepare(_event(d)) for d in datas])
+    cpu.pool.shutdown()
+    for i in range(3):
+        assert np.argmax(logits[i]) == np.argmax(cpu_logits[i])
+
+
 @pytest.mark.gpu
 def test_nvjpeg_decode_matches_the_cpu_decode():
     if not torch.cuda.is_available():
