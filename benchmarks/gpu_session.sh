@@ -2,7 +2,7 @@
 # Run ON a lent GPU machine through the device tool, after benchmarks/device_kit.sh here:
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".devkit"], timeout_s=540)
 # Installs the kit's wheels into /tmp/site, puts the kit's redis-server on PATH, and runs the GPU
-# rows of every benchmark, each under its own time limit so one hang cannot eat the lease:
+# GPU-only tests and the GPU rows of every benchmark, each under its own time limit so one hang cannot eat the lease:
 # model-only (torch-cuda FP16, with CUDA graphs, TensorRT where installed, ONNX Runtime), decode
 # (nvJPEG batches beside PIL), end to end (torch-cuda + GPU decode, overlap auto), and the
 # serial against the overlapped loop on the GPU. Results land in $OUT/gpu_results.tgz
@@ -46,7 +46,7 @@ step() {  # step NAME SECONDS COMMAND...: a benchmark under its own limit, its e
   timeout -k 10 "$limit" "$@"
   echo "=== $name: exit $? after $((SECONDS - t0))s"
 }
-# a dry run on a CPU machine (what the tests do): BACKEND=onnxruntime GPU_DECODE= POSTS=48
+# a dry run on a CPU machine (by hand, ~2 min; KIT=/nonexistent PY=.venv/bin/python): BACKEND=onnxruntime GPU_DECODE= POSTS=48
 # MODEL="--arch resnet18 --image-size 32 --num-classes 8" SECONDS_SCALE=0.1
 BACKEND=${BACKEND:-torch-cuda}
 GPU_DECODE=${GPU_DECODE---gpu-decode}
@@ -55,6 +55,9 @@ POSTS=${POSTS:-2000}
 read -r -a MODEL <<<"${MODEL:-}"
 S=${SECONDS_SCALE:-1}
 sec() { "$PY" -c "print(round(max(0.05, $1 * $S), 3))"; }
+# the GPU-only tests first (torch-cuda engine, CUDA graphs, nvJPEG): they skip everywhere else
+step gpu-tests 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/engine_build/test_runtime.py \
+  tests/worker/test_gpu_preprocess.py
 step model 110 "$PY" benchmarks/model_throughput.py "${MODEL[@]}" --batches 1,8,32,64,128 \
   --min-seconds "$(sec 1)" --no-int8 --out-dir "$RES/model"
 step decode 70 "$PY" benchmarks/decode_throughput.py --seconds "$(sec 0.6)" --rounds 1 \
