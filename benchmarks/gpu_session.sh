@@ -5,7 +5,7 @@
 # GPU-only tests and the GPU rows of every benchmark, each under its own time limit so one hang cannot eat the lease:
 # model-only (torch-cuda FP16, with CUDA graphs, TensorRT where installed, ONNX Runtime), decode
 # (nvJPEG batches beside PIL), end to end (torch-cuda + GPU decode, overlap auto), and the
-# serial against the overlapped loop on the GPU. Results land in $OUT/gpu_results.tgz
+# serial against the overlapped loop on the GPU (limits sum to 520 s). Results land in $OUT/gpu_results.tgz
 # (benchmarks/results/ layout: one folder per benchmark) and $OUT/gpu_session.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,16 +56,16 @@ read -r -a MODEL <<<"${MODEL:-}"
 S=${SECONDS_SCALE:-1}
 sec() { "$PY" -c "print(round(max(0.05, $1 * $S), 3))"; }
 # the GPU-only tests first (torch-cuda engine, CUDA graphs, nvJPEG): they skip everywhere else
-step gpu-tests 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/engine_build/test_runtime.py \
+step gpu-tests 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/engine_build/test_runtime.py \
   tests/worker/test_gpu_preprocess.py
 step model 110 "$PY" benchmarks/model_throughput.py "${MODEL[@]}" --batches 1,8,32,64,128 \
   --min-seconds "$(sec 1)" --no-int8 --out-dir "$RES/model"
 step decode 70 "$PY" benchmarks/decode_throughput.py --seconds "$(sec 0.6)" --rounds 1 \
   --threads 1,8,16 --out-dir "$RES/decode"
-step e2e 170 "$PY" benchmarks/e2e_throughput.py "${MODEL[@]}" --backend "$BACKEND" $GPU_DECODE \
+step e2e 160 "$PY" benchmarks/e2e_throughput.py "${MODEL[@]}" --backend "$BACKEND" $GPU_DECODE \
   --posts "$POSTS" --decode-threads 8 --load-seconds "$(sec 4)" --model-only-seconds "$(sec 1)" \
   --out-dir "$RES/e2e"
-step loops 130 "$PY" benchmarks/worker_ab.py "${MODEL[@]}" --backend "$BACKEND" $GPU_DECODE \
+step loops 120 "$PY" benchmarks/worker_ab.py "${MODEL[@]}" --backend "$BACKEND" $GPU_DECODE \
   --posts "$POSTS" --decode-threads 8 --reps 2 --model-only-seconds "$(sec 1)" \
   --config serial:CARSTREAM_OVERLAP=off \
   --config overlapped:CARSTREAM_OVERLAP=on --out-dir "$RES/loops"
