@@ -135,13 +135,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-name",
         default=None,
-        help="recorded in the manifest and results; not blank, no control characters; "
+        help="recorded in the manifest and results; not blank, at most 128 characters, no "
+        "control characters; "
         "default: carstream-<arch>",
     )
     parser.add_argument(
         "--model-version",
         default=None,
-        help="recorded in the manifest and results; not blank, no control characters; "
+        help="recorded in the manifest and results; not blank, at most 128 characters, no "
+        "control characters; "
         "default: epoch<N>",
     )
     parser.add_argument(

@@ -57,15 +57,21 @@ MAX_BATCH = 4096
 # control characters (newline, tab, escape...) and line/paragraph separators: the name and version
 # go into the manifest and every result message, where they would break lines or logs
 _UNPRINTABLE = ("Cc", "Zl", "Zp")
+MAX_LABEL_CHARS = 128  # the post_id's bound too: a label, not a document
 
 
 def check_label_text(flag: str, value: str | None) -> None:
-    """Refuse a --model-name / --model-version that is empty, only whitespace, or holds a control
-    character (None: the default is used)."""
+    """Refuse a --model-name / --model-version that is empty, only whitespace, longer than
+    MAX_LABEL_CHARS, or holds a control character (None: the default is used)."""
     if value is None:
         return
     if not value.strip():
         raise BuildError(f"{flag} {value!r}: must not be empty or only whitespace")
+    if len(value) > MAX_LABEL_CHARS:
+        raise BuildError(
+            f"{flag} {value[:40]!r}...: {len(value)} characters, at most {MAX_LABEL_CHARS} (it "
+            "goes into every result message)"
+        )
     bad = next((c for c in value if unicodedata.category(c) in _UNPRINTABLE), None)
     if bad is not None:
         raise BuildError(

@@ -28,6 +28,8 @@ def run_main(tmp_path, *options: str) -> int:
         (["--model-version", "v\x1b[31m1"], "U+001B"),
         (["--model-version", "v1\u2028"], "U+2028"),
         (["--model-version", ""], "--model-version ''"),
+        (["--model-name", "x" * 129], "129 characters, at most 128"),
+        (["--model-version", "1" * 5000], "5000 characters, at most 128"),
     ],
 )
 def test_refused_in_one_line_before_any_work(tmp_path, capsys, options, needle):
@@ -43,6 +45,7 @@ def test_refused_in_one_line_before_any_work(tmp_path, capsys, options, needle):
     [
         {"max_batch": MAX_BATCH, "opt_batch": 32},
         {"model_name": "carstream-r50 (Ünïcode ok)", "model_version": "2024.06 rc1"},
+        {"model_name": "n" * 128, "model_version": "v" * 128},
     ],
 )
 def test_sane_values_still_pass(options):
@@ -59,3 +62,4 @@ def test_bounds_are_in_the_help():
     assert str(MAX_BATCH) in helps["max_batch"]
     assert "control characters" in helps["model_name"]
     assert "control characters" in helps["model_version"]
+    assert "128" in helps["model_name"] and "128" in helps["model_version"]
