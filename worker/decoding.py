@@ -103,3 +103,36 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             "decompression_bomb", f"{width}x{height} is {width * height} pixels, limit {max_pixels}"
         )
     return img
+
+
+_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length field
+
+
+def has_end_of_image(data: bytes) -> bool:
+    """Whether the JPEG has an EOI marker after its first scan starts.
+
+    The header segments (APPn, with EXIF thumbnails that end in EOI markers of their own) are
+    skipped by their lengths; in entropy-coded data 0xFF is always stuffed or a restart marker,
+    so a 0xFFD9 after the SOS is the image's end. Data after the EOI (a motion photo's video) is
+    allowed, as Pillow allows it.
+    """
+    pos, n = 2, len(data)
+    if data[:2] != b"\xff\xd8":
+        return False
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xDA:  # SOS: the scan data follows its header
+            return data.find(b"\xff\xd9", pos + 2) != -1
+        elif marker in _STANDALONE_MARKERS:
+            pos += 2
+        elif marker == 0xD9:  # EOI before any scan
+            return False
+        else:
+            if pos + 3 >= n:
+                return False
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return False

@@ -18,6 +18,7 @@ from worker.decoding import (
     decode_base64,
     decode_image,
     exif_orientation,
+    has_end_of_image,
     open_checked,
 )
 from worker.errors import PostError
@@ -107,7 +108,10 @@ def prepare(
         if gpu_jpeg:
             header = open_checked(data)
             check_resized_size(*header.size, spec)
-            if gpu_decodable(header):
+            # a truncated JPEG (no end-of-image marker after its scan) goes to the CPU decoder
+            # here, which names it for the DLQ: left for the GPU, it would fail its whole batch's
+            # nvJPEG call and have every JPEG of that batch decoded again one by one
+            if gpu_decodable(header) and has_end_of_image(data):
                 jpeg = GpuJpeg(data, exif_orientation(header))
                 return Prepared(event, None, None, time.perf_counter() - started, jpeg)
         image = decode_image(data, draft_size=spec.resize if draft else None)

@@ -219,8 +219,12 @@ def test_bad_images_fail_in_the_decode_thread_as_before():
     huge = huge.replace(
         b"\xff\xc0\x00\x11\x08\x00\x40\x00\x40", b"\xff\xc0\x00\x11\x08\xff\xff\xff\xff"
     )
+    truncated = encode(photo(400, 300, 4))
+    truncated = truncated[: len(truncated) // 2]  # a readable header, half the scan data
     cases = [(b"not an image", "not_an_image"), (b"\xff\xd8\xff", "not_an_image")]
     cases.append((huge, "decompression_bomb"))
+    # no end-of-image marker: named in the decode thread, never left to fail a GPU batch
+    cases.append((truncated, "truncated_image"))
     for data, kind in cases:
         gpu, cpu = _prepare(data), _prepare(data, gpu=False)
         assert gpu.error is not None and gpu.error.kind == cpu.error.kind == kind
@@ -283,7 +287,8 @@ def test_worker_gpu_path_classifies_like_the_cpu_path_and_dead_letters_what_nvjp
     for name, w in (("gpu", gpu_worker), ("cpu", cpu_worker)):
         prepared = [w._prepare(_event(d)) for d in datas]
         if name == "gpu":
-            assert [p.jpeg is not None for p in prepared] == [True, False, True, True]
+            # the PNG is decoded on the CPU, the truncated JPEG refused there (no end of image)
+            assert [p.jpeg is not None for p in prepared] == [True, False, False, True]
         logits = w._infer(prepared)
         results[name] = (logits, [p.error.kind if p.error else None for p in prepared])
         w.pool.shutdown()
