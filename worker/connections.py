@@ -107,15 +107,14 @@ def redis_client(settings: WorkerSettings) -> redis.Redis:
             kwargs["ssl_certfile"] = settings.redis_tls_certfile
         if settings.redis_tls_keyfile:
             kwargs["ssl_keyfile"] = settings.redis_tls_keyfile
+    client = None
     try:
         client = redis.Redis.from_url(settings.redis_url, **kwargs)
-    except (redis.RedisError, TypeError, ValueError) as exc:
-        raise ValueError(f"redis_url {redacted(settings.redis_url)}: {_reason(exc)}") from None
-    pool = client.connection_pool
-    try:
+        pool = client.connection_pool
         pool.connection_class(**pool.connection_kwargs)  # what the first command builds
     except (redis.RedisError, TypeError, ValueError) as exc:
-        client.close()
+        if client is not None:
+            client.close()
         raise ValueError(f"redis_url {redacted(settings.redis_url)}: {_reason(exc)}") from None
     return client
 

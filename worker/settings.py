@@ -153,8 +153,8 @@ def _ssl_reason(exc: Exception) -> str:
 def bad_ca_file_reason(path: str) -> str | None:
     """None if ``path`` holds PEM CA certificates, else why not: a file that is not one
     otherwise reads, inside kafka-python, as a broker that cannot be bootstrapped."""
-    try:
-        ssl.create_default_context(cafile=path)
+    try:  # what kafka-python and redis-py do with it (without the system store, not needed)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
     except (ssl.SSLError, OSError, ValueError) as exc:
         return f"not a CA certificate file: {_ssl_reason(exc)}"
     return None
@@ -454,18 +454,16 @@ class WorkerSettings(BaseSettings):
             if reason is not None:
                 raise ValueError(f"{name}: {path}: {reason}")
         for name in CA_SETTINGS:
-            if getattr(self, name):
-                reason = bad_ca_file_reason(getattr(self, name))
-                if reason is not None:
-                    raise ValueError(f"{name}: {getattr(self, name)}: {reason}")
+            path = getattr(self, name)
+            reason = bad_ca_file_reason(path) if path else None
+            if reason is not None:
+                raise ValueError(f"{name}: {path}: {reason}")
         for cert, key in CERT_KEY_SETTINGS:
-            if getattr(self, cert):
-                reason = bad_cert_chain_reason(getattr(self, cert), getattr(self, key) or None)
-                if reason is not None:
-                    shown = f"{cert}: {getattr(self, cert)}"
-                    if getattr(self, key):
-                        shown += f" with {key}: {getattr(self, key)}"
-                    raise ValueError(f"{shown}: {reason}")
+            certfile, keyfile = getattr(self, cert), getattr(self, key) or None
+            reason = bad_cert_chain_reason(certfile, keyfile) if certfile else None
+            if reason is not None:
+                shown = f"{cert}: {certfile}" + (f" with {key}: {keyfile}" if keyfile else "")
+                raise ValueError(f"{shown}: {reason}")
 
     def __repr_args__(self):
         for key, value in super().__repr_args__():
