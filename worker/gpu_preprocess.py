@@ -19,7 +19,8 @@ antialiased CUDA kernels refuse large ones ("Too much shared memory required").
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F  # noqa: N812 -- the conventional name
@@ -29,6 +30,9 @@ from worker.decoding import has_end_of_image
 from worker.prepare import GpuJpeg
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def exif_orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -78,6 +82,33 @@ def decode_jpegs(jpegs: Sequence[GpuJpeg], device: torch.device | str) -> list[t
     raw = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
     images = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
     return [exif_orient(img, j.orientation) for img, j in zip(images, jpegs, strict=True)]
+
+
+def decode_bisecting(
+    decode: Callable[[list[T]], list[R]], items: dict[int, T]
+) -> tuple[dict[int, R], list[int]]:
+    """Decoded items by key, and the keys that fail to decode even alone.
+
+    A batched nvJPEG call returns nothing when any of its images fails, so a failed call is split
+    in halves and each half decoded again: one bad JPEG in a batch of n costs about 2 log2(n)
+    calls, not n single-image calls (and a batch too large for GPU memory gets smaller calls).
+    """
+    out: dict[int, R] = {}
+    bad: list[int] = []
+    pending = [sorted(items)]
+    while pending:
+        keys = pending.pop()
+        try:
+            out.update(zip(keys, decode([items[k] for k in keys]), strict=True))
+        except Exception as exc:
+            if len(keys) == 1:
+                log.info("GPU decode of one image failed (%s)", exc)
+                bad.append(keys[0])
+            else:
+                log.info("GPU decode of %d images failed (%s); halving the call", len(keys), exc)
+                half = len(keys) // 2
+                pending += [keys[half:], keys[:half]]
+    return out, sorted(bad)
 
 
 def resize_crop(image: torch.Tensor, spec: PreprocessSpec, draft: bool = True) -> torch.Tensor:

@@ -40,7 +40,7 @@ from engine_build.runtime import Engine
 from worker.batching import Batcher
 from worker.dead_letter import HEADER_PREFIX, dlq_headers, parse_dlq_headers
 from worker.errors import PostError
-from worker.gpu_preprocess import decode_jpegs, normalize, resize_crop
+from worker.gpu_preprocess import decode_bisecting, decode_jpegs, normalize, resize_crop
 from worker.metrics import WorkerMetrics
 from worker.postprocess import classify
 from worker.prepare import Prepared, decode_on_cpu, prepare
@@ -840,16 +840,28 @@ class StreamWorker(ConsumerRebalanceListener):
         if self.gpu_device is not None:
             import torch
 
-            rows = self._device_rows(prepared)
-            run = engine.infer_device  # type: ignore[attr-defined]
-            stack, blank = torch_stack, torch.zeros_like
+            # decode, preprocess and stack on this thread's own stream: on the shared default
+            # stream, one instance's nvJPEG and resize kernels would queue behind another's
+            with torch.cuda.stream(self._preprocess_stream()):
+                rows = self._device_rows(prepared)
+                out, failed = infer_isolating(
+                    engine.infer_device,  # type: ignore[attr-defined]
+                    rows,
+                    engine.max_batch,
+                    torch_stack,
+                    torch.zeros_like,
+                    self.metrics.inference_seconds.observe,
+                )
         else:
             rows = {i: p.array for i, p in enumerate(prepared) if p.error is None}
-            run = engine.infer
-            stack, blank = np.stack, np.zeros_like
-        out, failed = infer_isolating(
-            run, rows, engine.max_batch, stack, blank, self.metrics.inference_seconds.observe
-        )
+            out, failed = infer_isolating(
+                engine.infer,
+                rows,
+                engine.max_batch,
+                np.stack,
+                np.zeros_like,
+                self.metrics.inference_seconds.observe,
+            )
         for i, reason in failed.items():
             prepared[i] = Prepared(
                 prepared[i].event,
@@ -859,31 +871,43 @@ class StreamWorker(ConsumerRebalanceListener):
             )
         return out
 
+    def _preprocess_stream(self) -> Any:
+        """The calling thread's CUDA stream for GPU decoding and preprocessing (made once per
+        thread); None (the current stream) when the engine's device is not a GPU.
+
+        The engines order their own stream after the caller's (``infer_device``) and return
+        only once it is done, so tensors made here are not freed while the engine reads them.
+        """
+        import torch
+
+        if torch.device(self.gpu_device).type != "cuda":
+            return None
+        stream = getattr(self._lane, "stream", None)
+        if stream is None:
+            stream = self._lane.stream = torch.cuda.Stream(self.gpu_device)
+        return stream
+
     def _device_rows(self, prepared: list[Prepared]) -> dict[int, Any]:
         """Normalised CHW tensors on the engine's GPU by batch position (GPU-decode path).
 
         JPEGs left by the decode threads are decoded in one nvJPEG call; if that call fails
-        (torchvision returns nothing then), each is decoded alone, and one that nvJPEG cannot
-        decode goes through the CPU decoder, which either decodes it or names what is wrong
-        (the dead-letter reason). Images decoded on the CPU are uploaded as they are.
+        (torchvision returns nothing then), in halves of it (:func:`decode_bisecting`), and one
+        that nvJPEG cannot decode alone goes through the CPU decoder, which either decodes it
+        or names what is wrong (the dead-letter reason). Images decoded on the CPU are uploaded
+        through pinned memory.
         """
         import torch
 
         spec = self.manifest.preprocess
         device = self.gpu_device
-        idx = [i for i, p in enumerate(prepared) if p.error is None and p.jpeg is not None]
+        jpegs = {
+            i: p.jpeg for i, p in enumerate(prepared) if p.error is None and p.jpeg is not None
+        }
         images: dict[int, torch.Tensor] = {}
-        if idx:
-            try:
-                decoded = decode_jpegs([prepared[i].jpeg for i in idx], device)
-                images = dict(zip(idx, decoded, strict=True))
-            except Exception as exc:
-                log.info("batched GPU decode failed (%s); decoding one by one", exc)
-                for i in idx:
-                    try:
-                        images[i] = decode_jpegs([prepared[i].jpeg], device)[0]
-                    except Exception:
-                        prepared[i] = decode_on_cpu(prepared[i], spec)
+        if jpegs:
+            images, refused = decode_bisecting(lambda js: decode_jpegs(js, device), jpegs)
+            for i in refused:
+                prepared[i] = decode_on_cpu(prepared[i], spec)
         rows: dict[int, torch.Tensor] = {}
         on_gpu = sorted(images)
         try:  # one normalise per batch: its mean/std uploads and kernels, not one per image
@@ -900,7 +924,10 @@ class StreamWorker(ConsumerRebalanceListener):
                     prepared[i] = decode_on_cpu(prepared[i], spec)
         for i, prep in enumerate(prepared):
             if i not in images and prep.error is None and prep.array is not None:
-                rows[i] = torch.from_numpy(prep.array).to(device)
+                host = torch.from_numpy(prep.array)
+                if torch.device(device).type == "cuda":  # pinned: an asynchronous copy
+                    host = host.pin_memory()
+                rows[i] = host.to(device, non_blocking=True)
         return rows
 
     def _deliver(self, results: list[Result], dead: list) -> None:

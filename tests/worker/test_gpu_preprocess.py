@@ -22,6 +22,7 @@ from training.preprocessing import PreprocessSpec, preprocess_image
 from worker import gpu_preprocess
 from worker.decoding import decode_image
 from worker.gpu_preprocess import (
+    decode_bisecting,
     decode_jpegs,
     draft_factor,
     exif_orient,
@@ -343,6 +344,65 @@ def test_a_gpu_preprocessing_failure_costs_only_that_image_its_gpu_path(
         assert np.argmax(logits[i]) == np.argmax(cpu_logits[i])
 
 
+@pytest.mark.parametrize(
+    ("n", "bad", "max_calls"),
+    [(32, {7}, 11), (32, {0, 31}, 21), (5, set(), 1), (1, {0}, 1), (6, set(range(6)), 11)],
+)
+def test_a_failed_batched_decode_is_halved_until_only_the_bad_images_are_left(n, bad, max_calls):
+    calls: list[list[str]] = []
+
+    def decode(items: list[str]) -> list[str]:  # fails as torchvision does: nothing returned
+        calls.append(items)
+        if any(item.startswith("bad") for item in items):
+            raise RuntimeError("nvjpeg decode failed")
+        return [item.upper() for item in items]
+
+    items = {10 * k: ("bad" if k in bad else "ok") + str(k) for k in range(n)}
+    decoded, refused = decode_bisecting(decode, items)
+    assert refused == sorted(10 * k for k in bad)
+    assert decoded == {key: item.upper() for key, item in items.items() if key not in refused}
+    assert len(calls) <= max_calls  # one by one would be n + 1
+    # no image is decoded twice: a call either failed or decoded images no other call had
+    succeeded = [
+        item for call in calls if not any(i.startswith("bad") for i in call) for item in call
+    ]
+    assert len(succeeded) == len(set(succeeded)) == n - len(bad)
+
+
+def test_an_image_only_the_batched_gpu_decode_refuses_is_decoded_on_the_cpu(
+    worker_bundle_dir, monkeypatch
+):
+    """nvJPEG refusing a JPEG that libjpeg takes (a sampling it lacks) costs that post nothing."""
+    import worker.pipeline
+
+    bundle = load_bundle(worker_bundle_dir)
+    engine = CpuDeviceEngine(create_engine(bundle, "onnxruntime", threads=1))
+    datas = [encode(photo(96, 64, k)) for k in range(16)]
+    odd = datas[3]
+    settings = WorkerSettings(bundle=str(worker_bundle_dir), gpu_decode=True, max_batch=16)
+    w = StreamWorker(
+        settings, [engine], bundle.manifest, None, None, None, WorkerMetrics(), threading.Event()
+    )
+    real = worker.pipeline.decode_jpegs
+    sizes: list[int] = []
+
+    def nvjpeg_refusing_one(jpegs, device):
+        sizes.append(len(jpegs))
+        if any(j.data == odd for j in jpegs):
+            raise RuntimeError("nvjpegDecodeBatched failed")
+        return real(jpegs, device)
+
+    monkeypatch.setattr(worker.pipeline, "decode_jpegs", nvjpeg_refusing_one)
+    prepared = [w._prepare(_event(d)) for d in datas]
+    logits = w._infer(prepared)
+    w.pool.shutdown()
+    assert sizes[0] == 16 and 1 in sizes and len(sizes) <= 9  # one by one: 17 calls
+    assert sorted(logits) == list(range(16)) and all(p.error is None for p in prepared)
+    assert prepared[3].jpeg is None and prepared[3].array is not None  # decoded on the CPU
+    assert [p.jpeg is None for p in prepared].count(True) == 1
+    assert engine.calls == [16]
+
+
 @pytest.mark.gpu
 def test_nvjpeg_decode_matches_the_cpu_decode():
     if not torch.cuda.is_available():
@@ -357,3 +417,50 @@ def test_nvjpeg_decode_matches_the_cpu_decode():
     gpu_batch = preprocess_batch(on_gpu, spec).cpu()
     cpu_batch = preprocess_batch(on_cpu, spec)
     assert (gpu_batch - cpu_batch).abs().mean() < 0.02
+
+
+@pytest.mark.gpu
+def test_worker_gpu_path_on_cuda_runs_each_inference_thread_on_its_own_stream(worker_bundle_dir):
+    """Two torch-cuda instances, GPU decoding: each inference thread decodes and preprocesses on
+    a stream of its own (not the default stream) and classifies as the CPU path does."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU: the worker's CUDA streams are checked on GPU machines only")
+    from concurrent.futures import ThreadPoolExecutor
+
+    bundle = load_bundle(worker_bundle_dir)
+    engines = [create_engine(bundle, "torch-cuda") for _ in range(2)]
+    settings = WorkerSettings(bundle=str(worker_bundle_dir), gpu_decode=True, max_batch=8)
+    w = StreamWorker(
+        settings, engines, bundle.manifest, None, None, None, WorkerMetrics(), threading.Event()
+    )
+    assert w.gpu_device.type == "cuda"
+    datas = [encode(photo(640 + 8 * k, 480, k), orientation=1 + k % 8) for k in range(8)]
+    datas.append(image_bytes(np.random.default_rng(2), "PNG"))  # decoded on the CPU, uploaded
+    cpu = StreamWorker(
+        WorkerSettings(bundle=str(worker_bundle_dir), max_batch=8),
+        [create_engine(bundle, "onnxruntime", threads=1)],
+        bundle.manifest, None, None, None, WorkerMetrics(), threading.Event(),
+    )  # fmt: skip
+    expected = cpu._infer([cpu._prepare(_event(d)) for d in datas])
+    cpu.pool.shutdown()
+    streams = []
+    lanes = iter(engines)
+    both = threading.Barrier(2)  # two threads, one instance each, as the worker runs them
+
+    def lane(_):
+        both.wait(timeout=60)
+        w._lane.engine = next(lanes)
+        out = [w._infer([w._prepare(_event(d)) for d in datas]) for _ in range(4)]
+        streams.append(w._preprocess_stream())
+        return out
+
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lane, range(2)))
+    w.pool.shutdown()
+    default = torch.cuda.default_stream(w.gpu_device)
+    assert len({s.cuda_stream for s in streams}) == 2 and default not in streams
+    for runs in outs:
+        for logits in runs:
+            assert sorted(logits) == sorted(expected)
+            agree = np.mean([np.argmax(logits[i]) == np.argmax(expected[i]) for i in expected])
+            assert agree >= 0.85
