@@ -22,6 +22,7 @@ from engine_build.runtime.tensorrt_engine import (
     tensorrt_logger,
     trt_errors,
 )
+from training.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,15 @@ def build_fp16_plan(
         if saved is None:
             log.warning("TensorRT has no timing cache to save to %s", timing_cache)
         else:
-            timing_cache.parent.mkdir(parents=True, exist_ok=True)
-            timing_cache.write_bytes(bytes(saved.serialize()))
-            log.info("timing cache saved to %s", timing_cache)
+            # atomically (a build killed mid-write must not leave a cache the next build refuses),
+            # and a cache that cannot be saved costs the next build time, not this build's plan
+            try:
+                timing_cache.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(timing_cache, bytes(saved.serialize()))
+            except OSError as exc:
+                log.error("timing cache not saved to %s: %s", timing_cache, exc)
+            else:
+                log.info("timing cache saved to %s", timing_cache)
     gpu_name, capability = gpu_identity()
     info = TensorRTInfo(
         version=trt.__version__,

@@ -277,6 +277,31 @@ def test_a_timing_cache_from_another_gpu_fails_and_is_left_alone(use_trt, tmp_pa
     assert cache.read_bytes() == b"L4-CACHE"
 
 
+def test_the_timing_cache_is_replaced_whole_through_a_temp_file(use_trt, tmp_path, monkeypatch):
+    import os
+
+    use_trt(fake_trt())
+    cache = tmp_path / "h100.timing"
+    cache.write_bytes(b"OLD")
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append(b), real_replace(a, b)))
+    built = build(tmp_path, cache)
+    assert built.plan == b"PLAN" and cache.read_bytes() == b"OLD+new"
+    assert replaced == [cache]  # never written in place: a killed build leaves the old cache
+    assert sorted(p.name for p in tmp_path.iterdir() if "timing" in p.name) == ["h100.timing"]
+
+
+def test_a_timing_cache_that_cannot_be_saved_does_not_cost_the_plan(use_trt, tmp_path, caplog):
+    use_trt(fake_trt())
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"")
+    with caplog.at_level(logging.ERROR, logger="engine_build.tensorrt_build"):
+        built = build(tmp_path, blocker / "h100.timing")
+    assert built.plan == b"PLAN"
+    assert "timing cache not saved to" in caplog.text and str(blocker) in caplog.text
+
+
 def test_a_null_engine_raises_with_tensorrts_own_error(use_trt, tmp_path, caplog):
     use_trt(fake_trt(build_fails=True))
     with pytest.raises(TensorRTBuildError, match=r"no engine.*out of memory building the engine"):
