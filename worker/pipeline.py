@@ -840,8 +840,9 @@ class StreamWorker(ConsumerRebalanceListener):
         if self.gpu_device is not None:
             import torch
 
-            # decode, preprocess and stack on this thread's own stream: on the shared default
-            # stream, one instance's nvJPEG and resize kernels would queue behind another's
+            # preprocess and stack on this thread's own stream: on the shared default stream,
+            # one instance's resize kernels would queue behind another's (torchvision's nvJPEG
+            # decoder is one per process, on a stream of its own that the caller's waits for)
             with torch.cuda.stream(self._preprocess_stream()):
                 rows = self._device_rows(prepared)
                 out, failed = infer_isolating(
