@@ -459,8 +459,12 @@ def test_worker_gpu_path_on_cuda_runs_each_inference_thread_on_its_own_stream(wo
     w.pool.shutdown()
     default = torch.cuda.default_stream(w.gpu_device)
     assert len({s.cuda_stream for s in streams}) == 2 and default not in streams
+    first = outs[0][0]
     for runs in outs:
-        for logits in runs:
+        for logits in runs:  # a stream race (a batch read before it was made) shows up here
             assert sorted(logits) == sorted(expected)
-            agree = np.mean([np.argmax(logits[i]) == np.argmax(expected[i]) for i in expected])
-            assert agree >= 0.85
+            for i in first:
+                np.testing.assert_allclose(logits[i], first[i], atol=1e-2, rtol=1e-2)
+    # FP16 on nvJPEG's pixels against FP32 on Pillow's: nearly always the same class
+    agree = np.mean([np.argmax(first[i]) == np.argmax(expected[i]) for i in expected])
+    assert agree >= 0.75
