@@ -96,18 +96,28 @@ def decode_bisecting(
     out: dict[int, R] = {}
     bad: list[int] = []
     pending = [sorted(items)]
+    calls, first_error = 0, None
     while pending:
         keys = pending.pop()
+        calls += 1
         try:
             out.update(zip(keys, decode([items[k] for k in keys]), strict=True))
         except Exception as exc:
+            first_error = first_error or exc
             if len(keys) == 1:
-                log.info("GPU decode of one image failed (%s)", exc)
                 bad.append(keys[0])
             else:
-                log.info("GPU decode of %d images failed (%s); halving the call", len(keys), exc)
                 half = len(keys) // 2
                 pending += [keys[half:], keys[:half]]
+    if first_error is not None:  # one line per batch, however many calls it took
+        log.info(
+            "batched GPU decode of %d images failed (%s); %d calls in halves, %d image(s) "
+            "left to the CPU decoder",
+            len(items),
+            first_error,
+            calls,
+            len(bad),
+        )
     return out, sorted(bad)
 
 

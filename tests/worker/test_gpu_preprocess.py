@@ -8,6 +8,7 @@ decode on CUDA where a GPU is present.
 from __future__ import annotations
 
 import io
+import logging
 import threading
 
 import numpy as np
@@ -348,7 +349,10 @@ def test_a_gpu_preprocessing_failure_costs_only_that_image_its_gpu_path(
     ("n", "bad", "max_calls"),
     [(32, {7}, 11), (32, {0, 31}, 21), (5, set(), 1), (1, {0}, 1), (6, set(range(6)), 11)],
 )
-def test_a_failed_batched_decode_is_halved_until_only_the_bad_images_are_left(n, bad, max_calls):
+def test_a_failed_batched_decode_is_halved_until_only_the_bad_images_are_left(
+    n, bad, max_calls, caplog
+):
+    caplog.set_level(logging.INFO, logger="worker.gpu_preprocess")
     calls: list[list[str]] = []
 
     def decode(items: list[str]) -> list[str]:  # fails as torchvision does: nothing returned
@@ -367,6 +371,10 @@ def test_a_failed_batched_decode_is_halved_until_only_the_bad_images_are_left(n,
         item for call in calls if not any(i.startswith("bad") for i in call) for item in call
     ]
     assert len(succeeded) == len(set(succeeded)) == n - len(bad)
+    logged = [r.getMessage() for r in caplog.records if r.name == "worker.gpu_preprocess"]
+    assert len(logged) == (1 if bad else 0)  # one line per batch, not one per call
+    if bad:
+        assert f"{len(calls)} calls" in logged[0] and f"{len(bad)} image(s)" in logged[0]
 
 
 def test_an_image_only_the_batched_gpu_decode_refuses_is_decoded_on_the_cpu(
