@@ -5,7 +5,7 @@
 # GPU-only tests and the GPU rows of every benchmark, each under its own time limit so one hang cannot eat the lease:
 # model-only (torch-cuda FP16, with CUDA graphs, TensorRT where installed, ONNX Runtime), decode
 # (nvJPEG batches beside PIL), end to end (torch-cuda + GPU decode, overlap auto), and the
-# serial against the overlapped loop on the GPU (limits sum to 520 s). Results land in $OUT/gpu_results.tgz
+# serial against the overlapped loop and one process against two on the GPU (limits sum to 520 s). Results land in $OUT/gpu_results.tgz
 # (benchmarks/results/ layout: one folder per benchmark) and $OUT/gpu_session.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,14 +60,18 @@ step gpu-tests 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/engine_bui
   tests/worker/test_gpu_preprocess.py
 step model 110 "$PY" benchmarks/model_throughput.py "${MODEL[@]}" --batches 1,8,32,64,128 \
   --min-seconds "$(sec 1)" --no-int8 --out-dir "$RES/model"
-step decode 70 "$PY" benchmarks/decode_throughput.py --seconds "$(sec 0.6)" --rounds 1 \
+step decode 60 "$PY" benchmarks/decode_throughput.py --seconds "$(sec 0.6)" --rounds 1 \
   --threads 1,8,16 --out-dir "$RES/decode"
-step e2e 160 "$PY" benchmarks/e2e_throughput.py "${MODEL[@]}" --backend "$BACKEND" $GPU_DECODE \
+step e2e 140 "$PY" benchmarks/e2e_throughput.py "${MODEL[@]}" --backend "$BACKEND" $GPU_DECODE \
   --posts "$POSTS" --decode-threads 8 --load-seconds "$(sec 4)" --model-only-seconds "$(sec 1)" \
   --out-dir "$RES/e2e"
-step loops 120 "$PY" benchmarks/worker_ab.py "${MODEL[@]}" --backend "$BACKEND" $GPU_DECODE \
-  --posts "$POSTS" --decode-threads 8 --reps 2 --model-only-seconds "$(sec 1)" \
+# serial vs overlapped loop, and one process vs two sharing the GPU (--processes: each with
+# half the decode threads), one round each: a timed-out step records nothing
+step loops 150 "$PY" benchmarks/worker_ab.py "${MODEL[@]}" --backend "$BACKEND" $GPU_DECODE \
+  --posts "$POSTS" --decode-threads 8 --reps 1 --model-only-seconds "$(sec 1)" \
   --config serial:CARSTREAM_OVERLAP=off \
-  --config overlapped:CARSTREAM_OVERLAP=on --out-dir "$RES/loops"
+  --config overlapped:CARSTREAM_OVERLAP=on \
+  --config two-processes:CARSTREAM_OVERLAP=on,CARSTREAM_PROCESSES=2,CARSTREAM_DECODE_THREADS=4 \
+  --baseline overlapped --out-dir "$RES/loops"
 tar -C "$RES" -czf "$OUT/gpu_results.tgz" .
 echo "gpu_session: done; results in gpu_results.tgz"

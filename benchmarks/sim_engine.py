@@ -128,6 +128,10 @@ def main(argv: list[str]) -> int:
         import worker.pipeline
 
         stand_in_gpu_decode(worker.pipeline)
+    import worker.supervisor
+
+    # with CARSTREAM_PROCESSES > 1 the children run this stand-in too
+    worker.supervisor.CHILD_COMMAND = [sys.executable, str(Path(__file__).resolve()), "worker"]
     from worker.__main__ import main as worker_main
 
     return worker_main(["run"])

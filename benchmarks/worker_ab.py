@@ -92,25 +92,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def child_pids(pid: int) -> list[int]:
+    """The worker processes under a CARSTREAM_PROCESSES supervisor (none for one worker)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
 def thread_cpu(pid: int) -> tuple[dict[str, float], dict[str, int]]:
-    """CPU seconds (user + system) of one process so far, and its live threads, by group.
+    """CPU seconds (user + system) of one process and its children so far (a supervisor's
+    worker processes), and their live threads, by group.
 
     The thread counts say which stages a process runs even where one used less than a clock
     tick of CPU (a short run's delivery thread, say)."""
     tick = os.sysconf("SC_CLK_TCK")
     out = dict.fromkeys(GROUPS, 0.0)
     threads = dict.fromkeys(GROUPS, 0)
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    for proc in [pid, *child_pids(pid)]:
         try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-        except OSError:  # the thread ended between listdir and read
+            tids = os.listdir(f"/proc/{proc}/task")
+        except OSError:  # the child ended
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        seconds = (int(fields[11]) + int(fields[12])) / tick
-        group = group_of(int(tid) == pid, comm)
-        out[group] += seconds
-        threads[group] += 1
+        for tid in tids:
+            try:
+                stat = Path(f"/proc/{proc}/task/{tid}/stat").read_text()
+                comm = Path(f"/proc/{proc}/task/{tid}/comm").read_text().strip()
+            except OSError:  # the thread ended between listdir and read
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            seconds = (int(fields[11]) + int(fields[12])) / tick
+            group = group_of(int(tid) == proc, comm)
+            out[group] += seconds
+            threads[group] += 1
     return out, threads
 
 
@@ -135,12 +150,14 @@ ENGINE_SAMPLES = {
 
 
 def parse_engine_metrics(text: str) -> dict[str, float]:
-    """The engine's totals from a worker's Prometheus text exposition."""
+    """The engine's totals from a worker's Prometheus text exposition (summed over the
+    ``process`` label of a CARSTREAM_PROCESSES supervisor's)."""
     out = dict.fromkeys(ENGINE_SAMPLES.values(), 0.0)
     for line in text.splitlines():
         name, _, value = line.partition(" ")
+        name = name.split("{", 1)[0]
         if name in ENGINE_SAMPLES:
-            out[ENGINE_SAMPLES[name]] = float(value)
+            out[ENGINE_SAMPLES[name]] += float(value.split()[0])
     return out
 
 
@@ -242,7 +259,9 @@ def run_config(name, env, stack, bundle, args, posts, work) -> dict:
         if full_env["CARSTREAM_METRICS_PORT"] == "0":
             full_env["CARSTREAM_METRICS_PORT"] = str(free_port())
         scrape = scrape_engine(int(full_env["CARSTREAM_METRICS_PORT"]))
-    instances = int(full_env["CARSTREAM_ENGINE_INSTANCES"])
+    instances = int(full_env["CARSTREAM_ENGINE_INSTANCES"]) * int(
+        full_env.get("CARSTREAM_PROCESSES", "1")
+    )
     proc = e2e.start(cmd, full_env, work / f"{run.group}.log", cwd=src)
     try:
         got = measure(stack.bootstrap, run.output, len(posts), proc, 900, scrape, instances)

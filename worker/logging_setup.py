@@ -26,8 +26,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
+class WorkerIdFilter(logging.Filter):
+    """Every record carries the worker's id: the processes of one replica (``--processes``)
+    share its stderr, and a JSON line must say which of them wrote it."""
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__()
+        self.worker_id = worker_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "worker_id"):
+            record.worker_id = self.worker_id
+        return True
+
+
+def configure_logging(
+    level: str = "INFO", json_lines: bool = False, worker_id: str | None = None
+) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    if worker_id is not None:
+        handler.addFilter(WorkerIdFilter(worker_id))
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -189,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from worker.logging_setup import configure_logging
 
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(settings.log_level, settings.log_json, settings.worker_id)
     for variable, closest in unknown_env_settings():
         hint = f"; did you mean {closest}?" if closest else ""
         log.warning("%s is not a worker setting and is ignored%s", variable, hint)
@@ -210,6 +211,9 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
 
+    if settings.processes > 1:
+        return _supervise(settings, args, stop)
+
     from worker.metrics import WorkerMetrics, bind
 
     # bound before the engine loads: a taken port or unknown host fails in a second, not after
@@ -217,19 +221,46 @@ def main(args: argparse.Namespace) -> int:
     server = None
     if settings.metrics_port:
         stall_s = max(60.0, settings.max_poll_interval_ms / 1000.0)
-        address = f"{settings.metrics_host}:{settings.metrics_port}"
         try:
             server = bind(metrics, settings.metrics_host, settings.metrics_port, stall_s)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            print(
-                f"python -m worker run: error: --metrics-host/--metrics-port {address}: "
-                f"cannot listen there: {reason}",
-                file=sys.stderr,
-            )
-            return 2
+            return _cannot_listen(settings, exc)
     try:
         return _serve(settings, stop, metrics, server)
+    finally:
+        if server is not None:
+            server.server_close()
+
+
+def _cannot_listen(settings: WorkerSettings, exc: OSError) -> int:
+    address = f"{settings.metrics_host}:{settings.metrics_port}"
+    reason = exc.strerror or str(exc)
+    print(
+        f"python -m worker run: error: --metrics-host/--metrics-port {address}: "
+        f"cannot listen there: {reason}",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _supervise(settings: WorkerSettings, args: argparse.Namespace, stop: threading.Event) -> int:
+    """``processes > 1``: this process only supervises (worker/supervisor.py)."""
+    from worker import supervisor
+
+    if settings.backend == "onnxruntime":
+        log.warning(
+            "processes %d with the onnxruntime backend: the processes share this machine's "
+            "cores; on a CPU, engine_instances in one process is the better fit",
+            settings.processes,
+        )
+    server = None
+    if settings.metrics_port:
+        try:
+            server = supervisor.bind(settings)
+        except OSError as exc:
+            return _cannot_listen(settings, exc)
+    try:
+        return supervisor.supervise(settings, vars(args), os.environ, stop, server)
     finally:
         if server is not None:
             server.server_close()

@@ -312,6 +312,15 @@ class WorkerSettings(BaseSettings):
         "thread (the overlapped loop); on a CPU, N single-thread ONNX Runtime instances keep the "
         "cores busier than one N-thread instance",
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="worker processes in this replica, each a consumer-group member with its "
+        "own engine on the replica's GPU, under a supervisor that serves their metrics on "
+        "metrics_port (theirs: loopback, metrics_port+1..+N): for GPU nodes, where one "
+        "process's CPU side, under one GIL, cannot feed the engine (docs/worker.md)",
+    )
     max_batch: int = Field(32, ge=1, le=4096)
     max_wait_ms: int = Field(50, ge=0, le=60_000)
     decode_threads: int = Field(4, ge=1, le=256)
@@ -400,6 +409,15 @@ class WorkerSettings(BaseSettings):
             raise ValueError(
                 f"engine_instances {self.engine_instances} needs the overlapped loop, "
                 "but overlap is off (set overlap to auto or on)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> WorkerSettings:
+        if self.processes > 1 and self.metrics_port + self.processes > 65535:
+            raise ValueError(
+                f"processes {self.processes} need metrics ports {self.metrics_port + 1}.."
+                f"{self.metrics_port + self.processes}, past 65535 (lower metrics_port)"
             )
         return self
 

@@ -166,6 +166,9 @@ def test_keda_scales_the_workers_on_the_groups_lag_within_the_partition_count(ov
     # one partition per consumer: replicas beyond the partition count would idle on a GPU
     partitions = int(scaled["metadata"]["annotations"]["carstream/car-posts-partitions"])
     assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"] <= partitions
+    # each of a replica's worker processes (CARSTREAM_PROCESSES) is a consumer of its own
+    processes = int(_effective_env(objects).get("CARSTREAM_PROCESSES", "1"))
+    assert scaled["spec"]["maxReplicaCount"] * processes <= partitions, (overlay[0], processes)
     assert trigger["metadata"]["allowIdleConsumers"] == "false"
     auth = one(objects, "TriggerAuthentication")
     secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
@@ -473,13 +476,17 @@ def test_worker_threads_fit_the_cpu_limit(overlay):
     (container,) = one(objects, WORKLOAD)["spec"]["template"]["spec"]["containers"]
     limit = _cpus(container["resources"]["limits"]["cpu"])
     env = _effective_env(objects)
-    decode = int(env["CARSTREAM_DECODE_THREADS"])
+    # every worker process of the replica (CARSTREAM_PROCESSES) has threads of its own
+    processes = int(env.get("CARSTREAM_PROCESSES", "1"))
+    decode = int(env["CARSTREAM_DECODE_THREADS"]) * processes
     # unset, ONNX Runtime (the cpu backend, the gpu pods' last fallback) would start one thread
     # per host core, whatever the limit
     assert "CARSTREAM_INFERENCE_THREADS" in env, f"{name}: CARSTREAM_INFERENCE_THREADS unset"
     # ONNX Runtime's threads are per engine instance
-    inference = int(env["CARSTREAM_INFERENCE_THREADS"]) * int(
-        env.get("CARSTREAM_ENGINE_INSTANCES", "1")
+    inference = (
+        int(env["CARSTREAM_INFERENCE_THREADS"])
+        * int(env.get("CARSTREAM_ENGINE_INSTANCES", "1"))
+        * processes
     )
     assert inference * (1 + DECODE_PER_INFERENCE) <= limit, (name, inference, limit)
     if name == "cpu":

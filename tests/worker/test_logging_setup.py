@@ -78,3 +78,24 @@ def test_read_errors_on_an_open_transport_still_get_through(caplog, transport_lo
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
         f"{transport}: socket disconnected"
     ]
+
+
+def test_json_lines_carry_the_worker_id_unless_the_record_names_one(capsys):
+    import json
+
+    from worker.logging_setup import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", json_lines=True, worker_id="pod-a-p1")
+        logging.getLogger("worker.test").info("hello")
+        logging.getLogger("worker.test").info("other", extra={"worker_id": "explicit"})
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(x["msg"], x["worker_id"]) for x in lines] == [
+        ("hello", "pod-a-p1"),
+        ("other", "explicit"),
+    ]
