@@ -245,21 +245,27 @@ def _cannot_listen(settings: WorkerSettings, exc: OSError) -> int:
 
 def _supervise(settings: WorkerSettings, args: argparse.Namespace, stop: threading.Event) -> int:
     """``processes > 1``: this process only supervises (worker/supervisor.py)."""
+    from engine_build.bundle import BundleError, load_bundle
     from worker import supervisor
 
-    if settings.backend == "onnxruntime":
-        log.warning(
-            "processes %d with the onnxruntime backend: the processes share this machine's "
-            "cores; on a CPU, engine_instances in one process is the better fit",
-            settings.processes,
-        )
     server = None
-    if settings.metrics_port:
+    if settings.metrics_port:  # first, as in one process: a taken port fails in a second
         try:
             server = supervisor.bind(settings)
         except OSError as exc:
             return _cannot_listen(settings, exc)
     try:
+        try:  # checked once here: a bad bundle is one line, not one per child
+            load_bundle(settings.bundle)
+        except BundleError as exc:
+            print(f"python -m worker run: error: {exc}", file=sys.stderr)
+            return 2
+        if settings.backend == "onnxruntime":
+            log.warning(
+                "processes %d with the onnxruntime backend: the processes share this machine's "
+                "cores; on a CPU, engine_instances in one process is the better fit",
+                settings.processes,
+            )
         return supervisor.supervise(settings, vars(args), os.environ, stop, server)
     finally:
         if server is not None:

@@ -148,7 +148,10 @@ CHILD = textwrap.dedent(
     after = float(os.environ.get("CHILD_EXIT_AFTER_S", "0") or 0)
     if after and wid.endswith("-p1"):
         time.sleep(after); sys.exit(int(os.environ["CHILD_EXIT"]))
-    stop.wait()
+    # with a timeout: a SIGTERM that Linux hands to the HTTP thread (it may, after a SIGSTOP)
+    # only runs its handler once the main thread is back in Python
+    while not stop.wait(0.1):
+        pass
     print(wid, "drained", flush=True)
     sys.exit(int(os.environ.get("CHILD_EXIT_ON_TERM", "0")))
     """
@@ -184,6 +187,14 @@ def get(url: str) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 class Supervised:
@@ -223,7 +234,8 @@ class Supervised:
 
     def join(self, timeout: float = 30) -> int | None:
         self.thread.join(timeout)
-        assert not self.thread.is_alive(), "supervise did not return"
+        states = {c.pid: _state(c.pid) for c in self.children}
+        assert not self.thread.is_alive(), f"supervise did not return; children {states}"
         self.server.server_close()
         return self.code
 
@@ -299,3 +311,11 @@ def test_the_cli_refuses_a_taken_supervisor_port_in_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], proc.stderr
+
+
+def test_a_bad_bundle_is_one_line_before_any_child_starts(tmp_path):
+    proc = worker_cli("run", "--bundle", str(tmp_path / "absent"), "--processes", "3",
+                      "--metrics-port", "0")  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "absent" in lines[0], proc.stderr
