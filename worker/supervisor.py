@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -188,14 +189,25 @@ def bind(settings: WorkerSettings) -> ThreadingHTTPServer:
 # --- the children ---------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM when the supervisor dies, even by SIGKILL, so
+def _die_with(parent: int) -> Callable[[], None]:
+    """For the child before exec (Linux): SIGTERM when the supervisor dies, even by SIGKILL, so
     no orphan keeps consuming outside a container that would have reaped it."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+
+    def arm() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # it died before the prctl: nobody would send the signal
+            os._exit(1)
+
+    return arm
+
+
+def exit_code(returncode: int) -> int:
+    """A child's returncode as a process exit status: killed by signal N (-N) -> 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def supervise(
@@ -209,7 +221,7 @@ def supervise(
     """Run ``settings.processes`` children until ``stop`` or until one exits; the exit code.
 
     0 when stopped and every child drained cleanly; else the first failing child's code (1 for
-    a child that ended with 0 unasked)."""
+    a child that ended with 0 unasked, 128 + N for one killed by signal N, as a shell says)."""
     children: list[subprocess.Popen] = []
     failed: tuple[int, int] | None = None
     serving = False
@@ -219,7 +231,7 @@ def supervise(
                 spawn(
                     CHILD_COMMAND,
                     env=child_env(base_env, given, settings, i),
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                    preexec_fn=_die_with(os.getpid()) if sys.platform == "linux" else None,
                 )
             )
         log.info(
@@ -256,8 +268,8 @@ def supervise(
         if serving:
             server.shutdown()  # (blocks for ever unless serve_forever ran)
     if failed is not None:
-        return failed[1] or 1
+        return exit_code(failed[1]) or 1
     bad = [(i, code) for i, code in enumerate(codes) if code != 0]
     for i, code in bad:
         log.error("worker process %s exited with %d while draining", child_name(i), code)
-    return bad[0][1] if bad else 0
+    return exit_code(bad[0][1]) if bad else 0

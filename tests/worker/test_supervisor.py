@@ -279,6 +279,14 @@ def test_a_child_that_exits_0_unasked_is_still_a_failure(monkeypatch):
     assert sup.join(timeout=60) == 1
 
 
+def test_a_child_killed_by_a_signal_gives_128_plus_the_signal(monkeypatch):
+    sup = Supervised(monkeypatch)
+    sup.wait_up()
+    sup.children[1].send_signal(signal.SIGKILL)  # the OOM killer, say
+    assert sup.join(timeout=60) == 128 + signal.SIGKILL
+    assert supervisor.exit_code(-15) == 143 and supervisor.exit_code(2) == 2
+
+
 def test_a_child_failing_while_it_drains_gives_its_code(monkeypatch):
     sup = Supervised(monkeypatch, CHILD_EXIT_ON_TERM="1")
     sup.wait_up()
