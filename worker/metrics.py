@@ -94,7 +94,21 @@ class WorkerMetrics:
         return self._ready
 
 
-class _Handler(BaseHTTPRequestHandler):
+class EndpointHandler(BaseHTTPRequestHandler):
+    """What the worker's and a --processes supervisor's endpoints share: replies, logging."""
+
+    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("http %s", format % args)
+
+
+class _Handler(EndpointHandler):
     metrics: WorkerMetrics
     stall_s: float
 
@@ -111,18 +125,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"not found\n")
 
-    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("http %s", format % args)
-
-
-class _Server(ThreadingHTTPServer):
+class EndpointServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def handle_error(self, request: object, client_address: tuple) -> None:
@@ -142,7 +146,7 @@ def bind(metrics: WorkerMetrics, host: str, port: int, stall_s: float) -> Thread
     is a one-line error within a second, not a crash after a model load.
     """
     handler = type("Handler", (_Handler,), {"metrics": metrics, "stall_s": stall_s})
-    return _Server((host, port), handler)
+    return EndpointServer((host, port), handler)
 
 
 def start(server: ThreadingHTTPServer) -> ThreadingHTTPServer:

@@ -26,8 +26,9 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
+from worker.metrics import EndpointHandler, EndpointServer
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -134,10 +135,10 @@ def _fetch(port: int, path: str) -> tuple[int, bytes]:
         return 0, str(exc).encode()
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(EndpointHandler):
     ports: list[int]
 
-    def do_GET(self) -> None:
+    def do_GET(self) -> None:  # noqa: N802 (http.server calls it by this name)
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             parts = []
@@ -159,31 +160,12 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"not found\n")
 
-    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("http %s", format % args)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: object, client_address: tuple) -> None:
-        if isinstance(sys.exc_info()[1], ConnectionError):
-            return  # a probe that gave up: routine
-        log.warning("metrics request from %s failed", client_address, exc_info=True)
-
 
 def bind(settings: WorkerSettings) -> ThreadingHTTPServer:
     """The pod's endpoint on metrics_host:metrics_port, not answering yet; OSError if it cannot."""
     ports = [child_metrics_port(settings, i) for i in range(settings.processes)]
     handler = type("Handler", (_Handler,), {"ports": ports})
-    return _Server((settings.metrics_host, settings.metrics_port), handler)
+    return EndpointServer((settings.metrics_host, settings.metrics_port), handler)
 
 
 # --- the children ---------------------------------------------------------------------------

@@ -9,46 +9,25 @@ import json
 import os
 import re
 import signal
-import socket
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import free_port_run
+from tests.support import http_get as get
+
 pytestmark = pytest.mark.integration
 
 
-def free_port_run(n: int) -> int:
-    """A port P with P..P+n-1 all free now (the supervisor's and its children's)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        socks = []
-        try:
-            for port in range(base, base + n):
-                t = socket.socket()
-                socks.append(t)
-                t.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no run of free ports")
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
+def start_pod(fleet) -> tuple[str, int]:
+    """A replica of two worker processes; its name in the fleet and its metrics port."""
+    port = free_port_run(3)
+    name = fleet.start(
+        "pod", CARSTREAM_PROCESSES="2", CARSTREAM_METRICS_PORT=str(port),
+        CARSTREAM_METRICS_HOST="127.0.0.1",
+    )  # fmt: skip
+    return name, port
 
 
 def child_pids(log: str) -> list[int]:
@@ -80,11 +59,7 @@ def wait_until(cond, deadline_s: float, what: str, proc=None) -> None:
 
 def test_two_processes_share_the_partitions_and_count_exactly(fx, stack, kafka_bootstrap):
     topics, redis_server, fleet = stack
-    port = free_port_run(3)
-    name = fleet.start(
-        "pod", CARSTREAM_PROCESSES="2", CARSTREAM_METRICS_PORT=str(port),
-        CARSTREAM_METRICS_HOST="127.0.0.1",
-    )  # fmt: skip
+    name, port = start_pod(fleet)
     proc = fleet.procs[name]
     base = f"http://127.0.0.1:{port}"
     # ready = both processes warm and holding partitions (or joined with none)
@@ -129,11 +104,7 @@ def test_two_processes_share_the_partitions_and_count_exactly(fx, stack, kafka_b
 
 def test_a_supervisor_killed_with_sigkill_takes_its_processes_with_it(fx, stack):
     _, _, fleet = stack
-    port = free_port_run(3)
-    name = fleet.start(
-        "pod", CARSTREAM_PROCESSES="2", CARSTREAM_METRICS_PORT=str(port),
-        CARSTREAM_METRICS_HOST="127.0.0.1",
-    )  # fmt: skip
+    name, port = start_pod(fleet)
     proc = fleet.procs[name]
     wait_until(lambda: "2 worker processes" in fleet.log(name), 60, "the children", proc)
     pids = child_pids(fleet.log(name))

@@ -5,15 +5,13 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from engine_build.runtime.base import InputSpec
-from tests.support import worker_cli
+from tests.support import http_get, worker_cli
 from worker.metrics import WorkerMetrics, bind, serve, start
 from worker.run import _warm_up, engine_options, parity_note
 from worker.settings import WorkerSettings
@@ -99,7 +97,8 @@ def test_bad_settings_are_one_line_exit_2(args, env, needle):
     assert "Traceback" not in proc.stderr
 
 
-def test_a_metrics_port_in_use_is_one_line_exit_2_before_the_bundle_loads(tmp_path):
+@pytest.mark.parametrize("processes", ["1", "2"])  # the worker's port, or its supervisor's
+def test_a_metrics_port_in_use_is_one_line_exit_2_before_the_bundle_loads(tmp_path, processes):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -107,7 +106,7 @@ def test_a_metrics_port_in_use_is_one_line_exit_2_before_the_bundle_loads(tmp_pa
         # no bundle there: the bind must fail first, as it would before a real model loads
         proc = run_worker(
             "--bundle", str(tmp_path / "absent"), "--metrics-host", "127.0.0.1",
-            "--metrics-port", str(port),
+            "--metrics-port", str(port), "--processes", processes,
         )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -185,12 +184,7 @@ def test_known_carstream_variables_in_any_case_give_no_warning():
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+get = http_get
 
 
 def test_health_ready_and_metrics_endpoints():

@@ -6,21 +6,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from tests.support import worker_cli
+from tests.support import free_port_run, http_get, worker_cli
 from worker import supervisor
 from worker.settings import WorkerSettings
 
@@ -158,35 +155,7 @@ CHILD = textwrap.dedent(
 )
 
 
-def free_ports(n: int) -> int:
-    """A port P with P..P+n-1 all free now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        try:
-            socks = []
-            for p in range(base, base + n):
-                t = socket.socket()
-                socks.append(t)
-                t.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no run of free ports")
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+get = http_get
 
 
 def _state(pid: int) -> str:
@@ -202,7 +171,7 @@ class Supervised:
 
     def __init__(self, monkeypatch, n: int = 2, **env: str) -> None:
         monkeypatch.setattr(supervisor, "CHILD_COMMAND", [sys.executable, "-c", CHILD])
-        self.port = free_ports(n + 1)
+        self.port = free_port_run(n + 1)
         self.settings = settings(processes=n, metrics_port=self.port, metrics_host="127.0.0.1")
         self.server = supervisor.bind(self.settings)
         self.stop = threading.Event()
@@ -305,20 +274,6 @@ def test_a_silent_child_reads_as_no_answer(monkeypatch):
         sup.children[0].send_signal(signal.SIGCONT)
         sup.stop.set()
         sup.join()
-
-
-def test_the_cli_refuses_a_taken_supervisor_port_in_one_line(tmp_path):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        proc = worker_cli(
-            "run", "--bundle", str(tmp_path), "--processes", "2",
-            "--metrics-host", "127.0.0.1", "--metrics-port", str(port),
-        )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], proc.stderr
 
 
 def test_a_bad_bundle_is_one_line_before_any_child_starts(tmp_path):
