@@ -28,7 +28,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from http.server import ThreadingHTTPServer
 
-from worker.metrics import EndpointHandler, EndpointServer
+from worker.metrics import EndpointHandler, EndpointServer, start
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -222,12 +222,8 @@ def supervise(
             ", ".join(f"{child_name(i)} pid {c.pid}" for i, c in enumerate(children)),
         )
         if server is not None:
-            threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+            start(server)  # the pod's endpoint, over all the processes'
             serving = True
-            host, port = server.server_address[:2]
-            log.info(
-                "metrics of all processes on http://%s:%d/metrics (healthz, readyz)", host, port
-            )
         while failed is None and not stop.wait(POLL_S):
             for i, child in enumerate(children):
                 code = child.poll()
