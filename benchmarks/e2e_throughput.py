@@ -92,7 +92,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         default="onnxruntime",
-        choices=["onnxruntime", "torch-cuda", "tensorrt", "auto"],
+        choices=["onnxruntime", "torch-cpu", "torch-cuda", "tensorrt", "auto"],
         help="engine of the worker, the peer and the model-only row",
     )
     parser.add_argument(

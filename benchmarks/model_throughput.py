@@ -2,7 +2,8 @@
 
 Builds a real bundle (the same ``build_bundle`` path as production) for ``--arch`` with random
 weights -- speed does not depend on the weights -- then times each Engine the machine can run:
-ONNX Runtime FP32 and INT8 on the CPU, torch-cuda FP16 and TensorRT FP16 where a GPU exists.
+ONNX Runtime FP32 and INT8 and (on CPUs with AMX or AVX-512 BF16) torch-cpu
+bfloat16 on the CPU, torch-cuda FP16 and TensorRT FP16 where a GPU exists.
 Writes benchmarks/results/model_throughput.{json,md}.
 
     python benchmarks/model_throughput.py                       # resnet50 @ 224, batches 1..64
@@ -56,7 +57,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=int, default=431, help="CompCars models")
     parser.add_argument("--batches", default="1,8,32,64", help="comma list of batch sizes")
     parser.add_argument(
-        "--threads", type=int, default=os.cpu_count(), help="ORT threads, shared by the instances"
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="CPU engines' threads (ONNX Runtime, torch-cpu), shared by the instances",
     )
     parser.add_argument(
         "--instances",
@@ -160,6 +164,7 @@ def time_engines(engines: list, batch: int, image_size: int, args: argparse.Name
 ENGINES = [  # (label, backend, options)
     ("onnxruntime", "fp32", "onnxruntime", {"precision": "fp32"}),
     ("onnxruntime", "int8", "onnxruntime", {"precision": "int8"}),
+    ("torch-cpu", "bf16", "torch-cpu", {}),
     ("torch-cuda", "fp16", "torch-cuda", {}),
     ("torch-cuda-graphs", "fp16", "torch-cuda", {"cuda_graphs": True}),
     ("tensorrt", "fp16", "tensorrt", {}),
@@ -178,7 +183,7 @@ def render_md(result: dict) -> str:
         f"- random weights; ORT threads: {result['threads']}; skipped: "
         f"{'; '.join(result['skipped']) or 'none'}",
         "",
-        "| backend | precision | instances x ORT threads | batch | images/s | p50 ms | p95 ms "
+        "| backend | precision | instances x threads | batch | images/s | p50 ms | p95 ms "
         "| iters |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -225,7 +230,8 @@ def main(args: argparse.Namespace) -> int:
         result["bundle_build_s"] = round(time.perf_counter() - t0, 1)
         for label, precision, backend, opts in ENGINES:
             for n in instances:
-                ort_threads = max(1, args.threads // n) if backend == "onnxruntime" else None
+                cpu_engine = backend in ("onnxruntime", "torch-cpu")
+                ort_threads = max(1, args.threads // n) if cpu_engine else None
                 if ort_threads:
                     opts = {**opts, "threads": ort_threads}
                 engines = []

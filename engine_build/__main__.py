@@ -67,7 +67,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--precision",
         type=comma_list(PRECISIONS),
         default=("fp16", "fp32"),
-        help="comma list: fp32 (ONNX, always built), fp16 (TensorRT plan), int8 (ONNX Runtime QDQ)",
+        help="comma list: fp32 (ONNX, always built), fp16 (TensorRT plan), int8 (ONNX Runtime "
+        "QDQ), bf16 (check model.pt in bfloat16 for the torch-cpu backend; needs a CPU with AMX or "
+        "AVX-512 BF16)",
     )
     parser.add_argument(
         "--backends",
@@ -133,6 +135,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="min top-1 agreement of the int8 model (0 = report only)",
     )
     parser.add_argument(
+        "--bf16-agreement",
+        type=float,
+        default=0.99,
+        help="min top-1 agreement of torch-cpu bfloat16 (--precision bf16)",
+    )
+    parser.add_argument(
         "--model-name",
         default=None,
         help="recorded in the manifest and results; not blank, at most 128 characters, no "
@@ -183,6 +191,7 @@ def main(args: argparse.Namespace) -> int:
             fp32_agreement=args.fp32_agreement,
             fp16_agreement=args.fp16_agreement,
             int8_agreement=args.int8_agreement,
+            bf16_agreement=args.bf16_agreement,
             model_name=args.model_name,
             model_version=args.model_version,
             opset=args.opset,

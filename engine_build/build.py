@@ -46,7 +46,7 @@ from training.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp16", "fp32", "int8")
+PRECISIONS = ("fp16", "fp32", "int8", "bf16")
 BUILD_BACKENDS = ("auto", "tensorrt", "onnxruntime")
 ONNX_FILE, INT8_FILE, FP16_ONNX_FILE = "model.onnx", "model.int8.onnx", "model.fp16.onnx"
 TORCH_FILE, PLAN_FILE = "model.pt", "model.fp16.plan"
@@ -107,6 +107,7 @@ class BuildOptions:
     fp32_agreement: float = 0.999
     fp16_agreement: float = 0.995
     int8_agreement: float = 0.0
+    bf16_agreement: float = 0.99
     model_name: str | None = None
     model_version: str | None = None
     opset: int = 17
@@ -144,7 +145,7 @@ class BuildOptions:
             )
         check_label_text("--model-name", self.model_name)
         check_label_text("--model-version", self.model_version)
-        for flag in ("fp32_agreement", "fp16_agreement", "int8_agreement"):
+        for flag in ("fp32_agreement", "fp16_agreement", "int8_agreement", "bf16_agreement"):
             if not 0.0 <= getattr(self, flag) <= 1.0:
                 raise BuildError(
                     f"--{flag.replace('_', '-')} must be in [0, 1]; got {getattr(self, flag)}"
@@ -314,6 +315,14 @@ def build_bundle(checkpoint_dir: Path | str, out_dir: Path | str, **options) -> 
     except TypeError as exc:
         raise BuildError(f"build_bundle: {exc}") from exc
     opts.validate()
+    if "bf16" in opts.precisions:
+        from engine_build.runtime.torch_cpu import native_bf16
+
+        if native_bf16() is None:
+            raise BuildError(
+                "--precision bf16: this CPU has neither AMX nor AVX-512 BF16, so the torch-cpu "
+                "bf16 engine cannot be checked here; build on the CPU type the workers run on"
+            )
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     try:
         ckpt = load_checkpoint(checkpoint_dir)
@@ -409,10 +418,16 @@ def _build_into(
     }
     artifacts: list[Artifact] = []
 
-    def check(art: Artifact, infer: Callable[[np.ndarray], np.ndarray], threshold: float) -> None:
+    def check(
+        art: Artifact,
+        infer: Callable[[np.ndarray], np.ndarray],
+        threshold: float,
+        key: str | None = None,
+    ) -> None:
         """Run the parity images through ``infer`` in batches of up to max_batch, and the first
-        few one at a time (batch 1, and the padding path of a TensorRT profile with min > 1)."""
-        key = f"{art.backend}-{art.precision}"
+        few one at a time (batch 1, and the padding path of a TensorRT profile with min > 1).
+        ``key`` names the report entry (default ``backend-precision`` of the artifact)."""
+        key = key or f"{art.backend}-{art.precision}"
         logits = run_batched(infer, parity_set.images, opts.max_batch)
         k = min(BATCH1_IMAGES, len(logits))
         single = run_batched(infer, parity_set.images[:k], 1)
@@ -442,7 +457,20 @@ def _build_into(
 
     # FP32 state_dict: what the torch-cuda backend runs in FP16 on GPUs without TensorRT.
     torch.save(model.state_dict(), tmp / TORCH_FILE)
-    artifacts.append(_artifact(tmp, TORCH_FILE, "torch", "fp32"))
+    weights = _artifact(tmp, TORCH_FILE, "torch", "fp32")
+    artifacts.append(weights)
+
+    if "bf16" in opts.precisions:
+        # the same model.pt, run by the torch-cpu backend in bfloat16: no file of its own, but a
+        # parity entry under the engine's name, which the worker logs at start
+        from engine_build.runtime.torch_cpu import TorchCpuEngine
+
+        partial = draft.model_copy(update={"artifacts": [weights]})
+        engine = TorchCpuEngine(Bundle(tmp, partial), "bf16", threads=opts.threads)
+        try:
+            check(weights, engine.infer, opts.bf16_agreement, key=engine.name)
+        finally:
+            engine.close()
 
     if "int8" in opts.precisions:
         from engine_build.quantize import quantize_int8

@@ -133,8 +133,9 @@ def engine_options(settings: WorkerSettings) -> dict[str, object]:
 
 def parity_note(parity: dict | None, engine_name: str) -> tuple[str, bool] | None:
     """What the bundle's parity.json measured for a reduced-precision engine, and whether it is
-    sound (finite logits): an operator who picks int8 sees its cost in the worker's own log."""
-    if not engine_name.endswith("-int8") or not isinstance(parity, dict):
+    sound (finite logits): an operator who picks int8 or bf16 sees its cost in the worker's own
+    log."""
+    if not engine_name.endswith(("-int8", "-bf16")) or not isinstance(parity, dict):
         return None
     entry = (parity.get("artifacts") or {}).get(engine_name)
     if not isinstance(entry, dict):
@@ -260,11 +261,12 @@ def _supervise(settings: WorkerSettings, args: argparse.Namespace, stop: threadi
         except BundleError as exc:
             print(f"python -m worker run: error: {exc}", file=sys.stderr)
             return 2
-        if settings.backend == "onnxruntime":
+        if settings.backend in ("onnxruntime", "torch-cpu"):
             log.warning(
-                "processes %d with the onnxruntime backend: the processes share this machine's "
+                "processes %d with the %s backend: the processes share this machine's "
                 "cores; on a CPU, engine_instances in one process is the better fit",
                 settings.processes,
+                settings.backend,
             )
         return supervisor.supervise(settings, vars(args), os.environ, stop, server)
     finally:

@@ -10,7 +10,9 @@ from engine_build.runtime.base import Engine, EngineUnavailableError, PlanMismat
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tensorrt", "torch-cuda", "onnxruntime")
+BACKENDS = ("auto", "tensorrt", "torch-cuda", "torch-cpu", "onnxruntime")
+# torch-cpu is not in auto: bfloat16 changes the answers (parity.json measures by how much), so
+# an operator opts in, as for onnxruntime int8
 AUTO_ORDER = ("tensorrt", "torch-cuda", "onnxruntime")
 
 
@@ -23,6 +25,10 @@ def _open(bundle: Bundle, backend: str, opts: dict[str, Any]) -> Engine:
         from engine_build.runtime.torch_cuda import TorchCudaEngine
 
         return TorchCudaEngine(bundle, **opts)
+    if backend == "torch-cpu":
+        from engine_build.runtime.torch_cpu import TorchCpuEngine
+
+        return TorchCpuEngine(bundle, **opts)
     from engine_build.runtime.onnxruntime_engine import OnnxRuntimeEngine
 
     return OnnxRuntimeEngine(bundle, **opts)
@@ -32,14 +38,17 @@ def create_engine(bundle: Bundle, backend: str = "auto", **opts: Any) -> Engine:
     """The engine for ``backend``; ``auto`` tries TensorRT, then torch-cuda, then ONNX Runtime.
 
     Options go to the backend that accepts them (``threads``/``precision``/``spinning`` to
-    onnxruntime, ``cuda_graphs`` to torch-cuda). An explicitly named backend that cannot run raises
-    EngineUnavailableError (PlanMismatchError for a plan built for another GPU/TensorRT).
+    onnxruntime, ``threads`` to torch-cpu, ``cuda_graphs`` to torch-cuda). An explicitly named
+    backend that cannot run raises EngineUnavailableError (PlanMismatchError for a plan built
+    for another GPU/TensorRT).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     accepted = {
         "tensorrt": set(),
         "torch-cuda": {"cuda_graphs"},
+        # bfloat16 always: the worker's precision setting is ONNX Runtime's (fp32/int8)
+        "torch-cpu": {"threads"},
         "onnxruntime": {"precision", "threads", "spinning"},
     }
     if backend != "auto":

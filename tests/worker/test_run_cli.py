@@ -370,6 +370,11 @@ def test_parity_note_reports_the_int8_cost_and_flags_non_finite_logits():
     bad = {"artifacts": {"onnxruntime-int8": {**entry, "non_finite_logits": 3}}}
     text, sound = parity_note(bad, "onnxruntime-int8")
     assert not sound and "3 non-finite" in text
+    bf16 = {"artifacts": {"torch-cpu-bf16": {**entry, "top1_agreement": 0.996}}}
+    text, sound = parity_note(bf16, "torch-cpu-bf16")
+    assert sound and "torch-cpu-bf16" in text and "0.996" in text
+    text, sound = parity_note(parity, "torch-cpu-bf16")  # built without --precision bf16
+    assert not sound and "no entry" in text
 
 
 class _ClosableEngine:
