@@ -339,6 +339,11 @@ def or_dash(value: float | None, spec: str) -> str:
     return "—" if value is None or value != value else format(value, spec)
 
 
+def model_only_engine(r: dict) -> str:
+    """The model-only row's engine: its name where recorded (runs before 2026-12-06 ran ONNX)."""
+    return r.get("model_only_engine") or f"ONNX {r.get('onnx_precision', 'fp32')}"
+
+
 def render_md(r: dict) -> str:
     lines = [
         f"# Worker A/B at saturation: {r['arch']} @ {r['image_size']}px",
@@ -350,9 +355,9 @@ def render_md(r: dict) -> str:
         + " and ".join(f"{w}x{h}" for w, h in r["image_sizes"])
         + ", base64 in JSON; "
         f"local Tansu + redis-server; {r['reps']} runs per config, round robin",
-        f"- model-only (engine.infer, ONNX {r.get('onnx_precision', 'fp32')}, "
+        f"- model-only (engine.infer, {model_only_engine(r)}, "
         f"batch {r['max_batch']}, "
-        f"{r.get('engine_instances', 1)} instance(s) at once, ORT threads "
+        f"{r.get('engine_instances', 1)} instance(s) at once, threads "
         f"{r.get('ort_threads', '?')} each, {r['model_only_seconds']:g} s per measurement), "
         "before each round and after the last: "
         + " / ".join(f"{x:.2f}" for x in r["model_only"])
@@ -442,9 +447,10 @@ def main(args: argparse.Namespace) -> int:
             references: list[float] = []
             runs: dict[str, list[dict]] = {name: [] for name, _ in configs}
             for rnd in range(args.reps + 1):
-                ref = e2e.model_only(
+                only = e2e.model_only(
                     bundle, args, args.max_batch, min_seconds=args.model_only_seconds
-                )["images_per_s"]
+                )
+                ref, engine_name = only["images_per_s"], only["engine"]
                 references.append(ref)
                 print(f"model only: {ref:.2f} images/s", flush=True)
                 if rnd == args.reps:
@@ -466,6 +472,8 @@ def main(args: argparse.Namespace) -> int:
         "max_batch": args.max_batch,
         "engine_instances": args.engine_instances,
         "onnx_precision": args.onnx_precision,
+        "backend": args.backend,
+        "model_only_engine": engine_name,
         "ort_threads": args.threads,
         "model_only_seconds": args.model_only_seconds,
         "model_only": references,
