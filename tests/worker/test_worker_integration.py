@@ -436,6 +436,54 @@ def test_an_int8_worker_runs_the_bundles_quantised_model_and_logs_its_parity(
     int8.close()
 
 
+def _native_bf16() -> str | None:
+    from engine_build.runtime.torch_cpu import native_bf16
+
+    return native_bf16()
+
+
+@pytest.mark.skipif(
+    _native_bf16() is None,
+    reason="this CPU has neither AMX nor AVX-512 BF16: the torch-cpu bf16 worker refuses here",
+)
+def test_a_torch_cpu_bf16_worker_with_two_instances_counts_exactly(
+    env, kafka_bootstrap, bundle_dir, tmp_path
+):
+    from engine_build.bundle import load_bundle
+    from engine_build.runtime import create_engine
+
+    topics, url, worker_env, procs = env
+    worker_env["CARSTREAM_BACKEND"] = "torch-cpu"
+    worker_env["CARSTREAM_ENGINE_INSTANCES"] = "2"
+    bundle = load_bundle(bundle_dir)
+    bf16 = create_engine(bundle, "torch-cpu", threads=1)
+    posts = good_posts(24, seed=13)
+    produce(kafka_bootstrap, topics.input, [(p.encode(), raw) for p, raw, _ in posts])
+    start_worker(worker_env, procs, "w1", tmp_path)
+    results = consume_all(
+        kafka_bootstrap, topics.output, lambda recs: len(recs) >= len(posts), 120, procs
+    )
+    by_post = results_by_post_id(results)
+    assert set(by_post) == {pid for pid, _, _ in posts}
+    # bfloat16's own answers; oneDNN may pick other kernels per batch size, so a near tie can
+    # fall either way between a batch of one here and the worker's batches
+    same = sum(
+        (by_post[pid]["make"], by_post[pid]["model"])
+        == expected_label(raw, (bundle.manifest, bf16))
+        for pid, raw, _ in posts
+    )
+    assert same >= len(posts) - 2
+    wait_no_lag(kafka_bootstrap, topics)
+    check_counts(url, by_post, {pid: city for pid, _, city in posts})
+    procs[0].send_signal(signal.SIGTERM)
+    assert procs[0].wait(timeout=60) == 0
+    log_text = (tmp_path / "w1.log").read_text()
+    assert "on torch-cpu-bf16 x 2" in log_text and "loop: overlapped" in log_text
+    # the test bundle was built without --precision bf16: the worker says its cost is unmeasured
+    assert "torch-cpu-bf16: the bundle's parity.json has no entry for it" in log_text
+    bf16.close()
+
+
 class _NotUtf8HeaderKey(str):
     """A header key whose bytes are not UTF-8, as a librdkafka producer (C strings) can send;
     kafka-python's producer only takes str, so its encoding is overridden."""
