@@ -80,7 +80,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait-ms", type=int, default=50, help="the worker's max wait")
     parser.add_argument("--decode-threads", type=int, default=2, help="the worker's decode pool")
     parser.add_argument(
-        "--threads", type=int, default=os.cpu_count(), help="ORT threads (per engine instance)"
+        "--threads", type=int, default=os.cpu_count(), help="CPU engine threads (per instance)"
     )
     parser.add_argument(
         "--engine-instances",
@@ -429,7 +429,7 @@ def render_md(r: dict) -> str:
         + f" (mean {r['jpeg_kb']:.0f} KB), base64 "
         f"in JSON; local Tansu broker and redis-server on loopback; engine "
         f"{r['model_only'].get('engine', 'onnxruntime-fp32')} x {r.get('engine_instances', 1)} "
-        f"(ORT threads {r['threads']} each); "
+        f"(threads {r['threads']} each); "
         f"GPU decode {'on' if r.get('gpu_decode') else 'off'}; decode threads "
         f"{r['decode_threads']}; max_wait {r['max_wait_ms']} ms; overlap "
         f"{r.get('overlap', 'auto')}",

@@ -180,7 +180,7 @@ def render_md(result: dict) -> str:
         f"GPU: {result['machine']['gpu'] or 'none'}",
         f"- date: {result['date']}; load average at start: {result['machine']['loadavg']}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}",
-        f"- random weights; ORT threads: {result['threads']}; skipped: "
+        f"- random weights; CPU engine threads: {result['threads']}; skipped: "
         f"{'; '.join(result['skipped']) or 'none'}",
         "",
         "| backend | precision | instances x threads | batch | images/s | p50 ms | p95 ms "

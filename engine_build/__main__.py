@@ -137,7 +137,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--bf16-agreement",
         type=float,
-        default=0.99,
+        default=0.98,
         help="min top-1 agreement of torch-cpu bfloat16 (--precision bf16)",
     )
     parser.add_argument(

@@ -107,7 +107,7 @@ class BuildOptions:
     fp32_agreement: float = 0.999
     fp16_agreement: float = 0.995
     int8_agreement: float = 0.0
-    bf16_agreement: float = 0.99
+    bf16_agreement: float = 0.98
     model_name: str | None = None
     model_version: str | None = None
     opset: int = 17

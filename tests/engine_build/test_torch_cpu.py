@@ -152,9 +152,9 @@ def test_bundle_build_with_bf16_records_its_parity_and_the_worker_logs_it(
     )
     report = json.loads((out / PARITY_FILE).read_text())["artifacts"]["torch-cpu-bf16"]
     assert report["file"] == "model.pt" and report["n_images"] == 12
-    assert report["gate"]["min_top1_agreement"] == 0.99
+    assert report["gate"]["min_top1_agreement"] == 0.98
     assert report["max_abs_logit_diff"] > 0  # really bfloat16, not the FP32 model again
-    assert report["top1_agreement"] >= 0.99 and report["non_finite_logits"] == 0
+    assert report["top1_agreement"] >= 0.98 and report["non_finite_logits"] == 0
     bundle = load_bundle(out)
     assert [a.file for a in bundle.manifest.artifacts] == ["model.onnx", "model.pt"]
     text, sound = parity_note(bundle.parity, "torch-cpu-bf16")
@@ -164,6 +164,6 @@ def test_bundle_build_with_bf16_records_its_parity_and_the_worker_logs_it(
 @needs_bf16
 def test_bf16_gate_fails_a_model_bfloat16_cannot_reproduce(parity_dir, tmp_path):
     ckpt = write_checkpoint(tmp_path / "ckpt", near_tie=True)
-    with pytest.raises(ParityGateError, match=r"model\.pt: top-1 agreement .* < 0\.99"):
+    with pytest.raises(ParityGateError, match=r"model\.pt: top-1 agreement .* < 0\.98"):
         build_bundle(ckpt, tmp_path / "b", precisions="fp32,bf16", parity_data=parity_dir)
     assert not (tmp_path / "b").exists()
