@@ -288,7 +288,9 @@ class WorkerSettings(BaseSettings):
     )
     backend: Backend = "auto"
     inference_threads: int | None = Field(
-        None, ge=1, description="ONNX Runtime intra-op threads (per engine instance)"
+        None,
+        ge=1,
+        description="intra-op threads of a CPU engine, ONNX Runtime or torch-cpu (per instance)",
     )
     onnx_precision: Literal["fp32", "int8"] = Field(
         "fp32",
