@@ -57,6 +57,26 @@ def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def folded_checked(model: torch.nn.Module, size: int) -> torch.nn.Module:
+    """``model`` with its BatchNorms folded, after checking it still answers like the original
+    on a random batch: the fold trusts registration order, and a model it misreads fails here,
+    at load, not in wrong answers later."""
+    import copy
+
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # not inference_mode: the folded weights must stay normal tensors
+        before = model(x)
+        folded = fold_batch_norms(copy.deepcopy(model))
+        after = folded(x)
+    scale = float(before.abs().max()) + 1e-6
+    if not torch.allclose(after, before, atol=1e-3 * scale, rtol=1e-3):
+        raise EngineUnavailableError(
+            f"folding BatchNorm into the convolutions changed the model's answers (max |diff| "
+            f"{float((after - before).abs().max()):.3g}); torch-cpu handles torchvision ResNets"
+        )
+    return folded
+
+
 class TorchCpuEngine:
     """ResNet from the bundle's ``model.pt`` on the CPU, channels_last, in ``precision``.
 
@@ -83,7 +103,8 @@ class TorchCpuEngine:
         state = torch.load(bundle.artifact_path(artifact), map_location="cpu", weights_only=True)
         model = build_model(m.arch, m.num_classes)
         model.load_state_dict(state)
-        model = fold_batch_norms(model.eval()).to(memory_format=torch.channels_last)
+        model = folded_checked(model.eval(), min(m.preprocess.crop, 64))
+        model = model.to(memory_format=torch.channels_last)
         self._dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self._model = model.to(self._dtype)
         self._threads = threads

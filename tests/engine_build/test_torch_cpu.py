@@ -12,7 +12,12 @@ import torch
 from engine_build.build import BuildError, ParityGateError, build_bundle
 from engine_build.bundle import PARITY_FILE, load_bundle
 from engine_build.runtime import Engine, EngineUnavailableError, create_engine, torch_cpu
-from engine_build.runtime.torch_cpu import TorchCpuEngine, fold_batch_norms, native_bf16
+from engine_build.runtime.torch_cpu import (
+    TorchCpuEngine,
+    fold_batch_norms,
+    folded_checked,
+    native_bf16,
+)
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.models import build_model
 from worker.run import parity_note
@@ -167,3 +172,23 @@ def test_bf16_gate_fails_a_model_bfloat16_cannot_reproduce(parity_dir, tmp_path)
     with pytest.raises(ParityGateError, match=r"model\.pt: top-1 agreement .* < 0\.98"):
         build_bundle(ckpt, tmp_path / "b", precisions="fp32,bf16", parity_data=parity_dir)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_model_the_fold_misreads_is_refused_at_load():
+    class BatchNormBeforeItsConv(torch.nn.Module):
+        # registered conv, bn, but run bn first: folding by registration order would be wrong
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.conv(self.bn(x))
+
+    model = BatchNormBeforeItsConv()
+    with torch.no_grad():
+        model.bn.running_mean.fill_(2.0)
+        model.bn.running_var.fill_(4.0)
+    with pytest.raises(EngineUnavailableError, match="changed the model's answers"):
+        folded_checked(model.eval(), 16)
+    assert isinstance(folded_checked(build_model("resnet18", 3).eval(), 32).bn1, torch.nn.Identity)
