@@ -149,6 +149,27 @@ def parity_note(parity: dict | None, engine_name: str) -> tuple[str, bool] | Non
     return f"{engine_name}: {', '.join(parts)} (parity.json)", not entry.get("non_finite_logits")
 
 
+CPU_ENGINES = ("onnxruntime", "torch-cpu")
+
+
+def oversubscription_note(
+    settings: WorkerSettings, engine_name: str, cores: int | None
+) -> str | None:
+    """Why the CPU engines' threads outnumber the cores, or None: with ``inference_threads``
+    unset each CPU engine instance starts one intra-op thread per core, so N instances run N
+    threads a core and wait on one another at every parallel section."""
+    if settings.inference_threads or settings.engine_instances < 2 or not cores:
+        return None
+    if not engine_name.startswith(CPU_ENGINES):
+        return None
+    return (
+        f"engine_instances {settings.engine_instances} with inference_threads unset: each "
+        f"{engine_name} instance runs one thread per core ({settings.engine_instances} x "
+        f"{cores} threads on {cores} cores); set inference_threads (e.g. "
+        f"{max(1, cores // settings.engine_instances)})"
+    )
+
+
 def _warm_up(engine, max_batch: int) -> None:
     """First calls allocate buffers and pick kernels; do it before taking partitions.
 
@@ -315,6 +336,9 @@ def _serve(
         engine.name,
         len(engines),
     )
+    crowded = oversubscription_note(settings, engine.name, len(os.sched_getaffinity(0)))
+    if crowded is not None:
+        log.warning("%s", crowded)
     note = parity_note(bundle.parity, engine.name)
     if note is not None:
         (log.info if note[1] else log.warning)("%s", note[0])

@@ -13,7 +13,7 @@ import pytest
 from engine_build.runtime.base import InputSpec
 from tests.support import http_get, worker_cli
 from worker.metrics import WorkerMetrics, bind, serve, start
-from worker.run import _warm_up, engine_options, parity_note
+from worker.run import _warm_up, engine_options, oversubscription_note, parity_note
 from worker.settings import WorkerSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -356,6 +356,18 @@ def test_no_inference_spinning_flag_and_variable_turn_spinning_off(monkeypatch):
     assert settings_from_args(parser.parse_args(["--bundle", "/b"])).inference_spinning is False
     monkeypatch.delenv("CARSTREAM_INFERENCE_SPINNING")
     assert settings_from_args(parser.parse_args(["--bundle", "/b"])).inference_spinning is True
+
+
+def test_oversubscribed_cpu_engines_are_named_with_a_thread_count_to_set():
+    two = WorkerSettings(bundle="/b", engine_instances=2)
+    text = oversubscription_note(two, "torch-cpu-bf16", 4)
+    assert "2 x 4 threads on 4 cores" in text and "inference_threads (e.g. 2)" in text
+    assert "onnxruntime-fp32" in oversubscription_note(two, "onnxruntime-fp32", 2)
+    assert oversubscription_note(two, "torch-cuda-fp16", 4) is None  # GPU engines: no pool
+    one = WorkerSettings(bundle="/b")
+    assert oversubscription_note(one, "onnxruntime-fp32", 4) is None
+    sized = WorkerSettings(bundle="/b", engine_instances=2, inference_threads=1)
+    assert oversubscription_note(sized, "onnxruntime-fp32", 4) is None
 
 
 def test_parity_note_reports_the_int8_cost_and_flags_non_finite_logits():
