@@ -17,7 +17,7 @@ import torch
 
 from engine_build.bundle import Bundle
 from engine_build.runtime.base import EngineUnavailableError, InputSpec, check_batch, input_spec_of
-from training.models import build_model
+from engine_build.runtime.torch_model import load_torch_model
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +96,9 @@ class TorchCpuEngine:
                 "torch-cpu bf16 needs a CPU with AMX or AVX-512 BF16 (this one has neither, and "
                 "emulated bfloat16 is slower than onnxruntime's FP32)"
             )
-        artifact = bundle.artifact("torch")
-        if artifact is None:
-            raise EngineUnavailableError(f"bundle {bundle.path} has no torch artifact (model.pt)")
+        model, weights_file = load_torch_model(bundle)
         m = bundle.manifest
-        state = torch.load(bundle.artifact_path(artifact), map_location="cpu", weights_only=True)
-        model = build_model(m.arch, m.num_classes)
-        model.load_state_dict(state)
-        model = folded_checked(model.eval(), min(m.preprocess.crop, 64))
+        model = folded_checked(model, min(m.preprocess.crop, 64))
         model = model.to(memory_format=torch.channels_last)
         self._dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self._model = model.to(self._dtype)
@@ -115,7 +110,7 @@ class TorchCpuEngine:
         log.info(
             "loaded %s from %s (threads=%s, cpu bf16: %s)",
             self.name,
-            artifact.file,
+            weights_file,
             threads or f"torch default {torch.get_num_threads()}",
             feature or "none",
         )

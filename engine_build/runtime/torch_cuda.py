@@ -15,7 +15,7 @@ from engine_build.runtime.base import (
     check_device_batch,
     input_spec_of,
 )
-from training.models import build_model
+from engine_build.runtime.torch_model import load_torch_model
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +56,11 @@ class TorchCudaEngine:
     def __init__(self, bundle: Bundle, cuda_graphs: bool = False, device: str = "cuda"):
         if not torch.cuda.is_available():
             raise EngineUnavailableError("torch-cuda needs a CUDA GPU; torch sees none")
-        artifact = bundle.artifact("torch")
-        if artifact is None:
-            raise EngineUnavailableError(f"bundle {bundle.path} has no torch artifact (model.pt)")
+        model, _ = load_torch_model(bundle)
         m = bundle.manifest
-        state = torch.load(bundle.artifact_path(artifact), map_location="cpu", weights_only=True)
-        model = build_model(m.arch, m.num_classes)
-        model.load_state_dict(state)
         self._device = resolve_device(device)
         self.device = self._device
-        self._model = model.eval().to(
-            self._device, dtype=torch.float16, memory_format=torch.channels_last
-        )
+        self._model = model.to(self._device, dtype=torch.float16, memory_format=torch.channels_last)
         self.name = "torch-cuda-fp16" + ("-graphs" if cuda_graphs else "")
         self.max_batch = m.batch_profile.max
         self._spec = input_spec_of(bundle)

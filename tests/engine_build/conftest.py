@@ -104,3 +104,34 @@ def bundle_dir(tmp_path_factory, checkpoint_dir, parity_dir) -> Path:
         opt_batch=4,
         threads=2,
     )
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir):
+    """The shared bundle, loaded (engines are built from it)."""
+    from engine_build.bundle import load_bundle
+
+    return load_bundle(bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint_dir):
+    """The checkpoint's PyTorch FP32 model as a numpy function: every engine's truth."""
+    from training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(checkpoint_dir))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def batch(n: int, seed: int = 0) -> np.ndarray:
+    """A random float32 batch in the shared bundle's input shape."""
+    return (
+        np.random.default_rng(seed)
+        .standard_normal((n, 3, IMAGE_SIZE, IMAGE_SIZE))
+        .astype(np.float32)
+    )

@@ -16,7 +16,8 @@ from engine_build.runtime import (
 )
 from engine_build.runtime.tensorrt_engine import plan_mismatch
 from engine_build.runtime.torch_cuda import batch_buckets, bucket_for, resolve_device
-from training.checkpoint import load_checkpoint, model_from_checkpoint
+
+from .conftest import batch
 
 HAS_CUDA = torch.cuda.is_available()
 try:
@@ -25,26 +26,6 @@ try:
     HAS_TRT = True
 except ImportError:
     HAS_TRT = False
-
-
-@pytest.fixture(scope="module")
-def bundle(bundle_dir):
-    return load_bundle(bundle_dir)
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint_dir):
-    model = model_from_checkpoint(load_checkpoint(checkpoint_dir))
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(x)).numpy()
-
-    return run
-
-
-def batch(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)
 
 
 def test_onnxruntime_spinning_off_sets_the_session_option_and_answers_the_same(bundle, reference):

@@ -18,36 +18,15 @@ from engine_build.runtime.torch_cpu import (
     folded_checked,
     native_bf16,
 )
-from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.models import build_model
 from worker.run import parity_note
 
-from .conftest import write_checkpoint
+from .conftest import batch, write_checkpoint
 
 BF16 = native_bf16()
 needs_bf16 = pytest.mark.skipif(
     BF16 is None, reason="this CPU has neither AMX nor AVX-512 BF16: torch-cpu bf16 refuses here"
 )
-
-
-@pytest.fixture(scope="module")
-def bundle(bundle_dir):
-    return load_bundle(bundle_dir)
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint_dir):
-    model = model_from_checkpoint(load_checkpoint(checkpoint_dir))
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(x)).numpy()
-
-    return run
-
-
-def batch(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])

@@ -403,17 +403,11 @@ def test_a_post_re_sent_by_its_producer_gets_a_result_each_time_and_is_counted_o
     assert redis.Redis.from_url(url).exists(f"carstream:trends:seen:{resent[0]}")
 
 
-def test_an_int8_worker_runs_the_bundles_quantised_model_and_logs_its_parity(
-    env, kafka_bootstrap, bundle_dir, tmp_path
-):
-    from engine_build.bundle import load_bundle
-    from engine_build.runtime import create_engine
-
+def serve_and_stop(env, kafka_bootstrap, tmp_path, posts) -> tuple[dict, str]:
+    """Produce ``posts``, run one worker until each has a result, check nothing is left
+    uncommitted and Redis counts equal the results, stop it with SIGTERM (exit 0); return the
+    results by post_id and the worker's log."""
     topics, url, worker_env, procs = env
-    worker_env["CARSTREAM_ONNX_PRECISION"] = "int8"
-    bundle = load_bundle(bundle_dir)
-    int8 = create_engine(bundle, "onnxruntime", precision="int8", threads=1)
-    posts = good_posts(12, seed=11)
     produce(kafka_bootstrap, topics.input, [(p.encode(), raw) for p, raw, _ in posts])
     start_worker(worker_env, procs, "w1", tmp_path)
     results = consume_all(
@@ -421,15 +415,29 @@ def test_an_int8_worker_runs_the_bundles_quantised_model_and_logs_its_parity(
     )
     by_post = results_by_post_id(results)
     assert set(by_post) == {pid for pid, _, _ in posts}
-    for pid, raw, _ in posts:  # the int8 model's own answers, not the fp32 model's
-        assert (by_post[pid]["make"], by_post[pid]["model"]) == expected_label(
-            raw, (bundle.manifest, int8)
-        )
     wait_no_lag(kafka_bootstrap, topics)
     check_counts(url, by_post, {pid: city for pid, _, city in posts})
     procs[0].send_signal(signal.SIGTERM)
     assert procs[0].wait(timeout=60) == 0
-    log_text = (tmp_path / "w1.log").read_text()
+    return by_post, (tmp_path / "w1.log").read_text()
+
+
+def test_an_int8_worker_runs_the_bundles_quantised_model_and_logs_its_parity(
+    env, kafka_bootstrap, bundle_dir, tmp_path
+):
+    from engine_build.bundle import load_bundle
+    from engine_build.runtime import create_engine
+
+    worker_env = env[2]
+    worker_env["CARSTREAM_ONNX_PRECISION"] = "int8"
+    bundle = load_bundle(bundle_dir)
+    int8 = create_engine(bundle, "onnxruntime", precision="int8", threads=1)
+    posts = good_posts(12, seed=11)
+    by_post, log_text = serve_and_stop(env, kafka_bootstrap, tmp_path, posts)
+    for pid, raw, _ in posts:  # the int8 model's own answers, not the fp32 model's
+        assert (by_post[pid]["make"], by_post[pid]["model"]) == expected_label(
+            raw, (bundle.manifest, int8)
+        )
     agreement = bundle.parity["artifacts"]["onnxruntime-int8"]["top1_agreement"]
     assert "on onnxruntime-int8 x 1" in log_text
     assert f"onnxruntime-int8: top-1 agreement with PyTorch {agreement}" in log_text
@@ -452,19 +460,13 @@ def test_a_torch_cpu_bf16_worker_with_two_instances_counts_exactly(
     from engine_build.bundle import load_bundle
     from engine_build.runtime import create_engine
 
-    topics, url, worker_env, procs = env
+    worker_env = env[2]
     worker_env["CARSTREAM_BACKEND"] = "torch-cpu"
     worker_env["CARSTREAM_ENGINE_INSTANCES"] = "2"
     bundle = load_bundle(bundle_dir)
     bf16 = create_engine(bundle, "torch-cpu", threads=1)
     posts = good_posts(24, seed=13)
-    produce(kafka_bootstrap, topics.input, [(p.encode(), raw) for p, raw, _ in posts])
-    start_worker(worker_env, procs, "w1", tmp_path)
-    results = consume_all(
-        kafka_bootstrap, topics.output, lambda recs: len(recs) >= len(posts), 120, procs
-    )
-    by_post = results_by_post_id(results)
-    assert set(by_post) == {pid for pid, _, _ in posts}
+    by_post, log_text = serve_and_stop(env, kafka_bootstrap, tmp_path, posts)
     # bfloat16's own answers; oneDNN may pick other kernels per batch size, so a near tie can
     # fall either way between a batch of one here and the worker's batches
     same = sum(
@@ -473,11 +475,6 @@ def test_a_torch_cpu_bf16_worker_with_two_instances_counts_exactly(
         for pid, raw, _ in posts
     )
     assert same >= len(posts) - 2
-    wait_no_lag(kafka_bootstrap, topics)
-    check_counts(url, by_post, {pid: city for pid, _, city in posts})
-    procs[0].send_signal(signal.SIGTERM)
-    assert procs[0].wait(timeout=60) == 0
-    log_text = (tmp_path / "w1.log").read_text()
     assert "on torch-cpu-bf16 x 2" in log_text and "loop: overlapped" in log_text
     # the test bundle was built without --precision bf16: the worker says its cost is unmeasured
     assert "torch-cpu-bf16: the bundle's parity.json has no entry for it" in log_text
