@@ -17,3 +17,9 @@ PY=${PY:-.venv/bin/python}
 "$PY" benchmarks/worker_ab.py --arch resnet18 --images thumb --sim-engine 4,3 --reps 3 \
   --posts 2000 --config serial:CARSTREAM_OVERLAP=off --config overlapped:CARSTREAM_OVERLAP=on \
   --out-dir benchmarks/results/overlap_sim_gpu
+# CPUs with AMX or AVX-512 BF16: the torch-cpu bfloat16 worker against the ONNX Runtime one
+if "$PY" -c 'import sys; from engine_build.runtime.torch_cpu import native_bf16; sys.exit(native_bf16() is None)'; then
+  "$PY" benchmarks/worker_ab.py --backend torch-cpu --engine-instances 2 --threads 1 --reps 3 \
+    --posts 480 --config worker: --config onnxruntime:CARSTREAM_BACKEND=onnxruntime \
+    --config peer:CMD=peer --baseline peer --out-dir benchmarks/results/amx_bf16/run_all
+fi
