@@ -5,9 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 PYTEST_ARGS ?=
-# pytest-xdist processes: most tests wait on subprocesses, a broker or Redis, so two run well on
-# two cores (1141 s -> 709 s of tests on the 2-vCPU CI machine); 0 runs them in this process
-PYTEST_WORKERS ?= 2
+# pytest-xdist processes for the whole suite: most tests wait on subprocesses, a broker or Redis,
+# so two run well on two cores (1141 s -> 709 s of tests on the 2-vCPU CI machine). A narrowed
+# run (PYTEST_ARGS set) runs in one process, where a mistyped path is an error (xdist reports
+# it as "no tests ran"), and --pdb and -s work.
+PYTEST_WORKERS ?= $(if $(strip $(PYTEST_ARGS)),0,2)
 
 .PHONY: setup system-deps test-tools test test-unit test-integration lint format demo bench stack-up stack-down clean
 

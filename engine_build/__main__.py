@@ -157,7 +157,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--opset", type=int, default=17, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET}"
     )
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads, >= 1")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of the parity runs (ONNX Runtime, torch-cpu bf16), >= 1",
+    )
     parser.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )

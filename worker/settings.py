@@ -340,8 +340,8 @@ class WorkerSettings(BaseSettings):
         "auto",
         description="run the engine on an inference thread and publish + count on a delivery "
         "thread while the main thread polls, decodes and commits; auto: on for GPU engines "
-        "(torch-cuda, tensorrt) and for engine_instances above 1, off for one onnxruntime "
-        "instance, whose parallel sections lose to polling beside them",
+        "(torch-cuda, tensorrt) and for engine_instances above 1, off for one CPU engine "
+        "instance (onnxruntime, torch-cpu), whose parallel sections lose to polling beside them",
     )
     min_confidence: float = Field(0.5, ge=0.0, le=1.0)
     top_k: int = Field(5, ge=1, le=100)

@@ -38,17 +38,17 @@ def create_engine(bundle: Bundle, backend: str = "auto", **opts: Any) -> Engine:
     """The engine for ``backend``; ``auto`` tries TensorRT, then torch-cuda, then ONNX Runtime.
 
     Options go to the backend that accepts them (``threads``/``precision``/``spinning`` to
-    onnxruntime, ``threads`` to torch-cpu, ``cuda_graphs`` to torch-cuda). An explicitly named
-    backend that cannot run raises EngineUnavailableError (PlanMismatchError for a plan built
-    for another GPU/TensorRT).
+    onnxruntime, ``threads``/``precision`` to torch-cpu, ``cuda_graphs`` to torch-cuda). An
+    explicitly named backend that cannot run raises EngineUnavailableError (PlanMismatchError
+    for a plan built for another GPU/TensorRT).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     accepted = {
         "tensorrt": set(),
         "torch-cuda": {"cuda_graphs"},
-        # bfloat16 always: the worker's precision setting is ONNX Runtime's (fp32/int8)
-        "torch-cpu": {"threads"},
+        # precision fp32 (the worker passes none: bf16) or bf16; int8 is refused there
+        "torch-cpu": {"threads", "precision"},
         "onnxruntime": {"precision", "threads", "spinning"},
     }
     if backend != "auto":

@@ -80,15 +80,17 @@ def folded_checked(model: torch.nn.Module, size: int) -> torch.nn.Module:
 class TorchCpuEngine:
     """ResNet from the bundle's ``model.pt`` on the CPU, channels_last, in ``precision``.
 
-    ``threads`` sets the intra-op threads of every thread that calls :meth:`infer` (PyTorch's
-    OpenMP team is per calling thread), so N instances on N inference threads with 1 thread each
-    use N cores.
+    ``threads`` is set (``torch.set_num_threads``) on every thread that calls :meth:`infer`: the
+    OpenMP team belongs to the calling thread, so N instances on N inference threads with 1
+    thread each use N cores. It is also PyTorch's process-wide default from then on, which the
+    threads started later inherit.
     """
 
     def __init__(self, bundle: Bundle, precision: str = "bf16", threads: int | None = None):
         if precision not in PRECISIONS:
             raise EngineUnavailableError(
-                f"torch-cpu runs {' or '.join(PRECISIONS)}, not {precision!r}"
+                f"torch-cpu runs {' or '.join(PRECISIONS)}, not {precision!r} (int8 is ONNX "
+                "Runtime's: onnx_precision applies to the onnxruntime backend)"
             )
         feature = native_bf16()
         if precision == "bf16" and feature is None:

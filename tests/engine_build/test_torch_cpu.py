@@ -69,24 +69,31 @@ def test_bad_batches_are_refused(bundle, x, match):
         engine.infer(x)
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The engine's thread setting is also PyTorch's process default: later tests (in this
+    pytest process) must not inherit a test's engine's."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def test_threads_apply_to_the_thread_that_infers(bundle):
     # PyTorch's intra-op team belongs to the calling thread: the worker's inference thread must
-    # get the setting, not only the thread that built the engine
+    # get the setting when it infers, whatever it inherited
+    torch.set_num_threads(2)
     engine = TorchCpuEngine(bundle, precision="fp32", threads=1)
     seen: list[int] = []
 
     def infer() -> None:
-        before = torch.get_num_threads()
-        try:
-            engine.infer(batch(1))
-            seen.append(torch.get_num_threads())
-        finally:
-            torch.set_num_threads(before)
+        seen.append(torch.get_num_threads())
+        engine.infer(batch(1))
+        seen.append(torch.get_num_threads())
 
     t = threading.Thread(target=infer)
     t.start()
     t.join()
-    assert seen == [1]
+    assert seen == [2, 1]  # built without touching threads; set by the first infer
 
 
 def test_bf16_refuses_a_cpu_without_native_bfloat16(bundle, monkeypatch):
@@ -97,6 +104,14 @@ def test_bf16_refuses_a_cpu_without_native_bfloat16(bundle, monkeypatch):
         TorchCpuEngine(bundle, precision="int8")
 
 
+def test_create_engine_passes_precision_and_refuses_onnx_runtimes_int8(bundle):
+    # fp32 runs anywhere (for checks); the worker's onnx_precision int8 is a mistake with
+    # torch-cpu, refused in one line rather than silently run in bf16
+    assert create_engine(bundle, "torch-cpu", precision="fp32").name == "torch-cpu-fp32"
+    with pytest.raises(EngineUnavailableError, match="int8 is ONNX Runtime's"):
+        create_engine(bundle, "torch-cpu", precision="int8")
+
+
 def test_auto_never_picks_torch_cpu(bundle):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present: auto picks a GPU backend here")
@@ -105,8 +120,8 @@ def test_auto_never_picks_torch_cpu(bundle):
 
 @needs_bf16
 def test_bf16_answers_like_fp32_within_bfloat16_precision(bundle, reference):
-    # the worker passes ONNX Runtime's precision (fp32/int8) to every backend: torch-cpu keeps bf16
-    engine = create_engine(bundle, "torch-cpu", threads=1, precision="int8", spinning=False)
+    # the worker passes no precision for its default fp32, and ONNX Runtime's spinning is ignored
+    engine = create_engine(bundle, "torch-cpu", threads=1, spinning=False)
     assert engine.name == "torch-cpu-bf16"
     x = batch(8, seed=3)
     logits, ref = engine.infer(x), reference(x)
