@@ -5,11 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 PYTEST_ARGS ?=
-# pytest-xdist processes for the whole suite: most tests wait on subprocesses, a broker or Redis,
-# so two run well on two cores (1141 s -> 709 s of tests on the 2-vCPU CI machine). A narrowed
-# run (PYTEST_ARGS set) runs in one process, where a mistyped path is an error (xdist reports
-# it as "no tests ran"), and --pdb and -s work.
-PYTEST_WORKERS ?= $(if $(strip $(PYTEST_ARGS)),0,2)
+# pytest-xdist processes: 0 runs the suite in one process (the default, and what CI runs).
+# PYTEST_WORKERS=2 took 709-811 s of tests instead of 1141-1244 s on the 2-vCPU machine, but one
+# of three such runs failed tests/worker/test_supervisor.py::test_a_silent_child_reads_as_no_answer
+# (a SIGSTOPped stand-in child that did not exit on SIGTERM under the load), so it stays opt-in.
+PYTEST_WORKERS ?= 0
 
 .PHONY: setup system-deps test-tools test test-unit test-integration lint format demo bench stack-up stack-down clean
 
