@@ -27,6 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from training.cli_help import DefaultsHelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
@@ -51,7 +53,7 @@ SIZES = {"1080x1080": (1080, 1080), "1280x960": (1280, 960), "640x640": (640, 64
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
     )
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma list")
     parser.add_argument("--seconds", type=float, default=0.5, help="timed seconds per case")

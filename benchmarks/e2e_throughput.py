@@ -38,6 +38,8 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from PIL import Image
 
+from training.cli_help import DefaultsHelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
@@ -55,7 +57,7 @@ PARTITIONS = 4
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
     )
     parser.add_argument("--posts", type=int, default=240, help="posts per saturation run")
     parser.add_argument(

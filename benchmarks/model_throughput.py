@@ -36,6 +36,7 @@ from engine_build.build import build_bundle
 from engine_build.bundle import load_bundle
 from engine_build.runtime import EngineUnavailableError, create_engine
 from training.checkpoint import save_checkpoint
+from training.cli_help import DefaultsHelpFormatter
 from training.models import build_model
 from training.preprocessing import PreprocessSpec
 
@@ -50,7 +51,7 @@ WARMUP_CALLS = 2
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
     )
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--image-size", type=int, default=224)

@@ -20,6 +20,7 @@ import torchvision
 from report import cpu_model, write_results
 from torch import nn
 
+from training.cli_help import DefaultsHelpFormatter
 from training.engine import train_one_epoch
 from training.models import build_model
 
@@ -50,7 +51,7 @@ def measure(arch: str, image_size: int, batch: int, iters: int, classes: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--archs", default="resnet18,resnet50")
     parser.add_argument("--image-size", type=int, default=224)

@@ -37,6 +37,8 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 
+from training.cli_help import DefaultsHelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
@@ -71,7 +73,7 @@ def parse_config(text: str) -> tuple[str, dict[str, str]]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
     )
     parser.add_argument(
         "--config", type=parse_config, action="append", help="NAME:VAR=VALUE,... (repeatable)"

@@ -24,6 +24,7 @@ from engine_build.bundle import BundleError
 from engine_build.onnx_export import MAX_OPSET, MIN_OPSET
 from training.cli import BadArgumentError, check_out_dir, check_utf8_path
 from training.cli_errors import OneLineParser
+from training.cli_help import DefaultsHelpFormatter
 
 log = logging.getLogger("engine_build")
 
@@ -47,7 +48,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m engine_build",
         description="Checkpoint -> model bundle (ONNX, TensorRT FP16 plan, parity report)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         add_help=add_help,
     )
     parser.add_argument(

@@ -22,6 +22,7 @@ from training import train as train_cmd
 from training.checkpoint import atomic_write_bytes, atomic_write_json
 from training.cli import BadArgumentError, positive_int
 from training.cli_errors import OneLineParser
+from training.cli_help import DefaultsHelpFormatter
 from training.distributed import DistInfo, barrier, cleanup, init_distributed
 from training.models import ARCHS, UnknownArchError, build_model
 
@@ -95,7 +96,7 @@ def markdown_table(rows: list[dict[str, Any]], header: str) -> str:
 def get_args_parser(add_parser=None, name: str = "compare") -> argparse.ArgumentParser:
     kwargs = {
         "description": "Train and evaluate several ResNets on the same data; write a table.",
-        "formatter_class": argparse.ArgumentDefaultsHelpFormatter,
+        "formatter_class": DefaultsHelpFormatter,
     }
     parser = (
         add_parser(name, help="compare architectures", **kwargs)

@@ -22,6 +22,7 @@ from training.checkpoint import (
 )
 from training.cli import BadArgumentError, check_out_dir
 from training.cli_errors import OneLineParser
+from training.cli_help import DefaultsHelpFormatter
 from training.datasets import DatasetError, load_index
 from training.datasets.image_dataset import UnreadableImages
 from training.distributed import DistInfo
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 def get_args_parser(add_parser=None, name: str = "evaluate") -> argparse.ArgumentParser:
     kwargs = {
         "description": "Evaluate a training checkpoint on a data set's test split.",
-        "formatter_class": argparse.ArgumentDefaultsHelpFormatter,
+        "formatter_class": DefaultsHelpFormatter,
     }
     parser = (
         add_parser(name, help="evaluate a checkpoint", **kwargs)

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from training.cli import BadArgumentError, check_out_dir, positive_int, seed_int
 from training.cli_errors import OneLineParser
+from training.cli_help import DefaultsHelpFormatter
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def get_args_parser(add_parser=None, name: str = "make-sample") -> argparse.Argu
     kwargs = {
         "description": "Write a small SYNTHETIC data set (drawn cars, not photos) in the exact "
         "CompCars web-nature archive layout, with the archive's quirks, for demos and tests.",
-        "formatter_class": argparse.ArgumentDefaultsHelpFormatter,
+        "formatter_class": DefaultsHelpFormatter,
     }
     parser = (
         add_parser(name, help="write a SYNTHETIC CompCars-layout sample", **kwargs)

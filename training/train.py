@@ -44,6 +44,7 @@ from training.cli import (
     unit_float,
 )
 from training.cli_errors import OneLineParser
+from training.cli_help import DefaultsHelpFormatter
 from training.datasets import CROPS, LEVELS, READERS, DatasetError, DatasetIndex, load_index
 from training.datasets.image_dataset import (
     ImageDataset,
@@ -131,7 +132,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 def get_args_parser(add_parser=None, name: str = "train") -> argparse.ArgumentParser:
     kwargs = {
         "description": "Fine-tune a torchvision ResNet on CompCars, CompCars-sv or a folder tree.",
-        "formatter_class": argparse.ArgumentDefaultsHelpFormatter,
+        "formatter_class": DefaultsHelpFormatter,
     }
     parser = (
         add_parser(name, help="fine-tune a classifier", **kwargs)

@@ -6,11 +6,11 @@ model runtime.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
 from training.cli_errors import OneLineParser
+from training.cli_help import DefaultsHelpFormatter
 
 SUBCOMMANDS = {
     "run": ("worker.run", "consume post events, classify them, publish results, count trends"),
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         prog=f"python -m worker {name}",
         description=SUBCOMMANDS[name][1],
         parents=[module.get_args_parser(add_help=False)],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         conflict_handler="resolve",
     )
     return int(module.main(parser.parse_args(rest)) or 0)

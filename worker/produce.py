@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from training.cli_errors import EXIT_BAD_INPUT, fail, first_validation_error, utf8_problem
+from training.cli_help import DefaultsHelpFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +366,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Publish car post events to Kafka (demo feeder and load generator).",
         add_help=add_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="directory of images, one post per image")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from pydantic import SecretStr, ValidationError
 
+from training.cli_help import DefaultsHelpFormatter
 from worker.settings import FETCH_MARGIN_BYTES, WorkerSettings, unknown_env_settings
 
 if typing.TYPE_CHECKING:
@@ -40,7 +41,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         add_help=add_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     for name, field in WorkerSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")

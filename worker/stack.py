@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from training.cli_help import DefaultsHelpFormatter
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path(".stack")
@@ -498,7 +500,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Start, stop or inspect the local Tansu broker + redis-server on loopback.",
         add_help=add_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("action", choices=["up", "down", "status"], help="what to do")
     parser.add_argument(

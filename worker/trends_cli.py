@@ -14,6 +14,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 
 from training.cli_errors import fail, first_validation_error, utf8_problem
+from training.cli_help import DefaultsHelpFormatter
 from worker.connections import redacted
 from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT, in_event_time_range
 from worker.trends import TrendReader, normalize_city
@@ -67,7 +68,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Top car makes/models in Redis over a trailing event-time window.",
         add_help=add_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--window", default="60m", help="trailing window: 15m, 2h, 1d")
     parser.add_argument(

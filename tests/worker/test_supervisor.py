@@ -125,7 +125,8 @@ def test_merging_nothing_is_empty_and_labels_go_in_front_of_existing_ones():
 # SIGTERM with CHILD_EXIT_ON_TERM, or by itself after CHILD_EXIT_AFTER_S with CHILD_EXIT
 CHILD = textwrap.dedent(
     """
-    import http.server, os, signal, sys, threading, time
+    import faulthandler, http.server, os, signal, sys, threading, time
+    faulthandler.register(signal.SIGUSR1, file=sys.stdout, all_threads=True)  # join()'s report
     port = int(os.environ["CARSTREAM_METRICS_PORT"])
     ready = os.environ.get("CHILD_READY", "1") == "1"
     wid = os.environ["CARSTREAM_WORKER_ID"]
@@ -138,7 +139,13 @@ CHILD = textwrap.dedent(
             self.wfile.write(body.get(self.path, "").encode())
         def log_message(self, *a): pass
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    def serve():
+        # SIGTERM for the main thread only (the request threads inherit this mask): CPython
+        # 3.11 can lose a handler's wake-up for the main thread when another thread took the
+        # signal, leaving it waiting for ever
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        srv.serve_forever()
+    threading.Thread(target=serve, daemon=True).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     print(wid, "up", flush=True)
@@ -203,10 +210,23 @@ class Supervised:
 
     def join(self, timeout: float = 30) -> int | None:
         self.thread.join(timeout)
-        states = {c.pid: _state(c.pid) for c in self.children}
-        assert not self.thread.is_alive(), f"supervise did not return; children {states}"
+        if self.thread.is_alive():
+            raise AssertionError(f"supervise did not return; children:\n{self.stuck_report()}")
         self.server.server_close()
         return self.code
+
+    def stuck_report(self) -> str:
+        """Each child's state, and the Python stacks of those still running (then killed), so
+        a hang says where each child waits."""
+        lines = []
+        for child in self.children:
+            lines.append(f"pid {child.pid}: {_state(child.pid)}")
+            if child.poll() is None:
+                child.send_signal(signal.SIGUSR1)  # faulthandler writes every thread's stack
+                time.sleep(0.5)  # (the report is best effort; the child is killed next)
+                child.kill()
+                lines.append(child.communicate()[0])
+        return "\n".join(lines)
 
 
 def test_stop_forwards_sigterm_every_child_drains_and_the_code_is_0(monkeypatch):
