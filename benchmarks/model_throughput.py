@@ -36,6 +36,7 @@ from engine_build.build import build_bundle
 from engine_build.bundle import load_bundle
 from engine_build.runtime import EngineUnavailableError, create_engine
 from training.checkpoint import save_checkpoint
+from training.cli_errors import fail
 from training.cli_help import DefaultsHelpFormatter
 from training.models import build_model
 from training.preprocessing import PreprocessSpec
@@ -78,6 +79,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="untimed iterations first, per engine",
     )
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 build and run")
+    parser.add_argument(
+        "--backends",
+        default="",
+        help="comma list of engine labels to run (onnxruntime-fp32, onnxruntime-int8, "
+        "torch-cpu-bf16, torch-cuda-fp16, torch-cuda-graphs-fp16, tensorrt-fp16); default: all",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="times each engine set runs its batch sizes in turn; the median round is reported, "
+        "every round's images/s kept (batch sizes compared within a round, as a VM drifts)",
+    )
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     return parser
 
@@ -172,6 +186,26 @@ ENGINES = [  # (label, backend, options)
 ]
 
 
+def selected_engines(labels: str) -> list[tuple[str, str, str, dict]]:
+    """ENGINES, or those named as ``label-precision`` in the comma list."""
+    if not labels:
+        return ENGINES
+    wanted = {name.strip() for name in labels.split(",") if name.strip()}
+    known = {f"{label}-{precision}" for label, precision, _, _ in ENGINES}
+    if unknown := wanted - known:
+        raise ValueError(f"--backends {','.join(sorted(unknown))}: not one of {sorted(known)}")
+    return [e for e in ENGINES if f"{e[0]}-{e[1]}" in wanted]
+
+
+def median_read(reads: list[dict]) -> dict:
+    """The median round's figures (by images/s), with every round's images/s beside them."""
+    ranked = sorted(reads, key=lambda r: r["images_per_s"])
+    row = dict(ranked[(len(ranked) - 1) // 2])
+    if len(reads) > 1:
+        row["rounds_images_per_s"] = [r["images_per_s"] for r in reads]
+    return row
+
+
 def render_md(result: dict) -> str:
     lines = [
         f"# Model throughput: {result['arch']} @ {result['image_size']}px",
@@ -192,14 +226,25 @@ def render_md(result: dict) -> str:
         each = f" x {r['ort_threads']}" if r.get("ort_threads") else ""
         lines.append(
             f"| {r['backend']} | {r['precision']} | {r.get('instances', 1)}{each} | {r['batch']} "
-            f"| {r['images_per_s']} | {r['latency_ms_p50']} | {r['latency_ms_p95']} "
+            f"| {r['images_per_s']}{rounds(r)} | {r['latency_ms_p50']} | {r['latency_ms_p95']} "
             f"| {r['iters']} |"
         )
     return "\n".join(lines) + "\n"
 
 
+def rounds(row: dict) -> str:
+    reads = row.get("rounds_images_per_s")
+    return f" ({' / '.join(str(v) for v in reads)})" if reads else ""
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
+    try:
+        engine_sets = selected_engines(args.backends)
+    except ValueError as exc:
+        return fail(str(exc))
+    if args.rounds < 1:
+        return fail(f"--rounds {args.rounds}: must be >= 1")
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     instances = [int(n) for n in args.instances.split(",")]
@@ -229,7 +274,7 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         bundle = load_bundle(make_bundle(args, Path(tmp), max(batches)))
         result["bundle_build_s"] = round(time.perf_counter() - t0, 1)
-        for label, precision, backend, opts in ENGINES:
+        for label, precision, backend, opts in engine_sets:
             for n in instances:
                 cpu_engine = backend in ("onnxruntime", "torch-cpu")
                 ort_threads = max(1, args.threads // n) if cpu_engine else None
@@ -244,13 +289,17 @@ def main(args: argparse.Namespace) -> int:
                     for engine in engines:
                         engine.close()
                     break
+                reads: dict[int, list[dict]] = {b: [] for b in batches}
+                for _ in range(args.rounds):
+                    for b in batches:  # round robin: one round's batch sizes share the drift
+                        reads[b].append(time_engines(engines, b, args.image_size, args))
                 for b in batches:
                     row = {
                         "backend": label,
                         "precision": precision,
                         "instances": n,
                         "ort_threads": ort_threads,
-                        **time_engines(engines, b, args.image_size, args),
+                        **median_read(reads[b]),
                     }
                     print(json.dumps(row), flush=True)
                     result["results"].append(row)

@@ -58,6 +58,37 @@ def test_model_throughput_runs(tmp_path):
     assert all(r["iters"] >= r["instances"] for r in rows)
 
 
+def test_model_throughput_runs_the_named_engines_round_robin(tmp_path):
+    result = run_benchmark(
+        "model_throughput.py",
+        tmp_path,
+        *("--arch", "resnet18", "--image-size", "32", "--num-classes", "8", "--batches", "1,4"),
+        *("--min-iters", "1", "--min-seconds", "0", "--threads", "1", "--no-int8"),
+        *("--backends", "onnxruntime-fp32", "--rounds", "3"),
+    )
+    rows = result["results"]
+    assert {(r["backend"], r["precision"], r["batch"]) for r in rows} == {
+        ("onnxruntime", "fp32", 1),
+        ("onnxruntime", "fp32", 4),
+    }
+    for row in rows:  # the median of the three rounds, each round kept
+        reads = row["rounds_images_per_s"]
+        assert len(reads) == 3 and row["images_per_s"] == sorted(reads)[1]
+    table = (tmp_path / "model_throughput.md").read_text()
+    assert " / ".join(str(v) for v in rows[0]["rounds_images_per_s"]) in table
+
+
+def test_model_throughput_refuses_an_unknown_engine_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "model_throughput.py"), "--out-dir",
+         str(tmp_path), "--backends", "onnxruntime-fp32,tensorrt-int4"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "tensorrt-int4" in proc.stderr
+    assert not (tmp_path / "model_throughput.json").exists()
+
+
 def test_decode_throughput_runs(tmp_path):
     result = run_benchmark(
         "decode_throughput.py", tmp_path, *("--threads", "1", "--seconds", "0.05", "--rounds", "2")
