@@ -148,6 +148,7 @@ def group_of(is_main: bool, comm: str) -> str:
 ENGINE_SAMPLES = {
     "carstream_inference_seconds_sum": "infer_s",  # wall seconds in engine calls, all instances
     "carstream_batch_size_sum": "images",  # posts put through the engine
+    "carstream_batch_size_count": "batches",  # engine calls
 }
 
 
@@ -176,16 +177,20 @@ def scrape_engine(port: int):
 def engine_split(
     first: dict, last: dict, seconds: float | None, instances: int
 ) -> dict[str, float]:
-    """The engines' busy share of ``seconds`` and their images/s while busy, between scrapes
-    (``seconds`` None: a window from process start, whose length the speed does not need)."""
+    """The engines' busy share of ``seconds``, their images/s while busy and the mean batch
+    they got, between scrapes (``seconds`` None: a window from process start, whose length the
+    speed does not need)."""
     nan = float("nan")
     infer_s = last["infer_s"] - first["infer_s"]
     images = last["images"] - first["images"]
+    batches = last.get("batches", 0.0) - first.get("batches", 0.0)
+    mean_batch = images / batches if batches > 0 else nan
     if infer_s <= 0 or (seconds is not None and seconds <= 0):
-        return {"engine_busy": nan, "engine_images_per_s": nan}
+        return {"engine_busy": nan, "engine_images_per_s": nan, "mean_batch": mean_batch}
     return {
         "engine_busy": nan if seconds is None else infer_s / (seconds * instances),
         "engine_images_per_s": images / infer_s * instances,
+        "mean_batch": mean_batch,
     }
 
 
@@ -230,7 +235,11 @@ def measure(
         # before its first result was read, so the window saw none of that work
         first_cpu, first_count, window = dict.fromkeys(GROUPS, 0.0), 0, "process start"
         first_engine, first_t = no_engine, None
-    engine = {"engine_busy": float("nan"), "engine_images_per_s": float("nan")}
+    engine = {
+        "engine_busy": float("nan"),
+        "engine_images_per_s": float("nan"),
+        "mean_batch": float("nan"),
+    }
     if last_engine is not None:  # None: the peer, which has no metrics endpoint
         seconds = None if first_t is None else last_t - first_t  # None: from process start
         engine = engine_split(first_engine, last_engine, seconds, instances)
@@ -281,6 +290,7 @@ def run_config(name, env, stack, bundle, args, posts, work) -> dict:
         "posts_per_s": rate,
         "engine_busy": got["engine_busy"],
         "engine_images_per_s": got["engine_images_per_s"],
+        "mean_batch": got["mean_batch"],
         "cpu_ms_per_post": cpu,
         "cpu_window": got["cpu_window"],
         "threads": got["threads"],
@@ -326,6 +336,7 @@ def summarise(
         "vs_model_only": statistics.median(ratios),
         "engine_busy": median_or_nan(r["engine_busy"] for r in runs),
         "engine_images_per_s": median_or_nan(r["engine_images_per_s"] for r in runs),
+        "mean_batch": median_or_nan(r.get("mean_batch", float("nan")) for r in runs),
         "cpu_ms_per_post": cpu,
         "cpu_windows": sorted({r["cpu_window"] for r in runs}),
         "threads": {g: max(r["threads"][g] for r in runs) for g in GROUPS},
@@ -381,16 +392,17 @@ def render_md(r: dict) -> str:
         "- engine busy: the share of that window's wall time the worker's engine instances spent "
         "in engine calls (its `carstream_inference_seconds` metric, over instances); engine "
         "images/s while busy: the posts they ran over that time (compare with model-only: "
-        "a worker's rate is about busy x that speed)",
+        "a worker's rate is about busy x that speed); mean batch: posts per engine call "
+        "over that window (the `carstream_batch_size` histogram)",
         "",
         "| config | settings | posts/s (each run) | median | vs model-only | "
         + (f"vs {r['baseline']} | " if r.get("baseline") else "")
-        + "engine busy | engine images/s while busy | "
+        + "engine busy | engine images/s while busy | mean batch | "
         + " | ".join(f"CPU {g}" for g in GROUPS)
         + " | CPU total |",
         "| --- | --- | --- | ---: | ---: | "
         + ("---: | " if r.get("baseline") else "")
-        + "---: | ---: | "
+        + "---: | ---: | ---: | "
         + " | ".join("---:" for _ in GROUPS)
         + " | ---: |",
     ]
@@ -404,6 +416,7 @@ def render_md(r: dict) -> str:
             + (f"{c['vs_baseline']:.2f} | " if r.get("baseline") else "")
             + f"{or_dash(c.get('engine_busy'), '.2f')} | "
             + f"{or_dash(c.get('engine_images_per_s'), '.1f')} | "
+            + f"{or_dash(c.get('mean_batch'), '.1f')} | "
             + " | ".join(f"{cpu[g]:.1f}" for g in GROUPS)
             + f" | {sum(cpu.values()):.1f} |"
         )

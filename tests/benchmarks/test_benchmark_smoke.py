@@ -153,8 +153,9 @@ def test_worker_ab_runs_each_config_and_splits_cpu_by_thread(tmp_path):
     busy = by_name["base"]["engine_busy"]
     assert math.isnan(busy) or 0 < busy <= 1.0 + 1e-6
     assert by_name["base"]["engine_images_per_s"] > 0
+    assert 1 <= by_name["base"]["mean_batch"] <= result["max_batch"]
     assert math.isnan(by_name["peer"]["engine_busy"])
-    assert "| — | — |" in (tmp_path / "worker_ab.md").read_text()
+    assert "| — | — | — |" in (tmp_path / "worker_ab.md").read_text()
     assert by_name["one-decode"]["env"] == {"CARSTREAM_DECODE_THREADS": "1"}
     for config in by_name.values():
         assert config["median_posts_per_s"] > 0
@@ -262,16 +263,18 @@ def test_worker_ab_splits_a_gap_to_model_only_into_engine_idle_and_engine_speed(
         "carstream_batch_size_count 4.0\n"
     )
     first = worker_ab.parse_engine_metrics(text)
-    assert first == {"infer_s": 2.5, "images": 100.0}
-    last = {"infer_s": 10.5, "images": 420.0}
-    # 8 s of engine calls in a 10 s window ran 320 images: busy 0.8 at 40 images/s
+    assert first == {"infer_s": 2.5, "images": 100.0, "batches": 4.0}
+    last = {"infer_s": 10.5, "images": 420.0, "batches": 24.0}
+    # 8 s of engine calls in a 10 s window ran 320 images in 20 calls: busy 0.8 at 40
+    # images/s, 16 images a batch
     assert worker_ab.engine_split(first, last, 10.0, 1) == {
         "engine_busy": 0.8,
         "engine_images_per_s": 40.0,
+        "mean_batch": 16.0,
     }
     # two instances: 8 s of calls between them over 10 s is each busy 0.4 of the time
     two = worker_ab.engine_split(first, last, 10.0, 2)
-    assert two == {"engine_busy": 0.4, "engine_images_per_s": 80.0}
+    assert two == {"engine_busy": 0.4, "engine_images_per_s": 80.0, "mean_batch": 16.0}
     assert math.isnan(worker_ab.engine_split(first, first, 10.0, 1)["engine_busy"])
     # a window from process start: the speed, and no busy share
     from_start = worker_ab.engine_split(first, last, None, 1)
