@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from engine_build.build import (
     BUILD_BACKENDS,
@@ -23,7 +22,7 @@ from engine_build.build import (
 from engine_build.bundle import BundleError
 from engine_build.onnx_export import MAX_OPSET, MIN_OPSET
 from training.cli import BadArgumentError, check_out_dir, check_utf8_path
-from training.cli_errors import OneLineParser
+from training.cli_errors import OneLineParser, path_arg
 from training.cli_help import DefaultsHelpFormatter
 
 log = logging.getLogger("engine_build")
@@ -53,11 +52,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--checkpoint",
-        type=Path,
+        type=path_arg,
         required=True,
         help="training checkpoint directory (or its checkpoint.pt)",
     )
-    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+    parser.add_argument("--out", type=path_arg, required=True, help="bundle directory to create")
     parser.add_argument(
         "--force",
         action="store_true",
@@ -91,7 +90,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--parity-data",
-        type=Path,
+        type=path_arg,
         default=None,
         help="images for parity (class folders label them); default: the "
         "checkpoint's held-out split",
@@ -113,7 +112,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timing-cache",
-        type=Path,
+        type=path_arg,
         default=None,
         help="TensorRT timing cache file, loaded if present and saved after",
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from engine_build.manifest import MANIFEST_FILE, SCHEMA_VERSION, Artifact, Manifest
+from training.cli_errors import path_length_problem
 
 PARITY_FILE = "parity.json"
 _CHUNK = 1 << 20
@@ -104,7 +105,13 @@ def verify_artifact(bundle_dir: Path, artifact: Artifact) -> None:
 def load_bundle(path: Path | str) -> Bundle:
     """Load a bundle, verifying the manifest schema and every artifact's size and hash."""
     path = Path(path)
-    if not path.is_dir():
+    if problem := path_length_problem(path):
+        raise BundleError(f"model bundle {problem}")
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:  # what pathlib does not swallow: EACCES on a parent, EIO
+        raise BundleError(f"cannot read model bundle {path}: {exc.strerror or exc}") from None
+    if not is_dir:
         raise BundleError(f"not a model bundle directory: {path}")
     manifest = read_manifest(path)
     if not manifest.artifacts:

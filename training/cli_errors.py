@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 
@@ -50,3 +51,39 @@ def first_validation_error(exc: Exception) -> str:
     err = errors[0]
     field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
     return f"{field}: {err.get('msg', 'invalid')}"
+
+
+def path_arg(text: str) -> Path:
+    """argparse type for path flags: refuses an empty or blank value.
+
+    ``Path("")`` is the current directory, so ``--out "$OUT"`` with OUT unset would write a
+    data set, checkpoint or bundle into wherever the command ran, and ``--images ""`` would
+    post every image under it.
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"no path in {text!r} (an unset variable?)")
+    if problem := path_length_problem(text):
+        raise argparse.ArgumentTypeError(problem)
+    return Path(text)
+
+
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits, in bytes, on a name and on a whole path
+
+
+def path_length_problem(text: str | os.PathLike[str]) -> str | None:
+    """Why the OS would refuse this path as too long (ENAMETOOLONG), or None.
+
+    Checked up front because every command would otherwise meet it as an OSError from whichever
+    call touches the path first, not all of which expect one.
+    """
+    raw = os.fsencode(text)
+    shown = os.fsdecode(raw[:40]) + "..."
+    if len(raw) >= PATH_MAX:
+        return f"path {shown!r} is {len(raw)} bytes, over the {PATH_MAX - 1} a path can have"
+    longest = max(raw.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        return (
+            f"path {shown!r} has a name of {len(longest)} bytes, over the {NAME_MAX} a file "
+            "or directory name can have"
+        )
+    return None

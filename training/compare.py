@@ -10,7 +10,6 @@ import argparse
 import copy
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from training import plots
 from training import train as train_cmd
 from training.checkpoint import atomic_write_bytes, atomic_write_json
 from training.cli import BadArgumentError, positive_int
-from training.cli_errors import OneLineParser
+from training.cli_errors import OneLineParser, path_arg
 from training.cli_help import DefaultsHelpFormatter
 from training.distributed import DistInfo, barrier, cleanup, init_distributed
 from training.models import ARCHS, UnknownArchError, build_model
@@ -104,7 +103,7 @@ def get_args_parser(add_parser=None, name: str = "compare") -> argparse.Argument
         else OneLineParser(prog=f"python -m training {name}", **kwargs)
     )
     parser.add_argument("--archs", default="resnet18,resnet34,resnet50", help="comma-separated")
-    parser.add_argument("--out", type=Path, required=True, help="one sub-directory per arch")
+    parser.add_argument("--out", type=path_arg, required=True, help="one sub-directory per arch")
     train_cmd.add_data_args(parser)
     train_cmd.add_train_args(parser)
     parser.add_argument(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 from typing import Any
 
 from training import plots
@@ -21,7 +20,7 @@ from training.checkpoint import (
     recorded_crop,
 )
 from training.cli import BadArgumentError, check_out_dir
-from training.cli_errors import OneLineParser
+from training.cli_errors import OneLineParser, path_arg
 from training.cli_help import DefaultsHelpFormatter
 from training.datasets import DatasetError, load_index
 from training.datasets.image_dataset import UnreadableImages
@@ -49,7 +48,7 @@ def get_args_parser(add_parser=None, name: str = "evaluate") -> argparse.Argumen
         if add_parser
         else OneLineParser(prog=f"python -m training {name}", **kwargs)
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
+    parser.add_argument("--checkpoint", type=path_arg, required=True, help="checkpoint directory")
     add_data_args(
         parser,
         crop_default=None,
@@ -59,7 +58,7 @@ def get_args_parser(add_parser=None, name: str = "evaluate") -> argparse.Argumen
         "each make by its best model",
     )
     parser.add_argument("--split", choices=("test", "train"), default="test", help="which split")
-    parser.add_argument("--out", type=Path, help="write metrics.json and plots here")
+    parser.add_argument("--out", type=path_arg, help="write metrics.json and plots here")
     parser.add_argument("--no-ema", action="store_true", help="use raw weights, not EMA")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser

@@ -21,7 +21,7 @@ import scipy.io
 from PIL import Image, ImageDraw
 
 from training.cli import BadArgumentError, check_out_dir, positive_int, seed_int
-from training.cli_errors import OneLineParser
+from training.cli_errors import OneLineParser, path_arg
 from training.cli_help import DefaultsHelpFormatter
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def get_args_parser(add_parser=None, name: str = "make-sample") -> argparse.Argu
         if (add_parser)
         else OneLineParser(prog=f"python -m training {name}", **kwargs)
     )
-    parser.add_argument("--out", type=Path, required=True, help="archive root to write")
+    parser.add_argument("--out", type=path_arg, required=True, help="archive root to write")
     parser.add_argument("--classes", type=positive_int, default=6, help="models in the split")
     parser.add_argument("--per-class", type=positive_int, default=30, help="images per model")
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed")

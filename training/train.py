@@ -43,7 +43,7 @@ from training.cli import (
     seed_int,
     unit_float,
 )
-from training.cli_errors import OneLineParser
+from training.cli_errors import OneLineParser, path_arg
 from training.cli_help import DefaultsHelpFormatter
 from training.datasets import CROPS, LEVELS, READERS, DatasetError, DatasetIndex, load_index
 from training.datasets.image_dataset import (
@@ -83,7 +83,7 @@ def add_data_args(
     """Flags that say which data set to read; shared with evaluate and compare (evaluate passes
     ``crop_default=None`` so the checkpoint's recorded crop applies unless --crop is given)."""
     parser.add_argument("--dataset", choices=list(READERS), default="compcars", help="layout")
-    parser.add_argument("--data", type=Path, required=True, help="data directory")
+    parser.add_argument("--data", type=path_arg, required=True, help="data directory")
     parser.add_argument("--level", choices=LEVELS, default=level_default, help=level_help)
     parser.add_argument("--crop", choices=CROPS, default=crop_default, help=crop_help)
     parser.add_argument("--strict", action="store_true", help="fail on a corrupt image")
@@ -140,10 +140,10 @@ def get_args_parser(add_parser=None, name: str = "train") -> argparse.ArgumentPa
         else OneLineParser(prog=f"python -m training {name}", **kwargs)
     )
     add_data_args(parser)
-    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory")
+    parser.add_argument("--out", type=path_arg, required=True, help="checkpoint directory")
     parser.add_argument("--arch", choices=list(ARCHS), default="resnet50", help="architecture")
     add_train_args(parser)
-    parser.add_argument("--resume", type=Path, help="checkpoint directory to continue from")
+    parser.add_argument("--resume", type=path_arg, help="checkpoint directory to continue from")
     parser.add_argument(
         "--stop-after", type=positive_int, help="stop after this many epochs in this invocation"
     )

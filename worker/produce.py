@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from training.cli_errors import EXIT_BAD_INPUT, fail, first_validation_error, utf8_problem
+from training.cli_errors import EXIT_BAD_INPUT, fail, first_validation_error, path_arg, utf8_problem
 from training.cli_help import DefaultsHelpFormatter
 
 logger = logging.getLogger(__name__)
@@ -369,8 +369,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         formatter_class=DefaultsHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", type=Path, help="directory of images, one post per image")
-    source.add_argument("--jsonl", type=Path, help="file of events, one JSON line each, sent as is")
+    source.add_argument("--images", type=path_arg, help="directory of images, one post per image")
+    source.add_argument(
+        "--jsonl", type=path_arg, help="file of events, one JSON line each, sent as is"
+    )
     parser.add_argument(
         "--rate",
         type=float,

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from training.cli_errors import path_arg
 from training.cli_help import DefaultsHelpFormatter
 
 logger = logging.getLogger(__name__)
@@ -504,7 +505,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("action", choices=["up", "down", "status"], help="what to do")
     parser.add_argument(
-        "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="pid files, logs, redis data"
+        "--state-dir", type=path_arg, default=DEFAULT_STATE_DIR, help="pid files, logs, redis data"
     )
     parser.add_argument(
         "--kafka-port",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import subprocess
@@ -162,3 +163,47 @@ def test_the_four_utf8_checks_share_one_helper_and_keep_their_messages(tmp_path)
     assert _class_name(tmp_path / "Audi") == "Audi"
     assert _field_problem([bad], "p") == "--city 'o\\udcff': not valid UTF-8"
     assert _field_problem(["Lyon"], "\udcff") == "--platform '\\udcff': not valid UTF-8"
+
+
+# every path flag of every command: "" is pathlib's current directory, so an unset variable in
+# `--out "$OUT"` would write into wherever the command ran
+PATH_FLAGS = [
+    ("training.train", ["--data", "/d", "--out", "/o"], "--out"),
+    ("training.train", ["--data", "/d", "--out", "/o"], "--data"),
+    ("training.train", ["--data", "/d", "--out", "/o"], "--resume"),
+    ("training.evaluate", ["--data", "/d", "--checkpoint", "/c"], "--checkpoint"),
+    ("training.evaluate", ["--data", "/d", "--checkpoint", "/c"], "--out"),
+    ("training.compare", ["--data", "/d", "--out", "/o"], "--out"),
+    ("training.sample", ["--out", "/o"], "--out"),
+    ("engine_build.__main__", ["--checkpoint", "/c", "--out", "/o"], "--out"),
+    ("engine_build.__main__", ["--checkpoint", "/c", "--out", "/o"], "--checkpoint"),
+    ("engine_build.__main__", ["--checkpoint", "/c", "--out", "/o"], "--parity-data"),
+    ("engine_build.__main__", ["--checkpoint", "/c", "--out", "/o"], "--timing-cache"),
+    ("worker.produce", [], "--images"),
+    ("worker.produce", [], "--jsonl"),
+    ("worker.stack", ["status"], "--state-dir"),
+]
+
+
+@pytest.mark.parametrize(("module", "valid", "flag"), PATH_FLAGS)
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("", "no path in ''"),
+        ("  ", "no path in '  '"),
+        # what the OS refuses as ENAMETOOLONG, which each command met as a traceback
+        ("x" * 256, "has a name of 256 bytes, over the 255"),
+        ("a/" * 2048, "is 4096 bytes, over the 4095"),
+    ],
+)
+def test_an_empty_or_too_long_path_is_refused_naming_its_flag(
+    module, valid, flag, value, says, capsys
+):
+    parser = importlib.import_module(module).get_args_parser()
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args([*valid, flag, value])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # (below a usage, where not one
+    # line: the commands' own entry points use OneLineParser)
+    assert f"argument {flag}: " in error and says in error and len(error) < 300
+    assert parser.parse_args([*valid, flag, "/x"]) is not None  # the flag itself is accepted

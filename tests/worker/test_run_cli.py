@@ -114,6 +114,15 @@ def test_a_metrics_port_in_use_is_one_line_exit_2_before_the_bundle_loads(tmp_pa
     assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
 
 
+@pytest.mark.parametrize("processes", ["1", "2"])  # the worker's own check, or its supervisor's
+def test_a_bundle_path_too_long_for_the_os_is_one_line_exit_2(processes):
+    proc = run_worker("--bundle", "b" * 300, "--metrics-port", "0", "--processes", processes)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "name of 300 bytes, over the 255" in lines[0]
+
+
 def test_bind_then_start_serves_only_once_started():
     metrics = WorkerMetrics()
     server = bind(metrics, "127.0.0.1", 0, stall_s=60)
