@@ -10,11 +10,9 @@ import argparse
 import functools
 import logging
 import os
-import signal
 import sys
 import threading
 import time
-import types
 import typing
 from typing import Any
 
@@ -23,6 +21,7 @@ from pydantic import SecretStr, ValidationError
 
 from training.cli_help import DefaultsHelpFormatter
 from worker.settings import FETCH_MARGIN_BYTES, WorkerSettings, unknown_env_settings
+from worker.stop_signals import stop_on_signals
 
 if typing.TYPE_CHECKING:
     from http.server import ThreadingHTTPServer
@@ -220,12 +219,7 @@ def main(args: argparse.Namespace) -> int:
 
     # first thing: a SIGTERM while the engine loads must still end in a clean exit 0
     stop = threading.Event()
-
-    def request_stop(signum: int, _frame: types.FrameType | None) -> None:
-        stop.set()  # only a flag: the loop drains, commits and returns
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop_on_signals(stop)  # only a flag: the loop drains, commits and returns
 
     if not settings.bundle:
         print(

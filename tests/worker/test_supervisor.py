@@ -139,15 +139,12 @@ CHILD = textwrap.dedent(
             self.wfile.write(body.get(self.path, "").encode())
         def log_message(self, *a): pass
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
-    def serve():
-        # SIGTERM for the main thread only (the request threads inherit this mask): CPython
-        # 3.11 can lose a handler's wake-up for the main thread when another thread took the
-        # signal, leaving it waiting for ever
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        srv.serve_forever()
-    threading.Thread(target=serve, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    # as the worker does: a handler that called stop.set() itself could hang for ever when the
+    # signal lands while the main thread is inside stop.wait() (worker/stop_signals.py)
+    from worker.stop_signals import stop_on_signals
+    stop_on_signals(stop)
     print(wid, "up", flush=True)
     after = float(os.environ.get("CHILD_EXIT_AFTER_S", "0") or 0)
     if after and wid.endswith("-p1"):
