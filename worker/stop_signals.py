@@ -18,7 +18,9 @@ import threading
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def stop_on_signals(stop: threading.Event, signals=STOP_SIGNALS) -> None:
+def stop_on_signals(
+    stop: threading.Event, signals: tuple[signal.Signals, ...] = STOP_SIGNALS
+) -> None:
     """Set ``stop`` when one of ``signals`` arrives; call once, from the main thread."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)  # the C handler must never block on a full pipe

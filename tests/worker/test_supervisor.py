@@ -149,8 +149,7 @@ CHILD = textwrap.dedent(
     after = float(os.environ.get("CHILD_EXIT_AFTER_S", "0") or 0)
     if after and wid.endswith("-p1"):
         time.sleep(after); sys.exit(int(os.environ["CHILD_EXIT"]))
-    # with a timeout: a SIGTERM that Linux hands to the HTTP thread (it may, after a SIGSTOP)
-    # only runs its handler once the main thread is back in Python
+    # in slices, as the supervisor polls; the flag itself is set by stop_on_signals' thread
     while not stop.wait(0.1):
         pass
     print(wid, "drained", flush=True)
