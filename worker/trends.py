@@ -306,6 +306,154 @@ def window_keys(
     return keys
 
 
+MAX_SERIES_INTERVALS = 1000  # one ZUNION each, sent in one pipeline
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """One interval of a series: the minutes [start, end) and every member's count in them.
+
+    ``counts`` is None where the buckets that held the interval have expired: a chart should
+    show a gap there, not a dip to zero.
+    """
+
+    start: datetime
+    end: datetime
+    counts: dict[str, int] | None
+
+    @property
+    def total(self) -> int | None:
+        return None if self.counts is None else sum(self.counts.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A member's count in the current window beside the previous window of the same length."""
+
+    name: str
+    count: int
+    previous: int | None  # None: the previous window's buckets have expired
+
+    @property
+    def change(self) -> int | None:
+        return None if self.previous is None else self.count - self.previous
+
+
+def oldest_hour_kept(wall_now: datetime, hour_ttl_s: int) -> datetime:
+    """Start of the oldest hour rollup still alive: counts of event times before it are gone.
+
+    An hour rollup expires ``hour_ttl_s`` after the end of its hour (``_expire_at``), so the
+    hour starting at ``s`` lives while ``s + 1 h + ttl > wall_now``.
+    """
+    oldest = _utc(wall_now) - timedelta(seconds=hour_ttl_s, hours=1)
+    return oldest.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+
+
+def series_bounds(
+    window_minutes: int, every_minutes: int, now: datetime
+) -> list[tuple[datetime, datetime]]:
+    """The intervals ``[start, end)`` of a series, oldest first.
+
+    Intervals sit on a grid of ``every_minutes`` counted from the Unix epoch, so that 15m, 1h
+    and 1d intervals are clock quarters, hours and UTC days, and a day older than the minute
+    buckets is whole hour rollups. The last interval is the one holding now's minute and ends
+    after it (it is in progress); there are ``window_minutes // every_minutes`` in all.
+    """
+    if every_minutes < 1 or window_minutes < 1:
+        raise ValueError("window and interval must be at least one minute")
+    if window_minutes % every_minutes:
+        raise ValueError(
+            f"a window of {window_minutes} min is not a whole number of "
+            f"{every_minutes}-min intervals"
+        )
+    n = window_minutes // every_minutes
+    if n > MAX_SERIES_INTERVALS:
+        raise ValueError(f"{n} intervals, more than {MAX_SERIES_INTERVALS}: use longer ones")
+    current = _utc(now).replace(second=0, microsecond=0)
+    since_epoch = int((current - _EPOCH).total_seconds()) // 60
+    grid = _EPOCH + timedelta(minutes=since_epoch - since_epoch % every_minutes)
+    every = timedelta(minutes=every_minutes)
+    bounds = [(grid - (n - 1 - i) * every, grid - (n - 2 - i) * every) for i in range(n)]
+    bounds[-1] = (grid, current + timedelta(minutes=1))
+    return bounds
+
+
+def compare_bounds(
+    window_minutes: int, now: datetime
+) -> tuple[tuple[datetime, datetime], tuple[datetime, datetime]]:
+    """The previous and the current window: the trailing ``window_minutes`` up to and including
+    now's minute (what :meth:`TrendReader.top` counts), and the same length just before it."""
+    if window_minutes < 1:
+        raise ValueError(f"window must be at least one minute, got {window_minutes}")
+    end = _utc(now).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    window = timedelta(minutes=window_minutes)
+    return (end - 2 * window, end - window), (end - window, end)
+
+
+def interval_keys(
+    dim: Dimension,
+    start: datetime,
+    end: datetime,
+    city: str | None,
+    minute_ttl_s: int,
+    hour_ttl_s: int,
+    wall_now: datetime,
+) -> list[str] | None:
+    """Keys holding exactly the minutes ``[start, end)``, or None where some have expired.
+
+    Unlike :func:`window_keys`, which widens a window to an hour rollup when its edge minutes
+    have expired, an interval of a series is never widened: two neighbours reading the same
+    rollup would count its posts twice.
+    """
+    minute = timedelta(minutes=1)
+    minutes_from = _utc(wall_now) - timedelta(seconds=minute_ttl_s)  # older minutes are gone
+    hours_from = oldest_hour_kept(wall_now, hour_ttl_s)
+    norm_city = normalize_city(city)
+    keys: list[str] = []
+    t = _utc(start)
+    end = _utc(end)
+    while t < end:
+        hour = t.replace(minute=0, second=0, microsecond=0)
+        stop = min(end, hour + 60 * minute)
+        if t == hour and stop == hour + 60 * minute:
+            if hour < hours_from:
+                return None
+            keys.append(trend_key(dim, "h", hour_bucket(hour), norm_city))
+        else:
+            if t < minutes_from:
+                return None
+            keys.extend(
+                trend_key(dim, "m", minute_bucket(t + i * minute), norm_city)
+                for i in range(int((stop - t) / minute))
+            )
+        t = stop
+    return keys
+
+
+def rank(counts: dict[str, int], top: int | None = None) -> list[tuple[str, int]]:
+    """Highest count first, ties by name (A before B), cut to ``top``."""
+    ranked = sorted(counts.items(), key=lambda mc: (-mc[1], mc[0]))
+    return ranked if top is None else ranked[:top]
+
+
+def series_names(intervals: Sequence[Interval], top: int) -> list[str]:
+    """The ``top`` members over the kept intervals together: the lines a chart draws."""
+    summed: dict[str, int] = {}
+    for interval in intervals:
+        for name, count in (interval.counts or {}).items():
+            summed[name] = summed.get(name, 0) + count
+    return [name for name, _ in rank(summed, top)]
+
+
+def changes(previous: Interval, current: Interval, top: int) -> list[Change]:
+    """The current window's ``top`` members, each with its count in the previous window."""
+    return [
+        Change(name, count, None if previous.counts is None else previous.counts.get(name, 0))
+        for name, count in rank(current.counts or {}, top)
+    ]
+
+
 class TrendReader:
     """Top makes, models, cities and low-confidence guesses over a trailing window.
 
@@ -349,22 +497,23 @@ class TrendReader:
             values.append(value)
         return values[0], values[1]
 
-    def _top(
+    def window(
         self,
-        dim: Dimension,
         window_minutes: int,
-        city: str | None,
-        top: int | None,
-        now: datetime | None,
-    ) -> list[tuple[str, int]]:
+        by: Dimension = "make",
+        city: str | None = None,
+        now: datetime | None = None,
+    ) -> dict[str, int]:
+        """Every member's count over the trailing window (see :func:`window_keys`), unranked:
+        what the top lists cut, and what their shares are of."""
+        if by not in ("make", "model", "lowconf", "city"):
+            raise ValueError(f"by must be make, model, lowconf or city, got {by!r}")
         wall_now = datetime.now(UTC)
         now = wall_now if now is None else now
         minute_ttl_s, _ = self.ttls()
-        keys = window_keys(dim, window_minutes, now, city, minute_ttl_s, wall_now)
+        keys = window_keys(by, window_minutes, now, city, minute_ttl_s, wall_now)
         merged = self._redis.zunion(keys, withscores=True, aggregate="SUM")
-        counts = [(_text(member), round(score)) for member, score in merged]
-        counts.sort(key=lambda mc: (-mc[1], mc[0]))
-        return counts if top is None else counts[:top]
+        return {_text(member): round(score) for member, score in merged}
 
     def top(
         self,
@@ -377,19 +526,66 @@ class TrendReader:
         """The `top` makes (or "Make|Model" models) by posts in the window, highest first."""
         if by not in ("make", "model"):
             raise ValueError(f"by must be 'make' or 'model', got {by!r}")
-        return self._top(by, window_minutes, city, top, now)
+        return rank(self.window(window_minutes, by, city, now), top)
 
     def cities(
         self, window_minutes: int, top: int | None = None, now: datetime | None = None
     ) -> list[tuple[str, int]]:
         """Classified posts per (normalised) city in the window, highest first."""
-        return self._top("city", window_minutes, None, top, now)
+        return rank(self.window(window_minutes, "city", None, now), top)
 
     def low_confidence(
         self, window_minutes: int, city: str | None = None, now: datetime | None = None
     ) -> list[tuple[str, int]]:
         """Low-confidence posts in the window by their top-1 make guess (not counted as brands)."""
-        return self._top("lowconf", window_minutes, city, None, now)
+        return rank(self.window(window_minutes, "lowconf", city, now))
+
+    def series(
+        self,
+        window_minutes: int,
+        every_minutes: int,
+        by: Dimension = "make",
+        city: str | None = None,
+        now: datetime | None = None,
+    ) -> list[Interval]:
+        """The ``window_minutes // every_minutes`` intervals up to now's, on the grid of
+        :func:`series_bounds`, oldest first, with every member's count in each."""
+        now = datetime.now(UTC) if now is None else now
+        return self.intervals(series_bounds(window_minutes, every_minutes, now), by, city)
+
+    def intervals(
+        self,
+        bounds: Sequence[tuple[datetime, datetime]],
+        by: Dimension = "make",
+        city: str | None = None,
+    ) -> list[Interval]:
+        """Every member's count in each ``[start, end)``, one pipelined ZUNION per interval.
+
+        ``by`` is a key dimension (``make``, ``model``, ``lowconf`` or ``city``). An interval
+        whose buckets have expired has ``counts`` None (see :func:`interval_keys`).
+        """
+        if by not in ("make", "model", "lowconf", "city"):
+            raise ValueError(f"by must be make, model, lowconf or city, got {by!r}")
+        if by == "city" and city is not None:
+            raise ValueError("the city dimension has no per-city keys")
+        wall_now = datetime.now(UTC)
+        minute_ttl_s, hour_ttl_s = self.ttls()
+        plans = [
+            interval_keys(by, start, end, city, minute_ttl_s, hour_ttl_s, wall_now)
+            for start, end in bounds
+        ]
+        pipe = self._redis.pipeline(transaction=False)
+        for keys in plans:
+            if keys:
+                pipe.zunion(keys, withscores=True, aggregate="SUM")
+        replies = iter(pipe.execute() if any(plans) else [])
+        out = []
+        for (start, end), keys in zip(bounds, plans, strict=True):
+            counts = None
+            if keys is not None:
+                counts = {_text(m): round(score) for m, score in next(replies)} if keys else {}
+            out.append(Interval(start, end, counts))
+        return out
 
 
 def _text(value: bytes | str) -> str:

@@ -17,7 +17,19 @@ from training.cli_errors import fail, first_validation_error, utf8_problem
 from training.cli_help import DefaultsHelpFormatter
 from worker.connections import redacted
 from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT, in_event_time_range
-from worker.trends import TrendReader, normalize_city
+from worker.trends import (
+    Change,
+    Dimension,
+    Interval,
+    TrendReader,
+    changes,
+    compare_bounds,
+    normalize_city,
+    oldest_hour_kept,
+    rank,
+    series_bounds,
+    series_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,16 +37,17 @@ _WINDOW = re.compile(r"^\s*(\d+)\s*([mhd])\s*$", re.IGNORECASE)
 _UNIT_MINUTES = {"m": 1, "h": 60, "d": 1440}
 MAX_WINDOW_MINUTES = 366 * 1440
 BY_CHOICES = ("make", "model", "city", "low-confidence")
+_DIMENSION = {"make": "make", "model": "model", "city": "city", "low-confidence": "lowconf"}
 
 
-def parse_window(text: str) -> int:
-    """Minutes in a window written as 15m, 2h or 1d."""
+def parse_window(text: str, flag: str = "--window") -> int:
+    """Minutes in a window (or a series' interval) written as 15m, 2h or 1d."""
     match = _WINDOW.match(text)
     if not match:
-        raise ValueError(f"--window {text!r}: expected a number with m, h or d (15m, 2h, 1d)")
+        raise ValueError(f"{flag} {text!r}: expected a number with m, h or d (15m, 2h, 1d)")
     minutes = int(match.group(1)) * _UNIT_MINUTES[match.group(2).lower()]
     if not 1 <= minutes <= MAX_WINDOW_MINUTES:
-        raise ValueError(f"--window {text!r}: must be between 1m and 366d")
+        raise ValueError(f"{flag} {text!r}: must be between 1m and 366d")
     return minutes
 
 
@@ -55,13 +68,29 @@ def parse_at(text: str) -> datetime:
 
 
 def expired_before(wall_now: datetime, hour_ttl_s: int) -> datetime:
-    """Start of the oldest hour rollup still alive: counts of event times before it are gone.
+    """Start of the oldest hour rollup still alive (kept here for callers of the CLI module)."""
+    return oldest_hour_kept(wall_now, hour_ttl_s)
 
-    An hour rollup expires ``hour_ttl_s`` after the end of its hour (``_expire_at``), so the
-    hour starting at ``s`` lives while ``s + 1 h + ttl > wall_now``.
-    """
-    oldest = wall_now.astimezone(UTC) - timedelta(seconds=hour_ttl_s, hours=1)
-    return oldest.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+
+def _z(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _minute(stamp: str) -> str:
+    return stamp[:16].replace("T", " ")
+
+
+def _share(count: int, total: int) -> str:
+    return f"{100 * count / total:.1f}%" if total else "-"
+
+
+def _change(change: Change) -> str:
+    if change.previous is None:
+        return "(previous: expired)"
+    if change.previous == 0:
+        return f"(previous 0, +{change.count}, new)"
+    pct = 100 * (change.count - change.previous) / change.previous
+    return f"(previous {change.previous}, {change.change:+d}, {pct:+.1f}%)"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -77,6 +106,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--city", default=None, help="only posts from this city")
     parser.add_argument("--top", type=int, default=10, help="how many to print")
     parser.add_argument("--at", default=None, help="end of the window, RFC 3339 (default: now)")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument(
+        "--every",
+        default=None,
+        help="a series: the counts per interval (15m, 1h, 1d) of the window's top names; "
+        "intervals are UTC clock quarters, hours, days, the last one in progress",
+    )
+    how.add_argument(
+        "--compare",
+        action="store_true",
+        help="each name's count in the window before, of the same length, and the change",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
         "--redis-url", default=None, help="Redis URL (default: the worker's CARSTREAM_REDIS_URL)"
@@ -89,8 +130,15 @@ def main(args: argparse.Namespace) -> int:
     try:
         minutes = parse_window(args.window)
         at = parse_at(args.at) if args.at else datetime.now(UTC)
+        every = parse_window(args.every, "--every") if args.every is not None else None
     except ValueError as exc:
         return fail(str(exc))
+    bounds = None
+    if every is not None:
+        try:
+            bounds = series_bounds(minutes, every, at)
+        except ValueError as exc:
+            return fail(f"--every {args.every!r} with --window {args.window!r}: {exc}")
     if args.top < 1:
         return fail(f"--top {args.top}: must be at least 1")
     if args.city is not None and args.by == "city":
@@ -121,51 +169,161 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail(str(exc))
     reader = TrendReader(client)  # bucket TTLs as the workers recorded them
+    dim = _DIMENSION[args.by]
     try:
         minute_ttl_s, hour_ttl_s = reader.ttls()
         # read once: the queries below would read (and warn about a malformed one) again
         reader = TrendReader(client, minute_ttl_s, hour_ttl_s)
-        horizon = expired_before(datetime.now(UTC), hour_ttl_s)
-        window_start = at - timedelta(minutes=minutes - 1)
-        complete = window_start.replace(minute=0, second=0, microsecond=0) >= horizon
-        if not complete:
-            print(
-                f"warning: counts before {horizon:%Y-%m-%d %H:%M} UTC have expired (the workers "
-                f"keep hour rollups {hour_ttl_s} s = {hour_ttl_s / 86400:g} d, "
-                "CARSTREAM_TREND_HOUR_TTL_S): this window undercounts",
-                file=sys.stderr,
-            )
-        if args.by == "city":
-            rows = reader.cities(minutes, top=args.top, now=at)
-        elif args.by == "low-confidence":
-            rows = reader.low_confidence(minutes, city=args.city, now=at)[: args.top]
+        if bounds is not None:
+            result = _series(reader, args, every, bounds, dim)
+            earliest = bounds[0][0]
+        elif args.compare:
+            result, at = _compare(reader, args, minutes, at, dim)
+            earliest = datetime.fromisoformat(result["previous"]["start"])
         else:
-            rows = reader.top(minutes, by=args.by, city=args.city, top=args.top, now=at)
+            counts = reader.window(minutes, dim, args.city, at)
+            result = {"total": sum(counts.values()), "top": rank(counts, args.top)}
+            earliest = at - timedelta(minutes=minutes - 1)
     except redis.RedisError as exc:
         print(f"error: Redis at {redacted(settings.redis_url)}: {exc}", file=sys.stderr)
         return 1
     finally:
         client.close()
 
-    if args.json:
-        payload = {
-            "window_minutes": minutes,
-            "by": args.by,
-            "city": args.city,
-            "at": at.isoformat().replace("+00:00", "Z"),
-            "complete": complete,
-            "top": [{"name": name, "count": count} for name, count in rows],
-        }
-        print(json.dumps(payload, ensure_ascii=False))
+    horizon = oldest_hour_kept(datetime.now(UTC), hour_ttl_s)
+    complete = earliest.replace(minute=0, second=0, microsecond=0) >= horizon
+    if not complete:
+        print(
+            f"warning: counts before {horizon:%Y-%m-%d %H:%M} UTC have expired (the workers "
+            f"keep hour rollups {hour_ttl_s} s = {hour_ttl_s / 86400:g} d, "
+            "CARSTREAM_TREND_HOUR_TTL_S): this window undercounts",
+            file=sys.stderr,
+        )
+    head = {"window_minutes": minutes, "by": args.by, "city": args.city, "at": _z(at)}
+    head["complete"] = complete
+    if bounds is not None:
+        _print_series(args, head, result)
+    elif args.compare:
+        _print_compare(args, head, result)
     else:
-        scope = f" in {args.city}" if args.city else ""
-        print(f"top {args.by} over the last {args.window}{scope} (up to {at:%Y-%m-%d %H:%M} UTC)")
-        if not rows:
-            print("  (no posts counted)")
-        width = max((len(name) for name, _ in rows), default=0)
-        for rank, (name, count) in enumerate(rows, 1):
-            print(f"{rank:>3}. {name:<{width}}  {count}")
+        _print_top(args, head, result)
     return 0
+
+
+def _series(
+    reader: TrendReader,
+    args: argparse.Namespace,
+    every: int,
+    bounds: list[tuple[datetime, datetime]],
+    dim: Dimension,
+) -> dict:
+    intervals = reader.intervals(bounds, dim, args.city)
+    names = series_names(intervals, args.top)
+    return {
+        "every_minutes": every,
+        "names": names,
+        "intervals": [
+            {
+                "start": _z(i.start),
+                "end": _z(i.end),
+                "total": i.total,
+                "counts": None if i.counts is None else {n: i.counts.get(n, 0) for n in names},
+            }
+            for i in intervals
+        ],
+    }
+
+
+def _compare(
+    reader: TrendReader, args: argparse.Namespace, minutes: int, at: datetime, dim: Dimension
+) -> tuple[dict, datetime]:
+    previous, current = reader.intervals(compare_bounds(minutes, at), dim, args.city)
+    if previous.counts is None and minutes % 60 == 0:
+        # the edges' minute buckets have expired; whole hours up to the last one are all
+        # rollups, which live far longer: compare those, and say so
+        hour_end = at.replace(minute=0, second=0, microsecond=0) - timedelta(minutes=1)
+        print(
+            f"note: minute counts this old have expired; comparing the whole hours up to "
+            f"{hour_end + timedelta(minutes=1):%Y-%m-%d %H:%M} UTC instead",
+            file=sys.stderr,
+        )
+        at = hour_end
+        previous, current = reader.intervals(compare_bounds(minutes, at), dim, args.city)
+    current_counts = current.counts
+    if current_counts is None:  # as the plain top list does: read what is kept, widened
+        current_counts = reader.window(minutes, dim, args.city, at)
+    current = Interval(current.start, current.end, current_counts)
+    rows = changes(previous, current, args.top)
+    return {
+        "total": current.total,
+        "previous": {"start": _z(previous.start), "end": _z(previous.end), "total": previous.total},
+        "top": rows,
+    }, at
+
+
+def _print_top(args: argparse.Namespace, head: dict, result: dict) -> None:
+    rows, total = result["top"], result["total"]
+    if args.json:
+        top = [{"name": name, "count": count} for name, count in rows]
+        print(json.dumps({**head, "total": total, "top": top}, ensure_ascii=False))
+        return
+    scope = f" in {args.city}" if args.city else ""
+    print(
+        f"top {args.by} over the last {args.window}{scope} (up to {_minute(head['at'])} UTC): "
+        f"{total} posts"
+    )
+    if not rows:
+        print("  (no posts counted)")
+    width = max((len(name) for name, _ in rows), default=0)
+    for place, (name, count) in enumerate(rows, 1):
+        print(f"{place:>3}. {name:<{width}}  {count:>6}  {_share(count, total):>6}")
+
+
+def _print_compare(args: argparse.Namespace, head: dict, result: dict) -> None:
+    rows, previous = result["top"], result["previous"]
+    if args.json:
+        top = [
+            {"name": r.name, "count": r.count, "previous": r.previous, "change": r.change}
+            for r in rows
+        ]
+        payload = {**head, "total": result["total"], "previous": previous, "top": top}
+        print(json.dumps(payload, ensure_ascii=False))
+        return
+    scope = f" in {args.city}" if args.city else ""
+    before = "expired" if previous["total"] is None else f"{previous['total']} posts"
+    print(
+        f"top {args.by} over the last {args.window}{scope} (up to {_minute(head['at'])} UTC): "
+        f"{result['total']} posts; the {args.window} before: {before}"
+    )
+    if not rows:
+        print("  (no posts counted)")
+    width = max((len(r.name) for r in rows), default=0)
+    for place, r in enumerate(rows, 1):
+        print(f"{place:>3}. {r.name:<{width}}  {r.count:>6}  {_change(r)}")
+
+
+def _print_series(args: argparse.Namespace, head: dict, result: dict) -> None:
+    names, intervals = result["names"], result["intervals"]
+    if args.json:
+        print(json.dumps({**head, **result}, ensure_ascii=False))
+        return
+    scope = f" in {args.city}" if args.city else ""
+    print(
+        f"{args.by} per {args.every}{scope}, {len(intervals)} intervals up to "
+        f"{_minute(head['at'])} UTC (the last in progress), top {len(names)} of them"
+    )
+    widths = [max(len(name), 6) for name in names]
+    header = "  ".join(f"{name:>{w}}" for name, w in zip(names, widths, strict=True))
+    print(f"{'start (UTC)':<16}  {'total':>6}  {header}".rstrip())
+    for interval in intervals:
+        start = _minute(interval["start"])
+        if interval["counts"] is None:
+            print(f"{start:<16}  {'expired':>6}")
+            continue
+        cells = "  ".join(
+            f"{interval['counts'][name]:>{w}}" for name, w in zip(names, widths, strict=True)
+        )
+        print(f"{start:<16}  {interval['total']:>6}  {cells}".rstrip())
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def test_cli_city_filter_and_table(trends_url: str) -> None:
     table = _trends("--redis-url", trends_url, "--window", "15m", "--by", "city")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[1].split() == ["1.", "lyon", "2"] and lines[2].split() == ["2.", "paris", "2"]
+    assert lines[1].split() == ["1.", "lyon", "2", "50.0%"]
+    assert lines[2].split() == ["2.", "paris", "2", "50.0%"]
 
 
 @pytest.mark.integration

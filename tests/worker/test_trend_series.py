@@ -1,0 +1,288 @@
+"""Trends over time: series and window-on-window comparison.
+
+The interval arithmetic and ranking are pure; the reader and `worker trends --every/--compare`
+run against a real redis-server.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+
+import pytest
+import redis
+
+from worker.trends import (
+    Interval,
+    TrendReader,
+    TrendRecord,
+    TrendWriter,
+    changes,
+    compare_bounds,
+    interval_keys,
+    series_bounds,
+    series_names,
+    trend_key,
+)
+
+MIN_TTL = 48 * 3600
+HOUR_TTL = 30 * 24 * 3600
+WALL = datetime(2024, 3, 10, 13, 37, 25, tzinfo=UTC)
+
+
+def _t(day: int, hour: int, minute: int = 0) -> datetime:
+    return datetime(2024, 3, day, hour, minute, tzinfo=UTC)
+
+
+# --- pure: intervals, keys, ranking ------------------------------------------------------
+
+
+def test_series_intervals_sit_on_the_clock_and_the_last_ends_after_now() -> None:
+    bounds = series_bounds(60, 15, WALL)
+    assert bounds == [
+        (_t(10, 12, 45), _t(10, 13, 0)),
+        (_t(10, 13, 0), _t(10, 13, 15)),
+        (_t(10, 13, 15), _t(10, 13, 30)),
+        (_t(10, 13, 30), _t(10, 13, 38)),  # in progress: up to and including 13:37
+    ]
+    days = series_bounds(3 * 1440, 1440, WALL)
+    assert [start for start, _ in days] == [_t(8, 0), _t(9, 0), _t(10, 0)]
+    assert days[-1][1] == _t(10, 13, 38)
+
+
+def test_series_intervals_do_not_overlap_or_leave_gaps() -> None:
+    bounds = series_bounds(7 * 1440, 90, WALL)
+    assert len(bounds) == 7 * 16
+    assert all(a_end == b_start for (_, a_end), (b_start, _) in pairwise(bounds))
+
+
+@pytest.mark.parametrize(
+    ("window", "every", "needle"),
+    [(60, 7, "not a whole number"), (60, 120, "not a whole number"), (1440, 1, "more than 1000")],
+)
+def test_series_bounds_refuse_uneven_or_too_many_intervals(window, every, needle) -> None:
+    with pytest.raises(ValueError, match=needle):
+        series_bounds(window, every, WALL)
+
+
+def test_compare_windows_are_the_trailing_window_and_the_one_before() -> None:
+    previous, current = compare_bounds(60, WALL)
+    assert current == (_t(10, 12, 38), _t(10, 13, 38))
+    assert previous == (_t(10, 11, 38), _t(10, 12, 38))
+
+
+def test_interval_keys_use_whole_hour_rollups_and_edge_minutes() -> None:
+    keys = interval_keys("make", _t(10, 11, 50), _t(10, 13, 5), None, MIN_TTL, HOUR_TTL, WALL)
+    minutes = [trend_key("make", "m", f"20240310115{i}") for i in range(10)]
+    hour = [trend_key("make", "h", "2024031012")]
+    edge = [trend_key("make", "m", f"20240310130{i}") for i in range(5)]
+    assert keys == minutes + hour + edge
+
+
+def test_interval_keys_never_widen_an_interval_whose_minutes_expired() -> None:
+    # three days ago: minute buckets are gone, so a quarter hour cannot be told apart ...
+    old = _t(7, 10, 15)
+    assert (
+        interval_keys("make", old, old + timedelta(minutes=15), None, MIN_TTL, HOUR_TTL, WALL)
+        is None
+    )
+    # ... but a whole hour or day still can, from the rollups
+    assert interval_keys("make", _t(7, 10), _t(7, 11), None, MIN_TTL, HOUR_TTL, WALL) == [
+        trend_key("make", "h", "2024030710")
+    ]
+    # and past the hour rollups' TTL nothing is kept
+    gone = _t(10, 10) - timedelta(days=31)
+    assert (
+        interval_keys("make", gone, gone + timedelta(hours=1), None, MIN_TTL, HOUR_TTL, WALL)
+        is None
+    )
+
+
+def test_interval_keys_per_city() -> None:
+    keys = interval_keys("model", _t(10, 12), _t(10, 13), " LYON ", MIN_TTL, HOUR_TTL, WALL)
+    assert keys == [trend_key("model", "h", "2024031012", "lyon")]
+
+
+def test_series_names_rank_over_the_kept_intervals() -> None:
+    intervals = [
+        Interval(_t(10, 10), _t(10, 11), {"BMW": 5, "Audi": 1}),
+        Interval(_t(10, 11), _t(10, 12), None),  # expired: no counts, no weight
+        Interval(_t(10, 12), _t(10, 13), {"Audi": 3, "Toyota": 4, "BMW": 1}),
+    ]
+    assert series_names(intervals, 3) == ["BMW", "Audi", "Toyota"]  # 6, then 4 and 4 by name
+    assert series_names(intervals, 1) == ["BMW"]
+    assert intervals[1].total is None and intervals[2].total == 8
+
+
+def test_changes_rank_the_current_window_and_name_what_is_new() -> None:
+    previous = Interval(_t(10, 11), _t(10, 12), {"BMW": 4, "Audi": 9})
+    current = Interval(_t(10, 12), _t(10, 13), {"BMW": 6, "Tesla": 2, "Audi": 1})
+    rows = changes(previous, current, 2)
+    assert [(r.name, r.count, r.previous, r.change) for r in rows] == [
+        ("BMW", 6, 4, 2),
+        ("Tesla", 2, 0, 2),
+    ]
+    expired = changes(Interval(_t(10, 11), _t(10, 12), None), current, 1)
+    assert expired[0].previous is None and expired[0].change is None
+
+
+# --- the reader and the CLI against a real redis-server ------------------------------------
+
+
+@pytest.fixture()
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/10")
+    client.flushdb()
+    yield client
+    client.close()
+
+
+def _write(client: redis.Redis, posts: list[tuple[datetime, str, str | None]]) -> None:
+    TrendWriter(client, "series", MIN_TTL, HOUR_TTL).apply(
+        [
+            TrendRecord("t", 0, i, at, make, "X", city, False)
+            for i, (at, make, city) in enumerate(posts)
+        ]
+    )
+
+
+def _quarter_now() -> datetime:
+    """Ten minutes into a quarter hour, so that a test's posts fall in known intervals."""
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    return now - timedelta(minutes=now.minute % 15) - timedelta(minutes=5)
+
+
+@pytest.mark.integration
+def test_a_series_adds_up_to_the_window_it_covers(r: redis.Redis) -> None:
+    now = _quarter_now()
+    grid = now - timedelta(minutes=10)  # start of now's quarter hour
+    posts = [
+        (grid - timedelta(minutes=40), "BMW", "Paris"),  # two quarters back
+        (grid - timedelta(minutes=16), "BMW", None),  # the quarter before
+        (grid - timedelta(minutes=1), "Audi", "Paris"),  # the quarter before, last minute
+        (grid, "Audi", "Lyon"),  # now's quarter, first minute
+        (now, "Toyota", "Paris"),  # now's minute
+        (now + timedelta(minutes=1), "Tesla", None),  # a minute in the future: not yet shown
+    ]
+    _write(r, posts)
+    reader = TrendReader(r)
+    series = reader.series(60, 15, "make", now=now)
+    assert [i.counts for i in series] == [
+        {"BMW": 1},
+        {"BMW": 1},
+        {"Audi": 1},
+        {"Audi": 1, "Toyota": 1},
+    ]
+    assert series[-1].end == now + timedelta(minutes=1)
+    covered = int((now - series[0].start).total_seconds() // 60) + 1
+    assert sum(i.total for i in series) == sum(reader.window(covered, "make", now=now).values())
+    paris = reader.series(60, 15, "make", city="paris", now=now)
+    assert [i.counts for i in paris] == [{"BMW": 1}, {}, {"Audi": 1}, {"Toyota": 1}]
+    cities = reader.series(30, 15, "city", now=now)
+    assert cities[-1].counts == {"lyon": 1, "paris": 1}
+
+
+@pytest.mark.integration
+def test_a_series_shows_expired_minutes_as_gaps_not_zeros(r: redis.Redis) -> None:
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=3)
+    _write(r, [(hour + timedelta(minutes=20), "BMW", None)])  # its minute bucket expires at once
+    reader = TrendReader(r)
+    quarters = reader.series(60, 15, "make", now=hour + timedelta(minutes=59))
+    assert [i.counts for i in quarters] == [None, None, None, None]
+    hours = reader.series(120, 60, "make", now=hour + timedelta(minutes=59))
+    assert [i.counts for i in hours] == [{}, {"BMW": 1}]
+
+
+def _trends(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "trends", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture()
+def series_url(redis_url: str) -> Iterator[tuple[str, datetime]]:
+    url = redis_url.rsplit("/", 1)[0] + "/11"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    now = _quarter_now()
+    posts = [(now - timedelta(minutes=70 + i), "BMW", "Paris") for i in range(4)]
+    posts += [(now - timedelta(minutes=65), "Audi", None)]
+    posts += [(now - timedelta(minutes=i), "Tesla", "Lyon") for i in range(3)]
+    posts += [(now - timedelta(minutes=5), "BMW", None)]
+    _write(client, posts)
+    client.close()
+    yield url, now
+
+
+@pytest.mark.integration
+def test_cli_compare_gives_each_name_its_previous_count(series_url) -> None:
+    url, now = series_url
+    at = now.isoformat().replace("+00:00", "Z")
+    out = _trends("--redis-url", url, "--window", "1h", "--at", at, "--compare", "--json")
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)
+    assert payload["total"] == 4 and payload["previous"]["total"] == 5
+    assert payload["top"] == [
+        {"name": "Tesla", "count": 3, "previous": 0, "change": 3},
+        {"name": "BMW", "count": 1, "previous": 4, "change": -3},
+    ]
+    table = _trends("--redis-url", url, "--window", "1h", "--at", at, "--compare")
+    lines = table.stdout.splitlines()
+    assert "4 posts; the 1h before: 5 posts" in lines[0]
+    assert lines[1].split()[:3] == ["1.", "Tesla", "3"] and "new" in lines[1]
+    assert "(previous 4, -3, -75.0%)" in lines[2]
+
+
+@pytest.mark.integration
+def test_cli_series_json_and_table(series_url) -> None:
+    url, now = series_url
+    at = now.isoformat().replace("+00:00", "Z")
+    out = _trends(
+        "--redis-url", url, "--window", "2h", "--every", "15m", "--at", at, "--top", "2", "--json"
+    )
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)
+    assert payload["every_minutes"] == 15 and payload["names"] == ["BMW", "Tesla"]
+    intervals = payload["intervals"]
+    end = (now + timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
+    assert len(intervals) == 8 and intervals[-1]["end"] == end  # in progress: up to --at
+    assert sum(i["total"] for i in intervals) == 9
+    assert intervals[-1]["counts"] == {"BMW": 1, "Tesla": 3}
+    table = _trends("--redis-url", url, "--window", "2h", "--every", "15m", "--at", at)
+    rows = table.stdout.splitlines()
+    assert rows[1].split()[:5] == ["start", "(UTC)", "total", "BMW", "Tesla"]
+    assert rows[-1].split()[2:5] == ["4", "1", "3"]  # total, BMW, Tesla of now's quarter
+
+
+@pytest.mark.integration
+def test_cli_plain_top_reports_the_total_and_shares(series_url) -> None:
+    url, now = series_url
+    at = now.isoformat().replace("+00:00", "Z")
+    payload = json.loads(_trends("--redis-url", url, "--window", "2h", "--at", at, "--json").stdout)
+    assert payload["total"] == 9
+    table = _trends("--redis-url", url, "--window", "2h", "--at", at).stdout.splitlines()
+    assert table[0].endswith(": 9 posts")
+    assert table[1].split() == ["1.", "BMW", "5", "55.6%"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--every", "7m"], "not a whole number of 7-min intervals"),
+        (["--every", "1m", "--window", "30d"], "more than 1000"),
+        (["--every", "0m"], "--every '0m'"),
+        (["--every", "1h", "--compare"], "not allowed with"),
+    ],
+)
+def test_cli_bad_series_values_exit_2_with_one_line(args: list[str], needle: str) -> None:
+    out = _trends(*args)
+    assert out.returncode == 2
+    assert needle in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
