@@ -26,7 +26,7 @@ import json
 import logging
 import time
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -308,6 +308,7 @@ def window_keys(
 
 MAX_SERIES_INTERVALS = 1000  # one ZUNION each, sent in one pipeline
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_BREAKDOWN_CITIES = 1000  # one ZUNION each, sent in one pipeline
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,6 +455,37 @@ def changes(previous: Interval, current: Interval, top: int) -> list[Change]:
     ]
 
 
+def name_matcher(make: str | None = None, model: str | None = None) -> Callable[[str], bool]:
+    """Which members of a make, model or lowconf set a ``--make``/``--model`` filter keeps.
+
+    Case-insensitive (``bmw`` finds ``BMW``), as readers type names: a make matches the member
+    itself or the make part of a ``Make|Model`` member; a model matches the whole member.
+    """
+    if make is not None and model is not None:
+        raise ValueError("filter by a make or by a model, not both")
+    if model is not None:
+        wanted = model.strip().casefold()
+        return lambda member: member.casefold() == wanted
+    if make is not None:
+        wanted = make.strip().casefold()
+        return lambda member: member.partition(MODEL_SEPARATOR)[0].casefold() == wanted
+    return lambda member: True
+
+
+def keep(counts: dict[str, int] | None, match: Callable[[str], bool]) -> dict[str, int] | None:
+    """The members of ``counts`` that ``match`` keeps (None stays None: an expired interval)."""
+    return None if counts is None else {m: c for m, c in counts.items() if match(m)}
+
+
+@dataclass(frozen=True, slots=True)
+class CityCount:
+    """Posts of one make (or model) in one city, and all the city's counted posts beside them."""
+
+    city: str
+    count: int
+    city_total: int
+
+
 class TrendReader:
     """Top makes, models, cities and low-confidence guesses over a trailing window.
 
@@ -539,6 +571,40 @@ class TrendReader:
     ) -> list[tuple[str, int]]:
         """Low-confidence posts in the window by their top-1 make guess (not counted as brands)."""
         return rank(self.window(window_minutes, "lowconf", city, now))
+
+    def cities_of(
+        self,
+        window_minutes: int,
+        match: Callable[[str], bool],
+        by: Literal["make", "model"] = "make",
+        now: datetime | None = None,
+        max_cities: int = MAX_BREAKDOWN_CITIES,
+    ) -> tuple[list[CityCount], int]:
+        """Where a make (or model) is posted: per city, its posts (members ``match`` keeps) and
+        the city's posts, busiest first; one pipelined ZUNION per city.
+
+        Reads the ``max_cities`` busiest cities of the window; also returns how many cities the
+        window had, so a caller can say when some were not read.
+        """
+        if by not in ("make", "model"):
+            raise ValueError(f"by must be 'make' or 'model', got {by!r}")
+        wall_now = datetime.now(UTC)
+        now = wall_now if now is None else now
+        minute_ttl_s, _ = self.ttls()
+        every_city = rank(self.window(window_minutes, "city", None, now))
+        cities = [city for city, _ in every_city[:max_cities]]
+        pipe = self._redis.pipeline(transaction=False)
+        for city in cities:
+            keys = window_keys(by, window_minutes, now, city, minute_ttl_s, wall_now)
+            pipe.zunion(keys, withscores=True, aggregate="SUM")
+        rows = []
+        for city, merged in zip(cities, pipe.execute() if cities else [], strict=True):
+            counts = {_text(member): round(score) for member, score in merged}
+            count = sum(c for member, c in counts.items() if match(member))
+            if count:
+                rows.append(CityCount(city, count, sum(counts.values())))
+        rows.sort(key=lambda row: (-row.count, row.city))
+        return rows, len(every_city)
 
     def series(
         self,

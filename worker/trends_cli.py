@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from training.cli_errors import fail, first_validation_error, utf8_problem
@@ -18,12 +19,16 @@ from training.cli_help import DefaultsHelpFormatter
 from worker.connections import redacted
 from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT, in_event_time_range
 from worker.trends import (
+    MAX_BREAKDOWN_CITIES,
+    MODEL_SEPARATOR,
     Change,
     Dimension,
     Interval,
     TrendReader,
     changes,
     compare_bounds,
+    keep,
+    name_matcher,
     normalize_city,
     oldest_hour_kept,
     rank,
@@ -76,6 +81,11 @@ def _z(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def _scope(args: argparse.Namespace) -> str:
+    name = args.make if args.make is not None else args.model
+    return (f" for {name}" if name is not None else "") + (f" in {args.city}" if args.city else "")
+
+
 def _minute(stamp: str) -> str:
     return stamp[:16].replace("T", " ")
 
@@ -104,6 +114,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--by", choices=BY_CHOICES, default="make", help="what to rank (models are Make|Model)"
     )
     parser.add_argument("--city", default=None, help="only posts from this city")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--make",
+        default=None,
+        help="only this make (any case); with --by model its models, with --by city the "
+        "cities that post it and its share of their posts",
+    )
+    which.add_argument(
+        "--model",
+        default=None,
+        help="only this model, written Make|Model; with --by city the cities that post it",
+    )
     parser.add_argument("--top", type=int, default=10, help="how many to print")
     parser.add_argument("--at", default=None, help="end of the window, RFC 3339 (default: now)")
     how = parser.add_mutually_exclusive_group()
@@ -123,6 +145,26 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--redis-url", default=None, help="Redis URL (default: the worker's CARSTREAM_REDIS_URL)"
     )
     return parser
+
+
+def name_problem(args: argparse.Namespace) -> str | None:
+    """Why a --make/--model filter cannot apply, in one line, or None."""
+    for flag, value in (("--make", args.make), ("--model", args.model)):
+        if value is None:
+            continue
+        if not value.strip():
+            return f"{flag} {value!r}: blank (leave {flag} out to count every name)"
+        if utf8_problem(value) is not None:
+            return f"{flag} {value!r}: not valid UTF-8"
+    if args.model is not None:
+        if MODEL_SEPARATOR not in args.model:
+            return f"--model {args.model!r}: write it as Make|Model (BMW|X5)"
+        if args.by not in ("model", "city"):
+            return f"--model counts models: use --by model or --by city, not --by {args.by}"
+    by_city_of_a_name = args.by == "city" and (args.make or args.model) is not None
+    if by_city_of_a_name and (args.every is not None or args.compare):
+        return "--by city with --make/--model ranks one window: not with --every or --compare"
+    return None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -147,6 +189,11 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"--city {args.city!r}: blank (leave --city out to count every city)")
     if args.city is not None and utf8_problem(args.city) is not None:
         return fail(f"--city {args.city!r}: not valid UTF-8")
+    problem = name_problem(args)
+    if problem:
+        return fail(problem)
+    match = name_matcher(args.make, args.model)
+    where = args.by == "city" and (args.make or args.model) is not None
 
     import redis
     from pydantic import ValidationError
@@ -174,14 +221,17 @@ def main(args: argparse.Namespace) -> int:
         minute_ttl_s, hour_ttl_s = reader.ttls()
         # read once: the queries below would read (and warn about a malformed one) again
         reader = TrendReader(client, minute_ttl_s, hour_ttl_s)
-        if bounds is not None:
-            result = _series(reader, args, every, bounds, dim)
+        if where:
+            result = _where(reader, args, minutes, at, match)
+            earliest = at - timedelta(minutes=minutes - 1)
+        elif bounds is not None:
+            result = _series(reader, args, every, bounds, dim, match)
             earliest = bounds[0][0]
         elif args.compare:
-            result, at = _compare(reader, args, minutes, at, dim)
+            result, at = _compare(reader, args, minutes, at, dim, match)
             earliest = datetime.fromisoformat(result["previous"]["start"])
         else:
-            counts = reader.window(minutes, dim, args.city, at)
+            counts = keep(reader.window(minutes, dim, args.city, at), match)
             result = {"total": sum(counts.values()), "top": rank(counts, args.top)}
             earliest = at - timedelta(minutes=minutes - 1)
     except redis.RedisError as exc:
@@ -201,7 +251,11 @@ def main(args: argparse.Namespace) -> int:
         )
     head = {"window_minutes": minutes, "by": args.by, "city": args.city, "at": _z(at)}
     head["complete"] = complete
-    if bounds is not None:
+    if args.make is not None or args.model is not None:
+        head["make"], head["model"] = args.make, args.model
+    if where:
+        _print_where(args, head, result)
+    elif bounds is not None:
         _print_series(args, head, result)
     elif args.compare:
         _print_compare(args, head, result)
@@ -216,8 +270,12 @@ def _series(
     every: int,
     bounds: list[tuple[datetime, datetime]],
     dim: Dimension,
+    match: Callable[[str], bool],
 ) -> dict:
-    intervals = reader.intervals(bounds, dim, args.city)
+    intervals = [
+        Interval(i.start, i.end, keep(i.counts, match))
+        for i in reader.intervals(bounds, dim, args.city)
+    ]
     names = series_names(intervals, args.top)
     return {
         "every_minutes": every,
@@ -235,7 +293,12 @@ def _series(
 
 
 def _compare(
-    reader: TrendReader, args: argparse.Namespace, minutes: int, at: datetime, dim: Dimension
+    reader: TrendReader,
+    args: argparse.Namespace,
+    minutes: int,
+    at: datetime,
+    dim: Dimension,
+    match: Callable[[str], bool],
 ) -> tuple[dict, datetime]:
     previous, current = reader.intervals(compare_bounds(minutes, at), dim, args.city)
     if previous.counts is None and minutes % 60 == 0:
@@ -252,7 +315,8 @@ def _compare(
     current_counts = current.counts
     if current_counts is None:  # as the plain top list does: read what is kept, widened
         current_counts = reader.window(minutes, dim, args.city, at)
-    current = Interval(current.start, current.end, current_counts)
+    current = Interval(current.start, current.end, keep(current_counts, match))
+    previous = Interval(previous.start, previous.end, keep(previous.counts, match))
     rows = changes(previous, current, args.top)
     return {
         "total": current.total,
@@ -261,13 +325,51 @@ def _compare(
     }, at
 
 
+def _where(
+    reader: TrendReader,
+    args: argparse.Namespace,
+    minutes: int,
+    at: datetime,
+    match: Callable[[str], bool],
+) -> dict:
+    by = "make" if args.make is not None else "model"
+    rows, cities = reader.cities_of(minutes, match, by, now=at)
+    if cities > MAX_BREAKDOWN_CITIES:
+        print(
+            f"note: the window has {cities} cities; read the {MAX_BREAKDOWN_CITIES} busiest",
+            file=sys.stderr,
+        )
+    return {"total": sum(r.count for r in rows), "cities": len(rows), "top": rows[: args.top]}
+
+
+def _print_where(args: argparse.Namespace, head: dict, result: dict) -> None:
+    rows = result["top"]
+    if args.json:
+        top = [{"name": r.city, "count": r.count, "city_total": r.city_total} for r in rows]
+        payload = {**head, "total": result["total"], "cities": result["cities"], "top": top}
+        print(json.dumps(payload, ensure_ascii=False))
+        return
+    name = args.make if args.make is not None else args.model
+    print(
+        f"cities posting {name} over the last {args.window} (up to {_minute(head['at'])} UTC): "
+        f"{result['total']} posts in {result['cities']} "
+        + ("city" if result["cities"] == 1 else "cities")
+    )
+    if not rows:
+        print("  (no posts counted)")
+    width = max((len(r.city) for r in rows), default=0)
+    for place, r in enumerate(rows, 1):
+        share = _share(r.count, r.city_total)
+        print(f"{place:>3}. {r.city:<{width}}  {r.count:>6}  {share:>6} of the city's posts")
+
+
 def _print_top(args: argparse.Namespace, head: dict, result: dict) -> None:
     rows, total = result["top"], result["total"]
     if args.json:
         top = [{"name": name, "count": count} for name, count in rows]
         print(json.dumps({**head, "total": total, "top": top}, ensure_ascii=False))
         return
-    scope = f" in {args.city}" if args.city else ""
+    scope = _scope(args)
     print(
         f"top {args.by} over the last {args.window}{scope} (up to {_minute(head['at'])} UTC): "
         f"{total} posts"
@@ -289,7 +391,7 @@ def _print_compare(args: argparse.Namespace, head: dict, result: dict) -> None:
         payload = {**head, "total": result["total"], "previous": previous, "top": top}
         print(json.dumps(payload, ensure_ascii=False))
         return
-    scope = f" in {args.city}" if args.city else ""
+    scope = _scope(args)
     before = "expired" if previous["total"] is None else f"{previous['total']} posts"
     print(
         f"top {args.by} over the last {args.window}{scope} (up to {_minute(head['at'])} UTC): "
@@ -307,7 +409,7 @@ def _print_series(args: argparse.Namespace, head: dict, result: dict) -> None:
     if args.json:
         print(json.dumps({**head, **result}, ensure_ascii=False))
         return
-    scope = f" in {args.city}" if args.city else ""
+    scope = _scope(args)
     print(
         f"{args.by} per {args.every}{scope}, {len(intervals)} intervals up to "
         f"{_minute(head['at'])} UTC (the last in progress), top {len(names)} of them"

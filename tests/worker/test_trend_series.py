@@ -24,6 +24,8 @@ from worker.trends import (
     changes,
     compare_bounds,
     interval_keys,
+    keep,
+    name_matcher,
     series_bounds,
     series_names,
     trend_key,
@@ -130,6 +132,16 @@ def test_changes_rank_the_current_window_and_name_what_is_new() -> None:
     assert expired[0].previous is None and expired[0].change is None
 
 
+def test_a_make_filter_keeps_the_make_and_its_models_in_any_case() -> None:
+    counts = {"BMW": 3, "BMW|X5": 2, "bmw|M3": 1, "Audi|A4": 4, "BMWX|Q": 9}
+    assert keep(counts, name_matcher(make=" bmw")) == {"BMW": 3, "BMW|X5": 2, "bmw|M3": 1}
+    assert keep(counts, name_matcher(model="BMW|x5")) == {"BMW|X5": 2}
+    assert keep(counts, name_matcher()) == counts
+    assert keep(None, name_matcher(make="BMW")) is None  # an expired interval stays a gap
+    with pytest.raises(ValueError, match="not both"):
+        name_matcher(make="BMW", model="BMW|X5")
+
+
 # --- the reader and the CLI against a real redis-server ------------------------------------
 
 
@@ -195,6 +207,26 @@ def test_a_series_shows_expired_minutes_as_gaps_not_zeros(r: redis.Redis) -> Non
     assert [i.counts for i in quarters] == [None, None, None, None]
     hours = reader.series(120, 60, "make", now=hour + timedelta(minutes=59))
     assert [i.counts for i in hours] == [{}, {"BMW": 1}]
+
+
+@pytest.mark.integration
+def test_cities_of_a_make_rank_cities_by_its_posts_with_their_share(r: redis.Redis) -> None:
+    now = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=1)
+    posts = [(now, "BMW", "München")] * 3 + [(now, "Audi", "München")]
+    posts += [(now, "BMW", "Paris")] + [(now, "Toyota", "Paris")] * 3
+    posts += [
+        (now, "BMW", None),
+        (now, "Toyota", "Lyon"),
+        (now - timedelta(hours=2), "BMW", "Lyon"),
+    ]
+    _write(r, posts)
+    rows, cities = TrendReader(r).cities_of(60, name_matcher(make="bmw"), now=now)
+    assert [(c.city, c.count, c.city_total) for c in rows] == [("münchen", 3, 4), ("paris", 1, 4)]
+    assert cities == 3  # lyon posted, but no BMW within the hour
+    busiest, _ = TrendReader(r).cities_of(60, name_matcher(make="bmw"), now=now, max_cities=1)
+    assert [c.city for c in busiest] == ["münchen"]  # the busiest city of the window only
+    models, _ = TrendReader(r).cities_of(60, name_matcher(model="bmw|x"), "model", now=now)
+    assert [(c.city, c.count) for c in models] == [("münchen", 3), ("paris", 1)]
 
 
 def _trends(*args: str) -> subprocess.CompletedProcess[str]:
@@ -272,9 +304,45 @@ def test_cli_plain_top_reports_the_total_and_shares(series_url) -> None:
     assert table[1].split() == ["1.", "BMW", "5", "55.6%"]
 
 
+@pytest.mark.integration
+def test_cli_by_city_of_a_make_and_models_of_a_make(series_url) -> None:
+    url, now = series_url
+    at = now.isoformat().replace("+00:00", "Z")
+    out = _trends("--redis-url", url, "--window", "2h", "--at", at, "--by", "city", "--make", "bmw")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].endswith(": 4 posts in 1 city")  # the fifth BMW post has no city
+    assert lines[1].split() == ["1.", "paris", "4", "100.0%", "of", "the", "city's", "posts"]
+    models = _trends(
+        "--redis-url", url, "--window", "2h", "--at", at, "--by", "model", "--make", "BMW", "--json"
+    )
+    assert json.loads(models.stdout)["top"] == [{"name": "BMW|X", "count": 5}]
+    series = _trends(
+        "--redis-url",
+        url,
+        "--window",
+        "2h",
+        "--every",
+        "1h",
+        "--at",
+        at,
+        "--make",
+        "tesla",
+        "--json",
+    )
+    payload = json.loads(series.stdout)
+    assert payload["names"] == ["Tesla"] and payload["make"] == "tesla"
+    assert [i["total"] for i in payload["intervals"]] == [0, 3]
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
+        (["--make", "  "], "--make '  ': blank"),
+        (["--model", "X5"], "write it as Make|Model"),
+        (["--model", "BMW|X5"], "use --by model or --by city, not --by make"),
+        (["--by", "city", "--make", "BMW", "--compare"], "not with --every or --compare"),
+        (["--make", "BMW", "--model", "BMW|X5"], "not allowed with"),
         (["--every", "7m"], "not a whole number of 7-min intervals"),
         (["--every", "1m", "--window", "30d"], "more than 1000"),
         (["--every", "0m"], "--every '0m'"),
