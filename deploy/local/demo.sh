@@ -140,5 +140,11 @@ say "top models, last 60 minutes"
 "$PY" -m worker trends --window 60m --by model --top 10
 say "posts per city"
 "$PY" -m worker trends --window 60m --by city
+top_make=$("$PY" -m worker trends --window 60m --by make --top 1 --json |
+    "$PY" -c 'import json, sys; top = json.load(sys.stdin)["top"]; print(top[0]["name"] if top else "")')
+if [ -n "$top_make" ]; then
+    say "where $top_make is posted, and its share of each city's posts"
+    "$PY" -m worker trends --window 60m --by city --make "$top_make"
+fi
 
 say "demo done in $(($(date +%s) - started)) s"
