@@ -7,6 +7,7 @@ model runtime.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from training.cli_errors import OneLineParser
@@ -46,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=DefaultsHelpFormatter,
         conflict_handler="resolve",
     )
-    return int(module.main(parser.parse_args(rest)) or 0)
+    try:
+        return int(module.main(parser.parse_args(rest)) or 0)
+    except BrokenPipeError:
+        # the reader went away (`trends ... | head`): no traceback, and no second one when the
+        # interpreter flushes stdout on exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process killed by SIGPIPE
 
 
 if __name__ == "__main__":

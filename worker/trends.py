@@ -107,7 +107,9 @@ def normalize_city(city: str | None) -> str | None:
     # casefold turns the Turkish dotted capital İ into i + U+0307 (combining dot above), so
     # "İstanbul" and "Istanbul" would be two cities; the dot carries no meaning on a lower i
     norm = norm.replace("i\u0307", "i")
-    return norm[:CITY_MAX_CHARS] or None
+    # stripped again after the cut, so that a stored name normalises to itself: readers pass
+    # names back (`--by city` output into `--city`; `cities_of` builds per-city keys from them)
+    return norm[:CITY_MAX_CHARS].rstrip() or None
 
 
 def model_member(make: str, model: str | None) -> str:
@@ -273,6 +275,8 @@ def window_keys(
     city: str | None = None,
     minute_ttl_s: int = DEFAULT_MINUTE_TTL_S,
     wall_now: datetime | None = None,
+    *,
+    city_is_normalized: bool = False,
 ) -> list[str]:
     """Keys that together cover the last `window_minutes` minutes up to and including now's.
 
@@ -287,7 +291,9 @@ def window_keys(
     end = _utc(now).replace(second=0, microsecond=0)  # the current minute, included
     start = end - timedelta(minutes=window_minutes - 1)
     horizon = _utc(now if wall_now is None else wall_now) - timedelta(seconds=minute_ttl_s)
-    norm_city = normalize_city(city)
+    # a name read back from the city keys is used as stored (names written before the cut was
+    # stripped may end in a space that normalising again would remove)
+    norm_city = city if city_is_normalized else normalize_city(city)
     keys: list[str] = []
     minute = timedelta(minutes=1)
     t = start
@@ -341,14 +347,16 @@ class Change:
         return None if self.previous is None else self.count - self.previous
 
 
-def oldest_hour_kept(wall_now: datetime, hour_ttl_s: int) -> datetime:
-    """Start of the oldest hour rollup still alive: counts of event times before it are gone.
+def kept_after(wall_now: datetime, ttl_s: int) -> datetime:
+    """Buckets that start after this instant are certainly still kept.
 
-    An hour rollup expires ``hour_ttl_s`` after the end of its hour (``_expire_at``), so the
-    hour starting at ``s`` lives while ``s + 1 h + ttl > wall_now``.
+    A bucket expires ``ttl_s`` after the end of its minute or hour, or after the write that
+    last set its expiry if that came first (``_expire_at`` caps at the write's time, and a
+    live hour is written while it is still running). Either way it outlives its own start by
+    ``ttl_s``; a bucket that started earlier may have expired, or may not: a reader cannot tell
+    an expired bucket from one that never had a post.
     """
-    oldest = _utc(wall_now) - timedelta(seconds=hour_ttl_s, hours=1)
-    return oldest.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    return _utc(wall_now) - timedelta(seconds=ttl_s)
 
 
 def series_bounds(
@@ -408,21 +416,22 @@ def interval_keys(
     rollup would count its posts twice.
     """
     minute = timedelta(minutes=1)
-    minutes_from = _utc(wall_now) - timedelta(seconds=minute_ttl_s)  # older minutes are gone
-    hours_from = oldest_hour_kept(wall_now, hour_ttl_s)
+    t, end = _utc(start), _utc(end)
+    if t.second or t.microsecond or end.second or end.microsecond:
+        raise ValueError(f"interval bounds must be whole minutes, got {t} .. {end}")
+    minutes_after = kept_after(wall_now, minute_ttl_s)
+    hours_after = kept_after(wall_now, hour_ttl_s)
     norm_city = normalize_city(city)
     keys: list[str] = []
-    t = _utc(start)
-    end = _utc(end)
     while t < end:
-        hour = t.replace(minute=0, second=0, microsecond=0)
+        hour = t.replace(minute=0)
         stop = min(end, hour + 60 * minute)
         if t == hour and stop == hour + 60 * minute:
-            if hour < hours_from:
+            if hour <= hours_after:
                 return None
             keys.append(trend_key(dim, "h", hour_bucket(hour), norm_city))
         else:
-            if t < minutes_from:
+            if t <= minutes_after:
                 return None
             keys.extend(
                 trend_key(dim, "m", minute_bucket(t + i * minute), norm_city)
@@ -540,6 +549,8 @@ class TrendReader:
         what the top lists cut, and what their shares are of."""
         if by not in ("make", "model", "lowconf", "city"):
             raise ValueError(f"by must be make, model, lowconf or city, got {by!r}")
+        if by == "city" and city is not None:
+            raise ValueError("the city dimension has no per-city keys")
         wall_now = datetime.now(UTC)
         now = wall_now if now is None else now
         minute_ttl_s, _ = self.ttls()
@@ -595,7 +606,9 @@ class TrendReader:
         cities = [city for city, _ in every_city[:max_cities]]
         pipe = self._redis.pipeline(transaction=False)
         for city in cities:
-            keys = window_keys(by, window_minutes, now, city, minute_ttl_s, wall_now)
+            keys = window_keys(
+                by, window_minutes, now, city, minute_ttl_s, wall_now, city_is_normalized=True
+            )
             pipe.zunion(keys, withscores=True, aggregate="SUM")
         rows = []
         for city, merged in zip(cities, pipe.execute() if cities else [], strict=True):

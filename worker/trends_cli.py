@@ -28,9 +28,9 @@ from worker.trends import (
     changes,
     compare_bounds,
     keep,
+    kept_after,
     name_matcher,
     normalize_city,
-    oldest_hour_kept,
     rank,
     series_bounds,
     series_names,
@@ -72,9 +72,46 @@ def parse_at(text: str) -> datetime:
     return at.astimezone(UTC)
 
 
-def expired_before(wall_now: datetime, hour_ttl_s: int) -> datetime:
-    """Start of the oldest hour rollup still alive (kept here for callers of the CLI module)."""
-    return oldest_hour_kept(wall_now, hour_ttl_s)
+def _window_complete(first_minute: datetime, wall_now: datetime, hour_ttl_s: int) -> bool:
+    """Whether every count of a window that starts at ``first_minute`` is still kept; warns
+    on stderr when not."""
+    horizon = kept_after(wall_now, hour_ttl_s)
+    if first_minute > horizon:
+        return True
+    print(
+        f"warning: counts from before {horizon:%Y-%m-%d %H:%M} UTC may have expired (the "
+        f"workers keep hour rollups {hour_ttl_s} s = {hour_ttl_s / 86400:g} d, "
+        "CARSTREAM_TREND_HOUR_TTL_S): this window undercounts",
+        file=sys.stderr,
+    )
+    return False
+
+
+def _series_complete(intervals: list[dict], minute_ttl_s: int, hour_ttl_s: int) -> bool:
+    """Whether no interval of a series is a gap; warns on stderr when some are."""
+    gaps = sum(1 for interval in intervals if interval["counts"] is None)
+    if not gaps:
+        return True
+    print(
+        f"warning: {gaps} of {_count(len(intervals), 'interval')} are gaps: their buckets have "
+        f"expired (the workers keep minute buckets {minute_ttl_s / 3600:g} h and hour rollups "
+        f"{hour_ttl_s / 86400:g} d; whole hours and days reach back further than shorter "
+        "intervals)",
+        file=sys.stderr,
+    )
+    return False
+
+
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def _duration(minutes: int) -> str:
+    """15m, 2h, 3d: a window as it would be typed."""
+    for unit, size in (("d", 1440), ("h", 60)):
+        if minutes % size == 0:
+            return f"{minutes // size}{unit}"
+    return f"{minutes}m"
 
 
 def _z(ts: datetime) -> str:
@@ -156,8 +193,11 @@ def name_problem(args: argparse.Namespace) -> str | None:
             return f"{flag} {value!r}: blank (leave {flag} out to count every name)"
         if utf8_problem(value) is not None:
             return f"{flag} {value!r}: not valid UTF-8"
+    if args.make is not None and MODEL_SEPARATOR in args.make:
+        return f"--make {args.make!r}: a make has no '|' (for a model: --model Make|Model)"
     if args.model is not None:
-        if MODEL_SEPARATOR not in args.model:
+        make, _, model = args.model.partition(MODEL_SEPARATOR)
+        if not make.strip() or not model.strip():
             return f"--model {args.model!r}: write it as Make|Model (BMW|X5)"
         if args.by not in ("model", "city"):
             return f"--model counts models: use --by model or --by city, not --by {args.by}"
@@ -223,32 +263,25 @@ def main(args: argparse.Namespace) -> int:
         reader = TrendReader(client, minute_ttl_s, hour_ttl_s)
         if where:
             result = _where(reader, args, minutes, at, match)
-            earliest = at - timedelta(minutes=minutes - 1)
         elif bounds is not None:
             result = _series(reader, args, every, bounds, dim, match)
-            earliest = bounds[0][0]
         elif args.compare:
             result, at = _compare(reader, args, minutes, at, dim, match)
-            earliest = datetime.fromisoformat(result["previous"]["start"])
         else:
             counts = keep(reader.window(minutes, dim, args.city, at), match)
             result = {"total": sum(counts.values()), "top": rank(counts, args.top)}
-            earliest = at - timedelta(minutes=minutes - 1)
     except redis.RedisError as exc:
         print(f"error: Redis at {redacted(settings.redis_url)}: {exc}", file=sys.stderr)
         return 1
     finally:
         client.close()
 
-    horizon = oldest_hour_kept(datetime.now(UTC), hour_ttl_s)
-    complete = earliest.replace(minute=0, second=0, microsecond=0) >= horizon
-    if not complete:
-        print(
-            f"warning: counts before {horizon:%Y-%m-%d %H:%M} UTC have expired (the workers "
-            f"keep hour rollups {hour_ttl_s} s = {hour_ttl_s / 86400:g} d, "
-            "CARSTREAM_TREND_HOUR_TTL_S): this window undercounts",
-            file=sys.stderr,
-        )
+    wall_now = datetime.now(UTC)
+    if bounds is not None:
+        complete = _series_complete(result["intervals"], minute_ttl_s, hour_ttl_s)
+    else:
+        first_minute = at.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
+        complete = _window_complete(first_minute, wall_now, hour_ttl_s)
     head = {"window_minutes": minutes, "by": args.by, "city": args.city, "at": _z(at)}
     head["complete"] = complete
     if args.make is not None or args.model is not None:
@@ -303,15 +336,17 @@ def _compare(
     previous, current = reader.intervals(compare_bounds(minutes, at), dim, args.city)
     if previous.counts is None and minutes % 60 == 0:
         # the edges' minute buckets have expired; whole hours up to the last one are all
-        # rollups, which live far longer: compare those, and say so
+        # rollups, which live far longer: compare those where they are kept, and say so
         hour_end = at.replace(minute=0, second=0, microsecond=0) - timedelta(minutes=1)
-        print(
-            f"note: minute counts this old have expired; comparing the whole hours up to "
-            f"{hour_end + timedelta(minutes=1):%Y-%m-%d %H:%M} UTC instead",
-            file=sys.stderr,
-        )
-        at = hour_end
-        previous, current = reader.intervals(compare_bounds(minutes, at), dim, args.city)
+        shifted = reader.intervals(compare_bounds(minutes, hour_end), dim, args.city)
+        if shifted[0].counts is not None:
+            print(
+                f"note: minute counts this old have expired; comparing the whole hours up to "
+                f"{hour_end + timedelta(minutes=1):%Y-%m-%d %H:%M} UTC instead",
+                file=sys.stderr,
+            )
+            at = hour_end
+            previous, current = shifted
     current_counts = current.counts
     if current_counts is None:  # as the plain top list does: read what is kept, widened
         current_counts = reader.window(minutes, dim, args.city, at)
@@ -351,16 +386,16 @@ def _print_where(args: argparse.Namespace, head: dict, result: dict) -> None:
         return
     name = args.make if args.make is not None else args.model
     print(
-        f"cities posting {name} over the last {args.window} (up to {_minute(head['at'])} UTC): "
-        f"{result['total']} posts in {result['cities']} "
-        + ("city" if result["cities"] == 1 else "cities")
+        f"cities posting {name} over the last {_duration(head['window_minutes'])} (up to "
+        f"{_minute(head['at'])} UTC): {_count(result['total'], 'post')} in "
+        f"{_count(result['cities'], 'city', 'cities')}"
     )
     if not rows:
         print("  (no posts counted)")
     width = max((len(r.city) for r in rows), default=0)
     for place, r in enumerate(rows, 1):
         share = _share(r.count, r.city_total)
-        print(f"{place:>3}. {r.city:<{width}}  {r.count:>6}  {share:>6} of the city's posts")
+        print(f"{place:>3}. {r.city:<{width}}  {r.count:>6}  {share:>6} of its confident posts")
 
 
 def _print_top(args: argparse.Namespace, head: dict, result: dict) -> None:
@@ -371,8 +406,8 @@ def _print_top(args: argparse.Namespace, head: dict, result: dict) -> None:
         return
     scope = _scope(args)
     print(
-        f"top {args.by} over the last {args.window}{scope} (up to {_minute(head['at'])} UTC): "
-        f"{total} posts"
+        f"top {args.by} over the last {_duration(head['window_minutes'])}{scope} (up to "
+        f"{_minute(head['at'])} UTC): {_count(total, 'post')}"
     )
     if not rows:
         print("  (no posts counted)")
@@ -392,10 +427,11 @@ def _print_compare(args: argparse.Namespace, head: dict, result: dict) -> None:
         print(json.dumps(payload, ensure_ascii=False))
         return
     scope = _scope(args)
-    before = "expired" if previous["total"] is None else f"{previous['total']} posts"
+    window = _duration(head["window_minutes"])
+    before = "expired" if previous["total"] is None else _count(previous["total"], "post")
     print(
-        f"top {args.by} over the last {args.window}{scope} (up to {_minute(head['at'])} UTC): "
-        f"{result['total']} posts; the {args.window} before: {before}"
+        f"top {args.by} over the last {window}{scope} (up to {_minute(head['at'])} UTC): "
+        f"{_count(result['total'], 'post')}; the {window} before: {before}"
     )
     if not rows:
         print("  (no posts counted)")
@@ -411,8 +447,12 @@ def _print_series(args: argparse.Namespace, head: dict, result: dict) -> None:
         return
     scope = _scope(args)
     print(
-        f"{args.by} per {args.every}{scope}, {len(intervals)} intervals up to "
-        f"{_minute(head['at'])} UTC (the last in progress), top {len(names)} of them"
+        f"{args.by} per {_duration(result['every_minutes'])}{scope}: "
+        f"{_count(len(intervals), 'interval')} on the clock, the last up to "
+        f"{_minute(head['at'])} UTC; the top {_count(len(names), 'name')} of them"
+        if names
+        else f"{args.by} per {_duration(result['every_minutes'])}{scope}: no posts counted in "
+        f"{_count(len(intervals), 'interval')} up to {_minute(head['at'])} UTC"
     )
     widths = [max(len(name), 6) for name in names]
     header = "  ".join(f"{name:>{w}}" for name, w in zip(names, widths, strict=True))

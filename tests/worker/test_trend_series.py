@@ -26,6 +26,7 @@ from worker.trends import (
     interval_keys,
     keep,
     name_matcher,
+    normalize_city,
     series_bounds,
     series_names,
     trend_key,
@@ -104,6 +105,28 @@ def test_interval_keys_never_widen_an_interval_whose_minutes_expired() -> None:
     )
 
 
+def test_an_hour_rollup_is_a_gap_once_its_start_is_older_than_the_ttl() -> None:
+    # written live at 10:05, the 10:00 rollup expires at 10:05 + TTL, before 11:00 + TTL
+    hour = WALL.replace(minute=0, second=0) - timedelta(seconds=HOUR_TTL)
+    assert interval_keys("make", hour, hour + timedelta(hours=1), None, 60, HOUR_TTL, WALL) is None
+    later = hour + timedelta(hours=1)
+    assert interval_keys("make", later, later + timedelta(hours=1), None, 60, HOUR_TTL, WALL)
+
+
+def test_interval_keys_refuse_bounds_that_are_not_whole_minutes() -> None:
+    start = _t(10, 12) + timedelta(seconds=30)
+    with pytest.raises(ValueError, match="whole minutes"):
+        interval_keys("make", start, start + timedelta(minutes=30), None, MIN_TTL, HOUR_TTL, WALL)
+
+
+def test_a_stored_city_normalises_to_itself() -> None:
+    # cut at 64 characters right after a space: stored with it, the name read back from the
+    # city keys normalised to another key and its posts were not found
+    long = "Municipio de San Cristóbal de las Casas, Chiapas, Estado Unidos Mexicanos"
+    stored = normalize_city(long)
+    assert stored == normalize_city(stored) and not stored.endswith(" ")
+
+
 def test_interval_keys_per_city() -> None:
     keys = interval_keys("model", _t(10, 12), _t(10, 13), " LYON ", MIN_TTL, HOUR_TTL, WALL)
     assert keys == [trend_key("model", "h", "2024031012", "lyon")]
@@ -140,6 +163,11 @@ def test_a_make_filter_keeps_the_make_and_its_models_in_any_case() -> None:
     assert keep(None, name_matcher(make="BMW")) is None  # an expired interval stays a gap
     with pytest.raises(ValueError, match="not both"):
         name_matcher(make="BMW", model="BMW|X5")
+
+
+def test_the_city_dimension_has_no_per_city_window() -> None:
+    with pytest.raises(ValueError, match="no per-city keys"):
+        TrendReader(None, MIN_TTL, HOUR_TTL).window(60, "city", city="paris")
 
 
 # --- the reader and the CLI against a real redis-server ------------------------------------
@@ -229,6 +257,50 @@ def test_cities_of_a_make_rank_cities_by_its_posts_with_their_share(r: redis.Red
     assert [(c.city, c.count) for c in models] == [("münchen", 3), ("paris", 1)]
 
 
+@pytest.mark.integration
+def test_cities_of_finds_a_city_cut_at_a_space(r: redis.Redis) -> None:
+    city = "Municipio de San Cristóbal de las Casas, Chiapas, Estado Unidos Mexicanos"
+    now = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=1)
+    _write(r, [(now, "BMW", city)] * 3 + [(now, "Audi", city)])
+    rows, _ = TrendReader(r).cities_of(60, name_matcher(make="BMW"), now=now)
+    assert [(c.city, c.count, c.city_total) for c in rows] == [(normalize_city(city), 3, 4)]
+
+
+@pytest.mark.integration
+def test_cli_compare_keeps_its_window_when_the_previous_one_is_gone(r: redis.Redis) -> None:
+    url = r.connection_pool.connection_kwargs
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    _write(
+        r, [(now - timedelta(minutes=5), "BMW", None), (now - timedelta(minutes=30), "Audi", None)]
+    )
+    redis_url = f"redis://{url['host']}:{url['port']}/{url['db']}"
+    out = _trends("--redis-url", redis_url, "--window", "16d", "--compare", "--json")
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)
+    # the 16 days before reach past the 30-day hour rollups: no shift to whole hours helps,
+    # so the current window stays whole and only the previous one reads as expired
+    assert payload["total"] == 2 and payload["previous"]["total"] is None
+    assert payload["complete"] is True and "note:" not in out.stderr
+    assert {row["name"]: row["previous"] for row in payload["top"]} == {"BMW": None, "Audi": None}
+
+
+@pytest.mark.integration
+def test_cli_series_with_gaps_says_so_and_is_not_complete(r: redis.Redis) -> None:
+    url = r.connection_pool.connection_kwargs
+    redis_url = f"redis://{url['host']}:{url['port']}/{url['db']}"
+    _write(r, [(datetime.now(UTC) - timedelta(minutes=1), "BMW", None)])
+    out = _trends("--redis-url", redis_url, "--window", "3d", "--every", "1h", "--json")
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)
+    assert payload["complete"] is True  # whole hours reach back 30 days
+    out = _trends("--redis-url", redis_url, "--window", "3d", "--every", "15m", "--json")
+    payload = json.loads(out.stdout)
+    gaps = [i for i in payload["intervals"] if i["counts"] is None]
+    assert payload["complete"] is False and gaps and gaps[0] == payload["intervals"][0]
+    assert f"{len(gaps)} of 288 intervals are gaps" in out.stderr
+    assert sum(i["total"] or 0 for i in payload["intervals"]) == 1
+
+
 def _trends(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "worker", "trends", *args],
@@ -312,7 +384,7 @@ def test_cli_by_city_of_a_make_and_models_of_a_make(series_url) -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].endswith(": 4 posts in 1 city")  # the fifth BMW post has no city
-    assert lines[1].split() == ["1.", "paris", "4", "100.0%", "of", "the", "city's", "posts"]
+    assert lines[1].split() == ["1.", "paris", "4", "100.0%", "of", "its", "confident", "posts"]
     models = _trends(
         "--redis-url", url, "--window", "2h", "--at", at, "--by", "model", "--make", "BMW", "--json"
     )
@@ -340,6 +412,8 @@ def test_cli_by_city_of_a_make_and_models_of_a_make(series_url) -> None:
     [
         (["--make", "  "], "--make '  ': blank"),
         (["--model", "X5"], "write it as Make|Model"),
+        (["--model", "|", "--by", "model"], "write it as Make|Model"),
+        (["--make", "BMW|X5"], "a make has no '|'"),
         (["--model", "BMW|X5"], "use --by model or --by city, not --by make"),
         (["--by", "city", "--make", "BMW", "--compare"], "not with --every or --compare"),
         (["--make", "BMW", "--model", "BMW|X5"], "not allowed with"),
