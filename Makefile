@@ -5,11 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 PYTEST_ARGS ?=
-# pytest-xdist processes: 0 runs the suite in one process (the default, and what CI runs).
-# PYTEST_WORKERS=2 took 709-811 s of tests instead of 1141-1244 s on the 2-vCPU machine, but one
-# of three such runs failed tests/worker/test_supervisor.py::test_a_silent_child_reads_as_no_answer
-# (a SIGSTOPped stand-in child that did not exit on SIGTERM under the load), so it stays opt-in.
-PYTEST_WORKERS ?= 0
+# pytest-xdist processes (0: the suite in one process). Two is the default and what CI runs:
+# on the 2-vCPU machine a fresh-clone CI took 16m18s with -n 2 (875 s of tests) against 23-25 min
+# serially (1,141-1,350 s). Stop 26's xdist flake (test_a_silent_child_reads_as_no_answer) was
+# a SIGTERM-handler deadlock, fixed in 0be7909 (worker/stop_signals.py), not a test-order issue.
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup system-deps test-tools test test-unit test-integration lint format demo bench stack-up stack-down clean
 
