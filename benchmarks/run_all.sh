@@ -7,6 +7,7 @@ PY=${PY:-.venv/bin/python}
 "$PY" benchmarks/train_throughput.py
 "$PY" benchmarks/decode_throughput.py
 "$PY" benchmarks/e2e_throughput.py
+"$PY" benchmarks/trends_read.py
 # defaults against their neighbours, and the peer, with CPU time per post by thread
 "$PY" benchmarks/worker_ab.py --reps 3 --config default: \
   --config decode-1:CARSTREAM_DECODE_THREADS=1 --config batch-16:CARSTREAM_MAX_BATCH=16 \

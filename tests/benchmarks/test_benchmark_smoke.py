@@ -319,3 +319,16 @@ def test_benchmark_workers_keep_the_inherited_pythonpath_behind_their_checkout(m
     monkeypatch.setenv("PYTHONPATH", f"/tmp/site:{REPO}")
     assert e2e.pythonpath().split(":") == [str(REPO), "/tmp/site"]
     assert e2e.pythonpath(Path("/tmp/other")).split(":") == ["/tmp/other", "/tmp/site"]
+
+
+def test_trends_read_runs(tmp_path):
+    result = run_benchmark(
+        "trends_read.py",
+        tmp_path,
+        *("--days", "1", "--minute-hours", "1", "--cities", "3", "--reps", "2"),
+    )
+    population = result["population"]
+    assert population["keys"] > 0 and population["posts"] > 0
+    queries = [r["query"] for r in result["rows"]]
+    assert "trends --window 30d --every 1d" in queries and len(queries) == len(set(queries))
+    assert all(0 < r["median_ms"] <= r["p95_ms"] for r in result["rows"])
