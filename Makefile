@@ -16,9 +16,10 @@ PYTEST_WORKERS ?= 2
 setup: $(VENV)/.installed system-deps
 
 system-deps:
-	@bash deploy/local/install-system-deps.sh
+	@PYTHON=$(PYTHON) bash deploy/local/install-system-deps.sh
 
-$(VENV)/.installed: pyproject.toml
+# system packages first: a fresh Debian may lack python3-venv, which creating the venv needs
+$(VENV)/.installed: pyproject.toml | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch/torchvision pinned exactly; installed first so nothing else pulls another build

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import typing
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -196,6 +197,19 @@ def check_redis_options(settings: WorkerSettings) -> None:
     redis_client(settings).close()
 
 
+def cpu_backend_for(backend: str, dev: Path = Path("/dev")) -> str | None:
+    """The CPU backend a setting names or, for ``auto``, will pick here; None for a GPU one.
+
+    The supervisor opens no engine, so for ``auto`` it looks for an NVIDIA device node
+    instead: without one, auto falls through TensorRT and torch-cuda to ONNX Runtime.
+    """
+    if backend in ("onnxruntime", "torch-cpu"):
+        return backend
+    if backend == "auto" and not any(dev.glob("nvidia[0-9]*")):
+        return "onnxruntime (auto: no NVIDIA device)"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
@@ -277,12 +291,13 @@ def _supervise(settings: WorkerSettings, args: argparse.Namespace, stop: threadi
         except BundleError as exc:
             print(f"python -m worker run: error: {exc}", file=sys.stderr)
             return 2
-        if settings.backend in ("onnxruntime", "torch-cpu"):
+        cpu_backend = cpu_backend_for(settings.backend)
+        if cpu_backend is not None:
             log.warning(
                 "processes %d with the %s backend: the processes share this machine's "
                 "cores; on a CPU, engine_instances in one process is the better fit",
                 settings.processes,
-                settings.backend,
+                cpu_backend,
             )
         return supervisor.supervise(settings, vars(args), os.environ, stop, server)
     finally:
