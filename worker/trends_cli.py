@@ -7,6 +7,7 @@ overrides); reads through `TrendReader`, so what it prints is what dashboards ge
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import re
@@ -102,6 +103,29 @@ def _series_complete(intervals: list[dict], minute_ttl_s: int, hour_ttl_s: int) 
     return False
 
 
+_FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """A value as a CSV cell a spreadsheet shows and never runs.
+
+    Names come from posts (cities) and labels: a city posted as ``=HYPERLINK(...)`` would run as
+    a formula in the analyst's spreadsheet, so text cells that start like one get a leading
+    ``'`` (OWASP's advice for CSV injection). Numbers are written as they are.
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_LEADS):
+        return "'" + value
+    return value
+
+
+def _csv(row: list) -> None:
+    csv.writer(sys.stdout, lineterminator="\n").writerow([csv_cell(v) for v in row])
+
+
+def _blank(value: int | None) -> object:
+    return "" if value is None else value
+
+
 def _count(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
@@ -177,7 +201,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="each name's count in the window before, of the same length, and the change",
     )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    out.add_argument(
+        "--csv",
+        action="store_true",
+        help="print CSV with a header row, for spreadsheets (cells that a spreadsheet would "
+        "run as a formula are quoted with a leading ')",
+    )
     parser.add_argument(
         "--redis-url", default=None, help="Redis URL (default: the worker's CARSTREAM_REDIS_URL)"
     )
@@ -384,6 +415,11 @@ def _print_where(args: argparse.Namespace, head: dict, result: dict) -> None:
         payload = {**head, "total": result["total"], "cities": result["cities"], "top": top}
         print(json.dumps(payload, ensure_ascii=False))
         return
+    if args.csv:
+        _csv(["rank", "city", "count", "city_total"])
+        for place, r in enumerate(rows, 1):
+            _csv([place, r.city, r.count, r.city_total])
+        return
     name = args.make if args.make is not None else args.model
     print(
         f"cities posting {name} over the last {_duration(head['window_minutes'])} (up to "
@@ -403,6 +439,11 @@ def _print_top(args: argparse.Namespace, head: dict, result: dict) -> None:
     if args.json:
         top = [{"name": name, "count": count} for name, count in rows]
         print(json.dumps({**head, "total": total, "top": top}, ensure_ascii=False))
+        return
+    if args.csv:
+        _csv(["rank", "name", "count", "share"])
+        for place, (name, count) in enumerate(rows, 1):
+            _csv([place, name, count, round(count / total, 6) if total else ""])
         return
     scope = _scope(args)
     print(
@@ -426,6 +467,11 @@ def _print_compare(args: argparse.Namespace, head: dict, result: dict) -> None:
         payload = {**head, "total": result["total"], "previous": previous, "top": top}
         print(json.dumps(payload, ensure_ascii=False))
         return
+    if args.csv:
+        _csv(["rank", "name", "count", "previous", "change"])
+        for place, r in enumerate(rows, 1):
+            _csv([place, r.name, r.count, _blank(r.previous), _blank(r.change)])
+        return
     scope = _scope(args)
     window = _duration(head["window_minutes"])
     before = "expired" if previous["total"] is None else _count(previous["total"], "post")
@@ -444,6 +490,12 @@ def _print_series(args: argparse.Namespace, head: dict, result: dict) -> None:
     names, intervals = result["names"], result["intervals"]
     if args.json:
         print(json.dumps({**head, **result}, ensure_ascii=False))
+        return
+    if args.csv:
+        _csv(["start", "end", "total", *names])
+        for i in intervals:
+            counts = [_blank(None if i["counts"] is None else i["counts"][n]) for n in names]
+            _csv([i["start"], i["end"], _blank(i["total"]), *counts])
         return
     scope = _scope(args)
     print(

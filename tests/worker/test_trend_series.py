@@ -428,3 +428,46 @@ def test_cli_bad_series_values_exit_2_with_one_line(args: list[str], needle: str
     assert out.returncode == 2
     assert needle in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "cell"),
+    [
+        ('=HYPERLINK("http://x")', '\'=HYPERLINK("http://x")'),
+        ("+1", "'+1"),
+        ("-cmd", "'-cmd"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tx", "'\tx"),
+        ("paris", "paris"),
+        (-3, -3),  # a number is a number
+        ("", ""),
+    ],
+)
+def test_csv_cells_never_run_as_formulas(value, cell) -> None:
+    from worker.trends_cli import csv_cell
+
+    assert csv_cell(value) == cell
+
+
+@pytest.mark.integration
+def test_cli_csv_series_and_a_hostile_city(series_url) -> None:
+    import csv
+    import io
+
+    url, now = series_url
+    at = now.isoformat().replace("+00:00", "Z")
+    out = _trends("--redis-url", url, "--window", "2h", "--every", "1h", "--at", at, "--csv")
+    assert out.returncode == 0, out.stderr
+    rows = list(csv.reader(io.StringIO(out.stdout)))
+    header = rows[0]
+    assert header[:3] == ["start", "end", "total"] and {"BMW", "Tesla"} <= set(header[3:])
+    assert len(rows) == 3  # the hour before, and now's hour so far
+    now_hour = dict(zip(header, rows[2], strict=True))
+    assert now_hour["total"] == "4" and now_hour["Tesla"] == "3" and now_hour["BMW"] == "1"
+    client = redis.Redis.from_url(url)
+    hostile = TrendRecord("t", 1, 0, now, "BMW", "X", '=HYPERLINK("http://evil")', False)
+    TrendWriter(client, "series", MIN_TTL, HOUR_TTL).apply([hostile])  # partition 1: a new offset
+    client.close()
+    out = _trends("--redis-url", url, "--window", "1h", "--at", at, "--by", "city", "--csv")
+    cities = [r[1] for r in csv.reader(io.StringIO(out.stdout))][1:]
+    assert '\'=hyperlink("http://evil")' in cities and "lyon" in cities
