@@ -96,6 +96,15 @@ def hour_bucket(ts: datetime) -> str:
     return _utc(ts).strftime("%Y%m%d%H")
 
 
+_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+# C0 and C1 controls other than whitespace (which the split below collapses), and bidi controls
+_INVISIBLE = dict.fromkeys(
+    [c for c in range(0x20) if chr(c) not in "\t\n\v\f\r\x1c\x1d\x1e\x1f"]
+    + [0x7F, *range(0x80, 0xA0)]
+    + [ord(c) for c in _BIDI_CONTROLS]
+)
+
+
 def normalize_city(city: str | None) -> str | None:
     """The city as it appears in keys: NFKC, trimmed, inner spaces collapsed, casefolded, capped.
 
@@ -103,6 +112,10 @@ def normalize_city(city: str | None) -> str | None:
     """
     if city is None:
         return None
+    # control characters (a terminal's escape sequences) and bidirectional overrides, which
+    # can make one name display as another, are no part of a city's name: a hostile post's
+    # city would otherwise reach an analyst's terminal or spreadsheet as it was sent
+    city = city.translate(_INVISIBLE)
     norm = " ".join(unicodedata.normalize("NFKC", city).split()).casefold()
     # casefold turns the Turkish dotted capital İ into i + U+0307 (combining dot above), so
     # "İstanbul" and "Istanbul" would be two cities; the dot carries no meaning on a lower i

@@ -126,6 +126,14 @@ def _blank(value: int | None) -> object:
     return "" if value is None else value
 
 
+def shown(name: str) -> str:
+    """A name as a table prints it: what the terminal would act on (an escape sequence in a
+    city written before cities dropped control characters) is shown as its escape instead."""
+    if name.isprintable():
+        return name
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in name)
+
+
 def _count(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
@@ -144,7 +152,8 @@ def _z(ts: datetime) -> str:
 
 def _scope(args: argparse.Namespace) -> str:
     name = args.make if args.make is not None else args.model
-    return (f" for {name}" if name is not None else "") + (f" in {args.city}" if args.city else "")
+    city = f" in {shown(args.city)}" if args.city else ""
+    return (f" for {shown(name)}" if name is not None else "") + city
 
 
 def _minute(stamp: str) -> str:
@@ -422,16 +431,17 @@ def _print_where(args: argparse.Namespace, head: dict, result: dict) -> None:
         return
     name = args.make if args.make is not None else args.model
     print(
-        f"cities posting {name} over the last {_duration(head['window_minutes'])} (up to "
+        f"cities posting {shown(name)} over the last {_duration(head['window_minutes'])} (up to "
         f"{_minute(head['at'])} UTC): {_count(result['total'], 'post')} in "
         f"{_count(result['cities'], 'city', 'cities')}"
     )
     if not rows:
         print("  (no posts counted)")
-    width = max((len(r.city) for r in rows), default=0)
+    width = max((len(shown(r.city)) for r in rows), default=0)
     for place, r in enumerate(rows, 1):
         share = _share(r.count, r.city_total)
-        print(f"{place:>3}. {r.city:<{width}}  {r.count:>6}  {share:>6} of its confident posts")
+        city = shown(r.city)
+        print(f"{place:>3}. {city:<{width}}  {r.count:>6}  {share:>6} of its confident posts")
 
 
 def _print_top(args: argparse.Namespace, head: dict, result: dict) -> None:
@@ -452,9 +462,9 @@ def _print_top(args: argparse.Namespace, head: dict, result: dict) -> None:
     )
     if not rows:
         print("  (no posts counted)")
-    width = max((len(name) for name, _ in rows), default=0)
+    width = max((len(shown(name)) for name, _ in rows), default=0)
     for place, (name, count) in enumerate(rows, 1):
-        print(f"{place:>3}. {name:<{width}}  {count:>6}  {_share(count, total):>6}")
+        print(f"{place:>3}. {shown(name):<{width}}  {count:>6}  {_share(count, total):>6}")
 
 
 def _print_compare(args: argparse.Namespace, head: dict, result: dict) -> None:
@@ -481,9 +491,9 @@ def _print_compare(args: argparse.Namespace, head: dict, result: dict) -> None:
     )
     if not rows:
         print("  (no posts counted)")
-    width = max((len(r.name) for r in rows), default=0)
+    width = max((len(shown(r.name)) for r in rows), default=0)
     for place, r in enumerate(rows, 1):
-        print(f"{place:>3}. {r.name:<{width}}  {r.count:>6}  {_change(r)}")
+        print(f"{place:>3}. {shown(r.name):<{width}}  {r.count:>6}  {_change(r)}")
 
 
 def _print_series(args: argparse.Namespace, head: dict, result: dict) -> None:
@@ -506,8 +516,8 @@ def _print_series(args: argparse.Namespace, head: dict, result: dict) -> None:
         else f"{args.by} per {_duration(result['every_minutes'])}{scope}: no posts counted in "
         f"{_count(len(intervals), 'interval')} up to {_minute(head['at'])} UTC"
     )
-    widths = [max(len(name), 6) for name in names]
-    header = "  ".join(f"{name:>{w}}" for name, w in zip(names, widths, strict=True))
+    widths = [max(len(shown(name)), 6) for name in names]
+    header = "  ".join(f"{shown(name):>{w}}" for name, w in zip(names, widths, strict=True))
     print(f"{'start (UTC)':<16}  {'total':>6}  {header}".rstrip())
     for interval in intervals:
         start = _minute(interval["start"])

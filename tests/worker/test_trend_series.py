@@ -471,3 +471,34 @@ def test_cli_csv_series_and_a_hostile_city(series_url) -> None:
     out = _trends("--redis-url", url, "--window", "1h", "--at", at, "--by", "city", "--csv")
     cities = [r[1] for r in csv.reader(io.StringIO(out.stdout))][1:]
     assert '\'=hyperlink("http://evil")' in cities and "lyon" in cities
+
+
+def test_a_city_drops_control_characters_and_bidi_overrides() -> None:
+    assert normalize_city("\x1b[2J\x1b[31mParis\x07") == "[2j[31mparis"
+    assert normalize_city("Par\u202eis") == "paris"  # would display as "Parsi"
+    assert normalize_city("\x85 Lyon\x1c") == "lyon"
+    assert normalize_city("\x1b\x00") is None
+    assert normalize_city("Tehr\u200can") == "tehr\u200can"  # a joiner is part of a spelling
+
+
+def test_tables_show_what_a_terminal_would_act_on_as_escapes() -> None:
+    from worker.trends_cli import shown
+
+    assert shown("são paulo") == "são paulo"
+    assert shown("a\x1b[2Jb") == "a\\x1b[2Jb"
+
+
+@pytest.mark.integration
+def test_a_hostile_city_never_reaches_the_terminal_raw(series_url) -> None:
+    url, now = series_url
+    client = redis.Redis.from_url(url)
+    city = "\x1b]0;pwned\x07\x1b[2JLyon\u202e"
+    TrendWriter(client, "series", MIN_TTL, HOUR_TTL).apply(
+        [TrendRecord("t", 2, 0, now, "BMW", "X", city, False)]
+    )
+    client.close()
+    at = now.isoformat().replace("+00:00", "Z")
+    out = _trends("--redis-url", url, "--window", "1h", "--at", at, "--by", "city")
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\u202e" not in out.stdout and "\x07" not in out.stdout
+    assert "2. ]0;pwned[2jlyon" in out.stdout or "1. ]0;pwned[2jlyon" in out.stdout
