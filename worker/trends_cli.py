@@ -7,8 +7,6 @@ overrides); reads through `TrendReader`, so what it prints is what dashboards ge
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import re
 import sys
@@ -22,7 +20,6 @@ from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT, in_event_time_r
 from worker.trends import (
     MAX_BREAKDOWN_CITIES,
     MODEL_SEPARATOR,
-    Change,
     Dimension,
     Interval,
     TrendReader,
@@ -35,6 +32,14 @@ from worker.trends import (
     rank,
     series_bounds,
     series_names,
+)
+from worker.trends_format import (
+    count_of,
+    print_compare,
+    print_series,
+    print_top,
+    print_where,
+    utc_z,
 )
 
 logger = logging.getLogger(__name__)
@@ -94,83 +99,13 @@ def _series_complete(intervals: list[dict], minute_ttl_s: int, hour_ttl_s: int) 
     if not gaps:
         return True
     print(
-        f"warning: {gaps} of {_count(len(intervals), 'interval')} are gaps: their buckets have "
+        f"warning: {gaps} of {count_of(len(intervals), 'interval')} are gaps: their buckets have "
         f"expired (the workers keep minute buckets {minute_ttl_s / 3600:g} h and hour rollups "
         f"{hour_ttl_s / 86400:g} d; whole hours and days reach back further than shorter "
         "intervals)",
         file=sys.stderr,
     )
     return False
-
-
-_FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_cell(value: object) -> object:
-    """A value as a CSV cell a spreadsheet shows and never runs.
-
-    Names come from posts (cities) and labels: a city posted as ``=HYPERLINK(...)`` would run as
-    a formula in the analyst's spreadsheet, so text cells that start like one get a leading
-    ``'`` (OWASP's advice for CSV injection). Numbers are written as they are.
-    """
-    if isinstance(value, str) and value.startswith(_FORMULA_LEADS):
-        return "'" + value
-    return value
-
-
-def _csv(row: list) -> None:
-    csv.writer(sys.stdout, lineterminator="\n").writerow([csv_cell(v) for v in row])
-
-
-def _blank(value: int | None) -> object:
-    return "" if value is None else value
-
-
-def shown(name: str) -> str:
-    """A name as a table prints it: what the terminal would act on (an escape sequence in a
-    city written before cities dropped control characters) is shown as its escape instead."""
-    if name.isprintable():
-        return name
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in name)
-
-
-def _count(n: int, noun: str, plural: str | None = None) -> str:
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
-
-
-def _duration(minutes: int) -> str:
-    """15m, 2h, 3d: a window as it would be typed."""
-    for unit, size in (("d", 1440), ("h", 60)):
-        if minutes % size == 0:
-            return f"{minutes // size}{unit}"
-    return f"{minutes}m"
-
-
-def _z(ts: datetime) -> str:
-    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _scope(args: argparse.Namespace) -> str:
-    name = args.make if args.make is not None else args.model
-    city = f" in {shown(args.city)}" if args.city else ""
-    return (f" for {shown(name)}" if name is not None else "") + city
-
-
-def _minute(stamp: str) -> str:
-    return stamp[:16].replace("T", " ")
-
-
-def _share(count: int, total: int) -> str:
-    return f"{100 * count / total:.1f}%" if total else "-"
-
-
-def _change(change: Change) -> str:
-    if change.previous is None:
-        return "(previous: expired)"
-    if change.previous == 0:
-        return f"(previous 0, +{change.count}, new)"
-    pct = 100 * (change.count - change.previous) / change.previous
-    return f"(previous {change.previous}, {change.change:+d}, {pct:+.1f}%)"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -322,18 +257,18 @@ def main(args: argparse.Namespace) -> int:
     else:
         first_minute = at.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
         complete = _window_complete(first_minute, wall_now, hour_ttl_s)
-    head = {"window_minutes": minutes, "by": args.by, "city": args.city, "at": _z(at)}
+    head = {"window_minutes": minutes, "by": args.by, "city": args.city, "at": utc_z(at)}
     head["complete"] = complete
     if args.make is not None or args.model is not None:
         head["make"], head["model"] = args.make, args.model
     if where:
-        _print_where(args, head, result)
+        print_where(args, head, result)
     elif bounds is not None:
-        _print_series(args, head, result)
+        print_series(args, head, result)
     elif args.compare:
-        _print_compare(args, head, result)
+        print_compare(args, head, result)
     else:
-        _print_top(args, head, result)
+        print_top(args, head, result)
     return 0
 
 
@@ -355,8 +290,8 @@ def _series(
         "names": names,
         "intervals": [
             {
-                "start": _z(i.start),
-                "end": _z(i.end),
+                "start": utc_z(i.start),
+                "end": utc_z(i.end),
                 "total": i.total,
                 "counts": None if i.counts is None else {n: i.counts.get(n, 0) for n in names},
             }
@@ -395,7 +330,11 @@ def _compare(
     rows = changes(previous, current, args.top)
     return {
         "total": current.total,
-        "previous": {"start": _z(previous.start), "end": _z(previous.end), "total": previous.total},
+        "previous": {
+            "start": utc_z(previous.start),
+            "end": utc_z(previous.end),
+            "total": previous.total,
+        },
         "top": rows,
     }, at
 
@@ -415,119 +354,6 @@ def _where(
             file=sys.stderr,
         )
     return {"total": sum(r.count for r in rows), "cities": len(rows), "top": rows[: args.top]}
-
-
-def _print_where(args: argparse.Namespace, head: dict, result: dict) -> None:
-    rows = result["top"]
-    if args.json:
-        top = [{"name": r.city, "count": r.count, "city_total": r.city_total} for r in rows]
-        payload = {**head, "total": result["total"], "cities": result["cities"], "top": top}
-        print(json.dumps(payload, ensure_ascii=False))
-        return
-    if args.csv:
-        _csv(["rank", "city", "count", "city_total"])
-        for place, r in enumerate(rows, 1):
-            _csv([place, r.city, r.count, r.city_total])
-        return
-    name = args.make if args.make is not None else args.model
-    print(
-        f"cities posting {shown(name)} over the last {_duration(head['window_minutes'])} (up to "
-        f"{_minute(head['at'])} UTC): {_count(result['total'], 'post')} in "
-        f"{_count(result['cities'], 'city', 'cities')}"
-    )
-    if not rows:
-        print("  (no posts counted)")
-    width = max((len(shown(r.city)) for r in rows), default=0)
-    for place, r in enumerate(rows, 1):
-        share = _share(r.count, r.city_total)
-        city = shown(r.city)
-        print(f"{place:>3}. {city:<{width}}  {r.count:>6}  {share:>6} of its confident posts")
-
-
-def _print_top(args: argparse.Namespace, head: dict, result: dict) -> None:
-    rows, total = result["top"], result["total"]
-    if args.json:
-        top = [{"name": name, "count": count} for name, count in rows]
-        print(json.dumps({**head, "total": total, "top": top}, ensure_ascii=False))
-        return
-    if args.csv:
-        _csv(["rank", "name", "count", "share"])
-        for place, (name, count) in enumerate(rows, 1):
-            _csv([place, name, count, round(count / total, 6) if total else ""])
-        return
-    scope = _scope(args)
-    print(
-        f"top {args.by} over the last {_duration(head['window_minutes'])}{scope} (up to "
-        f"{_minute(head['at'])} UTC): {_count(total, 'post')}"
-    )
-    if not rows:
-        print("  (no posts counted)")
-    width = max((len(shown(name)) for name, _ in rows), default=0)
-    for place, (name, count) in enumerate(rows, 1):
-        print(f"{place:>3}. {shown(name):<{width}}  {count:>6}  {_share(count, total):>6}")
-
-
-def _print_compare(args: argparse.Namespace, head: dict, result: dict) -> None:
-    rows, previous = result["top"], result["previous"]
-    if args.json:
-        top = [
-            {"name": r.name, "count": r.count, "previous": r.previous, "change": r.change}
-            for r in rows
-        ]
-        payload = {**head, "total": result["total"], "previous": previous, "top": top}
-        print(json.dumps(payload, ensure_ascii=False))
-        return
-    if args.csv:
-        _csv(["rank", "name", "count", "previous", "change"])
-        for place, r in enumerate(rows, 1):
-            _csv([place, r.name, r.count, _blank(r.previous), _blank(r.change)])
-        return
-    scope = _scope(args)
-    window = _duration(head["window_minutes"])
-    before = "expired" if previous["total"] is None else _count(previous["total"], "post")
-    print(
-        f"top {args.by} over the last {window}{scope} (up to {_minute(head['at'])} UTC): "
-        f"{_count(result['total'], 'post')}; the {window} before: {before}"
-    )
-    if not rows:
-        print("  (no posts counted)")
-    width = max((len(shown(r.name)) for r in rows), default=0)
-    for place, r in enumerate(rows, 1):
-        print(f"{place:>3}. {shown(r.name):<{width}}  {r.count:>6}  {_change(r)}")
-
-
-def _print_series(args: argparse.Namespace, head: dict, result: dict) -> None:
-    names, intervals = result["names"], result["intervals"]
-    if args.json:
-        print(json.dumps({**head, **result}, ensure_ascii=False))
-        return
-    if args.csv:
-        _csv(["start", "end", "total", *names])
-        for i in intervals:
-            counts = [_blank(None if i["counts"] is None else i["counts"][n]) for n in names]
-            _csv([i["start"], i["end"], _blank(i["total"]), *counts])
-        return
-    scope = _scope(args)
-    print(
-        f"{args.by} per {_duration(result['every_minutes'])}{scope}: "
-        f"{_count(len(intervals), 'interval')} on the clock, the last up to "
-        f"{_minute(head['at'])} UTC; the top {_count(len(names), 'name')} of them"
-        if names
-        else f"{args.by} per {_duration(result['every_minutes'])}{scope}: no posts counted in "
-        f"{_count(len(intervals), 'interval')} up to {_minute(head['at'])} UTC"
-    )
-    widths = [max(len(shown(name)), 6) for name in names]
-    header = "  ".join(f"{shown(name):>{w}}" for name, w in zip(names, widths, strict=True))
-    print(f"{'start (UTC)':<16}  {'total':>6}  {header}".rstrip())
-    for interval in intervals:
-        start = _minute(interval["start"])
-        if interval["counts"] is None:
-            print(f"{start:<16}  {'expired':>6}")
-            continue
-        cells = "  ".join(
-            f"{interval['counts'][name]:>{w}}" for name, w in zip(names, widths, strict=True)
-        )
-        print(f"{start:<16}  {interval['total']:>6}  {cells}".rstrip())
 
 
 if __name__ == "__main__":

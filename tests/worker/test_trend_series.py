@@ -31,6 +31,7 @@ from worker.trends import (
     series_names,
     trend_key,
 )
+from worker.trends_format import csv_cell, shown
 
 MIN_TTL = 48 * 3600
 HOUR_TTL = 30 * 24 * 3600
@@ -444,8 +445,6 @@ def test_cli_bad_series_values_exit_2_with_one_line(args: list[str], needle: str
     ],
 )
 def test_csv_cells_never_run_as_formulas(value, cell) -> None:
-    from worker.trends_cli import csv_cell
-
     assert csv_cell(value) == cell
 
 
@@ -482,8 +481,6 @@ def test_a_city_drops_control_characters_and_bidi_overrides() -> None:
 
 
 def test_tables_show_what_a_terminal_would_act_on_as_escapes() -> None:
-    from worker.trends_cli import shown
-
     assert shown("são paulo") == "são paulo"
     assert shown("a\x1b[2Jb") == "a\\x1b[2Jb"
 
