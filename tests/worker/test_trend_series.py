@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
@@ -16,6 +15,7 @@ from itertools import pairwise
 import pytest
 import redis
 
+from tests.support import worker_cli
 from worker.trends import (
     Interval,
     TrendReader,
@@ -303,12 +303,7 @@ def test_cli_series_with_gaps_says_so_and_is_not_complete(r: redis.Redis) -> Non
 
 
 def _trends(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", "trends", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return worker_cli("trends", *args, timeout=60)
 
 
 @pytest.fixture()

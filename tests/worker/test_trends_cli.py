@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
 
+from tests.support import worker_cli
 from worker.trends import TrendRecord, TrendWriter, kept_after
 from worker.trends_cli import parse_window, redacted
 
@@ -37,12 +37,7 @@ def test_redacted_keeps_the_form_of_a_unix_socket_url() -> None:
 
 
 def _trends(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", "trends", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return worker_cli("trends", *args, timeout=60)
 
 
 @pytest.fixture()
