@@ -469,12 +469,27 @@ def series_names(intervals: Sequence[Interval], top: int) -> list[str]:
     return [name for name, _ in rank(summed, top)]
 
 
-def changes(previous: Interval, current: Interval, top: int) -> list[Change]:
-    """The current window's ``top`` members, each with its count in the previous window."""
-    return [
-        Change(name, count, None if previous.counts is None else previous.counts.get(name, 0))
-        for name, count in rank(current.counts or {}, top)
-    ]
+def changes(
+    previous: Interval, current: Interval, top: int, by: Literal["count", "rise"] = "count"
+) -> list[Change]:
+    """Members with their counts in the current and the previous window.
+
+    ``by="count"``: the current window's ``top`` members. ``by="rise"``: the ``top`` members
+    that gained the most posts, over every member of either window (a name that vanished has a
+    count of 0); it needs the previous window's counts.
+    """
+    if by == "count":
+        return [
+            Change(name, count, None if previous.counts is None else previous.counts.get(name, 0))
+            for name, count in rank(current.counts or {}, top)
+        ]
+    if by != "rise":
+        raise ValueError(f"by must be 'count' or 'rise', got {by!r}")
+    if previous.counts is None:
+        raise ValueError("ranking by rise needs the previous window, whose buckets have expired")
+    now, before = current.counts or {}, previous.counts
+    rise = {name: now.get(name, 0) - before.get(name, 0) for name in {*now, *before}}
+    return [Change(name, now.get(name, 0), before.get(name, 0)) for name, _ in rank(rise, top)]
 
 
 def name_matcher(make: str | None = None, model: str | None = None) -> Callable[[str], bool]:

@@ -145,6 +145,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="each name's count in the window before, of the same length, and the change",
     )
+    parser.add_argument(
+        "--rank",
+        choices=("count", "rise"),
+        default="count",
+        help="with --compare: rank by posts in the window, or by posts gained on the window "
+        "before (the risers first, the fallers last)",
+    )
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON instead of a table")
     out.add_argument(
@@ -176,6 +183,8 @@ def name_problem(args: argparse.Namespace) -> str | None:
             return f"--model {args.model!r}: write it as Make|Model (BMW|X5)"
         if args.by not in ("model", "city"):
             return f"--model counts models: use --by model or --by city, not --by {args.by}"
+    if args.rank != "count" and not args.compare:
+        return f"--rank {args.rank} ranks a comparison: add --compare"
     by_city_of_a_name = args.by == "city" and (args.make or args.model) is not None
     if by_city_of_a_name and (args.every is not None or args.compare):
         return "--by city with --make/--model ranks one window: not with --every or --compare"
@@ -261,6 +270,8 @@ def main(args: argparse.Namespace) -> int:
     head["complete"] = complete
     if args.make is not None or args.model is not None:
         head["make"], head["model"] = args.make, args.model
+    if args.compare:
+        head["rank"] = result.pop("rank")  # count, where rise fell back for want of a window
     if where:
         print_where(args, head, result)
     elif bounds is not None:
@@ -327,8 +338,16 @@ def _compare(
         current_counts = reader.window(minutes, dim, args.city, at)
     current = Interval(current.start, current.end, keep(current_counts, match))
     previous = Interval(previous.start, previous.end, keep(previous.counts, match))
-    rows = changes(previous, current, args.top)
+    rank_by = args.rank
+    if rank_by == "rise" and previous.counts is None:
+        print(
+            "warning: the previous window's counts have expired: ranked by count instead",
+            file=sys.stderr,
+        )
+        rank_by = "count"
+    rows = changes(previous, current, args.top, rank_by)
     return {
+        "rank": rank_by,
         "total": current.total,
         "previous": {
             "start": utc_z(previous.start),

@@ -154,7 +154,8 @@ def print_compare(args: argparse.Namespace, head: dict, result: dict) -> None:
     window = _duration(head["window_minutes"])
     before = "expired" if previous["total"] is None else count_of(previous["total"], "post")
     print(
-        f"top {args.by} over the last {window}{scope} (up to {_minute(head['at'])} UTC): "
+        f"{'rising' if head['rank'] == 'rise' else 'top'} {args.by} over the last {window}{scope} "
+        f"(up to {_minute(head['at'])} UTC): "
         f"{count_of(result['total'], 'post')}; the {window} before: {before}"
     )
     if not rows:

@@ -156,6 +156,20 @@ def test_changes_rank_the_current_window_and_name_what_is_new() -> None:
     assert expired[0].previous is None and expired[0].change is None
 
 
+def test_rising_ranks_by_posts_gained_and_counts_a_vanished_name() -> None:
+    previous = Interval(_t(10, 11), _t(10, 12), {"BMW": 9, "Audi": 1, "Lada": 4})
+    current = Interval(_t(10, 12), _t(10, 13), {"BMW": 10, "Audi": 6, "Tesla": 3})
+    rows = changes(previous, current, 10, "rise")
+    assert [(r.name, r.count, r.previous, r.change) for r in rows] == [
+        ("Audi", 6, 1, 5),
+        ("Tesla", 3, 0, 3),
+        ("BMW", 10, 9, 1),
+        ("Lada", 0, 4, -4),  # gone this window: the biggest faller, last
+    ]
+    with pytest.raises(ValueError, match="expired"):
+        changes(Interval(_t(10, 11), _t(10, 12), None), current, 3, "rise")
+
+
 def test_a_make_filter_keeps_the_make_and_its_models_in_any_case() -> None:
     counts = {"BMW": 3, "BMW|X5": 2, "bmw|M3": 1, "Audi|A4": 4, "BMWX|Q": 9}
     assert keep(counts, name_matcher(make=" bmw")) == {"BMW": 3, "BMW|X5": 2, "bmw|M3": 1}
@@ -341,6 +355,21 @@ def test_cli_compare_gives_each_name_its_previous_count(series_url) -> None:
 
 
 @pytest.mark.integration
+def test_cli_compare_ranked_by_rise(series_url) -> None:
+    url, now = series_url
+    at = now.isoformat().replace("+00:00", "Z")
+    args = ("--redis-url", url, "--window", "1h", "--at", at, "--compare", "--rank", "rise")
+    payload = json.loads(_trends(*args, "--json").stdout)
+    assert payload["rank"] == "rise"
+    assert [(r["name"], r["change"]) for r in payload["top"]] == [
+        ("Tesla", 3),
+        ("Audi", -1),
+        ("BMW", -3),
+    ]
+    assert _trends(*args).stdout.startswith("rising make over the last 1h")
+
+
+@pytest.mark.integration
 def test_cli_series_json_and_table(series_url) -> None:
     url, now = series_url
     at = now.isoformat().replace("+00:00", "Z")
@@ -410,6 +439,7 @@ def test_cli_by_city_of_a_make_and_models_of_a_make(series_url) -> None:
         (["--model", "X5"], "write it as Make|Model"),
         (["--model", "|", "--by", "model"], "write it as Make|Model"),
         (["--make", "BMW|X5"], "a make has no '|'"),
+        (["--rank", "rise"], "add --compare"),
         (["--model", "BMW|X5"], "use --by model or --by city, not --by make"),
         (["--by", "city", "--make", "BMW", "--compare"], "not with --every or --compare"),
         (["--make", "BMW", "--model", "BMW|X5"], "not allowed with"),
