@@ -25,8 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
-from training.cli_help import DefaultsHelpFormatter
+import redis
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from report import cpu_model, write_results  # noqa: E402
 
 from training.cli import positive_int  # noqa: E402
+from training.cli_help import DefaultsHelpFormatter  # noqa: E402
 from worker.stack import RedisServer, free_port  # noqa: E402
 from worker.trends import (  # noqa: E402
     DEFAULT_MINUTE_TTL_S,
@@ -90,7 +90,7 @@ def post_mix(args: argparse.Namespace, rng: np.random.Generator) -> tuple[list, 
     return models, cities, p / p.sum()
 
 
-def fill(client, args: argparse.Namespace, now: dt.datetime) -> dict:
+def fill(client: redis.Redis, args: argparse.Namespace, now: dt.datetime) -> dict:
     """Write every bucket key the rate leaves behind; returns how many keys and posts."""
     rng = np.random.default_rng(args.seed)
     models, cities, p = post_mix(args, rng)
@@ -137,7 +137,7 @@ def fill(client, args: argparse.Namespace, now: dt.datetime) -> dict:
 
 def queries(reader: TrendReader, now: dt.datetime, top_make: str) -> list[tuple[str, Callable]]:
     """(what the CLI runs, the reader call it makes)."""
-    bmw = name_matcher(make=top_make)
+    of_top_make = name_matcher(make=top_make)
     return [
         ("trends --window 60m", lambda: reader.window(60, "make", now=now)),
         ("trends --window 24h --by model", lambda: reader.window(1440, "model", now=now)),
@@ -154,11 +154,11 @@ def queries(reader: TrendReader, now: dt.datetime, top_make: str) -> list[tuple[
         ),
         (
             f"trends --window 60m --by city --make {top_make}",
-            lambda: reader.cities_of(60, bmw, now=now),
+            lambda: reader.cities_of(60, of_top_make, now=now),
         ),
         (
             f"trends --window 24h --by city --make {top_make}",
-            lambda: reader.cities_of(1440, bmw, now=now),
+            lambda: reader.cities_of(1440, of_top_make, now=now),
         ),
     ]
 
@@ -174,8 +174,6 @@ def timed(call: Callable, reps: int) -> list[float]:
 
 
 def main(args: argparse.Namespace) -> int:
-    import redis
-
     with tempfile.TemporaryDirectory(prefix="trends-bench-") as tmp:
         server = RedisServer(Path(tmp), free_port())
         server.start()

@@ -197,8 +197,9 @@ def check_redis_options(settings: WorkerSettings) -> None:
     redis_client(settings).close()
 
 
-def cpu_backend_for(backend: str, dev: Path = Path("/dev")) -> str | None:
-    """The CPU backend a setting names or, for ``auto``, will pick here; None for a GPU one.
+def cpu_backend_label(backend: str, dev: Path = Path("/dev")) -> str | None:
+    """A label for the CPU backend a setting names or, for ``auto``, will pick here (for the
+    warning); None for a GPU backend.
 
     The supervisor opens no engine, so for ``auto`` it looks for an NVIDIA device node
     instead: without one, auto falls through TensorRT and torch-cuda to ONNX Runtime.
@@ -291,7 +292,7 @@ def _supervise(settings: WorkerSettings, args: argparse.Namespace, stop: threadi
         except BundleError as exc:
             print(f"python -m worker run: error: {exc}", file=sys.stderr)
             return 2
-        cpu_backend = cpu_backend_for(settings.backend)
+        cpu_backend = cpu_backend_label(settings.backend)
         if cpu_backend is not None:
             log.warning(
                 "processes %d with the %s backend: the processes share this machine's "

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -97,32 +99,50 @@ def hour_bucket(ts: datetime) -> str:
 
 
 _BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-# C0 and C1 controls other than whitespace (which the split below collapses), and bidi controls
+# invisible characters that make one name look like another: zero-width space, word joiner,
+# byte-order mark, soft hyphen, Mongolian vowel separator (the joiners ZWJ/ZWNJ stay: they are
+# part of how some scripts spell a name)
+_ZERO_WIDTH = "\u200b\u2060\ufeff\u00ad\u180e"
+# C0 and C1 controls other than whitespace (which the split below collapses), bidi controls
+# and zero-width characters
 _INVISIBLE = dict.fromkeys(
     [c for c in range(0x20) if chr(c) not in "\t\n\v\f\r\x1c\x1d\x1e\x1f"]
-    + [0x7F, *range(0x80, 0xA0)]
-    + [ord(c) for c in _BIDI_CONTROLS]
+    + [0x7F, *(c for c in range(0x80, 0xA0) if c != 0x85)]  # NEL is whitespace
+    + [ord(c) for c in _BIDI_CONTROLS + _ZERO_WIDTH]
 )
 
 
 def normalize_city(city: str | None) -> str | None:
     """The city as it appears in keys: NFKC, trimmed, inner spaces collapsed, casefolded, capped.
 
-    None for a missing or blank city ("Paris ", "paris" and "PARIS" are one city).
+    None for a missing or blank city ("Paris ", "paris" and "PARIS" are one city). A normalised
+    name normalises to itself: readers pass names back (`--by city` output into `--city`).
     """
     if city is None:
         return None
-    # control characters (a terminal's escape sequences) and bidirectional overrides, which
-    # can make one name display as another, are no part of a city's name: a hostile post's
-    # city would otherwise reach an analyst's terminal or spreadsheet as it was sent
+    norm = city
+    for _ in range(8):  # until it stops changing: the cut can split what NFKC would compose
+        done = norm
+        norm = _normalize_once(norm)
+        if norm == done or not norm:
+            break
+    return norm or None
+
+
+_DOTTED_I = re.compile("i\u0307+")
+
+
+def _normalize_once(city: str) -> str:
+    # control characters (a terminal's escape sequences), bidirectional overrides and
+    # zero-width characters, which can make one name display as another, are no part of a
+    # city's name: a hostile post's city would otherwise reach an analyst's terminal as sent
     city = city.translate(_INVISIBLE)
     norm = " ".join(unicodedata.normalize("NFKC", city).split()).casefold()
     # casefold turns the Turkish dotted capital İ into i + U+0307 (combining dot above), so
     # "İstanbul" and "Istanbul" would be two cities; the dot carries no meaning on a lower i
-    norm = norm.replace("i\u0307", "i")
-    # stripped again after the cut, so that a stored name normalises to itself: readers pass
-    # names back (`--by city` output into `--city`; `cities_of` builds per-city keys from them)
-    return norm[:CITY_MAX_CHARS].rstrip() or None
+    norm = _DOTTED_I.sub("i", norm)
+    # stripped again after the cut, so that the name does not end in a space
+    return norm[:CITY_MAX_CHARS].rstrip()
 
 
 def model_member(make: str, model: str | None) -> str:
@@ -289,7 +309,7 @@ def window_keys(
     minute_ttl_s: int = DEFAULT_MINUTE_TTL_S,
     wall_now: datetime | None = None,
     *,
-    city_is_normalized: bool = False,
+    hour_ttl_s: int | None = None,
 ) -> list[str]:
     """Keys that together cover the last `window_minutes` minutes up to and including now's.
 
@@ -301,12 +321,16 @@ def window_keys(
     """
     if window_minutes < 1:
         raise ValueError(f"window must be at least one minute, got {window_minutes}")
+    wall = _utc(now if wall_now is None else wall_now)
     end = _utc(now).replace(second=0, microsecond=0)  # the current minute, included
     start = end - timedelta(minutes=window_minutes - 1)
-    horizon = _utc(now if wall_now is None else wall_now) - timedelta(seconds=minute_ttl_s)
-    # a name read back from the city keys is used as stored (names written before the cut was
-    # stripped may end in a space that normalising again would remove)
-    norm_city = city if city_is_normalized else normalize_city(city)
+    horizon = wall - timedelta(seconds=minute_ttl_s)
+    # with ``hour_ttl_s``, hours that have certainly expired (their end plus the TTL has
+    # passed) are left out: a 366-day window would otherwise name ~8,800 keys, most long gone
+    hours_gone_before = None
+    if hour_ttl_s is not None:
+        hours_gone_before = wall - timedelta(seconds=hour_ttl_s, hours=1)
+    norm_city = normalize_city(city)
     keys: list[str] = []
     minute = timedelta(minutes=1)
     t = start
@@ -315,7 +339,8 @@ def window_keys(
         last = min(end, hour + 59 * minute)
         whole_hour = t == hour and last == hour + 59 * minute
         if whole_hour or t < horizon:
-            keys.append(trend_key(dim, "h", hour_bucket(hour), norm_city))
+            if hours_gone_before is None or hour > hours_gone_before:
+                keys.append(trend_key(dim, "h", hour_bucket(hour), norm_city))
         else:
             keys.extend(
                 trend_key(dim, "m", minute_bucket(t + i * minute), norm_city)
@@ -367,7 +392,8 @@ def kept_after(wall_now: datetime, ttl_s: int) -> datetime:
     last set its expiry if that came first (``_expire_at`` caps at the write's time, and a
     live hour is written while it is still running). Either way it outlives its own start by
     ``ttl_s``; a bucket that started earlier may have expired, or may not: a reader cannot tell
-    an expired bucket from one that never had a post.
+    an expired bucket from one that never had a post. The exception is a bucket in the future
+    of the writer's clock (a post dated ahead), which expires ``ttl_s`` after it was written.
     """
     return _utc(wall_now) - timedelta(seconds=ttl_s)
 
@@ -487,9 +513,9 @@ def changes(
         raise ValueError(f"by must be 'count' or 'rise', got {by!r}")
     if previous.counts is None:
         raise ValueError("ranking by rise needs the previous window, whose buckets have expired")
-    now, before = current.counts or {}, previous.counts
-    rise = {name: now.get(name, 0) - before.get(name, 0) for name in {*now, *before}}
-    return [Change(name, now.get(name, 0), before.get(name, 0)) for name, _ in rank(rise, top)]
+    counts, before = current.counts or {}, previous.counts
+    rise = {name: counts.get(name, 0) - before.get(name, 0) for name in {*counts, *before}}
+    return [Change(name, counts.get(name, 0), before.get(name, 0)) for name, _ in rank(rise, top)]
 
 
 def name_matcher(make: str | None = None, model: str | None = None) -> Callable[[str], bool]:
@@ -501,7 +527,8 @@ def name_matcher(make: str | None = None, model: str | None = None) -> Callable[
     if make is not None and model is not None:
         raise ValueError("filter by a make or by a model, not both")
     if model is not None:
-        wanted = model.strip().casefold()
+        make_part, _, model_part = model.partition(MODEL_SEPARATOR)
+        wanted = f"{make_part.strip()}{MODEL_SEPARATOR}{model_part.strip()}".casefold()
         return lambda member: member.casefold() == wanted
     if make is not None:
         wanted = make.strip().casefold()
@@ -575,16 +602,14 @@ class TrendReader:
     ) -> dict[str, int]:
         """Every member's count over the trailing window (see :func:`window_keys`), unranked:
         what the top lists cut, and what their shares are of."""
-        if by not in ("make", "model", "lowconf", "city"):
-            raise ValueError(f"by must be make, model, lowconf or city, got {by!r}")
-        if by == "city" and city is not None:
-            raise ValueError("the city dimension has no per-city keys")
+        _check_dimension(by, city)
         wall_now = datetime.now(UTC)
         now = wall_now if now is None else now
-        minute_ttl_s, _ = self.ttls()
-        keys = window_keys(by, window_minutes, now, city, minute_ttl_s, wall_now)
-        merged = self._redis.zunion(keys, withscores=True, aggregate="SUM")
-        return {_text(member): round(score) for member, score in merged}
+        minute_ttl_s, hour_ttl_s = self.ttls()
+        keys = window_keys(
+            by, window_minutes, now, city, minute_ttl_s, wall_now, hour_ttl_s=hour_ttl_s
+        )
+        return _counts(self._redis.zunion(keys, withscores=True, aggregate="SUM")) if keys else {}
 
     def top(
         self,
@@ -629,18 +654,21 @@ class TrendReader:
             raise ValueError(f"by must be 'make' or 'model', got {by!r}")
         wall_now = datetime.now(UTC)
         now = wall_now if now is None else now
-        minute_ttl_s, _ = self.ttls()
+        minute_ttl_s, hour_ttl_s = self.ttls()
         every_city = rank(self.window(window_minutes, "city", None, now))
         cities = [city for city, _ in every_city[:max_cities]]
+        # one city's keys are the overall keys with its suffix (trend_key): built once
+        keys = window_keys(
+            by, window_minutes, now, None, minute_ttl_s, wall_now, hour_ttl_s=hour_ttl_s
+        )
+        if not keys:
+            return [], len(every_city)
         pipe = self._redis.pipeline(transaction=False)
         for city in cities:
-            keys = window_keys(
-                by, window_minutes, now, city, minute_ttl_s, wall_now, city_is_normalized=True
-            )
-            pipe.zunion(keys, withscores=True, aggregate="SUM")
+            pipe.zunion([f"{key}:city:{city}" for key in keys], withscores=True, aggregate="SUM")
         rows = []
         for city, merged in zip(cities, pipe.execute() if cities else [], strict=True):
-            counts = {_text(member): round(score) for member, score in merged}
+            counts = _counts(merged)
             count = sum(c for member, c in counts.items() if match(member))
             if count:
                 rows.append(CityCount(city, count, sum(counts.values())))
@@ -671,10 +699,7 @@ class TrendReader:
         ``by`` is a key dimension (``make``, ``model``, ``lowconf`` or ``city``). An interval
         whose buckets have expired has ``counts`` None (see :func:`interval_keys`).
         """
-        if by not in ("make", "model", "lowconf", "city"):
-            raise ValueError(f"by must be make, model, lowconf or city, got {by!r}")
-        if by == "city" and city is not None:
-            raise ValueError("the city dimension has no per-city keys")
+        _check_dimension(by, city)
         wall_now = datetime.now(UTC)
         minute_ttl_s, hour_ttl_s = self.ttls()
         plans = [
@@ -690,13 +715,34 @@ class TrendReader:
         for (start, end), keys in zip(bounds, plans, strict=True):
             counts = None
             if keys is not None:
-                counts = {_text(m): round(score) for m, score in next(replies)} if keys else {}
+                counts = _counts(next(replies)) if keys else {}
             out.append(Interval(start, end, counts))
         return out
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    # backslashreplace: a member some other writer put into a key in another encoding reads
+    # as its escapes, not as a traceback
+    return value.decode(errors="backslashreplace") if isinstance(value, bytes) else value
+
+
+def _counts(merged: Iterable[tuple[bytes | str, float]]) -> dict[str, int]:
+    """A ZUNION ... WITHSCORES reply as member -> count; a score no count can have (inf, nan,
+    written into a key by something other than the workers) is left out with a warning."""
+    counts = {}
+    for member, score in merged:
+        if math.isfinite(score):
+            counts[_text(member)] = round(score)
+        else:
+            logger.warning("ignoring member %r with the score %r", _text(member), score)
+    return counts
+
+
+def _check_dimension(by: str, city: str | None) -> None:
+    if by not in ("make", "model", "lowconf", "city"):
+        raise ValueError(f"by must be make, model, lowconf or city, got {by!r}")
+    if by == "city" and city is not None:
+        raise ValueError("the city dimension has no per-city keys")
 
 
 def total(counts: Iterable[tuple[str, int]]) -> int:

@@ -42,8 +42,6 @@ from worker.trends_format import (
     utc_z,
 )
 
-logger = logging.getLogger(__name__)
-
 _WINDOW = re.compile(r"^\s*(\d+)\s*([mhd])\s*$", re.IGNORECASE)
 _UNIT_MINUTES = {"m": 1, "h": 60, "d": 1440}
 MAX_WINDOW_MINUTES = 366 * 1440
@@ -167,7 +165,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def name_problem(args: argparse.Namespace) -> str | None:
-    """Why a --make/--model filter cannot apply, in one line, or None."""
+    """Why the name filters (--make/--model) or --rank cannot apply as given, in one line, or
+    None."""
     for flag, value in (("--make", args.make), ("--model", args.model)):
         if value is None:
             continue
@@ -192,7 +191,7 @@ def name_problem(args: argparse.Namespace) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """CLI edge: parse, read through TrendReader, print a table or JSON."""
+    """CLI edge: parse, read through TrendReader, print a table, JSON or CSV."""
     try:
         minutes = parse_window(args.window)
         at = parse_at(args.at) if args.at else datetime.now(UTC)
@@ -375,6 +374,8 @@ def _where(
     return {"total": sum(r.count for r in rows), "cities": len(rows), "top": rows[: args.top]}
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the same entry as `python -m worker trends`
+    from worker.__main__ import main as worker_main
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(worker_main(["trends", *sys.argv[1:]]))

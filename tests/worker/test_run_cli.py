@@ -15,7 +15,7 @@ from tests.support import http_get, worker_cli
 from worker.metrics import WorkerMetrics, bind, serve, start
 from worker.run import (
     _warm_up,
-    cpu_backend_for,
+    cpu_backend_label,
     engine_options,
     oversubscription_note,
     parity_note,
@@ -515,12 +515,12 @@ def test_a_failure_setting_up_the_loop_closes_the_kafka_clients_too(monkeypatch)
 
 
 def test_processes_warn_for_the_cpu_backend_auto_will_pick(tmp_path):
-    assert cpu_backend_for("onnxruntime", tmp_path) == "onnxruntime"
-    assert cpu_backend_for("torch-cpu", tmp_path) == "torch-cpu"
-    assert cpu_backend_for("auto", tmp_path).startswith("onnxruntime (auto")  # no GPU here
+    assert cpu_backend_label("onnxruntime", tmp_path) == "onnxruntime"
+    assert cpu_backend_label("torch-cpu", tmp_path) == "torch-cpu"
+    assert cpu_backend_label("auto", tmp_path).startswith("onnxruntime (auto")  # no GPU here
     (tmp_path / "nvidia0").touch()
-    assert cpu_backend_for("auto", tmp_path) is None  # auto picks a GPU engine
-    assert cpu_backend_for("tensorrt", tmp_path) is None
+    assert cpu_backend_label("auto", tmp_path) is None  # auto picks a GPU engine
+    assert cpu_backend_label("tensorrt", tmp_path) is None
     (tmp_path / "nvidia0").unlink()
     (tmp_path / "nvidiactl").touch()  # the control node alone is no device
-    assert cpu_backend_for("auto", tmp_path) is not None
+    assert cpu_backend_label("auto", tmp_path) is not None

@@ -30,6 +30,7 @@ from worker.trends import (
     series_bounds,
     series_names,
     trend_key,
+    window_keys,
 )
 from worker.trends_format import csv_cell, shown
 
@@ -273,6 +274,22 @@ def test_cities_of_a_make_rank_cities_by_its_posts_with_their_share(r: redis.Red
 
 
 @pytest.mark.integration
+def test_members_no_worker_would_write_read_without_a_traceback(r: redis.Redis) -> None:
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    key = trend_key("make", "m", now.strftime("%Y%m%d%H%M"))
+    r.zadd(key, {b"\xff\xfeLatin1": 2, "Inf": float("inf"), "BMW": 3})
+    counts = TrendReader(r).window(5, "make", now=now)
+    assert counts == {"\\xff\\xfeLatin1": 2, "BMW": 3}  # the inf score is left out
+
+
+def test_window_keys_leave_out_hours_past_their_ttl() -> None:
+    keys = window_keys("make", 366 * 1440, WALL, None, MIN_TTL, WALL, hour_ttl_s=HOUR_TTL)
+    hours = [k for k in keys if ":h:" in k]
+    assert 30 * 24 <= len(hours) <= 30 * 24 + 2  # not ~8,800: the rest are certainly gone
+    assert len(window_keys("make", 366 * 1440, WALL, None, MIN_TTL, WALL)) > 8000
+
+
+@pytest.mark.integration
 def test_cities_of_finds_a_city_cut_at_a_space(r: redis.Redis) -> None:
     city = "Municipio de San Cristóbal de las Casas, Chiapas, Estado Unidos Mexicanos"
     now = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=1)
@@ -495,6 +512,31 @@ def test_cli_csv_series_and_a_hostile_city(series_url) -> None:
     out = _trends("--redis-url", url, "--window", "1h", "--at", at, "--by", "city", "--csv")
     cities = [r[1] for r in csv.reader(io.StringIO(out.stdout))][1:]
     assert '\'=hyperlink("http://evil")' in cities and "lyon" in cities
+
+
+def test_a_city_normalises_to_itself_whatever_it_is() -> None:
+    # the cut at 64 characters can split what NFKC composes (Greek with dialytika and tonos),
+    # and a dotted capital I followed by a combining dot leaves one dot after the first pass
+    import random
+
+    rng = random.Random(0)
+    alphabet = "aİıΐΰϊ\u0307\u0308\u0301 \x85\u200b\u202eßﬁ①Ｓ"
+    samples = ["a" * 62 + "ΐzz", "İ\u0307stanbul", "a" * 63 + " b"]
+    samples += [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(3000)
+    ]
+    for city in samples:
+        once = normalize_city(city)
+        assert once is None or normalize_city(once) == once, repr(city)
+
+
+def test_a_city_keeps_nel_as_a_space_and_drops_zero_width_characters() -> None:
+    assert normalize_city("Saint\x85Denis") == normalize_city("Saint Denis") == "saint denis"
+    assert normalize_city("Paris\u200b") == normalize_city("\ufeffParis\u2060") == "paris"
+
+
+def test_a_model_filter_ignores_spaces_around_the_separator() -> None:
+    assert keep({"BMW|X5": 2, "BMW|X6": 1}, name_matcher(model="bmw | x5")) == {"BMW|X5": 2}
 
 
 def test_a_city_drops_control_characters_and_bidi_overrides() -> None:
