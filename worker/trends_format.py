@@ -85,6 +85,16 @@ def _change(change: Change) -> str:
     return f"(previous {change.previous}, {change.change:+d}, {pct:+.1f}%)"
 
 
+def _ranked(rows: list[tuple[str, int, str]]) -> None:
+    """A ranked table: place, name (escaped, aligned), count and a note per row."""
+    if not rows:
+        print("  (no posts counted)")
+    names = [shown(name) for name, _, _ in rows]
+    width = max((len(name) for name in names), default=0)
+    for place, (name, (_, count, note)) in enumerate(zip(names, rows, strict=True), 1):
+        print(f"{place:>3}. {name:<{width}}  {count:>6}  {note}")
+
+
 def print_where(args: argparse.Namespace, head: dict, result: dict) -> None:
     rows = result["top"]
     if args.json:
@@ -103,13 +113,12 @@ def print_where(args: argparse.Namespace, head: dict, result: dict) -> None:
         f"{_minute(head['at'])} UTC): {count_of(result['total'], 'post')} in "
         f"{count_of(result['cities'], 'city', 'cities')}"
     )
-    if not rows:
-        print("  (no posts counted)")
-    width = max((len(shown(r.city)) for r in rows), default=0)
-    for place, r in enumerate(rows, 1):
-        share = _share(r.count, r.city_total)
-        city = shown(r.city)
-        print(f"{place:>3}. {city:<{width}}  {r.count:>6}  {share:>6} of its confident posts")
+    _ranked(
+        [
+            (r.city, r.count, f"{_share(r.count, r.city_total):>6} of its confident posts")
+            for r in rows
+        ]
+    )
 
 
 def print_top(args: argparse.Namespace, head: dict, result: dict) -> None:
@@ -128,11 +137,7 @@ def print_top(args: argparse.Namespace, head: dict, result: dict) -> None:
         f"top {args.by} over the last {_duration(head['window_minutes'])}{scope} (up to "
         f"{_minute(head['at'])} UTC): {count_of(total, 'post')}"
     )
-    if not rows:
-        print("  (no posts counted)")
-    width = max((len(shown(name)) for name, _ in rows), default=0)
-    for place, (name, count) in enumerate(rows, 1):
-        print(f"{place:>3}. {shown(name):<{width}}  {count:>6}  {_share(count, total):>6}")
+    _ranked([(name, count, f"{_share(count, total):>6}") for name, count in rows])
 
 
 def print_compare(args: argparse.Namespace, head: dict, result: dict) -> None:
@@ -158,11 +163,7 @@ def print_compare(args: argparse.Namespace, head: dict, result: dict) -> None:
         f"(up to {_minute(head['at'])} UTC): "
         f"{count_of(result['total'], 'post')}; the {window} before: {before}"
     )
-    if not rows:
-        print("  (no posts counted)")
-    width = max((len(shown(r.name)) for r in rows), default=0)
-    for place, r in enumerate(rows, 1):
-        print(f"{place:>3}. {shown(r.name):<{width}}  {r.count:>6}  {_change(r)}")
+    _ranked([(r.name, r.count, _change(r)) for r in rows])
 
 
 def print_series(args: argparse.Namespace, head: dict, result: dict) -> None:
