@@ -194,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
     """CLI edge: parse, read through TrendReader, print a table, JSON or CSV."""
     try:
         minutes = parse_window(args.window)
-        at = parse_at(args.at) if args.at else datetime.now(UTC)
+        at = parse_at(args.at) if args.at is not None else datetime.now(UTC)  # "" is an error
         every = parse_window(args.every, "--every") if args.every is not None else None
     except ValueError as exc:
         return fail(str(exc))

@@ -113,6 +113,7 @@ def test_cli_says_when_a_window_reaches_past_the_hour_rollups(trends_url: str) -
         (["--window", "15x"], "'15x'"),
         (["--top", "0"], "--top 0"),
         (["--at", "yesterday"], "yesterday"),
+        (["--at", ""], "--at '': not an RFC 3339 timestamp"),  # was silently now
         (["--at", "0001-01-01T00:00:00Z"], "between 1970-01-01 and 2100-01-01"),
         (["--at", "9999-12-31T23:59:59-01:00"], "9999"),
         (["--redis-url", "localhost:6379"], "redis_url"),
