@@ -28,7 +28,7 @@ import math
 import re
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -152,7 +152,11 @@ def model_member(make: str, model: str | None) -> str:
 
 def trend_key(dim: Dimension, res: Resolution, bucket: str, city: str | None = None) -> str:
     """The Redis key of one bucket; `city` must already be normalised."""
-    key = f"{PREFIX}{dim}:{res}:{bucket}"
+    return city_key(f"{PREFIX}{dim}:{res}:{bucket}", city)
+
+
+def city_key(key: str, city: str | None) -> str:
+    """An overall bucket key's per-city twin; ``city`` must already be normalised."""
     return f"{key}:city:{city}" if city else key
 
 
@@ -301,6 +305,29 @@ class TrendWriter:
 # --- reader ----------------------------------------------------------------------------
 
 
+_MINUTE = timedelta(minutes=1)
+_HOUR = timedelta(hours=1)
+
+
+def _hour_chunks(start: datetime, end: datetime) -> Iterator[tuple[datetime, datetime, datetime]]:
+    """``[start, end)`` (whole minutes, UTC) cut at the hours: (its hour, chunk start, chunk
+    end); a chunk as long as an hour is that whole hour."""
+    t = start
+    while t < end:
+        hour = t.replace(minute=0)
+        stop = min(end, hour + _HOUR)
+        yield hour, t, stop
+        t = stop
+
+
+def _minute_keys(dim: Dimension, start: datetime, stop: datetime, city: str | None) -> list[str]:
+    """The minute buckets of ``[start, stop)``; ``city`` already normalised."""
+    return [
+        trend_key(dim, "m", minute_bucket(start + i * _MINUTE), city)
+        for i in range((stop - start) // _MINUTE)
+    ]
+
+
 def window_keys(
     dim: Dimension,
     window_minutes: int,
@@ -329,24 +356,15 @@ def window_keys(
     # passed) are left out: a 366-day window would otherwise name ~8,800 keys, most long gone
     hours_gone_before = None
     if hour_ttl_s is not None:
-        hours_gone_before = wall - timedelta(seconds=hour_ttl_s, hours=1)
+        hours_gone_before = kept_after(wall, hour_ttl_s) - _HOUR
     norm_city = normalize_city(city)
     keys: list[str] = []
-    minute = timedelta(minutes=1)
-    t = start
-    while t <= end:  # one hour of the window at a time
-        hour = t.replace(minute=0)
-        last = min(end, hour + 59 * minute)
-        whole_hour = t == hour and last == hour + 59 * minute
-        if whole_hour or t < horizon:
+    for hour, t, stop in _hour_chunks(start, end + timedelta(minutes=1)):
+        if stop - t == _HOUR or t < horizon:
             if hours_gone_before is None or hour > hours_gone_before:
                 keys.append(trend_key(dim, "h", hour_bucket(hour), norm_city))
         else:
-            keys.extend(
-                trend_key(dim, "m", minute_bucket(t + i * minute), norm_city)
-                for i in range(int((last - t) / minute) + 1)
-            )
-        t = last + minute
+            keys.extend(_minute_keys(dim, t, stop, norm_city))
     return keys
 
 
@@ -454,29 +472,22 @@ def interval_keys(
     have expired, an interval of a series is never widened: two neighbours reading the same
     rollup would count its posts twice.
     """
-    minute = timedelta(minutes=1)
-    t, end = _utc(start), _utc(end)
-    if t.second or t.microsecond or end.second or end.microsecond:
-        raise ValueError(f"interval bounds must be whole minutes, got {t} .. {end}")
+    start, end = _utc(start), _utc(end)
+    if start.second or start.microsecond or end.second or end.microsecond:
+        raise ValueError(f"interval bounds must be whole minutes, got {start} .. {end}")
     minutes_after = kept_after(wall_now, minute_ttl_s)
     hours_after = kept_after(wall_now, hour_ttl_s)
     norm_city = normalize_city(city)
     keys: list[str] = []
-    while t < end:
-        hour = t.replace(minute=0)
-        stop = min(end, hour + 60 * minute)
-        if t == hour and stop == hour + 60 * minute:
+    for hour, t, stop in _hour_chunks(start, end):
+        if stop - t == _HOUR:
             if hour <= hours_after:
                 return None
             keys.append(trend_key(dim, "h", hour_bucket(hour), norm_city))
         else:
             if t <= minutes_after:
                 return None
-            keys.extend(
-                trend_key(dim, "m", minute_bucket(t + i * minute), norm_city)
-                for i in range(int((stop - t) / minute))
-            )
-        t = stop
+            keys.extend(_minute_keys(dim, t, stop, norm_city))
     return keys
 
 
@@ -606,9 +617,13 @@ class TrendReader:
         wall_now = datetime.now(UTC)
         now = wall_now if now is None else now
         minute_ttl_s, hour_ttl_s = self.ttls()
-        keys = window_keys(
-            by, window_minutes, now, city, minute_ttl_s, wall_now, hour_ttl_s=hour_ttl_s
+        return self._union(
+            window_keys(
+                by, window_minutes, now, city, minute_ttl_s, wall_now, hour_ttl_s=hour_ttl_s
+            )
         )
+
+    def _union(self, keys: list[str]) -> dict[str, int]:
         return _counts(self._redis.zunion(keys, withscores=True, aggregate="SUM")) if keys else {}
 
     def top(
@@ -655,17 +670,20 @@ class TrendReader:
         wall_now = datetime.now(UTC)
         now = wall_now if now is None else now
         minute_ttl_s, hour_ttl_s = self.ttls()
-        every_city = rank(self.window(window_minutes, "city", None, now))
+
+        def overall_keys(dim: Dimension) -> list[str]:
+            return window_keys(
+                dim, window_minutes, now, None, minute_ttl_s, wall_now, hour_ttl_s=hour_ttl_s
+            )
+
+        every_city = rank(self._union(overall_keys("city")))
         cities = [city for city, _ in every_city[:max_cities]]
-        # one city's keys are the overall keys with its suffix (trend_key): built once
-        keys = window_keys(
-            by, window_minutes, now, None, minute_ttl_s, wall_now, hour_ttl_s=hour_ttl_s
-        )
+        keys = overall_keys(by)  # each city's are these with its suffix (city_key): built once
         if not keys:
             return [], len(every_city)
         pipe = self._redis.pipeline(transaction=False)
         for city in cities:
-            pipe.zunion([f"{key}:city:{city}" for key in keys], withscores=True, aggregate="SUM")
+            pipe.zunion([city_key(key, city) for key in keys], withscores=True, aggregate="SUM")
         rows = []
         for city, merged in zip(cities, pipe.execute() if cities else [], strict=True):
             counts = _counts(merged)

@@ -164,6 +164,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _by_city_of_a_name(args: argparse.Namespace) -> bool:
+    """--by city with --make/--model: the cities that post one make or model."""
+    return args.by == "city" and (args.make is not None or args.model is not None)
+
+
 def name_problem(args: argparse.Namespace) -> str | None:
     """Why the name filters (--make/--model) or --rank cannot apply as given, in one line, or
     None."""
@@ -184,8 +189,7 @@ def name_problem(args: argparse.Namespace) -> str | None:
             return f"--model counts models: use --by model or --by city, not --by {args.by}"
     if args.rank != "count" and not args.compare:
         return f"--rank {args.rank} ranks a comparison: add --compare"
-    by_city_of_a_name = args.by == "city" and (args.make or args.model) is not None
-    if by_city_of_a_name and (args.every is not None or args.compare):
+    if _by_city_of_a_name(args) and (args.every is not None or args.compare):
         return "--by city with --make/--model ranks one window: not with --every or --compare"
     return None
 
@@ -216,7 +220,7 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         return fail(problem)
     match = name_matcher(args.make, args.model)
-    where = args.by == "city" and (args.make or args.model) is not None
+    where = _by_city_of_a_name(args)
 
     import redis
     from pydantic import ValidationError
