@@ -10,6 +10,8 @@ PYTEST_ARGS ?=
 # serially (1,141-1,350 s). Stop 26's xdist flake (test_a_silent_child_reads_as_no_answer) was
 # a SIGTERM-handler deadlock, fixed in 0be7909 (worker/stop_signals.py), not a test-order issue.
 PYTEST_WORKERS ?= 2
+# the local stack's flags, e.g. `make stack-up STACK_ARGS="--kafka-port 19092 --redis-port 16380"`
+STACK_ARGS ?=
 
 .PHONY: setup system-deps test-tools test test-unit test-integration lint format demo bench stack-up stack-down clean
 
@@ -55,10 +57,10 @@ bench: setup
 	bash benchmarks/run_all.sh
 
 stack-up: setup
-	$(PY) -m worker stack up
+	$(PY) -m worker stack up $(STACK_ARGS)
 
 stack-down: setup
-	$(PY) -m worker stack down
+	$(PY) -m worker stack down $(STACK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .stack demo

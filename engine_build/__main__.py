@@ -66,7 +66,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision",
         type=comma_list(PRECISIONS),
-        default=("fp16", "fp32"),
+        default="fp16,fp32",
         help="comma list: fp32 (ONNX, always built), fp16 (TensorRT plan), int8 (ONNX Runtime "
         "QDQ), bf16 (check model.pt in bfloat16 for the torch-cpu backend; needs a CPU with AMX or "
         "AVX-512 BF16)",
@@ -74,7 +74,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--backends",
         type=comma_list(BUILD_BACKENDS),
-        default=("auto",),
+        default="auto",
         help="auto builds TensorRT only where it can; tensorrt demands it",
     )
     parser.add_argument("--min-batch", type=int, default=1, help="TensorRT profile minimum")

@@ -174,6 +174,16 @@ class BuildOptions:
             )
 
 
+def default_model_version(ckpt: dict) -> str:
+    """``epoch<N>`` with N the epochs trained, as the training log counts them (``epoch 8/8``).
+
+    The checkpoint stores the 0-based index of its last epoch, which read as a version is one
+    less than every other place that counts epochs.
+    """
+    epoch = ckpt.get("epoch")
+    return f"epoch{int(epoch) + 1}" if isinstance(epoch, int) and epoch >= 0 else "epoch0"
+
+
 def _as_tuple(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(v.strip() for v in value.split(",") if v.strip())
@@ -400,7 +410,7 @@ def _build_into(
     ckpt_file = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir.is_dir() else checkpoint_dir
     draft = Manifest(
         model_name=opts.model_name or f"carstream-{ckpt['arch']}",
-        model_version=opts.model_version or f"epoch{ckpt.get('epoch', 0)}",
+        model_version=opts.model_version or default_model_version(ckpt),
         arch=ckpt["arch"],
         level=ckpt.get("level", "model"),
         num_classes=int(ckpt["num_classes"]),

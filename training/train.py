@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,19 @@ MIN_IMAGE_SIZE = 32  # a ResNet downsamples 32x: smaller inputs leave nothing fo
 MAX_IMAGE_SIZE = 4096
 
 
+def default_loader_workers() -> int:
+    """Four loader processes, but never more than the CPUs this process may run on.
+
+    More than that only oversubscribes the cores (PyTorch's DataLoader warns about it) and
+    starves the main process that feeds the model.
+    """
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    return max(1, min(4, usable))
+
+
 def add_data_args(
     parser: argparse.ArgumentParser,
     crop_default: str | None = "full",
@@ -87,7 +101,13 @@ def add_data_args(
     parser.add_argument("--level", choices=LEVELS, default=level_default, help=level_help)
     parser.add_argument("--crop", choices=CROPS, default=crop_default, help=crop_help)
     parser.add_argument("--strict", action="store_true", help="fail on a corrupt image")
-    parser.add_argument("--workers", type=non_negative_int, default=4, help="loader processes")
+    parser.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=default_loader_workers(),
+        help="loader processes (default: 4, or the CPUs this process may use if fewer: %(default)s "
+        "here)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=64, help="per process")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 

@@ -18,6 +18,16 @@ from worker.errors import PostError
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "MPO"})
 DEFAULT_MAX_PIXELS = 64_000_000
+# Decoding cost that the pixel budget does not bound. A progressive JPEG's decoder passes over
+# the whole coefficient buffer once per scan, so a few hundred KB of empty scan headers cost
+# minutes (7 ms a scan at 64 MP); encoders write about 10 (libjpeg's progressive script), a few
+# dozen at most. Header segments and PNG chunks are parsed one at a time in Pillow's Python
+# code (~3-4 us each), so a 10 MB post of empty ones holds the GIL for seconds; real files have
+# tens of segments and at most a few thousand chunks (8 KB IDATs of a 10 MB PNG: ~1,300).
+MAX_JPEG_SCANS = 100
+MAX_JPEG_HEADER_SEGMENTS = 1_000
+MAX_PNG_CHUNKS = 20_000
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _DATA_URI_PREFIX = "data:"
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey image
@@ -72,8 +82,15 @@ def decode_image(
     except _BOMB as exc:
         raise PostError("decompression_bomb", str(exc)) from None
     except _CORRUPT as exc:
-        raise PostError("truncated_image", f"image data is truncated or corrupt: {exc}") from None
+        raise _corrupt("image data is truncated or corrupt", exc) from None
     return oriented_rgb(img)
+
+
+def _corrupt(what: str, exc: Exception) -> PostError:
+    """truncated_image, or decompression_bomb for Pillow's text-chunk inflation limit."""
+    if isinstance(exc, ValueError) and "Decompressed data too large" in str(exc):
+        return PostError("decompression_bomb", f"a compressed text chunk inflates too far: {exc}")
+    return PostError("truncated_image", f"{what}: {exc}")
 
 
 def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -85,6 +102,9 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     # instead any image Pillow would warn about is over our budget too.
     if Image.MAX_IMAGE_PIXELS is not None:
         max_pixels = min(max_pixels, Image.MAX_IMAGE_PIXELS)
+    problem = structure_cost_problem(data)
+    if problem:
+        raise PostError("decompression_bomb", problem)
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -92,7 +112,7 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except _BOMB as exc:  # the warning too, where a caller runs with warnings as errors
         raise PostError("decompression_bomb", str(exc)) from None
     except _CORRUPT as exc:
-        raise PostError("truncated_image", f"unreadable image header: {exc}") from None
+        raise _corrupt("unreadable image header", exc) from None
     if img.format not in ALLOWED_FORMATS:
         raise PostError("unsupported_format", f"{img.format} images are not accepted")
     width, height = img.size
@@ -106,6 +126,66 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
 
 
 _STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length field
+
+
+def structure_cost_problem(data: bytes) -> str | None:
+    """Why decoding `data` would cost far more than its size and pixels say, or None.
+
+    Checked before Pillow parses anything. JPEG header segments and PNG chunks are walked by
+    their lengths, only up to the limit. Scans are counted only in progressive JPEGs (a
+    baseline decoder stops at an extra scan), as SOS markers, which entropy-coded data cannot
+    contain (an upper bound: an EXIF thumbnail's count too). The count is a byte search, ~0.25
+    ms a MB, small beside a progressive decode.
+    """
+    if data[:2] == b"\xff\xd8":
+        segments, progressive = _jpeg_header(data, MAX_JPEG_HEADER_SEGMENTS + 1)
+        if segments > MAX_JPEG_HEADER_SEGMENTS:
+            return f"JPEG has over {MAX_JPEG_HEADER_SEGMENTS} header segments"
+        if progressive:
+            scans = data.count(b"\xff\xda")
+            if scans > MAX_JPEG_SCANS:
+                return f"progressive JPEG has {scans} scans, limit {MAX_JPEG_SCANS}"
+    elif data[:8] == _PNG_SIGNATURE and _png_chunks(data, MAX_PNG_CHUNKS + 1) > MAX_PNG_CHUNKS:
+        return f"PNG has over {MAX_PNG_CHUNKS} chunks"
+    return None
+
+
+_PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
+
+
+def _jpeg_header(data: bytes, stop_at: int) -> tuple[int, bool]:
+    """Marker segments before the first scan, counted up to `stop_at`, and whether a
+    progressive frame header is among them."""
+    pos, n, count, progressive = 2, len(data), 0, False
+    while pos + 1 < n and count < stop_at:
+        if data[pos] != 0xFF:
+            break  # malformed: Pillow names it
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        count += 1
+        if marker in (0xDA, 0xD9):  # SOS, EOI
+            break
+        progressive = progressive or marker in _PROGRESSIVE_SOF
+        if marker in _STANDALONE_MARKERS:
+            pos += 2
+        elif pos + 3 < n:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        else:
+            break
+    return count, progressive
+
+
+def _png_chunks(data: bytes, stop_at: int) -> int:
+    """Chunks after the signature, counted by their length fields up to `stop_at`."""
+    pos, n, count = 8, len(data), 0
+    while pos + 8 <= n and count < stop_at:
+        count += 1
+        if data[pos + 4 : pos + 8] == b"IEND":
+            break
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")  # length, type, data, CRC
+    return count
 
 
 def has_end_of_image(data: bytes) -> bool:

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from worker.errors import PostError
 
 MAX_JSON_DEPTH = 16
+MAX_JSON_VALUES = 10_000  # members and elements of all objects and arrays; an event has ~10
+_TOO_DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
 # event times outside these bounds are client bugs (Go's zero time is year 1), and years 1 and
 # 9999 overflow datetime arithmetic in the trend buckets: they go to the DLQ as schema errors
 EARLIEST_POSTED_AT = datetime(1970, 1, 1, tzinfo=UTC)
@@ -62,6 +64,8 @@ class PostEvent(BaseModel):
             )
         if match.group("offset") is None:
             raise ValueError("posted_at needs a timezone offset (e.g. Z)")
+        if value[17:19] == "60":  # an RFC 3339 leap second: datetime has none, so :59
+            return value[:17] + "59" + value[19:]
         return value
 
     @field_validator("posted_at")
@@ -115,23 +119,43 @@ class Prediction(BaseModel):
     worker_id: str
 
 
-def _too_deep(obj: object) -> bool:
-    """Whether a parsed JSON value nests dicts and lists deeper than MAX_JSON_DEPTH.
+def _shape_problem(obj: object) -> str | None:
+    """Why a parsed JSON value is no event's shape: nested deeper than MAX_JSON_DEPTH, or
+    holding more than MAX_JSON_VALUES values in its objects and arrays.
 
     Checked on the parsed value, not the text: json.loads guards its own recursion (a text
     nested past the interpreter's recursion limit raises RecursionError, refused the same way),
     and walking a post's few containers costs microseconds, where any scan of a 280 KB text
     costs more than parsing it (two ``str.count`` passes were half of a GPU worker's CPU per
-    post, whose decode threads only parse).
+    post, whose decode threads only parse). The value count stops the walk early: 10 MB of
+    ``[[],[],...]`` is two million containers, 8.5 s of the GIL to walk in full.
     """
     stack = [(obj, 1)]
+    values = 0
     while stack:
         value, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
-            return True
+            return _TOO_DEEP
+        values += len(value)
+        if values > MAX_JSON_VALUES:
+            return f"JSON holds over {MAX_JSON_VALUES} values"
         children = value.values() if isinstance(value, dict) else value
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return False
+    return None
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """An object whose keys are unique: with two ``post_id``s, parsers disagree on which wins."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {duplicate[:64]!r}")
+    return obj
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def parse_event(raw: bytes | None, max_bytes: int) -> PostEvent:
@@ -144,15 +168,17 @@ def parse_event(raw: bytes | None, max_bytes: int) -> PostEvent:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PostError("invalid_utf8", f"not UTF-8 at byte {exc.start}") from None
-    too_deep = PostError("invalid_json", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except RecursionError:
-        raise too_deep from None
+        raise PostError(
+            "invalid_json", f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+        ) from None
     except ValueError as exc:
         raise PostError("invalid_json", f"not JSON: {exc}") from None
-    if isinstance(obj, (dict, list)) and _too_deep(obj):
-        raise too_deep
+    problem = _shape_problem(obj) if isinstance(obj, (dict, list)) else None
+    if problem:
+        raise PostError("invalid_json", problem)
     if not isinstance(obj, dict):
         raise PostError("schema", f"expected a JSON object, got {type(obj).__name__}")
     try:

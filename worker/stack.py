@@ -497,6 +497,21 @@ class LocalStack:
         return [self.kafka.status(), self.redis.status()]
 
 
+def elsewhere_hint(statuses: Sequence[ServiceStatus], state_dir: Path) -> str | None:
+    """Why a port answers though this state directory started nothing there, or None.
+
+    The state directory is relative (``.stack``) by default, so `down` or `status` run from
+    another directory finds no pids, while the stack `up` started elsewhere keeps its ports.
+    """
+    foreign = [f"{s.port} ({s.name})" for s in statuses if s.answering and not s.running]
+    if not foreign:
+        return None
+    return (
+        f"port {', '.join(foreign)} answers, but {state_dir} started nothing there: a stack "
+        "started from another directory? run this from that directory or pass its --state-dir"
+    )
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Start, stop or inspect the local Tansu broker + redis-server on loopback.",
@@ -640,7 +655,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"topics {' '.join(args.topics)} ({args.partitions} partitions when created)")
         elif args.action == "down":
             stopped = stack.down()
-            print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+            where = args.state_dir.resolve()
+            nothing = f"nothing was running from {where}"
+            print("stopped: " + (", ".join(stopped) if stopped else nothing))
+            hint = None if stopped else elsewhere_hint(stack.status(), where)
+            if hint:
+                print(f"note: {hint}", file=sys.stderr)
         else:
             statuses = stack.status()
             if args.json:
@@ -649,6 +669,9 @@ def main(args: argparse.Namespace) -> int:
                 for s in statuses:
                     state = "up" if s.running and s.answering else "down"
                     print(f"{s.name:6} {state:5} port={s.port} pid={s.pid or '-'} log={s.log}")
+            hint = elsewhere_hint(statuses, args.state_dir.resolve())
+            if hint:
+                print(f"note: {hint}", file=sys.stderr)
             return 0 if all(s.running and s.answering for s in statuses) else 3
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -329,9 +329,11 @@ def _compare(
         hour_end = at.replace(minute=0, second=0, microsecond=0) - timedelta(minutes=1)
         shifted = reader.intervals(compare_bounds(minutes, hour_end), dim, args.city)
         if shifted[0].counts is not None:
+            left_out = int((at - hour_end).total_seconds() // 60)
             print(
                 f"note: minute counts this old have expired; comparing the whole hours up to "
-                f"{hour_end + timedelta(minutes=1):%Y-%m-%d %H:%M} UTC instead",
+                f"{hour_end + timedelta(minutes=1):%Y-%m-%d %H:%M} UTC instead, which leaves out "
+                f"the {left_out} minute(s) since (end --at on an hh:59 minute to avoid this)",
                 file=sys.stderr,
             )
             at = hour_end

@@ -186,7 +186,7 @@ def test_default_parity_images_come_from_the_checkpoints_test_split(tmp_path):
     report = json.loads((out / PARITY_FILE).read_text())
     assert str(data) in report["parity_source"] and "test split" in report["parity_source"]
     assert report["artifacts"]["onnxruntime-fp32"]["n_images"] == 6
-    assert load_bundle(out).manifest.model_version == "epoch3"
+    assert load_bundle(out).manifest.model_version == "epoch4"  # epoch index 3 = 4 trained
 
 
 def test_no_parity_images_is_a_clear_error(checkpoint_dir, tmp_path):

@@ -43,9 +43,21 @@ def test_a_default_is_appended_once_and_a_missing_one_not_at_all():
     assert "print JSON (default: False)" in text
 
 
+def test_a_list_default_reads_as_typed_words_and_an_empty_one_as_none():
+    text = help_of(
+        topics={"nargs": "+", "default": ["a", "b.dlq"], "help": "topics"},
+        city={"action": "append", "default": [], "help": "cities"},
+        precision={"default": ("fp16", "fp32"), "help": "kinds"},
+    )
+    assert "topics (default: a b.dlq)" in text
+    assert "cities (default: none)" in text
+    assert "kinds (default: fp16 fp32)" in text
+
+
 @pytest.mark.parametrize("module", COMMANDS)
 def test_no_command_prints_a_default_of_none_or_two_defaults(module):
     text = importlib.import_module(module).get_args_parser().format_help()
     flat = " ".join(text.split())
     assert "(default: None)" not in flat
+    assert not re.search(r"\(default: [\[(]", flat), flat  # no Python list or tuple repr
     assert not re.search(r"default[^()]*\)\s*\(default", flat), flat

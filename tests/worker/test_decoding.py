@@ -13,7 +13,14 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from training.preprocessing import PreprocessSpec, preprocess_image
-from worker.decoding import decode_base64, decode_image
+from worker.decoding import (
+    MAX_JPEG_HEADER_SEGMENTS,
+    MAX_JPEG_SCANS,
+    MAX_PNG_CHUNKS,
+    decode_base64,
+    decode_image,
+    structure_cost_problem,
+)
 from worker.errors import PostError
 
 
@@ -159,6 +166,64 @@ def test_pillows_own_limit_still_applies_when_the_budget_is_larger(warnings_as):
     for side in (10_000, 100_000):
         with pytest.raises(PostError) as info:
             decode_image(_png_header_only(side, side), max_pixels=10**12)
+        assert info.value.kind == "decompression_bomb"
+
+
+def _with_extra_scans(data: bytes, scans: int) -> bytes:
+    """The JPEG with `scans` copies of its first scan header (empty scans) before its EOI."""
+    sos = data.index(b"\xff\xda")
+    header = data[sos : sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]]
+    return data[:-2] + header * scans + data[-2:]
+
+
+def test_a_progressive_jpeg_of_empty_scans_is_refused_before_decoding():
+    # each scan is a pass over the whole coefficient buffer: 2,000 empty ones in 20 KB took
+    # 14 s to decode at 64 Mpx; the count is checked before Pillow parses anything
+    photo = encode(Image.effect_noise((96, 96), 60).convert("RGB"), "JPEG", progressive=True)
+    assert decode_image(photo).size == (96, 96)  # a real progressive file: ~10 scans
+    assert decode_image(_with_extra_scans(photo, MAX_JPEG_SCANS - 20)).size == (96, 96)
+    with pytest.raises(PostError) as info:
+        decode_image(_with_extra_scans(photo, MAX_JPEG_SCANS + 1))
+    assert info.value.kind == "decompression_bomb" and "scans" in info.value.reason
+    # a baseline decoder stops at the first extra scan: no count needed, and it is corrupt
+    baseline = encode(Image.effect_noise((96, 96), 60).convert("RGB"), "JPEG")
+    assert structure_cost_problem(_with_extra_scans(baseline, 500)) is None
+    with pytest.raises(PostError) as info:
+        decode_image(_with_extra_scans(baseline, 500))
+    assert info.value.kind == "truncated_image"
+
+
+def test_header_segments_and_png_chunks_parsed_one_by_one_are_capped():
+    jpeg = encode(solid((9, 9, 9), (32, 32)), "JPEG")
+    comments = b"\xff\xfe\x00\x02"  # an empty COM segment: Pillow parses each in Python
+    assert decode_image(jpeg[:2] + comments * 50 + jpeg[2:]).size == (32, 32)
+    with pytest.raises(PostError) as info:
+        decode_image(jpeg[:2] + comments * (MAX_JPEG_HEADER_SEGMENTS + 1) + jpeg[2:])
+    assert info.value.kind == "decompression_bomb" and "header segments" in info.value.reason
+
+    png = encode(solid((9, 9, 9), (32, 32)), "PNG")
+    empty = struct.pack(">I", 0) + b"teXt" + struct.pack(">I", zlib.crc32(b"teXt"))
+    after_ihdr = 8 + 25
+    assert decode_image(png[:after_ihdr] + empty * 50 + png[after_ihdr:]).size == (32, 32)
+    with pytest.raises(PostError) as info:
+        decode_image(png[:after_ihdr] + empty * MAX_PNG_CHUNKS + png[after_ihdr:])
+    assert info.value.kind == "decompression_bomb" and "chunks" in info.value.reason
+
+
+def test_a_text_chunk_that_inflates_past_pillows_limit_is_a_bomb_not_corruption():
+    from PIL import PngImagePlugin
+
+    png = encode(solid((9, 9, 9), (32, 32)), "PNG")
+    body = b"k\x00\x00" + zlib.compress(b"a" * (PngImagePlugin.MAX_TEXT_CHUNK + 10))
+    ztxt = (
+        struct.pack(">I", len(body))
+        + b"zTXt"
+        + body
+        + struct.pack(">I", zlib.crc32(b"zTXt" + body))
+    )
+    for at in (8 + 25, len(png) - 12):  # before the pixels (read at open) and after (at load)
+        with pytest.raises(PostError) as info:
+            decode_image(png[:at] + ztxt + png[at:])
         assert info.value.kind == "decompression_bomb"
 
 

@@ -210,13 +210,13 @@ def mutate_fields(rng: random.Random, ev: dict) -> dict:
 
 
 def dumps(rng: random.Random, ev: dict) -> str:
-    """JSON text; non-finite floats come out as the NaN/Infinity literals json.loads accepts."""
+    """JSON text; non-finite floats come out as NaN/Infinity literals, which parse_event refuses."""
     return json.dumps(ev, ensure_ascii=rng.random() < 0.5)
 
 
 def text_mutation(rng: random.Random, ev: dict) -> str:
     r = rng.random()
-    if r < 0.2:  # duplicate keys: the last one wins in json.loads
+    if r < 0.2:  # duplicate keys: refused (json.loads alone keeps the last)
         field = rng.choice(["post_id", "posted_at", "image_b64"])
         dup = json.dumps(rng.choice([*ODD_VALUES, rand_posted_at(rng)]))
         return dumps(rng, ev)[:-1] + f', "{field}": {dup}}}'
@@ -320,7 +320,8 @@ def test_posted_at_bounds_and_odd_offsets_in_the_fuzzer_corpus():
     assert not accepted("2099-12-31T00:01:00-23:59")  # 2100-01-01T00:00Z
     assert not accepted("9999-12-31T23:59:59-23:59")
     assert not accepted("0001-01-01T00:00:00+00:01")
-    assert not accepted("2016-12-31T23:59:60Z")  # leap seconds are not representable
+    assert accepted("2016-12-31T23:59:60Z")  # a leap second reads as the second before
+    assert not accepted("1969-12-31T23:59:60Z")  # ... which is still before 1970
     assert not accepted("２０２６-01-01T00:00:00Z")
 
 

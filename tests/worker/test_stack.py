@@ -154,6 +154,16 @@ def test_cli_status_and_up_use_the_ports_up_recorded(tmp_path: Path) -> None:
                 lines = clash.stderr.strip().splitlines()
                 assert len(lines) == 1 and needle in lines[0], clash.stderr
         assert _cli("status", *state, "--kafka-port", str(kafka_port)).returncode == 0
+
+        # the same ports from a state directory that started nothing: say so, stop nothing
+        other = ["--state-dir", str(tmp_path / "other"), "--kafka-port", str(kafka_port),
+                 "--redis-port", str(redis_port)]  # fmt: skip
+        for action, code in (("down", 0), ("status", 3)):
+            run = _cli(action, *other)
+            assert run.returncode == code, run.stderr
+            assert "started nothing there" in run.stderr and str(kafka_port) in run.stderr
+        assert "nothing was running from" in _cli("down", *other).stdout
+        assert _cli("status", *state).returncode == 0  # still up
     finally:
         down = _cli("down", *state)  # no port flags either
     assert down.returncode == 0, down.stderr

@@ -32,7 +32,7 @@ from worker.trends import (
     trend_key,
     window_keys,
 )
-from worker.trends_format import csv_cell, shown
+from worker.trends_format import csv_cell, shown, utc_z
 
 MIN_TTL = 48 * 3600
 HOUR_TTL = 30 * 24 * 3600
@@ -314,6 +314,27 @@ def test_cli_compare_keeps_its_window_when_the_previous_one_is_gone(r: redis.Red
     assert payload["total"] == 2 and payload["previous"]["total"] is None
     assert payload["complete"] is True and "note:" not in out.stderr
     assert {row["name"]: row["previous"] for row in payload["top"]} == {"BMW": None, "Audi": None}
+
+
+@pytest.mark.integration
+def test_cli_compare_shifts_to_whole_hours_and_says_what_it_left_out(r: redis.Redis) -> None:
+    url = r.connection_pool.connection_kwargs
+    redis_url = f"redis://{url['host']}:{url['port']}/{url['db']}"
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    at = hour + timedelta(minutes=30)  # half an hour into a past hour
+    _write(
+        r,
+        [(hour - timedelta(minutes=90), "BMW", None), (hour + timedelta(minutes=10), "Audi", None)],
+    )
+    out = _trends("--redis-url", redis_url, "--window", "3d", "--compare", "--json",
+                  "--at", utc_z(at))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)
+    # 3-6 days back the minute buckets are gone: whole hours up to `hour` compare instead,
+    # which counts BMW and leaves out Audi's minutes after the hour, and the note says so
+    assert payload["at"] == utc_z(hour - timedelta(minutes=1))
+    assert {row["name"]: row["count"] for row in payload["top"]} == {"BMW": 1}
+    assert "comparing the whole hours" in out.stderr and "leaves out the 31 minute(s)" in out.stderr
 
 
 @pytest.mark.integration

@@ -17,7 +17,7 @@ from worker.errors import PostError
 from worker.pipeline import Pending, commit_offsets, make_outputs
 from worker.postprocess import classify, softmax
 from worker.prepare import Prepared
-from worker.schemas import MAX_JSON_DEPTH, Prediction, parse_event
+from worker.schemas import MAX_JSON_DEPTH, MAX_JSON_VALUES, Prediction, parse_event
 from worker.settings import WorkerSettings
 
 
@@ -190,6 +190,37 @@ def test_many_shallow_brackets_are_not_mistaken_for_deep_nesting():
     # more opening brackets than the limit (so the token scan runs), but never deeper than 2
     ev = parse_event(_raw({**GOOD, "extra": [[i] for i in range(50)]}), 10_000)
     assert ev.post_id == "p1"
+
+
+def test_values_past_the_limit_are_refused_and_the_walk_stops_there():
+    wide = _raw({**GOOD, "extra": [[] for _ in range(MAX_JSON_VALUES)]})
+    with pytest.raises(PostError) as info:
+        parse_event(wide, len(wide))
+    assert (
+        info.value.kind == "invalid_json" and f"over {MAX_JSON_VALUES} values" in info.value.reason
+    )
+    assert parse_event(_raw({**GOOD, "extra": list(range(MAX_JSON_VALUES // 2))}), 10**6)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        # which post_id would win depends on the parser: refuse rather than guess
+        ('{"post_id": "a", "post_id": "b", "image_b64": "x", "posted_at": "%s"}', "'post_id'"),
+        ('{"post_id": "a", "image_b64": "x", "posted_at": "%s", "m": {"k": 1, "k": 2}}', "'k'"),
+        ('{"post_id": "a", "image_b64": "x", "posted_at": "%s", "score": NaN}', "NaN"),
+        ('{"post_id": "a", "image_b64": "x", "posted_at": "%s", "score": -Infinity}', "Infinity"),
+    ],
+)
+def test_duplicate_keys_and_non_standard_constants_are_not_json(text, needle):
+    with pytest.raises(PostError) as info:
+        parse_event((text % GOOD["posted_at"]).encode(), 10_000)
+    assert info.value.kind == "invalid_json" and needle in info.value.reason
+
+
+def test_a_leap_second_is_read_as_the_second_before():
+    ev = parse_event(_raw({**GOOD, "posted_at": "2016-12-31T23:59:60.5Z"}), 10_000)
+    assert ev.posted_at == datetime(2016, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC)
 
 
 # --- post-processing -----------------------------------------------------------------------
