@@ -26,6 +26,21 @@ class PostError(Exception):
     """A post that goes to the dead-letter topic instead of being classified."""
 
     def __init__(self, kind: ErrorKind, reason: str):
+        reason = printable(reason)[:500]
         super().__init__(f"{kind}: {reason}")
         self.kind = kind
-        self.reason = reason[:500]
+        self.reason = reason
+
+
+def printable(text: str) -> str:
+    """`text` with every non-printable character as its escape (``\\x1b``, ``\\ud800``).
+
+    Reasons quote what a post sent (a server's status line, a field's value) and travel as a
+    DLQ header, a log line and a metric-free label: raw bytes or terminal escapes have no place
+    there, and a lone surrogate cannot even be encoded as UTF-8.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )

@@ -54,6 +54,9 @@ def configure_logging(
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
+    # Python warnings (Pillow's "Corrupt EXIF data" for a post's bad EXIF block) go through the
+    # same handler, so --log-json output stays one JSON object a line
+    logging.captureWarnings(True)
 
 
 # kafka.net.transport's messages for a failed read (kafka-python 3.0.x)

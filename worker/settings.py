@@ -7,6 +7,7 @@ so they never reach logs, metrics or ``repr``.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import socket
@@ -18,6 +19,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from worker.trends import MAX_TTL_S
 
 Backend = Literal["auto", "tensorrt", "torch-cuda", "torch-cpu", "onnxruntime"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -208,6 +211,45 @@ def unreadable_file_reason(path: str) -> str | None:
     return None
 
 
+MAX_WORKER_ID_CHARS = 200
+_NOT_IN_A_HOST = re.compile(r"[/@?#*\s]|://")
+
+
+def allow_list_host(entry: str) -> str:
+    """An allow-list entry as the fetcher compares hosts: lower case, no trailing dot, IDNA
+    (``bücher.de`` -> ``xn--bcher-kva.de``), an IPv6 literal without brackets; "" to skip.
+
+    Raises ValueError for an entry no URL host could ever equal (a URL, a port, a wildcard),
+    which would otherwise refuse every post of that host as ``url_refused``.
+    """
+    host = entry.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = host.removesuffix(".")
+    if not host:
+        return ""
+    if "*" in host:
+        raise ValueError(
+            f"url_allow_hosts entry {entry!r}: wildcards are not supported; list each host"
+        )
+    if _NOT_IN_A_HOST.search(host):
+        raise ValueError(
+            f"url_allow_hosts entry {entry!r}: a host name like example.com, not a URL"
+        )
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"url_allow_hosts entry {entry!r}: a host name without a port"
+            ) from None
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"url_allow_hosts entry {entry!r}: not a valid host name") from None
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -272,8 +314,13 @@ class WorkerSettings(BaseSettings):
     redis_tls_certfile: str | None = None
     redis_tls_keyfile: str | None = None
     redis_socket_timeout_s: float = Field(5.0, gt=0, le=3600)
-    trend_minute_ttl_s: int = Field(48 * 3600, ge=60, description="TTL of per-minute buckets")
-    trend_hour_ttl_s: int = Field(30 * 24 * 3600, ge=3600, description="TTL of hourly rollups")
+    # at most a century: the trends reader ignores a larger recorded TTL as malformed
+    trend_minute_ttl_s: int = Field(
+        48 * 3600, ge=60, le=MAX_TTL_S, description="TTL of per-minute buckets"
+    )
+    trend_hour_ttl_s: int = Field(
+        30 * 24 * 3600, ge=3600, le=MAX_TTL_S, description="TTL of hourly rollups"
+    )
     dedup_ttl_s: int = Field(
         3600,
         ge=0,
@@ -362,7 +409,11 @@ class WorkerSettings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     log_json: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    worker_id: str = Field(default_factory=default_worker_id)
+    worker_id: str = Field(
+        default_factory=default_worker_id,
+        description="names this replica in results, dead-letter headers and the Kafka client id "
+        "(1-200 printable characters; default host-pid)",
+    )
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -389,6 +440,23 @@ class WorkerSettings(BaseSettings):
 
                 return json.loads(stripped)
             return [h.strip().lower() for h in stripped.split(",") if h.strip()]
+        return value
+
+    @field_validator("url_allow_hosts")
+    @classmethod
+    def _allow_hosts(cls, value: list[str]) -> list[str]:
+        return [host for host in map(allow_list_host, value) if host]
+
+    @field_validator("worker_id")
+    @classmethod
+    def _worker_id(cls, value: str) -> str:
+        # Kafka's client id is a 16-bit length string; headers and logs want one printable line
+        if not value.strip():
+            raise ValueError("worker_id is empty")
+        if len(value) > MAX_WORKER_ID_CHARS:
+            raise ValueError(f"worker_id is {len(value)} characters, at most {MAX_WORKER_ID_CHARS}")
+        if not value.isprintable():
+            raise ValueError(f"worker_id {value[:40]!r} holds a control or separator character")
         return value
 
     @model_validator(mode="after")

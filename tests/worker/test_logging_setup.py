@@ -99,3 +99,27 @@ def test_json_lines_carry_the_worker_id_unless_the_record_names_one(capsys):
         ("hello", "pod-a-p1"),
         ("other", "explicit"),
     ]
+
+
+def test_python_warnings_become_json_log_lines(capsys):
+    import json
+    import warnings
+
+    from worker.logging_setup import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        with warnings.catch_warnings():  # pytest's own capture swaps showwarning: start clean
+            logging.captureWarnings(False)
+            warnings.showwarning = warnings._showwarning_orig
+            configure_logging("INFO", json_lines=True, worker_id="w")
+            warnings.simplefilter("always")
+            warnings.warn("Corrupt EXIF data", UserWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    (line,) = capsys.readouterr().err.splitlines()
+    record = json.loads(line)
+    assert record["logger"] == "py.warnings" and "Corrupt EXIF data" in record["msg"]

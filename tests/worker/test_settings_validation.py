@@ -40,6 +40,46 @@ def test_bad_bootstrap_servers_are_refused(value: str, needle: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("worker_id", "", "empty"),
+        ("worker_id", "  ", "empty"),
+        ("worker_id", "w" * 201, "at most 200"),
+        ("worker_id", "pod-1\nINFO forged", "control"),
+        ("worker_id", "pod\u20281", "separator"),
+        ("trend_hour_ttl_s", 99_999_999_999_999, "less than or equal"),
+        ("trend_minute_ttl_s", 10**12, "less than or equal"),
+        # entries no URL host could ever equal: every post of that host would be url_refused
+        ("url_allow_hosts", "*.example.com", "wildcards"),
+        ("url_allow_hosts", "ok.org,http://example.com/", "not a URL"),
+        ("url_allow_hosts", "example.com/images", "not a URL"),
+        ("url_allow_hosts", "example.com:443", "without a port"),
+        ("url_allow_hosts", "a..b", "not a valid host name"),
+    ],
+)
+def test_settings_no_post_could_satisfy_are_refused(field: str, value: object, needle: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        WorkerSettings(**{field: value})
+    (error,) = info.value.errors()
+    assert error["loc"] == (field,) and needle in error["msg"], error
+
+
+def test_allow_list_entries_are_compared_as_the_fetcher_sees_hosts() -> None:
+    from worker.url_fetch import UrlPolicy, _vet_url
+
+    hosts = "Bücher.de., [2001:DB8::1], CDN.example.com ,"
+    settings = WorkerSettings(url_allow_hosts=hosts)
+    assert settings.url_allow_hosts == ["xn--bcher-kva.de", "2001:db8::1", "cdn.example.com"]
+    policy = UrlPolicy.from_settings(settings)
+    for url in (
+        "https://bücher.de/a.jpg",
+        "http://[2001:db8::1]/a.jpg",
+        "https://cdn.example.com./x",
+    ):
+        assert _vet_url(url, policy)[1] in settings.url_allow_hosts  # not url_refused
+
+
+@pytest.mark.parametrize(
     ("value", "brokers"),
     [
         ("127.0.0.1:9092", ["127.0.0.1:9092"]),

@@ -404,3 +404,11 @@ def test_sasl_without_mechanism_or_credentials_is_refused():
         WorkerSettings(security_protocol="SASL_PLAINTEXT")
     with pytest.raises(ValidationError, match="sasl_username"):
         WorkerSettings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN")
+
+
+def test_a_reason_quoting_raw_bytes_is_printable_and_encodes_as_utf8():
+    error = PostError("url_fetch_failed", "status line: \x00\x10JFIF\x1b[2J\n\ud800 " + "x" * 600)
+    assert error.reason.isprintable() and len(error.reason) == 500
+    assert error.reason.startswith("status line: \\x00\\x10JFIF\\x1b[2J\\n\\ud800 ")
+    error.reason.encode("utf-8")  # a DLQ header value: a lone surrogate would not encode
+    assert PostError("schema", "posted_at: bad").reason == "posted_at: bad"
