@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from training import compare, evaluate, sample, train
-from training.cli import run_guarded, setup_logging
+from training.cli import interrupt_on_sigterm, run_guarded, setup_logging
 from training.cli_errors import OneLineParser
 
 COMMANDS = {
@@ -31,6 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
+    interrupt_on_sigterm()
     return run_guarded(COMMANDS[args.command].main, args)
 
 

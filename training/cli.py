@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -103,6 +104,10 @@ def unit_float(text: str) -> float:
 def check_out_dir(path: Path, flag: str = "--out") -> None:
     """Refuse an output path that cannot become a directory before any work is done, rather
     than with a traceback after an epoch of training."""
+    try:
+        path.resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop: RuntimeError before Python 3.13
+        raise BadArgumentError(f"{flag} {path}: cannot be resolved ({exc})") from None
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
@@ -126,12 +131,37 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler's stop, ``kill``) ends a run like Ctrl-C: KeyboardInterrupt unwinds
+    it, so a checkpoint write in progress removes its temp file, and one line says where the
+    last checkpoint is, instead of the process vanishing mid-write."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def run_guarded(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:
-    """Run a subcommand; bad input becomes one line on stderr and exit code 2."""
+    """Run a subcommand; bad input becomes one line on stderr and exit code 2, a diverged run
+    (FloatingPointError: the loss went NaN) one line and 1, an interruption one line and 130."""
     try:
         main(args)
     except USER_ERRORS as exc:
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         print(f"error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except FloatingPointError as exc:
+        print(f"error: training diverged: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        where = (
+            f"; the last finished epoch's checkpoint, if any, is in {out} (continue with "
+            f"--resume {out})"
+            if out is not None and getattr(args, "command", None) == "train"
+            else ""
+        )
+        print(f"interrupted{where}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0

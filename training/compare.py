@@ -131,7 +131,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     train_cmd.check_train_args(args)  # so is a bad --image-size or --batch-size
     # every arch's --out is checked before the first one trains, not after it
     for arch in archs:
-        train_cmd.check_no_checkpoint_in_out(arch_run_args(args, arch))
+        train_cmd.check_no_checkpoint_in_out(arch_run_args(args, arch), can_resume=False)
     dist_info = init_distributed()  # one process group for all the runs (under torchrun)
     try:
         rows = _compare(args, archs, dist_info)

@@ -9,12 +9,14 @@ continues exactly where the uninterrupted run would be.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import math
 import os
+import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -72,6 +74,11 @@ MIN_IMAGE_SIZE = 32  # a ResNet downsamples 32x: smaller inputs leave nothing fo
 # 18x the usual 224 px: resnet50's first conv output alone is 1 GiB (fp32) per 4096 px image, and
 # training keeps several such maps per image, so a larger size is an extra zero, not a plan
 MAX_IMAGE_SIZE = 4096
+# past these a run can only diverge or overflow (lr x head mult at 1e308 is inf in SGD's update)
+MAX_LR = 10.0
+MAX_HEAD_LR_MULT = 1000.0
+MAX_BATCH_SIZE = 65_536
+LOCK_FILE = ".train.lock"
 
 
 def default_loader_workers() -> int:
@@ -123,8 +130,15 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epochs", type=positive_int, default=30, help="total epochs")
     parser.add_argument("--opt", choices=("sgd", "adamw"), default="sgd", help="optimizer")
-    parser.add_argument("--lr", type=positive_float, default=0.01, help="backbone LR")
-    parser.add_argument("--head-lr-mult", type=positive_float, default=10.0, help="head LR factor")
+    parser.add_argument(
+        "--lr", type=positive_float, default=0.01, help=f"backbone LR, at most {MAX_LR:g}"
+    )
+    parser.add_argument(
+        "--head-lr-mult",
+        type=positive_float,
+        default=10.0,
+        help=f"head LR factor, at most {MAX_HEAD_LR_MULT:g}",
+    )
     parser.add_argument("--momentum", type=unit_float, default=0.9, help="SGD momentum")
     parser.add_argument(
         "--weight-decay", type=non_negative_float, default=1e-4, help="weight decay"
@@ -405,6 +419,14 @@ def check_train_args(args: argparse.Namespace) -> None:
             f"--batch-size {args.batch_size}: must be >= {MIN_BATCH_SIZE} per process "
             "(BatchNorm cannot train on one image)"
         )
+    if args.batch_size > MAX_BATCH_SIZE:
+        raise BadArgumentError(f"--batch-size {args.batch_size}: must be <= {MAX_BATCH_SIZE}")
+    if args.lr > MAX_LR:
+        raise BadArgumentError(f"--lr {args.lr:g}: must be <= {MAX_LR:g}")
+    if args.head_lr_mult > MAX_HEAD_LR_MULT:
+        raise BadArgumentError(
+            f"--head-lr-mult {args.head_lr_mult:g}: must be <= {MAX_HEAD_LR_MULT:g}"
+        )
     if args.warmup_epochs > args.epochs:
         raise BadArgumentError(
             f"--warmup-epochs {args.warmup_epochs}: must be <= --epochs {args.epochs}"
@@ -431,10 +453,11 @@ def class_difference(data_classes: list[dict], ckpt_classes: list[dict]) -> str:
     return "same classes"
 
 
-def check_no_checkpoint_in_out(args: argparse.Namespace) -> None:
+def check_no_checkpoint_in_out(args: argparse.Namespace, can_resume: bool = True) -> None:
     """Refuse to train into an --out that holds a checkpoint, unless this run continues that very
     checkpoint (--resume pointing there) or --overwrite says to replace it: a finished model must
-    not be overwritten by a mistyped command."""
+    not be overwritten by a mistyped command. ``can_resume``: whether the command has --resume
+    to suggest (compare has not)."""
     existing = Path(args.out) / CHECKPOINT_FILE
     if not existing.is_file() or getattr(args, "overwrite", False):
         return
@@ -442,10 +465,53 @@ def check_no_checkpoint_in_out(args: argparse.Namespace) -> None:
         resume = Path(args.resume).resolve()
         if existing.resolve() in (resume, resume / CHECKPOINT_FILE):
             return
+    resume = f"continue it with --resume {args.out}, or " if can_resume else ""
     raise BadArgumentError(
-        f"--out {args.out} already holds {CHECKPOINT_FILE}; continue it with --resume "
-        f"{args.out}, or pass --overwrite to replace it"
+        f"--out {args.out} already holds {CHECKPOINT_FILE}; {resume}pass --overwrite to replace it"
     )
+
+
+def check_out_not_in_data(out: Path, data: Path) -> None:
+    """Refuse an --out inside --data: the plots and checkpoints written there would be read as
+    images of a folder data set on the next run (a class folder gains two PNGs)."""
+    out_real, data_real = out.resolve(), data.resolve()
+    if out_real == data_real or data_real in out_real.parents:
+        raise BadArgumentError(f"--out {out}: inside --data {data}; write checkpoints elsewhere")
+
+
+def hold_out_lock(out: Path) -> IO[str]:
+    """An exclusive lock on ``out/.train.lock`` for this run's life (released when the process
+    ends, however it ends): two runs into one --out would interleave their checkpoints and
+    reports."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held until exit)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise BadArgumentError(
+            f"--out {out}: another training run ({holder}) is writing there; wait for it or "
+            "choose another --out"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def check_resumed_state(optimizer: torch.optim.Optimizer, where: str) -> None:
+    """Every optimizer state tensor the checkpoint restored has its parameter's shape: a wrong
+    one fails only at the first step, mid-epoch, with a shape error from inside torch."""
+    for param, state in optimizer.state.items():
+        for name, value in state.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                raise CheckpointError(
+                    f"{where}: optimizer state {name!r} has shape {tuple(value.shape)} for a "
+                    f"parameter of shape {tuple(param.shape)}"
+                )
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -461,6 +527,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     check_train_args(args)
     check_out_dir(args.out)
     check_utf8_path(args.out)  # TensorBoard's writer needs it as text
+    check_out_not_in_data(args.out, args.data)
+    lock = hold_out_lock(args.out) if dist_info.is_main else None  # noqa: F841 (held for the run)
     check_no_checkpoint_in_out(args)
     device = resolve_device(args.device, dist_info)
     on_cuda = device.type == "cuda"
@@ -506,6 +574,12 @@ def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
             raise BadArgumentError(f"--pretrained {args.pretrained}: {exc}") from exc
     model = model.to(device, memory_format=torch.channels_last) if on_cuda else model.to(device)
 
+    if len(train_idx.samples) < MIN_BATCH_SIZE * dist_info.world_size:
+        raise DatasetError(
+            f"{train_idx.source}: the training split has {len(train_idx.samples)} readable "
+            f"image(s); at least {MIN_BATCH_SIZE * dist_info.world_size} are needed for one "
+            "training step"
+        )
     train_ds = ImageDataset(train_idx.samples, train_transform(spec))
     targets = [s.target for s in train_idx.samples]
     steps = math.ceil(len(train_ds) / (args.batch_size * dist_info.world_size))
@@ -522,15 +596,26 @@ def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     criterion = build_criterion(args, counts).to(device)
     start_epoch, global_step = 0, 0
     if resume_ckpt is not None:
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
-        if scaler is not None and resume_ckpt.get("scaler"):
-            scaler.load_state_dict(resume_ckpt["scaler"])
-        if ema is not None and resume_ckpt.get("ema_state_dict"):
-            ema.module.load_state_dict(resume_ckpt["ema_state_dict"])
-            ema.n_averaged.fill_(int(resume_ckpt.get("ema_n_averaged", 1)))
-        start_epoch = int(resume_ckpt["epoch"]) + 1
-        global_step = int(resume_ckpt.get("global_step", start_epoch * steps))
+        where = f"--resume {args.resume}"
+        try:
+            optimizer.load_state_dict(resume_ckpt["optimizer"])
+            check_resumed_state(optimizer, where)
+            scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
+            if scaler is not None and resume_ckpt.get("scaler"):
+                scaler.load_state_dict(resume_ckpt["scaler"])
+            if ema is not None and resume_ckpt.get("ema_state_dict"):
+                ema.module.load_state_dict(resume_ckpt["ema_state_dict"])
+                ema.n_averaged.fill_(int(resume_ckpt.get("ema_n_averaged", 1)))
+            start_epoch = int(resume_ckpt["epoch"]) + 1
+            global_step = int(resume_ckpt.get("global_step", start_epoch * steps))
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
+            # a tampered or foreign checkpoint: its optimizer, scheduler or counters do not fit
+            reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            raise CheckpointError(
+                f"{where}: its training state does not fit this run: {reason}"
+            ) from None
         log.info("resumed from %s at epoch %d", args.resume, start_epoch)
 
     train_model: nn.Module = model

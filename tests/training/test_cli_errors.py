@@ -207,3 +207,16 @@ def test_an_empty_or_too_long_path_is_refused_naming_its_flag(
     # line: the commands' own entry points use OneLineParser)
     assert f"argument {flag}: " in error and says in error and len(error) < 300
     assert parser.parse_args([*valid, flag, "/x"]) is not None  # the flag itself is accepted
+
+
+def test_a_diverged_run_is_one_line_with_exit_1(capsys):
+    import argparse
+
+    from training.cli import run_guarded
+
+    def diverge(args):
+        raise FloatingPointError("loss is nan at epoch 0; lower --lr")
+
+    assert run_guarded(diverge, argparse.Namespace()) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: training diverged: loss is nan at epoch 0; lower --lr"]

@@ -139,3 +139,114 @@ def test_unreadable_image_under_ddp_skips_the_step_on_every_rank(tiny_sample, tm
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (("--lr", "1e308"), "--lr 1e+308: must be <= 10"),
+        (("--head-lr-mult", "1e308"), "--head-lr-mult 1e+308: must be <= 1000"),
+        (("--batch-size", "99999999999999999999"), "must be <= 65536"),
+    ],
+)
+def test_values_that_can_only_overflow_are_one_line(tiny_sample, tmp_path, extra, needle):
+    proc = run_cli(*tiny_argv(tiny_sample, tmp_path / "out", *extra))
+    assert_one_line_error(proc, needle)
+
+
+def test_out_inside_the_data_or_a_symlink_loop_is_refused(tiny_sample, tmp_path):
+    proc = run_cli(*tiny_argv(tiny_sample, tiny_sample / "data" / "image" / "runs"))
+    assert_one_line_error(proc, "inside --data")
+    assert not (tiny_sample / "data" / "image" / "runs").exists()
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert_one_line_error(
+        run_cli(*tiny_argv(tiny_sample, loop)), f"--out {loop}: cannot be resolved"
+    )
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(tiny_sample, tmp_path):
+    from training.train import hold_out_lock
+
+    out = tmp_path / "out"
+    held = hold_out_lock(out)  # what a first run holds for its life
+    try:
+        proc = run_cli(*tiny_argv(tiny_sample, out))
+        assert_one_line_error(proc, f"--out {out}: another training run (pid {os.getpid()}")
+        assert not (out / "checkpoint.pt").exists()
+    finally:
+        held.close()
+    assert cli_main(tiny_argv(tiny_sample, out)) == 0  # released with its process (here: closed)
+
+
+def test_a_training_split_too_small_for_one_step_is_refused(tiny_sample, tmp_path):
+    split = tiny_sample / "data/train_test_split/classification/train.txt"
+    split.write_text(split.read_text().split()[0] + "\n")
+    proc = run_cli(*tiny_argv(tiny_sample, tmp_path / "out"))
+    assert_one_line_error(proc, "the training split has 1 readable image(s)")
+
+
+def test_checkpoint_files_get_the_umask_modes_not_mkstemps_0600(tiny_sample, tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert cli_main(tiny_argv(tiny_sample, tmp_path / "out")) == 0
+    finally:
+        os.umask(old)
+    for name in ("checkpoint.pt", "labels.json", "metrics.json", "args.json"):
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o644, name
+
+
+def test_damaged_resume_state_is_one_line(tiny_sample, tmp_path):
+    import torch
+
+    out = tmp_path / "out"
+    assert cli_main(tiny_argv(tiny_sample, out, "--epochs", "1")) == 0
+    original = torch.load(out / "checkpoint.pt", weights_only=True)
+    cases = {
+        "momentum": lambda c: c["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(3)),
+        "epoch": lambda c: c.update(epoch="x"),
+        "scheduler": lambda c: c.update(lr_scheduler={}),
+    }
+    for name, damage in cases.items():
+        ckpt = {**original, "optimizer": {**original["optimizer"]}}
+        ckpt["optimizer"]["state"] = {k: dict(v) for k, v in original["optimizer"]["state"].items()}
+        damage(ckpt)
+        damaged = tmp_path / f"damaged-{name}"
+        damaged.mkdir()
+        torch.save(ckpt, damaged / "checkpoint.pt")
+        proc = run_cli(*tiny_argv(tiny_sample, damaged, "--epochs", "2", "--resume", str(damaged)))
+        assert_one_line_error(proc, f"--resume {damaged}")
+
+
+def test_sigterm_mid_run_is_one_line_naming_the_checkpoint_and_leaves_no_temp_file(
+    tiny_sample, tmp_path
+):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training", *tiny_argv(tiny_sample, out, "--epochs", "200")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pt").exists():  # the first epoch is saved
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"interrupted; the last finished epoch's checkpoint, if any, is in {out}")
+    )
+    assert not list(out.glob(".*.tmp"))
