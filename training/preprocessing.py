@@ -11,11 +11,12 @@ No torch here: the worker's decode path imports this module.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,6 +55,17 @@ class PreprocessSpec(BaseModel):
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     layout: Literal["NCHW"] = "NCHW"
     color: Literal["RGB"] = "RGB"
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _finite(cls, value: tuple[float, float, float], info: ValidationInfo) -> tuple:
+        # a zero or NaN std divides every pixel into inf/NaN: every answer the model gives is
+        # then noise, found only by a parity gate after numpy warnings, or not at all
+        if not all(math.isfinite(v) for v in value):
+            raise ValueError(f"{info.field_name} {value} must be finite")
+        if info.field_name == "std" and not all(v > 0 for v in value):
+            raise ValueError(f"std {value} must be > 0")
+        return value
 
     @classmethod
     def for_image_size(cls, image_size: int, **kwargs) -> PreprocessSpec:

@@ -219,3 +219,20 @@ def test_center_crop_offset_is_torchvision_center_crops_rounding():
         assert torch.equal(
             tvf.center_crop(img, [size, size]), img[:, top : top + size, left : left + size]
         )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("std", (0.229, 0.0, 0.225), "must be > 0"),
+        ("std", (0.229, float("nan"), 0.225), "must be finite"),
+        ("mean", (0.485, float("inf"), 0.406), "must be finite"),
+    ],
+)
+def test_a_preprocess_spec_that_would_turn_pixels_into_nan_is_refused(field, value, needle):
+    from pydantic import ValidationError
+
+    from training.preprocessing import PreprocessSpec
+
+    with pytest.raises(ValidationError, match=needle):
+        PreprocessSpec(**{field: value})
