@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -19,8 +20,16 @@ class ConnectTimeoutError(Exception):
     """A Kafka client was still connecting past its deadline (a TLS handshake never answered)."""
 
 
-def within_deadline(factory: Callable[[], T], timeout_s: float) -> T:
-    """factory() in a daemon thread; ConnectTimeoutError if it has not returned in timeout_s.
+class ConnectInterruptedError(Exception):
+    """A stop was requested (SIGTERM, Ctrl-C) while a Kafka client was still connecting."""
+
+
+def within_deadline(
+    factory: Callable[[], T], timeout_s: float, stop: threading.Event | None = None
+) -> T:
+    """factory() in a daemon thread; ConnectTimeoutError if it has not returned in timeout_s,
+    ConnectInterruptedError as soon as `stop` is set (a bootstrap retrying an absent broker would
+    otherwise hold a Ctrl-C for up to its whole timeout).
 
     kafka-python 3.0 bounds its bootstrap by bootstrap_timeout_ms except for the TLS handshake,
     which it awaits with no deadline: a peer that accepts and never answers (SSL to a listener
@@ -37,9 +46,14 @@ def within_deadline(factory: Callable[[], T], timeout_s: float) -> T:
 
     thread = threading.Thread(target=build, name="kafka-connect", daemon=True)
     thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise ConnectTimeoutError(f"no answer within {timeout_s:g}s")
+    deadline = time.monotonic() + timeout_s
+    while thread.is_alive():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConnectTimeoutError(f"no answer within {timeout_s:g}s")
+        if stop is not None and stop.wait(min(left, 0.1)):
+            raise ConnectInterruptedError("stop requested while connecting")
+        thread.join(min(left, 0.1) if stop is None else 0)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]

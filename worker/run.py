@@ -414,7 +414,12 @@ def _connect(settings: WorkerSettings, stop: threading.Event) -> tuple[Any, Any]
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.errors import KafkaConfigurationError, RetriableError
 
-    from worker.connections import ConnectTimeoutError, kafka_common_config, within_deadline
+    from worker.connections import (
+        ConnectInterruptedError,
+        ConnectTimeoutError,
+        kafka_common_config,
+        within_deadline,
+    )
 
     common = kafka_common_config(settings)
     common["bootstrap_timeout_ms"] = int(settings.kafka_connect_timeout_s * 1000)
@@ -425,7 +430,7 @@ def _connect(settings: WorkerSettings, stop: threading.Event) -> tuple[Any, Any]
         consumer = None
         try:
             consumer = within_deadline(
-                functools.partial(KafkaConsumer, **common, **consumer_opts), deadline_s
+                functools.partial(KafkaConsumer, **common, **consumer_opts), deadline_s, stop
             )
             producer = within_deadline(
                 functools.partial(
@@ -438,8 +443,14 @@ def _connect(settings: WorkerSettings, stop: threading.Event) -> tuple[Any, Any]
                     max_request_size=DLQ_MAX_REQUEST_BYTES,
                 ),
                 deadline_s,
+                stop,
             )
             return consumer, producer
+        except ConnectInterruptedError:
+            log.info("stop requested while connecting to Kafka; exiting")
+            if consumer is not None:
+                consumer.close(autocommit=False)
+            return 0
         except ConnectTimeoutError as exc:
             # the hung client cannot be closed or retried in this process: exit, and let the
             # orchestrator restart the replica with a clean one

@@ -340,7 +340,7 @@ def test_a_tls_handshake_nobody_answers_exits_1_with_one_line(worker_bundle_dir)
 def test_within_deadline_returns_raises_or_times_out():
     import threading
 
-    from worker.connections import ConnectTimeoutError, within_deadline
+    from worker.connections import ConnectInterruptedError, ConnectTimeoutError, within_deadline
 
     assert within_deadline(lambda: 42, 5) == 42
     with pytest.raises(KeyError, match="boom"):
@@ -348,6 +348,12 @@ def test_within_deadline_returns_raises_or_times_out():
     never = threading.Event()
     with pytest.raises(ConnectTimeoutError, match=r"no answer within 0\.1s"):
         within_deadline(never.wait, 0.1)
+    # a stop while connecting ends the wait at once, not at the deadline
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    with pytest.raises(ConnectInterruptedError):
+        within_deadline(never.wait, 60, stop)
+    assert within_deadline(lambda: 7, 5, threading.Event()) == 7
     never.set()
 
 
