@@ -15,9 +15,12 @@ from engine_build.build import (
     BUILD_BACKENDS,
     MAX_BATCH,
     PRECISIONS,
+    THREADS_PER_CPU,
     BuildError,
     ParityGateError,
     build_bundle,
+    failed_report_path,
+    max_threads,
 )
 from engine_build.bundle import BundleError
 from engine_build.onnx_export import MAX_OPSET, MIN_OPSET
@@ -161,7 +164,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads of the parity runs (ONNX Runtime, torch-cpu bf16), >= 1",
+        help="CPU threads of the parity runs (ONNX Runtime, torch-cpu bf16), >= 1 and at most "
+        f"{THREADS_PER_CPU} per CPU this process may use ({max_threads()} here)",
     )
     parser.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
@@ -211,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"python -m engine_build: error: {exc}", file=sys.stderr)
         return 2
     except ParityGateError as exc:
-        report = args.out.with_name(f"{args.out.name}.parity-failed.json")
+        report = failed_report_path(args.out)  # `--out .` has no name of its own
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(exc.report, indent=2) + "\n")
         print(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from engine_build import heldout
 from engine_build.bundle import PARITY_FILE, Bundle, load_bundle, sha256_file
@@ -38,9 +39,11 @@ from engine_build.runtime.onnxruntime_engine import OnnxRuntimeEngine
 from training.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
+    current_umask,
     load_checkpoint,
     model_from_checkpoint,
     preprocess_spec_of,
+    recorded_crop,
 )
 from training.preprocessing import PreprocessSpec
 
@@ -58,6 +61,31 @@ MAX_BATCH = 4096
 # go into the manifest and every result message, where they would break lines or logs
 _UNPRINTABLE = ("Cc", "Zl", "Zp")
 MAX_LABEL_CHARS = 128  # the post_id's bound too: a label, not a document
+# --threads above this many per usable CPU only oversubscribes the cores (ONNX Runtime's spinning
+# pool: 1024 threads on 2 CPUs made a 9 s build take 100 s; 100000 never finished)
+THREADS_PER_CPU = 4
+LEVELS = ("model", "make")
+# each class entry's manifest fields and what Label accepts in them, for one-line refusals
+LABEL_FIELDS = {
+    "make": "text",
+    "model": "text",
+    "make_id": "an integer, text or absent",
+    "model_id": "an integer, text or absent",
+}
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, e.g. a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def max_threads() -> int:
+    """The largest --threads accepted here: the parity runs happen on this machine, and more
+    threads than its CPUs can only slow them down."""
+    return THREADS_PER_CPU * usable_cpus()
 
 
 def check_label_text(flag: str, value: str | None) -> None:
@@ -152,6 +180,11 @@ class BuildOptions:
                 )
         if self.threads is not None and self.threads < 1:
             raise BuildError(f"--threads must be >= 1; got {self.threads}")
+        if self.threads is not None and self.threads > max_threads():
+            raise BuildError(
+                f"--threads {self.threads}: at most {max_threads()} ({THREADS_PER_CPU} per CPU, "
+                f"{usable_cpus()} CPUs here); more only oversubscribes the parity runs"
+            )
         if not (self.workspace_gb > 0 and math.isfinite(self.workspace_gb)):
             raise BuildError(f"--workspace-gb must be > 0; got {self.workspace_gb}")
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -300,16 +333,114 @@ def _check_not_checkpoint(out_dir: Path, checkpoint_dir: Path) -> None:
     )
 
 
-def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move the finished bundle into place; a reader never sees a half-written directory."""
-    if out_dir.exists():
-        _check_out(out_dir, overwrite)  # again: --out may have changed during the build
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
+def resolved(flag: str, path: Path) -> Path:
+    """``path`` made absolute with its symlinks followed; a symlink loop is a BuildError naming
+    the flag, not Path.resolve's RuntimeError (OSError from Python 3.13)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as exc:
+        raise BuildError(f"{flag} {path}: cannot be resolved ({exc})") from None
+
+
+def failed_report_path(out_dir: Path) -> Path:
+    """Where a failed gate's report goes: ``<out>.parity-failed.json`` beside --out, named from
+    the resolved path so that ``--out .`` (which has no name) works too."""
+    target = resolved("--out", out_dir)
+    return target.with_name(f"{target.name}.parity-failed.json")
+
+
+def checkpoint_labels(ckpt: dict, source: Path) -> tuple[list[Label], str]:
+    """The manifest's labels and level, checked before any expensive work.
+
+    ``load_checkpoint`` accepts a ``level`` of None and class entries of any shape; the manifest
+    does not, and would otherwise fail with a pydantic traceback after the export and parity runs.
+    """
+    level = ckpt.get("level", "model")
+    if level not in LEVELS:
+        raise BuildError(f"checkpoint {source}: level {level!r} is not one of {', '.join(LEVELS)}")
+    labels = []
+    for i, c in enumerate(ckpt["classes"]):
+        try:
+            labels.append(Label(**{k: c.get(k) for k in LABEL_FIELDS}))
+        except ValidationError as exc:
+            field = str(exc.errors()[0]["loc"][0])
+            raise BuildError(
+                f"checkpoint {source}: classes[{i}].{field} is "
+                f"{repr(c[field]) if field in c else 'missing'}, must be "
+                f"{LABEL_FIELDS[field]}"
+            ) from None
+    return labels, level
+
+
+def _open_modes(root: Path) -> None:
+    """Give the bundle the modes a plain mkdir/open would have (0o777/0o666 less the umask).
+
+    mkdtemp makes the build folder 0700 (and a helper's mkstemp makes files 0600): renamed into
+    place as is, a worker running as another uid (the image's 10001) could not read the bundle.
+    """
+    mask = current_umask()
+    for dirpath, _dirs, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
+def _fill(tmp: Path, target: Path) -> None:
+    """Move the finished files into an existing empty --out, which is used as is (it may be the
+    shell's working directory or a mount point): manifest.json goes last, so a reader sees no
+    bundle until every artifact is in place."""
+    names = [*sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST_FILE), MANIFEST_FILE]
+    moved = []
+    try:
+        for name in names:
+            shutil.move(tmp / name, target / name)
+            moved.append(name)
+    except BaseException:
+        for name in moved:  # never leave a half bundle that a rerun would refuse as foreign
+            (target / name).unlink(missing_ok=True)
+        raise
+
+
+def _install(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished bundle into place (``target`` resolved); a reader never sees a
+    half-written bundle."""
+    if target.exists():
+        _check_out(target, overwrite)  # again: --out may have changed during the build
+        if target.is_dir() and not any(target.iterdir()):
+            _fill(tmp, target)
+            return
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, out_dir)
+        os.replace(tmp, target)
+
+
+def _warn_about_crop(ckpt: dict, source: Path, parity_data: Path | None) -> str:
+    """The crop the checkpoint was trained with; WARNING when it is not the whole photo.
+
+    A model trained on bounding-box crops is served whole photos (posts carry no boxes), while
+    its default parity images are box crops: parity.json then overstates its accuracy in service.
+    """
+    crop = recorded_crop(ckpt)
+    if crop != "full":
+        measured = (
+            "on the images in --parity-data"
+            if parity_data is not None
+            else f"on {crop} crops of the held-out split"
+        )
+        log.warning(
+            "checkpoint %s was trained with --crop %s, but the worker classifies whole photos "
+            "(posts carry no boxes): parity is measured %s, and accuracy on real posts may be "
+            "much lower; retrain with --crop full to serve whole photos",
+            source,
+            crop,
+            measured,
+        )
+    return crop
 
 
 def build_bundle(checkpoint_dir: Path | str, out_dir: Path | str, **options) -> Path:
@@ -334,10 +465,15 @@ def build_bundle(checkpoint_dir: Path | str, out_dir: Path | str, **options) -> 
                 "bf16 engine cannot be checked here; build on the CPU type the workers run on"
             )
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    resolved("--checkpoint", checkpoint_dir)
+    target = resolved("--out", out_dir)  # `.` has no name nor a parent of its own
     try:
         ckpt = load_checkpoint(checkpoint_dir)
     except CheckpointError as exc:
         raise BuildError(str(exc)) from exc
+    ckpt_file = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir.is_dir() else checkpoint_dir
+    labels, level = checkpoint_labels(ckpt, ckpt_file)
+    crop = _warn_about_crop(ckpt, ckpt_file, opts.parity_data)
     _check_not_checkpoint(out_dir, checkpoint_dir)
     _check_out(out_dir, opts.overwrite)
     no_trt = _tensorrt_wanted(opts)
@@ -370,24 +506,29 @@ def build_bundle(checkpoint_dir: Path | str, out_dir: Path | str, **options) -> 
             {
                 "reference": "pytorch-fp32",
                 "parity_source": parity_set.source,
+                "training_crop": crop,
                 "reference_non_finite_images": broken,
                 "artifacts": {},
             },
         )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.building-"))
+    # a sibling of the resolved --out: inside it (`--out .`) the build would fill the very
+    # directory it must find empty
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
     try:
         manifest, report = _build_into(
-            tmp, ckpt, model, spec, opts, parity_set, reference, no_trt, checkpoint_dir
+            tmp, ckpt, model, spec, opts, parity_set, reference, no_trt, ckpt_file, labels, level
         )
+        report["training_crop"] = crop
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
         (tmp / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
         load_bundle(tmp)  # the bundle we hand over must pass the worker's own checks
-        _install(tmp, out_dir, opts.overwrite)
+        _open_modes(tmp)
+        _install(tmp, target, opts.overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("bundle written to %s", out_dir)
+    log.info("bundle written to %s", target)
     return out_dir
 
 
@@ -400,19 +541,16 @@ def _build_into(
     parity_set: ParitySet,
     reference: np.ndarray,
     no_trt: str | None,
-    checkpoint_dir: Path,
+    ckpt_file: Path,
+    labels: list[Label],
+    level: str,
 ) -> tuple[Manifest, dict]:
     profile = opts.profile
-    labels = [
-        Label(**{k: c.get(k) for k in ("make", "model", "make_id", "model_id")})
-        for c in ckpt["classes"]
-    ]
-    ckpt_file = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir.is_dir() else checkpoint_dir
     draft = Manifest(
         model_name=opts.model_name or f"carstream-{ckpt['arch']}",
         model_version=opts.model_version or default_model_version(ckpt),
         arch=ckpt["arch"],
-        level=ckpt.get("level", "model"),
+        level=level,
         num_classes=int(ckpt["num_classes"]),
         labels=labels,
         preprocess=spec,

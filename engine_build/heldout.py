@@ -13,9 +13,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import UnidentifiedImageError
 
 from engine_build.parity import (
+    UNREADABLE,
     ParityDataError,
     ParitySet,
     evenly_spaced,
@@ -72,7 +72,7 @@ def training_parity_set(ckpt: dict, spec: PreprocessSpec, limit: int) -> ParityS
     for sample in chosen:
         try:
             arrays.append(preprocess_image(load_image(sample), spec))
-        except (OSError, UnidentifiedImageError) as exc:
+        except UNREADABLE as exc:
             log.warning("skipping unreadable parity image %s: %s", sample.path, exc)
             continue
         labels.append(to_ckpt[sample.target])

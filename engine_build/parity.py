@@ -9,12 +9,16 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 
 from training.preprocessing import PreprocessSpec, oriented_rgb, preprocess_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+# what PIL raises for an image it will not decode (DecompressionBombError: over twice
+# Image.MAX_IMAGE_PIXELS, e.g. a 20000x20000 PNG): skipped like any other bad parity image
+UNREADABLE = (OSError, UnidentifiedImageError, DecompressionBombError)
 
 
 class ParityDataError(ValueError):
@@ -57,13 +61,13 @@ def load_images(
     files: list[Path], labels: list[int], spec: PreprocessSpec, source: str
 ) -> ParitySet:
     """Preprocess ``files`` exactly as the worker will (EXIF orientation and alpha included);
-    unreadable files are skipped and logged."""
+    unreadable files (and decompression bombs) are skipped and logged."""
     arrays, kept = [], []
     for file, label in zip(files, labels, strict=True):
         try:
             with Image.open(file) as img:
                 arrays.append(preprocess_image(oriented_rgb(img), spec))
-        except (OSError, UnidentifiedImageError) as exc:
+        except UNREADABLE as exc:
             log.warning("skipping unreadable parity image %s: %s", file, exc)
             continue
         kept.append(label)
@@ -75,11 +79,18 @@ def load_images(
 def image_dir_parity_set(
     root: Path, classes: list[dict], spec: PreprocessSpec, limit: int
 ) -> ParitySet:
-    """Images under ``root``; a parent folder named after a class labels them."""
+    """Images under ``root``; a parent folder named after a class labels them.
+
+    Only regular files (symlinks to them included) count: opening a FIFO named ``zz.jpg`` blocks
+    until a writer appears, i.e. forever, and a directory or device named like an image is none.
+    """
     root = Path(root)
     if not root.is_dir():
         raise ParityDataError(f"--parity-data: not a directory: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    named = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+    files = sorted(p for p in named if p.is_file())
+    for p in sorted(set(named) - set(files)):
+        log.warning("skipping parity path %s: not a regular file", p)
     if not files:
         raise ParityDataError(
             f"--parity-data: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}"

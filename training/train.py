@@ -528,7 +528,6 @@ def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     check_out_dir(args.out)
     check_utf8_path(args.out)  # TensorBoard's writer needs it as text
     check_out_not_in_data(args.out, args.data)
-    lock = hold_out_lock(args.out) if dist_info.is_main else None  # noqa: F841 (held for the run)
     check_no_checkpoint_in_out(args)
     device = resolve_device(args.device, dist_info)
     on_cuda = device.type == "cuda"
@@ -633,8 +632,12 @@ def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
         amp=amp,
         preprocess=spec.model_dump(),
     )
+    lock = None
     if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        # taken once the data and model are ready, so a bad data set leaves no --out behind;
+        # checked again under the lock: another run may have finished there since the start
+        lock = hold_out_lock(out)
+        check_no_checkpoint_in_out(args)
         atomic_write_json(out / ARGS_FILE, record)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -746,6 +749,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     )
     write_reports(out, metrics, counts, classes)
     writer.close()
+    if lock is not None:
+        lock.close()  # the run's files are complete: another run may take --out now
     print(
         f"{args.arch} on {train_idx.source}: top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f} "
         f"make-top1 {metrics['make_top1']:.4f} ({len(classes)} classes, chance "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from engine_build.__main__ import get_args_parser, main
-from engine_build.build import MAX_BATCH, BuildError, BuildOptions
+from engine_build.build import MAX_BATCH, BuildError, BuildOptions, max_threads
 
 
 def run_main(tmp_path, *options: str) -> int:
@@ -30,6 +30,8 @@ def run_main(tmp_path, *options: str) -> int:
         (["--model-version", ""], "--model-version ''"),
         (["--model-name", "x" * 129], "129 characters, at most 128"),
         (["--model-version", "1" * 5000], "5000 characters, at most 128"),
+        (["--threads", "100000"], f"--threads 100000: at most {max_threads()}"),
+        (["--threads", str(max_threads() + 1)], f"--threads {max_threads() + 1}"),
     ],
 )
 def test_refused_in_one_line_before_any_work(tmp_path, capsys, options, needle):
@@ -46,6 +48,7 @@ def test_refused_in_one_line_before_any_work(tmp_path, capsys, options, needle):
         {"max_batch": MAX_BATCH, "opt_batch": 32},
         {"model_name": "carstream-r50 (Ünïcode ok)", "model_version": "2024.06 rc1"},
         {"model_name": "n" * 128, "model_version": "v" * 128},
+        {"threads": max_threads()},
     ],
 )
 def test_sane_values_still_pass(options):
@@ -60,6 +63,7 @@ def test_python_api_refuses_a_blank_name_too():
 def test_bounds_are_in_the_help():
     helps = {a.dest: a.help for a in get_args_parser()._actions}
     assert str(MAX_BATCH) in helps["max_batch"]
+    assert f"({max_threads()} here)" in helps["threads"]
     assert "control characters" in helps["model_name"]
     assert "control characters" in helps["model_version"]
     assert "128" in helps["model_name"] and "128" in helps["model_version"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,24 +75,45 @@ class DatasetIndex:
         return counts
 
 
-def is_readable_image(path: Path) -> bool:
-    """Cheap integrity check (header + structure, no full decode) used to skip corrupt files."""
+def image_problem(path: Path) -> str | None:
+    """Why an image cannot be used, from a cheap check (header + structure, no full decode); None
+    when it looks readable.
+
+    An image over Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``: Pillow warns above it and
+    refuses above twice it) counts as unreadable too: decoding it would take gigabytes, and the
+    worker refuses such images as well.
+    """
     try:
-        with Image.open(path) as img:
-            img.verify()
-        return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return f"over the pixel limit ({_first_line(exc)})"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        return f"corrupt ({_first_line(exc)})"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def is_readable_image(path: Path) -> bool:
+    """Cheap integrity check used to skip corrupt or oversized files (see ``image_problem``)."""
+    return image_problem(path) is None
 
 
 def filter_corrupt(samples: list[Sample], strict: bool) -> tuple[list[Sample], int]:
     """Drop unreadable images (counted), or raise on the first with ``strict``."""
     kept: list[Sample] = []
     for s in samples:
-        if is_readable_image(s.path):
+        problem = image_problem(s.path)
+        if problem is None:
             kept.append(s)
         elif strict:
-            raise DatasetError(f"corrupt image (--strict): {s.path}")
+            raise DatasetError(f"unusable image (--strict): {s.path}: {problem}")
         else:
-            log.warning("skipping corrupt image %s", s.path)
+            log.warning("skipping image %s: %s", s.path, problem)
     return kept, len(samples) - len(kept)

@@ -14,11 +14,11 @@ missing from the archive are skipped and counted.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.io
 
 from training.datasets.base import (
     BBox,
@@ -28,6 +28,8 @@ from training.datasets.base import (
     filter_corrupt,
     mat_cell_text,
 )
+from training.datasets.matfile import names_problem, read_mat
+from training.datasets.splits import read_split, split_warnings, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +57,30 @@ def cell_strings(cell: np.ndarray) -> list[str]:
     return [mat_cell_text(item) for item in np.asarray(cell, dtype=object).reshape(-1)]
 
 
-def read_names(mat_path: Path) -> tuple[dict[int, str], dict[int, str]]:
-    """1-based ``make_id -> name`` and ``model_id -> name`` (raw; empty names kept as '')."""
-    try:
-        mat = scipy.io.loadmat(mat_path)
-    except (OSError, ValueError, NotImplementedError, scipy.io.matlab.MatReadError) as exc:
-        raise DatasetError(f"unreadable {mat_path}: {exc}") from exc
-    for key in ("make_names", "model_names"):
+def names_from_mat(mat: dict[str, Any], mat_path: Path) -> dict[str, list[str]]:
+    """``{"makes": [...], "models": [...]}`` (raw; empty names kept as '') from a loaded .mat.
+
+    Both variables must be arrays of names: a struct or any other value in their place is refused,
+    rather than read as nothing and every class labelled ``make N`` / ``model N``.
+    """
+    out = {}
+    for key, field in (("make_names", "makes"), ("model_names", "models")):
         if key not in mat:
             raise DatasetError(f"{mat_path} has no {key!r} variable")
-    makes = {i + 1: n for i, n in enumerate(cell_strings(mat["make_names"]))}
-    models = {i + 1: n for i, n in enumerate(cell_strings(mat["model_names"]))}
+        if problem := names_problem(mat[key]):
+            raise DatasetError(f"{mat_path}: {key} is {problem}")
+        out[field] = cell_strings(mat[key])
+    return out
+
+
+def read_names(mat_path: Path) -> tuple[dict[int, str], dict[int, str]]:
+    """1-based ``make_id -> name`` and ``model_id -> name`` (raw; empty names kept as '').
+
+    Read in a child process (see ``matfile``): a damaged file can crash scipy's reader.
+    """
+    names = read_mat(Path(mat_path), "training.datasets.compcars:names_from_mat")
+    makes = {i + 1: str(n) for i, n in enumerate(names["makes"])}
+    models = {i + 1: str(n) for i, n in enumerate(names["models"])}
     return makes, models
 
 
@@ -80,16 +95,6 @@ def make_labels(makes: dict[int, str]) -> dict[int, str]:
     return {i: (n or f"make {i}") for i, n in makes.items()}
 
 
-def read_split(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DatasetError(f"missing split file {path}")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"split file {path} is not UTF-8 text ({exc.reason})") from exc
-    return [ln.strip() for ln in text.splitlines() if ln.strip()]
-
-
 def parse_split_line(line: str, split_file: Path) -> tuple[int, int]:
     parts = line.split("/")
     try:
@@ -100,16 +105,25 @@ def parse_split_line(line: str, split_file: Path) -> tuple[int, int]:
         ) from exc
 
 
+MAX_COORD = 2**31 - 1  # Pillow's images are at most this many pixels wide or high
+
+
 def read_bbox(label_path: Path) -> BBox | None:
-    """The first box of a label file as 0-based (x1, y1, x2, y2) with exclusive x2/y2.
+    """The first box of a label file as 0-based (x1, y1, x2, y2) with exclusive x2/y2; None when
+    there is no usable one.
 
     The file holds the viewpoint, the box count and ``x1 y1 x2 y2`` in 1-based inclusive pixels.
+    A value that is not a finite number within an image's reach (``inf``, ``nan``, ``1e400``)
+    makes the box unusable like any other malformed one, rather than an OverflowError.
     """
     try:
         lines = label_path.read_text().split("\n")
-        x1, y1, x2, y2 = (int(float(v)) for v in lines[2].split()[:4])
+        values = [float(v) for v in lines[2].split()[:4]]
     except (OSError, IndexError, ValueError):
         return None
+    if len(values) != 4 or not all(math.isfinite(v) and abs(v) <= MAX_COORD for v in values):
+        return None
+    x1, y1, x2, y2 = (int(v) for v in values)
     if x2 < x1 or y2 < y1:
         return None
     return max(x1 - 1, 0), max(y1 - 1, 0), x2, y2
@@ -160,6 +174,9 @@ def load_compcars(
     }
     all_keys = {key for rows in keyed.values() for _, key in rows}
     classes, index = build_classes(all_keys, makes, models, level)
+    rows = {s: [(ln, index[key]) for ln, key in keyed[s]] for s in keyed}
+    for message in split_warnings(split_files, rows, classes):
+        warn_once(message, *split_files.values())
 
     samples: list[Sample] = []
     missing = 0
@@ -181,8 +198,8 @@ def load_compcars(
     if unboxed:
         # a run recorded as crop=bbox that mostly saw whole images would say nothing otherwise
         log.warning(
-            "%s split, --crop bbox: %d of %d images have no usable box (missing or unreadable "
-            "label file, e.g. %s) and are used whole",
+            "%s split, --crop bbox: %d of %d images have no usable box (missing, unreadable or "
+            "malformed label file, e.g. %s) and are used whole",
             split,
             len(unboxed),
             len(samples),

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.io
 
 from training.datasets.base import (
     DatasetError,
@@ -30,7 +29,8 @@ from training.datasets.base import (
     filter_corrupt,
     mat_cell_text,
 )
-from training.datasets.compcars import read_split
+from training.datasets.matfile import cell_problem, read_mat
+from training.datasets.splits import read_split, split_warnings, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -70,23 +70,43 @@ def _cell_id(item: Any) -> int | None:
     return round(number)
 
 
-def read_sv_names(mat_path: Path) -> dict[int, tuple[str, str, int | None]]:
-    """``sv_model_id -> (make, model, web-nature model id or None)``."""
-    try:
-        mat = scipy.io.loadmat(mat_path)
-    except (OSError, ValueError, NotImplementedError, scipy.io.matlab.MatReadError) as exc:
-        raise DatasetError(f"unreadable {mat_path}: {exc}") from exc
+def sv_names_from_mat(mat: dict[str, Any], mat_path: Path) -> list[list[Any]]:
+    """``[make, model, web-nature model id or None]`` per sv row, from a loaded .mat.
+
+    The variable must be an (N, 2+) cell array of names: a struct, a nested cell or any other
+    value in a cell is refused, rather than printed into a label or read as an empty name.
+    """
     keys = [k for k in mat if not k.startswith("__")]
     if not keys:
         raise DatasetError(f"{mat_path} holds no variable")
-    cell = np.asarray(mat["sv_make_model_name"] if "sv_make_model_name" in mat else mat[keys[0]])
+    key = "sv_make_model_name" if "sv_make_model_name" in mat else keys[0]
+    value = mat[key]
+    if not isinstance(value, np.ndarray) or value.dtype.names is not None:
+        raise DatasetError(f"{mat_path}: {key} is a struct, not a cell array of names")
+    if value.dtype.kind not in "OU":
+        raise DatasetError(f"{mat_path}: {key} is an array of {value.dtype}, not a cell array")
+    cell = np.asarray(value)
     if cell.ndim != 2 or cell.shape[1] < 2:
         raise DatasetError(f"{mat_path}: expected an (N, 2+) cell array, got shape {cell.shape}")
-    out = {}
+    if not cell.shape[0]:
+        raise DatasetError(f"{mat_path}: {key} is empty")
+    out = []
     for i, row in enumerate(cell):
+        for j in range(min(cell.shape[1], 3)):
+            if problem := cell_problem(row[j]):
+                raise DatasetError(f"{mat_path}: {key} row {i + 1}, column {j + 1} is {problem}")
         web = _cell_id(row[2]) if cell.shape[1] > 2 else None
-        out[i + 1] = (mat_cell_text(row[0]), mat_cell_text(row[1]), web)
+        out.append([mat_cell_text(row[0]), mat_cell_text(row[1]), web])
     return out
+
+
+def read_sv_names(mat_path: Path) -> dict[int, tuple[str, str, int | None]]:
+    """``sv_model_id -> (make, model, web-nature model id or None)``.
+
+    Read in a child process (see ``matfile``): a damaged file can crash scipy's reader.
+    """
+    rows = read_mat(Path(mat_path), "training.datasets.compcars_sv:sv_names_from_mat")
+    return {i + 1: (str(make), str(model), web) for i, (make, model, web) in enumerate(rows)}
 
 
 def load_compcars_sv(
@@ -101,7 +121,7 @@ def load_compcars_sv(
         rows = []
         for ln in ls:
             head = ln.split("/")[0]
-            if not head.isdigit():
+            if not head.isdecimal():  # isdigit() takes '²', which int() refuses
                 raise DatasetError(f"{root / SPLIT_FILES[s]}: line {ln!r} is not sv_model_id/name")
             rows.append((ln, int(head)))
         keyed[s] = rows
@@ -135,6 +155,10 @@ def load_compcars_sv(
                 }
             )
         index = {i: k for k, i in enumerate(sv_ids)}
+    files = {s: root / f for s, f in SPLIT_FILES.items()}
+    rows = {s: [(ln, index[i]) for ln, i in keyed[s]] for s in keyed}
+    for message in split_warnings(files, rows, classes):
+        warn_once(message, *files.values())
     samples, missing = [], 0
     for ln, i in keyed[split]:
         path = root / "image" / ln
