@@ -31,9 +31,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
-    interrupt_on_sigterm()
     return run_guarded(COMMANDS[args.command].main, args)
 
 
 if __name__ == "__main__":
+    interrupt_on_sigterm()  # the process's own handler; callers of main() keep theirs
     sys.exit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -162,6 +163,7 @@ def run_guarded(main: Callable[[argparse.Namespace], object], args: argparse.Nam
             if out is not None and getattr(args, "command", None) == "train"
             else ""
         )
-        print(f"interrupted{where}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the whole run
+            print(f"interrupted{where}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0

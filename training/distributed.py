@@ -48,6 +48,17 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def refusal_from_main(info: DistInfo, refusal: str | None) -> str | None:
+    """Rank 0's refusal (or None), on every rank: a check only rank 0 can make (the --out lock)
+    must stop all ranks, or the others block in their first all-reduce until torchrun kills
+    them."""
+    if not info.enabled:
+        return refusal
+    box = [refusal]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and info.owner and dist.is_initialized():
         dist.destroy_process_group()

@@ -54,7 +54,13 @@ from training.datasets.image_dataset import (
     UnreadableImages,
     collate_skipping_unreadable,
 )
-from training.distributed import DistInfo, barrier, cleanup, init_distributed
+from training.distributed import (
+    DistInfo,
+    barrier,
+    cleanup,
+    init_distributed,
+    refusal_from_main,
+)
 from training.engine import evaluate, train_one_epoch
 from training.imbalance import (
     MODES,
@@ -474,7 +480,10 @@ def check_no_checkpoint_in_out(args: argparse.Namespace, can_resume: bool = True
 def check_out_not_in_data(out: Path, data: Path) -> None:
     """Refuse an --out inside --data: the plots and checkpoints written there would be read as
     images of a folder data set on the next run (a class folder gains two PNGs)."""
-    out_real, data_real = out.resolve(), data.resolve()
+    try:
+        out_real, data_real = out.resolve(), data.resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop: RuntimeError before Python 3.13
+        raise BadArgumentError(f"--data {data}: cannot be resolved ({exc})") from None
     if out_real == data_real or data_real in out_real.parents:
         raise BadArgumentError(f"--out {out}: inside --data {data}; write checkpoints elsewhere")
 
@@ -517,13 +526,16 @@ def check_resumed_state(optimizer: torch.optim.Optimizer, where: str) -> None:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train; return the final metrics (rank 0) or {} (other ranks)."""
     dist_info = init_distributed()
+    held: list[IO[str]] = []  # the --out lock, released however the run ends
     try:
-        return _train(args, dist_info)
+        return _train(args, dist_info, held)
     finally:
+        for handle in held:
+            handle.close()
         cleanup(dist_info)
 
 
-def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
+def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -> dict[str, Any]:
     check_train_args(args)
     check_out_dir(args.out)
     check_utf8_path(args.out)  # TensorBoard's writer needs it as text
@@ -632,12 +644,19 @@ def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
         amp=amp,
         preprocess=spec.model_dump(),
     )
-    lock = None
+    refusal = None
     if dist_info.is_main:
         # taken once the data and model are ready, so a bad data set leaves no --out behind;
         # checked again under the lock: another run may have finished there since the start
-        lock = hold_out_lock(out)
-        check_no_checkpoint_in_out(args)
+        try:
+            held.append(hold_out_lock(out))
+            check_no_checkpoint_in_out(args)
+        except BadArgumentError as exc:
+            refusal = str(exc)
+    refusal = refusal_from_main(dist_info, refusal)
+    if refusal is not None:
+        raise BadArgumentError(refusal)
+    if dist_info.is_main:
         atomic_write_json(out / ARGS_FILE, record)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -749,8 +768,6 @@ def _train(args: argparse.Namespace, dist_info: DistInfo) -> dict[str, Any]:
     )
     write_reports(out, metrics, counts, classes)
     writer.close()
-    if lock is not None:
-        lock.close()  # the run's files are complete: another run may take --out now
     print(
         f"{args.arch} on {train_idx.source}: top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f} "
         f"make-top1 {metrics['make_top1']:.4f} ({len(classes)} classes, chance "

@@ -163,6 +163,7 @@ def test_out_inside_the_data_or_a_symlink_loop_is_refused(tiny_sample, tmp_path)
     assert_one_line_error(
         run_cli(*tiny_argv(tiny_sample, loop)), f"--out {loop}: cannot be resolved"
     )
+    assert_one_line_error(run_cli(*tiny_argv(loop, tmp_path / "out")), f"--data {loop}: cannot be")
 
 
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(tiny_sample, tmp_path):

@@ -210,6 +210,39 @@ def test_header_segments_and_png_chunks_parsed_one_by_one_are_capped():
     assert info.value.kind == "decompression_bomb" and "chunks" in info.value.reason
 
 
+def _after_app0(data: bytes) -> int:
+    return 4 + int.from_bytes(data[4:6], "big")  # SOI, then APP0's marker and length
+
+
+def test_junk_and_fill_bytes_do_not_hide_segments_scans_or_cost():
+    photo = encode(Image.effect_noise((96, 96), 60).convert("RGB"), "JPEG", progressive=True)
+    cut = _after_app0(photo)
+    # a junk byte (libjpeg and Pillow skip it) must not end the walk: the COM flood behind it
+    # and the progressive frame header (hence the scan count) are still seen
+    comments = b"\xff\xfe\x00\x02" * (MAX_JPEG_HEADER_SEGMENTS + 1)
+    assert "header segments" in structure_cost_problem(
+        photo[:cut] + b"\x00" + comments + photo[cut:]
+    )
+    scans = _with_extra_scans(photo, MAX_JPEG_SCANS + 1)
+    assert "scans" in structure_cost_problem(scans[:cut] + b"\x00" + scans[cut:])
+    # a few junk or fill bytes are what broken encoders write: still decoded
+    assert decode_image(photo[:cut] + b"\x00\x00" + b"\xff" * 8 + photo[cut:]).size == (96, 96)
+    # a flood of fill bytes (Pillow reads each in Python: 8.5 s for 10 MB) is refused
+    flood = photo[:2] + b"\xff" * 1_000_000 + photo[2:]
+    assert "stray bytes" in structure_cost_problem(flood)
+    with pytest.raises(PostError) as info:
+        decode_image(photo[:cut] + bytes(1_000_000) + photo[cut:])
+    assert info.value.kind == "decompression_bomb"
+
+
+def test_a_progressive_motion_photo_is_not_refused_for_ff_da_in_its_video():
+    # data after the image (a motion photo's MP4) holds a chance FF DA every ~64 KB; only SOS
+    # markers with a well-formed header count as scans
+    photo = encode(Image.effect_noise((96, 96), 60).convert("RGB"), "JPEG", progressive=True)
+    trailer = b"".join(b"\x00" * 1000 + b"\xff\xda" + bytes([i % 256, 7]) for i in range(300))
+    assert decode_image(photo + trailer).size == (96, 96)
+
+
 def test_a_text_chunk_that_inflates_past_pillows_limit_is_a_bomb_not_corruption():
     from PIL import PngImagePlugin
 
