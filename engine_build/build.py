@@ -395,12 +395,22 @@ def _fill(tmp: Path, target: Path) -> None:
     moved = []
     try:
         for name in names:
+            moved.append(name)  # before the move: a copy across file systems may stop halfway
             shutil.move(tmp / name, target / name)
-            moved.append(name)
     except BaseException:
         for name in moved:  # never leave a half bundle that a rerun would refuse as foreign
             (target / name).unlink(missing_ok=True)
         raise
+
+
+def _empty_bundle(target: Path) -> None:
+    """Remove a bundle's files from its directory (checked to be a bundle by ``_check_out``)."""
+    (target / MANIFEST_FILE).unlink(missing_ok=True)
+    for child in target.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def _install(tmp: Path, target: Path, overwrite: bool) -> None:
@@ -409,6 +419,13 @@ def _install(tmp: Path, target: Path, overwrite: bool) -> None:
     if target.exists():
         _check_out(target, overwrite)  # again: --out may have changed during the build
         if target.is_dir() and not any(target.iterdir()):
+            _fill(tmp, target)
+            return
+        if target == Path.cwd().resolve() or os.path.ismount(target):
+            # renaming it away would leave the shell in a deleted directory (or fail: EBUSY on
+            # a mount point): empty the old bundle in place, its manifest first so no reader
+            # takes the rest for a bundle, then fill it
+            _empty_bundle(target)
             _fill(tmp, target)
             return
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -29,6 +29,20 @@ _RFC3339 = re.compile(
 )
 
 
+def _leap_second(value: str, offset: str) -> str:
+    """``…:60`` as ``…:59``; only where a leap second can be, the last minute of a UTC day
+    (RFC 3339 5.7: 23:59:60Z, or the same instant in another offset)."""
+    seconds59 = value[:17] + "59" + value[19:]
+    utc_offset = "+00:00" if offset in ("Z", "z") else offset
+    try:
+        at = datetime.fromisoformat(f"{value[:10]}T{value[11:17]}59{utc_offset}").astimezone(UTC)
+    except (ValueError, OverflowError):  # 2026-13-01, year 1 at +01:00: refused below
+        at = None
+    if at is None or (at.hour, at.minute) != (23, 59):
+        raise ValueError(f"posted_at {value[:40]!r}: second 60 exists only at 23:59:60 UTC")
+    return seconds59
+
+
 def in_event_time_range(value: datetime) -> bool:
     """Whether an aware datetime lies in [EARLIEST_POSTED_AT, LATEST_POSTED_AT) UTC."""
     try:
@@ -65,7 +79,7 @@ class PostEvent(BaseModel):
         if match.group("offset") is None:
             raise ValueError("posted_at needs a timezone offset (e.g. Z)")
         if value[17:19] == "60":  # an RFC 3339 leap second: datetime has none, so :59
-            return value[:17] + "59" + value[19:]
+            return _leap_second(value, match.group("offset"))
         return value
 
     @field_validator("posted_at")

@@ -238,12 +238,11 @@ def allow_list_host(entry: str) -> str:
         )
     if ":" in host:
         try:
-            ipaddress.IPv6Address(host)
+            return str(ipaddress.IPv6Address(host))  # compressed, as the fetcher compares
         except ValueError:
             raise ValueError(
                 f"url_allow_hosts entry {entry!r}: a host name without a port"
             ) from None
-        return host
     try:
         return host.encode("idna").decode("ascii")
     except UnicodeError:

@@ -128,7 +128,8 @@ def _vet_url(url: str, policy: UrlPolicy) -> tuple[str, str, int, str]:
     host = (parts.hostname or "").lower().removesuffix(".")
     if not host:
         raise PostError("url_refused", "URL has no host")
-    if _parse_ip_literal(host) is None:
+    literal = _parse_ip_literal(host)
+    if literal is None:
         if all(_NUMERIC_LABEL.fullmatch(label) for label in host.split(".")):
             # 2130706433, 0x7f.1, 0177.0.0.1, 127.1: forms libc reads as addresses but that are
             # not the canonical dotted quad; refused rather than re-implementing inet_aton
@@ -137,7 +138,9 @@ def _vet_url(url: str, policy: UrlPolicy) -> tuple[str, str, int, str]:
             host = host.encode("idna").decode("ascii")  # what DNS and the Host header carry
         except UnicodeError:
             raise PostError("url_refused", f"invalid host name {host!r}") from None
-    if policy.allow_hosts and host not in {h.lower() for h in policy.allow_hosts}:
+    # an IPv6 literal has many spellings (2001:db8:0::1): compared in its compressed form
+    key = host if literal is None else str(literal)
+    if policy.allow_hosts and key not in {h.lower() for h in policy.allow_hosts}:
         raise PostError("url_refused", f"host {host} is not in the allow-list")
     path = quote(parts.path or "/", safe=_PATH_SAFE)
     if parts.query:

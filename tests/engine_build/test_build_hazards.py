@@ -99,6 +99,16 @@ def test_out_dot_in_an_empty_directory_is_used_as_is(
     assert here.stat().st_ino == inode  # the same directory, filled: the shell's cwd still works
     assert load_bundle(here).manifest.arch == "resnet18"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no build folder left
+    # --force over the bundle in the working directory replaces it in place, never renaming
+    # (and then deleting) the directory the shell is in
+    first = load_bundle(here).manifest.created_at
+    assert run_main("--checkpoint", str(checkpoint_dir), "--out", ".", "--force",
+                    "--parity-data", str(parity_dir), "--precision", "fp32",
+                    "--max-batch", "4", "--threads", "2", "--model-version", "v2") == 0  # fmt: skip
+    assert here.stat().st_ino == inode and os.getcwd() == str(here)
+    assert load_bundle(here).manifest.model_version == "v2"
+    assert load_bundle(here).manifest.created_at >= first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
 def test_out_dot_failed_gate_writes_its_report_beside_it(parity_dir, tmp_path, monkeypatch, capsys):

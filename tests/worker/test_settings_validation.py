@@ -67,16 +67,16 @@ def test_settings_no_post_could_satisfy_are_refused(field: str, value: object, n
 def test_allow_list_entries_are_compared_as_the_fetcher_sees_hosts() -> None:
     from worker.url_fetch import UrlPolicy, _vet_url
 
-    hosts = "Bücher.de., [2001:DB8::1], CDN.example.com ,"
+    hosts = "Bücher.de., [2001:DB8:0:0::1], CDN.example.com ,"
     settings = WorkerSettings(url_allow_hosts=hosts)
     assert settings.url_allow_hosts == ["xn--bcher-kva.de", "2001:db8::1", "cdn.example.com"]
     policy = UrlPolicy.from_settings(settings)
     for url in (
         "https://bücher.de/a.jpg",
-        "http://[2001:db8::1]/a.jpg",
+        "http://[2001:db8:0::1]/a.jpg",
         "https://cdn.example.com./x",
     ):
-        assert _vet_url(url, policy)[1] in settings.url_allow_hosts  # not url_refused
+        _vet_url(url, policy)  # url_refused if the allow-list did not match
 
 
 @pytest.mark.parametrize(

@@ -221,6 +221,16 @@ def test_duplicate_keys_and_non_standard_constants_are_not_json(text, needle):
 def test_a_leap_second_is_read_as_the_second_before():
     ev = parse_event(_raw({**GOOD, "posted_at": "2016-12-31T23:59:60.5Z"}), 10_000)
     assert ev.posted_at == datetime(2016, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC)
+    ev = parse_event(_raw({**GOOD, "posted_at": "2017-01-01 00:59:60+01:00"}), 10_000)
+    assert ev.posted_at == datetime(2016, 12, 31, 23, 59, 59, tzinfo=UTC)
+    for elsewhere in (
+        "2026-01-01T12:34:60Z",
+        "2016-12-31T23:59:60+00:30",
+        "0001-01-01T00:59:60+01:00",
+    ):
+        with pytest.raises(PostError) as info:
+            parse_event(_raw({**GOOD, "posted_at": elsewhere}), 10_000)
+        assert info.value.kind == "schema"
 
 
 # --- post-processing -----------------------------------------------------------------------
