@@ -28,8 +28,13 @@ log = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 120.0  # the real file loads in milliseconds; this is for a reader stuck in a loop
 CHILD_MEMORY_BYTES = 2 << 30  # address space the child may add after its imports
-CHILD_CODE = "from training.datasets.matfile import child_main; child_main()"
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding ``training/``
+# appended to sys.path, not put in PYTHONPATH: an installed package's root is site-packages,
+# which must not come before the standard library
+CHILD_CODE = (
+    f"import sys; sys.path.append({str(PACKAGE_ROOT)!r}); "
+    "from training.datasets.matfile import child_main; child_main()"
+)
 
 _replies: dict[tuple[str, int, int, str], str] = {}
 
@@ -132,11 +137,8 @@ def child_main() -> None:
 
 
 def child_env() -> dict[str, str]:
-    """The parent's environment, with this package importable and one BLAS thread."""
+    """The parent's environment, with one BLAS thread."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p
-    )
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
