@@ -466,7 +466,7 @@ def _serve_with_fakes(
 
     handed = iter(clients or ())
 
-    def within_deadline(_factory, _timeout_s):
+    def within_deadline(_factory, _timeout_s, _stop=None):
         if clients:
             return next(handed)
         raise connect_error
