@@ -136,6 +136,11 @@ EOF
 
 say "top makes, last 60 minutes"
 "$PY" -m worker trends --window 60m --by make --top 10
+low=$("$PY" -m worker trends --window 60m --by low-confidence --top 1 --json |
+    "$PY" -c 'import json, sys; print(json.load(sys.stdin)["total"])')
+if [ "$low" != "0" ]; then
+    echo "  ($low more below the confidence threshold, counted apart: trends --by low-confidence)"
+fi
 say "top models, last 60 minutes"
 "$PY" -m worker trends --window 60m --by model --top 10
 say "posts per city"

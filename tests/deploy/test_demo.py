@@ -55,3 +55,7 @@ def test_the_demo_counts_every_post_and_runs_again_in_the_same_folder(tmp_path):
         assert "top makes, last 60 minutes" in out and "demo done" in out
         assert re.search(r"where .+ is posted", out), out[-4000:]
         assert "of its confident posts" in out, out[-4000:]
+        # the top-makes header plus the low-confidence line account for every counted post
+        shown = int(re.search(r"top make over the last 1h \(.*?\): (\d+) post", out).group(1))
+        low = re.search(r"\((\d+) more below the confidence threshold", out)
+        assert shown + (int(low.group(1)) if low else 0) == int(counted[-1][0]), out[-4000:]
