@@ -45,6 +45,7 @@ from training.checkpoint import (
     preprocess_spec_of,
     recorded_crop,
 )
+from training.cli import usable_cpus
 from training.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -72,14 +73,6 @@ LABEL_FIELDS = {
     "make_id": "an integer, text or absent",
     "model_id": "an integer, text or absent",
 }
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity, e.g. a container's cpuset), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def max_threads() -> int:

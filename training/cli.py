@@ -35,6 +35,15 @@ USER_ERRORS = (
 )
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, e.g. a container's cpuset), at least 1: the
+    bound for flags that start threads or processes on this machine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -45,6 +45,7 @@ from training.cli import (
     positive_int,
     seed_int,
     unit_float,
+    usable_cpus,
 )
 from training.cli_errors import OneLineParser, path_arg
 from training.cli_help import DefaultsHelpFormatter
@@ -93,11 +94,7 @@ def default_loader_workers() -> int:
     More than that only oversubscribes the cores (PyTorch's DataLoader warns about it) and
     starves the main process that feeds the model.
     """
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count() or 1
-    return max(1, min(4, usable))
+    return min(4, usable_cpus())
 
 
 def add_data_args(

@@ -185,9 +185,7 @@ def parse_event(raw: bytes | None, max_bytes: int) -> PostEvent:
     try:
         obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except RecursionError:
-        raise PostError(
-            "invalid_json", f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
-        ) from None
+        raise PostError("invalid_json", _TOO_DEEP) from None
     except ValueError as exc:
         raise PostError("invalid_json", f"not JSON: {exc}") from None
     problem = _shape_problem(obj) if isinstance(obj, (dict, list)) else None
