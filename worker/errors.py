@@ -15,6 +15,7 @@ ErrorKind = Literal[
     "unsupported_format",
     "truncated_image",
     "decompression_bomb",
+    "decode_timeout",
     "url_refused",
     "url_fetch_failed",
     "internal",

@@ -77,6 +77,11 @@ class WorkerMetrics:
             "posts not counted because their post_id was counted within the dedup window",
             registry=r,
         )
+        self.decode_threads_written_off = Gauge(
+            "carstream_decode_threads_written_off",
+            "decode threads given up on past decode_timeout_s and still running",
+            registry=r,
+        )
         self._last_beat = time.monotonic()
         self._ready = False
 

@@ -39,6 +39,7 @@ from engine_build.manifest import Manifest
 from engine_build.runtime import Engine
 from worker.batching import Batcher
 from worker.dead_letter import HEADER_PREFIX, dlq_headers, parse_dlq_headers
+from worker.decode_pool import DecodePool
 from worker.errors import PostError
 from worker.gpu_preprocess import decode_bisecting, decode_jpegs, normalize, resize_crop
 from worker.metrics import WorkerMetrics
@@ -135,6 +136,9 @@ class UnreadableRecord:
 SPARE_INFLIGHT_BATCHES = 2
 # how long a poll blocks while a batch is in flight: the commit of a finished batch waits this long
 INFLIGHT_POLL_MS = 20.0
+# how often a batch waiting on a decode still queued behind others looks again (it gets its own
+# deadline once a thread takes it)
+DECODE_START_POLL_S = 0.5
 
 PROBE_POLL_MS = 2000  # how long to wait for one partition's record when locating a corrupt one
 MAX_CORRUPT_SKIP = 100_000  # offsets skipped at most per unreadable record batch
@@ -397,9 +401,8 @@ class StreamWorker(ConsumerRebalanceListener):
         self.metrics = metrics
         self.stop = stop
         self.backoff = Backoff()
-        self.pool = ThreadPoolExecutor(
-            settings.decode_threads, thread_name_prefix="decode", initializer=name_this_thread
-        )
+        self.pool = DecodePool(settings.decode_threads)
+        metrics.decode_threads_written_off.set_function(lambda: self.pool.written_off)
         self.batcher: Batcher[Pending] = Batcher(settings.max_batch, settings.max_wait_ms)
         # overlapped loop: each engine instance belongs to one inference thread, which makes
         # every call to it after warm-up (CUDA graphs and streams stay on one thread), and the
@@ -488,7 +491,10 @@ class StreamWorker(ConsumerRebalanceListener):
             self._failed.set()
             self.delivery.shutdown(wait=True, cancel_futures=True)
             self.inference.shutdown(wait=True, cancel_futures=True)
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            # a decode that never returns must not keep the process from exiting
+            self.pool.shutdown(
+                wait=True, cancel_futures=True, timeout=self.settings.decode_timeout_s
+            )
 
     def _run_serial(self) -> None:
         """Poll, then infer, publish, count and commit each batch on this thread.
@@ -809,10 +815,56 @@ class StreamWorker(ConsumerRebalanceListener):
         """Wait for the batch's decodes and run the engine: what each post became, and the
         logits by batch position (a post the engine failed on gets its error in ``prepared``)."""
         self.metrics.batch_size.observe(len(batch))
-        prepared = [item.prepared.result() for item in batch]
+        prepared = [self._await_decode(item.prepared) for item in batch]
         for prep in prepared:
             self.metrics.decode_seconds.observe(prep.seconds)
         return prepared, self._infer(prepared)
+
+    def _await_decode(self, future: Future[Prepared]) -> Prepared:
+        """The decode's outcome, or a ``decode_timeout`` dead letter once it has run past
+        ``decode_timeout_s`` (its thread is written off: see worker/decode_pool.py)."""
+        limit = self.settings.decode_timeout_s
+        started_at = getattr(future, "started_at", None)
+        while True:
+            if started_at is None:
+                wait_s = DECODE_START_POLL_S  # queued behind other decodes: not its time yet
+            else:
+                wait_s = max(0.0, started_at + limit - time.monotonic())
+            try:
+                return future.result(timeout=wait_s)
+            except TimeoutError:
+                pass
+            started_at = getattr(future, "started_at", None)
+            if started_at is None or time.monotonic() - started_at < limit:
+                continue
+            if self.pool.write_off(future):
+                ran = time.monotonic() - started_at
+                log.warning(
+                    "a decode ran past decode_timeout_s (%.3g s): its post is dead-lettered and "
+                    "its thread written off (%d written off still running)",
+                    limit,
+                    self.pool.written_off,
+                )
+                return Prepared(
+                    None,
+                    None,
+                    PostError(
+                        "decode_timeout",
+                        f"decoding (or fetching) the image took over {limit:g} s; the worker "
+                        "stopped waiting for it",
+                    ),
+                    ran,
+                )
+            if not future.done():
+                # as many threads written off as there are in service: wait it out (the
+                # liveness probe restarts a replica whose loop stops turning)
+                log.error(
+                    "a decode has run %.0f s, past decode_timeout_s, and %d written-off decode "
+                    "threads are still running: waiting for it",
+                    time.monotonic() - started_at,
+                    self.pool.written_off,
+                )
+                limit += self.settings.decode_timeout_s  # log again after another period
 
     def finish(
         self, batch: list[Pending], prepared: list[Prepared], logits: dict[int, np.ndarray]

@@ -372,6 +372,14 @@ class WorkerSettings(BaseSettings):
     max_batch: int = Field(32, ge=1, le=4096)
     max_wait_ms: int = Field(50, ge=0, le=60_000)
     decode_threads: int = Field(4, ge=1, le=256)
+    decode_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="a post whose decode (URL fetch included) runs longer is dead-lettered as "
+        "decode_timeout and its decode thread replaced; above url_timeout_s, below "
+        "max_poll_interval_ms",
+    )
     cuda_graphs: bool = Field(
         False,
         description="torch-cuda backend: replay one captured CUDA graph per batch-size bucket "
@@ -522,6 +530,22 @@ class WorkerSettings(BaseSettings):
             raise ValueError(
                 f"session_timeout_ms ({self.session_timeout_ms}) must not exceed "
                 f"max_poll_interval_ms ({self.max_poll_interval_ms})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_decode_timeout(self) -> WorkerSettings:
+        # the URL fetch runs inside the decode's time; a deadline the group's poll interval
+        # cannot hold would let a stuck decode hand its batch from replica to replica
+        if self.url_fetch_enabled and self.decode_timeout_s <= self.url_timeout_s:
+            raise ValueError(
+                f"decode_timeout_s ({self.decode_timeout_s:g}) must exceed url_timeout_s "
+                f"({self.url_timeout_s:g}): a post's URL fetch counts towards its decode time"
+            )
+        if self.decode_timeout_s * 1000 >= self.max_poll_interval_ms:
+            raise ValueError(
+                f"decode_timeout_s ({self.decode_timeout_s:g}) must be below "
+                f"max_poll_interval_ms ({self.max_poll_interval_ms} ms)"
             )
         return self
 

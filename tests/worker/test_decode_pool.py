@@ -1,0 +1,194 @@
+"""The decode pool writes off a decode that runs past its deadline, and the loop dead-letters
+its post as ``decode_timeout`` while the rest of the batch, and the partition, go on."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from kafka import TopicPartition
+
+from tests.support import Rec, tiny_manifest
+from worker.dead_letter import parse_dlq_headers
+from worker.decode_pool import DecodePool
+from worker.metrics import WorkerMetrics
+from worker.pipeline import StreamWorker
+from worker.settings import WorkerSettings
+
+from .test_loop_overlap import FakeConsumer, FakeTrends, GatedEngine, post
+
+WAIT_S = 10.0  # the most any test waits for a condition; none is reached by waiting it out
+
+
+def wait_for(condition) -> bool:
+    """Poll ``condition`` until it holds (at most WAIT_S)."""
+    tick = threading.Event()
+    for _ in range(int(WAIT_S / 0.01)):
+        if condition():
+            return True
+        tick.wait(0.01)
+    return condition()
+
+
+def started(future) -> bool:
+    """Wait until a thread has taken the decode (it records when)."""
+    return wait_for(lambda: future.started_at is not None)
+
+
+def test_results_and_errors_come_back_as_from_an_executor():
+    pool = DecodePool(2)
+    try:
+        assert pool.submit(lambda a, b=0: a + b, 2, b=3).result(WAIT_S) == 5
+        with pytest.raises(ZeroDivisionError):
+            pool.submit(lambda: 1 / 0).result(WAIT_S)
+        names = {pool.submit(lambda: threading.current_thread().name).result(WAIT_S)}
+        assert names <= {"decode_0", "decode_1"}
+    finally:
+        pool.shutdown()
+
+
+def test_a_written_off_thread_is_replaced_at_once_and_leaves_when_its_decode_returns():
+    pool = DecodePool(1)
+    release = threading.Event()
+    try:
+        stuck = pool.submit(release.wait, WAIT_S)
+        queued = pool.submit(lambda: "next")
+        assert started(stuck)
+        # one thread, stuck: the queued decode cannot start until the stuck one is written off
+        assert not queued.done() and queued.started_at is None
+        assert pool.write_off(stuck)
+        assert queued.result(WAIT_S) == "next"  # the replacement took it
+        assert pool.written_off == 1
+        assert not pool.write_off(stuck)  # once only
+        stuck_thread = stuck.thread
+        release.set()
+        stuck_thread.join(WAIT_S)
+        assert not stuck_thread.is_alive()  # it left instead of serving the queue
+        assert stuck.result(0) is True and pool.written_off == 0
+        assert pool.submit(lambda: "still serving").result(WAIT_S) == "still serving"
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_only_a_running_decode_can_be_written_off():
+    pool = DecodePool(1)
+    release = threading.Event()
+    try:
+        done = pool.submit(lambda: 1)
+        done.result(WAIT_S)
+        assert not pool.write_off(done)
+        busy = pool.submit(release.wait, WAIT_S)
+        waiting = pool.submit(lambda: 2)
+        assert started(busy)
+        assert not pool.write_off(waiting)  # not started: nothing to give up on
+        release.set()
+        assert waiting.result(WAIT_S) == 2
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_no_more_threads_are_written_off_than_the_pool_has():
+    pool = DecodePool(1)
+    release = threading.Event()
+    try:
+        first = pool.submit(release.wait, WAIT_S)
+        second = pool.submit(release.wait, WAIT_S)
+        assert started(first) and pool.write_off(first)
+        assert started(second)
+        assert not pool.write_off(second)  # a second stuck thread would double the memory
+        assert pool.written_off == 1
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_shutdown_cancels_the_queue_and_does_not_wait_past_its_timeout_for_a_stuck_decode():
+    pool = DecodePool(1)
+    release = threading.Event()
+    try:
+        stuck = pool.submit(release.wait, WAIT_S)
+        queued = pool.submit(lambda: 1)
+        assert started(stuck)
+        pool.shutdown(wait=True, cancel_futures=True, timeout=0.05)
+        assert queued.cancelled() and not stuck.done()
+        with pytest.raises(RuntimeError, match="shut down"):
+            pool.submit(lambda: 1)
+    finally:
+        release.set()
+    assert stuck.result(WAIT_S) is True
+
+
+def test_a_pool_needs_a_thread():
+    with pytest.raises(ValueError, match="at least one thread"):
+        DecodePool(0)
+
+
+# --- the loop --------------------------------------------------------------------------------
+class RecordingProducer:
+    def __init__(self) -> None:
+        self.sends: list[tuple[str, bytes, dict]] = []
+
+    def send(self, topic, key=None, value=None, headers=None):
+        self.sends.append((topic, key, parse_dlq_headers(headers)))
+        return self
+
+    def get(self, timeout=None) -> None:
+        return None
+
+    def flush(self, timeout=None) -> None:
+        pass
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_a_decode_past_its_deadline_is_dead_lettered_and_the_partition_goes_on(overlap):
+    records = [Rec("car-posts", 0, i, f"p{i}".encode(), post(i)) for i in range(8)]
+    busy = threading.Event()
+    engine = GatedEngine(busy)
+    consumer = FakeConsumer(records, busy, first=len(records))
+    producer = RecordingProducer()
+    stop = threading.Event()
+    settings = WorkerSettings(
+        metrics_port=0,
+        max_batch=4,
+        max_wait_ms=20,
+        decode_threads=2,
+        decode_timeout_s=0.3,
+        url_fetch_enabled=False,
+        dedup_ttl_s=0,
+        overlap=overlap,
+    )
+    metrics = WorkerMetrics()
+    worker = StreamWorker(
+        settings, [engine], tiny_manifest(), consumer, producer, FakeTrends(), metrics, stop
+    )
+    release = threading.Event()
+    prepare = worker._prepare
+
+    def hangs_on_p2(value, key=None):
+        if key == b"p2":
+            release.wait(WAIT_S)  # a decoder that spins on this post
+        return prepare(value, key=key)
+
+    worker._prepare = hangs_on_p2
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        tp = TopicPartition("car-posts", 0)
+        # the batch with the stuck post is finished and committed while the decode still hangs
+        assert wait_for(lambda: any(c.get(tp) == 8 for c in consumer.commits))
+        assert not release.is_set()
+        dead = [(key, headers) for topic, key, headers in producer.sends if topic.endswith(".dlq")]
+        assert [key for key, _ in dead] == [b"p2"]
+        assert dead[0][1]["error_kind"] == "decode_timeout"
+        assert "0.3 s" in dead[0][1]["error_reason"]
+        results = sorted(key for topic, key, _ in producer.sends if not topic.endswith(".dlq"))
+        assert results == sorted(f"p{i}".encode() for i in range(8) if i != 2)
+        gauge = metrics.registry.get_sample_value("carstream_decode_threads_written_off")
+        assert gauge == 1
+    finally:
+        release.set()
+        stop.set()
+        thread.join(WAIT_S)
+    assert not thread.is_alive()
