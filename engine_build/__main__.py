@@ -91,12 +91,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help=f"largest batch any engine takes, at most {MAX_BATCH} (the worker's largest "
         "max_batch)",
     )
-    parser.add_argument(
+    parity_source = parser.add_mutually_exclusive_group()
+    parity_source.add_argument(
         "--parity-data",
         type=path_arg,
         default=None,
         help="images for parity (class folders label them); default: the "
         "checkpoint's held-out split",
+    )
+    parity_source.add_argument(
+        "--data",
+        type=path_arg,
+        default=None,
+        help="where the checkpoint's dataset is now, when it has moved or is mounted "
+        "elsewhere (a container): its held-out split is read there instead of at the path "
+        "recorded at training",
     )
     parser.add_argument(
         "--parity-images",
@@ -193,6 +202,7 @@ def main(args: argparse.Namespace) -> int:
             opt_batch=args.opt_batch,
             max_batch=args.max_batch,
             parity_data=args.parity_data,
+            data_dir=args.data,
             parity_images=args.parity_images,
             calibration_images=args.calibration_images,
             workspace_gb=args.workspace_gb,

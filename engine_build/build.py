@@ -121,6 +121,7 @@ class BuildOptions:
     opt_batch: int | None = None  # default: min(32, max_batch)
     max_batch: int = 64
     parity_data: Path | None = None
+    data_dir: Path | None = None  # where the checkpoint's dataset is now, if it moved
     parity_images: int = 256
     calibration_images: int = 128
     workspace_gb: float = 4.0
@@ -187,6 +188,11 @@ class BuildOptions:
             )
         if self.parity_images < 1:
             raise BuildError(f"--parity-images must be >= 1; got {self.parity_images}")
+        if self.parity_data is not None and self.data_dir is not None:
+            raise BuildError(
+                "--data and --parity-data exclude each other: --data reads the held-out split "
+                "of the checkpoint's dataset, --parity-data a folder of your own"
+            )
         if "int8" in self.precisions and self.calibration_images < 1:
             raise BuildError(
                 f"--calibration-images must be >= 1 with --precision int8; "
@@ -494,7 +500,9 @@ def build_bundle(checkpoint_dir: Path | str, out_dir: Path | str, **options) -> 
     except CheckpointError as exc:
         raise BuildError(str(exc)) from exc
     try:
-        parity_set = heldout.parity_set_for(ckpt, spec, opts.parity_data, opts.parity_images)
+        parity_set = heldout.parity_set_for(
+            ckpt, spec, opts.parity_data, opts.parity_images, data_dir=opts.data_dir
+        )
     except ParityDataError as exc:
         raise BuildError(str(exc)) from exc
     log.info(

@@ -3,8 +3,9 @@
 Default: the held-out split of the dataset the checkpoint was trained on, read by training's
 own dataset reader from the checkpoint's recorded ``args`` (dataset kind, data directory, level,
 crop), so the labels and the bbox crop are exactly evaluation's. A checkpoint that records only
-a data directory falls back to its ``test/`` or ``val/`` folder. Otherwise ``--parity-data DIR``
-is required.
+a data directory falls back to its ``test/`` or ``val/`` folder. ``--data DIR`` says where that
+dataset is now (a build in a container sees it at its mount point, not at the training machine's
+path). Otherwise ``--parity-data DIR`` is required.
 """
 
 from __future__ import annotations
@@ -50,12 +51,20 @@ def class_key(c: dict) -> tuple:
     return ("name", str(c.get("make")), str(c.get("model")))
 
 
-def training_parity_set(ckpt: dict, spec: PreprocessSpec, limit: int) -> ParitySet | None:
+def _moved_hint(root: Path, data_dir: Path | None) -> str:
+    if data_dir is None and not root.exists():
+        return f"; {root} is not on this machine: pass --data DIR where the dataset is now, or"
+    return ";"
+
+
+def training_parity_set(
+    ckpt: dict, spec: PreprocessSpec, limit: int, data_dir: Path | None = None
+) -> ParitySet | None:
     """The held-out split read by training's own dataset reader, with the checkpoint's level and
     crop, so labels and pixels are those of evaluation; None when the checkpoint does not record
-    its dataset."""
+    its dataset. ``data_dir``: where that dataset is now, instead of its recorded path."""
     args = ckpt.get("args") or {}
-    kind, root = args.get("dataset"), recorded_data_dir(ckpt)
+    kind, root = args.get("dataset"), data_dir or recorded_data_dir(ckpt)
     if kind not in READERS or root is None:
         return None
     level = args.get("level") or ckpt.get("level") or "model"
@@ -63,7 +72,9 @@ def training_parity_set(ckpt: dict, spec: PreprocessSpec, limit: int) -> ParityS
     try:
         index = load_index(kind, root, "test", level=level, crop=crop)
     except DatasetError as exc:
-        raise ParityDataError(f"held-out split of {root}: {exc}; pass --parity-data DIR") from exc
+        raise ParityDataError(
+            f"held-out split of {root}: {exc}{_moved_hint(root, data_dir)} pass --parity-data DIR"
+        ) from exc
     # the checkpoint's class order is authoritative; map the reader's classes onto it by name
     ckpt_index = {class_key(c): i for i, c in enumerate(ckpt["classes"])}
     to_ckpt = [ckpt_index.get(class_key(c), -1) for c in index.classes]
@@ -85,22 +96,34 @@ def training_parity_set(ckpt: dict, spec: PreprocessSpec, limit: int) -> ParityS
 
 
 def parity_set_for(
-    ckpt: dict, spec: PreprocessSpec, parity_data: Path | None, limit: int
+    ckpt: dict,
+    spec: PreprocessSpec,
+    parity_data: Path | None,
+    limit: int,
+    data_dir: Path | None = None,
 ) -> ParitySet:
-    """``parity_data`` when given, else the checkpoint's own held-out split; never train images."""
+    """``parity_data`` when given, else the checkpoint's own held-out split (read from
+    ``data_dir`` when given, else from the recorded path); never train images."""
     classes = ckpt["classes"]
     if parity_data is not None:
         return image_dir_parity_set(Path(parity_data), classes, spec, limit)
-    recorded = training_parity_set(ckpt, spec, limit)
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise ParityDataError(f"--data {data_dir}: not a directory")
+    recorded = training_parity_set(ckpt, spec, limit, data_dir)
     if recorded is not None:
         return recorded
-    root = recorded_data_dir(ckpt)
+    root = data_dir or recorded_data_dir(ckpt)
     for split in FOLDER_SPLITS:
         if root is not None and (root / split).is_dir():
             return image_dir_parity_set(root / split, classes, spec, limit)
+    if root is None:
+        raise ParityDataError(
+            "no held-out images: the checkpoint records no dataset or data dir; "
+            "pass --parity-data DIR"
+        )
     raise ParityDataError(
-        f"no held-out images: the checkpoint records no dataset/data dir with a test split "
-        f"({root or 'not recorded'}); pass --parity-data DIR"
+        f"no held-out images: {root} has no test split ({'/'.join(FOLDER_SPLITS)} folder or "
+        f"the dataset's own){_moved_hint(root, data_dir)} pass --parity-data DIR"
     )
 
 

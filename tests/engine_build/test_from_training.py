@@ -111,3 +111,44 @@ def test_held_out_classes_map_to_the_checkpoint_by_dataset_ids_not_names():
     folder = {"make": "Audi", "model": "A4", "make_id": None, "model_id": None}
     assert class_key(folder) == class_key({**folder})
     assert class_key(folder) != class_key({**folder, "model": "A6"})
+
+
+def test_a_moved_dataset_is_named_and_found_again_with_data(tmp_path_factory, tmp_path):
+    # a container sees the dataset at its mount point, not at the training machine's path
+    origin = tmp_path_factory.mktemp("trained_on")
+    run("training", "make-sample", "--out", str(origin), "--classes", "3", "--per-class", "6")
+    ckpt = tmp_path / "ckpt"
+    run(
+        "training", "train", "--dataset", "compcars", "--data", str(origin), "--out", str(ckpt),
+        "--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+        "--workers", "0", "--pretrained", "none",
+    )  # fmt: skip
+    mounted = tmp_path / "mounted"
+    origin.rename(mounted)
+    build = [
+        sys.executable, "-m", "engine_build", "--checkpoint", str(ckpt), "--precision", "fp32",
+        "--max-batch", "4", "--threads", "1", "--out",
+    ]  # fmt: skip
+
+    lost = subprocess.run([*build, str(tmp_path / "b0")], capture_output=True, text=True, cwd=REPO)
+    assert lost.returncode == 2 and "Traceback" not in lost.stderr
+    assert f"{origin} is not on this machine: pass --data DIR" in lost.stderr
+
+    run("engine_build", *build[3:], str(tmp_path / "b1"), "--data", str(mounted))
+    parity = json.loads((tmp_path / "b1" / "parity.json").read_text())
+    assert parity["parity_source"].startswith(f"compcars:{mounted} test split")
+
+    both = subprocess.run(
+        [*build, str(tmp_path / "b2"), "--data", str(mounted), "--parity-data", str(mounted)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    gone = subprocess.run(
+        [*build, str(tmp_path / "b3"), "--data", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert gone.returncode == 2 and "--data " in gone.stderr and "not a directory" in gone.stderr
