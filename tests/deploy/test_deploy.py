@@ -45,6 +45,22 @@ RENDER_TARGETS = ["cpu", "gpu", "gpu/engine-build"]
 
 
 @pytest.mark.parametrize("name", RENDER_TARGETS)
+def test_every_namespaced_object_is_in_the_carstream_namespace(name, render_overlay):
+    # `kubectl apply -k` without -n puts an object without a namespace in the context's one,
+    # where the workers (in carstream) never find it: the bundle claim once did that
+    cluster_scoped = {"Namespace"}
+    objects = [o for o in render_overlay(name) if o["kind"] not in cluster_scoped]
+    assert objects
+    for obj in objects:
+        meta = obj["metadata"]
+        assert meta.get("namespace") == "carstream", (obj["kind"], meta["name"])
+        assert meta.get("labels", {}).get("app.kubernetes.io/part-of") == "carstream", (
+            obj["kind"],
+            meta["name"],
+        )
+
+
+@pytest.mark.parametrize("name", RENDER_TARGETS)
 def test_every_core_object_validates_against_the_kubernetes_schema(name, render_overlay):
     import kubernetes_validate
 
@@ -77,7 +93,8 @@ def test_worker_pod_is_hardened_and_probed(overlay):
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert pod["terminationGracePeriodSeconds"] >= 60
-    assert "preStop" in container["lifecycle"]
+    # nothing routes traffic to a worker: a preStop sleep would only delay the drain
+    assert "preStop" not in container.get("lifecycle", {})
     env = {e["name"]: e for e in container["env"]}
     assert env["CARSTREAM_GROUP_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.name"
@@ -877,6 +894,10 @@ def test_compose_publishes_no_host_port_the_host_redis_or_local_stack_holds(tmp_
     assert published, "compose publishes Kafka and Redis for tools on the host"
     clash = {p: n for p, n in published.items() if p in LOCAL_PORTS}
     assert not clash, f"host ports already in use on a carstream machine: {clash}"
+    # an unauthenticated Kafka and Redis, reachable from other machines unless bound to loopback
+    for name, service in compose_config(tmp_path)["services"].items():
+        for port in service.get("ports", []):
+            assert port.get("host_ip") == "127.0.0.1", (name, port)
 
 
 def test_compose_services_writing_host_folders_run_as_the_host_user(tmp_path):
