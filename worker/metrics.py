@@ -77,6 +77,12 @@ class WorkerMetrics:
             "posts not counted because their post_id was counted within the dedup window",
             registry=r,
         )
+        self.engine_info = Gauge(
+            "carstream_engine_info",
+            "1 for the engine this worker runs (backend-precision) and the bundle's model",
+            ["engine", "model", "version"],
+            registry=r,
+        )
         self.decode_threads_written_off = Gauge(
             "carstream_decode_threads_written_off",
             "decode threads given up on past decode_timeout_s and still running",

@@ -1072,6 +1072,7 @@ class StreamWorker(ConsumerRebalanceListener):
             if last_error is not None:  # not only oversized dead letters to resend smaller
                 self.metrics.retries.labels("kafka").inc()
                 log.warning("%d sends failed (%s); retry %d", len(pending), last_error, attempt + 1)
+                self.metrics.beat()  # retrying through an outage is not a wedged loop
                 if not self.backoff.wait(attempt, self.stop) and attempt >= 2:
                     raise BatchAbortedError(f"results not delivered: {last_error}")
                 attempt += 1
@@ -1093,6 +1094,7 @@ class StreamWorker(ConsumerRebalanceListener):
             except RedisError as exc:
                 self.metrics.retries.labels("redis").inc()
                 log.warning("applying trends failed (%s); retry %d", exc, attempt + 1)
+                self.metrics.beat()  # a Redis outage: a restart would not end it
                 if not self.backoff.wait(attempt, self.stop) and attempt >= 2:
                     raise BatchAbortedError(f"trends not applied: {exc}") from exc
 

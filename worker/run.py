@@ -15,6 +15,7 @@ import threading
 import time
 import typing
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -355,6 +356,18 @@ def _serve(
         (log.info if note[1] else log.warning)("%s", note[0])
     if settings.gpu_decode and not hasattr(engine, "infer_device"):
         log.warning("gpu_decode ignored: the %s engine does not run on a GPU", engine.name)
+    metrics.engine_info.labels(
+        engine.name, bundle.manifest.model_name, bundle.manifest.model_version
+    ).set(1)
+    gpu = visible_nvidia_gpu()
+    if settings.backend == "auto" and gpu and not hasattr(engine, "infer_device"):
+        log.warning(
+            "backend auto chose %s on the CPU although this machine has an NVIDIA GPU (%s): "
+            "see the 'backend ... unavailable' lines above for why; set the backend "
+            "(tensorrt, torch-cuda) to refuse to start instead",
+            engine.name,
+            gpu,
+        )
 
     if server is not None:
         metrics.beat()  # liveness counts from here, as before the engine loaded
@@ -365,7 +378,7 @@ def _serve(
         for instance in engines:
             _warm_up(instance, settings.max_batch)
         log.info("engine warm (%s x %d, max batch %d)", engine.name, len(engines), engine.max_batch)
-        connected = _connect(settings, stop)
+        connected = _connect(settings, stop, metrics.beat)
         if isinstance(connected, int):
             return connected
         consumer, producer = connected
@@ -408,9 +421,24 @@ def _serve(
             server.shutdown()
 
 
-def _connect(settings: WorkerSettings, stop: threading.Event) -> tuple[Any, Any] | int:
+def visible_nvidia_gpu() -> str | None:
+    """The first NVIDIA device node this process can see, if any: no CUDA library is needed to
+    tell that a GPU pod ended up on a CPU engine."""
+    for node in ("/dev/nvidia0", "/dev/nvidiactl"):
+        if os.path.exists(node):
+            return node
+    return None
+
+
+def _connect(
+    settings: WorkerSettings, stop: threading.Event, beat: Callable[[], None] = lambda: None
+) -> tuple[Any, Any] | int:
     """The consumer and producer, retrying while no broker answers; else the exit code:
-    1 when a client hangs connecting, 2 for client settings Kafka refuses, 0 on `stop`."""
+    1 when a client hangs connecting, 2 for client settings Kafka refuses, 0 on `stop`.
+
+    ``beat`` marks each retry as liveness: a broker outage is not a wedged process, and a
+    restart would not end it (it would only reload the engine, with a back-off growing each time).
+    """
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.errors import KafkaConfigurationError, RetriableError
 
@@ -468,6 +496,7 @@ def _connect(settings: WorkerSettings, stop: threading.Event) -> tuple[Any, Any]
                 consumer.close(autocommit=False)
             attempt += 1
             log.warning("no Kafka broker at %s; retry %d", settings.bootstrap_servers, attempt)
+            beat()
             stop.wait(min(10.0, 0.5 * 2**attempt))
         except (KafkaConfigurationError, ValueError) as exc:
             # WorkerSettings refuses what we know of before the model loads; this is the rest

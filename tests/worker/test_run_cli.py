@@ -443,7 +443,7 @@ class _ClosableClient:
 
 
 def _serve_with_fakes(
-    monkeypatch, connect_error=None, stop_first=False, warm_error=None, clients=None
+    monkeypatch, connect_error=None, stop_first=False, warm_error=None, clients=None, metrics=None
 ):
     """`_serve` with a fake bundle, engines and metrics server, and a connect that fails (or,
     with ``clients``, hands out those fake consumer and producer)."""
@@ -479,7 +479,7 @@ def _serve_with_fakes(
     server = _FakeServer()
     outcome: object
     try:
-        outcome = _serve(settings, stop, WorkerMetrics(), server)
+        outcome = _serve(settings, stop, metrics or WorkerMetrics(), server)
     except Exception as exc:  # the test looks at what escaped
         outcome = exc
     return outcome, [e.closed for e in engines], server.shutdowns
@@ -530,3 +530,19 @@ def test_processes_warn_for_the_cpu_backend_auto_will_pick(tmp_path):
     (tmp_path / "nvidia0").unlink()
     (tmp_path / "nvidiactl").touch()  # the control node alone is no device
     assert cpu_backend_label("auto", tmp_path) is not None
+
+
+@pytest.mark.parametrize("gpu", [None, "/dev/nvidia0"])
+def test_the_engine_in_use_is_a_metric_and_a_cpu_engine_beside_a_gpu_is_a_warning(
+    monkeypatch, caplog, gpu
+):
+    import worker.run
+
+    monkeypatch.setattr(worker.run, "visible_nvidia_gpu", lambda: gpu)
+    metrics = WorkerMetrics()
+    with caplog.at_level("WARNING", logger="worker.run"):
+        assert _serve_with_fakes(monkeypatch, stop_first=True, metrics=metrics)[0] == 0
+    labels = {"engine": "fake", "model": "m", "version": "1"}
+    assert metrics.registry.get_sample_value("carstream_engine_info", labels) == 1
+    fell_back = [r for r in caplog.records if "backend auto chose fake on the CPU" in r.message]
+    assert len(fell_back) == (1 if gpu else 0)
