@@ -14,8 +14,8 @@ import sys
 import threading
 import time
 import typing
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
