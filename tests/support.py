@@ -83,7 +83,7 @@ class DoneFuture:
     def __init__(self, value=None):
         self.value = value
 
-    def result(self):
+    def result(self, timeout=None):
         return self.value
 
 

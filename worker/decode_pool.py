@@ -1,14 +1,23 @@
-"""The decode threads, with a way out of a decode that never ends.
+"""The decode threads: CPU slots for decoding, room for URL fetches, and a way out of a decode
+that never ends.
 
-A Python thread cannot be killed, and Pillow's C decoders have no cancellation point: a post that
-makes a decoder spin (a shape of input no check foresaw) would hold its batch, and the partition
-behind it, for ever, and after ``max_poll_interval_ms`` the consumer group would hand the same
-batch to the next replica. So the loop waits for each decode until its deadline only; past it,
-the post goes to the dead-letter topic, and this pool writes the thread off: a fresh thread takes
-its place at once, and the stuck one exits whenever its decode returns. At most ``threads``
-written-off threads may run at once (each may hold a decode's memory); beyond that the pool
-writes none off, the loop waits, and the liveness probe restarts the replica, whose new pool
-then dead-letters the post.
+**Fetches do not hold a decode slot.** A post's work is parse -> (fetch its ``image_url``) ->
+decode. Decoding needs a core; a fetch only waits on the network. The pool runs ``threads`` +
+``io_threads`` threads, and a task takes one of ``threads`` CPU slots (``cpu_slot()``) around its
+CPU work only, so at most ``threads`` decode at once while up to ``io_threads`` more wait on
+hosts: a replica sized at one decode thread per spare core still fetches many URLs at a time.
+
+**A deadline, not a hang.** A Python thread cannot be killed, and Pillow's C decoders have no
+cancellation point: a post that makes a decoder spin (a shape of input no check foresaw) would
+hold its batch, and the partition behind it, for ever, and after ``max_poll_interval_ms`` the
+consumer group would hand the same batch to the next replica. So the loop waits for each task
+until its deadline only (``DecodeFuture.running_s``: time spent waiting for a CPU slot does not
+count); past it, the post goes to the dead-letter topic and this pool writes the thread off: it
+leaves service (and gives back its CPU slot), a fresh thread takes its place at once, and the
+stuck one exits whenever its call returns. Written-off threads may still hold memory, so at most
+``threads`` of them written off in a decode, and ``threads + io_threads`` in all, run at once;
+beyond that the pool writes none off, the loop waits, and the liveness probe restarts the
+replica, whose new pool then dead-letters the post.
 """
 
 from __future__ import annotations
@@ -17,8 +26,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any
 
 from .thread_names import name_this_thread
@@ -26,13 +36,27 @@ from .thread_names import name_this_thread
 log = logging.getLogger(__name__)
 
 
+class WrittenOffError(RuntimeError):
+    """Raised in a written-off thread that asks for a CPU slot: its result is not wanted."""
+
+
 class DecodeFuture(Future):
-    """A decode's future, which knows when the decode began and on which thread."""
+    """A task's future, which knows how long the task has been running, and on which thread."""
 
     def __init__(self) -> None:
         super().__init__()
         self.started_at: float | None = None  # time.monotonic() when a thread took it
+        self.slot_wait_s = 0.0  # time spent waiting for a CPU slot, finished waits
+        self.waiting_since: float | None = None  # set while waiting for one
         self.thread: _DecodeThread | None = None
+
+    def running_s(self, now: float | None = None) -> float | None:
+        """Seconds since a thread took the task, less its waits for a CPU slot (None: queued)."""
+        started, since = self.started_at, self.waiting_since
+        if started is None:
+            return None
+        now = time.monotonic() if now is None else now
+        return now - started - self.slot_wait_s - (now - since if since is not None else 0.0)
 
 
 class _DecodeThread(threading.Thread):
@@ -43,6 +67,8 @@ class _DecodeThread(threading.Thread):
         self.pool = pool
         self.current: DecodeFuture | None = None
         self.written_off = False
+        self.holds_cpu = False
+        self.stuck_in_cpu = False  # written off while holding a CPU slot
 
     def run(self) -> None:
         name_this_thread()
@@ -50,28 +76,35 @@ class _DecodeThread(threading.Thread):
 
 
 class DecodePool:
-    """A fixed number of decode threads in service; the ``ThreadPoolExecutor`` calls the loop
-    uses (``submit``, ``shutdown``), plus ``write_off`` for a decode past its deadline."""
+    """``threads`` CPU slots and ``threads + io_threads`` threads in service; the
+    ``ThreadPoolExecutor`` calls the loop uses (``submit``, ``shutdown``), plus ``cpu_slot`` for
+    the tasks and ``write_off`` for a task past its deadline."""
 
-    def __init__(self, threads: int, name_prefix: str = "decode") -> None:
+    def __init__(self, threads: int, io_threads: int = 0, name_prefix: str = "decode") -> None:
         if threads < 1:
             raise ValueError(f"a decode pool needs at least one thread, not {threads}")
+        if io_threads < 0:
+            raise ValueError(f"io_threads must be >= 0, not {io_threads}")
         self.threads = threads
+        self.io_threads = io_threads
         self.name_prefix = name_prefix
         self._queue: queue.SimpleQueue[tuple[DecodeFuture, Callable[..., Any], tuple, dict]] = (
             queue.SimpleQueue()
         )
         self._lock = threading.Lock()
+        self._cpu_freed = threading.Condition(self._lock)
+        self._cpu_free = threads
         self._serving: list[_DecodeThread] = []
         self._written_off = 0  # written-off threads still running
+        self._written_off_cpu = 0  # of which written off inside a CPU slot
         self._started = 0
         self._shutdown = False
-        for _ in range(threads):
+        for _ in range(threads + io_threads):
             self._start_thread()
 
     @property
     def written_off(self) -> int:
-        """How many written-off threads are still running their decode."""
+        """How many written-off threads are still running their task."""
         with self._lock:
             return self._written_off
 
@@ -83,21 +116,63 @@ class DecodePool:
             self._queue.put((future, fn, args, kwargs))
         return future
 
-    def write_off(self, future: DecodeFuture) -> bool:
-        """Give up on a running decode: its thread leaves service and a fresh one replaces it.
+    @contextmanager
+    def cpu_slot(self) -> Iterator[None]:
+        """Hold one of the ``threads`` CPU slots (decoding, parsing); a no-op outside the pool.
 
-        False when the decode is not running on a thread in service (it has finished, has not
-        started, or was written off already), or when ``threads`` written-off threads are still
-        running: then nothing changes, and the caller has to wait for the decode after all.
+        Raises WrittenOffError in a thread written off meanwhile: it is out of service, and its
+        task's result will not be read.
+        """
+        me = threading.current_thread()
+        if not isinstance(me, _DecodeThread) or me.pool is not self:
+            yield
+            return
+        future = me.current
+        with self._lock:
+            if self._cpu_free == 0 and not me.written_off and future is not None:
+                future.waiting_since = time.monotonic()
+            while self._cpu_free == 0 and not me.written_off:
+                self._cpu_freed.wait()
+            if future is not None and future.waiting_since is not None:
+                future.slot_wait_s += time.monotonic() - future.waiting_since
+                future.waiting_since = None
+            if me.written_off:
+                raise WrittenOffError(f"{me.name} was written off")
+            self._cpu_free -= 1
+            me.holds_cpu = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                if me.holds_cpu:  # not given back already by write_off
+                    me.holds_cpu = False
+                    self._cpu_free += 1
+                    self._cpu_freed.notify()
+
+    def write_off(self, future: DecodeFuture) -> bool:
+        """Give up on a running task: its thread leaves service (giving back its CPU slot), and a
+        fresh one replaces it.
+
+        False when the task is not running on a thread in service (it has finished, has not
+        started, or was written off already), or when as many written-off threads as allowed
+        are still running: then nothing changes, and the caller has to wait for it after all.
         """
         with self._lock:
             thread = future.thread
             if thread is None or thread.current is not future or thread.written_off:
                 return False
-            if self._written_off >= self.threads:
+            if self._written_off >= self.threads + self.io_threads:
+                return False
+            if thread.holds_cpu and self._written_off_cpu >= self.threads:
                 return False
             thread.written_off = True
             self._written_off += 1
+            if thread.holds_cpu:
+                thread.holds_cpu = False
+                thread.stuck_in_cpu = True
+                self._written_off_cpu += 1
+                self._cpu_free += 1
+                self._cpu_freed.notify()
             self._serving.remove(thread)
             if not self._shutdown:
                 self._start_thread()
@@ -107,7 +182,7 @@ class DecodePool:
         self, wait: bool = True, cancel_futures: bool = False, timeout: float | None = None
     ) -> None:
         """Stop the threads in service once the queue is done (or cancelled); written-off
-        threads are not waited for, nor, past ``timeout`` seconds, a thread whose decode has
+        threads are not waited for, nor, past ``timeout`` seconds, a thread whose task has
         not returned."""
         with self._lock:
             if self._shutdown:
@@ -155,7 +230,7 @@ class DecodePool:
                 me.current = future
             try:
                 result = fn(*args, **kwargs)
-            except BaseException as exc:
+            except BaseException as exc:  # the waiter gets it, as from an executor
                 future.set_exception(exc)
             else:
                 future.set_result(result)
@@ -163,5 +238,7 @@ class DecodePool:
                 me.current = None
                 if me.written_off:
                     self._written_off -= 1
+                    if me.stuck_in_cpu:
+                        self._written_off_cpu -= 1
                     log.info("a written-off decode thread (%s) returned at last", me.name)
                     return

@@ -401,7 +401,10 @@ class StreamWorker(ConsumerRebalanceListener):
         self.metrics = metrics
         self.stop = stop
         self.backoff = Backoff()
-        self.pool = DecodePool(settings.decode_threads)
+        self.pool = DecodePool(
+            settings.decode_threads,
+            io_threads=settings.fetch_threads if settings.url_fetch_enabled else 0,
+        )
         metrics.decode_threads_written_off.set_function(lambda: self.pool.written_off)
         self.batcher: Batcher[Pending] = Batcher(settings.max_batch, settings.max_wait_ms)
         # overlapped loop: each engine instance belongs to one inference thread, which makes
@@ -435,6 +438,7 @@ class StreamWorker(ConsumerRebalanceListener):
             policy=UrlPolicy.from_settings(settings),
             max_message_bytes=settings.max_message_bytes,
             gpu_jpeg=self.gpu_device is not None,
+            cpu_slot=self.pool.cpu_slot,
         )
         self._last_offset: dict[TopicPartition, int] = {}
         self._lock = threading.Lock()  # the batcher is also touched by the rebalance callback
@@ -822,23 +826,24 @@ class StreamWorker(ConsumerRebalanceListener):
 
     def _await_decode(self, future: Future[Prepared]) -> Prepared:
         """The decode's outcome, or a ``decode_timeout`` dead letter once it has run past
-        ``decode_timeout_s`` (its thread is written off: see worker/decode_pool.py)."""
+        ``decode_timeout_s`` (its thread is written off: see worker/decode_pool.py).
+
+        Only running time counts: not the wait in the queue behind other posts, nor the waits
+        for a CPU slot, so a busy pool does not make good posts time out.
+        """
         limit = self.settings.decode_timeout_s
-        started_at = getattr(future, "started_at", None)
+        running_s = getattr(future, "running_s", lambda: None)
         while True:
-            if started_at is None:
-                wait_s = DECODE_START_POLL_S  # queued behind other decodes: not its time yet
-            else:
-                wait_s = max(0.0, started_at + limit - time.monotonic())
+            ran = running_s()
+            wait_s = DECODE_START_POLL_S if ran is None else max(0.001, limit - ran)
             try:
                 return future.result(timeout=wait_s)
             except TimeoutError:
                 pass
-            started_at = getattr(future, "started_at", None)
-            if started_at is None or time.monotonic() - started_at < limit:
+            ran = running_s()
+            if ran is None or ran < limit:
                 continue
             if self.pool.write_off(future):
-                ran = time.monotonic() - started_at
                 log.warning(
                     "a decode ran past decode_timeout_s (%.3g s): its post is dead-lettered and "
                     "its thread written off (%d written off still running)",
@@ -856,12 +861,12 @@ class StreamWorker(ConsumerRebalanceListener):
                     ran,
                 )
             if not future.done():
-                # as many threads written off as there are in service: wait it out (the
-                # liveness probe restarts a replica whose loop stops turning)
+                # as many threads written off as allowed: wait it out (the liveness probe
+                # restarts a replica whose loop stops turning)
                 log.error(
                     "a decode has run %.0f s, past decode_timeout_s, and %d written-off decode "
                     "threads are still running: waiting for it",
-                    time.monotonic() - started_at,
+                    ran,
                     self.pool.written_off,
                 )
                 limit += self.settings.decode_timeout_s  # log again after another period

@@ -1,6 +1,7 @@
 """One post's bytes -> a model-ready array, or the reason it cannot be classified.
 
-Runs in the decode thread pool; pure apart from the URL fetch, which its policy guards. With
+Runs in the decode thread pool; pure apart from the URL fetch, which its policy guards, and which
+runs outside the pool's CPU slot. With
 ``gpu_jpeg`` a baseline JPEG is only checked from its header here and left for the batched GPU
 decoder (worker.gpu_preprocess); every other image is decoded on the CPU as before.
 """
@@ -8,7 +9,10 @@ decoder (worker.gpu_preprocess); every other image is decoded on the CPU as befo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -85,44 +89,56 @@ def prepare(
     draft: bool = True,
     gpu_jpeg: bool = False,
     key: bytes | None = None,
+    cpu_slot: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> Prepared:
     """Parse, fetch or decode, and preprocess one record value; never raises for bad input.
 
     ``max_message_bytes`` bounds the record's key and value together: a huge key is as much a
-    hostile record as a huge value (and the dead letter carries both).
+    hostile record as a huge value (and the dead letter carries both). The CPU work runs inside
+    ``cpu_slot()`` and a URL fetch outside it, so a pool can bound its decoders while more of its
+    threads wait on hosts (worker/decode_pool.py).
     """
     started = time.perf_counter()
     event = None
     try:
-        if key and len(key) + len(raw or b"") > max_message_bytes:
-            raise PostError(
-                "too_large",
-                f"message is {len(key) + len(raw or b'')} bytes (key {len(key)}, value "
-                f"{len(raw or b'')}), limit {max_message_bytes}",
-            )
-        event = parse_event(raw, max_message_bytes)
-        if event.image_b64 is not None:
-            data = decode_base64(event.image_b64, policy.max_bytes)
-        else:
-            data = fetch(event.image_url, policy)
-        if gpu_jpeg:
-            header = open_checked(data)
-            check_resized_size(*header.size, spec)
-            # a truncated JPEG (no end-of-image marker after its scan) goes to the CPU decoder
-            # here, which names it for the DLQ: left for the GPU, it would fail its whole batch's
-            # nvJPEG call and have every JPEG of that batch decoded again one by one
-            if gpu_decodable(header) and has_end_of_image(data):
-                jpeg = GpuJpeg(data, exif_orientation(header))
-                return Prepared(event, None, None, time.perf_counter() - started, jpeg)
-        image = decode_image(data, draft_size=spec.resize if draft else None)
-        check_resized_size(*image.size, spec)
-        array = preprocess_image(image, spec)
-        return Prepared(event, array, None, time.perf_counter() - started)
+        with cpu_slot():
+            if key and len(key) + len(raw or b"") > max_message_bytes:
+                raise PostError(
+                    "too_large",
+                    f"message is {len(key) + len(raw or b'')} bytes (key {len(key)}, value "
+                    f"{len(raw or b'')}), limit {max_message_bytes}",
+                )
+            event = parse_event(raw, max_message_bytes)
+            if event.image_b64 is not None:
+                data = decode_base64(event.image_b64, policy.max_bytes)
+                return _decoded(event, data, spec, draft, gpu_jpeg, started)
+        data = fetch(event.image_url, policy)
+        with cpu_slot():
+            return _decoded(event, data, spec, draft, gpu_jpeg, started)
     except PostError as exc:
         return Prepared(event, None, exc, time.perf_counter() - started)
     except Exception as exc:  # a decoder bug must not take the worker down with the post
         reason = f"unexpected {exc.__class__.__name__}: {exc}"
         return Prepared(event, None, PostError("internal", reason), time.perf_counter() - started)
+
+
+def _decoded(
+    event: PostEvent, data: bytes, spec: PreprocessSpec, draft: bool, gpu_jpeg: bool, started: float
+) -> Prepared:
+    """The image in ``data`` as the model's input, or (``gpu_jpeg``) as a JPEG for the GPU."""
+    if gpu_jpeg:
+        header = open_checked(data)
+        check_resized_size(*header.size, spec)
+        # a truncated JPEG (no end-of-image marker after its scan) goes to the CPU decoder here,
+        # which names it for the DLQ: left for the GPU, it would fail its whole batch's nvJPEG
+        # call and have every JPEG of that batch decoded again one by one
+        if gpu_decodable(header) and has_end_of_image(data):
+            jpeg = GpuJpeg(data, exif_orientation(header))
+            return Prepared(event, None, None, time.perf_counter() - started, jpeg)
+    image = decode_image(data, draft_size=spec.resize if draft else None)
+    check_resized_size(*image.size, spec)
+    array = preprocess_image(image, spec)
+    return Prepared(event, array, None, time.perf_counter() - started)
 
 
 def decode_on_cpu(prep: Prepared, spec: PreprocessSpec) -> Prepared:

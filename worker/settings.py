@@ -372,6 +372,14 @@ class WorkerSettings(BaseSettings):
     max_batch: int = Field(32, ge=1, le=4096)
     max_wait_ms: int = Field(50, ge=0, le=60_000)
     decode_threads: int = Field(4, ge=1, le=256)
+    fetch_threads: int = Field(
+        8,
+        ge=0,
+        le=256,
+        description="threads beyond decode_threads that wait on image_url fetches: at most "
+        "decode_threads decode at once, while up to decode_threads + fetch_threads posts fetch "
+        "(each may hold up to url_max_bytes); unused when URL fetching is off",
+    )
     decode_timeout_s: float = Field(
         30.0,
         gt=0,

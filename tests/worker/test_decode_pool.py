@@ -10,7 +10,7 @@ from kafka import TopicPartition
 
 from tests.support import Rec, tiny_manifest
 from worker.dead_letter import parse_dlq_headers
-from worker.decode_pool import DecodePool
+from worker.decode_pool import DecodePool, WrittenOffError
 from worker.metrics import WorkerMetrics
 from worker.pipeline import StreamWorker
 from worker.settings import WorkerSettings
@@ -192,3 +192,149 @@ def test_a_decode_past_its_deadline_is_dead_lettered_and_the_partition_goes_on(o
         stop.set()
         thread.join(WAIT_S)
     assert not thread.is_alive()
+
+
+# --- CPU slots: decoding is bounded, fetching is not ----------------------------------------
+def test_at_most_threads_tasks_hold_a_cpu_slot_while_io_threads_wait_beside_them():
+    pool = DecodePool(1, io_threads=2)
+    all_waiting = threading.Barrier(3, timeout=WAIT_S)  # three tasks off the CPU at once
+    inside, most = [0], [0]
+    count = threading.Lock()
+
+    def task() -> int:
+        all_waiting.wait()  # a fetch: needs a thread, not a CPU slot
+        with pool.cpu_slot():
+            with count:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            threading.Event().wait(0.01)  # a decode long enough to overlap another
+            with count:
+                inside[0] -= 1
+        return 1
+
+    try:
+        futures = [pool.submit(task) for _ in range(3)]
+        assert sum(f.result(WAIT_S) for f in futures) == 3  # the barrier did not break
+        assert most[0] == 1
+    finally:
+        pool.shutdown()
+
+
+def test_waiting_for_a_cpu_slot_does_not_count_as_running():
+    pool = DecodePool(1, io_threads=1)
+    release = threading.Event()
+
+    def hold() -> None:
+        with pool.cpu_slot():
+            release.wait(WAIT_S)
+
+    def then_decode() -> None:
+        with pool.cpu_slot():
+            pass
+
+    try:
+        holder = pool.submit(hold)
+        assert wait_for(lambda: holder.started_at is not None)
+        waiter = pool.submit(then_decode)
+        assert wait_for(lambda: waiter.waiting_since is not None)
+        now = waiter.waiting_since + 100.0
+        assert waiter.running_s(now) == waiter.running_s(now + 1000.0) < 100.0
+        assert holder.running_s(now + 1000.0) > 1000.0
+        release.set()
+        waiter.result(WAIT_S)
+        assert waiter.waiting_since is None and waiter.slot_wait_s > 0
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_writing_off_a_thread_in_a_cpu_slot_gives_the_slot_back_once():
+    pool = DecodePool(1)
+    release = threading.Event()
+
+    def stuck() -> None:
+        with pool.cpu_slot():
+            release.wait(WAIT_S)
+
+    def decode() -> str:
+        with pool.cpu_slot():
+            return "decoded"
+
+    try:
+        first = pool.submit(stuck)
+        second = pool.submit(decode)
+        assert started(first) and pool.write_off(first)
+        assert second.result(WAIT_S) == "decoded"  # the slot went to the replacement
+        pool.submit(lambda: None).result(WAIT_S)
+    finally:
+        release.set()
+    first.thread.join(WAIT_S)
+    assert pool.written_off == 0
+    # every slot is free again, and only once: the stuck thread did not give its slot back twice
+    assert pool._cpu_free == pool.threads
+    pool.shutdown(timeout=0.1)
+
+
+def test_a_written_off_thread_gets_no_cpu_slot_after_its_fetch():
+    pool = DecodePool(1, io_threads=1)
+    fetched = threading.Event()
+
+    def fetch_then_decode() -> str:
+        fetched.wait(WAIT_S)  # the fetch that hung
+        with pool.cpu_slot():
+            return "decoded"
+
+    try:
+        future = pool.submit(fetch_then_decode)
+        assert started(future) and pool.write_off(future)
+        fetched.set()
+        with pytest.raises(WrittenOffError):
+            future.result(WAIT_S)
+    finally:
+        fetched.set()
+        pool.shutdown()
+
+
+def test_url_posts_fetch_beside_the_decode_threads(monkeypatch):
+    """prepare() fetches outside its CPU slot: one decode thread and three fetch threads
+    fetch four posts at once (each fetch waits for the other three)."""
+    import json
+
+    import numpy as np
+
+    import worker.prepare
+    from tests.support import image_bytes
+    from training.preprocessing import PreprocessSpec
+    from worker.prepare import prepare
+    from worker.url_fetch import UrlPolicy
+
+    jpeg = image_bytes(np.random.default_rng(0), "JPEG")
+    together = threading.Barrier(4, timeout=WAIT_S)
+
+    def fetch(url, policy):
+        together.wait()
+        return jpeg
+
+    monkeypatch.setattr(worker.prepare, "fetch", fetch)
+    pool = DecodePool(1, io_threads=3)
+    spec = PreprocessSpec(resize=36, crop=32)
+    events = [
+        json.dumps(
+            {
+                "post_id": f"p{i}",
+                "image_url": f"https://cdn.example/{i}.jpg",
+                "posted_at": "2026-12-01T10:00:00Z",
+            }
+        ).encode()
+        for i in range(4)
+    ]
+    try:
+        futures = [
+            pool.submit(prepare, e, spec, UrlPolicy(), 10**6, cpu_slot=pool.cpu_slot)
+            for e in events
+        ]
+        prepared = [f.result(WAIT_S) for f in futures]
+    finally:
+        pool.shutdown()
+    assert [p.error for p in prepared] == [None] * 4
+    assert all(p.array.shape == (3, 32, 32) for p in prepared)
