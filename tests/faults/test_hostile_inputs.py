@@ -388,3 +388,26 @@ def test_event_over_max_message_bytes_is_dead_lettered_not_blocking(fx, stack, k
         fx, stack, kafka_bootstrap, bad, good, deadline_s=20, CARSTREAM_MAX_MESSAGE_BYTES="1048576"
     )
     fx.record_row({"fault": "20 MB event", **stats})
+
+
+def test_a_decode_past_decode_timeout_s_is_dead_lettered_and_the_partition_goes_on(
+    fx, stack, kafka_bootstrap
+):
+    """A legal but slow image (a 64-megapixel PNG: ~0.8 s to decode on a 2-core Xeon) against
+    a 0.1 s decode deadline stands for an input no check foresaw that makes a decoder spin."""
+    now = fx.now_rfc3339()
+    big = io.BytesIO()
+    Image.new("RGB", (7999, 7999), (90, 120, 200)).save(big, "PNG", compress_level=9)
+    bad = {"slow-decode": (b64_event("slow-decode", big.getvalue(), now), "decode_timeout")}
+    good = fx.good_posts(12, seed=6, prefix="good")
+    stats = run_corpus(
+        fx,
+        stack,
+        kafka_bootstrap,
+        bad,
+        good,
+        deadline_s=60,
+        CARSTREAM_URL_FETCH_ENABLED="false",
+        CARSTREAM_DECODE_TIMEOUT_S="0.1",
+    )
+    fx.record_row({"fault": "decode past decode_timeout_s", **stats})
