@@ -113,11 +113,23 @@ class InputReadError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One Kafka message to send; `refused` (why) instead when it cannot be one."""
+    """One Kafka message to send; `refused` (why) instead when it cannot be one.
+
+    A post made from an image carries its `event` instead of a `value`: it is serialised at
+    send time (:meth:`payload`) with `posted_at` stamped then, after the rate limiter's wait, so
+    that a paced post is not dated seconds (or a minute bucket) before it is sent.
+    """
 
     key: bytes | None
     value: bytes
     refused: str | None = None
+    event: dict[str, Any] | None = None
+
+    def payload(self) -> bytes:
+        """The bytes to send now: `value` as given, or `event` with `posted_at` set to now."""
+        if self.event is None:
+            return self.value
+        return json.dumps({**self.event, "posted_at": rfc3339_now()}).encode()
 
 
 def _mib(n: int) -> str:
@@ -167,8 +179,8 @@ def image_messages(
             next(city_cycle)  # the posts that are sent keep their round-robin cities
             yield Message(None, b"", refused=image)
             continue
-        event = build_event(image, next(city_cycle), platform)
-        yield Message(event["post_id"].encode(), json.dumps(event).encode())
+        event = build_event(image, next(city_cycle), platform)  # posted_at: stamped at send
+        yield Message(event["post_id"].encode(), b"", event=event)
 
 
 def jsonl_messages(
@@ -317,8 +329,9 @@ def send_all(
                 continue
             bucket.acquire()
             report.attempted += 1
+            value = message.payload()  # an image post is dated now, after the bucket's wait
             try:
-                future = producer.send(topic, value=message.value, key=message.key)
+                future = producer.send(topic, value=value, key=message.key)
             except KafkaTimeoutError as exc:
                 raise ProduceAbortedError(
                     f"topic {topic!r}: no metadata or buffer space within the timeout "
@@ -569,12 +582,17 @@ def _field_problem(cities: Sequence[str], platform: str) -> str | None:
     from pydantic import ValidationError
 
     from worker.schemas import PostEvent
+    from worker.trends import normalize_city
 
     for flag, value in [*(("--city", c) for c in cities), ("--platform", platform)]:
         if utf8_problem(value) is not None:  # shown as repr: the escapes name the bad bytes
             return f"{flag} {value!r}: not valid UTF-8"
-        if flag == "--city" and not value.strip():
+        # the worker counts a city as normalize_city gives it: one of only spaces, zero-width,
+        # bidi or control characters would be counted as no city at all
+        if flag == "--city" and normalize_city(value) is None:
             return f"{flag} {value!r}: blank (leave --city out for posts without a city)"
+        if flag == "--platform" and not value.strip():
+            return f"{flag} {value!r}: blank (leave --platform out for {DEFAULT_PLATFORM!r})"
         try:
             PostEvent.model_validate(build_event(b"", **{flag[2:]: value}))
         except ValidationError as exc:

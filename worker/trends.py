@@ -22,6 +22,7 @@ Exactly once: the counts and the applied offset of each (group, topic, partition
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -328,6 +329,72 @@ def _minute_keys(dim: Dimension, start: datetime, stop: datetime, city: str | No
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class WindowPlan:
+    """The keys a trailing window reads, and the minutes ``[start, end)`` they count.
+
+    ``start``/``end`` are the span the keys actually cover: the window asked for
+    (``requested_start``/``requested_end``) unless expired minute buckets at an edge were
+    replaced by that hour's rollup, which widens the span to the whole hour (``widened``).
+    """
+
+    keys: list[str]
+    start: datetime
+    end: datetime
+    requested_start: datetime
+    requested_end: datetime
+
+    @property
+    def widened(self) -> bool:
+        return self.start < self.requested_start or self.end > self.requested_end
+
+
+def window_plan(
+    dim: Dimension,
+    window_minutes: int,
+    now: datetime,
+    city: str | None = None,
+    minute_ttl_s: int = DEFAULT_MINUTE_TTL_S,
+    wall_now: datetime | None = None,
+    *,
+    hour_ttl_s: int | None = None,
+) -> WindowPlan:
+    """Keys that together cover the last `window_minutes` minutes up to and including now's,
+    and the span they cover.
+
+    Whole hours inside the window are read from hour rollups, the partial hours at its
+    edges from minute buckets. Where a partial hour's minute buckets have already expired
+    (older than the minute TTL before ``wall_now``, the real current time, which differs from
+    ``now`` when a reader asks about the past), that hour's rollup is used instead: the window
+    widens by up to 59 minutes at that edge rather than silently missing counts, and the plan's
+    ``start``/``end`` (and ``widened``) say so. Callers must report such a span, never pass it
+    off as the window asked for.
+    """
+    if window_minutes < 1:
+        raise ValueError(f"window must be at least one minute, got {window_minutes}")
+    norm_city = _key_city(city)
+    wall = _utc(now if wall_now is None else wall_now)
+    end = _utc(now).replace(second=0, microsecond=0)  # the current minute, included
+    start = end - timedelta(minutes=window_minutes - 1)
+    horizon = wall - timedelta(seconds=minute_ttl_s)
+    # with ``hour_ttl_s``, hours that have certainly expired (their end plus the TTL has
+    # passed) are left out: a 366-day window would otherwise name ~8,800 keys, most long gone
+    hours_gone_before = None
+    if hour_ttl_s is not None:
+        hours_gone_before = kept_after(wall, hour_ttl_s) - _HOUR
+    keys: list[str] = []
+    spans: list[tuple[datetime, datetime]] = []
+    for hour, t, stop in _hour_chunks(start, end + _MINUTE):
+        if stop - t == _HOUR or t < horizon:
+            spans.append((hour, hour + _HOUR))
+            if hours_gone_before is None or hour > hours_gone_before:
+                keys.append(trend_key(dim, "h", hour_bucket(hour), norm_city))
+        else:
+            spans.append((t, stop))
+            keys.extend(_minute_keys(dim, t, stop, norm_city))
+    return WindowPlan(keys, spans[0][0], spans[-1][1], start, end + _MINUTE)
+
+
 def window_keys(
     dim: Dimension,
     window_minutes: int,
@@ -338,34 +405,22 @@ def window_keys(
     *,
     hour_ttl_s: int | None = None,
 ) -> list[str]:
-    """Keys that together cover the last `window_minutes` minutes up to and including now's.
+    """The keys of :func:`window_plan` alone. Where edge minutes have expired they cover more
+    than the window (up to 59 minutes at each edge): use :func:`window_plan` to know the span."""
+    return window_plan(
+        dim, window_minutes, now, city, minute_ttl_s, wall_now, hour_ttl_s=hour_ttl_s
+    ).keys
 
-    Whole hours inside the window are read from hour rollups, the partial hours at its
-    edges from minute buckets. Where a partial hour's minute buckets have already expired
-    (older than the minute TTL before ``wall_now``, the real current time, which differs from
-    ``now`` when a reader asks about the past), that hour's rollup is used instead, so the
-    window widens by up to 59 minutes rather than silently missing counts.
-    """
-    if window_minutes < 1:
-        raise ValueError(f"window must be at least one minute, got {window_minutes}")
-    wall = _utc(now if wall_now is None else wall_now)
-    end = _utc(now).replace(second=0, microsecond=0)  # the current minute, included
-    start = end - timedelta(minutes=window_minutes - 1)
-    horizon = wall - timedelta(seconds=minute_ttl_s)
-    # with ``hour_ttl_s``, hours that have certainly expired (their end plus the TTL has
-    # passed) are left out: a 366-day window would otherwise name ~8,800 keys, most long gone
-    hours_gone_before = None
-    if hour_ttl_s is not None:
-        hours_gone_before = kept_after(wall, hour_ttl_s) - _HOUR
-    norm_city = normalize_city(city)
-    keys: list[str] = []
-    for hour, t, stop in _hour_chunks(start, end + timedelta(minutes=1)):
-        if stop - t == _HOUR or t < horizon:
-            if hours_gone_before is None or hour > hours_gone_before:
-                keys.append(trend_key(dim, "h", hour_bucket(hour), norm_city))
-        else:
-            keys.extend(_minute_keys(dim, t, stop, norm_city))
-    return keys
+
+def _key_city(city: str | None) -> str | None:
+    """The normalised city of a reader's query; ValueError for a city that normalises to
+    nothing (blank, or only invisible characters), which would silently read every city."""
+    norm = normalize_city(city)
+    if city is not None and norm is None:
+        raise ValueError(
+            f"city {city!r}: blank once normalised (pass city=None to count every city)"
+        )
+    return norm
 
 
 MAX_SERIES_INTERVALS = 1000  # one ZUNION each, sent in one pipeline
@@ -468,16 +523,16 @@ def interval_keys(
 ) -> list[str] | None:
     """Keys holding exactly the minutes ``[start, end)``, or None where some have expired.
 
-    Unlike :func:`window_keys`, which widens a window to an hour rollup when its edge minutes
-    have expired, an interval of a series is never widened: two neighbours reading the same
-    rollup would count its posts twice.
+    Unlike :func:`window_plan`, which widens a window to an hour rollup when its edge minutes
+    have expired (and says so), an interval of a series is never widened: two neighbours
+    reading the same rollup would count its posts twice.
     """
     start, end = _utc(start), _utc(end)
     if start.second or start.microsecond or end.second or end.microsecond:
         raise ValueError(f"interval bounds must be whole minutes, got {start} .. {end}")
     minutes_after = kept_after(wall_now, minute_ttl_s)
     hours_after = kept_after(wall_now, hour_ttl_s)
-    norm_city = normalize_city(city)
+    norm_city = _key_city(city)
     keys: list[str] = []
     for hour, t, stop in _hour_chunks(start, end):
         if stop - t == _HOUR:
@@ -561,12 +616,48 @@ class CityCount:
     city_total: int
 
 
+@dataclass(frozen=True, slots=True)
+class WindowCounts:
+    """Every member's count over a trailing window, and the minutes ``[start, end)`` counted.
+
+    ``widened``: the window's edge minute buckets had expired, so whole hours were counted
+    instead and ``[start, end)`` is wider than the window asked for (see :func:`window_plan`).
+    """
+
+    counts: dict[str, int]
+    start: datetime
+    end: datetime
+    widened: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CitiesOf:
+    """What :meth:`TrendReader.read_cities_of` read: the cities posting a make (or model), how
+    many cities the window had, and the minutes ``[start, end)`` counted (as in WindowCounts)."""
+
+    rows: list[CityCount]
+    cities: int
+    start: datetime
+    end: datetime
+    widened: bool
+
+
+class WrongTypeKeyError(redis.ResponseError):
+    """A trend key holds something other than a sorted set of counts (written by something
+    other than the workers); the message names the key."""
+
+
 class TrendReader:
     """Top makes, models, cities and low-confidence guesses over a trailing window.
 
     Which buckets still exist depends on the TTLs the *writers* used, so by default the reader
     takes them from `carstream:trends:config` (defaults where no writer recorded any); pass
     ``minute_ttl_s``/``hour_ttl_s`` only to override.
+
+    Reads raise :class:`WrongTypeKeyError` (a ``redis.ResponseError``) naming the key when a
+    bucket's name holds another type, and ``redis.DataError`` when a client that decodes
+    replies (``decode_responses=True``) meets a member that is not UTF-8: a reader's client
+    should leave replies undecoded, as ``worker trends`` does.
     """
 
     def __init__(
@@ -578,12 +669,19 @@ class TrendReader:
         self._redis = redis_client
         self._minute_ttl_s = minute_ttl_s
         self._hour_ttl_s = hour_ttl_s
+        self._last_widened: tuple[int, datetime, datetime] | None = None  # warned of already
 
     def ttls(self) -> tuple[int, int]:
         """(minute, hour) bucket TTLs in seconds: the overrides, else the writers' recorded ones."""
         if self._minute_ttl_s is not None and self._hour_ttl_s is not None:
             return self._minute_ttl_s, self._hour_ttl_s
-        recorded = self._redis.hmget(CONFIG_KEY, ["minute_ttl_s", "hour_ttl_s"])
+        with _reading():
+            try:
+                recorded = self._redis.hmget(CONFIG_KEY, ["minute_ttl_s", "hour_ttl_s"])
+            except redis.ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
+                raise self._wrong_type([CONFIG_KEY], "hash") from None
         values = []
         for override, raw, default in zip(
             (self._minute_ttl_s, self._hour_ttl_s),
@@ -611,20 +709,70 @@ class TrendReader:
         city: str | None = None,
         now: datetime | None = None,
     ) -> dict[str, int]:
-        """Every member's count over the trailing window (see :func:`window_keys`), unranked:
-        what the top lists cut, and what their shares are of."""
+        """Every member's count over the trailing window (see :func:`window_plan`), unranked:
+        what the top lists cut, and what their shares are of.
+
+        Where expired edge minutes widened the window to whole hours, a warning names the span
+        counted; :meth:`read_window` returns it.
+        """
+        read = self.read_window(window_minutes, by, city, now)
+        if read.widened:
+            self._warn_widened(window_minutes, read.start, read.end)
+        return read.counts
+
+    def read_window(
+        self,
+        window_minutes: int,
+        by: Dimension = "make",
+        city: str | None = None,
+        now: datetime | None = None,
+    ) -> WindowCounts:
+        """:meth:`window` with the span it counted: ``[start, end)``, and whether that is wider
+        than the window asked for (its edge minutes expired; see :func:`window_plan`)."""
         _check_dimension(by, city)
         wall_now = datetime.now(UTC)
         now = wall_now if now is None else now
         minute_ttl_s, hour_ttl_s = self.ttls()
-        return self._union(
-            window_keys(
-                by, window_minutes, now, city, minute_ttl_s, wall_now, hour_ttl_s=hour_ttl_s
-            )
+        plan = window_plan(
+            by, window_minutes, now, city, minute_ttl_s, wall_now, hour_ttl_s=hour_ttl_s
         )
+        return WindowCounts(self._unions([plan.keys])[0], plan.start, plan.end, plan.widened)
 
-    def _union(self, keys: list[str]) -> dict[str, int]:
-        return _counts(self._redis.zunion(keys, withscores=True, aggregate="SUM")) if keys else {}
+    def _unions(self, key_lists: Sequence[list[str]]) -> list[dict[str, int]]:
+        """Each list's keys summed (one pipelined ZUNION per non-empty list); {} for none."""
+        wanted = [keys for keys in key_lists if keys]
+        replies: list = []
+        if wanted:
+            pipe = self._redis.pipeline(transaction=False)
+            for keys in wanted:
+                pipe.zunion(keys, withscores=True, aggregate="SUM")
+            with _reading():
+                replies = pipe.execute(raise_on_error=False)
+        for keys, reply in zip(wanted, replies, strict=True):
+            if isinstance(reply, redis.ResponseError) and "WRONGTYPE" in str(reply):
+                raise self._wrong_type(keys, "zset") from None
+            if isinstance(reply, Exception):
+                raise reply
+        merged = iter(replies)
+        return [_counts(next(merged)) if keys else {} for keys in key_lists]
+
+    def _wrong_type(self, keys: list[str], expected: str) -> WrongTypeKeyError:
+        """The error naming the first of ``keys`` that holds another type than ``expected``."""
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.type(key)
+        with _reading():
+            types = [_text(t) for t in pipe.execute()]
+        wrong = [(key, kind) for key, kind in zip(keys, types, strict=True)]
+        wrong = [(key, kind) for key, kind in wrong if kind not in (expected, "none")]
+        if not wrong:  # deleted or replaced since: name the read instead
+            return WrongTypeKeyError(f"a key of {keys[0]} .. {keys[-1]} held the wrong type")
+        key, kind = wrong[0]
+        more = f" (and {_count_keys(len(wrong) - 1)} more)" if len(wrong) > 1 else ""
+        return WrongTypeKeyError(
+            f"{key} holds a {kind}, not the {expected} of trend counts{more}: something other "
+            "than the workers wrote it; delete it (the workers cannot count into it either)"
+        )
 
     def top(
         self,
@@ -663,35 +811,60 @@ class TrendReader:
         the city's posts, busiest first; one pipelined ZUNION per city.
 
         Reads the ``max_cities`` busiest cities of the window; also returns how many cities the
-        window had, so a caller can say when some were not read.
+        window had, so a caller can say when some were not read. A widened window warns, as
+        :meth:`window` does; :meth:`read_cities_of` returns the span.
         """
+        read = self.read_cities_of(window_minutes, match, by, now, max_cities)
+        if read.widened:
+            self._warn_widened(window_minutes, read.start, read.end)
+        return read.rows, read.cities
+
+    def _warn_widened(self, window_minutes: int, start: datetime, end: datetime) -> None:
+        """Log that a window was widened, naming the span counted; once per span in a row, so
+        that a dashboard polling the same window does not log it on every poll."""
+        if self._last_widened == (window_minutes, start, end):
+            return
+        self._last_widened = (window_minutes, start, end)
+        logger.warning(
+            "the %d-minute window's edge minute buckets have expired: counted whole hours, "
+            "%s to %s UTC, instead (read_window/read_cities_of give the span)",
+            window_minutes,
+            f"{start:%Y-%m-%d %H:%M}",
+            f"{end - _MINUTE:%Y-%m-%d %H:%M}",
+        )
+
+    def read_cities_of(
+        self,
+        window_minutes: int,
+        match: Callable[[str], bool],
+        by: Literal["make", "model"] = "make",
+        now: datetime | None = None,
+        max_cities: int = MAX_BREAKDOWN_CITIES,
+    ) -> CitiesOf:
+        """:meth:`cities_of` with the span it counted (see :meth:`read_window`)."""
         if by not in ("make", "model"):
             raise ValueError(f"by must be 'make' or 'model', got {by!r}")
         wall_now = datetime.now(UTC)
         now = wall_now if now is None else now
         minute_ttl_s, hour_ttl_s = self.ttls()
 
-        def overall_keys(dim: Dimension) -> list[str]:
-            return window_keys(
+        def overall(dim: Dimension) -> WindowPlan:
+            return window_plan(
                 dim, window_minutes, now, None, minute_ttl_s, wall_now, hour_ttl_s=hour_ttl_s
             )
 
-        every_city = rank(self._union(overall_keys("city")))
+        plan = overall(by)  # each city's keys are these with its suffix (city_key): built once
+        every_city = rank(self._unions([overall("city").keys])[0])
         cities = [city for city, _ in every_city[:max_cities]]
-        keys = overall_keys(by)  # each city's are these with its suffix (city_key): built once
-        if not keys:
-            return [], len(every_city)
-        pipe = self._redis.pipeline(transaction=False)
-        for city in cities:
-            pipe.zunion([city_key(key, city) for key in keys], withscores=True, aggregate="SUM")
         rows = []
-        for city, merged in zip(cities, pipe.execute() if cities else [], strict=True):
-            counts = _counts(merged)
-            count = sum(c for member, c in counts.items() if match(member))
-            if count:
-                rows.append(CityCount(city, count, sum(counts.values())))
+        if plan.keys:
+            per_city = [[city_key(key, city) for key in plan.keys] for city in cities]
+            for city, counts in zip(cities, self._unions(per_city), strict=True):
+                count = sum(c for member, c in counts.items() if match(member))
+                if count:
+                    rows.append(CityCount(city, count, sum(counts.values())))
         rows.sort(key=lambda row: (-row.count, row.city))
-        return rows, len(every_city)
+        return CitiesOf(rows, len(every_city), plan.start, plan.end, plan.widened)
 
     def series(
         self,
@@ -724,18 +897,29 @@ class TrendReader:
             interval_keys(by, start, end, city, minute_ttl_s, hour_ttl_s, wall_now)
             for start, end in bounds
         ]
-        pipe = self._redis.pipeline(transaction=False)
-        for keys in plans:
-            if keys:
-                pipe.zunion(keys, withscores=True, aggregate="SUM")
-        replies = iter(pipe.execute() if any(plans) else [])
-        out = []
-        for (start, end), keys in zip(bounds, plans, strict=True):
-            counts = None
-            if keys is not None:
-                counts = _counts(next(replies)) if keys else {}
-            out.append(Interval(start, end, counts))
-        return out
+        merged = iter(self._unions([keys for keys in plans if keys is not None]))
+        return [
+            Interval(start, end, None if keys is None else next(merged))
+            for (start, end), keys in zip(bounds, plans, strict=True)
+        ]
+
+
+def _count_keys(n: int) -> str:
+    return f"{n} key" if n == 1 else f"{n} keys"
+
+
+@contextlib.contextmanager
+def _reading() -> Iterator[None]:
+    """A reply a decoding client (``decode_responses=True``) cannot decode, as one clear
+    error rather than a UnicodeDecodeError from deep in redis-py."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise redis.DataError(
+            f"a trend member or value is not UTF-8 ({exc.reason} at byte {exc.start}): read "
+            "with a client that leaves replies undecoded (decode_responses=False), which shows "
+            "such a member as its escapes"
+        ) from None
 
 
 def _text(value: bytes | str) -> str:
@@ -745,14 +929,18 @@ def _text(value: bytes | str) -> str:
 
 
 def _counts(merged: Iterable[tuple[bytes | str, float]]) -> dict[str, int]:
-    """A ZUNION ... WITHSCORES reply as member -> count; a score no count can have (inf, nan,
-    written into a key by something other than the workers) is left out with a warning."""
+    """A ZUNION ... WITHSCORES reply as member -> count; a score no count can have (negative,
+    fractional, inf, nan: written into a key by something other than the workers, whose
+    ZINCRBY only ever adds 1) is left out with a warning."""
     counts = {}
     for member, score in merged:
-        if math.isfinite(score):
-            counts[_text(member)] = round(score)
+        score = float(score)
+        if math.isfinite(score) and score >= 0 and score.is_integer():
+            counts[_text(member)] = int(score)
         else:
-            logger.warning("ignoring member %r with the score %r", _text(member), score)
+            logger.warning(
+                "ignoring member %r with the score %r: not a count of posts", _text(member), score
+            )
     return counts
 
 
@@ -761,6 +949,7 @@ def _check_dimension(by: str, city: str | None) -> None:
         raise ValueError(f"by must be make, model, lowconf or city, got {by!r}")
     if by == "city" and city is not None:
         raise ValueError("the city dimension has no per-city keys")
+    _key_city(city)  # a blank city would silently read every city
 
 
 def total(counts: Iterable[tuple[str, int]]) -> int:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from training.cli_errors import fail, first_validation_error, utf8_problem
 from training.cli_help import DefaultsHelpFormatter
 from worker.connections import redacted
-from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT, in_event_time_range
+from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT
 from worker.trends import (
     MAX_BREAKDOWN_CITIES,
     MODEL_SEPARATOR,
@@ -61,19 +61,40 @@ def parse_window(text: str, flag: str = "--window") -> int:
 
 
 def parse_at(text: str) -> datetime:
-    """An RFC 3339 timestamp with a timezone (Z allowed), in the years events may carry."""
+    """An RFC 3339 timestamp with a timezone (Z allowed), in the years events may carry.
+
+    Parsed by the worker's own ``posted_at`` validation (:class:`worker.schemas.PostEvent`), so
+    ``--at`` takes exactly what a post's event time may be: a leap second (23:59:60Z) is
+    accepted as the worker reads it (23:59:59), ISO 8601 forms RFC 3339 lacks (week dates,
+    basic format) are refused.
+    """
+    from pydantic import ValidationError
+
+    from worker.schemas import PostEvent
+
+    probe = {"post_id": "at", "image_url": "https://at.invalid/", "posted_at": text}
     try:
-        at = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"--at {text!r}: not an RFC 3339 timestamp") from None
-    if at.tzinfo is None:
-        raise ValueError(f"--at {text!r}: needs a timezone (e.g. Z)")
-    if not in_event_time_range(at):
-        raise ValueError(
-            f"--at {text!r}: must be between {EARLIEST_POSTED_AT:%Y-%m-%d} and "
-            f"{LATEST_POSTED_AT:%Y-%m-%d} UTC, the range of event times"
-        )
+        at = PostEvent.model_validate(probe).posted_at
+    except ValidationError as exc:
+        raise ValueError(f"--at {text!r}: {_at_problem(exc)}") from None
     return at.astimezone(UTC)
+
+
+def _at_problem(exc: Exception) -> str:
+    """What the worker's posted_at validation found wrong, worded for --at."""
+    errors = [e for e in exc.errors() if e.get("loc") == ("posted_at",)]  # type: ignore[attr-defined]
+    message = str(errors[0].get("msg", "")) if errors else ""
+    if "not between" in message:
+        return (
+            f"must be between {EARLIEST_POSTED_AT:%Y-%m-%d} and {LATEST_POSTED_AT:%Y-%m-%d} "
+            "UTC, the range of event times"
+        )
+    if "timezone" in message:
+        return "needs a timezone (e.g. Z)"
+    if "second 60" in message:
+        return "second 60 exists only at 23:59:60 UTC"
+    detail = "" if "RFC 3339" in message else f" ({message.removeprefix('Value error, ')})"
+    return f"not an RFC 3339 timestamp like 2026-12-06T15:30:00Z{detail}"
 
 
 def _window_complete(first_minute: datetime, wall_now: datetime, hour_ttl_s: int) -> bool:
@@ -89,6 +110,29 @@ def _window_complete(first_minute: datetime, wall_now: datetime, hour_ttl_s: int
         file=sys.stderr,
     )
     return False
+
+
+def _span_exact(
+    covered: tuple[datetime, datetime], asked: tuple[datetime, datetime], minute_ttl_s: int
+) -> bool:
+    """Whether the minutes counted are the window asked for; warns on stderr, naming the span
+    counted, where expired edge minutes widened it to whole hours."""
+    if covered == asked:
+        return True
+    print(
+        f"warning: the minute buckets at this window's edge have expired (the workers keep "
+        f"them {minute_ttl_s} s = {minute_ttl_s / 3600:g} h, CARSTREAM_TREND_MINUTE_TTL_S), so "
+        f"whole hours were counted: {_span(covered)}, not {_span(asked)} (a window from an "
+        "hh:00 to an hh:59 minute is exact)",
+        file=sys.stderr,
+    )
+    return False
+
+
+def _span(span: tuple[datetime, datetime]) -> str:
+    """[start, end) of whole minutes as its first and last minute: ... 14:00 to ... 15:59 UTC."""
+    start, end = span
+    return f"{start:%Y-%m-%d %H:%M} to {end - timedelta(minutes=1):%Y-%m-%d %H:%M} UTC"
 
 
 def _series_complete(intervals: list[dict], minute_ttl_s: int, hour_ttl_s: int) -> bool:
@@ -242,6 +286,9 @@ def main(args: argparse.Namespace) -> int:
         client = redis_client(settings)  # refuses a bad option of the URL before any I/O
     except ValueError as exc:
         return fail(str(exc))
+    # replies undecoded whatever the URL says (?decode_responses=true): a member some other
+    # writer stored in another encoding then reads as its escapes, not as a traceback
+    client.connection_pool.connection_kwargs["decode_responses"] = False
     reader = TrendReader(client)  # bucket TTLs as the workers recorded them
     dim = _DIMENSION[args.by]
     try:
@@ -255,8 +302,10 @@ def main(args: argparse.Namespace) -> int:
         elif args.compare:
             result, at = _compare(reader, args, minutes, at, dim, match)
         else:
-            counts = keep(reader.window(minutes, dim, args.city, at), match)
+            read = reader.read_window(minutes, dim, args.city, at)
+            counts = keep(read.counts, match)
             result = {"total": sum(counts.values()), "top": rank(counts, args.top)}
+            result["covered"] = (read.start, read.end)
     except redis.RedisError as exc:
         print(f"error: Redis at {redacted(settings.redis_url)}: {exc}", file=sys.stderr)
         return 1
@@ -264,13 +313,18 @@ def main(args: argparse.Namespace) -> int:
         client.close()
 
     wall_now = datetime.now(UTC)
-    if bounds is not None:
-        complete = _series_complete(result["intervals"], minute_ttl_s, hour_ttl_s)
-    else:
-        first_minute = at.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
-        complete = _window_complete(first_minute, wall_now, hour_ttl_s)
     head = {"window_minutes": minutes, "by": args.by, "city": args.city, "at": utc_z(at)}
-    head["complete"] = complete
+    if bounds is not None:
+        head["complete"] = _series_complete(result["intervals"], minute_ttl_s, hour_ttl_s)
+    else:
+        end = at.replace(second=0, microsecond=0) + timedelta(minutes=1)
+        asked = (end - timedelta(minutes=minutes), end)
+        covered = result.pop("covered")
+        exact = _span_exact(covered, asked, minute_ttl_s)
+        result["widened"] = not exact  # for the table's header
+        kept = _window_complete(covered[0], wall_now, hour_ttl_s)
+        head["complete"] = exact and kept
+        head["covered"] = {"start": utc_z(covered[0]), "end": utc_z(covered[1])}
     if args.make is not None or args.model is not None:
         head["make"], head["model"] = args.make, args.model
     if args.compare:
@@ -338,9 +392,11 @@ def _compare(
             )
             at = hour_end
             previous, current = shifted
+    covered = (current.start, current.end)
     current_counts = current.counts
     if current_counts is None:  # as the plain top list does: read what is kept, widened
-        current_counts = reader.window(minutes, dim, args.city, at)
+        read = reader.read_window(minutes, dim, args.city, at)
+        current_counts, covered = read.counts, (read.start, read.end)
     current = Interval(current.start, current.end, keep(current_counts, match))
     previous = Interval(previous.start, previous.end, keep(previous.counts, match))
     rank_by = args.rank
@@ -353,6 +409,7 @@ def _compare(
     rows = changes(previous, current, args.top, rank_by)
     return {
         "rank": rank_by,
+        "covered": covered,
         "total": current.total,
         "previous": {
             "start": utc_z(previous.start),
@@ -371,13 +428,19 @@ def _where(
     match: Callable[[str], bool],
 ) -> dict:
     by = "make" if args.make is not None else "model"
-    rows, cities = reader.cities_of(minutes, match, by, now=at)
+    read = reader.read_cities_of(minutes, match, by, now=at)
+    rows, cities = read.rows, read.cities
     if cities > MAX_BREAKDOWN_CITIES:
         print(
             f"note: the window has {cities} cities; read the {MAX_BREAKDOWN_CITIES} busiest",
             file=sys.stderr,
         )
-    return {"total": sum(r.count for r in rows), "cities": len(rows), "top": rows[: args.top]}
+    return {
+        "total": sum(r.count for r in rows),
+        "cities": len(rows),
+        "top": rows[: args.top],
+        "covered": (read.start, read.end),
+    }
 
 
 if __name__ == "__main__":  # the same entry as `python -m worker trends`

@@ -11,7 +11,7 @@ import argparse
 import csv
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from worker.trends import Change
 
@@ -72,6 +72,21 @@ def _minute(stamp: str) -> str:
     return stamp[:16].replace("T", " ")
 
 
+def _over(head: dict, result: dict, scope: str = "") -> str:
+    """The window a header names: "over the last 60m in lyon (up to 15:30 UTC)"; where expired
+    edge minutes widened it to whole hours, the minutes actually counted first."""
+    asked = f"the last {_duration(head['window_minutes'])}"
+    at = f"up to {_minute(head['at'])} UTC"
+    if not result.get("widened"):
+        return f"over {asked}{scope} ({at})"
+    covered = head["covered"]
+    last = datetime.fromisoformat(covered["end"].replace("Z", "+00:00")) - timedelta(minutes=1)
+    return (
+        f"over {_minute(covered['start'])} to {last:%Y-%m-%d %H:%M} UTC{scope} ({asked} {at}, "
+        "widened to whole hours: its edge minutes have expired)"
+    )
+
+
 def _share(count: int, total: int) -> str:
     return f"{100 * count / total:.1f}%" if total else "-"
 
@@ -80,7 +95,7 @@ def _change(change: Change) -> str:
     if change.previous is None:
         return "(previous: expired)"
     if change.previous == 0:
-        return f"(previous 0, +{change.count}, new)"
+        return f"(previous 0, {change.count:+d}, new)"
     pct = 100 * (change.count - change.previous) / change.previous
     return f"(previous {change.previous}, {change.change:+d}, {pct:+.1f}%)"
 
@@ -109,9 +124,8 @@ def print_where(args: argparse.Namespace, head: dict, result: dict) -> None:
         return
     name = args.make if args.make is not None else args.model
     print(
-        f"cities posting {shown(name)} over the last {_duration(head['window_minutes'])} (up to "
-        f"{_minute(head['at'])} UTC): {count_of(result['total'], 'post')} in "
-        f"{count_of(result['cities'], 'city', 'cities')}"
+        f"cities posting {shown(name)} {_over(head, result)}: "
+        f"{count_of(result['total'], 'post')} in {count_of(result['cities'], 'city', 'cities')}"
     )
     _ranked(
         [
@@ -132,11 +146,7 @@ def print_top(args: argparse.Namespace, head: dict, result: dict) -> None:
         for place, (name, count) in enumerate(rows, 1):
             _csv([place, name, count, round(count / total, 6) if total else ""])
         return
-    scope = _scope(args)
-    print(
-        f"top {args.by} over the last {_duration(head['window_minutes'])}{scope} (up to "
-        f"{_minute(head['at'])} UTC): {count_of(total, 'post')}"
-    )
+    print(f"top {args.by} {_over(head, result, _scope(args))}: {count_of(total, 'post')}")
     _ranked([(name, count, f"{_share(count, total):>6}") for name, count in rows])
 
 
@@ -155,12 +165,11 @@ def print_compare(args: argparse.Namespace, head: dict, result: dict) -> None:
         for place, r in enumerate(rows, 1):
             _csv([place, r.name, r.count, _blank(r.previous), _blank(r.change)])
         return
-    scope = _scope(args)
     window = _duration(head["window_minutes"])
     before = "expired" if previous["total"] is None else count_of(previous["total"], "post")
     print(
-        f"{'rising' if head['rank'] == 'rise' else 'top'} {args.by} over the last {window}{scope} "
-        f"(up to {_minute(head['at'])} UTC): "
+        f"{'rising' if head['rank'] == 'rise' else 'top'} {args.by} "
+        f"{_over(head, result, _scope(args))}: "
         f"{count_of(result['total'], 'post')}; the {window} before: {before}"
     )
     _ranked([(r.name, r.count, _change(r)) for r in rows])

@@ -135,7 +135,7 @@ def test_a_huge_image_is_refused_by_its_size_without_being_read(tmp_path: Path) 
     small.write_bytes(b"\x89PNG" * 10)
     messages = list(image_messages([small, huge, small], ["Paris", "Lyon"], "p", None))
     assert [m.refused for m in messages] == [None, reason, None]
-    cities = [json.loads(m.value)["city"] for m in messages if m.refused is None]
+    cities = [json.loads(m.payload())["city"] for m in messages if m.refused is None]
     assert cities == ["Paris", "Paris"]  # round-robin over the posts the huge one would have had
 
 
@@ -592,3 +592,62 @@ def test_ctrl_c_mid_run_reports_the_counts_and_exits_130(
         f"unconfirmed={report['unconfirmed']}"
     ]
     assert len(_consume(kafka_bootstrap, "produce-ctrl-c", report["sent"])) >= report["sent"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        # the worker's normalize_city drops these, so the post was counted without a city
+        (["--city", "\u200b"], "--city '\\u200b': blank"),  # zero-width space
+        (["--city", "\u202e"], "--city '\\u202e': blank"),  # bidi override
+        (["--city", "\x1b"], "--city '\\x1b': blank"),  # a terminal escape
+        (["--city", "\u00ad"], "--city '\\xad': blank"),  # soft hyphen
+        (["--city", "Lyon", "--city", " \u200b\u2060 "], "--city ' \\u200b\\u2060 ': blank"),
+        (["--platform", ""], "--platform '': blank"),  # docs: a blank platform is refused
+        (["--platform", "   "], "--platform '   ': blank"),
+    ],
+)
+def test_invisible_cities_and_blank_platforms_are_refused(args: list[str], needle: str) -> None:
+    result = _produce("--images", ".", *args)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+class _Recording(FakeProducer):
+    def __init__(self) -> None:
+        super().__init__(max_bytes=10**6)
+        self.values: list[bytes] = []
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None) -> _Future:
+        self.values.append(value)
+        return super().send(topic, value, key)
+
+
+def test_image_posts_are_dated_when_sent_not_when_built(monkeypatch, tmp_path: Path) -> None:
+    from worker import produce
+
+    clock = FakeClock()  # the rate limiter's clock, and the one posted_at is read from
+    monkeypatch.setattr(produce, "rfc3339_now", lambda: f"t={clock():.1f}")
+    messages = image_messages(_images(tmp_path / "imgs", 3), [], "p", None)
+    first = next(messages)  # as main reads the first post before it connects
+    clock.t += 30  # the producer takes a while to connect
+    bucket = TokenBucket(rate=0.2, burst=1, clock=clock, sleep=clock.sleep)  # one post per 5 s
+    producer = _Recording()
+    report = send_all(producer, "t", iter([first, *messages]), bucket)
+    assert report.sent == 3
+    # each is dated after the bucket's wait: was 100.0 (before connecting), 130.0, 135.0
+    posted = [json.loads(v)["posted_at"] for v in producer.values]
+    assert posted == ["t=130.0", "t=135.0", "t=140.0"]
+
+
+def test_jsonl_lines_keep_their_own_posted_at(monkeypatch, tmp_path: Path) -> None:
+    from worker import produce
+
+    monkeypatch.setattr(produce, "rfc3339_now", lambda: "stamped")
+    line = b'{"post_id": "a", "posted_at": "2026-12-06T15:30:00Z", "image_url": "http://x"}'
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(line + b"\n" + b'{"post_id": "b"}\n')
+    producer = _Recording()
+    send_all(producer, "t", jsonl_messages(path, None), TokenBucket(0))
+    assert producer.values == [line, b'{"post_id": "b"}']  # as given, never stamped

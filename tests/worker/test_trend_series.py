@@ -306,13 +306,22 @@ def test_cli_compare_keeps_its_window_when_the_previous_one_is_gone(r: redis.Red
         r, [(now - timedelta(minutes=5), "BMW", None), (now - timedelta(minutes=30), "Audi", None)]
     )
     redis_url = f"redis://{url['host']}:{url['port']}/{url['db']}"
-    out = _trends("--redis-url", redis_url, "--window", "16d", "--compare", "--json")
+    at = now - timedelta(minutes=1) if now.minute == 59 else now  # not a window of whole hours
+    out = _trends(
+        "--redis-url", redis_url, "--window", "16d", "--compare", "--json", "--at", utc_z(at)
+    )
     assert out.returncode == 0, out.stderr
     payload = json.loads(out.stdout)
     # the 16 days before reach past the 30-day hour rollups: no shift to whole hours helps,
-    # so the current window stays whole and only the previous one reads as expired
+    # so the current window is counted as the plain top list counts it and only the previous
+    # one reads as expired; its first minutes expired, so that is widened to a whole hour,
+    # which the payload and a warning say (the hour is no longer passed off as complete)
     assert payload["total"] == 2 and payload["previous"]["total"] is None
-    assert payload["complete"] is True and "note:" not in out.stderr
+    assert payload["complete"] is False and "note:" not in out.stderr
+    start = at + timedelta(minutes=1) - timedelta(days=16)
+    assert payload["covered"]["start"] == utc_z(start.replace(minute=0))
+    assert payload["covered"]["end"] == utc_z(at + timedelta(minutes=1))
+    assert "whole hours were counted" in out.stderr
     assert {row["name"]: row["previous"] for row in payload["top"]} == {"BMW": None, "Audi": None}
 
 

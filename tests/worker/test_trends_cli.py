@@ -145,10 +145,19 @@ def test_buckets_are_certainly_kept_only_when_they_started_within_the_ttl() -> N
 
 @pytest.mark.integration
 def test_cli_full_hour_rollup_window_is_complete(trends_url: str) -> None:
-    # 30 days is exactly the hour rollups' TTL: its first (partial) hour is still alive
-    out = _trends("--redis-url", trends_url, "--window", "30d", "--json")
+    # 30 days is exactly the hour rollups' TTL: its first hour is still alive. It ends on this
+    # hour's hh:59, so it is whole hours: no edge minutes (expired after 48 h) widen it
+    end = datetime.now(UTC).replace(minute=59, second=0, microsecond=0)
+    out = _trends("--redis-url", trends_url, "--window", "30d", "--json", "--at", _z(end))
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["complete"] is True and not out.stderr
+    payload = json.loads(out.stdout)
+    assert payload["complete"] is True and not out.stderr
+    start = end + timedelta(minutes=1) - timedelta(days=30)
+    assert payload["covered"] == {"start": _z(start), "end": _z(end + timedelta(minutes=1))}
+
+
+def _z(ts: datetime) -> str:
+    return ts.isoformat().replace("+00:00", "Z")
 
 
 @pytest.mark.integration
