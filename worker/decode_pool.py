@@ -12,7 +12,9 @@ cancellation point: a post that makes a decoder spin (a shape of input no check 
 hold its batch, and the partition behind it, for ever, and after ``max_poll_interval_ms`` the
 consumer group would hand the same batch to the next replica. So the loop waits for each task
 until its deadline only (``DecodeFuture.running_s``: time spent waiting for a CPU slot does not
-count); past it, the post goes to the dead-letter topic and this pool writes the thread off: it
+count), and meanwhile enforces it on every running task (``write_off_overdue``: the task holding
+the slot an awaited one waits for may be a later post's); past it, the post goes to the
+dead-letter topic and this pool writes the thread off: it
 leaves service (and gives back its CPU slot), a fresh thread takes its place at once, and the
 stuck one exits whenever its call returns. Written-off threads may still hold memory, so at most
 ``threads`` of them written off in a decode, and ``threads + io_threads`` in all, run at once;
@@ -43,15 +45,23 @@ class WrittenOffError(RuntimeError):
 class DecodeFuture(Future):
     """A task's future, which knows how long the task has been running, and on which thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, lock: threading.Lock | None = None) -> None:
         super().__init__()
+        self._clock_lock = lock  # the pool's: the fields below change together under it
         self.started_at: float | None = None  # time.monotonic() when a thread took it
         self.slot_wait_s = 0.0  # time spent waiting for a CPU slot, finished waits
         self.waiting_since: float | None = None  # set while waiting for one
         self.thread: _DecodeThread | None = None
+        self.timed_out = False  # written off past its deadline: the caller dead-letters it
 
     def running_s(self, now: float | None = None) -> float | None:
         """Seconds since a thread took the task, less its waits for a CPU slot (None: queued)."""
+        if self._clock_lock is None:
+            return self._running_s(now)
+        with self._clock_lock:
+            return self._running_s(now)
+
+    def _running_s(self, now: float | None = None) -> float | None:
         started, since = self.started_at, self.waiting_since
         if started is None:
             return None
@@ -109,7 +119,7 @@ class DecodePool:
             return self._written_off
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> DecodeFuture:
-        future = DecodeFuture()
+        future = DecodeFuture(self._lock)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit a decode after the pool was shut down")
@@ -137,6 +147,8 @@ class DecodePool:
                 future.slot_wait_s += time.monotonic() - future.waiting_since
                 future.waiting_since = None
             if me.written_off:
+                if self._cpu_free:  # a wake-up meant for a thread in service: pass it on
+                    self._cpu_freed.notify_all()
                 raise WrittenOffError(f"{me.name} was written off")
             self._cpu_free -= 1
             me.holds_cpu = True
@@ -147,35 +159,58 @@ class DecodePool:
                 if me.holds_cpu:  # not given back already by write_off
                     me.holds_cpu = False
                     self._cpu_free += 1
-                    self._cpu_freed.notify()
+                    self._cpu_freed.notify_all()
 
     def write_off(self, future: DecodeFuture) -> bool:
         """Give up on a running task: its thread leaves service (giving back its CPU slot), and a
-        fresh one replaces it.
+        fresh one replaces it; the future is marked ``timed_out``.
 
         False when the task is not running on a thread in service (it has finished, has not
         started, or was written off already), or when as many written-off threads as allowed
         are still running: then nothing changes, and the caller has to wait for it after all.
         """
         with self._lock:
-            thread = future.thread
-            if thread is None or thread.current is not future or thread.written_off:
-                return False
-            if self._written_off >= self.threads + self.io_threads:
-                return False
-            if thread.holds_cpu and self._written_off_cpu >= self.threads:
-                return False
-            thread.written_off = True
-            self._written_off += 1
-            if thread.holds_cpu:
-                thread.holds_cpu = False
-                thread.stuck_in_cpu = True
-                self._written_off_cpu += 1
-                self._cpu_free += 1
-                self._cpu_freed.notify()
-            self._serving.remove(thread)
-            if not self._shutdown:
-                self._start_thread()
+            return self._write_off(future)
+
+    def write_off_overdue(self, limit_s: float) -> list[DecodeFuture]:
+        """Write off every running task past ``limit_s`` of running time; the ones written off.
+
+        The loop waits for one post at a time, but a post waiting for a CPU slot does not run
+        (its clock stops), so the deadline must reach whoever holds the slots: a stuck decode of
+        a later post, taken before the awaited one got its slot, would otherwise hold the batch.
+        """
+        now = time.monotonic()
+        with self._lock:
+            overdue = [
+                t.current
+                for t in self._serving
+                if t.current is not None and (t.current._running_s(now) or 0.0) >= limit_s
+            ]
+            return [future for future in overdue if self._write_off(future)]
+
+    def _write_off(self, future: DecodeFuture) -> bool:
+        thread = future.thread
+        if thread is None or thread.current is not future or thread.written_off:
+            return False
+        if future.done():  # finished while its thread had not yet left it
+            return False
+        if self._written_off >= self.threads + self.io_threads:
+            return False
+        if thread.holds_cpu and self._written_off_cpu >= self.threads:
+            return False
+        thread.written_off = True
+        future.timed_out = True
+        self._written_off += 1
+        if thread.holds_cpu:
+            thread.holds_cpu = False
+            thread.stuck_in_cpu = True
+            self._written_off_cpu += 1
+            self._cpu_free += 1
+        # a thread written off while waiting for a slot must not take the next wake-up either
+        self._cpu_freed.notify_all()
+        self._serving.remove(thread)
+        if not self._shutdown:
+            self._start_thread()
         return True
 
     def shutdown(

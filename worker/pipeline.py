@@ -829,47 +829,57 @@ class StreamWorker(ConsumerRebalanceListener):
         ``decode_timeout_s`` (its thread is written off: see worker/decode_pool.py).
 
         Only running time counts: not the wait in the queue behind other posts, nor the waits
-        for a CPU slot, so a busy pool does not make good posts time out.
+        for a CPU slot, so a busy pool does not make good posts time out. While this post waits,
+        the deadline is enforced on every running post (``write_off_overdue``): the one holding
+        the slot this post waits for may be a later post's stuck decode.
         """
         limit = self.settings.decode_timeout_s
         running_s = getattr(future, "running_s", lambda: None)
+        report_at = 2 * limit  # past the deadline and not written off: say so now and then
         while True:
+            if getattr(future, "timed_out", False):
+                return self._timed_out(limit)
             ran = running_s()
-            wait_s = DECODE_START_POLL_S if ran is None else max(0.001, limit - ran)
+            if ran is None or ran >= limit or getattr(future, "waiting_since", None) is not None:
+                wait_s = DECODE_START_POLL_S  # queued, waiting for a slot, or past the deadline
+            else:
+                wait_s = limit - ran
             try:
                 return future.result(timeout=wait_s)
             except TimeoutError:
                 pass
-            ran = running_s()
-            if ran is None or ran < limit:
-                continue
-            if self.pool.write_off(future):
+            if self.pool.write_off_overdue(limit):
                 log.warning(
-                    "a decode ran past decode_timeout_s (%.3g s): its post is dead-lettered and "
-                    "its thread written off (%d written off still running)",
+                    "decodes ran past decode_timeout_s (%.3g s): their posts are dead-lettered "
+                    "and their threads written off (%d written off still running)",
                     limit,
                     self.pool.written_off,
                 )
-                return Prepared(
-                    None,
-                    None,
-                    PostError(
-                        "decode_timeout",
-                        f"decoding (or fetching) the image took over {limit:g} s; the worker "
-                        "stopped waiting for it",
-                    ),
-                    ran,
-                )
-            if not future.done():
+            if getattr(future, "timed_out", False):
+                return self._timed_out(limit)
+            ran = running_s()
+            if ran is not None and ran >= report_at:
                 # as many threads written off as allowed: wait it out (the liveness probe
                 # restarts a replica whose loop stops turning)
+                report_at += limit
                 log.error(
                     "a decode has run %.0f s, past decode_timeout_s, and %d written-off decode "
                     "threads are still running: waiting for it",
                     ran,
                     self.pool.written_off,
                 )
-                limit += self.settings.decode_timeout_s  # log again after another period
+
+    def _timed_out(self, limit: float) -> Prepared:
+        return Prepared(
+            None,
+            None,
+            PostError(
+                "decode_timeout",
+                f"decoding (or fetching) the image took over {limit:g} s; the worker stopped "
+                "waiting for it",
+            ),
+            limit,
+        )
 
     def finish(
         self, batch: list[Pending], prepared: list[Prepared], logits: dict[int, np.ndarray]

@@ -338,3 +338,84 @@ def test_url_posts_fetch_beside_the_decode_threads(monkeypatch):
         pool.shutdown()
     assert [p.error for p in prepared] == [None] * 4
     assert all(p.array.shape == (3, 32, 32) for p in prepared)
+
+
+def test_the_deadline_reaches_the_stuck_holder_of_a_slot_another_post_waits_for():
+    """A post waiting for a CPU slot does not run (its clock stops), so the loop, waiting on it,
+    enforces the deadline on every running post: here a later post's stuck decode, which took
+    the only slot while the awaited post was fetching."""
+    from .test_loop_overlap import make_worker
+
+    worker, _, _, _ = make_worker([])
+    worker.pool.shutdown()
+    worker.pool = pool = DecodePool(1, io_threads=1)
+    worker.settings = worker.settings.model_copy(update={"decode_timeout_s": 0.2})
+    fetched, hang = threading.Event(), threading.Event()
+
+    def url_post() -> str:
+        fetched.wait(WAIT_S)  # its fetch ends once the other post holds the slot
+        with pool.cpu_slot():
+            return "decoded"
+
+    def stuck_post() -> str:
+        with pool.cpu_slot():
+            fetched.set()
+            hang.wait(WAIT_S)
+        return "too late"
+
+    try:
+        first = pool.submit(url_post)
+        assert started(first)
+        second = pool.submit(stuck_post)
+        assert wait_for(lambda: first.waiting_since is not None)
+        assert worker._await_decode(first) == "decoded"  # once the holder was written off
+        assert second.timed_out
+        late = worker._await_decode(second)
+        assert late.error.kind == "decode_timeout"
+        assert not first.timed_out
+    finally:
+        hang.set()
+        pool.shutdown()
+        worker.inference.shutdown()
+        worker.delivery.shutdown()
+
+
+def test_a_thread_written_off_while_waiting_for_a_slot_passes_the_wake_up_on():
+    pool = DecodePool(1, io_threads=2)
+    release = threading.Event()
+
+    def hold() -> str:
+        with pool.cpu_slot():
+            release.wait(WAIT_S)
+        return "held"
+
+    def decode() -> str:
+        with pool.cpu_slot():
+            return "decoded"
+
+    try:
+        holder = pool.submit(hold)
+        assert started(holder)
+        doomed, kept = pool.submit(decode), pool.submit(decode)
+        assert wait_for(lambda: doomed.waiting_since is not None)
+        assert wait_for(lambda: kept.waiting_since is not None)
+        assert pool.write_off(doomed)
+        release.set()
+        assert kept.result(WAIT_S) == "decoded"  # not left asleep beside a free slot
+        with pytest.raises(WrittenOffError):
+            doomed.result(WAIT_S)
+        assert holder.result(WAIT_S) == "held"
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_a_finished_task_is_not_written_off():
+    pool = DecodePool(1)
+    try:
+        done = pool.submit(lambda: 1)
+        assert done.result(WAIT_S) == 1
+        assert pool.write_off_overdue(0.0) == []
+        assert not done.timed_out
+    finally:
+        pool.shutdown()
