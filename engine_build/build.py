@@ -38,6 +38,7 @@ from engine_build.parity import (
 from engine_build.runtime.onnxruntime_engine import OnnxRuntimeEngine
 from training.checkpoint import (
     CHECKPOINT_FILE,
+    LABELS_FILE,
     CheckpointError,
     current_umask,
     load_checkpoint,
@@ -371,6 +372,48 @@ def checkpoint_labels(ckpt: dict, source: Path) -> tuple[list[Label], str]:
     return labels, level
 
 
+def _warn_about_labels_file(ckpt: dict, labels_file: Path) -> None:
+    """WARNING when the ``labels.json`` beside the checkpoint no longer matches its class list.
+
+    Training writes both from one list; the bundle's labels come from ``checkpoint.pt`` alone.
+    A ``labels.json`` edited by hand (to rename a class, say) would otherwise look as if it had
+    been taken into the bundle.
+    """
+    if not labels_file.is_file():
+        return
+    try:
+        written = json.loads(labels_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        log.warning(
+            "%s is unreadable (%s); the bundle's labels come from the checkpoint", labels_file, exc
+        )
+        return
+    classes = ckpt["classes"]
+    if not isinstance(written, dict) or len(written) != len(classes):
+        size = len(written) if isinstance(written, dict) else type(written).__name__
+        log.warning(
+            "%s has %s entries, the checkpoint %d classes; the bundle's labels come from the "
+            "checkpoint",
+            labels_file,
+            size,
+            len(classes),
+        )
+        return
+    for i, c in enumerate(classes):
+        entry = written.get(str(i))
+        if not isinstance(entry, dict) or any(entry.get(k) != c.get(k) for k in LABEL_FIELDS):
+            log.warning(
+                "%s differs from the checkpoint's class list (first at index %d: %r there, %r "
+                "in the checkpoint); the bundle's labels come from the checkpoint, labels.json "
+                "is not read",
+                labels_file,
+                i,
+                entry,
+                {k: c.get(k) for k in LABEL_FIELDS},
+            )
+            return
+
+
 def _open_modes(root: Path) -> None:
     """Give the bundle the modes a plain mkdir/open would have (0o777/0o666 less the umask).
 
@@ -489,6 +532,7 @@ def build_bundle(checkpoint_dir: Path | str, out_dir: Path | str, **options) -> 
         raise BuildError(str(exc)) from exc
     ckpt_file = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir.is_dir() else checkpoint_dir
     labels, level = checkpoint_labels(ckpt, ckpt_file)
+    _warn_about_labels_file(ckpt, ckpt_file.parent / LABELS_FILE)
     crop = _warn_about_crop(ckpt, ckpt_file, opts.parity_data)
     _check_not_checkpoint(out_dir, checkpoint_dir)
     _check_out(out_dir, opts.overwrite)

@@ -193,3 +193,33 @@ def test_full_photo_checkpoint_records_its_crop_without_warning(bundle_dir, capl
     with caplog.at_level(logging.WARNING, logger="engine_build.build"):
         assert build_module._warn_about_crop({"args": {"crop": "full"}}, bundle_dir, None) == "full"
     assert not caplog.records
+
+
+def test_a_labels_json_that_no_longer_matches_the_checkpoint_is_a_warning(tmp_path, caplog):
+    import json
+
+    from engine_build.build import _warn_about_labels_file
+
+    classes = [
+        {"make": "BMW", "model": "X5", "make_id": 1, "model_id": 10},
+        {"make": "Kia", "model": "Rio", "make_id": 2, "model_id": 20},
+    ]
+    ckpt = {"classes": classes}
+    labels = tmp_path / "labels.json"
+
+    def warnings_for(content: str | None) -> str:
+        caplog.clear()
+        if content is not None:
+            labels.write_text(content)
+        with caplog.at_level(logging.WARNING, logger="engine_build.build"):
+            _warn_about_labels_file(ckpt, labels)
+        return caplog.text
+
+    assert warnings_for(None) == ""  # no labels.json: nothing to compare
+    as_written = {str(i): c for i, c in enumerate(classes)}
+    assert warnings_for(json.dumps(as_written)) == ""
+    renamed = {**as_written, "1": {**classes[1], "model": "Rio Sport"}}
+    text = warnings_for(json.dumps(renamed))
+    assert "first at index 1" in text and "Rio Sport" in text and "not read" in text
+    assert "has 1 entries, the checkpoint 2" in warnings_for(json.dumps({"0": classes[0]}))
+    assert "unreadable" in warnings_for("{not json")
