@@ -27,16 +27,26 @@ from pathlib import Path
 
 from PIL import Image
 
-from training.cli_help import DefaultsHelpFormatter
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bench_args import (  # noqa: E402
+    make_parser,
+    positive_float,
+    positive_int,
+    positive_int_list,
+)
 from e2e_throughput import photo_jpegs  # noqa: E402
-from report import cpu_model, write_results  # noqa: E402
+from report import (  # noqa: E402
+    cpu_model,
+    format_versions,
+    gpu_name,
+    libjpeg_turbo_version,
+    package_versions,
+    write_results,
+)
 
-from training.cli import positive_int  # noqa: E402
 from training.preprocessing import (  # noqa: E402
     PreprocessSpec,
     center_crop,
@@ -52,11 +62,16 @@ SIZES = {"1080x1080": (1080, 1080), "1280x960": (1280, 960), "640x640": (640, 64
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
+    parser = make_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--threads",
+        type=positive_int_list,
+        default=[1, os.cpu_count() or 1],
+        help="comma list of decode thread counts",
     )
-    parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma list")
-    parser.add_argument("--seconds", type=float, default=0.5, help="timed seconds per case")
+    parser.add_argument(
+        "--seconds", type=positive_float, default=0.5, help="timed seconds per case"
+    )
     parser.add_argument(
         "--rounds", type=positive_int, default=3, help="round-robin rounds (median kept)"
     )
@@ -183,7 +198,7 @@ def post_cases(spec: PreprocessSpec) -> list[tuple]:
 
 def main(args: argparse.Namespace) -> int:
     spec = PreprocessSpec()
-    threads = [int(t) for t in args.threads.split(",")]
+    threads = args.threads
     cases = image_cases(spec) + post_cases(spec)
     rates: dict[tuple[int, int], list[float]] = {}
     for r in range(args.rounds):
@@ -203,8 +218,12 @@ def main(args: argparse.Namespace) -> int:
     rows += gpu_rows(spec, args.seconds)
     result = {
         "command": " ".join(["python", "benchmarks/decode_throughput.py", *sys.argv[1:]]),
-        "machine": f"{cpu_model()} ({os.cpu_count()} cores)",
+        "machine": f"{cpu_model()} ({os.cpu_count()} cores), GPU: {gpu_name()}",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "versions": {
+            **package_versions("pillow", "numpy", "torch", "torchvision", "pybase64"),
+            "libjpeg-turbo": libjpeg_turbo_version(),
+        },
         "preprocess": spec.model_dump(mode="json"),
         "rows": rows,
     }
@@ -214,6 +233,7 @@ def main(args: argparse.Namespace) -> int:
         f"- command: `{result['command']}`",
         f"- machine: {result['machine']}",
         f"- date: {result['date']}",
+        f"- versions: {format_versions(result['versions'])}",
         f"- {args.rounds} round(s) of {args.seconds} s per case, round robin; "
         "images/s is the median of the rounds",
         f"- preprocessing: resize {spec.resize}, crop {spec.crop}; images are photo-like; "

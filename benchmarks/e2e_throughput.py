@@ -9,7 +9,16 @@ social-media sizes (1080x1080, 1280x960), it measures:
 - the same worker with batching off (max_batch 1);
 - the per-message peer (benchmarks/peer_consumer.py);
 - latency p50/p95/p99 (posted_at -> classified_at) at fixed offered loads, as fractions of the
-  worker's measured saturation.
+  worker's saturation: the median of ``--saturation-reps`` batched runs of this invocation
+  (unpaired, so one slow or fast moment moves every load; one run by default), or
+  ``--load-base`` posts/s given (say a paired worker_ab.py median).
+
+Throughput is counted between batch completions a whole number of engine instances apart,
+after every instance's first batch (``throughput``). The paced producer sends pre-serialised
+posts whose ``posted_at`` is the post's scheduled send time (start + i / rate), not the moment
+it was sent, so a producer that falls behind shows as latency instead of hiding it; each load
+records the offered rate it achieved and its largest send lag, and a load whose producer
+achieved under 95% of its target is flagged in the table.
 
 Writes benchmarks/results/e2e_throughput.{json,md}.
 
@@ -38,12 +47,18 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from PIL import Image
 
-from training.cli_help import DefaultsHelpFormatter
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bench_args import (  # noqa: E402
+    make_parser,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_float_list,
+    positive_int,
+)
 from model_throughput import WARMUP_CALLS, make_bundle, time_engines  # noqa: E402
 from report import cpu_model, write_results  # noqa: E402
 
@@ -56,19 +71,43 @@ PARTITIONS = 4
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
+    parser = make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--posts", type=positive_int, default=240, help="posts per saturation run")
+    parser.add_argument(
+        "--peer-posts",
+        type=positive_int,
+        default=None,
+        help="posts of the per-message peer's saturation run (default: --posts); the peer is "
+        "the slowest run, so a time-boxed session gives it fewer",
     )
-    parser.add_argument("--posts", type=int, default=240, help="posts per saturation run")
     parser.add_argument(
         "--model-only-seconds",
-        type=float,
+        type=non_negative_float,
         default=5.0,
         help="length of each model-only measurement (3 calls were too few on a noisy VM)",
     )
     add_worker_args(parser)
-    parser.add_argument("--loads", default="0.25,0.5,0.9", help="fractions of saturation")
-    parser.add_argument("--load-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--saturation-reps",
+        type=positive_int,
+        default=1,
+        help="batched-worker saturation runs; the loads are fractions of their median",
+    )
+    parser.add_argument(
+        "--load-base",
+        type=positive_float,
+        default=None,
+        metavar="POSTS_PER_S",
+        help="take the loads as fractions of this rate instead of this run's saturation "
+        "(e.g. a paired worker_ab.py median)",
+    )
+    parser.add_argument(
+        "--loads",
+        type=positive_float_list,
+        default=[0.25, 0.5, 0.9],
+        help="comma list of fractions of saturation",
+    )
+    parser.add_argument("--load-seconds", type=positive_float, default=30.0)
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     return parser
 
@@ -76,20 +115,42 @@ def get_args_parser() -> argparse.ArgumentParser:
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
     """The model and worker settings shared with benchmarks/worker_ab.py."""
     parser.add_argument("--arch", default="resnet50", help="model (random weights)")
-    parser.add_argument("--image-size", type=int, default=224, help="model input size")
-    parser.add_argument("--num-classes", type=int, default=431, help="CompCars model classes")
-    parser.add_argument("--max-batch", type=int, default=32, help="the worker's max batch")
-    parser.add_argument("--max-wait-ms", type=int, default=50, help="the worker's max wait")
-    parser.add_argument("--decode-threads", type=int, default=2, help="the worker's decode pool")
+    parser.add_argument("--image-size", type=positive_int, default=224, help="model input size")
     parser.add_argument(
-        "--threads", type=int, default=os.cpu_count(), help="CPU engine threads (per instance)"
+        "--num-classes", type=positive_int, default=431, help="CompCars model classes"
+    )
+    parser.add_argument("--max-batch", type=positive_int, default=32, help="the worker's max batch")
+    parser.add_argument(
+        "--max-wait-ms", type=non_negative_int, default=50, help="the worker's max wait"
+    )
+    parser.add_argument(
+        "--decode-threads", type=positive_int, default=2, help="the worker's decode pool"
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=os.cpu_count(),
+        help="CPU engine threads (per instance)",
     )
     parser.add_argument(
         "--engine-instances",
-        type=int,
+        type=positive_int,
         default=1,
         help="the worker's engine instances, inferring side by side; the model-only row runs as "
-        "many at once, the per-message peer one engine on threads x instances",
+        "many at once, the per-message peer one engine on threads x instances (--peer-threads)",
+    )
+    parser.add_argument(
+        "--peer-threads",
+        type=positive_int,
+        default=None,
+        help="the per-message peer's engine threads (default: threads x engine instances)",
+    )
+    parser.add_argument(
+        "--peer-spinning",
+        choices=["on", "off"],
+        default=None,
+        help="ONNX Runtime thread spinning in the peer's engine (default: the worker's "
+        "inference_spinning setting, on)",
     )
     parser.add_argument(
         "--backend",
@@ -181,14 +242,66 @@ def photo_jpegs(
     return out
 
 
+def rfc3339(t: float) -> str:
+    """Epoch seconds as RFC 3339 UTC with microseconds (always 27 characters, years 1000-9999)."""
+    text = dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="microseconds")
+    return text.replace("+00:00", "Z")
+
+
 def now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return rfc3339(time.time())
 
 
-def event(post_id: str, jpeg_b64: str) -> bytes:
+def event(post_id: str, jpeg_b64: str, posted_at: str | None = None) -> bytes:
     return json.dumps(
-        {"post_id": post_id, "image_b64": jpeg_b64, "posted_at": now_rfc3339(), "city": "Paris"}
+        {
+            "post_id": post_id,
+            "image_b64": jpeg_b64,
+            "posted_at": posted_at or now_rfc3339(),
+            "city": "Paris",
+        }
     ).encode()
+
+
+STAMP_PLACEHOLDER = "0000-00-00T00:00:00.000000Z"  # as long as any rfc3339() of our era
+
+
+def event_template(post_id: str, jpeg_b64: str) -> tuple[bytes, bytes]:
+    """A post serialised once, split around its posted_at value: ``head + stamp + tail`` is the
+    post stamped ``stamp``, with no JSON parse or re-serialisation per send."""
+    head, sep, tail = event(post_id, jpeg_b64, STAMP_PLACEHOLDER).partition(
+        STAMP_PLACEHOLDER.encode()
+    )
+    assert sep, "the placeholder is in the serialised post"
+    return head, tail
+
+
+def schedule(n: int, rate: float) -> list[float]:
+    """Seconds after the start at which post i is due: i / rate."""
+    if n < 0 or not rate > 0:
+        raise ValueError(f"schedule of {n} posts at {rate} posts/s")
+    return [i / rate for i in range(n)]
+
+
+LAGGED_BELOW = 0.95  # a load whose producer achieved under this share of its target is flagged
+
+
+def offered_stats(target: float, due: list[float], sent: list[float]) -> dict:
+    """What a paced producer achieved: ``due`` and ``sent`` are each post's scheduled and actual
+    hand-over times, in seconds after the start (the first post is due at 0).
+
+    The achieved rate is the posts after the first over the time to the last hand-over, which
+    equals ``target`` when every post goes on time; the send lag is how late a post went."""
+    if len(due) != len(sent) or not due:
+        raise ValueError(f"{len(due)} due times against {len(sent)} send times")
+    span = sent[-1]
+    achieved = (len(sent) - 1) / span if len(sent) > 1 and span > 0 else target
+    return {
+        "target_posts_per_s": target,
+        "achieved_posts_per_s": achieved,
+        "max_send_lag_ms": max(0.0, *(1000 * (s - d) for s, d in zip(sent, due, strict=True))),
+        "producer_lagged": achieved < LAGGED_BELOW * target,
+    }
 
 
 class Run:
@@ -264,6 +377,8 @@ def env_for(run: Run, stack: LocalStack, bundle: Path, args, max_batch: int) -> 
         "CARSTREAM_METRICS_PORT": "0",
         "CARSTREAM_MIN_CONFIDENCE": "0",
         "CARSTREAM_OVERLAP": args.overlap,
+        **({"PEER_THREADS": str(args.peer_threads)} if getattr(args, "peer_threads", None) else {}),
+        **({"PEER_SPINNING": args.peer_spinning} if getattr(args, "peer_spinning", None) else {}),
         **(
             {"SIM_BATCH_MS": str(args.sim_engine[0]), "SIM_IMAGE_MS": str(args.sim_engine[1])}
             if args.sim_engine
@@ -272,20 +387,39 @@ def env_for(run: Run, stack: LocalStack, bundle: Path, args, max_batch: int) -> 
     }
 
 
-def produce(bootstrap: str, topic: str, payloads: list[bytes], rate: float | None = None) -> None:
-    producer = KafkaProducer(
+def producer_for(bootstrap: str) -> KafkaProducer:
+    return KafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=8 * 1024 * 1024
     )
-    start = time.monotonic()
-    for i, value in enumerate(payloads):
-        if rate:
-            delay = start + i / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            value = json.dumps({**json.loads(value), "posted_at": now_rfc3339()}).encode()
+
+
+def produce(bootstrap: str, topic: str, payloads: list[bytes]) -> None:
+    """Send ``payloads`` as fast as the producer takes them (saturation runs: produced ahead)."""
+    producer = producer_for(bootstrap)
+    for value in payloads:
         producer.send(topic, value=value)
     producer.flush()
     producer.close()
+
+
+def produce_paced(
+    bootstrap: str, topic: str, templates: list[tuple[bytes, bytes]], rate: float
+) -> dict:
+    """Send post i at start + i / rate, stamped posted_at = that scheduled time (so a producer
+    that lags is charged to latency, not hidden from it); returns offered_stats."""
+    producer = producer_for(bootstrap)
+    due = schedule(len(templates), rate)
+    sent = []
+    wall0, start = time.time(), time.monotonic()
+    for (head, tail), at in zip(templates, due, strict=True):
+        delay = start + at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        producer.send(topic, value=head + rfc3339(wall0 + at).encode() + tail)
+        sent.append(time.monotonic() - start)
+    producer.flush()
+    producer.close()
+    return offered_stats(rate, due, sent)
 
 
 def collect(bootstrap: str, topic: str, n: int, deadline_s: float, proc) -> list[dict]:
@@ -314,12 +448,34 @@ def ts(text: str) -> float:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def throughput(results: list[dict]) -> float:
-    """Posts/s between the first and the last result, not counting the first batch."""
-    times = sorted(ts(r["classified_at"]) for r in results)
-    first = times[0]
-    after = [t for t in times if t > first]
-    return len(after) / (times[-1] - first) if after else float("nan")
+def throughput(results: list[dict], servers: int = 1) -> float:
+    """Posts/s at saturation from the results' classified_at (one stamp per engine batch).
+
+    ``servers`` engines (engine instances x worker processes) infer batches side by side. The
+    window opens when the ``servers``-th batch completes (each engine's first batch, and the
+    start-up before it, left out) and closes at the last batch completion a whole multiple of
+    ``servers`` batches later; the posts of the batches completing inside it count. For engines
+    each completing a batch every T seconds, whatever their phases, any ``servers`` successive
+    completions are one of each engine, so the window spans whole periods and the estimate is
+    exact; the tail after it (engines idle as the posts run out) is left out too. The first
+    version opened at the first completion alone, which counted the other engines' first
+    batches, run before the window opened: 1.11x of the ceiling with two instances.
+    NaN when the results hold too few batches for one whole round after the first.
+    """
+    if servers < 1:
+        raise ValueError(f"servers must be >= 1, not {servers}")
+    sizes: dict[float, int] = {}
+    for r in results:
+        t = ts(r["classified_at"])
+        sizes[t] = sizes.get(t, 0) + 1
+    times = sorted(sizes)
+    opened = servers - 1
+    rounds = (len(times) - 1 - opened) // servers
+    if rounds < 1:
+        return float("nan")
+    closed = opened + rounds * servers
+    posts = sum(sizes[t] for t in times[opened + 1 : closed + 1])
+    return posts / (times[closed] - times[opened])
 
 
 def start(cmd: list[str], env: dict, log_path: Path, cwd: Path = REPO) -> subprocess.Popen:
@@ -336,7 +492,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def saturation(name, cmd, stack, bundle, args, max_batch, posts, work) -> dict:
+def saturation(name, cmd, stack, bundle, args, max_batch, posts, work, servers=1) -> dict:
     run = Run(stack.bootstrap)
     produce(stack.bootstrap, run.input, posts)
     proc = start(cmd, env_for(run, stack, bundle, args, max_batch), work / f"{run.group}.log")
@@ -344,9 +500,19 @@ def saturation(name, cmd, stack, bundle, args, max_batch, posts, work) -> dict:
         results = collect(stack.bootstrap, run.output, len(posts), 900, proc)
     finally:
         stop(proc)
-    rate = throughput(results)
+    rate = throughput(results, servers)
     print(f"  {name}: {rate:.2f} posts/s", flush=True)
     return {"config": name, "max_batch": max_batch, "posts": len(posts), "posts_per_s": rate}
+
+
+def median_saturation(runs: list[dict]) -> dict:
+    """One row for repeated runs of a config: the median posts/s, every run's kept."""
+    row = dict(runs[0])
+    rates = [r["posts_per_s"] for r in runs]
+    row["posts_per_s"] = statistics.median(rates)
+    if len(runs) > 1:
+        row["runs_posts_per_s"] = rates
+    return row
 
 
 def latency(rate: float, seconds: float, stack, bundle, args, jpegs, work) -> dict:
@@ -360,8 +526,8 @@ def latency(rate: float, seconds: float, stack, bundle, args, jpegs, work) -> di
         produce(stack.bootstrap, run.input, [event("warm-0", jpegs[0])])
         collect(stack.bootstrap, run.output, 1, 300, proc)  # started, assigned and warm
         n = max(5, int(rate * seconds))
-        payloads = [event(f"p{i}", jpegs[i % len(jpegs)]) for i in range(n)]
-        produce(stack.bootstrap, run.input, payloads, rate=rate)
+        templates = [event_template(f"p{i}", jpegs[i % len(jpegs)]) for i in range(n)]
+        offered = produce_paced(stack.bootstrap, run.input, templates, rate)
         results = collect(stack.bootstrap, run.output, n + 1, seconds + 600, proc)
     finally:
         stop(proc)
@@ -372,7 +538,8 @@ def latency(rate: float, seconds: float, stack, bundle, args, jpegs, work) -> di
     )
     q = statistics.quantiles(lat, n=100)
     return {
-        "offered_posts_per_s": rate,
+        "offered_posts_per_s": rate,  # the target; what the producer achieved is below
+        **offered,
         "posts": len(lat),
         "p50_ms": q[49],
         "p95_ms": q[94],
@@ -418,6 +585,23 @@ def model_only(bundle: Path, args, size: int, calls: int = 3, min_seconds: float
     }
 
 
+def or_dash(value: float | None, spec: str) -> str:
+    return "—" if value is None or value != value else format(value, spec)
+
+
+def load_base(args, sat_worker: dict) -> dict:
+    """The rate the loads are fractions of, and where it came from."""
+    if args.load_base is not None:
+        return {"posts_per_s": args.load_base, "source": "--load-base"}
+    runs = sat_worker.get("runs_posts_per_s", [sat_worker["posts_per_s"]])
+    what = (
+        f"median of {len(runs)} batched-worker saturation runs of this invocation"
+        if len(runs) > 1
+        else "one unpaired batched-worker saturation run of this invocation"
+    )
+    return {"posts_per_s": sat_worker["posts_per_s"], "source": what}
+
+
 def render_md(r: dict) -> str:
     lines = [
         f"# End-to-end worker throughput and latency: {r['arch']} @ {r['image_size']}px",
@@ -447,20 +631,36 @@ def render_md(r: dict) -> str:
         f"{r['model_only_batch1']['images_per_s'] / r['model_only']['images_per_s']:.2f} |",
     ]
     for s in r["saturation"]:
+        each = s.get("runs_posts_per_s")
+        runs = f" (median of {' / '.join(f'{x:.2f}' for x in each)})" if each else ""
         lines.append(
-            f"| {s['config']} | {s['max_batch']} | {s['posts_per_s']:.2f} | "
+            f"| {s['config']} | {s['max_batch']} | {s['posts_per_s']:.2f}{runs} | "
             f"{s['posts_per_s'] / r['model_only']['images_per_s']:.2f} |"
         )
+    base = r.get("load_base")
     lines += [
         "",
         "## Latency at fixed offered load (posted_at -> classified_at)",
         "",
-        "| load | offered posts/s | posts | p50 ms | p95 ms | p99 ms |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        (
+            f"Loads are fractions of {base['posts_per_s']:.2f} posts/s ({base['source']}). "
+            if base
+            else ""
+        )
+        + "posted_at is each post's scheduled send time; achieved is the rate the producer "
+        f"kept; a load under {LAGGED_BELOW:.0%} of its target is marked LAGGED.",
+        "",
+        "| load | target posts/s | achieved posts/s | max send lag ms | posts | p50 ms | p95 ms "
+        "| p99 ms |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for frac, lat in zip(r["loads"], r["latency"], strict=True):
+        achieved = lat.get("achieved_posts_per_s")
+        flag = " LAGGED" if lat.get("producer_lagged") else ""
         lines.append(
-            f"| {frac:.0%} | {lat['offered_posts_per_s']:.2f} | {lat['posts']} | "
+            f"| {frac:.0%} | {lat['offered_posts_per_s']:.2f} | "
+            + ("—" if achieved is None else f"{achieved:.2f}{flag}")
+            + f" | {or_dash(lat.get('max_send_lag_ms'), '.0f')} | {lat['posts']} | "
             f"{lat['p50_ms']:.0f} | {lat['p95_ms']:.0f} | {lat['p99_ms']:.0f} |"
         )
     lines += [
@@ -495,22 +695,44 @@ def main(args: argparse.Namespace) -> int:
             bundle = make_bundle(args, work, args.max_batch)
             jpegs_raw = photo_jpegs(12, sizes=image_sizes(args))
             jpegs = [base64.b64encode(j).decode() for j in jpegs_raw]
-            posts = [event(f"s{i}", jpegs[i % len(jpegs)]) for i in range(args.posts)]
+            peer_posts = args.peer_posts or args.posts
+            posts = [
+                event(f"s{i}", jpegs[i % len(jpegs)]) for i in range(max(args.posts, peer_posts))
+            ]
             ref = model_only(bundle, args, args.max_batch, min_seconds=args.model_only_seconds)
             ref1 = model_only(bundle, args, 1, min_seconds=args.model_only_seconds)
             print(f"  model only: {ref['images_per_s']:.2f} images/s", flush=True)
             worker, peer = commands(args)
-            sat = [
+            k = args.engine_instances
+            batched = [
                 saturation(
-                    "worker (batched)", worker, stack, bundle, args, args.max_batch, posts, work
-                ),
-                saturation("worker, batching off", worker, stack, bundle, args, 1, posts, work),
-                saturation("per-message peer", peer, stack, bundle, args, 1, posts, work),
+                    "worker (batched)",
+                    *(worker, stack, bundle, args, args.max_batch, posts[: args.posts], work, k),
+                )
+                for _ in range(args.saturation_reps)
             ]
-            loads = [float(x) for x in args.loads.split(",")]
+            sat = [
+                median_saturation(batched),
+                saturation(
+                    "worker, batching off",
+                    worker,
+                    stack,
+                    bundle,
+                    args,
+                    1,
+                    posts[: args.posts],
+                    work,
+                    k,
+                ),
+                saturation(
+                    "per-message peer", peer, stack, bundle, args, 1, posts[:peer_posts], work
+                ),
+            ]
+            loads = args.loads
+            base = load_base(args, sat[0])
             lat = []
             for frac in loads:
-                rate = frac * sat[0]["posts_per_s"]
+                rate = frac * base["posts_per_s"]
                 lat.append(latency(rate, args.load_seconds, stack, bundle, args, jpegs, work))
                 print(f"  {frac:.0%} load: p99 {lat[-1]['p99_ms']:.0f} ms", flush=True)
         finally:
@@ -537,6 +759,9 @@ def main(args: argparse.Namespace) -> int:
         "model_only_batch1": ref1,
         "saturation": sat,
         "loads": loads,
+        "load_base": base,
+        "peer_threads": args.peer_threads,
+        "peer_spinning": args.peer_spinning,
         "latency": lat,
     }
     write_results(args.out_dir, "e2e_throughput", result, render_md(result))

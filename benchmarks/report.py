@@ -31,3 +31,41 @@ def write_results(out_dir: Path, name: str, result: dict, markdown: str) -> None
     text = markdown if markdown.endswith("\n") else markdown + "\n"
     (out_dir / f"{name}.md").write_text(text)
     print(text, end="", flush=True)
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Python's and each installed distribution's version ("not installed" where missing)."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def libjpeg_turbo_version() -> str:
+    """The libjpeg-turbo Pillow decodes JPEGs with, as Pillow reports it, else why not."""
+    try:
+        from PIL import features
+
+        if features.check_feature("libjpeg_turbo"):
+            return features.version("libjpeg_turbo") or "yes (version unknown)"
+        return "no (Pillow's JPEG is not libjpeg-turbo)"
+    except Exception as exc:  # an old Pillow without the feature: say so, do not fail the run
+        return f"unknown ({type(exc).__name__})"
+
+
+def gpu_name() -> str:
+    """The first CUDA GPU's name, or "none" (or "none (no torch)")."""
+    try:
+        import torch
+    except ImportError:
+        return "none (no torch)"
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+
+
+def format_versions(versions: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in versions.items())

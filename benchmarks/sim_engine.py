@@ -120,7 +120,7 @@ def main(argv: list[str]) -> int:
         sys.path.insert(0, str(Path(__file__).parent))
         import peer_consumer
 
-        return peer_consumer.main()
+        return peer_consumer.main(argv[1:])
     if target != "worker":
         print(f"sim_engine.py: error: unknown target {target!r} (worker or peer)", file=sys.stderr)
         return 2

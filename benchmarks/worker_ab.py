@@ -37,15 +37,24 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 
-from training.cli_help import DefaultsHelpFormatter
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import e2e_throughput as e2e  # noqa: E402
+from bench_args import (  # noqa: E402
+    make_parser,
+    non_negative_float,
+    positive_int,
+)
 from model_throughput import make_bundle  # noqa: E402
-from report import cpu_model, write_results  # noqa: E402
+from report import (  # noqa: E402
+    cpu_model,
+    format_versions,
+    gpu_name,
+    package_versions,
+    write_results,
+)
 
 from worker.stack import LocalStack, free_port  # noqa: E402
 
@@ -72,17 +81,15 @@ def parse_config(text: str) -> tuple[str, dict[str, str]]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter
-    )
+    parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument(
         "--config", type=parse_config, action="append", help="NAME:VAR=VALUE,... (repeatable)"
     )
-    parser.add_argument("--reps", type=int, default=3, help="runs of each config")
-    parser.add_argument("--posts", type=int, default=320, help="posts per run")
+    parser.add_argument("--reps", type=positive_int, default=3, help="runs of each config")
+    parser.add_argument("--posts", type=positive_int, default=320, help="posts per run")
     parser.add_argument(
         "--model-only-seconds",
-        type=float,
+        type=non_negative_float,
         default=5.0,
         help="length of each model-only measurement (one before each round, one after the last)",
     )
@@ -273,12 +280,13 @@ def run_config(name, env, stack, bundle, args, posts, work) -> dict:
     instances = int(full_env["CARSTREAM_ENGINE_INSTANCES"]) * int(
         full_env.get("CARSTREAM_PROCESSES", "1")
     )
+    servers = 1 if is_peer else instances  # the peer runs one engine, one post at a time
     proc = e2e.start(cmd, full_env, work / f"{run.group}.log", cwd=src)
     try:
         got = measure(stack.bootstrap, run.output, len(posts), proc, 900, scrape, instances)
     finally:
         e2e.stop(proc)
-    rate = e2e.throughput(got["results"])
+    rate = e2e.throughput(got["results"], servers)
     cpu = got["cpu_ms_per_post"]
     print(
         f"  {name}: {rate:.2f} posts/s; engine busy {got['engine_busy']:.2f} at "
@@ -364,6 +372,7 @@ def render_md(r: dict) -> str:
         f"- command: `{r['command']}`",
         f"- machine: {r['machine']}",
         f"- date: {r['date']}",
+        *([f"- versions: {format_versions(r['versions'])}"] if r.get("versions") else []),
         f"- posts: {r['posts']} per run, photo-like JPEGs "
         + " and ".join(f"{w}x{h}" for w, h in r["image_sizes"])
         + ", base64 in JSON; "
@@ -477,8 +486,11 @@ def main(args: argparse.Namespace) -> int:
     baseline = runs[args.baseline] if args.baseline is not None else None
     result = {
         "command": "python benchmarks/worker_ab.py " + " ".join(sys.argv[1:]),
-        "machine": f"{cpu_model()} ({os.cpu_count()} cores)",
+        "machine": f"{cpu_model()} ({os.cpu_count()} cores), GPU: {gpu_name()}",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "versions": package_versions(
+            "torch", "onnxruntime", "numpy", "pillow", "kafka-python", "redis"
+        ),
         "arch": args.arch,
         "image_size": args.image_size,
         "posts": args.posts,
