@@ -7,7 +7,6 @@ regression to it fails here rather than in a recorded figure.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import json
 import math
 import sys
@@ -15,16 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from .test_benchmark_smoke import benchmark_module
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def benchmark_module(name: str):
-    """Import ``benchmarks/<name>.py`` (a script directory, not a package)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
 
 
 T0 = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.UTC).timestamp()
