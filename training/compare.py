@@ -1,15 +1,23 @@
 """``compare``: train and evaluate several architectures on the same data; the seed's table.
 
-Accuracy (top-1, top-5, make top-1) next to cost (training time, parameters, GFLOPs at the crop
-size, inference images/s on this machine), as compare.md, compare.json and compare.png.
+Accuracy (top-1 with its 95% interval, top-5, make top-1) next to cost (training time,
+parameters, GFLOPs at the crop size, PyTorch FP32 inference images/s on this machine), as
+compare.md, compare.json and compare.png. Every arch is scored on the same test images, so
+each one is tested against the best with paired statistics (exact McNemar, paired bootstrap):
+compare_tests.json, and the per-image predictions behind them in compare_predictions.csv.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import io
+import itertools
 import logging
+import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,11 +26,26 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from training import plots
 from training import train as train_cmd
-from training.checkpoint import atomic_write_bytes, atomic_write_json
+from training.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+    model_from_checkpoint,
+    preprocess_spec_of,
+)
 from training.cli import BadArgumentError, positive_int
 from training.cli_errors import OneLineParser, path_arg
 from training.cli_help import DefaultsHelpFormatter
+from training.datasets import DatasetIndex, load_index
+from training.datasets.image_dataset import UnreadableImages
 from training.distributed import DistInfo, barrier, cleanup, init_distributed
+from training.engine import evaluate
+from training.metrics import (
+    classification_metrics,
+    paired_comparison,
+    topk_correct,
+    wilson_interval,
+)
 from training.models import ARCHS, UnknownArchError, build_model
 
 log = logging.getLogger(__name__)
@@ -30,6 +53,11 @@ log = logging.getLogger(__name__)
 # the worker's max_batch is at most 4096 (worker/settings.py), so no larger batch ever reaches a
 # deployed engine; 40960 images at 224 px would be a 23 GiB input tensor before the first layer
 MAX_BENCH_BATCH = 4096
+ALPHA = 0.05  # significance level of the paired tests; the intervals are (1 - ALPHA)
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+PREDICTIONS_FILE = "compare_predictions.csv"
+TESTS_FILE = "compare_tests.json"
 
 
 def count_params(model: nn.Module) -> int:
@@ -45,21 +73,51 @@ def gflops(model: nn.Module, image_size: int) -> float:
 
 
 @torch.inference_mode()
-def inference_images_per_s(
-    model: nn.Module, image_size: int, device: torch.device, batch: int = 16, iters: int = 5
-) -> float:
-    """Forward throughput on random input (after one warm-up batch)."""
+def inference_throughput(
+    model: nn.Module,
+    image_size: int,
+    device: torch.device,
+    batch: int = 16,
+    iters: int = 2,
+    repeats: int = 5,
+    warmup: int = 2,
+) -> dict[str, Any]:
+    """Forward throughput of the PyTorch FP32 eager model on random input: ``warmup`` batches,
+    then ``repeats`` timed runs of ``iters`` batches each; images/s is their median (the min
+    and max are kept). This is neither the deployed engine (TensorRT FP16) nor its batching."""
     model = model.eval().to(device)
     x = torch.randn(batch, 3, image_size, image_size, device=device)
-    model(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
+    for _ in range(warmup):
         model(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return batch * iters / (time.perf_counter() - start)
+    rates = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(batch * iters / (time.perf_counter() - start))
+    return {
+        "images_per_s": statistics.median(rates),
+        "images_per_s_min": min(rates),
+        "images_per_s_max": max(rates),
+        "backend": "pytorch-eager",
+        "precision": "fp32",
+        "device": str(device),
+        "batch": batch,
+        "repeats": repeats,
+        "iters_per_repeat": iters,
+        "warmup_batches": warmup,
+    }
+
+
+def inference_images_per_s(
+    model: nn.Module, image_size: int, device: torch.device, batch: int = 16, **kwargs: Any
+) -> float:
+    """The median images/s of :func:`inference_throughput`."""
+    return inference_throughput(model, image_size, device, batch=batch, **kwargs)["images_per_s"]
 
 
 def parse_archs(text: str) -> list[str]:
@@ -75,21 +133,91 @@ def parse_archs(text: str) -> list[str]:
     return archs
 
 
+def _top5_cell(r: dict[str, Any]) -> str:
+    if r.get("top5_informative", True):
+        return f"{r['top5']:.3f}"
+    return f"n/a ({r.get('top5_k')} classes)"
+
+
 def markdown_table(rows: list[dict[str, Any]], header: str) -> str:
+    """The per-arch table; rows with a ``top1_ci`` show it, rows with ``vs_best`` the paired
+    test against the best arch."""
     lines = [
         header,
         "",
-        "| arch | top-1 | top-5 | make top-1 | train time (s) | params (M) | GFLOPs "
-        "| inference img/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| arch | top-1 [95% CI] | top-5 | make top-1 (by name) | make top-1 (by id) "
+        "| train time (s) | params (M) | GFLOPs | inference img/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        ci = r.get("top1_ci")
+        top1 = f"{r['top1']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        by_id = r.get("make_top1_by_id")
         lines.append(
-            f"| {r['arch']} | {r['top1']:.4f} | {r['top5']:.4f} | {r['make_top1']:.4f} | "
+            f"| {r['arch']} | {top1} | {_top5_cell(r)} | {r['make_top1']:.3f} | "
+            f"{'' if by_id is None else f'{by_id:.3f}'} | "
             f"{r['train_seconds']:.1f} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | "
             f"{r['inference_images_per_s']:.1f} |"
         )
-    return "\n".join(lines) + "\n"
+    lines += ["", *paired_section(rows)]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def paired_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: each arch against the best top-1 on the same images, and the verdict."""
+    others = [r for r in rows if r.get("vs_best")]
+    if not others:
+        return []
+    best = others[0]["vs_best"]["best"]
+    n = others[0]["vs_best"]["num_images"]
+    lines = [
+        f"## Paired tests against the best top-1 ({best}), on the same {n} test images",
+        "",
+        f"| arch | top-1 minus {best} | {1 - ALPHA:.0%} paired-bootstrap CI | right only here "
+        f"| right only on {best} | McNemar exact p | at {ALPHA:.0%} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in others:
+        v = r["vs_best"]
+        verdict = "significant" if v["significant"] else "**not significant**"
+        lo, hi = v["diff_ci"]
+        lines.append(
+            f"| {r['arch']} | {v['diff']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {v['only_this_right']} "
+            f"| {v['only_best_right']} | {v['mcnemar_p']:.3g} | {verdict} |"
+        )
+    weak = [r["arch"] for r in others if not r["vs_best"]["significant"]]
+    lines.append("")
+    if weak:
+        many = f", not corrected for {len(others)} comparisons" if len(others) > 1 else ""
+        lines.append(
+            f"Not significantly different from {best} at {ALPHA:.0%} (exact McNemar{many}): "
+            f"{', '.join(weak)}. Their order in this table may be noise: more test images or "
+            "several seeds are needed to rank them."
+        )
+    else:
+        lines.append(f"Every other arch is significantly below {best} at {ALPHA:.0%}.")
+    return lines
+
+
+def footnotes(rows: list[dict[str, Any]]) -> str:
+    r = rows[0]
+    bench = r.get("inference", {})
+    text = (
+        f"Top-1 intervals: Wilson score, {1 - ALPHA:.0%}. Make top-1 by name counts a prediction "
+        "right when its make name is the true one (what the worker reports and the trends "
+        "count); by id, when its CompCars make id is."
+    )
+    if not r.get("top5_informative", True):
+        text += f" Top-5 is not shown: with {r.get('top5_k')} classes it is 1.0 for any model."
+    if bench:
+        text += (
+            f" Inference img/s: {bench['backend']} {bench['precision'].upper()} on "
+            f"{bench['device']}, batch {bench['batch']}, median of {bench['repeats']} timed "
+            f"runs of {bench['iters_per_repeat']} batches after {bench['warmup_batches']} "
+            "warm-up batches: a relative figure between archs, not the deployed TensorRT FP16 "
+            "engine's throughput (benchmarks/ measures that)."
+        )
+    return text + f" Per-image predictions: {PREDICTIONS_FILE}; all pairs: {TESTS_FILE}.\n"
 
 
 def get_args_parser(add_parser=None, name: str = "compare") -> argparse.ArgumentParser:
@@ -141,11 +269,116 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         cleanup(dist_info)
 
 
+def score_checkpoint(
+    out: Path, index: DatasetIndex, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """The checkpoint training left in ``out`` scored on ``index`` as training's final
+    evaluation scores it (EMA weights when kept, FP16 autocast and channels_last on CUDA unless
+    --no-amp): its metrics and, per image kept, the prediction and whether top-1/top-5 are
+    right. Images that do not decode are left out of ``images`` and of every per-image list."""
+    ckpt = load_checkpoint(out)
+    on_cuda = device.type == "cuda"
+    model = model_from_checkpoint(ckpt, True, out)
+    model = model.to(device, memory_format=torch.channels_last) if on_cuda else model.to(device)
+    unreadable = UnreadableImages(strict=args.strict)
+    loader = train_cmd.eval_loader(index, preprocess_spec_of(ckpt), args)
+    amp = on_cuda and not args.no_amp
+    logits, targets = evaluate(
+        model, loader, device, amp=amp, channels_last=on_cuda, unreadable=unreadable
+    )
+    kept = [str(s.path) for s in index.samples if str(s.path) not in unreadable.paths]
+    if len(kept) != len(targets):  # cannot happen with an in-order loader; never mis-pair
+        raise RuntimeError(f"{out}: {len(targets)} scores for {len(kept)} images")
+    preds = logits.argmax(dim=1)
+    return {
+        "metrics": classification_metrics(logits, targets, index.classes),
+        "images": kept,
+        "targets": targets.tolist(),
+        "preds": preds.tolist(),
+        "correct": (preds == targets).tolist(),
+        "top5_correct": topk_correct(logits, targets, 5).tolist(),
+    }
+
+
+def paired_tests(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every pair of archs scored on the same images: b against a (b - a), McNemar and the paired
+    bootstrap; ``best`` is the arch with the highest top-1 (the first one on a tie)."""
+    archs = list(scores)
+    best = max(archs, key=lambda a: sum(scores[a]["correct"]))  # max keeps the first of a tie
+    pairs = []
+    for a, b in itertools.combinations(archs, 2):
+        if scores[a]["images"] != scores[b]["images"]:
+            raise RuntimeError(f"{a} and {b} were not scored on the same images")
+        test = paired_comparison(
+            scores[a]["correct"], scores[b]["correct"], ALPHA, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+        )
+        pairs.append({"a": a, "b": b, **test})
+    return {
+        "alpha": ALPHA,
+        "test": "exact McNemar (two-sided binomial test on the discordant images)",
+        "interval": f"{1 - ALPHA:.0%} percentile paired bootstrap of top1(b) - top1(a)",
+        "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+        "bootstrap_seed": BOOTSTRAP_SEED,
+        "best": best,
+        "num_images": len(next(iter(scores.values()))["images"]),
+        "pairs": pairs,
+    }
+
+
+def vs_best(tests: dict[str, Any], arch: str) -> dict[str, Any] | None:
+    """``arch`` against the best arch, read off their pair in ``tests``: ``diff`` = top1(arch)
+    - top1(best) and its interval, the images only one of them got right, McNemar's p and
+    whether it is below alpha. None for the best arch itself."""
+    best = tests["best"]
+    if arch == best:
+        return None
+    for p in tests["pairs"]:
+        if {p["a"], p["b"]} != {arch, best}:
+            continue
+        sign = 1 if p["b"] == arch else -1  # the pair's diff is top1(b) - top1(a)
+        lo, hi = (sign * x for x in p["diff_ci"])
+        mine, theirs = ("b", "a") if p["b"] == arch else ("a", "b")
+        return {
+            "best": best,
+            "num_images": p["num_images"],
+            "top1": p[f"top1_{mine}"],
+            "top1_best": p[f"top1_{theirs}"],
+            "diff": sign * p["diff"],
+            "diff_ci": [min(lo, hi), max(lo, hi)],
+            "only_this_right": p[f"{mine}_only"],
+            "only_best_right": p[f"{theirs}_only"],
+            "mcnemar_p": p["mcnemar_p"],
+            "significant": p["significant"],
+        }
+    raise KeyError(f"no pair {arch}/{best}")
+
+
+def predictions_csv(scores: dict[str, dict[str, Any]], classes: list[dict[str, Any]]) -> bytes:
+    """One row per test image: its path, true class (index, make, model) and, per arch, the
+    predicted class and whether top-1 and top-5 are right (1/0)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    archs = list(scores)
+    writer.writerow(
+        ["image", "target", "make", "model"]
+        + [f"{a}_{col}" for a in archs for col in ("pred", "correct", "top5_correct")]
+    )
+    first = scores[archs[0]]
+    for i, (image, target) in enumerate(zip(first["images"], first["targets"], strict=True)):
+        row = [image, target, classes[target]["make"], classes[target]["model"]]
+        for a in archs:
+            sc = scores[a]
+            row += [sc["preds"][i], int(sc["correct"][i]), int(sc["top5_correct"][i])]
+        writer.writerow(row)
+    return buf.getvalue().encode()
+
+
 def _compare(
     args: argparse.Namespace, archs: list[str], dist_info: DistInfo
 ) -> list[dict[str, Any]]:
     device = train_cmd.resolve_device(args.device, dist_info)
-    rows = []
+    test_index = None
+    rows, scores = [], {}
     for arch in archs:
         run_args = arch_run_args(args, arch)
         start = time.perf_counter()
@@ -153,20 +386,43 @@ def _compare(
         train_seconds = time.perf_counter() - start
         if not metrics:  # a non-main rank under torchrun: it trained its share; rank 0 reports
             continue
+        if test_index is None:  # one index: every arch is scored on the same images, in order
+            test_index = load_index(
+                args.dataset, args.data, "test", args.level, args.crop, args.strict
+            )
+        scores[arch] = score = score_checkpoint(run_args.out, test_index, run_args, device)
+        m = score["metrics"]
+        if abs(m["top1"] - metrics["top1"]) > 1e-9:  # cuDNN / AMP nondeterminism on a GPU
+            log.warning(
+                "%s: top-1 %.4f on rescoring the checkpoint, %.4f in training's metrics.json",
+                arch,
+                m["top1"],
+                metrics["top1"],
+            )
         model = build_model(arch, metrics["num_classes"])
+        bench = inference_throughput(model, args.image_size, device, batch=args.bench_batch)
+        correct = sum(score["correct"])
         rows.append(
             {
                 "arch": arch,
-                "top1": metrics["top1"],
-                "top5": metrics["top5"],
-                "make_top1": metrics["make_top1"],
+                "top1": m["top1"],
+                "top1_ci": list(wilson_interval(correct, m["num_test"], 1 - ALPHA)),
+                "top1_correct": correct,
+                "num_test": m["num_test"],
+                "top5": m["top5"],
+                "top5_k": m["top5_k"],
+                "top5_informative": m["top5_informative"],
+                "make_top1": m["make_top1"],
+                "make_top1_by_id": m["make_top1_by_id"],
+                "balanced_accuracy": m["balanced_accuracy"],
+                "chance_top1": m["chance_top1"],
+                "majority_class_top1": m["majority_class_top1"],
                 "train_seconds": metrics["train_seconds_this_run"],
                 "wall_seconds": train_seconds,
                 "params": count_params(model),
                 "gflops": gflops(model, args.image_size),
-                "inference_images_per_s": inference_images_per_s(
-                    model, args.image_size, device, batch=args.bench_batch
-                ),
+                "inference_images_per_s": bench["images_per_s"],
+                "inference": bench,
                 "epochs": args.epochs,
                 "image_size": args.image_size,
                 "device": str(device),
@@ -176,13 +432,22 @@ def _compare(
         )
     if not rows:
         return []
+    tests = paired_tests(scores)
+    for r in rows:
+        r["vs_best"] = vs_best(tests, r["arch"])
+    first = rows[0]
     header = (
         f"# Architecture comparison\n\n{args.dataset} at {args.data}, {args.epochs} epochs, "
-        f"{args.image_size} px, device {device}, pretrained {rows[0]['pretrained_source']}. "
-        "GFLOPs count a multiply-add as 2."
+        f"{args.image_size} px, device {device}, pretrained {first['pretrained_source']}; "
+        f"{first['num_test']} test images, {len(test_index.classes)} classes (chance top-1 "
+        f"{first['chance_top1']:.3f}, always the most frequent class "
+        f"{first['majority_class_top1']:.3f}). GFLOPs count a multiply-add as 2."
     )
+    table = markdown_table(rows, header) + "\n" + footnotes(rows)
     atomic_write_json(args.out / "compare.json", rows)
-    atomic_write_bytes(args.out / "compare.md", markdown_table(rows, header).encode())
+    atomic_write_json(args.out / TESTS_FILE, tests)
+    atomic_write_bytes(args.out / PREDICTIONS_FILE, predictions_csv(scores, test_index.classes))
+    atomic_write_bytes(args.out / "compare.md", table.encode())
     plots.compare_plot(rows, args.out / "compare.png")
-    print(markdown_table(rows, header))
+    print(table)
     return rows

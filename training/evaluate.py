@@ -125,10 +125,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out / METRICS_FILE, m)
         plots.confused_pairs(m["confused_pairs"], classes, args.out / "confused_pairs.png")
+    top5 = f"{m['top5']:.4f}" if m["top5_informative"] else f"n/a ({m['top5_k']} classes)"
     print(
-        f"top1 {m['top1']:.4f} top5 {m['top5']:.4f} balanced {m['balanced_accuracy']:.4f} "
-        f"make-top1 {m['make_top1']:.4f} on {m['num_test']} {args.split} images, level {level}, "
-        f"crop {crop} "
+        f"top1 {m['top1']:.4f} top5 {top5} balanced {m['balanced_accuracy']:.4f} "
+        f"make-top1 {m['make_top1']:.4f} (by id {m['make_top1_by_id']:.4f}) on {m['num_test']} "
+        f"{args.split} images, level {level}, crop {crop}, chance top1 {m['chance_top1']:.4f} "
         f"({index.skipped_missing} missing skipped)"
     )
     return m

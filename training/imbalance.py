@@ -5,16 +5,43 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 from torch.utils.data import Sampler
 
 MODES = ("none", "weighted-sampler", "class-balanced")
 
 
 def class_balanced_weights(counts: list[int], beta: float = 0.999) -> torch.Tensor:
-    """Effective-number weights (Cui et al., CVPR 2019): (1 - beta) / (1 - beta^n), mean 1."""
+    """Effective-number weights (Cui et al., CVPR 2019): (1 - beta) / (1 - beta^n), mean 1 (they
+    sum to the class count, as in the paper); :class:`ClassBalancedLoss` applies them."""
     n = torch.tensor(counts, dtype=torch.float64).clamp(min=1)
     w = (1 - beta) / (1 - beta**n)
     return (w / w.mean()).float()
+
+
+class ClassBalancedLoss(nn.Module):
+    """Class-balanced cross-entropy of Cui et al. (CVPR 2019): each sample's loss, label smoothing
+    included, is scaled by its true class's weight ``w[y]`` and the batch takes the plain mean.
+
+    ``nn.CrossEntropyLoss(weight=w, label_smoothing=eps)`` is not this: it weights each class's
+    smoothing term by that class's own ``w_c`` (pulling every image towards the rare classes) and
+    divides by the batch's sum of ``w[y]`` rather than its size (a batch of common-class images
+    gets full-size gradients, undoing the down-weighting).
+    """
+
+    def __init__(self, weight: torch.Tensor, label_smoothing: float = 0.0):
+        super().__init__()
+        self.register_buffer("weight", torch.as_tensor(weight, dtype=torch.float32))
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_sample = nn.functional.cross_entropy(
+            logits, target, label_smoothing=self.label_smoothing, reduction="none"
+        )
+        return (self.weight[target].to(per_sample.dtype) * per_sample).mean()
+
+    def extra_repr(self) -> str:
+        return f"label_smoothing={self.label_smoothing}, weight={self.weight.tolist()}"
 
 
 def sample_weights(targets: list[int], counts: list[int]) -> torch.Tensor:

@@ -65,6 +65,7 @@ from training.distributed import (
 from training.engine import evaluate, train_one_epoch
 from training.imbalance import (
     MODES,
+    ClassBalancedLoss,
     DistributedWeightedSampler,
     class_balanced_weights,
     sample_weights,
@@ -72,7 +73,13 @@ from training.imbalance import (
 from training.metrics import classification_metrics
 from training.models import ARCHS, build_model, load_pretrained_backbone
 from training.preprocessing import PreprocessSpec
-from training.schedule import warmup_cosine
+from training.schedule import (
+    EMA_MIN_HORIZONS,
+    apply_schedule_lr,
+    ema_decay_at,
+    ema_too_short,
+    warmup_cosine,
+)
 from training.transforms import EvalTransform, train_transform
 
 log = logging.getLogger(__name__)
@@ -229,10 +236,60 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
 
 
 def build_criterion(args: argparse.Namespace, counts: list[int]) -> nn.Module:
-    weight = (
-        class_balanced_weights(counts, args.cb_beta) if args.imbalance == "class-balanced" else None
+    """Cross-entropy with label smoothing; with ``--imbalance class-balanced`` each sample's loss
+    is scaled by its true class's effective-number weight (:class:`ClassBalancedLoss`)."""
+    if args.imbalance == "class-balanced":
+        return ClassBalancedLoss(class_balanced_weights(counts, args.cb_beta), args.label_smoothing)
+    return nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+
+def describe_loss(args: argparse.Namespace, counts: list[int]) -> dict[str, Any]:
+    """The loss as recorded in args.json: its formula and, when class-balanced, the weights."""
+    eps = args.label_smoothing
+    if args.imbalance == "class-balanced":
+        return {
+            "loss": f"mean over the batch of w[y] * cross_entropy(label_smoothing={eps})",
+            "class_weights": [
+                round(w, 6) for w in class_balanced_weights(counts, args.cb_beta).tolist()
+            ],
+        }
+    return {"loss": f"mean over the batch of cross_entropy(label_smoothing={eps})"}
+
+
+class RampedEMA(AveragedModel):
+    """EMA of the weights and buffers whose decay ramps up: update ``n`` (counted by
+    ``n_averaged``, which the checkpoint keeps) uses ``ema_decay_at(decay, n)``, so a short run's
+    EMA is not stuck near the first step's weights."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+
+    def update_parameters(self, model: nn.Module) -> None:
+        # n_averaged is a CPU buffer (the EMA is never moved as a whole): reading it does not
+        # wait for the device
+        decay = ema_decay_at(self.decay, int(self.n_averaged))
+        self.multi_avg_fn = get_ema_multi_avg_fn(decay)
+        super().update_parameters(model)
+
+
+def warn_if_ema_too_short(decay: float, total_steps: int) -> None:
+    if not ema_too_short(decay, total_steps):
+        return
+    horizon = 1 / (1 - decay)
+    log.warning(
+        "--ema-decay %g averages over ~%.0f steps, but this run has only %d (fewer than %g "
+        "horizons): the decay ramps up as min(decay, (1+n)/(10+n)), reaching %g after ~%.0f "
+        "updates, so the EMA weights average much of the run; --ema-decay %.4g or lower suits "
+        "a run this short",
+        decay,
+        horizon,
+        total_steps,
+        EMA_MIN_HORIZONS,
+        decay,
+        (10 * decay - 1) / (1 - decay),
+        max(0.0, 1 - EMA_MIN_HORIZONS / max(total_steps, 1)),
     )
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -305,22 +362,17 @@ def full_metrics(
 ) -> dict[str, Any]:
     m = classification_metrics(logits, targets, test_idx.classes)
     return {
-        "top1": m["top1"],
-        "top5": m["top5"],
-        "balanced_accuracy": m["balanced_accuracy"],
-        "make_top1": m["make_top1"],
+        **m,  # top1, top5 (+ its k), balanced accuracy, make top1 by name and by id, chance
         "num_classes": test_idx.num_classes,
         "num_train": len(train_idx.samples),
-        "num_test": len(test_idx.samples),
+        "num_test": len(targets),  # the images scored: listed ones that decoded
+        "num_test_listed": len(test_idx.samples),
         "skipped_missing": train_idx.skipped_missing + test_idx.skipped_missing,
         "skipped_missing_train": train_idx.skipped_missing,
         "skipped_missing_test": test_idx.skipped_missing,
         "skipped_corrupt": train_idx.skipped_corrupt + test_idx.skipped_corrupt,
         "skipped_unreadable": len(unreadable),
         "unreadable_images": list(unreadable.paths)[:100],
-        "chance_top1": 1.0 / max(test_idx.num_classes, 1),
-        "per_class": m["per_class"],
-        "confused_pairs": m["confused_pairs"],
     }
 
 
@@ -596,11 +648,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
     optimizer = build_optimizer(model, args)
     scheduler = warmup_cosine(optimizer, round(args.warmup_epochs * steps), args.epochs * steps)
     scaler = torch.amp.GradScaler("cuda") if amp else None
-    ema = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
-        if args.ema_decay > 0
-        else None
-    )
+    ema = RampedEMA(model, args.ema_decay) if args.ema_decay > 0 else None
     criterion = build_criterion(args, counts).to(device)
     start_epoch, global_step = 0, 0
     if resume_ckpt is not None:
@@ -609,13 +657,18 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
             optimizer.load_state_dict(resume_ckpt["optimizer"])
             check_resumed_state(optimizer, where)
             scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
+            # the optimizer holds the LR the saved schedule set for the next step; with another
+            # --epochs the schedule is another one, and its LR must drive that step
+            apply_schedule_lr(scheduler)
             if scaler is not None and resume_ckpt.get("scaler"):
                 scaler.load_state_dict(resume_ckpt["scaler"])
-            if ema is not None and resume_ckpt.get("ema_state_dict"):
-                ema.module.load_state_dict(resume_ckpt["ema_state_dict"])
-                ema.n_averaged.fill_(int(resume_ckpt.get("ema_n_averaged", 1)))
             start_epoch = int(resume_ckpt["epoch"]) + 1
             global_step = int(resume_ckpt.get("global_step", start_epoch * steps))
+            if ema is not None and resume_ckpt.get("ema_state_dict"):
+                ema.module.load_state_dict(resume_ckpt["ema_state_dict"])
+                # the update count sets the decay ramp; a checkpoint without it made one EMA
+                # update per step (steps skipped for unreadable images aside)
+                ema.n_averaged.fill_(int(resume_ckpt.get("ema_n_averaged", max(global_step, 1))))
         except CheckpointError:
             raise
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
@@ -640,6 +693,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
         device=str(device),
         amp=amp,
         preprocess=spec.model_dump(),
+        **describe_loss(args, counts),
     )
     refusal = None
     if dist_info.is_main:
@@ -660,6 +714,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
         writer = SummaryWriter(str(out / "tb"))
         if pretrained_source.startswith("none"):
             log.warning("training %s from scratch: %s", args.arch, pretrained_source)
+        if ema is not None:
+            warn_if_ema_too_short(args.ema_decay, args.epochs * steps)
 
     progress = sys.stderr.isatty() and dist_info.is_main
     eval_dl = eval_loader(test_idx, spec, args)
@@ -751,6 +807,13 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
         eval_model, eval_dl, device, amp=amp, channels_last=on_cuda, unreadable=unreadable
     )
     metrics = full_metrics(logits, tgt, train_idx, test_idx, unreadable)
+    if ema is not None:
+        # the raw weights too, once at the end (every epoch would double the evaluation cost)
+        raw_logits, raw_tgt = evaluate(
+            model, eval_dl, device, amp=amp, channels_last=on_cuda, unreadable=unreadable
+        )
+        metrics["ema_top1"] = metrics["top1"]
+        metrics["raw_top1"] = float((raw_logits.argmax(1) == raw_tgt).float().mean())
     metrics.update(
         {
             "arch": args.arch,
@@ -760,6 +823,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
             "pretrained_source": pretrained_source,
             "imbalance": args.imbalance,
             "ema": ema is not None,
+            "ema_decay": args.ema_decay,
             "train_seconds_this_run": round(train_seconds, 3),
         }
     )

@@ -96,9 +96,9 @@ def test_ddp_train_loader_keeps_the_weighted_sampler():
 
 
 def test_warmup_then_cosine():
-    assert warmup_cosine_factor(0, 10, 100) == pytest.approx(0.1)
-    assert warmup_cosine_factor(9, 10, 100) == pytest.approx(1.0)
-    assert warmup_cosine_factor(10, 10, 100) == pytest.approx(1.0)
+    assert warmup_cosine_factor(0, 10, 100) == pytest.approx(1 / 11)
+    assert warmup_cosine_factor(9, 10, 100) == pytest.approx(10 / 11)  # the peak is held once,
+    assert warmup_cosine_factor(10, 10, 100) == pytest.approx(1.0)  # at the first cosine step
     assert warmup_cosine_factor(55, 10, 100) == pytest.approx(0.5)
     assert warmup_cosine_factor(100, 10, 100) == pytest.approx(0.0)
 
