@@ -113,13 +113,6 @@ def inference_throughput(
     }
 
 
-def inference_images_per_s(
-    model: nn.Module, image_size: int, device: torch.device, batch: int = 16, **kwargs: Any
-) -> float:
-    """The median images/s of :func:`inference_throughput`."""
-    return inference_throughput(model, image_size, device, batch=batch, **kwargs)["images_per_s"]
-
-
 def parse_archs(text: str) -> list[str]:
     archs = [a.strip() for a in text.split(",") if a.strip()]
     if not archs:

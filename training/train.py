@@ -243,15 +243,13 @@ def build_criterion(args: argparse.Namespace, counts: list[int]) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
 
-def describe_loss(args: argparse.Namespace, counts: list[int]) -> dict[str, Any]:
+def describe_loss(criterion: nn.Module) -> dict[str, Any]:
     """The loss as recorded in args.json: its formula and, when class-balanced, the weights."""
-    eps = args.label_smoothing
-    if args.imbalance == "class-balanced":
+    eps = criterion.label_smoothing
+    if isinstance(criterion, ClassBalancedLoss):
         return {
             "loss": f"mean over the batch of w[y] * cross_entropy(label_smoothing={eps})",
-            "class_weights": [
-                round(w, 6) for w in class_balanced_weights(counts, args.cb_beta).tolist()
-            ],
+            "class_weights": [round(w, 6) for w in criterion.weight.tolist()],
         }
     return {"loss": f"mean over the batch of cross_entropy(label_smoothing={eps})"}
 
@@ -693,7 +691,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
         device=str(device),
         amp=amp,
         preprocess=spec.model_dump(),
-        **describe_loss(args, counts),
+        **describe_loss(criterion),
     )
     refusal = None
     if dist_info.is_main:

@@ -136,8 +136,9 @@ class UnreadableRecord:
 SPARE_INFLIGHT_BATCHES = 2
 # how long a poll blocks while a batch is in flight: the commit of a finished batch waits this long
 INFLIGHT_POLL_MS = 20.0
-# how often a batch waiting on a decode still queued behind others looks again (it gets its own
-# deadline once a thread takes it)
+# how often the loop looks again at a decode that is not running against its deadline (queued
+# behind others, waiting for a CPU slot, or past the deadline and not written off), enforcing the
+# deadline on the running ones meanwhile
 DECODE_START_POLL_S = 0.5
 
 PROBE_POLL_MS = 2000  # how long to wait for one partition's record when locating a corrupt one

@@ -431,7 +431,7 @@ def visible_nvidia_gpu() -> str | None:
 
 
 def _connect(
-    settings: WorkerSettings, stop: threading.Event, beat: Callable[[], None] = lambda: None
+    settings: WorkerSettings, stop: threading.Event, beat: Callable[[], None]
 ) -> tuple[Any, Any] | int:
     """The consumer and producer, retrying while no broker answers; else the exit code:
     1 when a client hangs connecting, 2 for client settings Kafka refuses, 0 on `stop`.

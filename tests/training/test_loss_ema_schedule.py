@@ -94,7 +94,7 @@ def test_build_criterion_and_the_recorded_loss():
     crit = build_criterion(args, COUNTS)
     assert isinstance(crit, ClassBalancedLoss) and crit.label_smoothing == EPS
     torch.testing.assert_close(crit.weight, class_balanced_weights(COUNTS, 0.999))
-    rec = describe_loss(args, COUNTS)
+    rec = describe_loss(crit)
     assert "w[y]" in rec["loss"] and "label_smoothing=0.1" in rec["loss"]
     weights = class_balanced_weights(COUNTS, 0.999).tolist()
     assert rec["class_weights"] == pytest.approx(weights, abs=1e-6)
@@ -103,7 +103,7 @@ def test_build_criterion_and_the_recorded_loss():
         crit = build_criterion(args, COUNTS)
         assert isinstance(crit, nn.CrossEntropyLoss) and crit.weight is None
         assert crit.label_smoothing == EPS
-        assert "class_weights" not in describe_loss(args, COUNTS)
+        assert "class_weights" not in describe_loss(crit)
 
 
 def test_ema_decay_ramps_up_to_the_set_decay():
