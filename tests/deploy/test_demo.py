@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import free_port_run
 from worker.stack import free_port, redis_server_available
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,7 +26,9 @@ pytestmark = [
 
 
 def run_demo(demo_dir: Path) -> subprocess.CompletedProcess:
-    metrics = free_port()
+    # the replicas listen on metrics + 1 and metrics + 2: every port of the run must be free,
+    # not only the first (a busy CI host once had one of them in use)
+    metrics = free_port_run(3)
     env = {
         **os.environ,
         "PY": sys.executable,
