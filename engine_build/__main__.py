@@ -177,7 +177,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         f"{THREADS_PER_CPU} per CPU this process may use ({max_threads()} here)",
     )
     parser.add_argument(
-        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level (default: INFO)",
     )
     return parser
 
