@@ -34,6 +34,38 @@ local seen_ttl = tonumber(ARGV[3])
 local applied, ignored, duplicates = 0, 0, 0
 local touched = {}
 
+-- Redis keeps what a script wrote before an error: a ZINCRBY failing on the batch's fifth key
+-- would leave the first four counted and the position unmoved, and every retry would count
+-- them again. So every key the batch writes is checked before anything is written; a key of
+-- the wrong type (written by something other than the workers) fails the call whole. (A seen
+-- key of another type is harmless: SET NX finds it taken, and the record counts as a duplicate.)
+local function wrong_type(key, want)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'none' and kind ~= want then
+    return key .. ' holds a ' .. kind .. ', not a ' .. want
+  end
+  return nil
+end
+local problem = wrong_type(applied_key, 'hash') or wrong_type(KEYS[#KEYS], 'hash')
+local checked = {}
+for _, part in ipairs(batch) do
+  for _, rec in ipairs(part[2]) do
+    local incs = rec[2]
+    for i = 1, #incs, 2 do
+      local idx = incs[i]
+      if not problem and not checked[idx] then
+        checked[idx] = true
+        problem = wrong_type(KEYS[idx + 1], 'zset')
+      end
+    end
+  end
+end
+if problem then
+  return redis.error_reply(
+    'WRONGTYPE carstream: ' .. problem .. '; nothing of this batch was applied'
+  )
+end
+
 for _, part in ipairs(batch) do
   local field = part[1]
   local stored = redis.call('HGET', applied_key, field)

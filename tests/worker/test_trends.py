@@ -9,9 +9,11 @@ import pytest
 import redis
 
 from worker.trends import (
+    CONFIG_KEY,
     TrendReader,
     TrendRecord,
     TrendWriter,
+    applied_key,
     increments,
     minute_bucket,
     normalize_city,
@@ -203,6 +205,33 @@ def test_stale_replica_waking_late_changes_nothing(r: redis.Redis) -> None:
     assert (res.applied, res.ignored) == (0, 7)
     assert snapshot(r) == before
     assert new_owner.positions() == {(TOPIC, 0): 19}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("foreign", ["last trend key", "applied hash", "config hash"])
+def test_a_key_of_the_wrong_type_fails_the_batch_whole_and_its_retry_counts_once(
+    r: redis.Redis, foreign: str
+) -> None:
+    # Redis keeps what a script wrote before an error: without the type check up front, the
+    # first records' counts stayed, the position did not move, and every retry counted again
+    at = _base()
+    w = TrendWriter(r, "g", MIN_TTL, HOUR_TTL)
+    batch = [rec(0, at), rec(1, at, "BMW", "X5", city="Paris")]
+    key = {
+        "last trend key": increments(batch[1])[-1][0],
+        "applied hash": applied_key("g"),
+        "config hash": CONFIG_KEY,
+    }[foreign]
+    r.set(key, "written by something else")
+    before = snapshot(r)
+    for _ in range(3):  # the worker retries a failed apply
+        with pytest.raises(redis.ResponseError, match=f"WRONGTYPE carstream: {key} holds a string"):
+            w.apply(batch)
+    assert snapshot(r) == before
+    r.delete(key)
+    assert w.apply(batch).applied == 2
+    counts = dict(TrendReader(r).top(5, now=at + timedelta(seconds=30)))
+    assert counts == {"Toyota": 1, "BMW": 1}
 
 
 @pytest.mark.integration
