@@ -36,6 +36,12 @@ class WorkerMetrics:
         self.dead_letters = Counter(
             "carstream_dead_letters", "records sent to the DLQ", ["kind"], registry=r
         )
+        self.dead_letters_dropped = Counter(
+            "carstream_dead_letters_dropped",
+            "bad records the DLQ refused even cut down (logged, committed, not in the DLQ)",
+            ["kind"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "carstream_batch_size",
             "records per flushed batch",

@@ -9,12 +9,13 @@ a batch that could not be delivered and applied is never committed.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
 import traceback
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from kafka.errors import (
     CorruptRecordError,
     KafkaError,
     MessageSizeTooLargeError,
+    RebalanceInProgressError,
     RecordListTooLargeError,
     UnsupportedCodecError,
 )
@@ -168,6 +170,18 @@ class Pending:
     prepared: Future[Prepared]
 
 
+Offsets = dict[TopicPartition, OffsetAndMetadata]
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A batch handed to the inference and delivery threads: the future of the offsets to
+    commit once it is delivered, and its partitions' epochs when it was taken."""
+
+    offsets: Future[Offsets]
+    epochs: dict[TopicPartition, int]
+
+
 @dataclass
 class Backoff:
     """Exponential backoff with a cap; ``wait`` returns False when told to stop."""
@@ -176,7 +190,13 @@ class Backoff:
     max_s: float = 10.0
 
     def wait(self, attempt: int, stop: threading.Event) -> bool:
-        return not stop.wait(min(self.max_s, self.first_s * 2**attempt))
+        # the exponent is capped: 2**1024 is past a float, and an outage of hours gets there
+        return not stop.wait(min(self.max_s, self.first_s * 2 ** min(attempt, 32)))
+
+
+def error_kind(headers: Sequence[tuple[str, bytes]] | None) -> str:
+    """The ``carstream.error_kind`` header of a dead letter (``internal`` when missing)."""
+    return dict(headers or ()).get("carstream.error_kind", b"internal").decode()
 
 
 def original_headers(record: Any) -> list[tuple[str, bytes]]:
@@ -445,6 +465,9 @@ class StreamWorker(ConsumerRebalanceListener):
         self._lock = threading.Lock()  # the batcher is also touched by the rebalance callback
         self._rewind: dict[TopicPartition, int] = {}  # first dropped offset per partition
         self._rebalances = 0  # bumped by both callbacks: a corrupt-record search restarts
+        # bumped for each partition on its revocation: a batch taken before is not committed for
+        # it, even when the partition has come back by the time the batch is delivered
+        self._epoch: dict[TopicPartition, int] = {}
 
     # --- rebalance: finish what was polled from partitions we are about to lose --------------
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -458,6 +481,8 @@ class StreamWorker(ConsumerRebalanceListener):
         self._rebalances += 1
         lost = set(revoked)
         with self._lock:
+            for tp in lost:
+                self._epoch[tp] = self._epoch.get(tp, 0) + 1
             dropped = self.batcher.take_where(
                 lambda p: TopicPartition(p.record.topic, p.record.partition) not in lost
             )
@@ -466,6 +491,7 @@ class StreamWorker(ConsumerRebalanceListener):
                 self._rewind[tp] = min(self._rewind.get(tp, item.record.offset), item.record.offset)
         for tp in lost:
             self._last_offset.pop(tp, None)
+            self.metrics.lag.remove(str(tp.partition))  # the new owner reports it now
         if dropped:
             log.info("partitions revoked %s: dropped %d uncommitted records", revoked, len(dropped))
 
@@ -519,14 +545,10 @@ class StreamWorker(ConsumerRebalanceListener):
                 extra = 2 * s.max_batch - len(self.batcher)
                 if extra > 0:
                     self._poll(0, extra)
-                with self._lock:
-                    batch = self.batcher.take()
-                self.process(batch)
+                self.process(*self._take())
         log.info("stop requested: draining %d pending records", len(self.batcher))
         while len(self.batcher):
-            with self._lock:
-                batch = self.batcher.take()
-            self.process(batch)
+            self.process(*self._take())
 
     def _run_overlapped(self) -> None:
         """Poll and decode on this thread while the inference and delivery threads run the
@@ -540,7 +562,7 @@ class StreamWorker(ConsumerRebalanceListener):
         of posts that arrived during the batch before.
         """
         s = self.settings
-        inflight: deque[Future[dict[TopicPartition, OffsetAndMetadata]]] = deque()
+        inflight: deque[InFlight] = deque()
         while not self.stop.is_set():
             if not inflight:
                 self.metrics.beat()  # otherwise the delivery thread beats, batch by batch
@@ -560,40 +582,54 @@ class StreamWorker(ConsumerRebalanceListener):
                         timeout = min(timeout, INFLIGHT_POLL_MS)
                 self._poll(int(timeout), room)
             elif inflight:
-                wait([inflight[0]], timeout=INFLIGHT_POLL_MS / 1000.0)
+                wait([inflight[0].offsets], timeout=INFLIGHT_POLL_MS / 1000.0)
             if self.batcher.ready() and len(inflight) < self.max_inflight:
-                with self._lock:
-                    batch = self.batcher.take()
-                inflight.append(self._submit(batch))
+                batch, epochs = self._take()
+                inflight.append(InFlight(self._submit(batch), epochs))
         log.info(
             "stop requested: draining %d pending records and %d batches in flight",
             len(self.batcher),
             len(inflight),
         )
         while len(self.batcher):
-            with self._lock:
-                batch = self.batcher.take()
-            inflight.append(self._submit(batch))
+            batch, epochs = self._take()
+            inflight.append(InFlight(self._submit(batch), epochs))
         while inflight:
             self._reap(inflight, block=True)
 
-    def _reap(
-        self,
-        inflight: deque[Future[dict[TopicPartition, OffsetAndMetadata]]],
-        block: bool = False,
-    ) -> None:
+    def _reap(self, inflight: deque[InFlight], block: bool = False) -> None:
         """Commit the batches the inference thread has finished, oldest first; re-raise the
         error of one that failed (the batches behind it are then neither counted nor committed).
         """
-        while inflight and (block or inflight[0].done()):
-            offsets = inflight.popleft().result()
-            # a batch finished after its partitions were revoked is not committed for them: the
-            # new owner reads those records again (Redis counts them once) and commits itself
-            held = self.consumer.assignment()
-            offsets = {tp: om for tp, om in offsets.items() if tp in held}
+        while inflight and (block or inflight[0].offsets.done()):
+            item = inflight.popleft()
+            offsets = self._held_throughout(item.offsets.result(), item.epochs)
             if offsets:
                 self._commit(offsets)
             self._update_lag()
+
+    def _take(self) -> tuple[list[Pending], dict[TopicPartition, int]]:
+        """The next batch, and its partitions' epochs, read under the lock the revoke callback
+        takes: every record in the batcher was polled in its partition's current epoch."""
+        with self._lock:
+            batch = self.batcher.take()
+            parts = {TopicPartition(p.record.topic, p.record.partition) for p in batch}
+            return batch, {tp: self._epoch.get(tp, 0) for tp in parts}
+
+    def _held_throughout(self, offsets: Offsets, epochs: dict[TopicPartition, int]) -> Offsets:
+        """The offsets of the partitions held from the batch's taking until now.
+
+        A batch finished after its partitions were revoked is not committed for them: the new
+        owner reads those records again (Redis counts them once) and commits itself. That holds
+        even when a partition has come back meanwhile: the owner between may have committed past
+        this batch, and committing it would move the group's offset back.
+        """
+        held = self.consumer.assignment()
+        return {
+            tp: om
+            for tp, om in offsets.items()
+            if tp in held and self._epoch.get(tp, 0) == epochs.get(tp, 0)
+        }
 
     def _poll(self, timeout_ms: int, max_records: int) -> None:
         try:
@@ -606,7 +642,12 @@ class StreamWorker(ConsumerRebalanceListener):
                 log.warning("poll failed (%s); retrying", exc)
                 self.stop.wait(1.0)
                 return
-            self._skip_corrupt_record(exc)
+            try:
+                self._skip_corrupt_record(exc)
+            except KafkaError as err:  # position/end_offsets timed out: the next poll retries
+                self.metrics.retries.labels("kafka").inc()
+                log.warning("locating an unreadable record failed (%s); retrying", err)
+                self.stop.wait(1.0)
             return
         now = time.monotonic()
         with self._lock:
@@ -657,6 +698,8 @@ class StreamWorker(ConsumerRebalanceListener):
             end = self.consumer.end_offsets([culprit]).get(culprit, 0)
             first_readable = saved[culprit] + 1
             while first_readable < min(end, saved[culprit] + MAX_CORRUPT_SKIP):
+                if self.stop.is_set():  # the positions are put back; a restart searches again
+                    return
                 self.metrics.beat()  # a long batch to skip is progress, not a stall
                 verdict = self._probe(culprit, first_readable)
                 if self._rebalances != generation or verdict == "error":
@@ -767,14 +810,15 @@ class StreamWorker(ConsumerRebalanceListener):
         name_this_thread()
         self._lane.engine = self._unbound.get_nowait()
 
-    def process(self, batch: list[Pending]) -> None:
-        """Infer, publish, count and commit one batch, all on the calling thread."""
-        offsets = self.handle(batch)
+    def process(self, batch: list[Pending], epochs: dict[TopicPartition, int]) -> None:
+        """Infer, publish, count and commit one batch, all on the calling thread (``epochs``:
+        its partitions' epochs when it was taken, see ``_held_throughout``)."""
+        offsets = self._held_throughout(self.handle(batch), epochs)
         if offsets:
             self._commit(offsets)
         self._update_lag()
 
-    def _submit(self, batch: list[Pending]) -> Future[dict[TopicPartition, OffsetAndMetadata]]:
+    def _submit(self, batch: list[Pending]) -> Future[Offsets]:
         """Hand one batch to the inference thread and then the delivery thread; the future
         of the offsets to commit once its results are delivered and its counts applied."""
         inferred = self.inference.submit(self._in_order, self.infer_batch, batch)
@@ -782,7 +826,7 @@ class StreamWorker(ConsumerRebalanceListener):
 
     def _finish_after(
         self, batch: list[Pending], inferred: Future[tuple[list[Prepared], dict]]
-    ) -> dict[TopicPartition, OffsetAndMetadata]:
+    ) -> Offsets:
         """``finish`` on the delivery thread once the batch is inferred (an inference failure
         re-raises here, having set the failed flag)."""
         prepared, logits = inferred.result()
@@ -1013,6 +1057,7 @@ class StreamWorker(ConsumerRebalanceListener):
         s = self.settings
         pending = [Outgoing(s.output_topic, r.key, r.value, None) for r in results]
         pending += [Outgoing(s.dlq_topic, k, v, h) for k, v, h in dead]
+        dropped: list[Outgoing] = []  # dead letters that can never be sent
         attempt = 0
         while pending:
             last_error: Exception | None = None
@@ -1035,6 +1080,7 @@ class StreamWorker(ConsumerRebalanceListener):
                         where.get("source_offset"),
                         exc,
                     )
+                    dropped.append(msg)
                     continue
                 sent.append((msg, future))
             try:
@@ -1075,6 +1121,7 @@ class StreamWorker(ConsumerRebalanceListener):
                         DLQ_KEY_PREFIX_BYTES,
                         error,
                     )
+                    dropped.append(msg)
                     continue
                 log.warning(
                     "dead letter of %s (%d bytes) is too large for %s; sending it %s",
@@ -1094,12 +1141,17 @@ class StreamWorker(ConsumerRebalanceListener):
                 attempt += 1
         for result in results:
             self.metrics.results.labels(result.status).inc()
+        lost = Counter(error_kind(msg.headers) for msg in dropped)
         for _, _, headers in dead:
-            kind = dict(headers).get("carstream.error_kind", b"internal").decode()
-            self.metrics.dead_letters.labels(kind).inc()
+            kind = error_kind(headers)
+            if lost[kind]:  # counted apart: the DLQ does not hold it
+                lost[kind] -= 1
+                self.metrics.dead_letters_dropped.labels(kind).inc()
+            else:
+                self.metrics.dead_letters.labels(kind).inc()
 
     def _apply_trends(self, records: list[TrendRecord]) -> None:
-        for attempt in range(1_000_000):
+        for attempt in itertools.count():
             try:
                 result = self.trends.apply(records)
                 if result.ignored:
@@ -1114,21 +1166,26 @@ class StreamWorker(ConsumerRebalanceListener):
                 if not self.backoff.wait(attempt, self.stop) and attempt >= 2:
                     raise BatchAbortedError(f"trends not applied: {exc}") from exc
 
-    def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+    def _commit(self, offsets: Offsets) -> None:
+        """Commit, retrying a broker failure; give up (the records are then read again, and
+        Redis counts them once) on a rebalance, after 5 tries, or after 3 once stopping."""
         for attempt in range(5):
             try:
                 self.consumer.commit(offsets=offsets)
                 return
-            except CommitFailedError as exc:
-                # the group rebalanced: the new owner re-reads these records; Redis dedupes them
+            except (CommitFailedError, RebalanceInProgressError) as exc:
+                # the group is rebalancing or has: only a poll() can finish the join, so a retry
+                # here fails the same way (kafka-python 3 raises RebalanceInProgressError while
+                # the join is pending). Whoever owns the partitions next re-reads these records.
                 log.warning(
-                    "commit refused after a rebalance (%s); records will be redelivered", exc
+                    "commit refused during a rebalance (%s); records will be redelivered", exc
                 )
                 return
             except KafkaError as exc:
                 self.metrics.retries.labels("kafka").inc()
                 log.warning("commit failed (%s); retry %d", exc, attempt + 1)
-                self.backoff.wait(attempt, threading.Event())
+                if not self.backoff.wait(attempt, self.stop) and attempt >= 2:
+                    break  # stopping: the grace period is short, a redelivery is harmless
         log.error("giving up committing %s; records will be redelivered and deduplicated", offsets)
 
     def _update_lag(self) -> None:

@@ -164,6 +164,9 @@ def test_a_dead_letter_the_dlq_refuses_at_any_size_is_dropped_not_retried_for_ev
     assert producer.delivered == []
     assert len(producer.sends) <= 5  # dead letter 1: 3 tries, dead letter 2: 2 tries
     assert "car-posts/0@7 is too large" in caplog.text and "dropped" in caplog.text
+    # counted apart: carstream_dead_letters counts what the DLQ holds
+    assert _counts(worker.metrics.dead_letters_dropped) == {"invalid_json": 2.0}
+    assert _counts(worker.metrics.dead_letters) == {}
 
 
 def test_a_keyless_dead_letter_too_large_for_the_dlq_is_sent_without_its_value():
@@ -192,6 +195,17 @@ def test_a_dead_letter_the_producer_refuses_outright_is_dropped_and_the_batch_go
     deliver_within(worker, [Result(b"p2", b"{}", "ok")], [bad])
     assert [r[0] for r in producer.delivered] == ["car-predictions"]
     assert "cannot be sent" in caplog.text
+    assert _counts(worker.metrics.dead_letters_dropped) == {"internal": 1.0}
+    assert _counts(worker.metrics.dead_letters) == {}
+
+
+def _counts(counter) -> dict[str, float]:
+    """A labelled Counter's totals by its one label."""
+    return {
+        next(iter(s.labels.values())): s.value
+        for s in counter.collect()[0].samples
+        if s.name.endswith("_total")
+    }
 
 
 def test_a_result_too_large_for_the_results_topic_is_fatal_not_retried_for_ever():
@@ -322,7 +336,7 @@ def test_a_batch_on_an_unhealthy_engine_is_neither_published_counted_nor_committ
         for off in range(3)
     ]
     with pytest.raises(EngineFailedError):
-        worker.process(batch)
+        worker.process(batch, {})
     assert producer.sends == [] and worker.trends.calls == [] and worker.consumer.calls == []
 
 
@@ -360,3 +374,57 @@ def test_a_keyless_tombstone_reaches_the_dlq():
     ((_, key, value, headers),) = producer.delivered
     assert key is None and value == b""
     assert parse_dlq_headers(headers)["source_offset"] == "4"
+
+
+class _CommitRefuses:
+    """A consumer whose commit raises each error of ``errors`` in turn, then succeeds."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.tries = 0
+
+    def commit(self, offsets=None):
+        self.tries += 1
+        if self.errors:
+            raise self.errors.pop(0)
+
+
+def _offsets():
+    from kafka import TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    return {TopicPartition("car-posts", 0): OffsetAndMetadata(5, "", -1)}
+
+
+def test_a_commit_refused_during_a_rebalance_is_not_retried(caplog):
+    # kafka-python 3 raises RebalanceInProgressError while a join is pending, and only a poll()
+    # can finish the join: retrying it stalled the loop ~6 s per batch, past session timeouts
+    from kafka.errors import CommitFailedError, RebalanceInProgressError
+
+    for error in (RebalanceInProgressError("joining"), CommitFailedError("kicked out")):
+        worker = worker_with(BrokerLikeProducer())
+        worker.consumer = _CommitRefuses(error, error, error)
+        worker._commit(_offsets())
+        assert worker.consumer.tries == 1
+    assert "commit refused during a rebalance" in caplog.text
+
+
+def test_a_failing_commit_is_retried_and_gives_up_sooner_once_stopping():
+    from kafka.errors import KafkaTimeoutError
+
+    worker = worker_with(BrokerLikeProducer())
+    worker.consumer = _CommitRefuses(KafkaTimeoutError("1"), KafkaTimeoutError("2"))
+    worker._commit(_offsets())
+    assert worker.consumer.tries == 3  # two failures, then committed
+
+    worker.stop.set()  # draining at SIGTERM: no backoff waits, and 3 tries, not 5
+    worker.consumer = _CommitRefuses(*(KafkaTimeoutError(str(i)) for i in range(9)))
+    worker._commit(_offsets())
+    assert worker.consumer.tries == 3
+
+
+def test_backoff_survives_an_outage_of_any_length():
+    # 0.2 * 2**1024 is past a float: an outage of ~3 hours made the retry loop raise
+    stop = threading.Event()
+    stop.set()
+    assert Backoff(0.2, 10.0).wait(5000, stop) is False  # no OverflowError, and stop is seen

@@ -26,6 +26,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m worker run``, metrics off unless the test says otherwise: the port is bound
+    before the bundle loads, and a parallel test (or a demo on the same machine) may hold the
+    default 9400 (it failed a fresh-clone CI once, and a full run beside a demo twice)."""
+    env.setdefault("CARSTREAM_METRICS_PORT", "0")
     return worker_cli("run", *args, **env)
 
 
@@ -33,9 +37,7 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     ("args", "env", "needle"),
     [
         ((), {}, "--bundle"),
-        # metrics off: the port is bound before the bundle loads, and a parallel test may hold
-        # the default 9400 (it failed a fresh-clone CI once)
-        (("--bundle", "/no/such/bundle"), {"CARSTREAM_METRICS_PORT": "0"}, "/no/such/bundle"),
+        (("--bundle", "/no/such/bundle"), {}, "/no/such/bundle"),
         (("--bundle", "/x", "--max-batch", "abc"), {}, "max_batch"),
         (("--bundle", "/x", "--backend", "gpu-magic"), {}, "backend"),
         (("--bundle", "/x"), {"CARSTREAM_MIN_CONFIDENCE": "2"}, "min_confidence"),
@@ -58,7 +60,11 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
             {"CARSTREAM_REDIS_URL": "unix:///run/r.sock?password=s3cret&nope=1"},
             "redis_url unix:///run/r.sock: unknown option 'nope' in the query",
         ),
-        (("--bundle", "/x", "--metrics-host", "nohost.invalid"), {}, "nohost.invalid:9400"),
+        (
+            ("--bundle", "/x", "--metrics-host", "nohost.invalid"),
+            {"CARSTREAM_METRICS_PORT": "9400"},  # the default, named in the message
+            "nohost.invalid:9400",
+        ),
         # a DLQ or results topic that is the input topic loops records back into the worker
         (("--bundle", "/x", "--dlq-topic", "car-posts"), {}, "use three topics"),
         (("--bundle", "/x"), {"CARSTREAM_OUTPUT_TOPIC": "car-posts"}, "use three topics"),
