@@ -26,12 +26,16 @@ from typing import Any
 import numpy as np
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import (
+    ClusterAuthorizationFailedError,
     CommitFailedError,
     CorruptRecordError,
+    FencedInstanceIdError,
+    GroupAuthorizationFailedError,
     KafkaError,
     MessageSizeTooLargeError,
     RebalanceInProgressError,
     RecordListTooLargeError,
+    TopicAuthorizationFailedError,
     UnsupportedCodecError,
 )
 from kafka.structs import OffsetAndMetadata
@@ -171,6 +175,15 @@ class Pending:
 
 
 Offsets = dict[TopicPartition, OffsetAndMetadata]
+
+
+# poll errors that no retry ends: a missing ACL, or a static member another pod replaced
+REFUSED = (
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    FencedInstanceIdError,
+)
 
 
 @dataclass(frozen=True)
@@ -638,6 +651,10 @@ class StreamWorker(ConsumerRebalanceListener):
             if not unparseable(exc):
                 if not isinstance(exc, KafkaError):
                     raise
+                if isinstance(exc, REFUSED):
+                    # retrying would keep the liveness probe green while nothing is consumed;
+                    # exiting makes it a restart loop that an operator sees
+                    raise FatalWorkerError(f"the broker refuses this consumer: {exc!r}") from exc
                 self.metrics.retries.labels("kafka").inc()
                 log.warning("poll failed (%s); retrying", exc)
                 self.stop.wait(1.0)

@@ -481,3 +481,30 @@ def test_the_engine_runs_the_next_batch_while_the_one_before_is_published():
     errors = run_until(worker, stop, lambda: committed(TP0) == committed(TP1) == 6)
     assert errors == []
     assert producer.engine_ran_meanwhile
+
+
+def test_a_poll_the_broker_refuses_for_good_ends_the_loop_and_a_transient_one_is_retried():
+    from kafka.errors import (
+        FencedInstanceIdError,
+        KafkaConnectionError,
+        TopicAuthorizationFailedError,
+    )
+
+    worker, consumer, _, _ = make_worker([])
+    worker.stop.set()  # the retry's wait returns at once
+
+    def failing(error):
+        def poll(timeout_ms=0, max_records=None):
+            raise error
+
+        return poll
+
+    consumer.poll = failing(KafkaConnectionError("reset"))
+    worker._poll(10, 4)  # retried on the next poll, the loop goes on
+    for error in (TopicAuthorizationFailedError("car-posts"), FencedInstanceIdError()):
+        consumer.poll = failing(error)
+        with pytest.raises(FatalWorkerError, match="the broker refuses this consumer"):
+            worker._poll(10, 4)
+    worker.pool.shutdown()
+    worker.inference.shutdown()
+    worker.delivery.shutdown()
