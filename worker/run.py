@@ -497,7 +497,7 @@ def _connect(
             attempt += 1
             log.warning("no Kafka broker at %s; retry %d", settings.bootstrap_servers, attempt)
             beat()
-            stop.wait(min(10.0, 0.5 * 2**attempt))
+            stop.wait(min(10.0, 0.5 * 2 ** min(attempt, 32)))  # 2**1024 overflows a float
         except (KafkaConfigurationError, ValueError) as exc:
             # WorkerSettings refuses what we know of before the model loads; this is the rest
             print(f"python -m worker run: error: Kafka client settings: {exc}", file=sys.stderr)
