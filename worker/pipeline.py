@@ -1037,7 +1037,7 @@ class StreamWorker(ConsumerRebalanceListener):
         if jpegs:
             images, refused = decode_bisecting(lambda js: decode_jpegs(js, device), jpegs)
             for i in refused:
-                prepared[i] = decode_on_cpu(prepared[i], spec)
+                prepared[i] = self._decode_on_cpu(prepared[i])
         rows: dict[int, torch.Tensor] = {}
         on_gpu = sorted(images)
         try:  # one normalise per batch: its mean/std uploads and kernels, not one per image
@@ -1051,7 +1051,7 @@ class StreamWorker(ConsumerRebalanceListener):
                     rows[i] = normalize(resize_crop(images[i], spec).unsqueeze(0), spec)[0]
                 except Exception:  # this image alone: the CPU decoder, or its dead letter
                     del images[i]
-                    prepared[i] = decode_on_cpu(prepared[i], spec)
+                    prepared[i] = self._decode_on_cpu(prepared[i])
         for i, prep in enumerate(prepared):
             if i not in images and prep.error is None and prep.array is not None:
                 host = torch.from_numpy(prep.array)
@@ -1059,6 +1059,21 @@ class StreamWorker(ConsumerRebalanceListener):
                     host = host.pin_memory()
                 rows[i] = host.to(device, non_blocking=True)
         return rows
+
+    def _decode_on_cpu(self, prep: Prepared) -> Prepared:
+        """``decode_on_cpu`` in the decode pool, in a CPU slot and under ``decode_timeout_s``
+        like every other decode: a JPEG nvJPEG refused is by that token an unusual one."""
+        spec = self.manifest.preprocess
+
+        def run() -> Prepared:
+            try:
+                with self.pool.cpu_slot():
+                    return decode_on_cpu(prep, spec)
+            except Exception as exc:  # a written-off thread, or a bug: this post's dead letter
+                reason = f"unexpected {exc.__class__.__name__}: {exc}"
+                return Prepared(prep.event, None, PostError("internal", reason), prep.seconds)
+
+        return self._await_decode(self.pool.submit(run))
 
     def _deliver(self, results: list[Result], dead: list) -> None:
         """Publish results and dead letters; only the sends that failed are retried.

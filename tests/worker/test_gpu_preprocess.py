@@ -476,3 +476,44 @@ def test_worker_gpu_path_on_cuda_runs_each_inference_thread_on_its_own_stream(wo
     # FP16 on nvJPEG's pixels against FP32 on Pillow's: nearly always the same class
     agree = np.mean([np.argmax(first[i]) == np.argmax(expected[i]) for i in expected])
     assert agree >= 0.75
+
+
+def test_a_cpu_decode_after_nvjpeg_refused_runs_under_the_decode_deadline(
+    worker_bundle_dir, monkeypatch
+):
+    # the JPEGs the GPU decoder refuses go to the CPU decoder; one that hangs there must cost
+    # its post (decode_timeout), not the batch and the partition
+    import worker.pipeline
+
+    bundle = load_bundle(worker_bundle_dir)
+    engine = CpuDeviceEngine(create_engine(bundle, "onnxruntime", threads=1))
+    datas = [encode(photo(96, 64, 3)), encode(photo(50, 70, 6))]
+    settings = WorkerSettings(
+        bundle=str(worker_bundle_dir),
+        gpu_decode=True,
+        max_batch=8,
+        url_fetch_enabled=False,
+        decode_timeout_s=0.3,
+    )
+    w = StreamWorker(
+        settings, [engine], bundle.manifest, None, None, None, WorkerMetrics(), threading.Event()
+    )
+    release = threading.Event()
+    real_decode = worker.pipeline.decode_on_cpu
+
+    def hangs_on_the_narrow_one(prep, spec):
+        if prep.jpeg is not None and prep.jpeg.data == datas[1]:
+            release.wait(30)
+        return real_decode(prep, spec)
+
+    monkeypatch.setattr(worker.pipeline, "decode_on_cpu", hangs_on_the_narrow_one)
+    monkeypatch.setattr(
+        worker.pipeline, "decode_bisecting", lambda decode, jpegs: ({}, sorted(jpegs))
+    )  # nvJPEG refuses both: both go to the CPU decoder
+    prepared = [w._prepare(_event(d)) for d in datas]
+    logits = w._infer(prepared)
+    release.set()
+    w.pool.shutdown()
+    assert sorted(logits) == [0]
+    assert prepared[0].error is None and prepared[0].array is not None
+    assert prepared[1].error is not None and prepared[1].error.kind == "decode_timeout"
