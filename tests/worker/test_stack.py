@@ -281,10 +281,30 @@ def test_cli_up_starts_nothing_when_the_broker_port_is_taken(tmp_path: Path) -> 
             )
             assert up.returncode == 1
             assert up.stderr.strip().splitlines() == [
-                f"error: tansu: port 127.0.0.1:{kafka_port} is already taken by another process"
+                f"error: port 127.0.0.1:{kafka_port} (tansu) already taken by another process; "
+                "pick a free one with --kafka-port"
             ]
             assert not _listening(redis_port)
             assert not (tmp_path / "st" / "redis.pid").exists()
+        finally:
+            _cli("down", *state)
+
+
+def test_cli_up_names_both_taken_ports_at_once(tmp_path: Path) -> None:
+    # one at a time, a user fixed the first and then met the second
+    state = ["--state-dir", str(tmp_path / "st")]
+    with socket.socket() as kafka, socket.socket() as redis_sock:
+        for sock in (kafka, redis_sock):
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        k, r = kafka.getsockname()[1], redis_sock.getsockname()[1]
+        try:
+            up = _cli("up", *state, "--kafka-port", str(k), "--redis-port", str(r))
+            assert up.returncode == 1
+            assert up.stderr.strip().splitlines() == [
+                f"error: ports 127.0.0.1:{r} (redis), 127.0.0.1:{k} (tansu) already taken by "
+                "another process; pick free ones with --redis-port and --kafka-port"
+            ]
         finally:
             _cli("down", *state)
 
