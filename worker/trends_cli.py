@@ -238,6 +238,21 @@ def name_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _note_other_cities(reader: TrendReader, city: str, minutes: int, at: datetime) -> None:
+    """Say which cities have posts when ``city`` has none: a typo ("Pariss") otherwise reads
+    as a quiet window."""
+    cities = reader.read_window(minutes, "city", None, at).counts
+    if not cities:
+        return
+    listed = ", ".join(name for name, _ in rank(cities, 5))
+    more = f" and {len(cities) - 5} more" if len(cities) > 5 else ""
+    print(
+        f"note: no posts from city {normalize_city(city)!r} in this window; cities with posts: "
+        f"{listed}{more} (--by city lists them all)",
+        file=sys.stderr,
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     """CLI edge: parse, read through TrendReader, print a table, JSON or CSV."""
     try:
@@ -306,6 +321,8 @@ def main(args: argparse.Namespace) -> int:
             counts = keep(read.counts, match)
             result = {"total": sum(counts.values()), "top": rank(counts, args.top)}
             result["covered"] = (read.start, read.end)
+            if args.city is not None and not read.counts:
+                _note_other_cities(reader, args.city, minutes, at)
     except redis.RedisError as exc:
         print(f"error: Redis at {redacted(settings.redis_url)}: {exc}", file=sys.stderr)
         return 1

@@ -95,6 +95,20 @@ def test_cli_city_filter_and_table(trends_url: str) -> None:
 
 
 @pytest.mark.integration
+def test_a_city_without_posts_names_the_cities_that_have_some(trends_url: str) -> None:
+    # a typo otherwise reads as a quiet window: 0 posts and exit 0
+    out = _trends("--redis-url", trends_url, "--window", "15m", "--city", "Pariss", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["top"] == []
+    assert (
+        "note: no posts from city 'pariss' in this window; cities with posts: lyon, paris "
+        "(--by city lists them all)"
+    ) in out.stderr
+    out = _trends("--redis-url", trends_url, "--window", "15m", "--city", "Paris")
+    assert out.returncode == 0 and "note:" not in out.stderr
+
+
+@pytest.mark.integration
 def test_cli_says_when_a_window_reaches_past_the_hour_rollups(trends_url: str) -> None:
     recent = _trends("--redis-url", trends_url, "--window", "2h", "--json")
     assert json.loads(recent.stdout)["complete"] is True and not recent.stderr
