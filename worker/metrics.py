@@ -62,7 +62,8 @@ class WorkerMetrics:
         )
         self.end_to_end_seconds = Histogram(
             "carstream_end_to_end_seconds",
-            "from consumption to committed result, per record",
+            "from consumption until its result is published and counted (the offset commit "
+            "follows), per record",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

@@ -502,6 +502,8 @@ class StreamWorker(ConsumerRebalanceListener):
             for item in dropped:
                 tp = TopicPartition(item.record.topic, item.record.partition)
                 self._rewind[tp] = min(self._rewind.get(tp, item.record.offset), item.record.offset)
+                # a decode not started yet is work for nothing: the records are read again
+                item.prepared.cancel()
         for tp in lost:
             self._last_offset.pop(tp, None)
             self.metrics.lag.remove(str(tp.partition))  # the new owner reports it now

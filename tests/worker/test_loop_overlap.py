@@ -508,3 +508,18 @@ def test_a_poll_the_broker_refuses_for_good_ends_the_loop_and_a_transient_one_is
     worker.pool.shutdown()
     worker.inference.shutdown()
     worker.delivery.shutdown()
+
+
+def test_the_decodes_of_records_dropped_on_revocation_are_cancelled():
+    # they are read again from the rewind offset; a queued decode would only delay live posts
+    worker, _, _, _ = make_worker([])
+    kept, lost = Future(), Future()
+    with worker._lock:
+        worker.batcher.add(Pending(Rec(TOPIC, 0, 0, b"a", b"{}"), 0.0, kept))
+        worker.batcher.add(Pending(Rec(TOPIC, 1, 0, b"b", b"{}"), 0.0, lost))
+    worker.on_partitions_revoked([TP1])
+    assert lost.cancelled() and not kept.cancelled()
+    assert worker._rewind == {TP1: 0}
+    worker.pool.shutdown()
+    worker.inference.shutdown()
+    worker.delivery.shutdown()
