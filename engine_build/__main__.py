@@ -82,7 +82,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--min-batch", type=int, default=1, help="TensorRT profile minimum")
     parser.add_argument(
-        "--opt-batch", type=int, default=None, help="TensorRT profile optimum; min(32, max)"
+        "--opt-batch",
+        type=int,
+        default=None,
+        help="TensorRT profile optimum; default 32, clamped into [--min-batch, --max-batch]",
     )
     parser.add_argument(
         "--max-batch",

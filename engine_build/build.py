@@ -41,6 +41,7 @@ from training.checkpoint import (
     LABELS_FILE,
     CheckpointError,
     current_umask,
+    fsync_dir,
     load_checkpoint,
     model_from_checkpoint,
     preprocess_spec_of,
@@ -119,7 +120,7 @@ class BuildOptions:
     precisions: tuple[str, ...] = ("fp16", "fp32")
     backends: tuple[str, ...] = ("auto",)
     min_batch: int = 1
-    opt_batch: int | None = None  # default: min(32, max_batch)
+    opt_batch: int | None = None  # default: 32, clamped into [min_batch, max_batch]
     max_batch: int = 64
     parity_data: Path | None = None
     data_dir: Path | None = None  # where the checkpoint's dataset is now, if it moved
@@ -138,9 +139,16 @@ class BuildOptions:
     overwrite: bool = False
 
     @property
+    def opt(self) -> int:
+        """--opt-batch, else 32 clamped into [min, max]: ``--min-batch 48`` alone must not
+        make a default optimum below its own minimum."""
+        if self.opt_batch is not None:
+            return self.opt_batch
+        return max(self.min_batch, min(32, self.max_batch))
+
+    @property
     def profile(self) -> BatchProfile:
-        opt = self.opt_batch if self.opt_batch is not None else min(32, self.max_batch)
-        return BatchProfile(min=self.min_batch, opt=opt, max=self.max_batch)
+        return BatchProfile(min=self.min_batch, opt=self.opt, max=self.max_batch)
 
     def validate(self) -> None:
         bad = [p for p in self.precisions if p not in PRECISIONS]
@@ -155,7 +163,7 @@ class BuildOptions:
                 f"--backends: unknown {', '.join(bad) or '(empty)'}; "
                 f"choose from {', '.join(BUILD_BACKENDS)}"
             )
-        opt = self.opt_batch if self.opt_batch is not None else min(32, self.max_batch)
+        opt = self.opt
         if not 1 <= self.min_batch <= opt <= self.max_batch:
             raise BuildError(
                 f"batch profile must satisfy 1 <= min <= opt <= max; got "
@@ -294,7 +302,7 @@ def _is_bundle(path: Path) -> bool:
     """A directory engine_build wrote: its manifest.json is a JSON object with a schema_version."""
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: '[' nested 100k deep
         return False
     return isinstance(manifest, dict) and "schema_version" in manifest
 
@@ -437,12 +445,15 @@ def _fill(tmp: Path, target: Path) -> None:
     moved = []
     try:
         for name in names:
+            if name == MANIFEST_FILE:  # a move across file systems is an unsynced copy
+                _fsync_tree(target)
             moved.append(name)  # before the move: a copy across file systems may stop halfway
             shutil.move(tmp / name, target / name)
     except BaseException:
         for name in moved:  # never leave a half bundle that a rerun would refuse as foreign
             (target / name).unlink(missing_ok=True)
         raise
+    _fsync_tree(target)
 
 
 def _empty_bundle(target: Path) -> None:
@@ -453,6 +464,26 @@ def _empty_bundle(target: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every folder (``root`` last): the renames that
+    install the bundle must not reach the disk before the data they name (after a power loss
+    --out would hold empty or torn artifacts under a valid manifest)."""
+    dirs = []
+    for dirpath, _dirs, files in os.walk(root):
+        dirs.append(dirpath)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for dirpath in reversed(dirs):
+        fsync_dir(Path(dirpath))
 
 
 def _install(tmp: Path, target: Path, overwrite: bool) -> None:
@@ -472,10 +503,27 @@ def _install(tmp: Path, target: Path, overwrite: bool) -> None:
             return
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            _restore(old, target)  # --out must still hold the old bundle, not nothing
+            raise
+        fsync_dir(target.parent)  # the new bundle is durable before the old one goes
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+        return
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
+def _restore(old: Path, target: Path) -> None:
+    """Rename the bundle moved aside back to ``target`` after a failed install; if even that
+    fails, say where it is (a hidden sibling) rather than lose it silently."""
+    try:
+        os.replace(old, target)
+    except OSError as exc:
+        log.error("could not put the old bundle back at %s; it is at %s (%s)", target, old, exc)
+        return
+    fsync_dir(target.parent)
 
 
 def _warn_about_crop(ckpt: dict, source: Path, parity_data: Path | None) -> str:
@@ -587,6 +635,7 @@ def build_bundle(checkpoint_dir: Path | str, out_dir: Path | str, **options) -> 
         (tmp / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
         load_bundle(tmp)  # the bundle we hand over must pass the worker's own checks
         _open_modes(tmp)
+        _fsync_tree(tmp)
         _install(tmp, target, opts.overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

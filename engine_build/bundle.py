@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,13 @@ from pydantic import ValidationError
 from engine_build.manifest import MANIFEST_FILE, SCHEMA_VERSION, Artifact, Manifest
 from training.cli_errors import path_length_problem
 
+log = logging.getLogger(__name__)
+
 PARITY_FILE = "parity.json"
 _CHUNK = 1 << 20
+# a real manifest is a few KB (labels dominate: ~100 bytes a class); anything this large is not
+# one, and reading it whole would only spend the worker's memory
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 class BundleError(ValueError):
@@ -52,9 +58,27 @@ class Bundle:
 
     @property
     def parity(self) -> dict | None:
-        """The build's parity report, when the bundle has one."""
+        """The build's parity report, when the bundle has a readable one.
+
+        The report is informational (it is not in the manifest nor hashed): a damaged file is a
+        WARNING and None, never a reason for the worker to stop.
+        """
         file = self.path / PARITY_FILE
-        return json.loads(file.read_text()) if file.is_file() else None
+        try:
+            if not file.is_file():
+                return None
+            report = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
+            log.warning("ignoring the parity report %s: unreadable (%s)", file, exc)
+            return None
+        if not isinstance(report, dict):
+            log.warning(
+                "ignoring the parity report %s: a JSON %s, not an object",
+                file,
+                type(report).__name__,
+            )
+            return None
+        return report
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -63,14 +87,26 @@ def read_manifest(path: Path) -> Manifest:
     if not file.is_file():
         raise BundleError(f"not a model bundle: {file} does not exist")
     try:
-        raw = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        size = file.stat().st_size
+    except OSError as exc:
         raise BundleError(f"unreadable manifest {file}: {exc}") from exc
-    version = raw.get("schema_version") if isinstance(raw, dict) else None
-    if isinstance(version, int) and version > SCHEMA_VERSION:
+    if size > MAX_MANIFEST_BYTES:
         raise BundleError(
-            f"manifest {file} has schema_version {version}; this build reads {SCHEMA_VERSION}"
+            f"manifest {file} is {size} bytes, at most {MAX_MANIFEST_BYTES} (16 MiB): not a "
+            "bundle manifest"
         )
+    try:
+        with open(file, encoding="utf-8") as f:
+            text = f.read(MAX_MANIFEST_BYTES + 1)  # bounded even if the file grows meanwhile
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"larger than {MAX_MANIFEST_BYTES} bytes")
+        # ValueError: bad UTF-8 or JSON, or an integer over Python's int_max_str_digits;
+        # RecursionError: arrays or objects nested thousands deep
+        raw = json.loads(text)
+    except (OSError, ValueError, RecursionError) as exc:
+        raise BundleError(f"unreadable manifest {file}: {exc}") from exc
+    if isinstance(raw, dict) and "schema_version" in raw:
+        _check_schema_version(file, raw["schema_version"])
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
@@ -85,11 +121,34 @@ def read_manifest(path: Path) -> Manifest:
     return manifest
 
 
+def _check_schema_version(file: Path, version: object) -> None:
+    """A JSON integer in 1..SCHEMA_VERSION; pydantic's lax mode would take "9", 2.0 or true."""
+    shown = json.dumps(version)
+    shown = shown if len(shown) <= 40 else f"{shown[:40]}..."
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise BundleError(
+            f"manifest {file} has schema_version {shown}: must be an integer 1..{SCHEMA_VERSION}"
+        )
+    if version > SCHEMA_VERSION:
+        raise BundleError(
+            f"manifest {file} has schema_version {shown}, newer than this worker understands "
+            f"(it reads {SCHEMA_VERSION})"
+        )
+
+
 def verify_artifact(bundle_dir: Path, artifact: Artifact) -> None:
     """Raise BundleError unless the artifact file exists with the recorded size and sha256."""
     file = Path(bundle_dir) / artifact.file
     if Path(artifact.file).is_absolute() or ".." in Path(artifact.file).parts:
         raise BundleError(f"artifact path escapes the bundle: {artifact.file}")
+    try:  # a symlink (to the file or a folder above it) may lead anywhere: follow them all
+        real, root = file.resolve(), Path(bundle_dir).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop: RuntimeError before Python 3.13
+        raise BundleError(f"bundle artifact {file} cannot be resolved: {exc}") from None
+    if not real.is_relative_to(root):
+        raise BundleError(
+            f"artifact path escapes the bundle through a symlink: {artifact.file} -> {real}"
+        )
     if not file.is_file():
         raise BundleError(f"bundle artifact missing: {file}")
     size = file.stat().st_size

@@ -53,7 +53,7 @@ class Artifact(BaseModel):
 class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = Field(SCHEMA_VERSION, strict=True, ge=1, le=SCHEMA_VERSION)
     model_name: str
     model_version: str
     arch: str

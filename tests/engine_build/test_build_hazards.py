@@ -4,10 +4,12 @@ the manifest refuses, and a bbox-trained checkpoint served whole photos."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +225,48 @@ def test_a_labels_json_that_no_longer_matches_the_checkpoint_is_a_warning(tmp_pa
     assert "first at index 1" in text and "Rio Sport" in text and "not read" in text
     assert "has 1 entries, the checkpoint 2" in warnings_for(json.dumps({"0": classes[0]}))
     assert "unreadable" in warnings_for("{not json")
+
+
+def test_a_failed_swap_puts_the_old_bundle_back(checkpoint_dir, parity_dir, tmp_path, monkeypatch):
+    """--force moved the old bundle aside, then a failed second rename left --out missing (the
+    old bundle hidden in `.bundle.old-PID`); nothing was fsynced before the renames either."""
+    out = tmp_path / "bundle"
+    build_bundle(checkpoint_dir, out, parity_data=parity_dir, model_version="v1", **FAST)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    target = out.resolve()
+    real_replace, real_fsync = os.replace, os.fsync
+    renames, synced = [], set()
+
+    def fsync(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        if target in (Path(src), Path(dst)):
+            renames.append((Path(src), Path(dst)))
+            if len(renames) == 2:  # the new bundle over --out: every file and the folder synced
+                assert {str(p) for p in Path(src).iterdir()} | {str(src)} <= synced
+                raise OSError(errno.EIO, "simulated rename failure", str(src))
+        return real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="simulated rename failure"):
+        build_bundle(checkpoint_dir, out, parity_data=parity_dir, model_version="v2",
+                     overwrite=True, **FAST)  # fmt: skip
+    monkeypatch.undo()
+    moved_aside, failed, put_back = renames
+    assert moved_aside[0] == target and failed[1] == target and put_back == moved_aside[::-1]
+    assert load_bundle(out).manifest.model_version == "v1"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temp or old copy left
+
+
+def test_force_over_a_manifest_nested_100k_deep_is_one_line(checkpoint_dir, tmp_path, capsys):
+    """_is_bundle let json's RecursionError through: a traceback instead of a refusal."""
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "manifest.json").write_text("[" * 100_000)
+    assert run_main("--checkpoint", str(checkpoint_dir), "--out", str(out), "--force") == 2
+    assert "is not a bundle" in one_line(capsys)
+    assert (out / "manifest.json").is_file()

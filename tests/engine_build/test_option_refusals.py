@@ -67,3 +67,29 @@ def test_bounds_are_in_the_help():
     assert "control characters" in helps["model_name"]
     assert "control characters" in helps["model_version"]
     assert "128" in helps["model_name"] and "128" in helps["model_version"]
+
+
+@pytest.mark.parametrize(
+    ("min_batch", "max_batch", "opt"),
+    [(48, 64, 48), (1, 64, 32), (1, 8, 8), (64, 4096, 64), (4, 4, 4)],
+)
+def test_default_opt_batch_is_clamped_into_min_max(min_batch, max_batch, opt):
+    """The default was min(32, max): `--min-batch 48 --max-batch 64` was refused as 48/32/64."""
+    args = get_args_parser().parse_args(
+        ["--checkpoint", "c", "--out", "o", "--min-batch", str(min_batch),
+         "--max-batch", str(max_batch)]
+    )  # fmt: skip
+    options = BuildOptions(
+        precisions=("fp32",), min_batch=args.min_batch, opt_batch=args.opt_batch,
+        max_batch=args.max_batch,
+    )  # fmt: skip
+    options.validate()
+    assert (options.profile.min, options.profile.opt, options.profile.max) == (
+        min_batch, opt, max_batch,
+    )  # fmt: skip
+
+
+def test_min_batch_alone_passes_the_option_checks(tmp_path, capsys):
+    assert run_main(tmp_path, "--min-batch", "48", "--max-batch", "64") == 2
+    err = capsys.readouterr().err
+    assert "48/32/64" not in err and "no_ckpt" in err  # refused for the checkpoint, not the batch
