@@ -98,7 +98,8 @@ def save_checkpoint(out_dir: Path, ckpt: dict[str, Any]) -> Path:
 
     Required keys: arch, num_classes, classes (list of {make, model, make_id, model_id} in
     class-index order), level, preprocess (PreprocessSpec dict), state_dict, epoch, args.
-    Optional: optimizer, lr_scheduler, scaler, ema_state_dict, rng, metrics.
+    Optional: optimizer, lr_scheduler, scaler, ema_state_dict, rng, metrics, train_class_counts
+    (training images per class, for the majority-class baseline; older checkpoints lack it).
     """
     out_dir = Path(out_dir)
     ckpt = {"format_version": FORMAT_VERSION, **ckpt}
@@ -158,6 +159,13 @@ def _malformed_field(ckpt: dict[str, Any]) -> str | None:
         return f"it lists {len(classes)} classes but num_classes is {n}"
     if not isinstance(ckpt["state_dict"], dict):
         return "state_dict is not a dict of tensors"
+    counts = ckpt.get("train_class_counts")
+    if counts is not None and not (
+        isinstance(counts, list)
+        and len(counts) == n
+        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+    ):
+        return f"train_class_counts is not a list of {n} image counts"
     if ckpt.get("level") not in (None, "model", "make"):
         return f"level {ckpt['level']!r} is neither model nor make"
     if not isinstance(ckpt.get("args") or {}, dict):

@@ -253,7 +253,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     # every arch's --out is checked before the first one trains, not after it
     for arch in archs:
         train_cmd.check_no_checkpoint_in_out(arch_run_args(args, arch), can_resume=False)
-    dist_info = init_distributed()  # one process group for all the runs (under torchrun)
+    dist_info = init_distributed(args.device)  # one process group for all the runs (under torchrun)
     try:
         rows = _compare(args, archs, dist_info)
         barrier(dist_info)  # the other ranks wait while rank 0 measures and writes the table
@@ -283,8 +283,9 @@ def score_checkpoint(
     if len(kept) != len(targets):  # cannot happen with an in-order loader; never mis-pair
         raise RuntimeError(f"{out}: {len(targets)} scores for {len(kept)} images")
     preds = logits.argmax(dim=1)
+    train_counts = ckpt.get("train_class_counts")
     return {
-        "metrics": classification_metrics(logits, targets, index.classes),
+        "metrics": classification_metrics(logits, targets, index.classes, train_counts),
         "images": kept,
         "targets": targets.tolist(),
         "preds": preds.tolist(),
@@ -429,12 +430,14 @@ def _compare(
     for r in rows:
         r["vs_best"] = vs_best(tests, r["arch"])
     first = rows[0]
+    majority = first["majority_class_top1"]  # None: a checkpoint without its training counts
     header = (
         f"# Architecture comparison\n\n{args.dataset} at {args.data}, {args.epochs} epochs, "
         f"{args.image_size} px, device {device}, pretrained {first['pretrained_source']}; "
         f"{first['num_test']} test images, {len(test_index.classes)} classes (chance top-1 "
-        f"{first['chance_top1']:.3f}, always the most frequent class "
-        f"{first['majority_class_top1']:.3f}). GFLOPs count a multiply-add as 2."
+        f"{first['chance_top1']:.3f}, always the training split's most frequent class "
+        f"{'unknown' if majority is None else f'{majority:.3f}'}). GFLOPs count a "
+        "multiply-add as 2."
     )
     table = markdown_table(rows, header) + "\n" + footnotes(rows)
     atomic_write_json(args.out / "compare.json", rows)

@@ -25,8 +25,17 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Join the torchrun process group (NCCL on CUDA, Gloo on CPU) when launched under it.
+def backend_for(device: str, cuda_available: bool) -> str:
+    """The process group backend for ``--device``: NCCL only moves CUDA tensors, so a CPU run
+    needs Gloo even where CUDA is there. ``auto`` is CUDA when available (as ``resolve_device``
+    reads it); ``cuda`` without CUDA gets Gloo, so the device check, not NCCL, reports it."""
+    on_cuda = device == "auto" or device.startswith("cuda")
+    return "nccl" if on_cuda and cuda_available else "gloo"
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group (NCCL for a CUDA ``device``, Gloo for the CPU) when
+    launched under it.
 
     A group that is already up (``compare`` holds one across its training runs: tearing a group
     down and setting it up again on torchrun's store is not reliable) is joined as it is, and
@@ -37,9 +46,10 @@ def init_distributed() -> DistInfo:
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if dist.is_initialized():
         return DistInfo(info.rank, info.world_size, info.local_rank, owner=False)
-    if torch.cuda.is_available():
+    backend = backend_for(device, torch.cuda.is_available())
+    if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend)
     return info
 
 

@@ -26,7 +26,7 @@ from training.datasets import DatasetError, load_index
 from training.datasets.image_dataset import UnreadableImages
 from training.distributed import DistInfo
 from training.engine import evaluate
-from training.metrics import classification_metrics, to_make_level
+from training.metrics import classification_metrics, make_level_counts, to_make_level
 from training.train import (
     add_data_args,
     check_crop,
@@ -105,9 +105,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     unreadable = UnreadableImages(strict=args.strict)
     logits, targets = evaluate(model, eval_loader(index, spec, args), device, unreadable=unreadable)
     classes = index.classes
+    train_counts = ckpt.get("train_class_counts")  # None in a checkpoint from before them
     if level != trained_level:  # a model-level checkpoint read at make level
+        if train_counts is not None:
+            train_counts = make_level_counts(train_counts, classes)
         logits, targets, classes = to_make_level(logits, targets, classes)
-    m = classification_metrics(logits, targets, classes)
+    m = classification_metrics(logits, targets, classes, train_counts)
     m.update(
         level=level,
         checkpoint_level=trained_level,

@@ -62,8 +62,33 @@ def names_with_several_ids(classes: list[dict[str, Any]]) -> dict[str, list[Any]
     return {n: v for n, v in ids.items() if len(v) > 1}
 
 
+def majority_class_top1(support: torch.Tensor, train_counts: list[int] | None) -> float | None:
+    """Top-1 of always answering the class most frequent in *training* (the first on a tie):
+    picking it by the scored split's own counts would be an oracle no model can match. None
+    without the training counts (a checkpoint written before they were recorded)."""
+    if train_counts is None:
+        return None
+    if len(train_counts) != len(support):
+        raise ValueError(f"{len(train_counts)} train class counts for {len(support)} classes")
+    majority = max(range(len(train_counts)), key=train_counts.__getitem__)
+    return float(support[majority]) / float(support.sum())
+
+
+def make_level_counts(counts: list[int], classes: list[dict[str, Any]]) -> list[int]:
+    """Per-class counts summed per make id, in :func:`to_make_level`'s class order."""
+    keys = make_keys(classes)
+    pos = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    out = [0] * len(pos)
+    for key, count in zip(keys, counts, strict=True):
+        out[pos[key]] += count
+    return out
+
+
 def classification_metrics(
-    logits: torch.Tensor, targets: torch.Tensor, classes: list[dict[str, Any]]
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    classes: list[dict[str, Any]],
+    train_counts: list[int] | None = None,
 ) -> dict[str, Any]:
     """top1/top5/balanced accuracy/make top1/per-class accuracy/most confused pairs.
 
@@ -72,7 +97,8 @@ def classification_metrics(
     only where one name has several ids. ``top5`` uses ``top5_k`` = min(5, classes): with 5
     classes or fewer it is 1.0 for any model (``top5_informative`` false). Chance levels:
     ``chance_top1`` (1/classes), ``chance_top5`` (top5_k/classes) and ``majority_class_top1``
-    (always answering the test split's most frequent class).
+    (always answering the most frequent class of ``train_counts``, the training split's
+    per-class image counts; None when they are not given).
     """
     n = len(classes)
     if len(targets) == 0:
@@ -104,7 +130,7 @@ def classification_metrics(
         "num_test": len(targets),
         "chance_top1": 1.0 / n,
         "chance_top5": k / n,
-        "majority_class_top1": float(support.max()) / len(targets),
+        "majority_class_top1": majority_class_top1(support, train_counts),
         "per_class": [
             {
                 "index": i,

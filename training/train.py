@@ -2,8 +2,9 @@
 
 Single process, or one process per GPU under ``torchrun`` (DDP; only rank 0 writes). Every epoch
 ends with an atomic checkpoint holding optimizer, scheduler, scaler, EMA and RNG states, and each
-epoch's shuffling and augmentation come from generators seeded by (seed, epoch), so ``--resume``
-continues exactly where the uninterrupted run would be.
+epoch's shuffling comes from generators seeded by (seed, epoch) and its augmentation from ones
+seeded by (seed, epoch, rank), so ``--resume`` continues exactly where the uninterrupted run would
+be.
 """
 
 from __future__ import annotations
@@ -149,7 +150,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         default=10.0,
         help=f"head LR factor, at most {MAX_HEAD_LR_MULT:g}",
     )
-    parser.add_argument("--momentum", type=unit_float, default=0.9, help="SGD momentum")
+    parser.add_argument(
+        "--momentum", type=unit_float, default=0.9, help="SGD momentum (Nesterov when above 0)"
+    )
     parser.add_argument(
         "--weight-decay", type=non_negative_float, default=1e-4, help="weight decay"
     )
@@ -230,8 +233,13 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
     groups = param_groups(model, args.lr, args.head_lr_mult)
     if args.opt == "adamw":
         return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    # Nesterov needs momentum: torch refuses nesterov=True with --momentum 0 (plain SGD then)
     return torch.optim.SGD(
-        groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=True
+        groups,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        nesterov=args.momentum > 0,
     )
 
 
@@ -294,6 +302,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
+def augment_seed(seed: int, epoch: int, dist_info: DistInfo) -> int:
+    """This rank's augmentation seed for ``epoch``: ranks seeded alike would draw the same crops,
+    flips and jitter. With one process it is ``epoch_seed``, and (seed, epoch, rank) triples of
+    one world size never share a seed."""
+    return epoch_seed(seed, epoch) * dist_info.world_size + dist_info.rank
+
+
 def train_loader(
     dataset: ImageDataset,
     targets: list[int],
@@ -303,8 +318,9 @@ def train_loader(
     dist_info: DistInfo,
     pin: bool,
 ) -> DataLoader:
-    """This epoch's loader; its order and its workers' seeds derive from (seed, epoch) only."""
-    gen = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
+    """This epoch's loader; its order derives from (seed, epoch), its workers' seeds from (seed,
+    epoch, rank): the DDP samplers split one shared draw, the augmentations differ per rank."""
+    gen = torch.Generator().manual_seed(augment_seed(args.seed, epoch, dist_info))
     sampler: Sampler[int]
     if dist_info.enabled and args.imbalance == "weighted-sampler":
         # this rank's share of one (seed, epoch)-seeded weighted draw over the whole data set
@@ -313,7 +329,13 @@ def train_loader(
         )
         sampler.set_epoch(epoch)
     elif dist_info.enabled:
-        sampler = DistributedSampler(dataset, seed=args.seed, drop_last=True)
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=dist_info.world_size,
+            rank=dist_info.rank,
+            seed=args.seed,
+            drop_last=True,
+        )
         sampler.set_epoch(epoch)
     elif args.imbalance == "weighted-sampler":
         w = sample_weights(targets, counts)
@@ -358,7 +380,7 @@ def full_metrics(
     test_idx: DatasetIndex,
     unreadable: UnreadableImages,
 ) -> dict[str, Any]:
-    m = classification_metrics(logits, targets, test_idx.classes)
+    m = classification_metrics(logits, targets, test_idx.classes, train_idx.class_counts())
     return {
         **m,  # top1, top5 (+ its k), balanced accuracy, make top1 by name and by id, chance
         "num_classes": test_idx.num_classes,
@@ -572,7 +594,7 @@ def check_resumed_state(optimizer: torch.optim.Optimizer, where: str) -> None:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train; return the final metrics (rank 0) or {} (other ranks)."""
-    dist_info = init_distributed()
+    dist_info = init_distributed(args.device)
     held: list[IO[str]] = []  # the --out lock, released however the run ends
     try:
         return _train(args, dist_info, held)
@@ -722,7 +744,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
     train_seconds = 0.0
     epoch = start_epoch - 1
     for epoch in range(start_epoch, args.epochs):
-        torch.manual_seed(epoch_seed(args.seed, epoch))  # this epoch's augmentations
+        torch.manual_seed(augment_seed(args.seed, epoch, dist_info))  # this epoch's augmentations
         skipped_before = unreadable.occurrences
         loader = train_loader(train_ds, targets, counts, args, epoch, dist_info, on_cuda)
         stats = train_one_epoch(
@@ -779,6 +801,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
                     "arch": args.arch,
                     "num_classes": len(classes),
                     "classes": classes,
+                    "train_class_counts": counts,  # for evaluate's majority-class baseline
                     "level": args.level,
                     "preprocess": spec.model_dump(),
                     "state_dict": model.state_dict(),

@@ -66,6 +66,9 @@ def test_names_mat_that_is_garbage(tiny_sample, tmp_path):  # noqa: F811
         ({"preprocess": None}, "preprocess"),
         ({"level": "bogus"}, "level 'bogus'"),
         ({"arch": None}, "unknown arch None"),
+        ({"train_class_counts": [3, 4]}, "train_class_counts is not a list of 1 image counts"),
+        ({"train_class_counts": ["3"]}, "train_class_counts is not a list of 1 image counts"),
+        ({"train_class_counts": [-1]}, "train_class_counts is not a list of 1 image counts"),
     ],
 )
 def test_checkpoint_with_damaged_fields(tmp_path, changes, needle):

@@ -9,6 +9,7 @@ import torch
 
 from training.metrics import (
     classification_metrics,
+    make_level_counts,
     mcnemar_exact,
     paired_bootstrap_diff_ci,
     paired_comparison,
@@ -25,9 +26,9 @@ CLASSES = [
 ]
 
 
-def _metrics(preds, targets, classes=CLASSES):
+def _metrics(preds, targets, classes=CLASSES, train_counts=None):
     logits = torch.nn.functional.one_hot(torch.tensor(preds), len(classes)).float()
-    return classification_metrics(logits, torch.tensor(targets), classes)
+    return classification_metrics(logits, torch.tensor(targets), classes, train_counts)
 
 
 def test_make_top1_counts_a_brand_by_its_name_and_keeps_the_by_id_figure():
@@ -60,20 +61,41 @@ def test_make_level_reading_matches_by_id_and_by_name_figures():
 
 
 def test_top5_records_its_k_and_is_flagged_trivial_with_five_classes_or_fewer():
-    m = _metrics(preds=[1, 0, 3, 0, 0], targets=[0, 0, 2, 3, 0])
+    m = _metrics(preds=[1, 0, 3, 0, 0], targets=[0, 0, 2, 3, 0], train_counts=[9, 1, 1, 1])
     assert m["top5"] == 1.0 and m["top5_k"] == 4 and m["top5_informative"] is False
     assert m["chance_top1"] == pytest.approx(1 / 4)
     assert m["chance_top5"] == 1.0
-    assert m["majority_class_top1"] == pytest.approx(3 / 5)  # class 0 is 3 of 5 images
+    assert m["majority_class_top1"] == pytest.approx(3 / 5)  # class 0 (most trained) is 3 of 5
 
     classes = [{"make": "M", "model": str(i), "make_id": 1, "model_id": i} for i in range(7)]
     logits = torch.arange(7.0).repeat(7, 1)  # ranks 6, 5, 4, 3, 2 on top for every image
-    m = classification_metrics(logits, torch.arange(7), classes)
+    m = classification_metrics(logits, torch.arange(7), classes, [3] * 7)
     assert m["top5_k"] == 5 and m["top5_informative"] is True
     assert m["top5"] == pytest.approx(5 / 7)
     assert m["chance_top1"] == pytest.approx(1 / 7)
     assert m["chance_top5"] == pytest.approx(5 / 7)
-    assert m["majority_class_top1"] == pytest.approx(1 / 7)
+    assert m["majority_class_top1"] == pytest.approx(1 / 7)  # a tie: the first class, 1 of 7
+
+
+def test_majority_class_baseline_picks_its_class_by_the_training_counts():
+    # the test split's most frequent class is 0 (3 of 5), but training saw class 1 the most:
+    # always answering class 1 scores its 1 of 5, not the oracle's 3 of 5
+    m = _metrics(preds=[0, 0, 0, 1, 2], targets=[0, 0, 0, 1, 2], train_counts=[10, 40, 10, 10])
+    assert m["majority_class_top1"] == pytest.approx(1 / 5)
+    # a class never seen in the test split: always answering it gets none right
+    m = _metrics(preds=[0, 0], targets=[0, 0], train_counts=[1, 1, 1, 5])
+    assert m["majority_class_top1"] == 0.0
+    # without the training counts (a checkpoint from before they were kept) there is none
+    assert _metrics(preds=[0, 0, 1], targets=[0, 0, 1])["majority_class_top1"] is None
+    with pytest.raises(ValueError, match="3 train class counts for 4 classes"):
+        _metrics(preds=[0], targets=[0], train_counts=[1, 2, 3])
+
+
+def test_make_level_counts_sum_each_make_id_in_to_make_levels_order():
+    logits = torch.zeros(1, 4)
+    _, _, make_classes = to_make_level(logits, torch.tensor([0]), CLASSES)
+    assert [c["make_id"] for c in make_classes] == [2, 8, 5]
+    assert make_level_counts([4, 3, 2, 7], CLASSES) == [4, 3, 9]
 
 
 @pytest.mark.parametrize(

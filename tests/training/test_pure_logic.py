@@ -11,17 +11,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data.distributed import DistributedSampler
 
+from training import distributed
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.distributed import DistInfo
+from training.distributed import DistInfo, backend_for
 from training.imbalance import (
     DistributedWeightedSampler,
     class_balanced_weights,
     sample_weights,
 )
 from training.metrics import classification_metrics
+from training.models import build_model
 from training.schedule import warmup_cosine_factor
-from training.train import train_loader
+from training.train import build_optimizer, epoch_seed, train_loader
 
 CLASSES = [
     {"make": "Audi", "model": "A4", "make_id": 1, "model_id": 10},
@@ -93,6 +96,86 @@ def test_ddp_train_loader_keeps_the_weighted_sampler():
     assert isinstance(loader.sampler, DistributedWeightedSampler)
     assert loader.sampler.rank == 1 and loader.sampler.num_replicas == 2
     assert loader.sampler.epoch == 2 and len(loader.sampler) == 16
+
+
+@pytest.mark.parametrize("imbalance", ["weighted-sampler", "none"])
+def test_ddp_ranks_augment_differently_but_split_one_shared_draw(imbalance):
+    """Each rank's loader generator (its workers' augmentation seeds) differs, and is the same
+    on a rerun of that (seed, epoch, rank), so resume stays exact; the samplers keep the shared
+    seed, so the ranks' shards still split one draw."""
+    targets = [0] * 30 + [1] * 3
+    dataset = list(range(len(targets)))
+    args = argparse.Namespace(seed=7, imbalance=imbalance, batch_size=4, workers=0)
+
+    def loader(rank: int, epoch: int):
+        return train_loader(dataset, targets, [30, 3], args, epoch, DistInfo(rank, 2, rank), False)
+
+    r0, r1 = loader(0, 2), loader(1, 2)
+    assert r0.generator.initial_seed() != r1.generator.initial_seed()
+    assert loader(1, 2).generator.initial_seed() == r1.generator.initial_seed()
+    assert loader(1, 3).generator.initial_seed() != r1.generator.initial_seed()
+    seeds = {loader(r, e).generator.initial_seed() for r in (0, 1) for e in range(4)}
+    assert len(seeds) == 8  # no (epoch, rank) pair shares another's stream
+    if imbalance == "weighted-sampler":
+        expected = _ranks(sample_weights(targets, [30, 3]), world=2, epoch=2, seed=7)
+    else:
+        expected = []
+        for rank in (0, 1):
+            sampler = DistributedSampler(dataset, 2, rank, seed=7, drop_last=True)
+            sampler.set_epoch(2)
+            expected.append(list(sampler))
+        assert sorted(expected[0] + expected[1]) == sorted(set(expected[0] + expected[1]))
+    assert [list(r0.sampler), list(r1.sampler)] == expected
+
+
+def test_single_process_loader_keeps_the_epoch_seed():
+    """One process: the (seed, epoch) seed as before, so existing runs resume on their streams."""
+    args = argparse.Namespace(seed=7, imbalance="none", batch_size=4, workers=0)
+    loader = train_loader(list(range(10)), [0] * 10, [10], args, 3, DistInfo(), pin=False)
+    assert loader.generator.initial_seed() == epoch_seed(7, 3)
+
+
+@pytest.mark.parametrize(("momentum", "nesterov"), [(0.0, False), (0.9, True)])
+def test_sgd_uses_nesterov_only_with_momentum(momentum, nesterov):
+    """torch refuses Nesterov with zero momentum: --opt sgd --momentum 0 is plain SGD."""
+    args = argparse.Namespace(
+        opt="sgd", lr=0.01, head_lr_mult=10.0, momentum=momentum, weight_decay=1e-4
+    )
+    opt = build_optimizer(build_model("resnet18", 3), args)
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.defaults["nesterov"] is nesterov and opt.defaults["momentum"] == momentum
+
+
+@pytest.mark.parametrize(
+    ("device", "cuda", "backend"),
+    [
+        ("cpu", True, "gloo"),  # NCCL cannot move the CPU tensors of a --device cpu run
+        ("cpu", False, "gloo"),
+        ("auto", True, "nccl"),
+        ("auto", False, "gloo"),
+        ("cuda", True, "nccl"),
+        ("cuda:1", True, "nccl"),
+        ("cuda", False, "gloo"),  # resolve_device then reports the missing CUDA in one line
+    ],
+)
+def test_process_group_backend_follows_the_device(device, cuda, backend):
+    assert backend_for(device, cuda) == backend
+
+
+def test_init_distributed_with_device_cpu_joins_gloo_where_cuda_is_available(monkeypatch):
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda b: calls.append(b))
+    assert distributed.init_distributed("cpu") == DistInfo(1, 2, 1)
+    assert calls == ["gloo"]
+    calls.clear()
+    distributed.init_distributed("cuda")
+    assert calls == [("set_device", 1), "nccl"]
 
 
 def test_warmup_then_cosine():

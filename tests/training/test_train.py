@@ -54,11 +54,19 @@ def test_outputs_follow_the_contract(trained, sample_root):
     assert args["pretrained_source"].startswith("none")
 
 
-def test_checkpoint_loads_weights_only(trained):
+def _majority_baseline(sample_root, level: str = "model") -> float:
+    """Always answering the class with the most training images, scored on the test split."""
+    train = load_index("compcars", sample_root, "train", level).class_counts()
+    test = load_index("compcars", sample_root, "test", level).class_counts()
+    return test[train.index(max(train))] / sum(test)
+
+
+def test_checkpoint_loads_weights_only(trained, sample_root):
     raw = torch.load(trained["out"] / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert raw["arch"] == "resnet18" and raw["epoch"] == 5
     for key in ("optimizer", "lr_scheduler", "rng", "preprocess", "args"):
         assert key in raw
+    assert raw["train_class_counts"] == load_index("compcars", sample_root, "train").class_counts()
     assert PreprocessSpec(**raw["preprocess"]) == PreprocessSpec.for_image_size(64)
 
 
@@ -81,6 +89,9 @@ def test_evaluate_cli_reproduces_training_metrics(trained, sample_root, tmp_path
     assert rc == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert abs(m["top1"] - trained["metrics"]["top1"]) < 1e-6
+    baseline = _majority_baseline(sample_root)
+    assert m["majority_class_top1"] == trained["metrics"]["majority_class_top1"]
+    assert m["majority_class_top1"] == pytest.approx(baseline)
     ckpt = load_checkpoint(trained["out"])
     model = model_from_checkpoint(ckpt)
     spec = preprocess_spec_of(ckpt)
@@ -167,6 +178,7 @@ def test_compare_writes_table_json_and_plot(sample_root, tmp_path):
     assert r["params"] > 1e6 and r["gflops"] > 0 and r["inference_images_per_s"] > 0
     assert 0 <= r["top1"] <= 1 and (tmp_path / "resnet18" / "checkpoint.pt").is_file()
     assert "| resnet18 |" in (tmp_path / "compare.md").read_text()
+    assert r["majority_class_top1"] == pytest.approx(_majority_baseline(sample_root))
     assert r["top1_ci"][0] <= r["top1"] <= r["top1_ci"][1] and r["vs_best"] is None
     assert r["inference"]["precision"] == "fp32" and r["inference"]["device"] == "cpu"
     lines = (tmp_path / "compare_predictions.csv").read_text().splitlines()
@@ -190,6 +202,21 @@ def test_evaluate_model_checkpoint_at_make_level(trained, sample_root, tmp_path)
     assert makes["top1"] == makes["make_top1_by_id"] == models["make_top1_by_id"]
     assert makes["make_top1"] == models["make_top1"] >= models["make_top1_by_id"]
     assert makes["num_test"] == models["num_test"]
+    assert makes["majority_class_top1"] == pytest.approx(_majority_baseline(sample_root, "make"))
+
+
+def test_evaluate_checkpoint_without_train_counts_leaves_the_baseline_out(
+    trained, sample_root, tmp_path
+):
+    """A checkpoint from before train_class_counts still loads; its baseline is null, not the
+    test split's own most frequent class (an oracle)."""
+    raw = torch.load(trained["out"] / "checkpoint.pt", map_location="cpu", weights_only=True)
+    del raw["train_class_counts"]
+    (tmp_path / "old").mkdir()
+    torch.save(raw, tmp_path / "old" / "checkpoint.pt")
+    m = _evaluate(tmp_path / "old", sample_root, tmp_path / "out")
+    assert m["majority_class_top1"] is None
+    assert abs(m["top1"] - trained["metrics"]["top1"]) < 1e-6
 
 
 def test_evaluate_make_checkpoint_at_model_level_is_refused(trained, sample_root, tmp_path):
