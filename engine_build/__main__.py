@@ -120,7 +120,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--calibration-images",
         type=int,
         default=128,
-        help="int8 calibration images (taken from the parity images)",
+        help="int8 calibration images, taken from the parity images (at most half of them: int8 "
+        "is scored on the rest)",
     )
     parser.add_argument(
         "--workspace-gb", type=float, default=4.0, help="TensorRT workspace (GiB, > 0)"

@@ -682,16 +682,21 @@ def _build_into(
         infer: Callable[[np.ndarray], np.ndarray],
         threshold: float,
         key: str | None = None,
+        indices: np.ndarray | None = None,
     ) -> None:
-        """Run the parity images through ``infer`` in batches of up to max_batch, and the first
-        few one at a time (batch 1, and the padding path of a TensorRT profile with min > 1).
-        ``key`` names the report entry (default ``backend-precision`` of the artifact)."""
+        """Run the parity images (those at ``indices``, default all) through ``infer`` in
+        batches of up to max_batch, and the first few one at a time (batch 1, and the padding
+        path of a TensorRT profile with min > 1). ``key`` names the report entry (default
+        ``backend-precision`` of the artifact)."""
         key = key or f"{art.backend}-{art.precision}"
-        logits = run_batched(infer, parity_set.images, opts.max_batch)
+        images, labels, ref = parity_set.images, parity_set.labels, reference
+        if indices is not None:
+            images, labels, ref = images[indices], labels[indices], ref[indices]
+        logits = run_batched(infer, images, opts.max_batch)
         k = min(BATCH1_IMAGES, len(logits))
-        single = run_batched(infer, parity_set.images[:k], 1)
-        entry = parity_report(reference, logits, parity_set.labels)
-        entry["batch1"] = batch1_report(reference[:k], logits[:k], single)
+        single = run_batched(infer, images[:k], 1)
+        entry = parity_report(ref, logits, labels)
+        entry["batch1"] = batch1_report(ref[:k], logits[:k], single)
         entry["file"] = art.file
         failures = _gate(key, entry, threshold)
         report["artifacts"][key] = entry
@@ -700,11 +705,11 @@ def _build_into(
                 f"parity gate failed for {art.file}: {'; '.join(failures)}", report
             )
 
-    def ort_check(art: Artifact, threshold: float) -> None:
+    def ort_check(art: Artifact, threshold: float, indices: np.ndarray | None = None) -> None:
         partial = draft.model_copy(update={"artifacts": [art]})
         engine = OnnxRuntimeEngine(Bundle(tmp, partial), art.precision, threads=opts.threads)
         try:
-            check(art, engine.infer, threshold)
+            check(art, engine.infer, threshold, indices=indices)
         finally:
             engine.close()
 
@@ -734,11 +739,16 @@ def _build_into(
     if "int8" in opts.precisions:
         from engine_build.quantize import quantize_int8
 
-        calib = heldout.calibration_images(parity_set, opts.calibration_images)
+        calib, scored = heldout.calibration_split(parity_set, opts.calibration_images)
         quantize_int8(tmp / ONNX_FILE, tmp / INT8_FILE, draft.input_name, calib, tmp)
         int8 = _artifact(tmp, INT8_FILE, "onnxruntime", "int8")
-        ort_check(int8, opts.int8_agreement)
-        report["artifacts"]["onnxruntime-int8"]["calibration_images"] = len(calib)
+        apart = len(scored) > 0
+        if not apart:
+            log.warning("one parity image: int8 is scored on its own calibration image")
+        ort_check(int8, opts.int8_agreement, scored if apart else None)
+        entry = report["artifacts"]["onnxruntime-int8"]
+        entry["calibration_images"] = len(calib)
+        entry["scored_apart_from_calibration"] = apart
         artifacts.append(int8)
 
     if no_trt is None:

@@ -127,7 +127,14 @@ def parity_set_for(
     )
 
 
-def calibration_images(parity_set: ParitySet, limit: int) -> np.ndarray:
-    """INT8 calibration batch: an even spread of the parity images (recorded in parity.json)."""
-    idx = evenly_spaced(list(range(len(parity_set.images))), limit)
-    return parity_set.images[idx]
+def calibration_split(parity_set: ParitySet, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """INT8 calibration images, and the indices of the parity images left to score int8 on.
+
+    Calibration takes an even spread of at most ``limit`` images and at most half the parity
+    set: an engine scored on the images it was calibrated on reads optimistic, so int8's parity
+    is measured on the others. (A parity set of one image leaves none: the caller then scores
+    on it, and says so.)
+    """
+    n = len(parity_set.images)
+    calib = evenly_spaced(list(range(n)), max(1, min(limit, n // 2)))
+    return parity_set.images[calib], np.setdiff1d(np.arange(n), calib)

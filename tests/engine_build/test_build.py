@@ -45,7 +45,9 @@ def test_parity_report_per_artifact(bundle_dir):
 
 def test_int8_built_with_accuracy_cost_reported(bundle_dir):
     report = json.loads((bundle_dir / PARITY_FILE).read_text())["artifacts"]["onnxruntime-int8"]
-    assert report["file"] == "model.int8.onnx" and report["calibration_images"] == 12
+    # calibrated on half the 12 parity images, scored on the other half
+    assert report["file"] == "model.int8.onnx" and report["calibration_images"] == 6
+    assert report["n_images"] == 6 and report["scored_apart_from_calibration"] is True
     assert report["accuracy_cost"] == pytest.approx(
         report["top1_accuracy_pytorch"] - report["top1_accuracy_artifact"]
     )
@@ -308,3 +310,23 @@ def test_tensorrt_unavailable_says_why():
 
     why = tensorrt_available()
     assert why is None or "CUDA" in why or "tensorrt" in why
+
+
+@pytest.mark.parametrize(("n", "limit", "calibrated"), [(12, 128, 6), (256, 128, 128), (9, 2, 2)])
+def test_int8_calibrates_on_images_it_is_not_scored_on(n, limit, calibrated):
+    from engine_build.heldout import calibration_split
+    from engine_build.parity import ParitySet
+
+    images = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1)
+    calib, scored = calibration_split(ParitySet(images, np.zeros(n, np.int64), "t"), limit)
+    assert len(calib) == calibrated
+    used = {int(v) for v in calib.ravel()}
+    assert used.isdisjoint(int(i) for i in scored) and len(used) + len(scored) == n
+
+
+def test_a_single_parity_image_is_both_calibration_and_score():
+    from engine_build.heldout import calibration_split
+    from engine_build.parity import ParitySet
+
+    calib, scored = calibration_split(ParitySet(np.zeros((1, 3, 2, 2)), np.zeros(1), "t"), 128)
+    assert len(calib) == 1 and len(scored) == 0  # the build then scores on it, with a warning
