@@ -74,10 +74,16 @@ def majority_class_top1(support: torch.Tensor, train_counts: list[int] | None) -
     return float(support[majority]) / float(support.sum())
 
 
+def make_positions(classes: list[dict[str, Any]]) -> tuple[list[Any], dict[Any, int]]:
+    """Each class's make key, and each make's position at make level (order of first
+    appearance): the one make order of :func:`to_make_level` and :func:`make_level_counts`."""
+    keys = make_keys(classes)
+    return keys, {k: i for i, k in enumerate(dict.fromkeys(keys))}
+
+
 def make_level_counts(counts: list[int], classes: list[dict[str, Any]]) -> list[int]:
     """Per-class counts summed per make id, in :func:`to_make_level`'s class order."""
-    keys = make_keys(classes)
-    pos = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    keys, pos = make_positions(classes)
     out = [0] * len(pos)
     for key, count in zip(keys, counts, strict=True):
         out[pos[key]] += count
@@ -152,9 +158,8 @@ def to_make_level(
     logit (so make top-1 is exactly ``make_top1_by_id``: the make id of the predicted model),
     targets become their make, and the classes are the makes (by id, as ``--level make``
     builds them) in order of first appearance."""
-    keys = make_keys(classes)
-    makes = list(dict.fromkeys(keys))
-    pos = {k: i for i, k in enumerate(makes)}
+    keys, pos = make_positions(classes)
+    makes = list(pos)
     make_of = torch.tensor([pos[k] for k in keys], dtype=torch.long)
     make_logits = torch.full((logits.shape[0], len(makes)), -torch.inf, dtype=logits.dtype)
     make_logits.scatter_reduce_(1, make_of.expand(logits.shape[0], -1), logits, reduce="amax")

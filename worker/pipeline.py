@@ -43,6 +43,7 @@ from redis.exceptions import RedisError
 
 from engine_build.manifest import Manifest
 from engine_build.runtime import Engine
+from worker.backoff import Backoff
 from worker.batching import Batcher
 from worker.dead_letter import HEADER_PREFIX, dlq_headers, parse_dlq_headers
 from worker.decode_pool import DecodePool
@@ -193,18 +194,6 @@ class InFlight:
 
     offsets: Future[Offsets]
     epochs: dict[TopicPartition, int]
-
-
-@dataclass
-class Backoff:
-    """Exponential backoff with a cap; ``wait`` returns False when told to stop."""
-
-    first_s: float = 0.2
-    max_s: float = 10.0
-
-    def wait(self, attempt: int, stop: threading.Event) -> bool:
-        # the exponent is capped: 2**1024 is past a float, and an outage of hours gets there
-        return not stop.wait(min(self.max_s, self.first_s * 2 ** min(attempt, 32)))
 
 
 def error_kind(headers: Sequence[tuple[str, bytes]] | None) -> str:
@@ -1066,16 +1055,9 @@ class StreamWorker(ConsumerRebalanceListener):
         """``decode_on_cpu`` in the decode pool, in a CPU slot and under ``decode_timeout_s``
         like every other decode: a JPEG nvJPEG refused is by that token an unusual one."""
         spec = self.manifest.preprocess
-
-        def run() -> Prepared:
-            try:
-                with self.pool.cpu_slot():
-                    return decode_on_cpu(prep, spec)
-            except Exception as exc:  # a written-off thread, or a bug: this post's dead letter
-                reason = f"unexpected {exc.__class__.__name__}: {exc}"
-                return Prepared(prep.event, None, PostError("internal", reason), prep.seconds)
-
-        return self._await_decode(self.pool.submit(run))
+        return self._await_decode(
+            self.pool.submit(decode_on_cpu, prep, spec, cpu_slot=self.pool.cpu_slot)
+        )
 
     def _deliver(self, results: list[Result], dead: list) -> None:
         """Publish results and dead letters; only the sends that failed are retried.

@@ -141,13 +141,21 @@ def _decoded(
     return Prepared(event, array, None, time.perf_counter() - started)
 
 
-def decode_on_cpu(prep: Prepared, spec: PreprocessSpec) -> Prepared:
-    """The CPU decode of a JPEG the GPU decoder refused: its array, or the PostError for the DLQ."""
+def decode_on_cpu(
+    prep: Prepared,
+    spec: PreprocessSpec,
+    cpu_slot: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> Prepared:
+    """The CPU decode of a JPEG the GPU decoder refused: its array, or the PostError for the DLQ.
+
+    The decode runs inside ``cpu_slot()``, as in :func:`prepare` (a slot refused to a thread
+    written off meanwhile is this post's ``internal`` error)."""
     if prep.jpeg is None:
         return prep
     started = time.perf_counter()
     try:
-        array = preprocess_image(decode_image(prep.jpeg.data, draft_size=spec.resize), spec)
+        with cpu_slot():
+            array = preprocess_image(decode_image(prep.jpeg.data, draft_size=spec.resize), spec)
         return Prepared(prep.event, array, None, prep.seconds + time.perf_counter() - started)
     except PostError as exc:
         return Prepared(prep.event, None, exc, prep.seconds + time.perf_counter() - started)

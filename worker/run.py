@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import SecretStr, ValidationError
 
 from training.cli_help import DefaultsHelpFormatter
+from worker.backoff import Backoff
 from worker.settings import FETCH_MARGIN_BYTES, WorkerSettings, unknown_env_settings
 from worker.stop_signals import stop_on_signals
 
@@ -31,6 +32,8 @@ if typing.TYPE_CHECKING:
     from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+
+CONNECT_BACKOFF = Backoff(first_s=0.5, max_s=10.0)  # a broker that is not up yet, at start
 
 # Largest record the worker sends: an oversized bad post is dead-lettered with its bytes up to
 # this size (or the broker's limit); beyond either it is dead-lettered without its value.
@@ -497,7 +500,7 @@ def _connect(
             attempt += 1
             log.warning("no Kafka broker at %s; retry %d", settings.bootstrap_servers, attempt)
             beat()
-            stop.wait(min(10.0, 0.5 * 2 ** min(attempt, 32)))  # 2**1024 overflows a float
+            CONNECT_BACKOFF.wait(attempt, stop)
         except (KafkaConfigurationError, ValueError) as exc:
             # WorkerSettings refuses what we know of before the model loads; this is the rest
             print(f"python -m worker run: error: Kafka client settings: {exc}", file=sys.stderr)

@@ -501,10 +501,10 @@ def test_a_cpu_decode_after_nvjpeg_refused_runs_under_the_decode_deadline(
     release = threading.Event()
     real_decode = worker.pipeline.decode_on_cpu
 
-    def hangs_on_the_narrow_one(prep, spec):
+    def hangs_on_the_narrow_one(prep, spec, **kwargs):
         if prep.jpeg is not None and prep.jpeg.data == datas[1]:
             release.wait(30)
-        return real_decode(prep, spec)
+        return real_decode(prep, spec, **kwargs)
 
     monkeypatch.setattr(worker.pipeline, "decode_on_cpu", hangs_on_the_narrow_one)
     monkeypatch.setattr(
