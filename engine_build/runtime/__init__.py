@@ -2,6 +2,7 @@
 
 from engine_build.runtime.base import (
     Engine,
+    EngineLoadError,
     EngineUnavailableError,
     InputSpec,
     PlanMismatchError,
@@ -26,6 +27,7 @@ def __getattr__(name: str):
 __all__ = [
     "BACKENDS",
     "Engine",
+    "EngineLoadError",
     "EngineUnavailableError",
     "InputSpec",
     "OnnxRuntimeEngine",

@@ -18,6 +18,12 @@ class PlanMismatchError(EngineUnavailableError):
     """A TensorRT plan built for another GPU model or TensorRT version than the one in hand."""
 
 
+class EngineLoadError(EngineUnavailableError):
+    """The backend runs here but could not load this bundle: out of GPU memory for its buffers or
+    its TensorRT execution context (another process on the GPU, a small MIG slice, a large
+    ``max_batch``). ``auto`` warns and falls back; a named backend raises it."""
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What ``infer`` takes: a float32 batch of shape (N, *shape) named ``name`` in the model."""

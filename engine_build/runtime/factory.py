@@ -6,7 +6,12 @@ import logging
 from typing import Any
 
 from engine_build.bundle import Bundle
-from engine_build.runtime.base import Engine, EngineUnavailableError, PlanMismatchError
+from engine_build.runtime.base import (
+    Engine,
+    EngineLoadError,
+    EngineUnavailableError,
+    PlanMismatchError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -17,14 +22,8 @@ AUTO_ORDER = ("tensorrt", "torch-cuda", "onnxruntime")
 
 
 def _open(bundle: Bundle, backend: str, opts: dict[str, Any]) -> Engine:
-    if backend == "tensorrt":
-        from engine_build.runtime.tensorrt_engine import TensorRTEngine
-
-        return TensorRTEngine(bundle, **opts)
-    if backend == "torch-cuda":
-        from engine_build.runtime.torch_cuda import TorchCudaEngine
-
-        return TorchCudaEngine(bundle, **opts)
+    if backend in ("tensorrt", "torch-cuda"):
+        return _open_gpu(bundle, backend, opts)
     if backend == "torch-cpu":
         from engine_build.runtime.torch_cpu import TorchCpuEngine
 
@@ -34,13 +33,40 @@ def _open(bundle: Bundle, backend: str, opts: dict[str, Any]) -> Engine:
     return OnnxRuntimeEngine(bundle, **opts)
 
 
+def _open_gpu(bundle: Bundle, backend: str, opts: dict[str, Any]) -> Engine:
+    """A CUDA backend; running out of GPU memory while loading it is an EngineLoadError.
+
+    The device buffers for ``max_batch`` (and the model's weights) are allocated at load, so a GPU
+    that is too full or too small fails here, as torch.OutOfMemoryError. Only that is turned into
+    a load failure: any other exception is a bug and propagates.
+    """
+    import torch
+
+    try:
+        if backend == "tensorrt":
+            from engine_build.runtime.tensorrt_engine import TensorRTEngine
+
+            return TensorRTEngine(bundle, **opts)
+        from engine_build.runtime.torch_cuda import TorchCudaEngine
+
+        return TorchCudaEngine(bundle, **opts)
+    except torch.OutOfMemoryError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        raise EngineLoadError(
+            f"out of GPU memory loading {backend} for max batch {bundle.manifest.batch_profile.max}"
+            f" ({first}); free the GPU, run fewer engine instances or build with a smaller "
+            "--max-batch"
+        ) from exc
+
+
 def create_engine(bundle: Bundle, backend: str = "auto", **opts: Any) -> Engine:
     """The engine for ``backend``; ``auto`` tries TensorRT, then torch-cuda, then ONNX Runtime.
 
     Options go to the backend that accepts them (``threads``/``precision``/``spinning`` to
     onnxruntime, ``threads``/``precision`` to torch-cpu, ``cuda_graphs`` to torch-cuda). An
     explicitly named backend that cannot run raises EngineUnavailableError (PlanMismatchError
-    for a plan built for another GPU/TensorRT).
+    for a plan built for another GPU/TensorRT, EngineLoadError when it ran out of GPU memory
+    loading); ``auto`` logs those two as WARNINGs and tries the next backend.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -61,7 +87,7 @@ def create_engine(bundle: Bundle, backend: str = "auto", **opts: Any) -> Engine:
         kwargs = {k: v for k, v in opts.items() if k in accepted[candidate]}
         try:
             engine = _open(bundle, candidate, kwargs)
-        except PlanMismatchError as exc:
+        except (PlanMismatchError, EngineLoadError) as exc:  # not the usual "no GPU here"
             log.warning("backend %s refused: %s; trying the next", candidate, exc)
             reasons.append(f"{candidate}: {exc}")
             continue

@@ -7,6 +7,7 @@ come from torch.cuda, so no pycuda is needed either.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Any
 
@@ -14,8 +15,9 @@ import numpy as np
 import torch
 
 from engine_build.bundle import Bundle
-from engine_build.manifest import Artifact
+from engine_build.manifest import Artifact, BatchProfile
 from engine_build.runtime.base import (
+    EngineLoadError,
     EngineUnavailableError,
     InputSpec,
     PlanMismatchError,
@@ -98,17 +100,60 @@ def trt_errors(logger: Any, mark: int) -> str:
     return "; ".join(errors) if errors else "no TensorRT error logged"
 
 
-def plan_mismatch(artifact: Artifact, gpu_name: str, trt_version: str) -> str | None:
-    """Why a plan cannot run on ``gpu_name`` with TensorRT ``trt_version``; None when it fits."""
+_MIG_SUFFIX = re.compile(r"\s+MIG\b.*$")
+
+
+def base_gpu_name(name: str) -> str:
+    """``name`` without a MIG profile suffix: "NVIDIA A100-SXM4-80GB MIG 1g.10gb" -> the GPU's."""
+    return _MIG_SUFFIX.sub("", name.strip())
+
+
+def plan_mismatch(
+    artifact: Artifact,
+    gpu_name: str,
+    trt_version: str,
+    compute_capability: str | None = None,
+) -> str | None:
+    """Why a plan cannot run on ``gpu_name`` with TensorRT ``trt_version``; None when it fits.
+
+    A plan is specific to the GPU model (its SM architecture) and the TensorRT version. MIG slices
+    of one GPU share its SMs' architecture, so the GPU names are compared without a " MIG ..."
+    suffix (a plan built on a whole A100 runs on an A100 MIG slice and the other way round: only
+    memory and SM count differ, which TensorRT warns about, see :func:`mig_difference`), and the
+    compute capability too where both sides know it.
+    """
     info = artifact.tensorrt
     if info is None:
         return f"plan {artifact.file} records no GPU/TensorRT version"
     reasons = []
-    if info.gpu_name != gpu_name:
+    if base_gpu_name(info.gpu_name) != base_gpu_name(gpu_name):
         reasons.append(f"built for GPU {info.gpu_name!r}, this is {gpu_name!r}")
+    elif (
+        compute_capability
+        and info.compute_capability
+        and info.compute_capability != compute_capability
+    ):
+        reasons.append(
+            f"built for compute capability {info.compute_capability} ({info.gpu_name!r}), "
+            f"this is {compute_capability} ({gpu_name!r})"
+        )
     if info.version != trt_version:
         reasons.append(f"built with TensorRT {info.version}, this is TensorRT {trt_version}")
     return f"plan {artifact.file} " + "; ".join(reasons) if reasons else None
+
+
+def mig_difference(artifact: Artifact, gpu_name: str) -> str | None:
+    """For a plan that fits (:func:`plan_mismatch` is None): how its MIG profile differs, if it
+    does. It runs, but its tactics were timed for another SM count and memory size: slower, and a
+    smaller slice may lack the memory for the plan's maximum batch."""
+    info = artifact.tensorrt
+    if info is None or info.gpu_name.strip() == gpu_name.strip():
+        return None
+    return (
+        f"plan {artifact.file} was built on {info.gpu_name!r} and runs on {gpu_name!r}: same GPU "
+        "model, another MIG profile (TensorRT may warn; build on this profile for its best "
+        "tactics and to be sure the maximum batch fits its memory)"
+    )
 
 
 def plan_io(
@@ -160,6 +205,40 @@ def plan_io(
     return dtypes[found[input_name][2]], dtypes[found[output_name][2]]
 
 
+def plan_profile(
+    engine: Any, input_name: str, sample_shape: tuple[int, ...], manifest: BatchProfile
+) -> None:
+    """Log the plan's optimisation profile for the input and refuse one that is not the manifest's.
+
+    The runtime pads up to the manifest's minimum and takes batches up to its maximum; a plan
+    whose own profile differs (a hand-edited manifest, a plan copied from another build) would
+    fail inside TensorRT at ``set_input_shape``/``execute_async_v3`` mid-stream, so it is refused
+    here with both ranges. Raises EngineUnavailableError, as for any plan/manifest difference.
+    """
+    count = engine.num_optimization_profiles
+    if count < 1:
+        raise EngineUnavailableError("TensorRT plan has no optimisation profile")
+    lo, opt, hi = (tuple(s) for s in engine.get_tensor_profile_shape(input_name, 0))
+    log.info(
+        "TensorRT plan profile 0 of %d for %s: min=%s opt=%s max=%s", count, input_name, lo, opt, hi
+    )
+    problems = []
+    expected = f"(N, {', '.join(map(str, sample_shape))})"
+    if any(len(s) != 1 + len(sample_shape) or s[1:] != tuple(sample_shape) for s in (lo, opt, hi)):
+        problems.append(f"its profile shapes {lo}/{opt}/{hi} are not {expected}")
+    plan_batches = "/".join(str(s[0]) if s else "?" for s in (lo, opt, hi))
+    wanted = f"{manifest.min}/{manifest.opt}/{manifest.max}"
+    if plan_batches != wanted:
+        problems.append(
+            f"the plan's batch profile (min/opt/max) is {plan_batches}, the manifest's {wanted}"
+        )
+    if problems:
+        raise EngineUnavailableError(
+            f"TensorRT plan does not match the bundle manifest: {'; '.join(problems)} "
+            "(rebuild the bundle; a plan is only valid with the manifest it was built with)"
+        )
+
+
 class TensorRTEngine:
     """Runs ``model.fp16.plan``; refuses (PlanMismatchError) a plan for another GPU or TRT."""
 
@@ -175,10 +254,15 @@ class TensorRTEngine:
             raise EngineUnavailableError("TensorRT needs a CUDA GPU; torch sees none")
         trt = import_tensorrt()
         gpu = torch.cuda.get_device_name(device)
-        reasons = [plan_mismatch(a, gpu, trt.__version__) for a in plans]
+        capability = "{}.{}".format(*torch.cuda.get_device_capability(device))
+        reasons = [plan_mismatch(a, gpu, trt.__version__, capability) for a in plans]
         if all(reasons):  # a bundle may carry one plan per GPU type; one must fit this GPU
             raise PlanMismatchError("; ".join(r for r in reasons if r))
-        artifact = plans[reasons.index(None)]
+        fitting = [a for a, r in zip(plans, reasons, strict=True) if r is None]
+        # a plan built on this very MIG profile (or the whole GPU) before one from another profile
+        artifact = min(fitting, key=lambda a: mig_difference(a, gpu) is not None)
+        if (why := mig_difference(artifact, gpu)) is not None:
+            log.warning("%s", why)
         m = bundle.manifest
         self.name = f"tensorrt-{precision}"
         self.max_batch = m.batch_profile.max
@@ -201,21 +285,35 @@ class TensorRTEngine:
             in_dtype, out_dtype = plan_io(
                 trt, self._engine, self._in_name, self._out_name, self._spec.shape, m.num_classes
             )
+            plan_profile(self._engine, self._in_name, self._spec.shape, m.batch_profile)
+            # allocates the activation memory for the profile's largest shape: None is (almost
+            # always) a GPU without that much free memory
             self._context = self._engine.create_execution_context()
             if self._context is None:
                 why = trt_errors(self._logger, mark)
-                raise EngineUnavailableError(f"TensorRT could not create a context: {why}")
+                raise EngineLoadError(
+                    f"TensorRT could not create an execution context for {artifact.file} (max "
+                    f"batch {self.max_batch}; usually too little free GPU memory): {why}"
+                )
             self._stream = torch.cuda.Stream(self._device)
-            full_in = (self.max_batch, *self._spec.shape)
-            full_out = (self.max_batch, m.num_classes)
-            self._d_in = torch.empty(full_in, dtype=in_dtype, device=self._device)
-            self._d_out = torch.empty(full_out, dtype=out_dtype, device=self._device)
-            self._h_in = torch.empty(full_in, dtype=torch.float32, pin_memory=True)
-            self._h_out = torch.empty(full_out, dtype=torch.float32, pin_memory=True)
-            for name, buf in ((self._in_name, self._d_in), (self._out_name, self._d_out)):
-                if not self._context.set_tensor_address(name, buf.data_ptr()):
-                    raise EngineUnavailableError(f"TensorRT refused the address of {name!r}")
+            self._bind_buffers(in_dtype, out_dtype, m.num_classes)
         log.info("loaded %s (%s, TensorRT %s)", self.name, artifact.file, trt.__version__)
+
+    def _bind_buffers(self, in_dtype: torch.dtype, out_dtype: torch.dtype, classes: int) -> None:
+        """Device buffers for ``max_batch`` (pinned host ones beside them), bound to the context.
+
+        Allocated once, here: running out of GPU memory (torch.OutOfMemoryError) fails the load,
+        where ``create_engine`` turns it into an EngineLoadError, not the first batch.
+        """
+        full_in = (self.max_batch, *self._spec.shape)
+        full_out = (self.max_batch, classes)
+        self._d_in = torch.empty(full_in, dtype=in_dtype, device=self._device)
+        self._d_out = torch.empty(full_out, dtype=out_dtype, device=self._device)
+        self._h_in = torch.empty(full_in, dtype=torch.float32, pin_memory=True)
+        self._h_out = torch.empty(full_out, dtype=torch.float32, pin_memory=True)
+        for name, buf in ((self._in_name, self._d_in), (self._out_name, self._d_out)):
+            if not self._context.set_tensor_address(name, buf.data_ptr()):
+                raise EngineUnavailableError(f"TensorRT refused the address of {name!r}")
 
     def input_spec(self) -> InputSpec:
         return self._spec

@@ -14,7 +14,7 @@ from engine_build.runtime import (
     OnnxRuntimeEngine,
     create_engine,
 )
-from engine_build.runtime.tensorrt_engine import plan_mismatch
+from engine_build.runtime.tensorrt_engine import mig_difference, plan_mismatch
 from engine_build.runtime.torch_cuda import batch_buckets, bucket_for, resolve_device
 
 from .conftest import batch
@@ -223,3 +223,30 @@ def test_tensorrt_plan_build_and_infer(checkpoint_dir, parity_dir, tmp_path, ref
     for n in (1, 5, 8):
         x = batch(n, seed=n)
         assert (engine.infer(x).argmax(1) == reference(x).argmax(1)).mean() >= 0.99
+
+
+@pytest.mark.parametrize(
+    ("built_on", "running_on"),
+    [
+        ("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-80GB MIG 1g.10gb"),
+        ("NVIDIA A100-SXM4-80GB MIG 1g.10gb", "NVIDIA A100-SXM4-80GB"),
+        ("NVIDIA A100-SXM4-80GB MIG 3g.40gb", "NVIDIA A100-SXM4-80GB MIG 1g.10gb"),
+    ],
+)
+def test_a_plan_fits_every_mig_slice_of_the_gpu_model_it_was_built_on(built_on, running_on):
+    # MIG slices share the GPU's SM architecture: before, the names were compared whole
+    plan = _plan(built_on)
+    assert plan_mismatch(plan, running_on, "10.13.0") is None
+    assert plan_mismatch(plan, running_on, "10.13.0", "9.0") is None
+    assert "MIG" in mig_difference(plan, running_on)
+    assert mig_difference(plan, built_on) is None
+
+
+def test_mig_slices_of_another_gpu_model_or_capability_are_refused():
+    why = plan_mismatch(
+        _plan("NVIDIA A100-SXM4-80GB MIG 1g.10gb"), "NVIDIA H100 80GB HBM3 MIG 1g.10gb", "10.13.0"
+    )
+    assert "A100" in why and "H100" in why
+    assert plan_mismatch(_plan("NVIDIA A100-SXM4-40GB"), "NVIDIA A100-SXM4-80GB", "10.13.0")
+    why = plan_mismatch(_plan(), "NVIDIA H100 80GB HBM3", "10.13.0", "8.9")
+    assert "compute capability 9.0" in why and "8.9" in why

@@ -377,3 +377,226 @@ def test_plan_io_names_every_difference_from_the_manifest():
     assert "unexpected I/O tensor 'input.1'" in why and "no input 'images'" in why
     assert "'logits' has shape (-1, 5), the manifest says (-1, 3)" in why
     assert "not float32/float16" in why
+
+
+# --- the loader (TensorRTEngine) against a fake TensorRT runtime and a fake CUDA device -------
+
+
+class FakePlanEngine(FakeEngine):
+    """A deserialised plan: I/O tensors, one optimisation profile, and a context (or None)."""
+
+    def __init__(self, profile: tuple, context: bool = True, hw=(3, 32, 32)) -> None:
+        super().__init__(
+            {
+                "images": (TensorIOMode.INPUT, (-1, *hw), DataType.FLOAT),
+                "logits": (TensorIOMode.OUTPUT, (-1, 3), DataType.FLOAT),
+            }
+        )
+        self.profile = profile
+        self.context = context
+
+    @property
+    def num_optimization_profiles(self) -> int:
+        return 1
+
+    def get_tensor_profile_shape(self, name: str, profile_index: int):
+        assert (name, profile_index) == ("images", 0)
+        return self.profile
+
+    def create_execution_context(self):
+        if not self.context:
+            return None
+        return SimpleNamespace(set_tensor_address=lambda name, ptr: True)
+
+
+def profile_of(lo: int, opt: int, hi: int, chw=(3, 32, 32)) -> tuple:
+    return ((lo, *chw), (opt, *chw), (hi, *chw))
+
+
+def runtime_trt(engine: FakePlanEngine) -> SimpleNamespace:
+    trt = fake_trt()
+    trt.made["plans_read"] = []
+
+    class Runtime:
+        def __init__(self, logger) -> None:
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, data: bytes) -> FakePlanEngine:
+            trt.made["plans_read"].append(bytes(data))
+            return engine
+
+    trt.Runtime = Runtime
+    return trt
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch.cuda as on a GPU host named ``name``; device buffers are CPU tensors (or, with
+    ``oom``, torch.OutOfMemoryError as from a full GPU)."""
+    import contextlib
+
+    from engine_build.runtime import tensorrt_engine
+
+    def install(trt, name="NVIDIA H100 80GB HBM3", capability=(9, 0), oom=False):
+        real_empty = torch.empty
+
+        def empty(*shape, device=None, pin_memory=False, **kw):
+            if device is not None and torch.device(device).type == "cuda":
+                if oom:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                device = None
+            return real_empty(*shape, **kw)
+
+        monkeypatch.setattr(tensorrt_engine, "import_tensorrt", lambda: trt)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: SimpleNamespace())
+        monkeypatch.setattr(torch, "empty", empty)
+        return trt
+
+    return install
+
+
+def plan_artifact(path, file="model.fp16.plan", gpu="NVIDIA H100 80GB HBM3", cc="9.0"):
+    from engine_build.bundle import sha256_file
+    from engine_build.manifest import Artifact, TensorRTInfo
+
+    (path / file).write_bytes(file.encode())
+    info = TensorRTInfo(version="10.13.0.35", gpu_name=gpu, compute_capability=cc, typing="strong")
+    return Artifact(
+        backend="tensorrt",
+        precision="fp16",
+        file=file,
+        sha256=sha256_file(path / file),
+        size_bytes=(path / file).stat().st_size,
+        tensorrt=info,
+    )
+
+
+@pytest.fixture
+def with_plans(bundle_dir, tmp_path):
+    """The shared bundle's ONNX model (no model.pt: torch-cuda is skipped) plus the given plans."""
+    import shutil
+
+    from engine_build.bundle import Bundle, load_bundle
+
+    shared = load_bundle(bundle_dir)
+    onnx = shared.artifact("onnxruntime", "fp32")
+    shutil.copy(bundle_dir / onnx.file, tmp_path / onnx.file)
+
+    def make(*plans: dict) -> Bundle:
+        arts = [onnx, *(plan_artifact(tmp_path, **p) for p in plans)]
+        return Bundle(tmp_path, shared.manifest.model_copy(update={"artifacts": arts}))
+
+    return make
+
+
+def test_the_plans_profile_is_logged_and_a_matching_one_loads(fake_gpu, with_plans, caplog):
+    from engine_build.runtime import create_engine
+
+    fake_gpu(runtime_trt(FakePlanEngine(profile_of(1, 4, 8))))  # the manifest's 1/4/8
+    with caplog.at_level(logging.INFO, logger="engine_build.runtime"):
+        engine = create_engine(with_plans({}), "tensorrt")
+    assert engine.name == "tensorrt-fp16" and engine.max_batch == 8
+    assert (
+        "profile 0 of 1 for images: min=(1, 3, 32, 32) opt=(4, 3, 32, 32) max=(8, 3, 32, 32)"
+        in (caplog.text)
+    )
+
+
+@pytest.mark.parametrize(
+    ("profile", "needle"),
+    [
+        (profile_of(1, 4, 16), r"batch profile \(min/opt/max\) is 1/4/16, the manifest's 1/4/8"),
+        (profile_of(2, 4, 8), r"is 2/4/8, the manifest's 1/4/8"),  # batch 1 would need padding
+        (profile_of(1, 4, 8, (3, 64, 64)), r"\(8, 3, 64, 64\) are not \(N, 3, 32, 32\)"),
+    ],
+)
+def test_a_plan_whose_profile_is_not_the_manifests_is_refused_at_load(
+    fake_gpu, with_plans, profile, needle
+):
+    # before: loaded, then failed inside TensorRT at set_input_shape on the first odd batch
+    from engine_build.runtime import create_engine
+    from engine_build.runtime.base import EngineLoadError
+
+    fake_gpu(runtime_trt(FakePlanEngine(profile)))
+    with pytest.raises(EngineUnavailableError, match=needle) as err:
+        create_engine(with_plans({}), "tensorrt")
+    assert not isinstance(err.value, EngineLoadError)  # a bad artifact, not a full GPU
+
+
+def test_out_of_gpu_memory_for_the_buffers_is_a_load_error_auto_falls_back(
+    fake_gpu, with_plans, caplog
+):
+    # before: torch.OutOfMemoryError escaped create_engine, past auto's fallback and the worker
+    from engine_build.runtime import EngineLoadError, create_engine
+
+    fake_gpu(runtime_trt(FakePlanEngine(profile_of(1, 4, 8))), oom=True)
+    bundle = with_plans({})
+    with pytest.raises(EngineLoadError, match=r"out of GPU memory loading tensorrt.*max batch 8"):
+        create_engine(bundle, "tensorrt")
+    with caplog.at_level(logging.WARNING, logger="engine_build.runtime.factory"):
+        engine = create_engine(bundle, "auto", threads=1)
+    assert engine.name == "onnxruntime-fp32"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("tensorrt" in m and "out of GPU memory" in m for m in warned)
+
+
+def test_no_execution_context_is_a_load_error_auto_warns_and_falls_back(
+    fake_gpu, with_plans, caplog
+):
+    from engine_build.runtime import EngineLoadError, create_engine
+
+    fake_gpu(runtime_trt(FakePlanEngine(profile_of(1, 4, 8), context=False)))
+    bundle = with_plans({})
+    with pytest.raises(EngineLoadError, match=r"execution context.*max batch 8"):
+        create_engine(bundle, "tensorrt")
+    with caplog.at_level(logging.WARNING, logger="engine_build.runtime.factory"):
+        engine = create_engine(bundle, "auto", threads=1)
+    assert engine.name == "onnxruntime-fp32"
+    assert any("execution context" in r.getMessage() for r in caplog.records)
+
+
+def test_a_programming_error_while_loading_is_not_swallowed_by_auto(
+    fake_gpu, with_plans, monkeypatch
+):
+    from engine_build.runtime import create_engine
+    from engine_build.runtime.tensorrt_engine import TensorRTEngine
+
+    def broken(self, *args):
+        raise TypeError("a bug")
+
+    fake_gpu(runtime_trt(FakePlanEngine(profile_of(1, 4, 8))))
+    monkeypatch.setattr(TensorRTEngine, "_bind_buffers", broken)
+    with pytest.raises(TypeError, match="a bug"):  # only out-of-memory becomes a load failure
+        create_engine(with_plans({}), "auto", threads=1)
+
+
+def test_a_plan_from_the_whole_gpu_runs_on_a_mig_slice_with_a_warning(fake_gpu, with_plans, caplog):
+    from engine_build.runtime import create_engine
+
+    mig = "NVIDIA A100-SXM4-80GB MIG 1g.10gb"
+    fake_gpu(runtime_trt(FakePlanEngine(profile_of(1, 4, 8))), name=mig, capability=(8, 0))
+    bundle = with_plans({"gpu": "NVIDIA A100-SXM4-80GB", "cc": "8.0"})
+    with caplog.at_level(logging.WARNING, logger="engine_build.runtime"):
+        engine = create_engine(bundle, "tensorrt")
+    assert engine.name == "tensorrt-fp16"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("'NVIDIA A100-SXM4-80GB'" in m and "MIG 1g.10gb" in m for m in warned)
+
+
+def test_the_plan_built_on_this_mig_profile_is_preferred(fake_gpu, with_plans, caplog):
+    from engine_build.runtime import create_engine
+
+    mig = "NVIDIA A100-SXM4-80GB MIG 3g.40gb"
+    trt = fake_gpu(runtime_trt(FakePlanEngine(profile_of(1, 4, 8))), name=mig, capability=(8, 0))
+    bundle = with_plans(
+        {"file": "whole.plan", "gpu": "NVIDIA A100-SXM4-80GB", "cc": "8.0"},
+        {"file": "slice.plan", "gpu": mig, "cc": "8.0"},
+    )
+    with caplog.at_level(logging.WARNING, logger="engine_build.runtime"):
+        create_engine(bundle, "tensorrt")
+    assert trt.made["plans_read"] == [b"slice.plan"]
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
