@@ -62,6 +62,17 @@ log = logging.getLogger(__name__)
 
 
 TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+# What kafka-python 3.0's KafkaProducer.send raises, besides KafkaError, before a record is
+# queued: TypeError or ValueError for a record it refuses for what it is (``Outgoing.refused``
+# mirrors those checks), and also for a record it would take, when a metadata refresh on the
+# sender thread drops the topic between send's metadata check and its partitioner
+# ("Partitioner did not assign a partition", "Topic ... not found in ClusterMetadata", or
+# ``sorted(None)`` in DefaultPartitioner); IndexError / ZeroDivisionError when the topic's
+# metadata lists no partitions (``random.choice([])``, ``idx %= 0``). Only a refused record is
+# permanent; the rest is retried like a KafkaError.
+SEND_REFUSALS = (TypeError, ValueError, IndexError, ZeroDivisionError)
+# the types KafkaProducer.send takes for a serialized key or value (exact types, not subclasses)
+BYTES_LIKE = (bytes, bytearray, memoryview, type(None))
 # a dead letter still too large without its value keeps this much of its key (a post_id key,
 # at most 128 characters, always fits whole)
 DLQ_KEY_PREFIX_BYTES = 512
@@ -69,6 +80,30 @@ DLQ_KEY_PREFIX_BYTES = 512
 
 class FatalWorkerError(Exception):
     """The worker cannot go on (the batch stays uncommitted and is redelivered after a restart)."""
+
+
+def sendable_header(item: Any) -> bool:
+    """Whether KafkaProducer.send takes this header: a (str, bytes) tuple whose name encodes as
+    UTF-8 (kafka-python encodes it when sizing the record; a lone surrogate cannot be)."""
+    if not (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], str)
+        and isinstance(item[1], bytes)
+    ):
+        return False
+    try:
+        item[0].encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def sendable_headers(headers: Any) -> list[tuple[str, bytes]]:
+    """The headers of ``headers`` that KafkaProducer.send takes (none when it is not a list)."""
+    if not isinstance(headers, list | tuple):
+        return []
+    return [h for h in headers if sendable_header(h)]
 
 
 @dataclass(frozen=True)
@@ -110,6 +145,43 @@ class Outgoing:
         if len(own) < len(headers):
             note.append((HEADER_PREFIX + "headers_omitted", str(len(headers) - len(own)).encode()))
         return Outgoing(self.topic, key, b"", [*own, *note])
+
+    def refused(self) -> list[str]:
+        """What of this record KafkaProducer.send refuses for what it is, whatever the broker
+        (kafka-python 3.0 ``kafka/producer/kafka.py`` send: key and value both None, headers
+        not a list of (str, bytes) tuples, a key or value not bytes; a header name that is not
+        UTF-8 in its record sizing). Empty when it refuses nothing: a TypeError or ValueError
+        it raises then came from elsewhere (a metadata change) and is worth a retry."""
+        problems = []
+        if self.headers is not None:
+            if not isinstance(self.headers, list):
+                problems.append(f"headers of type {type(self.headers).__name__}")
+            else:
+                bad = len(self.headers) - len(sendable_headers(self.headers))
+                if bad:
+                    problems.append(f"{bad} header(s) not (UTF-8 str, bytes) pairs")
+        if type(self.key) not in BYTES_LIKE:
+            problems.append(f"key of type {type(self.key).__name__}")
+        if type(self.value) not in BYTES_LIKE:
+            problems.append(f"value of type {type(self.value).__name__}")
+        if self.key is None and self.value is None:
+            problems.append("neither key nor value")
+        return problems
+
+    def sendable(self, error: BaseException) -> Outgoing | None:
+        """This dead letter without what KafkaProducer.send refuses of it (``refused``), with a
+        ``carstream.send_refused`` header saying what was left out and why; None when it
+        refuses nothing of it. The value, and every header it takes, still go."""
+        problems = self.refused()
+        if not problems:
+            return None
+        key = self.key if type(self.key) in BYTES_LIKE else None
+        value = self.value if type(self.value) in BYTES_LIKE else b""
+        if key is None and value is None:
+            value = b""  # kafka-python sends no record without both
+        reason = f"{type(error).__name__}: {error}; left out: {', '.join(problems)}"[:500]
+        note = (HEADER_PREFIX + "send_refused", reason.encode("utf-8", "replace"))
+        return Outgoing(self.topic, key, value, [*sendable_headers(self.headers), note])
 
 
 @dataclass(frozen=True)
@@ -198,7 +270,8 @@ class InFlight:
 
 def error_kind(headers: Sequence[tuple[str, bytes]] | None) -> str:
     """The ``carstream.error_kind`` header of a dead letter (``internal`` when missing)."""
-    return dict(headers or ()).get("carstream.error_kind", b"internal").decode()
+    kind = dict(sendable_headers(headers)).get("carstream.error_kind", b"internal")
+    return kind.decode("utf-8", "replace")
 
 
 def original_headers(record: Any) -> list[tuple[str, bytes]]:
@@ -1067,8 +1140,12 @@ class StreamWorker(ConsumerRebalanceListener):
         with headers saying so: losing the
         bytes of an oversized bad post beats blocking its partition forever. One still too large
         then (a DLQ topic that takes no more than a few hundred bytes) is dropped with an error
-        log. A result too large for the results topic is a FatalWorkerError: a size error is
-        never retried, since it would fail the same way for ever.
+        log. A dead letter the producer refuses for what it is (``Outgoing.refused``: a header
+        that is not a (str, bytes) pair, say) is sent again without what it refuses, the same way.
+        A result too large for the results topic, or refused for what it is, is a
+        FatalWorkerError: it would fail the same way for ever. Every other send error, including
+        a TypeError or ValueError the producer raises for a record it would take (a metadata
+        change under it, see ``SEND_REFUSALS``), is retried with backoff.
         """
         s = self.settings
         pending = [Outgoing(s.output_topic, r.key, r.value, None) for r in results]
@@ -1083,21 +1160,8 @@ class StreamWorker(ConsumerRebalanceListener):
                     future = self.producer.send(
                         msg.topic, key=msg.key, value=msg.value, headers=msg.headers
                     )
-                except KafkaError as exc:  # raised at once, e.g. over max_request_size
+                except (KafkaError, *SEND_REFUSALS) as exc:  # raised by send itself: sorted below
                     future = exc
-                except (TypeError, ValueError) as exc:  # refused before any I/O: never sendable
-                    if msg.topic != s.dlq_topic:
-                        raise FatalWorkerError(f"a result cannot be sent: {exc}") from exc
-                    where = parse_dlq_headers(msg.headers)
-                    log.error(
-                        "dead letter of %s/%s@%s cannot be sent (%s); dropped",
-                        where.get("source_topic"),
-                        where.get("source_partition"),
-                        where.get("source_offset"),
-                        exc,
-                    )
-                    dropped.append(msg)
-                    continue
                 sent.append((msg, future))
             try:
                 self.producer.flush(timeout=30)
@@ -1112,22 +1176,38 @@ class StreamWorker(ConsumerRebalanceListener):
                         continue
                     except KafkaError as exc:
                         error = exc
-                if not isinstance(error, TOO_LARGE):
+                too_large = isinstance(error, TOO_LARGE)
+                refused = msg.refused() if isinstance(error, SEND_REFUSALS) else []
+                if not too_large and not refused:
                     retry.append(msg)
                     last_error = error
                     continue
-                size = len(msg.key or b"") + len(msg.value or b"")
+                size = len(msg.key or b"") + len(msg.value or b"") if too_large else 0
                 if msg.topic != s.dlq_topic:
+                    if refused:
+                        raise FatalWorkerError(
+                            f"a result cannot be sent: {', '.join(refused)} ({error})"
+                        )
                     raise FatalWorkerError(
                         f"a result of {size} bytes is too large for {msg.topic} ({error}); "
                         "raise the topic's max.message.bytes"
                     )
-                smaller = msg.smaller()
-                where = parse_dlq_headers(msg.headers)
+                smaller = msg.smaller() if too_large else msg.sendable(error)
+                where = parse_dlq_headers(sendable_headers(msg.headers))
                 origin = (
                     f"{where.get('source_topic')}/{where.get('source_partition')}"
                     f"@{where.get('source_offset')}"
                 )
+                if refused:
+                    log.warning(
+                        "dead letter of %s cannot be sent as it is (%s: %s); sending it without %s",
+                        origin,
+                        type(error).__name__,
+                        error,
+                        ", ".join(refused),
+                    )
+                    retry.append(smaller)
+                    continue
                 if smaller is None:
                     log.error(
                         "dead letter of %s is too large for %s even without its value and "
@@ -1148,7 +1228,7 @@ class StreamWorker(ConsumerRebalanceListener):
                 )
                 retry.append(smaller)
             pending = retry
-            if last_error is not None:  # not only oversized dead letters to resend smaller
+            if last_error is not None:  # not only dead letters to resend smaller or repaired
                 self.metrics.retries.labels("kafka").inc()
                 log.warning("%d sends failed (%s); retry %d", len(pending), last_error, attempt + 1)
                 self.metrics.beat()  # retrying through an outage is not a wedged loop

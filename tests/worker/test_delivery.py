@@ -17,6 +17,7 @@ from worker.metrics import WorkerMetrics
 from worker.pipeline import (
     DLQ_KEY_PREFIX_BYTES,
     Backoff,
+    BatchAbortedError,
     EngineFailedError,
     FatalWorkerError,
     Pending,
@@ -52,8 +53,21 @@ class BrokerLikeProducer:
         # what kafka-python's KafkaProducer.send refuses before any I/O
         if key is None and value is None:
             raise ValueError("Need at least one: key or value")
-        if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in headers or []):
+        if not isinstance(headers or [], list):
+            raise TypeError("headers must be list-type")
+        if not all(
+            isinstance(h, tuple)
+            and len(h) == 2
+            and isinstance(h[0], str)
+            and isinstance(h[1], bytes)
+            for h in headers or []
+        ):
             raise TypeError("All headers items must be (str, bytes) tuples")
+        for part in (key, value):
+            if type(part) not in (bytes, bytearray, memoryview, type(None)):
+                raise TypeError(f"Unsupported type for serialized key: {type(part)}")
+        for name, _ in headers or []:
+            name.encode("utf-8")  # kafka-python sizes the record: a lone surrogate raises
         record = (topic, key, value, list(headers or []))
         self.sends.append(record)
         future = _Future()
@@ -188,15 +202,145 @@ def test_a_null_header_value_of_the_input_record_does_not_stop_the_worker():
     assert len(producer.delivered) == 1
 
 
-def test_a_dead_letter_the_producer_refuses_outright_is_dropped_and_the_batch_goes_on(caplog):
+def test_a_dead_letter_the_producer_refuses_for_a_header_is_sent_without_it(caplog):
     producer = BrokerLikeProducer()
     worker = worker_with(producer)
-    bad = (b"p1", b"x", [("trace", None)])  # as if built without original_headers
-    deliver_within(worker, [Result(b"p2", b"{}", "ok")], [bad])
-    assert [r[0] for r in producer.delivered] == ["car-predictions"]
-    assert "cannot be sent" in caplog.text
-    assert _counts(worker.metrics.dead_letters_dropped) == {"internal": 1.0}
-    assert _counts(worker.metrics.dead_letters) == {}
+    key, value, ours = _dead(b"p1", b"not json")
+    # as if built without original_headers: a null value, a name that is not UTF-8, not a pair
+    bad = [("trace", None), ("\udcff", b"1"), ("x",), ("kept", b"2")]
+    deliver_within(worker, [Result(b"p2", b"{}", "ok")], [(key, value, [*bad, *ours])])
+    assert sorted(r[0] for r in producer.delivered) == ["car-posts.dlq", "car-predictions"]
+    ((_, sent_key, sent_value, headers),) = [r for r in producer.delivered if r[0].endswith("dlq")]
+    assert (sent_key, sent_value) == (b"p1", b"not json")  # the original bytes still go
+    assert ("kept", b"2") in headers and all(k != "trace" for k, _ in headers)
+    parsed = parse_dlq_headers(headers)
+    assert parsed["error_kind"] == "invalid_json" and parsed["source_offset"] == "7"
+    assert "3 header(s)" in parsed["send_refused"] and "TypeError" in parsed["send_refused"]
+    assert "cannot be sent as it is" in caplog.text
+    assert _counts(worker.metrics.dead_letters) == {"invalid_json": 1.0}
+    assert _counts(worker.metrics.dead_letters_dropped) == {}
+    assert worker.metrics.retries.labels("kafka")._value.get() == 0  # not a broker failure
+
+
+def test_a_dead_letter_whose_key_and_value_are_not_bytes_still_reaches_the_dlq():
+    producer = BrokerLikeProducer()
+    worker = worker_with(producer)
+    _, _, ours = _dead(None, None)
+    deliver_within(worker, [], [("p1", {"not": "bytes"}, ours)])
+    ((_, key, value, headers),) = producer.delivered
+    assert key is None and value == b""
+    refused = parse_dlq_headers(headers)["send_refused"]
+    assert "key of type str" in refused and "value of type dict" in refused
+    assert _counts(worker.metrics.dead_letters) == {"invalid_json": 1.0}
+
+
+def test_a_result_the_producer_refuses_for_what_it_is_is_still_fatal():
+    worker = worker_with(BrokerLikeProducer())
+    with pytest.raises(FatalWorkerError, match="key of type str"):
+        deliver_within(worker, [Result("p1", b"{}", "ok")], [])
+
+
+class RacingProducer(BrokerLikeProducer):
+    """Raises ``error`` from send for the first ``times`` sends, as kafka-python's does when a
+    metadata refresh drops the topic (or its partitions) between its metadata check and its
+    partitioner; delivers afterwards."""
+
+    def __init__(self, error: Exception, times: int = 1) -> None:
+        super().__init__()
+        self.error, self.times, self.raised = error, times, 0
+
+    def send(self, topic, key=None, value=None, headers=None):
+        if self.raised < self.times:
+            self.raised += 1
+            raise self.error
+        return super().send(topic, key=key, value=value, headers=headers)
+
+
+# what KafkaProducer.send (kafka-python 3.0.12) raises for a record it would take, when the
+# topic's metadata changes under it: kafka.py send (the partitioner assigns no partition),
+# DefaultPartitioner.partition (topic gone; sorted(None); no partitions: % 0, choice([]))
+METADATA_RACES = [
+    ValueError("Partitioner did not assign a partition for topic car-posts.dlq!"),
+    ValueError("Topic car-posts.dlq not found in ClusterMetadata"),
+    TypeError("'NoneType' object is not iterable"),
+    ZeroDivisionError("integer modulo by zero"),
+    IndexError("Cannot choose from an empty sequence"),
+]
+
+
+@pytest.mark.parametrize("error", METADATA_RACES, ids=lambda e: type(e).__name__ + str(e)[:12])
+def test_a_dead_letter_send_error_of_a_metadata_change_is_retried_not_dropped(error):
+    producer = RacingProducer(error)
+    worker = worker_with(producer)
+    deliver_within(worker, [], [_dead(b"p1", b"not json")])
+    ((topic, key, value, headers),) = producer.delivered
+    assert (topic, key, value) == ("car-posts.dlq", b"p1", b"not json")
+    assert "send_refused" not in parse_dlq_headers(headers)
+    assert _counts(worker.metrics.dead_letters) == {"invalid_json": 1.0}
+    assert _counts(worker.metrics.dead_letters_dropped) == {}
+    assert worker.metrics.retries.labels("kafka")._value.get() == 1
+
+
+@pytest.mark.parametrize("error", METADATA_RACES, ids=lambda e: type(e).__name__ + str(e)[:12])
+def test_a_result_send_error_of_a_metadata_change_is_retried_not_fatal(error):
+    producer = RacingProducer(error, times=2)
+    worker = worker_with(producer)
+    deliver_within(worker, [Result(b"p1", b"{}", "ok")], [])
+    assert [r[:3] for r in producer.delivered] == [("car-predictions", b"p1", b"{}")]
+    assert worker.metrics.retries.labels("kafka")._value.get() == 2
+
+
+def test_a_dead_letter_not_sent_by_shutdown_leaves_the_batch_uncommitted_not_dropped():
+    producer = RacingProducer(ValueError("Partitioner did not assign a partition"), times=99)
+    worker = worker_with(producer)
+    worker.stop.set()  # draining at SIGTERM: three tries, then the batch is left uncommitted
+    with pytest.raises(BatchAbortedError, match="Partitioner did not assign"):
+        deliver_within(worker, [], [_dead(b"p1", b"not json")])
+    assert producer.raised == 3 and producer.delivered == []
+    assert _counts(worker.metrics.dead_letters_dropped) == {}
+
+
+def test_outgoing_refused_mirrors_what_kafka_python_send_refuses():
+    """Outgoing.refused against a real KafkaProducer (no broker: a record it takes gets as far
+    as the metadata wait and times out there); each repaired form gets that far too."""
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaTimeoutError
+
+    from worker.pipeline import SEND_REFUSALS, Outgoing
+
+    producer = KafkaProducer(
+        bootstrap_servers="127.0.0.1:9", api_version=(2, 5), max_block_ms=10, acks="all"
+    )
+    ours = _dead(None, None)[2]
+    refused = [
+        Outgoing("t", None, None, ours),
+        Outgoing("t", b"k", b"v", [("trace", None), *ours]),
+        Outgoing("t", b"k", b"v", [("trace",), *ours]),
+        Outgoing("t", b"k", b"v", [(b"trace", b"1"), *ours]),
+        Outgoing("t", b"k", b"v", [["trace", b"1"], *ours]),
+        Outgoing("t", b"k", b"v", tuple(ours)),
+        Outgoing("t", "k", b"v", ours),
+        Outgoing("t", b"k", "v", ours),
+        Outgoing("t", None, 5, ours),
+    ]
+    taken = [
+        Outgoing("t", b"k", b"v", ours),
+        Outgoing("t", None, b"", None),
+        Outgoing("t", b"k", None, []),
+        Outgoing("t", bytearray(b"k"), memoryview(b"v"), [("", b"")]),
+    ]
+    try:
+        for msg in refused:
+            with pytest.raises(SEND_REFUSALS):
+                producer.send(msg.topic, key=msg.key, value=msg.value, headers=msg.headers)
+            assert msg.refused(), msg
+            taken.append(msg.sendable(ValueError("x")))
+        for msg in taken:
+            assert msg.refused() == [] and msg.sendable(ValueError("x")) is None, msg
+            with pytest.raises(KafkaTimeoutError):
+                producer.send(msg.topic, key=msg.key, value=msg.value, headers=msg.headers)
+    finally:
+        producer.close(timeout=1)
 
 
 def _counts(counter) -> dict[str, float]:
@@ -428,3 +572,75 @@ def test_backoff_survives_an_outage_of_any_length():
     stop = threading.Event()
     stop.set()
     assert Backoff(0.2, 10.0).wait(5000, stop) is False  # no OverflowError, and stop is seen
+
+
+@pytest.mark.integration
+def test_send_refusals_against_the_real_broker_lose_no_dead_letter_and_stop_no_result(
+    kafka_bootstrap, monkeypatch
+):
+    """A real KafkaProducer on Tansu: a metadata change under send (the topic gone from the
+    client's metadata when the partitioner looks, for the first result and the first dead
+    letter) is retried, and dead letters the producer refuses for a header still reach the DLQ
+    with their bytes."""
+    import sys
+    import uuid
+
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    from worker.stack import create_topics
+
+    tag = uuid.uuid4().hex[:8]
+    out, dlq = f"preds-{tag}", f"posts-{tag}.dlq"
+    create_topics(kafka_bootstrap, [out, dlq], 1)
+    producer = KafkaProducer(
+        bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+    )
+    metadata = producer._metadata
+    real_topics = metadata.topics
+    hidden: list[str] = []
+
+    def topics(*args, **kwargs):
+        known = real_topics(*args, **kwargs)
+        caller = sys._getframe(1).f_code.co_name
+        if caller == "_partition" and len(hidden) < 2:  # KafkaProducer._partition: no partition
+            hidden.append(caller)
+            return set()
+        return known
+
+    monkeypatch.setattr(metadata, "topics", topics)
+    worker = worker_with(
+        producer, output_topic=out, dlq_topic=dlq, bootstrap_servers=kafka_bootstrap
+    )
+    good = _dead(b"p1", b"not json", offset=1)
+    null_header = (b"p2", b"{bad", [("trace", None), *_dead(None, None, offset=2)[2]])
+    surrogate = (b"p3", b"\xff", [("\udcff", b"x"), *_dead(None, None, offset=3)[2]])
+    try:
+        deliver_within(
+            worker, [Result(b"p0", b"{}", "ok")], [good, null_header, surrogate], seconds=60
+        )
+    finally:
+        producer.close(timeout=5)
+    assert len(hidden) == 2
+    assert worker.metrics.retries.labels("kafka")._value.get() == 1
+    assert _counts(worker.metrics.dead_letters) == {"invalid_json": 3.0}
+    assert _counts(worker.metrics.dead_letters_dropped) == {}
+
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, consumer_timeout_ms=2000)
+    try:
+        consumer.assign([TopicPartition(out, 0), TopicPartition(dlq, 0)])
+        consumer.seek_to_beginning()
+        records = list(consumer)
+    finally:
+        consumer.close()
+    assert [(r.key, r.value) for r in records if r.topic == out] == [(b"p0", b"{}")]
+    letters = {r.key: r for r in records if r.topic == dlq}
+    assert {k: r.value for k, r in letters.items()} == {
+        b"p1": b"not json",
+        b"p2": b"{bad",
+        b"p3": b"\xff",
+    }
+    parsed = {k: parse_dlq_headers(r.headers) for k, r in letters.items()}
+    assert "send_refused" not in parsed[b"p1"]
+    assert "TypeError" in parsed[b"p2"]["send_refused"]
+    assert "UnicodeEncodeError" in parsed[b"p3"]["send_refused"]
+    assert sorted(p["source_offset"] for p in parsed.values()) == ["1", "2", "3"]

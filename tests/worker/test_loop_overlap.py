@@ -17,6 +17,7 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 from kafka import TopicPartition
+from kafka.errors import MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata
 
 from tests.support import Rec, image_bytes, tiny_manifest
@@ -110,8 +111,8 @@ class FakeProducer:
         self.fail = fail
 
     def send(self, topic, key=None, value=None, headers=None):
-        if self.fail:
-            raise TypeError("refused")
+        if self.fail:  # a result the results topic refuses as too large: the worker stops
+            raise MessageSizeTooLargeError("refused")
         self.sends.append((topic, key))
         return SentFuture()
 
