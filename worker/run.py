@@ -136,6 +136,22 @@ def engine_options(settings: WorkerSettings) -> dict[str, object]:
     return opts
 
 
+def open_engines(
+    bundle: Any, backend: str, count: int, opts: dict[str, object], into: list
+) -> list:
+    """Open ``count`` engine instances into ``into`` (so the caller can close those opened when a
+    later one fails). With ``auto`` the first picks the backend and the rest are opened on that
+    backend by name: instances on different backends (a later TensorRT instance out of GPU
+    memory falling back to the CPU) would run one loop at several speeds and precisions."""
+    from engine_build.runtime import backend_of, create_engine
+
+    for _ in range(count):
+        into.append(create_engine(bundle, backend, **opts))
+        if backend == "auto":
+            backend = backend_of(into[0])
+    return into
+
+
 def parity_note(parity: dict | None, engine_name: str) -> tuple[str, bool] | None:
     """What the bundle's parity.json measured for a reduced-precision engine, and whether it is
     sound (finite logits): an operator who picks int8 or bf16 sees its cost in the worker's own
@@ -319,7 +335,7 @@ def _serve(
     """Load the engine, connect, run the loop until `stop`; `server` is bound, not started."""
     # imported here so `--help` and argument errors never load the model runtime
     from engine_build.bundle import BundleError, load_bundle
-    from engine_build.runtime import EngineUnavailableError, create_engine
+    from engine_build.runtime import EngineUnavailableError
     from worker.connections import redis_client
     from worker.logging_setup import ignore_kafka_close_race
     from worker.metrics import start
@@ -332,11 +348,11 @@ def _serve(
     except BundleError as exc:
         print(f"python -m worker run: error: {exc}", file=sys.stderr)
         return 2
-    opts = engine_options(settings)
     engines: list = []
     try:
-        for _ in range(settings.engine_instances):
-            engines.append(create_engine(bundle, settings.backend, **opts))
+        open_engines(
+            bundle, settings.backend, settings.engine_instances, engine_options(settings), engines
+        )
     except (EngineUnavailableError, ValueError) as exc:
         for loaded in engines:
             loaded.close()

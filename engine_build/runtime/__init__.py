@@ -7,7 +7,7 @@ from engine_build.runtime.base import (
     InputSpec,
     PlanMismatchError,
 )
-from engine_build.runtime.factory import BACKENDS, create_engine
+from engine_build.runtime.factory import BACKENDS, backend_of, create_engine
 from engine_build.runtime.onnxruntime_engine import OnnxRuntimeEngine
 
 
@@ -34,5 +34,6 @@ __all__ = [
     "PlanMismatchError",
     "TensorRTEngine",
     "TorchCudaEngine",
+    "backend_of",
     "create_engine",
 ]

@@ -59,6 +59,14 @@ def _open_gpu(bundle: Bundle, backend: str, opts: dict[str, Any]) -> Engine:
         ) from exc
 
 
+def backend_of(engine: Engine) -> str:
+    """The backend ``engine`` runs on (its name is the backend plus a precision or variant)."""
+    for backend in BACKENDS[1:]:
+        if engine.name == backend or engine.name.startswith(backend + "-"):
+            return backend
+    raise ValueError(f"engine {engine.name!r} names no backend of {', '.join(BACKENDS[1:])}")
+
+
 def create_engine(bundle: Bundle, backend: str = "auto", **opts: Any) -> Engine:
     """The engine for ``backend``; ``auto`` tries TensorRT, then torch-cuda, then ONNX Runtime.
 

@@ -250,3 +250,31 @@ def test_mig_slices_of_another_gpu_model_or_capability_are_refused():
     assert plan_mismatch(_plan("NVIDIA A100-SXM4-40GB"), "NVIDIA A100-SXM4-80GB", "10.13.0")
     why = plan_mismatch(_plan(), "NVIDIA H100 80GB HBM3", "10.13.0", "8.9")
     assert "compute capability 9.0" in why and "8.9" in why
+
+
+@pytest.mark.parametrize(
+    ("name", "backend"),
+    [
+        ("tensorrt-fp16", "tensorrt"),
+        ("tensorrt-int8", "tensorrt"),
+        ("torch-cuda-fp16", "torch-cuda"),
+        ("torch-cuda-fp16-graphs", "torch-cuda"),
+        ("torch-cpu-bf16", "torch-cpu"),
+        ("onnxruntime-fp32", "onnxruntime"),
+    ],
+)
+def test_backend_of_names_the_backend_an_engine_runs_on(name, backend):
+    from types import SimpleNamespace
+
+    from engine_build.runtime import backend_of
+
+    assert backend_of(SimpleNamespace(name=name)) == backend
+
+
+def test_backend_of_refuses_a_name_of_no_backend():
+    from types import SimpleNamespace
+
+    from engine_build.runtime import backend_of
+
+    with pytest.raises(ValueError, match="torch-cudax"):
+        backend_of(SimpleNamespace(name="torch-cudax"))

@@ -419,7 +419,7 @@ def test_parity_note_reports_the_int8_cost_and_flags_non_finite_logits():
 
 
 class _ClosableEngine:
-    name = "fake"
+    name = "onnxruntime-fp32"
     max_batch = 8
 
     def __init__(self, warm_error: Exception | None = None) -> None:
@@ -550,7 +550,52 @@ def test_the_engine_in_use_is_a_metric_and_a_cpu_engine_beside_a_gpu_is_a_warnin
     metrics = WorkerMetrics()
     with caplog.at_level("WARNING", logger="worker.run"):
         assert _serve_with_fakes(monkeypatch, stop_first=True, metrics=metrics)[0] == 0
-    labels = {"engine": "fake", "model": "m", "version": "1"}
+    labels = {"engine": "onnxruntime-fp32", "model": "m", "version": "1"}
     assert metrics.registry.get_sample_value("carstream_engine_info", labels) == 1
-    fell_back = [r for r in caplog.records if "backend auto chose fake on the CPU" in r.message]
+    chose = "backend auto chose onnxruntime-fp32 on the CPU"
+    fell_back = [r for r in caplog.records if chose in r.message]
     assert len(fell_back) == (1 if gpu else 0)
+
+
+def test_auto_opens_every_engine_instance_on_the_backend_the_first_one_got(monkeypatch):
+    """A later instance must not fall back elsewhere (say TensorRT out of GPU memory -> the
+    CPU): one loop would run instances at several speeds and precisions."""
+    from types import SimpleNamespace
+
+    import engine_build.runtime
+    from worker.run import open_engines
+
+    asked: list[str] = []
+
+    def create(_bundle, backend, **_opts):
+        asked.append(backend)
+        return SimpleNamespace(name="tensorrt-fp16" if backend in ("auto", "tensorrt") else "x")
+
+    monkeypatch.setattr(engine_build.runtime, "create_engine", create)
+    engines = open_engines(object(), "auto", 3, {}, [])
+    assert asked == ["auto", "tensorrt", "tensorrt"]
+    assert [e.name for e in engines] == ["tensorrt-fp16"] * 3
+    asked.clear()
+    open_engines(object(), "onnxruntime", 2, {}, [])
+    assert asked == ["onnxruntime", "onnxruntime"]
+
+
+def test_engines_opened_before_a_failing_instance_are_left_for_the_caller_to_close(monkeypatch):
+    from types import SimpleNamespace
+
+    import engine_build.runtime
+    from engine_build.runtime import EngineLoadError
+    from worker.run import open_engines
+
+    made = [SimpleNamespace(name="torch-cuda-fp16-graphs")]
+
+    def create(_bundle, backend, **_opts):
+        if made:
+            return made.pop()
+        raise EngineLoadError(f"out of GPU memory loading {backend}")
+
+    monkeypatch.setattr(engine_build.runtime, "create_engine", create)
+    into: list = []
+    with pytest.raises(EngineLoadError, match="loading torch-cuda"):
+        open_engines(object(), "auto", 2, {}, into)
+    assert [e.name for e in into] == ["torch-cuda-fp16-graphs"]
