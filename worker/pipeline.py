@@ -31,11 +31,14 @@ from kafka.errors import (
     CorruptRecordError,
     FencedInstanceIdError,
     GroupAuthorizationFailedError,
+    InvalidTxnStateError,
     KafkaError,
     MessageSizeTooLargeError,
+    ProducerFencedError,
     RebalanceInProgressError,
     RecordListTooLargeError,
     TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailedError,
     UnsupportedCodecError,
 )
 from kafka.structs import OffsetAndMetadata
@@ -256,6 +259,17 @@ REFUSED = (
     GroupAuthorizationFailedError,
     ClusterAuthorizationFailedError,
     FencedInstanceIdError,
+)
+
+# send errors that no retry ends: no write ACL on an output topic, or the producer's idempotence
+# state gone fatal (kafka-python's TransactionManager._FATAL_ERRORS: once there, it fails every
+# later batch with the same error until the producer is made anew, i.e. the worker restarts)
+PRODUCER_REFUSED = (
+    TopicAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    TransactionalIdAuthorizationFailedError,
+    ProducerFencedError,
+    InvalidTxnStateError,
 )
 
 
@@ -1178,6 +1192,12 @@ class StreamWorker(ConsumerRebalanceListener):
                         error = exc
                 too_large = isinstance(error, TOO_LARGE)
                 refused = msg.refused() if isinstance(error, SEND_REFUSALS) else []
+                if isinstance(error, PRODUCER_REFUSED):
+                    # retrying would keep the liveness probe green while nothing is delivered;
+                    # exiting makes it a restart loop an operator sees (and a fresh producer)
+                    raise FatalWorkerError(
+                        f"the broker refuses this producer on {msg.topic}: {error!r}"
+                    ) from error
                 if not too_large and not refused:
                     retry.append(msg)
                     last_error = error

@@ -7,7 +7,13 @@ from concurrent.futures import Future
 
 import numpy as np
 import pytest
-from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+from kafka.errors import (
+    ClusterAuthorizationFailedError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    ProducerFencedError,
+    TopicAuthorizationFailedError,
+)
 
 from tests.support import DoneFuture, Rec, tiny_manifest
 from training.preprocessing import PreprocessSpec
@@ -366,6 +372,37 @@ def test_other_send_errors_are_still_retried():
     deliver_within(worker, [Result(b"p1", b"{}", "ok")], [_dead(b"b1", b"x")])
     assert {r[0] for r in producer.delivered} == {"car-predictions", "car-posts.dlq"}
     assert worker.metrics.retries.labels("kafka")._value.get() == 1
+
+
+class RefusingProducer(BrokerLikeProducer):
+    """Fails every send with ``error``: an ACL the broker enforces, or an idempotence state
+    kafka-python's producer never leaves."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def send(self, topic, key=None, value=None, headers=None):
+        self.sends.append((topic, key, value, list(headers or [])))
+        future = _Future()
+        future.set_exception(self.error)
+        return future
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TopicAuthorizationFailedError("car-predictions"),
+        ClusterAuthorizationFailedError("IDEMPOTENT_WRITE"),
+        ProducerFencedError("fenced"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_producer_the_broker_refuses_for_good_stops_the_worker_not_retried_for_ever(error):
+    worker = worker_with(RefusingProducer(error))
+    with pytest.raises(FatalWorkerError, match=type(error).__name__):
+        deliver_within(worker, [Result(b"p1", b"{}", "ok")], [_dead(b"b1", b"x")])
+    assert worker.metrics.retries.labels("kafka")._value.get() == 0
 
 
 def test_the_input_size_limit_counts_the_key_too():
