@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Sampler
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,72 @@ def refusal_from_main(info: DistInfo, refusal: str | None) -> str | None:
     box = [refusal]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def shard_range(n: int, world_size: int, rank: int, batch_size: int = 1) -> range:
+    """Rank ``rank``'s contiguous share of ``n`` items for evaluation: the ``ceil(n /
+    batch_size)`` batches split as evenly as possible, in rank order.
+
+    The shares are disjoint and together cover ``0..n`` once, in order (DistributedSampler pads
+    with repeated items, which would count some images twice in the metrics), and each rank's
+    batches are exactly a single process's batches, so the gathered logits are the same too.
+    A rank may get nothing when there are fewer batches than ranks.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    if batch_size < 1 or n < 0:
+        raise ValueError(f"cannot split {n} items into batches of {batch_size}")
+    batches = -(-n // batch_size)
+    first, last = batches * rank // world_size, batches * (rank + 1) // world_size
+    return range(min(first * batch_size, n), min(last * batch_size, n))
+
+
+class ShardSampler(Sampler[int]):
+    """The indices of one :func:`shard_range`, in order, each once (no padding, no shuffle)."""
+
+    def __init__(self, indices: range):
+        self.indices = indices
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def broadcast_weights(module: nn.Module, info: DistInfo) -> None:
+    """Rank 0's parameters and buffers on every rank, before the ranks score shards of one
+    test set: BatchNorm statistics (and an EMA of them) are updated from each rank's own
+    batches, so without this every rank would score with slightly different weights from the
+    ones rank 0 saves."""
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            if tensor.is_contiguous():
+                dist.broadcast(tensor, src=0)
+            else:  # channels_last weights on CUDA: send a dense copy, write it back
+                dense = tensor.contiguous()
+                dist.broadcast(dense, src=0)
+                tensor.copy_(dense)
+
+
+def all_gather(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` alone."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(obj: Any, info: DistInfo) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank 0, None on the others; ``[obj]`` alone."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] | None = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def cleanup(info: DistInfo) -> None:

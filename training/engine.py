@@ -16,6 +16,8 @@ from training.datasets.base import DatasetError
 
 log = logging.getLogger(__name__)
 
+NOTHING_DECODED = "none of the evaluation images could be decoded"
+
 
 def split_batch(batch, unreadable: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, targets)`` of a loader batch; the images that did not decode (the third
@@ -121,9 +123,12 @@ def evaluate(
     channels_last: bool = False,
     progress: bool = False,
     unreadable: Any = None,
+    allow_empty: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits (float32, CPU) and targets of ``loader``, model in eval mode; images that
-    did not decode are left out (and handed to ``unreadable``)."""
+    did not decode are left out (and handed to ``unreadable``). ``allow_empty``: a loader that
+    yields no decodable image (one rank's shard of a small or damaged test set) gives empty
+    tensors instead of an error, which only the whole test set can justify."""
     model.eval()
     all_logits, all_targets = [], []
     for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
@@ -138,5 +143,7 @@ def evaluate(
         all_logits.append(logits.float().cpu())
         all_targets.append(targets)
     if not all_logits:
-        raise DatasetError("none of the evaluation images could be decoded")
+        if allow_empty:
+            return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+        raise DatasetError(NOTHING_DECODED)
     return torch.cat(all_logits), torch.cat(all_targets)

@@ -58,12 +58,17 @@ from training.datasets.image_dataset import (
 )
 from training.distributed import (
     DistInfo,
+    ShardSampler,
+    all_gather,
     barrier,
+    broadcast_weights,
     cleanup,
+    gather_to_main,
     init_distributed,
     refusal_from_main,
+    shard_range,
 )
-from training.engine import evaluate, train_one_epoch
+from training.engine import NOTHING_DECODED, evaluate, train_one_epoch
 from training.imbalance import (
     MODES,
     ClassBalancedLoss,
@@ -157,6 +162,16 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         "--weight-decay", type=non_negative_float, default=1e-4, help="weight decay"
     )
     parser.add_argument(
+        "--norm-weight-decay",
+        type=non_negative_float,
+        help="weight decay of normalization layers' weights and biases (default: --weight-decay)",
+    )
+    parser.add_argument(
+        "--bias-weight-decay",
+        type=non_negative_float,
+        help="weight decay of every bias, a normalization layer's too (default: --weight-decay)",
+    )
+    parser.add_argument(
         "--warmup-epochs", type=non_negative_float, default=1.0, help="linear warm-up"
     )
     parser.add_argument("--label-smoothing", type=unit_float, default=0.1, help="CE smoothing")
@@ -222,15 +237,92 @@ def load_splits(args: argparse.Namespace) -> tuple[DatasetIndex, DatasetIndex]:
     return train_idx, test_idx
 
 
-def param_groups(model: nn.Module, lr: float, head_mult: float) -> list[dict[str, Any]]:
-    """Backbone at ``lr``, the new head (``fc``) at ``lr * head_mult``."""
-    head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
-    body = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
-    return [{"params": body, "lr": lr}, {"params": head, "lr": lr * head_mult}]
+# the layers torchvision's reference counts as normalization for --norm-weight-decay
+NORM_LAYERS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+)
+PARTS = ("backbone", "head")
+KINDS = ("", "norm", "bias")  # "": every other parameter (conv and fc weights)
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    head_mult: float,
+    weight_decay: float = 0.0,
+    norm_weight_decay: float | None = None,
+    bias_weight_decay: float | None = None,
+) -> list[dict[str, Any]]:
+    """Backbone at ``lr``, the new head (``fc``) at ``lr * head_mult``; within each, the weights
+    of normalization layers get ``norm_weight_decay`` and every bias ``bias_weight_decay``
+    (None: ``weight_decay``; a normalization layer's bias takes the bias decay), as torchvision's
+    reference does: decaying BatchNorm's scale and shift towards 0 fights the normalization.
+
+    A kind whose decay equals ``weight_decay`` stays in its part's group, so the grouping
+    follows from the recorded values alone and the default is the two groups [backbone, head]
+    that optimizer states from before these flags hold (``--resume`` needs the same groups).
+    Each group is named (``backbone``, ``backbone norm``, ``head bias``, ...) for the record.
+    """
+    norm_wd = weight_decay if norm_weight_decay is None else norm_weight_decay
+    bias_wd = weight_decay if bias_weight_decay is None else bias_weight_decay
+    decay = {"": weight_decay, "norm": norm_wd, "bias": bias_wd}
+    buckets: dict[tuple[str, str], list[nn.Parameter]] = {
+        (part, kind): [] for part in PARTS for kind in KINDS
+    }
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            part = "head" if full.startswith("fc.") else "backbone"
+            kind = ""
+            if name == "bias" and bias_wd != weight_decay:
+                kind = "bias"
+            elif isinstance(module, NORM_LAYERS) and norm_wd != weight_decay:
+                kind = "norm"
+            buckets[part, kind].append(param)
+    return [
+        {
+            "name": f"{part} {kind}".strip(),
+            "params": params,
+            "lr": lr * head_mult if part == "head" else lr,
+            "weight_decay": decay[kind],
+        }
+        for (part, kind), params in buckets.items()
+        if params or not kind  # the two plain groups always, as before the split
+    ]
+
+
+def optimizer_groups(model: nn.Module, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """:func:`param_groups` for this run's flags."""
+    return param_groups(
+        model,
+        args.lr,
+        args.head_lr_mult,
+        args.weight_decay,
+        args.norm_weight_decay,
+        args.bias_weight_decay,
+    )
+
+
+def describe_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The optimizer's groups as recorded in args.json: name, LR, weight decay, tensor count."""
+    return [
+        {
+            "name": g["name"],
+            "lr": g["lr"],
+            "weight_decay": g["weight_decay"],
+            "tensors": len(g["params"]),
+        }
+        for g in groups
+    ]
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    groups = param_groups(model, args.lr, args.head_lr_mult)
+    # the names are for the record; the optimizer's state dict keeps its pre-split keys
+    groups = [{k: v for k, v in g.items() if k != "name"} for g in optimizer_groups(model, args)]
     if args.opt == "adamw":
         return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     # Nesterov needs momentum: torch refuses nesterov=True with --momentum 0 (plain SGD then)
@@ -302,6 +394,23 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
+def sampler_seed(seed: int, saved_args: dict[str, Any] | None = None, where: str = "") -> int:
+    """The seed DistributedSampler gets; it shuffles epoch ``e`` with ``seed + e``.
+
+    Given ``--seed`` itself, ``--seed 0`` epoch 1 would shuffle exactly as ``--seed 1`` epoch 0,
+    so runs with adjacent seeds would share their orders; ``epoch_seed(seed, 0)`` makes each
+    epoch's order ``epoch_seed(seed, epoch)``'s, distinct for runs under 100,003 epochs. A
+    resumed run keeps the one its checkpoint records (``saved_args``), and a checkpoint from
+    before it was recorded the seed itself, so its remaining epochs keep their orders.
+    """
+    if saved_args is None:
+        return epoch_seed(seed, 0)
+    recorded = saved_args.get("sampler_seed", seed)
+    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 0:
+        raise CheckpointError(f"{where}: its recorded sampler_seed {recorded!r} is not a seed")
+    return recorded
+
+
 def augment_seed(seed: int, epoch: int, dist_info: DistInfo) -> int:
     """This rank's augmentation seed for ``epoch``: ranks seeded alike would draw the same crops,
     flips and jitter. With one process it is ``epoch_seed``, and (seed, epoch, rank) triples of
@@ -317,9 +426,11 @@ def train_loader(
     epoch: int,
     dist_info: DistInfo,
     pin: bool,
+    ddp_seed: int | None = None,
 ) -> DataLoader:
     """This epoch's loader; its order derives from (seed, epoch), its workers' seeds from (seed,
-    epoch, rank): the DDP samplers split one shared draw, the augmentations differ per rank."""
+    epoch, rank): the DDP samplers split one shared draw, the augmentations differ per rank.
+    ``ddp_seed``: DistributedSampler's seed (default ``sampler_seed(args.seed)``)."""
     gen = torch.Generator().manual_seed(augment_seed(args.seed, epoch, dist_info))
     sampler: Sampler[int]
     if dist_info.enabled and args.imbalance == "weighted-sampler":
@@ -333,7 +444,7 @@ def train_loader(
             dataset,
             num_replicas=dist_info.world_size,
             rank=dist_info.rank,
-            seed=args.seed,
+            seed=sampler_seed(args.seed) if ddp_seed is None else ddp_seed,
             drop_last=True,
         )
         sampler.set_epoch(epoch)
@@ -354,14 +465,85 @@ def train_loader(
     )
 
 
-def eval_loader(index: DatasetIndex, spec: PreprocessSpec, args: argparse.Namespace) -> DataLoader:
+def eval_loader(
+    index: DatasetIndex,
+    spec: PreprocessSpec,
+    args: argparse.Namespace,
+    dist_info: DistInfo | None = None,
+) -> DataLoader:
+    """The test set in order; under DDP (``dist_info``) only this rank's :func:`shard_range`."""
+    dataset = ImageDataset(index.samples, EvalTransform(spec))
+    sampler = None
+    if dist_info is not None and dist_info.enabled:
+        shard = shard_range(len(dataset), dist_info.world_size, dist_info.rank, args.batch_size)
+        sampler = ShardSampler(shard)
+        log.info(
+            "rank %d of %d evaluates test images %d..%d of %d",
+            dist_info.rank,
+            dist_info.world_size,
+            shard.start,
+            shard.stop,
+            len(dataset),
+        )
     return DataLoader(
-        ImageDataset(index.samples, EvalTransform(spec)),
+        dataset,
         batch_size=args.batch_size,
         shuffle=False,
+        sampler=sampler,
         num_workers=args.workers,
         collate_fn=collate_skipping_unreadable,
     )
+
+
+def evaluate_split(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    dist_info: DistInfo,
+    *,
+    amp: bool,
+    channels_last: bool,
+    unreadable: UnreadableImages,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """All logits and targets of the test set (rank 0) or None (other ranks).
+
+    Under DDP every rank scores its own shard (``eval_loader``'s) with rank 0's weights, and
+    rank 0 gathers the shards in dataset order: exactly what one process would score, without
+    N-1 idle GPUs or the others timing out in a barrier. Every rank's ``unreadable`` then holds
+    all ranks' images, and a failure on one rank (--strict, nothing decodable) is raised on all,
+    so none is left waiting in a collective.
+    """
+    if not dist_info.enabled:
+        return evaluate(
+            model, loader, device, amp=amp, channels_last=channels_last, unreadable=unreadable
+        )
+    broadcast_weights(model, dist_info)
+    error, logits, targets = None, torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    try:
+        logits, targets = evaluate(
+            model,
+            loader,
+            device,
+            amp=amp,
+            channels_last=channels_last,
+            unreadable=unreadable,
+            allow_empty=True,
+        )
+    except DatasetError as exc:  # --strict met an unreadable image in this rank's shard
+        error = str(exc)
+    status = all_gather((error, len(targets), dict(unreadable.paths)), dist_info)
+    for _, _, paths in status:
+        unreadable.merge(paths)
+    errors = [e for e, _, _ in status if e is not None]
+    if errors:
+        raise DatasetError(errors[0])
+    if sum(n for _, n, _ in status) == 0:
+        raise DatasetError(NOTHING_DECODED)
+    shards = gather_to_main((logits, targets), dist_info)
+    if shards is None:
+        return None
+    shards = [(lg, tg) for lg, tg in shards if len(tg)]
+    return torch.cat([lg for lg, _ in shards]), torch.cat([tg for _, tg in shards])
 
 
 def recorded_args(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
@@ -421,6 +603,8 @@ RESUME_FIXED = (
     "head_lr_mult",
     "momentum",
     "weight_decay",
+    "norm_weight_decay",
+    "bias_weight_decay",
     "warmup_epochs",
     "label_smoothing",
     "imbalance",
@@ -430,9 +614,16 @@ RESUME_FIXED = (
 )
 
 
+# run-defining flags added later, and the flag whose value an older checkpoint's run had for them
+# (before --norm-weight-decay and --bias-weight-decay every parameter decayed by --weight-decay)
+LEGACY_SAME_AS = {"norm_weight_decay": "weight_decay", "bias_weight_decay": "weight_decay"}
+
+
 def resume_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``--flag now (checkpoint: then)`` for each run-defining flag that differs; flags the
-    checkpoint does not record (an older checkpoint) are not compared."""
+    checkpoint does not record (an older checkpoint) are not compared, except those of
+    ``LEGACY_SAME_AS``, whose value that run had is known."""
+    saved = {**{k: saved[v] for k, v in LEGACY_SAME_AS.items() if v in saved}, **saved}
     out = []
     for key in RESUME_FIXED:
         if key in saved and key in current and saved[key] != current[key]:
@@ -485,6 +676,14 @@ def check_crop(crop: str, dataset: str) -> None:
             f"--crop bbox: --dataset {dataset} has no bounding boxes (only "
             f"{', '.join(DATASETS_WITH_BOXES)} does); use --crop full"
         )
+
+
+def resolve_weight_decays(args: argparse.Namespace) -> None:
+    """--norm-weight-decay and --bias-weight-decay not given: --weight-decay's value, so the
+    recorded args (and a resume's comparison) hold the decay each parameter kind really had."""
+    for key in ("norm_weight_decay", "bias_weight_decay"):
+        if getattr(args, key, None) is None:
+            setattr(args, key, args.weight_decay)
 
 
 def check_train_args(args: argparse.Namespace) -> None:
@@ -580,6 +779,22 @@ def hold_out_lock(out: Path) -> IO[str]:
     return handle
 
 
+def check_optimizer_groups(
+    saved: dict[str, Any], optimizer: torch.optim.Optimizer, where: str
+) -> None:
+    """The checkpoint's optimizer has this run's parameter groups (as many, as large): a
+    different --norm-weight-decay/--bias-weight-decay split would otherwise fail inside torch's
+    ``load_state_dict`` with a message about group sizes that names no flag."""
+    theirs = [len(g["params"]) for g in saved["param_groups"]]
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    if theirs != ours:
+        raise CheckpointError(
+            f"{where}: the checkpoint's optimizer has parameter groups of {theirs} tensors, this "
+            f"run's {ours}: --norm-weight-decay and --bias-weight-decay must split the weight "
+            "decay as the checkpoint's run did"
+        )
+
+
 def check_resumed_state(optimizer: torch.optim.Optimizer, where: str) -> None:
     """Every optimizer state tensor the checkpoint restored has its parameter's shape: a wrong
     one fails only at the first step, mid-epoch, with a shape error from inside torch."""
@@ -606,6 +821,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -> dict[str, Any]:
     check_train_args(args)
+    resolve_weight_decays(args)
     check_out_dir(args.out)
     check_utf8_path(args.out)  # TensorBoard's writer needs it as text
     check_out_not_in_data(args.out, args.data)
@@ -616,6 +832,11 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
     resume_ckpt = load_checkpoint(args.resume) if args.resume else None
     if resume_ckpt is not None:
         check_resume(args, resume_ckpt, dist_info.world_size)
+    ddp_seed = sampler_seed(
+        args.seed,
+        None if resume_ckpt is None else resume_ckpt.get("args") or {},
+        f"--resume {args.resume}",
+    )
     torch.manual_seed(args.seed)
     train_idx, test_idx = load_splits(args)
     classes = train_idx.classes
@@ -674,6 +895,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
     if resume_ckpt is not None:
         where = f"--resume {args.resume}"
         try:
+            check_optimizer_groups(resume_ckpt["optimizer"], optimizer, where)
             optimizer.load_state_dict(resume_ckpt["optimizer"])
             check_resumed_state(optimizer, where)
             scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
@@ -713,6 +935,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
         device=str(device),
         amp=amp,
         preprocess=spec.model_dump(),
+        sampler_seed=ddp_seed,
+        param_groups=describe_param_groups(optimizer_groups(model, args)),
         **describe_loss(criterion),
     )
     refusal = None
@@ -738,7 +962,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
             warn_if_ema_too_short(args.ema_decay, args.epochs * steps)
 
     progress = sys.stderr.isatty() and dist_info.is_main
-    eval_dl = eval_loader(test_idx, spec, args)
+    eval_dl = eval_loader(test_idx, spec, args, dist_info)
     last_eval: dict[str, Any] = {}
     unreadable = UnreadableImages(strict=args.strict)  # images that pass the index but not decode
     train_seconds = 0.0
@@ -746,7 +970,9 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
     for epoch in range(start_epoch, args.epochs):
         torch.manual_seed(augment_seed(args.seed, epoch, dist_info))  # this epoch's augmentations
         skipped_before = unreadable.occurrences
-        loader = train_loader(train_ds, targets, counts, args, epoch, dist_info, on_cuda)
+        loader = train_loader(
+            train_ds, targets, counts, args, epoch, dist_info, on_cuda, ddp_seed=ddp_seed
+        )
         stats = train_one_epoch(
             train_model,
             criterion,
@@ -774,18 +1000,20 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
             stats["images_per_s"],
             unreadable.occurrences - skipped_before,
         )
-        if dist_info.is_main:
-            eval_model = ema.module if ema is not None else model
-            if args.eval_every and (epoch + 1) % args.eval_every == 0:
-                logits, tgt = evaluate(
-                    eval_model,
-                    eval_dl,
-                    device,
-                    amp=amp,
-                    channels_last=on_cuda,
-                    unreadable=unreadable,
-                )
-                last_eval = classification_metrics(logits, tgt, classes)
+        eval_model = ema.module if ema is not None else model
+        if args.eval_every and (epoch + 1) % args.eval_every == 0:
+            # every rank scores its shard; rank 0 gets them all (the others None)
+            scored = evaluate_split(
+                eval_model,
+                eval_dl,
+                device,
+                dist_info,
+                amp=amp,
+                channels_last=on_cuda,
+                unreadable=unreadable,
+            )
+            if scored is not None:
+                last_eval = classification_metrics(*scored, classes)
                 writer.add_scalar("test/top1", last_eval["top1"], epoch + 1)
                 writer.add_scalar("test/top5", last_eval["top5"], epoch + 1)
                 log.info(
@@ -794,6 +1022,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
                     last_eval["top1"],
                     last_eval["top5"],
                 )
+        if dist_info.is_main:
             writer.add_scalar("train/epoch_loss", stats["loss"], epoch + 1)
             save_checkpoint(
                 out,
@@ -821,20 +1050,28 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
         if args.stop_after and epoch + 1 - start_epoch >= args.stop_after:
             log.info("stopping after epoch %d (--stop-after); continue with --resume", epoch + 1)
             break
-    if not dist_info.is_main:
-        return {}
     eval_model = ema.module if ema is not None else model
-    logits, tgt = evaluate(
-        eval_model, eval_dl, device, amp=amp, channels_last=on_cuda, unreadable=unreadable
+    scored = evaluate_split(
+        eval_model,
+        eval_dl,
+        device,
+        dist_info,
+        amp=amp,
+        channels_last=on_cuda,
+        unreadable=unreadable,
     )
-    metrics = full_metrics(logits, tgt, train_idx, test_idx, unreadable)
+    metrics = {} if scored is None else full_metrics(*scored, train_idx, test_idx, unreadable)
     if ema is not None:
         # the raw weights too, once at the end (every epoch would double the evaluation cost)
-        raw_logits, raw_tgt = evaluate(
-            model, eval_dl, device, amp=amp, channels_last=on_cuda, unreadable=unreadable
+        raw = evaluate_split(
+            model, eval_dl, device, dist_info, amp=amp, channels_last=on_cuda, unreadable=unreadable
         )
-        metrics["ema_top1"] = metrics["top1"]
-        metrics["raw_top1"] = float((raw_logits.argmax(1) == raw_tgt).float().mean())
+        if raw is not None:
+            raw_logits, raw_tgt = raw
+            metrics["ema_top1"] = metrics["top1"]
+            metrics["raw_top1"] = float((raw_logits.argmax(1) == raw_tgt).float().mean())
+    if not dist_info.is_main:
+        return {}
     metrics.update(
         {
             "arch": args.arch,

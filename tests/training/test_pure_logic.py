@@ -121,7 +121,7 @@ def test_ddp_ranks_augment_differently_but_split_one_shared_draw(imbalance):
     else:
         expected = []
         for rank in (0, 1):
-            sampler = DistributedSampler(dataset, 2, rank, seed=7, drop_last=True)
+            sampler = DistributedSampler(dataset, 2, rank, seed=epoch_seed(7, 0), drop_last=True)
             sampler.set_epoch(2)
             expected.append(list(sampler))
         assert sorted(expected[0] + expected[1]) == sorted(set(expected[0] + expected[1]))
@@ -139,7 +139,13 @@ def test_single_process_loader_keeps_the_epoch_seed():
 def test_sgd_uses_nesterov_only_with_momentum(momentum, nesterov):
     """torch refuses Nesterov with zero momentum: --opt sgd --momentum 0 is plain SGD."""
     args = argparse.Namespace(
-        opt="sgd", lr=0.01, head_lr_mult=10.0, momentum=momentum, weight_decay=1e-4
+        opt="sgd",
+        lr=0.01,
+        head_lr_mult=10.0,
+        momentum=momentum,
+        weight_decay=1e-4,
+        norm_weight_decay=None,
+        bias_weight_decay=None,
     )
     opt = build_optimizer(build_model("resnet18", 3), args)
     assert isinstance(opt, torch.optim.SGD)

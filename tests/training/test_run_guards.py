@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from training.__main__ import main as cli_main
 from training.sample import make_sample
@@ -251,3 +253,127 @@ def test_sigterm_mid_run_is_one_line_naming_the_checkpoint_and_leaves_no_temp_fi
         .startswith(f"interrupted; the last finished epoch's checkpoint, if any, is in {out}")
     )
     assert not list(out.glob(".*.tmp"))
+
+
+def _torchrun(*argv: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    """``python -m training ARGV`` as two CPU processes (Gloo)."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "training", *argv],
+        capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+# every metric of the test set that a single process's evaluate also reports
+SCORED_KEYS = (
+    "top1", "top5", "balanced_accuracy", "make_top1", "make_top1_by_id", "per_class",
+    "confused_pairs", "num_test", "majority_class_top1", "skipped_unreadable", "unreadable_images",
+)  # fmt: skip
+
+
+def test_ddp_ranks_score_their_own_shards_and_the_metrics_are_one_process_metrics(
+    tiny_sample, tmp_path
+):
+    """Each of 2 ranks scores its half of the 8 test images (rank 0 used to score them all while
+    rank 1 waited in a barrier); gathered on rank 0, every metric is what one process scores on
+    the checkpoint, the EMA's and the raw weights', and the image only rank 1 failed to decode
+    is reported too."""
+    from training.datasets import load_index
+
+    bad = load_index("compcars", tiny_sample, "test").samples[-1].path  # in rank 1's shard
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    out = tmp_path / "out"
+    proc = _torchrun(*tiny_argv(tiny_sample, out, "--batch-size", "2", "--ema-decay", "0.5"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = sorted(set(re.findall(r"rank (\d) of 2 evaluates test images (\d+)\.\.(\d+) of 8",
+                                   proc.stderr)))  # fmt: skip
+    assert shards == [("0", "0", "4"), ("1", "4", "8")], proc.stderr[-3000:]
+    ddp = json.loads((out / "metrics.json").read_text())
+    assert ddp["unreadable_images"] == [str(bad)] and ddp["num_test"] == 7
+    for flags, top1 in (((), "top1"), (("--no-ema",), "raw_top1")):
+        single = tmp_path / f"single{len(flags)}"
+        assert cli_main([
+            "evaluate", "--checkpoint", str(out), "--data", str(tiny_sample), "--device", "cpu",
+            "--workers", "0", "--batch-size", "2", "--out", str(single), *flags,
+        ]) == 0  # fmt: skip
+        alone = json.loads((single / "metrics.json").read_text())
+        assert ddp[top1] == alone["top1"]
+        if not flags:
+            assert {k: ddp[k] for k in SCORED_KEYS} == {k: alone[k] for k in SCORED_KEYS}
+
+
+def test_ddp_resume_continues_the_uninterrupted_runs_order(tiny_sample, tmp_path):
+    """Under DDP too, --stop-after 1 then --resume ends on the weights of one straight run."""
+    common = ("--batch-size", "2", "--epochs", "2", "--eval-every", "0", "--seed", "3")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for argv in (
+        tiny_argv(tiny_sample, straight, *common),
+        tiny_argv(tiny_sample, split, *common, "--stop-after", "1"),
+        tiny_argv(tiny_sample, split, *common, "--resume", str(split)),
+    ):
+        proc = _torchrun(*argv)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (straight, split))
+    assert a["args"]["sampler_seed"] == b["args"]["sampler_seed"] == 3 * 100_003
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+
+
+@pytest.mark.parametrize("flag", ["--norm-weight-decay", "--bias-weight-decay"])
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_bad_split_weight_decay_is_one_line(tiny_sample, tmp_path, flag, value):
+    proc = run_cli(*tiny_argv(tiny_sample, tmp_path / "out", flag, value))
+    assert_one_line_error(proc, f"argument {flag}: '{value}' must be a finite number >= 0")
+
+
+def test_split_weight_decay_is_recorded_and_resumes_exactly(tiny_sample, tmp_path):
+    decay = ("--opt", "sgd", "--norm-weight-decay", "0", "--bias-weight-decay", "0.001")
+    common = (*decay, "--epochs", "2", "--eval-every", "0")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert cli_main(tiny_argv(tiny_sample, straight, *common)) == 0
+    args = json.loads((straight / "args.json").read_text())
+    assert (args["weight_decay"], args["norm_weight_decay"], args["bias_weight_decay"]) == (
+        1e-4, 0.0, 0.001,
+    )  # fmt: skip
+    groups = {g["name"]: g for g in args["param_groups"]}
+    assert list(groups) == ["backbone", "backbone norm", "backbone bias", "head", "head bias"]
+    assert groups["backbone norm"]["weight_decay"] == 0.0 and groups["head"]["lr"] == 0.01 * 10
+    saved = torch.load(straight / "checkpoint.pt", weights_only=True)
+    assert [g["weight_decay"] for g in saved["optimizer"]["param_groups"]] == [
+        1e-4, 0.0, 0.001, 1e-4, 0.001,
+    ]  # fmt: skip
+    assert cli_main(tiny_argv(tiny_sample, split, *common, "--stop-after", "1")) == 0
+    assert cli_main(tiny_argv(tiny_sample, split, *common, "--resume", str(split))) == 0
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (straight, split))
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    # another split on resume: refused in one line naming the flag, not a trace from torch
+    proc = run_cli(
+        *tiny_argv(tiny_sample, split, *common[:2], "--epochs", "2", "--resume", str(split))
+    )
+    assert_one_line_error(proc, "--norm-weight-decay 0.0001 (checkpoint: 0.0)")
+    assert "--bias-weight-decay 0.0001 (checkpoint: 0.001)" in proc.stderr
+
+
+def test_a_checkpoint_from_before_the_decay_flags_resumes_with_its_grouping(tiny_sample, tmp_path):
+    out = tmp_path / "out"
+    assert cli_main(tiny_argv(tiny_sample, out, "--opt", "sgd")) == 0
+    raw = torch.load(out / "checkpoint.pt", weights_only=True)
+    for key in ("norm_weight_decay", "bias_weight_decay", "param_groups", "sampler_seed"):
+        del raw["args"][key]
+    torch.save(raw, out / "checkpoint.pt")
+    proc = run_cli(*tiny_argv(tiny_sample, out, "--opt", "sgd", "--norm-weight-decay", "0"),
+                   "--epochs", "2", "--resume", str(out))  # fmt: skip
+    assert_one_line_error(proc, "--norm-weight-decay 0.0 (checkpoint: 0.0001)")
+    # a checkpoint whose optimizer was grouped otherwise than its args say: one line, not torch's
+    raw["args"]["norm_weight_decay"] = 0.0
+    torch.save(raw, out / "checkpoint.pt")
+    proc = run_cli(*tiny_argv(tiny_sample, out, "--opt", "sgd", "--norm-weight-decay", "0"),
+                   "--epochs", "2", "--resume", str(out))  # fmt: skip
+    assert_one_line_error(proc, "--norm-weight-decay and --bias-weight-decay must split")
+    del raw["args"]["norm_weight_decay"]
+    torch.save(raw, out / "checkpoint.pt")
+    resumed = [*tiny_argv(tiny_sample, out, "--opt", "sgd"), "--epochs", "2", "--resume", str(out)]
+    assert cli_main(resumed) == 0  # no flags: the two groups it has, as before
+    assert json.loads((out / "args.json").read_text())["norm_weight_decay"] == 1e-4

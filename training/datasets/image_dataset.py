@@ -124,5 +124,11 @@ class UnreadableImages:
                 self.paths[item.path] = item.reason
                 log.warning("skipping unreadable image %s: %s", item.path, item.reason)
 
+    def merge(self, paths: dict[str, str]) -> None:
+        """Add images another rank met (path -> reason), without logging them again (that rank
+        did) or counting them in ``occurrences`` (this rank's reads)."""
+        for path, reason in paths.items():
+            self.paths.setdefault(path, reason)
+
     def __len__(self) -> int:
         return len(self.paths)
