@@ -27,19 +27,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from training import plots
 from training import train as train_cmd
 from training.checkpoint import (
+    CheckpointError,
     atomic_write_bytes,
     atomic_write_json,
     load_checkpoint,
     model_from_checkpoint,
-    preprocess_spec_of,
 )
 from training.cli import BadArgumentError, positive_int
 from training.cli_errors import OneLineParser, path_arg
 from training.cli_help import DefaultsHelpFormatter
 from training.datasets import DatasetIndex, load_index
 from training.datasets.image_dataset import UnreadableImages
-from training.distributed import DistInfo, barrier, cleanup, init_distributed
-from training.engine import evaluate
+from training.distributed import DistInfo, barrier, cleanup, from_main, init_distributed
 from training.metrics import (
     classification_metrics,
     paired_comparison,
@@ -47,6 +46,7 @@ from training.metrics import (
     wilson_interval,
 )
 from training.models import ARCHS, UnknownArchError, build_model
+from training.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -263,22 +263,54 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def score_checkpoint(
-    out: Path, index: DatasetIndex, args: argparse.Namespace, device: torch.device
-) -> dict[str, Any]:
+    out: Path,
+    index: DatasetIndex,
+    args: argparse.Namespace,
+    device: torch.device,
+    dist_info: DistInfo | None = None,
+) -> dict[str, Any] | None:
     """The checkpoint training left in ``out`` scored on ``index`` as training's final
     evaluation scores it (EMA weights when kept, FP16 autocast and channels_last on CUDA unless
     --no-amp): its metrics and, per image kept, the prediction and whether top-1/top-5 are
-    right. Images that do not decode are left out of ``images`` and of every per-image list."""
-    ckpt = load_checkpoint(out)
+    right. Images that do not decode are left out of ``images`` and of every per-image list.
+
+    Under DDP (``dist_info``) every rank scores its shard, as training's evaluation does: rank 0
+    reads the checkpoint and hands the others its arch, classes and preprocessing (their own
+    disk may not hold it), ``evaluate_split`` gives them its weights, and rank 0 gets the scores
+    (the others None) instead of rescoring alone while they wait in the next run's first
+    collective, past its timeout on a large test split."""
+    info = dist_info or DistInfo()
+    ckpt, failure = None, None
+    if info.is_main:
+        try:
+            ckpt = load_checkpoint(out)
+        except CheckpointError as exc:
+            failure = str(exc)
+    shared = None if ckpt is None else (ckpt["arch"], int(ckpt["num_classes"]), ckpt["preprocess"])
+    failure, shared = from_main(info, (failure, shared))
+    if failure is not None:
+        raise CheckpointError(failure)
+    arch, num_classes, preprocess = shared
     on_cuda = device.type == "cuda"
-    model = model_from_checkpoint(ckpt, True, out)
+    model = (
+        model_from_checkpoint(ckpt, True, out)
+        if ckpt is not None
+        else build_model(arch, num_classes).eval()  # rank 0's weights arrive in evaluate_split
+    )
     model = model.to(device, memory_format=torch.channels_last) if on_cuda else model.to(device)
     unreadable = UnreadableImages(strict=args.strict)
-    loader = train_cmd.eval_loader(index, preprocess_spec_of(ckpt), args)
+    if info.enabled:
+        log.info(
+            "rank %d of %d rescores its share of %s's test set", info.rank, info.world_size, arch
+        )
+    loader = train_cmd.eval_loader(index, PreprocessSpec(**preprocess), args, info)
     amp = on_cuda and not args.no_amp
-    logits, targets = evaluate(
-        model, loader, device, amp=amp, channels_last=on_cuda, unreadable=unreadable
+    scored = train_cmd.evaluate_split(
+        model, loader, device, info, amp=amp, channels_last=on_cuda, unreadable=unreadable
     )
+    if scored is None:  # not rank 0: it has the scores
+        return None
+    logits, targets = scored
     kept = [str(s.path) for s in index.samples if str(s.path) not in unreadable.paths]
     if len(kept) != len(targets):  # cannot happen with an in-order loader; never mis-pair
         raise RuntimeError(f"{out}: {len(targets)} scores for {len(kept)} images")
@@ -378,13 +410,14 @@ def _compare(
         start = time.perf_counter()
         metrics = train_cmd.main(run_args)
         train_seconds = time.perf_counter() - start
-        if not metrics:  # a non-main rank under torchrun: it trained its share; rank 0 reports
-            continue
         if test_index is None:  # one index: every arch is scored on the same images, in order
             test_index = load_index(
                 args.dataset, args.data, "test", args.level, args.crop, args.strict
             )
-        scores[arch] = score = score_checkpoint(run_args.out, test_index, run_args, device)
+        score = score_checkpoint(run_args.out, test_index, run_args, device, dist_info)
+        if score is None:  # a non-main rank under torchrun: it trained and scored its share
+            continue
+        scores[arch] = score
         m = score["metrics"]
         if abs(m["top1"] - metrics["top1"]) > 1e-9:  # cuDNN / AMP nondeterminism on a GPU
             log.warning(

@@ -62,15 +62,20 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def from_main(info: DistInfo, value: Any) -> Any:
+    """Rank 0's ``value`` (picklable) on every rank; the others' own ``value`` is ignored."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def refusal_from_main(info: DistInfo, refusal: str | None) -> str | None:
     """Rank 0's refusal (or None), on every rank: a check only rank 0 can make (the --out lock)
     must stop all ranks, or the others block in their first all-reduce until torchrun kills
     them."""
-    if not info.enabled:
-        return refusal
-    box = [refusal]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return from_main(info, refusal)
 
 
 def shard_range(n: int, world_size: int, rank: int, batch_size: int = 1) -> range:

@@ -113,7 +113,9 @@ def test_unusable_train_flags_are_one_line(tiny_sample, tmp_path, extra, needle)
 
 
 def test_compare_under_torchrun(tiny_sample, tmp_path):
-    """Two CPU processes (Gloo): every rank trains each arch, only rank 0 writes the table."""
+    """Two CPU processes (Gloo): every rank trains each arch and rescores its share of the test
+    set (rank 1 used to wait while rank 0 rescored it all), only rank 0 writes the table, and
+    the rescored top-1 is training's own."""
     out = tmp_path / "cmp"
     argv = [a for a in tiny_argv(tiny_sample, out)[1:] if a not in ("--arch", "resnet18")]
     proc = subprocess.run(
@@ -124,8 +126,12 @@ def test_compare_under_torchrun(tiny_sample, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "compare.json").read_text())
     assert [r["arch"] for r in rows] == ["resnet18", "resnet34"]
-    for arch in ("resnet18", "resnet34"):
+    rescored = re.findall(r"rank (\d) of 2 rescores its share of (resnet\d+)'s", proc.stderr)
+    assert sorted(rescored) == [(r, a) for r in "01" for a in ("resnet18", "resnet34")]
+    for row in rows:
+        arch = row["arch"]
         assert json.loads((out / arch / "args.json").read_text())["world_size"] == 2
+        assert row["top1"] == json.loads((out / arch / "metrics.json").read_text())["top1"]
 
 
 def test_unreadable_image_under_ddp_skips_the_step_on_every_rank(tiny_sample, tmp_path):
