@@ -261,9 +261,11 @@ REFUSED = (
     FencedInstanceIdError,
 )
 
-# send errors that no retry ends: no write ACL on an output topic, or the producer's idempotence
-# state gone fatal (kafka-python's TransactionManager._FATAL_ERRORS: once there, it fails every
-# later batch with the same error until the producer is made anew, i.e. the worker restarts)
+# send errors that retrying rarely ends: no write ACL on an output topic, or the errors that
+# leave kafka-python's idempotent producer failed for good (TransactionManager._FATAL_ERRORS).
+# A topic authorization error from send's metadata wait leaves the producer healthy and can pass
+# while ACLs or topics catch up with a deploy, so these stop the worker after SEND_RETRY_LIMIT
+# rounds, not at once; a producer in its fatal state stops it at once (producer_failure).
 PRODUCER_REFUSED = (
     TopicAuthorizationFailedError,
     ClusterAuthorizationFailedError,
@@ -271,6 +273,37 @@ PRODUCER_REFUSED = (
     ProducerFencedError,
     InvalidTxnStateError,
 )
+# retry rounds (backoff 0.2 s doubling: ~3 s in all) before a refusal above, or a TypeError or
+# ValueError from send that Outgoing.refused cannot explain (a metadata race clears after one
+# refresh; one that persists is a deleted topic or a bug), stops the worker
+SEND_RETRY_LIMIT = 4
+
+
+def _delivered(future: Any) -> bool:
+    """Whether a send's outcome (a future, or the error send raised) is a delivered record."""
+    if isinstance(future, BaseException):
+        return False
+    try:
+        future.get(timeout=0)
+    except Exception:
+        return False
+    return True
+
+
+def producer_failure(producer: Any) -> BaseException | None:
+    """The error that left kafka-python's idempotent producer failed for good, or None.
+
+    With ``enable_idempotence`` any error kafka-python will not retry moves its transaction
+    manager to a fatal state: a broker's MessageSizeTooLarge for a one-record batch, an
+    InvalidRecord, a missing IDEMPOTENT_WRITE ACL (surfacing as a plain KafkaError). From then on
+    it fails every record with that same error, so the futures' errors no longer say which
+    record was at fault, and only a new producer sends again. (``_transaction_manager`` is
+    kafka-python 3.0's; a producer without one is never reported failed.)
+    """
+    manager = getattr(producer, "_transaction_manager", None)
+    if manager is None or not manager.has_fatal_error():
+        return None
+    return manager.last_error or KafkaError("the producer is in its fatal error state")
 
 
 @dataclass(frozen=True)
@@ -497,7 +530,10 @@ class StreamWorker(ConsumerRebalanceListener):
         trends: TrendWriter,
         metrics: WorkerMetrics,
         stop: threading.Event,
+        new_producer: Callable[[], KafkaProducer] | None = None,
     ) -> None:
+        """``new_producer`` makes a producer like ``producer``, for when that one fails for good
+        (``producer_failure``); without it such a failure stops the worker."""
         if not engines:
             raise ValueError("StreamWorker needs at least one engine")
         self.settings = settings
@@ -506,6 +542,7 @@ class StreamWorker(ConsumerRebalanceListener):
         self.engine = self.engines[0]
         self.manifest = manifest
         self.consumer = consumer
+        self.new_producer = new_producer
         self.producer = producer
         self.trends = trends
         self.metrics = metrics
@@ -1149,7 +1186,7 @@ class StreamWorker(ConsumerRebalanceListener):
     def _deliver(self, results: list[Result], dead: list) -> None:
         """Publish results and dead letters; only the sends that failed are retried.
 
-        A dead letter too large for the DLQ topic (producer or broker limit) is sent again
+        A dead letter over the producer's own size limit (``max_request_size``) is sent again
         without its value, then with its key cut short and without the original record's headers,
         with headers saying so: losing the
         bytes of an oversized bad post beats blocking its partition forever. One still too large
@@ -1157,19 +1194,24 @@ class StreamWorker(ConsumerRebalanceListener):
         log. A dead letter the producer refuses for what it is (``Outgoing.refused``: a header
         that is not a (str, bytes) pair, say) is sent again without what it refuses, the same way.
         A result too large for the results topic, or refused for what it is, is a
-        FatalWorkerError: it would fail the same way for ever. Every other send error, including
-        a TypeError or ValueError the producer raises for a record it would take (a metadata
-        change under it, see ``SEND_REFUSALS``), is retried with backoff.
+        FatalWorkerError: it would fail the same way for ever. So is a producer that failed for
+        good (``producer_failure``: a broker's own size limit, say, which kafka-python's
+        idempotent producer does not survive), and an authorization refusal or an unexplained
+        TypeError/ValueError still there after ``SEND_RETRY_LIMIT`` rounds. Every other send
+        error, including a TypeError or ValueError the producer raises for a record it would take
+        (a metadata change under it, see ``SEND_REFUSALS``), is retried with backoff.
         """
         s = self.settings
         pending = [Outgoing(s.output_topic, r.key, r.value, None) for r in results]
         pending += [Outgoing(s.dlq_topic, k, v, h) for k, v, h in dead]
         dropped: list[Outgoing] = []  # dead letters that can never be sent
         attempt = 0
+        isolate = False  # one record a round: after the producer failed for good
         while pending:
             last_error: Exception | None = None
             sent: list[tuple[Outgoing, Any]] = []
-            for msg in pending:
+            held = pending[1:] if isolate else []
+            for msg in pending[:1] if isolate else pending:
                 try:
                     future = self.producer.send(
                         msg.topic, key=msg.key, value=msg.value, headers=msg.headers
@@ -1181,6 +1223,20 @@ class StreamWorker(ConsumerRebalanceListener):
                 self.producer.flush(timeout=30)
             except KafkaError as exc:
                 log.warning("flush failed: %s", exc)
+            failure = producer_failure(self.producer)
+            if failure is not None:  # before any future's error is read as this record's own
+                if not isolate:
+                    # every record failed with the one error: resend those not delivered one
+                    # at a time, on a new producer, so the one the broker refuses is known
+                    self._renew_producer(failure)
+                    isolate = True
+                    pending = [m for m, f in sent if not _delivered(f)] + held
+                    continue
+                if not isinstance(failure, TOO_LARGE):
+                    raise self._failed_for_good(failure) from failure
+                # alone in its round, this record is the one the broker refused as too large:
+                # a dead letter goes on below, cut down, on a new producer
+                self._renew_producer(failure)
             retry = []
             for msg, future in sent:
                 error = future if isinstance(future, Exception) else None
@@ -1192,11 +1248,14 @@ class StreamWorker(ConsumerRebalanceListener):
                         error = exc
                 too_large = isinstance(error, TOO_LARGE)
                 refused = msg.refused() if isinstance(error, SEND_REFUSALS) else []
-                if isinstance(error, PRODUCER_REFUSED):
-                    # retrying would keep the liveness probe green while nothing is delivered;
-                    # exiting makes it a restart loop an operator sees (and a fresh producer)
+                if attempt >= SEND_RETRY_LIMIT and (
+                    isinstance(error, PRODUCER_REFUSED)
+                    or (isinstance(error, SEND_REFUSALS) and not refused)
+                ):
+                    # retrying for ever would keep the liveness probe green while nothing is
+                    # delivered; exiting makes it a restart loop an operator sees
                     raise FatalWorkerError(
-                        f"the broker refuses this producer on {msg.topic}: {error!r}"
+                        f"sends to {msg.topic} still fail after {attempt + 1} tries: {error!r}"
                     ) from error
                 if not too_large and not refused:
                     retry.append(msg)
@@ -1247,7 +1306,7 @@ class StreamWorker(ConsumerRebalanceListener):
                     "without its value" if msg.value else "with its key and headers cut",
                 )
                 retry.append(smaller)
-            pending = retry
+            pending = retry + held
             if last_error is not None:  # not only dead letters to resend smaller or repaired
                 self.metrics.retries.labels("kafka").inc()
                 log.warning("%d sends failed (%s); retry %d", len(pending), last_error, attempt + 1)
@@ -1265,6 +1324,34 @@ class StreamWorker(ConsumerRebalanceListener):
                 self.metrics.dead_letters_dropped.labels(kind).inc()
             else:
                 self.metrics.dead_letters.labels(kind).inc()
+
+    def _failed_for_good(self, failure: BaseException) -> FatalWorkerError:
+        hint = (
+            f": a record over a topic's max.message.bytes ({self.settings.output_topic}, "
+            f"{self.settings.dlq_topic}); raise it to at least the worker's max_message_bytes"
+            if isinstance(failure, TOO_LARGE)
+            else ""
+        )
+        return FatalWorkerError(
+            f"the Kafka producer failed for good ({failure!r}){hint}; nothing of this batch is "
+            "committed, and a restart makes a new producer"
+        )
+
+    def _renew_producer(self, failure: BaseException) -> None:
+        """Replace a producer that failed for good (``producer_failure``) with a new one; stop
+        the worker when it cannot make one."""
+        if self.new_producer is None:
+            raise self._failed_for_good(failure) from failure
+        log.warning("the Kafka producer failed for good (%r); making a new one", failure)
+        self.metrics.retries.labels("kafka").inc()
+        try:
+            self.producer.close(timeout=0)
+        except Exception as exc:  # it failed already; closing is only tidying up
+            log.debug("closing the failed producer: %r", exc)
+        try:
+            self.producer = self.new_producer()
+        except Exception as exc:  # connect timeout or interrupted: no producer to go on with
+            raise FatalWorkerError(f"a new Kafka producer did not connect: {exc!r}") from exc
 
     def _apply_trends(self, records: list[TrendRecord]) -> None:
         for attempt in itertools.count():

@@ -402,6 +402,7 @@ def _serve(
             return connected
         consumer, producer = connected
         started = time.monotonic()
+        worker = None
         try:
             writer = TrendWriter(
                 redis_client(settings),
@@ -411,7 +412,15 @@ def _serve(
                 settings.dedup_ttl_s,
             )
             worker = StreamWorker(
-                settings, engines, bundle.manifest, consumer, producer, writer, metrics, stop
+                settings,
+                engines,
+                bundle.manifest,
+                consumer,
+                producer,
+                writer,
+                metrics,
+                stop,
+                new_producer=producer_factory(settings, stop),
             )
             name_python_threads()  # Kafka I/O and metrics threads, for top -H and CPU accounting
             worker.run()
@@ -431,7 +440,8 @@ def _serve(
             # (worker/logging_setup.py)
             ignore_kafka_close_race()
             consumer.close(autocommit=False)
-            producer.close(timeout=30)
+            # the loop's own: a new one when the first failed for good (it closed that one)
+            (producer if worker is None else worker.producer).close(timeout=30)
             log.info("stopped after %.1f s", time.monotonic() - started)
         return 0
     finally:
@@ -449,6 +459,29 @@ def visible_nvidia_gpu() -> str | None:
     return None
 
 
+def producer_factory(settings: WorkerSettings, stop: threading.Event) -> Callable[[], Any]:
+    """A function making the worker's KafkaProducer, connected within the connect deadline:
+    once at start, and again when kafka-python's idempotent producer fails for good (a broker
+    refusing one oversized dead letter leaves it failing every later record)."""
+    from kafka import KafkaProducer
+
+    from worker.connections import kafka_common_config, within_deadline
+
+    common = kafka_common_config(settings)
+    common["bootstrap_timeout_ms"] = int(settings.kafka_connect_timeout_s * 1000)
+    deadline_s = settings.kafka_connect_timeout_s + CONNECT_GRACE_S
+    make = functools.partial(
+        KafkaProducer,
+        **common,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        # dead letters carry the original bytes, which may exceed max_message_bytes
+        max_request_size=DLQ_MAX_REQUEST_BYTES,
+    )
+    return lambda: within_deadline(make, deadline_s, stop)
+
+
 def _connect(
     settings: WorkerSettings, stop: threading.Event, beat: Callable[[], None]
 ) -> tuple[Any, Any] | int:
@@ -458,7 +491,7 @@ def _connect(
     ``beat`` marks each retry as liveness: a broker outage is not a wedged process, and a
     restart would not end it (it would only reload the engine, with a back-off growing each time).
     """
-    from kafka import KafkaConsumer, KafkaProducer
+    from kafka import KafkaConsumer
     from kafka.errors import KafkaConfigurationError, RetriableError
 
     from worker.connections import (
@@ -479,20 +512,7 @@ def _connect(
             consumer = within_deadline(
                 functools.partial(KafkaConsumer, **common, **consumer_opts), deadline_s, stop
             )
-            producer = within_deadline(
-                functools.partial(
-                    KafkaProducer,
-                    **common,
-                    acks="all",
-                    enable_idempotence=True,
-                    linger_ms=5,
-                    # dead letters carry the original bytes, which may exceed max_message_bytes
-                    max_request_size=DLQ_MAX_REQUEST_BYTES,
-                ),
-                deadline_s,
-                stop,
-            )
-            return consumer, producer
+            return consumer, producer_factory(settings, stop)()
         except ConnectInterruptedError:
             log.info("stop requested while connecting to Kafka; exiting")
             if consumer is not None:

@@ -22,6 +22,7 @@ from worker.errors import PostError
 from worker.metrics import WorkerMetrics
 from worker.pipeline import (
     DLQ_KEY_PREFIX_BYTES,
+    SEND_RETRY_LIMIT,
     Backoff,
     BatchAbortedError,
     EngineFailedError,
@@ -32,6 +33,7 @@ from worker.pipeline import (
     infer_isolating,
     make_outputs,
     original_headers,
+    producer_failure,
 )
 from worker.prepare import Prepared, prepare
 from worker.schemas import PostEvent
@@ -97,6 +99,7 @@ def worker_with(producer, **settings) -> StreamWorker:
     worker = object.__new__(StreamWorker)
     worker.settings = WorkerSettings(metrics_port=0, **settings)
     worker.producer = producer
+    worker.new_producer = None
     worker.metrics = WorkerMetrics()
     worker.backoff = Backoff(0.001, 0.005)
     worker.stop = threading.Event()
@@ -399,10 +402,117 @@ class RefusingProducer(BrokerLikeProducer):
     ids=lambda e: type(e).__name__,
 )
 def test_a_producer_the_broker_refuses_for_good_stops_the_worker_not_retried_for_ever(error):
+    """A few rounds first: an authorization error from send's metadata wait can pass while ACLs
+    or topics catch up with a deploy."""
     worker = worker_with(RefusingProducer(error))
     with pytest.raises(FatalWorkerError, match=type(error).__name__):
         deliver_within(worker, [Result(b"p1", b"{}", "ok")], [_dead(b"b1", b"x")])
-    assert worker.metrics.retries.labels("kafka")._value.get() == 0
+    assert worker.metrics.retries.labels("kafka")._value.get() == SEND_RETRY_LIMIT
+
+
+def test_a_send_error_refused_cannot_explain_stops_the_worker_once_it_persists():
+    """A metadata race clears after one refresh; a ValueError that stays (a deleted topic, a bug)
+    must not keep the worker retrying behind a green probe, nor drop the dead letter."""
+
+    class RaisingProducer(BrokerLikeProducer):  # raised by send itself, as kafka-python does
+        def send(self, topic, key=None, value=None, headers=None):
+            self.sends.append((topic, key, value, list(headers or [])))
+            raise ValueError("Partitioner did not assign a partition")
+
+    worker = worker_with(RaisingProducer())
+    with pytest.raises(FatalWorkerError, match="still fail after"):
+        deliver_within(worker, [], [_dead(b"b1", b"x")])
+    assert _counts(worker.metrics.dead_letters_dropped) == {}
+
+
+class _FatalState:
+    """kafka-python 3.0's TransactionManager, as far as producer_failure reads it."""
+
+    def __init__(self) -> None:
+        self.last_error: Exception | None = None
+
+    def has_fatal_error(self) -> bool:
+        return self.last_error is not None
+
+
+class FailingForGoodProducer(BrokerLikeProducer):
+    """An idempotent producer the broker refuses one record of: from then on kafka-python fails
+    every record with that record's error (sender._maybe_abort_batches), so each future reads
+    'too large' whatever its size."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit=limit)
+        self._transaction_manager = _FatalState()
+        self.closed = False
+
+    def close(self, timeout=None) -> None:
+        self.closed = True
+
+    def send(self, topic, key=None, value=None, headers=None):
+        if self._transaction_manager.has_fatal_error():
+            self.sends.append((topic, key, value, list(headers or [])))
+            future = _Future()
+            future.set_exception(self._transaction_manager.last_error)
+            return future
+        future = super().send(topic, key=key, value=value, headers=headers)
+        if future.exception() is not None:
+            self._transaction_manager.last_error = future.exception()
+        return future
+
+
+def test_a_producer_failed_for_good_stops_the_worker_before_any_record_is_cut_or_dropped():
+    """The broker's size refusal of one dead letter used to read as every record being too large:
+    the other dead letters were cut down until dropped (and their batch committed)."""
+    producer = FailingForGoodProducer(limit=60)
+    worker = worker_with(producer)
+    dead = [_dead(b"big", b"x" * 100), _dead(b"small", b"y", offset=8)]
+    with pytest.raises(FatalWorkerError, match=r"failed for good.*max\.message\.bytes"):
+        deliver_within(worker, [Result(b"p1", b"{}", "ok")], dead)
+    assert len(producer.sends) == 3  # one round, nothing resent smaller
+    assert _counts(worker.metrics.dead_letters_dropped) == {}
+
+
+def test_a_producer_failed_for_good_is_replaced_and_only_the_refused_dead_letter_cut_down():
+    """With a way to make a new producer the worker goes on: it resends the round one record at
+    a time on a new producer, so the dead letter the broker refused is the one cut down, and the
+    result and the other dead letter go as they are."""
+    made: list[FailingForGoodProducer] = []
+
+    def new_producer() -> FailingForGoodProducer:
+        made.append(FailingForGoodProducer(limit=2000))
+        return made[-1]
+
+    first = new_producer()
+    worker = worker_with(first)
+    worker.new_producer = new_producer
+    dead = [_dead(b"big", b"x" * 10_000), _dead(b"small", b"y", offset=8)]
+    deliver_within(worker, [Result(b"p1", b"{}", "ok")], dead)
+    delivered = [d for p in made for d in p.delivered]
+    by_key = {key: (topic, value, dict(headers)) for topic, key, value, headers in delivered}
+    assert sorted(by_key) == [b"big", b"p1", b"small"]
+    assert by_key[b"p1"][:2] == ("car-predictions", b"{}")
+    assert by_key[b"small"][1] == b"y"
+    assert by_key[b"big"][1] == b"" and "carstream.value_omitted" in by_key[b"big"][2]
+    assert len(made) == 3 and all(p.closed for p in made[:2])  # one renewal a refusal
+    assert worker.producer is made[-1] and not made[-1].closed
+    assert _counts(worker.metrics.dead_letters_dropped) == {}
+    assert _counts(worker.metrics.dead_letters) == {"invalid_json": 2}
+
+
+def test_producer_failure_reads_kafka_pythons_fatal_state():
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(
+        bootstrap_servers="127.0.0.1:1", enable_idempotence=True, api_version=(3, 0)
+    )
+    try:
+        assert producer_failure(producer) is None
+        refused = MessageSizeTooLargeError("broker")
+        producer._transaction_manager.transition_to_fatal_error(refused)
+        assert producer_failure(producer) is refused
+    finally:
+        producer.close(timeout=0)
+    assert producer_failure(BrokerLikeProducer()) is None
 
 
 def test_the_input_size_limit_counts_the_key_too():
