@@ -277,11 +277,13 @@ def param_groups(
         for name, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{name}" if module_name else name
             part = "head" if full.startswith("fc.") else "backbone"
-            kind = ""
-            if name == "bias" and bias_wd != weight_decay:
+            kind = ""  # torchvision's precedence: a given bias decay takes a norm layer's bias
+            if name == "bias" and bias_weight_decay is not None:
                 kind = "bias"
-            elif isinstance(module, NORM_LAYERS) and norm_wd != weight_decay:
+            elif isinstance(module, NORM_LAYERS) and norm_weight_decay is not None:
                 kind = "norm"
+            if decay[kind] == weight_decay:  # the same decay: no group of its own
+                kind = ""
             buckets[part, kind].append(param)
     return [
         {
@@ -519,6 +521,7 @@ def evaluate_split(
         )
     broadcast_weights(model, dist_info)
     error, logits, targets = None, torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    failed: Exception | None = None
     try:
         logits, targets = evaluate(
             model,
@@ -530,13 +533,21 @@ def evaluate_split(
             allow_empty=True,
         )
     except DatasetError as exc:  # --strict met an unreadable image in this rank's shard
-        error = str(exc)
+        error = ("dataset", str(exc))
+    except Exception as exc:  # out of memory, a killed loader worker: the others must hear of it
+        failed = exc
+        error = ("other", f"rank {dist_info.rank}: {exc!r}")
     status = all_gather((error, len(targets), dict(unreadable.paths)), dist_info)
     for _, _, paths in status:
         unreadable.merge(paths)
+    if failed is not None:
+        raise failed
     errors = [e for e, _, _ in status if e is not None]
     if errors:
-        raise DatasetError(errors[0])
+        kind, message = errors[0]
+        if kind == "dataset":
+            raise DatasetError(message)
+        raise RuntimeError(f"evaluation failed on {message}")
     if sum(n for _, n, _ in status) == 0:
         raise DatasetError(NOTHING_DECODED)
     shards = gather_to_main((logits, targets), dist_info)

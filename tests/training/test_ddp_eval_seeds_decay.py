@@ -162,6 +162,15 @@ def test_bias_weight_decay_takes_every_bias_even_a_norm_layers():
     assert "bn1.weight" in only_bias["backbone"]["names"]  # norm weights keep --weight-decay
 
 
+def test_a_given_bias_decay_equal_to_weight_decay_still_takes_the_norm_layers_biases():
+    """--norm-weight-decay 0 --bias-weight-decay equal to --weight-decay: every bias, a norm
+    layer's too, decays by the bias decay (torchvision's precedence); only norm weights get 0."""
+    g = _groups(norm_weight_decay=0.0, bias_weight_decay=1e-4)
+    assert list(g) == ["backbone", "backbone norm", "head"]
+    assert all(n.endswith(".weight") for n in g["backbone norm"]["names"])
+    assert "bn1.bias" in g["backbone"]["names"] and g["backbone"]["weight_decay"] == 1e-4
+
+
 def test_the_optimizer_applies_each_groups_decay():
     args = argparse.Namespace(
         opt="sgd", lr=0.01, head_lr_mult=10.0, momentum=0.9, weight_decay=1e-4,
@@ -228,6 +237,47 @@ def _evaluate_on_rank(rank: int, world: int, port: int, out_dir: str, strict: bo
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+class _LoaderDies:
+    """A loader whose worker dies on its first batch (a DataLoader raises RuntimeError then)."""
+
+    def __iter__(self):
+        raise RuntimeError("DataLoader worker (pid 42) is killed by signal: Killed")
+
+
+def _fail_on_rank_1(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from training.train import evaluate_split
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, y = torch.randn(6, 5), torch.randint(0, 4, (6,))
+        batches = _LoaderDies() if rank == 1 else _shard_batches(x, y, 99, rank, world, 3)
+        try:
+            evaluate_split(
+                _model_of_rank(rank), batches, torch.device("cpu"), DistInfo(rank, world, rank),
+                amp=False, channels_last=False, unreadable=UnreadableImages(strict=False),
+            )  # fmt: skip
+            result = "returned"
+        except Exception as exc:
+            result = f"{type(exc).__name__}: {exc}"
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_any_failure_evaluating_on_one_rank_stops_every_rank(tmp_path):
+    """A rank whose evaluation dies (out of memory, a killed loader worker) must not leave the
+    others waiting in the gather until the collective timeout: each raises."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fail_on_rank_1, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[1] == "RuntimeError: DataLoader worker (pid 42) is killed by signal: Killed"
+    assert ranks[0].startswith("RuntimeError: evaluation failed on rank 1: RuntimeError(")
 
 
 def _free_port() -> int:
