@@ -15,13 +15,15 @@ class EngineUnavailableError(RuntimeError):
 
 
 class PlanMismatchError(EngineUnavailableError):
-    """A TensorRT plan built for another GPU model or TensorRT version than the one in hand."""
+    """A TensorRT plan built for another GPU model or TensorRT version than the one in hand, or
+    whose optimisation profile does not cover the manifest's batch range and input shape."""
 
 
 class EngineLoadError(EngineUnavailableError):
-    """The backend runs here but could not load this bundle: out of GPU memory for its buffers or
-    its TensorRT execution context (another process on the GPU, a small MIG slice, a large
-    ``max_batch``). ``auto`` warns and falls back; a named backend raises it."""
+    """The backend runs here but could not load this bundle: out of GPU memory for its CUDA
+    context, weights, buffers or TensorRT execution context (another process on the GPU, a small
+    MIG slice, a large ``max_batch``), or TensorRT could not deserialise its plan (which it also
+    answers on out of memory). ``auto`` warns and falls back; a named backend raises it."""
 
 
 @dataclass(frozen=True)

@@ -33,15 +33,32 @@ def _open(bundle: Bundle, backend: str, opts: dict[str, Any]) -> Engine:
     return OnnxRuntimeEngine(bundle, **opts)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is CUDA running out of memory: torch.OutOfMemoryError (an allocation), or
+    torch.AcceleratorError whose message says "out of memory" (cudaErrorMemoryAllocation while
+    creating the CUDA context or in a first allocation on a full GPU). Nothing else."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    return (
+        accelerator_error is not None
+        and isinstance(exc, accelerator_error)
+        and "out of memory" in str(exc).lower()
+    )
+
+
 def _open_gpu(bundle: Bundle, backend: str, opts: dict[str, Any]) -> Engine:
     """A CUDA backend; running out of GPU memory while loading it is an EngineLoadError.
 
-    The device buffers for ``max_batch`` (and the model's weights) are allocated at load, so a GPU
-    that is too full or too small fails here, as torch.OutOfMemoryError. Only that is turned into
-    a load failure: any other exception is a bug and propagates.
+    What a load allocates (and so what this covers): the CUDA context; for TensorRT its engine,
+    its execution context (activation memory for the profile's largest shape) and the device
+    buffers for ``max_batch``; for torch-cuda only the FP16 weights (its activation memory is
+    taken by the first batches: the worker's warm-up, after this). Out of memory there is
+    torch.OutOfMemoryError or a torch.AcceleratorError saying "out of memory"; only those are
+    turned into a load failure: any other exception is a bug and propagates.
     """
-    import torch
-
     try:
         if backend == "tensorrt":
             from engine_build.runtime.tensorrt_engine import TensorRTEngine
@@ -50,7 +67,9 @@ def _open_gpu(bundle: Bundle, backend: str, opts: dict[str, Any]) -> Engine:
         from engine_build.runtime.torch_cuda import TorchCudaEngine
 
         return TorchCudaEngine(bundle, **opts)
-    except torch.OutOfMemoryError as exc:
+    except Exception as exc:
+        if not _out_of_memory(exc):
+            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
         raise EngineLoadError(
             f"out of GPU memory loading {backend} for max batch {bundle.manifest.batch_profile.max}"
@@ -73,8 +92,9 @@ def create_engine(bundle: Bundle, backend: str = "auto", **opts: Any) -> Engine:
     Options go to the backend that accepts them (``threads``/``precision``/``spinning`` to
     onnxruntime, ``threads``/``precision`` to torch-cpu, ``cuda_graphs`` to torch-cuda). An
     explicitly named backend that cannot run raises EngineUnavailableError (PlanMismatchError
-    for a plan built for another GPU/TensorRT, EngineLoadError when it ran out of GPU memory
-    loading); ``auto`` logs those two as WARNINGs and tries the next backend.
+    for a plan built for another GPU/TensorRT or whose profile does not cover the manifest's,
+    EngineLoadError when it ran out of GPU memory loading or TensorRT could not deserialise its
+    plan); ``auto`` logs those two as WARNINGs and tries the next backend.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

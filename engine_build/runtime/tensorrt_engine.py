@@ -208,34 +208,50 @@ def plan_io(
 def plan_profile(
     engine: Any, input_name: str, sample_shape: tuple[int, ...], manifest: BatchProfile
 ) -> None:
-    """Log the plan's optimisation profile for the input and refuse one that is not the manifest's.
+    """Log the plan's optimisation profile for the input; refuse one that does not cover the
+    manifest's.
 
-    The runtime pads up to the manifest's minimum and takes batches up to its maximum; a plan
-    whose own profile differs (a hand-edited manifest, a plan copied from another build) would
-    fail inside TensorRT at ``set_input_shape``/``execute_async_v3`` mid-stream, so it is refused
-    here with both ranges. Raises EngineUnavailableError, as for any plan/manifest difference.
+    The runtime takes batches of 1..``manifest.max`` and pads those below ``manifest.min`` up to
+    it, so it only ever sends batches in ``manifest.min..manifest.max``: the plan's profile must
+    have min <= the manifest's min, max >= the manifest's max, and the input's (C, H, W). A plan
+    that does not (a hand-edited manifest, a plan copied from another build) would fail inside
+    TensorRT at ``set_input_shape`` mid-stream, so it is refused here, naming both ranges, as a
+    PlanMismatchError (``auto`` warns and falls back). Another ``opt`` only costs speed: a WARNING.
     """
     count = engine.num_optimization_profiles
     if count < 1:
-        raise EngineUnavailableError("TensorRT plan has no optimisation profile")
+        raise PlanMismatchError("TensorRT plan has no optimisation profile")
     lo, opt, hi = (tuple(s) for s in engine.get_tensor_profile_shape(input_name, 0))
     log.info(
         "TensorRT plan profile 0 of %d for %s: min=%s opt=%s max=%s", count, input_name, lo, opt, hi
     )
     problems = []
     expected = f"(N, {', '.join(map(str, sample_shape))})"
-    if any(len(s) != 1 + len(sample_shape) or s[1:] != tuple(sample_shape) for s in (lo, opt, hi)):
+    shapes_ok = all(
+        len(s) == 1 + len(sample_shape) and s[1:] == tuple(sample_shape) for s in (lo, opt, hi)
+    )
+    if not shapes_ok:
         problems.append(f"its profile shapes {lo}/{opt}/{hi} are not {expected}")
     plan_batches = "/".join(str(s[0]) if s else "?" for s in (lo, opt, hi))
     wanted = f"{manifest.min}/{manifest.opt}/{manifest.max}"
-    if plan_batches != wanted:
+    if not (lo and hi and lo[0] <= manifest.min and hi[0] >= manifest.max):
         problems.append(
-            f"the plan's batch profile (min/opt/max) is {plan_batches}, the manifest's {wanted}"
+            f"the plan's batch profile (min/opt/max) is {plan_batches}, the manifest's {wanted}: "
+            f"the plan must take every batch of {manifest.min}..{manifest.max}"
         )
     if problems:
-        raise EngineUnavailableError(
+        raise PlanMismatchError(
             f"TensorRT plan does not match the bundle manifest: {'; '.join(problems)} "
             "(rebuild the bundle; a plan is only valid with the manifest it was built with)"
+        )
+    if opt[0] != manifest.opt:
+        log.warning(
+            "TensorRT plan's batch profile (min/opt/max) is %s, the manifest's %s: it runs, but "
+            "its kernels were tuned for batch %d, not %d",
+            plan_batches,
+            wanted,
+            opt[0],
+            manifest.opt,
         )
 
 
@@ -278,9 +294,12 @@ class TensorRTEngine:
             self._engine = self._runtime.deserialize_cuda_engine(
                 bundle.artifact_path(artifact).read_bytes()
             )
-            if self._engine is None:
+            if self._engine is None:  # out of GPU memory, among other failures
                 why = trt_errors(self._logger, mark)
-                raise EngineUnavailableError(f"TensorRT cannot deserialize {artifact.file}: {why}")
+                raise EngineLoadError(
+                    f"TensorRT cannot deserialize {artifact.file} (max batch {self.max_batch}; "
+                    f"out of GPU memory, or a plan this TensorRT cannot read): {why}"
+                )
             self._in_name, self._out_name = m.input_name, m.output_name
             in_dtype, out_dtype = plan_io(
                 trt, self._engine, self._in_name, self._out_name, self._spec.shape, m.num_classes

@@ -432,7 +432,8 @@ def runtime_trt(engine: FakePlanEngine) -> SimpleNamespace:
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """torch.cuda as on a GPU host named ``name``; device buffers are CPU tensors (or, with
-    ``oom``, torch.OutOfMemoryError as from a full GPU)."""
+    ``oom``, torch.OutOfMemoryError as from a full GPU; an exception given as ``oom`` is raised
+    instead)."""
     import contextlib
 
     from engine_build.runtime import tensorrt_engine
@@ -442,6 +443,8 @@ def fake_gpu(monkeypatch):
 
         def empty(*shape, device=None, pin_memory=False, **kw):
             if device is not None and torch.device(device).type == "cuda":
+                if isinstance(oom, BaseException):
+                    raise oom
                 if oom:
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
                 device = None
@@ -509,22 +512,46 @@ def test_the_plans_profile_is_logged_and_a_matching_one_loads(fake_gpu, with_pla
 @pytest.mark.parametrize(
     ("profile", "needle"),
     [
-        (profile_of(1, 4, 16), r"batch profile \(min/opt/max\) is 1/4/16, the manifest's 1/4/8"),
+        (profile_of(1, 4, 4), r"batch profile \(min/opt/max\) is 1/4/4, the manifest's 1/4/8"),
         (profile_of(2, 4, 8), r"is 2/4/8, the manifest's 1/4/8"),  # batch 1 would need padding
         (profile_of(1, 4, 8, (3, 64, 64)), r"\(8, 3, 64, 64\) are not \(N, 3, 32, 32\)"),
     ],
 )
-def test_a_plan_whose_profile_is_not_the_manifests_is_refused_at_load(
-    fake_gpu, with_plans, profile, needle
+def test_a_plan_whose_profile_does_not_cover_the_manifests_is_a_mismatch_auto_warns(
+    fake_gpu, with_plans, caplog, profile, needle
 ):
-    # before: loaded, then failed inside TensorRT at set_input_shape on the first odd batch
-    from engine_build.runtime import create_engine
-    from engine_build.runtime.base import EngineLoadError
+    # before: loaded, then failed inside TensorRT at set_input_shape on the first odd batch; and
+    # then (33ad9dd) a plain EngineUnavailableError that auto logged at INFO, as for no GPU
+    from engine_build.runtime import PlanMismatchError, create_engine
 
     fake_gpu(runtime_trt(FakePlanEngine(profile)))
-    with pytest.raises(EngineUnavailableError, match=needle) as err:
-        create_engine(with_plans({}), "tensorrt")
-    assert not isinstance(err.value, EngineLoadError)  # a bad artifact, not a full GPU
+    bundle = with_plans({})
+    with pytest.raises(PlanMismatchError, match=needle):
+        create_engine(bundle, "tensorrt")
+    with caplog.at_level(logging.INFO, logger="engine_build.runtime.factory"):
+        assert create_engine(bundle, "auto", threads=1).name == "onnxruntime-fp32"
+    refused = [r for r in caplog.records if "backend tensorrt" in r.getMessage()]
+    assert refused and all(r.levelno == logging.WARNING for r in refused)
+
+
+@pytest.mark.parametrize(
+    ("profile", "warns"),
+    [
+        (profile_of(1, 4, 16), False),  # covers 1..8: the runtime never sends more than 8
+        (profile_of(1, 8, 8), True),  # tuned for batch 8, not the manifest's 4
+    ],
+)
+def test_a_plan_whose_profile_covers_the_manifests_loads(
+    fake_gpu, with_plans, caplog, profile, warns
+):
+    from engine_build.runtime import create_engine
+
+    fake_gpu(runtime_trt(FakePlanEngine(profile)))
+    with caplog.at_level(logging.WARNING, logger="engine_build.runtime"):
+        engine = create_engine(with_plans({}), "tensorrt")
+    assert engine.name == "tensorrt-fp16" and engine.max_batch == 8
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert bool([m for m in warned if "opt" in m and "8" in m and "4" in m]) == warns, warned
 
 
 def test_out_of_gpu_memory_for_the_buffers_is_a_load_error_auto_falls_back(
@@ -600,3 +627,55 @@ def test_the_plan_built_on_this_mig_profile_is_preferred(fake_gpu, with_plans, c
         create_engine(bundle, "tensorrt")
     assert trt.made["plans_read"] == [b"slice.plan"]
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("backend", ["tensorrt", "torch-cuda"])
+def test_out_of_memory_creating_the_cuda_context_is_a_load_error(
+    fake_gpu, with_plans, monkeypatch, caplog, backend
+):
+    # before: torch.AcceleratorError ("CUDA error: out of memory", the context or first
+    # allocation on a full GPU) escaped create_engine, past auto's fallback
+    from engine_build.runtime import EngineLoadError, create_engine, torch_cuda
+
+    oom = torch.AcceleratorError(
+        "CUDA error: out of memory\nSearch for `cudaErrorMemoryAllocation'"
+    )
+    fake_gpu(runtime_trt(FakePlanEngine(profile_of(1, 4, 8))), oom=oom)
+
+    class FullGpu:
+        def __init__(self, bundle, **opts):
+            raise oom
+
+    monkeypatch.setattr(torch_cuda, "TorchCudaEngine", FullGpu)
+    bundle = with_plans({})
+    with pytest.raises(EngineLoadError, match=rf"out of GPU memory loading {backend}.*max batch 8"):
+        create_engine(bundle, backend)
+    with caplog.at_level(logging.WARNING, logger="engine_build.runtime.factory"):
+        assert create_engine(bundle, "auto", threads=1).name == "onnxruntime-fp32"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith(f"backend {backend} refused") for m in warned), warned
+
+
+def test_an_accelerator_error_other_than_out_of_memory_propagates(fake_gpu, with_plans):
+    from engine_build.runtime import create_engine
+
+    bad = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    fake_gpu(runtime_trt(FakePlanEngine(profile_of(1, 4, 8))), oom=bad)
+    with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
+        create_engine(with_plans({}), "auto", threads=1)
+
+
+def test_a_plan_tensorrt_cannot_deserialise_is_a_load_error_auto_warns(
+    fake_gpu, with_plans, caplog
+):
+    # before: a plain EngineUnavailableError, logged at INFO under auto as if there were no GPU
+    from engine_build.runtime import EngineLoadError, create_engine
+
+    fake_gpu(runtime_trt(None))  # deserialize_cuda_engine answers None, as on out of memory
+    bundle = with_plans({})
+    with pytest.raises(EngineLoadError, match=r"cannot deserialize model\.fp16\.plan"):
+        create_engine(bundle, "tensorrt")
+    with caplog.at_level(logging.INFO, logger="engine_build.runtime.factory"):
+        assert create_engine(bundle, "auto", threads=1).name == "onnxruntime-fp32"
+    refused = [r for r in caplog.records if "backend tensorrt" in r.getMessage()]
+    assert refused and all(r.levelno == logging.WARNING for r in refused)
