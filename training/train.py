@@ -408,7 +408,7 @@ def sampler_seed(seed: int, saved_args: dict[str, Any] | None = None, where: str
     if saved_args is None:
         return epoch_seed(seed, 0)
     recorded = saved_args.get("sampler_seed", seed)
-    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 0:
+    if not isinstance(recorded, int) or isinstance(recorded, bool) or not 0 <= recorded < 2**62:
         raise CheckpointError(f"{where}: its recorded sampler_seed {recorded!r} is not a seed")
     return recorded
 
@@ -976,6 +976,19 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
     eval_dl = eval_loader(test_idx, spec, args, dist_info)
     last_eval: dict[str, Any] = {}
     unreadable = UnreadableImages(strict=args.strict)  # images that pass the index but not decode
+
+    def score(weights: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every rank scores its shard; rank 0 gets the whole test set's (the others None)."""
+        return evaluate_split(
+            weights,
+            eval_dl,
+            device,
+            dist_info,
+            amp=amp,
+            channels_last=on_cuda,
+            unreadable=unreadable,
+        )
+
     train_seconds = 0.0
     epoch = start_epoch - 1
     for epoch in range(start_epoch, args.epochs):
@@ -1013,16 +1026,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
         )
         eval_model = ema.module if ema is not None else model
         if args.eval_every and (epoch + 1) % args.eval_every == 0:
-            # every rank scores its shard; rank 0 gets them all (the others None)
-            scored = evaluate_split(
-                eval_model,
-                eval_dl,
-                device,
-                dist_info,
-                amp=amp,
-                channels_last=on_cuda,
-                unreadable=unreadable,
-            )
+            scored = score(eval_model)
             if scored is not None:
                 last_eval = classification_metrics(*scored, classes)
                 writer.add_scalar("test/top1", last_eval["top1"], epoch + 1)
@@ -1062,21 +1066,11 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
             log.info("stopping after epoch %d (--stop-after); continue with --resume", epoch + 1)
             break
     eval_model = ema.module if ema is not None else model
-    scored = evaluate_split(
-        eval_model,
-        eval_dl,
-        device,
-        dist_info,
-        amp=amp,
-        channels_last=on_cuda,
-        unreadable=unreadable,
-    )
+    scored = score(eval_model)
     metrics = {} if scored is None else full_metrics(*scored, train_idx, test_idx, unreadable)
     if ema is not None:
         # the raw weights too, once at the end (every epoch would double the evaluation cost)
-        raw = evaluate_split(
-            model, eval_dl, device, dist_info, amp=amp, channels_last=on_cuda, unreadable=unreadable
-        )
+        raw = score(model)
         if raw is not None:
             raw_logits, raw_tgt = raw
             metrics["ema_top1"] = metrics["top1"]

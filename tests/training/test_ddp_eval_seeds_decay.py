@@ -101,6 +101,8 @@ def test_resume_keeps_the_sampler_seed_its_checkpoint_ran_with():
     assert _ddp_order(5, 3, ddp_seed=5) == _ddp_order_legacy(5, 3)
     with pytest.raises(CheckpointError, match="sampler_seed 'x' is not a seed"):
         sampler_seed(5, {"sampler_seed": "x"}, "--resume ckpt")
+    with pytest.raises(CheckpointError, match="is not a seed"):  # past torch's generator seeds
+        sampler_seed(5, {"sampler_seed": 2**64}, "--resume ckpt")
 
 
 def _ddp_order_legacy(seed: int, epoch: int) -> list[int]:
