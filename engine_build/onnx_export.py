@@ -16,6 +16,7 @@ import onnx
 import torch
 from torch import nn
 
+from engine_build.runtime.base import first_line
 from engine_build.runtime.onnxruntime_engine import make_session
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,7 @@ def _check_fold(model: nn.Module, folded: nn.Module, x: torch.Tensor) -> float:
 
 def _reason(exc: BaseException) -> str:
     """``Type: first line of the message``, for a one-line log."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _fold_by_registration_order(model: nn.Module) -> nn.Module:

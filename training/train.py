@@ -259,8 +259,9 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Backbone at ``lr``, the new head (``fc``) at ``lr * head_mult``; within each, the weights
     of normalization layers get ``norm_weight_decay`` and every bias ``bias_weight_decay``
-    (None: ``weight_decay``; a normalization layer's bias takes the bias decay), as torchvision's
-    reference does: decaying BatchNorm's scale and shift towards 0 fights the normalization.
+    (None: ``weight_decay``; a given bias decay takes a normalization layer's bias too), as
+    torchvision's reference does: decaying BatchNorm's scale and shift towards 0 fights the
+    normalization.
 
     A kind whose decay equals ``weight_decay`` stays in its part's group, so the grouping
     follows from the recorded values alone and the default is the two groups [backbone, head]

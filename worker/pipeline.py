@@ -1186,17 +1186,21 @@ class StreamWorker(ConsumerRebalanceListener):
     def _deliver(self, results: list[Result], dead: list) -> None:
         """Publish results and dead letters; only the sends that failed are retried.
 
-        A dead letter over the producer's own size limit (``max_request_size``) is sent again
-        without its value, then with its key cut short and without the original record's headers,
-        with headers saying so: losing the
-        bytes of an oversized bad post beats blocking its partition forever. One still too large
-        then (a DLQ topic that takes no more than a few hundred bytes) is dropped with an error
-        log. A dead letter the producer refuses for what it is (``Outgoing.refused``: a header
-        that is not a (str, bytes) pair, say) is sent again without what it refuses, the same way.
-        A result too large for the results topic, or refused for what it is, is a
-        FatalWorkerError: it would fail the same way for ever. So is a producer that failed for
-        good (``producer_failure``: a broker's own size limit, say, which kafka-python's
-        idempotent producer does not survive), and an authorization refusal or an unexplained
+        A dead letter too large for the DLQ topic (the producer's ``max_request_size``, or the
+        broker's limit: see the producer renewal below) is sent again without its value, then
+        with its key cut short and without the original record's headers, with headers saying
+        so: losing the bytes of an oversized bad post beats blocking its partition forever. One
+        still too large then (a DLQ topic that takes no more than a few hundred bytes) is dropped
+        with an error log. A dead letter the producer refuses for what it is
+        (``Outgoing.refused``: a header that is not a (str, bytes) pair, say) is sent again
+        without what it refuses, the same way. A result too large for the results topic, or
+        refused for what it is, is a FatalWorkerError: it would fail the same way for ever.
+
+        A producer that failed for good (``producer_failure``: kafka-python's idempotent
+        producer does not survive a broker's refusal of a record as too large) is replaced by
+        ``new_producer``, and the round's undelivered records are resent one at a time, so the
+        refused one is known and cut down. Failed any other way, or with no ``new_producer``,
+        it is a FatalWorkerError, as are an authorization refusal or an unexplained
         TypeError/ValueError still there after ``SEND_RETRY_LIMIT`` rounds. Every other send
         error, including a TypeError or ValueError the producer raises for a record it would take
         (a metadata change under it, see ``SEND_REFUSALS``), is retried with backoff.

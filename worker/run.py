@@ -397,7 +397,8 @@ def _serve(
         for instance in engines:
             _warm_up(instance, settings.max_batch)
         log.info("engine warm (%s x %d, max batch %d)", engine.name, len(engines), engine.max_batch)
-        connected = _connect(settings, stop, metrics.beat)
+        new_producer = producer_factory(settings, stop)
+        connected = _connect(settings, stop, metrics.beat, new_producer)
         if isinstance(connected, int):
             return connected
         consumer, producer = connected
@@ -420,7 +421,7 @@ def _serve(
                 writer,
                 metrics,
                 stop,
-                new_producer=producer_factory(settings, stop),
+                new_producer=new_producer,
             )
             name_python_threads()  # Kafka I/O and metrics threads, for top -H and CPU accounting
             worker.run()
@@ -459,17 +460,25 @@ def visible_nvidia_gpu() -> str | None:
     return None
 
 
+def connect_config(settings: WorkerSettings) -> tuple[dict[str, object], float]:
+    """Every Kafka client's connection options, its bootstrap bounded by
+    ``kafka_connect_timeout_s``, and the deadline its constructor gets (``within_deadline``)."""
+    from worker.connections import kafka_common_config
+
+    common = kafka_common_config(settings)
+    common["bootstrap_timeout_ms"] = int(settings.kafka_connect_timeout_s * 1000)
+    return common, settings.kafka_connect_timeout_s + CONNECT_GRACE_S
+
+
 def producer_factory(settings: WorkerSettings, stop: threading.Event) -> Callable[[], Any]:
     """A function making the worker's KafkaProducer, connected within the connect deadline:
     once at start, and again when kafka-python's idempotent producer fails for good (a broker
     refusing one oversized dead letter leaves it failing every later record)."""
     from kafka import KafkaProducer
 
-    from worker.connections import kafka_common_config, within_deadline
+    from worker.connections import within_deadline
 
-    common = kafka_common_config(settings)
-    common["bootstrap_timeout_ms"] = int(settings.kafka_connect_timeout_s * 1000)
-    deadline_s = settings.kafka_connect_timeout_s + CONNECT_GRACE_S
+    common, deadline_s = connect_config(settings)
     make = functools.partial(
         KafkaProducer,
         **common,
@@ -483,9 +492,13 @@ def producer_factory(settings: WorkerSettings, stop: threading.Event) -> Callabl
 
 
 def _connect(
-    settings: WorkerSettings, stop: threading.Event, beat: Callable[[], None]
+    settings: WorkerSettings,
+    stop: threading.Event,
+    beat: Callable[[], None],
+    new_producer: Callable[[], Any],
 ) -> tuple[Any, Any] | int:
-    """The consumer and producer, retrying while no broker answers; else the exit code:
+    """The consumer and a producer from ``new_producer`` (``producer_factory``), retrying while
+    no broker answers; else the exit code:
     1 when a client hangs connecting, 2 for client settings Kafka refuses, 0 on `stop`.
 
     ``beat`` marks each retry as liveness: a broker outage is not a wedged process, and a
@@ -494,16 +507,9 @@ def _connect(
     from kafka import KafkaConsumer
     from kafka.errors import KafkaConfigurationError, RetriableError
 
-    from worker.connections import (
-        ConnectInterruptedError,
-        ConnectTimeoutError,
-        kafka_common_config,
-        within_deadline,
-    )
+    from worker.connections import ConnectInterruptedError, ConnectTimeoutError, within_deadline
 
-    common = kafka_common_config(settings)
-    common["bootstrap_timeout_ms"] = int(settings.kafka_connect_timeout_s * 1000)
-    deadline_s = settings.kafka_connect_timeout_s + CONNECT_GRACE_S
+    common, deadline_s = connect_config(settings)
     consumer_opts = consumer_config(settings)
     attempt = 0
     while not stop.is_set():
@@ -512,7 +518,7 @@ def _connect(
             consumer = within_deadline(
                 functools.partial(KafkaConsumer, **common, **consumer_opts), deadline_s, stop
             )
-            return consumer, producer_factory(settings, stop)()
+            return consumer, new_producer()
         except ConnectInterruptedError:
             log.info("stop requested while connecting to Kafka; exiting")
             if consumer is not None:

@@ -14,6 +14,13 @@ class EngineUnavailableError(RuntimeError):
     """This backend cannot run here (no GPU, library missing, no artifact in the bundle)."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message ("no detail" when it has none), for one-line logs and
+    errors: CUDA and torch.fx messages run to several lines."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no detail"
+
+
 class PlanMismatchError(EngineUnavailableError):
     """A TensorRT plan built for another GPU model or TensorRT version than the one in hand, or
     whose optimisation profile does not cover the manifest's batch range and input shape."""

@@ -11,6 +11,7 @@ from engine_build.runtime.base import (
     EngineLoadError,
     EngineUnavailableError,
     PlanMismatchError,
+    first_line,
 )
 
 log = logging.getLogger(__name__)
@@ -70,11 +71,10 @@ def _open_gpu(bundle: Bundle, backend: str, opts: dict[str, Any]) -> Engine:
     except Exception as exc:
         if not _out_of_memory(exc):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
         raise EngineLoadError(
             f"out of GPU memory loading {backend} for max batch {bundle.manifest.batch_profile.max}"
-            f" ({first}); free the GPU, run fewer engine instances or build with a smaller "
-            "--max-batch"
+            f" ({first_line(exc)}); free the GPU, run fewer engine instances or build with a "
+            "smaller --max-batch"
         ) from exc
 
 
