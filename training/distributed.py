@@ -135,13 +135,33 @@ def all_gather(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
-def gather_to_main(obj: Any, info: DistInfo) -> list[Any] | None:
-    """Every rank's ``obj`` in rank order on rank 0, None on the others; ``[obj]`` alone."""
+def gather_rows(
+    rows: torch.Tensor, counts: list[int], width: int, info: DistInfo
+) -> torch.Tensor | None:
+    """Every rank's ``rows`` (``counts[rank]`` x ``width``, on the CPU) stacked in rank order on
+    rank 0, None on the others; ``rows`` alone.
+
+    A tensor gather, not ``gather_object``: pickling a large test set's logits holds several
+    copies of them on every rank and sends them as one opaque byte blob (100,000 images x 431
+    classes is ~170 MB). Every rank pads its rows to the largest count, so the collective moves
+    equal shapes, and rank 0 cuts each share back to its own count. ``counts`` and ``width``
+    must be the same on every rank (gathered beforehand)."""
     if not info.enabled:
-        return [obj]
-    out: list[Any] | None = [None] * info.world_size if info.is_main else None
-    dist.gather_object(obj, out, dst=0)
-    return out
+        return rows
+    if len(counts) != info.world_size or rows.shape[0] != counts[info.rank]:
+        raise ValueError(f"rank {info.rank} has {rows.shape[0]} rows; counts say {counts}")
+    # NCCL moves only CUDA tensors; Gloo only CPU ones here
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    on = on or torch.device("cpu")
+    most = max(counts)
+    padded = torch.zeros((most, width), dtype=rows.dtype, device=on)
+    if counts[info.rank]:
+        padded[: counts[info.rank]] = rows.reshape(-1, width).to(on)
+    out = [torch.empty_like(padded) for _ in counts] if info.is_main else None
+    dist.gather(padded, out, dst=0)
+    if out is None:
+        return None
+    return torch.cat([share[:n].cpu() for share, n in zip(out, counts, strict=True)])
 
 
 def cleanup(info: DistInfo) -> None:

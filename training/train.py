@@ -63,7 +63,7 @@ from training.distributed import (
     barrier,
     broadcast_weights,
     cleanup,
-    gather_to_main,
+    gather_rows,
     init_distributed,
     refusal_from_main,
     shard_range,
@@ -538,24 +538,27 @@ def evaluate_split(
     except Exception as exc:  # out of memory, a killed loader worker: the others must hear of it
         failed = exc
         error = ("other", f"rank {dist_info.rank}: {exc!r}")
-    status = all_gather((error, len(targets), dict(unreadable.paths)), dist_info)
-    for _, _, paths in status:
+    width = logits.shape[1] if len(targets) else 0
+    status = all_gather((error, len(targets), width, dict(unreadable.paths)), dist_info)
+    for *_, paths in status:
         unreadable.merge(paths)
     if failed is not None:
         raise failed
-    errors = [e for e, _, _ in status if e is not None]
+    errors = [e for e, *_ in status if e is not None]
     if errors:
         kind, message = errors[0]
         if kind == "dataset":
             raise DatasetError(message)
         raise RuntimeError(f"evaluation failed on {message}")
-    if sum(n for _, n, _ in status) == 0:
+    counts = [n for _, n, _, _ in status]
+    if sum(counts) == 0:
         raise DatasetError(NOTHING_DECODED)
-    shards = gather_to_main((logits, targets), dist_info)
-    if shards is None:
+    width = max(w for _, _, w, _ in status)  # a rank with no images has no logits to measure
+    all_logits = gather_rows(logits.float(), counts, width, dist_info)
+    all_targets = gather_rows(targets.reshape(-1, 1), counts, 1, dist_info)
+    if all_logits is None or all_targets is None:
         return None
-    shards = [(lg, tg) for lg, tg in shards if len(tg)]
-    return torch.cat([lg for lg, _ in shards]), torch.cat([tg for _, tg in shards])
+    return all_logits, all_targets.reshape(-1)
 
 
 def recorded_args(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:

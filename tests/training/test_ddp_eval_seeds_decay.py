@@ -315,3 +315,40 @@ def test_evaluate_split_gathers_one_process_logits_on_rank_0(tmp_path, strict):
     assert targets.tolist() == [t for i, t in enumerate(y.tolist()) if i != 9]
     assert ranks[1]["scored"] is None
     assert ranks[0]["unreadable"] == ranks[1]["unreadable"] == {"/img/9.jpg": "truncated"}
+
+
+def _gather_rows_on_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from training.distributed import gather_rows
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        counts = [3, 0, 5]  # uneven shares, one rank with nothing (fewer batches than ranks)
+        rows = torch.arange(sum(counts[:rank]) * 4, sum(counts[: rank + 1]) * 4).reshape(-1, 4)
+        rows = rows.float() if counts[rank] else torch.empty(0, 0)
+        torch.save(
+            gather_rows(rows, counts, 4, DistInfo(rank, world, rank)), f"{out_dir}/r{rank}.pt"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_rows_stacks_uneven_shares_in_rank_order_without_padding(tmp_path):
+    """Rank 0 gets every rank's rows exactly once, in rank order, none of the padding that
+    evens the collective's shapes out; the other ranks get None."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_rows_on_rank, args=(3, _free_port(), str(tmp_path)), nprocs=3)
+    got = [torch.load(tmp_path / f"r{r}.pt", weights_only=False) for r in range(3)]
+    assert torch.equal(got[0], torch.arange(32).reshape(8, 4).float())
+    assert got[1] is None and got[2] is None
+
+
+def test_gather_rows_refuses_a_share_that_disagrees_with_the_counts():
+    from training.distributed import gather_rows
+
+    assert gather_rows(torch.ones(2, 3), [2], 3, DistInfo()).shape == (2, 3)
+    with pytest.raises(ValueError, match="rank 1 has 2 rows"):
+        gather_rows(torch.ones(2, 3), [2, 5], 3, DistInfo(1, 2, 1))
