@@ -143,12 +143,13 @@ def open_engines(
     later one fails). With ``auto`` the first picks the backend and the rest are opened on that
     backend by name: instances on different backends (a later TensorRT instance out of GPU
     memory falling back to the CPU) would run one loop at several speeds and precisions."""
-    from engine_build.runtime import backend_of, create_engine
+    from engine_build.runtime import backend_of, create_engine, options_for
 
     for _ in range(count):
         into.append(create_engine(bundle, backend, **opts))
-        if backend == "auto":
-            backend = backend_of(into[0])
+        if backend == "auto":  # the rest get its options only: the first took no others either,
+            backend = backend_of(into[0])  # so they must not log that they ignore the others
+            opts = options_for(backend, opts)
     return into
 
 

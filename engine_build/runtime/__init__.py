@@ -7,7 +7,7 @@ from engine_build.runtime.base import (
     InputSpec,
     PlanMismatchError,
 )
-from engine_build.runtime.factory import BACKENDS, backend_of, create_engine
+from engine_build.runtime.factory import BACKENDS, backend_of, create_engine, options_for
 from engine_build.runtime.onnxruntime_engine import OnnxRuntimeEngine
 
 
@@ -36,4 +36,5 @@ __all__ = [
     "TorchCudaEngine",
     "backend_of",
     "create_engine",
+    "options_for",
 ]

@@ -78,6 +78,21 @@ def _open_gpu(bundle: Bundle, backend: str, opts: dict[str, Any]) -> Engine:
         ) from exc
 
 
+# the options each backend takes; precision fp32 (the worker passes none: bf16) or bf16 to
+# torch-cpu, where int8 is refused
+BACKEND_OPTIONS: dict[str, frozenset[str]] = {
+    "tensorrt": frozenset(),
+    "torch-cuda": frozenset({"cuda_graphs"}),
+    "torch-cpu": frozenset({"threads", "precision"}),
+    "onnxruntime": frozenset({"precision", "threads", "spinning"}),
+}
+
+
+def options_for(backend: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``opts`` that ``backend`` (not ``auto``) takes."""
+    return {k: v for k, v in opts.items() if k in BACKEND_OPTIONS[backend]}
+
+
 def backend_of(engine: Engine) -> str:
     """The backend ``engine`` runs on (its name is the backend plus a precision or variant)."""
     for backend in BACKENDS[1:]:
@@ -98,13 +113,7 @@ def create_engine(bundle: Bundle, backend: str = "auto", **opts: Any) -> Engine:
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    accepted = {
-        "tensorrt": set(),
-        "torch-cuda": {"cuda_graphs"},
-        # precision fp32 (the worker passes none: bf16) or bf16; int8 is refused there
-        "torch-cpu": {"threads", "precision"},
-        "onnxruntime": {"precision", "threads", "spinning"},
-    }
+    accepted = BACKEND_OPTIONS
     if backend != "auto":
         ignored = sorted(set(opts) - accepted[backend])
         if ignored:  # e.g. ONNX Runtime threads set in a config shared with GPU workers

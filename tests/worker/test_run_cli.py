@@ -565,19 +565,22 @@ def test_auto_opens_every_engine_instance_on_the_backend_the_first_one_got(monke
     import engine_build.runtime
     from worker.run import open_engines
 
-    asked: list[str] = []
+    asked: list[tuple[str, dict]] = []
 
-    def create(_bundle, backend, **_opts):
-        asked.append(backend)
+    def create(_bundle, backend, **opts):
+        asked.append((backend, opts))
         return SimpleNamespace(name="tensorrt-fp16" if backend in ("auto", "tensorrt") else "x")
 
     monkeypatch.setattr(engine_build.runtime, "create_engine", create)
-    engines = open_engines(object(), "auto", 3, {}, [])
-    assert asked == ["auto", "tensorrt", "tensorrt"]
+    opts = {"threads": 2, "cuda_graphs": True}  # what the worker passes for every backend
+    engines = open_engines(object(), "auto", 3, opts, [])
+    # the later instances get only the options of the backend the first chose (none for
+    # TensorRT), so they do not log that they ignore the CPU engines' threads
+    assert asked == [("auto", opts), ("tensorrt", {}), ("tensorrt", {})]
     assert [e.name for e in engines] == ["tensorrt-fp16"] * 3
     asked.clear()
-    open_engines(object(), "onnxruntime", 2, {}, [])
-    assert asked == ["onnxruntime", "onnxruntime"]
+    open_engines(object(), "onnxruntime", 2, opts, [])  # named: create_engine says what it ignores
+    assert asked == [("onnxruntime", opts)] * 2
 
 
 def test_engines_opened_before_a_failing_instance_are_left_for_the_caller_to_close(monkeypatch):
