@@ -13,7 +13,7 @@ from pathlib import Path
 
 from training.checkpoint import CheckpointError
 from training.cli_errors import EXIT_BAD_INPUT, utf8_problem
-from training.datasets.base import DatasetError
+from training.datasets.base import DatasetError, message_line
 from training.models import UnknownArchError
 
 
@@ -158,8 +158,7 @@ def run_guarded(main: Callable[[argparse.Namespace], object], args: argparse.Nam
     try:
         main(args)
     except USER_ERRORS as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {message_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except FloatingPointError as exc:
         print(f"error: training diverged: {exc}", file=sys.stderr)

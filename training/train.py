@@ -51,6 +51,7 @@ from training.cli import (
 from training.cli_errors import OneLineParser, path_arg
 from training.cli_help import DefaultsHelpFormatter
 from training.datasets import CROPS, LEVELS, READERS, DatasetError, DatasetIndex, load_index
+from training.datasets.base import message_line
 from training.datasets.image_dataset import (
     ImageDataset,
     UnreadableImages,
@@ -930,9 +931,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
             raise
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
             # a tampered or foreign checkpoint: its optimizer, scheduler or counters do not fit
-            reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
             raise CheckpointError(
-                f"{where}: its training state does not fit this run: {reason}"
+                f"{where}: its training state does not fit this run: {message_line(exc)}"
             ) from None
         log.info("resumed from %s at epoch %d", args.resume, start_epoch)
 

@@ -89,13 +89,15 @@ def image_problem(path: Path) -> str | None:
             with Image.open(path) as img:
                 img.verify()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return f"over the pixel limit ({_first_line(exc)})"
+        return f"over the pixel limit ({message_line(exc)})"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        return f"corrupt ({_first_line(exc)})"
+        return f"corrupt ({message_line(exc)})"
     return None
 
 
-def _first_line(exc: BaseException) -> str:
+def message_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type when it has none), for one-line errors and
+    skip reasons: PIL, torch and pickle messages run to several lines."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from training.datasets.base import BBox, DatasetError, Sample
+from training.datasets.base import BBox, DatasetError, Sample, message_line
 from training.preprocessing import oriented_rgb
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,7 @@ class ImageDataset(Dataset):
         try:
             img = load_image(sample)
         except DECODE_ERRORS as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-            return UnreadableImage(str(sample.path), reason)
+            return UnreadableImage(str(sample.path), message_line(exc))
         return self.transform(img), sample.target
 
 
