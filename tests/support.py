@@ -75,6 +75,7 @@ class Rec:
     key: bytes | None
     value: bytes | None
     headers: list | None = None
+    timestamp: int = -1  # ms since the epoch; -1: none, as a record of before Kafka 0.10
 
 
 class DoneFuture:

@@ -15,6 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -24,13 +27,24 @@ from prometheus_client import (
 
 log = logging.getLogger(__name__)
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# from 0.25 ms: a TensorRT batch takes a few ms and a GPU-decoded image's CPU part ~0.3 ms, which
+# a first bucket of 5 ms would hide
+_LATENCY_BUCKETS = (
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+)  # fmt: skip
+# how old a post is when its result goes out: seconds in the steady state, hours in a backlog
+_AGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 21600)
+# the default registry's process (memory, CPU, open files), Python and GC collectors, which a
+# registry of one's own leaves out
+_RUNTIME_COLLECTORS = (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR)
 
 
 class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        for collector in _RUNTIME_COLLECTORS:  # stateless: each collect() reads the process now
+            r.register(collector)
         self.consumed = Counter("carstream_consumed", "records consumed", registry=r)
         self.results = Counter("carstream_results", "results published", ["status"], registry=r)
         self.dead_letters = Counter(
@@ -65,6 +79,14 @@ class WorkerMetrics:
             "from consumption until its result is published and counted (the offset commit "
             "follows), per record",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.record_age_seconds = Histogram(
+            "carstream_record_age_seconds",
+            "from the record's Kafka timestamp (its producer's send time, or the broker's append "
+            "time) until its result or dead letter is published, per record: the wait in the "
+            "topic included, which end_to_end_seconds leaves out",
+            buckets=_AGE_BUCKETS,
             registry=r,
         )
         self.lag = Gauge(

@@ -241,6 +241,20 @@ class BatchAbortedError(Exception):
     """A batch could not be delivered or applied before shutdown; it stays uncommitted."""
 
 
+def record_age(record: Any, now: float) -> float | None:
+    """Seconds from ``record``'s Kafka timestamp to ``now`` (wall clock), 0 for a timestamp up
+    to a minute ahead (clock skew), None where there is none (-1, a pre-0.10 record) or it is
+    further ahead: a producer sets CreateTime as it likes, and a bogus one must not read as
+    freshness."""
+    stamp = getattr(record, "timestamp", None)
+    if not isinstance(stamp, int) or isinstance(stamp, bool) or stamp <= 0:
+        return None
+    age = now - stamp / 1000.0
+    if age < -60.0:
+        return None
+    return max(age, 0.0)
+
+
 @dataclass
 class Pending:
     """A consumed record whose decode is running in the pool."""
@@ -1067,9 +1081,12 @@ class StreamWorker(ConsumerRebalanceListener):
         )
         self._deliver(results, dead)
         self._apply_trends(trend_records)
-        done = time.monotonic()
+        done, now = time.monotonic(), time.time()
         for item in batch:
             self.metrics.end_to_end_seconds.observe(done - item.received)
+            age = record_age(item.record, now)
+            if age is not None:
+                self.metrics.record_age_seconds.observe(age)
         self.metrics.beat()
         return commit_offsets(batch)
 

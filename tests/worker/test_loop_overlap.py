@@ -214,7 +214,10 @@ def run_until(worker: StreamWorker, stop: threading.Event, done, seconds: float 
 
 
 def test_the_consumer_is_polled_while_a_batch_is_inferred_and_every_batch_commits_in_order():
-    records = [Rec(TOPIC, i % 2, i // 2, f"p{i}".encode(), post(i)) for i in range(12)]
+    sent_ms = int(time.time() * 1000) - 5_000  # produced five seconds ago
+    records = [
+        Rec(TOPIC, i % 2, i // 2, f"p{i}".encode(), post(i), timestamp=sent_ms) for i in range(12)
+    ]
     worker, consumer, _, stop = make_worker(records)
 
     def committed(tp: TopicPartition) -> int:
@@ -231,6 +234,10 @@ def test_the_consumer_is_polled_while_a_batch_is_inferred_and_every_batch_commit
     assert sorted(o for batch in worker.trends.applied for o in batch) == sorted(
         r.offset for r in records
     )
+    # each record's age from its Kafka timestamp, the five seconds in the topic included
+    ages = {s.name: s.value for s in worker.metrics.record_age_seconds.collect()[0].samples}
+    assert ages["carstream_record_age_seconds_count"] == 12
+    assert ages["carstream_record_age_seconds_sum"] >= 12 * 5.0
 
 
 def test_a_batch_behind_a_failed_one_is_neither_counted_nor_published():
