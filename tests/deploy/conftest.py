@@ -1,12 +1,15 @@
 """Rendering the kustomize overlays: with kubectl's built-in kustomize (put into .venv/bin by
 tests/deploy/install-kubectl.sh), exactly as `kubectl apply -k` renders them. Without kubectl a
 test-side renderer of the subset deploy/k8s uses (resources, namespace, labels, images,
-strategic-merge patches by file, JSON 6902 patches by file with a target) stands in, except
-under CI=true, where a missing kubectl fails."""
+strategic-merge patches by file, JSON 6902 patches by file with a target, configMapGenerator
+from env files with its content-hash name suffix) stands in, except under CI=true, where a
+missing kubectl fails."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -18,7 +21,18 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
-USED_FIELDS = {"apiVersion", "kind", "resources", "namespace", "labels", "images", "patches"}
+USED_FIELDS = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "namespace",
+    "labels",
+    "images",
+    "patches",
+    "configMapGenerator",
+}
+# marks a generated ConfigMap until the top-level render gives it its hash suffix
+_GENERATED = "carstream.test/generated"
 
 
 def load_docs(path: Path) -> list[dict]:
@@ -93,23 +107,117 @@ def _matches(obj: dict, target: dict) -> bool:
 
 
 def _set_image(obj: dict, images: list[dict]) -> None:
-    spec = obj.get("spec", {})
-    pod = spec.get("template", {}).get("spec") or spec.get("jobTemplate", {}).get("spec", {})
-    for container in pod.get("containers", []) if isinstance(pod, dict) else []:
+    for container in [c for pod in _pod_specs(obj) for c in pod.get("containers", [])]:
         name = container["image"].split(":", 1)[0]
         for image in images:
             if image["name"] == name:
                 container["image"] = f"{image.get('newName', name)}:{image['newTag']}"
 
 
-def render(directory: Path) -> list[dict]:
+def parse_env_file(path: Path) -> dict[str, str]:
+    """A kustomize `envs:` file: KEY=value lines, leading blanks dropped, `#` lines skipped;
+    the value is kept as written (quotes and a trailing `# ...` included)."""
+    data = {}
+    for line in path.read_text().splitlines():
+        line = line.lstrip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"{path}: not KEY=value: {line!r}"
+        data[key] = value
+    return data
+
+
+def config_map_hash(data: dict[str, str]) -> str:
+    """kustomize's name suffix for a generated ConfigMap (api/hasher): sha256 of the JSON
+    encoding Go's encoding/json gives {"data", "kind", "name": ""}, its first 10 hex digits with
+    0, 1, 3, a, e mapped to g, h, k, m, t."""
+    encoded = json.dumps(
+        {"data": data, "kind": "ConfigMap", "name": ""},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    for char, escape in (
+        ("&", "\\u0026"),
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
+        encoded = encoded.replace(char, escape)
+    digest = hashlib.sha256(encoded.encode()).hexdigest()[:10]
+    return digest.translate(str.maketrans("013ae", "ghkmt"))
+
+
+def _generate_config_maps(directory: Path, generators: list[dict]) -> list[dict]:
+    objects = []
+    for generator in generators:
+        unknown = set(generator) - {"name", "envs"}
+        assert not unknown, f"{directory}: configMapGenerator fields this renderer lacks: {unknown}"
+        data: dict[str, str] = {}
+        for env_file in generator["envs"]:
+            data.update(parse_env_file(directory / env_file))
+        objects.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": generator["name"], "annotations": {_GENERATED: "true"}},
+                "data": data,
+            }
+        )
+    return objects
+
+
+def _pod_specs(obj: dict) -> list[dict]:
+    spec = obj.get("spec", {})
+    pod = spec.get("template", {}).get("spec") or spec.get("jobTemplate", {}).get("spec", {})
+    return [pod] if isinstance(pod, dict) and pod else []
+
+
+def _rename_config_map_references(objects: list[dict], old: str, new: str) -> None:
+    """The references kustomize's name-reference transformer rewrites for a ConfigMap, in the
+    pod templates the manifests have: envFrom, env valueFrom, volumes (plain and projected)."""
+    for obj in objects:
+        for pod in _pod_specs(obj):
+            for container in pod.get("containers", []) + pod.get("initContainers", []):
+                for source in container.get("envFrom", []):
+                    if source.get("configMapRef", {}).get("name") == old:
+                        source["configMapRef"]["name"] = new
+                for env in container.get("env", []):
+                    ref = env.get("valueFrom", {}).get("configMapKeyRef", {})
+                    if ref.get("name") == old:
+                        ref["name"] = new
+            for volume in pod.get("volumes", []):
+                sources = [volume, *volume.get("projected", {}).get("sources", [])]
+                for source in sources:
+                    if source.get("configMap", {}).get("name") == old:
+                        source["configMap"]["name"] = new
+
+
+def _finish_generated(objects: list[dict]) -> None:
+    """Give each generated ConfigMap its content-hash suffix (after every patch, as kustomize
+    does) and point the references at the new name."""
+    for obj in objects:
+        annotations = obj["metadata"].get("annotations", {})
+        if annotations.pop(_GENERATED, None) is None:
+            continue
+        if not annotations:
+            del obj["metadata"]["annotations"]
+        old = obj["metadata"]["name"]
+        obj["metadata"]["name"] = f"{old}-{config_map_hash(obj['data'])}"
+        _rename_config_map_references(objects, old, obj["metadata"]["name"])
+
+
+def render(directory: Path, _top: bool = True) -> list[dict]:
     kustomization = load_docs(directory / "kustomization.yaml")[0]
     unknown = set(kustomization) - USED_FIELDS
     assert not unknown, f"{directory}: kustomize fields this test renderer lacks: {unknown}"
     objects: list[dict] = []
     for entry in kustomization.get("resources", []):
         path = directory / entry
-        objects += render(path) if path.is_dir() else load_docs(path)
+        objects += render(path, _top=False) if path.is_dir() else load_docs(path)
+    objects += _generate_config_maps(directory, kustomization.get("configMapGenerator", []))
     for patch_entry in kustomization.get("patches", []):
         patch = load_docs(directory / patch_entry["path"])[0]
         if isinstance(patch, list):  # JSON 6902: a list of operations on the named target
@@ -132,6 +240,8 @@ def render(directory: Path) -> list[dict]:
         for label in kustomization.get("labels", []):
             obj["metadata"].setdefault("labels", {}).update(label["pairs"])
         _set_image(obj, kustomization.get("images", []))
+    if _top:
+        _finish_generated(objects)
     return objects
 
 

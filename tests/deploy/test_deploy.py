@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
 from pydantic import ValidationError
 
+from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,8 +177,7 @@ def test_keda_scales_the_workers_on_the_groups_lag_within_the_partition_count(ov
         "kind": WORKLOAD,
         "name": workload["metadata"]["name"],
     }
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "kafka"
+    trigger = _trigger(scaled, "kafka")
     assert trigger["metadata"]["consumerGroup"] == config["CARSTREAM_GROUP_ID"]
     assert trigger["metadata"]["topic"] == config["CARSTREAM_INPUT_TOPIC"]
     assert int(trigger["metadata"]["lagThreshold"]) > 0
@@ -514,20 +515,69 @@ def test_worker_threads_fit_the_cpu_limit(overlay):
     assert _cpus(container["resources"]["requests"]["cpu"]) <= limit
 
 
-def test_lag_threshold_is_replica_throughput_times_accepted_backlog(overlay):
-    """Each overlay derives lagThreshold from its own replica's posts/s and the seconds of
-    backlog a replica may carry before KEDA adds one (the annotations record both)."""
+def _trigger(scaled: dict, kind: str) -> dict:
+    (trigger,) = [t for t in scaled["spec"]["triggers"] if t["type"] == kind]
+    return trigger
+
+
+def test_keda_sizes_replicas_from_the_input_rate_and_catches_up_on_lag(overlay):
+    """KEDA takes the larger of its triggers. Lag alone (desired = ceil(lag / lagThreshold))
+    lets replicas drop until a backlog builds again, so a Prometheus trigger on the workers'
+    consumption rate sizes the pool at ~70% of a replica's capacity, and the lag trigger, with a
+    threshold of a few seconds of one replica's work, adds replicas only to catch up. Both come
+    from the replica rate the annotations record."""
     name, objects = overlay
     scaled = one(objects, "ScaledObject")
     notes = scaled["metadata"]["annotations"]
     rate = float(notes["carstream/replica-posts-per-second"])
-    seconds = float(notes["carstream/target-backlog-seconds"])
-    (trigger,) = scaled["spec"]["triggers"]
-    threshold = int(trigger["metadata"]["lagThreshold"])
-    assert abs(threshold - rate * seconds) <= 0.05 * rate * seconds, (name, threshold)
-    assert 5 <= seconds <= 120, "minutes of backlog per replica before scaling out"
+    utilisation = float(notes["carstream/target-utilisation"])
+    catch_up_s = float(notes["carstream/catch-up-seconds"])
+    assert {t["type"] for t in scaled["spec"]["triggers"]} == {"kafka", "prometheus"}
+
+    prom = _trigger(scaled, "prometheus")["metadata"]
+    # a rate summed over the pods, of a counter the worker really exposes (prometheus_client
+    # adds _total to a counter's name)
+    m = re.fullmatch(r"sum\(rate\((\w+)(\{[^}]*\})?\[\d+m\]\)\)", prom["query"])
+    assert m, prom["query"]
+    metric = m.group(1)
+    exposed = generate_latest(WorkerMetrics().registry).decode()
+    assert re.search(rf"^{metric} ", exposed, re.M), f"the worker exposes no {metric}"
+    family = rf"{metric.removesuffix('_total')}(_total)?"
+    assert re.search(rf"^# TYPE {family} counter$", exposed, re.M), f"{metric}: not a counter"
+    assert re.search(rf"^# HELP {family} records consumed$", exposed, re.M), metric
+    assert re.fullmatch(r"https?://[\w.-]+(:\d+)?/?", prom["serverAddress"]), prom
+    assert prom.get("ignoreNullValues") == "false", "an unscraped worker pool must not read as 0"
+    assert 0.5 <= utilisation <= 0.85, "headroom per replica"
+    threshold = float(prom["threshold"])
+    assert abs(threshold - rate * utilisation) <= 0.05 * rate * utilisation, (name, threshold)
+
+    lag_threshold = int(_trigger(scaled, "kafka")["metadata"]["lagThreshold"])
+    assert abs(lag_threshold - rate * catch_up_s) <= 0.05 * rate * catch_up_s, (name, lag_threshold)
+    assert 2 <= catch_up_s <= 15, "seconds of one replica's work: catch-up, not a steady backlog"
+    # what a replica holds polled but uncommitted in normal running counts as lag: well under
+    # the threshold, or the lag trigger adds replicas at a steady rate for ever
+    env = _effective_env(objects)
+    in_flight = (
+        int(env["CARSTREAM_MAX_BATCH"])
+        * (int(env.get("CARSTREAM_ENGINE_INSTANCES", "1")) + 2)
+        * int(env.get("CARSTREAM_PROCESSES", "1"))
+    )
+    assert lag_threshold >= 2 * in_flight, (name, lag_threshold, in_flight)
     if name == "cpu":
         assert rate <= 100, "a CPU replica does ~34 posts/s (README, e2e_throughput)"
+
+
+def test_keda_adds_workers_in_few_steps(overlay):
+    """Every join is an eager rebalance of the whole group: scale-up is rate-limited to steps a
+    minute or more apart, scale-down to one pod at a time."""
+    _, objects = overlay
+    scaled = one(objects, "ScaledObject")
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    up = behavior["scaleUp"]
+    assert up["policies"] and all(p["periodSeconds"] >= 60 for p in up["policies"]), up
+    assert up["stabilizationWindowSeconds"] >= scaled["spec"]["pollingInterval"]
+    down = behavior["scaleDown"]
+    assert down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 120}]
 
 
 def test_static_membership_pods_have_stable_names(overlay):
@@ -683,6 +733,129 @@ def test_bundle_claim_is_read_write_many_and_read_only_for_the_workers(overlay):
     }
 
 
+# --- pods: configuration, QoS, placement, disruption ------------------------------------------
+
+
+def _workloads(objects: list[dict]) -> list[dict]:
+    return [o for o in objects if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet")]
+
+
+@pytest.mark.parametrize("name", ["base", "cpu", "gpu"])
+def test_workers_load_the_generated_config_map(name, render_overlay):
+    """The settings ConfigMap comes from a configMapGenerator: its name carries a hash of its
+    content, so a settings change changes the pod template and rolls the workers. Every
+    ConfigMap a workload reads must be one the render holds under that hashed name (kustomize
+    rewrites envFrom; a reference it misses would name a ConfigMap that does not exist)."""
+    objects = render_overlay(name)
+    config_maps = {o["metadata"]["name"]: o for o in by_kind(objects, "ConfigMap")}
+    assert config_maps
+    for name_ in config_maps:
+        assert re.fullmatch(r"carstream-worker-[a-z0-9]{10}", name_), name_
+    workloads = _workloads(objects)
+    assert workloads
+    for workload in workloads:
+        (container,) = workload["spec"]["template"]["spec"]["containers"]
+        refs = [s["configMapRef"]["name"] for s in container["envFrom"] if "configMapRef" in s]
+        assert refs, f"{workload['metadata']['name']} loads no settings ConfigMap"
+        for ref in refs:
+            assert ref in config_maps, f"{name}: {ref} is not rendered"
+
+
+def test_generated_settings_are_plain_values():
+    """kustomize keeps an env file's value as written: quotes, or a `# comment` after a value,
+    would become part of the setting."""
+    path = DEPLOY / "k8s" / "base" / "worker.env"
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert len(lines) >= 15
+    for line in lines:
+        key, _, value = line.partition("=")
+        assert re.fullmatch(r"CARSTREAM_[A-Z0-9_]+", key), line
+        assert value and value == value.strip(), line
+        assert value[0] not in "'\"" and " #" not in value, line
+
+
+def test_stand_in_config_map_hash_is_kustomizes(tmp_path, renderers):
+    """The stand-in renderer's name suffix against kubectl's, on values Go's JSON escapes."""
+    exe, kustomize, render = renderers
+    if exe is None:
+        pytest.skip("kubectl not installed: run tests/deploy/install-kubectl.sh")
+    (tmp_path / "kustomization.yaml").write_text(
+        "configMapGenerator:\n  - name: settings\n    envs: [a.env]\n"
+    )
+    (tmp_path / "a.env").write_text('# c\nA=1\n  B="q" & <x>\nC=d=e # f\n')
+    real = kustomize(tmp_path)
+    assert real == render(tmp_path)
+    assert real[0]["data"]["B"] == '"q" & <x>'
+
+
+def _pods(name: str, render_overlay) -> list[tuple[str, dict]]:
+    objects = render_overlay(name)
+    return [(w["metadata"]["name"], w["spec"]["template"]) for w in _workloads(objects)]
+
+
+def test_worker_pods_are_guaranteed_qos(overlay):
+    """requests = limits for CPU and memory in every container: Guaranteed QoS, the last class
+    evicted under node memory pressure (a worker's memory is its engine and batches in hand)."""
+    name, objects = overlay
+    for workload in _workloads(objects):
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            resources = container["resources"]
+            for resource in ("cpu", "memory"):
+                request = resources["requests"].get(resource)
+                assert request is not None, (name, container["name"], resource)
+                assert request == resources["limits"].get(resource), (name, resource, resources)
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu", "gpu/engine-build"])
+def test_home_and_caches_are_writable_under_a_read_only_root(name, render_overlay):
+    """uid 10001 has no home directory and the root filesystem is read-only: HOME and
+    XDG_CACHE_HOME point into a writable emptyDir (CUDA's JIT cache, torch's caches)."""
+    objects = render_overlay(name)
+    pods = [o["spec"]["template"]["spec"] for o in objects if o["kind"] in ("StatefulSet", "Job")]
+    assert pods
+    for pod in pods:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for container in pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            for key in ("HOME", "XDG_CACHE_HOME"):
+                mount = _covering_mount(env[key], container["volumeMounts"])
+                assert mount is not None, f"{name}: {key}={env[key]} is on the read-only root"
+                assert not mount.get("readOnly"), (name, key)
+                assert "emptyDir" in volumes[mount["name"]], (name, key, mount)
+
+
+def test_workers_spread_over_nodes_and_zones_without_blocking(overlay):
+    _, objects = overlay
+    template = one(objects, WORKLOAD)["spec"]["template"]
+    constraints = template["spec"]["topologySpreadConstraints"]
+    keys = {c["topologyKey"] for c in constraints}
+    assert {"kubernetes.io/hostname", "topology.kubernetes.io/zone"} <= keys
+    for c in constraints:
+        # a preference: DoNotSchedule would leave a pod Pending when the GPU nodes are uneven
+        assert c["whenUnsatisfiable"] == "ScheduleAnyway", c
+        assert c["labelSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+
+
+def test_pdb_lets_unhealthy_workers_be_evicted(overlay):
+    """An unready worker (crash loop, no GPU) must not hold the budget and block node drains."""
+    _, objects = overlay
+    pdb = one(objects, "PodDisruptionBudget")["spec"]
+    assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert pdb["maxUnavailable"] == 1
+
+
+def test_engine_build_job_has_a_deadline(render_overlay):
+    (job,) = render_overlay("gpu/engine-build")
+    deadline = job["spec"]["activeDeadlineSeconds"]
+    assert 600 <= deadline <= 4 * 3600, "a hung build must give its GPU back"
+    text = (DEPLOY / "k8s" / "overlays" / "gpu" / "engine-build" / "job.yaml").read_text()
+    docs = (REPO / "docs" / "deploy.md").read_text()
+    for waits in (text, docs):  # `kubectl wait` as long as the Job may run
+        for minutes in re.findall(r"job/carstream-engine-build-\S+ --timeout=(\d+)m", waits):
+            assert int(minutes) * 60 >= deadline, minutes
+
+
 # --- settings everywhere are settings the worker accepts --------------------------------------
 
 
@@ -737,7 +910,8 @@ def test_k8s_settings_are_accepted_by_the_worker(overlay, monkeypatch):
     env |= {key: "a-password" for key in _documented_secrets()["carstream-worker"]}
     settings = check_settings(env, monkeypatch)
     assert settings.metrics_port == 9400
-    expected_backend = "auto" if name == "gpu" else "onnxruntime"
+    # named, never auto: a GPU pod without a usable plan must fail, not run on the CPU while Ready
+    expected_backend = "tensorrt" if name == "gpu" else "onnxruntime"
     assert settings.backend == expected_backend
 
 
@@ -915,6 +1089,19 @@ def test_compose_services_writing_host_folders_run_as_the_host_user(tmp_path):
     assert re.fullmatch(r"\d+:\d+", default), default
 
 
+def test_compose_workers_threads_fit_their_cpu_limit():
+    """ONNX Runtime starts one thread per host core unless told: with N workers on one machine
+    that is N threads a core. Each worker's inference threads are set and fit its CPU limit."""
+    worker = compose()["services"]["worker"]
+    env = carstream_env(worker["environment"])
+    cpus = float(worker["deploy"]["resources"]["limits"]["cpus"])
+    threads = int(env["CARSTREAM_INFERENCE_THREADS"]) * int(
+        env.get("CARSTREAM_ENGINE_INSTANCES", "1")
+    )
+    assert 1 <= threads <= cpus, (threads, cpus)
+    assert worker["read_only"] is True and "/tmp" in worker["tmpfs"]
+
+
 # --- Dockerfiles ---------------------------------------------------------------------------
 
 DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile.*[!e]"))
@@ -956,6 +1143,43 @@ def test_dockerfiles_run_as_non_root_with_healthcheck_and_exec_entrypoint(docker
         assert (REPO / src).exists(), src
     ignore = dockerfile.with_name(dockerfile.name + ".dockerignore")
     assert ignore.is_file(), f"{ignore.name} keeps the build context small"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_install_dependencies_before_the_sources(dockerfile):
+    """torch and TensorRT are GBs: their layers come before any source is copied, so a source
+    change rebuilds only the last small `pip install --no-deps .`."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile.read_text())
+    build = text[text.index(" AS build") :]
+    build = build[: build.index("\nFROM ")]
+    lines = [ln for ln in build.splitlines() if not ln.startswith("#")]
+    sources = [
+        i for i, ln in enumerate(lines) if re.match(r"COPY (worker|training|engine_build)", ln)
+    ]
+    torch = [i for i, ln in enumerate(lines) if re.match(r"RUN pip install .*torch==", ln)]
+    requirements = [i for i, ln in enumerate(lines) if "pip install -r" in ln]
+    assert sources and torch and requirements, dockerfile.name
+    assert max(torch + requirements) < min(sources), "dependencies after the sources"
+    installs = [ln for ln in lines[min(sources) :] if "pip install" in ln]
+    assert installs and all("--no-deps" in ln for ln in installs), installs
+    # the requirements file is made from pyproject.toml's own list, not kept by hand beside it
+    assert "tomllib" in text and "['project']['dependencies']" in text
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_keep_home_and_caches_in_tmp(dockerfile):
+    text = dockerfile.read_text()
+    assert re.search(r"^\s+HOME=/tmp\b", text, re.M), dockerfile.name
+    assert re.search(r"^\s+XDG_CACHE_HOME=/tmp/", text, re.M), dockerfile.name
+
+
+def test_docs_name_the_driver_the_gpu_image_needs():
+    """The GPU image's CUDA major version sets the oldest NVIDIA driver it runs on."""
+    text = (DEPLOY / "docker" / "Dockerfile.gpu").read_text()
+    major = int(re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.", text, re.M).group(1))
+    minimum = {12: 525, 13: 580}[major]
+    docs = (REPO / "docs" / "deploy.md").read_text()
+    assert re.search(rf"driver[^.]*>= ?{minimum}", docs), f"docs/deploy.md: driver >= {minimum}"
 
 
 def test_no_password_or_certificate_is_applied_by_kustomize(overlay):
