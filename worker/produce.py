@@ -38,9 +38,10 @@ DEFAULT_PLATFORM = "carstream-produce"
 MAX_TIMEOUT_S = 86400.0  # a day; kafka-python and threading overflow on far larger waits
 CONNECT_GRACE_S = 5.0  # past --timeout, for kafka-python to report its own bootstrap timeout
 MIN_RATE = 1 / MAX_TIMEOUT_S  # one event a day; time.sleep overflows on the wait of a far lower
-MAX_REQUEST_BYTES = 16 * 1024 * 1024  # the producer's max_request_size: no larger record is sent
-# base64 makes 4 bytes of 3: a larger image cannot fit an event within the request size
-MAX_IMAGE_BYTES = MAX_REQUEST_BYTES // 4 * 3
+MAX_REQUEST_BYTES = 16 * 1024 * 1024  # the largest --jsonl record (key + line) sent
+# room past key + value in a request: kafka-python adds a batch header and a record's lengths
+# (61 + 21 bytes and a few varints) when it checks max_request_size
+RECORD_OVERHEAD_BYTES = 1024
 _SKIP_CHUNK = 1 << 20  # how much of an over-long JSON line is read at a time, to skip it
 
 
@@ -136,12 +137,31 @@ def _mib(n: int) -> str:
     return f"{n / (1024 * 1024):g} MiB"
 
 
-def read_image(path: Path, max_bytes: int = MAX_IMAGE_BYTES) -> bytes | str:
+def _bytes(n: int) -> str:
+    """10485760 bytes (10 MiB): a limit as bytes, and in MiB where that reads better."""
+    return f"{n} bytes" + (f" ({_mib(n)})" if n >= 1024 * 1024 else "")
+
+
+def worker_max_message_bytes() -> int:
+    """The worker's default max_message_bytes: a post (key + value) larger is dead-lettered."""
+    from worker.settings import WorkerSettings  # not at import: pydantic is slow to load
+
+    return WorkerSettings.model_fields["max_message_bytes"].default
+
+
+def max_image_bytes(max_message_bytes: int) -> int:
+    """The largest image whose base64 alone (4 bytes of 3) fits in a message that size."""
+    return max_message_bytes // 4 * 3
+
+
+def read_image(path: Path, max_message_bytes: int) -> bytes | str:
     """The file's bytes, or why it is too large to send (a string), without reading it whole.
 
-    A regular file is judged by its size before any read, so a multi-GB file costs one fstat;
-    a file whose size says nothing (a pipe, a /proc file: 0) by a read of at most max_bytes + 1.
+    An image over :func:`max_image_bytes` cannot make a post within ``max_message_bytes``. A
+    regular file is judged by its size before any read, so a multi-GB file costs one fstat; a
+    file whose size says nothing (a pipe, a /proc file: 0) by a read of at most that + 1 byte.
     """
+    max_bytes = max_image_bytes(max_message_bytes)
     with path.open("rb") as file:
         info = os.fstat(file.fileno())
         if stat.S_ISREG(info.st_mode) and info.st_size > max_bytes:
@@ -152,9 +172,19 @@ def read_image(path: Path, max_bytes: int = MAX_IMAGE_BYTES) -> bytes | str:
                 return data
             size = "more"
     return (
-        f"--images: {path}: {size}, over the {_mib(max_bytes)} an image can have in a "
-        f"{_mib(max_bytes // 3 * 4)} record (base64); not read"
+        f"--images: {path}: {size}, over the {_bytes(max_bytes)} an image can have in a post "
+        f"of at most {_bytes(max_message_bytes)} (its base64; --max-message-bytes); not read"
     )
+
+
+def post_size(event: dict[str, Any]) -> int:
+    """Bytes of the message `event` makes: its key (post_id) and its JSON value as sent.
+
+    Exact without serialising the image twice: base64 needs no JSON escapes, and ``posted_at``
+    is restamped at send time in the same fixed-length form (:func:`rfc3339_now`).
+    """
+    wrapper = json.dumps({**event, "image_b64": ""}).encode()
+    return len(event["post_id"].encode()) + len(wrapper) + len(event["image_b64"])
 
 
 def image_messages(
@@ -162,17 +192,21 @@ def image_messages(
     cities: Sequence[str],
     platform: str,
     count: int | None,
-    max_image_bytes: int = MAX_IMAGE_BYTES,
+    max_message_bytes: int | None = None,
 ) -> Iterator[Message]:
     """Post events from the images (cycled when `count` exceeds them), cities round-robin.
 
-    An image too large for a record is a refused message (counted as failed), never read whole.
+    A post larger than `max_message_bytes` (key + JSON value; default: the worker's default
+    max_message_bytes), which the worker would dead-letter as too_large, is a refused message
+    (counted as failed) naming the file; an image too large to fit is never read whole.
     """
+    if max_message_bytes is None:
+        max_message_bytes = worker_max_message_bytes()
     city_cycle = itertools.cycle(cities) if cities else itertools.repeat(None)
     source = itertools.cycle(images) if count is not None else iter(images)
     for path in itertools.islice(source, count):
         try:
-            image = read_image(path, max_image_bytes)
+            image = read_image(path, max_message_bytes)
         except OSError as exc:  # removed, unreadable or failing since find_images listed it
             raise InputReadError(f"--images: cannot read {path}: {exc.strerror or exc}") from exc
         if isinstance(image, str):
@@ -180,6 +214,15 @@ def image_messages(
             yield Message(None, b"", refused=image)
             continue
         event = build_event(image, next(city_cycle), platform)  # posted_at: stamped at send
+        size = post_size(event)
+        if size > max_message_bytes:  # the JSON around the base64 tipped it over
+            yield Message(
+                None,
+                b"",
+                refused=f"--images: {path}: a post of {size} bytes (key + JSON), over the "
+                f"{_bytes(max_message_bytes)} the worker takes (--max-message-bytes); not sent",
+            )
+            continue
         yield Message(event["post_id"].encode(), b"", event=event)
 
 
@@ -190,7 +233,8 @@ def jsonl_messages(
 
     `count` lines at most; fewer lines than `count` are each sent once, with one warning (only
     --images are cycled). A line over `max_bytes` is a refused message (counted as failed): it
-    is skipped a chunk at a time, never held whole.
+    is skipped a chunk at a time, never held whole; so is a line whose key makes the record
+    (key + line) larger than `max_bytes`.
     """
     yielded = 0
     try:
@@ -207,7 +251,16 @@ def jsonl_messages(
                     line = line.rstrip(b"\r\n")
                     if not line.strip():
                         continue
-                    yield Message(_post_id_key(line), line)
+                    key = _post_id_key(line)
+                    if key and len(key) + len(line) > max_bytes:
+                        yield Message(
+                            None,
+                            b"",
+                            refused=f"--jsonl {path}: line {number}: {len(line)} bytes and a key "
+                            f"of {len(key)}, over the {_mib(max_bytes)} of a record; not sent",
+                        )
+                    else:
+                        yield Message(key, line)
                 yielded += 1
                 if yielded == count:
                     return
@@ -265,6 +318,7 @@ class SendReport:
     error: str | None = None
     # failures are counted from the main thread (refused sends) and the sender thread (errbacks)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _logged: set[tuple[bool, str]] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def unconfirmed(self) -> int:
@@ -275,17 +329,22 @@ class SendReport:
         """Acknowledged posts per second."""
         return self.sent / self.seconds if self.seconds > 0 else 0.0
 
-    def record_failure(self, number: int, exc: BaseException) -> None:
-        """Count a failed record; log the first failure of each kind only."""
+    def record_failure(self, number: int, exc: BaseException, named: bool = False) -> None:
+        """Count a failed record; log the first failure of each kind only, or (`named`: a
+        refusal whose message names its file and line) each distinct refusal once."""
         if self.error is not None:
             return  # abandoned by the close after an abort: unconfirmed, not known to be lost
         kind = type(exc).__name__
+        reason = str(exc) if kind in str(exc) else f"{kind}: {exc}"
+        seen = (named, reason if named else kind)  # a file cycled by --count is named once
         with self._lock:
             self.failed += 1
             self.failures[kind] = self.failures.get(kind, 0) + 1
-            first = self.failures[kind] == 1
-        if first:
-            reason = str(exc) if kind in str(exc) else f"{kind}: {exc}"
+            first = seen not in self._logged
+            self._logged.add(seen)
+        if first and named:
+            logger.warning("record %d not sent: %s", number, reason)
+        elif first:
             logger.warning(
                 "record %d not sent: %s (further %s failures are counted, not logged)",
                 number,
@@ -323,9 +382,9 @@ def send_all(
 
     try:
         for number, message in enumerate(messages, 1):
-            if message.refused is not None:  # too large: the producer would refuse it too,
-                report.attempted += 1  # so it fails as the same kind, unread and unsent
-                report.record_failure(number, MessageSizeTooLargeError(message.refused))
+            if message.refused is not None:  # too large for the worker or the producer: it
+                report.attempted += 1  # fails as the producer's kind, unsent, each one named
+                report.record_failure(number, MessageSizeTooLargeError(message.refused), True)
                 continue
             bucket.acquire()
             report.attempted += 1
@@ -400,6 +459,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--platform", default=DEFAULT_PLATFORM, help="platform field of the posts")
     parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=None,
+        help="--images: the largest post (key + JSON) to send; a larger one, which the worker "
+        "would dead-letter as too_large, is refused naming its file (default: the worker's "
+        "max_message_bytes, CARSTREAM_MAX_MESSAGE_BYTES)",
+    )
+    parser.add_argument(
         "--count",
         type=int,
         default=None,
@@ -450,19 +517,44 @@ def _main(args: argparse.Namespace) -> int:
             check_topic_name(args.topic)
         except ValueError as exc:
             return fail(f"--topic {exc}")
-    if args.jsonl is not None and (args.city or args.platform != DEFAULT_PLATFORM):
-        flag = "--city" if args.city else "--platform"
+    images_only = {
+        "--city": bool(args.city),
+        "--platform": args.platform != DEFAULT_PLATFORM,
+        "--max-message-bytes": args.max_message_bytes is not None,
+    }
+    if args.jsonl is not None and any(images_only.values()):
+        flag = next(flag for flag, given in images_only.items() if given)
         return fail(f"{flag} applies to --images only (--jsonl lines are sent as given)")
     problem = _field_problem(args.city, args.platform) if args.images is not None else None
     if problem:
         return fail(problem)
+
+    from pydantic import ValidationError
+
+    from worker.settings import FETCH_MARGIN_BYTES, INT32_MAX, WorkerSettings
+
+    overrides = {}
+    if args.bootstrap_servers is not None:  # given empty is an error, not the default
+        overrides["bootstrap_servers"] = args.bootstrap_servers
+    try:  # before any input is read: its max_message_bytes bounds the posts
+        settings = WorkerSettings(**overrides)
+    except ValidationError as exc:
+        return fail(f"settings: {first_validation_error(exc)}")
+    max_message_bytes = settings.max_message_bytes  # CARSTREAM_MAX_MESSAGE_BYTES, as the worker's
+    if args.max_message_bytes is not None:
+        max_message_bytes = args.max_message_bytes
+        if not 1024 <= max_message_bytes <= INT32_MAX - FETCH_MARGIN_BYTES:  # as the worker's
+            return fail(
+                f"--max-message-bytes {max_message_bytes}: must be between 1024 and "
+                f"{INT32_MAX - FETCH_MARGIN_BYTES}, as the worker's max_message_bytes"
+            )
     if args.images is not None:
         if not args.images.is_dir():
             return fail(f"--images {args.images}: not a directory")
         images = find_images(args.images)
         if not images:
             return fail(f"--images {args.images}: no image files found")
-        messages = image_messages(images, args.city, args.platform, args.count)
+        messages = image_messages(images, args.city, args.platform, args.count, max_message_bytes)
     else:
         if not args.jsonl.is_file():
             return fail(f"--jsonl {args.jsonl}: not a readable file")
@@ -478,30 +570,23 @@ def _main(args: argparse.Namespace) -> int:
 
     from kafka import KafkaProducer
     from kafka.errors import KafkaError, KafkaTimeoutError
-    from pydantic import ValidationError
 
     from worker.connections import ConnectTimeoutError, kafka_common_config, within_deadline
-    from worker.settings import WorkerSettings
 
-    overrides = {}
-    if args.bootstrap_servers is not None:  # given empty is an error, not the default
-        overrides["bootstrap_servers"] = args.bootstrap_servers
-    try:
-        settings = WorkerSettings(**overrides)
-    except ValidationError as exc:
-        return fail(f"settings: {first_validation_error(exc)}")
     try:
         settings.check_files()  # a missing CA file otherwise reads as a server not answering
     except ValueError as exc:
         return fail(str(exc))
     topic = args.topic or settings.input_topic
     timeout_ms = max(1, int(args.timeout * 1000))  # 0 ms would not even try
+    # room for every record the checks above let through, so none is refused unnamed
+    request_bytes = max(MAX_REQUEST_BYTES, max_message_bytes) + RECORD_OVERHEAD_BYTES
     make_producer = functools.partial(
         KafkaProducer,
         **kafka_common_config(settings),
         acks="all",
         linger_ms=20,
-        max_request_size=MAX_REQUEST_BYTES,
+        max_request_size=request_bytes,
         max_block_ms=timeout_ms,
         bootstrap_timeout_ms=timeout_ms,  # kafka-python's default is 30 s, whatever --timeout
     )

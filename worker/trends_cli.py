@@ -50,10 +50,16 @@ _DIMENSION = {"make": "make", "model": "model", "city": "city", "low-confidence"
 
 
 def parse_window(text: str, flag: str = "--window") -> int:
-    """Minutes in a window (or a series' interval) written as 15m, 2h or 1d."""
+    """Minutes in a window (or a series' interval) written as 15m, 2h or 1d (H and D too; an
+    uppercase M is refused as ambiguous)."""
     match = _WINDOW.match(text)
     if not match:
         raise ValueError(f"{flag} {text!r}: expected a number with m, h or d (15m, 2h, 1d)")
+    if match.group(2) == "M":  # 1M reads as a month as readily as a minute
+        raise ValueError(
+            f"{flag} {text!r}: M is ambiguous (minutes or months?): write minutes as m "
+            f"({match.group(1)}m); there is no month unit (days: d)"
+        )
     minutes = int(match.group(1)) * _UNIT_MINUTES[match.group(2).lower()]
     if not 1 <= minutes <= MAX_WINDOW_MINUTES:
         raise ValueError(f"{flag} {text!r}: must be between 1m and 366d")
@@ -330,7 +336,8 @@ def main(args: argparse.Namespace) -> int:
         client.close()
 
     wall_now = datetime.now(UTC)
-    head = {"window_minutes": minutes, "by": args.by, "city": args.city, "at": utc_z(at)}
+    city = normalize_city(args.city) if args.city is not None else None  # the key read
+    head = {"window_minutes": minutes, "by": args.by, "city": city, "at": utc_z(at)}
     if bounds is not None:
         head["complete"] = _series_complete(result["intervals"], minute_ttl_s, hour_ttl_s)
     else:
@@ -340,7 +347,8 @@ def main(args: argparse.Namespace) -> int:
         exact = _span_exact(covered, asked, minute_ttl_s)
         result["widened"] = not exact  # for the table's header
         kept = _window_complete(covered[0], wall_now, hour_ttl_s)
-        head["complete"] = exact and kept
+        cut = where and result["cities_read"] < result["cities_in_window"]
+        head["complete"] = exact and kept and not cut
         head["covered"] = {"start": utc_z(covered[0]), "end": utc_z(covered[1])}
     if args.make is not None or args.model is not None:
         head["make"], head["model"] = args.make, args.model
@@ -447,14 +455,20 @@ def _where(
     by = "make" if args.make is not None else "model"
     read = reader.read_cities_of(minutes, match, by, now=at)
     rows, cities = read.rows, read.cities
-    if cities > MAX_BREAKDOWN_CITIES:
+    cities_read = min(cities, MAX_BREAKDOWN_CITIES)  # as the reader picks them
+    if cities > cities_read:
+        name = args.make if args.make is not None else args.model
         print(
-            f"note: the window has {cities} cities; read the {MAX_BREAKDOWN_CITIES} busiest",
+            f"note: the window has {cities} cities; read the {cities_read} busiest by all their "
+            f"posts, so the total and ranks are of those only, and a city left out may post more "
+            f"{name!r} than one listed",
             file=sys.stderr,
         )
     return {
         "total": sum(r.count for r in rows),
         "cities": len(rows),
+        "cities_read": cities_read,
+        "cities_in_window": cities,
         "top": rows[: args.top],
         "covered": (read.start, read.end),
     }

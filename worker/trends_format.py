@@ -10,24 +10,31 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 from datetime import UTC, datetime, timedelta
 
 from worker.trends import Change
 
 _FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode's Cc: C0, DEL and C1
 
 
 def csv_cell(value: object) -> object:
-    """A value as a CSV cell a spreadsheet shows and never runs.
+    """A value as a CSV cell a spreadsheet shows and never runs, nor a terminal acts on.
 
     Names come from posts (cities) and labels: a city posted as ``=HYPERLINK(...)`` would run as
     a formula in the analyst's spreadsheet, so text cells that start like one get a leading
-    ``'`` (OWASP's advice for CSV injection). Numbers are written as they are.
+    ``'`` (OWASP's advice for CSV injection). Control characters (C0, DEL, C1: ESC, BEL, ...),
+    which a terminal acts on when the CSV is read with ``cat``, are written as their escapes
+    (``\\x1b``) as tables write them (:func:`shown`); other characters a table escapes (the
+    zero-width joiners of a spelling such as ``tehr\\u200can``) stay, so names round-trip.
+    Numbers are written as they are.
     """
-    if isinstance(value, str) and value.startswith(_FORMULA_LEADS):
-        return "'" + value
-    return value
+    if not isinstance(value, str):
+        return value
+    value = _CONTROLS.sub(lambda c: c.group().encode("unicode_escape").decode(), value)
+    return "'" + value if value.startswith(_FORMULA_LEADS) else value
 
 
 def _csv(row: list) -> None:
@@ -62,9 +69,11 @@ def utc_z(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _scope(args: argparse.Namespace) -> str:
+def _scope(args: argparse.Namespace, head: dict) -> str:
+    """The scope a header names (` for BMW in são paulo`): the name filter as given, the city as
+    read (normalised, as ``head["city"]`` has it)."""
     name = args.make if args.make is not None else args.model
-    city = f" in {shown(args.city)}" if args.city else ""
+    city = f" in {shown(head['city'])}" if head.get("city") else ""
     return (f" for {shown(name)}" if name is not None else "") + city
 
 
@@ -114,8 +123,10 @@ def print_where(args: argparse.Namespace, head: dict, result: dict) -> None:
     rows = result["top"]
     if args.json:
         top = [{"name": r.city, "count": r.count, "city_total": r.city_total} for r in rows]
-        payload = {**head, "total": result["total"], "cities": result["cities"], "top": top}
-        print(json.dumps(payload, ensure_ascii=False))
+        counts = {
+            key: result[key] for key in ("total", "cities", "cities_read", "cities_in_window")
+        }
+        print(json.dumps({**head, **counts, "top": top}, ensure_ascii=False))
         return
     if args.csv:
         _csv(["rank", "city", "count", "city_total"])
@@ -123,9 +134,17 @@ def print_where(args: argparse.Namespace, head: dict, result: dict) -> None:
             _csv([place, r.city, r.count, r.city_total])
         return
     name = args.make if args.make is not None else args.model
+    read, in_window = result["cities_read"], result["cities_in_window"]
+    cut = (
+        f", of the window's {read} busiest cities (by all their posts) of {in_window}: a city "
+        f"left out may post more {shown(name)} than one listed"
+        if read < in_window
+        else ""
+    )
     print(
         f"cities posting {shown(name)} {_over(head, result)}: "
         f"{count_of(result['total'], 'post')} in {count_of(result['cities'], 'city', 'cities')}"
+        f"{cut}"
     )
     _ranked(
         [
@@ -146,7 +165,7 @@ def print_top(args: argparse.Namespace, head: dict, result: dict) -> None:
         for place, (name, count) in enumerate(rows, 1):
             _csv([place, name, count, round(count / total, 6) if total else ""])
         return
-    print(f"top {args.by} {_over(head, result, _scope(args))}: {count_of(total, 'post')}")
+    print(f"top {args.by} {_over(head, result, _scope(args, head))}: {count_of(total, 'post')}")
     _ranked([(name, count, f"{_share(count, total):>6}") for name, count in rows])
 
 
@@ -169,7 +188,7 @@ def print_compare(args: argparse.Namespace, head: dict, result: dict) -> None:
     before = "expired" if previous["total"] is None else count_of(previous["total"], "post")
     print(
         f"{'rising' if head['rank'] == 'rise' else 'top'} {args.by} "
-        f"{_over(head, result, _scope(args))}: "
+        f"{_over(head, result, _scope(args, head))}: "
         f"{count_of(result['total'], 'post')}; the {window} before: {before}"
     )
     _ranked([(r.name, r.count, _change(r)) for r in rows])
@@ -186,7 +205,7 @@ def print_series(args: argparse.Namespace, head: dict, result: dict) -> None:
             counts = [_blank(None if i["counts"] is None else i["counts"][n]) for n in names]
             _csv([i["start"], i["end"], _blank(i["total"]), *counts])
         return
-    scope = _scope(args)
+    scope = _scope(args, head)
     print(
         f"{args.by} per {_duration(result['every_minutes'])}{scope}: "
         f"{count_of(len(intervals), 'interval')} on the clock, the last up to "

@@ -17,7 +17,6 @@ from kafka import KafkaConsumer, TopicPartition
 from PIL import Image
 
 from worker.produce import (
-    MAX_IMAGE_BYTES,
     MAX_TIMEOUT_S,
     Message,
     ProduceAbortedError,
@@ -27,8 +26,11 @@ from worker.produce import (
     find_images,
     image_messages,
     jsonl_messages,
+    max_image_bytes,
+    post_size,
     read_image,
     send_all,
+    worker_max_message_bytes,
 )
 from worker.stack import TansuBroker, create_topics, free_port
 
@@ -125,12 +127,11 @@ def test_a_huge_image_is_refused_by_its_size_without_being_read(tmp_path: Path) 
     huge = tmp_path / "huge.jpg"
     with huge.open("wb") as f:
         f.truncate(4 << 30)  # 4 GiB, sparse: reading it whole took 4 GiB of memory first
-    reason = read_image(huge)
+    reason = read_image(huge, worker_max_message_bytes())
     assert reason == (
-        f"--images: {huge}: {4 << 30} bytes, over the 12 MiB an image can have in a 16 MiB "
-        "record (base64); not read"
+        f"--images: {huge}: {4 << 30} bytes, over the 7864320 bytes (7.5 MiB) an image can have "
+        "in a post of at most 10485760 bytes (10 MiB) (its base64; --max-message-bytes); not read"
     )
-    assert MAX_IMAGE_BYTES // 3 * 4 == 16 * 1024 * 1024
     small = tmp_path / "small.png"
     small.write_bytes(b"\x89PNG" * 10)
     messages = list(image_messages([small, huge, small], ["Paris", "Lyon"], "p", None))
@@ -147,13 +148,62 @@ def test_a_file_without_a_size_is_read_with_a_bounded_read(tmp_path: Path) -> No
         os.mkfifo(fifo)
         writer = threading.Thread(target=lambda p=payload: fifo.write_bytes(p))
         writer.start()
-        got = read_image(fifo, max_bytes=30)
+        got = read_image(fifo, max_message_bytes=40)  # base64: 30 bytes at most
         writer.join(5)
         fifo.unlink()
         if expected is None:
             assert isinstance(got, str) and f"{fifo}: more, over the" in got
         else:
             assert got == expected
+
+
+def test_images_the_worker_would_dead_letter_as_too_large_are_refused(tmp_path: Path) -> None:
+    # the worker's default max_message_bytes is 10 MiB: an 8 MiB image's post is over it
+    # (its base64 alone is 10.7 MiB); images up to 12 MiB were sent, and dead-lettered
+    from worker.settings import WorkerSettings
+
+    assert worker_max_message_bytes() == WorkerSettings.model_fields["max_message_bytes"].default
+    big = tmp_path / "big.jpg"
+    with big.open("wb") as f:
+        f.truncate(8 << 20)
+    [message] = image_messages([big], [], "p", None)
+    assert message.refused is not None and message.refused.startswith(f"--images: {big}: ")
+    assert "in a post of at most 10485760 bytes (10 MiB)" in message.refused
+
+
+def test_the_json_around_an_image_counts_toward_the_message_size(tmp_path: Path) -> None:
+    # an image whose base64 alone fits, but not with post_id, posted_at, city and the field
+    # names: was sent, and refused by kafka-python (or dead-lettered) without naming the file
+    limit = 4000
+    exact = tmp_path / "exact.png"
+    exact.write_bytes(b"x" * 2000)
+    fits = next(image_messages([exact], ["São Paulo"], "p", None, limit))
+    size = post_size(fits.event)
+    assert size == len(fits.key) + len(fits.payload())  # exact: what is sent
+    exact.write_bytes(b"x" * (2000 + (limit - size) // 4 * 3))  # the largest image that fits
+    fits = next(image_messages([exact], ["São Paulo"], "p", None, limit))
+    assert fits.refused is None and limit - 4 < len(fits.key) + len(fits.payload()) <= limit
+    over = tmp_path / "over.png"
+    over.write_bytes(b"x" * (exact.stat().st_size + 3))  # 4 more base64 bytes: over by 1-4
+    assert over.stat().st_size <= max_image_bytes(limit)  # its base64 alone would fit
+    [refused] = image_messages([over], ["São Paulo"], "p", None, limit)
+    assert refused.refused is not None
+    assert refused.refused.startswith(f"--images: {over}: a post of ")
+    assert refused.refused.endswith(
+        "bytes (key + JSON), over the 4000 bytes the worker takes (--max-message-bytes); not sent"
+    )
+
+
+def test_a_jsonl_line_whose_key_makes_the_record_too_large_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    line = b'{"post_id": "abc", "x": 1}'  # 26 bytes, key 3: a record of 29
+    path.write_bytes(line + b"\n")
+    assert [m.value for m in jsonl_messages(path, None, max_bytes=29)] == [line]
+    [message] = jsonl_messages(path, None, max_bytes=28)  # was sent, past the request size
+    assert message.refused == (
+        f"--jsonl {path}: line 1: 26 bytes and a key of 3, over the "
+        f"{28 / 1024 / 1024:g} MiB of a record; not sent"
+    )
 
 
 def test_jsonl_lines_over_the_record_size_are_refused_and_skipped(tmp_path: Path) -> None:
@@ -178,6 +228,22 @@ def test_refused_messages_count_as_failed_without_reaching_the_producer(caplog) 
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and warnings[0].startswith("record 2 not sent: ")
     assert "MessageSizeTooLargeError: --images: big.jpg: too large" in warnings[0]
+
+
+def test_each_file_refused_for_its_size_is_named_once(caplog) -> None:
+    # only the first refusal of a kind was logged: later files refused were never named
+    producer = FakeProducer(max_bytes=100)
+    big, bigger = (Message(None, b"", refused=f"--images: {n}: too large") for n in ("a", "b"))
+    messages = [Message(None, b"x"), big, bigger, big, Message(None, b"y" * 500)]
+    with caplog.at_level("WARNING", logger="worker.produce"):
+        report = send_all(producer, "t", iter(messages), TokenBucket(0))
+    assert (report.sent, report.failed) == (1, 4)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings[:2] == [
+        "record 2 not sent: [Error 10] MessageSizeTooLargeError: --images: a: too large",
+        "record 3 not sent: [Error 10] MessageSizeTooLargeError: --images: b: too large",
+    ]  # a, cycled again as record 4, is named once
+    assert len(warnings) == 3 and warnings[2].startswith("record 5 not sent: ")
 
 
 def test_a_count_beyond_the_jsonl_lines_sends_each_once_with_one_warning(
@@ -257,6 +323,32 @@ def test_produce_images_round_trip(kafka_bootstrap: str, tmp_path: Path) -> None
 
 
 @pytest.mark.integration
+def test_produce_refuses_posts_over_the_message_size_naming_each(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    create_topics(kafka_bootstrap, ["produce-limit"], 1)
+    _images(tmp_path / "imgs", 3)
+    wrapped = tmp_path / "imgs" / "wrapped.png"  # its base64 fits 1024 bytes, the post does not
+    wrapped.write_bytes(b"w" * 700)
+    big = tmp_path / "imgs" / "big.png"
+    big.write_bytes(b"b" * 2000)
+    result = _produce(
+        "--images", str(tmp_path / "imgs"), "--max-message-bytes", "1024", "--city", "Paris",
+        "--topic", "produce-limit", "--bootstrap-servers", kafka_bootstrap, "--json",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (report["sent"], report["failed"]) == (3, 2)
+    logged = result.stderr.strip().splitlines()
+    assert len(logged) == 2
+    assert f"--images: {big}: 2000 bytes, over the 768 bytes an image can have" in logged[0]
+    assert f"--images: {wrapped}: a post of " in logged[1]
+    assert "over the 1024 bytes the worker takes (--max-message-bytes)" in logged[1]
+    records = _consume(kafka_bootstrap, "produce-limit", 3)
+    assert len(records) == 3 and all(len(r.key) + len(r.value) <= 1024 for r in records)
+
+
+@pytest.mark.integration
 def test_produce_jsonl_round_trip(kafka_bootstrap: str, tmp_path: Path) -> None:
     create_topics(kafka_bootstrap, ["produce-jsonl"], 1)
     lines = [
@@ -297,6 +389,12 @@ def test_produce_jsonl_round_trip(kafka_bootstrap: str, tmp_path: Path) -> None:
         (["--images", ".", "--city", "x" * 129], "at most 128 characters"),
         (["--images", ".", "--platform", "x" * 65], "at most 64 characters"),
         (["--jsonl", "pyproject.toml", "--city", "Paris"], "--city applies to --images only"),
+        (
+            ["--jsonl", "pyproject.toml", "--max-message-bytes", "2000"],
+            "--max-message-bytes applies to --images only",
+        ),
+        (["--images", ".", "--max-message-bytes", "1023"], "--max-message-bytes 1023: must be"),
+        (["--images", ".", "--max-message-bytes", str(2**31)], f"--max-message-bytes {2**31}"),
         (["--jsonl", "EMPTY"], "no events (every line is blank)"),
         (["--jsonl", "BLANK"], "no events (every line is blank)"),
     ],
@@ -517,7 +615,8 @@ def test_produce_counts_oversized_lines_as_failed(kafka_bootstrap: str, tmp_path
     assert report["failures"] == {"MessageSizeTooLargeError": 2}
     assert report["rate"] > 0 and report["error"] is None
     logged = result.stderr.strip().splitlines()
-    assert len(logged) == 1 and "MessageSizeTooLargeError" in logged[0]  # once per kind
+    assert len(logged) == 2 and all("MessageSizeTooLargeError" in line for line in logged)
+    assert f"{path}: line 2: " in logged[0] and f"{path}: line 4: " in logged[1]  # each named
     assert len(_consume(kafka_bootstrap, "produce-big", 2)) == 2
 
 

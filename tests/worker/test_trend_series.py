@@ -510,7 +510,7 @@ def test_cli_bad_series_values_exit_2_with_one_line(args: list[str], needle: str
         ("+1", "'+1"),
         ("-cmd", "'-cmd"),
         ("@SUM(A1)", "'@SUM(A1)"),
-        ("\tx", "'\tx"),
+        ("\tx", "\\tx"),  # a control character: its escape, which no spreadsheet runs
         ("paris", "paris"),
         (-3, -3),  # a number is a number
         ("", ""),
@@ -518,6 +518,33 @@ def test_cli_bad_series_values_exit_2_with_one_line(args: list[str], needle: str
 )
 def test_csv_cells_never_run_as_formulas(value, cell) -> None:
     assert csv_cell(value) == cell
+
+
+@pytest.mark.parametrize(
+    ("value", "cell"),
+    [
+        ("\x1b]0;pwned\x07BMW", "\\x1b]0;pwned\\x07BMW"),  # ESC, BEL: were passed through raw
+        ("Audi\x9b2J", "Audi\\x9b2J"),  # a C1 control (CSI)
+        ("\x1b=cmd", "\\x1b=cmd"),
+        ("=A1\x1b", "'=A1\\x1b"),
+    ],
+)
+def test_csv_cells_show_what_a_terminal_would_act_on_as_escapes(value, cell) -> None:
+    assert csv_cell(value) == cell
+
+
+def test_csv_round_trips_ordinary_names_and_escapes_controls(capsys) -> None:
+    import csv
+    import io
+
+    from worker.trends_format import _csv
+
+    names = ["são paulo", "a, b", 'say "hi"', "Mercedes-Benz|C-Class", "tehr\u200can", "münchen"]
+    for name in [*names, "\x1b[2JBMW\x07"]:
+        _csv([1, name, 2])
+    out = capsys.readouterr().out
+    cells = [row[1] for row in csv.reader(io.StringIO(out))]
+    assert cells == [*names, "\\x1b[2JBMW\\x07"]  # the last was written raw
 
 
 @pytest.mark.integration
@@ -580,6 +607,26 @@ def test_a_city_drops_control_characters_and_bidi_overrides() -> None:
 def test_tables_show_what_a_terminal_would_act_on_as_escapes() -> None:
     assert shown("são paulo") == "são paulo"
     assert shown("a\x1b[2Jb") == "a\\x1b[2Jb"
+
+
+@pytest.mark.integration
+def test_cli_csv_shows_control_characters_as_escapes(series_url) -> None:
+    import csv
+    import io
+
+    url, now = series_url
+    client = redis.Redis.from_url(url)
+    make = "\x1b]0;pwned\x07\x1b[2JBMW\x9b"  # makes and models are not normalised as cities are
+    TrendWriter(client, "series", MIN_TTL, HOUR_TTL).apply(
+        [TrendRecord("t", 3, 0, now, make, "X", None, False)]
+    )
+    client.close()
+    at = now.isoformat().replace("+00:00", "Z")
+    out = _trends("--redis-url", url, "--window", "1h", "--at", at, "--csv")
+    assert out.returncode == 0, out.stderr
+    assert not any(c in out.stdout for c in "\x1b\x07\x9b")  # were written raw
+    names = [row[1] for row in csv.reader(io.StringIO(out.stdout))][1:]
+    assert "\\x1b]0;pwned\\x07\\x1b[2JBMW\\x9b" in names and "Tesla" in names
 
 
 @pytest.mark.integration

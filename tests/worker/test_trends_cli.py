@@ -25,6 +25,15 @@ def test_parse_window_rejects(text: str) -> None:
         parse_window(text)
 
 
+def test_an_uppercase_m_is_refused_as_ambiguous() -> None:
+    # was one minute: 1M reads as a month as readily
+    with pytest.raises(
+        ValueError, match=r"--window '1M': M is ambiguous .*write minutes as m \(1m\)"
+    ):
+        parse_window("1M")
+    assert parse_window("1m") == 1
+
+
 def test_redacted_drops_credentials() -> None:
     assert redacted("redis://user:s3cret@host:6380/2") == "redis://host:6380/2"
     assert redacted("redis://user:s3cret@[::1]:6380/2") == "redis://[::1]:6380/2"
@@ -196,3 +205,44 @@ def test_cli_ignores_an_out_of_range_ttl_in_the_config(trends_url: str) -> None:
     assert out.stderr.strip().splitlines() == [  # the config is read once
         f"ignoring a malformed TTL b'{'9' * 20}' in carstream:trends:config"
     ]
+
+
+@pytest.mark.integration
+def test_the_city_read_is_the_one_named(trends_url: str) -> None:
+    # the header and JSON echoed the raw value (" LYON"), not the city whose keys were read
+    args = ("--redis-url", trends_url, "--window", "15m", "--city", "  LYON ")
+    payload = json.loads(_trends(*args, "--json").stdout)
+    assert payload["city"] == "lyon" and payload["total"] == 2
+    table = _trends(*args, "--make", "bmw")
+    assert table.stdout.splitlines()[0].startswith("top make over the last 15m for bmw in lyon (")
+
+
+@pytest.mark.integration
+def test_a_breakdown_of_the_busiest_cities_only_says_it_is_cut(trends_url: str) -> None:
+    # 1,502 cities: the reader reads the 1,000 busiest by all their posts; a city left out
+    # (city1499, its one post a BMW) may post more of the make than one read
+    args = ("--redis-url", trends_url, "--window", "15m", "--by", "city", "--make", "BMW")
+    whole = json.loads(_trends(*args, "--json").stdout)  # lyon and paris: all read
+    assert whole["complete"] is True and whole["cities_read"] == whole["cities_in_window"] == 2
+    client = redis.Redis.from_url(trends_url)
+    at = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=10)
+    TrendWriter(client, "cli").apply(
+        [
+            TrendRecord("t", 1, i, at, "BMW" if i == 1499 else "Toyota", "X", f"city{i:04}")
+            for i in range(1500)
+        ]
+    )
+    client.close()
+    out = _trends(*args, "--json")
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)
+    assert payload["complete"] is False  # was true, with the total of the cities read
+    assert (payload["cities_read"], payload["cities_in_window"]) == (1000, 1502)
+    assert (payload["total"], payload["cities"], payload["top"][0]["name"]) == (1, 1, "lyon")
+    assert "read the 1000 busiest by all their posts" in out.stderr
+    assert "a city left out may post more 'BMW'" in out.stderr
+    head = _trends(*args).stdout.splitlines()[0]
+    assert head.endswith(
+        "1 post in 1 city, of the window's 1000 busiest cities (by all their posts) of 1502: a "
+        "city left out may post more BMW than one listed"
+    )
