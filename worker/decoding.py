@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import binascii
 import io
+import re
 import struct
+import warnings
 
 import pybase64
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -31,6 +33,12 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _DATA_URI_PREFIX = "data:"
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey image
+# Pillow warns (through py.warnings, three log lines) for images over Image.MAX_IMAGE_PIXELS
+# (89 Mpx) and raises over twice that. Our budget, never above Pillow's (open_checked), refuses
+# every such image from its header with a reason of its own, so the warning says nothing; it is
+# ignored for the process once, here: warnings.catch_warnings around each open would swap
+# process-global state, which is not thread-safe.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # What Pillow's decoders raise on corrupt input besides OSError: fuzzed files are known to reach
 # struct/index/key errors in format plugins, and a bad post must become a dead letter, not a crash.
@@ -40,11 +48,12 @@ _BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 def decode_base64(text: str, max_bytes: int) -> bytes:
     """Strict base64 (optionally a ``data:image/...;base64,`` URI) with a size cap."""
+    start = 0  # where the base64 starts in the field
     if text.startswith(_DATA_URI_PREFIX):
         header, sep, payload = text.partition(",")
         if not sep or not header.endswith(";base64"):
             raise PostError("bad_base64", "data URI is not base64-encoded")
-        text = payload
+        start, text = len(header) + 1, payload
     if len(text) // 4 * 3 > max_bytes + 3:
         raise PostError("too_large", f"image is over {max_bytes} bytes")
     try:
@@ -52,12 +61,37 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
         # faster on a 280 KB post; this decode holds the GIL, so it caps a worker process
         data = pybase64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise PostError("bad_base64", f"invalid base64: {exc}") from None
+        raise PostError("bad_base64", _base64_problem(text, exc, start)) from None
     if not data:
         raise PostError("not_an_image", "empty image")
     if len(data) > max_bytes:
         raise PostError("too_large", f"image is {len(data)} bytes, limit {max_bytes}")
     return data
+
+
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
+_WHITESPACE_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", " ": "a space"}
+
+
+def _base64_problem(text: str, exc: Exception, start: int) -> str:
+    """The reason for base64 that strict decoding refused; ``start``: where ``text`` starts in
+    the field (after a data URI's header).
+
+    Line-wrapped base64 (the ``base64`` command, MIME encoders, Python's ``encodebytes``) is the
+    common case, and the decoder's "Non-base64 digit found" does not say so: when the first
+    character outside the alphabet is whitespace, the reason names it and its offset in the
+    field, so a producer can find it.
+    """
+    found = _NOT_BASE64.search(text)
+    char = found.group() if found else ""
+    if not char or not char.isspace():
+        return f"invalid base64: {exc}"
+    what = _WHITESPACE_NAMES.get(char, f"whitespace ({char!r})")
+    if char in "\r\n":
+        why = "line-wrapped base64 is not accepted: encode without line breaks"
+    else:
+        why = "whitespace in base64 is not accepted"
+    return f"invalid base64: {what} at offset {start + found.start()} ({why})"
 
 
 def decode_image(
@@ -97,20 +131,21 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     """Open from the header only: an allowed format within the pixel budget, not yet decoded."""
     if not data:
         raise PostError("not_an_image", "empty image")
-    # Pillow warns above Image.MAX_IMAGE_PIXELS and raises above twice that. Catching the warning
-    # needs warnings.catch_warnings, which swaps process-global state and is not thread-safe, so
-    # instead any image Pillow would warn about is over our budget too.
+    # Pillow warns above Image.MAX_IMAGE_PIXELS and raises above twice that: any image Pillow
+    # would warn about is over our budget too (and the warning is ignored, see the top).
     if Image.MAX_IMAGE_PIXELS is not None:
         max_pixels = min(max_pixels, Image.MAX_IMAGE_PIXELS)
     problem = structure_cost_problem(data)
     if problem:
-        raise PostError("decompression_bomb", problem)
+        raise problem
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise PostError("not_an_image", "not a recognised image format") from None
     except _BOMB as exc:  # the warning too, where a caller runs with warnings as errors
-        raise PostError("decompression_bomb", str(exc)) from None
+        size = _header_size(data)
+        reason = _too_many_pixels(*size, max_pixels) if size else str(exc)
+        raise PostError("decompression_bomb", reason) from None
     except _CORRUPT as exc:
         raise _corrupt("unreadable image header", exc) from None
     if img.format not in ALLOWED_FORMATS:
@@ -119,16 +154,39 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     if width < 1 or height < 1:
         raise PostError("not_an_image", f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise PostError(
-            "decompression_bomb", f"{width}x{height} is {width * height} pixels, limit {max_pixels}"
-        )
+        raise PostError("decompression_bomb", _too_many_pixels(width, height, max_pixels))
     return img
+
+
+def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:
+    return f"{width}x{height} is {width * height} pixels, limit {max_pixels}"
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of an allowed format, without Pillow's pixel check.
+
+    Image.open raises for images over twice Image.MAX_IMAGE_PIXELS with a text of its own,
+    before the size can be read from the image it refused; the format's opener, called as
+    Image.open calls it, reads the header without that check. Only on that refusal's path.
+    """
+    prefix = data[:16]
+    for name in Image.ID:
+        if name not in ALLOWED_FORMATS:
+            continue
+        factory, accept = Image.OPEN[name]
+        if accept and not accept(prefix):
+            continue
+        try:
+            return factory(io.BytesIO(data), "").size
+        except (*_CORRUPT, *_BOMB, TypeError):  # what Image.open skips a format for
+            continue
+    return None
 
 
 _STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length field
 
 
-def structure_cost_problem(data: bytes) -> str | None:
+def structure_cost_problem(data: bytes) -> PostError | None:
     """Why decoding `data` would cost far more than its size and pixels say, or None.
 
     Checked before Pillow parses anything. JPEG header segments and PNG chunks are walked by
@@ -138,17 +196,24 @@ def structure_cost_problem(data: bytes) -> str | None:
     scan), as SOS markers followed by a well-formed SOS header: entropy-coded data holds no
     markers, and the header check leaves out the chance ``FF DA`` of data after the image (a
     motion photo's video). A search, ~0.25 ms a MB, small beside a progressive decode.
+
+    The problems are ``decompression_bomb`` errors, except a JPEG with too many stray bytes,
+    which is corrupt (``truncated_image``): no encoder writes kilobytes of junk between
+    segments. Data that Pillow would not take for a JPEG (``FF D8`` without a marker after it)
+    is left to Pillow, which calls it ``not_an_image``.
     """
-    if data[:2] == b"\xff\xd8":
+    if data[:3] == b"\xff\xd8\xff":  # what Pillow's JPEG and MPO openers accept
         problem, progressive = _jpeg_header_problem(data)
         if problem:
             return problem
         if progressive:
             scans = _jpeg_scans(data, MAX_JPEG_SCANS + 1)
             if scans > MAX_JPEG_SCANS:
-                return f"progressive JPEG has over {MAX_JPEG_SCANS} scans"
+                return PostError(
+                    "decompression_bomb", f"progressive JPEG has over {MAX_JPEG_SCANS} scans"
+                )
     elif data[:8] == _PNG_SIGNATURE and _png_chunks(data, MAX_PNG_CHUNKS + 1) > MAX_PNG_CHUNKS:
-        return f"PNG has over {MAX_PNG_CHUNKS} chunks"
+        return PostError("decompression_bomb", f"PNG has over {MAX_PNG_CHUNKS} chunks")
     return None
 
 
@@ -156,7 +221,7 @@ _PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
 MAX_JPEG_STRAY_BYTES = 4096  # junk and fill bytes between header segments, in all
 
 
-def _jpeg_header_problem(data: bytes) -> tuple[str | None, bool]:
+def _jpeg_header_problem(data: bytes) -> tuple[PostError | None, bool]:
     """Walk the marker segments before the first scan: a problem (too many segments, too many
     stray bytes) or None, and whether a progressive frame header is among them."""
     pos, n, count, stray, progressive = 2, len(data), 0, 0, False
@@ -172,13 +237,17 @@ def _jpeg_header_problem(data: bytes) -> tuple[str | None, bool]:
         if skipped:
             stray += skipped
             if stray > MAX_JPEG_STRAY_BYTES:
-                return f"JPEG has over {MAX_JPEG_STRAY_BYTES} stray bytes between segments", False
+                reason = (
+                    f"JPEG is corrupt: over {MAX_JPEG_STRAY_BYTES} stray bytes between segments"
+                )
+                return PostError("truncated_image", reason), False
             pos += skipped
             continue
         marker = data[pos + 1]
         count += 1
         if count > MAX_JPEG_HEADER_SEGMENTS:
-            return f"JPEG has over {MAX_JPEG_HEADER_SEGMENTS} header segments", progressive
+            reason = f"JPEG has over {MAX_JPEG_HEADER_SEGMENTS} header segments"
+            return PostError("decompression_bomb", reason), progressive
         if marker in (0xDA, 0xD9):  # SOS, EOI
             break
         progressive = progressive or marker in _PROGRESSIVE_SOF

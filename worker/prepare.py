@@ -49,6 +49,19 @@ class Prepared:
     jpeg: GpuJpeg | None = None
 
 
+def _detached(error: PostError) -> PostError:
+    """The error without its traceback and the exceptions it was raised from.
+
+    A dead letter's error is kept until its batch is delivered, and a traceback keeps every
+    frame it passed through alive with its locals: the post's decoded text, its parsed value,
+    its image bytes and decoded pixels, tens of MB per post besides the record's own bytes.
+    Only the kind and the reason are needed.
+    """
+    error.__traceback__ = None
+    error.__context__ = error.__cause__ = None
+    return error
+
+
 def gpu_decodable(img) -> bool:
     """Baseline 8-bit RGB or grey JPEGs: what nvJPEG's batched decoder handles; CMYK,
     progressive and multi-picture files stay on the CPU decoder."""
@@ -116,7 +129,7 @@ def prepare(
         with cpu_slot():
             return _decoded(event, data, spec, draft, gpu_jpeg, started)
     except PostError as exc:
-        return Prepared(event, None, exc, time.perf_counter() - started)
+        return Prepared(event, None, _detached(exc), time.perf_counter() - started)
     except Exception as exc:  # a decoder bug must not take the worker down with the post
         reason = f"unexpected {exc.__class__.__name__}: {exc}"
         return Prepared(event, None, PostError("internal", reason), time.perf_counter() - started)
@@ -158,7 +171,9 @@ def decode_on_cpu(
             array = preprocess_image(decode_image(prep.jpeg.data, draft_size=spec.resize), spec)
         return Prepared(prep.event, array, None, prep.seconds + time.perf_counter() - started)
     except PostError as exc:
-        return Prepared(prep.event, None, exc, prep.seconds + time.perf_counter() - started)
+        return Prepared(
+            prep.event, None, _detached(exc), prep.seconds + time.perf_counter() - started
+        )
     except Exception as exc:
         reason = f"unexpected {exc.__class__.__name__}: {exc}"
         return Prepared(prep.event, None, PostError("internal", reason), prep.seconds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
+from json.decoder import JSONArray, JSONObject, scanstring
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -133,29 +134,78 @@ class Prediction(BaseModel):
     worker_id: str
 
 
-def _shape_problem(obj: object) -> str | None:
-    """Why a parsed JSON value is no event's shape: nested deeper than MAX_JSON_DEPTH, or
-    holding more than MAX_JSON_VALUES values in its objects and arrays.
+class _OverLimitError(Exception):
+    """Raised from inside the parse once the text passes a limit; the partial value is dropped."""
 
-    Checked on the parsed value, not the text: json.loads guards its own recursion (a text
-    nested past the interpreter's recursion limit raises RecursionError, refused the same way),
-    and walking a post's few containers costs microseconds, where any scan of a 280 KB text
-    costs more than parsing it (two ``str.count`` passes were half of a GPU worker's CPU per
-    post, whose decode threads only parse). The value count stops the walk early: 10 MB of
-    ``[[],[],...]`` is two million containers, 8.5 s of the GIL to walk in full.
+
+# JSON's number grammar in ASCII digits: json.scanner's pure-Python NUMBER_RE uses ``\d``, which
+# also matches other scripts' digits (``1\u0661`` would read as 11), where the C parser refuses them
+_NUMBER = re.compile(r"(-?(?:0|[1-9][0-9]*))(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+
+
+def _bounded_loads(text: str) -> object:
+    """``json.loads(text)`` with duplicate keys and NaN/Infinity refused, that stops with
+    :class:`_OverLimitError` as soon as the text nests deeper than MAX_JSON_DEPTH or holds more than
+    MAX_JSON_VALUES values in its objects and arrays.
+
+    The limits are counted while parsing, not on the parsed value: json.loads of 10 MB of
+    ``[[],[],...]`` builds 3.5 million lists (over 200 MB, 3.5 s of the GIL) before any check could
+    look at them, where this stops after 10,001 values. The count is exact, not an estimate
+    from the bytes (a comma or bracket inside a string is no value), so it refuses exactly the
+    texts whose parsed value breaks a limit, and no event of the DESIGN schema (about ten
+    values, two levels) comes near either. Strings are read by the C ``scanstring`` that
+    json.loads uses; the containers and scalars are walked here, in Python, which costs an
+    event about 20 us more than the C parser.
     """
-    stack = [(obj, 1)]
-    values = 0
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            return _TOO_DEEP
-        values += len(value)
+    values = depth = 0
+    memo: dict[str, str] = {}
+
+    def member(string: str, idx: int) -> tuple[object, int]:
+        """A value inside an object or array: counted."""
+        nonlocal values
+        values += 1
         if values > MAX_JSON_VALUES:
-            return f"JSON holds over {MAX_JSON_VALUES} values"
-        children = value.values() if isinstance(value, dict) else value
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return None
+            raise _OverLimitError(f"JSON holds over {MAX_JSON_VALUES} values")
+        return scan(string, idx)
+
+    def scan(string: str, idx: int) -> tuple[object, int]:
+        nonlocal depth
+        try:
+            nextchar = string[idx]
+        except IndexError:
+            raise StopIteration(idx) from None
+        if nextchar == '"':
+            return scanstring(string, idx + 1, True)
+        if nextchar == "{" or nextchar == "[":
+            depth += 1
+            try:
+                if depth > MAX_JSON_DEPTH:
+                    raise _OverLimitError(_TOO_DEEP)
+                if nextchar == "{":
+                    return JSONObject((string, idx + 1), True, member, None, _unique_keys, memo)
+                return JSONArray((string, idx + 1), member)
+            finally:
+                depth -= 1
+        if nextchar == "n" and string.startswith("null", idx):
+            return None, idx + 4
+        if nextchar == "t" and string.startswith("true", idx):
+            return True, idx + 4
+        if nextchar == "f" and string.startswith("false", idx):
+            return False, idx + 5
+        match = _NUMBER.match(string, idx)
+        if match is not None:
+            integer, frac, exp = match.groups()
+            if frac or exp:
+                return float(integer + (frac or "") + (exp or "")), match.end()
+            return int(integer), match.end()
+        for constant in ("NaN", "Infinity", "-Infinity"):
+            if string.startswith(constant, idx):
+                raise ValueError(f"{constant} is not a JSON value")
+        raise StopIteration(idx)
+
+    decoder = json.JSONDecoder()
+    decoder.scan_once = scan  # raw_decode's entry point: the top-level value, not counted
+    return decoder.decode(text)
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -166,10 +216,6 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
         duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise ValueError(f"duplicate key {duplicate[:64]!r}")
     return obj
-
-
-def _no_constant(name: str) -> object:
-    raise ValueError(f"{name} is not a JSON value")
 
 
 def parse_event(raw: bytes | None, max_bytes: int) -> PostEvent:
@@ -183,14 +229,11 @@ def parse_event(raw: bytes | None, max_bytes: int) -> PostEvent:
     except UnicodeDecodeError as exc:
         raise PostError("invalid_utf8", f"not UTF-8 at byte {exc.start}") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except RecursionError:
-        raise PostError("invalid_json", _TOO_DEEP) from None
-    except ValueError as exc:
+        obj = _bounded_loads(text)
+    except _OverLimitError as exc:
+        raise PostError("invalid_json", str(exc)) from None
+    except ValueError as exc:  # JSONDecodeError, a duplicate key, NaN, an int past 4300 digits
         raise PostError("invalid_json", f"not JSON: {exc}") from None
-    problem = _shape_problem(obj) if isinstance(obj, (dict, list)) else None
-    if problem:
-        raise PostError("invalid_json", problem)
     if not isinstance(obj, dict):
         raise PostError("schema", f"expected a JSON object, got {type(obj).__name__}")
     try:

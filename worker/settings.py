@@ -256,8 +256,15 @@ def default_worker_id() -> str:
 class WorkerSettings(BaseSettings):
     """Everything `python -m worker run` needs; every field is also a kebab-case flag."""
 
+    # allow_inf_nan=False: every float setting must be a finite number. NaN compares false with
+    # every bound, so "nan" was refused only by accident of which bound pydantic checks last,
+    # with a message about that bound ("less than or equal to 3600")
     model_config = SettingsConfigDict(
-        env_prefix="CARSTREAM_", frozen=True, extra="forbid", case_sensitive=False
+        env_prefix="CARSTREAM_",
+        frozen=True,
+        extra="forbid",
+        case_sensitive=False,
+        allow_inf_nan=False,
     )
 
     # Kafka

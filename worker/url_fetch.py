@@ -38,6 +38,8 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known prefix: embeds an IP
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # local-use NAT64 (RFC 8215)
 _NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)")
 _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # C0 controls and DEL
+_CONTROL_NAMES = {"\t": "a tab", "\n": "a line feed", "\r": "a carriage return", "\x7f": "DEL"}
 # getaddrinfo cannot be interrupted, so it runs here and the caller waits at most its deadline;
 # a resolver stuck past that keeps one of these threads until libc gives up, not a decode thread
 _RESOLVE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="url-resolve")
@@ -113,13 +115,30 @@ def _parse_ip_literal(host: str) -> IPAddress | None:
         return None
 
 
+def _refuse_controls(url: str, what: str) -> None:
+    """PostError url_refused when ``url`` holds a C0 control character or DEL.
+
+    urlsplit and urljoin drop tabs and line breaks anywhere in a URL and strip the other
+    control characters from its ends (WHATWG's cleaning), so the URL fetched would not be the
+    one the post (or the redirect) sent: refused, naming the character and where it is.
+    """
+    found = _CONTROL.search(url)
+    if found is not None:
+        char = found.group()
+        name = _CONTROL_NAMES.get(char, f"control character {char!r}")
+        raise PostError("url_refused", f"{what} holds {name} at offset {found.start()}")
+
+
 def _vet_url(url: str, policy: UrlPolicy) -> tuple[str, str, int, str]:
     """(scheme, host, port, path+query) of an acceptable URL, or PostError url_refused."""
+    _refuse_controls(url, "URL")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise PostError("url_refused", f"malformed URL: {exc}") from None
+    if port == 0:  # not "no port": the default port would be fetched instead
+        raise PostError("url_refused", "port 0 is not a TCP port to fetch from")
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise PostError("url_refused", f"scheme {scheme or '(none)'!r} is not http(s)")
@@ -271,6 +290,7 @@ def fetch(
             if isinstance(location, bytes):
                 log.debug("fetched %d bytes from %s", len(location), shown)
                 return location
+            _refuse_controls(location, "redirect Location")
             current = urljoin(current, location)
             log.debug("redirect %s -> %s", shown, urlsplit(current)._replace(query="").geturl())
         raise PostError("url_refused", f"more than {policy.max_redirects} redirects")

@@ -5,8 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import struct
+import subprocess
+import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +172,44 @@ def test_pillows_own_limit_still_applies_when_the_budget_is_larger(warnings_as):
         assert info.value.kind == "decompression_bomb"
 
 
+@pytest.mark.parametrize("side", [10_000, 12_000, 30_000, 100_000])
+def test_images_over_the_cap_get_the_same_reason_whatever_pillow_does(side):
+    # Pillow warns from 89 Mpx and raises past 179 Mpx with a text of its own: our reason,
+    # with the size, is given either way
+    with pytest.raises(PostError) as info:
+        decode_image(_png_header_only(side, side))
+    assert info.value.kind == "decompression_bomb"
+    assert info.value.reason == f"{side}x{side} is {side * side} pixels, limit 64000000"
+
+
+def test_pillows_bomb_warning_is_not_logged():
+    # the worker logs warnings (py.warnings): Pillow's three-line DecompressionBombWarning for
+    # images of 89-179 Mpx said nothing that the dead letter's reason does not. A fresh
+    # interpreter, since pytest resets warning filters around each test and its collection
+    program = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "logging.captureWarnings(True)\n"
+        "from worker.decoding import open_checked\n"
+        "from worker.errors import PostError\n"
+        "try:\n"
+        "    open_checked(sys.stdin.buffer.read())\n"
+        "except PostError as exc:\n"
+        "    print(exc.kind)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", program],
+        input=_png_header_only(12_000, 12_000),  # 144 Mpx: Pillow warns, does not raise
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        check=True,
+    )
+    assert done.stdout == b"decompression_bomb\n", done.stderr
+    assert b"DecompressionBomb" not in done.stderr and b"py.warnings" not in done.stderr, (
+        done.stderr
+    )
+
+
 def _with_extra_scans(data: bytes, scans: int) -> bytes:
     """The JPEG with `scans` copies of its first scan header (empty scans) before its EOI."""
     sos = data.index(b"\xff\xda")
@@ -220,19 +261,32 @@ def test_junk_and_fill_bytes_do_not_hide_segments_scans_or_cost():
     # a junk byte (libjpeg and Pillow skip it) must not end the walk: the COM flood behind it
     # and the progressive frame header (hence the scan count) are still seen
     comments = b"\xff\xfe\x00\x02" * (MAX_JPEG_HEADER_SEGMENTS + 1)
-    assert "header segments" in structure_cost_problem(
-        photo[:cut] + b"\x00" + comments + photo[cut:]
+    assert (
+        "header segments"
+        in structure_cost_problem(photo[:cut] + b"\x00" + comments + photo[cut:]).reason
     )
     scans = _with_extra_scans(photo, MAX_JPEG_SCANS + 1)
-    assert "scans" in structure_cost_problem(scans[:cut] + b"\x00" + scans[cut:])
+    assert "scans" in structure_cost_problem(scans[:cut] + b"\x00" + scans[cut:]).reason
     # a few junk or fill bytes are what broken encoders write: still decoded
     assert decode_image(photo[:cut] + b"\x00\x00" + b"\xff" * 8 + photo[cut:]).size == (96, 96)
     # a flood of fill bytes (Pillow reads each in Python: 8.5 s for 10 MB) is refused
     flood = photo[:2] + b"\xff" * 1_000_000 + photo[2:]
-    assert "stray bytes" in structure_cost_problem(flood)
+    assert "stray bytes" in structure_cost_problem(flood).reason
     with pytest.raises(PostError) as info:
         decode_image(photo[:cut] + bytes(1_000_000) + photo[cut:])
-    assert info.value.kind == "decompression_bomb"
+    assert info.value.kind == "truncated_image"  # no encoder writes that: corrupt, not a bomb
+
+
+def test_stray_bytes_are_corruption_and_ff_d8_alone_is_no_jpeg():
+    # FF D8 and no marker after it: Pillow takes no such file for a JPEG, nor do we
+    with pytest.raises(PostError) as info:
+        decode_image(b"\xff\xd8" + bytes(7 * 1024 * 1024))
+    assert info.value.kind == "not_an_image", info.value
+    # a JPEG start and then megabytes of junk: refused before Pillow skips it byte by byte,
+    # as a corrupt file
+    with pytest.raises(PostError) as info:
+        decode_image(b"\xff\xd8\xff" + bytes(7 * 1024 * 1024))
+    assert info.value.kind == "truncated_image" and "stray bytes" in info.value.reason
 
 
 def test_a_progressive_motion_photo_is_not_refused_for_ff_da_in_its_video():
@@ -346,6 +400,29 @@ def test_concurrent_decoding_matches_serial_decoding():
 def test_draft_is_not_applied_below_the_resize_size():
     data = encode(solid((50, 60, 70), (300, 280)), "JPEG")
     assert decode_image(data, draft_size=256).size == (300, 280)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "encode_lines", "what", "offset"),
+    [
+        ("", base64.encodebytes, "a newline", 76),  # Python's encodebytes, the base64 command
+        ("data:image/png;base64,", base64.encodebytes, "a newline", 22 + 76),
+        ("", lambda b: base64.b64encode(b)[:64] + b"\r\n" + base64.b64encode(b)[64:], None, 64),
+    ],
+)
+def test_line_wrapped_base64_is_named_with_the_offset_of_its_first_break(
+    prefix, encode_lines, what, offset
+):
+    text = prefix + encode_lines(b"\x89PNG" + bytes(300)).decode()
+    with pytest.raises(PostError) as info:
+        decode_base64(text, 10_000)
+    assert info.value.kind == "bad_base64"
+    what = what or "a carriage return"  # MIME's CRLF
+    assert f"{what} at offset {offset}" in info.value.reason, info.value.reason
+    assert "line-wrapped base64 is not accepted" in info.value.reason
+    with pytest.raises(PostError) as info:
+        decode_base64("QUJD REVG", 10_000)
+    assert "a space at offset 4" in info.value.reason
 
 
 def test_base64_strict_and_data_uri():

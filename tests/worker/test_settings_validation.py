@@ -304,3 +304,36 @@ def test_redis_options_redis_py_refuses_only_at_the_first_command_are_refused_up
     with pytest.raises(ValueError, match=r"^redis_url redis") as err:
         redis_client(settings)
     assert needle in str(err.value) and "s3cret" not in str(err.value)
+
+
+FLOAT_SETTINGS = [
+    name
+    for name, field in WorkerSettings.model_fields.items()
+    if field.annotation in (float, float | None)
+]
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "infinity", float("nan")])
+@pytest.mark.parametrize("field", FLOAT_SETTINGS)
+def test_every_float_setting_must_be_a_finite_number(field: str, value: object) -> None:
+    # NaN passes or fails each bound by accident (every comparison is false), and was refused
+    # with the last bound's text ("less than or equal to 3600"); inf with a bound's text too
+    with pytest.raises(ValidationError) as info:
+        WorkerSettings(**{field: value})
+    (error,) = info.value.errors()
+    assert error["loc"] == (field,) and "finite number" in error["msg"], error
+
+
+def test_float_settings_are_the_ones_expected() -> None:
+    # the finite check is the model's, so it covers a float setting added later as well
+    assert {"decode_timeout_s", "min_confidence", "url_timeout_s"} <= set(FLOAT_SETTINGS)
+
+
+def test_run_refuses_a_nan_setting_in_one_line() -> None:
+    done = worker_cli("run", "--decode-timeout-s", "nan", CARSTREAM_MIN_CONFIDENCE="0.5")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "python -m worker run: error: decode_timeout_s: Input should be a finite number"
+    )
+    done = worker_cli("run", CARSTREAM_MIN_CONFIDENCE="nan")
+    assert done.returncode == 2 and "min_confidence: Input should be a finite number" in done.stderr

@@ -103,6 +103,34 @@ def test_refused_urls(url):
     assert info.value.kind == "url_refused", info.value.reason
 
 
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("http://img.example:0/a.jpg", "port 0"),
+        ("https://img.example:000/a.jpg", "port 0"),
+        # urlsplit drops tabs and line breaks and strips other controls from the ends: the URL
+        # fetched would not be the one sent
+        ("http://img.exa\tmple/a.jpg", "a tab at offset 14"),
+        ("http://img.example/a\r\nX-Injected: 1", "a carriage return at offset 20"),
+        ("http://img.example/a.jpg\n", "a line feed at offset 24"),
+        ("\x01http://img.example/a.jpg", "control character '\\x01' at offset 0"),
+        ("http://img.example/a\x00.jpg", "control character '\\x00' at offset 20"),
+        ("http://img.example/a\x7f.jpg", "DEL at offset 20"),
+    ],
+)
+def test_port_0_and_control_characters_are_refused_before_any_lookup(url, needle):
+    asked = []
+
+    def resolve(host, port, type=socket.SOCK_STREAM):  # never connects anywhere
+        asked.append((host, port))
+        raise socket.gaierror(f"unknown host {host}")
+
+    with pytest.raises(PostError) as info:
+        fetch(url, UrlPolicy(timeout_s=2.0), resolve)
+    assert info.value.kind == "url_refused" and needle in info.value.reason, info.value.reason
+    assert asked == []
+
+
 def test_a_name_resolving_to_an_internal_address_is_refused():
     with pytest.raises(PostError) as info:
         fetch(
@@ -214,6 +242,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", target if "://" in target else "/" + target)
             self.end_headers()
+        elif self.path == "/redirect-tab":
+            self.send_response(302)
+            self.send_header("Location", "/o\tk")  # urljoin would drop the tab: "/ok"
+            self.end_headers()
         elif self.path.startswith("/loop"):
             self.send_response(301)
             self.send_header("Location", "/loop")
@@ -287,6 +319,13 @@ def test_redirects_are_followed_within_the_limit(server):
     assert fetch(server + "/redirect/ok", UrlPolicy(allow_private=True, max_redirects=1)) == BODY
     with pytest.raises(PostError, match="redirects"):
         fetch(server + "/redirect/ok", UrlPolicy(allow_private=True, max_redirects=0))
+
+
+def test_a_redirect_location_with_a_control_character_is_refused(server):
+    with pytest.raises(PostError) as info:
+        fetch(server + "/redirect-tab", LOCAL)
+    assert info.value.kind == "url_refused"
+    assert "redirect Location holds a tab at offset 2" in info.value.reason
 
 
 # The loopback test server has to stand in for a public host without switching the address check

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -11,14 +13,16 @@ import pytest
 
 from engine_build.manifest import Manifest
 from tests.support import DoneFuture, Rec, tiny_manifest
+from training.preprocessing import PreprocessSpec
 from worker.batching import Batcher
 from worker.dead_letter import dlq_headers, parse_dlq_headers
 from worker.errors import PostError
 from worker.pipeline import Pending, commit_offsets, make_outputs
 from worker.postprocess import classify, softmax
-from worker.prepare import Prepared
+from worker.prepare import Prepared, prepare
 from worker.schemas import MAX_JSON_DEPTH, MAX_JSON_VALUES, Prediction, parse_event
 from worker.settings import WorkerSettings
+from worker.url_fetch import UrlPolicy
 
 
 class FakeClock:
@@ -200,6 +204,86 @@ def test_values_past_the_limit_are_refused_and_the_walk_stops_there():
         info.value.kind == "invalid_json" and f"over {MAX_JSON_VALUES} values" in info.value.reason
     )
     assert parse_event(_raw({**GOOD, "extra": list(range(MAX_JSON_VALUES // 2))}), 10**6)
+
+
+def test_a_flood_of_empty_arrays_is_refused_without_being_built():
+    # 2 MB of [[],[],...] is 700,000 lists (~45 MB) that a parse-then-check builds before it
+    # counts them (a 10 MB post: 270 MB and 3.5 s of the GIL); the values are counted while the
+    # text is parsed, and the parse stops at the limit
+    raw = b'{"x":[' + b"[]," * (2 * 1024 * 1024 // 3) + b"[]]}"
+    tracemalloc.start()
+    try:
+        with pytest.raises(PostError) as info:
+            parse_event(raw, len(raw))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.kind == "invalid_json"
+    assert f"over {MAX_JSON_VALUES} values" in info.value.reason
+    assert peak < 3 * len(raw)  # the decoded text and at most MAX_JSON_VALUES values
+
+
+def test_commas_and_brackets_inside_strings_are_not_values():
+    # the count is exact, not a byte estimate: a field of punctuation is one value
+    punctuation = "[{,}]" * (3 * MAX_JSON_VALUES)
+    event = parse_event(_raw({**GOOD, "caption": punctuation, "city": ",[{" * 40}), 10**6)
+    assert event.post_id == "p1" and event.city == ",[{" * 40
+
+
+@pytest.mark.parametrize(
+    "number",
+    ["1\u0661", "-\u0661", "0\u0661", "1.\u0661", "1e\u0661", "01", "1.", "-", "+1", ".5"],
+)
+def test_numbers_are_json_numbers_in_ascii_digits(number):
+    # Python's own pure-Python scanner reads 1 followed by an Arabic-Indic one as 11
+    text = _raw(GOOD)[:-1] + b', "n": ' + number.encode().decode("unicode_escape").encode() + b"}"
+    with pytest.raises(PostError) as info:
+        parse_event(text, 10_000)
+    assert info.value.kind == "invalid_json"
+
+
+def _frames_kept(error: BaseException) -> list:
+    """Every frame that the error keeps alive through its traceback, or through the
+    tracebacks of the exceptions it was raised from (with their locals: the post's text,
+    its parsed value, its image)."""
+    frames, todo, seen = [], [error], set()
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None:
+            frames.append(tb.tb_frame)
+            tb = tb.tb_next
+        todo += [exc.__context__, exc.__cause__]
+    return frames
+
+
+_BIG = "A" * 2_000_000
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (
+            _raw({**GOOD, "extra": [[] for _ in range(MAX_JSON_VALUES)], "pad": _BIG}),
+            "invalid_json",
+        ),
+        (_raw({"post_id": "p1", "image_b64": _BIG, "posted_at": "yesterday"}), "schema"),
+        (_raw({**GOOD, "image_b64": base64.encodebytes(b"x" * 1_500_000).decode()}), "bad_base64"),
+        (
+            _raw({**GOOD, "image_b64": base64.b64encode(b"not an image" * 99).decode()}),
+            "not_an_image",
+        ),
+    ],
+)
+def test_a_dead_letters_error_keeps_no_frame_of_its_post_alive(raw, kind):
+    # the error is kept until the batch is delivered: a traceback would keep the text, the
+    # parsed value and the image bytes of every frame it passed through
+    prep = prepare(raw, PreprocessSpec(resize=40, crop=32), UrlPolicy(enabled=False), 10**7)
+    assert prep.error is not None and prep.error.kind == kind
+    assert _frames_kept(prep.error) == []
 
 
 @pytest.mark.parametrize(
