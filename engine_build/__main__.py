@@ -227,8 +227,9 @@ def main(args: argparse.Namespace) -> int:
     except (BuildError, BundleError) as exc:
         print(f"python -m engine_build: error: {exc}", file=sys.stderr)
         return 2
-    except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
-        # an --out or --timing-cache the user cannot write: the message names the path
+    except OSError as exc:
+        # an --out or --timing-cache the user cannot write (a read-only filesystem, a full disk,
+        # a file in the way): the message names the path
         print(f"python -m engine_build: error: {exc}", file=sys.stderr)
         return 2
     except ParityGateError as exc:

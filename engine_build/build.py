@@ -12,9 +12,9 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import tempfile
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,17 @@ from pydantic import ValidationError
 
 from engine_build import heldout
 from engine_build.bundle import PARITY_FILE, Bundle, load_bundle, sha256_file
-from engine_build.manifest import MANIFEST_FILE, Artifact, BatchProfile, Label, Manifest
+from engine_build.manifest import (
+    MANIFEST_FILE,
+    MAX_BATCH,
+    MAX_LABEL_CHARS,
+    Artifact,
+    BatchProfile,
+    Label,
+    Manifest,
+    crop_problem,
+    label_text_problem,
+)
 from engine_build.onnx_export import MAX_OPSET, MIN_OPSET, HalfPrecision, export_onnx
 from engine_build.parity import (
     ParityDataError,
@@ -57,13 +67,6 @@ BUILD_BACKENDS = ("auto", "tensorrt", "onnxruntime")
 ONNX_FILE, INT8_FILE, FP16_ONNX_FILE = "model.onnx", "model.int8.onnx", "model.fp16.onnx"
 TORCH_FILE, PLAN_FILE = "model.pt", "model.fp16.plan"
 BATCH1_IMAGES = 8  # parity images also run one at a time through every artifact
-# the worker's max_batch is at most 4096 (worker/settings.py), so a larger profile is never used;
-# TensorRT would still allocate for it (--max-batch 40960 at 224 px: a 23 GiB input buffer)
-MAX_BATCH = 4096
-# control characters (newline, tab, escape...) and line/paragraph separators: the name and version
-# go into the manifest and every result message, where they would break lines or logs
-_UNPRINTABLE = ("Cc", "Zl", "Zp")
-MAX_LABEL_CHARS = 128  # the post_id's bound too: a label, not a document
 # --threads above this many per usable CPU only oversubscribes the cores (ONNX Runtime's spinning
 # pool: 1024 threads on 2 CPUs made a 9 s build take 100 s; 100000 never finished)
 THREADS_PER_CPU = 4
@@ -85,22 +88,15 @@ def max_threads() -> int:
 
 def check_label_text(flag: str, value: str | None) -> None:
     """Refuse a --model-name / --model-version that is empty, only whitespace, longer than
-    MAX_LABEL_CHARS, or holds a control character (None: the default is used)."""
+    MAX_LABEL_CHARS, or holds a control character (None: the default is used); the manifest's
+    schema holds the same rule (manifest.label_text_problem)."""
     if value is None:
         return
-    if not value.strip():
-        raise BuildError(f"{flag} {value!r}: must not be empty or only whitespace")
-    if len(value) > MAX_LABEL_CHARS:
-        raise BuildError(
-            f"{flag} {value[:40]!r}...: {len(value)} characters, at most {MAX_LABEL_CHARS} (it "
-            "goes into every result message)"
-        )
-    bad = next((c for c in value if unicodedata.category(c) in _UNPRINTABLE), None)
-    if bad is not None:
-        raise BuildError(
-            f"{flag} {value!r}: holds the control character or line break U+{ord(bad):04X}; "
-            "use printable text"
-        )
+    problem = label_text_problem(value)
+    if problem is None:
+        return
+    shown = f"{value[:40]!r}..." if len(value) > MAX_LABEL_CHARS else repr(value)
+    raise BuildError(f"{flag} {shown}: {problem}")
 
 
 class BuildError(ValueError):
@@ -574,9 +570,75 @@ def build_bundle(checkpoint_dir: Path | str, out_dir: Path | str, **options) -> 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     resolved("--checkpoint", checkpoint_dir)
     target = resolved("--out", out_dir)  # `.` has no name nor a parent of its own
+    # first: an --out that cannot be written fails now, naming it, not after the parity pass
+    created: list[Path] = []
+    tmp = _build_folder(out_dir, target, created)
+    try:
+        built = _build_in(tmp, checkpoint_dir, out_dir, target, opts)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)  # the parents made for --out, as before a failed build
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return built
+
+
+def _build_folder(out_dir: Path, target: Path, created: list[Path]) -> Path:
+    """The hidden build folder beside the resolved --out (its parents made, and listed in
+    ``created``); a BuildError naming --out when it cannot be made there."""
+    missing = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        created.extend(missing)  # deepest first: the order to remove them in
+        return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
+    except OSError as exc:  # EACCES, EROFS, ENOSPC, ENOTDIR, ...
+        _remove_empty(created)
+        raise BuildError(
+            f"--out {out_dir}: cannot write in {target.parent} ({exc.strerror or exc})"
+        ) from None
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _weights_problem(ckpt: dict, use_ema: bool = True) -> str | None:
+    """The first tensor of the weights the build exports holding NaN or inf, named, else None:
+    the parity gate would otherwise refuse the build only as a non-finite reference."""
+    from engine_build.runtime.torch_model import first_non_finite
+
+    key = "ema_state_dict" if use_ema and ckpt.get("ema_state_dict") else "state_dict"
+    bad = first_non_finite(ckpt[key])
+    return None if bad is None else f"{key} tensor {bad} holds NaN or inf"
+
+
+def _refused_pickle(exc: BaseException) -> bool:
+    """Whether a checkpoint failed to load because a weights-only load refused an object in it."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, pickle.UnpicklingError) and "weights only" in str(seen).lower():
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def _build_in(
+    tmp: Path, checkpoint_dir: Path, out_dir: Path, target: Path, opts: BuildOptions
+) -> Path:
     try:
         ckpt = load_checkpoint(checkpoint_dir)
     except CheckpointError as exc:
+        if _refused_pickle(exc):
+            file = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir.is_dir() else checkpoint_dir
+            raise BuildError(
+                f"unreadable checkpoint {file}: it holds objects a weights-only load refuses "
+                "(a carstream checkpoint holds only tensors and plain data); it was not written "
+                "by training, and is not loaded"
+            ) from None
         raise BuildError(str(exc)) from exc
     ckpt_file = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir.is_dir() else checkpoint_dir
     labels, level = checkpoint_labels(ckpt, ckpt_file)
@@ -587,10 +649,14 @@ def build_bundle(checkpoint_dir: Path | str, out_dir: Path | str, **options) -> 
     no_trt = _tensorrt_wanted(opts)
 
     spec = preprocess_spec_of(ckpt)
+    if problem := crop_problem(spec):
+        raise BuildError(f"checkpoint {ckpt_file}: preprocess: {problem}")
     try:
         model = model_from_checkpoint(ckpt, source=checkpoint_dir)
     except CheckpointError as exc:
         raise BuildError(str(exc)) from exc
+    if problem := _weights_problem(ckpt):
+        raise BuildError(f"checkpoint {ckpt_file}: {problem}; it cannot be exported")
     try:
         parity_set = heldout.parity_set_for(
             ckpt, spec, opts.parity_data, opts.parity_images, data_dir=opts.data_dir
@@ -622,23 +688,18 @@ def build_bundle(checkpoint_dir: Path | str, out_dir: Path | str, **options) -> 
             },
         )
 
-    # a sibling of the resolved --out: inside it (`--out .`) the build would fill the very
+    # tmp: a sibling of the resolved --out: inside it (`--out .`) the build would fill the very
     # directory it must find empty
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
-    try:
-        manifest, report = _build_into(
-            tmp, ckpt, model, spec, opts, parity_set, reference, no_trt, ckpt_file, labels, level
-        )
-        report["training_crop"] = crop
-        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
-        (tmp / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        load_bundle(tmp)  # the bundle we hand over must pass the worker's own checks
-        _open_modes(tmp)
-        _fsync_tree(tmp)
-        _install(tmp, target, opts.overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    manifest, report = _build_into(
+        tmp, ckpt, model, spec, opts, parity_set, reference, no_trt, ckpt_file, labels, level
+    )
+    report["training_crop"] = crop
+    (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+    (tmp / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    load_bundle(tmp)  # the bundle we hand over must pass the worker's own checks
+    _open_modes(tmp)
+    _fsync_tree(tmp)
+    _install(tmp, target, opts.overwrite)
     log.info("bundle written to %s", target)
     return out_dir
 

@@ -111,7 +111,7 @@ def read_manifest(path: Path) -> Manifest:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        where = ".".join(str(p) for p in first["loc"]) or "manifest"  # `[1, 2]`: the whole
         raise BundleError(f"invalid manifest {file}: {where}: {first['msg']}") from exc
     if len(manifest.labels) != manifest.num_classes:
         raise BundleError(
@@ -143,21 +143,29 @@ def verify_artifact(bundle_dir: Path, artifact: Artifact) -> None:
         raise BundleError(f"artifact path escapes the bundle: {artifact.file}")
     try:  # a symlink (to the file or a folder above it) may lead anywhere: follow them all
         real, root = file.resolve(), Path(bundle_dir).resolve()
-    except (OSError, RuntimeError) as exc:  # a symlink loop: RuntimeError before Python 3.13
+    # a symlink loop: RuntimeError before Python 3.13; ValueError: a NUL (the schema refuses it)
+    except (OSError, RuntimeError, ValueError) as exc:
         raise BundleError(f"bundle artifact {file} cannot be resolved: {exc}") from None
     if not real.is_relative_to(root):
         raise BundleError(
             f"artifact path escapes the bundle through a symlink: {artifact.file} -> {real}"
         )
-    if not file.is_file():
-        raise BundleError(f"bundle artifact missing: {file}")
-    size = file.stat().st_size
+    try:  # is_file swallows ENOENT, not ENAMETOOLONG, EACCES or EIO
+        if not file.is_file():
+            raise BundleError(f"bundle artifact missing: {file}")
+        size = file.stat().st_size
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"bundle artifact {file} cannot be read: {exc}") from None
     if size != artifact.size_bytes:
         raise BundleError(
             f"bundle artifact {file} is {size} bytes, manifest says {artifact.size_bytes} "
             "(truncated or replaced)"
         )
-    if sha256_file(file) != artifact.sha256:
+    try:
+        digest = sha256_file(file)
+    except OSError as exc:  # EACCES, EIO
+        raise BundleError(f"bundle artifact {file} cannot be read: {exc}") from None
+    if digest != artifact.sha256:
         raise BundleError(f"bundle artifact {file} does not match its sha256 (tampered?)")
 
 

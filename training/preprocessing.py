@@ -43,13 +43,24 @@ _RESAMPLE = {
 }
 
 
+# the largest crop training takes (train.py's --image-size, MAX_IMAGE_SIZE) and the resize
+# for_image_size gives it (4096 / 0.875): every spec training writes fits. A larger resize only
+# makes the worker refuse every post as a decompression bomb (its resized size is over budget).
+MAX_CROP = 4096
+MAX_RESIZE = 4681
+# std divides every pixel in float32: below this a std rounds to 0 there (1e-300 is 0.0 in
+# float32) or blows pixels up to inf; mean and std above MAX_NORM are no normalisation either
+MIN_STD = 1e-6
+MAX_NORM = 1e6
+
+
 class PreprocessSpec(BaseModel):
     """Resize the shorter side to ``resize``, centre-crop ``crop``, scale to [0,1], normalise."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    resize: int = Field(256, ge=1)
-    crop: int = Field(224, ge=1)
+    resize: int = Field(256, ge=1, le=MAX_RESIZE)
+    crop: int = Field(224, ge=1, le=MAX_CROP)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
@@ -65,6 +76,10 @@ class PreprocessSpec(BaseModel):
             raise ValueError(f"{info.field_name} {value} must be finite")
         if info.field_name == "std" and not all(v > 0 for v in value):
             raise ValueError(f"std {value} must be > 0")
+        if info.field_name == "std" and not all(v >= MIN_STD for v in value):
+            raise ValueError(f"std {value} must be >= {MIN_STD} (float32 divides by it)")
+        if not all(abs(v) <= MAX_NORM for v in value):
+            raise ValueError(f"{info.field_name} {value} must be within +-{MAX_NORM:g}")
         return value
 
     @classmethod

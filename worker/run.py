@@ -192,17 +192,48 @@ def oversubscription_note(
     )
 
 
-def _warm_up(engine, max_batch: int) -> None:
+def _warm_up(engine, max_batch: int, bundle: Any) -> None:
     """First calls allocate buffers and pick kernels; do it before taking partitions.
 
-    An engine with its own ``warm_up`` (torch-cuda: one CUDA graph per batch bucket) does it all.
+    An engine with its own ``warm_up`` (torch-cuda: one CUDA graph per batch bucket) does it all,
+    and then answers one image more (from its batch-1 graph). Every answer must be ``num_classes``
+    logits wide (ArtifactMismatchError otherwise): the loop looks up ``labels[argmax]``.
     """
+    from engine_build.runtime.base import check_logits
+
+    spec = engine.input_spec()
     if hasattr(engine, "warm_up"):
         engine.warm_up(max_batch)
-        return
-    spec = engine.input_spec()
-    for n in sorted({1, min(max_batch, engine.max_batch)}):
-        engine.infer(np.zeros((n, *spec.shape), dtype=np.float32))
+        sizes = [1]
+    else:
+        sizes = sorted({1, min(max_batch, engine.max_batch)})
+    for n in sizes:
+        check_logits(
+            engine.infer(np.zeros((n, *spec.shape), dtype=np.float32)), n, bundle, engine.name
+        )
+
+
+def warm_up_all(engines: list, max_batch: int, bundle: Any) -> str | None:
+    """Warm every engine up; None, or the one-line error when one fails: a bundle the engine
+    cannot serve (ArtifactMismatchError), or anything the backend raised (ONNX Runtime refusing
+    the model, CUDA out of memory capturing torch-cuda's graphs), named with the bundle and the
+    engine instead of a traceback. The traceback goes to the log at DEBUG."""
+    from engine_build.bundle import BundleError
+
+    for engine in engines:
+        try:
+            _warm_up(engine, max_batch, bundle)
+        except BundleError as exc:
+            return str(exc)
+        except Exception as exc:
+            log.debug("warm-up of %s failed", engine.name, exc_info=True)
+            text = str(exc).strip()
+            detail = text.splitlines()[0] if text else "no detail"
+            return (
+                f"bundle {bundle.path}: the {engine.name} engine failed its warm-up "
+                f"(max batch {max_batch}): {type(exc).__name__}: {detail[:300]}"
+            )
+    return None
 
 
 def _close_all(engines: list) -> None:
@@ -395,8 +426,10 @@ def _serve(
     # one cleanup path for every way out from here on: connect timeout, bad client settings,
     # a stop before connecting, the loop's end, and any error nobody expected
     try:
-        for instance in engines:
-            _warm_up(instance, settings.max_batch)
+        failed = warm_up_all(engines, settings.max_batch, bundle)
+        if failed is not None:  # before consuming anything: exit 2, as for a bad bundle
+            print(f"python -m worker run: error: {failed}", file=sys.stderr)
+            return 2
         log.info("engine warm (%s x %d, max batch %d)", engine.name, len(engines), engine.max_batch)
         new_producer = producer_factory(settings, stop)
         connected = _connect(settings, stop, metrics.beat, new_producer)

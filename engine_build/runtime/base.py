@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from engine_build.bundle import Bundle
+from engine_build.bundle import Bundle, BundleError
 
 
 class EngineUnavailableError(RuntimeError):
@@ -31,6 +31,29 @@ class EngineLoadError(EngineUnavailableError):
     context, weights, buffers or TensorRT execution context (another process on the GPU, a small
     MIG slice, a large ``max_batch``), or TensorRT could not deserialise its plan (which it also
     answers on out of memory). ``auto`` warns and falls back; a named backend raises it."""
+
+
+class ArtifactMismatchError(BundleError):
+    """A verified artifact that cannot serve its manifest: an ONNX model whose inputs/outputs
+    differ from the manifest's names, crop or class count, a ``model.pt`` that does not load into
+    the manifest's arch, or an engine whose logits are not ``num_classes`` wide. Its sha256
+    matches, so the bundle was built or edited wrong: the bundle is refused (a BundleError, a
+    ``ValueError``), and ``auto`` does not fall back to another backend of it (a corrupt
+    ``model.pt`` on a GPU node would otherwise run silently on the CPU)."""
+
+
+def check_logits(logits: object, rows: int, bundle: Bundle, engine_name: str) -> None:
+    """Raise ArtifactMismatchError unless ``logits`` (an engine's answer to ``rows`` images) is
+    ``(rows, num_classes)``: the worker looks up ``labels[argmax]``, and a model with more
+    outputs than labels would fail there on the first batch, one with fewer answer wrongly."""
+    m = bundle.manifest
+    shape = tuple(getattr(logits, "shape", ()))
+    if shape != (rows, m.num_classes):
+        raise ArtifactMismatchError(
+            f"bundle {bundle.path}: the {engine_name} engine answers logits of shape {shape} for "
+            f"{rows} image(s), the manifest has {m.num_classes} classes ({len(m.labels)} "
+            "labels); the model and the manifest's labels do not match"
+        )
 
 
 @dataclass(frozen=True)

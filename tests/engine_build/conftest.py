@@ -33,7 +33,8 @@ def write_checkpoint(
 
     ``near_tie`` makes classes 0 and 1 differ by ~1e-6 in every logit, so any quantisation
     flips their order: a model that int8 cannot reproduce, for gate tests. ``nan_logit`` makes
-    class 0's logit NaN for every image: a broken checkpoint whose reference is not finite.
+    class 0's logit inf for every image (float32 overflow): a broken checkpoint whose
+    reference is not finite.
     """
     torch.manual_seed(seed)
     model = build_model(arch, len(CLASSES))
@@ -46,8 +47,9 @@ def write_checkpoint(
             fc.weight[1] = fc.weight[0] + 1e-6 * torch.randn_like(fc.weight[0])
             fc.bias[1] = fc.bias[0]
             fc.bias[2] = -100.0
-        if nan_logit:
-            model.fc.bias[0] = float("nan")
+        if nan_logit:  # finite weights (NaN ones are refused at load, naming the tensor)
+            model.fc.weight[0] = 3.0e38  # whose logit overflows float32 to inf
+            model.fc.bias[0] = 3.0e38
     spec = PreprocessSpec.for_image_size(IMAGE_SIZE)
     save_checkpoint(
         out,

@@ -275,6 +275,7 @@ def test_fetch_wait_follows_the_batch_wait_unless_set():
 
 
 class _RecordingEngine:
+    name = "recording"
     max_batch = 64
 
     def __init__(self):
@@ -293,16 +294,56 @@ class _SelfWarmingEngine(_RecordingEngine):
         self.sizes.append(("warm_up", max_batch))
 
 
+def _fake_bundle(num_classes: int = 2):
+    from types import SimpleNamespace
+
+    labels = [{"make": "M", "model": str(i)} for i in range(num_classes)]
+    manifest = SimpleNamespace(num_classes=num_classes, labels=labels)
+    return SimpleNamespace(path=Path("/bundles/b"), manifest=manifest)
+
+
 def test_warm_up_runs_the_largest_batch_the_worker_sends_or_the_engines_own():
     plain = _RecordingEngine()
-    _warm_up(plain, 32)
+    _warm_up(plain, 32, _fake_bundle())
     assert plain.sizes == [1, 32]
     capped = _RecordingEngine()
-    _warm_up(capped, 128)  # never above the engine's own max batch
+    _warm_up(capped, 128, _fake_bundle())  # never above the engine's own max batch
     assert capped.sizes == [1, 64]
     own = _SelfWarmingEngine()
-    _warm_up(own, 32)  # torch-cuda captures one CUDA graph per bucket itself
-    assert own.sizes == [("warm_up", 32)]
+    _warm_up(own, 32, _fake_bundle())  # torch-cuda captures one CUDA graph per bucket itself
+    assert own.sizes == [("warm_up", 32), 1]  # and answers one image, to check its width
+
+
+@pytest.mark.parametrize("engine_class", [_RecordingEngine, _SelfWarmingEngine])
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_a_model_whose_logits_are_not_num_classes_wide_fails_warm_up(engine_class, num_classes):
+    # the engines answer 2 logits: with 3 labels the third is never chosen; with 1 label
+    # labels[argmax] would raise IndexError on the first batch, in every replica
+    from worker.run import warm_up_all
+
+    failed = warm_up_all([engine_class()], 32, _fake_bundle(num_classes))
+    assert failed is not None and "\n" not in failed
+    assert "/bundles/b" in failed and "(1, 2)" in failed and f"{num_classes} classes" in failed
+    assert warm_up_all([engine_class()], 32, _fake_bundle(2)) is None
+
+
+class _FailingEngine(_RecordingEngine):
+    name = "onnxruntime-fp32"
+
+    def infer(self, batch):
+        raise RuntimeError(
+            "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions\nmore"
+        )
+
+
+def test_any_warm_up_failure_is_one_line_naming_the_bundle_and_engine():
+    from worker.run import warm_up_all
+
+    failed = warm_up_all([_FailingEngine()], 8, _fake_bundle())
+    assert failed == (
+        "bundle /bundles/b: the onnxruntime-fp32 engine failed its warm-up (max batch 8): "
+        "RuntimeError: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions"
+    )
 
 
 def test_an_int8_worker_on_a_bundle_without_int8_is_one_line_exit_2(worker_bundle_dir, tmp_path):
@@ -322,6 +363,26 @@ def test_an_int8_worker_on_a_bundle_without_int8_is_one_line_exit_2(worker_bundl
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("python -m worker run")]
         assert len(errors) == 1 and "no onnxruntime int8 artifact" in errors[0], proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_a_bundle_with_fewer_labels_than_model_outputs_is_one_line_exit_2(
+    worker_bundle_dir, tmp_path
+):
+    # before: it loaded and warmed up, then labels[argmax] raised IndexError on the first batch
+    import json
+    import shutil
+
+    short = tmp_path / "bundle"
+    shutil.copytree(worker_bundle_dir, short)
+    manifest = json.loads((short / "manifest.json").read_text())
+    manifest["labels"] = manifest["labels"][:2]
+    manifest["num_classes"] = 2
+    (short / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_worker("--bundle", str(short), "--backend", "onnxruntime")
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr and str(short) in last
+    assert "model.onnx does not fit manifest.json" in last and "2 classes" in last
 
 
 def test_a_tls_handshake_nobody_answers_exits_1_with_one_line(worker_bundle_dir):
@@ -430,6 +491,12 @@ class _ClosableEngine:
         if self.warm_error is not None:
             raise self.warm_error
 
+    def input_spec(self):
+        return InputSpec("images", (3, 4, 4), np.dtype(np.float32))
+
+    def infer(self, batch):
+        return np.zeros((batch.shape[0], 2), dtype=np.float32)
+
     def close(self) -> None:
         self.closed += 1
 
@@ -466,8 +533,10 @@ def _serve_with_fakes(
 
     engines = [_ClosableEngine(warm_error), _ClosableEngine()]
     made = iter(engines)
-    manifest = types.SimpleNamespace(model_name="m", model_version="1")
-    bundle = types.SimpleNamespace(manifest=manifest, parity=None)
+    manifest = types.SimpleNamespace(
+        model_name="m", model_version="1", num_classes=2, labels=[1, 2]
+    )
+    bundle = types.SimpleNamespace(manifest=manifest, parity=None, path=Path("/b"))
     monkeypatch.setattr(engine_build.bundle, "load_bundle", lambda _path: bundle)
     monkeypatch.setattr(engine_build.runtime, "create_engine", lambda *_a, **_k: next(made))
     monkeypatch.setattr(worker.metrics, "start", lambda server: server)
@@ -511,8 +580,18 @@ def test_an_unexpected_error_starting_up_still_closes_the_engines_and_the_server
     # before: the engines stayed open and the metrics thread kept serving a dead worker
     outcome, closed, shutdowns = _serve_with_fakes(monkeypatch, RuntimeError("a bug"))
     assert isinstance(outcome, RuntimeError) and closed == [1, 1] and shutdowns == 1
+
+
+def test_a_warm_up_failure_is_one_line_exit_2_and_closes_everything(monkeypatch, capsys):
+    # before: a traceback, exit 1 (ONNX Runtime refusing the manifest's input, CUDA out of
+    # memory capturing torch-cuda's graphs), and a replica restarted into the same failure
     outcome, closed, shutdowns = _serve_with_fakes(monkeypatch, warm_error=MemoryError("oom"))
-    assert isinstance(outcome, MemoryError) and closed == [1, 1] and shutdowns == 1
+    assert outcome == 2 and closed == [1, 1] and shutdowns == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "python -m worker run: error: bundle /b: the onnxruntime-fp32 engine failed its warm-up "
+        "(max batch 32): MemoryError: oom\n"
+    )
 
 
 def test_a_failure_setting_up_the_loop_closes_the_kafka_clients_too(monkeypatch):
