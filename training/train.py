@@ -971,7 +971,8 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
-        if pretrained_source.startswith("none"):
+        if resume_ckpt is None and pretrained_source.startswith("none"):
+            # a resumed run logged "resumed from ..." and keeps its first run's recorded source
             log.warning("training %s from scratch: %s", args.arch, pretrained_source)
         if ema is not None:
             warn_if_ema_too_short(args.ema_decay, args.epochs * steps)

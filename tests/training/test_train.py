@@ -131,13 +131,18 @@ def test_evaluate_uses_the_checkpoints_recorded_crop(trained, sample_root, tmp_p
     assert len(warnings) == 1 and "trained with crop bbox" in warnings[0]
 
 
-def test_resume_reproduces_uninterrupted_run(sample_root, tmp_path):
+def test_resume_reproduces_uninterrupted_run(sample_root, tmp_path, caplog):
     common = ("--epochs", "2", "--eval-every", "0", "--seed", "7", "--ema-decay", "0.9")
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert cli_main(train_argv(sample_root, straight, *common)) == 0
     assert cli_main(train_argv(sample_root, split, *common, "--stop-after", "1")) == 0
     assert load_checkpoint(split)["epoch"] == 0
-    assert cli_main(train_argv(sample_root, split, *common, "--resume", str(split))) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="training"):
+        assert cli_main(train_argv(sample_root, split, *common, "--resume", str(split))) == 0
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("resumed from" in m for m in logged), logged
+    assert not [m for m in logged if "from scratch" in m], logged  # it resumed; it did not start
     a, b = load_checkpoint(straight), load_checkpoint(split)
     assert a["epoch"] == b["epoch"] == 1
     for key in ("state_dict", "ema_state_dict"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,13 @@ log = logging.getLogger(__name__)
 
 BBox = tuple[int, int, int, int]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# control characters (newline, tab, escape...) and line/paragraph separators: a class name goes
+# into labels.json, the checkpoint, the bundle's manifest and every result message (engine_build
+# refuses the same characters in --model-name)
+UNPRINTABLE = ("Cc", "Zl", "Zp")
+CLASSES_NAMED = 20  # classes a warning names before "and N more"
+BBOX_MARGIN = 0.05
+MIN_BOX_SIDE = 8  # pixels: a box (or what is left of it inside the image) smaller holds no car
 
 
 class DatasetError(ValueError):
@@ -44,6 +52,44 @@ def mat_cell_text(item: Any) -> str:
         if number == round(number):
             return str(round(number))
     return str(value).strip()
+
+
+def bbox_crop_box(
+    bbox: BBox, size: tuple[int, int], margin: float = BBOX_MARGIN
+) -> tuple[int, int, int, int] | None:
+    """``bbox`` grown by ``margin`` of its size on each side, clamped to an image of ``size``;
+    None when less than ``MIN_BOX_SIDE`` pixels a side of it is left inside the image."""
+    x1, y1, x2, y2 = bbox
+    mx, my = (x2 - x1) * margin, (y2 - y1) * margin
+    w, h = size
+    box = (
+        max(0, int(x1 - mx)),
+        max(0, int(y1 - my)),
+        min(w, round(x2 + mx)),
+        min(h, round(y2 + my)),
+    )
+    if box[2] - box[0] < MIN_BOX_SIDE or box[3] - box[1] < MIN_BOX_SIDE:
+        return None
+    return box
+
+
+def box_fits_image(bbox: BBox, path: Path) -> bool:
+    """Whether ``bbox`` leaves a usable crop of the image at ``path`` (its header only is read;
+    an image that cannot be opened counts as fitting: the corrupt check reports it)."""
+    try:
+        with Image.open(path) as img:
+            size = img.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return True
+    return bbox_crop_box(bbox, size) is not None
+
+
+def control_char_problem(text: str) -> str | None:
+    """Why ``text`` cannot be a label (it holds a control character or line break), or None."""
+    bad = next((c for c in text if unicodedata.category(c) in UNPRINTABLE), None)
+    if bad is None:
+        return None
+    return f"holds the control character or line break U+{ord(bad):04X} ({text!r})"
 
 
 @dataclass(frozen=True)
@@ -119,3 +165,35 @@ def filter_corrupt(samples: list[Sample], strict: bool) -> tuple[list[Sample], i
         else:
             log.warning("skipping image %s: %s", s.path, problem)
     return kept, len(samples) - len(kept)
+
+
+def class_names(classes: list[dict[str, Any]], targets: list[int]) -> str:
+    """The classes ``targets`` as people read them (``Audi A4L (2/10)``), the first
+    ``CLASSES_NAMED`` of them, then how many more."""
+    from training.datasets.splits import class_label
+
+    shown = ", ".join(class_label(classes[t]) for t in targets[:CLASSES_NAMED])
+    more = len(targets) - CLASSES_NAMED
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def warn_classes_without_training_images(
+    idx: DatasetIndex, where: str, already_warned: set[int] | frozenset[int] = frozenset()
+) -> None:
+    """Warn, naming them, about the classes of a training index left with no image (all of
+    theirs missing, unreadable or in the test split): the model can never learn them. They stay
+    in the class list, so class indices (labels.json, a bundle, a resumed run) do not depend on
+    which files happen to be readable, and their test images still count against the model.
+    ``already_warned``: classes another warning named (no training line at all)."""
+    counts = idx.class_counts()
+    empty = [t for t, n in enumerate(counts) if n == 0 and t not in already_warned]
+    if empty:
+        log.warning(
+            "%s: %d of %d classes have no usable training image (their images are missing, "
+            "unreadable or all in the test split): %s; the model cannot learn them (they stay in "
+            "the class list)",
+            where,
+            len(empty),
+            len(counts),
+            class_names(idx.classes, empty),
+        )

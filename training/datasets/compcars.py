@@ -21,12 +21,16 @@ from typing import Any
 import numpy as np
 
 from training.datasets.base import (
+    MIN_BOX_SIDE,
     BBox,
     DatasetError,
     DatasetIndex,
     Sample,
+    box_fits_image,
+    control_char_problem,
     filter_corrupt,
     mat_cell_text,
+    warn_classes_without_training_images,
 )
 from training.datasets.matfile import names_problem, read_mat
 from training.datasets.splits import read_split, split_warnings, warn_once
@@ -113,6 +117,7 @@ def read_bbox(label_path: Path) -> BBox | None:
     there is no usable one.
 
     The file holds the viewpoint, the box count and ``x1 y1 x2 y2`` in 1-based inclusive pixels.
+    A box under ``MIN_BOX_SIDE`` pixels a side (``10 10 10 10``) is no usable box either.
     A value that is not a finite number within an image's reach (``inf``, ``nan``, ``1e400``)
     makes the box unusable like any other malformed one, rather than an OverflowError.
     """
@@ -124,9 +129,10 @@ def read_bbox(label_path: Path) -> BBox | None:
     if len(values) != 4 or not all(math.isfinite(v) and abs(v) <= MAX_COORD for v in values):
         return None
     x1, y1, x2, y2 = (int(v) for v in values)
-    if x2 < x1 or y2 < y1:
-        return None
-    return max(x1 - 1, 0), max(y1 - 1, 0), x2, y2
+    box = max(x1 - 1, 0), max(y1 - 1, 0), x2, y2
+    if box[2] - box[0] < MIN_BOX_SIDE or box[3] - box[1] < MIN_BOX_SIDE:
+        return None  # inverted, or too small to hold a car: a crop of it would be noise
+    return box
 
 
 def build_classes(
@@ -158,6 +164,18 @@ def build_classes(
     return classes, {key: i for i, key in enumerate(keys)}
 
 
+def check_names(
+    keys: set[tuple[int, int]], makes: dict[int, str], models: dict[int, str], mat_path: Path
+) -> None:
+    """Refuse, naming the row, a make or model name of a class that holds a control character:
+    it would go into labels.json, the checkpoint and the bundle's manifest."""
+    for mk, md in sorted(keys):
+        named = (("make_names", mk, makes.get(mk, "")), ("model_names", md, models.get(md, "")))
+        for var, row, name in named:
+            if problem := control_char_problem(name):
+                raise DatasetError(f"{mat_path}: {var} row {row} {problem}; fix the name")
+
+
 def load_compcars(
     data_dir: Path, split: str, level: str = "model", crop: str = "full", strict: bool = False
 ) -> DatasetIndex:
@@ -173,6 +191,7 @@ def load_compcars(
         s: [(ln, parse_split_line(ln, split_files[s])) for ln in ls] for s, ls in lines.items()
     }
     all_keys = {key for rows in keyed.values() for _, key in rows}
+    check_names(all_keys, makes, models, mat_path)
     classes, index = build_classes(all_keys, makes, models, level)
     rows = {s: [(ln, index[key]) for ln, key in keyed[s]] for s in keyed}
     for message in split_warnings(split_files, rows, classes):
@@ -195,15 +214,28 @@ def load_compcars(
         samples.append(Sample(path, index[key], bbox))
     if missing:
         log.info("%s split: %d listed images missing from the archive, skipped", split, missing)
-    if unboxed:
+    samples, corrupt = filter_corrupt(samples, strict)
+    if crop == "bbox":  # a box that leaves (next to) nothing of the image is no usable box
+        for k, s in enumerate(samples):
+            if s.bbox is not None and not box_fits_image(s.bbox, s.path):
+                unboxed.append(s.path)
+                samples[k] = Sample(s.path, s.target, None)
+    unboxed_count = sum(1 for s in samples if s.bbox is None) if crop == "bbox" else 0
+    if unboxed_count:
         # a run recorded as crop=bbox that mostly saw whole images would say nothing otherwise
         log.warning(
             "%s split, --crop bbox: %d of %d images have no usable box (missing, unreadable or "
-            "malformed label file, e.g. %s) and are used whole",
+            "malformed label file, or a box outside the image or under %d px a side, e.g. %s) "
+            "and are used whole",
             split,
-            len(unboxed),
+            unboxed_count,
             len(samples),
+            MIN_BOX_SIDE,
             unboxed[0],
         )
-    samples, corrupt = filter_corrupt(samples, strict)
-    return DatasetIndex(samples, classes, missing, corrupt, source=f"compcars:{root}")
+    idx = DatasetIndex(samples, classes, missing, corrupt, source=f"compcars:{root}")
+    if split == "train":
+        listed = {target for _, target in rows["train"]}  # the others were warned about above
+        unlisted = {t for t in range(len(classes)) if t not in listed}
+        warn_classes_without_training_images(idx, str(split_files["train"]), unlisted)
+    return idx

@@ -26,11 +26,13 @@ from training.datasets.base import (
     DatasetError,
     DatasetIndex,
     Sample,
+    control_char_problem,
     filter_corrupt,
     mat_cell_text,
+    warn_classes_without_training_images,
 )
 from training.datasets.matfile import cell_problem, read_mat
-from training.datasets.splits import read_split, split_warnings, warn_once
+from training.datasets.splits import examples, read_split, split_warnings, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,20 @@ def load_compcars_sv(
             rows.append((ln, int(head)))
         keyed[s] = rows
     sv_ids = sorted({i for rows in keyed.values() for _, i in rows})
+    mat_path = root / NAMES_MAT
+    for i in sv_ids:
+        make, model, _web = names.get(i, ("", "", None))
+        for column, name in (("make", make), ("model", model)):
+            if problem := control_char_problem(name):
+                raise DatasetError(f"{mat_path}: row {i}, the {column} name {problem}; fix it")
+    unnamed = [str(i) for i in sv_ids if i not in names]
+    if unnamed:
+        warn_once(
+            f"{mat_path} has {len(names)} rows, but sv_model_id(s) {examples(unnamed)} in the "
+            f"split files ({len(unnamed)} in all) are past them: those classes have no make or "
+            "model name (labelled 'make N'/'model N', make_id null)",
+            mat_path,
+        )
     first_row_of_make: dict[str, int] = {}
     for i in sorted(names):
         first_row_of_make.setdefault(names[i][0] or f"make {i}", i)
@@ -167,4 +183,9 @@ def load_compcars_sv(
         else:
             missing += 1
     samples, corrupt = filter_corrupt(samples, strict)
-    return DatasetIndex(samples, classes, missing, corrupt, source=f"compcars-sv:{root}")
+    idx = DatasetIndex(samples, classes, missing, corrupt, source=f"compcars-sv:{root}")
+    if split == "train":
+        listed = {target for _, target in rows["train"]}  # the others were warned about above
+        unlisted = {t for t in range(len(classes)) if t not in listed}
+        warn_classes_without_training_images(idx, str(files["train"]), unlisted)
+    return idx

@@ -18,33 +18,20 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from training.datasets.base import BBox, DatasetError, Sample, message_line
+from training.datasets.base import (
+    BBOX_MARGIN,
+    BBox,
+    DatasetError,
+    Sample,
+    bbox_crop_box,
+    message_line,
+)
 from training.preprocessing import oriented_rgb
 
 log = logging.getLogger(__name__)
 
-BBOX_MARGIN = 0.05
 # what PIL raises for a file whose header looked fine but whose data does not decode
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-def bbox_crop_box(
-    bbox: BBox, size: tuple[int, int], margin: float = BBOX_MARGIN
-) -> tuple[int, int, int, int] | None:
-    """``bbox`` grown by ``margin`` of its size on each side, clamped to an image of ``size``;
-    None when nothing of it is left inside the image."""
-    x1, y1, x2, y2 = bbox
-    mx, my = (x2 - x1) * margin, (y2 - y1) * margin
-    w, h = size
-    box = (
-        max(0, int(x1 - mx)),
-        max(0, int(y1 - my)),
-        min(w, round(x2 + mx)),
-        min(h, round(y2 + my)),
-    )
-    if box[2] <= box[0] or box[3] <= box[1]:
-        return None
-    return box
 
 
 def crop_to_bbox(img: Image.Image, bbox: BBox, margin: float = BBOX_MARGIN) -> Image.Image:
