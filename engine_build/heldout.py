@@ -82,7 +82,7 @@ def training_parity_set(
     arrays, labels = [], []
     for sample in chosen:
         try:
-            arrays.append(preprocess_image(load_image(sample), spec))
+            arrays.append(preprocess_image(load_image(sample, spec.resize), spec))
         except UNREADABLE as exc:
             log.warning("skipping unreadable parity image %s: %s", sample.path, exc)
             continue

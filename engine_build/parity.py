@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
-from training.preprocessing import PreprocessSpec, oriented_rgb, preprocess_image
+from training.preprocessing import PreprocessSpec, draft_for, oriented_rgb, preprocess_image
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ def load_images(
     for file, label in zip(files, labels, strict=True):
         try:
             with Image.open(file) as img:
+                draft_for(img, spec.resize)  # JPEGs at the worker's DCT scale
                 arrays.append(preprocess_image(oriented_rgb(img), spec))
         except UNREADABLE as exc:
             log.warning("skipping unreadable parity image %s: %s", file, exc)

@@ -476,7 +476,7 @@ def eval_loader(
     dist_info: DistInfo | None = None,
 ) -> DataLoader:
     """The test set in order; under DDP (``dist_info``) only this rank's :func:`shard_range`."""
-    dataset = ImageDataset(index.samples, EvalTransform(spec))
+    dataset = ImageDataset(index.samples, EvalTransform(spec), draft_size=spec.resize)
     sampler = None
     if dist_info is not None and dist_info.enabled:
         shard = shard_range(len(dataset), dist_info.world_size, dist_info.rank, args.batch_size)

@@ -15,7 +15,11 @@ import warnings
 import pybase64
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from training.preprocessing import exif_orientation, oriented_rgb  # noqa: F401 (re-exported)
+from training.preprocessing import (  # noqa: F401 (exif_orientation, oriented_rgb re-exported)
+    draft_for,
+    exif_orientation,
+    oriented_rgb,
+)
 from worker.errors import PostError
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "MPO"})
@@ -107,9 +111,8 @@ def decode_image(
     """
     img = open_checked(data, max_pixels)
     try:
-        if draft_size and img.format in ("JPEG", "MPO"):
-            # picks the smallest DCT scale (1/1, 1/2, 1/4, 1/8) keeping both sides >= draft_size
-            img.draft("RGB", (draft_size, draft_size))
+        if draft_size:
+            draft_for(img, draft_size)
         if getattr(img, "is_animated", False):
             img.seek(0)
         img.load()

@@ -93,3 +93,55 @@ def test_load_image_outlives_its_file(tmp_path):
     assert img.getpixel((1, 19)) == (220, 20, 20)  # usable after the file was closed
     buf = io.BytesIO()
     img.save(buf, format="PNG")
+
+
+def _photo_jpeg(path: Path, size=(320, 200)) -> bytes:
+    """A noisy photo-like JPEG several times the resize: the worker decodes it drafted."""
+    rng = np.random.default_rng(3)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], axis=-1)
+    noisy = np.clip(base + rng.integers(-30, 30, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(path, format="JPEG", quality=90)
+    return path.read_bytes()
+
+
+def _worker_array(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    """What the worker's decode threads hand the engine for a post carrying ``data``."""
+    import base64
+    import json
+
+    from worker.prepare import prepare
+    from worker.url_fetch import UrlPolicy
+
+    raw = json.dumps(
+        {
+            "post_id": "p",
+            "image_b64": base64.b64encode(data).decode(),
+            "posted_at": "2026-12-07T00:00:00Z",
+        }
+    ).encode()
+    prep = prepare(raw, spec, UrlPolicy(), 10 * 1024 * 1024)
+    assert prep.error is None, prep.error
+    return prep.array
+
+
+def test_evaluation_and_parity_decode_a_large_jpeg_exactly_as_the_worker(tmp_path):
+    """The worker decodes a JPEG post at a reduced DCT scale (320x200 -> 80x50 for resize 40);
+    training's evaluation and engine_build's parity images must see those pixels, not the full
+    decode's (which differ by several grey levels after the resize)."""
+    from training.datasets.image_dataset import ImageDataset
+    from training.transforms import EvalTransform
+
+    spec = PreprocessSpec(resize=40, crop=32)
+    path = tmp_path / "photo.jpg"
+    data = _photo_jpeg(path)
+    served = _worker_array(data, spec)
+    full = preprocess_image(decode_image(data), spec)
+    assert not np.array_equal(served, full)  # the draft matters for this image
+    evaluated, _ = ImageDataset([Sample(path, 0)], EvalTransform(spec), draft_size=spec.resize)[0]
+    assert np.array_equal(np.asarray(evaluated), served)
+    parity = load_images([path], [0], spec, str(tmp_path))
+    assert np.array_equal(parity.images[0], served)
+    boxed = load_image(Sample(path, 0, (0, 0, 319, 199)), draft_size=spec.resize)
+    assert boxed.size == (320, 200)  # a boxed sample is cut from the full decode

@@ -26,7 +26,7 @@ from training.datasets.base import (
     bbox_crop_box,
     message_line,
 )
-from training.preprocessing import oriented_rgb
+from training.preprocessing import draft_for, oriented_rgb
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,21 @@ def crop_to_bbox(img: Image.Image, bbox: BBox, margin: float = BBOX_MARGIN) -> I
     return img if box is None else img.crop(box)
 
 
-def load_image(sample: Sample) -> Image.Image:
+def load_image(sample: Sample, draft_size: int | None = None) -> Image.Image:
     """The RGB picture of a sample as the worker would decode it (training's ``oriented_rgb``:
     EXIF orientation, transparency on white, 16-bit grey rescaled), cropped to its box when it
     has one.
 
     The box is cut from the pixels as stored and the crop then turned upright: CompCars boxes
     were labelled on stored pixels (MATLAB's imread ignores EXIF orientation).
+
+    ``draft_size`` (evaluation's resize): a JPEG without a box is decoded at a reduced DCT scale,
+    as the worker decodes every JPEG post (:func:`draft_for`); a boxed sample is decoded whole,
+    since its crop, not the file, is what gets resized (the worker never sees boxes).
     """
     with Image.open(sample.path) as f:
+        if draft_size and sample.bbox is None:
+            draft_for(f, draft_size)
         box = None if sample.bbox is None else bbox_crop_box(sample.bbox, f.size)
         img = oriented_rgb(f, box)
         # closing the file invalidates ``f``; keep a copy when nothing else made a new image
@@ -63,9 +69,15 @@ class UnreadableImage(NamedTuple):
 
 
 class ImageDataset(Dataset):
-    def __init__(self, samples: list[Sample], transform: Callable[[Image.Image], Any]):
+    def __init__(
+        self,
+        samples: list[Sample],
+        transform: Callable[[Image.Image], Any],
+        draft_size: int | None = None,
+    ):
         self.samples = samples
         self.transform = transform
+        self.draft_size = draft_size  # evaluation: decode JPEGs as the worker does
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -73,7 +85,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int] | UnreadableImage:
         sample = self.samples[i]
         try:
-            img = load_image(sample)
+            img = load_image(sample, self.draft_size)
         except DECODE_ERRORS as exc:
             return UnreadableImage(str(sample.path), message_line(exc))
         return self.transform(img), sample.target
