@@ -219,6 +219,7 @@ def warm_up_all(engines: list, max_batch: int, bundle: Any) -> str | None:
     the model, CUDA out of memory capturing torch-cuda's graphs), named with the bundle and the
     engine instead of a traceback. The traceback goes to the log at DEBUG."""
     from engine_build.bundle import BundleError
+    from engine_build.runtime.base import first_line
 
     for engine in engines:
         try:
@@ -227,11 +228,9 @@ def warm_up_all(engines: list, max_batch: int, bundle: Any) -> str | None:
             return str(exc)
         except Exception as exc:
             log.debug("warm-up of %s failed", engine.name, exc_info=True)
-            text = str(exc).strip()
-            detail = text.splitlines()[0] if text else "no detail"
             return (
                 f"bundle {bundle.path}: the {engine.name} engine failed its warm-up "
-                f"(max batch {max_batch}): {type(exc).__name__}: {detail[:300]}"
+                f"(max batch {max_batch}): {type(exc).__name__}: {first_line(exc)[:300]}"
             )
     return None
 
