@@ -37,6 +37,17 @@ def csv_cell(value: object) -> object:
     return "'" + value if value.startswith(_FORMULA_LEADS) else value
 
 
+_DEL_AND_C1 = re.compile("[\x7f-\x9f]")
+
+
+def json_line(value: object) -> str:
+    """``value`` as one JSON line, non-ASCII text kept readable but every control character
+    escaped: JSON escapes C0 only, and DEL or a C1 character (U+009B is a terminal's CSI) in a
+    name would reach the analyst's terminal raw."""
+    text = json.dumps(value, ensure_ascii=False)
+    return _DEL_AND_C1.sub(lambda c: f"\\u{ord(c.group()):04x}", text)
+
+
 def _csv(row: list) -> None:
     csv.writer(sys.stdout, lineterminator="\n").writerow([csv_cell(v) for v in row])
 
@@ -126,7 +137,7 @@ def print_where(args: argparse.Namespace, head: dict, result: dict) -> None:
         counts = {
             key: result[key] for key in ("total", "cities", "cities_read", "cities_in_window")
         }
-        print(json.dumps({**head, **counts, "top": top}, ensure_ascii=False))
+        print(json_line({**head, **counts, "top": top}))
         return
     if args.csv:
         _csv(["rank", "city", "count", "city_total"])
@@ -158,7 +169,7 @@ def print_top(args: argparse.Namespace, head: dict, result: dict) -> None:
     rows, total = result["top"], result["total"]
     if args.json:
         top = [{"name": name, "count": count} for name, count in rows]
-        print(json.dumps({**head, "total": total, "top": top}, ensure_ascii=False))
+        print(json_line({**head, "total": total, "top": top}))
         return
     if args.csv:
         _csv(["rank", "name", "count", "share"])
@@ -177,7 +188,7 @@ def print_compare(args: argparse.Namespace, head: dict, result: dict) -> None:
             for r in rows
         ]
         payload = {**head, "total": result["total"], "previous": previous, "top": top}
-        print(json.dumps(payload, ensure_ascii=False))
+        print(json_line(payload))
         return
     if args.csv:
         _csv(["rank", "name", "count", "previous", "change"])
@@ -197,7 +208,7 @@ def print_compare(args: argparse.Namespace, head: dict, result: dict) -> None:
 def print_series(args: argparse.Namespace, head: dict, result: dict) -> None:
     names, intervals = result["names"], result["intervals"]
     if args.json:
-        print(json.dumps({**head, **result}, ensure_ascii=False))
+        print(json_line({**head, **result}))
         return
     if args.csv:
         _csv(["start", "end", "total", *names])

@@ -246,3 +246,17 @@ def test_a_breakdown_of_the_busiest_cities_only_says_it_is_cut(trends_url: str) 
         "1 post in 1 city, of the window's 1000 busiest cities (by all their posts) of 1502: a "
         "city left out may post more BMW than one listed"
     )
+
+
+def test_json_output_escapes_del_and_c1_controls_and_keeps_other_text():
+    """A label or city holding U+009B (a terminal's CSI) must not reach the terminal raw through
+    --json, where JSON itself escapes only C0; readable non-ASCII text stays as it is."""
+    import json
+
+    from worker.trends_format import json_line
+
+    value = {"make": "BMW\x9b31m\x1b\x7f", "city": "são paulo"}
+    line = json_line(value)
+    assert json.loads(line) == value
+    assert not any(c in line for c in "\x1b\x7f\x9b")
+    assert "são paulo" in line
