@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -210,12 +211,30 @@ def http_get(url: str, timeout: float = 5) -> tuple[int, str]:
         return 0, str(exc)
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (32768 when it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_run(n: int) -> int:
-    """A port P with P..P+n-1 all free now (a --processes supervisor's and its children's)."""
+    """A port P with P..P+n-1 all free now (a --processes supervisor's and its children's).
+
+    Picked below the ephemeral range: a port the kernel handed out (bind to 0) is in that range,
+    so any outgoing connection of a test running beside (a Kafka client) may take it before the
+    process meant to listen there starts, which the demo does only after training (a CI run
+    once lost a replica's metrics port that way)."""
+    low = _ephemeral_low()
+    rng = random.Random()
     for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
+        if low - n > 10_000:
+            base = rng.randrange(10_000, low - n)
+        else:  # an unusual range: take one the kernel hands out
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                base = probe.getsockname()[1]
         held: list[socket.socket] = []
         try:
             for port in range(base, base + n):
