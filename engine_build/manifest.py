@@ -30,6 +30,11 @@ MAX_FILE_PART_BYTES = 255
 MAX_FILE_CHARS = 1024
 
 
+def _first_unprintable(text: str) -> str | None:
+    """The first control character or line/paragraph separator in ``text``, or None."""
+    return next((c for c in text if unicodedata.category(c) in _UNPRINTABLE), None)
+
+
 def label_text_problem(value: str) -> str | None:
     """Why ``value`` cannot be a model name or version (the manifest's and --model-name's rule:
     not blank, at most MAX_LABEL_CHARS, no control character or line break), else None."""
@@ -40,7 +45,7 @@ def label_text_problem(value: str) -> str | None:
             f"{len(value)} characters, at most {MAX_LABEL_CHARS} (it goes into every result "
             "message)"
         )
-    bad = next((c for c in value if unicodedata.category(c) in _UNPRINTABLE), None)
+    bad = _first_unprintable(value)
     if bad is not None:
         return f"holds the control character or line break U+{ord(bad):04X}; use printable text"
     return None
@@ -54,7 +59,7 @@ def artifact_file_problem(name: str) -> str | None:
         return "is empty"
     if len(name) > MAX_FILE_CHARS:
         return f"is {len(name)} characters long, at most {MAX_FILE_CHARS}"
-    bad = next((c for c in name if unicodedata.category(c) in _UNPRINTABLE), None)
+    bad = _first_unprintable(name)
     if bad is not None:  # NUL included: no filesystem call takes it
         return f"holds the control character U+{ord(bad):04X}"
     for part in name.split("/"):

@@ -178,15 +178,16 @@ def class_names(classes: list[dict[str, Any]], targets: list[int]) -> str:
 
 
 def warn_classes_without_training_images(
-    idx: DatasetIndex, where: str, already_warned: set[int] | frozenset[int] = frozenset()
+    idx: DatasetIndex, where: str, listed: set[int] | None = None
 ) -> None:
     """Warn, naming them, about the classes of a training index left with no image (all of
     theirs missing, unreadable or in the test split): the model can never learn them. They stay
     in the class list, so class indices (labels.json, a bundle, a resumed run) do not depend on
     which files happen to be readable, and their test images still count against the model.
-    ``already_warned``: classes another warning named (no training line at all)."""
+    ``listed``: the classes with a line in the training split file, where there is one (a class
+    with none was named by split_warnings already)."""
     counts = idx.class_counts()
-    empty = [t for t, n in enumerate(counts) if n == 0 and t not in already_warned]
+    empty = [t for t, n in enumerate(counts) if n == 0 and (listed is None or t in listed)]
     if empty:
         log.warning(
             "%s: %d of %d classes have no usable training image (their images are missing, "

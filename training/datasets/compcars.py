@@ -235,7 +235,6 @@ def load_compcars(
         )
     idx = DatasetIndex(samples, classes, missing, corrupt, source=f"compcars:{root}")
     if split == "train":
-        listed = {target for _, target in rows["train"]}  # the others were warned about above
-        unlisted = {t for t in range(len(classes)) if t not in listed}
-        warn_classes_without_training_images(idx, str(split_files["train"]), unlisted)
+        listed = {target for _, target in rows["train"]}
+        warn_classes_without_training_images(idx, str(split_files["train"]), listed)
     return idx

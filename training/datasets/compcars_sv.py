@@ -185,7 +185,6 @@ def load_compcars_sv(
     samples, corrupt = filter_corrupt(samples, strict)
     idx = DatasetIndex(samples, classes, missing, corrupt, source=f"compcars-sv:{root}")
     if split == "train":
-        listed = {target for _, target in rows["train"]}  # the others were warned about above
-        unlisted = {t for t in range(len(classes)) if t not in listed}
-        warn_classes_without_training_images(idx, str(files["train"]), unlisted)
+        listed = {target for _, target in rows["train"]}
+        warn_classes_without_training_images(idx, str(files["train"]), listed)
     return idx
