@@ -531,23 +531,25 @@ def _main(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from worker.settings import FETCH_MARGIN_BYTES, INT32_MAX, WorkerSettings
+    from worker.settings import WorkerSettings
 
-    overrides = {}
+    overrides: dict[str, object] = {}
     if args.bootstrap_servers is not None:  # given empty is an error, not the default
         overrides["bootstrap_servers"] = args.bootstrap_servers
+    if args.max_message_bytes is not None:  # the worker's own field checks its bounds
+        overrides["max_message_bytes"] = args.max_message_bytes
     try:  # before any input is read: its max_message_bytes bounds the posts
         settings = WorkerSettings(**overrides)
     except ValidationError as exc:
-        return fail(f"settings: {first_validation_error(exc)}")
-    max_message_bytes = settings.max_message_bytes  # CARSTREAM_MAX_MESSAGE_BYTES, as the worker's
-    if args.max_message_bytes is not None:
-        max_message_bytes = args.max_message_bytes
-        if not 1024 <= max_message_bytes <= INT32_MAX - FETCH_MARGIN_BYTES:  # as the worker's
+        problem = first_validation_error(exc)
+        if args.max_message_bytes is not None and problem.startswith("max_message_bytes:"):
+            reason = problem.removeprefix("max_message_bytes:").strip()
             return fail(
-                f"--max-message-bytes {max_message_bytes}: must be between 1024 and "
-                f"{INT32_MAX - FETCH_MARGIN_BYTES}, as the worker's max_message_bytes"
+                f"--max-message-bytes {args.max_message_bytes}: must be a size the worker's "
+                f"max_message_bytes takes ({reason})"
             )
+        return fail(f"settings: {problem}")
+    max_message_bytes = settings.max_message_bytes  # the flag, or CARSTREAM_MAX_MESSAGE_BYTES
     if args.images is not None:
         if not args.images.is_dir():
             return fail(f"--images {args.images}: not a directory")
