@@ -16,10 +16,66 @@ EXIT_BAD_INPUT = 2
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage dump), still exiting 2."""
+    """argparse that reports a bad flag in one line (no usage dump), still exiting 2.
+
+    A value that starts with ``-`` is read as the value of the flag before it when it is not
+    itself a flag (``--window -5m`` as ``--window=-5m``): argparse would take it for an unknown
+    option and answer "expected one argument", where the flag's own check names what is wrong.
+    """
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        argv = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(self._dash_values_joined(argv), namespace)
+
+    def _takes_one_value(self, token: str) -> bool:
+        """Whether ``token`` names (or, with abbreviations on, uniquely begins) a long flag that
+        takes exactly one value."""
+        if not token.startswith("--") or "=" in token:
+            return False
+        longs = [s for s in self._option_string_actions if s.startswith("--")]
+        names = [token] if token in longs else []
+        if not names and self.allow_abbrev:
+            names = [s for s in longs if s.startswith(token)]
+        actions = {self._option_string_actions[s] for s in names}
+        return len(actions) == 1 and next(iter(actions)).nargs is None
+
+    def _is_flag(self, token: str) -> bool:
+        """Whether ``token`` would be read as one of this parser's flags (``--name=value``, an
+        abbreviation of a long flag, ``-x`` or ``-xVALUE`` for a short one)."""
+        name = token.split("=", 1)[0]
+        if name in self._option_string_actions:
+            return True
+        if token.startswith("--"):
+            return self.allow_abbrev and any(
+                s.startswith(name) for s in self._option_string_actions if s.startswith("--")
+            )
+        return token[:2] in self._option_string_actions
+
+    def _dash_values_joined(self, argv: list[str]) -> list[str]:
+        out: list[str] = []
+        i = 0
+        while i < len(argv):
+            token = argv[i]
+            if token == "--":
+                out.extend(argv[i:])
+                break
+            value = argv[i + 1] if i + 1 < len(argv) else None
+            if (
+                value is not None
+                and value.startswith("-")
+                and value not in ("-", "--")
+                and self._takes_one_value(token)
+                and not self._is_flag(value)
+            ):
+                out.append(f"{token}={value}")
+                i += 2
+                continue
+            out.append(token)
+            i += 1
+        return out
 
 
 def fail(message: str) -> int:

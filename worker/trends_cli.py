@@ -53,6 +53,8 @@ def parse_window(text: str, flag: str = "--window") -> int:
     """Minutes in a window (or a series' interval) written as 15m, 2h or 1d (H and D too; an
     uppercase M is refused as ambiguous)."""
     match = _WINDOW.match(text)
+    if not match and text.strip().startswith("-"):
+        raise ValueError(f"{flag} {text!r}: must be positive, a number with m, h or d (15m)")
     if not match:
         raise ValueError(f"{flag} {text!r}: expected a number with m, h or d (15m, 2h, 1d)")
     if match.group(2) == "M":  # 1M reads as a month as readily as a minute

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import pickle
@@ -220,3 +221,53 @@ def test_a_diverged_run_is_one_line_with_exit_1(capsys):
     assert run_guarded(diverge, argparse.Namespace()) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: training diverged: loss is nan at epoch 0; lower --lr"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from training.cli_errors import OneLineParser
+
+    parser = OneLineParser(prog="p")
+    parser.add_argument("--window", default="60m")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("-n", "--count", type=int, default=1)
+    parser.add_argument("--when", default=None)
+    parser.add_argument("--whence", default=None)
+    return parser
+
+
+@pytest.mark.parametrize(
+    ("argv", "window"),
+    [
+        (["--window", "-5m"], "-5m"),  # was: "argument --window: expected one argument"
+        (["--wind", "-5m"], "-5m"),  # an abbreviation, as argparse allows
+        (["--window=-5m"], "-5m"),
+        (["--window", "5m", "--json"], "5m"),
+    ],
+)
+def test_a_value_starting_with_a_dash_is_the_flags_value(argv, window):
+    assert _parser().parse_args(argv).window == window
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--window", "--json"],  # a flag is never taken as a value
+        ["--window", "-n"],
+        ["--window", "-n3"],
+        ["--window", "--co=3"],
+    ],
+)
+def test_a_flag_after_a_flag_that_takes_a_value_is_still_an_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert "argument --window: expected one argument" in capsys.readouterr().err
+
+
+def test_an_ambiguous_abbreviation_and_values_after_double_dash_are_left_to_argparse(capsys):
+    parser = _parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--whe", "-x"])  # --when or --whence: argparse names both
+    assert "ambiguous option: --whe" in capsys.readouterr().err
+    args, rest = parser.parse_known_args(["--", "--window", "-5m"])
+    assert args.window == "60m" and rest == ["--", "--window", "-5m"]

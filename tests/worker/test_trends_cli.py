@@ -260,3 +260,13 @@ def test_json_output_escapes_del_and_c1_controls_and_keeps_other_text():
     assert json.loads(line) == value
     assert not any(c in line for c in "\x1b\x7f\x9b")
     assert "são paulo" in line
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--window", "-5m"), ("--every", "-1h")])
+def test_a_negative_window_is_named_by_its_own_check_not_argparse(flag, value, capsys) -> None:
+    # was: "argument --window: expected one argument" (argparse read -5m as an unknown flag)
+    from worker.__main__ import main as worker_main
+
+    assert worker_main(["trends", flag, value, "--redis-url", "redis://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {flag} {value!r}: must be positive, a number with m, h or d (15m)"]
