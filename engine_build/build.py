@@ -606,14 +606,37 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
+def _negative_variance(state: dict) -> str | None:
+    """The first BatchNorm ``running_var`` in ``state`` with a negative value, described (the
+    value and its flat index), else None."""
+    for name, value in state.items():
+        if not (name == "running_var" or name.endswith(".running_var")):
+            continue
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        negative = (value.detach().reshape(-1) < 0).nonzero()
+        if negative.numel():
+            index = int(negative[0, 0])
+            return (
+                f"{name} has a negative value ({float(value.reshape(-1)[index]):g} at index "
+                f"{index}): a BatchNorm variance cannot be negative; the checkpoint is corrupt"
+            )
+    return None
+
+
 def _weights_problem(ckpt: dict, use_ema: bool = True) -> str | None:
-    """The first tensor of the weights the build exports holding NaN or inf, named, else None:
-    the parity gate would otherwise refuse the build only as a non-finite reference."""
+    """What is wrong with the weights the build exports, naming the first bad tensor, else None:
+    one holding NaN or inf, or a BatchNorm ``running_var`` with a negative value (eval mode takes
+    its square root: NaN). The parity gate would otherwise refuse the build only as a non-finite
+    reference."""
     from engine_build.runtime.torch_model import first_non_finite
 
     key = "ema_state_dict" if use_ema and ckpt.get("ema_state_dict") else "state_dict"
     bad = first_non_finite(ckpt[key])
-    return None if bad is None else f"{key} tensor {bad} holds NaN or inf"
+    if bad is not None:
+        return f"{key} tensor {bad} holds NaN or inf"
+    negative = _negative_variance(ckpt[key])
+    return None if negative is None else f"{key} tensor {negative}"
 
 
 def _refused_pickle(exc: BaseException) -> bool:

@@ -35,8 +35,9 @@ class EngineLoadError(EngineUnavailableError):
 
 class ArtifactMismatchError(BundleError):
     """A verified artifact that cannot serve its manifest: an ONNX model whose inputs/outputs
-    differ from the manifest's names, crop or class count, a ``model.pt`` that does not load into
-    the manifest's arch, or an engine whose logits are not ``num_classes`` wide. Its sha256
+    differ from the manifest's names, crop or class count, a TensorRT plan whose I/O tensors
+    differ from them (names, input/output mode, shape, dtype), a ``model.pt`` that does not load
+    into the manifest's arch, or an engine whose logits are not ``num_classes`` wide. Its sha256
     matches, so the bundle was built or edited wrong: the bundle is refused (a BundleError, a
     ``ValueError``), and ``auto`` does not fall back to another backend of it (a corrupt
     ``model.pt`` on a GPU node would otherwise run silently on the CPU)."""

@@ -109,7 +109,10 @@ def create_engine(bundle: Bundle, backend: str = "auto", **opts: Any) -> Engine:
     explicitly named backend that cannot run raises EngineUnavailableError (PlanMismatchError
     for a plan built for another GPU/TensorRT or whose profile does not cover the manifest's,
     EngineLoadError when it ran out of GPU memory loading or TensorRT could not deserialise its
-    plan); ``auto`` logs those two as WARNINGs and tries the next backend.
+    plan); ``auto`` logs those two as WARNINGs and tries the next backend. An artifact that does
+    not fit the manifest (an ONNX model or a TensorRT plan whose inputs/outputs differ from it, a
+    ``model.pt`` that does not load) raises ArtifactMismatchError under any backend, ``auto``
+    included: the bundle is wrong, and no other backend of it is tried.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

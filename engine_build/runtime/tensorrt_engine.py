@@ -17,6 +17,7 @@ import torch
 from engine_build.bundle import Bundle
 from engine_build.manifest import Artifact, BatchProfile
 from engine_build.runtime.base import (
+    ArtifactMismatchError,
     EngineLoadError,
     EngineUnavailableError,
     InputSpec,
@@ -163,13 +164,18 @@ def plan_io(
     output_name: str,
     sample_shape: tuple[int, ...],
     num_classes: int,
+    where: str = "the TensorRT plan",
 ) -> tuple[torch.dtype, torch.dtype]:
     """Log every I/O tensor of a deserialised plan and check them against the manifest.
 
     TensorRT does not fail on a wrong name: ``get_tensor_dtype`` answers FLOAT and
     ``get_tensor_shape`` an empty shape for a name the plan lacks, so the checks are made here,
     over ``num_io_tensors``/``get_tensor_name``/``get_tensor_mode``. Returns the torch dtypes of the
-    input and the output; raises EngineUnavailableError naming every difference.
+    input and the output; raises ArtifactMismatchError naming every difference, after ``where``
+    (e.g. "bundle DIR: model.fp16.plan"). The plan's sha256 matched the manifest, so the bundle
+    was built or edited wrong: as for an ONNX model that does not fit, the bundle is refused and
+    ``auto`` does not fall back to another backend (unlike a plan for another GPU, or one whose
+    profile does not cover the manifest's: PlanMismatchError, see :func:`plan_profile`).
     """
     dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
     found = {}
@@ -199,9 +205,7 @@ def plan_io(
         if got_dtype not in dtypes:
             problems.append(f"{name!r} has dtype {got_dtype}, not float32/float16")
     if problems:
-        raise EngineUnavailableError(
-            "TensorRT plan does not match the bundle manifest: " + "; ".join(problems)
-        )
+        raise ArtifactMismatchError(f"{where} does not fit manifest.json: " + "; ".join(problems))
     return dtypes[found[input_name][2]], dtypes[found[output_name][2]]
 
 
@@ -256,7 +260,8 @@ def plan_profile(
 
 
 class TensorRTEngine:
-    """Runs ``model.fp16.plan``; refuses (PlanMismatchError) a plan for another GPU or TRT."""
+    """Runs ``model.fp16.plan``; refuses (PlanMismatchError) a plan for another GPU or TRT, and
+    (ArtifactMismatchError: a bad bundle) one whose I/O tensors differ from the manifest's."""
 
     def __init__(self, bundle: Bundle, precision: str = "fp16", device: int = 0):
         plans = [
@@ -302,7 +307,13 @@ class TensorRTEngine:
                 )
             self._in_name, self._out_name = m.input_name, m.output_name
             in_dtype, out_dtype = plan_io(
-                trt, self._engine, self._in_name, self._out_name, self._spec.shape, m.num_classes
+                trt,
+                self._engine,
+                self._in_name,
+                self._out_name,
+                self._spec.shape,
+                m.num_classes,
+                where=f"bundle {bundle.path}: {artifact.file}",
             )
             plan_profile(self._engine, self._in_name, self._spec.shape, m.batch_profile)
             # allocates the activation memory for the profile's largest shape: None is (almost

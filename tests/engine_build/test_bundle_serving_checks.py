@@ -164,6 +164,32 @@ def test_a_checkpoint_with_non_finite_weights_names_the_tensor(tmp_path, parity_
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_with_a_negative_batchnorm_variance_names_the_tensor(
+    tmp_path, parity_dir, capsys
+):
+    # before: export ran, and the parity gate refused it only as a NaN reference (eval-mode
+    # BatchNorm takes the square root of running_var), naming no tensor
+    from engine_build.__main__ import get_args_parser, main
+    from engine_build.build import BuildError, build_bundle
+
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    raw = torch.load(ckpt / "checkpoint.pt", weights_only=True)
+    raw["state_dict"]["layer1.0.bn1.running_var"][3] = -0.5
+    torch.save(raw, ckpt / "checkpoint.pt")
+    needle = (
+        r"state_dict tensor layer1\.0\.bn1\.running_var has a negative value \(-0\.5 at index 3\): "
+        r"a BatchNorm variance cannot be negative; the checkpoint is corrupt"
+    )
+    with pytest.raises(BuildError, match=needle):
+        build_bundle(ckpt, tmp_path / "out", parity_data=parity_dir, max_batch=8)
+    assert not (tmp_path / "out").exists()
+    argv = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--log-level", "ERROR"]
+    assert main(get_args_parser().parse_args([*argv, "--parity-data", str(parity_dir)])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "layer1.0.bn1.running_var has a negative value" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_checkpoint_holding_objects_is_said_to_be_refused_by_a_weights_only_load(tmp_path):
     from engine_build.build import BuildError, build_bundle
 

@@ -17,7 +17,7 @@ import torch
 
 from engine_build import tensorrt_build
 from engine_build.manifest import BatchProfile
-from engine_build.runtime.base import EngineUnavailableError
+from engine_build.runtime.base import ArtifactMismatchError
 from engine_build.runtime.tensorrt_engine import plan_io, tensorrt_logger, trt_errors
 from engine_build.tensorrt_build import TensorRTBuildError, build_fp16_plan
 
@@ -371,9 +371,11 @@ def test_plan_io_names_every_difference_from_the_manifest():
             "logits": (TensorIOMode.OUTPUT, (-1, 5), DataType.INT8),
         }
     )
-    with pytest.raises(EngineUnavailableError) as err:
-        plan_io(fake_trt(), engine, "images", "logits", (3, 32, 32), 3)
+    # before: an EngineUnavailableError, which auto took for "no TensorRT here" and fell back from
+    with pytest.raises(ArtifactMismatchError) as err:
+        plan_io(fake_trt(), engine, "images", "logits", (3, 32, 32), 3, where="bundle b: x.plan")
     why = str(err.value)
+    assert why.startswith("bundle b: x.plan does not fit manifest.json: ")
     assert "unexpected I/O tensor 'input.1'" in why and "no input 'images'" in why
     assert "'logits' has shape (-1, 5), the manifest says (-1, 3)" in why
     assert "not float32/float16" in why
@@ -507,6 +509,46 @@ def test_the_plans_profile_is_logged_and_a_matching_one_loads(fake_gpu, with_pla
         "profile 0 of 1 for images: min=(1, 3, 32, 32) opt=(4, 3, 32, 32) max=(8, 3, 32, 32)"
         in (caplog.text)
     )
+
+
+@pytest.mark.parametrize(
+    ("tensors", "needle"),
+    [
+        (
+            {"logits": (TensorIOMode.OUTPUT, (-1, 5), DataType.FLOAT)},
+            r"'logits' has shape \(-1, 5\), the manifest says \(-1, 3\)",
+        ),
+        (
+            {"input.1": (TensorIOMode.INPUT, (-1, 3, 32, 32), DataType.FLOAT), "images": None},
+            r"unexpected I/O tensor 'input\.1'; no input 'images'",
+        ),
+    ],
+)
+def test_a_plan_whose_io_differs_from_the_manifest_refuses_the_bundle_auto_does_not_fall_back(
+    fake_gpu, with_plans, caplog, tensors, needle
+):
+    # before: an EngineUnavailableError, so auto logged it at INFO as if there were no GPU and
+    # served the bundle with ONNX Runtime; its sha256 matched, so the bundle itself is wrong
+    from engine_build.runtime import create_engine
+
+    engine = FakePlanEngine(profile_of(1, 4, 8))
+    for name, tensor in tensors.items():
+        if tensor is None:
+            del engine.tensors[name]
+        else:
+            engine.tensors[name] = tensor
+    fake_gpu(runtime_trt(engine))
+    bundle = with_plans({})
+    for backend in ("tensorrt", "auto"):
+        with (
+            caplog.at_level(logging.INFO, logger="engine_build.runtime"),
+            pytest.raises(ArtifactMismatchError, match=needle) as err,
+        ):
+            create_engine(bundle, backend, threads=1)
+        why = str(err.value)
+        assert why.startswith(f"bundle {bundle.path}: model.fp16.plan does not fit manifest.json: ")
+        assert "\n" not in why
+    assert not [r for r in caplog.records if "auto backend" in r.getMessage()]
 
 
 @pytest.mark.parametrize(
