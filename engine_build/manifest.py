@@ -8,12 +8,12 @@ engine_build would never write is refused at load, naming the field.
 
 from __future__ import annotations
 
-import unicodedata
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from training.preprocessing import PreprocessSpec
+from training.text_rules import first_unprintable
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -21,18 +21,10 @@ MANIFEST_FILE = "manifest.json"
 # TensorRT would still allocate for it (--max-batch 40960 at 224 px: a 23 GiB input buffer)
 MAX_BATCH = 4096
 MAX_LABEL_CHARS = 128  # the post_id's bound too: a label, not a document
-# control characters (newline, tab, escape...) and line/paragraph separators: the name and version
-# go into the manifest and every result message, where they would break lines or logs
-_UNPRINTABLE = ("Cc", "Zl", "Zp")
 # an artifact's path inside the bundle: each part a file name the filesystem takes (255 bytes on
 # Linux), the whole far below PATH_MAX
 MAX_FILE_PART_BYTES = 255
 MAX_FILE_CHARS = 1024
-
-
-def _first_unprintable(text: str) -> str | None:
-    """The first control character or line/paragraph separator in ``text``, or None."""
-    return next((c for c in text if unicodedata.category(c) in _UNPRINTABLE), None)
 
 
 def label_text_problem(value: str) -> str | None:
@@ -45,7 +37,7 @@ def label_text_problem(value: str) -> str | None:
             f"{len(value)} characters, at most {MAX_LABEL_CHARS} (it goes into every result "
             "message)"
         )
-    bad = _first_unprintable(value)
+    bad = first_unprintable(value)
     if bad is not None:
         return f"holds the control character or line break U+{ord(bad):04X}; use printable text"
     return None
@@ -59,7 +51,7 @@ def artifact_file_problem(name: str) -> str | None:
         return "is empty"
     if len(name) > MAX_FILE_CHARS:
         return f"is {len(name)} characters long, at most {MAX_FILE_CHARS}"
-    bad = _first_unprintable(name)
+    bad = first_unprintable(name)
     if bad is not None:  # NUL included: no filesystem call takes it
         return f"holds the control character U+{ord(bad):04X}"
     for part in name.split("/"):

@@ -31,6 +31,7 @@ from training.train import (
     add_data_args,
     check_crop,
     class_difference,
+    classes_match,
     eval_loader,
     resolve_device,
 )
@@ -91,7 +92,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             crop,
         )
     index = load_index(args.dataset, args.data, args.split, trained_level, crop, args.strict)
-    if index.classes != ckpt["classes"]:
+    if not classes_match(index.classes, ckpt["classes"], str(args.checkpoint)):
         raise DatasetError(
             f"{args.data}: its {index.num_classes} classes differ from the checkpoint's "
             f"{ckpt['num_classes']} ({class_difference(index.classes, ckpt['classes'])}; "

@@ -52,11 +52,13 @@ from training.cli_errors import OneLineParser, path_arg
 from training.cli_help import DefaultsHelpFormatter
 from training.datasets import CROPS, LEVELS, READERS, DatasetError, DatasetIndex, load_index
 from training.datasets.base import message_line
+from training.datasets.folder import normal_class_name
 from training.datasets.image_dataset import (
     ImageDataset,
     UnreadableImages,
     collate_skipping_unreadable,
 )
+from training.datasets.splits import class_label
 from training.distributed import (
     DistInfo,
     ShardSampler,
@@ -743,6 +745,49 @@ def class_difference(data_classes: list[dict], ckpt_classes: list[dict]) -> str:
     return "same classes"
 
 
+# a class's name fields, each with the id field that holds the same text in the folder reader's
+# classes (its ids are the folder names); other ids (CompCars' numbers) are compared as they are
+_NAMED_IDS = (("make", "make_id"), ("model", "model_id"))
+
+
+def _normalised_class(cls: dict) -> dict:
+    """``cls`` with its names read as the folder reader reads folder names (``normal_class_name``:
+    NFC, stripped), and an id that is the name itself (the folder reader's) along with it."""
+    out = dict(cls)
+    for name_key, id_key in _NAMED_IDS:
+        name = cls.get(name_key)
+        if isinstance(name, str):
+            out[name_key] = normal_class_name(name)
+            if cls.get(id_key) == name:
+                out[id_key] = out[name_key]
+    return out
+
+
+def classes_match(data_classes: list[dict], ckpt_classes: list[dict], where: str) -> bool:
+    """Whether a checkpoint's class list is the data's, class by class: equal, or equal once the
+    names on both sides are normalised as the folder reader normalises folder names, as in a
+    checkpoint trained on NFD or space-padded folder names before the reader normalised them
+    (ids must match as they are, except the folder reader's, which are the names). That case logs
+    one warning (``where`` names the checkpoint); the run goes on with the data's names."""
+    if data_classes == ckpt_classes:
+        return True
+    if [_normalised_class(c) for c in data_classes] != [_normalised_class(c) for c in ckpt_classes]:
+        return False
+    renamed = [i for i, (a, b) in enumerate(zip(data_classes, ckpt_classes, strict=True)) if a != b]
+    first = renamed[0]
+    log.warning(
+        "%s: %d of the checkpoint's class names differ from the data's only by Unicode "
+        "normalisation (NFC) or surrounding spaces, as class folder names read before they were "
+        "normalised (e.g. class %d: %s in the checkpoint, %s in the data); using the data's names",
+        where,
+        len(renamed),
+        first,
+        ascii(class_label(ckpt_classes[first])),
+        ascii(class_label(data_classes[first])),
+    )
+    return True
+
+
 def check_no_checkpoint_in_out(args: argparse.Namespace, can_resume: bool = True) -> None:
     """Refuse to train into an --out that holds a checkpoint, unless this run continues that very
     checkpoint (--resume pointing there) or --overwrite says to replace it: a finished model must
@@ -870,7 +915,9 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
 
     model = build_model(args.arch, len(classes))
     if resume_ckpt is not None:
-        if resume_ckpt["arch"] != args.arch or resume_ckpt["classes"] != classes:
+        if resume_ckpt["arch"] != args.arch or not classes_match(
+            classes, resume_ckpt["classes"], f"--resume {args.resume}"
+        ):
             raise BadArgumentError(
                 f"--resume {args.resume}: checkpoint is {resume_ckpt['arch']} with "
                 f"{resume_ckpt['num_classes']} classes; this run is {args.arch} with {len(classes)}"

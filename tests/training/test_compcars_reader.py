@@ -164,6 +164,37 @@ def test_images_without_a_usable_box_are_counted_in_a_warning(sample_root, tmp_p
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
+def test_bbox_indexing_opens_each_image_once(sample_root, tmp_path, monkeypatch, caplog):
+    """With --crop bbox the box check uses the size the corrupt check read: every listed image
+    is opened once while indexing (a corrupt one too), with the same skips and warnings."""
+    root = tmp_path / "copy"
+    shutil.copytree(sample_root, root)
+    listed = [s.path for s in load_index("compcars", root, "train").samples]
+    corrupt, outside = listed[0], listed[1]
+    corrupt.write_bytes(b"not a jpeg at all")
+    label = Path(str(outside).replace("/image/", "/label/")).with_suffix(".txt")
+    label.write_text("1\n1\n5001 5001 5100 5100\n")  # a box wholly outside the image
+    opened: Counter = Counter()
+    real_open = Image.open
+
+    def counting_open(fp, *args, **kwargs):
+        opened[fp] += 1
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    with caplog.at_level(logging.WARNING, logger="training.datasets"):
+        idx = load_index("compcars", root, "train", crop="bbox")
+    assert opened == Counter(listed)  # each listed image once, nothing else
+    assert idx.skipped_corrupt == 1 and corrupt not in {s.path for s in idx.samples}
+    assert [s.path for s in idx.samples if s.bbox is None] == [outside]
+    assert len(idx.samples) == len(listed) - 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(corrupt) in w and "corrupt" in w for w in warnings), warnings
+    boxes = [w for w in warnings if "no usable box" in w]
+    assert len(boxes) == 1 and f"1 of {len(idx.samples)} images" in boxes[0]
+    assert str(outside) in boxes[0]
+
+
 def test_full_crop_has_no_boxes(sample_root):
     assert all(s.bbox is None for s in load_index("compcars", sample_root, "test").samples)
 

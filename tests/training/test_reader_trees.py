@@ -113,6 +113,25 @@ def test_folder_class_name_with_a_control_character_is_refused(tmp_path):
     assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "bad"),
+    [("BMW\x1b[31m", "\x1b"), ("A\nB", "\n"), ("A\tB\0", "\t"), ("A\u2028B", "\u2028"),
+     ("A\u2029", "\u2029"), ("A\x7f", "\x7f"), ("Škoda 3 Series", None), ("", None)],
+)  # fmt: skip
+def test_one_control_character_rule_for_class_names_and_the_manifest(text, bad):
+    """The readers' class names and the bundle manifest's names and files share one scan."""
+    from engine_build.manifest import artifact_file_problem, label_text_problem
+    from training.datasets.base import control_char_problem
+    from training.text_rules import first_unprintable
+
+    assert first_unprintable(text) == bad
+    assert (control_char_problem(text) is None) == (bad is None)
+    if bad is not None:
+        code = f"U+{ord(bad):04X}"
+        assert code in control_char_problem(text)
+        assert code in label_text_problem(text) and code in artifact_file_problem(text)
+
+
 def test_folder_skips_hidden_files_and_macosx_debris(tmp_path, caplog):
     _jpgs(tmp_path / "Audi", 10)
     sidecar = b"\0\x05\x16\x07\0\x02\0\0Mac OS X        " + b"\0" * 64

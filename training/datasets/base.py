@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +15,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from training.text_rules import first_unprintable
+
 log = logging.getLogger(__name__)
 
 BBox = tuple[int, int, int, int]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-# control characters (newline, tab, escape...) and line/paragraph separators: a class name goes
-# into labels.json, the checkpoint, the bundle's manifest and every result message (engine_build
-# refuses the same characters in --model-name)
-UNPRINTABLE = ("Cc", "Zl", "Zp")
 CLASSES_NAMED = 20  # classes a warning names before "and N more"
 BBOX_MARGIN = 0.05
 MIN_BOX_SIDE = 8  # pixels: a box (or what is left of it inside the image) smaller holds no car
@@ -73,20 +70,11 @@ def bbox_crop_box(
     return box
 
 
-def box_fits_image(bbox: BBox, path: Path) -> bool:
-    """Whether ``bbox`` leaves a usable crop of the image at ``path`` (its header only is read;
-    an image that cannot be opened counts as fitting: the corrupt check reports it)."""
-    try:
-        with Image.open(path) as img:
-            size = img.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return True
-    return bbox_crop_box(bbox, size) is not None
-
-
 def control_char_problem(text: str) -> str | None:
-    """Why ``text`` cannot be a label (it holds a control character or line break), or None."""
-    bad = next((c for c in text if unicodedata.category(c) in UNPRINTABLE), None)
+    """Why ``text`` cannot be a label (it holds a control character or line break), or None: a
+    class name goes into labels.json, the checkpoint, the bundle's manifest and every result
+    message (``training.text_rules``; engine_build refuses the same characters in --model-name)."""
+    bad = first_unprintable(text)
     if bad is None:
         return None
     return f"holds the control character or line break U+{ord(bad):04X} ({text!r})"
@@ -129,16 +117,23 @@ def image_problem(path: Path) -> str | None:
     refuses above twice it) counts as unreadable too: decoding it would take gigabytes, and the
     worker refuses such images as well.
     """
+    return image_problem_and_size(path)[0]
+
+
+def image_problem_and_size(path: Path) -> tuple[str | None, tuple[int, int] | None]:
+    """``image_problem(path)`` and the ``(width, height)`` its header gives, from one open: the
+    size is None when the image is unusable (the problem then says why)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                size = img.size
                 img.verify()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return f"over the pixel limit ({message_line(exc)})"
+        return f"over the pixel limit ({message_line(exc)})", None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        return f"corrupt ({message_line(exc)})"
-    return None
+        return f"corrupt ({message_line(exc)})", None
+    return None, size
 
 
 def message_line(exc: BaseException) -> str:
@@ -155,16 +150,28 @@ def is_readable_image(path: Path) -> bool:
 
 def filter_corrupt(samples: list[Sample], strict: bool) -> tuple[list[Sample], int]:
     """Drop unreadable images (counted), or raise on the first with ``strict``."""
+    kept, _sizes, corrupt = filter_corrupt_sized(samples, strict)
+    return kept, corrupt
+
+
+def filter_corrupt_sized(
+    samples: list[Sample], strict: bool
+) -> tuple[list[Sample], list[tuple[int, int]], int]:
+    """``filter_corrupt``, also handing over each kept image's ``(width, height)`` (in the kept
+    samples' order) as the check read it, so a caller that needs sizes (the box check of
+    ``--crop bbox``) does not open every image again."""
     kept: list[Sample] = []
+    sizes: list[tuple[int, int]] = []
     for s in samples:
-        problem = image_problem(s.path)
-        if problem is None:
+        problem, size = image_problem_and_size(s.path)
+        if problem is None and size is not None:
             kept.append(s)
+            sizes.append(size)
         elif strict:
             raise DatasetError(f"unusable image (--strict): {s.path}: {problem}")
         else:
             log.warning("skipping image %s: %s", s.path, problem)
-    return kept, len(samples) - len(kept)
+    return kept, sizes, len(samples) - len(kept)
 
 
 def class_names(classes: list[dict[str, Any]], targets: list[int]) -> str:

@@ -26,9 +26,9 @@ from training.datasets.base import (
     DatasetError,
     DatasetIndex,
     Sample,
-    box_fits_image,
+    bbox_crop_box,
     control_char_problem,
-    filter_corrupt,
+    filter_corrupt_sized,
     mat_cell_text,
     warn_classes_without_training_images,
 )
@@ -214,10 +214,11 @@ def load_compcars(
         samples.append(Sample(path, index[key], bbox))
     if missing:
         log.info("%s split: %d listed images missing from the archive, skipped", split, missing)
-    samples, corrupt = filter_corrupt(samples, strict)
+    # the sizes the corrupt check read: the box check below opens no image again
+    samples, sizes, corrupt = filter_corrupt_sized(samples, strict)
     if crop == "bbox":  # a box that leaves (next to) nothing of the image is no usable box
-        for k, s in enumerate(samples):
-            if s.bbox is not None and not box_fits_image(s.bbox, s.path):
+        for k, (s, size) in enumerate(zip(samples, sizes, strict=True)):
+            if s.bbox is not None and bbox_crop_box(s.bbox, size) is None:
                 unboxed.append(s.path)
                 samples[k] = Sample(s.path, s.target, None)
     unboxed_count = sum(1 for s in samples if s.bbox is None) if crop == "bbox" else 0

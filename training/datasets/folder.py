@@ -93,6 +93,13 @@ def _subdirs(folder: Path) -> list[Path]:
     return _listing(folder)[1]
 
 
+def normal_class_name(name: str) -> str:
+    """A class folder's name as it becomes a label: Unicode-normalised (NFC) and stripped of
+    surrounding spaces. ``--resume`` and evaluate read a checkpoint's class names through it too,
+    so one trained on folder names from before this normalisation still matches."""
+    return unicodedata.normalize("NFC", name).strip()
+
+
 def _class_name(folder: Path) -> str:
     """A class folder's name, which becomes a label in labels.json, the plots and the bundle
     manifest: it must be text, so a name that is not UTF-8 is refused, naming the folder; it is
@@ -103,7 +110,7 @@ def _class_name(folder: Path) -> str:
             f"class folder {utf8_problem(folder)} has a name that is not UTF-8 (it would be a "
             "label); rename it"
         )
-    name = unicodedata.normalize("NFC", folder.name).strip()
+    name = normal_class_name(folder.name)
     if not name:
         raise DatasetError(f"class folder {folder!s} has a blank name (it would be a label)")
     if problem := control_char_problem(name):
