@@ -15,11 +15,16 @@ T = TypeVar("T")
 
 @dataclass
 class Batcher(Generic[T]):
+    """Items in arrival order, each with the time it arrived: a batch is due when ``max_batch``
+    items wait or the oldest has waited ``max_wait_ms``. Items left behind by a full batch keep
+    their arrival times, so none waits longer than ``max_wait_ms`` plus the time the loop takes
+    to come back to it (restarting their wait would let them wait up to twice max_wait)."""
+
     max_batch: int
     max_wait_ms: int
     clock: Callable[[], float] = time.monotonic
     _items: list[T] = field(default_factory=list)
-    _first_at: float | None = None
+    _arrived: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_wait_ms < 0:
@@ -29,9 +34,11 @@ class Batcher(Generic[T]):
         return len(self._items)
 
     def add(self, item: T) -> None:
-        if not self._items:
-            self._first_at = self.clock()
         self._items.append(item)
+        self._arrived.append(self.clock())
+
+    def _waited_ms(self) -> float:
+        return (self.clock() - self._arrived[0]) * 1000.0
 
     def ready(self) -> bool:
         """True when a batch is full, or the oldest item has waited ``max_wait_ms``."""
@@ -39,29 +46,29 @@ class Batcher(Generic[T]):
             return False
         if len(self._items) >= self.max_batch:
             return True
-        return (self.clock() - self._first_at) * 1000.0 >= self.max_wait_ms
+        return self._waited_ms() >= self.max_wait_ms
 
     def time_left_ms(self) -> float:
         """How long a poll may block before the current batch is due (max_wait when empty,
-        0 when a full batch is already waiting: the rest that ``take`` leaves starts a new wait,
-        and a loop that polled for that wait first left a ready batch idle for up to max_wait)."""
+        0 when a full batch is already waiting: a loop that polled first would leave a ready
+        batch idle)."""
         if not self._items:
             return float(self.max_wait_ms)
         if len(self._items) >= self.max_batch:
             return 0.0
-        waited = (self.clock() - self._first_at) * 1000.0
-        return max(0.0, self.max_wait_ms - waited)
+        return max(0.0, self.max_wait_ms - self._waited_ms())
 
     def take(self) -> list[T]:
-        """Remove and return up to ``max_batch`` oldest items; the rest start a new wait."""
-        batch, self._items = self._items[: self.max_batch], self._items[self.max_batch :]
-        self._first_at = self.clock() if self._items else None
+        """Remove and return up to ``max_batch`` oldest items; the rest keep their arrival
+        times."""
+        batch = self._items[: self.max_batch]
+        del self._items[: self.max_batch], self._arrived[: self.max_batch]
         return batch
 
     def take_where(self, keep: Callable[[T], bool]) -> list[T]:
         """Remove and return every item for which ``keep`` is False (e.g. revoked partitions)."""
-        dropped = [i for i in self._items if not keep(i)]
-        self._items = [i for i in self._items if keep(i)]
-        if not self._items:
-            self._first_at = None
+        kept = [keep(i) for i in self._items]
+        dropped = [i for i, k in zip(self._items, kept, strict=True) if not k]
+        self._items = [i for i, k in zip(self._items, kept, strict=True) if k]
+        self._arrived = [t for t, k in zip(self._arrived, kept, strict=True) if k]
         return dropped

@@ -63,7 +63,7 @@ def test_batch_flushes_at_max_wait_counted_from_the_first_item():
     assert b.take() == ["a", "b"]
 
 
-def test_take_returns_at_most_max_batch_and_restarts_the_wait_for_the_rest():
+def test_take_returns_at_most_max_batch_and_the_rest_keep_their_wait():
     clock = FakeClock()
     b = Batcher(max_batch=2, max_wait_ms=10, clock=clock)
     for i in range(5):
@@ -77,6 +77,24 @@ def test_take_returns_at_most_max_batch_and_restarts_the_wait_for_the_rest():
     assert b.time_left_ms() == pytest.approx(10.0)
 
 
+def test_an_item_left_behind_by_a_full_batch_is_due_max_wait_after_it_arrived():
+    # before: take() restarted the wait for the rest, so an item that arrived just after a batch
+    # began filling could wait up to twice max_wait
+    clock = FakeClock()
+    b = Batcher(max_batch=2, max_wait_ms=10, clock=clock)
+    b.add("a")
+    clock.t += 0.006
+    b.add("b")
+    b.add("c")  # arrives at 6 ms, behind a full batch
+    clock.t += 0.003  # the loop takes the full batch 9 ms in
+    assert b.take() == ["a", "b"]
+    assert not b.ready() and b.time_left_ms() == pytest.approx(7.0)
+    clock.t += 0.007
+    assert b.ready()
+    assert b.take() == ["c"]
+    assert len(b) == 0 and b.time_left_ms() == pytest.approx(10.0)
+
+
 def test_take_where_removes_items_of_revoked_partitions():
     b = Batcher(max_batch=10, max_wait_ms=10, clock=FakeClock())
     for item in [("p0", 1), ("p1", 2), ("p0", 3)]:
@@ -84,6 +102,17 @@ def test_take_where_removes_items_of_revoked_partitions():
     dropped = b.take_where(lambda it: it[0] != "p0")
     assert dropped == [("p0", 1), ("p0", 3)]
     assert b.take() == [("p1", 2)]
+
+
+def test_after_take_where_the_wait_is_the_oldest_kept_items():
+    clock = FakeClock()
+    b = Batcher(max_batch=10, max_wait_ms=10, clock=clock)
+    b.add(("p0", 1))
+    clock.t += 0.004
+    b.add(("p1", 2))
+    clock.t += 0.004
+    b.take_where(lambda it: it[0] != "p0")
+    assert b.time_left_ms() == pytest.approx(6.0)  # p1's item arrived 4 ms ago
 
 
 def test_batcher_rejects_nonsense_limits():
