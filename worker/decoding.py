@@ -51,7 +51,14 @@ _BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def decode_base64(text: str, max_bytes: int) -> bytes:
-    """Strict base64 (optionally a ``data:image/...;base64,`` URI) with a size cap."""
+    """Base64 (optionally a ``data:image/...;base64,`` URI) with a size cap.
+
+    Standard padded base64 is decoded strictly (SIMD). The variants producers commonly send are
+    read too, since each has one meaning: line-wrapped (MIME encoders, the ``base64`` command,
+    Python's ``encodebytes``), unpadded (Go's ``RawStdEncoding``) and the URL-safe alphabet
+    (``-`` and ``_``). Anything else (spaces or tabs, other characters, both alphabets at once,
+    a length no padding mends) is ``bad_base64``, naming what and where.
+    """
     start = 0  # where the base64 starts in the field
     if text.startswith(_DATA_URI_PREFIX):
         header, sep, payload = text.partition(",")
@@ -64,8 +71,8 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
         # pybase64 (SIMD) with validate=True refuses what binascii's strict mode refuses, 50x
         # faster on a 280 KB post; this decode holds the GIL, so it caps a worker process
         data = pybase64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise PostError("bad_base64", _base64_problem(text, exc, start)) from None
+    except (binascii.Error, ValueError):
+        data = _decode_variant(text, start)
     if not data:
         raise PostError("not_an_image", "empty image")
     if len(data) > max_bytes:
@@ -73,29 +80,51 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
     return data
 
 
-_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
-_WHITESPACE_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", " ": "a space"}
+_NOT_BASE64_VARIANT = re.compile(r"[^A-Za-z0-9+/=_\r\n-]")
+_WHITESPACE_NAMES = {"\t": "a tab", " ": "a space"}
+_URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 
 
-def _base64_problem(text: str, exc: Exception, start: int) -> str:
-    """The reason for base64 that strict decoding refused; ``start``: where ``text`` starts in
-    the field (after a data URI's header).
-
-    Line-wrapped base64 (the ``base64`` command, MIME encoders, Python's ``encodebytes``) is the
-    common case, and the decoder's "Non-base64 digit found" does not say so: when the first
-    character outside the alphabet is whitespace, the reason names it and its offset in the
-    field, so a producer can find it.
-    """
-    found = _NOT_BASE64.search(text)
-    char = found.group() if found else ""
-    if not char or not char.isspace():
-        return f"invalid base64: {exc}"
-    what = _WHITESPACE_NAMES.get(char, f"whitespace ({char!r})")
-    if char in "\r\n":
-        why = "line-wrapped base64 is not accepted: encode without line breaks"
-    else:
-        why = "whitespace in base64 is not accepted"
-    return f"invalid base64: {what} at offset {start + found.start()} ({why})"
+def _decode_variant(text: str, start: int) -> bytes:
+    """``text``, which strict decoding refused, read as line-wrapped, unpadded or URL-safe
+    base64; a ``bad_base64`` PostError naming what and where when it is none of these.
+    ``start``: where ``text`` starts in the field, for the offsets named."""
+    if (found := _NOT_BASE64_VARIANT.search(text)) is not None:
+        char, offset = found.group(), start + found.start()
+        if char.isspace():
+            what = _WHITESPACE_NAMES.get(char, f"whitespace ({char!r})")
+            raise PostError(
+                "bad_base64",
+                f"invalid base64: {what} at offset {offset} (only line breaks may split base64)",
+            )
+        raise PostError(
+            "bad_base64", f"invalid base64: {char!r} at offset {offset} is not a base64 character"
+        )
+    joined = text.replace("\r", "").replace("\n", "")
+    if "-" in joined or "_" in joined:
+        if "+" in joined or "/" in joined:
+            raise PostError(
+                "bad_base64",
+                "invalid base64: both the standard alphabet (+ /) and the URL-safe one (- _)",
+            )
+        joined = joined.translate(_URL_SAFE_TO_STANDARD)
+    body = joined.rstrip("=")
+    if "=" in body:
+        at = start + text.index("=")
+        raise PostError("bad_base64", f"invalid base64: '=' at offset {at}, before its end")
+    if len(body) % 4 == 1:
+        raise PostError(
+            "bad_base64",
+            f"invalid base64: a length of {len(body)} is one character more than whole bytes "
+            "take (cut short?)",
+        )
+    padded = body + "=" * (-len(body) % 4)
+    if len(joined) > len(body) and len(joined) != len(padded):
+        raise PostError("bad_base64", "invalid base64: wrong '=' padding for its length")
+    try:
+        return pybase64.b64decode(padded, validate=True)
+    except (binascii.Error, ValueError) as exc:  # not expected after the checks above
+        raise PostError("bad_base64", f"invalid base64: {exc}") from None
 
 
 def decode_image(

@@ -300,7 +300,10 @@ _BIG = "A" * 2_000_000
             "invalid_json",
         ),
         (_raw({"post_id": "p1", "image_b64": _BIG, "posted_at": "yesterday"}), "schema"),
-        (_raw({**GOOD, "image_b64": base64.encodebytes(b"x" * 1_500_000).decode()}), "bad_base64"),
+        (
+            _raw({**GOOD, "image_b64": base64.b64encode(b"x" * 1_500_000).decode() + " "}),
+            "bad_base64",
+        ),
         (
             _raw({**GOOD, "image_b64": base64.b64encode(b"not an image" * 99).decode()}),
             "not_an_image",
