@@ -89,7 +89,7 @@ from training.schedule import (
     ema_too_short,
     warmup_cosine,
 )
-from training.transforms import EvalTransform, train_transform
+from training.transforms import EvalTransform, train_draft_size, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -944,7 +944,9 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
             f"image(s); at least {MIN_BATCH_SIZE * dist_info.world_size} are needed for one "
             "training step"
         )
-    train_ds = ImageDataset(train_idx.samples, train_transform(spec))
+    train_ds = ImageDataset(
+        train_idx.samples, train_transform(spec), draft_size=train_draft_size(spec)
+    )
     targets = [s.target for s in train_idx.samples]
     steps = math.ceil(len(train_ds) / (args.batch_size * dist_info.world_size))
     if len(train_ds) > args.batch_size * dist_info.world_size:

@@ -145,3 +145,29 @@ def test_evaluation_and_parity_decode_a_large_jpeg_exactly_as_the_worker(tmp_pat
     assert np.array_equal(parity.images[0], served)
     boxed = load_image(Sample(path, 0, (0, 0, 319, 199)), draft_size=spec.resize)
     assert boxed.size == (320, 200)  # a boxed sample is cut from the full decode
+
+
+def test_training_decodes_a_large_jpeg_drafted_and_every_random_crop_stays_full_size(tmp_path):
+    # before: training decoded every JPEG whole (an 8000x6000 photo: ~1.6 s a read) to crop a
+    # random part of it down to 224 px
+    import torch
+    from torchvision.transforms import v2 as tv
+
+    from training.transforms import TRAIN_CROP_RATIO, TRAIN_CROP_SCALE, train_draft_size
+
+    spec = PreprocessSpec(resize=256, crop=224)
+    draft = train_draft_size(spec)
+    assert draft == 438
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (3600, 2000), (90, 120, 150)).save(path, format="JPEG", quality=90)
+    img = load_image(Sample(path, 0), draft)
+    assert img.size == (900, 500)  # 1/4 scale: 1/8 (450x250) would leave crops under 224 px
+    torch.manual_seed(0)
+    for _ in range(2000):
+        _, _, h, w = tv.RandomResizedCrop.get_params(
+            torch.empty(3, img.height, img.width), TRAIN_CROP_SCALE, TRAIN_CROP_RATIO
+        )
+        assert min(h, w) >= spec.crop - 1, (h, w)  # -1: torchvision rounds the crop's sides
+    # a boxed sample is decoded whole: its box is in the stored pixels
+    x1, y1, x2, y2 = bbox_crop_box((0, 0, 3000, 1800), (3600, 2000))
+    assert load_image(Sample(path, 0, (0, 0, 3000, 1800)), draft).size == (x2 - x1, y2 - y1)

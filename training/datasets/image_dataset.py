@@ -48,8 +48,10 @@ def load_image(sample: Sample, draft_size: int | None = None) -> Image.Image:
     The box is cut from the pixels as stored and the crop then turned upright: CompCars boxes
     were labelled on stored pixels (MATLAB's imread ignores EXIF orientation).
 
-    ``draft_size`` (evaluation's resize): a JPEG without a box is decoded at a reduced DCT scale,
-    as the worker decodes every JPEG post (:func:`draft_for`); a boxed sample is decoded whole,
+    ``draft_size``: a JPEG without a box is decoded at the reduced DCT scale that keeps its
+    shorter side >= ``draft_size`` (:func:`draft_for`). Evaluation passes its resize, and so
+    decodes as the worker decodes every JPEG post; training passes ``train_draft_size``, the
+    least that keeps every random crop at full resolution. A boxed sample is decoded whole,
     since its crop, not the file, is what gets resized (the worker never sees boxes).
     """
     with Image.open(sample.path) as f:
@@ -77,7 +79,7 @@ class ImageDataset(Dataset):
     ):
         self.samples = samples
         self.transform = transform
-        self.draft_size = draft_size  # evaluation: decode JPEGs as the worker does
+        self.draft_size = draft_size  # see load_image
 
     def __len__(self) -> int:
         return len(self.samples)
