@@ -157,6 +157,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="min top-1 agreement of torch-cpu bfloat16 (--precision bf16)",
     )
     parser.add_argument(
+        "--gpu-decode-agreement",
+        type=float,
+        default=0.99,
+        help="min top-1 agreement of the FP32 model on the GPU workers' decode path "
+        "(CARSTREAM_GPU_DECODE: nvJPEG, block-average draft, torch resize) with the CPU path, on "
+        "the baseline-JPEG parity images (0 = record only)",
+    )
+    parser.add_argument(
         "--model-name",
         default=None,
         help="recorded in the manifest and results; not blank, at most 128 characters, no "
@@ -218,6 +226,7 @@ def main(args: argparse.Namespace) -> int:
             fp16_agreement=args.fp16_agreement,
             int8_agreement=args.int8_agreement,
             bf16_agreement=args.bf16_agreement,
+            gpu_decode_agreement=args.gpu_decode_agreement,
             model_name=args.model_name,
             model_version=args.model_version,
             opset=args.opset,

@@ -25,6 +25,12 @@ from pydantic import ValidationError
 
 from engine_build import heldout
 from engine_build.bundle import PARITY_FILE, Bundle, load_bundle, sha256_file
+from engine_build.decode_parity import (
+    GPU_DECODE_AGREEMENT,
+    GPU_DECODE_ENTRY,
+    gate_gpu_decode,
+    gpu_decode_entry,
+)
 from engine_build.manifest import (
     MANIFEST_FILE,
     MAX_BATCH,
@@ -128,6 +134,7 @@ class BuildOptions:
     fp16_agreement: float = 0.995
     int8_agreement: float = 0.0
     bf16_agreement: float = 0.98
+    gpu_decode_agreement: float = GPU_DECODE_AGREEMENT
     model_name: str | None = None
     model_version: str | None = None
     opset: int = 17
@@ -172,7 +179,13 @@ class BuildOptions:
             )
         check_label_text("--model-name", self.model_name)
         check_label_text("--model-version", self.model_version)
-        for flag in ("fp32_agreement", "fp16_agreement", "int8_agreement", "bf16_agreement"):
+        for flag in (
+            "fp32_agreement",
+            "fp16_agreement",
+            "int8_agreement",
+            "bf16_agreement",
+            "gpu_decode_agreement",
+        ):
             if not 0.0 <= getattr(self, flag) <= 1.0:
                 raise BuildError(
                     f"--{flag.replace('_', '-')} must be in [0, 1]; got {getattr(self, flag)}"
@@ -760,6 +773,7 @@ def _build_into(
         "artifacts": {},
     }
     artifacts: list[Artifact] = []
+    _check_gpu_decode(report, ckpt, model, spec, opts, parity_set, reference)
 
     def check(
         art: Artifact,
@@ -841,6 +855,40 @@ def _build_into(
         log.warning("no TensorRT plan built: %s", no_trt)
         report["tensorrt_skipped"] = no_trt
     return draft.model_copy(update={"artifacts": artifacts}), report
+
+
+def _check_gpu_decode(
+    report: dict,
+    ckpt: dict,
+    model: torch.nn.Module,
+    spec: PreprocessSpec,
+    opts: BuildOptions,
+    parity_set: ParitySet,
+    reference: np.ndarray,
+) -> None:
+    """Measure the GPU workers' decode path (worker ``gpu_decode``: nvJPEG, block-average draft,
+    torch resize) with the FP32 model, record it as ``report["decode"]["gpu_decode"]``, and
+    raise ParityGateError when it misses ``--gpu-decode-agreement``. Run before any export: a
+    bundle whose GPU pool would answer otherwise fails in seconds, not after a TensorRT build."""
+    with torch.inference_mode():
+        entry = gpu_decode_entry(
+            parity_set,
+            reference,
+            ckpt,
+            spec,
+            lambda x: model(torch.from_numpy(x)).numpy(),
+            opts.max_batch,
+            opts.parity_images,
+            opts.data_dir,
+        )
+    report["decode"] = {GPU_DECODE_ENTRY: entry}
+    failures = gate_gpu_decode(entry, opts.gpu_decode_agreement)
+    if failures:
+        raise ParityGateError(
+            f"parity gate failed for the GPU-decode path (workers with gpu_decode): "
+            f"{'; '.join(failures)}; --gpu-decode-agreement 0 records it without failing",
+            report,
+        )
 
 
 def _build_plan(

@@ -27,11 +27,17 @@ class ParityDataError(ValueError):
 
 @dataclass(frozen=True)
 class ParitySet:
-    """Preprocessed images (N, 3, H, W) and their class indices (-1 where unknown)."""
+    """Preprocessed images (N, 3, H, W) and their class indices (-1 where unknown).
+
+    ``files``: the image file of each row, when the set was read from image files exactly as
+    the worker decodes a post (:func:`load_images`); empty for the dataset reader's held-out
+    split, whose pixels may be box crops the worker never sees.
+    """
 
     images: np.ndarray
     labels: np.ndarray
     source: str
+    files: tuple[str, ...] = ()
 
     @property
     def labelled(self) -> bool:
@@ -62,7 +68,7 @@ def load_images(
 ) -> ParitySet:
     """Preprocess ``files`` exactly as the worker will (EXIF orientation and alpha included);
     unreadable files (and decompression bombs) are skipped and logged."""
-    arrays, kept = [], []
+    arrays, kept, kept_files = [], [], []
     for file, label in zip(files, labels, strict=True):
         try:
             with Image.open(file) as img:
@@ -72,9 +78,10 @@ def load_images(
             log.warning("skipping unreadable parity image %s: %s", file, exc)
             continue
         kept.append(label)
+        kept_files.append(str(file))
     if not arrays:
         raise ParityDataError(f"no readable images in {source}")
-    return ParitySet(np.stack(arrays), np.asarray(kept, dtype=np.int64), source)
+    return ParitySet(np.stack(arrays), np.asarray(kept, dtype=np.int64), source, tuple(kept_files))
 
 
 def image_dir_parity_set(

@@ -171,6 +171,48 @@ def parity_note(parity: dict | None, engine_name: str) -> tuple[str, bool] | Non
     return f"{engine_name}: {', '.join(parts)} (parity.json)", not entry.get("non_finite_logits")
 
 
+def gpu_decode_note(parity: dict | None) -> tuple[str, bool]:
+    """What the bundle's parity.json measured for the GPU-decode path (``gpu_decode``: nvJPEG,
+    block-average draft, torch resize), and whether it is sound: parity.json certifies every
+    artifact on the CPU decode path's pixels, so a GPU worker logs how far its own decode moves
+    the answers. Not sound (a WARNING) when the bundle never measured it (built before
+    engine_build did, or with no baseline JPEG among its parity images) or its gate failed."""
+    decode = parity.get("decode") if isinstance(parity, dict) else None
+    entry = decode.get("gpu_decode") if isinstance(decode, dict) else None
+    if not isinstance(entry, dict):
+        return (
+            "gpu_decode: the bundle's parity.json has no entry for the GPU-decode path (built "
+            "before engine_build measured it): how far it moves the answers from the CPU decode "
+            "path the parity gate certifies is unmeasured; rebuild the bundle to measure it",
+            False,
+        )
+    if entry.get("top1_agreement") is None:
+        why = entry.get("skipped") or entry.get("note") or "no image measured"
+        return (
+            f"gpu_decode: the bundle's parity.json did not measure the GPU-decode path: {why}",
+            False,
+        )
+    parts = [f"top-1 agreement with the CPU decode path {entry['top1_agreement']}"]
+    if entry.get("accuracy_cost") is not None:
+        parts.append(f"accuracy cost {entry['accuracy_cost']}")
+    if entry.get("max_abs_pixel_diff") is not None:
+        parts.append(f"max pixel difference {entry['max_abs_pixel_diff']} grey levels")
+    parts.append(f"on {entry.get('n_images')} baseline JPEG parity images")
+    if entry.get("non_finite_logits"):
+        parts.append(f"{entry['non_finite_logits']} non-finite logits")
+    device = entry.get("device")
+    parts.append(f"measured on {device}")
+    gate = entry.get("gate") if isinstance(entry.get("gate"), dict) else {}
+    sound = gate.get("passed", True) is True and not entry.get("non_finite_logits")
+    text = f"gpu_decode: {', '.join(parts)} (parity.json)"
+    if device == "cpu":
+        text += (
+            "; measured with torchvision's CPU JPEG decoder (libjpeg-turbo), whose IDCT differs "
+            "slightly from nvJPEG's on this GPU: an estimate of this worker's agreement"
+        )
+    return text, sound
+
+
 CPU_ENGINES = ("onnxruntime", "torch-cpu")
 
 
@@ -406,6 +448,9 @@ def _serve(
         (log.info if note[1] else log.warning)("%s", note[0])
     if settings.gpu_decode and not hasattr(engine, "infer_device"):
         log.warning("gpu_decode ignored: the %s engine does not run on a GPU", engine.name)
+    elif settings.gpu_decode:
+        text, sound = gpu_decode_note(bundle.parity)
+        (log.info if sound else log.warning)("%s", text)
     metrics.engine_info.labels(
         engine.name, bundle.manifest.model_name, bundle.manifest.model_version
     ).set(1)

@@ -1,0 +1,235 @@
+"""parity.json's ``decode.gpu_decode``: the GPU workers' decode path measured and gated at build.
+
+The worker's own worker.gpu_preprocess code runs here on the CPU (torchvision's CPU JPEG
+decoder); on a GPU machine the build measures on CUDA.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine_build.build import ParityGateError, build_bundle
+from engine_build.bundle import PARITY_FILE, load_bundle
+from engine_build.decode_parity import (
+    GPU_DECODE_AGREEMENT,
+    build_device,
+    gate_gpu_decode,
+    measure_gpu_decode,
+)
+from engine_build.parity import image_dir_parity_set
+from training.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_spec_of
+from worker import gpu_preprocess
+
+from .conftest import CLASSES, write_checkpoint, write_images
+
+ORIENTATION = 0x0112
+BASELINE_SIZES = ((48, 40), (200, 160), (330, 290))  # draft factors 1, 4 and 4 at resize 37
+
+
+def photo(w: int, h: int, k: int) -> np.ndarray:
+    """A smooth photo-like picture, brighter per class: both decode paths agree on it."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([255 * x / w, 255 * y / h, 128 + 60 * np.sin(x / 7 + y / 9 + k)], axis=-1)
+    return np.clip(img + 30 * k, 0, 255).astype(np.uint8)
+
+
+def write_jpegs(root: Path) -> dict[str, int]:
+    """Per class: baseline JPEGs (one with EXIF orientation 6), and one progressive JPEG;
+    returns how many of each kind were written."""
+    for k, cls in enumerate(CLASSES):
+        folder = root / cls["model"]
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (w, h) in enumerate(BASELINE_SIZES):
+            kw = {}
+            if i == 1:
+                exif = Image.Exif()
+                exif[ORIENTATION] = 6
+                kw["exif"] = exif.tobytes()
+            Image.fromarray(photo(w, h, k)).save(folder / f"j{i}.jpg", quality=90, **kw)
+        Image.fromarray(photo(120, 96, k)).save(folder / "p.jpg", quality=90, progressive=True)
+    n = len(CLASSES)
+    return {"baseline": n * len(BASELINE_SIZES), "progressive": n}
+
+
+@pytest.fixture(scope="module")
+def mixed_parity(tmp_path_factory) -> tuple[Path, dict[str, int]]:
+    """PNGs (4 per class, from conftest) and JPEGs side by side."""
+    root = write_images(tmp_path_factory.mktemp("mixed"))
+    counts = write_jpegs(root)
+    counts["png"] = 4 * len(CLASSES)
+    return root, counts
+
+
+def build(ckpt: Path, parity: Path, out: Path, **options) -> Path:
+    options = {"precisions": "fp32", "max_batch": 8, "opt_batch": 4, "threads": 2, **options}
+    return build_bundle(ckpt, out, parity_data=parity, **options)
+
+
+def garbage(images, spec, draft=True):
+    """A GPU path gone wrong: large noise in place of the pictures."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(len(images), 3, spec.crop, spec.crop, generator=g) * 100
+
+
+def test_bundle_records_the_gpu_decode_path_beside_the_artifacts(
+    checkpoint_dir, mixed_parity, tmp_path
+):
+    parity, counts = mixed_parity
+    out = build(checkpoint_dir, parity, tmp_path / "b")
+    report = json.loads((out / PARITY_FILE).read_text())
+    # the existing structure is untouched: artifacts keyed as before, the bundle still loads
+    assert report["artifacts"]["onnxruntime-fp32"]["n_images"] == sum(counts.values())
+    assert load_bundle(out).parity["decode"] == report["decode"]
+    entry = report["decode"]["gpu_decode"]
+    assert entry["device"] == build_device()  # "cpu" on the test machines, "cuda" on a GPU
+    # only baseline JPEGs take the GPU path; PNGs and progressive JPEGs are counted, not measured
+    assert entry["n_images"] == entry["n_labelled"] == counts["baseline"]
+    assert entry["n_cpu_path"] == counts["png"] + counts["progressive"]
+    assert entry["n_parity_images"] == sum(counts.values()) and entry["n_unreadable"] == 0
+    assert 0.0 <= entry["top1_agreement"] <= 1.0
+    assert entry["top1_agreement"] >= GPU_DECODE_AGREEMENT  # a few grey levels flip nothing here
+    assert 0 < entry["max_abs_pixel_diff"] <= 8 and entry["non_finite_logits"] == 0
+    assert entry["accuracy_cost"] == pytest.approx(
+        entry["top1_accuracy_cpu_decode"] - entry["top1_accuracy_gpu_decode"]
+    )
+    if entry["device"] == "cpu":  # says what a CPU measurement does not cover
+        assert "nvJPEG" in entry["note"]
+    assert entry["gate"] == {
+        "min_top1_agreement": GPU_DECODE_AGREEMENT,
+        "passed": True,
+        "measured": True,
+        "failures": [],
+    }
+
+
+def test_a_gpu_decode_path_that_answers_otherwise_fails_the_build_in_one_line(
+    checkpoint_dir, mixed_parity, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(gpu_preprocess, "preprocess_batch", garbage)
+    out = tmp_path / "b"
+    with pytest.raises(ParityGateError) as failed:
+        build(checkpoint_dir, mixed_parity[0], out)
+    message = str(failed.value)
+    assert "\n" not in message
+    assert message.startswith("parity gate failed for the GPU-decode path")
+    entry = failed.value.report["decode"]["gpu_decode"]
+    assert f"top-1 agreement {entry['top1_agreement']:.4f} < 0.99 on 9 baseline JPEGs" in message
+    assert entry["top1_agreement"] < 0.99 and entry["gate"]["passed"] is False
+    assert "--gpu-decode-agreement 0" in message
+    assert not out.exists()  # no bundle, as for any failed gate
+
+
+def test_gpu_decode_agreement_0_records_without_failing(
+    checkpoint_dir, mixed_parity, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(gpu_preprocess, "preprocess_batch", garbage)
+    out = build(checkpoint_dir, mixed_parity[0], tmp_path / "b", gpu_decode_agreement=0.0)
+    entry = json.loads((out / PARITY_FILE).read_text())["decode"]["gpu_decode"]
+    assert entry["top1_agreement"] < 0.99 and entry["gate"]["passed"] is True
+    assert entry["gate"]["min_top1_agreement"] == 0.0
+
+
+def test_png_parity_images_leave_the_gpu_path_unmeasured_without_failing(bundle_dir):
+    entry = json.loads((bundle_dir / PARITY_FILE).read_text())["decode"]["gpu_decode"]
+    assert entry["n_images"] == 0 and entry["top1_agreement"] is None
+    assert entry["n_cpu_path"] == entry["n_parity_images"] == 12  # conftest's PNGs
+    assert "no baseline JPEG" in entry["note"]
+    assert entry["gate"]["passed"] is True and entry["gate"]["measured"] is False
+
+
+def test_a_decoder_that_cannot_run_is_recorded_and_the_build_goes_on(
+    checkpoint_dir, mixed_parity, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)  # as a torchvision without it
+    out = build(checkpoint_dir, mixed_parity[0], tmp_path / "b")
+    report = json.loads((out / PARITY_FILE).read_text())
+    entry = report["decode"]["gpu_decode"]
+    assert entry["top1_agreement"] is None and entry["n_images"] == 0
+    assert entry["skipped"].startswith("torchvision.io.decode_jpeg cannot decode on cpu here")
+    assert entry["gate"]["passed"] is True and entry["gate"]["measured"] is False
+    assert report["artifacts"]["onnxruntime-fp32"]["gate"]["passed"] is True
+
+
+def test_the_held_out_splits_jpegs_are_measured_from_their_files(tmp_path):
+    data = tmp_path / "data"
+    write_images(data / "train", per_class=1, seed=1)
+    counts = write_jpegs(data / "test")
+    ckpt = write_checkpoint(tmp_path / "ckpt", data_dir=str(data))
+    out = build_bundle(ckpt, tmp_path / "bundle", precisions="fp32", max_batch=4, opt_batch=2)
+    report = json.loads((out / PARITY_FILE).read_text())
+    entry = report["decode"]["gpu_decode"]
+    assert entry["n_images"] == counts["baseline"] and entry["n_cpu_path"] == counts["progressive"]
+    # labelled as the reader labels the parity set (its folder classes map onto none of these)
+    assert entry["n_labelled"] == report["artifacts"]["onnxruntime-fp32"]["n_labelled"] == 0
+    assert entry["top1_agreement"] >= GPU_DECODE_AGREEMENT
+
+
+def test_the_parity_sets_reference_logits_are_reused_for_its_own_files(
+    checkpoint_dir, mixed_parity
+):
+    ckpt = load_checkpoint(checkpoint_dir)
+    model, spec = model_from_checkpoint(ckpt), preprocess_spec_of(ckpt)
+    parity = image_dir_parity_set(mixed_parity[0], ckpt["classes"], spec, 256)
+    runs: list[int] = []
+
+    def infer(x: np.ndarray) -> np.ndarray:
+        runs.append(len(x))
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    reference = infer(parity.images)
+    runs.clear()
+    entry = measure_gpu_decode(
+        parity.files, parity.labels, spec, infer, 8, "cpu", cpu_path=(parity.images, reference)
+    )
+    assert sum(runs) == entry["n_images"] == 9  # only the GPU path's pixels ran the model
+    runs.clear()
+    again = measure_gpu_decode(parity.files, parity.labels, spec, infer, 8, "cpu")
+    assert sum(runs) == 2 * 9  # without them: both paths
+    assert again["top1_agreement"] == entry["top1_agreement"]
+    assert again["max_abs_pixel_diff"] == entry["max_abs_pixel_diff"]
+    assert again["max_abs_logit_diff"] == pytest.approx(entry["max_abs_logit_diff"], abs=1e-5)
+
+
+def test_unreadable_files_are_counted_not_raised(checkpoint_dir, tmp_path):
+    ckpt = load_checkpoint(checkpoint_dir)
+    spec = preprocess_spec_of(ckpt)
+    buf = io.BytesIO()
+    Image.fromarray(photo(64, 48, 0)).save(buf, format="JPEG")
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(buf.getvalue()[:-200])  # truncated: the worker's CPU decoder dead-letters it
+    missing = tmp_path / "gone.jpg"
+    entry = measure_gpu_decode([cut, missing], [0, 0], spec, lambda x: x, 4, "cpu")
+    assert entry["n_images"] == 0 and entry["top1_agreement"] is None
+    # the truncated one goes to the CPU decoder in a GPU worker too (which dead-letters it)
+    assert entry["n_unreadable"] == 1 and entry["n_cpu_path"] == 1
+
+
+def test_gate_fails_on_low_agreement_and_non_finite_logits_and_passes_what_it_did_not_measure():
+    entry = {"device": "cuda", "n_images": 100, "top1_agreement": 0.97, "non_finite_logits": 0}
+    entry["max_abs_pixel_diff"] = 6.0
+    (failure,) = gate_gpu_decode(entry, 0.99)
+    assert failure == (
+        "top-1 agreement 0.9700 < 0.99 on 100 baseline JPEGs (max |pixel diff| 6.0 grey levels, "
+        "measured on cuda)"
+    )
+    assert entry["gate"]["passed"] is False and entry["gate"]["measured"] is True
+    entry.update(top1_agreement=1.0, non_finite_logits=3)
+    assert gate_gpu_decode(entry, 0.99) == ["3 non-finite logits (NaN/inf) on 100 images"]
+    skipped = {"device": "cpu", "n_images": 0, "top1_agreement": None, "skipped": "no decoder"}
+    assert gate_gpu_decode(skipped, 0.99) == [] and skipped["gate"]["measured"] is False
+
+
+def test_the_build_measures_on_cuda_where_it_has_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert build_device() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert build_device() == "cpu"
