@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import binomtest, norm
 
 TOP_K = 5
 
@@ -183,6 +182,8 @@ def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[flo
         raise ValueError("n must be positive")
     if not 0 <= correct <= n:
         raise ValueError(f"correct={correct} is not within 0..{n}")
+    from scipy.stats import norm  # ~1 s to import: only where a statistic needs it
+
     z = float(norm.ppf(0.5 + confidence / 2))
     p = correct / n
     denom = 1 + z * z / n
@@ -211,6 +212,8 @@ def mcnemar_exact(a_correct: Any, b_correct: Any) -> dict[str, Any]:
     a, b = _paired(a_correct, b_correct)
     a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
     discordant = a_only + b_only
+    from scipy.stats import binomtest
+
     p = 1.0 if discordant == 0 else float(binomtest(a_only, discordant, 0.5).pvalue)
     return {"a_only": a_only, "b_only": b_only, "p_value": min(1.0, p)}
 

@@ -5,10 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, imported when a plot is drawn: importing it costs
+    ~0.7 s, which every ``python -m training`` command (a mistyped flag too) would pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _label(c: dict[str, Any]) -> str:
@@ -21,6 +27,7 @@ def per_class_vs_frequency(
     """Does accuracy follow training frequency? One point per class."""
     xs = [train_counts[c["index"]] for c in per_class if c["accuracy"] is not None]
     ys = [c["accuracy"] for c in per_class if c["accuracy"] is not None]
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter(xs, ys, s=12, alpha=0.7)
     ax.set_xlabel("training images of the class")
@@ -35,6 +42,7 @@ def per_class_vs_frequency(
 
 def confused_pairs(pairs: list[dict[str, Any]], classes: list[dict[str, Any]], path: Path) -> Path:
     """The most frequent (true -> predicted) mistakes as a horizontal bar chart."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.4 * max(len(pairs), 3) + 1))
     names = [f"{_label(classes[p['true']])} → {_label(classes[p['pred']])}" for p in pairs]
     ax.barh(range(len(pairs)), [p["count"] for p in pairs])
@@ -50,6 +58,7 @@ def confused_pairs(pairs: list[dict[str, Any]], classes: list[dict[str, Any]], p
 
 def compare_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """Accuracy against cost (GFLOPs) per architecture."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         ax.scatter(r["gflops"], r["top1"], s=40)
