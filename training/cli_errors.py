@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+# "-5m", "-1h", "-0.5": what a user writes for a negative amount, which argparse reads as a flag
+_NEGATIVE_QUANTITY = re.compile(r"-\.?\d")
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (no usage dump), still exiting 2.
 
-    A value that starts with ``-`` is read as the value of the flag before it when it is not
-    itself a flag (``--window -5m`` as ``--window=-5m``): argparse would take it for an unknown
-    option and answer "expected one argument", where the flag's own check names what is wrong.
+    A negative quantity argparse does not read as a number (``--window -5m``) is taken as the
+    value of the flag before it (``--window=-5m``): argparse would answer "expected one
+    argument", where the flag's own check names what is wrong. Only ``-`` and a digit: a
+    mistyped flag (``--out --overwirte``) stays an error rather than becoming a path.
     """
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -54,6 +58,14 @@ class OneLineParser(argparse.ArgumentParser):
             )
         return token[:2] in self._option_string_actions
 
+    def _subcommands(self) -> set[str]:
+        return {
+            name
+            for action in self._actions
+            if isinstance(action, argparse._SubParsersAction)
+            for name in action.choices
+        }
+
     def _dash_values_joined(self, argv: list[str]) -> list[str]:
         out: list[str] = []
         i = 0
@@ -62,11 +74,13 @@ class OneLineParser(argparse.ArgumentParser):
             if token == "--":
                 out.extend(argv[i:])
                 break
+            if token in self._subcommands():  # the rest is the subcommand parser's to read
+                out.extend(argv[i:])
+                break
             value = argv[i + 1] if i + 1 < len(argv) else None
             if (
                 value is not None
-                and value.startswith("-")
-                and value not in ("-", "--")
+                and _NEGATIVE_QUANTITY.match(value)
                 and self._takes_one_value(token)
                 and not self._is_flag(value)
             ):

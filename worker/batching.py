@@ -37,26 +37,28 @@ class Batcher(Generic[T]):
         self._items.append(item)
         self._arrived.append(self.clock())
 
-    def _waited_ms(self) -> float:
-        return (self.clock() - self._arrived[0]) * 1000.0
+    # ready() and time_left_ms() read one snapshot of the arrival list: take_where may run on
+    # another thread (the worker's rebalance callback) and replaces the list, never edits it
 
     def ready(self) -> bool:
         """True when a batch is full, or the oldest item has waited ``max_wait_ms``."""
-        if not self._items:
+        arrived = self._arrived
+        if not arrived:
             return False
-        if len(self._items) >= self.max_batch:
+        if len(arrived) >= self.max_batch:
             return True
-        return self._waited_ms() >= self.max_wait_ms
+        return (self.clock() - arrived[0]) * 1000.0 >= self.max_wait_ms
 
     def time_left_ms(self) -> float:
         """How long a poll may block before the current batch is due (max_wait when empty,
         0 when a full batch is already waiting: a loop that polled first would leave a ready
         batch idle)."""
-        if not self._items:
+        arrived = self._arrived
+        if not arrived:
             return float(self.max_wait_ms)
-        if len(self._items) >= self.max_batch:
+        if len(arrived) >= self.max_batch:
             return 0.0
-        return max(0.0, self.max_wait_ms - self._waited_ms())
+        return max(0.0, self.max_wait_ms - (self.clock() - arrived[0]) * 1000.0)
 
     def take(self) -> list[T]:
         """Remove and return up to ``max_batch`` oldest items; the rest keep their arrival

@@ -255,6 +255,8 @@ def test_a_value_starting_with_a_dash_is_the_flags_value(argv, window):
         ["--window", "-n"],
         ["--window", "-n3"],
         ["--window", "--co=3"],
+        ["--window", "--typo"],  # a mistyped flag is not taken for a value
+        ["--window", "-x"],
     ],
 )
 def test_a_flag_after_a_flag_that_takes_a_value_is_still_an_error(argv, capsys):
@@ -262,6 +264,18 @@ def test_a_flag_after_a_flag_that_takes_a_value_is_still_an_error(argv, capsys):
         _parser().parse_args(argv)
     assert exit_.value.code == 2
     assert "argument --window: expected one argument" in capsys.readouterr().err
+
+
+def test_a_subcommands_flags_are_read_by_the_subcommands_parser():
+    from training.cli_errors import OneLineParser
+
+    root = OneLineParser(prog="r")
+    root.add_argument("--output", default=None)  # takes a value at the top level only
+    go = root.add_subparsers(dest="cmd", parser_class=OneLineParser).add_parser("go")
+    go.add_argument("--out", action="store_true")
+    go.add_argument("--window", default="60m")
+    args = root.parse_args(["go", "--out", "--window", "-5m"])
+    assert args.out is True and args.window == "-5m"
 
 
 def test_an_ambiguous_abbreviation_and_values_after_double_dash_are_left_to_argparse(capsys):

@@ -464,3 +464,15 @@ def test_base64_and_data_uri():
     with pytest.raises(PostError) as info:
         decode_base64("", 1000)
     assert info.value.kind == "not_an_image"
+
+
+def test_a_wrapped_image_just_under_the_cap_is_not_refused_for_its_line_breaks():
+    # before: the length bound before decoding counted CRLF line breaks as base64, so an image
+    # at 98.5% of the cap, wrapped in 76-character lines, was refused as too large
+    cap = 100_000
+    payload = bytes(range(256)) * (cap * 985 // 1000 // 256)
+    wrapped = base64.encodebytes(payload).decode().replace("\n", "\r\n")
+    assert decode_base64(wrapped, cap) == payload
+    with pytest.raises(PostError) as info:
+        decode_base64(base64.encodebytes(payload + bytes(cap)).decode(), cap)
+    assert info.value.kind == "too_large"
