@@ -28,6 +28,7 @@ from engine_build.bundle import PARITY_FILE, Bundle, load_bundle, sha256_file
 from engine_build.decode_parity import (
     GPU_DECODE_AGREEMENT,
     GPU_DECODE_ENTRY,
+    gate_applies,
     gate_gpu_decode,
     gpu_decode_entry,
 )
@@ -619,28 +620,53 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def _negative_variance(state: dict) -> str | None:
-    """The first BatchNorm ``running_var`` in ``state`` with a negative value, described (the
-    value and its flat index), else None."""
+def _batchnorm_eps(model: torch.nn.Module | None) -> dict[str, float]:
+    """Each BatchNorm-like module's ``eps`` by its ``running_var``'s name in the state dict."""
+    if model is None:
+        return {}
+    return {
+        f"{name}.running_var" if name else "running_var": float(module.eps)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "eps", None), float | int)
+        and isinstance(getattr(module, "running_var", None), torch.Tensor)
+    }
+
+
+def _negative_variance(state: dict, model: torch.nn.Module | None = None) -> str | None:
+    """The first BatchNorm ``running_var`` in ``state`` whose value plus its module's ``eps``
+    is <= 0, described (the value, its flat index and the eps), else None.
+
+    Eval-mode BatchNorm divides by sqrt(running_var + eps): a slightly negative variance (float
+    round-off, -1e-7 with eps 1e-5) still gives finite output and is not refused. ``model``: the
+    model the checkpoint describes, whose modules hold each eps (the state dict has none); a
+    ``running_var`` with no module there (no model given) is held to eps 0.
+    """
+    eps_of = _batchnorm_eps(model)
     for name, value in state.items():
         if not (name == "running_var" or name.endswith(".running_var")):
             continue
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             continue
-        negative = (value.detach().reshape(-1) < 0).nonzero()
-        if negative.numel():
-            index = int(negative[0, 0])
+        eps = eps_of.get(name, 0.0)
+        flat = value.detach().reshape(-1)
+        bad = (flat + eps <= 0).nonzero()
+        if bad.numel():
+            index = int(bad[0, 0])
             return (
-                f"{name} has a negative value ({float(value.reshape(-1)[index]):g} at index "
-                f"{index}): a BatchNorm variance cannot be negative; the checkpoint is corrupt"
+                f"{name} has a value {float(flat[index]):g} at index {index} that its "
+                f"BatchNorm's eps {eps:g} does not lift above 0 (running_var + eps <= 0: eval "
+                "mode divides by its square root); the checkpoint is corrupt"
             )
     return None
 
 
-def _weights_problem(ckpt: dict, use_ema: bool = True) -> str | None:
+def _weights_problem(
+    ckpt: dict, model: torch.nn.Module | None = None, use_ema: bool = True
+) -> str | None:
     """What is wrong with the weights the build exports, naming the first bad tensor, else None:
-    one holding NaN or inf, or a BatchNorm ``running_var`` with a negative value (eval mode takes
-    its square root: NaN). The parity gate would otherwise refuse the build only as a non-finite
+    one holding NaN or inf, or a BatchNorm ``running_var`` that its module's eps (read from
+    ``model``, built from ``ckpt``) leaves <= 0 (eval mode takes the square root of their sum:
+    NaN or inf). The parity gate would otherwise refuse the build only as a non-finite
     reference."""
     from engine_build.runtime.torch_model import first_non_finite
 
@@ -648,7 +674,7 @@ def _weights_problem(ckpt: dict, use_ema: bool = True) -> str | None:
     bad = first_non_finite(ckpt[key])
     if bad is not None:
         return f"{key} tensor {bad} holds NaN or inf"
-    negative = _negative_variance(ckpt[key])
+    negative = _negative_variance(ckpt[key], model)
     return None if negative is None else f"{key} tensor {negative}"
 
 
@@ -691,7 +717,7 @@ def _build_in(
         model = model_from_checkpoint(ckpt, source=checkpoint_dir)
     except CheckpointError as exc:
         raise BuildError(str(exc)) from exc
-    if problem := _weights_problem(ckpt):
+    if problem := _weights_problem(ckpt, model):
         raise BuildError(f"checkpoint {ckpt_file}: {problem}; it cannot be exported")
     try:
         parity_set = heldout.parity_set_for(
@@ -868,8 +894,10 @@ def _check_gpu_decode(
 ) -> None:
     """Measure the GPU workers' decode path (worker ``gpu_decode``: nvJPEG, block-average draft,
     torch resize) with the FP32 model, record it as ``report["decode"]["gpu_decode"]``, and
-    raise ParityGateError when it misses ``--gpu-decode-agreement``. Run before any export: a
-    bundle whose GPU pool would answer otherwise fails in seconds, not after a TensorRT build."""
+    raise ParityGateError when it misses ``--gpu-decode-agreement`` in a bundle meant for GPU
+    workers (``--backends`` with tensorrt, or a build on CUDA: ``gate_applies``); for any other
+    bundle a miss is recorded and logged as a WARNING. Run before any export: a bundle whose GPU
+    pool would answer otherwise fails in seconds, not after a TensorRT build."""
     with torch.inference_mode():
         entry = gpu_decode_entry(
             parity_set,
@@ -882,12 +910,21 @@ def _check_gpu_decode(
             opts.data_dir,
         )
     report["decode"] = {GPU_DECODE_ENTRY: entry}
-    failures = gate_gpu_decode(entry, opts.gpu_decode_agreement)
-    if failures:
+    applied, why = gate_applies(opts.backends)
+    failures = gate_gpu_decode(entry, opts.gpu_decode_agreement, applied, why)
+    if failures and applied:
         raise ParityGateError(
             f"parity gate failed for the GPU-decode path (workers with gpu_decode): "
             f"{'; '.join(failures)}; --gpu-decode-agreement 0 records it without failing",
             report,
+        )
+    if failures:
+        log.warning(
+            "the GPU-decode path (workers with gpu_decode) misses --gpu-decode-agreement %s: %s; "
+            "not failing the build, %s (a build with --backends tensorrt or on a GPU fails)",
+            opts.gpu_decode_agreement,
+            "; ".join(failures),
+            why,
         )
 
 

@@ -12,6 +12,11 @@ the same files; ``parity.json`` records it under ``decode.gpu_decode``.
 Only baseline JPEGs are measured: every other image (PNG, progressive or CMYK JPEG, one the
 batched decoder refuses) is decoded on the CPU by the GPU worker too, so it answers the same by
 construction and is only counted (``n_cpu_path``).
+
+A top-1 flip where the CPU path's own logits hold the two classes in a near tie
+(:func:`engine_build.parity.near_ties`, the rule batch 1's parity uses) is recorded but not
+counted against the gate; the gate fails the build only for a bundle meant for GPU workers
+(:func:`gate_applies`), and is recorded, with a WARNING when it would have failed, for others.
 """
 
 from __future__ import annotations
@@ -26,7 +31,15 @@ import torch
 from PIL import Image
 
 from engine_build.heldout import class_key, recorded_data_dir
-from engine_build.parity import ParitySet, evenly_spaced, parity_report, run_batched
+from engine_build.parity import (
+    ParitySet,
+    evenly_spaced,
+    finite_rows,
+    near_ties,
+    parity_report,
+    run_batched,
+)
+from engine_build.runtime.base import first_line
 from training.checkpoint import recorded_crop
 from training.datasets import READERS, load_index
 from training.datasets.base import DatasetError
@@ -35,7 +48,8 @@ from training.preprocessing import PreprocessSpec, preprocess_image
 log = logging.getLogger(__name__)
 
 GPU_DECODE_ENTRY = "gpu_decode"  # parity.json: report["decode"][GPU_DECODE_ENTRY]
-GPU_DECODE_AGREEMENT = 0.99  # --gpu-decode-agreement's default (docs/engine_build.md)
+# --gpu-decode-agreement's default (docs/engine_build.md); the worker warns below it too
+GPU_DECODE_AGREEMENT = 0.99
 CPU_MEASURED_NOTE = (
     "measured with torchvision's CPU JPEG decoder (libjpeg-turbo): nvJPEG's IDCT on a GPU rounds "
     "slightly differently, so a GPU worker's agreement may differ a little"
@@ -48,14 +62,29 @@ def build_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def gate_applies(backends: Sequence[str], device: str | None = None) -> tuple[bool, str]:
+    """Whether the GPU-decode gate may fail this build, and why: only a bundle meant for GPU
+    workers, i.e. one whose ``--backends`` include tensorrt or that is built on CUDA
+    (``device``, default :func:`build_device`). Every bundle has model.pt, but GPU decode exists
+    only on CUDA workers: a CPU build of ``auto``/``onnxruntime`` serves CPU pools."""
+    if "tensorrt" in backends:
+        return True, "--backends includes tensorrt: a bundle for GPU workers"
+    if (device or build_device()) == "cuda":
+        return True, "built on CUDA: a bundle for GPU workers"
+    return False, (
+        "built on the CPU without --backends tensorrt: a bundle for CPU worker pools, which "
+        "never decode on a GPU"
+    )
+
+
 def heldout_files(
     ckpt: dict, limit: int, data_dir: Path | None = None
 ) -> tuple[list[str], list[int]] | None:
     """The files (and labels) of the held-out split that
     :func:`engine_build.heldout.training_parity_set` reads, listed again with the same reader
-    and the same even spread: its ParitySet keeps only pixels, which for a ``--crop bbox``
-    checkpoint are box crops, not what a worker decodes. None when the checkpoint records no
-    dataset the reader knows."""
+    and the same even spread: for a ``--crop bbox`` checkpoint its ParitySet keeps only pixels,
+    box crops, not what a worker decodes (a ``--crop full`` one records its files and is not
+    listed again). None when the checkpoint records no dataset the reader knows."""
     args = ckpt.get("args") or {}
     kind, root = args.get("dataset"), data_dir or recorded_data_dir(ckpt)
     if kind not in READERS or root is None:
@@ -89,7 +118,7 @@ def _decoder_problem(device: str) -> str | None:
     try:
         decode_jpegs([GpuJpeg(_probe_jpeg())], device)
     except Exception as exc:  # ImportError (torchvision without decode_jpeg), no nvJPEG, ...
-        return f"torchvision.io.decode_jpeg cannot decode on {device} here: {exc}"
+        return f"torchvision.io.decode_jpeg cannot decode on {device} here: {first_line(exc)}"
     return None
 
 
@@ -112,7 +141,9 @@ def measure_gpu_decode(
     ``infer``: the FP32 reference model, numpy in and out. ``cpu_path``: the CPU path's pixels
     of ``files`` and ``infer``'s logits on them (row for row), when already computed; the logits
     are reused where the pixels are exactly those the worker's CPU decoder gives, else computed
-    here. An entry with ``skipped`` (and no agreement) when the decoder cannot run on ``device``.
+    here. When the decoder cannot run on ``device`` (a CUDA build whose torchvision has no
+    nvJPEG, say) it measures on the CPU instead and records why under ``fallback``; an entry
+    with ``skipped`` (and no agreement) only when it cannot run on the CPU either.
     """
     # worker.* is imported here, not at the top: the worker imports engine_build (the manifest,
     # the runtimes), so engine_build importing the worker package at module import time would
@@ -124,9 +155,14 @@ def measure_gpu_decode(
     from worker.prepare import GpuJpeg, check_resized_size, gpu_decodable
 
     device = device or build_device()
+    fallback: dict[str, str] = {}
     if (problem := _decoder_problem(device)) is not None:
-        log.warning("GPU-decode parity not measured: %s", problem)
-        return skipped_entry(device, problem)
+        if device == "cpu" or _decoder_problem("cpu") is not None:
+            log.warning("GPU-decode parity not measured: %s", problem)
+            return skipped_entry(device, problem)
+        log.warning("GPU-decode parity: %s; measuring with the CPU JPEG decoder instead", problem)
+        fallback = {"fallback": f"measured on cpu, not {device}: {problem}"}
+        device = "cpu"
 
     # what the worker's decode threads do with each post's bytes (worker.prepare._decoded)
     jpegs: dict[int, GpuJpeg] = {}
@@ -175,7 +211,12 @@ def measure_gpu_decode(
                 n_cpu_path += 1
 
     measured = sorted(gpu_rows)
-    counts = {"n_parity_images": len(files), "n_cpu_path": n_cpu_path, "n_unreadable": n_unreadable}
+    counts = {
+        "n_parity_images": len(files),
+        "n_cpu_path": n_cpu_path,
+        "n_unreadable": n_unreadable,
+        **fallback,
+    }
     if not measured:
         note = "no baseline JPEG among the parity images: the GPU-decode path was not exercised"
         log.warning("GPU-decode parity not measured: %s", note)
@@ -188,19 +229,24 @@ def measure_gpu_decode(
         reference = run_batched(infer, cpu_px, batch)
     logits = run_batched(infer, gpu_px, batch)
     report = parity_report(reference, logits, np.asarray(labels, dtype=np.int64)[measured])
+    finite = finite_rows(logits)
+    same = (reference.argmax(1) == logits.argmax(1)) & finite
+    tie_flips = ~same & near_ties(reference, logits) & finite  # recorded, not gated
     with np.errstate(invalid="ignore"):
         grey = np.abs(cpu_px.astype(np.float64) - gpu_px.astype(np.float64)) * _grey_levels(spec)
-    finite = bool(np.isfinite(grey).all())  # NaN is no JSON
+    grey_finite = bool(np.isfinite(grey).all())  # NaN is no JSON
     entry = {
         "device": device,
         "n_images": report["n_images"],
         "n_labelled": report["n_labelled"],
         "top1_agreement": report["top1_agreement"],
+        "top1_agreement_excluding_near_ties": float((same | tie_flips).mean()),
+        "near_tie_flips": int(tie_flips.sum()),
         "accuracy_cost": report["accuracy_cost"],
         "top1_accuracy_cpu_decode": report["top1_accuracy_pytorch"],
         "top1_accuracy_gpu_decode": report["top1_accuracy_artifact"],
-        "max_abs_pixel_diff": round(float(grey.max()), 3) if finite else None,
-        "mean_abs_pixel_diff": round(float(grey.mean()), 4) if finite else None,
+        "max_abs_pixel_diff": round(float(grey.max()), 3) if grey_finite else None,
+        "mean_abs_pixel_diff": round(float(grey.mean()), 4) if grey_finite else None,
         "max_abs_logit_diff": report["max_abs_logit_diff"],
         "mean_abs_logit_diff": report["mean_abs_logit_diff"],
         "non_finite_logits": report["non_finite_logits"],
@@ -211,38 +257,61 @@ def measure_gpu_decode(
     return entry
 
 
-def gate_gpu_decode(entry: dict, threshold: float) -> list[str]:
+def gated_agreement(entry: dict) -> float | None:
+    """The agreement the gate compares with its threshold: near-tie flips not counted (the raw
+    ``top1_agreement`` for an entry recorded before they were told apart)."""
+    agreement = entry.get("top1_agreement_excluding_near_ties")
+    return entry.get("top1_agreement") if agreement is None else agreement
+
+
+def gate_gpu_decode(
+    entry: dict, threshold: float, applied: bool = True, why: str | None = None
+) -> list[str]:
     """Record the gate's verdict in ``entry``; return why it failed (empty when it passed).
 
-    A measured entry passes when its top-1 agreement reaches ``threshold`` and every logit is
-    finite; an entry that measured nothing (no baseline JPEG, no decoder) passes, saying so.
+    A measured entry passes when its top-1 agreement, near-tie flips not counted, reaches
+    ``threshold`` and every logit is finite; an entry that measured nothing (no baseline JPEG,
+    no decoder) passes, saying so. ``applied``: whether the verdict may fail the build
+    (:func:`gate_applies`, ``why`` its reason); the caller acts on it, the entry records it.
     """
     failures: list[str] = []
-    n, agreement = entry.get("n_images", 0), entry.get("top1_agreement")
+    n, raw = entry.get("n_images", 0), entry.get("top1_agreement")
+    agreement = gated_agreement(entry)
     if agreement is not None:
         if entry.get("non_finite_logits"):
             failures.append(
                 f"{entry['non_finite_logits']} non-finite logits (NaN/inf) on {n} images"
             )
         if agreement < threshold:
+            ties = ""
+            if "near_tie_flips" in entry:
+                ties = (
+                    f"near-tie flips not counted: {entry['near_tie_flips']}, {raw:.4f} "
+                    "counting them; "
+                )
             failures.append(
                 f"top-1 agreement {agreement:.4f} < {threshold} on {n} baseline JPEGs "
-                f"(max |pixel diff| {entry.get('max_abs_pixel_diff')} grey levels, measured on "
-                f"{entry.get('device')})"
+                f"({ties}max |pixel diff| {entry.get('max_abs_pixel_diff')} grey levels, "
+                f"measured on {entry.get('device')})"
             )
     entry["gate"] = {
         "min_top1_agreement": threshold,
         "passed": not failures,
         "measured": agreement is not None,
+        "applied": applied,
+        **({"why": why} if why else {}),
         "failures": failures,
     }
     if agreement is not None:
         log.info(
-            "parity gpu_decode (%s): agreement %.4f (gate %.4f), max|dpixel| %s, "
-            "max|dlogit| %s, n=%d, %d on the CPU path%s",
+            "parity gpu_decode (%s): agreement %.4f (%.4f counting %d near-tie flips; "
+            "gate %.4f%s), max|dpixel| %s, max|dlogit| %s, n=%d, %d on the CPU path%s",
             entry.get("device"),
             agreement,
+            raw,
+            entry.get("near_tie_flips", 0),
             threshold,
+            "" if applied else ", not applied",
             entry.get("max_abs_pixel_diff"),
             entry.get("max_abs_logit_diff"),
             n,
@@ -264,7 +333,9 @@ def gpu_decode_entry(
     device: str | None = None,
 ) -> dict:
     """The ``decode.gpu_decode`` entry for the build's parity images: the parity set's own files
-    (reusing ``reference``, its FP32 logits), else the held-out split's files listed again."""
+    (reusing ``reference``, its FP32 logits: ``--parity-data``, or a ``--crop full`` held-out
+    split), else the held-out split's files listed again (``--crop bbox``: its parity pixels are
+    box crops, so the whole photos are decoded again and both paths run the FP32 model)."""
     device = device or build_device()
     if parity_set.files:
         return measure_gpu_decode(

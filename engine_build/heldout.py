@@ -62,7 +62,12 @@ def training_parity_set(
 ) -> ParitySet | None:
     """The held-out split read by training's own dataset reader, with the checkpoint's level and
     crop, so labels and pixels are those of evaluation; None when the checkpoint does not record
-    its dataset. ``data_dir``: where that dataset is now, instead of its recorded path."""
+    its dataset. ``data_dir``: where that dataset is now, instead of its recorded path.
+
+    The set records its ``files`` when no sample has a box (``--crop full``): its pixels are then
+    exactly the worker's CPU decode path (:func:`load_image` drafts and orients as the worker
+    does), so the GPU-decode parity reuses them and their FP32 logits instead of listing the
+    split again. Box crops are not what a worker decodes: no ``files`` then."""
     args = ckpt.get("args") or {}
     kind, root = args.get("dataset"), data_dir or recorded_data_dir(ckpt)
     if kind not in READERS or root is None:
@@ -79,7 +84,7 @@ def training_parity_set(
     ckpt_index = {class_key(c): i for i, c in enumerate(ckpt["classes"])}
     to_ckpt = [ckpt_index.get(class_key(c), -1) for c in index.classes]
     chosen = evenly_spaced(index.samples, limit)
-    arrays, labels = [], []
+    arrays, labels, files = [], [], []
     for sample in chosen:
         try:
             arrays.append(preprocess_image(load_image(sample, spec.resize), spec))
@@ -87,12 +92,19 @@ def training_parity_set(
             log.warning("skipping unreadable parity image %s: %s", sample.path, exc)
             continue
         labels.append(to_ckpt[sample.target])
+        files.append(str(sample.path))
     if not arrays:
         raise ParityDataError(f"no readable held-out images in {root}; pass --parity-data DIR")
     source = (
         f"{kind}:{root} test split (level {level}, crop {crop}; {index.skipped_missing} missing)"
     )
-    return ParitySet(np.stack(arrays), np.asarray(labels, dtype=np.int64), source)
+    whole = all(sample.bbox is None for sample in chosen)  # the worker's pixels, row for row
+    return ParitySet(
+        np.stack(arrays),
+        np.asarray(labels, dtype=np.int64),
+        source,
+        tuple(files) if whole else (),
+    )
 
 
 def parity_set_for(

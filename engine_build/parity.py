@@ -30,8 +30,9 @@ class ParitySet:
     """Preprocessed images (N, 3, H, W) and their class indices (-1 where unknown).
 
     ``files``: the image file of each row, when the set was read from image files exactly as
-    the worker decodes a post (:func:`load_images`); empty for the dataset reader's held-out
-    split, whose pixels may be box crops the worker never sees.
+    the worker decodes a post (:func:`load_images`, and the dataset reader's held-out split of a
+    ``--crop full`` checkpoint); empty for a ``--crop bbox`` held-out split, whose pixels are
+    box crops the worker never sees.
     """
 
     images: np.ndarray
@@ -156,7 +157,21 @@ def parity_report(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarr
     }
 
 
-NEAR_TIE_RELATIVE = 0.01  # batch-1 top-1 flips between logits this close are not counted
+NEAR_TIE_RELATIVE = 0.01  # top-1 flips between logits this close are not counted
+
+
+def near_ties(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """True for each row where ``reference`` itself scored its top-1 class and ``candidate``'s
+    top-1 class within NEAR_TIE_RELATIVE of each other (relative to the top logit, at least 1):
+    a flip there is a near-tie (slightly different arithmetic or pixels), not a broken path;
+    with only a few images, one such flip would otherwise fail a good engine. False where the
+    reference is not finite. (True too where both pick the same class: callers combine it with
+    their own ``same``.)"""
+    r_top, c_top = reference.argmax(1), candidate.argmax(1)
+    rows = np.arange(len(reference))
+    with np.errstate(invalid="ignore"):
+        gap = np.abs(reference[rows, r_top] - reference[rows, c_top])
+        return gap <= NEAR_TIE_RELATIVE * np.maximum(1.0, np.abs(reference[rows, r_top]))
 
 
 def batch1_report(reference: np.ndarray, batched: np.ndarray, single: np.ndarray) -> dict:
@@ -166,13 +181,9 @@ def batch1_report(reference: np.ndarray, batched: np.ndarray, single: np.ndarray
     max_diff, _ = _abs_diff(reference, single)
     max_vs_batched, _ = _abs_diff(batched, single)
     b_top, s_top = batched.argmax(1), single.argmax(1)
-    rows = np.arange(len(batched))
-    with np.errstate(invalid="ignore"):
-        # a flip between two classes the batched run itself scored within 1% of each other is a
-        # near-tie (FP16 kernels for batch 1 differ slightly), not a broken path: with only a
-        # few images, one such flip would otherwise fail a good engine
-        gap = np.abs(batched[rows, b_top] - batched[rows, s_top])
-        near_tie = gap <= NEAR_TIE_RELATIVE * np.maximum(1.0, np.abs(batched[rows, b_top]))
+    # a flip between two classes the batched run itself scored within 1% of each other is a
+    # near-tie (FP16 kernels for batch 1 differ slightly), not a broken path
+    near_tie = near_ties(batched, single)
     finite = finite_rows(single)
     same = (s_top == b_top) & finite
     return {

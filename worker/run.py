@@ -176,7 +176,12 @@ def gpu_decode_note(parity: dict | None) -> tuple[str, bool]:
     block-average draft, torch resize), and whether it is sound: parity.json certifies every
     artifact on the CPU decode path's pixels, so a GPU worker logs how far its own decode moves
     the answers. Not sound (a WARNING) when the bundle never measured it (built before
-    engine_build did, or with no baseline JPEG among its parity images) or its gate failed."""
+    engine_build did, or with no baseline JPEG among its parity images), its gate failed, or the
+    gate did not guard it: the measured agreement (near-tie flips not counted, where recorded)
+    is below engine_build's default ``--gpu-decode-agreement``, or the gate was not applied (a
+    bundle built for CPU pools) or was 0, whatever the agreement."""
+    from engine_build.decode_parity import GPU_DECODE_AGREEMENT, gated_agreement
+
     decode = parity.get("decode") if isinstance(parity, dict) else None
     entry = decode.get("gpu_decode") if isinstance(decode, dict) else None
     if not isinstance(entry, dict):
@@ -192,7 +197,12 @@ def gpu_decode_note(parity: dict | None) -> tuple[str, bool]:
             f"gpu_decode: the bundle's parity.json did not measure the GPU-decode path: {why}",
             False,
         )
+    agreement = gated_agreement(entry)
     parts = [f"top-1 agreement with the CPU decode path {entry['top1_agreement']}"]
+    if entry.get("near_tie_flips"):
+        parts.append(
+            f"{agreement} not counting {entry['near_tie_flips']} near-tie flips of the top-1"
+        )
     if entry.get("accuracy_cost") is not None:
         parts.append(f"accuracy cost {entry['accuracy_cost']}")
     if entry.get("max_abs_pixel_diff") is not None:
@@ -209,6 +219,27 @@ def gpu_decode_note(parity: dict | None) -> tuple[str, bool]:
         text += (
             "; measured with torchvision's CPU JPEG decoder (libjpeg-turbo), whose IDCT differs "
             "slightly from nvJPEG's on this GPU: an estimate of this worker's agreement"
+        )
+        if entry.get("fallback"):
+            text += f" ({entry['fallback']})"
+    threshold = gate.get("min_top1_agreement")
+    unguarded = gate.get("applied") is False or threshold == 0
+    if not isinstance(agreement, int | float) or agreement < GPU_DECODE_AGREEMENT or unguarded:
+        sound = False
+        if gate.get("applied") is False:
+            why = "its gate was not applied at build (a bundle built for CPU worker pools)"
+        elif threshold == 0:
+            why = "its gate was 0 at build (--gpu-decode-agreement 0: recorded only)"
+        elif gate.get("passed") is False:
+            why = "its gate failed at build"
+        elif threshold is None:
+            why = "no gate is recorded"
+        else:
+            why = f"its gate at build was {threshold}"
+        low = not isinstance(agreement, int | float) or agreement < GPU_DECODE_AGREEMENT
+        text += (
+            f"; not guarded: agreement {agreement} {'is below' if low else 'meets'} the default "
+            f"--gpu-decode-agreement {GPU_DECODE_AGREEMENT}, and {why}"
         )
     return text, sound
 

@@ -177,8 +177,9 @@ def test_a_checkpoint_with_a_negative_batchnorm_variance_names_the_tensor(
     raw["state_dict"]["layer1.0.bn1.running_var"][3] = -0.5
     torch.save(raw, ckpt / "checkpoint.pt")
     needle = (
-        r"state_dict tensor layer1\.0\.bn1\.running_var has a negative value \(-0\.5 at index 3\): "
-        r"a BatchNorm variance cannot be negative; the checkpoint is corrupt"
+        r"state_dict tensor layer1\.0\.bn1\.running_var has a value -0\.5 at index 3 that its "
+        r"BatchNorm's eps 1e-05 does not lift above 0 \(running_var \+ eps <= 0: eval mode "
+        r"divides by its square root\); the checkpoint is corrupt"
     )
     with pytest.raises(BuildError, match=needle):
         build_bundle(ckpt, tmp_path / "out", parity_data=parity_dir, max_batch=8)
@@ -186,8 +187,43 @@ def test_a_checkpoint_with_a_negative_batchnorm_variance_names_the_tensor(
     argv = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--log-level", "ERROR"]
     assert main(get_args_parser().parse_args([*argv, "--parity-data", str(parity_dir)])) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "layer1.0.bn1.running_var has a negative value" in err, err
+    assert err.count("\n") == 1 and "layer1.0.bn1.running_var has a value -0.5" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tiny_negative_batchnorm_variance_that_eps_lifts_above_0_is_built(tmp_path, parity_dir):
+    # before: any running_var < 0 was refused, though BatchNorm divides by
+    # sqrt(running_var + eps): -1e-7 with eps 1e-5 gives finite output (float round-off)
+    from engine_build.build import build_bundle
+
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    raw = torch.load(ckpt / "checkpoint.pt", weights_only=True)
+    raw["state_dict"]["layer1.0.bn1.running_var"][3] = -1e-7
+    torch.save(raw, ckpt / "checkpoint.pt")
+    out = build_bundle(ckpt, tmp_path / "out", parity_data=parity_dir, max_batch=8)
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["artifacts"]["onnxruntime-fp32"]["gate"]["passed"] is True
+
+
+def test_the_variance_is_held_to_its_own_modules_eps():
+    from engine_build.build import _negative_variance
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(4, eps=1e-3), torch.nn.BatchNorm2d(4))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["0.running_var"][1] = -5e-4  # lifted above 0 by its eps 1e-3
+    assert _negative_variance(state, model) is None
+    state["1.running_var"][2] = -5e-4  # not by the default 1e-5
+    problem = _negative_variance(state, model)
+    assert problem is not None and problem.startswith(
+        "1.running_var has a value -0.0005 at index 2"
+    )
+    assert "eps 1e-05" in problem
+    state["1.running_var"][2] = -1e-5  # running_var + eps == 0: sqrt(0), a division by zero
+    assert _negative_variance(state, model) is not None
+    # without the model (no eps known) any value <= 0 is refused
+    state["1.running_var"][2] = 1.0
+    assert _negative_variance(state, model) is None
+    assert "0.running_var has a value -0.0005" in _negative_variance(state)
 
 
 def test_a_checkpoint_holding_objects_is_said_to_be_refused_by_a_weights_only_load(tmp_path):

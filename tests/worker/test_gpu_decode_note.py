@@ -65,3 +65,59 @@ def test_a_failed_gate_or_non_finite_logits_is_a_warning():
     assert not sound and "0.9" in text
     text, sound = gpu_decode_note(parity({**MEASURED, "non_finite_logits": 2}))
     assert not sound and "2 non-finite logits" in text
+
+
+def test_an_agreement_below_the_default_is_a_warning_even_when_its_gate_passed():
+    # before: gate.passed true (a bundle built with --gpu-decode-agreement 0, or a CPU-pool
+    # bundle whose gate did not apply) made a GPU worker log 0.5 as INFO
+    zero = {
+        **MEASURED,
+        "top1_agreement": 0.5,
+        "gate": {**MEASURED["gate"], "min_top1_agreement": 0.0},
+    }
+    text, sound = gpu_decode_note(parity(zero))
+    assert not sound and "agreement 0.5 is below the default --gpu-decode-agreement 0.99" in text
+    assert "--gpu-decode-agreement 0: recorded only" in text
+    lower = {
+        **MEASURED,
+        "top1_agreement": 0.97,
+        "gate": {**MEASURED["gate"], "min_top1_agreement": 0.95},
+    }
+    text, sound = gpu_decode_note(parity(lower))
+    assert not sound and "0.97 is below the default" in text and "gate at build was 0.95" in text
+
+
+def test_the_default_threshold_is_engine_builds_own(monkeypatch):
+    from engine_build import decode_parity
+
+    assert gpu_decode_note(parity({**MEASURED, "top1_agreement": 0.992}))[1]
+    monkeypatch.setattr(decode_parity, "GPU_DECODE_AGREEMENT", 0.995)  # one place, not a copy
+    text, sound = gpu_decode_note(parity({**MEASURED, "top1_agreement": 0.992}))
+    assert not sound and "default --gpu-decode-agreement 0.995" in text
+
+
+@pytest.mark.parametrize("gate", [{"min_top1_agreement": 0.0}, {"applied": False}])
+def test_a_gate_that_was_0_or_not_applied_is_a_warning_whatever_the_agreement(gate):
+    entry = {**MEASURED, "gate": {**MEASURED["gate"], **gate}}
+    text, sound = gpu_decode_note(parity(entry))
+    assert not sound and "0.996 meets the default --gpu-decode-agreement 0.99" in text
+    assert ("CPU worker pools" in text) == ("applied" in gate)
+
+
+def test_the_agreement_without_near_tie_flips_is_what_is_judged():
+    entry = {
+        **MEASURED,
+        "top1_agreement": 0.98,
+        "top1_agreement_excluding_near_ties": 0.996,
+        "near_tie_flips": 1,
+    }
+    text, sound = gpu_decode_note(parity(entry))
+    assert sound and "0.98" in text and "0.996 not counting 1 near-tie flips" in text
+    text, sound = gpu_decode_note(parity({**entry, "top1_agreement_excluding_near_ties": 0.985}))
+    assert not sound and "agreement 0.985 is below the default" in text
+
+
+def test_a_cpu_fallback_on_a_gpu_build_is_quoted():
+    entry = {**MEASURED, "device": "cpu", "fallback": "measured on cpu, not cuda: no nvJPEG"}
+    text, sound = gpu_decode_note(parity(entry))
+    assert sound and "measured on cpu, not cuda: no nvJPEG" in text
