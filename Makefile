@@ -5,11 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 PYTEST_ARGS ?=
-# pytest-xdist processes (0: the suite in one process). Two is the default and what CI runs:
-# on the 2-vCPU machine a fresh-clone CI took 16m18s with -n 2 (875 s of tests) against 23-25 min
-# serially (1,141-1,350 s). Stop 26's xdist flake (test_a_silent_child_reads_as_no_answer) was
-# a SIGTERM-handler deadlock, fixed in 0be7909 (worker/stop_signals.py), not a test-order issue.
-PYTEST_WORKERS ?= 2
+# pytest-xdist processes (0: the suite in one process). Three is the default and what CI runs:
+# much of the suite waits (consumer groups joining, workers starting, subprocesses), so a third
+# process fills idle CPU on the 2-vCPU machine: a fresh-clone CI ran 733 s of tests with -n 3
+# against 1,204-1,330 s with -n 2 (2026-12-07); -n 4 was no faster there and flaked a test
+# that assumed both replicas joined before the posts (now awaited). Stop 26's xdist flake
+# (test_a_silent_child_reads_as_no_answer) was a SIGTERM-handler deadlock, fixed in 0be7909.
+PYTEST_WORKERS ?= 3
 # the local stack's flags, e.g. `make stack-up STACK_ARGS="--kafka-port 19092 --redis-port 16380"`
 STACK_ARGS ?=
 

@@ -129,6 +129,26 @@ def start_worker(worker_env: dict, procs: list, name: str, log_dir: Path) -> sub
     return proc
 
 
+def wait_all_hold_partitions(log_dir: Path, names: list[str], procs: list, deadline_s=120.0):
+    """Wait until each named worker's latest assignment (its log) holds a partition: only then
+    do all of them share the posts produced next, whatever the machine's load."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        latest = {}
+        for name in names:
+            lines = [
+                ln
+                for ln in (log_dir / f"{name}.log").read_text(errors="replace").splitlines()
+                if "partitions assigned: " in ln
+            ]
+            latest[name] = lines[-1] if lines else ""
+        if all(ln and not ln.endswith("partitions assigned: []") for ln in latest.values()):
+            return
+        assert all(p.poll() is None for p in procs), "a worker exited while joining"
+        time.sleep(0.2)
+    raise AssertionError(f"not every worker holds a partition after {deadline_s} s: {latest}")
+
+
 def good_posts(n: int, seed: int = 0) -> list[tuple[str, bytes, str | None]]:
     rng = np.random.default_rng(seed)
     posts = []
@@ -350,9 +370,12 @@ def test_two_replicas_split_partitions_and_a_killed_one_loses_nothing(
     topics, url, worker_env, procs = env
     worker_env["CARSTREAM_OVERLAP"] = overlap  # auto is off on this CPU engine
     first = good_posts(60, seed=1)
-    produce(kafka_bootstrap, topics.input, [(p.encode(), raw) for p, raw, _ in first])
     start_worker(worker_env, procs, "w1", tmp_path)
     start_worker(worker_env, procs, "w2", tmp_path)
+    # both in the group before any post: on a loaded machine the first to join could otherwise
+    # take every post before the second is assigned a partition (seen with 4 pytest workers)
+    wait_all_hold_partitions(tmp_path, ["w1", "w2"], procs)
+    produce(kafka_bootstrap, topics.input, [(p.encode(), raw) for p, raw, _ in first])
 
     # wait until some results exist, then kill -9 one replica mid-stream
     consume_all(kafka_bootstrap, topics.output, lambda recs: len(recs) >= 10, 120, procs)
