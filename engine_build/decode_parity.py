@@ -30,18 +30,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine_build.heldout import class_key, recorded_data_dir
+from engine_build.heldout import heldout_samples
 from engine_build.parity import (
     ParitySet,
-    evenly_spaced,
     finite_rows,
     near_ties,
     parity_report,
     run_batched,
 )
 from engine_build.runtime.base import first_line
-from training.checkpoint import recorded_crop
-from training.datasets import READERS, load_index
 from training.datasets.base import DatasetError
 from training.preprocessing import PreprocessSpec, preprocess_image
 
@@ -85,16 +82,10 @@ def heldout_files(
     and the same even spread: for a ``--crop bbox`` checkpoint its ParitySet keeps only pixels,
     box crops, not what a worker decodes (a ``--crop full`` one records its files and is not
     listed again). None when the checkpoint records no dataset the reader knows."""
-    args = ckpt.get("args") or {}
-    kind, root = args.get("dataset"), data_dir or recorded_data_dir(ckpt)
-    if kind not in READERS or root is None:
+    held = heldout_samples(ckpt, limit, data_dir)
+    if held is None:
         return None
-    level = args.get("level") or ckpt.get("level") or "model"
-    index = load_index(kind, root, "test", level=level, crop=recorded_crop(ckpt))
-    ckpt_index = {class_key(c): i for i, c in enumerate(ckpt["classes"])}
-    to_ckpt = [ckpt_index.get(class_key(c), -1) for c in index.classes]
-    chosen = evenly_spaced(index.samples, limit)
-    return [str(s.path) for s in chosen], [to_ckpt[s.target] for s in chosen]
+    return [str(s.path) for s in held.chosen], [held.to_ckpt[s.target] for s in held.chosen]
 
 
 def skipped_entry(device: str, reason: str) -> dict:

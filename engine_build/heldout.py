@@ -11,6 +11,7 @@ path). Otherwise ``--parity-data DIR`` is required.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from engine_build.parity import (
 )
 from training.checkpoint import recorded_crop
 from training.datasets import READERS, load_index
-from training.datasets.base import DatasetError
+from training.datasets.base import DatasetError, Sample
 from training.datasets.image_dataset import load_image
 from training.preprocessing import PreprocessSpec, preprocess_image
 
@@ -57,17 +58,21 @@ def _moved_hint(root: Path, data_dir: Path | None) -> str:
     return ";"
 
 
-def training_parity_set(
-    ckpt: dict, spec: PreprocessSpec, limit: int, data_dir: Path | None = None
-) -> ParitySet | None:
-    """The held-out split read by training's own dataset reader, with the checkpoint's level and
-    crop, so labels and pixels are those of evaluation; None when the checkpoint does not record
-    its dataset. ``data_dir``: where that dataset is now, instead of its recorded path.
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out samples engine_build uses by default, and how to label them."""
 
-    The set records its ``files`` when no sample has a box (``--crop full``): its pixels are then
-    exactly the worker's CPU decode path (:func:`load_image` drafts and orients as the worker
-    does), so the GPU-decode parity reuses them and their FP32 logits instead of listing the
-    split again. Box crops are not what a worker decodes: no ``files`` then."""
+    source: str  # "compcars:/data test split (level model, crop full; 0 missing)"
+    root: Path
+    chosen: list[Sample]  # evenly spread over the split, at most ``limit``
+    to_ckpt: list[int]  # the reader's class index -> the checkpoint's (-1: not in it)
+
+
+def heldout_samples(ckpt: dict, limit: int, data_dir: Path | None = None) -> HeldOut | None:
+    """The held-out split as training's own reader reads it, with the checkpoint's level and
+    crop; None when the checkpoint does not record its dataset. ``data_dir``: where that dataset
+    is now, instead of its recorded path. Shared by the parity set and the GPU-decode parity,
+    so both measure the same images."""
     args = ckpt.get("args") or {}
     kind, root = args.get("dataset"), data_dir or recorded_data_dir(ckpt)
     if kind not in READERS or root is None:
@@ -82,8 +87,31 @@ def training_parity_set(
         ) from exc
     # the checkpoint's class order is authoritative; map the reader's classes onto it by name
     ckpt_index = {class_key(c): i for i, c in enumerate(ckpt["classes"])}
-    to_ckpt = [ckpt_index.get(class_key(c), -1) for c in index.classes]
-    chosen = evenly_spaced(index.samples, limit)
+    return HeldOut(
+        source=(
+            f"{kind}:{root} test split (level {level}, crop {crop}; "
+            f"{index.skipped_missing} missing)"
+        ),
+        root=Path(root),
+        chosen=evenly_spaced(index.samples, limit),
+        to_ckpt=[ckpt_index.get(class_key(c), -1) for c in index.classes],
+    )
+
+
+def training_parity_set(
+    ckpt: dict, spec: PreprocessSpec, limit: int, data_dir: Path | None = None
+) -> ParitySet | None:
+    """The held-out split (:func:`heldout_samples`) preprocessed as evaluation does, so labels
+    and pixels are those of evaluation; None when the checkpoint does not record its dataset.
+
+    The set records its ``files`` when no sample has a box (``--crop full``): its pixels are then
+    exactly the worker's CPU decode path (:func:`load_image` drafts and orients as the worker
+    does), so the GPU-decode parity reuses them and their FP32 logits instead of listing the
+    split again. Box crops are not what a worker decodes: no ``files`` then."""
+    held = heldout_samples(ckpt, limit, data_dir)
+    if held is None:
+        return None
+    chosen, to_ckpt, root = held.chosen, held.to_ckpt, held.root
     arrays, labels, files = [], [], []
     for sample in chosen:
         try:
@@ -95,14 +123,11 @@ def training_parity_set(
         files.append(str(sample.path))
     if not arrays:
         raise ParityDataError(f"no readable held-out images in {root}; pass --parity-data DIR")
-    source = (
-        f"{kind}:{root} test split (level {level}, crop {crop}; {index.skipped_missing} missing)"
-    )
     whole = all(sample.bbox is None for sample in chosen)  # the worker's pixels, row for row
     return ParitySet(
         np.stack(arrays),
         np.asarray(labels, dtype=np.int64),
-        source,
+        held.source,
         tuple(files) if whole else (),
     )
 

@@ -230,9 +230,6 @@ def test_the_held_out_splits_jpegs_are_measured_from_their_files(tmp_path, monke
     monkeypatch.setattr(
         heldout, "load_index", lambda *a, **k: listed.append(a[2]) or real_index(*a, **k)
     )
-    monkeypatch.setattr(
-        decode_parity, "load_index", lambda *a, **k: listed.append(a[2]) or real_index(*a, **k)
-    )
     runs: list[int] = []
     monkeypatch.setattr(
         decode_parity, "run_batched", lambda f, x, b: runs.append(len(x)) or real_run(f, x, b)
