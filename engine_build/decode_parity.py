@@ -32,6 +32,7 @@ from PIL import Image
 
 from engine_build.heldout import heldout_samples
 from engine_build.parity import (
+    ParityDataError,
     ParitySet,
     finite_rows,
     near_ties,
@@ -39,7 +40,6 @@ from engine_build.parity import (
     run_batched,
 )
 from engine_build.runtime.base import first_line
-from training.datasets.base import DatasetError
 from training.preprocessing import PreprocessSpec, preprocess_image
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ def gpu_decode_entry(
         )
     try:
         listed = heldout_files(ckpt, limit, data_dir)
-    except DatasetError as exc:  # the parity set read it a moment ago: not expected
+    except ParityDataError as exc:  # the parity set read it a moment ago: not expected
         return skipped_entry(device, f"held-out split unreadable: {exc}")
     if listed is None:
         return skipped_entry(device, "the parity images are not files")

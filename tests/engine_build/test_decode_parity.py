@@ -372,3 +372,20 @@ def test_the_build_measures_on_cuda_where_it_has_a_gpu(monkeypatch):
     assert build_device() == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert build_device() == "cpu"
+
+
+def test_a_held_out_split_unreadable_when_listed_again_is_recorded_not_raised(
+    tmp_path, monkeypatch
+):
+    # --crop bbox lists the split again (heldout.heldout_samples, which raises ParityDataError):
+    # a split gone between the two reads is a skipped entry, not a failed build
+    from engine_build.decode_parity import gpu_decode_entry
+
+    def gone(*_args, **_kwargs):
+        raise heldout.ParityDataError("held-out split of /data: gone")
+
+    monkeypatch.setattr(decode_parity, "heldout_samples", gone)
+    empty = heldout.ParitySet(np.zeros((1, 3, 8, 8), np.float32), np.zeros(1, np.int64), "x")
+    entry = gpu_decode_entry(empty, np.zeros((1, 3)), {}, None, None, 1, 4, device="cpu")
+    assert entry["top1_agreement"] is None
+    assert entry["skipped"] == "held-out split unreadable: held-out split of /data: gone"
