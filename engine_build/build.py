@@ -732,9 +732,7 @@ def _build_in(
         parity_set.source,
     )
     with torch.inference_mode():
-        reference = run_batched(
-            lambda x: model(torch.from_numpy(x)).numpy(), parity_set.images, opts.max_batch
-        )
+        reference = run_batched(_fp32_infer(model), parity_set.images, opts.max_batch)
     broken = int((~finite_rows(reference)).sum())
     if broken:  # nothing to compare against: every artifact would "agree" with NaN
         raise ParityGateError(
@@ -883,6 +881,11 @@ def _build_into(
     return draft.model_copy(update={"artifacts": artifacts}), report
 
 
+def _fp32_infer(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """The PyTorch FP32 reference as numpy in, numpy out (call it under inference_mode)."""
+    return lambda x: model(torch.from_numpy(x)).numpy()
+
+
 def _check_gpu_decode(
     report: dict,
     ckpt: dict,
@@ -904,7 +907,7 @@ def _check_gpu_decode(
             reference,
             ckpt,
             spec,
-            lambda x: model(torch.from_numpy(x)).numpy(),
+            _fp32_infer(model),
             opts.max_batch,
             opts.parity_images,
             opts.data_dir,

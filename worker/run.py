@@ -180,7 +180,11 @@ def gpu_decode_note(parity: dict | None) -> tuple[str, bool]:
     gate did not guard it: the measured agreement (near-tie flips not counted, where recorded)
     is below engine_build's default ``--gpu-decode-agreement``, or the gate was not applied (a
     bundle built for CPU pools) or was 0, whatever the agreement."""
-    from engine_build.decode_parity import GPU_DECODE_AGREEMENT, gated_agreement
+    from engine_build.decode_parity import (
+        CPU_MEASURED_NOTE,
+        GPU_DECODE_AGREEMENT,
+        gated_agreement,
+    )
 
     decode = parity.get("decode") if isinstance(parity, dict) else None
     entry = decode.get("gpu_decode") if isinstance(decode, dict) else None
@@ -216,10 +220,7 @@ def gpu_decode_note(parity: dict | None) -> tuple[str, bool]:
     sound = gate.get("passed", True) is True and not entry.get("non_finite_logits")
     text = f"gpu_decode: {', '.join(parts)} (parity.json)"
     if device == "cpu":
-        text += (
-            "; measured with torchvision's CPU JPEG decoder (libjpeg-turbo), whose IDCT differs "
-            "slightly from nvJPEG's on this GPU: an estimate of this worker's agreement"
-        )
+        text += f"; {CPU_MEASURED_NOTE}: an estimate of this worker's agreement"
         if entry.get("fallback"):
             text += f" ({entry['fallback']})"
     threshold = gate.get("min_top1_agreement")
