@@ -46,17 +46,13 @@ class OneLineParser(argparse.ArgumentParser):
         actions = {self._option_string_actions[s] for s in names}
         return len(actions) == 1 and next(iter(actions)).nargs is None
 
-    def _is_flag(self, token: str) -> bool:
-        """Whether ``token`` would be read as one of this parser's flags (``--name=value``, an
-        abbreviation of a long flag, ``-x`` or ``-xVALUE`` for a short one)."""
-        name = token.split("=", 1)[0]
-        if name in self._option_string_actions:
-            return True
-        if token.startswith("--"):
-            return self.allow_abbrev and any(
-                s.startswith(name) for s in self._option_string_actions if s.startswith("--")
-            )
-        return token[:2] in self._option_string_actions
+    def _is_flag(self, value: str) -> bool:
+        """Whether a negative quantity is one of this parser's own short flags after all
+        (``-5``, ``-5=...`` or ``-5VALUE`` where the parser has a ``-5`` option)."""
+        return (
+            value.split("=", 1)[0] in self._option_string_actions
+            or value[:2] in self._option_string_actions
+        )
 
     def _subcommands(self) -> set[str]:
         return {
@@ -68,13 +64,11 @@ class OneLineParser(argparse.ArgumentParser):
 
     def _dash_values_joined(self, argv: list[str]) -> list[str]:
         out: list[str] = []
+        subcommands = self._subcommands()
         i = 0
         while i < len(argv):
             token = argv[i]
-            if token == "--":
-                out.extend(argv[i:])
-                break
-            if token in self._subcommands():  # the rest is the subcommand parser's to read
+            if token == "--" or token in subcommands:  # the rest is argparse's (a subcommand's)
                 out.extend(argv[i:])
                 break
             value = argv[i + 1] if i + 1 < len(argv) else None

@@ -285,3 +285,14 @@ def test_an_ambiguous_abbreviation_and_values_after_double_dash_are_left_to_argp
     assert "ambiguous option: --whe" in capsys.readouterr().err
     args, rest = parser.parse_known_args(["--", "--window", "-5m"])
     assert args.window == "60m" and rest == ["--", "--window", "-5m"]
+
+
+def test_a_negative_quantity_that_is_the_parsers_own_short_flag_stays_a_flag(capsys):
+    from training.cli_errors import OneLineParser
+
+    parser = OneLineParser(prog="p")
+    parser.add_argument("--window", default="60m")
+    parser.add_argument("-5", dest="five", action="store_true")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--window", "-5"])
+    assert "argument --window: expected one argument" in capsys.readouterr().err
