@@ -141,9 +141,9 @@ def measure_gpu_decode(
     # make the two import each other (a cycle as soon as anything on worker.gpu_preprocess's
     # import path reaches engine_build), and would load torchvision and the worker's decode
     # stack into every engine_build import for a step only the build itself runs
-    from worker.decoding import decode_image, exif_orientation, has_end_of_image, open_checked
+    from worker.decoding import decode_image
     from worker.gpu_preprocess import decode_bisecting, decode_jpegs, preprocess_batch
-    from worker.prepare import GpuJpeg, check_resized_size, gpu_decodable
+    from worker.prepare import GpuJpeg, gpu_jpeg_of
 
     device = device or build_device()
     fallback: dict[str, str] = {}
@@ -155,19 +155,17 @@ def measure_gpu_decode(
         fallback = {"fallback": f"measured on cpu, not {device}: {problem}"}
         device = "cpu"
 
-    # what the worker's decode threads do with each post's bytes (worker.prepare._decoded)
+    # what the worker's decode threads do with each post's bytes (worker.prepare.gpu_jpeg_of)
     jpegs: dict[int, GpuJpeg] = {}
     cpu_rows: dict[int, np.ndarray] = {}
     n_cpu_path = n_unreadable = 0
     for row, file in enumerate(files):
         try:
             data = Path(file).read_bytes()
-            header = open_checked(data)
-            check_resized_size(*header.size, spec)
-            if not (gpu_decodable(header) and has_end_of_image(data)):
+            if (jpeg := gpu_jpeg_of(data, spec)) is None:
                 n_cpu_path += 1  # decoded on the CPU by a GPU worker too
                 continue
-            jpegs[row] = GpuJpeg(data, exif_orientation(header))
+            jpegs[row] = jpeg
             cpu_rows[row] = preprocess_image(decode_image(data, draft_size=spec.resize), spec)
         except Exception as exc:  # a dead letter on either path (PostError), no file (OSError)
             log.warning("GPU-decode parity: skipping %s: %s", file, exc)

@@ -135,19 +135,25 @@ def prepare(
         return Prepared(event, None, PostError("internal", reason), time.perf_counter() - started)
 
 
+def gpu_jpeg_of(data: bytes, spec: PreprocessSpec) -> GpuJpeg | None:
+    """``data`` as a JPEG for the GPU's batched decoder, or None when the CPU decodes it (not a
+    baseline 8-bit JPEG); raises PostError for an image refused from its header."""
+    header = open_checked(data)
+    check_resized_size(*header.size, spec)
+    # a truncated JPEG (no end-of-image marker after its scan) goes to the CPU decoder here,
+    # which names it for the DLQ: left for the GPU, it would fail its whole batch's nvJPEG
+    # call and have every JPEG of that batch decoded again one by one
+    if gpu_decodable(header) and has_end_of_image(data):
+        return GpuJpeg(data, exif_orientation(header))
+    return None
+
+
 def _decoded(
     event: PostEvent, data: bytes, spec: PreprocessSpec, draft: bool, gpu_jpeg: bool, started: float
 ) -> Prepared:
     """The image in ``data`` as the model's input, or (``gpu_jpeg``) as a JPEG for the GPU."""
-    if gpu_jpeg:
-        header = open_checked(data)
-        check_resized_size(*header.size, spec)
-        # a truncated JPEG (no end-of-image marker after its scan) goes to the CPU decoder here,
-        # which names it for the DLQ: left for the GPU, it would fail its whole batch's nvJPEG
-        # call and have every JPEG of that batch decoded again one by one
-        if gpu_decodable(header) and has_end_of_image(data):
-            jpeg = GpuJpeg(data, exif_orientation(header))
-            return Prepared(event, None, None, time.perf_counter() - started, jpeg)
+    if gpu_jpeg and (jpeg := gpu_jpeg_of(data, spec)) is not None:
+        return Prepared(event, None, None, time.perf_counter() - started, jpeg)
     image = decode_image(data, draft_size=spec.resize if draft else None)
     check_resized_size(*image.size, spec)
     array = preprocess_image(image, spec)
