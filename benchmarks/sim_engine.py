@@ -74,7 +74,7 @@ class SleepEngine:
 
 
 def stand_in_gpu_decode(pipeline, decode_ms: float = DECODE_MS) -> None:
-    """Replace the pipeline's nvJPEG decode, device resize, normalisation and batch stacking
+    """Replace the pipeline's nvJPEG decode, device preprocessing and batch stacking
     with a sleep and one preallocated blank batch (used only with CARSTREAM_GPU_DECODE=true).
 
     The stand-ins cost no CPU beyond their Python calls: on a GPU those steps are kernel
@@ -94,17 +94,15 @@ def stand_in_gpu_decode(pipeline, decode_ms: float = DECODE_MS) -> None:
         time.sleep(len(jpegs) * decode_ms / 1000.0)
         return [None] * len(jpegs)
 
-    def resize_crop(image, spec):
-        return blank_batch(1, spec.crop)[0]
-
-    def normalize(batch, spec):
-        return batch
+    def preprocess_rows(images, spec):
+        row = blank_batch(1, spec.crop)[0]
+        return dict.fromkeys(images, row), []
 
     def torch_stack(rows):
         return blank_batch(len(rows), rows[0].shape[-1])
 
-    pipeline.decode_jpegs, pipeline.resize_crop = decode_jpegs, resize_crop
-    pipeline.normalize, pipeline.torch_stack = normalize, torch_stack
+    pipeline.decode_jpegs, pipeline.preprocess_rows = decode_jpegs, preprocess_rows
+    pipeline.torch_stack = torch_stack
 
 
 def main(argv: list[str]) -> int:

@@ -142,7 +142,7 @@ def measure_gpu_decode(
     # import path reaches engine_build), and would load torchvision and the worker's decode
     # stack into every engine_build import for a step only the build itself runs
     from worker.decoding import decode_image
-    from worker.gpu_preprocess import decode_bisecting, decode_jpegs, preprocess_batch
+    from worker.gpu_preprocess import decode_bisecting, decode_jpegs, preprocess_rows
     from worker.prepare import GpuJpeg, gpu_jpeg_of
 
     device = device or build_device()
@@ -181,23 +181,14 @@ def measure_gpu_decode(
         n_cpu_path += len(refused)  # the worker decodes those on the CPU
         for r in refused:
             cpu_rows.pop(r)
-        done = sorted(images)
-        if not done:
-            continue
-        try:
-            out = preprocess_batch([images[r] for r in done], spec).cpu().numpy()
-        except Exception as exc:  # the worker then goes one image at a time, then the CPU
-            log.info("GPU-decode parity: batch preprocessing failed (%s); one at a time", exc)
-            out = None
-        for k, r in enumerate(done):
-            if out is not None:
-                gpu_rows[r] = out[k]
-                continue
-            try:
-                gpu_rows[r] = preprocess_batch([images[r]], spec).cpu().numpy()[0]
-            except Exception:
-                cpu_rows.pop(r)
-                n_cpu_path += 1
+        out, failed = preprocess_rows(images, spec)
+        for r in failed:  # the worker decodes those on the CPU
+            cpu_rows.pop(r)
+        n_cpu_path += len(failed)
+        if out:
+            done = sorted(out)
+            pixels = torch.stack([out[r] for r in done]).cpu().numpy()
+            gpu_rows.update(zip(done, pixels, strict=True))
 
     measured = sorted(gpu_rows)
     counts = {

@@ -19,7 +19,7 @@ antialiased CUDA kernels refuse large ones ("Too much shared memory required").
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import torch
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+K = TypeVar("K")
 
 
 def exif_orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -61,9 +62,10 @@ def exif_orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 def draft_factor(width: int, height: int, size: int) -> int:
     """The DCT scale Pillow's ``draft("RGB", (size, size))`` decodes a JPEG at: the largest of
-    8, 4, 2, 1 that keeps both sides >= ``size`` (``JpegImageFile.draft``'s choice)."""
+    8, 4, 2 that keeps both sides >= ``size``, else 1 (``JpegImageFile.draft``'s choice: a side
+    already below ``size``, a thumbnail, is decoded at full scale)."""
     scale = min(width // size, height // size)
-    return next(k for k in (8, 4, 2, 1) if scale >= k)
+    return next((k for k in (8, 4, 2) if scale >= k), 1)
 
 
 def decode_jpegs(jpegs: Sequence[GpuJpeg], device: torch.device | str) -> list[torch.Tensor]:
@@ -165,3 +167,30 @@ def preprocess_batch(
     """Decoded uint8 CHW images (any sizes) -> a normalised float32 NCHW batch on their device."""
     batch = torch.stack([resize_crop(img, spec, draft) for img in images])
     return normalize(batch, spec)
+
+
+def preprocess_rows(
+    images: Mapping[K, torch.Tensor], spec: PreprocessSpec
+) -> tuple[dict[K, torch.Tensor], list[K]]:
+    """Normalised CHW rows by key, and the keys whose preprocessing fails even alone.
+
+    One batched call first (one normalise: its mean/std uploads and kernels once per batch, not
+    per image). If it fails (CUDA out of memory, a scale the antialiased kernel refuses), one
+    image at a time, so a failure costs only the images it fails on: the worker decodes those on
+    the CPU instead.
+    """
+    keys = sorted(images)  # type: ignore[type-var]
+    rows: dict[K, torch.Tensor] = {}
+    failed: list[K] = []
+    if not keys:
+        return rows, failed
+    try:
+        rows.update(zip(keys, preprocess_batch([images[k] for k in keys], spec), strict=True))
+    except Exception as exc:
+        log.info("GPU preprocessing of the batch failed (%s); one image at a time", exc)
+        for k in keys:
+            try:
+                rows[k] = preprocess_batch([images[k]], spec)[0]
+            except Exception:
+                failed.append(k)
+    return rows, failed

@@ -51,7 +51,7 @@ from worker.batching import Batcher
 from worker.dead_letter import HEADER_PREFIX, dlq_headers, parse_dlq_headers
 from worker.decode_pool import DecodePool
 from worker.errors import PostError
-from worker.gpu_preprocess import decode_bisecting, decode_jpegs, normalize, resize_crop
+from worker.gpu_preprocess import decode_bisecting, decode_jpegs, preprocess_rows
 from worker.metrics import WorkerMetrics
 from worker.postprocess import classify
 from worker.prepare import Prepared, decode_on_cpu, prepare
@@ -1170,20 +1170,10 @@ class StreamWorker(ConsumerRebalanceListener):
             images, refused = decode_bisecting(lambda js: decode_jpegs(js, device), jpegs)
             for i in refused:
                 prepared[i] = self._decode_on_cpu(prepared[i])
-        rows: dict[int, torch.Tensor] = {}
-        on_gpu = sorted(images)
-        try:  # one normalise per batch: its mean/std uploads and kernels, not one per image
-            if on_gpu:
-                crops = normalize(torch.stack([resize_crop(images[i], spec) for i in on_gpu]), spec)
-                rows.update(zip(on_gpu, crops, strict=True))
-        except Exception as exc:  # e.g. CUDA out of memory, a resize the kernel refuses
-            log.info("GPU preprocessing of the batch failed (%s); one image at a time", exc)
-            for i in on_gpu:
-                try:
-                    rows[i] = normalize(resize_crop(images[i], spec).unsqueeze(0), spec)[0]
-                except Exception:  # this image alone: the CPU decoder, or its dead letter
-                    del images[i]
-                    prepared[i] = self._decode_on_cpu(prepared[i])
+        rows, failed = preprocess_rows(images, spec)
+        for i in failed:  # this image alone: the CPU decoder, or its dead letter
+            del images[i]
+            prepared[i] = self._decode_on_cpu(prepared[i])
         for i, prep in enumerate(prepared):
             if i not in images and prep.error is None and prep.array is not None:
                 host = torch.from_numpy(prep.array)

@@ -220,7 +220,9 @@ def test_stand_in_gpu_decode_replaces_the_device_steps_with_blank_tensors():
     sim_engine.stand_in_gpu_decode(pipeline, decode_ms=0.0)
     spec = types.SimpleNamespace(crop=32)
     images = pipeline.decode_jpegs([b"a", b"b", b"c"], "cpu")
-    rows = [pipeline.normalize(pipeline.resize_crop(i, spec)[None], spec)[0] for i in images]
+    by_key, failed = pipeline.preprocess_rows(dict(enumerate(images)), spec)
+    assert failed == [] and sorted(by_key) == [0, 1, 2]
+    rows = [by_key[k] for k in sorted(by_key)]
     assert [tuple(r.shape) for r in rows] == [(3, 32, 32)] * 3
     batch = pipeline.torch_stack(rows)
     assert tuple(batch.shape) == (3, 3, 32, 32) and batch.dtype == torch.float32

@@ -29,6 +29,7 @@ from worker.gpu_preprocess import (
     exif_orient,
     has_end_of_image,
     preprocess_batch,
+    preprocess_rows,
     resize_crop,
 )
 from worker.metrics import WorkerMetrics
@@ -141,8 +142,13 @@ def test_end_of_image_is_looked_for_after_the_scan_starts():
     assert not has_end_of_image(commented[:-2])
 
 
-@pytest.mark.parametrize(("w", "h"), [(640, 480), (1100, 1500), (2400, 1800), (4100, 2100)])
-def test_large_jpegs_are_reduced_as_the_cpu_paths_draft_decode_reduces_them(w, h):
+@pytest.mark.parametrize(
+    ("w", "h"),
+    [(640, 480), (1100, 1500), (2400, 1800), (4100, 2100), (200, 150), (300, 200), (256, 255)],
+)
+def test_jpegs_are_reduced_as_the_cpu_paths_draft_decode_reduces_them(w, h):
+    """Large ones at Pillow's draft scale; one with a side below ``resize`` (a thumbnail) at
+    full scale, as Pillow leaves it (it once failed its whole batch on the GPU path)."""
     spec = PreprocessSpec()
     data = encode(photo(w, h, 1), quality=90)
     drafted = Image.open(io.BytesIO(data))
@@ -308,7 +314,6 @@ def test_a_gpu_preprocessing_failure_costs_only_that_image_its_gpu_path(
 ):
     """A resize or normalise that fails on the device (out of memory, a scale the CUDA kernel
     refuses) sends the images it fails on to the CPU decoder instead of failing the batch."""
-    import worker.pipeline
 
     bundle = load_bundle(worker_bundle_dir)
     engine = CpuDeviceEngine(create_engine(bundle, "onnxruntime", threads=1))
@@ -317,7 +322,7 @@ def test_a_gpu_preprocessing_failure_costs_only_that_image_its_gpu_path(
     w = StreamWorker(
         settings, [engine], bundle.manifest, None, None, None, WorkerMetrics(), threading.Event()
     )
-    real = worker.pipeline.resize_crop
+    real = gpu_preprocess.resize_crop
     refused: list[tuple[int, ...]] = []
 
     def resize_refusing_50_wide(image, spec, *args, **kwargs):
@@ -326,7 +331,7 @@ def test_a_gpu_preprocessing_failure_costs_only_that_image_its_gpu_path(
             raise RuntimeError("Too much shared memory required")
         return real(image, spec, *args, **kwargs)
 
-    monkeypatch.setattr(worker.pipeline, "resize_crop", resize_refusing_50_wide)
+    monkeypatch.setattr(gpu_preprocess, "resize_crop", resize_refusing_50_wide)
     prepared = [w._prepare(_event(d)) for d in datas]
     assert all(p.jpeg is not None for p in prepared)
     logits = w._infer(prepared)
@@ -343,6 +348,30 @@ def test_a_gpu_preprocessing_failure_costs_only_that_image_its_gpu_path(
     cpu.pool.shutdown()
     for i in range(3):
         assert np.argmax(logits[i]) == np.argmax(cpu_logits[i])
+
+
+def test_preprocess_rows_leaves_out_only_the_images_that_fail_alone(monkeypatch, caplog):
+    """The worker's and engine_build's GPU preprocessing: a batch that fails is redone one image
+    at a time, and only an image that fails alone is handed back (to the CPU decoder)."""
+    caplog.set_level(logging.INFO, logger="worker.gpu_preprocess")
+    spec = PreprocessSpec.for_image_size(32)
+    images = {5: chw(photo(40, 48)), 2: chw(photo(50, 36)), 9: chw(photo(64, 64))}
+    whole, failed = preprocess_rows(images, spec)
+    assert failed == [] and sorted(whole) == [2, 5, 9]
+    real = gpu_preprocess.resize_crop
+
+    def refusing_50_wide(image, spec, *args, **kwargs):
+        if image.shape[-1] == 50:
+            raise RuntimeError("Too much shared memory required")
+        return real(image, spec, *args, **kwargs)
+
+    monkeypatch.setattr(gpu_preprocess, "resize_crop", refusing_50_wide)
+    rows, failed = preprocess_rows(images, spec)
+    assert failed == [2] and sorted(rows) == [5, 9]
+    for k in (5, 9):  # alone or in a batch, the same pixels
+        np.testing.assert_allclose(rows[k].numpy(), whole[k].numpy(), atol=1e-6)
+    assert any("one image at a time" in r.getMessage() for r in caplog.records)
+    assert preprocess_rows({}, spec) == ({}, [])
 
 
 @pytest.mark.parametrize(
