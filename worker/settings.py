@@ -27,10 +27,15 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
 
 
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
 def _mask_url_password(url: str) -> str:
-    """``redis://user:pw@host`` -> ``redis://user:**********@host`` (URLs are logged)."""
+    """``redis://user:pw@host`` -> ``redis://user:**********@host``, and a ``?password=`` in
+    the query (redis-py reads one there too) masked the same way: URLs are logged."""
     password = urlsplit(url).password
-    return url.replace(f":{password}@", ":**********@", 1) if password else url
+    masked = url.replace(f":{password}@", ":**********@", 1) if password else url
+    return _QUERY_PASSWORD.sub(r"\1**********", masked)
 
 
 def _check_port(text: str, where: str = "") -> int:

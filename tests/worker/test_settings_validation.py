@@ -337,3 +337,21 @@ def test_run_refuses_a_nan_setting_in_one_line() -> None:
     )
     done = worker_cli("run", CARSTREAM_MIN_CONFIDENCE="nan")
     assert done.returncode == 2 and "min_confidence: Input should be a finite number" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss://redis:6379/0?password=hunter2",
+        "redis://redis:6379/0?db=1&PASSWORD=hunter2&ssl_cert_reqs=none",
+        "redis://worker:hunter2@redis:6379/0",
+    ],
+)
+def test_a_redis_password_is_masked_wherever_the_url_carries_it(url):
+    """The settings are logged at start: redis-py also reads ``?password=`` from the query."""
+    settings = WorkerSettings(redis_url=url)
+    shown = settings.redacted()["redis_url"]
+    assert "hunter2" not in shown and "hunter2" not in repr(settings)
+    assert "**********" in shown and shown.startswith(
+        url.split("?")[0].replace("hunter2", "*" * 10)
+    )
