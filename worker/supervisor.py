@@ -122,12 +122,15 @@ def merge_expositions(parts: list[tuple[str, str]]) -> str:
     return "\n".join(out) + "\n" if out else ""
 
 
+# never through HTTP(S)_PROXY: a pod that sets one for image_url fetches, without a NO_PROXY
+# for the loopback address, would send the children's probes to the proxy and never be ready
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _fetch(port: int, path: str) -> tuple[int, bytes]:
     """(status, body) of a child's endpoint; status 0 when it does not answer."""
     try:
-        with urllib.request.urlopen(
-            f"http://{CHILD_HOST}:{port}{path}", timeout=PROBE_TIMEOUT_S
-        ) as resp:
+        with _LOCAL.open(f"http://{CHILD_HOST}:{port}{path}", timeout=PROBE_TIMEOUT_S) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()

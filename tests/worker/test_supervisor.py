@@ -298,3 +298,33 @@ def test_a_bad_bundle_is_one_line_before_any_child_starts(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "absent" in lines[0], proc.stderr
+
+
+def test_the_childrens_probes_never_go_through_an_http_proxy(monkeypatch):
+    """A pod may set HTTP_PROXY for image_url fetches without a NO_PROXY for the loopback
+    address; the supervisor's probes of its children must still reach them."""
+    import http.server
+    import urllib.request
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dead_proxy = f"http://127.0.0.1:{free_port_run(1)}"  # nothing listens there
+        for name in ("http_proxy", "HTTP_PROXY"):
+            monkeypatch.setenv(name, dead_proxy)
+        for name in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's, read from the env anew
+        assert supervisor._fetch(server.server_address[1], "/healthz") == (200, b"ok\n")
+    finally:
+        server.shutdown()
+        server.server_close()
