@@ -68,7 +68,8 @@ class Batcher(Generic[T]):
         return batch
 
     def take_where(self, keep: Callable[[T], bool]) -> list[T]:
-        """Remove and return every item for which ``keep`` is False (e.g. revoked partitions)."""
+        """Remove and return every item for which ``keep`` is False (e.g. revoked partitions);
+        ``keep`` sees the items once each, in arrival order (it may carry state along)."""
         kept = [keep(i) for i in self._items]
         dropped = [i for i, k in zip(self._items, kept, strict=True) if not k]
         self._items = [i for i, k in zip(self._items, kept, strict=True) if k]

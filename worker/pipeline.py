@@ -688,7 +688,12 @@ class StreamWorker(ConsumerRebalanceListener):
                 if extra > 0:
                     self._poll(0, extra)
                 self.process(*self._take())
-        log.info("stop requested: draining %d pending records", len(self.batcher))
+        given_back = self._give_back_undecoded()
+        log.info(
+            "stop requested: draining %d decoded records (%d not decoded yet left uncommitted)",
+            len(self.batcher),
+            given_back,
+        )
         while len(self.batcher):
             self.process(*self._take())
 
@@ -728,16 +733,45 @@ class StreamWorker(ConsumerRebalanceListener):
             if self.batcher.ready() and len(inflight) < self.max_inflight:
                 batch, epochs = self._take()
                 inflight.append(InFlight(self._submit(batch), epochs))
+        given_back = self._give_back_undecoded()
         log.info(
-            "stop requested: draining %d pending records and %d batches in flight",
+            "stop requested: draining %d decoded records and %d batches in flight (%d not "
+            "decoded yet left uncommitted)",
             len(self.batcher),
             len(inflight),
+            given_back,
         )
         while len(self.batcher):
             batch, epochs = self._take()
             inflight.append(InFlight(self._submit(batch), epochs))
         while inflight:
             self._reap(inflight, block=True)
+
+    def _give_back_undecoded(self) -> int:
+        """At stop, drop (uncommitted) each partition's polled records from its first one whose
+        decode has not finished; return how many.
+
+        The loop reads up to two batches ahead, and the decode of what it read can take long (an
+        ``image_url`` host that answers slowly: ``url_timeout_s`` per post). Finishing all of it
+        could outlast the pod's grace period, and a SIGKILL then would leave even the decoded
+        batches uncommitted. What is dropped was never published or counted: the partition's
+        next owner (this pod again, after a restart) reads it from the last commit. Only a
+        prefix per partition is kept, so the commits stay contiguous.
+        """
+        with self._lock:
+            cut: set[TopicPartition] = set()
+
+            def keep(p: Pending) -> bool:  # called in poll order, so offsets rise per partition
+                tp = TopicPartition(p.record.topic, p.record.partition)
+                if tp not in cut and p.prepared.done():
+                    return True
+                cut.add(tp)
+                return False
+
+            dropped = self.batcher.take_where(keep)
+        for item in dropped:
+            item.prepared.cancel()  # a decode not started is work for nothing
+        return len(dropped)
 
     def _reap(self, inflight: deque[InFlight], block: bool = False) -> None:
         """Commit the batches the inference thread has finished, oldest first; re-raise the

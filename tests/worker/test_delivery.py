@@ -791,3 +791,33 @@ def test_send_refusals_against_the_real_broker_lose_no_dead_letter_and_stop_no_r
     assert "TypeError" in parsed[b"p2"]["send_refused"]
     assert "UnicodeEncodeError" in parsed[b"p3"]["send_refused"]
     assert sorted(p["source_offset"] for p in parsed.values()) == ["1", "2", "3"]
+
+
+def test_at_stop_each_partitions_records_from_its_first_undecoded_one_are_given_back():
+    """A stop drains only what is decoded: the rest (a slow image_url host, say) could outlast
+    the grace period. What is kept is a prefix per partition, so commits stay contiguous."""
+    from worker.batching import Batcher
+
+    worker = worker_with(BrokerLikeProducer())
+    worker.batcher = Batcher(max_batch=8, max_wait_ms=50)
+    worker._lock = threading.Lock()
+
+    def pending(partition: int, offset: int, decoded: bool) -> Pending:
+        future: Future = Future()
+        if decoded:
+            future.set_result(None)
+        return Pending(Rec("car-posts", partition, offset, None, b"{}"), 0.0, future)
+
+    # partition 0: decoded, decoded, slow, decoded; partition 1: all decoded;
+    # partition 2: its first is slow
+    plan = [(0, 10, True), (1, 5, True), (0, 11, True), (2, 7, False), (0, 12, False)]
+    plan += [(1, 6, True), (0, 13, True), (2, 8, True)]
+    items = [pending(*p) for p in plan]
+    for item in items:
+        worker.batcher.add(item)
+    assert worker._give_back_undecoded() == 4
+    kept = [(p.record.partition, p.record.offset) for p in worker.batcher.take()]
+    assert kept == [(0, 10), (1, 5), (0, 11), (1, 6)]
+    # the undecoded ones are cancelled (work for nothing); the decoded ones left behind stay done
+    assert items[3].prepared.cancelled() and items[4].prepared.cancelled()
+    assert items[6].prepared.done() and not items[6].prepared.cancelled()
