@@ -111,6 +111,10 @@ def consumer_config(settings: WorkerSettings) -> dict[str, object]:
         # kafka-python refuses fetch_max_wait_ms >= request_timeout_ms (30 s by default)
         request_timeout_ms=max(30_000, fetch_wait + 10_000),
         max_partition_fetch_bytes=max(1024 * 1024, settings.max_message_bytes + FETCH_MARGIN_BYTES),
+        # posts of a transaction their producer aborted must not be classified and counted
+        # (kafka-python's default reads them); an open transaction holds its partition back
+        # until it ends, as in every read_committed consumer
+        isolation_level="read_committed",
     )
     if settings.group_instance_id:
         opts["group_instance_id"] = settings.group_instance_id
