@@ -75,7 +75,8 @@ def parse_bootstrap_servers(value: str) -> list[str]:
 
 
 def check_redis_url(value: str) -> str:
-    """The URL if redis-py can connect with it: known scheme, port 1-65535, numeric database."""
+    """The URL if redis-py can connect with it: known scheme, a host name a resolver can look
+    up, port 1-65535, numeric database."""
     if not value.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
     parts = urlsplit(value)
@@ -100,10 +101,31 @@ def check_redis_url(value: str) -> str:
     from redis.connection import parse_url  # what redis_client() will run on it
 
     try:
-        parse_url(value)
+        host = parse_url(value).get("host")
     except ValueError as exc:
         raise ValueError(str(exc)) from None
+    if host is not None:
+        _check_redis_host(host)
     return value
+
+
+def _check_redis_host(host: str) -> None:
+    """ValueError naming a host no resolver can look up: the socket module encodes a host name
+    as IDNA when it connects, and a label that is empty (``a..b``), over 63 characters or holds
+    a character IDNA refuses fails there as a UnicodeError, not a Redis error: ``worker
+    trends`` printed a traceback, and a worker's Redis retries would not catch it either."""
+    try:
+        ipaddress.ip_address(host)  # an IP literal ([::1], fe80::1%eth0) is not looked up
+        return
+    except ValueError:
+        pass
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError(
+            f"host {host!r} is not a valid host name (an empty label, a label over 63 "
+            "characters, or a character a host name cannot hold)"
+        ) from None
 
 
 # Kafka carries these settings as int32: a larger value crashes kafka-python (struct.error)

@@ -113,6 +113,13 @@ def test_good_bootstrap_servers_reach_the_clients(value: str, brokers: list[str]
         ("redis://cache:6379/zero", "database 'zero'"),
         ("redis://cache:6379/0?socket_timeout=soon", "socket_timeout"),
         ("localhost:6379", "must start with"),
+        # host names the socket module cannot encode as IDNA: a UnicodeError traceback at the
+        # first command before, past every Redis error handler
+        ("redis://a..b/0", "host 'a..b' is not a valid host name"),
+        ("rediss://:secret@.cache:6379/0", "host '.cache' is not a valid host name"),
+        (f"redis://{'a' * 64}.example/0", "is not a valid host name"),
+        ("redis://a\udcffb/0", "host 'a\\udcffb' is not a valid host name"),  # argv's \xff
+        ("redis://a%2E%2Eb:6379/0", "host 'a..b'"),  # redis-py unquotes the host
     ],
 )
 def test_bad_redis_urls_are_refused(url: str, needle: str) -> None:
@@ -133,6 +140,8 @@ def test_bad_redis_urls_are_refused(url: str, needle: str) -> None:
         "rediss://user:p:w@cache.example:6379/3",
         "redis://[::1]:6379/0",
         "redis://[::1]/0",
+        "redis://[fe80::1%25eth0]:6379/0",  # a zone: an IP literal, not a name to look up
+        "redis://bücher.example./0",  # IDNA, and a trailing dot
         "unix:///run/redis.sock?db=2",
     ],
 )
@@ -157,6 +166,23 @@ def test_trends_and_produce_refuse_the_same_addresses_in_one_line(args, env, nee
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert needle in lines[0]
+
+
+@pytest.mark.parametrize("command", [("trends",), ("run", "--bundle", "/x")])
+@pytest.mark.parametrize("host", ["a..b", "a" * 64, "a\udcffb"])  # a\udcffb: argv's a\xffb
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_a_redis_host_no_resolver_can_look_up_is_one_line_exit_2(command, host, where) -> None:
+    # was a UnicodeError traceback (exit 1) from the first Redis command of `trends`; `run`
+    # passed its checks, to meet the same UnicodeError (not a RedisError) at its first batch
+    url = f"redis://{host}/0"
+    if where == "flag":
+        proc = worker_cli(*command, "--redis-url", url, timeout=60, CARSTREAM_METRICS_PORT="0")
+    else:
+        proc = worker_cli(*command, timeout=60, CARSTREAM_METRICS_PORT="0", CARSTREAM_REDIS_URL=url)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "redis_url" in lines[0] and "is not a valid host name" in lines[0]
 
 
 # --- files the Kafka and Redis clients open ---------------------------------------------------
