@@ -23,6 +23,7 @@ Exactly once: the counts and the applied offset of each (group, topic, partition
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -335,7 +336,8 @@ class WindowPlan:
 
     ``start``/``end`` are the span the keys actually cover: the window asked for
     (``requested_start``/``requested_end``) unless expired minute buckets at an edge were
-    replaced by that hour's rollup, which widens the span to the whole hour (``widened``).
+    replaced by that hour's rollup, which widens the span to the whole hour, or for the hour
+    still running to its minutes so far (``widened``).
     """
 
     keys: list[str]
@@ -369,6 +371,11 @@ def window_plan(
     widens by up to 59 minutes at that edge rather than silently missing counts, and the plan's
     ``start``/``end`` (and ``widened``) say so. Callers must report such a span, never pass it
     off as the window asked for.
+
+    The rollup of the hour still running at ``wall_now`` holds nothing after wall_now's minute
+    (but posts dated ahead of the writers' clocks), so its span ends there: with a minute TTL
+    under an hour, a live window whose first minutes expired widens back to the hour's start,
+    not also forward to its end.
     """
     if window_minutes < 1:
         raise ValueError(f"window must be at least one minute, got {window_minutes}")
@@ -377,6 +384,7 @@ def window_plan(
     end = _utc(now).replace(second=0, microsecond=0)  # the current minute, included
     start = end - timedelta(minutes=window_minutes - 1)
     horizon = wall - timedelta(seconds=minute_ttl_s)
+    counted_until = wall.replace(second=0, microsecond=0) + _MINUTE  # no write is later
     # with ``hour_ttl_s``, hours that have certainly expired (their end plus the TTL has
     # passed) are left out: a 366-day window would otherwise name ~8,800 keys, most long gone
     hours_gone_before = None
@@ -386,7 +394,9 @@ def window_plan(
     spans: list[tuple[datetime, datetime]] = []
     for hour, t, stop in _hour_chunks(start, end + _MINUTE):
         if stop - t == _HOUR or t < horizon:
-            spans.append((hour, hour + _HOUR))
+            # a whole hour asked for keeps its span; an expired partial one widens to its
+            # hour, but not past the minutes written so far, nor short of the minutes asked
+            spans.append((hour, max(stop, min(hour + _HOUR, counted_until))))
             if hours_gone_before is None or hour > hours_gone_before:
                 keys.append(trend_key(dim, "h", hour_bucket(hour), norm_city))
         else:
@@ -584,21 +594,37 @@ def changes(
     return [Change(name, counts.get(name, 0), before.get(name, 0)) for name, _ in rank(rise, top)]
 
 
+@functools.lru_cache(maxsize=4096)  # a series filters the same few hundred members per interval
+def _name_key(name: str) -> str:
+    """A make or model name as filters compare it: NFKC and casefolded, so that a name typed
+    decomposed (``S`` + combining caron + ``koda``, as some keyboards and macOS file names
+    give it) or in another case finds the members stored composed; NFKC again after the
+    casefold, which can leave a letter decomposed (``ǰ``)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+
+
 def name_matcher(make: str | None = None, model: str | None = None) -> Callable[[str], bool]:
     """Which members of a make, model or lowconf set a ``--make``/``--model`` filter keeps.
 
-    Case-insensitive (``bmw`` finds ``BMW``), as readers type names: a make matches the member
-    itself or the make part of a ``Make|Model`` member; a model matches the whole member.
+    Case-insensitive (``bmw`` finds ``BMW``) and Unicode-normalised (see :func:`_name_key`),
+    as readers type names: a make matches the member itself or the make part of a
+    ``Make|Model`` member; a model matches the whole member. Members are kept as stored.
     """
     if make is not None and model is not None:
         raise ValueError("filter by a make or by a model, not both")
     if model is not None:
         make_part, _, model_part = model.partition(MODEL_SEPARATOR)
-        wanted = f"{make_part.strip()}{MODEL_SEPARATOR}{model_part.strip()}".casefold()
-        return lambda member: member.casefold() == wanted
+        wanted = (_name_key(make_part.strip()), _name_key(model_part.strip()))
+
+        def is_model(member: str) -> bool:
+            # split before normalising: NFKC turns a fullwidth bar (U+FF5C) into the separator
+            member_make, _, member_model = member.partition(MODEL_SEPARATOR)
+            return (_name_key(member_make), _name_key(member_model)) == wanted
+
+        return is_model
     if make is not None:
-        wanted = make.strip().casefold()
-        return lambda member: member.partition(MODEL_SEPARATOR)[0].casefold() == wanted
+        wanted_make = _name_key(make.strip())
+        return lambda member: _name_key(member.partition(MODEL_SEPARATOR)[0]) == wanted_make
     return lambda member: True
 
 

@@ -246,19 +246,28 @@ def name_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _note_other_cities(reader: TrendReader, city: str, minutes: int, at: datetime) -> None:
+def _note_other_cities(city: str, cities: dict[str, int], when: str = "in this window") -> None:
     """Say which cities have posts when ``city`` has none: a typo ("Pariss") otherwise reads
-    as a quiet window."""
-    cities = reader.read_window(minutes, "city", None, at).counts
-    if not cities:
+    as a quiet window. ``cities``: the posts per city over the same span; ``when`` names it."""
+    norm = normalize_city(city)
+    if not cities or norm in cities:  # the city posted, only not what is counted (lowconf)
         return
     listed = ", ".join(name for name, _ in rank(cities, 5))
     more = f" and {len(cities) - 5} more" if len(cities) > 5 else ""
     print(
-        f"note: no posts from city {normalize_city(city)!r} in this window; cities with posts: "
-        f"{listed}{more} (--by city lists them all)",
+        f"note: no posts from city {norm!r} {when}; cities with posts: {listed}{more} "
+        "(--by city lists them all)",
         file=sys.stderr,
     )
+
+
+def _summed(counts: list[dict[str, int] | None]) -> dict[str, int]:
+    """Each member's count over several reads (None: expired, counts nothing)."""
+    out: dict[str, int] = {}
+    for read in counts:
+        for name, count in (read or {}).items():
+            out[name] = out.get(name, 0) + count
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -330,7 +339,8 @@ def main(args: argparse.Namespace) -> int:
             result = {"total": sum(counts.values()), "top": rank(counts, args.top)}
             result["covered"] = (read.start, read.end)
             if args.city is not None and not read.counts:
-                _note_other_cities(reader, args.city, minutes, at)
+                cities = reader.read_window(minutes, "city", None, at).counts
+                _note_other_cities(args.city, cities)
     except redis.RedisError as exc:
         print(f"error: Redis at {redacted(settings.redis_url)}: {exc}", file=sys.stderr)
         return 1
@@ -375,10 +385,11 @@ def _series(
     dim: Dimension,
     match: Callable[[str], bool],
 ) -> dict:
-    intervals = [
-        Interval(i.start, i.end, keep(i.counts, match))
-        for i in reader.intervals(bounds, dim, args.city)
-    ]
+    read = reader.intervals(bounds, dim, args.city)
+    if args.city is not None and not any(i.counts for i in read):
+        cities = reader.intervals(bounds, "city")  # the same intervals, every city
+        _note_other_cities(args.city, _summed([i.counts for i in cities]), "in any interval")
+    intervals = [Interval(i.start, i.end, keep(i.counts, match)) for i in read]
     names = series_names(intervals, args.top)
     return {
         "every_minutes": every,
@@ -424,6 +435,15 @@ def _compare(
     if current_counts is None:  # as the plain top list does: read what is kept, widened
         read = reader.read_window(minutes, dim, args.city, at)
         current_counts, covered = read.counts, (read.start, read.end)
+    if args.city is not None and not previous.counts and not current_counts:
+        # every city over the same two windows, read the same way
+        before, latest = reader.intervals(compare_bounds(minutes, at), "city")
+        latest_counts = latest.counts
+        if latest_counts is None:
+            latest_counts = reader.read_window(minutes, "city", None, at).counts
+        _note_other_cities(
+            args.city, _summed([before.counts, latest_counts]), "in this window or the one before"
+        )
     current = Interval(current.start, current.end, keep(current_counts, match))
     previous = Interval(previous.start, previous.end, keep(previous.counts, match))
     rank_by = args.rank

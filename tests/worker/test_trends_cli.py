@@ -117,6 +117,54 @@ def test_a_city_without_posts_names_the_cities_that_have_some(trends_url: str) -
     assert out.returncode == 0 and "note:" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("mode", "when"),
+    [
+        (["--window", "2h", "--every", "1h"], "in any interval"),
+        (["--window", "15m", "--compare"], "in this window or the one before"),
+    ],
+)
+@pytest.mark.integration
+def test_a_city_without_posts_is_noted_in_a_series_and_a_comparison(
+    trends_url: str, mode: list[str], when: str
+) -> None:
+    # the plain list's note was missing: a typo read as a table of quiet intervals
+    out = _trends("--redis-url", trends_url, "--city", "Pariss", *mode, "--json")
+    assert out.returncode == 0, out.stderr
+    assert (
+        f"note: no posts from city 'pariss' {when}; cities with posts: lyon, paris "
+        "(--by city lists them all)"
+    ) in out.stderr
+    out = _trends("--redis-url", trends_url, "--city", "Paris", *mode)
+    assert out.returncode == 0 and "note:" not in out.stderr, out.stderr
+
+
+@pytest.mark.integration
+def test_a_city_with_posts_but_none_counted_is_not_noted_as_postless(trends_url: str) -> None:
+    # paris posted (classified), only no low-confidence posts: "no posts from city" was false
+    out = _trends("--redis-url", trends_url, "--window", "15m", "--city", "Paris",
+                  "--by", "low-confidence")  # fmt: skip
+    assert out.returncode == 0 and "note:" not in out.stderr, out.stderr
+
+
+@pytest.mark.integration
+def test_a_make_typed_decomposed_finds_the_make_stored_composed(trends_url: str) -> None:
+    # "S" + combining caron found 0 posts while "Škoda" found them; the header looked the same
+    client = redis.Redis.from_url(trends_url)
+    at = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=10)
+    TrendWriter(client, "cli").apply(
+        [TrendRecord("t", 2, i, at, "Škoda", "Octavia", "Brno") for i in range(2)]
+    )
+    client.close()
+    base = ("--redis-url", trends_url, "--window", "15m", "--json")
+    made = json.loads(_trends(*base, "--make", "S\u030ckoda").stdout)
+    assert made["total"] == 2 and made["top"] == [{"name": "Škoda", "count": 2}]  # as stored
+    model = json.loads(_trends(*base, "--by", "model", "--model", "s\u030cKODA|octavia").stdout)
+    assert model["top"] == [{"name": "Škoda|Octavia", "count": 2}]
+    where = json.loads(_trends(*base, "--by", "city", "--make", "S\u030ckoda").stdout)
+    assert [(row["name"], row["count"]) for row in where["top"]] == [("brno", 2)]
+
+
 @pytest.mark.integration
 def test_cli_says_when_a_window_reaches_past_the_hour_rollups(trends_url: str) -> None:
     recent = _trends("--redis-url", trends_url, "--window", "2h", "--json")

@@ -24,6 +24,8 @@ from worker.trends import (
     TrendWriter,
     WrongTypeKeyError,
     interval_keys,
+    keep,
+    name_matcher,
     trend_key,
     window_keys,
     window_plan,
@@ -62,11 +64,53 @@ def test_a_past_window_widens_at_both_edges_and_says_so() -> None:
     assert (exact.start, exact.end) == (_t(6, 14, 0), _t(6, 16, 0)) and not exact.widened
 
 
+def test_a_live_window_under_a_short_minute_ttl_widens_back_only() -> None:
+    # workers keep minute buckets 10 min (settings allow 60 s up): at 06:19, 06:05-06:08 have
+    # expired, so the 06:00 rollup is read; it holds the hour so far, not 06:20-06:59. The span
+    # was 06:00-07:00, widened into the future at the end too
+    wall = _t(7, 6, 19, 30)
+    plan = window_plan("make", 15, wall, None, 600, wall, hour_ttl_s=HOUR_TTL)
+    assert plan.keys == [trend_key("make", "h", "2026120706")]
+    assert (plan.start, plan.end) == (_t(7, 6, 0), _t(7, 6, 20)) and plan.widened
+    # reaching back past the hour: the earlier hour whole, the running one up to now
+    plan = window_plan("make", 90, wall, None, 600, wall, hour_ttl_s=HOUR_TTL)
+    assert (plan.start, plan.end) == (_t(7, 4, 0), _t(7, 6, 20))
+    # a window ending ahead of the clock still ends where it was asked to
+    ahead = window_plan("make", 35, _t(7, 6, 40), None, 600, wall, hour_ttl_s=HOUR_TTL)
+    assert (ahead.start, ahead.end) == (_t(7, 6, 0), _t(7, 6, 41))
+    # minutes still kept are read as minutes: exact
+    exact = window_plan("make", 5, wall, None, 600, wall, hour_ttl_s=HOUR_TTL)
+    assert (exact.start, exact.end) == (_t(7, 6, 15), _t(7, 6, 20)) and not exact.widened
+
+
 def test_a_recent_window_covers_exactly_what_was_asked() -> None:
     wall = _t(6, 16, 4, 30)
     plan = window_plan("make", 180, wall, "Lyon", MIN_TTL, wall, hour_ttl_s=HOUR_TTL)
     assert (plan.start, plan.end) == (_t(6, 13, 5), _t(6, 16, 5)) and not plan.widened
     assert all(key.endswith(":city:lyon") for key in plan.keys)
+
+
+# --- pure: --make/--model compare Unicode-normalised names -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "model"),
+    [
+        ("S\u030ckoda", "S\u030ckoda|Octavia"),  # decomposed: found nothing before
+        ("ŠKODA", " s\u030cKODA | octavia "),
+        ("\uff33\u030ckoda", "\uff33\u030ckoda|\uff2fctavia"),  # fullwidth, as NFKC folds it
+    ],
+)
+def test_name_filters_find_a_name_however_it_is_composed(make: str, model: str) -> None:
+    counts = {"Škoda": 2, "Škoda|Octavia": 5, "Škoda|Fabia": 1, "Skoda|Octavia": 7, "BMW|X5": 3}
+    assert keep(counts, name_matcher(make=make)) == {
+        "Škoda": 2,
+        "Škoda|Octavia": 5,
+        "Škoda|Fabia": 1,
+    }
+    assert keep(counts, name_matcher(model=model)) == {"Škoda|Octavia": 5}  # kept as stored
+    decomposed = {"S\u030ckoda|Octavia": 4}  # a member some writer stored decomposed
+    assert keep(decomposed, name_matcher(make="Škoda")) == decomposed
 
 
 # --- pure: a city that normalises to nothing is refused, not read as every city ----------
@@ -236,6 +280,26 @@ def test_a_recent_window_is_complete_and_covers_what_was_asked(r: redis.Redis) -
         "start": utc_z(now - timedelta(minutes=14)),
         "end": utc_z(now + timedelta(minutes=1)),
     }
+
+
+@pytest.mark.integration
+def test_cli_live_window_under_a_short_minute_ttl_does_not_widen_past_now(r: redis.Redis) -> None:
+    # workers keeping minute buckets 60 s (the setting's floor): this hour's rollup stands in
+    # for its expired minutes; covered ended at the hour's end, minutes that have not happened
+    at = datetime.now(UTC).replace(second=0, microsecond=0)
+    TrendWriter(r, "edges", minute_ttl_s=60).apply(
+        [TrendRecord("t", 0, i, at - timedelta(minutes=i), "BMW", "X5", None) for i in range(3)]
+    )
+    out = _trends("--redis-url", _url(r), "--window", "15m", "--at", utc_z(at), "--json")
+    after = datetime.now(UTC).replace(second=0, microsecond=0)
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)
+    assert payload["total"] == 3
+    end = datetime.fromisoformat(payload["covered"]["end"])
+    # at's minute, or the next if the clock ticked over meanwhile (its posts may be counted)
+    assert at + timedelta(minutes=1) <= end <= after + timedelta(minutes=1), payload["covered"]
+    start = datetime.fromisoformat(payload["covered"]["start"])
+    assert start.minute == 0 and start <= at - timedelta(minutes=14)
 
 
 @pytest.mark.integration
