@@ -43,7 +43,10 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "carstream:trends:"
 MODEL_SEPARATOR = "|"
-CITY_MAX_CHARS = 64
+# the input schema's own bound on city (worker/schemas.py): every city a post may carry keeps
+# all of its characters (NFKC can lengthen a few, which are cut here), so two cities that
+# differ only after the 64th character are not one (they were, with a cut at 64)
+CITY_MAX_CHARS = 128
 DEFAULT_MINUTE_TTL_S = 48 * 3600
 DEFAULT_HOUR_TTL_S = 30 * 24 * 3600
 DEFAULT_DEDUP_TTL_S = 3600

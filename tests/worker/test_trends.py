@@ -64,7 +64,13 @@ def test_city_normalisation() -> None:
     assert normalize_city("İSTANBUL") == normalize_city("İstanbul") == "istanbul"
     assert normalize_city("Istanbul") == "istanbul"
     assert normalize_city(None) is None
-    assert len(normalize_city("x" * 500) or "") == 64
+    assert len(normalize_city("x" * 500) or "") == 128
+    # every city the input schema accepts (128 characters) keeps all of them: two that differ
+    # only near their end are two cities
+    long_name = "Taumatawhakatangihangakoauauotamateaturipukakapikimaungahoronuku"
+    north, south = (normalize_city(f"{long_name}-{side}-District") for side in ("North", "South"))
+    assert north != south and north.endswith("north-district")
+    assert normalize_city("a" * 127 + "b") == "a" * 127 + "b"
 
 
 def test_increments_per_kind() -> None:
