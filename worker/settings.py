@@ -452,6 +452,19 @@ class WorkerSettings(BaseSettings):
     url_allow_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="if set, only these host names may be fetched"
     )
+    url_host_timeouts: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="fetches in a row from one host that time out before its posts are "
+        "dead-lettered without a fetch for url_host_pause_s (0: never)",
+    )
+    url_host_pause_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="how long a host that keeps timing out is not fetched from",
+    )
 
     # Operations
     metrics_port: int = Field(9400, ge=0, le=65535, description="0 disables the HTTP endpoint")

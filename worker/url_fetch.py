@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote, urljoin, urlsplit
 
 from worker.errors import PostError
+from worker.host_breaker import HostBreaker
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,19 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024
 
 
+class FetchTimeoutError(PostError):
+    """A fetch or name lookup that ran out of time: a strike against its host (HostBreaker)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("url_fetch_failed", reason)
+
+
 @dataclass(frozen=True)
 class UrlPolicy:
-    """What ``image_url`` posts may fetch; built once from the worker settings."""
+    """What ``image_url`` posts may fetch; built once from the worker settings.
+
+    ``breaker``: the replica's one :class:`HostBreaker` (shared by its decode threads), or None.
+    """
 
     enabled: bool = True
     timeout_s: float = 5.0
@@ -57,16 +68,19 @@ class UrlPolicy:
     allow_private: bool = False
     allow_hosts: tuple[str, ...] = ()
     max_redirects: int = 3
+    breaker: HostBreaker | None = field(default=None, compare=False)
 
     @classmethod
     def from_settings(cls, settings) -> UrlPolicy:
         """The policy of a :class:`worker.settings.WorkerSettings` (any object with its fields)."""
+        strikes = settings.url_host_timeouts
         return cls(
             enabled=settings.url_fetch_enabled,
             timeout_s=settings.url_timeout_s,
             max_bytes=settings.url_max_bytes,
             allow_private=settings.url_allow_private,
             allow_hosts=tuple(h.lower() for h in settings.url_allow_hosts),
+            breaker=HostBreaker(strikes, settings.url_host_pause_s) if strikes else None,
         )
 
 
@@ -180,7 +194,7 @@ def _resolve(
             infos = future.result(timeout=_remaining(deadline, host))
         except FutureTimeout:
             future.cancel()
-            raise PostError("url_fetch_failed", f"timed out resolving {host}") from None
+            raise FetchTimeoutError(f"timed out resolving {host}") from None
         except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
             raise PostError("url_fetch_failed", f"cannot resolve {host}: {exc}") from None
         addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
@@ -257,7 +271,7 @@ class _Deadline:
 def _remaining(deadline: float, what: str) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
-        raise PostError("url_fetch_failed", f"timed out fetching {what}")
+        raise FetchTimeoutError(f"timed out fetching {what}")
     return left
 
 
@@ -276,17 +290,32 @@ def fetch(
     vet = vet or is_refused_address
     if not policy.enabled:
         raise PostError("url_refused", "fetching image URLs is disabled on this worker")
+    breaker = policy.breaker
     deadline = _Deadline(policy.timeout_s)
     try:
         current = url
         for _hop in range(policy.max_redirects + 1):
             scheme, host, port, path = _vet_url(current, policy)
+            name = f"[{host}]" if ":" in host else host  # IPv6
             shown = (
-                f"{scheme}://{host}:{port}{path.split('?', 1)[0]}"  # no query: it may hold tokens
+                f"{scheme}://{name}:{port}{path.split('?', 1)[0]}"  # no query: it may hold tokens
             )
-            ip = _resolve(host, port, policy, resolver, vet, deadline.at)
-            log.debug("fetching %s from %s", shown, ip)
-            location = _get(ip, scheme, host, port, path, shown, policy, deadline)
+            if breaker is not None and (refusal := breaker.refusal(host)) is not None:
+                raise PostError("url_fetch_failed", refusal)
+            try:
+                ip = _resolve(host, port, policy, resolver, vet, deadline.at)
+                log.debug("fetching %s from %s", shown, ip)
+                location = _get(ip, scheme, host, port, path, shown, policy, deadline)
+            except FetchTimeoutError:
+                if breaker is not None:
+                    breaker.timed_out(host)
+                raise
+            except PostError:  # an answer, or a refusal that returned at once: not a hang
+                if breaker is not None:
+                    breaker.answered(host)
+                raise
+            if breaker is not None:
+                breaker.answered(host)
             if isinstance(location, bytes):
                 log.debug("fetched %d bytes from %s", len(location), shown)
                 return location
@@ -353,7 +382,7 @@ def _get(
         raise
     except (OSError, http.client.HTTPException, ValueError) as exc:
         if deadline.passed or isinstance(exc, TimeoutError):
-            raise PostError("url_fetch_failed", f"timed out fetching {shown}") from None
+            raise FetchTimeoutError(f"timed out fetching {shown}") from None
         raise PostError("url_fetch_failed", f"{shown}: {exc.__class__.__name__}: {exc}") from None
     finally:
         deadline.conn = None

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -423,3 +424,121 @@ def test_https_pins_the_address_and_verifies_the_url_host(tls_server, monkeypatc
     with pytest.raises(PostError) as info:  # same address, but the certificate is not for this name
         fetch(f"https://other.test:{port}/ok", policy, resolver)
     assert info.value.kind == "url_fetch_failed" and "other.test" in info.value.reason
+
+
+# --- a host that keeps timing out (worker/host_breaker.py) ----------------------------------
+
+
+class HangingHandler(BaseHTTPRequestHandler):
+    """/hang answers nothing until the test ends (``release``); /ok answers at once."""
+
+    release = threading.Event()
+    hung: ClassVar[list[str]] = []
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path == "/hang":
+            HangingHandler.hung.append(self.path)
+            HangingHandler.release.wait(30)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
+
+@pytest.fixture
+def hanging_server() -> Iterator[str]:
+    HangingHandler.release.clear()
+    HangingHandler.hung.clear()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), HangingHandler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{httpd.server_port}"
+    HangingHandler.release.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_host_that_keeps_timing_out_is_not_fetched_from_for_a_while(hanging_server, caplog):
+    """After ``strikes`` timeouts in a row a host's posts fail at once, without a request, so
+    they cannot hold every fetch thread; after the pause one answer closes the breaker."""
+    from worker.host_breaker import HostBreaker
+
+    now = [1000.0]
+    breaker = HostBreaker(strikes=2, pause_s=60, clock=lambda: now[0])
+    policy = UrlPolicy(allow_private=True, timeout_s=0.3, breaker=breaker)
+    base = f"http://{hanging_server}"
+    for _ in range(2):
+        with pytest.raises(PostError, match="timed out fetching"):
+            fetch(base + "/hang", policy)
+    assert len(HangingHandler.hung) == 2
+    assert any("timed out 2 times in a row" in r.getMessage() for r in caplog.records)
+    for path in ("/hang", "/ok"):  # the host, whatever the path
+        with pytest.raises(PostError) as info:
+            fetch(base + path, policy)
+        assert info.value.kind == "url_fetch_failed"
+        assert "127.0.0.1 timed out 2 times in a row" in info.value.reason
+        assert "60 s more" in info.value.reason
+    assert len(HangingHandler.hung) == 2  # no request reached the server
+    # another host is not affected (localhost resolves to the same server, but is its own name)
+    assert fetch(f"http://localhost:{hanging_server.split(':')[1]}/ok", policy) == BODY
+
+    now[0] += 61  # the pause is over: one answer and the host is fetched from as before
+    assert fetch(base + "/ok", policy) == BODY
+    with pytest.raises(PostError, match="timed out fetching"):
+        fetch(base + "/hang", policy)  # one strike of a new row: not paused
+    assert fetch(base + "/ok", policy) == BODY
+
+
+def test_a_host_back_from_its_pause_is_paused_again_by_one_more_timeout(hanging_server):
+    from worker.host_breaker import HostBreaker
+
+    now = [0.0]
+    breaker = HostBreaker(strikes=3, pause_s=10, clock=lambda: now[0])
+    policy = UrlPolicy(allow_private=True, timeout_s=0.2, breaker=breaker)
+    base = f"http://{hanging_server}"
+    for _ in range(3):
+        with pytest.raises(PostError, match="timed out fetching"):
+            fetch(base + "/hang", policy)
+    now[0] += 11
+    with pytest.raises(PostError, match="timed out fetching"):
+        fetch(base + "/hang", policy)  # the trial fetch hangs too
+    with pytest.raises(PostError, match="timed out 4 times in a row"):
+        fetch(base + "/ok", policy)
+    assert len(HangingHandler.hung) == 4
+
+
+def test_quick_failures_break_a_row_of_timeouts():
+    from worker.host_breaker import MAX_HOSTS, HostBreaker
+
+    breaker = HostBreaker(strikes=2, pause_s=5, clock=lambda: 0.0)
+    breaker.timed_out("a.example")
+    breaker.answered("a.example")  # e.g. a 404 at once: the host does not hang
+    breaker.timed_out("a.example")
+    assert breaker.refusal("a.example") is None
+    breaker.timed_out("a.example")
+    assert "a.example timed out 2 times" in (breaker.refusal("a.example") or "")
+    assert breaker.refusal("b.example") is None
+    for i in range(MAX_HOSTS + 5):  # memory stays bounded, however many hosts time out
+        breaker.timed_out(f"h{i}.example")
+    assert len(breaker._hosts) == MAX_HOSTS
+    with pytest.raises(ValueError):
+        HostBreaker(strikes=0, pause_s=5)
+
+
+def test_an_ipv6_url_is_shown_with_its_brackets():
+    with pytest.raises(PostError) as info:
+        fetch("http://[::1]:1/x.jpg", UrlPolicy(allow_private=True, timeout_s=2.0))
+    assert "http://[::1]:1/x.jpg" in info.value.reason
+
+
+def test_the_settings_give_the_policy_its_breaker_or_none():
+    from worker.settings import WorkerSettings
+
+    policy = UrlPolicy.from_settings(WorkerSettings(url_host_timeouts=4, url_host_pause_s=9))
+    assert policy.breaker is not None and (policy.breaker.strikes, policy.breaker.pause_s) == (4, 9)
+    assert UrlPolicy.from_settings(WorkerSettings(url_host_timeouts=0)).breaker is None

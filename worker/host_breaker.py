@@ -1,0 +1,80 @@
+"""Fail fast on an image host that keeps timing out (a circuit breaker per host).
+
+A fetch that times out holds a pool thread for ``url_timeout_s``, and a batch waits for its
+slowest post; so a producer whose image host hangs, sending a few posts a second, keeps every
+fetch slot busy and delays every other post of the replica by many times the timeout. After
+``strikes`` timeouts in a row from one host, its posts are dead-lettered at once
+(``url_fetch_failed``, replayable from the dead-letter topic) for ``pause_s``; then fetches are
+tried again, and one that answers closes the breaker. Only timeouts count: a refused connection
+or an HTTP error returns at once and holds nothing.
+
+Pure and clock-injected; the worker shares one instance between its decode threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+MAX_HOSTS = 10_000  # hosts remembered at most (least recently struck forgotten first)
+
+
+class HostBreaker:
+    """Per host: timeouts in a row, and until when its fetches are refused."""
+
+    def __init__(
+        self, strikes: int, pause_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if strikes < 1 or pause_s <= 0:
+            raise ValueError("strikes must be >= 1 and pause_s > 0")
+        self.strikes = strikes
+        self.pause_s = pause_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        # host -> (timeouts in a row, refused until: clock time, 0 when not paused)
+        self._hosts: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def refusal(self, host: str) -> str | None:
+        """Why a fetch from ``host`` is not tried now, or None to try it."""
+        with self._lock:
+            count, until = self._hosts.get(host, (0, 0.0))
+        left = until - self.clock()
+        if left <= 0:
+            return None
+        return (
+            f"not fetched: {host} timed out {count} times in a row; its posts are dead-lettered "
+            f"without a fetch for {left:.0f} s more"
+        )
+
+    def timed_out(self, host: str) -> None:
+        """A fetch from ``host`` ran out of time: one strike; the last one pauses the host."""
+        with self._lock:
+            count, until = self._hosts.pop(host, (0, 0.0))
+            count += 1
+            now = self.clock()
+            paused = count >= self.strikes and until <= now
+            if paused:
+                until = now + self.pause_s
+            self._hosts[host] = (count, until)
+            while len(self._hosts) > MAX_HOSTS:
+                self._hosts.popitem(last=False)
+        if paused:
+            log.warning(
+                "image host %s timed out %d times in a row: its posts are dead-lettered without a "
+                "fetch for %g s",
+                host,
+                count,
+                self.pause_s,
+            )
+
+    def answered(self, host: str) -> None:
+        """A fetch from ``host`` ended in time (an answer or a quick refusal): the row of
+        timeouts is broken, and a paused host is fetched from again."""
+        with self._lock:
+            if self._hosts.pop(host, None) is not None:
+                log.info("image host %s no longer times out", host)
