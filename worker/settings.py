@@ -69,6 +69,10 @@ def parse_bootstrap_servers(value: str) -> list[str]:
             raise ValueError(f"{entry!r}: write an IPv6 broker as [address]:port")
         if not host or any(c.isspace() for c in host) or "/" in host:
             raise ValueError(f"{entry!r}: expected host:port")
+        try:
+            check_host_name(host)
+        except ValueError as exc:
+            raise ValueError(f"{entry!r}: {exc}") from None
         if sep:
             _check_port(port, f"{entry!r}: ")
     return servers
@@ -105,15 +109,16 @@ def check_redis_url(value: str) -> str:
     except ValueError as exc:
         raise ValueError(str(exc)) from None
     if host is not None:
-        _check_redis_host(host)
+        check_host_name(host)
     return value
 
 
-def _check_redis_host(host: str) -> None:
+def check_host_name(host: str) -> None:
     """ValueError naming a host no resolver can look up: the socket module encodes a host name
     as IDNA when it connects, and a label that is empty (``a..b``), over 63 characters or holds
-    a character IDNA refuses fails there as a UnicodeError, not a Redis error: ``worker
-    trends`` printed a traceback, and a worker's Redis retries would not catch it either."""
+    a character IDNA refuses fails there as a UnicodeError, not a Redis or Kafka error: ``worker
+    trends`` printed a traceback, a worker's Redis retries would not catch it, and a Kafka
+    client retried it until its timeout as if the broker were down."""
     try:
         ipaddress.ip_address(host)  # an IP literal ([::1], fe80::1%eth0) is not looked up
         return

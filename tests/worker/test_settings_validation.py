@@ -28,6 +28,8 @@ from worker.settings import FILE_SETTINGS, WorkerSettings
         ("kafka:65536", "port '65536'"),
         ("ok:9092,kafka:99999", "'kafka:99999'"),
         ("::1:9092", "[address]:port"),
+        ("a..b:9092", "'a..b' is not a valid host name"),
+        ("ok:9092," + "x" * 64 + ".example:9092", "is not a valid host name"),
         ("my host:9092", "expected host:port"),
     ],
 )
