@@ -200,6 +200,38 @@ def test_sv_id_past_the_names_rows_is_warned(sv_root, caplog):  # noqa: F811
     assert len(warned) == 1 and "has 3 rows" in warned[0] and "sv_model_id(s) 9" in warned[0]
 
 
+def test_compcars_ids_past_the_names_rows_are_warned(archive, caplog):
+    """Split ids past make_model_name.mat's rows get no name: warned, naming them and how many,
+    as the surveillance reader does, rather than shipping as 'make 9' / 'model 98' unremarked."""
+    mat = scipy.io.loadmat(archive / MAT)
+    n_makes, n_models = len(mat["make_names"]), len(mat["model_names"])
+    train = archive / SPLIT / "train.txt"
+    extra = [f"1/{n_models + 9}/2015/a.jpg", f"{n_makes + 7}/{n_models + 8}/2015/b.jpg"]
+    for line in extra:
+        (archive / "data/image" / line).parent.mkdir(parents=True)
+        Image.new("RGB", (40, 30), (200, 30, 30)).save(archive / "data/image" / line)
+    train.write_text(train.read_text() + "\n".join(extra) + "\n")
+    with caplog.at_level(logging.WARNING, logger="training.datasets"):
+        idx = load_index("compcars", archive, "train")
+        load_index("compcars", archive, "test")  # the same warning, not again
+    assert {f"make {n_makes + 7}", f"model {n_models + 9}"} <= {
+        v for c in idx.classes for v in (c["make"], c["model"])
+    }
+    warned = [w for w in _warnings(caplog) if "past them" in w]
+    assert len(warned) == 2, _warnings(caplog)
+    makes_w, models_w = warned
+    assert str(archive / MAT) in makes_w and f"has {n_makes} make_names rows" in makes_w
+    assert f"make_id(s) {n_makes + 7} " in makes_w and "(1 in all)" in makes_w
+    assert f"has {n_models} model_names rows" in models_w
+    assert f"model_id(s) {n_models + 8}, {n_models + 9} " in models_w and "(2 in all)" in models_w
+
+
+def test_compcars_archive_with_every_id_named_warns_nothing_about_names(archive, caplog):
+    with caplog.at_level(logging.WARNING, logger="training.datasets"):
+        load_index("compcars", archive, "train")
+    assert not [w for w in _warnings(caplog) if "past them" in w]
+
+
 @pytest.mark.parametrize("values", ["10 10 10 10", "10 10 12 40", "1 1 5 5"])
 def test_a_box_too_small_for_a_car_is_no_box(tmp_path, values):
     label = tmp_path / "a.txt"

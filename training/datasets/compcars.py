@@ -33,7 +33,7 @@ from training.datasets.base import (
     warn_classes_without_training_images,
 )
 from training.datasets.matfile import names_problem, read_mat
-from training.datasets.splits import read_split, split_warnings, warn_once
+from training.datasets.splits import examples, read_split, split_warnings, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,34 @@ def check_names(
                 raise DatasetError(f"{mat_path}: {var} row {row} {problem}; fix the name")
 
 
+def warn_unnamed_ids(
+    keys: set[tuple[int, int]],
+    makes: dict[int, str],
+    models: dict[int, str],
+    mat_path: Path,
+    *split_files: Path,
+) -> None:
+    """Warn, naming a few, about split ids past the .mat's rows (as the surveillance reader
+    does): their classes have no name and would ship as ``make N`` / ``model N`` in labels.json,
+    the bundle and every result, where a split file for another archive version is the likely
+    cause."""
+    for var, ids, names in (
+        ("make_names", {mk for mk, _ in keys}, makes),
+        ("model_names", {md for _, md in keys}, models),
+    ):
+        unnamed = [str(i) for i in sorted(ids) if i not in names]
+        if unnamed:
+            label = "make" if var == "make_names" else "model"
+            warn_once(
+                f"{mat_path} has {len(names)} {var} rows, but {label}_id(s) {examples(unnamed)} "
+                f"in the split files ({len(unnamed)} in all) are past them: those classes have "
+                f"no {label} name (labelled '{label} N'); is the split from another version of "
+                "the archive?",
+                mat_path,
+                *split_files,
+            )
+
+
 def load_compcars(
     data_dir: Path, split: str, level: str = "model", crop: str = "full", strict: bool = False
 ) -> DatasetIndex:
@@ -192,6 +220,7 @@ def load_compcars(
     }
     all_keys = {key for rows in keyed.values() for _, key in rows}
     check_names(all_keys, makes, models, mat_path)
+    warn_unnamed_ids(all_keys, makes, models, mat_path, *split_files.values())
     classes, index = build_classes(all_keys, makes, models, level)
     rows = {s: [(ln, index[key]) for ln, key in keyed[s]] for s in keyed}
     for message in split_warnings(split_files, rows, classes):
