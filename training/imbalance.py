@@ -12,11 +12,21 @@ MODES = ("none", "weighted-sampler", "class-balanced")
 
 
 def class_balanced_weights(counts: list[int], beta: float = 0.999) -> torch.Tensor:
-    """Effective-number weights (Cui et al., CVPR 2019): (1 - beta) / (1 - beta^n), mean 1 (they
-    sum to the class count, as in the paper); :class:`ClassBalancedLoss` applies them."""
-    n = torch.tensor(counts, dtype=torch.float64).clamp(min=1)
-    w = (1 - beta) / (1 - beta**n)
-    return (w / w.mean()).float()
+    """Effective-number weights (Cui et al., CVPR 2019): (1 - beta) / (1 - beta^n), mean 1 over
+    the classes that have training images (they sum to that class count, as in the paper);
+    :class:`ClassBalancedLoss` applies them.
+
+    A class with no training image gets weight 0 and is left out of the mean: no sample ever
+    carries it, and counting it (as n=1, the largest weight of all) would shrink every real
+    class's weight and so silently scale the whole loss down.
+    """
+    n = torch.tensor(counts, dtype=torch.float64)
+    present = n > 0
+    w = torch.zeros_like(n)
+    w[present] = (1 - beta) / (1 - beta ** n[present])
+    if present.any():
+        w[present] /= w[present].mean()
+    return w.float()
 
 
 class ClassBalancedLoss(nn.Module):
@@ -45,8 +55,9 @@ class ClassBalancedLoss(nn.Module):
 
 
 def sample_weights(targets: list[int], counts: list[int]) -> torch.Tensor:
-    """Per-sample weights 1/count(class): every class is drawn equally often in expectation."""
-    inv = [1.0 / max(c, 1) for c in counts]
+    """Per-sample weights 1/count(class): every class that has training images is drawn equally
+    often in expectation (a class with none has no sample to weight, so it takes no share)."""
+    inv = [1.0 / c if c > 0 else 0.0 for c in counts]
     return torch.tensor([inv[t] for t in targets], dtype=torch.double)
 
 

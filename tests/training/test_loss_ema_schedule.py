@@ -61,6 +61,24 @@ def test_class_balanced_loss_and_gradient_match_the_formula():
     torch.testing.assert_close(ours_in.grad, hand_in.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_a_class_without_training_images_does_not_scale_the_class_balanced_loss():
+    """A class with no training image (all missing, unreadable or in the test split) gets weight
+    0 and no part in the mean: the other classes keep the weights they have without it, so the
+    loss of every real image stays as it was (it was ~0.3x when the empty class counted as n=1)."""
+    with_empty = class_balanced_weights([COUNTS[0], 0, *COUNTS[1:], 0], 0.999)
+    without = class_balanced_weights(COUNTS, 0.999)
+    assert with_empty[1].item() == with_empty[-1].item() == 0.0
+    present = torch.cat([with_empty[:1], with_empty[2:-1]])
+    torch.testing.assert_close(present, without)
+    assert present.mean().item() == pytest.approx(1.0)
+    logits = torch.randn(8, len(with_empty))
+    y = torch.tensor([0, 0, 0, 0, 2, 3, 4, 4])  # the images' classes: never an empty one
+    got = ClassBalancedLoss(with_empty, EPS)(logits, y)
+    per_sample = nn.functional.cross_entropy(logits, y, label_smoothing=EPS, reduction="none")
+    assert got.item() == pytest.approx((without[[0, 0, 0, 0, 1, 2, 3, 3]] * per_sample).mean())
+    assert class_balanced_weights([0, 0]).tolist() == [0.0, 0.0]  # no class to weight: no NaN
+
+
 def test_a_batch_of_common_class_images_is_weighted_by_its_class_weight():
     w = class_balanced_weights(COUNTS, 0.999)
     logits = torch.randn(8, 4)
