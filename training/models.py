@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
+import socket
+import ssl
+import urllib.error
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 from torchvision import models
+from torchvision.models import WeightsEnum
+
+from training.datasets.base import message_line
 
 log = logging.getLogger(__name__)
 
@@ -50,55 +58,114 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     return model
 
 
+def as_state_dict(state: object) -> dict[str, torch.Tensor]:
+    """``state`` (a loaded weights file) as a state dict, taken out of a checkpoint's
+    ``state_dict`` where it is one; a ValueError when it maps no parameter names to tensors."""
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not (
+        isinstance(state, dict)
+        and state
+        and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())
+    ):
+        raise ValueError(
+            f"not a PyTorch state dict or checkpoint (holds a {type(state).__name__} "
+            f"that does not map parameter names to tensors)"
+        )
+    return state
+
+
+# what a failed download raises (offline, DNS, proxy, TLS, a dropped connection). Not OSError as
+# a whole: a cache folder that cannot be written (PermissionError, a full disk) is no network
+# problem, and is reported as the path error it is rather than passed off as "offline"
+NETWORK_ERRORS = (
+    urllib.error.URLError,  # HTTPError too; urlopen wraps DNS, refused and TLS failures in it
+    http.client.HTTPException,  # IncompleteRead, RemoteDisconnected: dropped mid-body
+    ConnectionError,
+    TimeoutError,  # socket.timeout
+    socket.gaierror,
+    ssl.SSLError,
+)
+
+
+def cached_weights_path(weights: WeightsEnum) -> Path:
+    """Where torchvision keeps ``weights`` once downloaded (``load_state_dict_from_url``'s path):
+    ``<TORCH_HOME>/hub/checkpoints/<the URL's file name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+def imagenet_state(weights: WeightsEnum, arch: str) -> dict[str, torch.Tensor] | None:
+    """torchvision's ImageNet weights for ``arch``: downloaded into TORCH_HOME's cache unless
+    there, then read from it; None when the download fails (offline).
+
+    Only a failed download means offline. A cached file that does not load is refused, naming
+    it: training from scratch instead would pass a damaged cache off as a network problem, and
+    every later run would do the same.
+    """
+    cached = cached_weights_path(weights)
+    if not cached.is_file():
+        log.info("downloading ImageNet weights %s to %s", weights.url, cached)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            # downloads to a temporary file and renames it: a failed download leaves no file;
+            # the hash prefix in the file name is checked, as torchvision's own loader does
+            found = torch.hub.HASH_REGEX.search(cached.name)
+            torch.hub.download_url_to_file(
+                weights.url, str(cached), hash_prefix=found.group(1) if found else None,
+                progress=False,
+            )  # fmt: skip
+        except NETWORK_ERRORS as exc:
+            log.warning(
+                "could not download ImageNet weights %s (%s: %s); training %s FROM SCRATCH",
+                weights,
+                exc.__class__.__name__,
+                message_line(exc),
+                arch,
+            )
+            return None
+        except RuntimeError as exc:  # the file's hash is not the one its name promises
+            raise ValueError(f"ImageNet weights downloaded from {weights.url}: {exc}") from exc
+    try:
+        return as_state_dict(torch_load_weights_only(cached, "state dict"))
+    except ValueError as exc:
+        raise ValueError(
+            f"cached ImageNet weights {cached}: {exc}; delete the file to download it again "
+            "(torchvision's cache, under TORCH_HOME)"
+        ) from exc
+
+
 def load_pretrained_backbone(model: nn.Module, arch: str, pretrained: str) -> str:
     """Load ImageNet weights into everything but ``fc``; return where they came from.
 
     ``pretrained`` is ``imagenet`` (torchvision's download, cached in TORCH_HOME), ``none``, or a
     path to a state_dict file. Offline without a cached file, training starts from scratch and
-    says so rather than failing.
+    says so rather than failing; a damaged cached file is a ValueError naming it.
     """
     if pretrained == "none":
         return "none (from scratch)"
     if pretrained == "imagenet":
         _, weights = ARCHS[arch]
-        try:
-            state = weights.get_state_dict(progress=False)
-        except Exception as exc:  # offline, DNS failure, proxy: all surface differently
-            log.warning(
-                "could not get ImageNet weights %s (%s); training %s FROM SCRATCH",
-                weights,
-                exc.__class__.__name__,
-                arch,
-            )
+        state = imagenet_state(weights, arch)
+        if state is None:
             return "none (ImageNet weights unavailable offline; from scratch)"
         source = f"torchvision:{weights}"
+        where = f"{source} (cached file {cached_weights_path(weights)})"
     else:
         path = Path(pretrained)
         if not path.is_file():
             raise FileNotFoundError(f"--pretrained: no such weights file: {path}")
-        state = torch_load_weights_only(path, "state dict or checkpoint")
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not (
-            isinstance(state, dict)
-            and state
-            and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())
-        ):
-            raise ValueError(
-                f"not a PyTorch state dict or checkpoint (holds a {type(state).__name__} "
-                f"that does not map parameter names to tensors)"
-            )
-        source = f"file:{path}"
+        state = as_state_dict(torch_load_weights_only(path, "state dict or checkpoint"))
+        source = where = f"file:{path}"
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # same names, other shapes: another arch's weights
         detail = " ".join(str(exc).split())
-        raise ValueError(f"pretrained weights {source} do not fit {arch}: {detail[:200]}") from exc
+        raise ValueError(f"pretrained weights {where} do not fit {arch}: {detail[:200]}") from exc
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise ValueError(
-            f"pretrained weights {source} do not fit {arch}: "
+            f"pretrained weights {where} do not fit {arch}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     log.info("loaded backbone weights from %s", source)
