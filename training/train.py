@@ -930,8 +930,13 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
                 "from (not written by `python -m training train`?)"
             )
         load_weights(model, resume_ckpt["state_dict"], f"--resume {args.resume}")
-        pretrained_source = (resume_ckpt.get("args") or {}).get("pretrained_source", "resumed")
+        saved_args = resume_ckpt.get("args") or {}
+        pretrained_source = saved_args.get("pretrained_source", "resumed")
+        # --pretrained is not used on resume: the record keeps the first run's value (null when
+        # its checkpoint does not say), not this command line's default next to its source
+        pretrained = saved_args.get("pretrained")
     else:
+        pretrained = args.pretrained
         try:
             pretrained_source = load_pretrained_backbone(model, args.arch, args.pretrained)
         except ValueError as exc:
@@ -994,6 +999,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
     writer = None
     record = recorded_args(
         args,
+        pretrained=pretrained,
         pretrained_source=pretrained_source,
         world_size=dist_info.world_size,
         device=str(device),

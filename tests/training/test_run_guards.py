@@ -85,6 +85,20 @@ def test_resume_accepts_the_same_data_at_another_path(tiny_sample, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 2
 
 
+def test_resume_records_the_checkpoints_pretrained_not_the_unused_default(tiny_sample, tmp_path):
+    """--pretrained is not used on resume: args.json and the checkpoint keep the first run's
+    value next to its pretrained_source, not this command line's default ("imagenet")."""
+    out = tmp_path / "out"
+    assert cli_main(tiny_argv(tiny_sample, out)) == 0  # --pretrained none
+    resumed = [a for a in tiny_argv(tiny_sample, out) if a not in ("--pretrained", "none")]
+    assert cli_main([*resumed, "--epochs", "2", "--resume", str(out)]) == 0
+    recorded = json.loads((out / "args.json").read_text())
+    saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["args"]
+    for record in (recorded, saved):
+        assert record["pretrained"] == "none"
+        assert record["pretrained_source"] == "none (from scratch)"
+
+
 def test_out_holding_a_checkpoint_is_not_overwritten_by_accident(tiny_sample, tmp_path):
     out = tmp_path / "out"
     assert cli_main(tiny_argv(tiny_sample, out, "--seed", "1")) == 0
