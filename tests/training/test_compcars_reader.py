@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from training.datasets import DatasetError, load_index
 from training.datasets.compcars import make_labels, read_bbox, read_names
 from training.datasets.compcars_sv import read_sv_names
+from training.datasets.folder import normal_class_name
 from training.datasets.image_dataset import crop_to_bbox
 from training.sample import MISSING_PER_SPLIT, TRAIN_FRACTION, plan_classes
 
@@ -95,6 +97,27 @@ def test_sv_names_stored_as_numbers_read_as_written(tmp_path):
     cell[1] = [np.array([[3.0]]), "Q5"]
     scipy.io.savemat(mat, {"sv_make_model_name": cell})
     assert read_sv_names(mat) == {1: ("Peugeot", "307", None), 2: ("3", "Q5", None)}
+
+
+def test_mat_names_are_nfc_normalised_like_folder_names(tmp_path):
+    """A decomposed (NFD) "Škoda" in one row and a composed one in another are one brand, as
+    the folder reader reads folder names (NFC, stripped), in both names files."""
+    nfc = "Škoda"
+    nfd = unicodedata.normalize("NFD", nfc)
+    assert nfd != nfc
+    mat = tmp_path / "make_model_name.mat"
+    scipy.io.savemat(
+        mat, {"make_names": _cells([nfc, f" {nfd} "]), "model_names": _cells(["C-Élysée"])}
+    )
+    makes, models = read_names(mat)
+    assert makes == {1: nfc, 2: nfc}
+    assert models == {1: unicodedata.normalize("NFC", "C-Élysée")}
+    assert normal_class_name(nfd) == makes[2]
+    sv = tmp_path / "sv_make_model_name.mat"
+    cell = np.empty((1, 2), dtype=object)
+    cell[0] = [nfd, unicodedata.normalize("NFD", "Octavia Ö")]
+    scipy.io.savemat(sv, {"sv_make_model_name": cell})
+    assert read_sv_names(sv) == {1: (nfc, unicodedata.normalize("NFC", "Octavia Ö"), None)}
 
 
 def test_make_labels_pure():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,9 @@ def mat_cell_text(item: Any) -> str:
     CompCars' ``.mat`` files hold names as char arrays (loaded as a one-element string array), and
     an empty name as an empty array. A name stored as a number (MATLAB keeps every number as a
     double) reads as people write it: ``3.0`` becomes ``"3"``, ``2.5`` stays ``"2.5"``, and NaN or
-    infinity, MATLAB's missing values, count as empty.
+    infinity, MATLAB's missing values, count as empty. Text is read as the folder reader reads
+    folder names (NFC-normalised, stripped): a decomposed "Škoda" in one row and a composed one in
+    another are one brand in the results and trend counts, not two.
     """
     arr = np.asarray(item).reshape(-1)
     if not arr.size:
@@ -48,7 +51,7 @@ def mat_cell_text(item: Any) -> str:
             return ""
         if number == round(number):
             return str(round(number))
-    return str(value).strip()
+    return unicodedata.normalize("NFC", str(value)).strip()
 
 
 def bbox_crop_box(
