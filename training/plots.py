@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from pathlib import Path
 from typing import Any
+
+# matplotlib's warning for each character its font cannot draw (a Chinese make name in
+# make_model_name.mat): several lines on stderr per character, while the label says why instead
+GLYPH_WARNING = r"Glyph \d+ .*missing from font"
 
 
 def _pyplot() -> Any:
@@ -17,8 +23,39 @@ def _pyplot() -> Any:
     return plt
 
 
-def _label(c: dict[str, Any]) -> str:
-    return f"{c['make']} {c['model']}".strip()
+@functools.lru_cache(maxsize=1)
+def _font_chars() -> frozenset[int]:
+    """The code points matplotlib's default font can draw (DejaVu Sans unless configured)."""
+    from matplotlib import font_manager, ft2font
+
+    path = font_manager.findfont(font_manager.FontProperties())
+    return frozenset(ft2font.FT2Font(path).get_charmap())
+
+
+def drawable(text: str) -> bool:
+    """Whether the plots' font has a glyph for every character of ``text``."""
+    chars = _font_chars()
+    return all(ord(ch) in chars for ch in text)
+
+
+def class_label(classes: list[dict[str, Any]], index: int) -> str:
+    """A class as a plot labels it: ``Audi A4L``; ``class 3 (3/31)`` (its index in labels.json
+    and its ids) when the font cannot draw the name, which would otherwise render as boxes."""
+    c = classes[index]
+    name = f"{c['make']} {c['model']}".strip()
+    if drawable(name):
+        return name
+    ids = "/".join(str(c[k]) for k in ("make_id", "model_id") if c.get(k) is not None)
+    return f"class {index} ({ids})" if ids and drawable(ids) else f"class {index}"
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Lay out and write ``fig``, without matplotlib's missing-glyph warnings (see
+    ``GLYPH_WARNING``; class labels fall back to ids where the font lacks a glyph)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=GLYPH_WARNING, category=UserWarning)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
 
 
 def per_class_vs_frequency(
@@ -34,8 +71,7 @@ def per_class_vs_frequency(
     ax.set_ylabel("test top-1 accuracy of the class")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Per-class accuracy vs training frequency")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -44,14 +80,15 @@ def confused_pairs(pairs: list[dict[str, Any]], classes: list[dict[str, Any]], p
     """The most frequent (true -> predicted) mistakes as a horizontal bar chart."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.4 * max(len(pairs), 3) + 1))
-    names = [f"{_label(classes[p['true']])} → {_label(classes[p['pred']])}" for p in pairs]
+    names = [
+        f"{class_label(classes, p['true'])} → {class_label(classes, p['pred'])}" for p in pairs
+    ]
     ax.barh(range(len(pairs)), [p["count"] for p in pairs])
     ax.set_yticks(range(len(pairs)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("test images")
     ax.set_title("Most confused pairs (true → predicted)" if pairs else "No confusions")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -66,7 +103,6 @@ def compare_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xlabel("GFLOPs per image")
     ax.set_ylabel("test top-1")
     ax.set_title("Accuracy vs cost")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
