@@ -3,10 +3,10 @@ error and every I/O tensor is logged, and a null engine fails loudly.
 
 FP16 uses a *strongly typed* network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``) over an
 ONNX graph that is FP16 inside with FP32 I/O: TensorRT deprecated weak typing (``BuilderFlag.FP16``
-precision hints) in 10.12 and removes it in 11. TensorRT builds older than the flag fall back to
-weak typing (an ``EXPLICIT_BATCH`` network, which the ONNX parser needs before TensorRT 10), and the
-manifest records which one was used. TensorRT's own messages reach Python logging through the one
-process-wide logger of :func:`engine_build.runtime.tensorrt_engine.tensorrt_logger`.
+precision hints) in 10.12 and removes it in 11. Every TensorRT the project pins (>=10.3,<12) has
+the flag, so there is no weak-typing fallback: a TensorRT without it is refused. TensorRT's own
+messages reach Python logging through the one process-wide logger of
+:func:`engine_build.runtime.tensorrt_engine.tensorrt_logger`.
 """
 
 from __future__ import annotations
@@ -83,15 +83,16 @@ def build_fp16_plan(
 ) -> PlanBuild:
     """Build a FP16 plan for ``onnx_path`` (FP16 graph, FP32 I/O) over the batch profile."""
     trt = import_tensorrt()
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly_typed is None:  # every TensorRT of the pin (>=10.3,<12) has it
+        raise TensorRTBuildError(
+            f"TensorRT {trt.__version__} has no NetworkDefinitionCreationFlag.STRONGLY_TYPED, "
+            "which the FP16 build needs (install tensorrt>=10.3,<12)"
+        )
     logger = tensorrt_logger(trt)
     mark = logger.mark()
     builder = trt.Builder(logger)
-    creation = trt.NetworkDefinitionCreationFlag
-    strong = hasattr(creation, "STRONGLY_TYPED")
-    # EXPLICIT_BATCH is ignored (deprecated) in TensorRT 10, but required by the parser before it
-    network = builder.create_network(
-        1 << int(creation.STRONGLY_TYPED if strong else creation.EXPLICIT_BATCH)
-    )
+    network = builder.create_network(1 << int(strongly_typed))
     parser = trt.OnnxParser(network, logger)
     parsed = parser.parse_from_file(str(onnx_path))
     errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -106,8 +107,6 @@ def build_fp16_plan(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if not strong:
-        config.set_flag(trt.BuilderFlag.FP16)
     opt_profile = builder.create_optimization_profile()
     chw = (3, image_size, image_size)
     opt_profile.set_shape(input_name, (profile.min, *chw), (profile.opt, *chw), (profile.max, *chw))
@@ -158,7 +157,7 @@ def build_fp16_plan(
         version=trt.__version__,
         gpu_name=gpu_name,
         compute_capability=capability,
-        typing="strong" if strong else "weak",
+        typing="strong",
         timing_cache=str(timing_cache) if timing_cache else None,
     )
     log.info(

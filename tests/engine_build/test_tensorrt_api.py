@@ -12,6 +12,7 @@ import enum
 import logging
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -230,11 +231,15 @@ def test_strongly_typed_build_logs_io_sets_profile_and_saves_cache(use_trt, tmp_
     assert "TensorRT output logits shape=(-1, 3)" in text
 
 
-def test_without_strong_typing_the_network_is_explicit_batch_with_the_fp16_flag(use_trt, tmp_path):
+def test_a_tensorrt_without_strong_typing_is_refused_naming_its_version(use_trt, tmp_path):
+    # before: a weak-typing fallback (EXPLICIT_BATCH + BuilderFlag.FP16) that no TensorRT of the
+    # pin (>=10.3,<12) could reach, and that TensorRT 11, lacking both, could not have run
     trt = use_trt(fake_trt(strong=False))
-    built = build(tmp_path)
-    assert trt.made["network"].flags == 1 << 0  # EXPLICIT_BATCH: the pre-10 parser needs it
-    assert "fp16" in trt.made["config"].flags and built.info.typing == "weak"
+    with pytest.raises(TensorRTBuildError) as err:
+        build(tmp_path)
+    why = str(err.value)
+    assert "TensorRT 10.13.0.35" in why and "STRONGLY_TYPED" in why and "\n" not in why
+    assert "builder" not in trt.made  # refused before any TensorRT object is made
 
 
 @pytest.mark.parametrize("parse_ok", [False, True])
@@ -396,6 +401,7 @@ class FakePlanEngine(FakeEngine):
         )
         self.profile = profile
         self.context = context
+        self.made: dict = {}  # runtime_trt shares its fake module's
 
     @property
     def num_optimization_profiles(self) -> int:
@@ -408,7 +414,47 @@ class FakePlanEngine(FakeEngine):
     def create_execution_context(self):
         if not self.context:
             return None
-        return SimpleNamespace(set_tensor_address=lambda name, ptr: True)
+        self.made["context"] = FakeContext(self.made)
+        return self.made["context"]
+
+
+class FakeContext:
+    """An ``IExecutionContext`` that records every call and whose ``execute_async_v3`` runs a
+    stand-in network on the "device" memory at the bound addresses (``fake_gpu`` keeps each
+    device buffer by its ``data_ptr``): for each row of the input shape last set,
+    logits[i, c] = the mean of channel c of image i. Each execute keeps a copy of the input rows
+    it read, as they were when it ran."""
+
+    def __init__(self, made: dict) -> None:
+        self.made = made
+        self.calls: list[tuple] = []
+        self.addresses: dict[str, int] = {}
+        self.shape: tuple | None = None
+        self.inputs_seen: list[torch.Tensor] = []
+        self.execute_ok = True
+        self.shape_ok = True
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        self.calls.append(("set_tensor_address", name))
+        self.addresses[name] = ptr
+        return True
+
+    def set_input_shape(self, name: str, shape) -> bool:
+        self.calls.append(("set_input_shape", name, tuple(shape)))
+        self.shape = tuple(shape)
+        return self.shape_ok
+
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        self.calls.append(("execute_async_v3", stream_handle))
+        if not self.execute_ok:
+            self.made["logger"].log(Severity.ERROR, "an illegal memory access was encountered")
+            return False
+        memory = self.made["device_memory"]
+        images = memory[self.addresses["images"]][: self.shape[0]]
+        logits = memory[self.addresses["logits"]]
+        self.inputs_seen.append(images.clone())
+        logits[: len(images)] = images.mean(dim=(2, 3)).to(logits.dtype)
+        return True
 
 
 def profile_of(lo: int, opt: int, hi: int, chw=(3, 32, 32)) -> tuple:
@@ -419,9 +465,13 @@ def runtime_trt(engine: FakePlanEngine) -> SimpleNamespace:
     trt = fake_trt()
     trt.made["plans_read"] = []
 
+    if engine is not None:
+        engine.made = trt.made  # where its context finds the device memory and the logger
+
     class Runtime:
         def __init__(self, logger) -> None:
             self.logger = logger
+            trt.made["logger"] = logger
 
         def deserialize_cuda_engine(self, data: bytes) -> FakePlanEngine:
             trt.made["plans_read"].append(bytes(data))
@@ -431,33 +481,59 @@ def runtime_trt(engine: FakePlanEngine) -> SimpleNamespace:
     return trt
 
 
+class FakeStream:
+    """A ``torch.cuda.Stream``: a handle for TensorRT, and the calls made on it."""
+
+    def __init__(self, handle: int) -> None:
+        self.cuda_stream = handle
+        self.calls: list[tuple] = []
+
+    def wait_stream(self, other: FakeStream) -> None:
+        self.calls.append(("wait_stream", other.cuda_stream))
+
+    def synchronize(self) -> None:
+        self.calls.append(("synchronize",))
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """torch.cuda as on a GPU host named ``name``; device buffers are CPU tensors (or, with
     ``oom``, torch.OutOfMemoryError as from a full GPU; an exception given as ``oom`` is raised
-    instead)."""
+    instead), kept in ``trt.made["device_memory"]`` by ``data_ptr`` for :class:`FakeContext`."""
     import contextlib
 
     from engine_build.runtime import tensorrt_engine
 
     def install(trt, name="NVIDIA H100 80GB HBM3", capability=(9, 0), oom=False):
         real_empty = torch.empty
+        memory = trt.made.setdefault("device_memory", {})
 
+        # CPU memory stands in for device and pinned buffers: pin_memory needs CUDA, so dropped
         def empty(*shape, device=None, pin_memory=False, **kw):
             if device is not None and torch.device(device).type == "cuda":
                 if isinstance(oom, BaseException):
                     raise oom
                 if oom:
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-                device = None
+                buffer = real_empty(*shape, **kw)
+                memory[buffer.data_ptr()] = buffer
+                return buffer
             return real_empty(*shape, **kw)
+
+        def stream(device=None) -> FakeStream:
+            trt.made["stream"] = FakeStream(0x5EED)
+            return trt.made["stream"]
 
         monkeypatch.setattr(tensorrt_engine, "import_tensorrt", lambda: trt)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        # one CPU "device": making it or a stream current changes nothing (the real ones would
+        # initialise CUDA); the engine's stream is a FakeStream, the caller's another
         monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: SimpleNamespace())
+        monkeypatch.setattr(torch.cuda, "Stream", stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream(0xCA11))
         monkeypatch.setattr(torch, "empty", empty)
         return trt
 
@@ -491,9 +567,11 @@ def with_plans(bundle_dir, tmp_path):
     onnx = shared.artifact("onnxruntime", "fp32")
     shutil.copy(bundle_dir / onnx.file, tmp_path / onnx.file)
 
-    def make(*plans: dict) -> Bundle:
+    def make(*plans: dict, batch_profile: BatchProfile | None = None) -> Bundle:
         arts = [onnx, *(plan_artifact(tmp_path, **p) for p in plans)]
-        return Bundle(tmp_path, shared.manifest.model_copy(update={"artifacts": arts}))
+        profile = batch_profile or shared.manifest.batch_profile
+        update = {"artifacts": arts, "batch_profile": profile}
+        return Bundle(tmp_path, shared.manifest.model_copy(update=update))
 
     return make
 
@@ -721,3 +799,107 @@ def test_a_plan_tensorrt_cannot_deserialise_is_a_load_error_auto_warns(
         assert create_engine(bundle, "auto", threads=1).name == "onnxruntime-fp32"
     refused = [r for r in caplog.records if "backend tensorrt" in r.getMessage()]
     assert refused and all(r.levelno == logging.WARNING for r in refused)
+
+
+# --- the hot path: infer / infer_device / _execute on the fake GPU ---------------------------
+
+PADDED = BatchProfile(min=4, opt=4, max=8)  # the plan runs batches of 4..8: smaller ones padded
+
+
+def stand_in(images: np.ndarray) -> np.ndarray:
+    """What FakeContext's network computes: logits[i, c] = the mean of channel c of image i."""
+    return images.mean(axis=(2, 3))
+
+
+@pytest.fixture
+def running_plan(fake_gpu, with_plans):
+    """A TensorRTEngine loaded on the fake GPU for a manifest of min/opt/max batch 4/4/8."""
+    from engine_build.runtime.tensorrt_engine import TensorRTEngine
+
+    trt = fake_gpu(runtime_trt(FakePlanEngine(profile_of(4, 4, 8))))
+    engine = TensorRTEngine(with_plans({}, batch_profile=PADDED))
+    assert engine.max_batch == 8
+    return engine, trt.made
+
+
+def runs(context: FakeContext) -> list[tuple]:
+    """The calls of each batch, after the two set_tensor_address of the load."""
+    assert context.calls[:2] == [("set_tensor_address", "images"), ("set_tensor_address", "logits")]
+    return context.calls[2:]
+
+
+def test_infer_pads_a_small_batch_with_zeros_and_returns_only_its_rows(running_plan):
+    engine, made = running_plan
+    context, stream = made["context"], made["stream"]
+    rng = np.random.default_rng(0)
+    # a batch of 6 first: it leaves its rows 2..5 in the input buffer, as garbage for the next
+    big = rng.normal(5.0, 1.0, size=(6, 3, 32, 32)).astype(np.float32)
+    first = engine.infer(big)
+    np.testing.assert_array_equal(context.inputs_seen[0].numpy(), big)
+    small = rng.normal(-3.0, 1.0, size=(2, 3, 32, 32)).astype(np.float32)
+    logits = engine.infer(small)
+
+    assert logits.shape == (2, 3) and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, stand_in(small), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(first, stand_in(big), rtol=1e-5, atol=1e-6)  # a copy, not a view
+    handle = stream.cuda_stream
+    assert runs(context) == [
+        ("set_input_shape", "images", (6, 3, 32, 32)),
+        ("execute_async_v3", handle),
+        ("set_input_shape", "images", (4, 3, 32, 32)),  # max(2, the manifest's min 4)
+        ("execute_async_v3", handle),
+    ]
+    ran = context.inputs_seen[1]  # the input rows as TensorRT read them
+    assert ran.shape == (4, 3, 32, 32)
+    np.testing.assert_array_equal(ran[:2].numpy(), small)
+    assert not ran[2:].any()  # the batch of 6's rows 2..3 were zeroed before the execute
+    assert stream.calls == [("synchronize",)] * 2  # each batch waits for its own results
+
+
+def test_infer_device_orders_after_the_callers_stream_and_pads_the_same_way(running_plan):
+    engine, made = running_plan
+    context, stream = made["context"], made["stream"]
+    # the fake GPU's memory is the CPU's: the engine's device is where a "device" batch lives
+    engine._device = engine.device = torch.device("cpu")
+    torch.manual_seed(0)
+    full = torch.randn(8, 3, 32, 32) + 5.0  # max_batch: taken as it is, no padding
+    np.testing.assert_allclose(engine.infer_device(full), stand_in(full.numpy()), rtol=1e-5)
+    one = torch.randn(1, 3, 32, 32) - 3.0
+    logits = engine.infer_device(one)
+
+    assert logits.shape == (1, 3)
+    np.testing.assert_allclose(logits, stand_in(one.numpy()), rtol=1e-5, atol=1e-6)
+    assert [c for c in runs(context) if c[0] == "set_input_shape"] == [
+        ("set_input_shape", "images", (8, 3, 32, 32)),
+        ("set_input_shape", "images", (4, 3, 32, 32)),
+    ]
+    ran = context.inputs_seen[1]
+    np.testing.assert_array_equal(ran[:1].numpy(), one.numpy())
+    assert ran.shape == (4, 3, 32, 32) and not ran[1:].any()
+    # the copy waits for the stream the caller made the batch on (FakeStream 0xCA11)
+    assert stream.calls == [("wait_stream", 0xCA11), ("synchronize",)] * 2
+
+
+@pytest.mark.parametrize("n", [0, 9])
+def test_a_batch_outside_1_to_max_batch_is_refused_before_tensorrt_sees_it(running_plan, n):
+    engine, made = running_plan
+    engine._device = engine.device = torch.device("cpu")
+    with pytest.raises(ValueError, match=rf"batch size {n} outside 1\.\.8"):
+        engine.infer(np.zeros((n, 3, 32, 32), np.float32))
+    with pytest.raises(ValueError, match=rf"batch size {n} outside 1\.\.8"):
+        engine.infer_device(torch.zeros(n, 3, 32, 32))
+    assert runs(made["context"]) == []
+
+
+@pytest.mark.parametrize(
+    ("refuse", "needle"),
+    [
+        ("execute_ok", r"^tensorrt-fp16: execute_async_v3 failed: an illegal memory access"),
+        ("shape_ok", r"^tensorrt-fp16: batch 4 is outside the plan's optimisation profile$"),
+    ],
+)
+def test_a_refused_execute_or_input_shape_raises_naming_why(running_plan, refuse, needle):
+    engine, made = running_plan
+    setattr(made["context"], refuse, False)
+    with pytest.raises(RuntimeError, match=needle):
+        engine.infer(np.ones((3, 3, 32, 32), np.float32))
