@@ -463,18 +463,28 @@ def hanging_server() -> Iterator[str]:
     httpd.server_close()
 
 
-def test_a_host_that_keeps_timing_out_is_not_fetched_from_for_a_while(hanging_server, caplog):
-    """After ``strikes`` timeouts in a row a host's posts fail at once, without a request, so
-    they cannot hold every fetch thread; after the pause one answer closes the breaker."""
+def breaker_policy(strikes: int, pause_s: float) -> tuple[UrlPolicy, list[float]]:
+    """A local-server policy with a breaker on a clock the test moves (``now[0]``)."""
     from worker.host_breaker import HostBreaker
 
     now = [1000.0]
-    breaker = HostBreaker(strikes=2, pause_s=60, clock=lambda: now[0])
-    policy = UrlPolicy(allow_private=True, timeout_s=0.3, breaker=breaker)
-    base = f"http://{hanging_server}"
-    for _ in range(2):
+    breaker = HostBreaker(strikes=strikes, pause_s=pause_s, clock=lambda: now[0])
+    return UrlPolicy(allow_private=True, timeout_s=0.2, breaker=breaker), now
+
+
+def hang(base: str, policy: UrlPolicy, times: int) -> None:
+    """Fetch /hang ``times`` times, each timing out."""
+    for _ in range(times):
         with pytest.raises(PostError, match="timed out fetching"):
             fetch(base + "/hang", policy)
+
+
+def test_a_host_that_keeps_timing_out_is_not_fetched_from_for_a_while(hanging_server, caplog):
+    """After ``strikes`` timeouts in a row a host's posts fail at once, without a request, so
+    they cannot hold every fetch thread; after the pause one answer closes the breaker."""
+    policy, now = breaker_policy(strikes=2, pause_s=60)
+    base = f"http://{hanging_server}"
+    hang(base, policy, 2)
     assert len(HangingHandler.hung) == 2
     assert any("timed out 2 times in a row" in r.getMessage() for r in caplog.records)
     for path in ("/hang", "/ok"):  # the host, whatever the path
@@ -489,24 +499,16 @@ def test_a_host_that_keeps_timing_out_is_not_fetched_from_for_a_while(hanging_se
 
     now[0] += 61  # the pause is over: one answer and the host is fetched from as before
     assert fetch(base + "/ok", policy) == BODY
-    with pytest.raises(PostError, match="timed out fetching"):
-        fetch(base + "/hang", policy)  # one strike of a new row: not paused
+    hang(base, policy, 1)  # one strike of a new row: not paused
     assert fetch(base + "/ok", policy) == BODY
 
 
 def test_a_host_back_from_its_pause_is_paused_again_by_one_more_timeout(hanging_server):
-    from worker.host_breaker import HostBreaker
-
-    now = [0.0]
-    breaker = HostBreaker(strikes=3, pause_s=10, clock=lambda: now[0])
-    policy = UrlPolicy(allow_private=True, timeout_s=0.2, breaker=breaker)
+    policy, now = breaker_policy(strikes=3, pause_s=10)
     base = f"http://{hanging_server}"
-    for _ in range(3):
-        with pytest.raises(PostError, match="timed out fetching"):
-            fetch(base + "/hang", policy)
+    hang(base, policy, 3)
     now[0] += 11
-    with pytest.raises(PostError, match="timed out fetching"):
-        fetch(base + "/hang", policy)  # the trial fetch hangs too
+    hang(base, policy, 1)  # the trial fetch hangs too
     with pytest.raises(PostError, match="timed out 4 times in a row"):
         fetch(base + "/ok", policy)
     assert len(HangingHandler.hung) == 4
