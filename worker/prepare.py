@@ -27,7 +27,7 @@ from worker.decoding import (
 )
 from worker.errors import PostError
 from worker.schemas import PostEvent, parse_event
-from worker.url_fetch import UrlPolicy, fetch
+from worker.url_fetch import UrlPolicy, fetch_response
 
 
 @dataclass(frozen=True)
@@ -125,9 +125,16 @@ def prepare(
             if event.image_b64 is not None:
                 data = decode_base64(event.image_b64, policy.max_bytes)
                 return _decoded(event, data, spec, draft, gpu_jpeg, started)
-        data = fetch(event.image_url, policy)
+        fetched = fetch_response(event.image_url, policy)
         with cpu_slot():
-            return _decoded(event, data, spec, draft, gpu_jpeg, started)
+            try:
+                return _decoded(event, fetched.data, spec, draft, gpu_jpeg, started)
+            except PostError as exc:
+                # a CDN's HTML page for an expired link, a body the server compressed: what it
+                # said the body is tells the producer more than "not a recognised image"
+                if exc.kind != "not_an_image" or not (said := fetched.described()):
+                    raise
+                raise PostError(exc.kind, f"{exc.reason} ({said})") from None
     except PostError as exc:
         return Prepared(event, None, _detached(exc), time.perf_counter() - started)
     except Exception as exc:  # a decoder bug must not take the worker down with the post

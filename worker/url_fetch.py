@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import quote, urljoin, urlsplit
 
 from worker.errors import PostError
@@ -275,6 +276,26 @@ def _remaining(deadline: float, what: str) -> float:
     return left
 
 
+class Fetched(NamedTuple):
+    """A fetched body, with what the server said it is (for a dead letter's reason)."""
+
+    data: bytes
+    content_type: str | None = None
+    content_encoding: str | None = None
+
+    def described(self) -> str:
+        """``the server sent Content-Type 'text/html'``..., or "" when it said nothing."""
+        said = [
+            f"{name} {value!r}"
+            for name, value in (
+                ("Content-Type", self.content_type),
+                ("Content-Encoding", self.content_encoding),
+            )
+            if value
+        ]
+        return f"the server sent {' and '.join(said)}" if said else ""
+
+
 def fetch(
     url: str,
     policy: UrlPolicy,
@@ -282,7 +303,18 @@ def fetch(
     *,
     vet: Vetter | None = None,
 ) -> bytes:
-    """The body of ``url``; PostError url_refused, url_fetch_failed or too_large otherwise.
+    """The body of ``url``; PostError url_refused, url_fetch_failed or too_large otherwise."""
+    return fetch_response(url, policy, resolver, vet=vet).data
+
+
+def fetch_response(
+    url: str,
+    policy: UrlPolicy,
+    resolver: Resolver = socket.getaddrinfo,
+    *,
+    vet: Vetter | None = None,
+) -> Fetched:
+    """:func:`fetch`, with the body's declared type and encoding.
 
     ``resolver`` (``getaddrinfo``'s signature) and ``vet`` (default :func:`is_refused_address`)
     are injection points for tests; the worker passes neither.
@@ -316,8 +348,8 @@ def fetch(
                 raise
             if breaker is not None:
                 breaker.answered(host)
-            if isinstance(location, bytes):
-                log.debug("fetched %d bytes from %s", len(location), shown)
+            if isinstance(location, Fetched):
+                log.debug("fetched %d bytes from %s", len(location.data), shown)
                 return location
             _refuse_controls(location, "redirect Location")
             current = urljoin(current, location)
@@ -325,6 +357,12 @@ def fetch(
         raise PostError("url_refused", f"more than {policy.max_redirects} redirects")
     finally:
         deadline.cancel()
+
+
+def _header_text(value: str | None) -> str | None:
+    """A response header as quoted in a reason: trimmed and capped (a server writes it)."""
+    value = (value or "").strip()
+    return value[:100] or None
 
 
 def _get(
@@ -336,7 +374,7 @@ def _get(
     shown: str,
     policy: UrlPolicy,
     deadline: _Deadline,
-) -> bytes | str:
+) -> Fetched | str:
     """One GET: the body, or the Location of a redirect (not yet vetted)."""
     timeout = _remaining(deadline.at, shown)
     pinned = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
@@ -377,7 +415,11 @@ def _get(
         _remaining(deadline.at, shown)  # the watchdog's shutdown also ends the loop, as an EOF
         if response.length:  # bytes still owed by Content-Length
             raise PostError("url_fetch_failed", f"{shown}: connection closed mid-body")
-        return bytes(body)
+        return Fetched(
+            bytes(body),
+            _header_text(response.getheader("Content-Type")),
+            _header_text(response.getheader("Content-Encoding")),
+        )
     except PostError:
         raise
     except (OSError, http.client.HTTPException, ValueError) as exc:

@@ -306,16 +306,16 @@ def test_url_posts_fetch_beside_the_decode_threads(monkeypatch):
     from tests.support import image_bytes
     from training.preprocessing import PreprocessSpec
     from worker.prepare import prepare
-    from worker.url_fetch import UrlPolicy
+    from worker.url_fetch import Fetched, UrlPolicy
 
     jpeg = image_bytes(np.random.default_rng(0), "JPEG")
     together = threading.Barrier(4, timeout=WAIT_S)
 
-    def fetch(url, policy):
+    def fetch_response(url, policy):
         together.wait()
-        return jpeg
+        return Fetched(jpeg, "image/jpeg")
 
-    monkeypatch.setattr(worker.prepare, "fetch", fetch)
+    monkeypatch.setattr(worker.prepare, "fetch_response", fetch_response)
     pool = DecodePool(1, io_threads=3)
     spec = PreprocessSpec(resize=36, crop=32)
     events = [

@@ -3,7 +3,9 @@ HTTP(S) servers (ok, 404, oversized, slow drip, redirects, certificate checks)."
 
 from __future__ import annotations
 
+import gzip
 import ipaddress
+import json
 import logging
 import shutil
 import socket
@@ -206,6 +208,11 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, self.path.encode())
         elif self.path == "/missing":
             self._send(404, b"no")
+        elif self.path == "/expired-link":  # a CDN's error page, with a 200
+            self._send(200, b"<html><body>This link has expired</body></html>", "text/html")
+        elif self.path == "/gzipped":  # compressed though the client asked for no encoding
+            body = gzip.compress(b"\x89PNG not really")
+            self._send(200, body, "image/png", {"Content-Encoding": "gzip"})
         elif self.path == "/big":
             self._send(200, b"x" * 5000)
         elif self.path == "/big-chunked":
@@ -254,9 +261,14 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"")
 
-    def _send(self, code: int, body: bytes) -> None:
+    def _send(
+        self, code: int, body: bytes, content_type: str | None = None, extra: dict | None = None
+    ) -> None:
         self.send_response(code)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in {"Content-Type": content_type, **(extra or {})}.items():
+            if value:
+                self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
@@ -544,3 +556,22 @@ def test_the_settings_give_the_policy_its_breaker_or_none():
     policy = UrlPolicy.from_settings(WorkerSettings(url_host_timeouts=4, url_host_pause_s=9))
     assert policy.breaker is not None and (policy.breaker.strikes, policy.breaker.pause_s) == (4, 9)
     assert UrlPolicy.from_settings(WorkerSettings(url_host_timeouts=0)).breaker is None
+
+
+@pytest.mark.parametrize(
+    ("path", "said"),
+    [
+        ("/expired-link", "the server sent Content-Type 'text/html'"),
+        ("/gzipped", "Content-Type 'image/png' and Content-Encoding 'gzip'"),
+    ],
+)
+def test_a_body_that_is_no_image_is_dead_lettered_with_what_the_server_said(server, path, said):
+    """A producer reads "not a recognised image format" and cannot tell why; what the server
+    declared (an HTML page for an expired link, a compressed body) says it."""
+    from training.preprocessing import PreprocessSpec
+    from worker.prepare import prepare
+
+    event = {"post_id": "p", "image_url": server + path, "posted_at": "2026-12-07T10:00:00Z"}
+    prep = prepare(json.dumps(event).encode(), PreprocessSpec.for_image_size(32), LOCAL, 10**6)
+    assert prep.error is not None and prep.error.kind == "not_an_image"
+    assert said in prep.error.reason and "not a recognised image" in prep.error.reason
