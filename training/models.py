@@ -107,13 +107,10 @@ def imagenet_state(weights: WeightsEnum, arch: str) -> dict[str, torch.Tensor] |
         log.info("downloading ImageNet weights %s to %s", weights.url, cached)
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            # downloads to a temporary file and renames it: a failed download leaves no file;
-            # the hash prefix in the file name is checked, as torchvision's own loader does
-            found = torch.hub.HASH_REGEX.search(cached.name)
-            torch.hub.download_url_to_file(
-                weights.url, str(cached), hash_prefix=found.group(1) if found else None,
-                progress=False,
-            )  # fmt: skip
+            # downloads to a temporary file and renames it: a failed download leaves no file.
+            # No hash check, as torchvision's get_state_dict makes none (check_hash=False):
+            # some of its files' names do not carry their hash (pytorch/vision#7744)
+            torch.hub.download_url_to_file(weights.url, str(cached), progress=False)
         except NETWORK_ERRORS as exc:
             log.warning(
                 "could not download ImageNet weights %s (%s: %s); training %s FROM SCRATCH",
@@ -123,8 +120,11 @@ def imagenet_state(weights: WeightsEnum, arch: str) -> dict[str, torch.Tensor] |
                 arch,
             )
             return None
-        except RuntimeError as exc:  # the file's hash is not the one its name promises
-            raise ValueError(f"ImageNet weights downloaded from {weights.url}: {exc}") from exc
+        except OSError as exc:  # not the network: the cache folder (unwritable, a full disk)
+            raise ValueError(
+                f"cannot write ImageNet weights to {cached}: {exc.__class__.__name__}: "
+                f"{message_line(exc)} (torchvision's cache, under TORCH_HOME)"
+            ) from exc
     try:
         return as_state_dict(torch_load_weights_only(cached, "state dict"))
     except ValueError as exc:
