@@ -4,9 +4,10 @@ A fetch that times out holds a pool thread for ``url_timeout_s``, and a batch wa
 slowest post; so a producer whose image host hangs, sending a few posts a second, keeps every
 fetch slot busy and delays every other post of the replica by many times the timeout. After
 ``strikes`` timeouts in a row from one host, its posts are dead-lettered at once
-(``url_fetch_failed``, replayable from the dead-letter topic) for ``pause_s``; then fetches are
-tried again, and one that answers closes the breaker. Only timeouts count: a refused connection
-or an HTTP error returns at once and holds nothing.
+(``url_fetch_failed``, replayable from the dead-letter topic) for ``pause_s``; then one fetch is
+tried while the host's other posts are still refused: one that ends in time closes the breaker,
+a timeout pauses the host again. Only timeouts count: a refused connection or an HTTP error
+returns at once and holds nothing.
 
 Pure and clock-injected; the worker shares one instance between its decode threads.
 """
@@ -40,12 +41,20 @@ class HostBreaker:
         self._hosts: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
     def refusal(self, host: str) -> str | None:
-        """Why a fetch from ``host`` is not tried now, or None to try it."""
+        """Why a fetch from ``host`` is not tried now, or None to try it.
+
+        When a pause ends, one caller gets None: its fetch is the trial, and the host stays
+        paused while it runs. Letting every waiting post through at once would have them all
+        hold a fetch thread for ``url_timeout_s`` again, before the first timeout paused it.
+        """
         with self._lock:
             count, until = self._hosts.get(host, (0, 0.0))
-        left = until - self.clock()
-        if left <= 0:
-            return None
+            now = self.clock()
+            left = until - now
+            if left <= 0:
+                if until and count >= self.strikes:  # the pause is over: this is the trial
+                    self._hosts[host] = (count, now + self.pause_s)
+                return None
         return (
             f"not fetched: {host} timed out {count} times in a row; its posts are dead-lettered "
             f"without a fetch for {left:.0f} s more"
@@ -57,8 +66,8 @@ class HostBreaker:
             count, until = self._hosts.pop(host, (0, 0.0))
             count += 1
             now = self.clock()
-            paused = count >= self.strikes and until <= now
-            if paused:
+            paused = count >= self.strikes and until <= now  # newly: say so
+            if count >= self.strikes:  # a trial's timeout pauses the host again from now
                 until = now + self.pause_s
             self._hosts[host] = (count, until)
             while len(self._hosts) > MAX_HOSTS:

@@ -526,6 +526,26 @@ def test_a_host_back_from_its_pause_is_paused_again_by_one_more_timeout(hanging_
     assert len(HangingHandler.hung) == 4
 
 
+def test_after_a_pause_one_trial_fetch_goes_through_and_the_others_wait_for_it():
+    from worker.host_breaker import HostBreaker
+
+    now = [0.0]
+    breaker = HostBreaker(strikes=2, pause_s=30, clock=lambda: now[0])
+    breaker.timed_out("cdn.example")
+    breaker.timed_out("cdn.example")
+    now[0] = 31.0
+    let_through = [breaker.refusal("cdn.example") is None for _ in range(16)]
+    assert let_through == [True] + [False] * 15  # one trial, not every waiting post at once
+    now[0] = 36.0
+    breaker.timed_out("cdn.example")  # the trial hung too: paused again, from now
+    now[0] = 61.5  # past the first trial's own pause (31 + 30), not past the new one (36 + 30)
+    assert breaker.refusal("cdn.example") is not None
+    now[0] = 66.5
+    assert breaker.refusal("cdn.example") is None  # the next trial
+    breaker.answered("cdn.example")
+    assert all(breaker.refusal("cdn.example") is None for _ in range(3))  # closed
+
+
 def test_quick_failures_break_a_row_of_timeouts():
     from worker.host_breaker import MAX_HOSTS, HostBreaker
 
