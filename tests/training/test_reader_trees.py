@@ -226,6 +226,19 @@ def test_compcars_ids_past_the_names_rows_are_warned(archive, caplog):
     assert f"model_id(s) {n_models + 8}, {n_models + 9} " in models_w and "(2 in all)" in models_w
 
 
+def test_make_level_classes_warn_only_about_make_ids(archive, caplog):
+    """Model names are not read for make-level classes: a model id past the rows is no loss."""
+    mat = scipy.io.loadmat(archive / MAT)
+    line = f"1/{len(mat['model_names']) + 9}/2015/a.jpg"
+    (archive / "data/image" / line).parent.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(archive / "data/image" / line)
+    train = archive / SPLIT / "train.txt"
+    train.write_text(train.read_text() + line + "\n")
+    with caplog.at_level(logging.WARNING, logger="training.datasets"):
+        load_index("compcars", archive, "train", level="make")
+    assert not [w for w in _warnings(caplog) if "past them" in w]
+
+
 def test_compcars_archive_with_every_id_named_warns_nothing_about_names(archive, caplog):
     with caplog.at_level(logging.WARNING, logger="training.datasets"):
         load_index("compcars", archive, "train")

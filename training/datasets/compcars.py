@@ -182,15 +182,16 @@ def warn_unnamed_ids(
     models: dict[int, str],
     mat_path: Path,
     *split_files: Path,
+    level: str = "model",
 ) -> None:
     """Warn, naming a few, about split ids past the .mat's rows (as the surveillance reader
     does): their classes have no name and would ship as ``make N`` / ``model N`` in labels.json,
     the bundle and every result, where a split file for another archive version is the likely
-    cause."""
-    for var, ids, names in (
-        ("make_names", {mk for mk, _ in keys}, makes),
-        ("model_names", {md for _, md in keys}, models),
-    ):
+    cause. Model names are not read for make-level classes, so only make ids count there."""
+    checks = [("make_names", {mk for mk, _ in keys}, makes)]
+    if level != "make":
+        checks.append(("model_names", {md for _, md in keys}, models))
+    for var, ids, names in checks:
         unnamed = [str(i) for i in sorted(ids) if i not in names]
         if unnamed:
             label = "make" if var == "make_names" else "model"
@@ -220,7 +221,7 @@ def load_compcars(
     }
     all_keys = {key for rows in keyed.values() for _, key in rows}
     check_names(all_keys, makes, models, mat_path)
-    warn_unnamed_ids(all_keys, makes, models, mat_path, *split_files.values())
+    warn_unnamed_ids(all_keys, makes, models, mat_path, *split_files.values(), level=level)
     classes, index = build_classes(all_keys, makes, models, level)
     rows = {s: [(ln, index[key]) for ln, key in keyed[s]] for s in keyed}
     for message in split_warnings(split_files, rows, classes):
