@@ -15,7 +15,7 @@ import ssl
 import stat
 from collections.abc import Mapping
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,15 +27,23 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
 
 
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
-
-
 def _mask_url_password(url: str) -> str:
-    """``redis://user:pw@host`` -> ``redis://user:**********@host``, and a ``?password=`` in
-    the query (redis-py reads one there too) masked the same way: URLs are logged."""
-    password = urlsplit(url).password
+    """``redis://user:pw@host`` -> ``redis://user:**********@host``, and a ``password`` in the
+    query (redis-py reads one there too, its name percent-decoded) masked the same way: URLs
+    are logged."""
+    parts = urlsplit(url)
+    password = parts.password
     masked = url.replace(f":{password}@", ":**********@", 1) if password else url
-    return _QUERY_PASSWORD.sub(r"\1**********", masked)
+    if not parts.query:
+        return masked
+    fields = []
+    for field in parts.query.split("&"):
+        name, sep, _value = field.partition("=")
+        secret = sep and unquote(name).strip().lower() == "password"
+        fields.append(f"{name}=**********" if secret else field)
+    head, _, tail = masked.partition("?")
+    fragment = tail.partition("#")[2]
+    return f"{head}?{'&'.join(fields)}" + (f"#{fragment}" if fragment else "")
 
 
 def _check_port(text: str, where: str = "") -> int:

@@ -372,6 +372,7 @@ def test_run_refuses_a_nan_setting_in_one_line() -> None:
     [
         "rediss://redis:6379/0?password=hunter2",
         "redis://redis:6379/0?db=1&PASSWORD=hunter2&ssl_cert_reqs=none",
+        "redis://redis:6379/0?pass%77ord=hunter2",  # redis-py percent-decodes the name
         "redis://worker:hunter2@redis:6379/0",
     ],
 )
