@@ -116,7 +116,8 @@ def gpu_rows(spec: PreprocessSpec, seconds: float) -> list[dict]:
         jpegs = [jpeg] * batch
 
         def run(jpegs=jpegs):
-            return preprocess_batch(decode_jpegs(jpegs, "cuda"), spec)
+            orientations = [j.orientation for j in jpegs]
+            return preprocess_batch(decode_jpegs(jpegs, "cuda"), spec, orientations=orientations)
 
         run()
         torch.cuda.synchronize()

@@ -94,7 +94,7 @@ def stand_in_gpu_decode(pipeline, decode_ms: float = DECODE_MS) -> None:
         time.sleep(len(jpegs) * decode_ms / 1000.0)
         return [None] * len(jpegs)
 
-    def preprocess_rows(images, spec):
+    def preprocess_rows(images, spec, orientations=None):
         row = blank_batch(1, spec.crop)[0]
         return dict.fromkeys(images, row), []
 

@@ -181,7 +181,7 @@ def measure_gpu_decode(
         n_cpu_path += len(refused)  # the worker decodes those on the CPU
         for r in refused:
             cpu_rows.pop(r)
-        out, failed = preprocess_rows(images, spec)
+        out, failed = preprocess_rows(images, spec, {r: jpegs[r].orientation for r in images})
         for r in failed:  # the worker decodes those on the CPU
             cpu_rows.pop(r)
         n_cpu_path += len(failed)

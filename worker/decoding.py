@@ -26,10 +26,12 @@ ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "MPO"})
 DEFAULT_MAX_PIXELS = 64_000_000
 # Decoding cost that the pixel budget does not bound. A progressive JPEG's decoder passes over
 # the whole coefficient buffer once per scan, so a few hundred KB of empty scan headers cost
-# minutes (7 ms a scan at 64 MP); encoders write about 10 (libjpeg's progressive script), a few
+# minutes (7 ms a scan at 64 MP: 2,000 scans in 14 s, docs/faults.md; scratch measurement, not
+# recorded in benchmarks/); encoders write about 10 (libjpeg's progressive script), a few
 # dozen at most. Header segments and PNG chunks are parsed one at a time in Pillow's Python
-# code (~3-4 us each), so a 10 MB post of empty ones holds the GIL for seconds; real files have
-# tens of segments and at most a few thousand chunks (8 KB IDATs of a 10 MB PNG: ~1,300).
+# code (~3-4 us each: scratch measurement, not recorded in benchmarks/), so a 10 MB post of
+# empty ones holds the GIL for seconds; real files have tens of segments and at most a few
+# thousand chunks (8 KB IDATs of a 10 MB PNG: ~1,300).
 MAX_JPEG_SCANS = 100
 MAX_JPEG_HEADER_SEGMENTS = 1_000
 MAX_PNG_CHUNKS = 20_000
@@ -225,7 +227,8 @@ def structure_cost_problem(data: bytes) -> PostError | None:
     budget. Scans are counted only in progressive JPEGs (a baseline decoder stops at an extra
     scan), as SOS markers followed by a well-formed SOS header: entropy-coded data holds no
     markers, and the header check leaves out the chance ``FF DA`` of data after the image (a
-    motion photo's video). A search, ~0.25 ms a MB, small beside a progressive decode.
+    motion photo's video). A search, ~0.25 ms a MB (scratch measurement, not recorded in
+    benchmarks/), small beside a progressive decode.
 
     The problems are ``decompression_bomb`` errors, except a JPEG with too many stray bytes,
     which is corrupt (``truncated_image``): no encoder writes kilobytes of junk between
@@ -233,10 +236,10 @@ def structure_cost_problem(data: bytes) -> PostError | None:
     is left to Pillow, which calls it ``not_an_image``.
     """
     if data[:3] == b"\xff\xd8\xff":  # what Pillow's JPEG and MPO openers accept
-        problem, progressive = _jpeg_header_problem(data)
+        problem, frame = _jpeg_header_problem(data)
         if problem:
             return problem
-        if progressive:
+        if frame in _PROGRESSIVE_SOF:
             scans = _jpeg_scans(data, MAX_JPEG_SCANS + 1)
             if scans > MAX_JPEG_SCANS:
                 return PostError(
@@ -248,13 +251,30 @@ def structure_cost_problem(data: bytes) -> PostError | None:
 
 
 _PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
+# every start-of-frame marker: C4 (DHT), C8 (JPG) and CC (DAC) share the range but are no frames
+_SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
 MAX_JPEG_STRAY_BYTES = 4096  # junk and fill bytes between header segments, in all
 
 
-def _jpeg_header_problem(data: bytes) -> tuple[PostError | None, bool]:
+def draft_factor(width: int, height: int, size: int) -> int:
+    """The DCT scale Pillow's ``draft("RGB", (size, size))`` decodes a JPEG at: the largest of
+    8, 4, 2 that keeps both sides >= ``size``, else 1 (``JpegImageFile.draft``'s choice: a side
+    already below ``size``, a thumbnail, is decoded at full scale)."""
+    scale = min(width // size, height // size)
+    return next((k for k in (8, 4, 2) if scale >= k), 1)
+
+
+def jpeg_frame(data: bytes) -> int | None:
+    """The second byte of the JPEG's start-of-frame marker (0xC0 baseline, 0xC1 extended
+    sequential, 0xC2 progressive, 0xC9 arithmetic-coded, ...), None when there is none before
+    the first scan. Pillow reports only "progressive", and refuses arithmetic coding."""
+    return _jpeg_header_problem(data)[1]
+
+
+def _jpeg_header_problem(data: bytes) -> tuple[PostError | None, int | None]:
     """Walk the marker segments before the first scan: a problem (too many segments, too many
-    stray bytes) or None, and whether a progressive frame header is among them."""
-    pos, n, count, stray, progressive = 2, len(data), 0, 0, False
+    stray bytes) or None, and the frame marker among them (:func:`jpeg_frame`)."""
+    pos, n, count, stray, frame = 2, len(data), 0, 0, None
     while pos + 1 < n:
         if data[pos] != 0xFF:  # junk before a marker: skipped up to the next 0xFF
             nxt = data.find(b"\xff", pos)
@@ -270,24 +290,26 @@ def _jpeg_header_problem(data: bytes) -> tuple[PostError | None, bool]:
                 reason = (
                     f"JPEG is corrupt: over {MAX_JPEG_STRAY_BYTES} stray bytes between segments"
                 )
-                return PostError("truncated_image", reason), False
+                return PostError("truncated_image", reason), frame
             pos += skipped
             continue
         marker = data[pos + 1]
         count += 1
         if count > MAX_JPEG_HEADER_SEGMENTS:
             reason = f"JPEG has over {MAX_JPEG_HEADER_SEGMENTS} header segments"
-            return PostError("decompression_bomb", reason), progressive
+            return PostError("decompression_bomb", reason), frame
         if marker in (0xDA, 0xD9):  # SOS, EOI
             break
-        progressive = progressive or marker in _PROGRESSIVE_SOF
+        # the first frame marker, or a progressive one anywhere (what the scan bound checks)
+        if marker in _SOF and (frame is None or marker in _PROGRESSIVE_SOF):
+            frame = marker
         if marker in _STANDALONE_MARKERS:
             pos += 2
         elif pos + 3 < n:
             pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
         else:
             break
-    return None, progressive
+    return None, frame
 
 
 def _jpeg_scans(data: bytes, stop_at: int) -> int:
@@ -337,7 +359,9 @@ def has_end_of_image(data: bytes) -> bool:
             pos += 1
         elif marker == 0xDA:  # SOS: the scan data follows its header
             # searched from the end, where a JPEG's EOI is: a forward search stops at every
-            # stuffed 0xFF of the scan (~30 us of the GIL per photo post, ~2% of its budget)
+            # stuffed 0xFF of the scan (315 us of the GIL against 0.08 us on a 425 KB photo JPEG:
+            # commit 0d4555a's microbenchmark; decode CPU 0.9 -> 0.6 ms a post on the GPU-decode
+            # path, benchmarks/results/eoi_rfind)
             return data.rfind(b"\xff\xd9", pos + 2) != -1
         elif marker in _STANDALONE_MARKERS:
             pos += 2

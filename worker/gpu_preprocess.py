@@ -9,11 +9,16 @@ same code is tested on the CPU and runs on CUDA.
 
 The arithmetic follows the worker's CPU path: a large JPEG is first reduced by the 1/2, 1/4 or
 1/8 factor Pillow's draft mode decodes it at (:func:`worker.decoding.decode_image`), here as a
-block average of the full-size decode, then :func:`training.preprocessing.preprocess_image`
-(shorter side to ``resize`` with antialiased bilinear, centre crop with torchvision's rounding,
-black padding, ``(x/255 - mean) / std``); resampling differs from Pillow's by a few grey levels
-at most. The block average also keeps the scale factor left for ``F.interpolate`` small: its
-antialiased CUDA kernels refuse large ones ("Too much shared memory required").
+block average of the full-size decode, then turned by its EXIF orientation (after the
+reduction, as the CPU path turns its drafted image), then
+:func:`training.preprocessing.preprocess_image` (shorter side to ``resize`` with antialiased
+bilinear, centre crop with torchvision's rounding, black padding, ``(x/255 - mean) / std``);
+resampling differs from Pillow's by a few grey levels on smooth photos (more at sharp edges: a
+mean of 1-3 levels on noise). The block average stands for the draft only with 4:4:4 and 4:2:0
+chroma, so other subsamplings that would be drafted stay on the CPU path
+(:func:`worker.prepare.drafts_like_a_block_average`). The block average also keeps the scale
+factor left for ``F.interpolate`` small: its antialiased CUDA kernels refuse large ones ("Too
+much shared memory required").
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 -- the conventional name
 
 from training.preprocessing import PreprocessSpec, center_crop_offset, shorter_side_size
-from worker.decoding import has_end_of_image
+from worker.decoding import draft_factor, has_end_of_image
 from worker.prepare import GpuJpeg
 
 log = logging.getLogger(__name__)
@@ -60,16 +65,10 @@ def exif_orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
-def draft_factor(width: int, height: int, size: int) -> int:
-    """The DCT scale Pillow's ``draft("RGB", (size, size))`` decodes a JPEG at: the largest of
-    8, 4, 2 that keeps both sides >= ``size``, else 1 (``JpegImageFile.draft``'s choice: a side
-    already below ``size``, a thumbnail, is decoded at full scale)."""
-    scale = min(width // size, height // size)
-    return next((k for k in (8, 4, 2) if scale >= k), 1)
-
-
 def decode_jpegs(jpegs: Sequence[GpuJpeg], device: torch.device | str) -> list[torch.Tensor]:
-    """Decode JPEGs in one batched call to uint8 RGB CHW tensors on ``device``, EXIF applied.
+    """Decode JPEGs in one batched call to uint8 RGB CHW tensors on ``device``, as stored: the
+    EXIF orientation is applied by :func:`resize_crop`, after the draft reduction (the CPU path
+    transposes the drafted image, so a partial block stays at the stored right and bottom edges).
 
     Raises RuntimeError when any of them fails (torchvision returns no partial results); the
     caller then decodes them one by one to find the bad ones.
@@ -82,8 +81,7 @@ def decode_jpegs(jpegs: Sequence[GpuJpeg], device: torch.device | str) -> list[t
             # half-decoded picture would be classified instead of dead-lettered
             raise RuntimeError(f"JPEG {n} of the batch ends before its EOI marker (truncated?)")
     raw = [torch.frombuffer(bytearray(j.data), dtype=torch.uint8) for j in jpegs]
-    images = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
-    return [exif_orient(img, j.orientation) for img, j in zip(images, jpegs, strict=True)]
+    return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
 
 
 def decode_bisecting(
@@ -123,19 +121,25 @@ def decode_bisecting(
     return out, sorted(bad)
 
 
-def resize_crop(image: torch.Tensor, spec: PreprocessSpec, draft: bool = True) -> torch.Tensor:
+def resize_crop(
+    image: torch.Tensor, spec: PreprocessSpec, draft: bool = True, orientation: int = 1
+) -> torch.Tensor:
     """uint8 CHW -> float32 CHW of ``spec.crop``, in 0..255 (normalisation is done per batch).
 
     ``draft``: the image is a full-size JPEG decode, first reduced as the CPU path's draft-mode
     decode reduces it (a k x k block average, partial blocks at the edges, rounded to uint8
-    levels, sides ``ceil(side / k)``, as libjpeg's scaled decode makes them).
+    levels, sides ``ceil(side / k)``, as libjpeg's scaled decode makes them). ``orientation``:
+    its EXIF orientation, applied after that reduction as the CPU path applies it: turned
+    first, the partial blocks would sit at other edges and shift every block (up to ~70 grey
+    levels on a 509x597 photo).
     """
     _, h, w = image.shape
-    x = image.unsqueeze(0).float()
+    x = image.float()
     k = draft_factor(w, h, spec.resize) if draft else 1
     if k > 1:
-        x = F.avg_pool2d(x, k, stride=k, ceil_mode=True).round_()
-        h, w = x.shape[2], x.shape[3]
+        x = F.avg_pool2d(x.unsqueeze(0), k, stride=k, ceil_mode=True).round_()[0]
+    x = exif_orient(x, orientation).unsqueeze(0)
+    h, w = x.shape[2], x.shape[3]
     new_w, new_h = shorter_side_size(w, h, spec.resize)
     if (new_h, new_w) != (h, w):
         if spec.interpolation == "nearest":  # nearest-exact picks the pixels Pillow picks
@@ -151,7 +155,9 @@ def resize_crop(image: torch.Tensor, spec: PreprocessSpec, draft: bool = True) -
         x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
         new_h, new_w = x.shape[2], x.shape[3]
     left, top = center_crop_offset(new_w, new_h, size)
-    return x[0, :, top : top + size, left : left + size]
+    # a copy, not a view: a view would keep the whole resized image alive until the batch is
+    # stacked (0.75 GB of GPU memory for a 19000x20 post resized to a shorter side of 256)
+    return x[0, :, top : top + size, left : left + size].clone()
 
 
 def normalize(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
@@ -162,15 +168,22 @@ def normalize(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
 
 
 def preprocess_batch(
-    images: Sequence[torch.Tensor], spec: PreprocessSpec, draft: bool = True
+    images: Sequence[torch.Tensor],
+    spec: PreprocessSpec,
+    draft: bool = True,
+    orientations: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Decoded uint8 CHW images (any sizes) -> a normalised float32 NCHW batch on their device."""
-    batch = torch.stack([resize_crop(img, spec, draft) for img in images])
-    return normalize(batch, spec)
+    """Decoded uint8 CHW images (any sizes, as stored) and their EXIF orientations (default:
+    none to apply) -> a normalised float32 NCHW batch on their device."""
+    turns = orientations if orientations is not None else [1] * len(images)
+    rows = [resize_crop(img, spec, draft, o) for img, o in zip(images, turns, strict=True)]
+    return normalize(torch.stack(rows), spec)
 
 
 def preprocess_rows(
-    images: Mapping[K, torch.Tensor], spec: PreprocessSpec
+    images: Mapping[K, torch.Tensor],
+    spec: PreprocessSpec,
+    orientations: Mapping[K, int] | None = None,
 ) -> tuple[dict[K, torch.Tensor], list[K]]:
     """Normalised CHW rows by key, and the keys whose preprocessing fails even alone.
 
@@ -184,13 +197,17 @@ def preprocess_rows(
     failed: list[K] = []
     if not keys:
         return rows, failed
+    turns = orientations or {}
     try:
-        rows.update(zip(keys, preprocess_batch([images[k] for k in keys], spec), strict=True))
+        batch = preprocess_batch(
+            [images[k] for k in keys], spec, orientations=[turns.get(k, 1) for k in keys]
+        )
+        rows.update(zip(keys, batch, strict=True))
     except Exception as exc:
         log.info("GPU preprocessing of the batch failed (%s); one image at a time", exc)
         for k in keys:
             try:
-                rows[k] = preprocess_batch([images[k]], spec)[0]
+                rows[k] = preprocess_batch([images[k]], spec, orientations=[turns.get(k, 1)])[0]
             except Exception:
                 failed.append(k)
     return rows, failed

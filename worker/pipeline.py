@@ -1204,7 +1204,7 @@ class StreamWorker(ConsumerRebalanceListener):
             images, refused = decode_bisecting(lambda js: decode_jpegs(js, device), jpegs)
             for i in refused:
                 prepared[i] = self._decode_on_cpu(prepared[i])
-        rows, failed = preprocess_rows(images, spec)
+        rows, failed = preprocess_rows(images, spec, {i: jpegs[i].orientation for i in images})
         for i in failed:  # this image alone: the CPU decoder, or its dead letter
             del images[i]
             prepared[i] = self._decode_on_cpu(prepared[i])

@@ -21,8 +21,10 @@ from worker.decoding import (
     DEFAULT_MAX_PIXELS,
     decode_base64,
     decode_image,
+    draft_factor,
     exif_orientation,
     has_end_of_image,
+    jpeg_frame,
     open_checked,
 )
 from worker.errors import PostError
@@ -62,6 +64,11 @@ def _detached(error: PostError) -> PostError:
     return error
 
 
+# Huffman-coded sequential frames (baseline, extended): arithmetic coding (C9), which Pillow's
+# decoder refuses, and progressive or lossless frames stay on the CPU path
+GPU_JPEG_FRAMES = (0xC0, 0xC1)
+
+
 def gpu_decodable(img) -> bool:
     """Baseline 8-bit RGB or grey JPEGs: what nvJPEG's batched decoder handles; CMYK,
     progressive and multi-picture files stay on the CPU decoder."""
@@ -70,6 +77,25 @@ def gpu_decodable(img) -> bool:
         and img.mode in ("RGB", "L")
         and not img.info.get("progressive")
         and not img.info.get("progression")
+    )
+
+
+def drafts_like_a_block_average(img, spec: PreprocessSpec) -> bool:
+    """Whether the GPU path's stand-in for Pillow's draft decode (a block average of the full
+    decode) gives the draft's pixels: at full scale always; reduced, only for 4:4:4 and 4:2:0
+    chroma. With 4:2:2, 4:4:0 or 4:1:1 libjpeg's scaled decode keeps less chroma than the
+    average (up to 44-91 grey levels apart in a review), so those go to the CPU decoder."""
+    if draft_factor(*img.size, spec.resize) == 1:
+        return True
+    layers = getattr(img, "layer", None) or []
+    if len(layers) < 3:
+        return True  # grey: no chroma
+    (_, luma_h, luma_v, _), *chroma = layers
+    return all(
+        (luma_h // max(h, 1), luma_v // max(v, 1)) in ((1, 1), (2, 2))
+        and luma_h % max(h, 1) == 0
+        and luma_v % max(v, 1) == 0
+        for _, h, v, _ in chroma
     )
 
 
@@ -150,7 +176,12 @@ def gpu_jpeg_of(data: bytes, spec: PreprocessSpec) -> GpuJpeg | None:
     # a truncated JPEG (no end-of-image marker after its scan) goes to the CPU decoder here,
     # which names it for the DLQ: left for the GPU, it would fail its whole batch's nvJPEG
     # call and have every JPEG of that batch decoded again one by one
-    if gpu_decodable(header) and has_end_of_image(data):
+    if (
+        gpu_decodable(header)
+        and jpeg_frame(data) in GPU_JPEG_FRAMES
+        and drafts_like_a_block_average(header, spec)
+        and has_end_of_image(data)
+    ):
         return GpuJpeg(data, exif_orientation(header))
     return None
 

@@ -77,7 +77,7 @@ def build(ckpt: Path, parity: Path, out: Path, **options) -> Path:
     return build_bundle(ckpt, out, parity_data=parity, **options)
 
 
-def garbage(images, spec, draft=True):
+def garbage(images, spec, draft=True, orientations=None):
     """A GPU path gone wrong: large noise in place of the pictures."""
     g = torch.Generator().manual_seed(0)
     return torch.randn(len(images), 3, spec.crop, spec.crop, generator=g) * 100

@@ -21,7 +21,7 @@ from engine_build.runtime import create_engine
 from tests.support import image_bytes
 from training.preprocessing import PreprocessSpec, preprocess_image
 from worker import gpu_preprocess
-from worker.decoding import decode_image
+from worker.decoding import decode_image, jpeg_frame
 from worker.gpu_preprocess import (
     decode_bisecting,
     decode_jpegs,
@@ -77,15 +77,38 @@ def test_exif_orient_matches_pillow_exif_transpose(orientation):
     np.testing.assert_array_equal(got, reference)
 
 
-def test_batched_decode_matches_the_cpu_decoder_and_applies_exif():
+def test_batched_decode_matches_the_cpu_decoder_as_stored():
+    """decode_jpegs gives the stored picture; its EXIF orientation is applied after the draft
+    reduction (resize_crop), as the CPU path turns its drafted image."""
     arrays = [photo(160, 120, 1), photo(90, 130, 2)]
     jpegs = [GpuJpeg(encode(arrays[0]), 1), GpuJpeg(encode(arrays[1], orientation=6), 6)]
     decoded = decode_jpegs(jpegs, "cpu")
     for jpeg, img in zip(jpegs, decoded, strict=True):
-        expected = np.asarray(decode_image(jpeg.data))  # Pillow, EXIF applied, full size
+        stored = Image.open(io.BytesIO(jpeg.data))
+        expected = np.asarray(stored.convert("RGB"))  # Pillow, full size, not turned
         assert img.dtype == torch.uint8 and img.shape[0] == 3
         assert img.permute(1, 2, 0).shape == expected.shape
         assert np.abs(img.permute(1, 2, 0).numpy().astype(int) - expected).max() <= 2
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize(("w", "h"), [(509, 597), (1021, 1199), (2047, 1799)])
+def test_exif_orientation_is_applied_after_the_draft_reduction(w, h, orientation):
+    """Sides that are no multiple of the draft factor leave partial blocks at the stored right
+    and bottom edges; turned before the block average they moved to other edges and shifted
+    every block (up to ~70 grey levels), so the GPU path differed from the CPU path's pixels
+    for orientations 2-4 and 6-8."""
+    spec = PreprocessSpec.for_image_size(64) if w < 1000 else PreprocessSpec()
+    assert draft_factor(w, h, spec.resize) > 1
+    data = encode(photo(w, h, 3), quality=95, orientation=orientation)
+    # the worker's CPU path: Pillow's draft decode, then the EXIF turn, then preprocessing
+    expected = preprocess_image(decode_image(data, draft_size=spec.resize), spec)
+    got = preprocess_batch(
+        decode_jpegs([GpuJpeg(data, orientation)], "cpu"), spec, orientations=[orientation]
+    )[0].numpy()
+    assert got.shape == expected.shape
+    diff = np.abs(got - expected)
+    assert diff.mean() < 0.008, (orientation, diff.mean())  # turned first: 0.012-0.08
 
 
 def test_one_bad_jpeg_fails_the_batched_call():
@@ -220,6 +243,36 @@ def test_other_images_are_decoded_on_the_cpu(data):
     p = _prepare(data)
     assert p.error is None and p.jpeg is None
     assert p.array.shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize(
+    ("size", "subsampling", "on_gpu"),
+    [
+        ((600, 560), "4:4:4", True),
+        ((600, 560), "4:2:0", True),
+        ((600, 560), "4:2:2", False),  # drafted at 1/2: libjpeg keeps less chroma than an average
+        ((300, 280), "4:2:2", True),  # full scale: no draft, the GPU decode is exact
+    ],
+)
+def test_chroma_subsampling_the_block_average_cannot_stand_for_goes_to_the_cpu(
+    size, subsampling, on_gpu
+):
+    data = encode(photo(*size), subsampling=subsampling)
+    p = _prepare(data)
+    assert p.error is None and (p.jpeg is not None) == on_gpu
+
+
+def test_an_arithmetic_coded_jpeg_is_left_to_the_cpu_decoder():
+    """Pillow's header reader takes an SOF9 frame as it takes a baseline one; the GPU gets only
+    Huffman-coded sequential frames (SOF0, SOF1)."""
+    baseline = encode(photo(300, 200))
+    assert jpeg_frame(baseline) == 0xC0
+    arithmetic = baseline.replace(b"\xff\xc0\x00\x11", b"\xff\xc9\x00\x11", 1)
+    assert jpeg_frame(arithmetic) == 0xC9
+    assert _prepare(baseline).jpeg is not None
+    p = _prepare(arithmetic)
+    assert p.jpeg is None  # decoded (or dead-lettered) on the CPU, never in a GPU batch
+    assert jpeg_frame(encode(photo(300, 200), progressive=True)) == 0xC2
 
 
 def test_bad_images_fail_in_the_decode_thread_as_before():
