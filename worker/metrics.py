@@ -27,8 +27,9 @@ from prometheus_client import (
 
 log = logging.getLogger(__name__)
 
-# from 0.25 ms: a TensorRT batch takes a few ms and a GPU-decoded image's CPU part ~0.3 ms, which
-# a first bucket of 5 ms would hide
+# from 0.25 ms: a TensorRT batch should take a few ms (an unmeasured estimate: no GPU has been
+# lent yet) and a GPU-decoded image's CPU part ~0.3 ms (benchmarks/results/sim_gpu_decode),
+# which a first bucket of 5 ms would hide
 _LATENCY_BUCKETS = (
     0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 )  # fmt: skip

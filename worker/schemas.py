@@ -149,13 +149,15 @@ def _bounded_loads(text: str) -> object:
     MAX_JSON_VALUES values in its objects and arrays.
 
     The limits are counted while parsing, not on the parsed value: json.loads of 10 MB of
-    ``[[],[],...]`` builds 3.5 million lists (over 200 MB, 3.5 s of the GIL) before any check could
-    look at them, where this stops after 10,001 values. The count is exact, not an estimate
-    from the bytes (a comma or bracket inside a string is no value), so it refuses exactly the
-    texts whose parsed value breaks a limit, and no event of the DESIGN schema (about ten
-    values, two levels) comes near either. Strings are read by the C ``scanstring`` that
-    json.loads uses; the containers and scalars are walked here, in Python, which costs an
-    event about 20 us more than the C parser.
+    ``[[],[],...]`` builds 3.5 million lists (over 200 MB, 3.5 s of the GIL: a scratch
+    measurement of 2026-12-07, commit 1e66f34, not recorded in benchmarks/; the 2026-12-06 one
+    in docs/faults.md read 3.4 s for the parse, plus 8.5 s for the walk over the parsed value
+    that this replaces) before any check could look at them, where this stops after 10,001
+    values. The count is exact, not an estimate from the bytes (a comma or bracket inside a
+    string is no value), so it refuses exactly the texts whose parsed value breaks a limit,
+    and no event of the DESIGN schema (about ten values, two levels) comes near either.
+    Strings are read by the C ``scanstring`` that json.loads uses; the containers and scalars
+    are walked here, in Python, which costs an event about 20 us more than the C parser.
     """
     values = depth = 0
     memo: dict[str, str] = {}

@@ -313,7 +313,9 @@ def test_slow_drip_is_cut_at_the_deadline(server, path):
         fetch(server + path, UrlPolicy(allow_private=True, timeout_s=1.0))
     elapsed = time.monotonic() - started
     assert info.value.kind == "url_fetch_failed" and "timed out" in info.value.reason
-    assert elapsed < 2.0  # the server would drip for 10 s
+    # a liveness bound, not a timing: the 1 s deadline must cut the drip, which would run 10 s;
+    # the margin absorbs a loaded test machine
+    assert elapsed < 5.0
 
 
 def test_paths_are_percent_encoded_and_queries_never_logged(server, caplog):
