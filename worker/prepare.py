@@ -71,12 +71,15 @@ GPU_JPEG_FRAMES = (0xC0, 0xC1)
 
 def gpu_decodable(img) -> bool:
     """Baseline 8-bit RGB or grey JPEGs: what nvJPEG's batched decoder handles; CMYK,
-    progressive and multi-picture files stay on the CPU decoder."""
+    progressive and multi-picture files stay on the CPU decoder, and so do RGB-coded ones (an
+    Adobe marker with transform 0: libjpeg decodes them without a colour conversion, nvJPEG's
+    handling is not verified on a GPU here)."""
     return (
         img.format == "JPEG"
         and img.mode in ("RGB", "L")
         and not img.info.get("progressive")
         and not img.info.get("progression")
+        and not (img.mode == "RGB" and img.info.get("adobe_transform") == 0)
     )
 
 

@@ -275,6 +275,14 @@ def test_an_arithmetic_coded_jpeg_is_left_to_the_cpu_decoder():
     assert jpeg_frame(encode(photo(300, 200), progressive=True)) == 0xC2
 
 
+def test_an_rgb_coded_jpeg_is_left_to_the_cpu_decoder():
+    """An Adobe APP14 marker with transform 0 says the three components are RGB, not YCbCr."""
+    data = encode(photo(300, 200))
+    app14 = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"  # transform 0
+    assert _prepare(data).jpeg is not None
+    assert _prepare(data[:2] + app14 + data[2:]).jpeg is None
+
+
 def test_bad_images_fail_in_the_decode_thread_as_before():
     huge = encode(photo(64, 64))  # a header that claims 65535 x 65535 pixels
     huge = huge.replace(
