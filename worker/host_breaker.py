@@ -29,13 +29,19 @@ class HostBreaker:
     """Per host: timeouts in a row, and until when its fetches are refused."""
 
     def __init__(
-        self, strikes: int, pause_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        strikes: int,
+        pause_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_pause: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_pause(host)``: called (outside the lock) each time a host is newly paused."""
         if strikes < 1 or pause_s <= 0:
             raise ValueError("strikes must be >= 1 and pause_s > 0")
         self.strikes = strikes
         self.pause_s = pause_s
         self.clock = clock
+        self.on_pause = on_pause
         self._lock = threading.Lock()
         # host -> (timeouts in a row, refused until: clock time, 0 when not paused)
         self._hosts: OrderedDict[str, tuple[int, float]] = OrderedDict()
@@ -73,6 +79,8 @@ class HostBreaker:
             while len(self._hosts) > MAX_HOSTS:
                 self._hosts.popitem(last=False)
         if paused:
+            if self.on_pause is not None:
+                self.on_pause(host)
             log.warning(
                 "image host %s timed out %d times in a row: its posts are dead-lettered without a "
                 "fetch for %g s",

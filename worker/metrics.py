@@ -113,6 +113,12 @@ class WorkerMetrics:
             ["engine", "model", "version"],
             registry=r,
         )
+        self.url_host_pauses = Counter(
+            "carstream_url_host_pauses",
+            "image hosts paused by the breaker after url_host_timeouts timeouts in a row "
+            "(their posts dead-lettered without a fetch for url_host_pause_s)",
+            registry=r,
+        )
         self.decode_threads_written_off = Gauge(
             "carstream_decode_threads_written_off",
             "decode threads given up on past decode_timeout_s and still running",

@@ -596,7 +596,9 @@ class StreamWorker(ConsumerRebalanceListener):
         self._prepare = partial(
             prepare,
             spec=manifest.preprocess,
-            policy=UrlPolicy.from_settings(settings),
+            policy=UrlPolicy.from_settings(
+                settings, on_host_pause=lambda _host: self.metrics.url_host_pauses.inc()
+            ),
             max_message_bytes=settings.max_message_bytes,
             gpu_jpeg=self.gpu_device is not None,
             cpu_slot=self.pool.cpu_slot,

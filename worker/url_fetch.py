@@ -72,16 +72,20 @@ class UrlPolicy:
     breaker: HostBreaker | None = field(default=None, compare=False)
 
     @classmethod
-    def from_settings(cls, settings) -> UrlPolicy:
-        """The policy of a :class:`worker.settings.WorkerSettings` (any object with its fields)."""
+    def from_settings(
+        cls, settings, on_host_pause: Callable[[str], None] | None = None
+    ) -> UrlPolicy:
+        """The policy of a :class:`worker.settings.WorkerSettings` (any object with its fields);
+        ``on_host_pause(host)`` is called each time the breaker pauses a host (a metric)."""
         strikes = settings.url_host_timeouts
+        pause_s = settings.url_host_pause_s
         return cls(
             enabled=settings.url_fetch_enabled,
             timeout_s=settings.url_timeout_s,
             max_bytes=settings.url_max_bytes,
             allow_private=settings.url_allow_private,
             allow_hosts=tuple(h.lower() for h in settings.url_allow_hosts),
-            breaker=HostBreaker(strikes, settings.url_host_pause_s) if strikes else None,
+            breaker=HostBreaker(strikes, pause_s, on_pause=on_host_pause) if strikes else None,
         )
 
 

@@ -533,9 +533,12 @@ def test_after_a_pause_one_trial_fetch_goes_through_and_the_others_wait_for_it()
     from worker.host_breaker import HostBreaker
 
     now = [0.0]
-    breaker = HostBreaker(strikes=2, pause_s=30, clock=lambda: now[0])
+    paused: list[str] = []
+    breaker = HostBreaker(strikes=2, pause_s=30, clock=lambda: now[0], on_pause=paused.append)
     breaker.timed_out("cdn.example")
+    assert paused == []
     breaker.timed_out("cdn.example")
+    assert paused == ["cdn.example"]  # the worker counts these (carstream_url_host_pauses)
     now[0] = 31.0
     let_through = [breaker.refusal("cdn.example") is None for _ in range(16)]
     assert let_through == [True] + [False] * 15  # one trial, not every waiting post at once
@@ -547,6 +550,7 @@ def test_after_a_pause_one_trial_fetch_goes_through_and_the_others_wait_for_it()
     assert breaker.refusal("cdn.example") is None  # the next trial
     breaker.answered("cdn.example")
     assert all(breaker.refusal("cdn.example") is None for _ in range(3))  # closed
+    assert paused == ["cdn.example"]  # a paused host kept paused by its trial is one pause
 
 
 def test_quick_failures_break_a_row_of_timeouts():
@@ -576,8 +580,14 @@ def test_an_ipv6_url_is_shown_with_its_brackets():
 def test_the_settings_give_the_policy_its_breaker_or_none():
     from worker.settings import WorkerSettings
 
-    policy = UrlPolicy.from_settings(WorkerSettings(url_host_timeouts=4, url_host_pause_s=9))
+    seen: list[str] = []
+    policy = UrlPolicy.from_settings(
+        WorkerSettings(url_host_timeouts=4, url_host_pause_s=9), on_host_pause=seen.append
+    )
     assert policy.breaker is not None and (policy.breaker.strikes, policy.breaker.pause_s) == (4, 9)
+    for _ in range(4):
+        policy.breaker.timed_out("img.example")
+    assert seen == ["img.example"]
     assert UrlPolicy.from_settings(WorkerSettings(url_host_timeouts=0)).breaker is None
 
 
