@@ -565,13 +565,18 @@ def rank(counts: dict[str, int], top: int | None = None) -> list[tuple[str, int]
     return ranked if top is None else ranked[:top]
 
 
+def summed_counts(reads: Iterable[dict[str, int] | None]) -> dict[str, int]:
+    """Each member's count over several reads (None: expired, counts nothing)."""
+    summed: dict[str, int] = {}
+    for counts in reads:
+        for name, count in (counts or {}).items():
+            summed[name] = summed.get(name, 0) + count
+    return summed
+
+
 def series_names(intervals: Sequence[Interval], top: int) -> list[str]:
     """The ``top`` members over the kept intervals together: the lines a chart draws."""
-    summed: dict[str, int] = {}
-    for interval in intervals:
-        for name, count in (interval.counts or {}).items():
-            summed[name] = summed.get(name, 0) + count
-    return [name for name, _ in rank(summed, top)]
+    return [name for name, _ in rank(summed_counts(i.counts for i in intervals), top)]
 
 
 def changes(

@@ -32,6 +32,7 @@ from worker.trends import (
     rank,
     series_bounds,
     series_names,
+    summed_counts,
 )
 from worker.trends_format import (
     count_of,
@@ -261,15 +262,6 @@ def _note_other_cities(city: str, cities: dict[str, int], when: str = "in this w
     )
 
 
-def _summed(counts: list[dict[str, int] | None]) -> dict[str, int]:
-    """Each member's count over several reads (None: expired, counts nothing)."""
-    out: dict[str, int] = {}
-    for read in counts:
-        for name, count in (read or {}).items():
-            out[name] = out.get(name, 0) + count
-    return out
-
-
 def main(args: argparse.Namespace) -> int:
     """CLI edge: parse, read through TrendReader, print a table, JSON or CSV."""
     try:
@@ -388,7 +380,7 @@ def _series(
     read = reader.intervals(bounds, dim, args.city)
     if args.city is not None and not any(i.counts for i in read):
         cities = reader.intervals(bounds, "city")  # the same intervals, every city
-        _note_other_cities(args.city, _summed([i.counts for i in cities]), "in any interval")
+        _note_other_cities(args.city, summed_counts([i.counts for i in cities]), "in any interval")
     intervals = [Interval(i.start, i.end, keep(i.counts, match)) for i in read]
     names = series_names(intervals, args.top)
     return {
@@ -442,7 +434,9 @@ def _compare(
         if latest_counts is None:
             latest_counts = reader.read_window(minutes, "city", None, at).counts
         _note_other_cities(
-            args.city, _summed([before.counts, latest_counts]), "in this window or the one before"
+            args.city,
+            summed_counts([before.counts, latest_counts]),
+            "in this window or the one before",
         )
     current = Interval(current.start, current.end, keep(current_counts, match))
     previous = Interval(previous.start, previous.end, keep(previous.counts, match))
