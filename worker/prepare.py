@@ -94,12 +94,8 @@ def drafts_like_a_block_average(img, spec: PreprocessSpec) -> bool:
     if len(layers) < 3:
         return True  # grey: no chroma
     (_, luma_h, luma_v, _), *chroma = layers
-    return all(
-        (luma_h // max(h, 1), luma_v // max(v, 1)) in ((1, 1), (2, 2))
-        and luma_h % max(h, 1) == 0
-        and luma_v % max(v, 1) == 0
-        for _, h, v, _ in chroma
-    )
+    # each chroma plane at the luma's sampling (4:4:4) or at half of it both ways (4:2:0)
+    return all((luma_h, luma_v) in ((h, v), (2 * h, 2 * v)) for _, h, v, _ in chroma)
 
 
 def check_resized_size(
