@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import subprocess
 import sys
@@ -42,14 +44,49 @@ def test_sigterm_inside_stop_wait_always_stops_the_loop():
         assert child.returncode == 0 and out == "stopped\n"
 
 
-def test_sigint_stops_it_too_and_other_signals_do_not():
-    child = subprocess.Popen([sys.executable, "-c", CHILD], cwd=REPO, stdout=subprocess.PIPE,
-                             text=True)  # fmt: skip
+OTHER_SIGNAL_CHILD = textwrap.dedent(
+    """
+    import signal, sys, threading
+    from worker.stop_signals import stop_on_signals
+    stop = threading.Event()
+    stop_on_signals(stop)
+    # a handler of its own, so SIGUSR1 writes its byte to the wake-up pipe too: the watcher
+    # must read it and leave the flag alone
+    signal.signal(signal.SIGUSR1, lambda *_: print("usr1", flush=True))
+    print("up", flush=True)
+    while not stop.wait(0.0001):
+        pass
+    print("stopped", flush=True)
+    """
+)
+
+
+def _line(fd: int) -> bytes:
+    """One line read straight from the pipe (print may write its text and newline apart)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        assert select.select([fd], [], [], 20)[0], f"no full line in 20 s, only {line!r}"
+        chunk = os.read(fd, 64)
+        assert chunk, f"the child closed its output after {line!r}"
+        line += chunk
+    return line
+
+
+def test_other_signals_do_not_stop_the_loop_and_sigint_does():
+    child = subprocess.Popen([sys.executable, "-c", OTHER_SIGNAL_CHILD], cwd=REPO,
+                             stdout=subprocess.PIPE)  # fmt: skip
     try:
-        assert child.stdout.readline() == "up\n"
-        child.send_signal(signal.SIGWINCH)  # ignored by default, and not a stop signal here
+        assert child.stdout.readline() == b"up\n"
+        child.send_signal(signal.SIGWINCH)  # ignored by default: no byte at all
+        child.send_signal(signal.SIGUSR1)  # a byte the watcher must read and pass over
+        fd = child.stdout.fileno()  # unbuffered from here: readline() may have read ahead
+        assert _line(fd) == b"usr1\n"
+        # what should not happen cannot be awaited: a stop from the watcher would print within
+        # microseconds, so half a second without output shows the loop is still running
+        assert not select.select([fd], [], [], 0.5)[0], "SIGUSR1 stopped the loop"
+        assert child.poll() is None
         child.send_signal(signal.SIGINT)
         out, _ = child.communicate(timeout=20)
     finally:
         child.kill()
-    assert child.returncode == 0 and out == "stopped\n"
+    assert child.returncode == 0 and out == b"stopped\n"
