@@ -22,6 +22,13 @@ ErrorKind = Literal[
     "corrupt_record",
 ]
 
+# kinds whose outcome a second try may change (the image host was down, the decode ran late
+# on a loaded machine, the engine failed a row): a redelivery that classifies such a post is
+# counted (worker/trends_script.py); the other kinds are properties of the post itself
+RETRYABLE_KINDS: frozenset[ErrorKind] = frozenset(
+    {"url_fetch_failed", "decode_timeout", "internal"}
+)
+
 
 class PostError(Exception):
     """A post that goes to the dead-letter topic instead of being classified."""

@@ -50,7 +50,7 @@ from worker.backoff import Backoff
 from worker.batching import Batcher
 from worker.dead_letter import HEADER_PREFIX, dlq_headers, parse_dlq_headers
 from worker.decode_pool import DecodePool
-from worker.errors import PostError
+from worker.errors import RETRYABLE_KINDS, PostError
 from worker.gpu_preprocess import decode_bisecting, decode_jpegs, preprocess_rows
 from worker.metrics import WorkerMetrics
 from worker.postprocess import classify
@@ -401,7 +401,16 @@ def make_outputs(
                 )
             )
             trends.append(
-                TrendRecord(rec.topic, rec.partition, rec.offset, classified_at, None, None, None)
+                TrendRecord(
+                    rec.topic,
+                    rec.partition,
+                    rec.offset,
+                    classified_at,
+                    None,
+                    None,
+                    None,
+                    retryable=error.kind in RETRYABLE_KINDS,
+                )
             )
             continue
         event = prep.event

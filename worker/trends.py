@@ -17,7 +17,9 @@ The writer records the TTLs it gives the buckets in the hash `carstream:trends:c
 Exactly once: the counts and the applied offset of each (group, topic, partition), in
 `carstream:trends:applied:{group}`, change together in one Lua script call. Within a window
 (``dedup_ttl_s``), a post re-sent under the same post_id at a new offset is counted once too:
-`carstream:trends:seen:{post_id}` is set (NX, with that TTL) in the same call.
+`carstream:trends:seen:{post_id}` is set (NX, with that TTL) in the same call. A dead letter
+whose kind a redelivery may turn out otherwise is noted in `carstream:trends:retry:{group}`, so
+that a redelivery which classifies it counts it, once.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ CITY_MAX_CHARS = 128
 DEFAULT_MINUTE_TTL_S = 48 * 3600
 DEFAULT_HOUR_TTL_S = 30 * 24 * 3600
 DEFAULT_DEDUP_TTL_S = 3600
+# how long, and how many, dead letters of a kind a redelivery may turn out otherwise are noted
+# so that a redelivery that classifies one counts it (see trends_script.py); a redelivery comes
+# within minutes of the crash that caused it, so a day covers a long outage of the whole group
+RETRY_TTL_S = 24 * 3600
+RETRY_MAX_ENTRIES = 100_000
 MAX_TTL_S = 100 * 366 * 86400  # a century; far larger ones overflow the datetime arithmetic
 Dimension = Literal["make", "model", "lowconf", "city"]
 Resolution = Literal["m", "h"]
@@ -61,6 +68,8 @@ class TrendRecord:
 
     For low-confidence posts make/model are the classifier's top-1 guess, counted apart.
     ``post_id`` (the idempotency key) dedupes a post re-sent at another offset; None: no dedup.
+    ``retryable``: a dead letter whose kind a redelivery may turn out otherwise (a failed fetch),
+    noted so that a redelivery which classifies it counts it once.
     """
 
     topic: str
@@ -72,6 +81,7 @@ class TrendRecord:
     city: str | None
     low_confidence: bool = False
     post_id: str | None = None
+    retryable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +183,11 @@ def applied_key(group_id: str) -> str:
     return f"{PREFIX}applied:{group_id}"
 
 
+def retry_key(group_id: str) -> str:
+    """Sorted set of one group's dead letters a redelivery may still classify (internal)."""
+    return f"{PREFIX}retry:{group_id}"
+
+
 def seen_key(post_id: str) -> str:
     """Marks a post_id counted, for the dedup window (TTL ``dedup_ttl_s``)."""
     return f"{PREFIX}seen:{post_id}"
@@ -237,6 +252,7 @@ class TrendWriter:
             raise ValueError("the dedup TTL must be 0 (off) or positive")
         self._redis = redis_client
         self._applied_key = applied_key(group_id)
+        self._retry_key = retry_key(group_id)
         self._minute_ttl_s = minute_ttl_s
         self._hour_ttl_s = hour_ttl_s
         self._dedup_ttl_s = dedup_ttl_s
@@ -270,7 +286,8 @@ class TrendWriter:
                 seen = 0  # dead letters count nothing, so they never mark a post_id seen
                 if self._dedup_ttl_s and flat and rec.post_id is not None:
                     seen = seen_index.setdefault(seen_key(rec.post_id), len(seen_index) + 1)
-                encoded.append([rec.offset, flat, seen])
+                retry = int(rec.retryable and rec.make is None)
+                encoded.append([rec.offset, flat, seen, retry])
             batch.append([field, encoded])
             encoded_all.extend(encoded)
         trend_keys = list(key_index)  # insertion order == index order
@@ -279,13 +296,16 @@ class TrendWriter:
                 rec_encoded[2] += len(trend_keys)
         expire = [_expire_at(k, self._minute_ttl_s, self._hour_ttl_s, now) for k in trend_keys]
         applied, ignored, duplicates = self._script(
-            keys=[self._applied_key, *trend_keys, *seen_index, CONFIG_KEY],
+            keys=[self._applied_key, *trend_keys, *seen_index, self._retry_key, CONFIG_KEY],
             args=[
                 json.dumps(batch, ensure_ascii=False),
                 json.dumps(expire),
                 self._dedup_ttl_s,
                 self._minute_ttl_s,
                 self._hour_ttl_s,
+                int(now),
+                RETRY_TTL_S,
+                RETRY_MAX_ENTRIES,
             ],
         )
         if ignored:

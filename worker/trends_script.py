@@ -8,31 +8,47 @@ APPLY_BATCH_LUA = r"""
 -- carstream: apply one batch of trend increments exactly once (see docs/trends.md).
 --
 -- KEYS[1]      the consumer group's applied-offset hash: field "<topic>:<partition>" -> offset
--- KEYS[2..n-1] the trend sorted sets this batch may touch, then the post_id "seen" keys
+-- KEYS[2..n-2] the trend sorted sets this batch may touch, then the post_id "seen" keys
+-- KEYS[n-1]    the group's retry sorted set: "<topic>:<partition>:<offset>" -> unix time, the
+--              dead letters whose outcome a redelivery may change (see below)
 -- KEYS[n]      the trends config hash (carstream:trends:config)
--- ARGV[1]      JSON [[field, [[offset, [key_index, member, ...], seen_index], ...]], ...]
+-- ARGV[1]      JSON [[field, [[offset, [key_index, member, ...], seen_index, retry], ...]], ...]
 --              records of each partition in ascending offset order; key_index and seen_index
---              are 1-based into KEYS[2..n]; seen_index 0: no post_id dedup for this record
+--              are 1-based into KEYS[2..n]; seen_index 0: no post_id dedup for this record;
+--              retry 1: a dead letter of a kind that can turn out otherwise on a redelivery
 -- ARGV[2]      JSON [expire_at, ...], unix seconds, one per trend key (KEYS[2..]); the seen
 --              keys' entries are unused
 -- ARGV[3]      TTL of a seen key, seconds (the post_id dedup window)
 -- ARGV[4..5]   the writer's minute and hour bucket TTLs, recorded in KEYS[#KEYS] (the config
 --              hash) whenever the batch counts something, so readers pick buckets by the TTLs
 --              the buckets were written with, not their own settings
+-- ARGV[6..8]   now (unix seconds), how long a retry entry is kept (seconds), and the most
+--              entries the retry set keeps (the oldest go first)
 --
 -- A record at or below its partition's stored offset was applied before (a redelivery, or a
 -- stalled replica that lost its partitions waking up late): it changes nothing, and its seen key
 -- is not touched. A newer record with a seen key is counted only if SET NX creates that key (a
 -- post re-sent by a producer, at a new offset, within the window is a duplicate). Either way the
 -- partition's offset moves to the highest one, in the same atomic call.
+--
+-- The one exception to "at or below changes nothing": a dead letter whose kind can turn out
+-- otherwise (a fetch that failed, a decode past its deadline) is noted in the retry set when
+-- its offset is first applied. If a redelivery (a crash before the offset commit) classifies
+-- it, its entry is removed and it is counted then, once, so the counts follow the result the
+-- results topic got. Entries older than ARGV[7] are dropped.
 -- Returns {applied, ignored, duplicates}.
 
 local applied_key = KEYS[1]
 local batch = cjson.decode(ARGV[1])
 local expire_at = cjson.decode(ARGV[2])
 local seen_ttl = tonumber(ARGV[3])
+local retry_key = KEYS[#KEYS - 1]
+local now = tonumber(ARGV[6])
+local retry_ttl = tonumber(ARGV[7])
+local retry_max = tonumber(ARGV[8])
 local applied, ignored, duplicates = 0, 0, 0
 local touched = {}
+local retry_added = false
 
 -- Redis keeps what a script wrote before an error: a ZINCRBY failing on the batch's fifth key
 -- would leave the first four counted and the position unmoved, and every retry would count
@@ -47,6 +63,7 @@ local function wrong_type(key, want)
   return nil
 end
 local problem = wrong_type(applied_key, 'hash') or wrong_type(KEYS[#KEYS], 'hash')
+  or wrong_type(retry_key, 'zset')
 local checked = {}
 for _, part in ipairs(batch) do
   for _, rec in ipairs(part[2]) do
@@ -66,6 +83,24 @@ if problem then
   )
 end
 
+-- a record at a new offset, or a retried dead letter now classified: counted unless its
+-- post_id was counted within the dedup window
+local function count(rec)
+  local seen = rec[3]
+  if seen > 0 and not redis.call('SET', KEYS[seen + 1], '1', 'NX', 'EX', seen_ttl) then
+    duplicates = duplicates + 1
+    return
+  end
+  local incs = rec[2]
+  for i = 1, #incs, 2 do
+    local idx = incs[i]
+    redis.call('ZINCRBY', KEYS[idx + 1], 1, incs[i + 1])
+    touched[idx] = true
+  end
+  applied = applied + 1
+end
+
+redis.call('ZREMRANGEBYSCORE', retry_key, '-inf', string.format('(%d', now - retry_ttl))
 for _, part in ipairs(batch) do
   local field = part[1]
   local stored = redis.call('HGET', applied_key, field)
@@ -76,20 +111,18 @@ for _, part in ipairs(batch) do
   local start = position
   for _, rec in ipairs(part[2]) do
     local offset = rec[1]
+    local entry = string.format('%s:%d', field, offset)
     if offset <= position then
-      ignored = ignored + 1
-    else
-      local seen = rec[3]
-      if seen > 0 and not redis.call('SET', KEYS[seen + 1], '1', 'NX', 'EX', seen_ttl) then
-        duplicates = duplicates + 1
+      if #rec[2] > 0 and redis.call('ZREM', retry_key, entry) == 1 then
+        count(rec)
       else
-        local incs = rec[2]
-        for i = 1, #incs, 2 do
-          local idx = incs[i]
-          redis.call('ZINCRBY', KEYS[idx + 1], 1, incs[i + 1])
-          touched[idx] = true
-        end
-        applied = applied + 1
+        ignored = ignored + 1
+      end
+    else
+      count(rec)
+      if rec[4] == 1 then
+        redis.call('ZADD', retry_key, now, entry)
+        retry_added = true
       end
       position = offset
     end
@@ -106,6 +139,10 @@ for idx, _ in pairs(touched) do
 end
 if any_touched then
   redis.call('HSET', KEYS[#KEYS], 'minute_ttl_s', ARGV[4], 'hour_ttl_s', ARGV[5])
+end
+if retry_added then
+  redis.call('ZREMRANGEBYRANK', retry_key, 0, -(retry_max + 1))
+  redis.call('EXPIRE', retry_key, retry_ttl)
 end
 
 return {applied, ignored, duplicates}

@@ -821,3 +821,24 @@ def test_at_stop_each_partitions_records_from_its_first_undecoded_one_are_given_
     # the undecoded ones are cancelled (work for nothing); the decoded ones left behind stay done
     assert items[3].prepared.cancelled() and items[4].prepared.cancelled()
     assert items[6].prepared.done() and not items[6].prepared.cancelled()
+
+
+def test_only_dead_letters_a_redelivery_may_classify_are_noted_for_the_trends():
+    """A failed fetch, a late decode and an engine's bad row can go otherwise on a redelivery
+    (their trend records are noted, worker/trends_script.py); a post that is not an image
+    cannot, and a non-finite row is the engine's: noted too."""
+    manifest = tiny_manifest()
+    kinds = ["url_fetch_failed", "decode_timeout", "not_an_image", "schema"]
+    batch = [
+        Pending(Rec("car-posts", 0, i, b"k", b"{}"), 0.0, DoneFuture())
+        for i in range(len(kinds) + 1)
+    ]
+    prepared = [Prepared(None, None, PostError(kind, "x"), 0.0) for kind in kinds]
+    event = PostEvent(post_id="p", image_b64="x", posted_at="2026-01-01T00:00:00Z")
+    prepared.append(Prepared(event, np.zeros(1, np.float32), None, 0.0))
+    logits = {len(kinds): np.array([np.nan, 0.0], np.float32)}
+    settings = worker_with(BrokerLikeProducer()).settings
+    _, dead, trends = make_outputs(batch, prepared, logits, manifest, settings)
+    assert len(dead) == 5
+    assert [t.retryable for t in trends] == [True, True, False, False, True]
+    assert all(t.make is None for t in trends)

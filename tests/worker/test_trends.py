@@ -17,6 +17,7 @@ from worker.trends import (
     increments,
     minute_bucket,
     normalize_city,
+    retry_key,
     trend_key,
     window_keys,
 )
@@ -40,8 +41,9 @@ def rec(
     partition: int = 0,
     low: bool = False,
     post_id: str | None = None,
+    retryable: bool = False,
 ) -> TrendRecord:
-    return TrendRecord(TOPIC, partition, offset, at, make, model, city, low, post_id)
+    return TrendRecord(TOPIC, partition, offset, at, make, model, city, low, post_id, retryable)
 
 
 # --- pure key schema -------------------------------------------------------------------
@@ -293,6 +295,75 @@ def test_a_dead_letter_does_not_mark_its_post_id_seen(r: redis.Redis) -> None:
     w.apply([rec(0, at, None, None, post_id="p1")])  # the first copy failed (e.g. URL fetch)
     assert w.apply([rec(1, at, post_id="p1")]).applied == 1  # the re-sent copy counts
     assert dict(TrendReader(r).top(5, now=at)) == {"Toyota": 1}
+
+
+@pytest.mark.integration
+def test_a_retryable_dead_letter_classified_on_redelivery_is_counted_once(r: redis.Redis) -> None:
+    # the first delivery's fetch failed (dead-lettered), the worker crashed before its commit,
+    # and the redelivery fetched and classified the post: the counts follow the result the
+    # results topic got, once however often the batch is redelivered after that
+    at = _base()
+    w = TrendWriter(r, "g", MIN_TTL, HOUR_TTL, dedup_ttl_s=600)
+    first = [rec(0, at), rec(1, at, None, None, post_id="p1", retryable=True)]
+    assert w.apply(first, now=at.timestamp()).applied == 2
+    assert r.zrange(retry_key("g"), 0, -1) == [f"{TOPIC}:0:1".encode()]
+    again = [rec(0, at), rec(1, at, "BMW", "X5", post_id="p1")]
+    res = w.apply(again, now=at.timestamp() + 60)
+    assert (res.applied, res.ignored) == (1, 1)
+    assert dict(TrendReader(r).top(5, now=at)) == {"Toyota": 1, "BMW": 1}
+    assert not r.exists(retry_key("g"))
+    before = snapshot(r)
+    assert w.apply(again, now=at.timestamp() + 120).ignored == 2
+    assert snapshot(r) == before
+    assert w.positions() == {(TOPIC, 0): 1}
+
+
+@pytest.mark.integration
+def test_a_retryable_dead_letter_failing_again_stays_noted_and_others_are_not(
+    r: redis.Redis,
+) -> None:
+    at = _base()
+    t = at.timestamp()
+    w = TrendWriter(r, "g", MIN_TTL, HOUR_TTL)
+    w.apply([rec(0, at, None, None, retryable=True), rec(1, at, None, None)], now=t)
+    # a redelivery that fails again keeps the note; the deterministic dead letter (offset 1,
+    # e.g. not an image) was never noted, so a classification of it later (a new model version
+    # reading the same bytes) counts nothing, like any other redelivered record
+    assert w.apply([rec(0, at, None, None, retryable=True)], now=t + 1).ignored == 1
+    res = w.apply([rec(0, at, "Audi", "A4"), rec(1, at, "BMW", "X5")], now=t + 2)
+    assert (res.applied, res.ignored) == (1, 1)
+    assert dict(TrendReader(r).top(5, now=at)) == {"Audi": 1}
+
+
+@pytest.mark.integration
+def test_a_retryable_dead_letter_whose_post_id_counted_since_is_a_duplicate(
+    r: redis.Redis,
+) -> None:
+    at = _base()
+    t = at.timestamp()
+    w = TrendWriter(r, "g", MIN_TTL, HOUR_TTL, dedup_ttl_s=600)
+    w.apply([rec(0, at, None, None, post_id="p1", retryable=True)], now=t)
+    w.apply([rec(1, at, post_id="p1")], now=t + 1)  # the producer re-sent it; that copy counted
+    res = w.apply([rec(0, at, post_id="p1")], now=t + 2)  # the first copy, redelivered
+    assert (res.applied, res.duplicates) == (0, 1)
+    assert dict(TrendReader(r).top(5, now=at)) == {"Toyota": 1}
+
+
+@pytest.mark.integration
+def test_retry_notes_expire_after_a_day_and_are_capped(
+    r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at = _base()
+    t = at.timestamp()
+    w = TrendWriter(r, "g", MIN_TTL, HOUR_TTL)
+    w.apply([rec(0, at, None, None, retryable=True)], now=t)
+    assert 0 < r.ttl(retry_key("g")) <= 24 * 3600
+    # a redelivery a day and a second later: the note is gone, the record is a plain repeat
+    res = w.apply([rec(0, at)], now=t + 24 * 3600 + 1)
+    assert (res.applied, res.ignored) == (0, 1)
+    monkeypatch.setattr("worker.trends.RETRY_MAX_ENTRIES", 3)
+    w.apply([rec(o, at, None, None, retryable=True) for o in range(1, 6)], now=t + 1)
+    assert r.zrange(retry_key("g"), 0, -1) == [f"{TOPIC}:0:{o}".encode() for o in (3, 4, 5)]
 
 
 @pytest.mark.integration
