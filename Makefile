@@ -35,14 +35,20 @@ $(VENV)/.installed: pyproject.toml | system-deps
 test-tools: setup
 	@bash tests/deploy/install-kubectl.sh $(BIN)
 
+# pytest's exit code 5 (no tests collected) is a failure, and says so: make turns every failing
+# recipe into its own exit status 2, so the message has to come from here
+PYTEST = run_pytest() { $(BIN)/pytest -n $(PYTEST_WORKERS) "$$@" $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; fi; \
+	return $$rc; }; run_pytest
+
 test: setup test-tools
-	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	@$(PYTEST)
 
 test-unit: setup test-tools
-	$(BIN)/pytest -n $(PYTEST_WORKERS) -m "not integration and not faults" $(PYTEST_ARGS)
+	@$(PYTEST) -m "not integration and not faults"
 
 test-integration: setup
-	$(BIN)/pytest -n $(PYTEST_WORKERS) -m "integration or faults" $(PYTEST_ARGS)
+	@$(PYTEST) -m "integration or faults"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -10,6 +10,7 @@ left uncommitted.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import signal
@@ -79,7 +80,10 @@ class Topics:
         create_topics(bootstrap, [self.input, self.output, self.dlq], PARTITIONS)
 
 
-_db_counter = iter(range(1, 16))
+# Redis has 16 databases: each test takes the next one (flushed first, and the tests of one
+# pytest process run one at a time with their workers stopped at teardown), cycling so that a
+# 16th test reuses database 1 instead of failing at setup
+_db_counter = itertools.cycle(range(1, 16))
 
 
 @pytest.fixture
@@ -200,6 +204,26 @@ def consume_all(bootstrap: str, topic: str, until, deadline_s: float, procs=()) 
             records.extend(batch)
     consumer.close()
     return records
+
+
+def read_to_end(bootstrap: str, topic: str, deadline_s: float = 60) -> list:
+    """Every record of a topic that is no longer being written, up to its end offsets."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    try:
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        end = consumer.end_offsets(parts)
+        records: list = []
+        deadline = time.monotonic() + deadline_s
+        while any(consumer.position(tp) < end[tp] for tp in parts):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{topic}: read {len(records)} records, not to its end {end}")
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
 
 
 def wait_no_lag(bootstrap: str, topics: Topics, deadline_s: float = 60) -> None:
@@ -352,6 +376,8 @@ def test_every_post_one_result_and_exact_counts_with_bad_input_dead_lettered(
     assert [k for k, _ in got["invalid_json"].headers].count("carstream.error_kind") == 1
 
     wait_no_lag(kafka_bootstrap, topics)
+    # one healthy worker, no redelivery: one result per post, not merely every post_id
+    assert len(read_to_end(kafka_bootstrap, topics.output)) == len(posts)
     check_counts(url, by_post, {pid: city for pid, _, city in posts})
     assert procs[0].poll() is None, "the worker died on bad input"
 
