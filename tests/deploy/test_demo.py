@@ -14,15 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_port_run
+from tests.support import free_port_run, missing_tool
 from worker.stack import free_port, redis_server_available
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not redis_server_available(), reason="redis-server is not installed"),
-]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _redis_server_installed() -> None:
+    if not redis_server_available():
+        missing_tool("redis-server is not installed (make setup installs it with apt-get)")
 
 
 def run_demo(demo_dir: Path) -> subprocess.CompletedProcess:

@@ -18,6 +18,7 @@ import yaml
 from prometheus_client import generate_latest
 from pydantic import ValidationError
 
+from tests.support import in_ci, missing_tool
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
 
@@ -154,9 +155,7 @@ def test_gpu_overlay_asks_for_a_gpu_of_one_product_and_builds_engines_there(rend
 def test_stand_in_renderer_matches_kubectl_kustomize(renderers):
     exe, kustomize, render = renderers
     if exe is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("kubectl is missing: run tests/deploy/install-kubectl.sh (make setup)")
-        pytest.skip("kubectl not installed: run tests/deploy/install-kubectl.sh")
+        missing_tool("kubectl is missing: run tests/deploy/install-kubectl.sh (make setup)")
 
     def key(o):
         return (o["kind"], o["metadata"]["name"])
@@ -778,7 +777,7 @@ def test_stand_in_config_map_hash_is_kustomizes(tmp_path, renderers):
     """The stand-in renderer's name suffix against kubectl's, on values Go's JSON escapes."""
     exe, kustomize, render = renderers
     if exe is None:
-        pytest.skip("kubectl not installed: run tests/deploy/install-kubectl.sh")
+        missing_tool("kubectl is missing: run tests/deploy/install-kubectl.sh (make setup)")
     (tmp_path / "kustomization.yaml").write_text(
         "configMapGenerator:\n  - name: settings\n    envs: [a.env]\n"
     )
@@ -956,10 +955,6 @@ def test_compose_refers_only_to_existing_files():
             assert (context / build["dockerfile"]).is_file(), name
     for image in {s.get("image", "") for s in services.values()}:
         assert ":" in image and not image.endswith(":latest"), f"unpinned image {image}"
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def docker_compose() -> str:

@@ -15,6 +15,7 @@ import pytest
 import redis
 from kafka import KafkaAdminClient
 
+from tests.support import missing_tool
 from worker.stack import (
     LocalStack,
     StackError,
@@ -24,10 +25,13 @@ from worker.stack import (
     redis_server_available,
 )
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not redis_server_available(), reason="redis-server is not installed"),
-]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _redis_server_installed() -> None:
+    if not redis_server_available():
+        missing_tool("redis-server is not installed (make setup installs it with apt-get)")
 
 
 def _partitions(bootstrap: str, topic: str) -> int:
