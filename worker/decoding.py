@@ -19,6 +19,7 @@ from training.preprocessing import (  # noqa: F401 (exif_orientation, oriented_r
     draft_for,
     exif_orientation,
     oriented_rgb,
+    shorter_side_size,
 )
 from worker.errors import PostError
 
@@ -36,7 +37,9 @@ MAX_JPEG_SCANS = 100
 MAX_JPEG_HEADER_SEGMENTS = 1_000
 MAX_PNG_CHUNKS = 20_000
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_DATA_URI_PREFIX = "data:"
+# RFC 2397 / RFC 3986: the scheme and the ";base64" token are case-insensitive
+_DATA_URI = re.compile(r"data:", re.IGNORECASE)
+_BASE64_TOKEN = re.compile(r";base64\Z", re.IGNORECASE)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey image
 # Pillow warns (through py.warnings, three log lines) for images over Image.MAX_IMAGE_PIXELS
@@ -62,9 +65,9 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
     a length no padding mends) is ``bad_base64``, naming what and where.
     """
     start = 0  # where the base64 starts in the field
-    if text.startswith(_DATA_URI_PREFIX):
+    if _DATA_URI.match(text):
         header, sep, payload = text.partition(",")
-        if not sep or not header.endswith(";base64"):
+        if not sep or not _BASE64_TOKEN.search(header):
             raise PostError("bad_base64", "data URI is not base64-encoded")
         start, text = len(header) + 1, payload
     # a loose bound from the length alone, before decoding: 4 characters a 3 bytes, plus room
@@ -128,7 +131,11 @@ def _variant_problem(text: str, body: str, mixed: bool, start: int) -> str:
 
 
 def decode_image(
-    data: bytes, *, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    *,
+    draft_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    resize: int | None = None,
 ) -> Image.Image:
     """Decode, apply EXIF orientation, return a loaded RGB image.
 
@@ -137,8 +144,10 @@ def decode_image(
 
     ``draft_size``: JPEGs are decoded at the smallest 1/2, 1/4 or 1/8 DCT scale whose shorter
     side is still >= draft_size (the resize target), which is several times faster on photos.
+    ``resize``: the shorter side the caller resizes to, held to the budget from the header
+    (:func:`open_checked`).
     """
-    img = open_checked(data, max_pixels)
+    img = open_checked(data, max_pixels, resize=resize)
     try:
         if draft_size:
             draft_for(img, draft_size)
@@ -159,8 +168,15 @@ def _corrupt(what: str, exc: Exception) -> PostError:
     return PostError("truncated_image", f"{what}: {exc}")
 
 
-def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open from the header only: an allowed format within the pixel budget, not yet decoded."""
+def open_checked(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, resize: int | None = None
+) -> Image.Image:
+    """Open from the header only: an allowed format within the pixel budget, not yet decoded.
+
+    With ``resize``, its resize is held to the budget here too (:func:`check_resized_size`):
+    decoded first, a 1x64,000,000 PNG of 124 KB took 1.3-3.5 GB (Pillow's 8-byte row pointers,
+    copied by each mode conversion and rotation), against ~0.8 GB for any image that passes.
+    """
     if not data:
         raise PostError("not_an_image", "empty image")
     # Pillow warns above Image.MAX_IMAGE_PIXELS and raises above twice that: any image Pillow
@@ -187,7 +203,32 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise PostError("not_an_image", f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise PostError("decompression_bomb", _too_many_pixels(width, height, max_pixels))
+    if resize:
+        check_resized_size(width, height, resize, max_pixels)
     return img
+
+
+def check_resized_size(
+    width: int, height: int, resize: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> None:
+    """PostError decompression_bomb when resizing the shorter side to ``resize`` would make an
+    image of more than ``max_pixels``, the budget its decoded pixels are held to.
+
+    The decode budget alone misses extreme aspect ratios: a 274-byte 1x100000 PNG decodes to
+    100,000 pixels, but resizing its shorter side to 256 makes 256x25,600,000 (26 GB of RGB),
+    which a worker's memory limit answers by killing the replica, for every replica that reads
+    the post. Any photo's resize stays far below the budget, so no real post is refused. The
+    resized size is symmetric in width and height, so the header's size answers for the image
+    after its EXIF rotation too.
+    """
+    new_w, new_h = shorter_side_size(width, height, resize)
+    resized = new_w * new_h
+    if resized > max_pixels:
+        raise PostError(
+            "decompression_bomb",
+            f"{width}x{height} resized to a shorter side of {resize} is {resized} pixels, "
+            f"limit {max_pixels}",
+        )
 
 
 def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:

@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from training.preprocessing import PreprocessSpec, preprocess_image, shorter_side_size
+from training.preprocessing import PreprocessSpec, preprocess_image
 from worker.decoding import (
-    DEFAULT_MAX_PIXELS,
     decode_base64,
     decode_image,
     draft_factor,
@@ -98,27 +97,6 @@ def drafts_like_a_block_average(img, spec: PreprocessSpec) -> bool:
     return all((luma_h, luma_v) in ((h, v), (2 * h, 2 * v)) for _, h, v, _ in chroma)
 
 
-def check_resized_size(
-    width: int, height: int, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> None:
-    """PostError decompression_bomb when resizing the shorter side to ``spec.resize`` would make
-    an image of more than ``max_pixels``, the budget its decoded pixels are held to.
-
-    The decode budget alone misses extreme aspect ratios: a 274-byte 1x100000 PNG decodes to
-    100,000 pixels, but resizing its shorter side to 256 makes 256x25,600,000 (26 GB of RGB),
-    which a worker's memory limit answers by killing the replica, for every replica that reads
-    the post. Any photo's resize stays far below the budget, so no real post is refused.
-    """
-    new_w, new_h = shorter_side_size(width, height, spec.resize)
-    resized = new_w * new_h
-    if resized > max_pixels:
-        raise PostError(
-            "decompression_bomb",
-            f"{width}x{height} resized to a shorter side of {spec.resize} is {resized} pixels, "
-            f"limit {max_pixels}",
-        )
-
-
 def prepare(
     raw: bytes | None,
     spec: PreprocessSpec,
@@ -170,8 +148,7 @@ def prepare(
 def gpu_jpeg_of(data: bytes, spec: PreprocessSpec) -> GpuJpeg | None:
     """``data`` as a JPEG for the GPU's batched decoder, or None when the CPU decodes it (not a
     baseline 8-bit JPEG); raises PostError for an image refused from its header."""
-    header = open_checked(data)
-    check_resized_size(*header.size, spec)
+    header = open_checked(data, resize=spec.resize)
     # a truncated JPEG (no end-of-image marker after its scan) goes to the CPU decoder here,
     # which names it for the DLQ: left for the GPU, it would fail its whole batch's nvJPEG
     # call and have every JPEG of that batch decoded again one by one
@@ -191,8 +168,7 @@ def _decoded(
     """The image in ``data`` as the model's input, or (``gpu_jpeg``) as a JPEG for the GPU."""
     if gpu_jpeg and (jpeg := gpu_jpeg_of(data, spec)) is not None:
         return Prepared(event, None, None, time.perf_counter() - started, jpeg)
-    image = decode_image(data, draft_size=spec.resize if draft else None)
-    check_resized_size(*image.size, spec)
+    image = decode_image(data, draft_size=spec.resize if draft else None, resize=spec.resize)
     array = preprocess_image(image, spec)
     return Prepared(event, array, None, time.perf_counter() - started)
 
@@ -211,7 +187,8 @@ def decode_on_cpu(
     started = time.perf_counter()
     try:
         with cpu_slot():
-            array = preprocess_image(decode_image(prep.jpeg.data, draft_size=spec.resize), spec)
+            image = decode_image(prep.jpeg.data, draft_size=spec.resize, resize=spec.resize)
+            array = preprocess_image(image, spec)
         return Prepared(prep.event, array, None, prep.seconds + time.perf_counter() - started)
     except PostError as exc:
         return Prepared(
