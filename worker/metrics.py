@@ -115,8 +115,8 @@ class WorkerMetrics:
         )
         self.url_host_pauses = Counter(
             "carstream_url_host_pauses",
-            "image hosts paused by the breaker after url_host_timeouts timeouts in a row "
-            "(their posts dead-lettered without a fetch for url_host_pause_s)",
+            "image origins (scheme://host:port) paused by the breaker after url_host_timeouts "
+            "timeouts in a row (their posts dead-lettered without a fetch for url_host_pause_s)",
             registry=r,
         )
         self.decode_threads_written_off = Gauge(

@@ -18,7 +18,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -43,17 +43,39 @@ _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # C0 controls and DEL
 _CONTROL_NAMES = {"\t": "a tab", "\n": "a line feed", "\r": "a carriage return", "\x7f": "DEL"}
 # getaddrinfo cannot be interrupted, so it runs here and the caller waits at most its deadline;
-# a resolver stuck past that keeps one of these threads until libc gives up, not a decode thread
-_RESOLVE_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="url-resolve")
+# a resolver stuck past that keeps one of these threads until libc gives up, not a decode thread.
+# Concurrent lookups of one name share one thread, and one zone (example.com, for every name
+# under it) has at most _ZONE_LOOKUPS in flight: a domain whose DNS never answers, under however
+# many names, cannot take every thread and starve every other host's lookups.
+_RESOLVE_THREADS = 64
+_ZONE_LOOKUPS = 8
+_RESOLVE_POOL = ThreadPoolExecutor(max_workers=_RESOLVE_THREADS, thread_name_prefix="url-resolve")
+# second-level labels under which names are registered (foo.co.uk): the zone keeps three labels
+_SECOND_LEVEL = {"ac", "co", "com", "edu", "gob", "gov", "ne", "net", "or", "org"}
+# a timeout is a strike against its origin only when that origin's own work (lookup, connect,
+# TLS, response, body) began with at least this share of url_timeout_s left: a redirect that
+# used most of the deadline, or a wait for a resolver thread, is not the next origin's fault
+_FAIR_SHARE = 0.5
 _REDIRECTS = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024
+# a body is refused once it has taken _TINY_READS reads averaging under _MIN_PIECE bytes: each
+# read of a 1-byte chunk is pure Python under the GIL, so such a body would hold a CPU core, not
+# just a thread, for url_timeout_s; real servers send KBs a read (a TCP segment is ~1.4 KB)
+_TINY_READS = 1024
+_MIN_PIECE = 256
 
 
 class FetchTimeoutError(PostError):
-    """A fetch or name lookup that ran out of time: a strike against its host (HostBreaker)."""
+    """A fetch or name lookup that ran out of time: a strike against its origin (HostBreaker)
+    when the origin's own work had its fair share of the deadline.
 
-    def __init__(self, reason: str) -> None:
+    ``began``: when the timed-out lookup started running (monotonic), or None when it never did
+    (it waited for a resolver thread all along); unset for a timeout after the lookup.
+    """
+
+    def __init__(self, reason: str, began: float | None = None) -> None:
         super().__init__("url_fetch_failed", reason)
+        self.began = began
 
 
 @dataclass(frozen=True)
@@ -186,20 +208,100 @@ def _vet_url(url: str, policy: UrlPolicy) -> tuple[str, str, int, str]:
     return scheme, host, port or (443 if scheme == "https" else 80), path
 
 
+def _zone(host: str) -> str:
+    """The domain a name is registered under, roughly (no public-suffix list): its last two
+    labels, or three under a second-level label of a two-letter TLD (img.foo.co.uk: foo.co.uk)."""
+    labels = host.split(".")
+    keep = 3 if len(labels[-1]) == 2 and len(labels) > 2 and labels[-2] in _SECOND_LEVEL else 2
+    return ".".join(labels[-keep:])
+
+
+@dataclass(eq=False)
+class _Lookup:
+    """One name lookup in flight, shared by every fetch that wants that name meanwhile."""
+
+    zone: str
+    future: Future | None = None
+    began: float | None = None  # when a resolver thread took it; None while it waits for one
+    waiters: int = 0
+
+
+_lookups_changed = threading.Condition()
+_lookups: dict[tuple[Resolver, str], _Lookup] = {}  # in flight, by (resolver, name)
+_zone_lookups: dict[str, int] = {}  # lookups in flight per zone
+
+
+def _forget(key: tuple[Resolver, str], lookup: _Lookup) -> None:
+    """Drop a finished (or never started) lookup; the caller holds ``_lookups_changed``."""
+    if _lookups.get(key) is lookup:
+        del _lookups[key]
+        left = _zone_lookups.pop(lookup.zone) - 1
+        if left:
+            _zone_lookups[lookup.zone] = left
+        _lookups_changed.notify_all()
+
+
+def _run_lookup(key: tuple[Resolver, str], lookup: _Lookup, port: int) -> list:
+    resolver, host = key
+    with _lookups_changed:
+        lookup.began = time.monotonic()
+    try:
+        return resolver(host, port, type=socket.SOCK_STREAM)
+    finally:
+        with _lookups_changed:
+            _forget(key, lookup)
+
+
+def _lookup(host: str, port: int, resolver: Resolver, deadline: float) -> tuple[list, float]:
+    """``resolver``'s answer for ``host`` and when this fetch's share of the lookup began;
+    FetchTimeoutError at the deadline, its ``began`` None when no resolver thread took it."""
+    _remaining(deadline, host)  # an earlier hop used the deadline up: no lookup to start
+    key = (resolver, host)
+    called = time.monotonic()
+    with _lookups_changed:
+        zone = _zone(host)
+        while (lookup := _lookups.get(key)) is None and _zone_lookups.get(zone, 0) >= _ZONE_LOOKUPS:
+            left = deadline - time.monotonic()
+            if left <= 0 or not _lookups_changed.wait(left):
+                raise FetchTimeoutError(
+                    f"timed out resolving {host}: {_ZONE_LOOKUPS} lookups under {zone} "
+                    "already in flight"
+                )
+        if lookup is None:
+            lookup = _Lookup(zone)
+            # the lookup's thread waits for this lock, so it is registered before it runs
+            lookup.future = _RESOLVE_POOL.submit(_run_lookup, key, lookup, port)
+            _lookups[key] = lookup
+            _zone_lookups[zone] = _zone_lookups.get(zone, 0) + 1
+        lookup.waiters += 1
+    future = lookup.future
+    try:
+        infos = future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except FutureTimeout:
+        began = lookup.began
+        raise FetchTimeoutError(
+            f"timed out resolving {host}", None if began is None else max(began, called)
+        ) from None
+    finally:
+        with _lookups_changed:
+            lookup.waiters -= 1
+            if not lookup.waiters and future.cancel():  # never ran, and nobody wants it now
+                _forget(key, lookup)
+    return infos, max(lookup.began or called, called)
+
+
 def _resolve(
     host: str, port: int, policy: UrlPolicy, resolver: Resolver, vet: Vetter, deadline: float
-) -> str:
-    """The one address to connect to, after vetting every address the name resolves to."""
+) -> tuple[str, float]:
+    """The one address to connect to, after vetting every address the name resolves to, and
+    when this hop's own work began (its lookup ran, not waited for a thread)."""
     literal = _parse_ip_literal(host)
     if literal is not None:
         addresses = [literal]
+        began = time.monotonic()
     else:
-        future = _RESOLVE_POOL.submit(resolver, host, port, type=socket.SOCK_STREAM)
         try:
-            infos = future.result(timeout=_remaining(deadline, host))
-        except FutureTimeout:
-            future.cancel()
-            raise FetchTimeoutError(f"timed out resolving {host}") from None
+            infos, began = _lookup(host, port, resolver, deadline)
         except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
             raise PostError("url_fetch_failed", f"cannot resolve {host}: {exc}") from None
         addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
@@ -210,7 +312,7 @@ def _resolve(
             reason = vet(ip)
             if reason:
                 raise PostError("url_refused", f"{host} resolves to {ip}: {reason}")
-    return str(addresses[0])
+    return str(addresses[0]), began
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
@@ -333,25 +435,29 @@ def fetch_response(
         for _hop in range(policy.max_redirects + 1):
             scheme, host, port, path = _vet_url(current, policy)
             name = f"[{host}]" if ":" in host else host  # IPv6
-            shown = (
-                f"{scheme}://{name}:{port}{path.split('?', 1)[0]}"  # no query: it may hold tokens
-            )
-            if breaker is not None and (refusal := breaker.refusal(host)) is not None:
+            # the breaker's key: a post aiming https at a host's http port, or at a port that
+            # drops packets, strikes that origin, not the host's real one
+            origin = f"{scheme}://{name}:{port}"
+            shown = f"{origin}{path.split('?', 1)[0]}"  # no query: it may hold tokens
+            if breaker is not None and (refusal := breaker.refusal(origin)) is not None:
                 raise PostError("url_fetch_failed", refusal)
+            began: float | None = None
             try:
-                ip = _resolve(host, port, policy, resolver, vet, deadline.at)
+                ip, began = _resolve(host, port, policy, resolver, vet, deadline.at)
                 log.debug("fetching %s from %s", shown, ip)
                 location = _get(ip, scheme, host, port, path, shown, policy, deadline)
-            except FetchTimeoutError:
+            except FetchTimeoutError as exc:
                 if breaker is not None:
-                    breaker.timed_out(host)
+                    _strike(
+                        breaker, origin, exc.began if began is None else began, deadline, policy
+                    )
                 raise
             except PostError:  # an answer, or a refusal that returned at once: not a hang
                 if breaker is not None:
-                    breaker.answered(host)
+                    breaker.answered(origin)
                 raise
             if breaker is not None:
-                breaker.answered(host)
+                breaker.answered(origin)
             if isinstance(location, Fetched):
                 log.debug("fetched %d bytes from %s", len(location.data), shown)
                 return location
@@ -361,6 +467,19 @@ def fetch_response(
         raise PostError("url_refused", f"more than {policy.max_redirects} redirects")
     finally:
         deadline.cancel()
+
+
+def _strike(
+    breaker: HostBreaker, origin: str, began: float | None, deadline: _Deadline, policy: UrlPolicy
+) -> None:
+    """Count a timeout against ``origin`` only if its own work began with a fair share of the
+    deadline: not time spent waiting for a resolver thread, nor a deadline used up by the hops
+    before it (a slow redirect aimed at someone else's host)."""
+    share = None if began is None else deadline.at - began
+    if share is not None and share >= policy.timeout_s * _FAIR_SHARE:
+        breaker.timed_out(origin)
+    else:
+        log.debug("timeout not counted against %s: its own work had %s s", origin, share)
 
 
 def _header_text(value: str | None) -> str | None:
@@ -406,6 +525,7 @@ def _get(
         if length.strip().isdigit() and int(length) > policy.max_bytes:
             raise PostError("too_large", f"{shown} is {length} bytes, limit {policy.max_bytes}")
         body = bytearray()
+        reads = 0
         while True:
             left = _remaining(deadline.at, shown)
             if conn.live_sock is not None:
@@ -414,8 +534,15 @@ def _get(
             if not chunk:
                 break
             body += chunk
+            reads += 1
             if len(body) > policy.max_bytes:
                 raise PostError("too_large", f"{shown} sent over {policy.max_bytes} bytes")
+            if reads >= _TINY_READS and len(body) < reads * _MIN_PIECE:
+                raise PostError(
+                    "url_fetch_failed",
+                    f"{shown} sent its body in tiny pieces: {len(body)} bytes in {reads} reads "
+                    f"(at least {_MIN_PIECE} bytes a read on average are needed)",
+                )
         _remaining(deadline.at, shown)  # the watchdog's shutdown also ends the loop, as an EOF
         if response.length:  # bytes still owed by Content-Length
             raise PostError("url_fetch_failed", f"{shown}: connection closed mid-body")

@@ -3,6 +3,7 @@ HTTP(S) servers (ok, 404, oversized, slow drip, redirects, certificate checks)."
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import ipaddress
 import json
@@ -225,6 +226,19 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"0\r\n\r\n")
             except OSError:
                 pass
+        elif self.path in ("/tiny-chunks", "/small-chunks"):
+            # 5000 chunks of 1 byte, or 1100 of 300 bytes (over the read-count floor, but not
+            # tiny on average: a server writing small but real pieces)
+            piece = b"a" if self.path == "/tiny-chunks" else b"b" * 300
+            count = 5000 if self.path == "/tiny-chunks" else 1100
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:  # the client hangs up once it refuses the body: that is what is tested
+                self.wfile.write((b"%x\r\n" % len(piece) + piece + b"\r\n") * count)
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                pass
         elif self.path == "/slow":
             self.send_response(200)
             self.send_header("Content-Length", "1000")
@@ -303,6 +317,31 @@ def test_oversized_bodies_are_refused(server, path):
     with pytest.raises(PostError) as info:
         fetch(server + path, LOCAL)
     assert info.value.kind == "too_large"
+
+
+def test_a_body_in_tiny_chunks_is_refused_after_a_bounded_number_of_reads(server, monkeypatch):
+    """Each 1-byte chunk is a read in pure Python under the GIL: left alone, such a body keeps a
+    CPU core busy for url_timeout_s. It is refused after 1024 reads, however long the deadline."""
+    import http.client
+
+    reads = []
+    read1 = http.client.HTTPResponse.read1
+
+    def counted(self, n=-1):
+        reads.append(n)
+        return read1(self, n)
+
+    monkeypatch.setattr(http.client.HTTPResponse, "read1", counted)
+    policy = UrlPolicy(allow_private=True, timeout_s=30.0)  # 20 MiB: the size cap is far off
+    with pytest.raises(PostError) as info:
+        fetch(server + "/tiny-chunks", policy)
+    assert info.value.kind == "url_fetch_failed"
+    assert "tiny pieces: 1024 bytes in 1024 reads" in info.value.reason, info.value.reason
+    assert len(reads) == 1024  # the CPU spent is bounded by reads, not by the deadline
+    # pieces of a few hundred bytes are not tiny: fetched, whatever the number of reads
+    reads.clear()
+    assert fetch(server + "/small-chunks", policy) == b"b" * 300 * 1100
+    assert len(reads) >= 1100
 
 
 @pytest.mark.parametrize("path", ["/slow", "/slow-headers"])
@@ -457,6 +496,13 @@ class HangingHandler(BaseHTTPRequestHandler):
             HangingHandler.hung.append(self.path)
             HangingHandler.release.wait(30)
             return
+        if self.path.startswith("/slow-redirect?"):  # a redirect that uses 70% of a 2 s deadline
+            HangingHandler.release.wait(1.4)
+            self.send_response(302)
+            self.send_header("Location", self.path.split("?", 1)[1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self.send_response(200)
         self.send_header("Content-Length", str(len(BODY)))
         self.end_headers()
@@ -506,7 +552,7 @@ def test_a_host_that_keeps_timing_out_is_not_fetched_from_for_a_while(hanging_se
         with pytest.raises(PostError) as info:
             fetch(base + path, policy)
         assert info.value.kind == "url_fetch_failed"
-        assert "127.0.0.1 timed out 2 times in a row" in info.value.reason
+        assert f"http://{hanging_server} timed out 2 times in a row" in info.value.reason
         assert "60 s more" in info.value.reason
     assert len(HangingHandler.hung) == 2  # no request reached the server
     # another host is not affected (localhost resolves to the same server, but is its own name)
@@ -569,6 +615,193 @@ def test_quick_failures_break_a_row_of_timeouts():
     assert len(breaker._hosts) == MAX_HOSTS
     with pytest.raises(ValueError):
         HostBreaker(strikes=0, pause_s=5)
+
+
+class _PlainHttp:
+    """An HTTP server that answers a request only once it has read one (a blank line): a TLS
+    ClientHello, which holds none, gets no answer at all, as from a real plain-HTTP port."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.closing = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.closing.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            seen = b""
+            while b"\r\n\r\n" not in seen:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                seen += data
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            conn.sendall(head % len(BODY) + BODY)
+            conn.shutdown(socket.SHUT_WR)
+            self.closing.wait(5)  # until the client has read and closed (or the test ends)
+
+    def close(self) -> None:
+        self.closing.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def plain_http() -> Iterator[_PlainHttp]:
+    served = _PlainHttp()
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that takes connections and never answers (a firewall that drops packets)."""
+    sock = socket.create_server(("127.0.0.1", 0), backlog=16)
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+@pytest.mark.parametrize("aim", ["https on the host's http port", "a port that never answers"])
+def test_posts_aimed_at_another_origin_of_a_host_do_not_pause_its_real_one(
+    plain_http, silent_port, aim
+):
+    """The breaker keys on scheme, host and port: a producer aiming https at a shared image
+    host's plain-HTTP port (the TLS handshake hangs), or at a filtered port, pauses only that
+    origin, not everyone's posts to the host's real one."""
+    policy, _now = breaker_policy(strikes=2, pause_s=60)
+    victim = f"http://127.0.0.1:{plain_http.port}/a.jpg"
+    assert fetch(victim, policy) == BODY
+    if aim.startswith("https"):
+        attack, origin = (
+            f"https://127.0.0.1:{plain_http.port}/x",
+            f"https://127.0.0.1:{plain_http.port}",
+        )
+    else:
+        attack, origin = f"http://127.0.0.1:{silent_port}/x", f"http://127.0.0.1:{silent_port}"
+    for _ in range(2):
+        with pytest.raises(PostError, match="timed out fetching"):
+            fetch(attack, policy)
+    assert fetch(victim, policy) == BODY  # the host's real origin is not paused...
+    assert policy.breaker.refusal(f"http://127.0.0.1:{plain_http.port}") is None
+    with pytest.raises(PostError) as info:  # ...the origin that hangs is
+        fetch(attack, policy)
+    assert f"not fetched: {origin} timed out 2 times in a row" in info.value.reason
+
+
+def test_a_redirect_that_used_up_the_deadline_is_no_strike_against_its_target(hanging_server):
+    """A producer's own server answers a 302 late, aimed at a shared CDN: the CDN hop starts
+    with too little of the deadline left to be blamed for running out of it."""
+    from worker.host_breaker import HostBreaker
+
+    port = hanging_server.split(":")[1]
+    resolver = fake_resolver({"attacker.test": "127.0.0.1", "cdn.test": "127.0.0.1"})
+    # 2 s, of which the redirect takes 1.4 s: the CDN hop has under half of it left
+    policy = UrlPolicy(allow_private=True, timeout_s=2.0, breaker=HostBreaker(2, 60))
+    for _ in range(2):
+        with pytest.raises(PostError, match=r"timed out fetching http://cdn\.test"):
+            fetch(
+                f"http://attacker.test:{port}/slow-redirect?http://cdn.test:{port}/hang",
+                policy,
+                resolver,
+            )
+    assert len(HangingHandler.hung) == 2  # the CDN hop ran, and it is what timed out
+    assert policy.breaker.refusal(f"http://cdn.test:{port}") is None
+    assert fetch(f"http://cdn.test:{port}/ok", policy, resolver) == BODY
+    # a CDN that hangs with the whole deadline to answer in is still struck, and paused
+    for _ in range(2):
+        with pytest.raises(PostError, match="timed out fetching"):
+            fetch(f"http://cdn.test:{port}/hang", policy, resolver)
+    with pytest.raises(PostError, match="timed out 2 times in a row"):
+        fetch(f"http://cdn.test:{port}/ok", policy, resolver)
+
+
+class StuckDns:
+    """A resolver for which names under ``stuck`` never answer (until ``release``) and every
+    other name is 127.0.0.1; ``entered`` counts the lookups that reached it."""
+
+    def __init__(self, stuck: str) -> None:
+        self.stuck = stuck
+        self.release = threading.Event()
+        self.entered = 0
+        self.changed = threading.Condition()
+
+    def __call__(self, host, port, type=socket.SOCK_STREAM):
+        if host.endswith(self.stuck):
+            with self.changed:
+                self.entered += 1
+                self.changed.notify_all()
+            self.release.wait(30)
+            raise socket.gaierror(f"{host}: no answer")
+        return [(socket.AF_INET, type, 6, "", ("127.0.0.1", port))]
+
+    def wait_entered(self, count: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: self.entered >= count, timeout=10), self.entered
+
+
+def start_fetches(urls: list[str], policy: UrlPolicy, resolver) -> list[threading.Thread]:
+    def one(url: str) -> None:
+        with contextlib.suppress(PostError):
+            fetch(url, policy, resolver)
+
+    threads = [threading.Thread(target=one, args=(url,), daemon=True) for url in urls]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_a_domain_whose_dns_never_answers_cannot_starve_other_hosts_lookups(hanging_server):
+    """Posts for many names under one domain whose DNS never answers take a few resolver
+    threads at most, not all of them: a healthy host's lookups still run at once."""
+    port = hanging_server.split(":")[1]
+    dns = StuckDns(".slow-dns.test")
+    slow = UrlPolicy(allow_private=True, timeout_s=30.0)
+    names = [f"http://x{i}.slow-dns.test:{port}/a.jpg" for i in range(12)]
+    threads = start_fetches(names, slow, dns)
+    try:
+        dns.wait_entered(8)  # every thread the resolver pool had before; the cap per domain now
+        policy, _now = breaker_policy(strikes=2, pause_s=60)
+        for _ in range(3):
+            assert fetch(f"http://cdn.good.test:{port}/ok", policy, dns) == BODY
+    finally:
+        dns.release.set()
+        for thread in threads:
+            thread.join(10)
+
+
+def test_a_lookup_that_timed_out_waiting_for_a_resolver_thread_is_no_strike(
+    hanging_server, monkeypatch
+):
+    """Time spent queued for a resolver thread is nobody's fault but the queue's: the host
+    whose lookup waited is not struck, however often; once a thread is free it is fetched."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-resolve")
+    monkeypatch.setattr("worker.url_fetch._RESOLVE_POOL", pool)
+    port = hanging_server.split(":")[1]
+    dns = StuckDns(".stuck.test")
+    threads = start_fetches([f"http://a.stuck.test:{port}/x"], UrlPolicy(allow_private=True), dns)
+    try:
+        dns.wait_entered(1)  # the one resolver thread is taken
+        policy, _now = breaker_policy(strikes=2, pause_s=60)
+        for _ in range(3):
+            with pytest.raises(PostError) as info:
+                fetch(f"http://cdn.good.test:{port}/ok", policy, dns)
+            assert info.value.reason == "timed out resolving cdn.good.test"
+        assert policy.breaker.refusal(f"http://cdn.good.test:{port}") is None
+    finally:
+        dns.release.set()
+        for thread in threads:
+            thread.join(10)
+    assert fetch(f"http://cdn.good.test:{port}/ok", policy, dns) == BODY
+    pool.shutdown(wait=True)
 
 
 def test_an_ipv6_url_is_shown_with_its_brackets():
