@@ -469,14 +469,14 @@ class WorkerSettings(BaseSettings):
         3,
         ge=0,
         le=1000,
-        description="fetches in a row from one host that time out before its posts are "
-        "dead-lettered without a fetch for url_host_pause_s (0: never)",
+        description="fetches in a row from one origin (scheme://host:port) that time out before "
+        "its posts are dead-lettered without a fetch for url_host_pause_s (0: never)",
     )
     url_host_pause_s: float = Field(
         30.0,
         gt=0,
         le=3600,
-        description="how long a host that keeps timing out is not fetched from",
+        description="how long an origin that keeps timing out is not fetched from",
     )
 
     # Operations
