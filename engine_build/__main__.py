@@ -13,6 +13,7 @@ import sys
 
 from engine_build.build import (
     BUILD_BACKENDS,
+    FP32_MAX_PROB_DIFF,
     MAX_BATCH,
     PRECISIONS,
     THREADS_PER_CPU,
@@ -158,6 +159,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="min top-1 agreement of torch-cpu bfloat16 (--precision bf16)",
     )
     parser.add_argument(
+        "--max-prob-diff",
+        type=float,
+        default=None,
+        help="largest |difference| of any softmax probability from PyTorch's, over every parity "
+        "image and class (batched and at batch 1), in [0, 1]; default "
+        f"{FP32_MAX_PROB_DIFF} for the FP32 artifacts and not checked for fp16/int8/bf16 (top-1 "
+        "agreement only); given, it applies to every artifact",
+    )
+    parser.add_argument(
         "--gpu-decode-agreement",
         type=float,
         default=GPU_DECODE_AGREEMENT,
@@ -231,6 +241,7 @@ def main(args: argparse.Namespace) -> int:
             int8_agreement=args.int8_agreement,
             bf16_agreement=args.bf16_agreement,
             gpu_decode_agreement=args.gpu_decode_agreement,
+            max_prob_diff=args.max_prob_diff,
             model_name=args.model_name,
             model_version=args.model_version,
             opset=args.opset,

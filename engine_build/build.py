@@ -24,7 +24,14 @@ import torch
 from pydantic import ValidationError
 
 from engine_build import heldout
-from engine_build.bundle import PARITY_FILE, Bundle, load_bundle, sha256_file
+from engine_build.bundle import (
+    PARITY_FILE,
+    Bundle,
+    BundleError,
+    load_bundle,
+    read_manifest,
+    sha256_file,
+)
 from engine_build.decode_parity import (
     GPU_DECODE_AGREEMENT,
     GPU_DECODE_ENTRY,
@@ -42,6 +49,7 @@ from engine_build.manifest import (
     Manifest,
     crop_problem,
     label_text_problem,
+    labels_problem,
 )
 from engine_build.onnx_export import MAX_OPSET, MIN_OPSET, HalfPrecision, export_onnx
 from engine_build.parity import (
@@ -78,6 +86,12 @@ BATCH1_IMAGES = 8  # parity images also run one at a time through every artifact
 # pool: 1024 threads on 2 CPUs made a 9 s build take 100 s; 100000 never finished)
 THREADS_PER_CPU = 4
 LEVELS = ("model", "make")
+# the default --max-prob-diff of FP32 artifacts: ONNX Runtime FP32 matches PyTorch to ~1e-7 in
+# probability (the limit leaves room for TF32, were an FP32 path ever run on a GPU), while a wrong
+# export that keeps every top-1 (fc weights x5, a noisy conv1) moved them by 0.23 and 0.034 in
+# the tests; reduced precisions are held to a limit only when --max-prob-diff is given (their
+# spread depends on the model)
+FP32_MAX_PROB_DIFF = 0.01
 # each class entry's manifest fields and what Label accepts in them, for one-line refusals
 LABEL_FIELDS = {
     "make": "text",
@@ -136,6 +150,7 @@ class BuildOptions:
     int8_agreement: float = 0.0
     bf16_agreement: float = 0.98
     gpu_decode_agreement: float = GPU_DECODE_AGREEMENT
+    max_prob_diff: float | None = None  # None: FP32_MAX_PROB_DIFF for fp32, unchecked otherwise
     model_name: str | None = None
     model_version: str | None = None
     opset: int = 17
@@ -153,6 +168,13 @@ class BuildOptions:
     @property
     def profile(self) -> BatchProfile:
         return BatchProfile(min=self.min_batch, opt=self.opt, max=self.max_batch)
+
+    def prob_limit(self, precision: str) -> float | None:
+        """The largest softmax-probability difference an artifact of ``precision`` may show
+        against PyTorch FP32 (None: not checked, only its top-1 agreement)."""
+        if self.max_prob_diff is not None:
+            return self.max_prob_diff
+        return FP32_MAX_PROB_DIFF if precision == "fp32" else None
 
     def validate(self) -> None:
         bad = [p for p in self.precisions if p not in PRECISIONS]
@@ -191,6 +213,9 @@ class BuildOptions:
                 raise BuildError(
                     f"--{flag.replace('_', '-')} must be in [0, 1]; got {getattr(self, flag)}"
                 )
+        limit = self.max_prob_diff
+        if limit is not None and not 0.0 <= limit <= 1.0:  # NaN fails this too
+            raise BuildError(f"--max-prob-diff must be in [0, 1]; got {limit}")
         if self.threads is not None and self.threads < 1:
             raise BuildError(f"--threads must be >= 1; got {self.threads}")
         if self.threads is not None and self.threads > max_threads():
@@ -253,11 +278,16 @@ def _artifact(bundle_dir: Path, file: str, backend: str, precision: str, **extra
     )
 
 
-def _gate(name: str, report: dict, threshold: float) -> list[str]:
+def _gate(
+    name: str, report: dict, threshold: float, max_prob_diff: float | None = None
+) -> list[str]:
     """Record the gate's verdict in ``report``; return why it failed (empty when it passed).
 
     An artifact passes when its top-1 agreement reaches ``threshold``, every logit it gave is
-    finite, and images run one at a time answer like the batched run (same threshold).
+    finite, images run one at a time answer like the batched run (same threshold), and, when
+    ``max_prob_diff`` is given, no softmax probability, batched or at batch 1, is further than
+    that from PyTorch's: top-1 alone passes an artifact that keeps every answer but moves every
+    confidence (and so which posts read as low confidence).
     """
     n = report["n_images"]
     failures = []
@@ -268,6 +298,12 @@ def _gate(name: str, report: dict, threshold: float) -> list[str]:
         failures.append(
             f"top-1 agreement {report['top1_agreement']:.4f} < {threshold} on {n} images "
             f"(max |logit diff| {'n/a' if diff is None else f'{diff:.4g}'})"
+        )
+    prob = report.get("max_abs_prob_diff")
+    if max_prob_diff is not None and prob is not None and prob > max_prob_diff:
+        failures.append(
+            f"max |probability diff| {prob:.4g} > {max_prob_diff} (--max-prob-diff) on {n} "
+            f"images (top-1 agreement {report['top1_agreement']:.4f})"
         )
     one = report.get("batch1")
     if one and one["non_finite_logits"]:
@@ -280,12 +316,26 @@ def _gate(name: str, report: dict, threshold: float) -> list[str]:
             f"batch 1 top-1 agreement with the batched run "
             f"{one['top1_agreement_with_batched']:.4f} < {threshold} on {one['n_images']} images"
         )
-    report["gate"] = {"min_top1_agreement": threshold, "passed": not failures, "failures": failures}
+    one_prob = one.get("max_abs_prob_diff") if one else None
+    if max_prob_diff is not None and one_prob is not None and one_prob > max_prob_diff:
+        failures.append(
+            f"batch 1 max |probability diff| {one_prob:.4g} > {max_prob_diff} (--max-prob-diff) "
+            f"on {one['n_images']} images"
+        )
+    report["gate"] = {
+        "min_top1_agreement": threshold,
+        "max_prob_diff": max_prob_diff,
+        "passed": not failures,
+        "failures": failures,
+    }
     log.info(
-        "parity %s: agreement %.4f (gate %.4f), max|dlogit| %s, non-finite %d, n=%d%s",
+        "parity %s: agreement %.4f (gate %.4f), max|dprob| %s (gate %s), max|dlogit| %s, "
+        "non-finite %d, n=%d%s",
         name,
         report["top1_agreement"],
         threshold,
+        prob,
+        max_prob_diff,
         report["max_abs_logit_diff"],
         report["non_finite_logits"],
         n,
@@ -308,30 +358,72 @@ def _tensorrt_wanted(opts: BuildOptions) -> str | None:
     return why
 
 
-def _is_bundle(path: Path) -> bool:
-    """A directory engine_build wrote: its manifest.json is a JSON object with a schema_version."""
+# keys every bundle manifest has and a web app's or a package's manifest.json does not
+BUNDLE_KEYS = frozenset({"model_name", "labels", "artifacts"})
+SHOWN_FOREIGN = 5  # paths named in a refusal, then a count
+
+
+def _looks_like_bundle(path: Path) -> bool:
+    """Whether ``path``'s manifest.json is a JSON object with a bundle manifest's keys (a web
+    app's {"schema_version": 2, "icons": []} is not); valid or not."""
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
     except (OSError, ValueError, RecursionError):  # RecursionError: '[' nested 100k deep
         return False
-    return isinstance(manifest, dict) and "schema_version" in manifest
+    return isinstance(manifest, dict) and manifest.keys() >= BUNDLE_KEYS
+
+
+def _foreign_paths(out_dir: Path, manifest: Manifest) -> list[str]:
+    """What under ``out_dir`` a build never writes there: anything but manifest.json,
+    parity.json and the manifest's artifacts (a symlink counts as itself, never followed)."""
+    own = {MANIFEST_FILE, PARITY_FILE, *(Path(a.file).as_posix() for a in manifest.artifacts)}
+    folders = {p.as_posix() for name in own for p in Path(name).parents if p != Path(".")}
+    foreign = []
+    for dirpath, dirs, files in os.walk(out_dir, onerror=lambda exc: foreign.append(exc.filename)):
+        rel = Path(dirpath).relative_to(out_dir)
+        for name in sorted(dirs):
+            if (rel / name).as_posix() not in folders or os.path.islink(Path(dirpath, name)):
+                foreign.append((rel / name).as_posix() + "/")
+                dirs.remove(name)  # not walked: it is refused whole
+        foreign.extend(p for p in ((rel / n).as_posix() for n in files) if p not in own)
+    return sorted(str(p) for p in foreign)
 
 
 def _check_out(out_dir: Path, overwrite: bool) -> None:
     """An --out the build may fill: absent, empty, or (with --force) an existing bundle.
 
     --force deletes what --out names, so it never touches a directory that is not a bundle: a
-    checkpoint, a data set or a home directory given as --out by mistake is refused, not erased.
+    checkpoint, a data set or a home directory given as --out by mistake is refused, not erased;
+    and so is a bundle folder holding anything a build does not write there (notes, a timing
+    cache, another bundle), or one whose manifest cannot be read (which files are its own is
+    then unknown: the user removes it).
     """
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
-    if not _is_bundle(out_dir):
+    if not _looks_like_bundle(out_dir):
         raise BuildError(
             f"--out {out_dir} exists and is not empty, and is not a bundle (no bundle "
             f"{MANIFEST_FILE}): --force replaces only a bundle; choose another --out"
         )
     if not overwrite:
         raise BuildError(f"--out {out_dir} exists and is not empty (pass --force to replace)")
+    try:
+        manifest = read_manifest(out_dir)
+    except BundleError as exc:
+        raise BuildError(
+            f"--out {out_dir} holds a bundle whose manifest cannot be read ({exc}), so which "
+            "files are its own is unknown: --force does not replace it; remove it yourself or "
+            "choose another --out"
+        ) from None
+    foreign = _foreign_paths(out_dir, manifest)
+    if foreign:
+        shown = ", ".join(foreign[:SHOWN_FOREIGN])
+        more = len(foreign) - SHOWN_FOREIGN
+        raise BuildError(
+            f"--out {out_dir} holds files that are not its bundle's: {shown}"
+            f"{f' and {more} more' if more > 0 else ''}; --force replaces only a bundle's own "
+            "files: move them out or choose another --out"
+        )
 
 
 def _check_not_checkpoint(out_dir: Path, checkpoint_dir: Path) -> None:
@@ -371,7 +463,8 @@ def checkpoint_labels(ckpt: dict, source: Path) -> tuple[list[Label], str]:
     """The manifest's labels and level, checked before any expensive work.
 
     ``load_checkpoint`` accepts a ``level`` of None and class entries of any shape; the manifest
-    does not, and would otherwise fail with a pydantic traceback after the export and parity runs.
+    does not, and would otherwise fail with a pydantic traceback (or write names no worker can
+    serve: a line break, a lone surrogate, two classes alike) after the export and parity runs.
     """
     level = ckpt.get("level", "model")
     if level not in LEVELS:
@@ -381,12 +474,18 @@ def checkpoint_labels(ckpt: dict, source: Path) -> tuple[list[Label], str]:
         try:
             labels.append(Label(**{k: c.get(k) for k in LABEL_FIELDS}))
         except ValidationError as exc:
-            field = str(exc.errors()[0]["loc"][0])
+            error = exc.errors()[0]
+            field = str(error["loc"][0])
+            if error["type"] == "value_error":  # a name Label's rules refuse: say which rule
+                reason = str(error["ctx"]["error"])
+                raise BuildError(f"checkpoint {source}: classes[{i}].{field} {reason}") from None
             raise BuildError(
                 f"checkpoint {source}: classes[{i}].{field} is "
                 f"{repr(c[field]) if field in c else 'missing'}, must be "
                 f"{LABEL_FIELDS[field]}"
             ) from None
+    if problem := labels_problem(labels, level, where="classes"):
+        raise BuildError(f"checkpoint {source}: {problem}")
     return labels, level
 
 
@@ -805,11 +904,13 @@ def _build_into(
         threshold: float,
         key: str | None = None,
         indices: np.ndarray | None = None,
+        precision: str | None = None,
     ) -> None:
         """Run the parity images (those at ``indices``, default all) through ``infer`` in
         batches of up to max_batch, and the first few one at a time (batch 1, and the padding
         path of a TensorRT profile with min > 1). ``key`` names the report entry (default
-        ``backend-precision`` of the artifact)."""
+        ``backend-precision`` of the artifact); ``precision``: the one ``infer`` runs in, which
+        sets the probability limit (default the artifact's)."""
         key = key or f"{art.backend}-{art.precision}"
         images, labels, ref = parity_set.images, parity_set.labels, reference
         if indices is not None:
@@ -820,7 +921,7 @@ def _build_into(
         entry = parity_report(ref, logits, labels)
         entry["batch1"] = batch1_report(ref[:k], logits[:k], single)
         entry["file"] = art.file
-        failures = _gate(key, entry, threshold)
+        failures = _gate(key, entry, threshold, opts.prob_limit(precision or art.precision))
         report["artifacts"][key] = entry
         if failures:
             raise ParityGateError(
@@ -854,7 +955,7 @@ def _build_into(
         partial = draft.model_copy(update={"artifacts": [weights]})
         engine = TorchCpuEngine(Bundle(tmp, partial), "bf16", threads=opts.threads)
         try:
-            check(weights, engine.infer, opts.bf16_agreement, key=engine.name)
+            check(weights, engine.infer, opts.bf16_agreement, key=engine.name, precision="bf16")
         finally:
             engine.close()
 

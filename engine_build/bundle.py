@@ -56,6 +56,25 @@ class Bundle:
     def artifact_path(self, artifact: Artifact) -> Path:
         return self.path / artifact.file
 
+    def read_artifact(self, artifact: Artifact) -> bytes:
+        """The artifact's bytes, checked against the manifest's size and sha256 again.
+
+        Engines load from these bytes, not by opening the path a second time: an
+        ``engine_build --force`` over the bundle between ``load_bundle`` and the engine's load
+        would otherwise pair this manifest's labels with another build's model, silently.
+        """
+        file = self.artifact_path(artifact)
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"bundle artifact {file} cannot be read: {exc}") from None
+        if len(data) != artifact.size_bytes or hashlib.sha256(data).hexdigest() != artifact.sha256:
+            raise BundleError(
+                f"bundle artifact {file} changed since its manifest was read (a bundle built "
+                "over this one?): start again to load the bundle now in place"
+            )
+        return data
+
     @property
     def parity(self) -> dict | None:
         """The build's parity report, when the bundle has a readable one.
@@ -102,10 +121,16 @@ def read_manifest(path: Path) -> Manifest:
             raise ValueError(f"larger than {MAX_MANIFEST_BYTES} bytes")
         # ValueError: bad UTF-8 or JSON, or an integer over Python's int_max_str_digits;
         # RecursionError: arrays or objects nested thousands deep
-        raw = json.loads(text)
+        raw = json.loads(text, object_pairs_hook=_unique_keys)
     except (OSError, ValueError, RecursionError) as exc:
         raise BundleError(f"unreadable manifest {file}: {exc}") from exc
-    if isinstance(raw, dict) and "schema_version" in raw:
+    if isinstance(raw, dict):
+        # engine_build always writes it (build.py tells a bundle from other folders by it)
+        if "schema_version" not in raw:
+            raise BundleError(
+                f"invalid manifest {file}: no schema_version (engine_build writes one in every "
+                "manifest)"
+            )
         _check_schema_version(file, raw["schema_version"])
     try:
         manifest = Manifest.model_validate(raw)
@@ -119,6 +144,17 @@ def read_manifest(path: Path) -> Manifest:
             f"{manifest.num_classes} classes"
         )
     return manifest
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose keys are unique: with two ``labels`` or ``arch`` keys the last would
+    win silently, and another reader of the file may take the first."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {duplicate[:64]!r} in one object")
+    return obj
 
 
 def _check_schema_version(file: Path, version: object) -> None:
@@ -151,11 +187,12 @@ def verify_artifact(bundle_dir: Path, artifact: Artifact) -> None:
             f"artifact path escapes the bundle through a symlink: {artifact.file} -> {real}"
         )
     try:  # is_file swallows ENOENT, not ENAMETOOLONG, EACCES or EIO
-        if not file.is_file():
-            raise BundleError(f"bundle artifact missing: {file}")
-        size = file.stat().st_size
+        is_file = file.is_file()
+        size = file.stat().st_size if is_file else None
     except (OSError, ValueError) as exc:
         raise BundleError(f"bundle artifact {file} cannot be read: {exc}") from None
+    if size is None:
+        raise BundleError(f"bundle artifact missing: {file}")
     if size != artifact.size_bytes:
         raise BundleError(
             f"bundle artifact {file} is {size} bytes, manifest says {artifact.size_bytes} "

@@ -3,12 +3,15 @@
 Every model (the manifest and each nested object) forbids fields it does not know, and the
 schema holds engine_build's own rules (a batch profile with min <= opt <= max <= MAX_BATCH, a
 printable model name and version, plain artifact file names), so a hand-edited manifest that
-engine_build would never write is refused at load, naming the field.
+engine_build would never write is refused at load, naming the field. Class names follow
+training's rules too (``Label``): printable UTF-8 text, NFC-normalised and stripped as the
+dataset readers write them, and no two classes that read alike.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import unicodedata
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,6 +24,14 @@ MANIFEST_FILE = "manifest.json"
 # TensorRT would still allocate for it (--max-batch 40960 at 224 px: a 23 GiB input buffer)
 MAX_BATCH = 4096
 MAX_LABEL_CHARS = 128  # the post_id's bound too: a label, not a document
+# a class name's bound: a folder name's (255 bytes on Linux), so every class a folder tree or
+# CompCars names fits; far beyond it is not a name (it would go into every result message)
+MAX_CLASS_NAME_CHARS = 255
+# worker/trends.py joins a make and its model with it ("Make|Model") and splits at the first one
+MODEL_SEPARATOR = "|"
+# training.models.ARCHS' keys (not imported: that pulls in torchvision for every manifest reader)
+Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+ARCHS: tuple[str, ...] = get_args(Arch)
 # an artifact's path inside the bundle: each part a file name the filesystem takes (255 bytes on
 # Linux), the whole far below PATH_MAX
 MAX_FILE_PART_BYTES = 255
@@ -60,13 +71,116 @@ def artifact_file_problem(name: str) -> str | None:
     return None
 
 
+def class_name_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a class's make or model name, else None: it goes into every result
+    message, the logs and CSV exports, so it must be UTF-8 text (not a lone surrogate, which
+    ``json`` reads from a ``\\udcff`` escape and the worker could not serialise) of at most
+    MAX_CLASS_NAME_CHARS without a control character or line break (``training.text_rules``)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not UTF-8 text (it holds the lone surrogate U+{ord(value[exc.start]):04X})"
+    bad = first_unprintable(value)
+    if bad is not None:
+        return f"holds the control character or line break U+{ord(bad):04X}; use printable text"
+    if len(value) > MAX_CLASS_NAME_CHARS:
+        return f"is {len(value)} characters long, at most {MAX_CLASS_NAME_CHARS}"
+    return None
+
+
+def normal_class_name(value: str) -> str:
+    """A class name as training's readers write it (NFC, stripped): an NFD "Citroën" and an NFC
+    one are one brand in the results and trend counts."""
+    return unicodedata.normalize("NFC", value).strip()
+
+
+def _fold(value: int | str | None) -> int | str | None:
+    """What makes two names (or ids) read alike: NFC and case-insensitive."""
+    return normal_class_name(value).casefold() if isinstance(value, str) else value
+
+
 class Label(BaseModel):
+    """One class: a make and a model name (model ``""`` in a make-level bundle) and the dataset's
+    ids. Names are read NFC-normalised and stripped (an id that is its name, as a folder data
+    set's, with it); a name that is not printable UTF-8, a blank make and a make holding the
+    trends' ``|`` separator are refused."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     make: str
     model: str
     make_id: int | str | None = None
     model_id: int | str | None = None
+
+    @field_validator("make", "model")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        problem = class_name_problem(value)
+        if problem is not None:
+            raise ValueError(f"{_shown(value)} {problem}")
+        return normal_class_name(value)
+
+    @field_validator("make")
+    @classmethod
+    def _make(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty or only whitespace (every class has a make)")
+        if MODEL_SEPARATOR in value:
+            raise ValueError(
+                f"{_shown(value)} holds {MODEL_SEPARATOR!r}, which separates a make from its "
+                "model in the trend counts"
+            )
+        return value
+
+    @field_validator("make_id", "model_id")
+    @classmethod
+    def _id(cls, value: int | str | None) -> int | str | None:
+        """A text id (a folder data set's is its name) is written into the manifest as well."""
+        if isinstance(value, str) and (problem := class_name_problem(value)) is not None:
+            raise ValueError(f"{_shown(value)} {problem}")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ids_follow_names(cls, data: object) -> object:
+        """An id that is its name (a folder data set's) is normalised with it."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, key in (("make", "make_id"), ("model", "model_id")):
+            text, ident = data.get(name), data.get(key)
+            if isinstance(text, str) and ident == text and class_name_problem(text) is None:
+                out[key] = normal_class_name(text)
+        return out
+
+
+def _shown(value: str) -> str:
+    """``value`` for a one-line message: repr (escapes show), at most 40 characters of it."""
+    return f"{value[:40]!r}..." if len(value) > 40 else repr(value)
+
+
+def labels_problem(labels: list[Label], level: str, where: str = "labels") -> str | None:
+    """Why ``labels`` cannot be a bundle's class list at ``level``, else None: a model-level
+    class without a model name, or two classes that read alike (the same make and model once
+    NFC-normalised and casefolded, with the same ids). One name under two ids stays two classes:
+    CompCars gives one make name to two make ids, and the results read it by brand. ``where``
+    names the list in the message (a checkpoint's is ``classes``)."""
+    seen: dict[tuple, int] = {}
+    for i, label in enumerate(labels):
+        if level == "model" and not label.model:
+            return (
+                f"{where}[{i}] ({label.make!r}) has no model name; only a make-level bundle "
+                '(level "make") has classes without one'
+            )
+        key = tuple(_fold(v) for v in (label.make, label.model, label.make_id, label.model_id))
+        if key in seen:
+            return (
+                f"{where}[{i}] ({label.make!r} {label.model!r}) reads as {where}[{seen[key]}] "
+                "(the same make and model, ignoring case and Unicode normalisation, with the "
+                "same ids): two classes no result could tell apart"
+            )
+        seen[key] = i
+    return None
 
 
 class BatchProfile(BaseModel):
@@ -120,9 +234,9 @@ class Manifest(BaseModel):
     schema_version: int = Field(SCHEMA_VERSION, strict=True, ge=1, le=SCHEMA_VERSION)
     model_name: str
     model_version: str
-    arch: str
+    arch: Arch
     level: Literal["model", "make"] = "model"
-    num_classes: int = Field(ge=1)
+    num_classes: int = Field(strict=True, ge=1)
     labels: list[Label]
     preprocess: PreprocessSpec
     input_name: str = "images"
@@ -139,6 +253,13 @@ class Manifest(BaseModel):
         if problem is not None:
             raise ValueError(f"{value[:40]!r}: {problem}")
         return value
+
+    @model_validator(mode="after")
+    def _labels_apart(self) -> Manifest:
+        problem = labels_problem(self.labels, self.level)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
     @field_validator("preprocess")
     @classmethod

@@ -46,12 +46,18 @@ class ParitySet:
 
 
 def class_name_index(classes: list[dict]) -> dict[str, int]:
-    """Folder names that identify a class: model name, 'make model', 'make_model', model_id."""
+    """Folder names that identify a class: model name, 'make model', 'make_model', model_id;
+    for a make-level class (model "", as training's make roll-up writes it) the make name and
+    make_id, since 'Audi ' or 'Audi_' is no folder anyone names."""
     index: dict[str, int] = {}
     for i, c in enumerate(classes):
         make, model = str(c.get("make", "")), str(c.get("model", ""))
-        for key in (model, f"{make} {model}", f"{make}_{model}", c.get("model_id")):
-            if key not in (None, "", " ", "_"):
+        if model.strip():
+            keys = (model, f"{make} {model}", f"{make}_{model}", c.get("model_id"))
+        else:
+            keys = (make, c.get("make_id"))
+        for key in keys:
+            if key is not None and str(key).strip():
                 index.setdefault(str(key), i)
     return index
 
@@ -134,6 +140,22 @@ def _abs_diff(reference: np.ndarray, candidate: np.ndarray) -> tuple[float | Non
     return float(diff.max()), float(diff.mean())
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities (float64) of each row of ``logits``, as the worker scores a post."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def max_prob_diff(reference: np.ndarray, candidate: np.ndarray) -> float | None:
+    """The largest |difference| of softmax probabilities over every image and class, None when
+    either has a non-finite logit: unlike a logit difference it does not grow with the logits'
+    scale, and it is what moves a post's confidence (and its low-confidence status)."""
+    if reference.size == 0 or not (np.isfinite(reference).all() and np.isfinite(candidate).all()):
+        return None
+    return float(np.abs(softmax(reference) - softmax(candidate)).max())
+
+
 def parity_report(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> dict:
     """Agreement of ``candidate`` logits with the FP32 ``reference`` on the same images.
 
@@ -151,6 +173,7 @@ def parity_report(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarr
         "non_finite_logits": int((~np.isfinite(candidate)).sum()),
         "max_abs_logit_diff": max_diff,
         "mean_abs_logit_diff": mean_diff,
+        "max_abs_prob_diff": max_prob_diff(reference, candidate),
         "top1_accuracy_pytorch": ref_acc,
         "top1_accuracy_artifact": cand_acc,
         "accuracy_cost": None if ref_acc is None or cand_acc is None else ref_acc - cand_acc,
@@ -193,6 +216,7 @@ def batch1_report(reference: np.ndarray, batched: np.ndarray, single: np.ndarray
         "near_tie_flips": int((~same & near_tie & finite).sum()),
         "max_abs_diff_vs_batched": max_vs_batched,
         "max_abs_logit_diff": max_diff,
+        "max_abs_prob_diff": max_prob_diff(reference, single),
     }
 
 

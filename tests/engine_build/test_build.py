@@ -34,7 +34,12 @@ def test_parity_report_per_artifact(bundle_dir):
     fp32 = report["artifacts"]["onnxruntime-fp32"]
     assert fp32["n_images"] == 12 and fp32["n_labelled"] == 12
     assert fp32["top1_agreement"] >= 0.999 and fp32["max_abs_logit_diff"] < 1e-3
-    assert fp32["gate"] == {"min_top1_agreement": 0.999, "passed": True, "failures": []}
+    assert fp32["gate"] == {
+        "min_top1_agreement": 0.999,
+        "max_prob_diff": 0.01,
+        "passed": True,
+        "failures": [],
+    }
     assert 0.0 <= fp32["top1_accuracy_pytorch"] <= 1.0
     assert fp32["top1_accuracy_artifact"] == fp32["top1_accuracy_pytorch"]
     assert fp32["non_finite_logits"] == 0

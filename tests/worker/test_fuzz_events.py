@@ -69,7 +69,7 @@ LABELS = [
     {"make": "BMW", "model": "X5"},
     {"make": "Citroën", "model": "C4 Cactus"},
     {"make": "トヨタ", "model": "カローラ"},
-    {"make": "Make:With|Separators", "model": ""},
+    {"make": "Make:With Separators", "model": "Model|With:Separators"},
 ]
 
 
