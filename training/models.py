@@ -39,6 +39,19 @@ def torch_load_weights_only(file: Path, what: str = "checkpoint") -> object:
     pickle-protocol warning is noise here.
     """
     try:
+        with open(file, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b"PK\x03\x04"  # torch.load's own error names it below
+    # torch.save writes a zip archive (PyTorch >= 1.6) or, before that, a pickle (protocol 2+):
+    # anything else (the labels.json beside a checkpoint, a text file) is no checkpoint at all,
+    # which torch would report as a weights-only refusal of a pickle
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise ValueError(
+            f"not a PyTorch {what} file (torch.save writes a zip archive; this one starts "
+            f"with {head!r})"
+        )
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(file, map_location="cpu", weights_only=True)

@@ -21,12 +21,13 @@ log = logging.getLogger(__name__)
 
 
 def make_session(
-    path: str,
+    model: str | bytes,
     threads: int | None = None,
     providers: list[str] | None = None,
     spinning: bool = True,
 ) -> ort.InferenceSession:
-    """An InferenceSession with full graph optimisation and an explicit thread count.
+    """An InferenceSession of ``model`` (a path, or the ONNX file's bytes) with full graph
+    optimisation and an explicit thread count.
 
     ``spinning=False`` stops the intra-op pool busy-waiting for work between and after runs:
     in a worker that decodes on the same cores, that spinning takes CPU from the decode threads.
@@ -39,7 +40,7 @@ def make_session(
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(
-        path, sess_options=options, providers=providers or ["CPUExecutionProvider"]
+        model, sess_options=options, providers=providers or ["CPUExecutionProvider"]
     )
 
 
@@ -111,9 +112,9 @@ class OnnxRuntimeEngine:
         self.max_batch = bundle.manifest.batch_profile.max
         self._spec = input_spec_of(bundle)
         self._output = bundle.manifest.output_name
-        file = bundle.artifact_path(artifact)
+        data = bundle.read_artifact(artifact)
         try:
-            self._session = make_session(str(file), threads, spinning=spinning)
+            self._session = make_session(data, threads, spinning=spinning)
         except Exception as exc:  # ONNX Runtime's own classes: InvalidProtobuf, Fail, ...
             raise ArtifactMismatchError(
                 f"bundle {bundle.path}: ONNX Runtime cannot load {artifact.file} "

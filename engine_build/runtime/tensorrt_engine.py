@@ -296,9 +296,7 @@ class TensorRTEngine:
         # TensorRT works on the current CUDA device: make it this engine's for every TRT call
         with torch.cuda.device(self._device):
             self._runtime = trt.Runtime(self._logger)
-            self._engine = self._runtime.deserialize_cuda_engine(
-                bundle.artifact_path(artifact).read_bytes()
-            )
+            self._engine = self._runtime.deserialize_cuda_engine(bundle.read_artifact(artifact))
             if self._engine is None:  # out of GPU memory, among other failures
                 why = trt_errors(self._logger, mark)
                 raise EngineLoadError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import warnings
@@ -45,10 +46,11 @@ def load_torch_model(bundle: Bundle) -> tuple[torch.nn.Module, str]:
         raise EngineUnavailableError(f"bundle {bundle.path} has no torch artifact (model.pt)")
     m = bundle.manifest
     file = bundle.artifact_path(artifact)
+    data = bundle.read_artifact(artifact)
     try:
         with warnings.catch_warnings():  # torch's pickle-protocol warning is noise here
             warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(file, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's advice (weights_only=False) would be unsafe
         raise ArtifactMismatchError(
             f"bundle artifact {file} holds objects a weights-only load refuses, not a plain "

@@ -142,3 +142,26 @@ def test_a_manifest_over_16_mib_is_refused_before_it_is_read(copy_of, monkeypatc
     with pytest.raises(BundleError, match=re.escape(message)):
         load_bundle(copy_of)
     assert MAX_MANIFEST_BYTES == 16 * 1024 * 1024
+
+
+def test_an_artifact_replaced_after_load_is_refused_not_served_under_old_labels(copy_of):
+    """A rebuild over the bundle between load_bundle and the engine's load (a replica starting
+    during a redeploy) must not pair the old manifest's labels with the new model: the engines
+    load the bytes they checked, and the bytes no longer match."""
+    from engine_build.runtime.onnxruntime_engine import OnnxRuntimeEngine
+    from engine_build.runtime.torch_model import load_torch_model
+
+    loaded = load_bundle(copy_of)
+    fp32 = loaded.artifact("onnxruntime", "fp32")
+    int8 = loaded.artifact("onnxruntime", "int8")
+    torch_artifact = loaded.artifact("torch")
+    assert fp32 and int8 and torch_artifact
+    # another build's model in its place: a valid ONNX file that ONNX Runtime would load
+    loaded.artifact_path(fp32).write_bytes(loaded.artifact_path(int8).read_bytes())
+    with pytest.raises(BundleError, match="changed since its manifest was read"):
+        OnnxRuntimeEngine(loaded, "fp32")
+    pt = loaded.artifact_path(torch_artifact)
+    pt.write_bytes(pt.read_bytes() + b"\0")
+    with pytest.raises(BundleError, match="changed since its manifest was read"):
+        load_torch_model(loaded)
+    assert OnnxRuntimeEngine(loaded, "int8").max_batch == 8  # untouched artifacts still load

@@ -129,6 +129,26 @@ def test_damaged_checkpoint_is_one_line_exit_2(parity_dir, tmp_path, damage, nee
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("name", ["labels.json", "empty.pt"])
+def test_a_file_that_is_no_torch_file_is_named_as_such(parity_dir, tmp_path, name):
+    """The labels.json training writes beside its checkpoint, passed by mistake, is not a
+    checkpoint at all; torch would call it a pickle a weights-only load refuses."""
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    wrong = ckpt / name
+    if name == "labels.json" and not wrong.exists():
+        wrong.write_text('{"classes": []}')
+    elif name == "empty.pt":
+        wrong.write_bytes(b"")
+    proc = run_cli(
+        "--checkpoint", str(wrong), "--out", str(tmp_path / "b"), "--precision", "fp32",
+        "--parity-data", str(parity_dir), "--log-level", "ERROR",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"unreadable checkpoint {wrong}: not a PyTorch checkpoint file" in line
+    assert "weights-only" not in line
+
+
 def test_out_that_is_not_utf8_is_one_line_exit_2(checkpoint_dir, parity_dir, tmp_path):
     """The ONNX exporter takes the path as text: it failed with a TypeError traceback."""
     out = os.fsdecode(os.fsencode(tmp_path) + b"/b\xff")
