@@ -443,6 +443,19 @@ def _check_not_checkpoint(out_dir: Path, checkpoint_dir: Path) -> None:
     )
 
 
+def _check_timing_cache_outside(out_dir: Path, timing_cache: Path | None) -> None:
+    """Refuse a --timing-cache inside --out before the build: the install needs --out empty or
+    the bundle's own files alone, so such a cache failed the build after TensorRT's long run."""
+    if timing_cache is None:
+        return
+    out = out_dir.resolve()
+    if out == timing_cache.resolve() or out in timing_cache.resolve().parents:
+        raise BuildError(
+            f"--timing-cache {timing_cache} is inside --out {out_dir}, which holds only the "
+            "bundle's files; keep the cache elsewhere (it outlives bundles: one per GPU type)"
+        )
+
+
 def resolved(flag: str, path: Path) -> Path:
     """``path`` made absolute with its symlinks followed; a symlink loop is a BuildError naming
     the flag, not Path.resolve's RuntimeError (OSError from Python 3.13)."""
@@ -806,6 +819,7 @@ def _build_in(
     _warn_about_labels_file(ckpt, ckpt_file.parent / LABELS_FILE)
     crop = _warn_about_crop(ckpt, ckpt_file, opts.parity_data)
     _check_not_checkpoint(out_dir, checkpoint_dir)
+    _check_timing_cache_outside(out_dir, opts.timing_cache)
     _check_out(out_dir, opts.overwrite)
     no_trt = _tensorrt_wanted(opts)
 

@@ -58,6 +58,7 @@ def test_bad_input_is_one_line_exit_2(checkpoint_dir, parity_dir, tmp_path, args
     [
         (["--precision", "fp32", "--backends", "tensorrt"], "--backends tensorrt"),
         (["--precision", "fp32,int8", "--calibration-images", "0"], "--calibration-images"),
+        (["--precision", "fp32", "--timing-cache", "OUT/trt.cache"], "is inside --out"),
     ],
 )
 def test_unbuildable_options_are_one_line_exit_2(
@@ -65,6 +66,7 @@ def test_unbuildable_options_are_one_line_exit_2(
 ):
     """A demanded TensorRT plan without fp16, or int8 with no calibration images, is refused
     before any work, rather than exiting 0 without the plan or dividing by zero."""
+    options = [o.replace("OUT", str(tmp_path / "b")) for o in options]
     proc = run_cli(
         "--checkpoint", str(checkpoint_dir), "--out", str(tmp_path / "b"),
         "--parity-data", str(parity_dir), "--log-level", "ERROR", *options,
