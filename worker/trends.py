@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 import math
+import numbers
 import re
 import time
 import unicodedata
@@ -39,6 +40,7 @@ from typing import Literal
 
 import redis
 
+from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT
 from worker.trends_script import APPLY_BATCH_LUA
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,9 @@ DEFAULT_DEDUP_TTL_S = 3600
 RETRY_TTL_S = 24 * 3600
 RETRY_MAX_ENTRIES = 100_000
 MAX_TTL_S = 100 * 366 * 86400  # a century; far larger ones overflow the datetime arithmetic
+# the longest window a reader (and `worker trends --window`) reads: past the hour rollups' TTL
+# anyway, and far larger ones cost seconds of key arithmetic before any read
+MAX_WINDOW_MINUTES = 366 * 1440
 Dimension = Literal["make", "model", "lowconf", "city"]
 Resolution = Literal["m", "h"]
 
@@ -400,8 +405,8 @@ def window_plan(
     under an hour, a live window whose first minutes expired widens back to the hour's start,
     not also forward to its end.
     """
-    if window_minutes < 1:
-        raise ValueError(f"window must be at least one minute, got {window_minutes}")
+    window_minutes = _check_window(window_minutes)
+    _check_now(now)
     norm_city = _key_city(city)
     wall = _utc(now if wall_now is None else wall_now)
     end = _utc(now).replace(second=0, microsecond=0)  # the current minute, included
@@ -443,6 +448,41 @@ def window_keys(
     return window_plan(
         dim, window_minutes, now, city, minute_ttl_s, wall_now, hour_ttl_s=hour_ttl_s
     ).keys
+
+
+def _check_window(window_minutes: object, name: str = "window_minutes") -> int:
+    """A window length in whole minutes, 1 to MAX_WINDOW_MINUTES; ValueError otherwise: a
+    fraction would shift the window off the minute buckets, and a huge one costs seconds of
+    key arithmetic (or overflows it) before any read."""
+    if isinstance(window_minutes, bool) or not isinstance(window_minutes, numbers.Integral):
+        raise ValueError(f"{name} {window_minutes!r}: must be a whole number of minutes (an int)")
+    if not 1 <= window_minutes <= MAX_WINDOW_MINUTES:
+        raise ValueError(
+            f"{name} {window_minutes}: must be between 1 and {MAX_WINDOW_MINUTES} (366 days)"
+        )
+    return int(window_minutes)
+
+
+def _check_now(now: object) -> None:
+    """ValueError unless ``now`` is an aware datetime within the years events may carry (no
+    bucket lies outside them, and near datetime's own limits the bucket arithmetic overflows)."""
+    if not isinstance(now, datetime):
+        raise ValueError(f"now {now!r}: must be a timezone-aware datetime")
+    if not EARLIEST_POSTED_AT <= _utc(now) < LATEST_POSTED_AT:
+        raise ValueError(
+            f"now {now.isoformat()}: must lie between {EARLIEST_POSTED_AT:%Y-%m-%d} and "
+            f"{LATEST_POSTED_AT:%Y-%m-%d} UTC, the range of event times"
+        )
+
+
+def _check_top(top: object) -> int | None:
+    """``top`` as a cut: None (everything) or a whole number >= 0; ValueError otherwise (a
+    negative one would cut from the end, a fraction fail deep in a slice)."""
+    if top is None:
+        return None
+    if isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 0:
+        raise ValueError(f"top {top!r}: must be None (everything) or a whole number >= 0")
+    return int(top)
 
 
 def _key_city(city: str | None) -> str | None:
@@ -514,8 +554,9 @@ def series_bounds(
     buckets is whole hour rollups. The last interval is the one holding now's minute and ends
     after it (it is in progress); there are ``window_minutes // every_minutes`` in all.
     """
-    if every_minutes < 1 or window_minutes < 1:
-        raise ValueError("window and interval must be at least one minute")
+    window_minutes = _check_window(window_minutes)
+    every_minutes = _check_window(every_minutes, "every_minutes")
+    _check_now(now)
     if window_minutes % every_minutes:
         raise ValueError(
             f"a window of {window_minutes} min is not a whole number of "
@@ -538,8 +579,7 @@ def compare_bounds(
 ) -> tuple[tuple[datetime, datetime], tuple[datetime, datetime]]:
     """The previous and the current window: the trailing ``window_minutes`` up to and including
     now's minute (what :meth:`TrendReader.top` counts), and the same length just before it."""
-    if window_minutes < 1:
-        raise ValueError(f"window must be at least one minute, got {window_minutes}")
+    window_minutes = _check_window(window_minutes)
     end = _utc(now).replace(second=0, microsecond=0) + timedelta(minutes=1)
     window = timedelta(minutes=window_minutes)
     return (end - 2 * window, end - window), (end - window, end)
@@ -580,7 +620,10 @@ def interval_keys(
 
 
 def rank(counts: dict[str, int], top: int | None = None) -> list[tuple[str, int]]:
-    """Highest count first, ties by name (A before B), cut to ``top``."""
+    """Highest count first, ties by name in code point order (the order of the names' UTF-8
+    bytes, not UTF-16's), cut to ``top`` (None: everything; ValueError for anything but an int
+    >= 0)."""
+    top = _check_top(top)
     ranked = sorted(counts.items(), key=lambda mc: (-mc[1], mc[0]))
     return ranked if top is None else ranked[:top]
 
@@ -709,9 +752,13 @@ class TrendReader:
     ``minute_ttl_s``/``hour_ttl_s`` only to override.
 
     Reads raise :class:`WrongTypeKeyError` (a ``redis.ResponseError``) naming the key when a
-    bucket's name holds another type, and ``redis.DataError`` when a client that decodes
-    replies (``decode_responses=True``) meets a member that is not UTF-8: a reader's client
-    should leave replies undecoded, as ``worker trends`` does.
+    bucket's name holds another type, ``redis.DataError`` when a client that decodes replies
+    (``decode_responses=True``) meets a member that is not UTF-8 (a reader's client should
+    leave replies undecoded, as ``worker trends`` does), and ``redis.ConnectionError`` or
+    ``redis.TimeoutError`` when Redis cannot be reached or does not answer: give the client a
+    ``socket_timeout`` and ``socket_connect_timeout``, or a silent server blocks a read forever.
+    Bad arguments (a window that is not a whole number of minutes from 1 to 366 days, a
+    negative ``top``, a ``now`` outside 1970-2100) raise ``ValueError`` before any read.
     """
 
     def __init__(
@@ -735,7 +782,9 @@ class TrendReader:
             except redis.ResponseError as exc:
                 if "WRONGTYPE" not in str(exc):
                     raise
-                raise self._wrong_type([CONFIG_KEY], "hash") from None
+                raise self._wrong_type(
+                    [CONFIG_KEY], "hash", "the workers' bucket TTLs", "record their TTLs in"
+                ) from None
         values = []
         for override, raw, default in zip(
             (self._minute_ttl_s, self._hour_ttl_s),
@@ -804,14 +853,17 @@ class TrendReader:
                 replies = pipe.execute(raise_on_error=False)
         for keys, reply in zip(wanted, replies, strict=True):
             if isinstance(reply, redis.ResponseError) and "WRONGTYPE" in str(reply):
-                raise self._wrong_type(keys, "zset") from None
+                raise self._wrong_type(keys, "zset", "trend counts", "count into") from None
             if isinstance(reply, Exception):
                 raise reply
         merged = iter(replies)
         return [_counts(next(merged)) if keys else {} for keys in key_lists]
 
-    def _wrong_type(self, keys: list[str], expected: str) -> WrongTypeKeyError:
-        """The error naming the first of ``keys`` that holds another type than ``expected``."""
+    def _wrong_type(
+        self, keys: list[str], expected: str, holding: str, writes: str
+    ) -> WrongTypeKeyError:
+        """The error naming the first of ``keys`` that holds another type than ``expected``:
+        the type of ``holding``, which the workers ``writes`` it (worded for the hint)."""
         pipe = self._redis.pipeline(transaction=False)
         for key in keys:
             pipe.type(key)
@@ -824,8 +876,8 @@ class TrendReader:
         key, kind = wrong[0]
         more = f" (and {_count_keys(len(wrong) - 1)} more)" if len(wrong) > 1 else ""
         return WrongTypeKeyError(
-            f"{key} holds a {kind}, not the {expected} of trend counts{more}: something other "
-            "than the workers wrote it; delete it (the workers cannot count into it either)"
+            f"{key} holds a {kind}, not the {expected} of {holding}{more}: something other "
+            f"than the workers wrote it; delete it (the workers cannot {writes} it either)"
         )
 
     def top(
@@ -836,15 +888,58 @@ class TrendReader:
         top: int = 10,
         now: datetime | None = None,
     ) -> list[tuple[str, int]]:
-        """The `top` makes (or "Make|Model" models) by posts in the window, highest first."""
+        """The `top` makes (or "Make|Model" models) by posts in the window, highest first;
+        ties by name (see :func:`rank`)."""
         if by not in ("make", "model"):
             raise ValueError(f"by must be 'make' or 'model', got {by!r}")
+        top = _check_top(top)  # before the read, not after it
         return rank(self.window(window_minutes, by, city, now), top)
+
+    def top_by_city(
+        self,
+        window_minutes: int,
+        cities: Iterable[str],
+        by: Literal["make", "model"] = "make",
+        top: int | None = 10,
+        now: datetime | None = None,
+    ) -> dict[str, list[tuple[str, int]]]:
+        """:meth:`top` for each of ``cities`` (keyed as given), in two round trips in all: the
+        writers' TTLs (none with both overrides), then one pipelined ZUNION per city.
+
+        A per-city dashboard calling :meth:`top` per city pays two round trips a city. The
+        answers are the same; a widened window warns once.
+        """
+        if by not in ("make", "model"):
+            raise ValueError(f"by must be 'make' or 'model', got {by!r}")
+        if isinstance(cities, str | bytes):
+            raise ValueError(f"cities {cities!r}: must be a list of city names, not one name")
+        top = _check_top(top)
+        names = list(cities)
+        if any(city is None for city in names):
+            raise ValueError("cities: None is no city (use top() to count every city)")
+        norm = [_key_city(city) for city in names]  # a blank city would read every city
+        wall_now = datetime.now(UTC)
+        now = wall_now if now is None else now
+        window_minutes = _check_window(window_minutes)
+        _check_now(now)
+        if not names:
+            return {}
+        minute_ttl_s, hour_ttl_s = self.ttls()
+        plan = window_plan(
+            by, window_minutes, now, None, minute_ttl_s, wall_now, hour_ttl_s=hour_ttl_s
+        )
+        # each city's keys are the overall ones with its suffix (city_key), as window_plan
+        # would build them city by city
+        unions = self._unions([[city_key(key, city) for key in plan.keys] for city in norm])
+        if plan.widened:
+            self._warn_widened(window_minutes, plan.start, plan.end)
+        return {city: rank(counts, top) for city, counts in zip(names, unions, strict=True)}
 
     def cities(
         self, window_minutes: int, top: int | None = None, now: datetime | None = None
     ) -> list[tuple[str, int]]:
         """Classified posts per (normalised) city in the window, highest first."""
+        top = _check_top(top)
         return rank(self.window(window_minutes, "city", None, now), top)
 
     def low_confidence(

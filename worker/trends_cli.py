@@ -19,6 +19,7 @@ from worker.connections import redacted
 from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT
 from worker.trends import (
     MAX_BREAKDOWN_CITIES,
+    MAX_WINDOW_MINUTES,
     MODEL_SEPARATOR,
     Dimension,
     Interval,
@@ -45,7 +46,6 @@ from worker.trends_format import (
 
 _WINDOW = re.compile(r"^\s*(\d+)\s*([mhd])\s*$", re.IGNORECASE)
 _UNIT_MINUTES = {"m": 1, "h": 60, "d": 1440}
-MAX_WINDOW_MINUTES = 366 * 1440
 BY_CHOICES = ("make", "model", "city", "low-confidence")
 _DIMENSION = {"make": "make", "model": "model", "city": "city", "low-confidence": "lowconf"}
 
