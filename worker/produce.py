@@ -319,6 +319,11 @@ class SendReport:
     # failures are counted from the main thread (refused sends) and the sender thread (errbacks)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _logged: set[tuple[bool, str]] = field(default_factory=set, repr=False, compare=False)
+    # the broker's failures since the last acknowledgement (a record refused for its size is
+    # the record's, not the broker's), and when the run last made progress (monotonic)
+    failing: int = field(default=0, repr=False, compare=False)
+    last_failure: str = field(default="", repr=False, compare=False)
+    progress_at: float = field(default_factory=time.monotonic, repr=False, compare=False)
 
     @property
     def unconfirmed(self) -> int:
@@ -337,11 +342,16 @@ class SendReport:
         kind = type(exc).__name__
         reason = str(exc) if kind in str(exc) else f"{kind}: {exc}"
         seen = (named, reason if named else kind)  # a file cycled by --count is named once
+        from kafka.errors import MessageSizeTooLargeError
+
         with self._lock:
             self.failed += 1
             self.failures[kind] = self.failures.get(kind, 0) + 1
             first = seen not in self._logged
             self._logged.add(seen)
+            if not named and not isinstance(exc, MessageSizeTooLargeError):
+                self.failing += 1
+                self.last_failure = reason
         if first and named:
             logger.warning("record %d not sent: %s", number, reason)
         elif first:
@@ -378,7 +388,12 @@ def send_all(
     started = time.monotonic()
 
     def ok(_metadata: Any) -> None:
-        report.sent += 1
+        with report._lock:
+            report.sent += 1
+            report.failing = 0
+            report.progress_at = time.monotonic()
+
+    report.progress_at = started
 
     try:
         for number, message in enumerate(messages, 1):
@@ -387,6 +402,7 @@ def send_all(
                 report.record_failure(number, MessageSizeTooLargeError(message.refused), True)
                 continue
             bucket.acquire()
+            _check_progress(report, topic, flush_timeout_s)
             report.attempted += 1
             value = message.payload()  # an image post is dated now, after the bucket's wait
             try:
@@ -411,6 +427,23 @@ def send_all(
     finally:
         report.seconds = time.monotonic() - started
     return report
+
+
+def _check_progress(report: SendReport, topic: str, timeout_s: float) -> None:
+    """ProduceAbortedError when every record for ``timeout_s`` failed and none was acknowledged.
+
+    A broker that restarted without its state (a memory-only one, or a new cluster under the
+    same address) fails each record at once (UnknownProducerIdError, then errors on every
+    InitProducerId), so no send times out: without this the run went on failing every record
+    to its end, at its rate.
+    """
+    with report._lock:
+        failing, last, since = report.failing, report.last_failure, report.progress_at
+    if failing and time.monotonic() - since > timeout_s:
+        raise ProduceAbortedError(
+            f"topic {topic!r}: no record acknowledged for {timeout_s:g}s while {failing} "
+            f"failed (last: {last}); is the broker up, and does it still hold the topic?"
+        )
 
 
 def close_abandoning(producer: Any, grace_s: float) -> None:

@@ -489,6 +489,46 @@ def test_a_flush_timeout_aborts() -> None:
     assert report.unconfirmed == 2
 
 
+class _LostStateProducer(FakeProducer):
+    """Acknowledges the first ``good`` records at once, then fails every record at once, as a
+    broker restarted without its state does (UnknownProducerIdError, then InitProducerId
+    errors): no send ever times out."""
+
+    def __init__(self, good: int) -> None:
+        super().__init__()
+        self.good = good
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None):
+        from kafka.errors import KafkaError
+
+        self.calls += 1
+        future = _Future()
+        ok = self.calls <= self.good
+        future.add_callback = (lambda fn: fn(None)) if ok else (lambda fn: None)
+        future.add_errback = (
+            (lambda fn: None) if ok else (lambda fn: fn(KafkaError("InitProducerId failed")))
+        )
+        return future
+
+
+def test_a_broker_that_fails_every_record_stops_the_run() -> None:
+    producer = _LostStateProducer(good=5)
+    report = SendReport()
+    messages = (Message(None, b"x") for _ in range(1_000_000))  # far more than 0.05 s of sends
+    with pytest.raises(ProduceAbortedError, match=r"no record acknowledged for 0.05s while \d+"):
+        send_all(producer, "t", messages, TokenBucket(0), 0.05, report)
+    assert report.sent == 5 and 0 < report.failed < 1_000_000 - 5
+    assert report.failures == {"KafkaError": report.failed}
+
+
+def test_records_refused_for_their_size_do_not_stop_the_run() -> None:
+    """A run of oversized records is the records' fault, not the broker's: it goes on."""
+    report = send_all(
+        FakeProducer(max_bytes=1), "t", iter(_messages([5] * 3000 + [1])), TokenBucket(0), 1e-9
+    )
+    assert (report.sent, report.failed, report.error) == (1, 3000, None)
+
+
 def test_rate_is_acknowledged_posts_per_second() -> None:
     assert SendReport(sent=30, seconds=2.0).rate == 15.0
     assert SendReport(sent=0, seconds=0.0).rate == 0.0
