@@ -55,6 +55,8 @@ from engine_build.onnx_export import MAX_OPSET, MIN_OPSET, HalfPrecision, export
 from engine_build.parity import (
     ParityDataError,
     ParitySet,
+    agreement_passes,
+    allowed_flips,
     batch1_report,
     finite_rows,
     parity_report,
@@ -293,11 +295,12 @@ def _gate(
     failures = []
     if report["non_finite_logits"]:
         failures.append(f"{report['non_finite_logits']} non-finite logits (NaN/inf) on {n} images")
-    if report["top1_agreement"] < threshold:
+    if not agreement_passes(report["top1_agreement"], n, threshold):
         diff = report["max_abs_logit_diff"]
         failures.append(
             f"top-1 agreement {report['top1_agreement']:.4f} < {threshold} on {n} images "
-            f"(max |logit diff| {'n/a' if diff is None else f'{diff:.4g}'})"
+            f"(at most {allowed_flips(threshold, n)} may flip; "
+            f"max |logit diff| {'n/a' if diff is None else f'{diff:.4g}'})"
         )
     prob = report.get("max_abs_prob_diff")
     if max_prob_diff is not None and prob is not None and prob > max_prob_diff:
@@ -311,7 +314,7 @@ def _gate(
             f"batch 1 gives {one['non_finite_logits']} non-finite logits (NaN/inf) on "
             f"{one['n_images']} images"
         )
-    if one and one["top1_agreement_with_batched"] < threshold:
+    if one and not agreement_passes(one["top1_agreement_with_batched"], one["n_images"], threshold):
         failures.append(
             f"batch 1 top-1 agreement with the batched run "
             f"{one['top1_agreement_with_batched']:.4f} < {threshold} on {one['n_images']} images"
@@ -324,6 +327,7 @@ def _gate(
         )
     report["gate"] = {
         "min_top1_agreement": threshold,
+        "allowed_flips": allowed_flips(threshold, n),
         "max_prob_diff": max_prob_diff,
         "passed": not failures,
         "failures": failures,

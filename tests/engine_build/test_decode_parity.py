@@ -28,7 +28,7 @@ from engine_build.decode_parity import (
     gate_gpu_decode,
     measure_gpu_decode,
 )
-from engine_build.parity import image_dir_parity_set
+from engine_build.parity import allowed_flips, image_dir_parity_set
 from training.checkpoint import load_checkpoint, model_from_checkpoint, preprocess_spec_of
 from worker import gpu_preprocess
 
@@ -124,6 +124,7 @@ def test_bundle_records_the_gpu_decode_path_beside_the_artifacts(
     applied, why = gate_applies(("auto",))
     assert entry["gate"] == {
         "min_top1_agreement": GPU_DECODE_AGREEMENT,
+        "allowed_flips": allowed_flips(GPU_DECODE_AGREEMENT, entry["n_images"]),
         "passed": True,
         "measured": True,
         "applied": applied,
@@ -317,16 +318,16 @@ def test_gate_fails_on_low_agreement_and_non_finite_logits_and_passes_what_it_di
     entry["max_abs_pixel_diff"] = 6.0
     (failure,) = gate_gpu_decode(entry, 0.99)
     assert failure == (
-        "top-1 agreement 0.9700 < 0.99 on 100 baseline JPEGs (max |pixel diff| 6.0 grey levels, "
-        "measured on cuda)"
+        "top-1 agreement 0.9700 < 0.99 on 100 baseline JPEGs (at most 1 may flip; max |pixel "
+        "diff| 6.0 grey levels, measured on cuda)"
     )
     assert entry["gate"]["passed"] is False and entry["gate"]["measured"] is True
     # near-tie flips recorded apart: the gate compares the agreement without them
     entry.update(top1_agreement_excluding_near_ties=0.98, near_tie_flips=1)
     (failure,) = gate_gpu_decode(entry, 0.99)
     assert failure.startswith(
-        "top-1 agreement 0.9800 < 0.99 on 100 baseline JPEGs (near-tie flips not counted: 1, "
-        "0.9700 counting them; max |pixel diff| 6.0"
+        "top-1 agreement 0.9800 < 0.99 on 100 baseline JPEGs (at most 1 may flip; near-tie "
+        "flips not counted: 1, 0.9700 counting them; max |pixel diff| 6.0"
     )
     entry.update(top1_agreement=0.98, top1_agreement_excluding_near_ties=1.0, near_tie_flips=2)
     assert gate_gpu_decode(entry, 0.99) == [] and entry["gate"]["passed"] is True
@@ -361,10 +362,14 @@ def test_a_near_tie_flip_is_recorded_but_not_counted_against_the_gate(checkpoint
     assert entry["n_images"] == 9 and entry["top1_agreement"] == pytest.approx(8 / 9)
     assert entry["near_tie_flips"] == 1 and entry["top1_agreement_excluding_near_ties"] == 1.0
     assert gate_gpu_decode(entry, GPU_DECODE_AGREEMENT) == []
+    # a gate of 1.0 lets no image flip (GPU_DECODE_AGREEMENT lets one of 9): the near tie still
+    # passes it, a clear flip does not
+    assert gate_gpu_decode(entry, 1.0) == []
     clear = _near_tie_case(mixed_parity, checkpoint_dir, [0.0, 5.0, 0.0])
     assert clear["near_tie_flips"] == 0
     assert clear["top1_agreement_excluding_near_ties"] == pytest.approx(8 / 9)
-    assert len(gate_gpu_decode(clear, GPU_DECODE_AGREEMENT)) == 1
+    assert len(gate_gpu_decode(clear, 1.0)) == 1
+    assert gate_gpu_decode(clear, GPU_DECODE_AGREEMENT) == []  # at least one may flip
 
 
 def test_the_build_measures_on_cuda_where_it_has_a_gpu(monkeypatch):

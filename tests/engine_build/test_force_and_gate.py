@@ -206,3 +206,27 @@ def test_make_folders_label_the_parity_images_of_a_make_level_bundle(tmp_path):
     spec = PreprocessSpec.for_image_size(IMAGE_SIZE)
     parity = image_dir_parity_set(root, MAKES, spec, limit=100)
     assert sorted(parity.labels.tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("threshold", "n", "allowed"),
+    [(0.99, 256, 2), (0.99, 54, 1), (0.995, 256, 1), (0.98, 54, 1), (1.0, 54, 0), (0.0, 10, 10)],
+)
+def test_allowed_flips_is_the_share_rounded_down_and_at_least_one(threshold, n, allowed):
+    from engine_build.parity import allowed_flips
+
+    assert allowed_flips(threshold, n) == allowed
+
+
+def test_a_small_parity_set_lets_one_image_flip_not_none():
+    """0.99 on the 54 test images of a small split allowed no flip: one near-tie flip failed a
+    build that 256 images would pass with two."""
+    from engine_build.decode_parity import gate_gpu_decode
+
+    def entry(same: int) -> dict:
+        return {"n_images": 54, "top1_agreement": same / 54, "device": "cuda"}
+
+    one, two = entry(53), entry(52)
+    assert gate_gpu_decode(one, 0.99) == [] and one["gate"]["allowed_flips"] == 1
+    (failure,) = gate_gpu_decode(two, 0.99)
+    assert "at most 1 may flip" in failure and not two["gate"]["passed"]
