@@ -138,3 +138,24 @@ def _reason(exc: Exception) -> str:
     if unknown:
         return f"unknown option {unknown.group(1)!r} in the query"
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def metadata_answers(producer: Any) -> float:
+    """A mark of the producer's last metadata answer from the broker (kafka-python 3.0's
+    ClusterMetadata; 0 for a producer without one), for ``topic_unknown``."""
+    cluster = getattr(producer, "_metadata", None)
+    return getattr(cluster, "_last_successful_refresh_ms", 0)
+
+
+def topic_unknown(producer: Any, topic: str, answers_before: float) -> bool:
+    """Whether the broker answered the producer's metadata requests since ``answers_before``
+    (``metadata_answers``) and still lists no ``topic``: a topic that does not exist on a broker
+    that does not create topics on request.
+
+    kafka-python reports both that and a broker that does not answer at all as one
+    KafkaTimeoutError after ``max_block_ms``; only the second is an outage that retrying ends.
+    """
+    cluster = getattr(producer, "_metadata", None)
+    if cluster is None or metadata_answers(producer) <= answers_before:
+        return False
+    return cluster.partitions_for_topic(topic) is None

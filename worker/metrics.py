@@ -2,7 +2,8 @@
 
 A registry per worker (not the global one) so tests can run several workers in one process.
 Liveness means the loop is still turning; readiness means the engine is warm and the consumer
-holds partitions (or has joined with nothing to hold).
+has joined its group at least once (holding partitions or not: a replica beyond the partition
+count holds none, and must not hold up a rollout for it). It stays set through later rebalances.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,6 +26,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from worker.errors import ErrorKind
+from worker.schemas import Prediction
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,9 @@ _AGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800
 # the default registry's process (memory, CPU, open files), Python and GC collectors, which a
 # registry of one's own leaves out
 _RUNTIME_COLLECTORS = (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR)
+# what the workers' retries count: a label value appears at 0 from the start, so an
+# `increase()` alert sees its first event
+RETRY_TARGETS = ("kafka", "redis")
 
 
 class WorkerMetrics:
@@ -91,15 +99,29 @@ class WorkerMetrics:
             registry=r,
         )
         self.lag = Gauge(
-            "carstream_lag", "records behind the partition end", ["partition"], registry=r
+            "carstream_lag",
+            "records of the partition not committed yet: its end offset minus this worker's "
+            "last commit (or the first offset it read); the end offset comes from fetches, or "
+            "from the broker every few seconds while the loop does not fetch",
+            ["partition"],
+            registry=r,
         )
+        self.last_commit = Gauge(
+            "carstream_last_commit_timestamp_seconds",
+            "Unix time of this worker's last offset commit (its start until the first): with "
+            "carstream_lag > 0, a stuck worker",
+            registry=r,
+        )
+        self.last_commit.set_to_current_time()
         self.retries = Counter(
             "carstream_retries", "retried Kafka/Redis operations", ["target"], registry=r
         )
         self.ready = Gauge("carstream_ready", "1 when the worker is ready", registry=r)
         self.trends_ignored = Counter(
             "carstream_trend_records_ignored",
-            "records already counted (redelivery after a crash or rebalance)",
+            "records the trends writer ignored as at or below the partition's stored applied "
+            "offset: a redelivery after a crash or rebalance (counted before), or, in a long run "
+            "(logged as a WARNING), a recreated topic or reset offsets (never counted)",
             registry=r,
         )
         self.trend_duplicates = Counter(
@@ -124,6 +146,14 @@ class WorkerMetrics:
             "decode threads given up on past decode_timeout_s and still running",
             registry=r,
         )
+        # labelled counters exist from the start, at 0, for every value the worker uses
+        for status in get_args(Prediction.model_fields["status"].annotation):
+            self.results.labels(status)
+        for kind in get_args(ErrorKind):
+            self.dead_letters.labels(kind)
+            self.dead_letters_dropped.labels(kind)
+        for target in RETRY_TARGETS:
+            self.retries.labels(target)
         self._last_beat = time.monotonic()
         self._ready = False
 

@@ -33,6 +33,7 @@ from kafka.errors import (
     GroupAuthorizationFailedError,
     InvalidTxnStateError,
     KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
     ProducerFencedError,
     RebalanceInProgressError,
@@ -48,6 +49,7 @@ from engine_build.manifest import Manifest
 from engine_build.runtime import Engine
 from worker.backoff import Backoff
 from worker.batching import Batcher
+from worker.connections import metadata_answers, topic_unknown
 from worker.dead_letter import HEADER_PREFIX, dlq_headers, parse_dlq_headers
 from worker.decode_pool import DecodePool
 from worker.errors import RETRYABLE_KINDS, PostError
@@ -58,7 +60,7 @@ from worker.prepare import Prepared, decode_on_cpu, prepare
 from worker.schemas import Prediction, Source, TopKEntry
 from worker.settings import WorkerSettings
 from worker.thread_names import name_this_thread
-from worker.trends import TrendRecord, TrendWriter
+from worker.trends import ApplyResult, TrendRecord, TrendWriter, applied_key
 from worker.url_fetch import UrlPolicy
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,17 @@ DECODE_START_POLL_S = 0.5
 
 PROBE_POLL_MS = 2000  # how long to wait for one partition's record when locating a corrupt one
 MAX_CORRUPT_SKIP = 100_000  # offsets skipped at most per unreadable record batch
+# the lag gauge's end offsets come with fetches; a loop that has not fetched for this long (a
+# batch stuck retrying, a full pipeline) asks the broker for them, at most this often, waiting
+# at most LAG_END_TIMEOUT_MS (the broker may be what is out)
+LAG_END_REFRESH_S = 10.0
+LAG_END_TIMEOUT_MS = 1000
+# a redelivery re-reads the batches applied but not committed: at most max_inflight (a few) of
+# them, more only when commits kept failing. A partition whose records the trends writer ignores
+# for this many max_batch-sized batches in a row reads offsets below its stored applied one:
+# its topic was recreated or the group's offsets were reset back, and nothing of it is counted
+IGNORED_RUN_BATCHES = 10
+IGNORED_WARN_EVERY_S = 300.0  # that warning, again at most this often per partition
 
 
 def unparseable(exc: BaseException) -> bool:
@@ -287,9 +300,11 @@ PRODUCER_REFUSED = (
     ProducerFencedError,
     InvalidTxnStateError,
 )
-# retry rounds (backoff 0.2 s doubling: ~3 s in all) before a refusal above, or a TypeError or
+# retry rounds (backoff 0.2 s doubling: ~3 s in all) before a refusal above, a TypeError or
 # ValueError from send that Outgoing.refused cannot explain (a metadata race clears after one
-# refresh; one that persists is a deleted topic or a bug), stops the worker
+# refresh; one that persists is a deleted topic or a bug), or a topic the broker answers without
+# (connections.topic_unknown: a missing topic where the broker does not create topics), stops the
+# worker
 SEND_RETRY_LIMIT = 4
 
 
@@ -318,6 +333,19 @@ def producer_failure(producer: Any) -> BaseException | None:
     if manager is None or not manager.has_fatal_error():
         return None
     return manager.last_error or KafkaError("the producer is in its fatal error state")
+
+
+def _describe(msg: Outgoing, dlq_topic: str) -> str:
+    """A record to send, as an operator finds it: a dead letter by the position of the post it
+    is about, a result by its post_id."""
+    key = (msg.key or b"")[:128].decode("utf-8", "replace")
+    if msg.topic != dlq_topic:
+        return f"the result for post_id {key!r}"
+    where = parse_dlq_headers(sendable_headers(msg.headers))
+    origin = (
+        f"{where.get('source_topic')}/{where.get('source_partition')}@{where.get('source_offset')}"
+    )
+    return f"the dead letter of {origin} ({where.get('error_kind', 'internal')}, key {key!r})"
 
 
 @dataclass(frozen=True)
@@ -463,6 +491,67 @@ def torch_stack(rows: list[Any]) -> Any:
     return torch.stack(rows)
 
 
+def partition_lag(end: int | None, committed: int | None) -> int | None:
+    """Records of a partition not committed yet: its end offset (the next one to be written)
+    minus the committed one (the next to process); None while either is unknown."""
+    if end is None or committed is None:
+        return None
+    return max(0, end - committed)
+
+
+def fully_ignored(
+    records: Sequence[TrendRecord], result: ApplyResult, positions: dict[tuple[str, int], int]
+) -> dict[tuple[str, int], tuple[bool, int, int, int]]:
+    """Per (topic, partition) of one applied batch: whether the trends writer ignored all of its
+    records, their count, and their lowest and highest offsets.
+
+    ``positions`` are the stored applied offsets read after the call. One past every offset of
+    the partition means nothing of it was applied (applying moves it to the highest one); equal
+    to the highest is that or an application, and only the whole batch ignored settles it.
+    """
+    offsets: dict[tuple[str, int], list[int]] = {}
+    for rec in records:
+        offsets.setdefault((rec.topic, rec.partition), []).append(rec.offset)
+    everything = result.ignored >= len(records)
+    out = {}
+    for key, offs in offsets.items():
+        stored = positions.get(key)
+        ignored = stored is not None and (stored > max(offs) or everything)
+        out[key] = (ignored, len(offs), min(offs), max(offs))
+    return out
+
+
+class IgnoredRuns:
+    """How many records of each partition the trends writer ignored in a row, and when a run
+    is long enough to warn about (``IGNORED_RUN_BATCHES``).
+
+    A redelivery ignores a few batches and then counts again; a longer run reads offsets below
+    the stored applied one (a recreated topic, offsets reset back), and would count nothing
+    until an operator deletes that position.
+    """
+
+    def __init__(self, threshold: int, every_s: float = IGNORED_WARN_EVERY_S) -> None:
+        self.threshold = threshold
+        self.every_s = every_s
+        self._runs: dict[tuple[str, int], int] = {}
+        self._warned: dict[tuple[str, int], float] = {}
+
+    def add(self, key: tuple[str, int], ignored: bool, records: int, now: float) -> int | None:
+        """Note one batch's records of a partition; the run's length when a warning is due."""
+        if not ignored:
+            self._runs.pop(key, None)
+            self._warned.pop(key, None)
+            return None
+        run = self._runs[key] = self._runs.get(key, 0) + records
+        if run < self.threshold:
+            return None
+        last = self._warned.get(key)
+        if last is not None and now - last < self.every_s:
+            return None
+        self._warned[key] = now
+        return run
+
+
 def commit_offsets(batch: list[Pending]) -> dict[TopicPartition, OffsetAndMetadata]:
     """Next offset to read per partition: highest processed offset + 1."""
     top: dict[TopicPartition, int] = {}
@@ -476,6 +565,79 @@ class EngineFailedError(FatalWorkerError):
     """The engine fails on every input, a blank one included: it is unhealthy, not the posts."""
 
 
+class EngineFailureLog:
+    """Engine failures on posts, logged without flooding the log.
+
+    An engine that fails on every real post while it still runs a blank one (a bad model, a
+    broken kernel) is not stopped, only dead-letters: one traceback per failing chunk was
+    thousands of lines a minute. The first failure's traceback is logged, then at most one every
+    ``traceback_every_s``; in between, one line counting them at most every ``summary_every_s``
+    (``carstream_dead_letters_total{kind="internal"}`` counts every post). Thread-safe: the
+    inference threads share one.
+    """
+
+    def __init__(
+        self,
+        traceback_every_s: float = 300.0,
+        summary_every_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.traceback_every_s = traceback_every_s
+        self.summary_every_s = summary_every_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._traceback_at: float | None = None  # clock() of the last traceback logged
+        self._traceback_wall = ""  # and its wall-clock time, for the summary line
+        self._window_at = 0.0  # clock() of the last line logged
+        self._chunks = 0  # failing chunks counted since then
+        self._posts = 0  # posts dead-lettered since then
+
+    def chunk_failed(self, size: int) -> bool:
+        """In an ``except`` block: log the traceback of a chunk of ``size`` that failed, or
+        count it. True when it was logged."""
+        with self._lock:
+            now = self._clock()
+            if self._traceback_at is not None and now - self._traceback_at < self.traceback_every_s:
+                self._chunks += 1
+                self._summarise(now)
+                return False
+            self._traceback_at = self._window_at = now
+            self._traceback_wall = datetime.now(UTC).strftime("%H:%M:%S UTC")
+            log.exception(
+                "engine failed on a batch of %d; retrying one by one (its next traceback in "
+                "%.0f s at the earliest, counted in between)",
+                size,
+                self.traceback_every_s,
+            )
+            return True
+
+    def posts_failed(self, count: int, logged: bool) -> None:
+        """``count`` posts the engine failed on alone, to be dead-lettered; ``logged`` when
+        their chunk's traceback was just logged (they are then named with it)."""
+        if logged:
+            log.warning("the engine runs but failed on %d posts: dead-lettering them", count)
+            return
+        with self._lock:
+            self._posts += count
+            self._summarise(self._clock())
+
+    def _summarise(self, now: float) -> None:
+        if now - self._window_at < self.summary_every_s:
+            return
+        log.warning(
+            "the engine failed on %d batches in the last %.0f s (%d posts dead-lettered as "
+            "internal); last traceback logged at %s",
+            self._chunks,
+            now - self._window_at,
+            self._posts,
+            self._traceback_wall,
+        )
+        self._window_at, self._chunks, self._posts = now, 0, 0
+
+
+ENGINE_FAILURES = EngineFailureLog()
+
+
 def infer_isolating(
     run: Callable[[Any], Any],
     rows: dict[int, Any],
@@ -483,6 +645,7 @@ def infer_isolating(
     stack: Callable[[list[Any]], Any],
     blank: Callable[[Any], Any],
     observe: Callable[[float], None] = lambda seconds: None,
+    failures: EngineFailureLog = ENGINE_FAILURES,
 ) -> tuple[dict[int, Any], dict[int, str]]:
     """Logits by position, and why the engine failed on each position it failed on.
 
@@ -491,7 +654,8 @@ def infer_isolating(
     the engine is run on a ``blank`` (all zeros) row like its first: if that fails as well, the
     engine itself is unhealthy (CUDA out of memory for good, a lost device), and
     EngineFailedError is raised rather than dead-lettering good posts (the batch stays
-    uncommitted; a restarted worker reads it again). ``observe`` gets each chunk's seconds.
+    uncommitted; a restarted worker reads it again). ``observe`` gets each chunk's seconds;
+    ``failures`` logs the failures (a traceback, then counts).
     """
     out: dict[int, Any] = {}
     failed: dict[int, str] = {}
@@ -502,7 +666,7 @@ def infer_isolating(
         try:
             logits = run(stack([rows[i] for i in idx]))
         except Exception:
-            log.exception("engine failed on a batch of %d; retrying one by one", len(idx))
+            logged = failures.chunk_failed(len(idx))
         else:
             observe(time.perf_counter() - t0)
             out.update(zip(idx, logits, strict=True))
@@ -521,7 +685,8 @@ def infer_isolating(
                     f"the engine failed on all {len(idx)} posts of a batch, one by one, and on a "
                     f"blank input ({exc.__class__.__name__}: {exc})"
                 ) from exc
-            log.warning("the engine runs but failed on %d posts: dead-lettering them", len(errors))
+        if errors:
+            failures.posts_failed(len(errors), logged)
         failed.update(errors)
     return out, failed
 
@@ -612,7 +777,13 @@ class StreamWorker(ConsumerRebalanceListener):
             gpu_jpeg=self.gpu_device is not None,
             cpu_slot=self.pool.cpu_slot,
         )
-        self._last_offset: dict[TopicPartition, int] = {}
+        # where the group resumes each partition: this worker's last commit there, else the
+        # first offset it read there (the commit it started from); carstream_lag counts from it
+        self._committed: dict[TopicPartition, int] = {}
+        self._end: dict[TopicPartition, int] = {}  # end offsets asked for while not fetching
+        self._fetched_at = self._end_asked_at = time.monotonic()
+        self._loop_thread: int | None = None  # the thread that owns the consumer (run's)
+        self._ignored_runs = IgnoredRuns(IGNORED_RUN_BATCHES * settings.max_batch)
         self._lock = threading.Lock()  # the batcher is also touched by the rebalance callback
         self._rewind: dict[TopicPartition, int] = {}  # first dropped offset per partition
         self._rebalances = 0  # bumped by both callbacks: a corrupt-record search restarts
@@ -643,7 +814,8 @@ class StreamWorker(ConsumerRebalanceListener):
                 # a decode not started yet is work for nothing: the records are read again
                 item.prepared.cancel()
         for tp in lost:
-            self._last_offset.pop(tp, None)
+            self._committed.pop(tp, None)
+            self._end.pop(tp, None)
             self.metrics.lag.remove(str(tp.partition))  # the new owner reports it now
         if dropped:
             log.info("partitions revoked %s: dropped %d uncommitted records", revoked, len(dropped))
@@ -656,6 +828,7 @@ class StreamWorker(ConsumerRebalanceListener):
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         """Consume until the stop flag is set, then finish what was polled and return."""
+        self._loop_thread = threading.get_ident()
         self.consumer.subscribe([self.settings.input_topic], listener=self)
         log.info(
             "loop: %s",
@@ -689,6 +862,7 @@ class StreamWorker(ConsumerRebalanceListener):
         s = self.settings
         while not self.stop.is_set():
             self.metrics.beat()
+            self._update_lag()
             room = 2 * s.max_batch - len(self.batcher)
             timeout = self.batcher.time_left_ms() if len(self.batcher) else 500
             if room > 0:
@@ -725,6 +899,7 @@ class StreamWorker(ConsumerRebalanceListener):
             if not inflight:
                 self.metrics.beat()  # otherwise the delivery thread beats, batch by batch
             self._reap(inflight)
+            self._update_lag()  # also while the delivery thread is stuck on a batch
             # read ahead: a batch to decode while the engine runs, two when it has no next
             # batch waiting yet; beyond that, polling would only cost CPU the engine needs
             ahead = s.max_batch if len(inflight) >= self.max_inflight else 2 * s.max_batch
@@ -840,13 +1015,14 @@ class StreamWorker(ConsumerRebalanceListener):
                 log.warning("locating an unreadable record failed (%s); retrying", err)
                 self.stop.wait(1.0)
             return
-        now = time.monotonic()
+        now = self._fetched_at = time.monotonic()
+        self._end.clear()  # the highwater marks are fresh again
         with self._lock:
             for records in polled.values():
                 for rec in records:
                     future = self.pool.submit(self._prepare, rec.value, key=rec.key)
                     self.batcher.add(Pending(rec, now, future))
-                    self._last_offset[TopicPartition(rec.topic, rec.partition)] = rec.offset
+                    self._committed.setdefault(TopicPartition(rec.topic, rec.partition), rec.offset)
             if self._rewind:
                 self._apply_rewinds()
         self.metrics.consumed.inc(sum(len(r) for r in polled.values()))
@@ -927,7 +1103,7 @@ class StreamWorker(ConsumerRebalanceListener):
                 prepared.set_result(Prepared(None, None, PostError("corrupt_record", reason), 0.0))
                 record = UnreadableRecord(culprit.topic, culprit.partition, offset)
                 self.batcher.add(Pending(record, now, prepared))
-            self._last_offset[culprit] = first_readable - 1
+            self._committed.setdefault(culprit, first)
         self.consumer.seek(culprit, first_readable)
         self.metrics.consumed.inc(first_readable - first)
 
@@ -1253,9 +1429,14 @@ class StreamWorker(ConsumerRebalanceListener):
         ``new_producer``, and the round's undelivered records are resent one at a time, so the
         refused one is known and cut down. Failed any other way, or with no ``new_producer``,
         it is a FatalWorkerError, as are an authorization refusal or an unexplained
-        TypeError/ValueError still there after ``SEND_RETRY_LIMIT`` rounds. Every other send
-        error, including a TypeError or ValueError the producer raises for a record it would take
-        (a metadata change under it, see ``SEND_REFUSALS``), is retried with backoff.
+        TypeError/ValueError still there after ``SEND_RETRY_LIMIT`` rounds, or a topic the broker
+        still answers without then (send's metadata wait running out, ``topic_unknown``). Every
+        other send error, including a TypeError or ValueError the producer raises for a record it
+        would take (a metadata change under it, see ``SEND_REFUSALS``), is retried with backoff.
+
+        A send that blocked its ``max_block_ms`` and timed out (no metadata for the topic, or no
+        buffer space) fails the round's other records to that topic with its error unsent: each
+        would block as long, and a round of many dead letters would outlast the liveness probe.
         """
         s = self.settings
         pending = [Outgoing(s.output_topic, r.key, r.value, None) for r in results]
@@ -1265,13 +1446,25 @@ class StreamWorker(ConsumerRebalanceListener):
         isolate = False  # one record a round: after the producer failed for good
         while pending:
             last_error: Exception | None = None
+            failing: dict[str, Exception] = {}  # the last retried error of each topic
             sent: list[tuple[Outgoing, Any]] = []
             held = pending[1:] if isolate else []
+            blocked: dict[str, KafkaTimeoutError] = {}  # topic -> the timeout its send ran into
+            unknown: set[str] = set()  # topics the broker answered without, this round
             for msg in pending[:1] if isolate else pending:
+                if msg.topic in blocked:  # it would block max_block_ms again
+                    sent.append((msg, blocked[msg.topic]))
+                    continue
+                answers = metadata_answers(self.producer)
                 try:
                     future = self.producer.send(
                         msg.topic, key=msg.key, value=msg.value, headers=msg.headers
                     )
+                except KafkaTimeoutError as exc:  # it blocked max_block_ms
+                    future = blocked[msg.topic] = exc
+                    if topic_unknown(self.producer, msg.topic, answers):
+                        unknown.add(msg.topic)
+                    self.metrics.beat()  # waiting on the broker, not a wedged loop
                 except (KafkaError, *SEND_REFUSALS) as exc:  # raised by send itself: sorted below
                     future = exc
                 sent.append((msg, future))
@@ -1281,18 +1474,19 @@ class StreamWorker(ConsumerRebalanceListener):
                 log.warning("flush failed: %s", exc)
             failure = producer_failure(self.producer)
             if failure is not None:  # before any future's error is read as this record's own
+                undelivered = [m for m, f in sent if not _delivered(f)]
                 if not isolate:
                     # every record failed with the one error: resend those not delivered one
                     # at a time, on a new producer, so the one the broker refuses is known
-                    self._renew_producer(failure)
+                    self._renew_producer(failure, undelivered)
                     isolate = True
-                    pending = [m for m, f in sent if not _delivered(f)] + held
+                    pending = undelivered + held
                     continue
                 if not isinstance(failure, TOO_LARGE):
-                    raise self._failed_for_good(failure) from failure
+                    raise self._failed_for_good(failure, undelivered) from failure
                 # alone in its round, this record is the one the broker refused as too large:
                 # a dead letter goes on below, cut down, on a new producer
-                self._renew_producer(failure)
+                self._renew_producer(failure, undelivered)
             retry = []
             for msg, future in sent:
                 error = future if isinstance(future, Exception) else None
@@ -1307,15 +1501,22 @@ class StreamWorker(ConsumerRebalanceListener):
                 if attempt >= SEND_RETRY_LIMIT and (
                     isinstance(error, PRODUCER_REFUSED)
                     or (isinstance(error, SEND_REFUSALS) and not refused)
+                    or msg.topic in unknown
                 ):
                     # retrying for ever would keep the liveness probe green while nothing is
                     # delivered; exiting makes it a restart loop an operator sees
+                    missing = (
+                        f"; the broker answers without topic {msg.topic}: create it"
+                        if msg.topic in unknown
+                        else ""
+                    )
                     raise FatalWorkerError(
-                        f"sends to {msg.topic} still fail after {attempt + 1} tries: {error!r}"
+                        f"sends to {msg.topic} still fail after {attempt + 1} tries: "
+                        f"{error!r}{missing}"
                     ) from error
                 if not too_large and not refused:
                     retry.append(msg)
-                    last_error = error
+                    last_error = failing[msg.topic] = error
                     continue
                 size = len(msg.key or b"") + len(msg.value or b"") if too_large else 0
                 if msg.topic != s.dlq_topic:
@@ -1365,8 +1566,13 @@ class StreamWorker(ConsumerRebalanceListener):
             pending = retry + held
             if last_error is not None:  # not only dead letters to resend smaller or repaired
                 self.metrics.retries.labels("kafka").inc()
-                log.warning("%d sends failed (%s); retry %d", len(pending), last_error, attempt + 1)
-                self.metrics.beat()  # retrying through an outage is not a wedged loop
+                log.warning(
+                    "%d sends failed (%s); retry %d",
+                    len(pending),
+                    "; ".join(f"to {topic}: {exc}" for topic, exc in failing.items()),
+                    attempt + 1,
+                )
+                self._beat()  # retrying through an outage is not a wedged loop
                 if not self.backoff.wait(attempt, self.stop) and attempt >= 2:
                     raise BatchAbortedError(f"results not delivered: {last_error}")
                 attempt += 1
@@ -1381,23 +1587,38 @@ class StreamWorker(ConsumerRebalanceListener):
             else:
                 self.metrics.dead_letters.labels(kind).inc()
 
-    def _failed_for_good(self, failure: BaseException) -> FatalWorkerError:
+    def _failed_for_good(
+        self, failure: BaseException, undelivered: Sequence[Outgoing] = ()
+    ) -> FatalWorkerError:
+        """The error stopping the worker when the producer failed for good on ``undelivered``
+        (one record once they are sent one at a time: the one the topic refuses).
+
+        A restart does not help by itself: it reads the same batch and sends the same record.
+        """
+        if len(undelivered) == 1:
+            msg = undelivered[0]
+            refused = f"{msg.topic} refuses {_describe(msg, self.settings.dlq_topic)}"
+        elif undelivered:
+            topics = ", ".join(sorted({m.topic for m in undelivered}))
+            refused = f"{topics} refused one of the {len(undelivered)} records not delivered"
+        else:
+            refused = f"{self.settings.output_topic} or {self.settings.dlq_topic} refused a record"
         hint = (
-            f": a record over a topic's max.message.bytes ({self.settings.output_topic}, "
-            f"{self.settings.dlq_topic}); raise it to at least the worker's max_message_bytes"
+            "; raise the topic's max.message.bytes to at least the worker's max_message_bytes"
             if isinstance(failure, TOO_LARGE)
             else ""
         )
         return FatalWorkerError(
-            f"the Kafka producer failed for good ({failure!r}){hint}; nothing of this batch is "
-            "committed, and a restart makes a new producer"
+            f"the Kafka producer failed for good: {refused} ({failure!r}){hint}; nothing of this "
+            "batch is committed, and a restart reads the same batch and fails the same way until "
+            "the topic accepts the record"
         )
 
-    def _renew_producer(self, failure: BaseException) -> None:
+    def _renew_producer(self, failure: BaseException, undelivered: Sequence[Outgoing] = ()) -> None:
         """Replace a producer that failed for good (``producer_failure``) with a new one; stop
         the worker when it cannot make one."""
         if self.new_producer is None:
-            raise self._failed_for_good(failure) from failure
+            raise self._failed_for_good(failure, undelivered) from failure
         log.warning("the Kafka producer failed for good (%r); making a new one", failure)
         self.metrics.retries.labels("kafka").inc()
         try:
@@ -1417,13 +1638,52 @@ class StreamWorker(ConsumerRebalanceListener):
                     self.metrics.trends_ignored.inc(result.ignored)
                 if result.duplicates:
                     self.metrics.trend_duplicates.inc(result.duplicates)
-                return
+                break
             except RedisError as exc:
                 self.metrics.retries.labels("redis").inc()
                 log.warning("applying trends failed (%s); retry %d", exc, attempt + 1)
-                self.metrics.beat()  # a Redis outage: a restart would not end it
+                self._beat()  # a Redis outage: a restart would not end it
                 if not self.backoff.wait(attempt, self.stop) and attempt >= 2:
                     raise BatchAbortedError(f"trends not applied: {exc}") from exc
+        self._watch_ignored(records, result)
+
+    def _watch_ignored(self, records: list[TrendRecord], result: ApplyResult) -> None:
+        """Warn when a partition's records have been ignored for longer than a redelivery
+        lasts (``IgnoredRuns``): the INFO line per batch and the counter are all that would
+        show otherwise, while nothing of the partition is counted."""
+        if not result.ignored:
+            for rec in records:
+                self._ignored_runs.add((rec.topic, rec.partition), False, 0, 0.0)
+            return
+        try:
+            positions = self.trends.positions()
+        except RedisError as exc:  # the batch is applied; the next ignored one checks again
+            log.debug("reading the applied positions failed: %r", exc)
+            return
+        now = time.monotonic()
+        for (topic, partition), (ignored, count, low, high) in fully_ignored(
+            records, result, positions
+        ).items():
+            run = self._ignored_runs.add((topic, partition), ignored, count, now)
+            if run is None:
+                continue
+            log.warning(
+                "trends: %d records of %s:%d in a row were ignored as applied before: its stored "
+                "applied offset is %d, and the worker reads offsets %d..%d. A redelivery ignores "
+                "a few batches at most; the topic was likely deleted and recreated, or the "
+                "group's offsets reset back, and nothing of this partition is counted. If so, "
+                "delete the position (docs/trends.md): HDEL %s %s:%d (or DEL the whole hash for "
+                "a recreated topic)",
+                run,
+                topic,
+                partition,
+                positions[(topic, partition)],
+                low,
+                high,
+                applied_key(self.settings.group_id),
+                topic,
+                partition,
+            )
 
     def _commit(self, offsets: Offsets) -> None:
         """Commit, retrying a broker failure; give up (the records are then read again, and
@@ -1431,6 +1691,9 @@ class StreamWorker(ConsumerRebalanceListener):
         for attempt in range(5):
             try:
                 self.consumer.commit(offsets=offsets)
+                for tp, meta in offsets.items():
+                    self._committed[tp] = meta.offset
+                self.metrics.last_commit.set_to_current_time()
                 return
             except (CommitFailedError, RebalanceInProgressError) as exc:
                 # the group is rebalancing or has: only a poll() can finish the join, so a retry
@@ -1447,11 +1710,42 @@ class StreamWorker(ConsumerRebalanceListener):
                     break  # stopping: the grace period is short, a redelivery is harmless
         log.error("giving up committing %s; records will be redelivered and deduplicated", offsets)
 
+    def _beat(self) -> None:
+        """A retry loop's heartbeat. On the consumer's thread (the serial loop) it refreshes
+        the lag gauge too, which then shows the stuck batch; in the overlapped loop the retries
+        run on the delivery thread, and the consumer's thread goes on refreshing it."""
+        self.metrics.beat()
+        if threading.get_ident() == self._loop_thread:
+            self._update_lag()
+
     def _update_lag(self) -> None:
+        """Set ``carstream_lag`` for each partition held: its end offset minus where the group
+        resumes it (``_committed``), so records read but stuck before their commit count.
+
+        The end offset is the client's highwater mark, which only fetches refresh. Once the
+        loop has not fetched for LAG_END_REFRESH_S (a batch retrying through an outage, a full
+        pipeline) it is asked of the broker, at most that often, so the lag of a stuck worker
+        grows with what is produced meanwhile; with the broker out too it stays at the last
+        known end. A partition nothing was read from yet has no value. Consumer thread only:
+        kafka-python's consumer is not thread-safe.
+        """
         assigned = self.consumer.assignment()
-        for tp, last in list(self._last_offset.items()):
-            if tp not in assigned:  # revoked meanwhile: highwater() would raise
+        held = [tp for tp in list(self._committed) if tp in assigned]
+        now = time.monotonic()
+        due = now - max(self._fetched_at, self._end_asked_at) >= LAG_END_REFRESH_S
+        if held and due and not self.stop.is_set():
+            self._end_asked_at = now
+            try:
+                self._end.update(self.consumer.end_offsets(held, timeout_ms=LAG_END_TIMEOUT_MS))
+            except KafkaError as exc:  # the broker is out too: the last known end stands
+                log.debug("end offsets for carstream_lag: %r", exc)
+        for tp in held:
+            try:
+                high = self.consumer.highwater(tp)
+            except KafkaError:  # revoked since assignment() (IllegalStateError)
                 continue
-            high = self.consumer.highwater(tp)
-            if high is not None:
-                self.metrics.lag.labels(str(tp.partition)).set(max(0, high - last - 1))
+            # the larger: an end offset asked for is newer than a fetch's, never behind it
+            ends = [end for end in (high, self._end.get(tp)) if end is not None]
+            lag = partition_lag(max(ends, default=None), self._committed.get(tp))
+            if lag is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(lag)

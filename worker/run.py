@@ -39,6 +39,11 @@ CONNECT_BACKOFF = Backoff(first_s=0.5, max_s=10.0)  # a broker that is not up ye
 # this size (or the broker's limit); beyond either it is dead-lettered without its value.
 DLQ_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 CONNECT_GRACE_S = 5.0  # past kafka_connect_timeout_s, for kafka-python to report its own timeout
+# longest a send blocks for its topic's metadata or for buffer space (kafka-python's default is
+# 60 s): a send to a topic the broker does not have blocks this long, so a round of many dead
+# letters to it outlasted the liveness probe. The first send to a topic fetches its metadata
+# well within it; check_topics does so at start.
+PRODUCER_MAX_BLOCK_MS = 5_000
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -510,7 +515,13 @@ def _serve(
         if failed is not None:  # before consuming anything: exit 2, as for a bad bundle
             print(f"python -m worker run: error: {failed}", file=sys.stderr)
             return 2
-        log.info("engine warm (%s x %d, max batch %d)", engine.name, len(engines), engine.max_batch)
+        log.info(
+            "engine warm (%s x %d, max batch %d; the engine runs up to %d at a time)",
+            engine.name,
+            len(engines),
+            settings.max_batch,
+            engine.max_batch,
+        )
         new_producer = producer_factory(settings, stop)
         connected = _connect(settings, stop, metrics.beat, new_producer)
         if isinstance(connected, int):
@@ -519,6 +530,18 @@ def _serve(
         started = time.monotonic()
         worker = None
         try:
+            missing = check_topics(
+                producer, [settings.output_topic, settings.dlq_topic], stop, metrics.beat
+            )
+            if missing is not None:
+                print(
+                    f"python -m worker run: error: topic {missing} does not exist on Kafka at "
+                    f"{settings.bootstrap_servers} (its metadata answers within "
+                    f"{PRODUCER_MAX_BLOCK_MS / 1000:g} s do not list it, and it creates no topic "
+                    "on request): create it",
+                    file=sys.stderr,
+                )
+                return 2
             writer = TrendWriter(
                 redis_client(settings),
                 settings.group_id,
@@ -599,10 +622,48 @@ def producer_factory(settings: WorkerSettings, stop: threading.Event) -> Callabl
         acks="all",
         enable_idempotence=True,
         linger_ms=5,
+        max_block_ms=PRODUCER_MAX_BLOCK_MS,
         # dead letters carry the original bytes, which may exceed max_message_bytes
         max_request_size=DLQ_MAX_REQUEST_BYTES,
     )
     return lambda: within_deadline(make, deadline_s, stop)
+
+
+def check_topics(
+    producer: Any, topics: list[str], stop: threading.Event, beat: Callable[[], None]
+) -> str | None:
+    """The first of ``topics`` the broker answers without (``topic_unknown``), else None once
+    each has partitions (or on ``stop``).
+
+    Asks for each topic's partitions as the producer's first send to it would: a broker that
+    creates topics on request creates it now. One that does not answers without it, and every
+    send to it would block ``max_block_ms`` and fail, batch after batch. A wait that ran out
+    with no answer at all (the broker went away after connecting) is retried with backoff,
+    each retry a beat, as in ``_connect``. Any other refusal (no describe ACL on the topic) is
+    left to the sends, which stop the worker if it lasts.
+    """
+    from kafka.errors import KafkaError, KafkaTimeoutError
+
+    from worker.connections import metadata_answers, topic_unknown
+
+    attempt = 0
+    for topic in topics:
+        while not stop.is_set():
+            answers = metadata_answers(producer)
+            try:
+                producer.partitions_for(topic)
+                break
+            except KafkaTimeoutError as exc:
+                if topic_unknown(producer, topic, answers):
+                    return topic
+                attempt += 1
+                log.warning("no metadata for topic %s (%s); retry %d", topic, exc, attempt)
+                beat()
+                CONNECT_BACKOFF.wait(attempt, stop)
+            except KafkaError as exc:
+                log.warning("checking topic %s: %s", topic, exc)
+                break
+    return None
 
 
 def _connect(

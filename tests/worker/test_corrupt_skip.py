@@ -77,7 +77,9 @@ def worker_on(consumer: FakeConsumer) -> StreamWorker:
     worker.stop = threading.Event()
     worker.batcher = Batcher(32, 50)
     worker._lock = threading.Lock()
-    worker._last_offset = {}
+    worker._committed = {}
+    worker._end = {}
+    worker._fetched_at = worker._end_asked_at = 0.0
     worker._rewind = {}
     worker._rebalances = 0
     return worker
@@ -127,7 +129,7 @@ def test_losing_the_bad_records_partition_during_the_search_abandons_it():
     consumer.on_poll = lose_p0
     worker._skip_corrupt_record(CorruptRecordError("x"))  # no seek/resume on P0: no exception
     assert dead_offsets(worker) == []
-    assert P0 not in worker._last_offset
+    assert P0 not in worker._committed
     worker._update_lag()  # a revoked partition is skipped, not asked for its highwater
 
 

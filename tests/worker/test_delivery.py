@@ -105,6 +105,8 @@ def worker_with(producer, **settings) -> StreamWorker:
     worker.stop = threading.Event()
     worker.gpu_device = None
     worker._lane = threading.local()  # no inference thread: _infer uses worker.engine
+    worker._loop_thread = None  # no loop: the retries do not refresh the lag gauge
+    worker._committed = {}
     return worker
 
 
@@ -353,11 +355,12 @@ def test_outgoing_refused_mirrors_what_kafka_python_send_refuses():
 
 
 def _counts(counter) -> dict[str, float]:
-    """A labelled Counter's totals by its one label."""
+    """A labelled Counter's nonzero totals by its one label (each known label value is
+    exported at 0 from the start)."""
     return {
         next(iter(s.labels.values())): s.value
         for s in counter.collect()[0].samples
-        if s.name.endswith("_total")
+        if s.name.endswith("_total") and s.value
     }
 
 

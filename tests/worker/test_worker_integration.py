@@ -386,7 +386,7 @@ def test_every_post_one_result_and_exact_counts_with_bad_input_dead_lettered(
     log_text = (tmp_path / "w1.log").read_text()
     assert "settings:" in log_text and LOG_SECRET not in log_text
     loop = "overlapped" if (overlap, instances) != ("off", 1) else "serial"
-    assert f"loop: {loop}" in log_text and f"x {instances}, max batch" in log_text
+    assert f"loop: {loop}" in log_text and f"x {instances}, max batch 8;" in log_text
 
 
 @pytest.mark.parametrize("overlap", ["off", "on"])
