@@ -117,12 +117,11 @@ def image_dir_parity_set(
 
 
 def allowed_flips(threshold: float, n: int) -> int:
-    """How many of ``n`` images an agreement ``threshold`` lets flip: its share, rounded down,
-    and at least one when the threshold is below 1. Without that floor a gate of 0.99 on a
-    54-image parity set (a small data set's test split) allowed none: one near-tie flip failed
-    a build that 256 images would pass with two."""
-    share = int(np.floor((1.0 - threshold) * n + 1e-9))
-    return max(share, 1) if threshold < 1.0 and n > 0 else share
+    """How many of ``n`` images an agreement ``threshold`` lets flip: its share, rounded to the
+    nearest image (halves up). Rounded down, a gate of 0.99 on a 54-image parity set (a small
+    data set's test split) allowed none, and one near-tie flip failed the build; a floor of one
+    instead would let 1 of 8 flip at 0.999 (the batch-1 check) or 1 of 1."""
+    return int(np.floor((1.0 - threshold) * n + 0.5 + 1e-9))
 
 
 def agreement_passes(agreement: float, n: int, threshold: float) -> bool:

@@ -9,6 +9,7 @@ a batch that could not be delivered and applied is never committed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -491,12 +492,21 @@ def torch_stack(rows: list[Any]) -> Any:
     return torch.stack(rows)
 
 
-def partition_lag(end: int | None, committed: int | None) -> int | None:
+def partition_lag(
+    end: int | None, committed: int | None, position: int | None = None
+) -> int | None:
     """Records of a partition not committed yet: its end offset (the next one to be written)
-    minus the committed one (the next to process); None while either is unknown."""
+    minus the committed one (the next to process); None while either is unknown.
+
+    ``position``: the consumer's next offset, given only when every record polled from the
+    partition is committed. What lies between the commit and it can then only be control
+    records (a transaction's commit marker takes an offset), which are no work: without it, a
+    topic written by a transactional producer read a lag of 1 for ever once idle.
+    """
     if end is None or committed is None:
         return None
-    return max(0, end - committed)
+    resume = committed if position is None else max(committed, position)
+    return max(0, end - resume)
 
 
 def fully_ignored(
@@ -780,6 +790,9 @@ class StreamWorker(ConsumerRebalanceListener):
         # where the group resumes each partition: this worker's last commit there, else the
         # first offset it read there (the commit it started from); carstream_lag counts from it
         self._committed: dict[TopicPartition, int] = {}
+        # one past the highest offset polled per partition: once the commit reaches it, all the
+        # partition's polled work is done (a rewind re-reads records below it)
+        self._polled: dict[TopicPartition, int] = {}
         self._end: dict[TopicPartition, int] = {}  # end offsets asked for while not fetching
         self._fetched_at = self._end_asked_at = time.monotonic()
         self._loop_thread: int | None = None  # the thread that owns the consumer (run's)
@@ -815,6 +828,7 @@ class StreamWorker(ConsumerRebalanceListener):
                 item.prepared.cancel()
         for tp in lost:
             self._committed.pop(tp, None)
+            self._polled.pop(tp, None)
             self._end.pop(tp, None)
             self.metrics.lag.remove(str(tp.partition))  # the new owner reports it now
         if dropped:
@@ -1022,7 +1036,9 @@ class StreamWorker(ConsumerRebalanceListener):
                 for rec in records:
                     future = self.pool.submit(self._prepare, rec.value, key=rec.key)
                     self.batcher.add(Pending(rec, now, future))
-                    self._committed.setdefault(TopicPartition(rec.topic, rec.partition), rec.offset)
+                    tp = TopicPartition(rec.topic, rec.partition)
+                    self._committed.setdefault(tp, rec.offset)
+                    self._polled[tp] = max(self._polled.get(tp, 0), rec.offset + 1)
             if self._rewind:
                 self._apply_rewinds()
         self.metrics.consumed.inc(sum(len(r) for r in polled.values()))
@@ -1746,6 +1762,11 @@ class StreamWorker(ConsumerRebalanceListener):
                 continue
             # the larger: an end offset asked for is newer than a fetch's, never behind it
             ends = [end for end in (high, self._end.get(tp)) if end is not None]
-            lag = partition_lag(max(ends, default=None), self._committed.get(tp))
+            committed = self._committed.get(tp)
+            position = None
+            if committed is not None and committed >= self._polled.get(tp, 0):
+                with contextlib.suppress(KafkaError):  # revoked meanwhile: the commit alone
+                    position = self.consumer.position(tp, timeout_ms=0)
+            lag = partition_lag(max(ends, default=None), committed, position)
             if lag is not None:
                 self.metrics.lag.labels(str(tp.partition)).set(lag)

@@ -101,6 +101,7 @@ local function count(rec)
 end
 
 redis.call('ZREMRANGEBYSCORE', retry_key, '-inf', string.format('(%d', now - retry_ttl))
+local any_retry = redis.call('EXISTS', retry_key) == 1
 for _, part in ipairs(batch) do
   local field = part[1]
   local stored = redis.call('HGET', applied_key, field)
@@ -123,6 +124,11 @@ for _, part in ipairs(batch) do
       if rec[4] == 1 then
         redis.call('ZADD', retry_key, now, entry)
         retry_added = true
+      elseif any_retry then
+        -- a note left at this offset by an older life of the partition (a topic deleted and
+        -- recreated, its applied position deleted as the docs say) must not count this record
+        -- a second time when it is redelivered
+        redis.call('ZREM', retry_key, entry)
       end
       position = offset
     end

@@ -36,7 +36,7 @@ def test_parity_report_per_artifact(bundle_dir):
     assert fp32["top1_agreement"] >= 0.999 and fp32["max_abs_logit_diff"] < 1e-3
     assert fp32["gate"] == {
         "min_top1_agreement": 0.999,
-        "allowed_flips": 1,
+        "allowed_flips": 0,
         "max_prob_diff": 0.01,
         "passed": True,
         "failures": [],

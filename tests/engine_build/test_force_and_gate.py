@@ -210,9 +210,19 @@ def test_make_folders_label_the_parity_images_of_a_make_level_bundle(tmp_path):
 
 @pytest.mark.parametrize(
     ("threshold", "n", "allowed"),
-    [(0.99, 256, 2), (0.99, 54, 1), (0.995, 256, 1), (0.98, 54, 1), (1.0, 54, 0), (0.0, 10, 10)],
+    [
+        (0.99, 256, 3),
+        (0.99, 54, 1),
+        (0.99, 49, 0),
+        (0.995, 256, 1),
+        (0.98, 54, 1),
+        (0.999, 8, 0),
+        (0.999, 1, 0),
+        (1.0, 54, 0),
+        (0.0, 10, 10),
+    ],
 )
-def test_allowed_flips_is_the_share_rounded_down_and_at_least_one(threshold, n, allowed):
+def test_allowed_flips_is_the_share_rounded_to_the_nearest_image(threshold, n, allowed):
     from engine_build.parity import allowed_flips
 
     assert allowed_flips(threshold, n) == allowed

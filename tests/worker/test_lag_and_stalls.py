@@ -80,6 +80,82 @@ def test_partition_lag_counts_from_the_commit_and_is_unknown_without_either_end(
     assert partition_lag(0, 100) == 0  # a recreated topic: never negative
     assert partition_lag(None, 100) is None
     assert partition_lag(100, None) is None
+    # every polled record committed: what lies up to the position is control records only
+    assert partition_lag(4, 3, position=4) == 0
+    assert partition_lag(10, 3, position=4) == 6
+    assert partition_lag(4, 3, position=None) == 1
+
+
+def test_an_idle_worker_on_a_transactional_topic_reads_lag_0(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A transaction's commit marker takes an offset after its last record: committing that
+    record + 1 left end - committed at 1 for ever, and the documented stuck-worker alert fired
+    on every idle pod fed by a transactional producer (Kafka Streams, Connect with EOS)."""
+    if not redis_server_available():
+        pytest.skip("redis-server is not installed")
+    tag = uuid.uuid4().hex[:8]
+    topic, group = f"txn-{tag}", f"txn-workers-{tag}"
+    create_topics(kafka_bootstrap, [topic, f"{topic}.out", f"{topic}.dlq"], 1)
+    server = RedisServer(tmp_path / "redis", free_port())
+    server.start()
+    settings = WorkerSettings(
+        bootstrap_servers=kafka_bootstrap,
+        group_id=group,
+        input_topic=topic,
+        output_topic=f"{topic}.out",
+        dlq_topic=f"{topic}.dlq",
+        metrics_port=0,
+        max_batch=4,
+        max_wait_ms=20,
+        decode_threads=2,
+        dedup_ttl_s=0,
+    )
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, **consumer_config(settings))
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    feeder = KafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"feeder-{tag}")
+    client = redis.Redis.from_url(server.url)
+    metrics, stop = WorkerMetrics(), threading.Event()
+    worker = StreamWorker(
+        settings,
+        [FirstLabelEngine()],
+        tiny_manifest(),
+        consumer,
+        producer,
+        TrendWriter(client, group, dedup_ttl_s=0),
+        metrics,
+        stop,
+    )
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    try:
+        feeder.init_transactions()
+        feeder.begin_transaction()
+        for i in range(3):
+            feeder.send(topic, key=f"k{i}".encode(), value=post(i))
+        feeder.commit_transaction()
+        thread.start()
+        ok = lambda: sample(metrics, "carstream_results_total", {"status": "ok"})  # noqa: E731
+        lag = lambda: sample(metrics, "carstream_lag", {"partition": "0"})  # noqa: E731
+        wait_for(lambda: ok() == 3, "the 3 posts classified", errors, show=ok)
+        wait_for(lambda: lag() == 0, "lag 0 past the commit marker", errors, show=lag)
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(60)
+        consumer.close(autocommit=False)
+        producer.close(timeout=5)
+        feeder.close(timeout=5)
+        client.close()
+        server.stop()
+    assert not errors, errors
 
 
 AT = datetime(2026, 12, 1, 10, tzinfo=UTC)

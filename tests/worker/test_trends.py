@@ -350,6 +350,21 @@ def test_a_retryable_dead_letter_whose_post_id_counted_since_is_a_duplicate(
 
 
 @pytest.mark.integration
+def test_a_retry_note_from_a_recreated_topic_does_not_count_its_new_record_twice(
+    r: redis.Redis,
+) -> None:
+    at = _base()
+    t = at.timestamp()
+    w = TrendWriter(r, "g", MIN_TTL, HOUR_TTL, dedup_ttl_s=0)
+    w.apply([rec(5, at, None, None, retryable=True)], now=t)
+    r.delete(applied_key("g"))  # the topic was recreated: its position deleted, as documented
+    assert w.apply([rec(5, at, "BMW", "X5")], now=t + 1).applied == 1  # the new topic's record
+    res = w.apply([rec(5, at, "BMW", "X5")], now=t + 2)  # redelivered after a crash
+    assert (res.applied, res.ignored) == (0, 1)
+    assert dict(TrendReader(r).top(5, now=at)) == {"BMW": 1}
+
+
+@pytest.mark.integration
 def test_retry_notes_expire_after_a_day_and_are_capped(
     r: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
