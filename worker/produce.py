@@ -320,10 +320,10 @@ class SendReport:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _logged: set[tuple[bool, str]] = field(default_factory=set, repr=False, compare=False)
     # the broker's failures since the last acknowledgement (a record refused for its size is
-    # the record's, not the broker's), and when the run last made progress (monotonic)
+    # the record's, not the broker's), and when the first of them came (monotonic)
     failing: int = field(default=0, repr=False, compare=False)
     last_failure: str = field(default="", repr=False, compare=False)
-    progress_at: float = field(default_factory=time.monotonic, repr=False, compare=False)
+    failing_since: float = field(default=0.0, repr=False, compare=False)
 
     @property
     def unconfirmed(self) -> int:
@@ -350,6 +350,8 @@ class SendReport:
             first = seen not in self._logged
             self._logged.add(seen)
             if not named and not isinstance(exc, MessageSizeTooLargeError):
+                if not self.failing:
+                    self.failing_since = time.monotonic()
                 self.failing += 1
                 self.last_failure = reason
         if first and named:
@@ -391,9 +393,6 @@ def send_all(
         with report._lock:
             report.sent += 1
             report.failing = 0
-            report.progress_at = time.monotonic()
-
-    report.progress_at = started
 
     try:
         for number, message in enumerate(messages, 1):
@@ -430,7 +429,8 @@ def send_all(
 
 
 def _check_progress(report: SendReport, topic: str, timeout_s: float) -> None:
-    """ProduceAbortedError when every record for ``timeout_s`` failed and none was acknowledged.
+    """ProduceAbortedError when records have failed, none acknowledged, for over ``timeout_s``
+    since the first of them (two at least: one failure at a slow rate is no outage).
 
     A broker that restarted without its state (a memory-only one, or a new cluster under the
     same address) fails each record at once (UnknownProducerIdError, then errors on every
@@ -438,8 +438,8 @@ def _check_progress(report: SendReport, topic: str, timeout_s: float) -> None:
     to its end, at its rate.
     """
     with report._lock:
-        failing, last, since = report.failing, report.last_failure, report.progress_at
-    if failing and time.monotonic() - since > timeout_s:
+        failing, last, since = report.failing, report.last_failure, report.failing_since
+    if failing >= 2 and time.monotonic() - since > timeout_s:
         raise ProduceAbortedError(
             f"topic {topic!r}: no record acknowledged for {timeout_s:g}s while {failing} "
             f"failed (last: {last}); is the broker up, and does it still hold the topic?"

@@ -521,6 +521,27 @@ def test_a_broker_that_fails_every_record_stops_the_run() -> None:
     assert report.failures == {"KafkaError": report.failed}
 
 
+def test_one_failed_record_at_a_slow_rate_does_not_stop_the_run() -> None:
+    """The clock runs from the first failure since the last acknowledgement, and one failure is
+    no outage: at 1 post a minute and a 60 s timeout, a single transient failure ended runs."""
+
+    class OneFails(FakeProducer):
+        def send(self, topic, value, key=None):
+            from kafka.errors import KafkaError
+
+            self.calls += 1
+            future = _Future()
+            fails = self.calls == 2
+            future.add_callback = (lambda fn: None) if fails else (lambda fn: fn(None))
+            future.add_errback = (
+                (lambda fn: fn(KafkaError("transient"))) if fails else (lambda fn: None)
+            )
+            return future
+
+    report = send_all(OneFails(), "t", iter(_messages([1] * 3)), TokenBucket(0), 1e-9)
+    assert (report.sent, report.failed, report.error) == (2, 1, None)
+
+
 def test_records_refused_for_their_size_do_not_stop_the_run() -> None:
     """A run of oversized records is the records' fault, not the broker's: it goes on."""
     report = send_all(
