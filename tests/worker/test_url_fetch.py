@@ -757,23 +757,34 @@ def start_fetches(urls: list[str], policy: UrlPolicy, resolver) -> list[threadin
     return threads
 
 
-def test_a_domain_whose_dns_never_answers_cannot_starve_other_hosts_lookups(hanging_server):
+def test_a_domain_whose_dns_never_answers_cannot_starve_other_hosts_lookups(
+    hanging_server, monkeypatch
+):
     """Posts for many names under one domain whose DNS never answers take a few resolver
-    threads at most, not all of them: a healthy host's lookups still run at once."""
+    threads at most, not all of them: a healthy host's lookups still run at once. A pool of 9
+    threads shows the cap itself: without it the 12 stuck names would take all 9."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker import url_fetch
+
+    pool = ThreadPoolExecutor(max_workers=url_fetch._ZONE_LOOKUPS + 1)
+    monkeypatch.setattr(url_fetch, "_RESOLVE_POOL", pool)
     port = hanging_server.split(":")[1]
     dns = StuckDns(".slow-dns.test")
     slow = UrlPolicy(allow_private=True, timeout_s=30.0)
     names = [f"http://x{i}.slow-dns.test:{port}/a.jpg" for i in range(12)]
     threads = start_fetches(names, slow, dns)
     try:
-        dns.wait_entered(8)  # every thread the resolver pool had before; the cap per domain now
+        dns.wait_entered(url_fetch._ZONE_LOOKUPS)
         policy, _now = breaker_policy(strikes=2, pause_s=60)
         for _ in range(3):
             assert fetch(f"http://cdn.good.test:{port}/ok", policy, dns) == BODY
+        assert dns.entered == url_fetch._ZONE_LOOKUPS  # the other 4 wait for their domain's turn
     finally:
         dns.release.set()
         for thread in threads:
             thread.join(10)
+        pool.shutdown(wait=True)
 
 
 def test_a_lookup_that_timed_out_waiting_for_a_resolver_thread_is_no_strike(
