@@ -10,6 +10,7 @@ dataset readers write them, and no two classes that read alike.
 
 from __future__ import annotations
 
+import logging
 import unicodedata
 from typing import Literal, get_args
 
@@ -19,6 +20,8 @@ from training.preprocessing import PreprocessSpec
 from training.text_rules import first_unprintable
 
 SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
 MANIFEST_FILE = "manifest.json"
 # the worker's max_batch is at most 4096 (worker/settings.py), so a larger profile is never used;
 # TensorRT would still allocate for it (--max-batch 40960 at 224 px: a 23 GiB input buffer)
@@ -118,7 +121,15 @@ class Label(BaseModel):
         problem = class_name_problem(value)
         if problem is not None:
             raise ValueError(f"{_shown(value)} {problem}")
-        return normal_class_name(value)
+        normal = normal_class_name(value)
+        if normal != value:  # a bundle built before names were normalised: say it changed
+            log.warning(
+                "class name %r is read as %r (NFC, stripped): results and trend counts use this "
+                "spelling, so counts under the old one are a different member",
+                value,
+                normal,
+            )
+        return normal
 
     @field_validator("make")
     @classmethod

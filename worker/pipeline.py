@@ -645,9 +645,6 @@ class EngineFailureLog:
         self._window_at, self._chunks, self._posts = now, 0, 0
 
 
-ENGINE_FAILURES = EngineFailureLog()
-
-
 def infer_isolating(
     run: Callable[[Any], Any],
     rows: dict[int, Any],
@@ -655,7 +652,7 @@ def infer_isolating(
     stack: Callable[[list[Any]], Any],
     blank: Callable[[Any], Any],
     observe: Callable[[float], None] = lambda seconds: None,
-    failures: EngineFailureLog = ENGINE_FAILURES,
+    failures: EngineFailureLog | None = None,
 ) -> tuple[dict[int, Any], dict[int, str]]:
     """Logits by position, and why the engine failed on each position it failed on.
 
@@ -665,8 +662,10 @@ def infer_isolating(
     engine itself is unhealthy (CUDA out of memory for good, a lost device), and
     EngineFailedError is raised rather than dead-lettering good posts (the batch stays
     uncommitted; a restarted worker reads it again). ``observe`` gets each chunk's seconds;
-    ``failures`` logs the failures (a traceback, then counts).
+    ``failures`` logs the failures (a traceback, then counts; a worker passes its own, so the
+    rate limit spans its batches; without one, each call logs its first traceback).
     """
+    failures = failures if failures is not None else EngineFailureLog()
     out: dict[int, Any] = {}
     failed: dict[int, str] = {}
     good = sorted(rows)
@@ -790,6 +789,7 @@ class StreamWorker(ConsumerRebalanceListener):
         # where the group resumes each partition: this worker's last commit there, else the
         # first offset it read there (the commit it started from); carstream_lag counts from it
         self._committed: dict[TopicPartition, int] = {}
+        self._engine_failures = EngineFailureLog()  # shared by the inference threads
         # one past the highest offset polled per partition: once the commit reaches it, all the
         # partition's polled work is done (a rewind re-reads records below it)
         self._polled: dict[TopicPartition, int] = {}
@@ -1350,6 +1350,7 @@ class StreamWorker(ConsumerRebalanceListener):
                     torch_stack,
                     torch.zeros_like,
                     self.metrics.inference_seconds.observe,
+                    self._engine_failures,
                 )
         else:
             rows = {i: p.array for i, p in enumerate(prepared) if p.error is None}
@@ -1360,6 +1361,7 @@ class StreamWorker(ConsumerRebalanceListener):
                 np.stack,
                 np.zeros_like,
                 self.metrics.inference_seconds.observe,
+                self._engine_failures,
             )
         for i, reason in failed.items():
             prepared[i] = Prepared(

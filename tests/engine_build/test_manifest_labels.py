@@ -104,14 +104,18 @@ def test_load_bundle_refuses_a_forged_label_in_a_real_bundle(bundle_dir, tmp_pat
         load_bundle(copy)
 
 
-def test_names_are_read_as_training_writes_them(tmp_path):
+def test_names_are_read_as_training_writes_them(tmp_path, caplog):
     labels = [
         {"make": f" {NFD} ", "model": "C3", "make_id": f" {NFD} ", "model_id": "C3"},
         {"make": "Audi", "model": "A4|Sport", "make_id": 7, "model_id": None},
     ]
-    m = read_manifest(write_manifest(tmp_path / "b", json.dumps(manifest_dict(labels))))
+    with caplog.at_level("WARNING", logger="engine_build.manifest"):
+        m = read_manifest(write_manifest(tmp_path / "b", json.dumps(manifest_dict(labels))))
     assert (m.labels[0].make, m.labels[0].make_id) == (NFC, NFC)
     assert m.labels[1].model == "A4|Sport"  # the trends split at the first '|', the make's
+    # an older bundle's renamed class is said: its trend counts change member
+    (warning,) = {r.getMessage() for r in caplog.records}
+    assert f"class name {f' {NFD} '!r} is read as {NFC!r}" in warning
 
 
 def test_make_level_and_compcars_names_still_load(tmp_path):

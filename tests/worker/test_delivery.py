@@ -26,6 +26,7 @@ from worker.pipeline import (
     Backoff,
     BatchAbortedError,
     EngineFailedError,
+    EngineFailureLog,
     FatalWorkerError,
     Pending,
     Result,
@@ -107,6 +108,7 @@ def worker_with(producer, **settings) -> StreamWorker:
     worker._lane = threading.local()  # no inference thread: _infer uses worker.engine
     worker._loop_thread = None  # no loop: the retries do not refresh the lag gauge
     worker._committed = {}
+    worker._engine_failures = EngineFailureLog()
     return worker
 
 

@@ -468,3 +468,12 @@ def test_window_union_across_minute_and_hour_boundaries(r: redis.Redis) -> None:
     assert makes(180) == {"Mini", "Kia", "Fiat", "BMW"}
     assert makes(181) == set(times)
     assert reader.top(181, top=2, now=now) == [("Audi", 1), ("BMW", 1)]
+
+
+def test_the_manifest_refuses_the_separator_the_trends_split_models_at() -> None:
+    """A make holding it would split wrong in `Make|Model` members: the bundle rule and the key
+    schema must name the same character."""
+    from engine_build import manifest
+    from worker import trends
+
+    assert manifest.MODEL_SEPARATOR == trends.MODEL_SEPARATOR
