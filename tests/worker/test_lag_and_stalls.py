@@ -86,6 +86,82 @@ def test_partition_lag_counts_from_the_commit_and_is_unknown_without_either_end(
     assert partition_lag(4, 3, position=None) == 1
 
 
+class LiveWorker:
+    """A StreamWorker on fresh topics of the real broker and a redis-server of its own, run on a
+    thread (stopped and checked by ``close``); ``feeder`` writes the input topic."""
+
+    def __init__(
+        self, kafka_bootstrap: str, tmp_path: Path, overlap: str = "off", **feeder: object
+    ) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.topic, group = f"lag-{tag}", f"lag-workers-{tag}"
+        create_topics(kafka_bootstrap, [self.topic, f"{self.topic}.out", f"{self.topic}.dlq"], 1)
+        self.redis_dir, self.redis_port = tmp_path / "redis", free_port()
+        self.server = RedisServer(self.redis_dir, self.redis_port)
+        self.server.start()
+        settings = WorkerSettings(
+            bootstrap_servers=kafka_bootstrap,
+            group_id=group,
+            input_topic=self.topic,
+            output_topic=f"{self.topic}.out",
+            dlq_topic=f"{self.topic}.dlq",
+            metrics_port=0,
+            max_batch=4,
+            max_wait_ms=20,
+            decode_threads=2,
+            dedup_ttl_s=0,
+            overlap=overlap,
+        )
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=kafka_bootstrap, **consumer_config(settings)
+        )
+        self.producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        if "transactional_id" in feeder:
+            feeder["transactional_id"] = f"{feeder['transactional_id']}-{tag}"
+        self.feeder = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", **feeder)
+        self.client = redis.Redis.from_url(self.server.url)
+        self.metrics, self.stop = WorkerMetrics(), threading.Event()
+        self.worker = StreamWorker(
+            settings,
+            [FirstLabelEngine()],
+            tiny_manifest(),
+            self.consumer,
+            self.producer,
+            TrendWriter(self.client, group, dedup_ttl_s=0),
+            self.metrics,
+            self.stop,
+        )
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        try:
+            self.worker.run()
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        return sample(self.metrics, name, labels)
+
+    def lag(self) -> float | None:
+        return self.sample("carstream_lag", {"partition": "0"})
+
+    def ok(self) -> float | None:
+        return self.sample("carstream_results_total", {"status": "ok"})
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(60)
+        self.consumer.close(autocommit=False)
+        self.producer.close(timeout=5)
+        self.feeder.close(timeout=5)
+        self.client.close()
+        self.server.stop()
+        assert not self.thread.is_alive(), "the loop did not stop"
+        assert not self.errors, self.errors
+
+
 def test_an_idle_worker_on_a_transactional_topic_reads_lag_0(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
@@ -94,68 +170,18 @@ def test_an_idle_worker_on_a_transactional_topic_reads_lag_0(
     on every idle pod fed by a transactional producer (Kafka Streams, Connect with EOS)."""
     if not redis_server_available():
         pytest.skip("redis-server is not installed")
-    tag = uuid.uuid4().hex[:8]
-    topic, group = f"txn-{tag}", f"txn-workers-{tag}"
-    create_topics(kafka_bootstrap, [topic, f"{topic}.out", f"{topic}.dlq"], 1)
-    server = RedisServer(tmp_path / "redis", free_port())
-    server.start()
-    settings = WorkerSettings(
-        bootstrap_servers=kafka_bootstrap,
-        group_id=group,
-        input_topic=topic,
-        output_topic=f"{topic}.out",
-        dlq_topic=f"{topic}.dlq",
-        metrics_port=0,
-        max_batch=4,
-        max_wait_ms=20,
-        decode_threads=2,
-        dedup_ttl_s=0,
-    )
-    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, **consumer_config(settings))
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-    feeder = KafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"feeder-{tag}")
-    client = redis.Redis.from_url(server.url)
-    metrics, stop = WorkerMetrics(), threading.Event()
-    worker = StreamWorker(
-        settings,
-        [FirstLabelEngine()],
-        tiny_manifest(),
-        consumer,
-        producer,
-        TrendWriter(client, group, dedup_ttl_s=0),
-        metrics,
-        stop,
-    )
-    errors: list[BaseException] = []
-
-    def loop() -> None:
-        try:
-            worker.run()
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=loop, daemon=True)
+    live = LiveWorker(kafka_bootstrap, tmp_path, transactional_id="feeder")
     try:
-        feeder.init_transactions()
-        feeder.begin_transaction()
+        live.feeder.init_transactions()
+        live.feeder.begin_transaction()
         for i in range(3):
-            feeder.send(topic, key=f"k{i}".encode(), value=post(i))
-        feeder.commit_transaction()
-        thread.start()
-        ok = lambda: sample(metrics, "carstream_results_total", {"status": "ok"})  # noqa: E731
-        lag = lambda: sample(metrics, "carstream_lag", {"partition": "0"})  # noqa: E731
-        wait_for(lambda: ok() == 3, "the 3 posts classified", errors, show=ok)
-        wait_for(lambda: lag() == 0, "lag 0 past the commit marker", errors, show=lag)
+            live.feeder.send(live.topic, key=f"k{i}".encode(), value=post(i))
+        live.feeder.commit_transaction()
+        live.thread.start()
+        wait_for(lambda: live.ok() == 3, "the 3 posts classified", live.errors, show=live.ok)
+        wait_for(lambda: live.lag() == 0, "lag 0 past the marker", live.errors, show=live.lag)
     finally:
-        stop.set()
-        if thread.is_alive():
-            thread.join(60)
-        consumer.close(autocommit=False)
-        producer.close(timeout=5)
-        feeder.close(timeout=5)
-        client.close()
-        server.stop()
-    assert not errors, errors
+        live.close()
 
 
 AT = datetime(2026, 12, 1, 10, tzinfo=UTC)
@@ -199,94 +225,39 @@ def test_lag_grows_while_a_batch_is_stuck_on_redis_and_falls_once_it_commits(
         pytest.skip("redis-server is not installed")
     # the stuck loop asks the broker for the end offsets every 0.2 s here, not every 10 s
     monkeypatch.setattr(pipeline, "LAG_END_REFRESH_S", 0.2)
-    tag = uuid.uuid4().hex[:8]
-    topic, group = f"lag-{tag}", f"lag-workers-{tag}"
-    create_topics(kafka_bootstrap, [topic, f"{topic}.out", f"{topic}.dlq"], 1)
-    port = free_port()
-    server = RedisServer(tmp_path / "redis", port)
-    server.start()
-    settings = WorkerSettings(
-        bootstrap_servers=kafka_bootstrap,
-        group_id=group,
-        input_topic=topic,
-        output_topic=f"{topic}.out",
-        dlq_topic=f"{topic}.dlq",
-        metrics_port=0,
-        max_batch=4,
-        max_wait_ms=20,
-        decode_threads=2,
-        dedup_ttl_s=0,
-        overlap=overlap,
-    )
-    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, **consumer_config(settings))
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-    feeder = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-    client = redis.Redis.from_url(server.url)
-    metrics, stop = WorkerMetrics(), threading.Event()
-    worker = StreamWorker(
-        settings,
-        [FirstLabelEngine()],
-        tiny_manifest(),
-        consumer,
-        producer,
-        TrendWriter(client, group, dedup_ttl_s=0),
-        metrics,
-        stop,
-    )
-    worker.backoff.max_s = 0.2  # the stuck batch retries (and refreshes the gauge) often
-    errors: list[BaseException] = []
-
-    def loop() -> None:
-        try:
-            worker.run()
-        except BaseException as exc:
-            errors.append(exc)
+    live = LiveWorker(kafka_bootstrap, tmp_path, overlap)
+    live.worker.backoff.max_s = 0.2  # the stuck batch retries (and refreshes the gauge) often
+    errors, lag = live.errors, live.lag
 
     def send(first: int, count: int) -> None:
         # a record batch each: Tansu answers end_offsets with its last batch's first offset + 1
         for i in range(first, first + count):
-            feeder.send(topic, key=f"k{i}".encode(), value=post(i))
-            feeder.flush()
+            live.feeder.send(live.topic, key=f"k{i}".encode(), value=post(i))
+            live.feeder.flush()
 
-    def lag() -> float | None:
-        return sample(metrics, "carstream_lag", {"partition": "0"})
-
-    def results() -> float:
-        return sample(metrics, "carstream_results_total", {"status": "ok"})
-
-    thread = threading.Thread(target=loop, daemon=True)
     try:
-        started = sample(metrics, "carstream_last_commit_timestamp_seconds")
+        started = live.sample("carstream_last_commit_timestamp_seconds")
         send(0, 4)
-        thread.start()
-        wait_for(lambda: results() == 4 and lag() == 0, "the first 4 posts committed", errors)
-        committed_at = sample(metrics, "carstream_last_commit_timestamp_seconds")
+        live.thread.start()
+        wait_for(lambda: live.ok() == 4 and lag() == 0, "the first 4 posts committed", errors)
+        committed_at = live.sample("carstream_last_commit_timestamp_seconds")
         assert committed_at >= started
 
-        server.stop()
+        live.server.stop()
         send(4, 6)
         # the old gauge counted from the last record polled and froze at 0 here
         wait_for(lambda: lag() == 6, "lag 6 with the batch stuck on Redis", errors, show=lag)
         send(10, 3)  # produced while stuck: no fetch brings their end offset, the broker does
         wait_for(lambda: lag() == 9, "lag 9 after 3 more posts", errors, show=lag)
-        assert sample(metrics, "carstream_last_commit_timestamp_seconds") == committed_at
+        assert live.sample("carstream_last_commit_timestamp_seconds") == committed_at
 
-        server = RedisServer(tmp_path / "redis", port)
-        server.start()
+        live.server = RedisServer(live.redis_dir, live.redis_port)
+        live.server.start()
         wait_for(lambda: lag() == 0, "lag 0 once Redis is back", errors)
-        assert sample(metrics, "carstream_last_commit_timestamp_seconds") > committed_at
-        assert sample(metrics, "carstream_retries_total", {"target": "redis"}) > 0
+        assert live.sample("carstream_last_commit_timestamp_seconds") > committed_at
+        assert live.sample("carstream_retries_total", {"target": "redis"}) > 0
     finally:
-        stop.set()
-        if thread.is_alive():
-            thread.join(60)
-        consumer.close(autocommit=False)
-        producer.close(timeout=5)
-        feeder.close(timeout=5)
-        client.close()
-        server.stop()
-    assert not thread.is_alive(), "the loop did not stop"
-    assert not errors, errors
+        live.close()
 
 
 def test_a_long_run_of_ignored_records_is_a_warning_naming_the_position_to_delete(
