@@ -61,6 +61,7 @@ class FakeConsumer:
         self.trickle = trickle  # records per poll once released (None: as many as asked)
         self.busy_polls: list[int] = []  # the timeout of each poll made while the engine ran
         self.given = 0
+        self.positions: dict[TopicPartition, int] = {}
         self.engine_busy = engine_busy
         self.polled_while_busy = threading.Event()
         self.commits: list[dict] = []
@@ -82,7 +83,9 @@ class FakeConsumer:
             limit = min(limit, self.trickle)
         for _ in range(min(limit, len(self.records))):
             rec = self.records.popleft()
-            out.setdefault(TopicPartition(rec.topic, rec.partition), []).append(rec)
+            tp = TopicPartition(rec.topic, rec.partition)
+            out.setdefault(tp, []).append(rec)
+            self.positions[tp] = rec.offset + 1
             self.given += 1
         if not out:
             self.idle.wait(timeout_ms / 1000.0)
@@ -96,6 +99,10 @@ class FakeConsumer:
 
     def highwater(self, tp):
         return None
+
+    def position(self, tp, timeout_ms=None) -> int | None:
+        """The next offset to fetch: one past the last record given (kafka-python's)."""
+        return self.positions.get(tp)
 
 
 class SentFuture:
