@@ -162,6 +162,16 @@ def test_checkpoint_the_manifest_refuses_is_one_line_before_any_work(
 ):
     """load_checkpoint accepts these; the manifest did not, with a pydantic traceback (exit 1)
     after the export and the parity runs."""
+    ckpt, err = refused_before_any_work(tmp_path, parity_dir, monkeypatch, capsys, damage)
+    assert f"checkpoint {ckpt / CHECKPOINT_FILE}: " in err and needle in err
+    assert not (tmp_path / "b").exists()
+
+
+def refused_before_any_work(
+    tmp_path: Path, parity_dir: Path, monkeypatch, capsys, damage
+) -> tuple[Path, str]:
+    """A checkpoint changed by ``damage(raw dict)``, built with the CLI: the build must refuse
+    it (exit 2) before any model is built; the checkpoint and its one-line error."""
     ckpt = write_checkpoint(tmp_path / "ckpt")
     raw = torch.load(ckpt / CHECKPOINT_FILE, weights_only=True)
     raw["classes"] = [dict(c) for c in raw["classes"]]
@@ -174,9 +184,7 @@ def test_checkpoint_the_manifest_refuses_is_one_line_before_any_work(
     monkeypatch.setattr(build_module, "model_from_checkpoint", no_work)
     assert run_main("--checkpoint", str(ckpt), "--out", str(tmp_path / "b"),
                     "--parity-data", str(parity_dir), "--precision", "fp32") == 2  # fmt: skip
-    err = one_line(capsys)
-    assert f"checkpoint {ckpt / CHECKPOINT_FILE}: " in err and needle in err
-    assert not (tmp_path / "b").exists()
+    return ckpt, one_line(capsys)
 
 
 def test_bbox_trained_checkpoint_warns_and_records_its_crop(parity_dir, tmp_path, caplog):

@@ -12,27 +12,17 @@ import pytest
 import torch
 
 from engine_build import build as build_module
-from engine_build.__main__ import get_args_parser, main
+from engine_build.__main__ import get_args_parser
 from engine_build.build import BuildError, ParityGateError, build_bundle
 from engine_build.bundle import PARITY_FILE, load_bundle
 from engine_build.parity import class_name_index, image_dir_parity_set
 from training.preprocessing import PreprocessSpec
 
 from .conftest import CLASSES, IMAGE_SIZE, write_images
+from .test_build_hazards import one_line, run_main
 
 FAST = {"precisions": "fp32", "max_batch": 4, "opt_batch": 2, "threads": 2}
 FAST_ARGS = ("--precision", "fp32", "--max-batch", "4", "--threads", "2")
-
-
-def run_main(*argv: str) -> int:
-    return main(get_args_parser().parse_args([*argv, "--log-level", "ERROR"]))
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("python -m engine_build: error:"), err
-    assert "Traceback" not in err
-    return err
 
 
 def tree(root: Path) -> dict[str, bytes | None]:

@@ -9,17 +9,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from pydantic import ValidationError
 
-from engine_build import build as build_module
-from engine_build.__main__ import get_args_parser, main
 from engine_build.bundle import BundleError, load_bundle, read_manifest
 from engine_build.manifest import ARCHS, MANIFEST_FILE, Manifest
-from training.checkpoint import CHECKPOINT_FILE, save_checkpoint
+from training.checkpoint import CHECKPOINT_FILE
 from training.preprocessing import PreprocessSpec
 
-from .conftest import write_checkpoint
+from .test_build_hazards import refused_before_any_work
 
 NFD, NFC = "Citroe\u0308n", "Citro\u00ebn"
 AUDI = {"make": "Audi", "model": "A4"}
@@ -188,10 +185,6 @@ def test_python_built_manifests_are_checked_too():
         Manifest.model_validate(manifest_dict([AUDI, {"make": "audi", "model": "A4"}]))
 
 
-def run_main(*argv: str) -> int:
-    return main(get_args_parser().parse_args([*argv, "--log-level", "ERROR"]))
-
-
 def _rename(index: int, **names):
     return lambda classes: classes[index].update(names)
 
@@ -213,19 +206,9 @@ def test_a_checkpoint_with_bad_class_names_is_one_line_before_any_work(
 ):
     """The export and parity runs used to happen first; then a traceback (the surrogate) or a
     bundle with the bad names written and exit 0."""
-    ckpt = write_checkpoint(tmp_path / "ckpt")
-    raw = torch.load(ckpt / CHECKPOINT_FILE, weights_only=True)
-    raw["classes"] = [dict(c) for c in raw["classes"]]
-    damage(raw["classes"])
-    save_checkpoint(ckpt, raw)
-
-    def no_work(*_a, **_k):
-        raise AssertionError("the model was built before the checkpoint's names were checked")
-
-    monkeypatch.setattr(build_module, "model_from_checkpoint", no_work)
-    assert run_main("--checkpoint", str(ckpt), "--out", str(tmp_path / "b"),
-                    "--parity-data", str(parity_dir), "--precision", "fp32") == 2  # fmt: skip
-    err = capsys.readouterr().err
+    ckpt, err = refused_before_any_work(
+        tmp_path, parity_dir, monkeypatch, capsys, lambda raw: damage(raw["classes"])
+    )
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"python -m engine_build: error: checkpoint {ckpt / CHECKPOINT_FILE}: ")
     assert needle in err

@@ -5,8 +5,6 @@ as a WARNING (a recreated topic)."""
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import threading
 import time
@@ -20,7 +18,8 @@ import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 
-from tests.support import image_bytes, tiny_manifest
+from tests.support import tiny_manifest
+from tests.worker.test_loop_overlap import post
 from worker import pipeline
 from worker.metrics import WorkerMetrics
 from worker.pipeline import StreamWorker, partition_lag
@@ -30,17 +29,6 @@ from worker.stack import RedisServer, create_topics, free_port, redis_server_ava
 from worker.trends import ApplyResult, TrendRecord, TrendWriter
 
 pytestmark = pytest.mark.integration
-
-
-def post(i: int) -> bytes:
-    jpeg = image_bytes(np.random.default_rng(i), "JPEG")
-    return json.dumps(
-        {
-            "post_id": f"lag-{i}",
-            "image_b64": base64.b64encode(jpeg).decode(),
-            "posted_at": "2026-12-01T10:00:00Z",
-        }
-    ).encode()
 
 
 class FirstLabelEngine:
