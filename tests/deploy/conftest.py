@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.support import in_ci
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -254,7 +255,7 @@ def kustomize(directory: Path) -> list[dict]:
     """Render with kubectl's kustomize; the stand-in renderer only outside CI."""
     exe = kubectl()
     if exe is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if in_ci():
             pytest.fail("kubectl is missing: run tests/deploy/install-kubectl.sh (make setup)")
         return render(directory)
     proc = subprocess.run(

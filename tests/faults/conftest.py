@@ -28,7 +28,7 @@ import pytest
 import redis
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
-from tests.support import CLASSES, IMAGE_SIZE, image_bytes  # noqa: F401 (fx.* for tests)
+from tests.support import CLASSES, IMAGE_SIZE, image_bytes, missing_tool  # noqa: F401 (fx.* for tests)
 from worker.stack import (
     RedisServer,
     StackError,
@@ -53,9 +53,7 @@ SOAK_FACTOR = max(1, SOAK * 5) if SOAK else 1
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A fresh redis-server with AOF persistence, so a test may stop and restart it."""
     if not redis_server_available():
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server is not installed (make setup installs it)")
+        missing_tool("redis-server is not installed (make setup installs it)")
     server = RedisServer(tmp_path / "redis", free_port(), appendonly=True)
     server.start()
     try:

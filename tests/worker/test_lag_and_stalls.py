@@ -18,7 +18,7 @@ import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 
-from tests.support import tiny_manifest
+from tests.support import missing_tool, tiny_manifest
 from tests.worker.test_loop_overlap import post
 from worker import pipeline
 from worker.metrics import WorkerMetrics
@@ -157,7 +157,7 @@ def test_an_idle_worker_on_a_transactional_topic_reads_lag_0(
     record + 1 left end - committed at 1 for ever, and the documented stuck-worker alert fired
     on every idle pod fed by a transactional producer (Kafka Streams, Connect with EOS)."""
     if not redis_server_available():
-        pytest.skip("redis-server is not installed")
+        missing_tool("redis-server is not installed (make setup installs it with apt-get)")
     live = LiveWorker(kafka_bootstrap, tmp_path, transactional_id="feeder")
     try:
         live.feeder.init_transactions()
@@ -210,7 +210,7 @@ def test_lag_grows_while_a_batch_is_stuck_on_redis_and_falls_once_it_commits(
     overlap: str, kafka_bootstrap: str, tmp_path: Path, monkeypatch
 ) -> None:
     if not redis_server_available():
-        pytest.skip("redis-server is not installed")
+        missing_tool("redis-server is not installed (make setup installs it with apt-get)")
     # the stuck loop asks the broker for the end offsets every 0.2 s here, not every 10 s
     monkeypatch.setattr(pipeline, "LAG_END_REFRESH_S", 0.2)
     live = LiveWorker(kafka_bootstrap, tmp_path, overlap)
