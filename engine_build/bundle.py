@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from engine_build.manifest import MANIFEST_FILE, SCHEMA_VERSION, Artifact, Manifest
 from training.cli_errors import path_length_problem
+from training.json_keys import unique_keys
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def read_manifest(path: Path) -> Manifest:
             raise ValueError(f"larger than {MAX_MANIFEST_BYTES} bytes")
         # ValueError: bad UTF-8 or JSON, or an integer over Python's int_max_str_digits;
         # RecursionError: arrays or objects nested thousands deep
-        raw = json.loads(text, object_pairs_hook=_unique_keys)
+        raw = json.loads(text, object_pairs_hook=unique_keys)
     except (OSError, ValueError, RecursionError) as exc:
         raise BundleError(f"unreadable manifest {file}: {exc}") from exc
     if isinstance(raw, dict):
@@ -144,17 +145,6 @@ def read_manifest(path: Path) -> Manifest:
             f"{manifest.num_classes} classes"
         )
     return manifest
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """A JSON object whose keys are unique: with two ``labels`` or ``arch`` keys the last would
-    win silently, and another reader of the file may take the first."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {duplicate[:64]!r} in one object")
-    return obj
 
 
 def _check_schema_version(file: Path, version: object) -> None:

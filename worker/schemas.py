@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from training.json_keys import unique_keys
 from worker.errors import PostError
 
 MAX_JSON_DEPTH = 16
@@ -184,7 +185,7 @@ def _bounded_loads(text: str) -> object:
                 if depth > MAX_JSON_DEPTH:
                     raise _OverLimitError(_TOO_DEEP)
                 if nextchar == "{":
-                    return JSONObject((string, idx + 1), True, member, None, _unique_keys, memo)
+                    return JSONObject((string, idx + 1), True, member, None, unique_keys, memo)
                 return JSONArray((string, idx + 1), member)
             finally:
                 depth -= 1
@@ -208,16 +209,6 @@ def _bounded_loads(text: str) -> object:
     decoder = json.JSONDecoder()
     decoder.scan_once = scan  # raw_decode's entry point: the top-level value, not counted
     return decoder.decode(text)
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """An object whose keys are unique: with two ``post_id``s, parsers disagree on which wins."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {duplicate[:64]!r}")
-    return obj
 
 
 def parse_event(raw: bytes | None, max_bytes: int) -> PostEvent:
