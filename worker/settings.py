@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.host_names import ascii_host
 from worker.trends import MAX_TTL_S
 
 Backend = Literal["auto", "tensorrt", "torch-cuda", "torch-cpu", "onnxruntime"]
@@ -284,8 +285,8 @@ def allow_list_host(entry: str) -> str:
                 f"url_allow_hosts entry {entry!r}: a host name without a port"
             ) from None
     try:
-        return host.encode("idna").decode("ascii")
-    except UnicodeError:
+        return ascii_host(host)
+    except ValueError:
         raise ValueError(f"url_allow_hosts entry {entry!r}: not a valid host name") from None
 
 

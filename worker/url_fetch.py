@@ -26,6 +26,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from worker.errors import PostError
 from worker.host_breaker import HostBreaker
+from worker.host_names import ascii_host
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +196,8 @@ def _vet_url(url: str, policy: UrlPolicy) -> tuple[str, str, int, str]:
             # not the canonical dotted quad; refused rather than re-implementing inet_aton
             raise PostError("url_refused", f"non-canonical numeric host {host!r}")
         try:
-            host = host.encode("idna").decode("ascii")  # what DNS and the Host header carry
-        except UnicodeError:
+            host = ascii_host(host)  # what DNS and the Host header carry, as browsers map it
+        except ValueError:
             raise PostError("url_refused", f"invalid host name {host!r}") from None
     # an IPv6 literal has many spellings (2001:db8:0::1): compared in its compressed form
     key = host if literal is None else str(literal)

@@ -168,6 +168,32 @@ def test_allow_list_and_disabled_policy():
         fetch("http://cdn.example/a.jpg", UrlPolicy(enabled=False))
 
 
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        # IDNA 2003 (Python's "idna" codec) maps these to fass.de and strasse.example, other
+        # registrants' domains; browsers (UTS #46, non-transitional) keep the letter
+        ("http://faß.de/a.jpg", "xn--fa-hia.de"),
+        ("http://STRAßE.example/a.jpg", "xn--strae-oqa.example"),
+        ("http://bücher.de/a.jpg", "xn--bcher-kva.de"),
+        ("http://☃.net/a.jpg", "xn--n3h.net"),  # a symbol IDNA 2008 refuses; browsers fetch it
+        ("http://ＩＭＧ．example/a.jpg", "img.example"),  # full-width letters and dot
+        ("http://my_cdn.example/a.jpg", "my_cdn.example"),  # DNS serves underscores
+    ],
+)
+def test_host_names_are_looked_up_as_browsers_map_them(url, name):
+    asked = []
+
+    def resolve(host, port, type=socket.SOCK_STREAM):
+        asked.append(host)
+        raise socket.gaierror(f"unknown host {host}")
+
+    with pytest.raises(PostError) as info:
+        fetch(url, UrlPolicy(timeout_s=2.0), resolve)
+    assert info.value.kind == "url_fetch_failed", info.value.reason
+    assert asked == [name]
+
+
 def test_unresolvable_name_is_a_fetch_failure():
     with pytest.raises(PostError) as info:
         fetch("http://nowhere.invalid/a.jpg", UrlPolicy(), fake_resolver({}))
