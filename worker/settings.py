@@ -306,6 +306,9 @@ class WorkerSettings(BaseSettings):
         extra="forbid",
         case_sensitive=False,
         allow_inf_nan=False,
+        # a ValidationError's text otherwise quotes the input, SecretStr fields and the
+        # redis_url's password included, to whoever prints or logs it
+        hide_input_in_errors=True,
     )
 
     # Kafka

@@ -11,6 +11,7 @@ from kafka.cluster import collect_hosts
 from pydantic import ValidationError
 
 from tests.support import make_certificates, worker_cli
+from training.cli_errors import first_validation_error
 from worker.connections import kafka_common_config, redis_client
 from worker.settings import FILE_SETTINGS, WorkerSettings
 
@@ -384,3 +385,27 @@ def test_a_redis_password_is_masked_wherever_the_url_carries_it(url):
     assert "**********" in shown and shown.startswith(
         url.split("?")[0].replace("hunter2", "*" * 10)
     )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # a model check after the fields: pydantic quotes every input in the error
+        {
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "PLAIN",
+            "sasl_username": "",
+            "sasl_password": "hunter2",
+        },
+        {"redis_password": "hunter2", "max_batch": -1},
+        {"redis_url": "redis://worker:hunter2@redis:6379/0", "max_batch": -1},
+        {"redis_url": "redis://worker:hunter2@redis:99999/0"},
+    ],
+)
+def test_a_refused_setting_never_quotes_a_secret_in_its_error(fields):
+    """A ValidationError is printed or logged whole by whoever catches it, not always through
+    the CLI's one-line summary."""
+    with pytest.raises(ValidationError) as info:
+        WorkerSettings(**fields)
+    assert "hunter2" not in str(info.value)
+    assert "hunter2" not in first_validation_error(info.value)
