@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -13,8 +12,6 @@ from torch import nn
 from tqdm import tqdm
 
 from training.datasets.base import DatasetError
-
-log = logging.getLogger(__name__)
 
 NOTHING_DECODED = "none of the evaluation images could be decoded"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,6 @@ from PIL import Image, ImageDraw
 from training.cli import BadArgumentError, check_out_dir, positive_int, seed_int
 from training.cli_errors import OneLineParser, path_arg
 from training.cli_help import DefaultsHelpFormatter
-
-log = logging.getLogger(__name__)
 
 # real makes with their own models, so the demo's trend tables read like the real thing
 MAKE_MODELS = {

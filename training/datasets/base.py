@@ -146,11 +146,6 @@ def message_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def is_readable_image(path: Path) -> bool:
-    """Cheap integrity check used to skip corrupt or oversized files (see ``image_problem``)."""
-    return image_problem(path) is None
-
-
 def filter_corrupt(samples: list[Sample], strict: bool) -> tuple[list[Sample], int]:
     """Drop unreadable images (counted), or raise on the first with ``strict``."""
     kept, _sizes, corrupt = filter_corrupt_sized(samples, strict)

@@ -15,7 +15,6 @@ no boxes. Make ids are not in this file, so a class's make_id is the make name's
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,6 @@ from training.datasets.base import (
 )
 from training.datasets.matfile import cell_problem, read_mat
 from training.datasets.splits import examples, read_split, split_warnings, warn_once
-
-log = logging.getLogger(__name__)
 
 NAMES_MAT = "sv_make_model_name.mat"
 SPLIT_FILES = {"train": "train_surveillance.txt", "test": "test_surveillance.txt"}

@@ -85,10 +85,6 @@ def _listing(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, dirs
 
 
-def _images(folder: Path) -> list[Path]:
-    return _listing(folder)[0]
-
-
 def _subdirs(folder: Path) -> list[Path]:
     return _listing(folder)[1]
 

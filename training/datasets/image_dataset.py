@@ -19,8 +19,6 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from training.datasets.base import (
-    BBOX_MARGIN,
-    BBox,
     DatasetError,
     Sample,
     bbox_crop_box,
@@ -32,12 +30,6 @@ log = logging.getLogger(__name__)
 
 # what PIL raises for a file whose header looked fine but whose data does not decode
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-def crop_to_bbox(img: Image.Image, bbox: BBox, margin: float = BBOX_MARGIN) -> Image.Image:
-    """Crop to ``bbox`` grown by ``margin`` of its size on each side, clamped to the image."""
-    box = bbox_crop_box(bbox, img.size, margin)
-    return img if box is None else img.crop(box)
 
 
 def load_image(sample: Sample, draft_size: int | None = None) -> Image.Image:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -23,8 +22,6 @@ from typing import Any
 import numpy as np
 
 from training.datasets.base import DatasetError
-
-log = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 120.0  # the real file loads in milliseconds; this is for a reader stuck in a loop
 CHILD_MEMORY_BYTES = 2 << 30  # address space the child may add after its imports
