@@ -7,6 +7,10 @@ from worker.errors import PostError
 HEADER_PREFIX = "carstream."
 
 
+# on a dead letter whose original had neither key nor value, sent with an empty value
+VALUE_NULL_HEADER = HEADER_PREFIX + "value_null"
+
+
 def dlq_headers(
     error: PostError, topic: str, partition: int, offset: int, worker_id: str
 ) -> list[tuple[str, bytes]]:

@@ -51,7 +51,7 @@ from engine_build.runtime import Engine
 from worker.backoff import Backoff
 from worker.batching import Batcher
 from worker.connections import metadata_answers, topic_unknown
-from worker.dead_letter import HEADER_PREFIX, dlq_headers, parse_dlq_headers
+from worker.dead_letter import HEADER_PREFIX, VALUE_NULL_HEADER, dlq_headers, parse_dlq_headers
 from worker.decode_pool import DecodePool
 from worker.errors import RETRYABLE_KINDS, PostError
 from worker.gpu_preprocess import decode_bisecting, decode_jpegs, preprocess_rows
@@ -416,16 +416,19 @@ def make_outputs(
                 error = PostError("internal", "engine returned non-finite logits (NaN or inf)")
             else:
                 error = prep.error or PostError("internal", "no inference result")
+            # a keyless tombstone: kafka-python sends no record without key and value, so it
+            # goes with an empty value and a header that tells it from a producer's b""
+            tombstone = rec.key is None and rec.value is None
             dead.append(
                 (
                     rec.key,
-                    # a keyless tombstone: kafka-python sends no record without key and value
-                    b"" if rec.key is None and rec.value is None else rec.value,
+                    b"" if tombstone else rec.value,
                     [
                         *original_headers(rec),
                         *dlq_headers(
                             error, rec.topic, rec.partition, rec.offset, settings.worker_id
                         ),
+                        *([(VALUE_NULL_HEADER, b"1")] if tombstone else []),
                     ],
                 )
             )

@@ -141,6 +141,7 @@ class _OverLimitError(Exception):
 
 # JSON's number grammar in ASCII digits: json.scanner's pure-Python NUMBER_RE uses ``\d``, which
 # also matches other scripts' digits (``1\u0661`` would read as 11), where the C parser refuses them
+_INT_DIGITS = 4000  # well under sys.get_int_max_str_digits()'s default, 4300
 _NUMBER = re.compile(r"(-?(?:0|[1-9][0-9]*))(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 
 
@@ -198,7 +199,9 @@ def _bounded_loads(text: str) -> object:
         match = _NUMBER.match(string, idx)
         if match is not None:
             integer, frac, exp = match.groups()
-            if frac or exp:
+            if frac or exp or len(integer) > _INT_DIGITS:
+                # an integer past Python's int_max_str_digits is valid JSON: no field of an
+                # event is a number, so a float (inf, even) serves an ignored field as well
                 return float(integer + (frac or "") + (exp or "")), match.end()
             return int(integer), match.end()
         for constant in ("NaN", "Infinity", "-Infinity"):
@@ -221,11 +224,14 @@ def parse_event(raw: bytes | None, max_bytes: int) -> PostEvent:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PostError("invalid_utf8", f"not UTF-8 at byte {exc.start}") from None
+    # a byte order mark, which Windows tools write: RFC 8259 lets a parser ignore it "in the
+    # interests of interoperability", and `worker produce --jsonl` (json.loads) does
+    text = text.removeprefix("\ufeff")
     try:
         obj = _bounded_loads(text)
     except _OverLimitError as exc:
         raise PostError("invalid_json", str(exc)) from None
-    except ValueError as exc:  # JSONDecodeError, a duplicate key, NaN, an int past 4300 digits
+    except ValueError as exc:  # JSONDecodeError, a duplicate key, NaN
         raise PostError("invalid_json", f"not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise PostError("schema", f"expected a JSON object, got {type(obj).__name__}")

@@ -222,10 +222,12 @@ def increments(record: TrendRecord) -> list[tuple[str, str]]:
 
 
 def _expire_at(key: str, minute_ttl_s: int, hour_ttl_s: int, now: float) -> int:
-    """Unix time a bucket key expires: end of its bucket (or now, if later) plus its TTL.
+    """Unix time a bucket key expires: end of its bucket (or now, if earlier) plus its TTL.
 
     Anchoring on event time keeps a bucket's lifetime fixed however late events arrive;
-    capping at now keeps a far-future posted_at from living for years.
+    capping at now keeps a far-future posted_at from living for years. A bucket written while
+    its minute or hour is still running therefore expires TTL after that write, the last
+    write's time deciding: between TTL after the bucket's start and TTL after its end.
     """
     res, bucket = key[len(PREFIX) :].split(":")[1:3]
     if res == "m":

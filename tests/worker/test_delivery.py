@@ -659,17 +659,23 @@ def test_a_fatal_loop_error_is_logged_and_exits_1(
 
 def test_a_keyless_tombstone_reaches_the_dlq():
     """A record with neither key nor value is a bad post like any other; kafka-python sends no
-    record without both, so its dead letter carries an empty value."""
-    batch = [Pending(Rec("car-posts", 0, 4, None, None), 0.0, DoneFuture())]
-    prepared = [Prepared(None, None, PostError("invalid_json", "empty"), 0.0)]
+    record without both, so its dead letter carries an empty value, and a header that tells it
+    from a producer's empty value (which keeps none)."""
+    batch = [
+        Pending(Rec("car-posts", 0, 4, None, None), 0.0, DoneFuture()),
+        Pending(Rec("car-posts", 0, 5, None, b""), 0.0, DoneFuture()),
+    ]
+    prepared = [Prepared(None, None, PostError("invalid_json", "empty"), 0.0)] * 2
     producer = BrokerLikeProducer()
     worker = worker_with(producer)
     manifest = tiny_manifest([{"make": "Audi", "model": "A4"}])
     _, dead, _ = make_outputs(batch, prepared, {}, manifest, worker.settings)
     deliver_within(worker, [], dead)
-    ((_, key, value, headers),) = producer.delivered
-    assert key is None and value == b""
+    (_, key, value, headers), (_, _, empty, empty_headers) = producer.delivered
+    assert key is None and value == b"" == empty
     assert parse_dlq_headers(headers)["source_offset"] == "4"
+    assert parse_dlq_headers(headers)["value_null"] == "1"
+    assert "value_null" not in parse_dlq_headers(empty_headers)
 
 
 class _CommitRefuses:

@@ -271,6 +271,24 @@ def test_numbers_are_json_numbers_in_ascii_digits(number):
     assert info.value.kind == "invalid_json"
 
 
+@pytest.mark.parametrize("digits", [4299, 4301, 100_000])
+def test_a_long_integer_in_an_ignored_field_is_still_json(digits):
+    # valid JSON: Python's int() refuses strings past 4300 digits, which dead-lettered the post
+    # as invalid_json with advice to change an interpreter setting
+    text = _raw(GOOD)[:-1] + b', "ext_id": -' + b"9" * digits + b"}"
+    assert parse_event(text, 10**6).post_id == GOOD["post_id"]
+
+
+def test_a_byte_order_mark_before_the_json_is_ignored():
+    # RFC 8259 lets a parser ignore one, Windows tools write one, and `produce --jsonl` reads
+    # it (json.loads): the two must agree
+    raw = "\ufeff".encode() + _raw(GOOD)
+    assert json.loads(raw)["post_id"] == parse_event(raw, 10_000).post_id == GOOD["post_id"]
+    with pytest.raises(PostError) as info:  # one mark, not any number of them
+        parse_event("\ufeff".encode() * 2 + _raw(GOOD), 10_000)
+    assert info.value.kind == "invalid_json"
+
+
 def _frames_kept(error: BaseException) -> list:
     """Every frame that the error keeps alive through its traceback, or through the
     tracebacks of the exceptions it was raised from (with their locals: the post's text,
