@@ -32,6 +32,9 @@ from worker.schemas import Prediction
 
 log = logging.getLogger(__name__)
 
+# a probe or scrape sends its request at once; a connection silent this long is dropped
+CLIENT_IDLE_S = 10.0
+
 # from 0.25 ms: a TensorRT batch should take a few ms (an unmeasured estimate: no GPU has been
 # lent yet) and a GPU-decoded image's CPU part ~0.3 ms (benchmarks/results/sim_gpu_decode),
 # which a first bucket of 5 ms would hide
@@ -172,7 +175,14 @@ class WorkerMetrics:
 
 
 class EndpointHandler(BaseHTTPRequestHandler):
-    """What the worker's and a --processes supervisor's endpoints share: replies, logging."""
+    """What the worker's and a --processes supervisor's endpoints share: replies, logging.
+
+    Each connection gets a thread that waits for its request: without a timeout, a client that
+    connects and sends nothing (or half a request line) held a thread and a file descriptor for
+    as long as it stayed connected, and anyone who reaches the port could pile them up.
+    """
+
+    timeout = CLIENT_IDLE_S  # socket timeout for each read: the connection is then closed
 
     def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
         self.send_response(code)

@@ -27,6 +27,7 @@ from urllib.parse import quote, urljoin, urlsplit
 from worker.errors import PostError
 from worker.host_breaker import HostBreaker
 from worker.host_names import ascii_host
+from worker.thread_names import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,10 @@ _CONTROL_NAMES = {"\t": "a tab", "\n": "a line feed", "\r": "a carriage return",
 # many names, cannot take every thread and starve every other host's lookups.
 _RESOLVE_THREADS = 64
 _ZONE_LOOKUPS = 8
-_RESOLVE_POOL = ThreadPoolExecutor(max_workers=_RESOLVE_THREADS, thread_name_prefix="url-resolve")
+# named in the kernel too: a thread inherits the kernel name of the decode thread that starts it
+_RESOLVE_POOL = ThreadPoolExecutor(
+    max_workers=_RESOLVE_THREADS, thread_name_prefix="url-resolve", initializer=name_this_thread
+)
 # second-level labels under which names are registered (foo.co.uk): the zone keeps three labels
 _SECOND_LEVEL = {"ac", "co", "com", "edu", "gob", "gov", "ne", "net", "or", "org"}
 # a timeout is a strike against its origin only when that origin's own work (lookup, connect,
@@ -346,6 +350,19 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         )
 
 
+class _DeadlineTimer(threading.Timer):
+    """A fetch's deadline thread, named ``url-deadline`` in the kernel too (a thread inherits
+    its creator's kernel name: it showed as the decode thread that started the fetch)."""
+
+    def __init__(self, seconds: float, function: Callable[[], None]) -> None:
+        super().__init__(seconds, function)
+        self.name = "url-deadline"
+
+    def run(self) -> None:
+        name_this_thread()
+        super().run()
+
+
 class _Deadline:
     """Wall-clock limit for one fetch.
 
@@ -357,7 +374,7 @@ class _Deadline:
     def __init__(self, seconds: float) -> None:
         self.at = time.monotonic() + seconds
         self.conn: _PinnedHTTPConnection | _PinnedHTTPSConnection | None = None
-        self._timer = threading.Timer(seconds, self._expire)
+        self._timer = _DeadlineTimer(seconds, self._expire)
         self._timer.daemon = True
         self._timer.start()
 

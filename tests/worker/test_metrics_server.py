@@ -7,7 +7,7 @@ import socket
 import struct
 import time
 
-from worker.metrics import WorkerMetrics, bind, start
+from worker.metrics import EndpointHandler, WorkerMetrics, bind, start
 
 
 def test_a_client_that_hung_up_is_logged_not_printed(caplog, capfd):
@@ -28,3 +28,27 @@ def test_a_client_that_hung_up_is_logged_not_printed(caplog, capfd):
         server.shutdown()
         server.server_close()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_connection_that_sends_nothing_is_closed(monkeypatch):
+    # each connection has a thread waiting for its request: 200 silent clients held 200 threads
+    # and file descriptors for as long as they stayed connected
+    monkeypatch.setattr(EndpointHandler, "timeout", 0.5)
+    server = start(bind(WorkerMetrics(), "127.0.0.1", 0, stall_s=60))
+    try:
+        silent = socket.create_connection(("127.0.0.1", server.server_port))
+        half = socket.create_connection(("127.0.0.1", server.server_port))
+        half.sendall(b"GET /metr")  # half a request line
+        for client in (silent, half):
+            client.settimeout(10)
+            assert client.recv(1024) == b""  # the server closed it; no answer was due
+            client.close()
+        # and the endpoint still answers whole requests
+        probe = socket.create_connection(("127.0.0.1", server.server_port))
+        probe.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        probe.settimeout(10)
+        assert probe.recv(1024).startswith(b"HTTP/1.0 200")
+        probe.close()
+    finally:
+        server.shutdown()
+        server.server_close()

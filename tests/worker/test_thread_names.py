@@ -60,3 +60,35 @@ def test_running_threads_are_named_but_not_the_main_thread():
     finally:
         release.set()
         thread.join()
+
+
+@linux_only
+def test_a_url_fetchs_resolver_and_deadline_threads_are_named_for_what_they_do():
+    # they inherit the kernel name of the decode thread that starts them, which counted their
+    # CPU as decoding in benchmarks/worker_ab.py and showed extra decode_N threads in top -H
+    import socket
+
+    from worker.url_fetch import UrlPolicy, fetch
+
+    seen: dict[str, str] = {}
+
+    def resolve(host, port, type=socket.SOCK_STREAM):
+        seen["resolver"] = comm(threading.get_native_id())
+        for thread in threading.enumerate():
+            if thread.name == "url-deadline" and thread.native_id is not None:
+                seen["deadline"] = comm(thread.native_id)
+        raise socket.gaierror("no such host")
+
+    def decode_thread() -> None:
+        name_this_thread()
+        try:
+            fetch("http://img.example/a.jpg", UrlPolicy(timeout_s=5.0), resolve)
+        except Exception as exc:  # url_fetch_failed, as no name resolves
+            seen["error"] = type(exc).__name__
+
+    thread = threading.Thread(target=decode_thread, name="decode_7")
+    thread.start()
+    thread.join(30)
+    assert seen["resolver"].startswith("url-resolve")
+    assert seen["deadline"] == "url-deadline"
+    assert seen["error"] == "PostError"
