@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
+from engine_build.scores import softmax
 from training.preprocessing import PreprocessSpec, draft_for, oriented_rgb, preprocess_image
 
 log = logging.getLogger(__name__)
@@ -154,13 +155,6 @@ def _abs_diff(reference: np.ndarray, candidate: np.ndarray) -> tuple[float | Non
     if diff.size == 0 or not np.isfinite(diff).all():
         return None, None
     return float(diff.max()), float(diff.mean())
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Class probabilities (float64) of each row of ``logits``, as the worker scores a post."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def max_prob_diff(reference: np.ndarray, candidate: np.ndarray) -> float | None:

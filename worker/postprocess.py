@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine_build.scores import softmax
+
 
 @dataclass(frozen=True)
 class Classified:
@@ -13,15 +15,6 @@ class Classified:
     confidence: float
     top_k: list[tuple[int, float]]
     low_confidence: bool
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable row-wise softmax in float64 (FP16 logits overflow exp otherwise)."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
 
 
 def classify(logits: np.ndarray, top_k: int, min_confidence: float) -> list[Classified]:

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from engine_build.manifest import Manifest
+from engine_build.scores import softmax
 from tests.support import DoneFuture, Rec, tiny_manifest
 from training.preprocessing import PreprocessSpec
 from worker.batching import Batcher
 from worker.dead_letter import dlq_headers, parse_dlq_headers
 from worker.errors import PostError
 from worker.pipeline import Pending, commit_offsets, make_outputs
-from worker.postprocess import classify, softmax
+from worker.postprocess import classify
 from worker.prepare import Prepared, prepare
 from worker.schemas import MAX_JSON_DEPTH, MAX_JSON_VALUES, Prediction, parse_event
 from worker.settings import WorkerSettings
