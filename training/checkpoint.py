@@ -75,10 +75,29 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        interrupt = interrupt_behind(exc)
+        if interrupt is not None and interrupt is not exc:
+            # Ctrl-C or SIGTERM mid-write: torch.save's zip writer fails in its __exit__ on the
+            # half-written archive, and that RuntimeError would hide the interruption (a
+            # traceback and exit 1, the code of a diverged run, instead of exit 130)
+            raise interrupt from None
         raise
     fsync_dir(path.parent)
+
+
+def interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt that ``exc`` is, or that it was raised while handling (its
+    ``__context__`` chain), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return current
+        seen.add(id(current))
+        current = current.__context__
+    return None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

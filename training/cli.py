@@ -21,6 +21,11 @@ class BadArgumentError(ValueError):
     """A flag value that is well-formed but unusable; the message names the flag and value."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with a note from the command on what it leaves behind (``train``: the
+    checkpoint to continue from, or that it saved none); :func:`run_guarded` prints it."""
+
+
 # path problems are the user's to fix too (an --out they cannot write, a file where a folder
 # belongs): their message names the path, so one line says everything a traceback would
 USER_ERRORS = (
@@ -163,15 +168,9 @@ def run_guarded(main: Callable[[argparse.Namespace], object], args: argparse.Nam
     except FloatingPointError as exc:
         print(f"error: training diverged: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        where = (
-            f"; the last finished epoch's checkpoint, if any, is in {out} (continue with "
-            f"--resume {out})"
-            if out is not None and getattr(args, "command", None) == "train"
-            else ""
-        )
+    except KeyboardInterrupt as exc:
+        note = f"; {exc}" if isinstance(exc, Interrupted) and str(exc) else ""
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the whole run
-            print(f"interrupted{where}", file=sys.stderr)
+            print(f"interrupted{note}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0

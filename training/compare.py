@@ -408,7 +408,7 @@ def _compare(
     for arch in archs:
         run_args = arch_run_args(args, arch)
         start = time.perf_counter()
-        metrics = train_cmd.main(run_args)
+        metrics = train_cmd.run(run_args)  # not main: the summary line is train's, not ours
         train_seconds = time.perf_counter() - start
         if test_index is None:  # one index: every arch is scored on the same images, in order
             test_index = load_index(

@@ -77,7 +77,10 @@ def train_one_epoch(
             logits = model(images)
             loss = criterion(logits, targets)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}; lower --lr")
+            raise FloatingPointError(
+                f"loss is {loss.item()} at epoch {epoch}; lower --lr, --head-lr-mult or the "
+                "weight decay (--weight-decay, --norm-weight-decay, --bias-weight-decay)"
+            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

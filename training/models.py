@@ -71,11 +71,28 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     return model
 
 
+# where a checkpoint keeps its weights, in order of preference: with --ema-decay a carstream
+# checkpoint's ema_state_dict is the model that was scored and shipped, state_dict the raw weights
+CHECKPOINT_WEIGHT_KEYS = ("ema_state_dict", "state_dict")
+
+
+def weights_key(state: object) -> str | None:
+    """The key of ``CHECKPOINT_WEIGHT_KEYS`` that :func:`as_state_dict` takes the weights from
+    (None: ``state`` is a state dict itself)."""
+    if isinstance(state, dict):
+        for key in CHECKPOINT_WEIGHT_KEYS:
+            if isinstance(state.get(key), dict) and state[key]:
+                return key
+    return None
+
+
 def as_state_dict(state: object) -> dict[str, torch.Tensor]:
-    """``state`` (a loaded weights file) as a state dict, taken out of a checkpoint's
-    ``state_dict`` where it is one; a ValueError when it maps no parameter names to tensors."""
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    """``state`` (a loaded weights file) as a state dict, taken out of a checkpoint where it is
+    one (its ``ema_state_dict`` when it has one, else its ``state_dict``: :func:`weights_key`); a
+    ValueError when it maps no parameter names to tensors."""
+    key = weights_key(state)
+    if key is not None:
+        state = state[key]  # type: ignore[index]
     if not (
         isinstance(state, dict)
         and state
@@ -167,8 +184,11 @@ def load_pretrained_backbone(model: nn.Module, arch: str, pretrained: str) -> st
         path = Path(pretrained)
         if not path.is_file():
             raise FileNotFoundError(f"--pretrained: no such weights file: {path}")
-        state = as_state_dict(torch_load_weights_only(path, "state dict or checkpoint"))
-        source = where = f"file:{path}"
+        loaded = torch_load_weights_only(path, "state dict or checkpoint")
+        key = weights_key(loaded)
+        state = as_state_dict(loaded)
+        # which weights of a checkpoint: its EMA (the shipped model) or its raw state_dict
+        source = where = f"file:{path}" + (f" ({key})" if key else "")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

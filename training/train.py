@@ -10,12 +10,16 @@ be.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
+import json
 import logging
 import math
 import os
 import socket
 import sys
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,6 +33,7 @@ from training import plots
 from training.checkpoint import (
     ARGS_FILE,
     CHECKPOINT_FILE,
+    LABELS_FILE,
     METRICS_FILE,
     CheckpointError,
     atomic_write_json,
@@ -38,6 +43,7 @@ from training.checkpoint import (
 )
 from training.cli import (
     BadArgumentError,
+    Interrupted,
     check_out_dir,
     check_utf8_path,
     non_negative_float,
@@ -101,7 +107,18 @@ MAX_IMAGE_SIZE = 4096
 MAX_LR = 10.0
 MAX_HEAD_LR_MULT = 1000.0
 MAX_BATCH_SIZE = 65_536
+# a decay factor past 1 pulls every weight through zero each step (SGD: w -= lr * wd * w), and
+# the run diverges with nothing to say which flag did it; usual values are 1e-4 (SGD) to 0.05
+MAX_WEIGHT_DECAY = 1.0
+DECAY_FLAGS = ("weight_decay", "norm_weight_decay", "bias_weight_decay")
+# DataLoader forks this many processes per loader, each holding a copy of the data set's index:
+# past a few dozen they only contend for the cores and the disk, and a typo forks without limit
+MAX_LOADER_WORKERS = 64
 LOCK_FILE = ".train.lock"
+PLOT_FILES = ("per_class_accuracy.png", "confused_pairs.png")
+TB_DIR = "tb"
+# every file a run writes into --out (the lock aside): what --overwrite removes of a previous run
+RUN_FILES = (CHECKPOINT_FILE, LABELS_FILE, METRICS_FILE, ARGS_FILE, *PLOT_FILES)
 
 
 def default_loader_workers() -> int:
@@ -111,6 +128,14 @@ def default_loader_workers() -> int:
     starves the main process that feeds the model.
     """
     return min(4, usable_cpus())
+
+
+def loader_workers(text: str) -> int:
+    """--workers: 0 (load in the main process) to ``MAX_LOADER_WORKERS``."""
+    value = non_negative_int(text)
+    if value > MAX_LOADER_WORKERS:
+        raise argparse.ArgumentTypeError(f"{text!r} must be <= {MAX_LOADER_WORKERS}")
+    return value
 
 
 def add_data_args(
@@ -129,10 +154,10 @@ def add_data_args(
     parser.add_argument("--strict", action="store_true", help="fail on a corrupt image")
     parser.add_argument(
         "--workers",
-        type=non_negative_int,
+        type=loader_workers,
         default=default_loader_workers(),
-        help="loader processes (default: 4, or the CPUs this process may use if fewer: %(default)s "
-        "here)",
+        help=f"loader processes, 0..{MAX_LOADER_WORKERS} (default: 4, or the CPUs this process "
+        "may use if fewer: %(default)s here)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=64, help="per process")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -162,17 +187,22 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         "--momentum", type=unit_float, default=0.9, help="SGD momentum (Nesterov when above 0)"
     )
     parser.add_argument(
-        "--weight-decay", type=non_negative_float, default=1e-4, help="weight decay"
+        "--weight-decay",
+        type=non_negative_float,
+        default=1e-4,
+        help=f"weight decay, at most {MAX_WEIGHT_DECAY:g}",
     )
     parser.add_argument(
         "--norm-weight-decay",
         type=non_negative_float,
-        help="weight decay of normalization layers' weights and biases (default: --weight-decay)",
+        help="weight decay of normalization layers' weights and biases, at most "
+        f"{MAX_WEIGHT_DECAY:g} (default: --weight-decay)",
     )
     parser.add_argument(
         "--bias-weight-decay",
         type=non_negative_float,
-        help="weight decay of every bias, a normalization layer's too (default: --weight-decay)",
+        help="weight decay of every bias, a normalization layer's too, at most "
+        f"{MAX_WEIGHT_DECAY:g} (default: --weight-decay)",
     )
     parser.add_argument(
         "--warmup-epochs", type=non_negative_float, default=1.0, help="linear warm-up"
@@ -600,8 +630,9 @@ def write_reports(
     out: Path, metrics: dict[str, Any], train_counts: list[int], classes: list
 ) -> None:
     atomic_write_json(out / METRICS_FILE, metrics)
-    plots.per_class_vs_frequency(metrics["per_class"], train_counts, out / "per_class_accuracy.png")
-    plots.confused_pairs(metrics["confused_pairs"], classes, out / "confused_pairs.png")
+    per_class, confused = (out / name for name in PLOT_FILES)
+    plots.per_class_vs_frequency(metrics["per_class"], train_counts, per_class)
+    plots.confused_pairs(metrics["confused_pairs"], classes, confused)
 
 
 # flags that define a run: a resumed run must match the checkpoint's on every one (optimizer state,
@@ -719,6 +750,11 @@ def check_train_args(args: argparse.Namespace) -> None:
         raise BadArgumentError(
             f"--head-lr-mult {args.head_lr_mult:g}: must be <= {MAX_HEAD_LR_MULT:g}"
         )
+    for key in DECAY_FLAGS:
+        value = getattr(args, key, None)
+        if value is not None and value > MAX_WEIGHT_DECAY:
+            flag = "--" + key.replace("_", "-")
+            raise BadArgumentError(f"{flag} {value:g}: must be <= {MAX_WEIGHT_DECAY:g}")
     if args.warmup_epochs > args.epochs:
         raise BadArgumentError(
             f"--warmup-epochs {args.warmup_epochs}: must be <= --epochs {args.epochs}"
@@ -794,16 +830,45 @@ def check_no_checkpoint_in_out(args: argparse.Namespace, can_resume: bool = True
     not be overwritten by a mistyped command. ``can_resume``: whether the command has --resume
     to suggest (compare has not)."""
     existing = Path(args.out) / CHECKPOINT_FILE
-    if not existing.is_file() or getattr(args, "overwrite", False):
+    if not existing.is_file() or getattr(args, "overwrite", False) or resumes_out(args):
         return
-    if args.resume is not None:
-        resume = Path(args.resume).resolve()
-        if existing.resolve() in (resume, resume / CHECKPOINT_FILE):
-            return
     resume = f"continue it with --resume {args.out}, or " if can_resume else ""
     raise BadArgumentError(
         f"--out {args.out} already holds {CHECKPOINT_FILE}; {resume}pass --overwrite to replace it"
     )
+
+
+def resumes_out(args: argparse.Namespace) -> bool:
+    """Whether --resume names the checkpoint in --out (the directory or its checkpoint.pt)."""
+    if getattr(args, "resume", None) is None:
+        return False
+    resume = Path(args.resume).resolve()
+    return (Path(args.out) / CHECKPOINT_FILE).resolve() in (resume, resume / CHECKPOINT_FILE)
+
+
+def remove_previous_run(out: Path) -> list[str]:
+    """Remove what an earlier run wrote into ``out`` (``RUN_FILES``, their temp files and the
+    TensorBoard event files in ``tb/``) and return their names; nothing else in ``out`` is
+    touched. ``--overwrite`` calls it before the new run writes its args.json: otherwise a run
+    interrupted before its first checkpoint left the old run's checkpoint, labels and metrics
+    beside its own args.json, and ``--resume`` then continued the old, finished model."""
+    removed = []
+    for name in RUN_FILES:
+        for path in (out / name, *sorted(out.glob(f".{name}.*.tmp"))):
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+                removed.append(path.name)
+    tb = out / TB_DIR
+    if tb.is_dir() and not tb.is_symlink():
+        events = sorted(tb.glob("events.out.tfevents.*"))
+        for path in events:
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+        if events:
+            removed.append(f"{TB_DIR}/ ({len(events)} event file(s))")
+        with contextlib.suppress(OSError):
+            tb.rmdir()  # only when nothing else is in it
+    return removed
 
 
 def check_out_not_in_data(out: Path, data: Path) -> None:
@@ -868,19 +933,97 @@ def check_resumed_state(optimizer: torch.optim.Optimizer, where: str) -> None:
                 )
 
 
+@dataclass
+class RunReport:
+    """What one invocation of :func:`run` did, filled in as it goes: the command's own messages
+    (its summary line, the note on an interruption) are made from it."""
+
+    source: str = ""  # the data set, as its reader names it
+    num_classes: int = 0
+    saved_epoch: int | None = None  # the last epoch (1-based) this invocation checkpointed
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Train; return the final metrics (rank 0) or {} (other ranks)."""
+    """The ``train`` command: :func:`run`, then its one summary line on stdout. An interruption
+    says whether this invocation saved a checkpoint to continue from (:func:`interrupt_note`)."""
+    report = RunReport()
+    try:
+        metrics = run(args, report)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(interrupt_note(args, report)) from exc
+    if metrics:
+        print(
+            f"{args.arch} on {report.source}: top1 {metrics['top1']:.4f} top5 "
+            f"{metrics['top5']:.4f} make-top1 {metrics['make_top1']:.4f} ({report.num_classes} "
+            f"classes, chance {metrics['chance_top1']:.4f}); wrote {args.out}"
+        )
+    return metrics
+
+
+def interrupt_note(args: argparse.Namespace, report: RunReport) -> str:
+    """Where an interrupted run leaves its user: the checkpoint this invocation saved, or that it
+    saved none (an --out with a checkpoint from before is no run of this one's to continue)."""
+    out = args.out
+    if report.saved_epoch is not None:
+        return (
+            f"the last finished epoch's checkpoint (epoch {report.saved_epoch} of {args.epochs}) "
+            f"is in {out}; continue with --resume {out}"
+        )
+    if args.resume is not None:
+        return (
+            f"no epoch finished, so this run saved no checkpoint; --resume {args.resume} is as "
+            "it was, continue from it again"
+        )
+    return f"no epoch finished, so this run saved no checkpoint in {out}"
+
+
+def run(args: argparse.Namespace, report: RunReport | None = None) -> dict[str, Any]:
+    """Train; return the final metrics (rank 0) or {} (other ranks). Writes the checkpoint
+    directory and logs, but prints nothing: ``compare`` runs it once per arch between its own
+    output. ``report`` (optional) is filled in with what this invocation did."""
     dist_info = init_distributed(args.device)
     held: list[IO[str]] = []  # the --out lock, released however the run ends
     try:
-        return _train(args, dist_info, held)
+        return _train(args, dist_info, held, report if report is not None else RunReport())
     finally:
         for handle in held:
             handle.close()
         cleanup(dist_info)
 
 
-def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -> dict[str, Any]:
+def new_run_id(resumed: dict[str, Any] | None) -> str:
+    """A run's id, in args.json, the checkpoint's args and metrics.json: a resumed run keeps its
+    checkpoint's (the same run, continued), a new run gets a fresh one."""
+    saved = (resumed or {}).get("args") or {}
+    run_id = saved.get("run_id")
+    return run_id if isinstance(run_id, str) and run_id else uuid.uuid4().hex
+
+
+def warn_if_mixed_run_files(resume: Path, ckpt: dict[str, Any]) -> None:
+    """Warn when --resume's directory holds an args.json of another run than its checkpoint.pt
+    (files copied together by hand, or left by a version that did not clear an --overwrite's
+    folder): the checkpoint is resumed, and is what counts, but the folder's files disagree."""
+    folder = resume if resume.is_dir() else resume.parent
+    ours = (ckpt.get("args") or {}).get("run_id")
+    try:
+        theirs = json.loads((folder / ARGS_FILE).read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return
+    if ours and theirs and ours != theirs:
+        log.warning(
+            "--resume %s: its %s is of run %s, its %s of run %s: the folder mixes two runs' "
+            "files; resuming the checkpoint's run",
+            resume,
+            ARGS_FILE,
+            theirs,
+            CHECKPOINT_FILE,
+            ours,
+        )
+
+
+def _train(
+    args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]], report: RunReport
+) -> dict[str, Any]:
     check_train_args(args)
     resolve_weight_decays(args)
     check_out_dir(args.out)
@@ -893,6 +1036,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
     resume_ckpt = load_checkpoint(args.resume) if args.resume else None
     if resume_ckpt is not None:
         check_resume(args, resume_ckpt, dist_info.world_size)
+        warn_if_mixed_run_files(Path(args.resume), resume_ckpt)
     ddp_seed = sampler_seed(
         args.seed,
         None if resume_ckpt is None else resume_ckpt.get("args") or {},
@@ -902,6 +1046,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
     train_idx, test_idx = load_splits(args)
     classes = train_idx.classes
     counts = train_idx.class_counts()
+    report.source, report.num_classes = train_idx.source, len(classes)
     spec = PreprocessSpec.for_image_size(args.image_size)
     log.info(
         "%s: %d classes, %d train / %d test images, %d listed images missing, %d corrupt",
@@ -1006,6 +1151,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
         amp=amp,
         preprocess=spec.model_dump(),
         sampler_seed=ddp_seed,
+        run_id=new_run_id(resume_ckpt),
         param_groups=describe_param_groups(optimizer_groups(model, args)),
         **describe_loss(criterion),
     )
@@ -1022,6 +1168,12 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
     if refusal is not None:
         raise BadArgumentError(refusal)
     if dist_info.is_main:
+        if args.overwrite and not resumes_out(args):
+            # under the lock, before this run writes anything: none of the old run's files may
+            # outlive its replacement's start (an interrupted run would leave a mix)
+            removed = remove_previous_run(out)
+            if removed:
+                log.info("--overwrite: removed %s of the previous run from %s", removed, out)
         atomic_write_json(out / ARGS_FILE, record)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -1121,6 +1273,7 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
                     "metrics": {k: last_eval[k] for k in ("top1", "top5")} if last_eval else {},
                 },
             )
+            report.saved_epoch = epoch + 1
         barrier(dist_info)
         if args.stop_after and epoch + 1 - start_epoch >= args.stop_after:
             log.info("stopping after epoch %d (--stop-after); continue with --resume", epoch + 1)
@@ -1148,13 +1301,9 @@ def _train(args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]]) -
             "ema": ema is not None,
             "ema_decay": args.ema_decay,
             "train_seconds_this_run": round(train_seconds, 3),
+            "run_id": record["run_id"],
         }
     )
     write_reports(out, metrics, counts, classes)
     writer.close()
-    print(
-        f"{args.arch} on {train_idx.source}: top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f} "
-        f"make-top1 {metrics['make_top1']:.4f} ({len(classes)} classes, chance "
-        f"{metrics['chance_top1']:.4f}); wrote {out}"
-    )
     return metrics

@@ -10,7 +10,7 @@ import pytest
 from training.__main__ import get_args_parser
 from training.__main__ import main as cli_main
 from training.compare import MAX_BENCH_BATCH
-from training.train import MAX_IMAGE_SIZE
+from training.train import MAX_IMAGE_SIZE, MAX_LOADER_WORKERS
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -78,3 +78,20 @@ def test_make_sample_overwrite_and_empty_out(tmp_path):
     assert cli_main(_sample_argv(out)) == 0
     assert cli_main(_sample_argv(out, "--overwrite", "--seed", "1")) == 0
     assert (out / "data/misc/make_model_name.mat").is_file()
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "compare"])
+def test_loader_workers_have_an_upper_bound(tmp_path, capsys, command):
+    """--workers forks that many loader processes: a typo must not fork without limit."""
+    data = ["--data", str(tmp_path / "no_data")]
+    where = ["--checkpoint", str(tmp_path)] if command == "evaluate" else ["--out", str(tmp_path)]
+    bound = str(MAX_LOADER_WORKERS)
+    for value in ("99999999999999999999", str(MAX_LOADER_WORKERS + 1)):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main([command, *data, *where, "--workers", value])
+        assert exit_.value.code == 2
+        line = one_error_line(capsys)
+        assert f"--workers: '{value}' must be <= {bound}" in line
+    sub = get_args_parser()._subparsers._group_actions[0].choices[command]
+    action = next(a for a in sub._actions if "--workers" in a.option_strings)
+    assert f"0..{bound}" in action.help

@@ -141,3 +141,36 @@ def test_folder_split_folders_without_a_pair_are_an_error(tmp_path, dirs):
     with pytest.raises(DatasetError, match="split folder") as err:
         load_index("folder", tmp_path, "train")
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_sv_make_order_of_unnamed_makes_is_the_same_in_every_process(sv_root):
+    """sv_model_ids past the .mat's rows are makes 'make N' without a row: their order used to
+    follow a string set's iteration, which PYTHONHASHSEED changes from process to process, so
+    torchrun's ranks, a --resume and an evaluate each got another class order."""
+    import os
+    import subprocess
+    import sys
+
+    train = sv_root / "train_surveillance.txt"
+    lines = train.read_text().split()
+    for sv_id in (7, 9, 12, 15):
+        _jpg(sv_root / "image" / str(sv_id) / "0000.jpg")
+        lines.append(f"{sv_id}/0000.jpg")
+    train.write_text("\n".join(lines) + "\n")
+    code = (
+        "import sys; from training.datasets import load_index; "
+        "idx = load_index('compcars-sv', sys.argv[1], 'train', 'make'); "
+        "print([c['make'] for c in idx.classes])"
+    )
+    orders = set()
+    for seed in ("1", "2", "3", "4", "5"):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(sv_root)],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        orders.add(proc.stdout.strip())
+    assert orders == {"['make 7', 'make 9', 'make 12', 'make 15', 'Audi', 'BMW']"}

@@ -115,3 +115,23 @@ def test_a_good_cached_file_is_loaded_without_a_download(torch_home):
     model = build_model("resnet18", 3)
     assert load_pretrained_backbone(model, "resnet18", "imagenet") == f"torchvision:{WEIGHTS}"
     torch.testing.assert_close(model.conv1.weight, donor.conv1.weight)
+
+
+def test_a_carstream_checkpoint_gives_its_ema_weights_the_shipped_model(tmp_path, caplog):
+    """With --ema-decay, a checkpoint's ema_state_dict is what was scored and exported; its
+    state_dict holds the raw weights. --pretrained takes the EMA's and says which it took."""
+    raw, ema = build_model("resnet18", 5), build_model("resnet18", 5)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"state_dict": raw.state_dict(), "ema_state_dict": ema.state_dict()}, path)
+    model = build_model("resnet18", 3)
+    with caplog.at_level(logging.INFO, logger="training.models"):
+        source = load_pretrained_backbone(model, "resnet18", str(path))
+    assert source == f"file:{path} (ema_state_dict)"
+    assert any(source in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(model.conv1.weight, ema.conv1.weight)
+    # without an EMA (null, as training writes it then) the checkpoint's state_dict
+    torch.save({"state_dict": raw.state_dict(), "ema_state_dict": None}, path)
+    assert load_pretrained_backbone(model, "resnet18", str(path)) == f"file:{path} (state_dict)"
+    torch.testing.assert_close(model.conv1.weight, raw.conv1.weight)
+    torch.save(raw.state_dict(), path)  # a plain state dict: no key to name
+    assert load_pretrained_backbone(model, "resnet18", str(path)) == f"file:{path}"

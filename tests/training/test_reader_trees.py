@@ -260,3 +260,27 @@ def test_a_box_outside_the_image_is_counted_and_the_image_used_whole(archive, ca
         idx = load_index("compcars", archive, "train", crop="bbox")
     assert [s.path for s in idx.samples if s.bbox is None] == [first]
     assert any("1 of" in w and "no usable box" in w for w in _warnings(caplog))
+
+
+def test_folder_reads_every_photo_format_and_counts_the_files_it_skips(tmp_path, caplog):
+    """.jfif, .tif/.tiff, .gif and .webp photos are images (Pillow opens them; they used to
+    vanish without a word), and files of any other suffix are counted, by suffix, in one
+    warning for the tree."""
+    formats = {".jpg": "JPEG", ".jfif": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}
+    formats |= {".gif": "GIF", ".webp": "WEBP", ".png": "PNG", ".bmp": "BMP"}
+    for split in ("train", "test"):
+        for make in ("Audi", "BMW"):
+            folder = tmp_path / split / make / "A"
+            folder.mkdir(parents=True)
+            for k, (suffix, fmt) in enumerate(formats.items()):
+                Image.new("RGB", (40, 30), (20 * k, 30, 30)).save(folder / f"{k}{suffix}", fmt)
+    (tmp_path / "train" / "Audi" / "A" / "notes.txt").write_text("taken in 2015")
+    (tmp_path / "train" / "BMW" / "A" / "x.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    (tmp_path / "test" / "BMW" / "A" / "y.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    with caplog.at_level(logging.WARNING, logger="training.datasets"):
+        train, test = _both(tmp_path, strict=True)
+    assert len(train.samples) == len(test.samples) == 2 * len(formats)
+    assert {s.path.suffix for s in train.samples} == set(formats)
+    skipped = [w for w in _warnings(caplog) if "not read" in w and ".heic" in w]
+    assert len(skipped) == 1, _warnings(caplog)
+    assert f"{tmp_path}: 3 file(s) not read" in skipped[0] and "(.heic 2, .txt 1;" in skipped[0]

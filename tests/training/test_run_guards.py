@@ -169,6 +169,9 @@ def test_unreadable_image_under_ddp_skips_the_step_on_every_rank(tiny_sample, tm
         (("--lr", "1e308"), "--lr 1e+308: must be <= 10"),
         (("--head-lr-mult", "1e308"), "--head-lr-mult 1e+308: must be <= 1000"),
         (("--batch-size", "99999999999999999999"), "must be <= 65536"),
+        (("--weight-decay", "1e20"), "--weight-decay 1e+20: must be <= 1"),
+        (("--norm-weight-decay", "2"), "--norm-weight-decay 2: must be <= 1"),
+        (("--bias-weight-decay", "1e308"), "--bias-weight-decay 1e+308: must be <= 1"),
     ],
 )
 def test_values_that_can_only_overflow_are_one_line(tiny_sample, tmp_path, extra, needle):
@@ -267,11 +270,9 @@ def test_sigterm_mid_run_is_one_line_naming_the_checkpoint_and_leaves_no_temp_fi
         proc.kill()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert (
-        stderr.strip()
-        .splitlines()[-1]
-        .startswith(f"interrupted; the last finished epoch's checkpoint, if any, is in {out}")
-    )
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted; the last finished epoch's checkpoint (epoch "), last
+    assert last.endswith(f"of 200) is in {out}; continue with --resume {out}"), last
     assert not list(out.glob(".*.tmp"))
 
 

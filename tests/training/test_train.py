@@ -168,7 +168,7 @@ def test_resume_of_a_checkpoint_without_the_ema_count_continues_the_ramp(sample_
         assert torch.equal(tensor, b["ema_state_dict"][name]), name
 
 
-def test_compare_writes_table_json_and_plot(sample_root, tmp_path):
+def test_compare_writes_table_json_and_plot(sample_root, tmp_path, capsys):
     argv = train_argv(sample_root, tmp_path, "--epochs", "1", "--eval-every", "0")
     argv = [
         "compare",
@@ -177,6 +177,8 @@ def test_compare_writes_table_json_and_plot(sample_root, tmp_path):
         *[a for a in argv[1:] if a not in ("--arch", "resnet18")],
     ]
     assert cli_main(argv) == 0
+    # compare's stdout is its table alone: train's summary line is the train command's
+    assert capsys.readouterr().out == (tmp_path / "compare.md").read_text() + "\n"
     rows = json.loads((tmp_path / "compare.json").read_text())
     assert [r["arch"] for r in rows] == ["resnet18"]
     r = rows[0]

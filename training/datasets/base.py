@@ -21,7 +21,8 @@ from training.text_rules import first_unprintable
 log = logging.getLogger(__name__)
 
 BBox = tuple[int, int, int, int]
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# the photo formats Pillow opens: the worker's (worker.produce) and JPEG's .jfif and TIFF besides
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 CLASSES_NAMED = 20  # classes a warning names before "and N more"
 BBOX_MARGIN = 0.05
 MIN_BOX_SIDE = 8  # pixels: a box (or what is left of it inside the image) smaller holds no car

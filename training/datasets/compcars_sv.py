@@ -146,8 +146,21 @@ def load_compcars_sv(
     def make_of(i: int) -> str:
         return (names.get(i, ("", "", None))[0]) or f"make {i}"
 
+    # a make's first sv_model_id in the split files: it orders the unnamed makes ('make N', past
+    # the .mat's rows), which all have the row key 0; without it their order followed the string
+    # set's iteration, which PYTHONHASHSEED changes per process (torchrun ranks, a --resume or
+    # an evaluate would each get another class order)
+    first_id_of_make: dict[str, int] = {}
+    for i in sv_ids:
+        first_id_of_make.setdefault(make_of(i), i)
+
+    def make_order(make: str) -> tuple[int, int]:
+        """Named makes by their first .mat row, after the unnamed ones (row key 0, as before,
+        so a checkpoint with one unnamed make keeps its order), those by sv_model_id."""
+        return first_row_of_make.get(make, 0), first_id_of_make[make]
+
     if level == "make":
-        makes = sorted({make_of(i) for i in sv_ids}, key=lambda m: first_row_of_make.get(m, 0))
+        makes = sorted(first_id_of_make, key=make_order)
         classes = [
             {"make": m, "model": "", "make_id": first_row_of_make.get(m), "model_id": None}
             for m in makes

@@ -38,6 +38,7 @@ import hashlib
 import logging
 import os
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,25 +69,32 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in SKIPPED_DIRS
 
 
-def _listing(folder: Path) -> tuple[list[Path], list[Path]]:
-    """``(images, sub-folders)`` of ``folder``, sorted, hidden entries skipped."""
+def _listing(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """``(images, sub-folders, other files)`` of ``folder``, sorted, hidden entries skipped; an
+    image is a file with one of ``IMAGE_SUFFIXES``, the other files are counted by the scan."""
     try:
         entries = sorted(folder.iterdir())
     except OSError as exc:
         raise DatasetError(f"cannot list {folder}: {exc.strerror or exc}") from exc
-    images, dirs = [], []
+    images, dirs, others = [], [], []
     for p in entries:
         if is_hidden(p.name):
             continue
         if p.is_dir():
             dirs.append(p)
-        elif p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-            images.append(p)
-    return images, dirs
+        elif p.is_file():
+            (images if p.suffix.lower() in IMAGE_SUFFIXES else others).append(p)
+    return images, dirs, others
 
 
 def _subdirs(folder: Path) -> list[Path]:
     return _listing(folder)[1]
+
+
+def suffix_counts(files: list[Path]) -> str:
+    """``.txt 3, .heic 2`` (most first; a name without one is ``no suffix``), for a warning."""
+    counts = Counter(p.suffix.lower() or "no suffix" for p in files)
+    return ", ".join(f"{suffix} {n}" for suffix, n in counts.most_common())
 
 
 def normal_class_name(name: str) -> str:
@@ -133,6 +141,24 @@ class _Scan:
     def __init__(self) -> None:
         self.found: list[_Found] = []
         self.warnings: list[str] = []
+        self.not_images: list[Path] = []  # files skipped for their suffix
+
+    def listing(self, folder: Path) -> tuple[list[Path], list[Path]]:
+        """``(images, sub-folders)`` of ``folder``; its other files are kept for the warning."""
+        images, dirs, others = _listing(folder)
+        self.not_images += others
+        return images, dirs
+
+    def warn_not_images(self, root: Path) -> None:
+        """One warning for the tree: how many files of which suffix were not read as images
+        (a .heic or .avif photo Pillow cannot open, a README.txt), so none vanishes unsaid."""
+        if self.not_images:
+            self.warnings.append(
+                f"{root}: {len(self.not_images)} file(s) not read, their suffix is no image type "
+                f"training reads ({suffix_counts(self.not_images)}; e.g. "
+                f"{examples([str(p.relative_to(root)) for p in self.not_images])}); images are "
+                f"{', '.join(IMAGE_SUFFIXES)}"
+            )
 
     def below(self, folder: Path, linked: bool, ancestors: tuple[str, ...], depth: int) -> list:
         """``(path, linked)`` of every image in ``folder`` and its sub-folders."""
@@ -141,7 +167,7 @@ class _Scan:
             self.warnings.append(f"{folder} links to {real}, a folder it is inside; not read")
             return []
         linked = linked or folder.is_symlink()
-        images, dirs = _listing(folder)
+        images, dirs = self.listing(folder)
         out = [(p, linked or p.is_symlink()) for p in images]
         for d in dirs:
             if depth >= MAX_DEPTH:
@@ -153,7 +179,7 @@ class _Scan:
         return out
 
     def tree(self, split: str, root: Path) -> None:
-        direct, tops = _listing(root)
+        direct, tops = self.listing(root)
         if direct:
             self.warnings.append(
                 f"{root}: {len(direct)} image(s) directly in it, not in a class folder, are not "
@@ -165,7 +191,7 @@ class _Scan:
             if top_real == root_real:
                 self.warnings.append(f"{top} links to {root}, a folder it is inside; not read")
                 continue
-            images, subs = _listing(top)
+            images, subs = self.listing(top)
             ancestors = (root_real, top_real)
             models = [(s, self.below(s, top.is_symlink(), ancestors, 1)) for s in subs]
             with_images = [(s, found) for s, found in models if found]
@@ -298,6 +324,7 @@ def load_folder(
     else:
         scan.tree("all", root)
     found = scan.read_once()
+    scan.warn_not_images(root)
     for message in scan.warnings:  # once: training indexes both splits, each reading the tree
         warn_once(message)
     check_names_apart(found)
