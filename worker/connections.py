@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis
 
-from worker.settings import WorkerSettings
+from worker.settings import MASK, WorkerSettings, at_after_authority
 
 T = TypeVar("T")
 
@@ -24,12 +27,22 @@ class ConnectInterruptedError(Exception):
     """A stop was requested (SIGTERM, Ctrl-C) while a Kafka client was still connecting."""
 
 
+class KafkaRefusedError(Exception):
+    """Kafka's brokers refuse this client for a reason no retry ends (``kafka_refusal``)."""
+
+
 def within_deadline(
-    factory: Callable[[], T], timeout_s: float, stop: threading.Event | None = None
+    factory: Callable[[], T],
+    timeout_s: float,
+    stop: threading.Event | None = None,
+    refused: Callable[[], str | None] | None = None,
 ) -> T:
     """factory() in a daemon thread; ConnectTimeoutError if it has not returned in timeout_s,
     ConnectInterruptedError as soon as `stop` is set (a bootstrap retrying an absent broker would
-    otherwise hold a Ctrl-C for up to its whole timeout).
+    otherwise hold a Ctrl-C for up to its whole timeout), KafkaRefusedError as soon as
+    ``refused()`` gives a reason (``BootstrapFailures.refused``: kafka-python retries a broker
+    that refuses its certificate or SASL login until its own timeout, and then reports only
+    that it could not bootstrap).
 
     kafka-python 3.0 bounds its bootstrap by bootstrap_timeout_ms except for the TLS handshake,
     which it awaits with no deadline: a peer that accepts and never answers (SSL to a listener
@@ -54,6 +67,9 @@ def within_deadline(
         if stop is not None and stop.wait(min(left, 0.1)):
             raise ConnectInterruptedError("stop requested while connecting")
         thread.join(min(left, 0.1) if stop is None else 0)
+        reason = refused() if refused is not None and thread.is_alive() else None
+        if reason is not None:
+            raise KafkaRefusedError(reason)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
@@ -89,11 +105,26 @@ def redacted(url: str) -> str:
     """The URL without its userinfo and query (which may carry ``password=``), safe to print.
 
     Keeps the URL's form: ``unix:///run/redis.sock`` stays that, not ``unix:/run/redis.sock``.
+    A URL with an ``@`` after its authority (a password holding an unencoded ``/ ? #``, which
+    urlsplit reads as the end of the host: ``settings.at_after_authority``) is cut at its last
+    ``@``, and shown as its scheme alone if what precedes it may be a query's password.
     """
-    parts = urlsplit(url)
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return MASK
+    if at_after_authority(url):
+        userinfo, _, tail = rest.rpartition("@")
+        if "password" in unquote(userinfo).lower():
+            return f"{scheme}://{MASK}"
+        url = f"{scheme}://{tail}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port that is no number: perhaps a piece of a password
+        return f"{scheme}://{MASK}"
     host = parts.hostname or ""
     host = f"[{host}]" if ":" in host else host  # IPv6
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    netloc = f"{host}:{port}" if port else host
     return f"{parts.scheme}://{netloc}{parts.path}"
 
 
@@ -138,6 +169,140 @@ def _reason(exc: Exception) -> str:
     if unknown:
         return f"unknown option {unknown.group(1)!r} in the query"
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """The exception and those it was raised from or while handling (kafka-python and redis-py
+    wrap an ``ssl`` error in their own)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+_SSL_LOCATION = re.compile(r"\s*\(_ssl\.c:\d+\)")
+
+
+def _tls_refusal(exc: BaseException) -> str | None:
+    """The certificate check that failed, in OpenSSL's words, or None."""
+    for link in _chain(exc):
+        if isinstance(link, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(
+            link
+        ):
+            text = _SSL_LOCATION.sub("", str(link.args[-1] if link.args else link))
+            return text.split("] ", 1)[-1]
+    return None
+
+
+def redis_refusal(exc: BaseException) -> str | None:
+    """Why Redis refuses this client for good, or None for an error a retry may end.
+
+    For good: a wrong or missing password (redis-py's AuthenticationError, also for WRONGPASS
+    and NOAUTH replies), an ACL user without permission for the worker's commands
+    (NoPermissionError, AuthorizationError), and a ``rediss://`` server whose certificate the
+    configured CA does not verify. Retrying those kept a worker ready and retrying for ever.
+    Anything else (a refused or reset connection, a timeout, a server loading its data) is an
+    outage, retried.
+    """
+    tls = _tls_refusal(exc)
+    if tls is not None:
+        return f"the server's TLS certificate does not verify ({tls}): check redis_tls_ca_certs"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(
+        exc, redis.AuthenticationError | redis.exceptions.AuthenticationWrongNumberOfArgsError
+    ):
+        return f"authentication failed ({text}): check the password and user"
+    if isinstance(exc, redis.exceptions.NoPermissionError | redis.exceptions.AuthorizationError):
+        return f"the user lacks a permission ({text}): check its ACL"
+    if isinstance(exc, redis.ResponseError) and text.startswith(("WRONGPASS", "NOAUTH")):
+        return f"authentication failed ({text}): check the password and user"
+    if isinstance(exc, redis.ResponseError) and text.startswith("NOPERM"):
+        return f"the user lacks a permission ({text}): check its ACL"
+    return None
+
+
+def kafka_refusal(exc: BaseException) -> str | None:
+    """Why Kafka's brokers refuse this client for good, or None for an error a retry may end.
+
+    For good: a broker certificate the configured CA does not verify (or a host name it does not
+    name), a SASL mechanism the broker does not offer, and a SASL login it refuses. kafka-python
+    retries these as it would an absent broker, and its constructor then reports only "Unable to
+    bootstrap" (the cause is in its log: ``BootstrapFailures``).
+    """
+    from kafka.errors import (
+        IllegalSaslStateError,
+        SaslAuthenticationFailedError,
+        UnsupportedSaslMechanismError,
+    )
+
+    tls = _tls_refusal(exc)
+    if tls is not None:
+        hint = " (or ssl_check_hostname)" if "hostname" in tls.lower() else ""
+        return f"the broker's TLS certificate does not verify ({tls}): check ssl_cafile{hint}"
+    if isinstance(exc, UnsupportedSaslMechanismError):
+        return "the broker does not offer this sasl_mechanism (UnsupportedSaslMechanismError)"
+    if isinstance(exc, SaslAuthenticationFailedError | IllegalSaslStateError):
+        detail = str(exc) or type(exc).__name__
+        return f"SASL authentication failed ({detail}): check sasl_username and sasl_password"
+    return None
+
+
+class BootstrapFailures(logging.Handler):
+    """What kafka-python logs for each failed bootstrap connection, while ``attached``.
+
+    kafka-python 3.0 retries a broker that refuses its TLS certificate or SASL login as it
+    retries one that is down, until ``bootstrap_timeout_ms``, and its constructor then raises
+    ``KafkaTimeoutError("Unable to bootstrap ...")``: the cause is only in its log, the failed
+    connection's exception among the record's arguments (kafka.net.manager: "Connection
+    failed: %s", "Bootstrap connection to %s failed: %s").
+    """
+
+    LOGGER = "kafka.net.manager"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(logging.DEBUG)
+        self.limit = limit
+        self.last: BaseException | None = None
+        self.refusals = 0  # failures in a row that kafka_refusal names
+        self._lock_seen = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        for arg in args:
+            if not isinstance(arg, BaseException) or arg is self.last:
+                continue  # one failure is logged twice, by two functions
+            if "Unable to bootstrap" in str(arg):
+                continue  # the constructor's own timeout, not a cause
+            with self._lock_seen:
+                self.last = arg
+                self.refusals = self.refusals + 1 if kafka_refusal(arg) is not None else 0
+
+    def refused(self) -> str | None:
+        """The reason once ``limit`` failures in a row were refusals no retry ends."""
+        with self._lock_seen:
+            last, refusals = self.last, self.refusals
+        if last is None or refusals < self.limit:
+            return None
+        return kafka_refusal(last)
+
+    def cause(self) -> str | None:
+        """The last failure kafka-python logged, one line, or None."""
+        last = self.last
+        if last is None:
+            return None
+        text = _SSL_LOCATION.sub("", str(last).splitlines()[0] if str(last) else "")
+        name = type(last).__name__
+        return text if name in text else (f"{name}: {text}" if text else name)
+
+    @contextmanager
+    def attached(self) -> Iterator[BootstrapFailures]:
+        logger = logging.getLogger(self.LOGGER)
+        logger.addHandler(self)
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
 
 
 def metadata_answers(producer: Any) -> float:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 
@@ -54,6 +57,9 @@ def configure_logging(
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
+    coordinator = logging.getLogger("kafka.coordinator")
+    if not any(isinstance(f, RepeatedLineFilter) for f in coordinator.filters):
+        coordinator.addFilter(RepeatedLineFilter(_FLOODS))
     # Python warnings (Pillow's "Corrupt EXIF data" for a post's bad EXIF block) go through the
     # same handler, so --log-json output stays one JSON object a line
     logging.captureWarnings(True)
@@ -94,3 +100,53 @@ def ignore_kafka_close_race() -> None:
     logger = logging.getLogger("kafka.net.transport")
     if not any(isinstance(f, ClosedTransportReadFilter) for f in logger.filters):
         logger.addFilter(ClosedTransportReadFilter())
+
+
+# kafka-python 3.0 (kafka.coordinator.base) logs this on every failed coordinator request: with
+# the broker out, thousands of lines a second (78,642 in 152 s in one outage)
+_COORDINATOR_DEAD = "Marking the coordinator dead (node %s) for group %s: %s."
+_FLOODS = (_COORDINATOR_DEAD,)
+REPEAT_EVERY_S = 30.0
+
+
+class RepeatedLineFilter(logging.Filter):
+    """Lets one record of each of ``messages`` (format strings, per logger) through per
+    ``every_s``; the next one let through says how many were dropped since.
+
+    An outage must show in the log, once, with its rate; not bury everything else. A record
+    is dropped only when the same message of the same logger got through less than ``every_s``
+    ago; the count of a flood that ends is told with the next such record. ``clock`` is
+    injected so the rule is tested without waiting.
+    """
+
+    def __init__(
+        self,
+        messages: Iterable[str],
+        every_s: float = REPEAT_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.messages = frozenset(messages)
+        self.every_s = every_s
+        self.clock = clock
+        self._lock = threading.Lock()  # kafka-python logs from its IO thread and the caller's
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}  # -> (let through at, dropped)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or record.msg not in self.messages:
+            return True
+        key = (record.name, record.msg)
+        now = self.clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last[0] < self.every_s:
+                self._last[key] = (last[0], last[1] + 1)
+                return False
+            self._last[key] = (now, 0)
+        if last is not None and last[1]:
+            record.msg = (
+                f"{record.getMessage()} ({last[1]} more like it dropped in the last "
+                f"{now - last[0]:.0f} s)"
+            )
+            record.args = ()
+        return True

@@ -50,7 +50,7 @@ from engine_build.manifest import Manifest
 from engine_build.runtime import Engine
 from worker.backoff import Backoff
 from worker.batching import Batcher
-from worker.connections import metadata_answers, topic_unknown
+from worker.connections import metadata_answers, redis_refusal, topic_unknown
 from worker.dead_letter import HEADER_PREFIX, VALUE_NULL_HEADER, dlq_headers, parse_dlq_headers
 from worker.decode_pool import DecodePool
 from worker.errors import RETRYABLE_KINDS, PostError
@@ -239,6 +239,21 @@ LAG_END_TIMEOUT_MS = 1000
 # its topic was recreated or the group's offsets were reset back, and nothing of it is counted
 IGNORED_RUN_BATCHES = 10
 IGNORED_WARN_EVERY_S = 300.0  # that warning, again at most this often per partition
+# Once the stop flag is set, delivering, counting and committing what is in flight gets this long
+# in all, counted from the moment the flag is set: each wait on the broker (a flush, a send's
+# acknowledgement, a commit) gets what is left of it, a delivery round that fails is not retried,
+# and a batch not done by then stays uncommitted (its records are read again after the restart,
+# and Redis counts them once). Closing the clients comes after it; the whole shutdown must stay
+# well inside the pod's grace period (terminationGracePeriodSeconds: 90, docs/deploy.md), not
+# run into kafka-python's 120 s delivery timeout during a broker outage.
+DRAIN_DEADLINE_S = 30.0
+# how long one delivery round waits for the producer to flush, and then for each send's
+# acknowledgement (kafka-python fails a record itself after its delivery_timeout_ms)
+SEND_WAIT_S = 30.0
+# the longest a wait on the broker goes without looking at the stop flag
+WAIT_SLICE_S = 1.0
+# a batch delivered and counted at the drain deadline still gets this long for its commit
+STOP_COMMIT_MIN_MS = 1000
 
 
 def unparseable(exc: BaseException) -> bool:
@@ -720,6 +735,9 @@ def overlaps(mode: str, engine: Engine, instances: int = 1) -> bool:
 
 
 class StreamWorker(ConsumerRebalanceListener):
+    # monotonic time by which the drain must be done (DRAIN_DEADLINE_S); None until stopping
+    _drain_deadline: float | None = None
+
     def __init__(
         self,
         settings: WorkerSettings,
@@ -768,7 +786,9 @@ class StreamWorker(ConsumerRebalanceListener):
         self.delivery = ThreadPoolExecutor(
             1, thread_name_prefix="delivery", initializer=name_this_thread
         )
-        self._failed = threading.Event()  # a batch failed: the ones behind it must not apply
+        # a batch failed, or the loop ended: the batches behind must not apply, and the one
+        # retrying gives up (it stays uncommitted)
+        self._failed = threading.Event()
         self.overlap = overlaps(settings.overlap, self.engine, len(self.engines))
         if len(self.engines) > 1 and not self.overlap:
             raise ValueError(f"{len(self.engines)} engine instances need the overlapped loop")
@@ -846,6 +866,9 @@ class StreamWorker(ConsumerRebalanceListener):
     def run(self) -> None:
         """Consume until the stop flag is set, then finish what was polled and return."""
         self._loop_thread = threading.get_ident()
+        # the drain's deadline counts from the stop flag itself, not from when a thread first
+        # looks at it (one may be inside a 30 s commit then)
+        threading.Thread(target=self._clock_drain, name="stop-deadline", daemon=True).start()
         self.consumer.subscribe([self.settings.input_topic], listener=self)
         log.info(
             "loop: %s",
@@ -861,8 +884,14 @@ class StreamWorker(ConsumerRebalanceListener):
         except BatchAbortedError as exc:
             log.warning("batch left uncommitted at shutdown: %s", exc)
         finally:
-            # after a failure, batches behind the failed one are neither applied nor committed
+            # An error on this thread (a poll the broker refuses for good) may come while the
+            # delivery thread retries through a Kafka or Redis outage, which the join below would
+            # wait out, beating the liveness probe meanwhile. So: not ready, no more beats, the
+            # batches behind a failed one neither applied nor committed, and the stop flag set,
+            # which ends the retries (nothing commits after this point: only this thread commits)
+            self.metrics.set_ready(False)
             self._failed.set()
+            self.stop.set()
             self.delivery.shutdown(wait=True, cancel_futures=True)
             self.inference.shutdown(wait=True, cancel_futures=True)
             # a decode that never returns must not keep the process from exiting
@@ -1485,12 +1514,12 @@ class StreamWorker(ConsumerRebalanceListener):
                     future = blocked[msg.topic] = exc
                     if topic_unknown(self.producer, msg.topic, answers):
                         unknown.add(msg.topic)
-                    self.metrics.beat()  # waiting on the broker, not a wedged loop
+                    self._beat()  # waiting on the broker, not a wedged loop
                 except (KafkaError, *SEND_REFUSALS) as exc:  # raised by send itself: sorted below
                     future = exc
                 sent.append((msg, future))
             try:
-                self.producer.flush(timeout=30)
+                self._wait_sliced(lambda t: self.producer.flush(timeout=t), SEND_WAIT_S)
             except KafkaError as exc:
                 log.warning("flush failed: %s", exc)
             failure = producer_failure(self.producer)
@@ -1513,7 +1542,7 @@ class StreamWorker(ConsumerRebalanceListener):
                 error = future if isinstance(future, Exception) else None
                 if error is None:
                     try:
-                        future.get(timeout=30)
+                        self._wait_sliced(future.get, SEND_WAIT_S, future)
                         continue
                     except KafkaError as exc:
                         error = exc
@@ -1594,7 +1623,9 @@ class StreamWorker(ConsumerRebalanceListener):
                     attempt + 1,
                 )
                 self._beat()  # retrying through an outage is not a wedged loop
-                if not self.backoff.wait(attempt, self.stop) and attempt >= 2:
+                # stopping (or the loop failed): the grace period is short, and the batch,
+                # uncommitted, is read again after the restart (Redis counts it once)
+                if self._failed.is_set() or not self.backoff.wait(attempt, self.stop):
                     raise BatchAbortedError(f"results not delivered: {last_error}")
                 attempt += 1
         for result in results:
@@ -1652,6 +1683,14 @@ class StreamWorker(ConsumerRebalanceListener):
             raise FatalWorkerError(f"a new Kafka producer did not connect: {exc!r}") from exc
 
     def _apply_trends(self, records: list[TrendRecord]) -> None:
+        """Apply a batch's counts, retrying a Redis outage for as long as it lasts.
+
+        A refusal (a password rotated or an ACL revoked under a running worker) is not an
+        outage: retried, it kept the liveness probe green while nothing was committed, so
+        ``SEND_RETRY_LIMIT`` of them in a row stop the worker, as an authorization refusal by
+        the broker does.
+        """
+        refusals = 0
         for attempt in itertools.count():
             try:
                 result = self.trends.apply(records)
@@ -1661,10 +1700,21 @@ class StreamWorker(ConsumerRebalanceListener):
                     self.metrics.trend_duplicates.inc(result.duplicates)
                 break
             except RedisError as exc:
+                refusal = redis_refusal(exc)
+                refusals = refusals + 1 if refusal is not None else 0
+                if refusals >= SEND_RETRY_LIMIT:
+                    raise FatalWorkerError(
+                        f"Redis refuses this worker: {refusal} (after {attempt + 1} tries)"
+                    ) from exc
                 self.metrics.retries.labels("redis").inc()
                 log.warning("applying trends failed (%s); retry %d", exc, attempt + 1)
                 self._beat()  # a Redis outage: a restart would not end it
-                if not self.backoff.wait(attempt, self.stop) and attempt >= 2:
+                # once stopping, a few quick tries within the drain's deadline; none once the
+                # loop failed (the worker is going down, the batch stays uncommitted)
+                if self._failed.is_set() or (
+                    not self.backoff.wait(attempt, self.stop)
+                    and (attempt >= 2 or not self._drain_left())
+                ):
                     raise BatchAbortedError(f"trends not applied: {exc}") from exc
         self._watch_ignored(records, result)
 
@@ -1708,10 +1758,14 @@ class StreamWorker(ConsumerRebalanceListener):
 
     def _commit(self, offsets: Offsets) -> None:
         """Commit, retrying a broker failure; give up (the records are then read again, and
-        Redis counts them once) on a rebalance, after 5 tries, or after 3 once stopping."""
+        Redis counts them once) on a rebalance, after 5 tries, or once stopping after 3 or at
+        the drain's deadline (each try then waits only what is left of it, STOP_COMMIT_MIN_MS
+        at least: a batch delivered and counted gets one short try)."""
         for attempt in range(5):
+            left = self._drain_left()
+            timeout_ms = None if left is None else max(STOP_COMMIT_MIN_MS, int(left * 1000))
             try:
-                self.consumer.commit(offsets=offsets)
+                self.consumer.commit(offsets=offsets, timeout_ms=timeout_ms)
                 for tp, meta in offsets.items():
                     self._committed[tp] = meta.offset
                 self.metrics.last_commit.set_to_current_time()
@@ -1727,14 +1781,61 @@ class StreamWorker(ConsumerRebalanceListener):
             except KafkaError as exc:
                 self.metrics.retries.labels("kafka").inc()
                 log.warning("commit failed (%s); retry %d", exc, attempt + 1)
-                if not self.backoff.wait(attempt, self.stop) and attempt >= 2:
+                if not self.backoff.wait(attempt, self.stop) and (
+                    attempt >= 2 or not self._drain_left()
+                ):
                     break  # stopping: the grace period is short, a redelivery is harmless
         log.error("giving up committing %s; records will be redelivered and deduplicated", offsets)
 
+    def _clock_drain(self) -> None:
+        """The ``stop-deadline`` thread: start the drain's clock the moment the flag is set."""
+        self.stop.wait()
+        self._drain_left()
+
+    def _drain_left(self) -> float | None:
+        """Seconds left of the drain (DRAIN_DEADLINE_S, from when the stop flag was first seen
+        set); None while not stopping."""
+        if not self.stop.is_set():
+            return None
+        now = time.monotonic()
+        if self._drain_deadline is None:  # two threads at once differ by microseconds
+            self._drain_deadline = now + DRAIN_DEADLINE_S
+        return max(0.0, self._drain_deadline - now)
+
+    def _wait_sliced(self, wait: Callable[[float], Any], limit_s: float, future: Any = None) -> Any:
+        """``wait(timeout)`` (a producer's flush, a send's ``get``) for ``limit_s`` in all, in
+        slices of at most WAIT_SLICE_S, so that a stop cuts it to what is left of the drain,
+        and a failed loop to nothing. kafka-python raises KafkaTimeoutError when a slice runs
+        out, and also for a record that expired in its buffer: that one (its ``future`` done,
+        or raised well before the slice ran out) is re-raised at once."""
+        end = time.monotonic() + limit_s
+        while True:
+            started = time.monotonic()
+            left = end - started
+            drain = self._drain_left()
+            if drain is not None:
+                left = min(left, drain)
+            if self._failed.is_set():
+                left = 0.0
+            slice_s = max(0.0, min(WAIT_SLICE_S, left))
+            try:
+                return wait(slice_s)
+            except KafkaTimeoutError:
+                if (
+                    left <= WAIT_SLICE_S
+                    or getattr(future, "is_done", False)
+                    or time.monotonic() - started < slice_s / 2
+                ):
+                    raise
+
     def _beat(self) -> None:
-        """A retry loop's heartbeat. On the consumer's thread (the serial loop) it refreshes
-        the lag gauge too, which then shows the stuck batch; in the overlapped loop the retries
-        run on the delivery thread, and the consumer's thread goes on refreshing it."""
+        """A retry loop's heartbeat, none once the loop failed (the worker is going down: the
+        liveness probe must not stay green while it waits). On the consumer's thread (the
+        serial loop) it refreshes the lag gauge too, which then shows the stuck batch; in the
+        overlapped loop the retries run on the delivery thread, and the consumer's thread goes
+        on refreshing it."""
+        if self._failed.is_set():
+            return
         self.metrics.beat()
         if threading.get_ident() == self._loop_thread:
             self._update_lag()

@@ -1,7 +1,9 @@
 """``python -m worker run``: the streaming classifier process.
 
-Every :class:`WorkerSettings` field is a kebab-case flag; a flag given on the command line
-overrides its ``CARSTREAM_*`` environment variable, which overrides the default.
+Every :class:`WorkerSettings` field but the passwords is a kebab-case flag; a flag given on the
+command line overrides its ``CARSTREAM_*`` environment variable, which overrides the default.
+The passwords (``SecretStr`` fields) are read from the environment only: a flag's value shows
+in ``ps`` and in the pod's spec.
 """
 
 from __future__ import annotations
@@ -44,16 +46,61 @@ CONNECT_GRACE_S = 5.0  # past kafka_connect_timeout_s, for kafka-python to repor
 # letters to it outlasted the liveness probe. The first send to a topic fetches its metadata
 # well within it; check_topics does so at start.
 PRODUCER_MAX_BLOCK_MS = 5_000
+CLOSE_TIMEOUT_MS = 5_000  # closing the Kafka clients at the end of a drain
+# kafka-python bootstrap attempts in a row that a broker refuses for good (a certificate the CA
+# does not verify, a SASL mechanism or login it refuses) before the worker exits 2: a few, not
+# one, so that one broker of several mid-rotation does not stop it
+KAFKA_REFUSAL_LIMIT = 3
+
+
+def secret_fields() -> list[str]:
+    """The settings read from the environment only (``SecretStr``: the passwords)."""
+    return [
+        name
+        for name, field in WorkerSettings.model_fields.items()
+        if SecretStr in (field.annotation, *typing.get_args(field.annotation))
+    ]
+
+
+class _EnvironmentOnly(argparse.Action):
+    """A password flag: refused in one line naming its variable, without echoing the value."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        env = "CARSTREAM_" + self.dest.upper()
+        parser.error(
+            f"{option_string} is not a flag: set {env} in the environment (a flag's value shows "
+            "in ps and in the pod's spec)"
+        )
+
+
+def one_line(text: object) -> str:
+    """``text`` with its line breaks escaped: an error is one line, whatever a path holds."""
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    secrets = secret_fields()
+    passwords = ", ".join("CARSTREAM_" + name.upper() for name in secrets)
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         add_help=add_help,
         formatter_class=DefaultsHelpFormatter,
     )
+    # a group, not an epilog: `python -m worker run` builds its parser with this one as a
+    # parent, which passes on groups but not the epilog
+    password_group = parser.add_argument_group(
+        "passwords",
+        f"Passwords are read from the environment only ({passwords}): a flag's value shows in "
+        "ps and in the pod's spec.",
+    )
     for name, field in WorkerSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
+        if name in secrets:
+            password_group.add_argument(
+                flag, action=_EnvironmentOnly, nargs="?", default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )  # fmt: skip
+            continue
         default = field.get_default(call_default_factory=False)
         desc = field.description or name.replace("_", " ")
         if isinstance(default, SecretStr) or "password" in name:
@@ -351,13 +398,13 @@ def main(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "settings"
-        print(f"python -m worker run: error: {loc}: {first['msg']}", file=sys.stderr)
+        print(f"python -m worker run: error: {loc}: {one_line(first['msg'])}", file=sys.stderr)
         return 2
     try:
         settings.check_files()  # a missing CA file otherwise reads as a broker that is not there
         check_redis_options(settings)  # else a Redis error retried on every batch, for ever
     except ValueError as exc:
-        print(f"python -m worker run: error: {exc}", file=sys.stderr)
+        print(f"python -m worker run: error: {one_line(exc)}", file=sys.stderr)
         return 2
     from worker.logging_setup import configure_logging
 
@@ -365,6 +412,8 @@ def main(args: argparse.Namespace) -> int:
     for variable, closest in unknown_env_settings():
         hint = f"; did you mean {closest}?" if closest else ""
         log.warning("%s is not a worker setting and is ignored%s", variable, hint)
+    for line in settings.ignored_settings():
+        log.warning("%s", line)
 
     # first thing: a SIGTERM while the engine loads must still end in a clean exit 0
     stop = threading.Event()
@@ -399,7 +448,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _cannot_listen(settings: WorkerSettings, exc: OSError) -> int:
-    address = f"{settings.metrics_host}:{settings.metrics_port}"
+    address = one_line(f"{settings.metrics_host}:{settings.metrics_port}")
     reason = exc.strerror or str(exc)
     print(
         f"python -m worker run: error: --metrics-host/--metrics-port {address}: "
@@ -424,7 +473,7 @@ def _supervise(settings: WorkerSettings, args: argparse.Namespace, stop: threadi
         try:  # checked once here: a bad bundle is one line, not one per child
             load_bundle(settings.bundle)
         except BundleError as exc:
-            print(f"python -m worker run: error: {exc}", file=sys.stderr)
+            print(f"python -m worker run: error: {one_line(exc)}", file=sys.stderr)
             return 2
         cpu_backend = cpu_backend_label(settings.backend)
         if cpu_backend is not None:
@@ -460,7 +509,7 @@ def _serve(
     try:
         bundle = load_bundle(settings.bundle)
     except BundleError as exc:
-        print(f"python -m worker run: error: {exc}", file=sys.stderr)
+        print(f"python -m worker run: error: {one_line(exc)}", file=sys.stderr)
         return 2
     engines: list = []
     try:
@@ -542,6 +591,10 @@ def _serve(
                     file=sys.stderr,
                 )
                 return 2
+            # before the loop reads a record, and before this worker is ready
+            refused = wait_for_redis(settings, stop, metrics.beat)
+            if refused is not None:
+                return refused
             writer = TrendWriter(
                 redis_client(settings),
                 settings.group_id,
@@ -577,9 +630,12 @@ def _serve(
             # then log an ERROR with a traceback for a socket it finds closed
             # (worker/logging_setup.py)
             ignore_kafka_close_race()
-            consumer.close(autocommit=False)
+            # short: every delivered batch is flushed and committed already, and in a broker
+            # outage kafka-python's defaults (30 s each) would take the drain past a pod's grace
+            # period (pipeline.DRAIN_DEADLINE_S + these two stay inside Kubernetes' 90 s)
+            consumer.close(autocommit=False, timeout_ms=CLOSE_TIMEOUT_MS)
             # the loop's own: a new one when the first failed for good (it closed that one)
-            (producer if worker is None else worker.producer).close(timeout=30)
+            (producer if worker is None else worker.producer).close(timeout=CLOSE_TIMEOUT_MS / 1000)
             log.info("stopped after %.1f s", time.monotonic() - started)
         return 0
     finally:
@@ -666,6 +722,49 @@ def check_topics(
     return None
 
 
+def wait_for_redis(
+    settings: WorkerSettings, stop: threading.Event, beat: Callable[[], None]
+) -> int | None:
+    """None once Redis answers a PING, retrying with backoff while it does not (each retry a
+    beat, as ``_connect`` does for Kafka: an outage is not a wedged process); else the exit code:
+    2, after one line naming the URL and the reason, when Redis refuses this client for good
+    (``connections.redis_refusal``: a wrong password, NOAUTH, an ACL user without permission, a
+    certificate the CA does not verify), 0 on ``stop``.
+
+    Before, Redis was first contacted by the loop, which retried every error: a worker with a
+    wrong password was ready, and retried for ever.
+    """
+    import redis
+
+    from worker.connections import redacted, redis_client, redis_refusal
+
+    url = redacted(settings.redis_url)
+    client = redis_client(settings)
+    try:
+        attempt = 0
+        while not stop.is_set():
+            try:
+                client.ping()
+                return None
+            except redis.RedisError as exc:
+                reason = redis_refusal(exc)
+                if reason is not None:
+                    print(
+                        f"python -m worker run: error: redis_url {url}: {one_line(reason)}",
+                        file=sys.stderr,
+                    )
+                    return 2
+                attempt += 1
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                log.warning("no answer from Redis at %s (%s); retry %d", url, first, attempt)
+                beat()
+                CONNECT_BACKOFF.wait(attempt, stop)
+        log.info("stop requested while connecting to Redis; exiting")
+        return 0
+    finally:
+        client.close()
+
+
 def _connect(
     settings: WorkerSettings,
     stop: threading.Event,
@@ -676,24 +775,52 @@ def _connect(
     no broker answers; else the exit code:
     1 when a client hangs connecting, 2 for client settings Kafka refuses, 0 on `stop`.
 
+    A broker that refuses this client for good (``connections.kafka_refusal``: its certificate
+    does not verify, or it refuses the SASL mechanism or login) is exit 2 with one line naming
+    the cause, once ``KAFKA_REFUSAL_LIMIT`` bootstrap attempts in a row failed so: kafka-python
+    retries it as an absent broker, which the worker read as "no Kafka broker", for ever.
+
     ``beat`` marks each retry as liveness: a broker outage is not a wedged process, and a
     restart would not end it (it would only reload the engine, with a back-off growing each time).
     """
     from kafka import KafkaConsumer
-    from kafka.errors import KafkaConfigurationError, RetriableError
+    from kafka.errors import KafkaConfigurationError, KafkaError, RetriableError
 
-    from worker.connections import ConnectInterruptedError, ConnectTimeoutError, within_deadline
+    from worker.connections import (
+        BootstrapFailures,
+        ConnectInterruptedError,
+        ConnectTimeoutError,
+        KafkaRefusedError,
+        kafka_refusal,
+        within_deadline,
+    )
 
     common, deadline_s = connect_config(settings)
     consumer_opts = consumer_config(settings)
     attempt = 0
+    refused_line = (
+        f"python -m worker run: error: Kafka at {settings.bootstrap_servers} refuses this client "
+        f"(security_protocol {settings.security_protocol}"
+        + (f", sasl_mechanism {settings.sasl_mechanism}" if settings.sasl_mechanism else "")
+        + "): {}"
+    )
     while not stop.is_set():
         consumer = None
+        failures = BootstrapFailures(KAFKA_REFUSAL_LIMIT)
         try:
-            consumer = within_deadline(
-                functools.partial(KafkaConsumer, **common, **consumer_opts), deadline_s, stop
-            )
-            return consumer, new_producer()
+            with failures.attached():
+                consumer = within_deadline(
+                    functools.partial(KafkaConsumer, **common, **consumer_opts),
+                    deadline_s,
+                    stop,
+                    failures.refused,
+                )
+                return consumer, new_producer()
+        except KafkaRefusedError as exc:
+            print(refused_line.format(one_line(exc)), file=sys.stderr)
+            if consumer is not None:
+                consumer.close(autocommit=False)
+            return 2
         except ConnectInterruptedError:
             log.info("stop requested while connecting to Kafka; exiting")
             if consumer is not None:
@@ -711,11 +838,18 @@ def _connect(
             if consumer is not None:
                 consumer.close(autocommit=False)
             return 1
-        except RetriableError:
+        except RetriableError as exc:
             if consumer is not None:  # the producer failed: the next attempt builds both again
                 consumer.close(autocommit=False)
             attempt += 1
-            log.warning("no Kafka broker at %s; retry %d", settings.bootstrap_servers, attempt)
+            # kafka-python's own error says only "Unable to bootstrap": name what it logged
+            cause = failures.cause() or f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "no Kafka broker answers at %s (%s); retry %d",
+                settings.bootstrap_servers,
+                cause,
+                attempt,
+            )
             beat()
             CONNECT_BACKOFF.wait(attempt, stop)
         except (KafkaConfigurationError, ValueError) as exc:
@@ -723,6 +857,15 @@ def _connect(
             print(f"python -m worker run: error: Kafka client settings: {exc}", file=sys.stderr)
             if consumer is not None:
                 consumer.close(autocommit=False)
+            return 2
+        except KafkaError as exc:
+            # a SASL login refused: kafka-python raises it from the constructor at its next try
+            reason = kafka_refusal(exc)
+            if consumer is not None:
+                consumer.close(autocommit=False)
+            if reason is None:
+                raise
+            print(refused_line.format(one_line(reason)), file=sys.stderr)
             return 2
     return 0
 

@@ -28,23 +28,66 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
 
 
+MASK = "**********"
+# a character that ends a URL's authority (RFC 3986): an "@" after one is no userinfo's
+_AUTHORITY_END = re.compile(r"[/?#]")
+
+
+def at_after_authority(url: str) -> bool:
+    """Whether an ``@`` follows the URL's authority, in its path, query or fragment.
+
+    A password holding an unencoded ``/``, ``?`` or ``#`` ends the authority there for
+    urlsplit (and redis-py): ``redis://default:2024#S3cr3t@10.0.0.5/0`` reads as host
+    ``default``, port 2024 and a fragment ``S3cr3t@10.0.0.5/0``, and the password is no longer
+    where a mask looks for it. Such a URL cannot be told from a host and a path apart.
+    """
+    rest = url.partition("://")[2]
+    end = _AUTHORITY_END.search(rest)
+    return end is not None and "@" in rest[end.start() :]
+
+
+def _mask_query(query: str) -> str:
+    fields = []
+    for field in query.split("&"):
+        name, sep, _value = field.partition("=")
+        secret = sep and unquote(name).strip().lower() == "password"
+        fields.append(f"{name}={MASK}" if secret else field)
+    return "&".join(fields)
+
+
 def _mask_url_password(url: str) -> str:
     """``redis://user:pw@host`` -> ``redis://user:**********@host``, and a ``password`` in the
     query (redis-py reads one there too, its name percent-decoded) masked the same way: URLs
-    are logged."""
-    parts = urlsplit(url)
-    password = parts.password
-    masked = url.replace(f":{password}@", ":**********@", 1) if password else url
-    if not parts.query:
-        return masked
-    fields = []
-    for field in parts.query.split("&"):
-        name, sep, _value = field.partition("=")
-        secret = sep and unquote(name).strip().lower() == "password"
-        fields.append(f"{name}=**********" if secret else field)
-    head, _, tail = masked.partition("?")
-    fragment = tail.partition("#")[2]
-    return f"{head}?{'&'.join(fields)}" + (f"#{fragment}" if fragment else "")
+    are logged.
+
+    When in doubt (an ``@`` after the authority: ``at_after_authority``) everything between
+    ``://`` and the last ``@`` is masked, and the rest too if a ``password=`` precedes that
+    ``@`` (which may then be the query's password's own): a mask that shows too little is
+    harmless, one that shows a password is not.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:  # no URL: nothing in it can be told from a password
+        return MASK
+    if at_after_authority(url):
+        userinfo, _, tail = rest.rpartition("@")
+        if "password=" in unquote(userinfo).lower():
+            return f"{scheme}://{MASK}"
+        head, qsep, query = tail.partition("?")
+        query, fsep, fragment = query.partition("#")
+        masked_tail = head + (qsep + _mask_query(query) + fsep + fragment if qsep else "")
+        return f"{scheme}://{MASK}@{masked_tail}"
+    authority_end = _AUTHORITY_END.search(rest)
+    authority = rest[: authority_end.start()] if authority_end else rest
+    after = rest[len(authority) :]
+    userinfo, at, hostport = authority.rpartition("@")
+    if at and ":" in userinfo:
+        user = userinfo.partition(":")[0]
+        authority = f"{user}:{MASK}@{hostport}"
+    path, qsep, query = after.partition("?")
+    if not qsep:
+        return f"{scheme}://{authority}{after}"
+    query, fsep, fragment = query.partition("#")
+    return f"{scheme}://{authority}{path}?{_mask_query(query)}{fsep}{fragment}"
 
 
 def _check_port(text: str, where: str = "") -> int:
@@ -90,6 +133,13 @@ def parse_bootstrap_servers(value: str) -> list[str]:
 def check_redis_url(value: str) -> str:
     """The URL if redis-py can connect with it: known scheme, a host name a resolver can look
     up, port 1-65535, numeric database."""
+    if at_after_authority(value):
+        # before any other check: each would read a piece of the password as the host, port or
+        # database, and quote it
+        raise ValueError(
+            "an '@' after the host, path or query: percent-encode / ? # @ in the password "
+            "(%2F %3F %23 %40)"
+        )
     if not value.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
     parts = urlsplit(value)
@@ -120,6 +170,17 @@ def check_redis_url(value: str) -> str:
     if host is not None:
         check_host_name(host)
     return value
+
+
+def url_has_password(url: str) -> bool:
+    """Whether redis-py reads a password from the URL (its userinfo or a ``password=`` in the
+    query), which then wins over a ``password`` passed beside it."""
+    from redis.connection import parse_url
+
+    try:
+        return bool(parse_url(url).get("password"))
+    except ValueError:
+        return False
 
 
 def check_host_name(host: str) -> None:
@@ -509,6 +570,18 @@ class WorkerSettings(BaseSettings):
     def _redis_url(cls, value: str) -> str:
         return check_redis_url(value)
 
+    @field_validator("sasl_mechanism")
+    @classmethod
+    def _sasl_mechanism(cls, value: str | None) -> str | None:
+        # kafka-python's OAUTHBEARER needs a token provider object, which no setting can give:
+        # it failed each handshake, read as "no Kafka broker at ...; retry" for ever
+        if value == "OAUTHBEARER":
+            raise ValueError(
+                "OAUTHBEARER is not supported (no setting supplies the token provider "
+                "kafka-python needs); use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+            )
+        return value
+
     @field_validator("url_allow_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
@@ -547,6 +620,17 @@ class WorkerSettings(BaseSettings):
         ):
             raise ValueError(
                 f"sasl_mechanism {self.sasl_mechanism} needs sasl_username and sasl_password"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_redis_password(self) -> WorkerSettings:
+        # redis-py lets the URL's password win over the one passed beside it: rotating the
+        # Secret behind CARSTREAM_REDIS_PASSWORD would silently change nothing
+        if self.redis_password is not None and url_has_password(self.redis_url):
+            raise ValueError(
+                "redis_url carries a password and redis_password (CARSTREAM_REDIS_PASSWORD) is "
+                "set too; redis-py would use the URL's alone: set one of them"
             )
         return self
 
@@ -624,6 +708,7 @@ class WorkerSettings(BaseSettings):
     def check_files(self) -> None:
         """Raise ValueError naming the first file setting whose file cannot be read.
 
+        Paths are quoted (``!r``): a newline in one must not break the one-line error.
         Not a validator: the settings stay a description of a deployment (tests/deploy builds
         them from manifests whose mounted files exist only in the pod); a process that is about
         to connect calls this first. Without it a missing CA file surfaces as a broker that
@@ -635,18 +720,47 @@ class WorkerSettings(BaseSettings):
                 continue
             reason = unreadable_file_reason(path)
             if reason is not None:
-                raise ValueError(f"{name}: {path}: {reason}")
+                raise ValueError(f"{name}: {path!r}: {reason}")
         for name in CA_SETTINGS:
             path = getattr(self, name)
             reason = bad_ca_file_reason(path) if path else None
             if reason is not None:
-                raise ValueError(f"{name}: {path}: {reason}")
+                raise ValueError(f"{name}: {path!r}: {reason}")
         for cert, key in CERT_KEY_SETTINGS:
             certfile, keyfile = getattr(self, cert), getattr(self, key) or None
             reason = bad_cert_chain_reason(certfile, keyfile) if certfile else None
             if reason is not None:
-                shown = f"{cert}: {certfile}" + (f" with {key}: {keyfile}" if keyfile else "")
+                shown = f"{cert}: {certfile!r}" + (f" with {key}: {keyfile!r}" if keyfile else "")
                 raise ValueError(f"{shown}: {reason}")
+
+    def ignored_settings(self) -> list[str]:
+        """One line for each TLS or SASL setting that is set but unused: the protocol in force
+        does not use it (``ssl_*`` under a PLAINTEXT protocol, ``sasl_*`` without SASL, and
+        ``redis_tls_*`` with a ``redis://`` or ``unix://`` URL). Not refused: one ConfigMap may
+        name the CA files for every environment; but an operator who meant TLS or SASL
+        otherwise sees nothing say it is off."""
+        lines = []
+        protocol = self.security_protocol
+        if protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                if getattr(self, name):
+                    lines.append(f"{name} is ignored: security_protocol {protocol} uses no TLS")
+            if not self.ssl_check_hostname:
+                lines.append(
+                    f"ssl_check_hostname false is ignored: security_protocol {protocol} uses no TLS"
+                )
+        if not protocol.startswith("SASL"):
+            for name in ("sasl_mechanism", "sasl_username", "sasl_password"):
+                if getattr(self, name) is not None:
+                    lines.append(f"{name} is ignored: security_protocol {protocol} uses no SASL")
+        if not self.redis_url.startswith("rediss://"):
+            scheme = self.redis_url.partition("://")[0]
+            for name in ("redis_tls_ca_certs", "redis_tls_certfile", "redis_tls_keyfile"):
+                if getattr(self, name):
+                    lines.append(
+                        f"{name} is ignored: redis_url is {scheme}://, not rediss:// (TLS)"
+                    )
+        return lines
 
     def __repr_args__(self):
         for key, value in super().__repr_args__():

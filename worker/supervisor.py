@@ -30,6 +30,7 @@ from http.server import ThreadingHTTPServer
 
 from worker.metrics import EndpointHandler, EndpointServer, start
 from worker.settings import WorkerSettings
+from worker.stop_signals import block_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +175,25 @@ def bind(settings: WorkerSettings) -> ThreadingHTTPServer:
 # --- the children ---------------------------------------------------------------------------
 
 
-def _die_with(parent: int) -> Callable[[], None]:
-    """For the child before exec (Linux): SIGTERM when the supervisor dies, even by SIGKILL, so
-    no orphan keeps consuming outside a container that would have reaped it."""
+def _child_setup(parent: int) -> Callable[[], None]:
+    """For the child between fork and exec.
+
+    - SIGTERM and SIGINT blocked until the worker has its handlers (``stop_on_signals``
+      unblocks them): a stop forwarded while the child imports and reads its settings is held
+      and then drained from like any other, not the default action that kills it (-15, which
+      read as a failed drain and made the replica exit 143).
+    - Its own process group: a terminal's Ctrl-C reaches the supervisor only, which forwards
+      SIGTERM once; reaching the children as well, it would be their second stop signal, which
+      ends a worker at once (``worker/stop_signals.py``).
+    - Linux: SIGTERM when the supervisor dies, even by SIGKILL, so no orphan keeps consuming
+      outside a container that would have reaped it.
+    """
 
     def arm() -> None:
+        block_stop_signals()
+        os.setpgid(0, 0)
+        if sys.platform != "linux":
+            return
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -216,7 +231,7 @@ def supervise(
                 spawn(
                     CHILD_COMMAND,
                     env=child_env(base_env, given, settings, i),
-                    preexec_fn=_die_with(os.getpid()) if sys.platform == "linux" else None,
+                    preexec_fn=_child_setup(os.getpid()),
                 )
             )
         log.info(

@@ -109,6 +109,7 @@ def worker_with(producer, **settings) -> StreamWorker:
     worker._loop_thread = None  # no loop: the retries do not refresh the lag gauge
     worker._committed = {}
     worker._engine_failures = EngineFailureLog()
+    worker._failed = threading.Event()
     return worker
 
 
@@ -306,10 +307,10 @@ def test_a_result_send_error_of_a_metadata_change_is_retried_not_fatal(error):
 def test_a_dead_letter_not_sent_by_shutdown_leaves_the_batch_uncommitted_not_dropped():
     producer = RacingProducer(ValueError("Partitioner did not assign a partition"), times=99)
     worker = worker_with(producer)
-    worker.stop.set()  # draining at SIGTERM: three tries, then the batch is left uncommitted
+    worker.stop.set()  # draining at SIGTERM: one round, then the batch is left uncommitted
     with pytest.raises(BatchAbortedError, match="Partitioner did not assign"):
         deliver_within(worker, [], [_dead(b"p1", b"not json")])
-    assert producer.raised == 3 and producer.delivered == []
+    assert producer.raised == 1 and producer.delivered == []
     assert _counts(worker.metrics.dead_letters_dropped) == {}
 
 
@@ -609,7 +610,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.calls: list = []
 
-    def commit(self, offsets=None):
+    def commit(self, offsets=None, timeout_ms=None):
         self.calls.append(offsets)
 
     def apply(self, records):
@@ -638,7 +639,7 @@ def test_a_batch_on_an_unhealthy_engine_is_neither_published_counted_nor_committ
 
 @pytest.mark.integration
 def test_a_fatal_loop_error_is_logged_and_exits_1(
-    kafka_bootstrap, worker_bundle_dir, monkeypatch, caplog
+    kafka_bootstrap, redis_url, worker_bundle_dir, monkeypatch, caplog
 ):
     from worker import pipeline
     from worker.run import _serve
@@ -651,6 +652,7 @@ def test_a_fatal_loop_error_is_logged_and_exits_1(
         bundle=str(worker_bundle_dir),
         backend="onnxruntime",
         bootstrap_servers=kafka_bootstrap,
+        redis_url=redis_url,  # checked at start, before the loop
         metrics_port=0,
     )
     assert _serve(settings, threading.Event(), WorkerMetrics(), None) == 1
@@ -685,7 +687,7 @@ class _CommitRefuses:
         self.errors = list(errors)
         self.tries = 0
 
-    def commit(self, offsets=None):
+    def commit(self, offsets=None, timeout_ms=None):
         self.tries += 1
         if self.errors:
             raise self.errors.pop(0)
@@ -723,6 +725,80 @@ def test_a_failing_commit_is_retried_and_gives_up_sooner_once_stopping():
     worker.consumer = _CommitRefuses(*(KafkaTimeoutError(str(i)) for i in range(9)))
     worker._commit(_offsets())
     assert worker.consumer.tries == 3
+
+
+class _SilentBroker:
+    """A producer and a consumer whose broker does not answer: each wait runs its whole timeout
+    (kafka-python's flush and future.get raise KafkaTimeoutError then; commit too)."""
+
+    def __init__(self) -> None:
+        self.sends: list = []
+        self.commit_timeouts: list = []
+        self.gone = threading.Event()  # never set
+
+    def send(self, topic, key=None, value=None, headers=None):
+        self.sends.append(topic)
+        return self
+
+    @property
+    def is_done(self) -> bool:
+        return False
+
+    def get(self, timeout=None):
+        self.gone.wait(timeout)
+        raise KafkaTimeoutError(f"Timeout after waiting for {timeout} secs.")
+
+    def flush(self, timeout=None):
+        self.get(timeout)
+
+    def commit(self, offsets=None, timeout_ms=None):
+        self.commit_timeouts.append(timeout_ms)
+        self.gone.wait(30 if timeout_ms is None else timeout_ms / 1000)
+        raise KafkaTimeoutError("commit timed out")
+
+
+def test_once_stopping_a_silent_broker_gets_the_drain_deadline_not_kafkas_timeouts(monkeypatch):
+    """SIGTERM during a broker outage: the flush, the acknowledgements and the commit wait only
+    what is left of DRAIN_DEADLINE_S, and a failed round is not retried, so the worker leaves
+    the batch uncommitted well inside the grace period (it waited 30 s per flush and per
+    acknowledgement, and 3 rounds, then 30 s per commit try)."""
+    import time
+
+    from worker import pipeline
+
+    monkeypatch.setattr(pipeline, "DRAIN_DEADLINE_S", 1.0)
+    broker = _SilentBroker()
+    worker = worker_with(broker, dedup_ttl_s=0)
+    worker.backoff = Backoff(0.2, 10.0)
+    worker.consumer = broker
+    results = [Result(b"p1", b"{}", "ok"), Result(b"p2", b"{}", "ok")]
+    threading.Timer(0.3, worker.stop.set).start()  # SIGTERM while the flush waits
+    started = time.monotonic()
+    with pytest.raises(BatchAbortedError, match="results not delivered"):
+        deliver_within(worker, results, [], seconds=8)
+    assert time.monotonic() - started < 3.0
+    assert len(broker.sends) == 2  # one round: not sent again once stopping
+
+    started = time.monotonic()
+    worker._commit(_offsets())  # past the deadline: one short try
+    assert time.monotonic() - started < 3.0
+    assert broker.commit_timeouts == [pipeline.STOP_COMMIT_MIN_MS]
+
+
+def test_an_expired_record_is_not_waited_on_slice_after_slice(monkeypatch):
+    """kafka-python fails a record that expired in its buffer with KafkaTimeoutError, the same
+    error a wait that ran out raises: a done future is not waited on again."""
+    import time
+
+    from worker import pipeline
+
+    monkeypatch.setattr(pipeline, "WAIT_SLICE_S", 0.5)
+    producer = BrokerLikeProducer(fail_first=1)  # its future fails at once, with that error
+    worker = worker_with(producer)
+    started = time.monotonic()
+    deliver_within(worker, [Result(b"p1", b"{}", "ok")], [], seconds=8)
+    assert time.monotonic() - started < 2.0
+    assert len(producer.sends) == 2 and len(producer.delivered) == 1
 
 
 def test_backoff_survives_an_outage_of_any_length():
@@ -853,3 +929,40 @@ def test_only_dead_letters_a_redelivery_may_classify_are_noted_for_the_trends():
     assert len(dead) == 5
     assert [t.retryable for t in trends] == [True, True, False, False, True]
     assert all(t.make is None for t in trends)
+
+
+class _RefusingTrends:
+    """A trends writer whose Redis answers each error of ``errors`` in turn, then applies."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    def apply(self, records):
+        from worker.trends import ApplyResult
+
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return ApplyResult(applied=len(records), ignored=0, duplicates=0)
+
+
+def test_redis_refusing_the_worker_stops_it_and_an_outage_is_retried():
+    """A password rotated or an ACL revoked under a running worker: retried, it kept the pod
+    live and ready while nothing was committed; an outage is still retried as long as it lasts."""
+    import redis
+
+    worker = worker_with(BrokerLikeProducer())
+    worker._ignored_runs = None
+    refused = redis.AuthenticationError("invalid username-password pair")
+    worker.trends = _RefusingTrends(*[refused] * SEND_RETRY_LIMIT)
+    with pytest.raises(FatalWorkerError, match="Redis refuses this worker: authentication"):
+        worker._apply_trends([])
+    assert worker.trends.calls == SEND_RETRY_LIMIT
+
+    # an outage between refusals resets the count: only refusals in a row stop the worker
+    outage = redis.ConnectionError("Connection refused")
+    worker.trends = _RefusingTrends(refused, outage, *[outage] * 6, refused, outage)
+    worker._watch_ignored = lambda records, result: None
+    worker._apply_trends([])
+    assert worker.trends.calls == 11

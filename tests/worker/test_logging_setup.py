@@ -123,3 +123,63 @@ def test_python_warnings_become_json_log_lines(capsys):
     (line,) = capsys.readouterr().err.splitlines()
     record = json.loads(line)
     assert record["logger"] == "py.warnings" and "Corrupt EXIF data" in record["msg"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _coordinator_dead(node: int = 111) -> logging.LogRecord:
+    return logging.LogRecord(
+        "kafka.coordinator", logging.WARNING, __file__, 1,
+        "Marking the coordinator dead (node %s) for group %s: %s.",
+        (f"coordinator-{node}", "carstream", "KafkaConnectionError"), None,
+    )  # fmt: skip
+
+
+def test_a_flood_of_coordinator_dead_lines_is_one_line_then_a_count_per_interval():
+    from worker.logging_setup import _FLOODS, RepeatedLineFilter
+
+    clock = FakeClock()
+    flood = RepeatedLineFilter(_FLOODS, every_s=30.0, clock=clock)
+    first = _coordinator_dead()
+    assert flood.filter(first)
+    assert first.getMessage().startswith("Marking the coordinator dead (node coordinator-111)")
+    kept = []
+    for _ in range(2734):  # a second of the outage seen
+        clock.now += 29.0 / 2734
+        record = _coordinator_dead()
+        if flood.filter(record):
+            kept.append(record)
+    assert kept == []
+    clock.now = 1030.0
+    record = _coordinator_dead(112)
+    assert flood.filter(record)
+    assert record.getMessage() == (
+        "Marking the coordinator dead (node coordinator-112) for group carstream: "
+        "KafkaConnectionError. (2734 more like it dropped in the last 30 s)"
+    )
+    clock.now += 31.0  # quiet since: the next one alone, no count
+    record = _coordinator_dead()
+    assert flood.filter(record) and "more like it" not in record.getMessage()
+    other = logging.LogRecord("kafka.coordinator", logging.WARNING, __file__, 1, "x %s", (1,), None)
+    assert all(flood.filter(other) for _ in range(3))  # other messages untouched
+
+
+def test_configure_logging_installs_the_flood_filter_once():
+    from worker.logging_setup import RepeatedLineFilter, configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("INFO")
+        configure_logging("INFO")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    filters = logging.getLogger("kafka.coordinator").filters
+    assert sum(isinstance(f, RepeatedLineFilter) for f in filters) == 1

@@ -94,7 +94,7 @@ class FakeConsumer:
     def assignment(self) -> set[TopicPartition]:
         return set(self.held)
 
-    def commit(self, offsets=None) -> None:
+    def commit(self, offsets=None, timeout_ms=None) -> None:
         self.commits.append({tp: om.offset for tp, om in offsets.items()})
 
     def highwater(self, tp):

@@ -97,9 +97,9 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         (("--bundle", "/x", "--onnx-precision", "fp16"), {}, "onnx_precision"),
         # a TLS file the clients cannot open: before, a Kafka "no broker at ..." retried for ever
         # or a Redis "Error 2 ... No such file or directory" on every batch, after the model
-        (("--bundle", "/x", "--ssl-cafile", "/no/ca.pem"), {}, "ssl_cafile: /no/ca.pem: no such"),
+        (("--bundle", "/x", "--ssl-cafile", "/no/ca.pem"), {}, "ssl_cafile: '/no/ca.pem': no such"),
         (("--bundle", "/x"), {"CARSTREAM_SSL_CERTFILE": "/dev/null"}, "not a regular file"),
-        (("--bundle", "/x"), {"CARSTREAM_REDIS_TLS_CA_CERTS": "/"}, "/: is a directory"),
+        (("--bundle", "/x"), {"CARSTREAM_REDIS_TLS_CA_CERTS": "/"}, "'/': is a directory"),
     ],
 )
 def test_bad_settings_are_one_line_exit_2(args, env, needle):
@@ -167,9 +167,12 @@ def test_help_lists_every_setting_with_its_environment_variable():
     # a setting without a default was listed as "(default: None)"
     assert "None" not in text
     assert "--ssl-cafile CAFILE ssl cafile [env CARSTREAM_SSL_CAFILE] (default: unset)" in text
+    # passwords are no flags (a flag's value shows in ps and in the pod's spec): the help says
+    # where they go instead
+    assert "--sasl-password" not in text and "--redis-password" not in text
     assert (
-        "--sasl-password PASSWORD sasl password [env CARSTREAM_SASL_PASSWORD] (default: unset)"
-        in text
+        "Passwords are read from the environment only (CARSTREAM_SASL_PASSWORD, "
+        "CARSTREAM_REDIS_PASSWORD)" in text
     )
     # where the description says what unset means, no "(default: ...)" contradicts it
     assert (
@@ -521,7 +524,13 @@ class _ClosableClient:
 
 
 def _serve_with_fakes(
-    monkeypatch, connect_error=None, stop_first=False, warm_error=None, clients=None, metrics=None
+    monkeypatch,
+    connect_error=None,
+    stop_first=False,
+    warm_error=None,
+    clients=None,
+    metrics=None,
+    redis_outcome=None,
 ):
     """`_serve` with a fake bundle, engines and metrics server, and a connect that fails (or,
     with ``clients``, hands out those fake consumer and producer)."""
@@ -532,6 +541,7 @@ def _serve_with_fakes(
     import engine_build.runtime
     import worker.connections
     import worker.metrics
+    import worker.run
     from worker.run import _serve
 
     engines = [_ClosableEngine(warm_error), _ClosableEngine()]
@@ -546,12 +556,13 @@ def _serve_with_fakes(
 
     handed = iter(clients or ())
 
-    def within_deadline(_factory, _timeout_s, _stop=None):
+    def within_deadline(_factory, _timeout_s, _stop=None, _refused=None):
         if clients:
             return next(handed)
         raise connect_error
 
     monkeypatch.setattr(worker.connections, "within_deadline", within_deadline)
+    monkeypatch.setattr(worker.run, "wait_for_redis", lambda *_args: redis_outcome)
     settings = WorkerSettings(bundle="/b", engine_instances=2)
     stop = threading.Event()
     if stop_first:
@@ -684,3 +695,49 @@ def test_engines_opened_before_a_failing_instance_are_left_for_the_caller_to_clo
     with pytest.raises(EngineLoadError, match="loading torch-cuda"):
         open_engines(object(), "auto", 2, {}, into)
     assert [e.name for e in into] == ["torch-cuda-fp16-graphs"]
+
+
+@pytest.mark.parametrize("flag", ["--redis-password", "--sasl-password"])
+@pytest.mark.parametrize("form", ["apart", "joined"])
+def test_a_password_flag_is_refused_naming_its_variable_without_echoing_it(flag, form):
+    # a flag's value shows in ps and in the pod's spec: passwords come from the environment
+    args = (f"{flag}=s3cret",) if form == "joined" else (flag, "s3cret")
+    proc = run_worker("--bundle", "/x", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    variable = "CARSTREAM_" + flag.removeprefix("--").replace("-", "_").upper()
+    assert f"{flag} is not a flag: set {variable} in the environment" in lines[-1]
+    assert "s3cret" not in proc.stderr
+
+
+def test_settings_the_protocol_does_not_use_are_warnings_at_start(tmp_path):
+    from tests.support import make_certificates
+
+    ca = make_certificates(tmp_path)[0]
+    proc = run_worker(
+        "--bundle", "/no/such/bundle", CARSTREAM_REDIS_TLS_CA_CERTS=str(ca),
+        CARSTREAM_SASL_USERNAME="u",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr  # for the bundle
+    warnings = [
+        line.split(" WARNING ", 1)[1] for line in proc.stderr.splitlines() if " WARNING " in line
+    ]
+    assert warnings == [
+        "worker.run: sasl_username is ignored: security_protocol PLAINTEXT uses no SASL",
+        "worker.run: redis_tls_ca_certs is ignored: redis_url is redis://, not rediss:// (TLS)",
+    ], proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (("--bundle", "/no/such\nbundle"), {}, "/no/such\\nbundle"),
+        (("--bundle", "/x", "--metrics-host", "no\nhost.invalid"),
+         {"CARSTREAM_METRICS_PORT": "9400"}, "no\\nhost.invalid:9400"),
+    ],
+)  # fmt: skip
+def test_a_newline_in_a_path_or_host_keeps_the_error_one_line(args, env, needle):
+    proc = run_worker(*args, **env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr

@@ -204,7 +204,7 @@ def test_a_missing_directory_or_special_file_setting_is_named_with_its_path(name
         settings = WorkerSettings(**{name: str(path)})  # a description: built without the file
         with pytest.raises(ValueError) as info:
             settings.check_files()
-        assert str(info.value).startswith(f"{name}: {path}: {reason}")
+        assert str(info.value).startswith(f"{name}: {str(path)!r}: {reason}")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode bits")
@@ -251,14 +251,15 @@ def test_tls_files_that_are_not_what_their_setting_needs_are_named_with_the_reas
     ca_name = "ssl_cafile" if prefix == "ssl" else "redis_tls_ca_certs"
     cert_name, key_name = f"{prefix}_certfile", f"{prefix}_keyfile"
     cases = [
-        ({ca_name: garbage}, f"{ca_name}: {garbage}: not a CA certificate file: a damaged"),
+        ({ca_name: garbage}, f"{ca_name}: {str(garbage)!r}: not a CA certificate file: a damaged"),
         ({ca_name: crt.parent / "ext.cnf"}, "not a CA certificate file: no PEM certificate"),
-        ({ca_name: key}, f"{ca_name}: {key}: not a CA certificate file: no PEM certificate"),
-        ({cert_name: garbage, key_name: key}, f"{cert_name}: {garbage} with {key_name}: {key}: "
-         "no PEM certificate in it"),
+        ({ca_name: key},
+         f"{ca_name}: {str(key)!r}: not a CA certificate file: no PEM certificate"),
+        ({cert_name: garbage, key_name: key},
+         f"{cert_name}: {str(garbage)!r} with {key_name}: {str(key)!r}: no PEM certificate in it"),
         ({cert_name: crt, key_name: other}, "the key does not match the certificate"),
         ({cert_name: crt, key_name: garbage}, "the key file holds no PEM private key"),
-        ({cert_name: crt}, f"{cert_name}: {crt}: no PEM private key in it, and no key file"),
+        ({cert_name: crt}, f"{cert_name}: {str(crt)!r}: no PEM private key in it, and no key file"),
     ]  # fmt: skip
     for values, expected in cases:
         settings = WorkerSettings(**{k: str(v) for k, v in values.items()})
@@ -289,7 +290,7 @@ def test_run_refuses_a_ca_file_without_certificates_in_one_line(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
-        f"python -m worker run: error: ssl_cafile: {bogus}: not a CA certificate file: "
+        f"python -m worker run: error: ssl_cafile: {str(bogus)!r}: not a CA certificate file: "
         "no PEM certificate in it"
     ]
 
@@ -302,7 +303,7 @@ def test_run_refuses_a_missing_ca_file_in_one_line_before_connecting(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
-        f"python -m worker run: error: ssl_cafile: {tmp_path / 'ca.pem'}: no such file"
+        f"python -m worker run: error: ssl_cafile: {str(tmp_path / 'ca.pem')!r}: no such file"
     ]
 
 
@@ -409,3 +410,116 @@ def test_a_refused_setting_never_quotes_a_secret_in_its_error(fields):
         WorkerSettings(**fields)
     assert "hunter2" not in str(info.value)
     assert "hunter2" not in first_validation_error(info.value)
+
+
+# --- credentials: where a password may hide, and settings that contradict each other ----------
+
+# a password holding an unencoded # ? or / after a numeric prefix: urlsplit read host "default",
+# port 2024 and the rest as fragment, query or path, so nothing matched ":{password}@"
+AMBIGUOUS_URLS = [
+    "redis://default:2024#S3cr3t@10.0.0.5:6379/0",
+    "redis://default:2024?S3cr3t@10.0.0.5:6379/0",
+    "redis://:7#S3cr3t@10.0.0.5:6379/0",
+    "redis://default:2024/S3cr3t@10.0.0.5:6379/0",
+    "rediss://u:2024/S3cr3t@cache/0",
+    "unix:///run/r.sock?password=20#S3cr3t@x",
+]
+
+
+@pytest.mark.parametrize("url", AMBIGUOUS_URLS)
+def test_a_password_that_splits_the_url_is_refused_without_quoting_it(url: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        WorkerSettings(redis_url=url)
+    (error,) = info.value.errors()
+    assert error["loc"] == ("redis_url",) and "percent-encode / ? # @" in error["msg"]
+    assert "S3cr3t" not in str(info.value) and "2024" not in error["msg"]
+
+
+@pytest.mark.parametrize("url", [*AMBIGUOUS_URLS, "redis://h/0?password=20@S3cr3t"])
+def test_no_form_of_a_url_shows_its_password_when_masked_or_redacted(url: str) -> None:
+    from worker.connections import redacted
+    from worker.settings import _mask_url_password
+
+    for shown in (_mask_url_password(url), redacted(url)):
+        assert "S3cr3t" not in shown and "2024" not in shown, shown
+    if "10.0.0.5" in url:  # the host the user meant is still named
+        assert redacted(url) == "redis://10.0.0.5:6379/0"
+
+
+def test_masking_keeps_user_host_and_query_of_a_well_formed_url() -> None:
+    from worker.settings import _mask_url_password
+
+    assert _mask_url_password("redis://u:p@w@h:1/0?password=x&a=1#f") == (
+        "redis://u:**********@h:1/0?password=**********&a=1#f"
+    )
+    assert _mask_url_password("unix://u:pw@/run/r.sock") == "unix://u:**********@/run/r.sock"
+    assert _mask_url_password("redis://u@h/0") == "redis://u@h/0"
+
+
+def test_oauthbearer_is_refused_in_one_line() -> None:
+    # no setting supplies kafka-python's token provider: every handshake failed, read as an
+    # absent broker and retried for ever
+    with pytest.raises(ValidationError) as info:
+        WorkerSettings(security_protocol="SASL_SSL", sasl_mechanism="OAUTHBEARER")
+    (error,) = info.value.errors()
+    assert error["loc"] == ("sasl_mechanism",) and "OAUTHBEARER is not supported" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:hunter2@cache:6379/0", "redis://cache:6379/0?password=hunter2"]
+)
+def test_a_url_password_and_redis_password_together_are_refused(url: str) -> None:
+    # redis-py lets the URL's win: rotating the Secret behind CARSTREAM_REDIS_PASSWORD did nothing
+    with pytest.raises(ValidationError) as info:
+        WorkerSettings(redis_url=url, redis_password="rotated")
+    assert "set one of them" in first_validation_error(info.value)
+    assert "hunter2" not in str(info.value) and "rotated" not in str(info.value)
+    # a user name in the URL with the password beside it is what redis-py combines
+    WorkerSettings(redis_url="redis://worker@cache:6379/0", redis_password="rotated")
+
+
+def test_tls_and_sasl_settings_the_protocol_does_not_use_are_named() -> None:
+    settings = WorkerSettings(
+        ssl_cafile="/ca.pem",
+        ssl_check_hostname=False,
+        sasl_mechanism="PLAIN",
+        sasl_username="u",
+        sasl_password="p",
+        redis_tls_ca_certs="/rca.pem",
+    )
+    assert settings.ignored_settings() == [
+        "ssl_cafile is ignored: security_protocol PLAINTEXT uses no TLS",
+        "ssl_check_hostname false is ignored: security_protocol PLAINTEXT uses no TLS",
+        "sasl_mechanism is ignored: security_protocol PLAINTEXT uses no SASL",
+        "sasl_username is ignored: security_protocol PLAINTEXT uses no SASL",
+        "sasl_password is ignored: security_protocol PLAINTEXT uses no SASL",
+        "redis_tls_ca_certs is ignored: redis_url is redis://, not rediss:// (TLS)",
+    ]
+    used = WorkerSettings(
+        security_protocol="SASL_SSL",
+        ssl_cafile="/ca.pem",
+        sasl_mechanism="PLAIN",
+        sasl_username="u",
+        sasl_password="p",
+        redis_url="rediss://cache/0",
+        redis_tls_ca_certs="/rca.pem",
+    )
+    assert used.ignored_settings() == []
+    sasl_plaintext = WorkerSettings(
+        security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username="u",
+        sasl_password="p", ssl_certfile="/c.pem",
+    )  # fmt: skip
+    assert sasl_plaintext.ignored_settings() == [
+        "ssl_certfile is ignored: security_protocol SASL_PLAINTEXT uses no TLS"
+    ]
+
+
+def test_a_newline_in_a_file_setting_keeps_the_error_one_line(tmp_path) -> None:
+    proc = worker_cli(
+        "run", "--bundle", "/no/such/bundle", "--metrics-port", "0", timeout=60,
+        CARSTREAM_SSL_CAFILE=f"{tmp_path}/x\ny",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"python -m worker run: error: ssl_cafile: '{tmp_path}/x\\ny': no such file"
+    ]

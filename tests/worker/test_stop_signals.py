@@ -90,3 +90,64 @@ def test_other_signals_do_not_stop_the_loop_and_sigint_does():
     finally:
         child.kill()
     assert child.returncode == 0 and out == b"stopped\n"
+
+
+# stops, then drains for ever: only a second signal ends it
+DRAINING_CHILD = textwrap.dedent(
+    """
+    import threading, time
+    from worker.stop_signals import stop_on_signals
+    stop = threading.Event()
+    stop_on_signals(stop)
+    print("up", flush=True)
+    stop.wait()
+    print("draining", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_a_second_stop_signal_exits_at_once_with_128_plus_its_number():
+    for first, second in ((signal.SIGTERM, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)):
+        child = subprocess.Popen([sys.executable, "-c", DRAINING_CHILD], cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            assert child.stdout.readline() == b"up\n"
+            child.send_signal(first)
+            assert child.stdout.readline() == b"draining\n"
+            child.send_signal(second)
+            child.wait(timeout=10)
+        finally:
+            child.kill()
+            child.communicate()
+        assert child.returncode == 128 + second
+
+
+# a child whose stop signals are blocked from its start (the supervisor's preexec_fn), and that
+# takes a while before installing its handlers (imports, settings)
+SLOW_START_CHILD = textwrap.dedent(
+    """
+    import threading, time
+    from worker.stop_signals import stop_on_signals
+    print("starting", flush=True)
+    time.sleep(1.0)
+    stop = threading.Event()
+    stop_on_signals(stop)
+    stop.wait(20)
+    print("stopped" if stop.is_set() else "never stopped", flush=True)
+    """
+)
+
+
+def test_a_stop_signal_held_since_start_up_is_a_stop_not_a_kill():
+    from worker.stop_signals import block_stop_signals
+
+    child = subprocess.Popen([sys.executable, "-c", SLOW_START_CHILD], cwd=REPO,
+                             stdout=subprocess.PIPE, preexec_fn=block_stop_signals)  # fmt: skip
+    try:
+        assert child.stdout.readline() == b"starting\n"
+        child.send_signal(signal.SIGTERM)  # before its handlers: held, not the default action
+        out, _ = child.communicate(timeout=20)
+    finally:
+        child.kill()
+    assert child.returncode == 0 and out == b"stopped\n"

@@ -138,6 +138,8 @@ CHILD = textwrap.dedent(
             self.send_response(code); self.end_headers()
             self.wfile.write(body.get(self.path, "").encode())
         def log_message(self, *a): pass
+    # a worker reads its settings and imports before it installs its handlers
+    time.sleep(float(os.environ.get("CHILD_START_DELAY_S", "0") or 0))
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     stop = threading.Event()
@@ -238,6 +240,18 @@ def test_stop_forwards_sigterm_every_child_drains_and_the_code_is_0(monkeypatch)
     for child in sup.children:
         assert child.returncode == 0
         assert "drained" in child.stdout.read()  # SIGTERM, handled: not killed
+
+
+def test_a_stop_while_the_children_start_still_drains_them_and_the_code_is_0(monkeypatch):
+    # SIGTERM forwarded before a child has its handlers killed it (-15): the replica exited 143
+    sup = Supervised(monkeypatch, CHILD_START_DELAY_S="1.5")
+    time.sleep(0.5)  # the children run, without their handlers yet
+    assert all(child.poll() is None for child in sup.children)
+    sup.stop.set()
+    assert sup.join() == 0
+    for child in sup.children:
+        assert child.returncode == 0
+        assert "drained" in child.stdout.read()
 
 
 def test_a_child_not_ready_makes_the_pod_not_ready(monkeypatch):

@@ -507,15 +507,16 @@ def test_commit_offsets_are_next_offset_per_partition():
 
 
 def test_secrets_never_appear_in_redacted_settings_or_repr():
-    s = WorkerSettings(
-        security_protocol="SASL_SSL",
-        sasl_mechanism="PLAIN",
-        sasl_username="u",
-        sasl_password="hunter2",
-        redis_url="redis://:topsecret@127.0.0.1:6380/0",
-        redis_password="alsosecret",
-    )
-    text = json.dumps(s.redacted()) + repr(s) + str(s)
+    # a password in the URL and redis_password together are refused: one of each
+    kafka = {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "PLAIN",
+        "sasl_username": "u",
+        "sasl_password": "hunter2",
+    }
+    in_url = WorkerSettings(**kafka, redis_url="redis://:topsecret@127.0.0.1:6380/0")
+    apart = WorkerSettings(**kafka, redis_password="alsosecret")
+    text = "".join(json.dumps(s.redacted()) + repr(s) + str(s) for s in (in_url, apart))
     for secret in ("hunter2", "topsecret", "alsosecret"):
         assert secret not in text
 

@@ -1,0 +1,148 @@
+"""A Kafka broker that refuses the worker for good (its certificate, the SASL mechanism or login)
+stops it at start with the cause, instead of "no Kafka broker at ...; retry N" for ever."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+from kafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    SaslAuthenticationFailedError,
+    UnsupportedSaslMechanismError,
+)
+
+from tests.support import make_certificates, worker_cli
+from worker.connections import (
+    BootstrapFailures,
+    KafkaRefusedError,
+    kafka_refusal,
+    within_deadline,
+)
+
+
+def _handshake_failure(reason: str) -> KafkaConnectionError:
+    """What kafka-python 3.0 raises for a failed TLS handshake: its own error, raised while
+    handling the ssl one."""
+    try:
+        try:
+            raise ssl.SSLCertVerificationError(1, f"[SSL: CERTIFICATE_VERIFY_FAILED] {reason}")
+        except ssl.SSLError as exc:
+            raise KafkaConnectionError(f"Handshake failed: {exc}")  # noqa: B904 (as kafka-python)
+    except KafkaConnectionError as exc:
+        return exc
+
+
+def test_kafka_refusal_names_only_errors_no_retry_ends():
+    verify = kafka_refusal(_handshake_failure("certificate verify failed: self-signed"))
+    assert verify is not None and "check ssl_cafile" in verify and "self-signed" in verify
+    mismatch = kafka_refusal(_handshake_failure("certificate verify failed: Hostname mismatch"))
+    assert mismatch is not None and "ssl_check_hostname" in mismatch
+    assert "sasl_mechanism" in kafka_refusal(UnsupportedSaslMechanismError())
+    assert "sasl_password" in kafka_refusal(SaslAuthenticationFailedError("bad login"))
+    for passing in (
+        KafkaConnectionError("Connection refused"),
+        KafkaTimeoutError("Unable to bootstrap from 127.0.0.1:9092"),
+        KafkaConnectionError("Handshake failed: [SSL: UNEXPECTED_EOF_WHILE_READING] eof"),
+    ):
+        assert kafka_refusal(passing) is None, passing
+
+
+def test_bootstrap_failures_give_the_reason_after_refusals_in_a_row():
+    failures = BootstrapFailures(limit=3)
+    logger = logging.getLogger(BootstrapFailures.LOGGER)
+    refusal = UnsupportedSaslMechanismError()
+    with failures.attached():
+        logger.warning("Bootstrap connection to %s failed: %s", "b-0", KafkaConnectionError("x"))
+        assert failures.cause() == "KafkaConnectionError: x" and failures.refused() is None
+        for _ in range(2):
+            error = UnsupportedSaslMechanismError()
+            logger.error("Connection failed: %s", error)
+            logger.warning("Bootstrap connection to %s failed: %s", "b-0", error)  # the same
+        assert failures.refused() is None  # two in a row, counted once each
+        logger.error("Connection failed: %s", refusal)
+        logger.error("Bootstrap failed: %s", KafkaTimeoutError("Unable to bootstrap from b"))
+    assert failures.refused() == kafka_refusal(refusal)
+    logger.error("Connection failed: %s", KafkaConnectionError("after"))  # detached: unseen
+    assert failures.cause() == str(refusal) and "UnsupportedSaslMechanismError" in str(refusal)
+
+
+def test_within_deadline_gives_up_as_soon_as_the_broker_refuses():
+    started = time.monotonic()
+    with pytest.raises(KafkaRefusedError, match="the reason"):
+        within_deadline(lambda: time.sleep(30), 30, threading.Event(), lambda: "the reason")
+    assert time.monotonic() - started < 5
+
+
+def _run(bundle, bootstrap: str, **env: str):
+    proc = worker_cli(
+        "run", "--bundle", str(bundle), "--bootstrap-servers", bootstrap, "--metrics-port", "0",
+        timeout=90, CARSTREAM_KAFKA_CONNECT_TIMEOUT_S="20", **env,
+    )  # fmt: skip
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("python -m worker run")]
+    return proc, errors
+
+
+@pytest.mark.integration
+def test_a_broker_certificate_the_ca_does_not_verify_is_one_line_exit_2(
+    worker_bundle_dir, tmp_path
+):
+    _ca, crt, key = make_certificates(tmp_path)  # its CA is not the system's
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(crt, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                context.wrap_socket(conn, server_side=True).close()
+            except (ssl.SSLError, OSError):
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        started = time.monotonic()
+        proc, errors = _run(
+            worker_bundle_dir,
+            f"127.0.0.1:{listener.getsockname()[1]}",
+            CARSTREAM_SECURITY_PROTOCOL="SSL",
+        )
+    finally:
+        listener.close()
+    assert proc.returncode == 2, proc.stderr
+    assert len(errors) == 1, proc.stderr
+    assert "refuses this client (security_protocol SSL)" in errors[0]
+    assert "certificate verify failed" in errors[0] and "check ssl_cafile" in errors[0]
+    assert "no Kafka broker" not in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - started < 60  # not after kafka_connect_timeout_s retries
+
+
+@pytest.mark.integration
+def test_a_sasl_mechanism_the_broker_does_not_offer_is_one_line_exit_2(
+    worker_bundle_dir, kafka_bootstrap
+):
+    # Tansu offers no SASL mechanism at all: it answers the handshake with error 33
+    proc, errors = _run(
+        worker_bundle_dir,
+        kafka_bootstrap,
+        CARSTREAM_SECURITY_PROTOCOL="SASL_PLAINTEXT",
+        CARSTREAM_SASL_MECHANISM="SCRAM-SHA-512",
+        CARSTREAM_SASL_USERNAME="carstream",
+        CARSTREAM_SASL_PASSWORD="hunter2SECRET",
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert len(errors) == 1, proc.stderr
+    assert (
+        "sasl_mechanism SCRAM-SHA-512): the broker does not offer this sasl_mechanism"
+        in (errors[0])
+    )
+    assert "hunter2SECRET" not in proc.stderr and "no Kafka broker" not in proc.stderr
