@@ -27,6 +27,12 @@ class ConnectInterruptedError(Exception):
     """A stop was requested (SIGTERM, Ctrl-C) while a Kafka client was still connecting."""
 
 
+# kafka-python bootstrap attempts in a row that a broker refuses for good (a certificate the CA
+# does not verify, a SASL mechanism or login it refuses) before a command gives up: a few, not
+# one, so that one broker of several mid-rotation does not stop it
+KAFKA_REFUSAL_LIMIT = 3
+
+
 class KafkaRefusedError(Exception):
     """Kafka's brokers refuse this client for a reason no retry ends (``kafka_refusal``)."""
 

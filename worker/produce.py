@@ -606,7 +606,14 @@ def _main(args: argparse.Namespace) -> int:
     from kafka import KafkaProducer
     from kafka.errors import KafkaError, KafkaTimeoutError
 
-    from worker.connections import ConnectTimeoutError, kafka_common_config, within_deadline
+    from worker.connections import (
+        KAFKA_REFUSAL_LIMIT,
+        BootstrapFailures,
+        ConnectTimeoutError,
+        KafkaRefusedError,
+        kafka_common_config,
+        within_deadline,
+    )
 
     try:
         settings.check_files()  # a missing CA file otherwise reads as a server not answering
@@ -625,16 +632,23 @@ def _main(args: argparse.Namespace) -> int:
         max_block_ms=timeout_ms,
         bootstrap_timeout_ms=timeout_ms,  # kafka-python's default is 30 s, whatever --timeout
     )
+    # kafka-python reports a broker that refuses its certificate or SASL login only as "Unable
+    # to bootstrap" after the whole --timeout: the cause is in its log, which this reads
+    failures = BootstrapFailures(KAFKA_REFUSAL_LIMIT)
     try:
-        producer = within_deadline(make_producer, args.timeout + CONNECT_GRACE_S)
-    except (KafkaError, ConnectTimeoutError) as exc:
+        with failures.attached():
+            producer = within_deadline(
+                make_producer, args.timeout + CONNECT_GRACE_S, refused=failures.refused
+            )
+    except (KafkaError, ConnectTimeoutError, KafkaRefusedError) as exc:
         timed_out = isinstance(exc, KafkaTimeoutError | ConnectTimeoutError)
         within = f" within --timeout {args.timeout:g}s" if timed_out else ""
-        reason = (
-            f"no answer to the {settings.security_protocol} handshake"
-            if isinstance(exc, ConnectTimeoutError)
-            else exc
-        )
+        if isinstance(exc, ConnectTimeoutError):
+            reason: object = f"no answer to the {settings.security_protocol} handshake"
+        elif timed_out and failures.cause() is not None:
+            reason = f"{exc} (last failure: {failures.cause()})"
+        else:
+            reason = exc
         print(
             f"error: cannot reach Kafka at {settings.bootstrap_servers}{within}: {reason}",
             file=sys.stderr,

@@ -47,10 +47,6 @@ CONNECT_GRACE_S = 5.0  # past kafka_connect_timeout_s, for kafka-python to repor
 # well within it; check_topics does so at start.
 PRODUCER_MAX_BLOCK_MS = 5_000
 CLOSE_TIMEOUT_MS = 5_000  # closing the Kafka clients at the end of a drain
-# kafka-python bootstrap attempts in a row that a broker refuses for good (a certificate the CA
-# does not verify, a SASL mechanism or login it refuses) before the worker exits 2: a few, not
-# one, so that one broker of several mid-rotation does not stop it
-KAFKA_REFUSAL_LIMIT = 3
 
 
 def secret_fields() -> list[str]:
@@ -787,6 +783,7 @@ def _connect(
     from kafka.errors import KafkaConfigurationError, KafkaError, RetriableError
 
     from worker.connections import (
+        KAFKA_REFUSAL_LIMIT,
         BootstrapFailures,
         ConnectInterruptedError,
         ConnectTimeoutError,

@@ -16,6 +16,7 @@ from kafka.errors import (
     SaslAuthenticationFailedError,
     UnsupportedSaslMechanismError,
 )
+from PIL import Image
 
 from tests.support import make_certificates, worker_cli
 from worker.connections import (
@@ -88,10 +89,8 @@ def _run(bundle, bootstrap: str, **env: str):
     return proc, errors
 
 
-@pytest.mark.integration
-def test_a_broker_certificate_the_ca_does_not_verify_is_one_line_exit_2(
-    worker_bundle_dir, tmp_path
-):
+def _untrusted_tls_listener(tmp_path) -> socket.socket:
+    """A TLS listener whose certificate the system's CAs do not verify; close it when done."""
     _ca, crt, key = make_certificates(tmp_path)  # its CA is not the system's
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(crt, key)
@@ -109,6 +108,14 @@ def test_a_broker_certificate_the_ca_does_not_verify_is_one_line_exit_2(
                 conn.close()
 
     threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+@pytest.mark.integration
+def test_a_broker_certificate_the_ca_does_not_verify_is_one_line_exit_2(
+    worker_bundle_dir, tmp_path
+):
+    listener = _untrusted_tls_listener(tmp_path)
     try:
         started = time.monotonic()
         proc, errors = _run(
@@ -146,3 +153,25 @@ def test_a_sasl_mechanism_the_broker_does_not_offer_is_one_line_exit_2(
         in (errors[0])
     )
     assert "hunter2SECRET" not in proc.stderr and "no Kafka broker" not in proc.stderr
+
+
+@pytest.mark.integration
+def test_produce_names_a_certificate_the_ca_does_not_verify(tmp_path):
+    # kafka-python says only "Unable to bootstrap" after the whole --timeout
+    image = tmp_path / "a.jpg"
+    Image.new("RGB", (8, 8)).save(image)
+    listener = _untrusted_tls_listener(tmp_path)
+    try:
+        started = time.monotonic()
+        proc = worker_cli(
+            "produce", "--images", str(tmp_path), "--timeout", "30",
+            "--bootstrap-servers", f"127.0.0.1:{listener.getsockname()[1]}",
+            timeout=90, CARSTREAM_SECURITY_PROTOCOL="SSL",
+        )  # fmt: skip
+    finally:
+        listener.close()
+    assert proc.returncode == 1, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "certificate verify failed" in errors[0] and "check ssl_cafile" in errors[0]
+    assert time.monotonic() - started < 25  # at the refusal, not at --timeout
