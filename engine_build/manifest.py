@@ -11,11 +11,11 @@ dataset readers write them, and no two classes that read alike.
 from __future__ import annotations
 
 import logging
-import unicodedata
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from training.datasets.folder import normal_class_name
 from training.preprocessing import PreprocessSpec
 from training.text_rules import first_unprintable
 
@@ -89,12 +89,6 @@ def class_name_problem(value: str) -> str | None:
     if len(value) > MAX_CLASS_NAME_CHARS:
         return f"is {len(value)} characters long, at most {MAX_CLASS_NAME_CHARS}"
     return None
-
-
-def normal_class_name(value: str) -> str:
-    """A class name as training's readers write it (NFC, stripped): an NFD "Citroën" and an NFC
-    one are one brand in the results and trend counts."""
-    return unicodedata.normalize("NFC", value).strip()
 
 
 def _fold(value: int | str | None) -> int | str | None:
