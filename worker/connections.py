@@ -262,33 +262,47 @@ class BootstrapFailures(logging.Handler):
     ``KafkaTimeoutError("Unable to bootstrap ...")``: the cause is only in its log, the failed
     connection's exception among the record's arguments (kafka.net.manager: "Connection
     failed: %s", "Bootstrap connection to %s failed: %s").
+
+    Refusals are counted per bootstrap broker (each attempt picks one at random): the client
+    is refused for good only once each of the ``brokers`` listed has refused ``limit`` times in
+    a row. One broker of several that refuses (mid-rotation of its certificate) never stops a
+    client the others would take.
     """
 
     LOGGER = "kafka.net.manager"
+    _PER_BROKER = "Bootstrap connection to %s failed"  # its args: (node id, exception, ...)
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, brokers: int = 1) -> None:
         super().__init__(logging.DEBUG)
         self.limit = limit
+        self.brokers = max(1, brokers)
         self.last: BaseException | None = None
-        self.refusals = 0  # failures in a row that kafka_refusal names
+        self._streaks: dict[object, int] = {}  # refusals in a row, by bootstrap node id
+        self._last_refusal: BaseException | None = None
         self._lock_seen = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
         args = record.args if isinstance(record.args, tuple) else ()
-        for arg in args:
-            if not isinstance(arg, BaseException) or arg is self.last:
-                continue  # one failure is logged twice, by two functions
-            if "Unable to bootstrap" in str(arg):
-                continue  # the constructor's own timeout, not a cause
-            with self._lock_seen:
-                self.last = arg
-                self.refusals = self.refusals + 1 if kafka_refusal(arg) is not None else 0
+        errors = [
+            a for a in args if isinstance(a, BaseException) and "Unable to bootstrap" not in str(a)
+        ]  # the constructor's own timeout is not a cause
+        if not errors:
+            return
+        error = errors[0]
+        with self._lock_seen:
+            self.last = error
+            if isinstance(record.msg, str) and record.msg.startswith(self._PER_BROKER) and args:
+                # one failure is logged twice ("Connection failed" too): counted here only
+                refused = kafka_refusal(error) is not None
+                self._streaks[args[0]] = self._streaks.get(args[0], 0) + 1 if refused else 0
+                if refused:
+                    self._last_refusal = error
 
     def refused(self) -> str | None:
-        """The reason once ``limit`` failures in a row were refusals no retry ends."""
+        """The reason once every bootstrap broker refused ``limit`` times in a row."""
         with self._lock_seen:
-            last, refusals = self.last, self.refusals
-        if last is None or refusals < self.limit:
+            streaks, last = list(self._streaks.values()), self._last_refusal
+        if last is None or len(streaks) < self.brokers or min(streaks) < self.limit:
             return None
         return kafka_refusal(last)
 

@@ -254,6 +254,10 @@ SEND_WAIT_S = 30.0
 WAIT_SLICE_S = 1.0
 # a batch delivered and counted at the drain deadline still gets this long for its commit
 STOP_COMMIT_MIN_MS = 1000
+# and a batch finished at the deadline this long for each wait of its delivery (a flush, a
+# send's acknowledgement): a healthy broker answers in milliseconds, a silent one is not waited
+# out, and a results record sent but not waited for would be published again after a restart
+STOP_SEND_MIN_S = 2.0
 
 
 def unparseable(exc: BaseException) -> bool:
@@ -1518,8 +1522,10 @@ class StreamWorker(ConsumerRebalanceListener):
                 except (KafkaError, *SEND_REFUSALS) as exc:  # raised by send itself: sorted below
                     future = exc
                 sent.append((msg, future))
+            # the round's waits share one floor past the drain's deadline (STOP_SEND_MIN_S)
+            floor_at = time.monotonic() + STOP_SEND_MIN_S
             try:
-                self._wait_sliced(lambda t: self.producer.flush(timeout=t), SEND_WAIT_S)
+                self._wait_sliced(lambda t: self.producer.flush(timeout=t), SEND_WAIT_S, floor_at)
             except KafkaError as exc:
                 log.warning("flush failed: %s", exc)
             failure = producer_failure(self.producer)
@@ -1542,7 +1548,7 @@ class StreamWorker(ConsumerRebalanceListener):
                 error = future if isinstance(future, Exception) else None
                 if error is None:
                     try:
-                        self._wait_sliced(future.get, SEND_WAIT_S, future)
+                        self._wait_sliced(future.get, SEND_WAIT_S, floor_at, future)
                         continue
                     except KafkaError as exc:
                         error = exc
@@ -1802,21 +1808,31 @@ class StreamWorker(ConsumerRebalanceListener):
             self._drain_deadline = now + DRAIN_DEADLINE_S
         return max(0.0, self._drain_deadline - now)
 
-    def _wait_sliced(self, wait: Callable[[float], Any], limit_s: float, future: Any = None) -> Any:
+    def _wait_sliced(
+        self,
+        wait: Callable[[float], Any],
+        limit_s: float,
+        floor_at: float = 0.0,
+        future: Any = None,
+    ) -> Any:
         """``wait(timeout)`` (a producer's flush, a send's ``get``) for ``limit_s`` in all, in
-        slices of at most WAIT_SLICE_S, so that a stop cuts it to what is left of the drain,
-        and a failed loop to nothing. kafka-python raises KafkaTimeoutError when a slice runs
+        slices of at most WAIT_SLICE_S, so that a stop cuts it to what is left of the drain
+        (but not before ``floor_at``, a delivery round's STOP_SEND_MIN_S), and a failed loop to
+        nothing. kafka-python raises KafkaTimeoutError when a slice runs
         out, and also for a record that expired in its buffer: that one (its ``future`` done,
         or raised well before the slice ran out) is re-raised at once."""
         end = time.monotonic() + limit_s
         while True:
             started = time.monotonic()
-            left = end - started
+            stop_at = end
             drain = self._drain_left()
             if drain is not None:
-                left = min(left, drain)
+                # not before ``floor_at``: a batch finished at the deadline is still
+                # acknowledged by a healthy broker (flush(0) fails whatever the broker)
+                stop_at = min(end, max(started + drain, floor_at))
             if self._failed.is_set():
-                left = 0.0
+                stop_at = started
+            left = stop_at - started
             slice_s = max(0.0, min(WAIT_SLICE_S, left))
             try:
                 return wait(slice_s)

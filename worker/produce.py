@@ -564,7 +564,7 @@ def _main(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from worker.settings import WorkerSettings
+    from worker.settings import WorkerSettings, parse_bootstrap_servers
 
     overrides: dict[str, object] = {}
     if args.bootstrap_servers is not None:  # given empty is an error, not the default
@@ -634,7 +634,9 @@ def _main(args: argparse.Namespace) -> int:
     )
     # kafka-python reports a broker that refuses its certificate or SASL login only as "Unable
     # to bootstrap" after the whole --timeout: the cause is in its log, which this reads
-    failures = BootstrapFailures(KAFKA_REFUSAL_LIMIT)
+    failures = BootstrapFailures(
+        KAFKA_REFUSAL_LIMIT, len(parse_bootstrap_servers(settings.bootstrap_servers))
+    )
     try:
         with failures.attached():
             producer = within_deadline(

@@ -25,7 +25,12 @@ from pydantic import SecretStr, ValidationError
 
 from training.cli_help import DefaultsHelpFormatter
 from worker.backoff import Backoff
-from worker.settings import FETCH_MARGIN_BYTES, WorkerSettings, unknown_env_settings
+from worker.settings import (
+    FETCH_MARGIN_BYTES,
+    WorkerSettings,
+    parse_bootstrap_servers,
+    unknown_env_settings,
+)
 from worker.stop_signals import stop_on_signals
 
 if typing.TYPE_CHECKING:
@@ -803,7 +808,9 @@ def _connect(
     )
     while not stop.is_set():
         consumer = None
-        failures = BootstrapFailures(KAFKA_REFUSAL_LIMIT)
+        failures = BootstrapFailures(
+            KAFKA_REFUSAL_LIMIT, len(parse_bootstrap_servers(settings.bootstrap_servers))
+        )
         try:
             with failures.attached():
                 consumer = within_deadline(

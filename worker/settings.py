@@ -46,13 +46,18 @@ def at_after_authority(url: str) -> bool:
     return end is not None and "@" in rest[end.start() :]
 
 
-def _mask_query(query: str) -> str:
+def _mask_query(query: str, fragment: str | None) -> str:
+    """``query`` (and ``#fragment``, when not None) with everything from a ``password=`` value
+    on masked: a password holding an unencoded ``&`` or ``#`` runs into the next field or the
+    fragment, and only the part before them would otherwise be masked."""
     fields = []
     for field in query.split("&"):
         name, sep, _value = field.partition("=")
-        secret = sep and unquote(name).strip().lower() == "password"
-        fields.append(f"{name}={MASK}" if secret else field)
-    return "&".join(fields)
+        if sep and unquote(name).strip().lower() == "password":
+            fields.append(f"{name}={MASK}")
+            return "&".join(fields)  # the rest may be the password's own tail
+        fields.append(field)
+    return "&".join(fields) + ("" if fragment is None else f"#{fragment}")
 
 
 def _mask_url_password(url: str) -> str:
@@ -74,7 +79,7 @@ def _mask_url_password(url: str) -> str:
             return f"{scheme}://{MASK}"
         head, qsep, query = tail.partition("?")
         query, fsep, fragment = query.partition("#")
-        masked_tail = head + (qsep + _mask_query(query) + fsep + fragment if qsep else "")
+        masked_tail = head + (qsep + _mask_query(query, fragment if fsep else None) if qsep else "")
         return f"{scheme}://{MASK}@{masked_tail}"
     authority_end = _AUTHORITY_END.search(rest)
     authority = rest[: authority_end.start()] if authority_end else rest
@@ -87,7 +92,7 @@ def _mask_url_password(url: str) -> str:
     if not qsep:
         return f"{scheme}://{authority}{after}"
     query, fsep, fragment = query.partition("#")
-    return f"{scheme}://{authority}{path}?{_mask_query(query)}{fsep}{fragment}"
+    return f"{scheme}://{authority}{path}?{_mask_query(query, fragment if fsep else None)}"
 
 
 def _check_port(text: str, where: str = "") -> int:

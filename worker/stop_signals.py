@@ -11,7 +11,10 @@ thread that reads it sets the Event, taking the lock like any other thread.
 A second stop signal (the operator's second Ctrl-C, a ``kill`` repeated because the drain takes
 too long) ends the process at once with exit code 128 + the signal's number (143 for SIGTERM, 130
 for SIGINT), without finishing or committing anything more: what was not committed is read again
-after the restart, and Redis counts it once.
+after the restart, and Redis counts it once. Only a signal at least ``REPEAT_AFTER_S`` after the
+first counts as a second: a terminal's Ctrl-C reaches every process of its group, and a wrapper
+script that traps it and forwards a SIGTERM (deploy/local/demo.sh) sends the same stop twice
+within milliseconds. A stop the worker set itself (a fatal error) is no first signal either.
 
 The supervisor starts its children with these signals blocked (``block_stop_signals``), so that
 one arriving before the child has its handlers (while it imports and reads its settings) is held
@@ -25,23 +28,27 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_AFTER_S = 2.0  # a stop signal this long after the first is a second one (exit now)
 
 
 def stop_on_signals(
     stop: threading.Event,
     signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
     on_repeat: Callable[[int], None] | None = None,
+    repeat_after_s: float = REPEAT_AFTER_S,
 ) -> None:
     """Set ``stop`` when one of ``signals`` arrives; call once, from the main thread.
 
-    One arriving when ``stop`` is already set calls ``on_repeat`` with its number; by default
-    (``exit_now``) the process exits at once with 128 + that number. The signals are unblocked
-    here, so one held since the process started (``block_stop_signals``) arrives now.
+    One arriving ``repeat_after_s`` or more after the first calls ``on_repeat`` with its
+    number; by default (``exit_now``) the process exits at once with 128 + that number. One
+    arriving sooner is the same stop, sent twice. The signals are unblocked here, so one held
+    since the process started (``block_stop_signals``) arrives now.
     """
     repeat = exit_now if on_repeat is None else on_repeat
     read_fd, write_fd = os.pipe()
@@ -54,6 +61,7 @@ def stop_on_signals(
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
 
     def watch() -> None:
+        first_at: float | None = None  # when the first stop signal came
         while True:
             data = os.read(read_fd, 64)
             if not data:
@@ -61,10 +69,16 @@ def stop_on_signals(
             for byte in data:
                 if byte not in wanted:
                     continue
-                if stop.is_set():
+                now = time.monotonic()
+                if first_at is None:
+                    first_at = now
+                    stop.set()
+                elif now - first_at >= repeat_after_s:
                     repeat(byte)
                 else:
-                    stop.set()
+                    log.debug(
+                        "signal %d again %.3f s after the first: one stop", byte, now - first_at
+                    )
 
     threading.Thread(target=watch, name="stop-signals", daemon=True).start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 
 import numpy as np
@@ -783,6 +784,52 @@ def test_once_stopping_a_silent_broker_gets_the_drain_deadline_not_kafkas_timeou
     worker._commit(_offsets())  # past the deadline: one short try
     assert time.monotonic() - started < 3.0
     assert broker.commit_timeouts == [pipeline.STOP_COMMIT_MIN_MS]
+
+
+class _SlowBroker(_SilentBroker):
+    """A healthy broker that acknowledges ``delay_s`` after each send, and answers commits."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.committed: list = []
+
+    def send(self, topic, key=None, value=None, headers=None):
+        self.sends.append(topic)
+        self.acked_at = time.monotonic() + self.delay_s
+        return self
+
+    @property
+    def is_done(self) -> bool:
+        return time.monotonic() >= self.acked_at
+
+    def get(self, timeout=None):
+        wait = self.acked_at - time.monotonic()
+        if wait > timeout:
+            time.sleep(timeout)
+            raise KafkaTimeoutError(f"Timeout after waiting for {timeout} secs.")
+        time.sleep(max(0.0, wait))
+
+    def commit(self, offsets=None, timeout_ms=None):
+        self.committed.append(offsets)
+
+
+def test_a_batch_finished_at_the_drain_deadline_is_still_delivered_and_committed(monkeypatch):
+    """A batch whose decode outlasted the drain (a slow URL, a long decode) on a healthy broker:
+    flush(timeout=0) failed whatever the broker, so the batch was left uncommitted although its
+    results were sent, and published a second time after the restart."""
+    from worker import pipeline
+
+    monkeypatch.setattr(pipeline, "DRAIN_DEADLINE_S", 0.0)
+    broker = _SlowBroker(delay_s=0.3)  # answers in 0.3 s: well inside STOP_SEND_MIN_S
+    worker = worker_with(broker, dedup_ttl_s=0)
+    worker.consumer = broker
+    worker.stop.set()
+    assert worker._drain_left() == 0.0  # the deadline has passed
+    deliver_within(worker, [Result(b"p1", b"{}", "ok")], [], seconds=8)
+    assert len(broker.sends) == 1
+    worker._commit(_offsets())
+    assert len(broker.committed) == 1
 
 
 def test_an_expired_record_is_not_waited_on_slice_after_slice(monkeypatch):

@@ -67,10 +67,27 @@ def test_bootstrap_failures_give_the_reason_after_refusals_in_a_row():
             logger.warning("Bootstrap connection to %s failed: %s", "b-0", error)  # the same
         assert failures.refused() is None  # two in a row, counted once each
         logger.error("Connection failed: %s", refusal)
+        logger.warning("Bootstrap connection to %s failed: %s", "b-0", refusal)
         logger.error("Bootstrap failed: %s", KafkaTimeoutError("Unable to bootstrap from b"))
     assert failures.refused() == kafka_refusal(refusal)
     logger.error("Connection failed: %s", KafkaConnectionError("after"))  # detached: unseen
     assert failures.cause() == str(refusal) and "UnsupportedSaslMechanismError" in str(refusal)
+
+
+def test_one_refusing_broker_of_several_does_not_stop_the_client():
+    # each bootstrap attempt picks a broker at random: three refusals in a row from the one
+    # mid-rotation of its certificate said the whole cluster refused (4 in 150 starts)
+    failures = BootstrapFailures(limit=3, brokers=2)
+    logger = logging.getLogger(BootstrapFailures.LOGGER)
+    with failures.attached():
+        for _ in range(5):
+            logger.warning("Bootstrap connection to %s failed: %s", "bad", _handshake_failure("x"))
+        assert failures.refused() is None  # the other broker was not tried yet
+        logger.warning("Bootstrap connection to %s failed: %s", "good", KafkaConnectionError("x"))
+        assert failures.refused() is None  # down, not refusing: it may come up
+        for _ in range(3):
+            logger.warning("Bootstrap connection to %s failed: %s", "good", _handshake_failure("y"))
+    assert "certificate does not verify" in failures.refused()
 
 
 def test_within_deadline_gives_up_as_soon_as_the_broker_refuses():

@@ -7,7 +7,7 @@ import socket
 import struct
 import time
 
-from worker.metrics import EndpointHandler, WorkerMetrics, bind, start
+from worker.metrics import CLIENT_IDLE_S, EndpointHandler, WorkerMetrics, bind, start
 
 
 def test_a_client_that_hung_up_is_logged_not_printed(caplog, capfd):
@@ -33,6 +33,7 @@ def test_a_client_that_hung_up_is_logged_not_printed(caplog, capfd):
 def test_a_connection_that_sends_nothing_is_closed(monkeypatch):
     # each connection has a thread waiting for its request: 200 silent clients held 200 threads
     # and file descriptors for as long as they stayed connected
+    assert vars(EndpointHandler)["timeout"] == CLIENT_IDLE_S  # the server's own, not inherited
     monkeypatch.setattr(EndpointHandler, "timeout", 0.5)
     server = start(bind(WorkerMetrics(), "127.0.0.1", 0, stall_s=60))
     try:

@@ -435,7 +435,16 @@ def test_a_password_that_splits_the_url_is_refused_without_quoting_it(url: str) 
     assert "S3cr3t" not in str(info.value) and "2024" not in error["msg"]
 
 
-@pytest.mark.parametrize("url", [*AMBIGUOUS_URLS, "redis://h/0?password=20@S3cr3t"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        *AMBIGUOUS_URLS,
+        "redis://h/0?password=20@S3cr3t",
+        # an unencoded # or & in a query password: its tail read as the fragment or a field
+        "redis://127.0.0.1:6380/0?password=2024#S3cr3t",
+        "redis://127.0.0.1:6380/0?db=1&password=2024&S3cr3t",
+    ],
+)
 def test_no_form_of_a_url_shows_its_password_when_masked_or_redacted(url: str) -> None:
     from worker.connections import redacted
     from worker.settings import _mask_url_password
@@ -449,9 +458,14 @@ def test_no_form_of_a_url_shows_its_password_when_masked_or_redacted(url: str) -
 def test_masking_keeps_user_host_and_query_of_a_well_formed_url() -> None:
     from worker.settings import _mask_url_password
 
+    # what follows a query password may be its own tail (an unencoded & or #): masked too
     assert _mask_url_password("redis://u:p@w@h:1/0?password=x&a=1#f") == (
-        "redis://u:**********@h:1/0?password=**********&a=1#f"
+        "redis://u:**********@h:1/0?password=**********"
     )
+    assert _mask_url_password("redis://h:1/0?a=1&password=x") == (
+        "redis://h:1/0?a=1&password=**********"
+    )
+    assert _mask_url_password("redis://h:1/0?a=1#f") == "redis://h:1/0?a=1#f"
     assert _mask_url_password("unix://u:pw@/run/r.sock") == "unix://u:**********@/run/r.sock"
     assert _mask_url_password("redis://u@h/0") == "redis://u@h/0"
 
