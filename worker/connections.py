@@ -223,6 +223,11 @@ def redis_refusal(exc: BaseException) -> str | None:
         return f"the user lacks a permission ({text}): check its ACL"
     if isinstance(exc, redis.ResponseError) and text.startswith(("WRONGPASS", "NOAUTH")):
         return f"authentication failed ({text}): check the password and user"
+    # Redis 7 answers an unauthenticated command of many arguments (the trends write) with
+    # "Protocol error: unauthenticated multibulk length" (or "bulk length") and drops the
+    # connection, not with NOAUTH: a server that began requiring a password
+    if text.startswith("Protocol error: unauthenticated"):
+        return f"authentication required ({text}): set the password"
     if isinstance(exc, redis.ResponseError) and text.startswith("NOPERM"):
         return f"the user lacks a permission ({text}): check its ACL"
     return None

@@ -57,9 +57,9 @@ def configure_logging(
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
-    coordinator = logging.getLogger("kafka.coordinator")
-    if not any(isinstance(f, RepeatedLineFilter) for f in coordinator.filters):
-        coordinator.addFilter(RepeatedLineFilter(_FLOODS))
+    # kafka-python logs each failed retry of an outage, several times over: rate-limited on
+    # the handler, so handlers of its own loggers (connections.BootstrapFailures) see them all
+    handler.addFilter(RepeatedLineFilter(loggers="kafka"))
     # Python warnings (Pillow's "Corrupt EXIF data" for a post's bad EXIF block) go through the
     # same handler, so --log-json output stays one JSON object a line
     logging.captureWarnings(True)
@@ -105,35 +105,45 @@ def ignore_kafka_close_race() -> None:
 # kafka-python 3.0 (kafka.coordinator.base) logs this on every failed coordinator request: with
 # the broker out, thousands of lines a second (78,642 in 152 s in one outage)
 _COORDINATOR_DEAD = "Marking the coordinator dead (node %s) for group %s: %s."
-_FLOODS = (_COORDINATOR_DEAD,)
 REPEAT_EVERY_S = 30.0
 
 
 class RepeatedLineFilter(logging.Filter):
-    """Lets one record of each of ``messages`` (format strings, per logger) through per
-    ``every_s``; the next one let through says how many were dropped since.
+    """Lets one record of each message (format string, per logger) through per ``every_s``;
+    the next one let through says how many were dropped since.
 
-    An outage must show in the log, once, with its rate; not bury everything else. A record
-    is dropped only when the same message of the same logger got through less than ``every_s``
-    ago; the count of a flood that ends is told with the next such record. ``clock`` is
-    injected so the rule is tested without waiting.
+    An outage must show in the log, once, with its rate; not bury everything else (a broker
+    outage: 2,735 "Marking the coordinator dead" lines a second, and dozens of kafka-python
+    ERRORs in 15 s, which fire ERROR-rate alerts). A record is dropped only when the same
+    message of the same logger got through less than ``every_s`` ago; the count of a flood
+    that ends is told with the next such record. Only ``messages`` are limited when given,
+    and only records of ``loggers`` (a logger name and the loggers under it) when given.
+    ``clock`` is injected so the rule is tested without waiting.
     """
 
     def __init__(
         self,
-        messages: Iterable[str],
+        messages: Iterable[str] | None = None,
         every_s: float = REPEAT_EVERY_S,
         clock: Callable[[], float] = time.monotonic,
+        loggers: str | None = None,
     ) -> None:
         super().__init__()
-        self.messages = frozenset(messages)
+        self.messages = None if messages is None else frozenset(messages)
         self.every_s = every_s
         self.clock = clock
+        self.loggers = loggers
         self._lock = threading.Lock()  # kafka-python logs from its IO thread and the caller's
         self._last: dict[tuple[str, str], tuple[float, int]] = {}  # -> (let through at, dropped)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not isinstance(record.msg, str) or record.msg not in self.messages:
+        if self.loggers is not None and not (
+            record.name == self.loggers or record.name.startswith(self.loggers + ".")
+        ):
+            return True
+        if not isinstance(record.msg, str):
+            return True
+        if self.messages is not None and record.msg not in self.messages:
             return True
         key = (record.name, record.msg)
         now = self.clock()

@@ -44,6 +44,7 @@ from kafka.errors import (
     UnsupportedCodecError,
 )
 from kafka.structs import OffsetAndMetadata
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from engine_build.manifest import Manifest
@@ -1706,7 +1707,7 @@ class StreamWorker(ConsumerRebalanceListener):
                     self.metrics.trend_duplicates.inc(result.duplicates)
                 break
             except RedisError as exc:
-                refusal = redis_refusal(exc)
+                refusal = self._redis_refusal(exc)
                 refusals = refusals + 1 if refusal is not None else 0
                 if refusals >= SEND_RETRY_LIMIT:
                     raise FatalWorkerError(
@@ -1723,6 +1724,21 @@ class StreamWorker(ConsumerRebalanceListener):
                 ):
                     raise BatchAbortedError(f"trends not applied: {exc}") from exc
         self._watch_ignored(records, result)
+
+    def _redis_refusal(self, exc: RedisError) -> str | None:
+        """Why Redis refuses this worker for good (``redis_refusal``), or None.
+
+        A server that began requiring a password drops a connection that sends a long command
+        unauthenticated (the trends write), which redis-py reports as a broken connection
+        only; a PING then gets the server's answer (NOAUTH, an AuthenticationError).
+        """
+        refusal = redis_refusal(exc)
+        if refusal is None and isinstance(exc, RedisConnectionError):
+            try:
+                self.trends.ping()
+            except RedisError as probe:
+                refusal = redis_refusal(probe)
+        return refusal
 
     def _watch_ignored(self, records: list[TrendRecord], result: ApplyResult) -> None:
         """Warn when a partition's records have been ignored for longer than a redelivery

@@ -498,6 +498,8 @@ def _serve(
 ) -> int:
     """Load the engine, connect, run the loop until `stop`; `server` is bound, not started."""
     # imported here so `--help` and argument errors never load the model runtime
+    from kafka.errors import KafkaError
+
     from engine_build.bundle import BundleError, load_bundle
     from engine_build.runtime import EngineUnavailableError
     from worker.connections import redis_client
@@ -634,9 +636,12 @@ def _serve(
             # short: every delivered batch is flushed and committed already, and in a broker
             # outage kafka-python's defaults (30 s each) would take the drain past a pod's grace
             # period (pipeline.DRAIN_DEADLINE_S + these two stay inside Kubernetes' 90 s)
-            consumer.close(autocommit=False, timeout_ms=CLOSE_TIMEOUT_MS)
+            try:
+                consumer.close(autocommit=False, timeout_ms=CLOSE_TIMEOUT_MS)
+            except KafkaError as exc:  # a broker outage at shutdown: nothing is lost by it
+                log.warning("closing the Kafka consumer: %s", exc)
             # the loop's own: a new one when the first failed for good (it closed that one)
-            (producer if worker is None else worker.producer).close(timeout=CLOSE_TIMEOUT_MS / 1000)
+            close_producer(producer if worker is None else worker.producer)
             log.info("stopped after %.1f s", time.monotonic() - started)
         return 0
     finally:
@@ -662,6 +667,28 @@ def connect_config(settings: WorkerSettings) -> tuple[dict[str, object], float]:
     common = kafka_common_config(settings)
     common["bootstrap_timeout_ms"] = int(settings.kafka_connect_timeout_s * 1000)
     return common, settings.kafka_connect_timeout_s + CONNECT_GRACE_S
+
+
+def close_producer(producer: Any, timeout_s: float = CLOSE_TIMEOUT_MS / 1000) -> None:
+    """Close ``producer``, dropping what the broker did not take within ``timeout_s``.
+
+    kafka-python 3.0's ``close`` flushes first and raises when that runs out (a broker outage
+    at shutdown), leaving the producer open: the worker then exited 1 with a traceback, and a
+    second one from the producer's ``__del__``. What it still held belongs to a batch left
+    uncommitted, which is read again after the restart.
+    """
+    from kafka.errors import KafkaError
+
+    try:
+        producer.close(timeout=timeout_s)
+    except KafkaError as exc:
+        log.warning(
+            "closing the Kafka producer: %s; the records it still held are dropped (their batch "
+            "is uncommitted, and read again after the restart)",
+            exc,
+        )
+        producer.flush = lambda timeout=None: None  # so that close goes on to force-close
+        producer.close(timeout=0)
 
 
 def producer_factory(settings: WorkerSettings, stop: threading.Event) -> Callable[[], Any]:

@@ -265,6 +265,11 @@ class TrendWriter:
         self._dedup_ttl_s = dedup_ttl_s
         self._script = redis_client.register_script(APPLY_BATCH_LUA)
 
+    def ping(self) -> None:
+        """One short command on a connection of its own: how the server answers this client
+        now, when a failed write says only that the connection broke."""
+        self._redis.ping()
+
     def apply(self, records: Sequence[TrendRecord], now: float | None = None) -> ApplyResult:
         """Count the records not applied before and advance each partition, atomically.
 

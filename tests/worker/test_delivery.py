@@ -993,6 +993,11 @@ class _RefusingTrends:
             raise self.errors.pop(0)
         return ApplyResult(applied=len(records), ignored=0, duplicates=0)
 
+    def ping(self):  # the worker's question after a broken connection: an outage answers none
+        import redis
+
+        raise redis.ConnectionError("Connection refused")
+
 
 def test_redis_refusing_the_worker_stops_it_and_an_outage_is_retried():
     """A password rotated or an ACL revoked under a running worker: retried, it kept the pod
@@ -1013,3 +1018,30 @@ def test_redis_refusing_the_worker_stops_it_and_an_outage_is_retried():
     worker._watch_ignored = lambda records, result: None
     worker._apply_trends([])
     assert worker.trends.calls == 11
+
+
+@pytest.mark.integration
+def test_closing_a_producer_whose_broker_went_away_drops_its_records_without_raising(
+    tmp_path, caplog
+):
+    """SIGTERM during a broker outage: kafka-python 3.0's close flushes first and raised
+    KafkaTimeoutError, so the worker exited 1 with a traceback (and another from __del__)."""
+    from kafka import KafkaProducer
+
+    from worker.run import close_producer
+    from worker.stack import TansuBroker, create_topics, free_port
+
+    broker = TansuBroker(tmp_path / "tansu", free_port())
+    broker.start()
+    try:
+        create_topics(broker.bootstrap, ["gone"], 1)
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+        producer.send("gone", b"delivered").get(timeout=30)
+    finally:
+        broker.stop()
+    producer.send("gone", b"held")  # metadata cached: it waits in the accumulator
+    started = time.monotonic()
+    close_producer(producer, timeout_s=1.0)
+    assert time.monotonic() - started < 10
+    assert producer._closed  # closed for good: its __del__ has nothing left to raise
+    assert "records it still held are dropped" in caplog.text

@@ -142,10 +142,10 @@ def _coordinator_dead(node: int = 111) -> logging.LogRecord:
 
 
 def test_a_flood_of_coordinator_dead_lines_is_one_line_then_a_count_per_interval():
-    from worker.logging_setup import _FLOODS, RepeatedLineFilter
+    from worker.logging_setup import _COORDINATOR_DEAD, RepeatedLineFilter
 
     clock = FakeClock()
-    flood = RepeatedLineFilter(_FLOODS, every_s=30.0, clock=clock)
+    flood = RepeatedLineFilter([_COORDINATOR_DEAD], every_s=30.0, clock=clock)
     first = _coordinator_dead()
     assert flood.filter(first)
     assert first.getMessage().startswith("Marking the coordinator dead (node coordinator-111)")
@@ -170,16 +170,33 @@ def test_a_flood_of_coordinator_dead_lines_is_one_line_then_a_count_per_interval
     assert all(flood.filter(other) for _ in range(3))  # other messages untouched
 
 
-def test_configure_logging_installs_the_flood_filter_once():
+def test_configure_logging_limits_every_kafka_loggers_floods_on_its_handler(capsys):
+    """A 15 s broker outage logged 64 kafka-python ERRORs from six loggers; the handler lets
+    one of each through per interval, the worker's own lines all, and a handler of kafka's own
+    loggers (connections.BootstrapFailures) still sees every record."""
     from worker.logging_setup import RepeatedLineFilter, configure_logging
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    seen: list[logging.LogRecord] = []
+    counter = logging.Handler()
+    counter.emit = seen.append
+    cluster = logging.getLogger("kafka.cluster")
+    cluster.addHandler(counter)
     try:
         configure_logging("INFO")
         configure_logging("INFO")
+        (handler,) = root.handlers
+        assert sum(isinstance(f, RepeatedLineFilter) for f in handler.filters) == 1
+        for _ in range(20):
+            cluster.error("No node available for metadata refresh: %s", "x")
+            logging.getLogger("kafka.net.connection").error("Connection to %s failed", "b-0")
+            logging.getLogger("worker.pipeline").warning("applying trends failed; retry")
     finally:
+        cluster.removeHandler(counter)
         root.handlers[:], level = saved
         root.setLevel(level)
-    filters = logging.getLogger("kafka.coordinator").filters
-    assert sum(isinstance(f, RepeatedLineFilter) for f in filters) == 1
+    err = capsys.readouterr().err
+    assert err.count("No node available") == 1 and err.count("Connection to b-0 failed") == 1
+    assert err.count("applying trends failed") == 20
+    assert len(seen) == 20

@@ -7,6 +7,7 @@ import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -200,6 +201,36 @@ def test_redis_refusal_names_only_errors_no_retry_ends():
         redis.ResponseError("OOM command not allowed"),
     ):
         assert redis_refusal(passing) is None, passing
+
+
+def test_a_server_that_began_requiring_a_password_refuses_the_trends_write(tmp_path):
+    """Redis 7 answers an unauthenticated command of many arguments with "Protocol error:
+    unauthenticated multibulk length", not NOAUTH: read as an outage, it kept a worker without
+    a password ready and retrying for ever once the server required one."""
+    from worker.connections import redis_refusal
+    from worker.pipeline import StreamWorker
+
+    port = free_port()
+    proc = start_redis(tmp_path, "--port", str(port))
+    try:
+        client = redis.Redis(port=port)
+        wait_for(client, proc)
+        at = datetime.now(UTC)
+        records = [TrendRecord("t", 0, i, at, "Audi", "A4", "Lyon") for i in range(40)]
+        TrendWriter(client, "g").apply(records[:1])
+        admin = redis.Redis(port=port)
+        admin.config_set("requirepass", SECRET)
+        admin.client_kill_filter(_type="normal", skipme=True)  # a rotation drops connections
+        writer = TrendWriter(client, "g")
+        with pytest.raises(redis.RedisError) as info:
+            writer.apply(records[1:])
+        # redis-py says only that the connection broke; the worker asks the server with a PING
+        assert redis_refusal(info.value) is None
+        refusal = StreamWorker._redis_refusal(SimpleNamespace(trends=writer), info.value)
+        assert refusal is not None and "authentication" in refusal, info.value
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def test_a_worker_with_a_wrong_redis_password_exits_2_and_is_never_ready(
