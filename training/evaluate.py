@@ -95,7 +95,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if not classes_match(index.classes, ckpt["classes"], str(args.checkpoint)):
         raise DatasetError(
             f"{args.data}: its {index.num_classes} classes differ from the checkpoint's "
-            f"{ckpt['num_classes']} ({class_difference(index.classes, ckpt['classes'])}; "
+            f"{ckpt['num_classes']} "
+            f"({class_difference(index.classes, ckpt['classes'], index.class_suffixes)}; "
             f"{args.checkpoint})"
         )
     if not index.samples:

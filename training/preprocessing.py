@@ -34,7 +34,9 @@ _ORIENT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_16BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# 16-bit grey in one byte order or another (TIFF's big-endian grey is I;16B): converted to mode I
+# before the 16-bit scaling, as Pillow's point() takes none of them but I;16
+_16BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -110,8 +112,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     black), and the model was trained on opaque photos, so white is the nearest to what it knows.
     """
     if img.mode in _16BIT_GREY:
-        # 16-bit grey (mode I only comes from 16-bit PNGs among the usual formats): scale
-        # 0..65535 to 0..255; a plain convert would clip everything above 255 to white
+        img = img.convert("I")
+    if img.mode == "I":
+        # 16-bit grey (mode I only comes from 16-bit PNGs among the worker's formats): scale
+        # 0..65535 to 0..255; a plain convert would clip everything above 255 to white. Modes
+        # no 8-bit picture can stand for faithfully (F, 32-bit or signed I from TIFF) are
+        # refused before training reads them (:func:`pixel_mode_problem`)
         img = img.point(lambda v: v * (255.0 / 65535.0)).convert("L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -124,6 +130,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img
+
+
+def pixel_mode_problem(mode: str, image_format: str | None) -> str | None:
+    """Why pixels of ``mode`` (as Pillow opened an image of ``image_format``) cannot be turned
+    into RGB faithfully by :func:`to_rgb`, or None. Mode F (32-bit float: any range, often 0..1)
+    comes out black, and mode I from anything but a PNG (TIFF's 32-bit or signed integers) is
+    scaled as 16-bit grey, all white or with its negatives clipped: a model trained on those
+    pixels learns nothing of the picture, so training counts such images unusable instead."""
+    if mode == "F":
+        return "32-bit floating-point pixels (mode F) have no faithful 8-bit RGB picture"
+    if mode == "I" and image_format != "PNG":
+        return (
+            "32-bit or signed integer pixels (mode I) have no faithful 8-bit RGB picture; "
+            "8- and unsigned 16-bit images are read"
+        )
+    return None
 
 
 def draft_for(img: Image.Image, resize: int) -> None:

@@ -57,7 +57,12 @@ from training.cli import (
 from training.cli_errors import OneLineParser, path_arg
 from training.cli_help import DefaultsHelpFormatter
 from training.datasets import CROPS, LEVELS, READERS, DatasetError, DatasetIndex, load_index
-from training.datasets.base import message_line
+from training.datasets.base import (
+    CLASSES_NAMED,
+    NEWLY_READ_SINCE,
+    NEWLY_READ_SUFFIXES,
+    message_line,
+)
 from training.datasets.folder import normal_class_name
 from training.datasets.image_dataset import (
     ImageDataset,
@@ -766,9 +771,22 @@ def check_train_args(args: argparse.Namespace) -> None:
     check_crop(args.crop, args.dataset)
 
 
-def class_difference(data_classes: list[dict], ckpt_classes: list[dict]) -> str:
+def class_difference(
+    data_classes: list[dict],
+    ckpt_classes: list[dict],
+    class_suffixes: list[frozenset[str]] | None = None,
+) -> str:
     """Where a data set's class list first departs from a checkpoint's, for error messages
-    (equal counts alone would read as no difference at all)."""
+    (equal counts alone would read as no difference at all). ``class_suffixes`` (the index's,
+    per data class): name the data's classes the checkpoint lacks that hold only files of the
+    suffixes read since ``NEWLY_READ_SINCE``, the likely reason a checkpoint trained before no
+    longer fits its own data set (:func:`newly_read_classes_note`)."""
+    return _class_difference(data_classes, ckpt_classes) + newly_read_classes_note(
+        data_classes, ckpt_classes, class_suffixes or []
+    )
+
+
+def _class_difference(data_classes: list[dict], ckpt_classes: list[dict]) -> str:
     if len(data_classes) != len(ckpt_classes):
         return f"{len(data_classes)} classes in the data, {len(ckpt_classes)} in the checkpoint"
 
@@ -779,6 +797,36 @@ def class_difference(data_classes: list[dict], ckpt_classes: list[dict]) -> str:
         if ours != theirs:
             return f"class {i} is {name(ours)} in the data, {name(theirs)} in the checkpoint"
     return "same classes"
+
+
+def newly_read_classes_note(
+    data_classes: list[dict], ckpt_classes: list[dict], class_suffixes: list[frozenset[str]]
+) -> str:
+    """``; class Opel holds only .gif/.tif files, read since 2026-12-07: move them out or
+    retrain`` when some of the data's classes are not in the checkpoint and hold only image
+    files of ``NEWLY_READ_SUFFIXES``: folders the reader skipped when the checkpoint was trained
+    (a class of .gif files only was no class then); '' otherwise."""
+    if len(class_suffixes) != len(data_classes):
+        return ""
+    known = {json.dumps(_normalised_class(c), sort_keys=True) for c in ckpt_classes}
+    new = [
+        (cls, suffixes)
+        for cls, suffixes in zip(data_classes, class_suffixes, strict=True)
+        if suffixes
+        and suffixes <= set(NEWLY_READ_SUFFIXES)
+        and json.dumps(_normalised_class(cls), sort_keys=True) not in known
+    ]
+    if not new:
+        return ""
+    names = [
+        "/".join(dict.fromkeys(n for n in (c.get("make"), c.get("model")) if n)) for c, _ in new
+    ]
+    shown = ", ".join(names[:CLASSES_NAMED]) + (
+        f" and {len(names) - CLASSES_NAMED} more" if len(names) > CLASSES_NAMED else ""
+    )
+    found = "/".join(s for s in NEWLY_READ_SUFFIXES if any(s in x for _, x in new))
+    which = f"class {shown} holds" if len(new) == 1 else f"classes {shown} hold"
+    return f"; {which} only {found} files, read since {NEWLY_READ_SINCE}: move them out or retrain"
 
 
 # a class's name fields, each with the id field that holds the same text in the folder reader's
@@ -838,23 +886,53 @@ def check_no_checkpoint_in_out(args: argparse.Namespace, can_resume: bool = True
     )
 
 
+def resumed_file(resume: Path) -> Path:
+    """The file ``--resume`` loads: the ``checkpoint.pt`` in a directory, or the file named (as
+    :func:`training.checkpoint.load_checkpoint` picks it)."""
+    return resume / CHECKPOINT_FILE if resume.is_dir() else resume
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of ``path`` itself (a link is not followed), or None when there is
+    nothing there: tells whether a rename has put another file in its place."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file once links are followed (a symlink, a hard link, the
+    folder reached by another path); False when either is missing."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def resumes_out(args: argparse.Namespace) -> bool:
-    """Whether --resume names the checkpoint in --out (the directory or its checkpoint.pt)."""
+    """Whether --resume loads the very file that is --out's checkpoint.pt. Compared as files,
+    not paths: ``--resume RES`` whose ``checkpoint.pt`` is a link to ``OUT/checkpoint.pt`` resumes
+    it as surely as ``--resume OUT``, and --overwrite must not remove it."""
     if getattr(args, "resume", None) is None:
         return False
-    resume = Path(args.resume).resolve()
-    return (Path(args.out) / CHECKPOINT_FILE).resolve() in (resume, resume / CHECKPOINT_FILE)
+    return same_file(resumed_file(Path(args.resume)), Path(args.out) / CHECKPOINT_FILE)
 
 
-def remove_previous_run(out: Path) -> list[str]:
+def remove_previous_run(out: Path, keep: Path | None = None) -> list[str]:
     """Remove what an earlier run wrote into ``out`` (``RUN_FILES``, their temp files and the
     TensorBoard event files in ``tb/``) and return their names; nothing else in ``out`` is
     touched. ``--overwrite`` calls it before the new run writes its args.json: otherwise a run
     interrupted before its first checkpoint left the old run's checkpoint, labels and metrics
-    beside its own args.json, and ``--resume`` then continued the old, finished model."""
+    beside its own args.json, and ``--resume`` then continued the old, finished model. A file
+    that is ``keep`` (the checkpoint this run resumes, by whatever name or link) stays: removing
+    it would lose the only copy of what the run continues."""
     removed = []
     for name in RUN_FILES:
         for path in (out / name, *sorted(out.glob(f".{name}.*.tmp"))):
+            if keep is not None and same_file(path, keep):
+                continue
             if path.is_symlink() or path.is_file():
                 path.unlink()
                 removed.append(path.name)
@@ -941,6 +1019,22 @@ class RunReport:
     source: str = ""  # the data set, as its reader names it
     num_classes: int = 0
     saved_epoch: int | None = None  # the last epoch (1-based) this invocation checkpointed
+    # while a checkpoint is written: its epoch (1-based) and the identity of the checkpoint.pt
+    # it replaces (None when there was none), for :meth:`settle`
+    saving: tuple[int, tuple[int, int] | None] | None = None
+
+    def settle(self, out: Path) -> None:
+        """After an interruption: count the epoch whose checkpoint write it cut short once that
+        checkpoint.pt is in place (renamed over the old one, labels.json not yet written, or the
+        rename's return not yet seen). The note must then name this epoch: saying that no
+        checkpoint was saved, or naming the one before, invites an --overwrite of a resumable
+        checkpoint."""
+        if self.saving is None:
+            return
+        epoch, before = self.saving
+        now = file_identity(Path(out) / CHECKPOINT_FILE)
+        if now is not None and now != before:
+            self.saved_epoch = epoch
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -950,6 +1044,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         metrics = run(args, report)
     except KeyboardInterrupt as exc:
+        report.settle(args.out)
         raise Interrupted(interrupt_note(args, report)) from exc
     if metrics:
         print(
@@ -1036,7 +1131,8 @@ def _train(
     resume_ckpt = load_checkpoint(args.resume) if args.resume else None
     if resume_ckpt is not None:
         check_resume(args, resume_ckpt, dist_info.world_size)
-        warn_if_mixed_run_files(Path(args.resume), resume_ckpt)
+        if dist_info.is_main:  # one warning, not one per rank
+            warn_if_mixed_run_files(Path(args.resume), resume_ckpt)
     ddp_seed = sampler_seed(
         args.seed,
         None if resume_ckpt is None else resume_ckpt.get("args") or {},
@@ -1066,7 +1162,7 @@ def _train(
             raise BadArgumentError(
                 f"--resume {args.resume}: checkpoint is {resume_ckpt['arch']} with "
                 f"{resume_ckpt['num_classes']} classes; this run is {args.arch} with {len(classes)}"
-                f" ({class_difference(classes, resume_ckpt['classes'])})"
+                f" ({class_difference(classes, resume_ckpt['classes'], train_idx.class_suffixes)})"
             )
         missing = [k for k in RESUME_STATE if k not in resume_ckpt]
         if missing:
@@ -1171,7 +1267,8 @@ def _train(
         if args.overwrite and not resumes_out(args):
             # under the lock, before this run writes anything: none of the old run's files may
             # outlive its replacement's start (an interrupted run would leave a mix)
-            removed = remove_previous_run(out)
+            keep = resumed_file(Path(args.resume)) if args.resume is not None else None
+            removed = remove_previous_run(out, keep=keep)
             if removed:
                 log.info("--overwrite: removed %s of the previous run from %s", removed, out)
         atomic_write_json(out / ARGS_FILE, record)
@@ -1251,6 +1348,9 @@ def _train(
                 )
         if dist_info.is_main:
             writer.add_scalar("train/epoch_loss", stats["loss"], epoch + 1)
+            # an interruption from here on is settled by the file on disk (RunReport.settle):
+            # checkpoint.pt is in place before labels.json is written and before this returns
+            report.saving = (epoch + 1, file_identity(out / CHECKPOINT_FILE))
             save_checkpoint(
                 out,
                 {
@@ -1274,6 +1374,7 @@ def _train(
                 },
             )
             report.saved_epoch = epoch + 1
+            report.saving = None
         barrier(dist_info)
         if args.stop_after and epoch + 1 - start_epoch >= args.stop_after:
             log.info("stopping after epoch %d (--stop-after); continue with --resume", epoch + 1)

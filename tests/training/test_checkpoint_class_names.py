@@ -152,3 +152,39 @@ def test_evaluate_accepts_a_checkpoint_with_names_from_before_normalisation(tmp_
     # a real difference is still refused
     write_ckpt(tmp_path / "other", [OLD_FOLDER_CLASSES[0], _folder("Kia", "Ceed")])
     assert cli_main([*argv[:2], str(tmp_path / "other"), *argv[3:]]) == 2
+
+
+def test_a_class_of_newly_read_suffixes_is_named_in_the_refusal(tmp_path, capsys):
+    """A class folder holding only .gif/.tif/.jfif files was no class before those suffixes were
+    read: a checkpoint trained then has a class fewer than its own data set now, and evaluate
+    and --resume say which class and why, in their one line."""
+    data = _folder_splits(tmp_path / "data")
+    ckpt = write_ckpt(tmp_path / "ckpt", [_folder("Citroën", "C4"), _folder("Kia", "Rio")])
+    for split, suffix, fmt in (("train", ".gif", "GIF"), ("test", ".tif", "TIFF")):
+        folder = data / split / "Opel" / "Corsa"
+        folder.mkdir(parents=True)
+        for k in range(2):
+            Image.new("RGB", (40, 40), (9, 9, 9 * k)).save(folder / f"{k}{suffix}", fmt)
+    note = (
+        "class Opel/Corsa holds only .gif/.tif files, read since 2026-12-07: move them out or "
+        "retrain"
+    )
+    evaluate = ["evaluate", "--checkpoint", str(ckpt), "--dataset", "folder", "--data", str(data),
+                "--workers", "0", "--device", "cpu"]  # fmt: skip
+    assert cli_main(evaluate) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {data}: its 3 classes differ from the checkpoint's 2 (")
+    assert note in line
+    resume = ["train", "--dataset", "folder", "--data", str(data), "--out", str(tmp_path / "out"),
+              "--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--workers", "0",
+              "--pretrained", "none", "--device", "cpu", "--resume", str(ckpt)]  # fmt: skip
+    assert cli_main(resume) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: --resume {ckpt}: checkpoint is resnet18 with 2 classes")
+    assert note in line
+
+    # a new class of the suffixes read all along is a plain difference, without the note
+    Image.new("RGB", (40, 40)).save(data / "train" / "Opel" / "Corsa" / "2.jpg")
+    assert cli_main(evaluate) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "3 classes in the data, 2 in the checkpoint" in line and "read since" not in line

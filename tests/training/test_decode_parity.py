@@ -171,3 +171,60 @@ def test_training_decodes_a_large_jpeg_drafted_and_every_random_crop_stays_full_
     # a boxed sample is decoded whole: its box is in the stored pixels
     x1, y1, x2, y2 = bbox_crop_box((0, 0, 3000, 1800), (3600, 2000))
     assert load_image(Sample(path, 0, (0, 0, 3000, 1800)), draft).size == (x2 - x1, y2 - y1)
+
+
+def _grey16_ramp() -> np.ndarray:
+    """Every 257th 16-bit grey level: 0, 257, ... 65535, which map to 0..255 exactly."""
+    return np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)
+
+
+@pytest.mark.parametrize(("suffix", "dtype"), [(".png", "<u2"), (".tif", "<u2"), (".tif", ">u2")])
+def test_16_bit_grey_is_scaled_in_either_byte_order(tmp_path, suffix, dtype):
+    """Big-endian 16-bit grey (a TIFF's I;16B) is scaled like the PNG's 16-bit grey: it used to
+    fail Pillow's point() ('not supported for this mode') and be skipped; the PNG's pixels, the
+    worker's too, are what they were (value // 257)."""
+    from training.datasets.base import image_problem
+
+    path = tmp_path / f"grey16{suffix}"
+    Image.fromarray(_grey16_ramp().astype(dtype)).save(path)
+    assert image_problem(path) is None
+    pixels = np.asarray(load_image(Sample(path, 0)))
+    assert np.array_equal(pixels, np.repeat((_grey16_ramp() // 257)[..., None], 3, axis=2))
+    if suffix == ".png":
+        _assert_same(load_image(Sample(path, 0)), decode_image(path.read_bytes()))
+
+
+@pytest.mark.parametrize(
+    ("pixels", "mode"),
+    [
+        (np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), "F"),  # trained on as black
+        (np.full((8, 8), 2**20, dtype=np.int32), "I"),  # 32-bit: trained on as white
+        (np.array([[-300, 200], [-5, 9]], dtype=np.int16), "I"),  # signed: negatives clipped
+    ],
+)
+def test_tiff_pixels_with_no_faithful_rgb_are_unusable_not_trained_on(
+    tmp_path, caplog, pixels, mode
+):
+    """A float, 32-bit or signed TIFF has no one 8-bit picture: the index check counts it as
+    unusable, with the reason, instead of the loader training on black or white."""
+    import logging
+
+    from training.datasets import load_index
+    from training.datasets.base import image_problem
+
+    for split in ("train", "test"):
+        for cls in ("Audi", "BMW"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            _stripes().save(tmp_path / split / cls / "ok.png")
+    odd = tmp_path / "train" / "Audi" / "odd.tif"
+    Image.fromarray(pixels).save(odd)
+    with Image.open(odd) as img:
+        assert img.mode == mode
+    problem = image_problem(odd)
+    assert problem.startswith("unsupported pixels (") and f"(mode {mode})" in problem
+    with caplog.at_level(logging.WARNING, logger="training.datasets"):
+        idx = load_index("folder", tmp_path, "train")
+    assert [s.path.name for s in idx.samples] == ["ok.png", "ok.png"]
+    assert idx.skipped_corrupt == 1
+    assert any(str(odd) in r.getMessage() and "unsupported pixels" in r.getMessage()
+               for r in caplog.records)  # fmt: skip

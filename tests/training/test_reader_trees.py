@@ -284,3 +284,21 @@ def test_folder_reads_every_photo_format_and_counts_the_files_it_skips(tmp_path,
     skipped = [w for w in _warnings(caplog) if "not read" in w and ".heic" in w]
     assert len(skipped) == 1, _warnings(caplog)
     assert f"{tmp_path}: 3 file(s) not read" in skipped[0] and "(.heic 2, .txt 1;" in skipped[0]
+
+
+def test_the_skipped_files_warning_names_the_commonest_suffixes_only(tmp_path, caplog):
+    """Files named scan.20190101, scan.20190102, ... have a suffix each: the one warning counts
+    the ten commonest and sums up the rest, instead of a line listing thousands."""
+    for make in ("Audi", "BMW"):
+        _jpgs(tmp_path / make, 3)
+        for k in range(300):
+            (tmp_path / make / f"scan.{20190101 + k}").write_bytes(b"x")
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / "Audi" / name).write_text("kept in 2019")
+    with caplog.at_level(logging.WARNING, logger="training.datasets"):
+        _both(tmp_path)
+    (skipped,) = [w for w in _warnings(caplog) if "not read" in w]
+    assert f"{tmp_path}: 603 file(s) not read" in skipped
+    assert "(.txt 3, .20190101 2, .20190102 2, " in skipped  # the commonest first
+    assert ".20190109 2 and 291 more suffixes (582 files); e.g. " in skipped
+    assert len(skipped) < 600

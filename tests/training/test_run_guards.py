@@ -325,7 +325,9 @@ def test_ddp_ranks_score_their_own_shards_and_the_metrics_are_one_process_metric
 
 
 def test_ddp_resume_continues_the_uninterrupted_runs_order(tiny_sample, tmp_path):
-    """Under DDP too, --stop-after 1 then --resume ends on the weights of one straight run."""
+    """Under DDP too, --stop-after 1 then --resume ends on the weights of one straight run. A
+    resumed folder whose args.json is of another run is warned about once, by rank 0 (each rank
+    used to log it)."""
     common = ("--batch-size", "2", "--epochs", "2", "--eval-every", "0", "--seed", "3")
     straight, split = tmp_path / "straight", tmp_path / "split"
     for argv in (
@@ -333,8 +335,12 @@ def test_ddp_resume_continues_the_uninterrupted_runs_order(tiny_sample, tmp_path
         tiny_argv(tiny_sample, split, *common, "--stop-after", "1"),
         tiny_argv(tiny_sample, split, *common, "--resume", str(split)),
     ):
+        if "--resume" in argv:
+            record = json.loads((split / "args.json").read_text())
+            (split / "args.json").write_text(json.dumps({**record, "run_id": "another"}))
         proc = _torchrun(*argv)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("the folder mixes two runs' files") == 1, proc.stderr[-3000:]
     a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (straight, split))
     assert a["args"]["sampler_seed"] == b["args"]["sampler_seed"] == 3 * 100_003
     for name, tensor in a["state_dict"].items():

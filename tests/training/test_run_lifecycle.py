@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from training import checkpoint as checkpoint_mod
 from training import train as train_mod
 from training.__main__ import main as cli_main
 from training.checkpoint import _atomic_write
@@ -110,6 +111,74 @@ def test_an_interrupt_after_a_saved_epoch_names_it_and_the_run_continues_from_it
     assert json.loads((out / "args.json").read_text())["run_id"] == run_id
     assert json.loads((out / "metrics.json").read_text())["run_id"] == run_id
     assert torch.load(out / "checkpoint.pt", weights_only=True)["args"]["run_id"] == run_id
+
+
+def test_overwrite_keeps_the_checkpoint_it_resumes_through_a_linked_file(
+    sample, tmp_path, monkeypatch, capsys
+):
+    """--resume RES whose checkpoint.pt is a symlink to OUT/checkpoint.pt resumes OUT's very
+    checkpoint: --overwrite must not remove it (it did, comparing paths, and an interruption
+    then left no checkpoint at all while the note said --resume RES was as it was)."""
+    out, res = tmp_path / "runX", tmp_path / "resX"
+    assert cli_main(tiny_argv(sample, out)) == 0
+    res.mkdir()
+    (res / "checkpoint.pt").symlink_to(out / "checkpoint.pt")
+    capsys.readouterr()
+
+    _interrupt_in_epoch(monkeypatch, 1)
+    argv = [*tiny_argv(sample, out, "--epochs", "2"), "--resume", str(res), "--overwrite"]
+    assert cli_main(argv) == EXIT_INTERRUPTED
+    assert _last_line(capsys) == (
+        f"interrupted; no epoch finished, so this run saved no checkpoint; --resume {res} is as "
+        "it was, continue from it again"
+    )
+    assert (out / "checkpoint.pt").is_file() and not (out / "checkpoint.pt").is_symlink()
+    assert torch.load(res / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    monkeypatch.undo()
+    assert cli_main(argv) == 0  # and it is: the run continues from it
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    ("cut", "named"),
+    [
+        ("labels.json", 2),  # checkpoint.pt of epoch 2 is in place, labels.json not yet written
+        ("checkpoint.pt", 1),  # before the rename: epoch 1's checkpoint.pt stays the last
+    ],
+)
+def test_an_interrupt_inside_a_checkpoint_save_names_the_checkpoint_on_disk(
+    sample, tmp_path, monkeypatch, capsys, cut, named
+):
+    """The note names the epoch whose checkpoint.pt is on disk: an interruption after epoch 2's
+    checkpoint.pt was renamed into place but before labels.json followed said epoch 1 (or, in
+    a first epoch, that no checkpoint was saved, inviting an --overwrite of it)."""
+    out = tmp_path / "out"
+    real_json, real_save = checkpoint_mod.atomic_write_json, checkpoint_mod.atomic_torch_save
+    writes: list[str] = []
+
+    def cut_on_the_second(path: Path) -> None:
+        writes.append(path.name)
+        if writes.count(cut) == 2:
+            raise KeyboardInterrupt
+
+    def write_json(path, obj):
+        cut_on_the_second(path)
+        real_json(path, obj)
+
+    def torch_save(path, obj):
+        cut_on_the_second(path)
+        real_save(path, obj)
+
+    monkeypatch.setattr(checkpoint_mod, "atomic_write_json", write_json)
+    monkeypatch.setattr(checkpoint_mod, "atomic_torch_save", torch_save)
+    argv = tiny_argv(sample, out, "--epochs", "3", "--eval-every", "0")
+    assert cli_main(argv) == EXIT_INTERRUPTED
+    assert _last_line(capsys) == (
+        f"interrupted; the last finished epoch's checkpoint (epoch {named} of 3) is in {out}; "
+        f"continue with --resume {out}"
+    )
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == named - 1
+    assert not list(out.glob(".*.tmp"))
 
 
 class _InterruptedWriter:

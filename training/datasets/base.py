@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from training.preprocessing import pixel_mode_problem
 from training.text_rules import first_unprintable
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 BBox = tuple[int, int, int, int]
 # the photo formats Pillow opens: the worker's (worker.produce) and JPEG's .jfif and TIFF besides
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# the suffixes the folder reader reads since NEWLY_READ_SINCE (before, the worker's five alone):
+# a class folder holding only such files is a class now that was none for a checkpoint before
+NEWLY_READ_SUFFIXES = (".jfif", ".gif", ".tif", ".tiff")
+NEWLY_READ_SINCE = "2026-12-07"
 CLASSES_NAMED = 20  # classes a warning names before "and N more"
 BBOX_MARGIN = 0.05
 MIN_BOX_SIDE = 8  # pixels: a box (or what is left of it inside the image) smaller holds no car
@@ -101,6 +106,10 @@ class DatasetIndex:
     skipped_corrupt: int = 0
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    # per class (in class-index order): the suffixes, lower case, of the image files the reader
+    # found for it in either split, unreadable ones too; empty where a reader does not record
+    # them (only the folder reader's classes come from which files a folder holds)
+    class_suffixes: list[frozenset[str]] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -119,7 +128,8 @@ def image_problem(path: Path) -> str | None:
 
     An image over Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``: Pillow warns above it and
     refuses above twice it) counts as unreadable too: decoding it would take gigabytes, and the
-    worker refuses such images as well.
+    worker refuses such images as well. So does one whose pixels have no faithful RGB picture
+    (a float or 32-bit TIFF: ``pixel_mode_problem``), which would be trained on as black or white.
     """
     return image_problem_and_size(path)[0]
 
@@ -132,11 +142,14 @@ def image_problem_and_size(path: Path) -> tuple[str | None, tuple[int, int] | No
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 size = img.size
+                mode_problem = pixel_mode_problem(img.mode, img.format)
                 img.verify()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return f"over the pixel limit ({message_line(exc)})", None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         return f"corrupt ({message_line(exc)})", None
+    if mode_problem is not None:
+        return f"unsupported pixels ({mode_problem})", None
     return None, size
 
 
