@@ -29,6 +29,9 @@ class RedisDown:
         self.failing.set()
         raise RedisConnectionError("Connection refused")
 
+    def ping(self):  # asked after a broken connection: out, not refusing
+        raise RedisConnectionError("Connection refused")
+
 
 def test_a_fenced_poll_during_a_redis_outage_ends_the_loop_not_ready_and_not_beating():
     records = [Rec(TOPIC, i % 2, i // 2, f"p{i}".encode(), post(i)) for i in range(4)]
