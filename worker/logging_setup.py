@@ -108,6 +108,20 @@ _COORDINATOR_DEAD = "Marking the coordinator dead (node %s) for group %s: %s."
 REPEAT_EVERY_S = 30.0
 
 
+def _causes(record: logging.LogRecord) -> tuple[str, ...]:
+    """The types of the exceptions among a record's arguments, and of what each was raised
+    from: a new cause under the same template ("Connection failed: %s", an expired certificate
+    after a refused connection, both KafkaConnectionError to kafka-python) is no repeat."""
+    if not isinstance(record.args, tuple):
+        return ()
+    out = []
+    for arg in record.args:
+        if isinstance(arg, BaseException):
+            inner = arg.__cause__ or arg.__context__
+            out.append(type(arg).__name__ + ("<" + type(inner).__name__ if inner else ""))
+    return tuple(out)
+
+
 class RepeatedLineFilter(logging.Filter):
     """Lets one record of each message (format string, per logger) through per ``every_s``;
     the next one let through says how many were dropped since.
@@ -134,7 +148,7 @@ class RepeatedLineFilter(logging.Filter):
         self.clock = clock
         self.loggers = loggers
         self._lock = threading.Lock()  # kafka-python logs from its IO thread and the caller's
-        self._last: dict[tuple[str, str], tuple[float, int]] = {}  # -> (let through at, dropped)
+        self._last: dict[tuple[str, ...], tuple[float, int]] = {}  # -> (let through at, dropped)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.loggers is not None and not (
@@ -145,7 +159,7 @@ class RepeatedLineFilter(logging.Filter):
             return True
         if self.messages is not None and record.msg not in self.messages:
             return True
-        key = (record.name, record.msg)
+        key = (record.name, record.msg, *_causes(record))
         now = self.clock()
         with self._lock:
             last = self._last.get(key)

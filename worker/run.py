@@ -833,11 +833,14 @@ def _connect(
         + (f", sasl_mechanism {settings.sasl_mechanism}" if settings.sasl_mechanism else "")
         + "): {}"
     )
+    # one count over every try: a try of a few seconds reaches only some of several brokers
+    # (kafka-python picks one at random and waits out its back-off), so counted per try, a
+    # cluster whose every broker refuses this client was retried as an outage for ever
+    failures = BootstrapFailures(
+        KAFKA_REFUSAL_LIMIT, len(parse_bootstrap_servers(settings.bootstrap_servers))
+    )
     while not stop.is_set():
         consumer = None
-        failures = BootstrapFailures(
-            KAFKA_REFUSAL_LIMIT, len(parse_bootstrap_servers(settings.bootstrap_servers))
-        )
         try:
             with failures.attached():
                 consumer = within_deadline(

@@ -98,9 +98,10 @@ def test_within_deadline_gives_up_as_soon_as_the_broker_refuses():
 
 
 def _run(bundle, bootstrap: str, **env: str):
+    env.setdefault("CARSTREAM_KAFKA_CONNECT_TIMEOUT_S", "20")
     proc = worker_cli(
         "run", "--bundle", str(bundle), "--bootstrap-servers", bootstrap, "--metrics-port", "0",
-        timeout=90, CARSTREAM_KAFKA_CONNECT_TIMEOUT_S="20", **env,
+        timeout=90, **env,
     )  # fmt: skip
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("python -m worker run")]
     return proc, errors
@@ -192,3 +193,24 @@ def test_produce_names_a_certificate_the_ca_does_not_verify(tmp_path):
     assert len(errors) == 1, proc.stderr
     assert "certificate verify failed" in errors[0] and "check ssl_cafile" in errors[0]
     assert time.monotonic() - started < 25  # at the refusal, not at --timeout
+
+
+@pytest.mark.integration
+def test_a_cluster_whose_every_broker_refuses_exits_2_across_short_tries(
+    worker_bundle_dir, tmp_path
+):
+    # a 2 s try reaches only some of 4 brokers (kafka-python picks one at random and waits out
+    # its back-off): counted per try, the refusals never covered every broker, and the worker
+    # retried "no Kafka broker" for ever
+    listeners = [_untrusted_tls_listener(tmp_path) for _ in range(4)]
+    try:
+        bootstrap = ",".join(f"127.0.0.1:{ln.getsockname()[1]}" for ln in listeners)
+        proc, errors = _run(
+            worker_bundle_dir, bootstrap,
+            CARSTREAM_SECURITY_PROTOCOL="SSL", CARSTREAM_KAFKA_CONNECT_TIMEOUT_S="2",
+        )  # fmt: skip
+    finally:
+        for listener in listeners:
+            listener.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(errors) == 1 and "refuses this client" in errors[0], proc.stderr[-2000:]

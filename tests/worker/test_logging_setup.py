@@ -200,3 +200,30 @@ def test_configure_logging_limits_every_kafka_loggers_floods_on_its_handler(caps
     assert err.count("No node available") == 1 and err.count("Connection to b-0 failed") == 1
     assert err.count("applying trends failed") == 20
     assert len(seen) == 20
+
+
+def test_a_new_cause_under_a_limited_template_is_not_hidden():
+    """An outage's "Connection failed: [Errno 111]" must not hide the expired certificate that
+    follows under the same template: kafka-python raises both as KafkaConnectionError."""
+    import ssl
+
+    from kafka.errors import KafkaConnectionError
+
+    from worker.logging_setup import RepeatedLineFilter
+
+    def failed(cause: BaseException) -> logging.LogRecord:
+        try:
+            try:
+                raise cause
+            except OSError as exc:
+                raise KafkaConnectionError(str(exc))  # noqa: B904 (as kafka-python does)
+        except KafkaConnectionError as error:
+            args = (error,)
+        return logging.LogRecord(
+            "kafka.net.manager", logging.ERROR, __file__, 1, "Connection failed: %s", args, None
+        )
+
+    flood = RepeatedLineFilter(loggers="kafka", clock=FakeClock())
+    assert flood.filter(failed(ConnectionRefusedError(111, "refused")))
+    assert not flood.filter(failed(ConnectionRefusedError(111, "refused")))  # a repeat
+    assert flood.filter(failed(ssl.SSLCertVerificationError(1, "certificate has expired")))
