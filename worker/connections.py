@@ -174,6 +174,12 @@ def _reason(exc: Exception) -> str:
     unknown = _UNKNOWN_OPTION.search(str(exc)) if isinstance(exc, TypeError) else None
     if unknown:
         return f"unknown option {unknown.group(1)!r} in the query"
+    return error_line(exc)
+
+
+def error_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when it has none: one-line logs
+    and errors (redis-py's and kafka-python's messages may run to several lines)."""
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
@@ -214,7 +220,7 @@ def redis_refusal(exc: BaseException) -> str | None:
     tls = _tls_refusal(exc)
     if tls is not None:
         return f"the server's TLS certificate does not verify ({tls}): check redis_tls_ca_certs"
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = error_line(exc)
     if isinstance(
         exc, redis.AuthenticationError | redis.exceptions.AuthenticationWrongNumberOfArgsError
     ):

@@ -1716,12 +1716,9 @@ class StreamWorker(ConsumerRebalanceListener):
                 self.metrics.retries.labels("redis").inc()
                 log.warning("applying trends failed (%s); retry %d", exc, attempt + 1)
                 self._beat()  # a Redis outage: a restart would not end it
-                # once stopping, a few quick tries within the drain's deadline; none once the
-                # loop failed (the worker is going down, the batch stays uncommitted)
-                if self._failed.is_set() or (
-                    not self.backoff.wait(attempt, self.stop)
-                    and (attempt >= 2 or not self._drain_left())
-                ):
+                # none once the loop failed (the worker is going down, the batch stays
+                # uncommitted)
+                if self._failed.is_set() or not self._retry_after(attempt):
                     raise BatchAbortedError(f"trends not applied: {exc}") from exc
         self._watch_ignored(records, result)
 
@@ -1803,11 +1800,14 @@ class StreamWorker(ConsumerRebalanceListener):
             except KafkaError as exc:
                 self.metrics.retries.labels("kafka").inc()
                 log.warning("commit failed (%s); retry %d", exc, attempt + 1)
-                if not self.backoff.wait(attempt, self.stop) and (
-                    attempt >= 2 or not self._drain_left()
-                ):
+                if not self._retry_after(attempt):
                     break  # stopping: the grace period is short, a redelivery is harmless
         log.error("giving up committing %s; records will be redelivered and deduplicated", offsets)
+
+    def _retry_after(self, attempt: int) -> bool:
+        """Wait out try ``attempt``'s back-off; False when not to try again: once stopping, a
+        few quick tries (3) within the drain's deadline, for a commit or a Redis apply."""
+        return self.backoff.wait(attempt, self.stop) or (attempt < 2 and bool(self._drain_left()))
 
     def _clock_drain(self) -> None:
         """The ``stop-deadline`` thread: start the drain's clock the moment the flag is set."""

@@ -764,7 +764,7 @@ def wait_for_redis(
     """
     import redis
 
-    from worker.connections import redacted, redis_client, redis_refusal
+    from worker.connections import error_line, redacted, redis_client, redis_refusal
 
     url = redacted(settings.redis_url)
     client = redis_client(settings)
@@ -783,8 +783,9 @@ def wait_for_redis(
                     )
                     return 2
                 attempt += 1
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                log.warning("no answer from Redis at %s (%s); retry %d", url, first, attempt)
+                log.warning(
+                    "no answer from Redis at %s (%s); retry %d", url, error_line(exc), attempt
+                )
                 beat()
                 CONNECT_BACKOFF.wait(attempt, stop)
         log.info("stop requested while connecting to Redis; exiting")
