@@ -31,7 +31,7 @@ from kafka.structs import OffsetAndMetadata
 from engine_build.bundle import load_bundle
 from engine_build.runtime import create_engine
 from worker.connections import kafka_common_config, redis_client
-from worker.pipeline import Pending, make_outputs
+from worker.outputs import Pending, make_outputs
 from worker.prepare import prepare
 from worker.run import consumer_config, engine_options
 from worker.settings import WorkerSettings

@@ -1,5 +1,5 @@
 """Why a post could not be classified: a kind (a stable, low-cardinality DLQ header and metric
-label) and a readable reason."""
+label) and a readable reason; and the error that stops the worker itself."""
 
 from __future__ import annotations
 
@@ -52,3 +52,7 @@ def printable(text: str) -> str:
     return "".join(
         c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
     )
+
+
+class FatalWorkerError(Exception):
+    """The worker cannot go on (the batch stays uncommitted and is redelivered after a restart)."""

@@ -20,7 +20,6 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -32,15 +31,10 @@ from kafka.errors import (
     CorruptRecordError,
     FencedInstanceIdError,
     GroupAuthorizationFailedError,
-    InvalidTxnStateError,
     KafkaError,
     KafkaTimeoutError,
-    MessageSizeTooLargeError,
-    ProducerFencedError,
     RebalanceInProgressError,
-    RecordListTooLargeError,
     TopicAuthorizationFailedError,
-    TransactionalIdAuthorizationFailedError,
     UnsupportedCodecError,
 )
 from kafka.structs import OffsetAndMetadata
@@ -52,156 +46,30 @@ from engine_build.runtime import Engine
 from worker.backoff import Backoff
 from worker.batching import Batcher
 from worker.connections import metadata_answers, redis_refusal, topic_unknown
-from worker.dead_letter import HEADER_PREFIX, VALUE_NULL_HEADER, dlq_headers, parse_dlq_headers
 from worker.decode_pool import DecodePool
-from worker.errors import RETRYABLE_KINDS, PostError
+from worker.delivery import (
+    SEND_REFUSALS,
+    SEND_RETRY_LIMIT,
+    TOO_LARGE,
+    Outgoing,
+    delivered,
+    error_kind,
+    failed_for_good,
+    producer_failure,
+    send_outcome,
+)
+from worker.engine_isolation import EngineFailureLog, infer_isolating
+from worker.errors import FatalWorkerError, PostError
 from worker.gpu_preprocess import decode_bisecting, decode_jpegs, preprocess_rows
 from worker.metrics import WorkerMetrics
-from worker.postprocess import classify
+from worker.outputs import Pending, Result, make_outputs
 from worker.prepare import Prepared, decode_on_cpu, prepare
-from worker.schemas import Prediction, Source, TopKEntry
 from worker.settings import WorkerSettings
 from worker.thread_names import name_this_thread
 from worker.trends import ApplyResult, TrendRecord, TrendWriter, applied_key
 from worker.url_fetch import UrlPolicy
 
 log = logging.getLogger(__name__)
-
-
-TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
-# What kafka-python 3.0's KafkaProducer.send raises, besides KafkaError, before a record is
-# queued: TypeError or ValueError for a record it refuses for what it is (``Outgoing.refused``
-# mirrors those checks), and also for a record it would take, when a metadata refresh on the
-# sender thread drops the topic between send's metadata check and its partitioner
-# ("Partitioner did not assign a partition", "Topic ... not found in ClusterMetadata", or
-# ``sorted(None)`` in DefaultPartitioner); IndexError / ZeroDivisionError when the topic's
-# metadata lists no partitions (``random.choice([])``, ``idx %= 0``). Only a refused record is
-# permanent; the rest is retried like a KafkaError.
-SEND_REFUSALS = (TypeError, ValueError, IndexError, ZeroDivisionError)
-# the types KafkaProducer.send takes for a serialized key or value (exact types, not subclasses)
-BYTES_LIKE = (bytes, bytearray, memoryview, type(None))
-# a dead letter still too large without its value keeps this much of its key (a post_id key,
-# at most 128 characters, always fits whole)
-DLQ_KEY_PREFIX_BYTES = 512
-
-
-class FatalWorkerError(Exception):
-    """The worker cannot go on (the batch stays uncommitted and is redelivered after a restart)."""
-
-
-def sendable_header(item: Any) -> bool:
-    """Whether KafkaProducer.send takes this header: a (str, bytes) tuple whose name encodes as
-    UTF-8 (kafka-python encodes it when sizing the record; a lone surrogate cannot be)."""
-    if not (
-        isinstance(item, tuple)
-        and len(item) == 2
-        and isinstance(item[0], str)
-        and isinstance(item[1], bytes)
-    ):
-        return False
-    try:
-        item[0].encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def sendable_headers(headers: Any) -> list[tuple[str, bytes]]:
-    """The headers of ``headers`` that KafkaProducer.send takes (none when it is not a list)."""
-    if not isinstance(headers, list | tuple):
-        return []
-    return [h for h in headers if sendable_header(h)]
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """One record to publish."""
-
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: list | None
-
-    def smaller(self) -> Outgoing | None:
-        """The next smaller form of a dead letter the DLQ topic refused as too large.
-
-        First without its value; then also with its key cut to ``DLQ_KEY_PREFIX_BYTES`` and
-        without the original record's headers; each step adds headers saying what was left out.
-        None when nothing is left to cut.
-        """
-        headers = list(self.headers or [])
-        if self.value:
-            note = [
-                (HEADER_PREFIX + "value_omitted", b"too large for the dead-letter topic"),
-                (HEADER_PREFIX + "original_size", str(len(self.value)).encode()),
-            ]
-            # b"", not None: a keyless record needs a value (kafka-python refuses neither)
-            return Outgoing(self.topic, self.key, b"", [*headers, *note])
-        own = [(k, v) for k, v in headers if k.startswith(HEADER_PREFIX)]
-        long_key = self.key is not None and len(self.key) > DLQ_KEY_PREFIX_BYTES
-        if not long_key and len(own) == len(headers):
-            return None
-        note = []
-        key = self.key
-        if long_key:
-            note += [
-                (HEADER_PREFIX + "key_truncated", b"too large for the dead-letter topic"),
-                (HEADER_PREFIX + "original_key_size", str(len(self.key)).encode()),
-            ]
-            key = self.key[:DLQ_KEY_PREFIX_BYTES]
-        if len(own) < len(headers):
-            note.append((HEADER_PREFIX + "headers_omitted", str(len(headers) - len(own)).encode()))
-        return Outgoing(self.topic, key, b"", [*own, *note])
-
-    def refused(self) -> list[str]:
-        """What of this record KafkaProducer.send refuses for what it is, whatever the broker
-        (kafka-python 3.0 ``kafka/producer/kafka.py`` send: key and value both None, headers
-        not a list of (str, bytes) tuples, a key or value not bytes; a header name that is not
-        UTF-8 in its record sizing). Empty when it refuses nothing: a TypeError or ValueError
-        it raises then came from elsewhere (a metadata change) and is worth a retry."""
-        problems = []
-        if self.headers is not None:
-            if not isinstance(self.headers, list):
-                problems.append(f"headers of type {type(self.headers).__name__}")
-            else:
-                bad = len(self.headers) - len(sendable_headers(self.headers))
-                if bad:
-                    problems.append(f"{bad} header(s) not (UTF-8 str, bytes) pairs")
-        if type(self.key) not in BYTES_LIKE:
-            problems.append(f"key of type {type(self.key).__name__}")
-        if type(self.value) not in BYTES_LIKE:
-            problems.append(f"value of type {type(self.value).__name__}")
-        if self.key is None and self.value is None:
-            problems.append("neither key nor value")
-        return problems
-
-    def sendable(self, error: BaseException) -> Outgoing | None:
-        """This dead letter without what KafkaProducer.send refuses of it (``refused``), with a
-        ``carstream.send_refused`` header saying what was left out and why; None when it
-        refuses nothing of it. The value, and every header it takes, still go."""
-        problems = self.refused()
-        if not problems:
-            return None
-        key = self.key if type(self.key) in BYTES_LIKE else None
-        value = self.value if type(self.value) in BYTES_LIKE else b""
-        if key is None and value is None:
-            value = b""  # kafka-python sends no record without both
-        reason = f"{type(error).__name__}: {error}; left out: {', '.join(problems)}"[:500]
-        note = (HEADER_PREFIX + "send_refused", reason.encode("utf-8", "replace"))
-        return Outgoing(self.topic, key, value, [*sendable_headers(self.headers), note])
-
-
-@dataclass(frozen=True)
-class Result:
-    """One result to publish, with its status for the metrics (never read back from the JSON)."""
-
-    key: bytes
-    value: bytes
-    status: str  # "ok" or "low_confidence"
-
-    def __iter__(self):
-        """Unpacks as the (key, value) pair it replaced."""
-        return iter((self.key, self.value))
 
 
 @dataclass(frozen=True)
@@ -289,15 +157,6 @@ def record_age(record: Any, now: float) -> float | None:
     return max(age, 0.0)
 
 
-@dataclass
-class Pending:
-    """A consumed record whose decode is running in the pool."""
-
-    record: Any  # kafka ConsumerRecord
-    received: float  # time.monotonic() at poll
-    prepared: Future[Prepared]
-
-
 Offsets = dict[TopicPartition, OffsetAndMetadata]
 
 
@@ -309,65 +168,6 @@ REFUSED = (
     FencedInstanceIdError,
 )
 
-# send errors that retrying rarely ends: no write ACL on an output topic, or the errors that
-# leave kafka-python's idempotent producer failed for good (TransactionManager._FATAL_ERRORS).
-# A topic authorization error from send's metadata wait leaves the producer healthy and can pass
-# while ACLs or topics catch up with a deploy, so these stop the worker after SEND_RETRY_LIMIT
-# rounds, not at once; a producer in its fatal state stops it at once (producer_failure).
-PRODUCER_REFUSED = (
-    TopicAuthorizationFailedError,
-    ClusterAuthorizationFailedError,
-    TransactionalIdAuthorizationFailedError,
-    ProducerFencedError,
-    InvalidTxnStateError,
-)
-# retry rounds (backoff 0.2 s doubling: ~3 s in all) before a refusal above, a TypeError or
-# ValueError from send that Outgoing.refused cannot explain (a metadata race clears after one
-# refresh; one that persists is a deleted topic or a bug), or a topic the broker answers without
-# (connections.topic_unknown: a missing topic where the broker does not create topics), stops the
-# worker
-SEND_RETRY_LIMIT = 4
-
-
-def _delivered(future: Any) -> bool:
-    """Whether a send's outcome (a future, or the error send raised) is a delivered record."""
-    if isinstance(future, BaseException):
-        return False
-    try:
-        future.get(timeout=0)
-    except Exception:
-        return False
-    return True
-
-
-def producer_failure(producer: Any) -> BaseException | None:
-    """The error that left kafka-python's idempotent producer failed for good, or None.
-
-    With ``enable_idempotence`` any error kafka-python will not retry moves its transaction
-    manager to a fatal state: a broker's MessageSizeTooLarge for a one-record batch, an
-    InvalidRecord, a missing IDEMPOTENT_WRITE ACL (surfacing as a plain KafkaError). From then on
-    it fails every record with that same error, so the futures' errors no longer say which
-    record was at fault, and only a new producer sends again. (``_transaction_manager`` is
-    kafka-python 3.0's; a producer without one is never reported failed.)
-    """
-    manager = getattr(producer, "_transaction_manager", None)
-    if manager is None or not manager.has_fatal_error():
-        return None
-    return manager.last_error or KafkaError("the producer is in its fatal error state")
-
-
-def _describe(msg: Outgoing, dlq_topic: str) -> str:
-    """A record to send, as an operator finds it: a dead letter by the position of the post it
-    is about, a result by its post_id."""
-    key = (msg.key or b"")[:128].decode("utf-8", "replace")
-    if msg.topic != dlq_topic:
-        return f"the result for post_id {key!r}"
-    where = parse_dlq_headers(sendable_headers(msg.headers))
-    origin = (
-        f"{where.get('source_topic')}/{where.get('source_partition')}@{where.get('source_offset')}"
-    )
-    return f"the dead letter of {origin} ({where.get('error_kind', 'internal')}, key {key!r})"
-
 
 @dataclass(frozen=True)
 class InFlight:
@@ -376,137 +176,6 @@ class InFlight:
 
     offsets: Future[Offsets]
     epochs: dict[TopicPartition, int]
-
-
-def error_kind(headers: Sequence[tuple[str, bytes]] | None) -> str:
-    """The ``carstream.error_kind`` header of a dead letter (``internal`` when missing)."""
-    kind = dict(sendable_headers(headers)).get("carstream.error_kind", b"internal")
-    return kind.decode("utf-8", "replace")
-
-
-def original_headers(record: Any) -> list[tuple[str, bytes]]:
-    """The headers a dead letter keeps from its record: all but ``carstream.*`` ones (a replayed
-    dead letter's old verdict would be mistaken for the new one). A null header value (legal in
-    Kafka) becomes empty bytes: kafka-python's producer refuses None, and a refused dead letter
-    must not stop the worker."""
-    return [
-        (k, b"" if v is None else v)
-        for k, v in getattr(record, "headers", None) or []
-        if not k.startswith(HEADER_PREFIX)
-    ]
-
-
-def make_outputs(
-    batch: list[Pending],
-    prepared: list[Prepared],
-    logits: dict[int, np.ndarray],
-    manifest: Manifest,
-    settings: WorkerSettings,
-    now: Callable[[], datetime] = lambda: datetime.now(UTC),
-) -> tuple[list[Result], list[tuple[bytes | None, bytes | None, list]], list[TrendRecord]]:
-    """Pure: results, dead letters (key, original value, headers), trend records.
-
-    ``logits`` maps a batch position to its row; positions missing from it have an error.
-    """
-    results: list[Result] = []
-    dead: list[tuple[bytes | None, bytes | None, list]] = []
-    trends: list[TrendRecord] = []
-    # an engine that overflows (FP16) or a corrupt plan can return NaN/inf for some rows: those
-    # posts become dead letters, and the rest of the batch is still classified
-    non_finite = {i for i, row in logits.items() if not np.isfinite(row).all()}
-    rows = sorted(set(logits) - non_finite)
-    classified = (
-        dict(
-            zip(
-                rows,
-                classify(
-                    np.stack([logits[i] for i in rows]), settings.top_k, settings.min_confidence
-                ),
-                strict=True,
-            )
-        )
-        if rows
-        else {}
-    )
-    classified_at = now()
-    for pos, (item, prep) in enumerate(zip(batch, prepared, strict=True)):
-        rec = item.record
-        if pos not in classified:
-            if pos in non_finite:
-                error = PostError("internal", "engine returned non-finite logits (NaN or inf)")
-            else:
-                error = prep.error or PostError("internal", "no inference result")
-            # a keyless tombstone: kafka-python sends no record without key and value, so it
-            # goes with an empty value and a header that tells it from a producer's b""
-            tombstone = rec.key is None and rec.value is None
-            dead.append(
-                (
-                    rec.key,
-                    b"" if tombstone else rec.value,
-                    [
-                        *original_headers(rec),
-                        *dlq_headers(
-                            error, rec.topic, rec.partition, rec.offset, settings.worker_id
-                        ),
-                        *([(VALUE_NULL_HEADER, b"1")] if tombstone else []),
-                    ],
-                )
-            )
-            trends.append(
-                TrendRecord(
-                    rec.topic,
-                    rec.partition,
-                    rec.offset,
-                    classified_at,
-                    None,
-                    None,
-                    None,
-                    retryable=error.kind in RETRYABLE_KINDS,
-                )
-            )
-            continue
-        event = prep.event
-        c = classified[pos]
-        label = manifest.labels[c.index]
-        prediction = Prediction(
-            post_id=event.post_id,
-            make=label.make,
-            model=label.model,
-            confidence=round(c.confidence, 6),
-            top_k=[
-                TopKEntry(
-                    make=manifest.labels[i].make, model=manifest.labels[i].model, score=round(s, 6)
-                )
-                for i, s in c.top_k
-            ],
-            status="low_confidence" if c.low_confidence else "ok",
-            model_name=manifest.model_name,
-            model_version=manifest.model_version,
-            posted_at=event.posted_at,
-            classified_at=classified_at,
-            latency_ms=round((time.monotonic() - item.received) * 1000.0, 3),
-            city=event.city,
-            platform=event.platform,
-            source=Source(topic=rec.topic, partition=rec.partition, offset=rec.offset),
-            worker_id=settings.worker_id,
-        )
-        results.append(
-            Result(event.post_id.encode(), prediction.model_dump_json().encode(), prediction.status)
-        )
-        trends.append(
-            TrendRecord(
-                rec.topic,
-                rec.partition,
-                rec.offset,
-                event.posted_at,
-                label.make,
-                label.model,
-                event.city,
-                c.low_confidence,
-                event.post_id,
-            )
-        )
-    return results, dead, trends
 
 
 def torch_stack(rows: list[Any]) -> Any:
@@ -592,135 +261,6 @@ def commit_offsets(batch: list[Pending]) -> dict[TopicPartition, OffsetAndMetada
         tp = TopicPartition(item.record.topic, item.record.partition)
         top[tp] = max(top.get(tp, -1), item.record.offset)
     return {tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in top.items()}
-
-
-class EngineFailedError(FatalWorkerError):
-    """The engine fails on every input, a blank one included: it is unhealthy, not the posts."""
-
-
-class EngineFailureLog:
-    """Engine failures on posts, logged without flooding the log.
-
-    An engine that fails on every real post while it still runs a blank one (a bad model, a
-    broken kernel) is not stopped, only dead-letters: one traceback per failing chunk was
-    thousands of lines a minute. The first failure's traceback is logged, then at most one every
-    ``traceback_every_s``; in between, one line counting them at most every ``summary_every_s``
-    (``carstream_dead_letters_total{kind="internal"}`` counts every post). Thread-safe: the
-    inference threads share one.
-    """
-
-    def __init__(
-        self,
-        traceback_every_s: float = 300.0,
-        summary_every_s: float = 60.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.traceback_every_s = traceback_every_s
-        self.summary_every_s = summary_every_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._traceback_at: float | None = None  # clock() of the last traceback logged
-        self._traceback_wall = ""  # and its wall-clock time, for the summary line
-        self._window_at = 0.0  # clock() of the last line logged
-        self._chunks = 0  # failing chunks counted since then
-        self._posts = 0  # posts dead-lettered since then
-
-    def chunk_failed(self, size: int) -> bool:
-        """In an ``except`` block: log the traceback of a chunk of ``size`` that failed, or
-        count it. True when it was logged."""
-        with self._lock:
-            now = self._clock()
-            if self._traceback_at is not None and now - self._traceback_at < self.traceback_every_s:
-                self._chunks += 1
-                self._summarise(now)
-                return False
-            self._traceback_at = self._window_at = now
-            self._traceback_wall = datetime.now(UTC).strftime("%H:%M:%S UTC")
-            log.exception(
-                "engine failed on a batch of %d; retrying one by one (its next traceback in "
-                "%.0f s at the earliest, counted in between)",
-                size,
-                self.traceback_every_s,
-            )
-            return True
-
-    def posts_failed(self, count: int, logged: bool) -> None:
-        """``count`` posts the engine failed on alone, to be dead-lettered; ``logged`` when
-        their chunk's traceback was just logged (they are then named with it)."""
-        if logged:
-            log.warning("the engine runs but failed on %d posts: dead-lettering them", count)
-            return
-        with self._lock:
-            self._posts += count
-            self._summarise(self._clock())
-
-    def _summarise(self, now: float) -> None:
-        if now - self._window_at < self.summary_every_s:
-            return
-        log.warning(
-            "the engine failed on %d batches in the last %.0f s (%d posts dead-lettered as "
-            "internal); last traceback logged at %s",
-            self._chunks,
-            now - self._window_at,
-            self._posts,
-            self._traceback_wall,
-        )
-        self._window_at, self._chunks, self._posts = now, 0, 0
-
-
-def infer_isolating(
-    run: Callable[[Any], Any],
-    rows: dict[int, Any],
-    step: int,
-    stack: Callable[[list[Any]], Any],
-    blank: Callable[[Any], Any],
-    observe: Callable[[float], None] = lambda seconds: None,
-    failures: EngineFailureLog | None = None,
-) -> tuple[dict[int, Any], dict[int, str]]:
-    """Logits by position, and why the engine failed on each position it failed on.
-
-    Rows go to ``run`` in chunks of ``step``. A chunk that fails is run again one row at a time,
-    so one poison input costs only its own post. When every row of the chunk fails alone too,
-    the engine is run on a ``blank`` (all zeros) row like its first: if that fails as well, the
-    engine itself is unhealthy (CUDA out of memory for good, a lost device), and
-    EngineFailedError is raised rather than dead-lettering good posts (the batch stays
-    uncommitted; a restarted worker reads it again). ``observe`` gets each chunk's seconds;
-    ``failures`` logs the failures (a traceback, then counts; a worker passes its own, so the
-    rate limit spans its batches; without one, each call logs its first traceback).
-    """
-    failures = failures if failures is not None else EngineFailureLog()
-    out: dict[int, Any] = {}
-    failed: dict[int, str] = {}
-    good = sorted(rows)
-    for start in range(0, len(good), step):
-        idx = good[start : start + step]
-        t0 = time.perf_counter()
-        try:
-            logits = run(stack([rows[i] for i in idx]))
-        except Exception:
-            logged = failures.chunk_failed(len(idx))
-        else:
-            observe(time.perf_counter() - t0)
-            out.update(zip(idx, logits, strict=True))
-            continue
-        errors: dict[int, str] = {}
-        for i in idx:
-            try:
-                out[i] = run(rows[i][None])[0]
-            except Exception as exc:
-                errors[i] = f"{exc.__class__.__name__}: {exc}"
-        if errors and len(errors) == len(idx):
-            try:
-                run(blank(rows[idx[0]][None]))
-            except Exception as exc:
-                raise EngineFailedError(
-                    f"the engine failed on all {len(idx)} posts of a batch, one by one, and on a "
-                    f"blank input ({exc.__class__.__name__}: {exc})"
-                ) from exc
-        if errors:
-            failures.posts_failed(len(errors), logged)
-        failed.update(errors)
-    return out, failed
 
 
 def overlaps(mode: str, engine: Engine, instances: int = 1) -> bool:
@@ -1469,25 +1009,14 @@ class StreamWorker(ConsumerRebalanceListener):
     def _deliver(self, results: list[Result], dead: list) -> None:
         """Publish results and dead letters; only the sends that failed are retried.
 
-        A dead letter too large for the DLQ topic (the producer's ``max_request_size``, or the
-        broker's limit: see the producer renewal below) is sent again without its value, then
-        with its key cut short and without the original record's headers, with headers saying
-        so: losing the bytes of an oversized bad post beats blocking its partition forever. One
-        still too large then (a DLQ topic that takes no more than a few hundred bytes) is dropped
-        with an error log. A dead letter the producer refuses for what it is
-        (``Outgoing.refused``: a header that is not a (str, bytes) pair, say) is sent again
-        without what it refuses, the same way. A result too large for the results topic, or
-        refused for what it is, is a FatalWorkerError: it would fail the same way for ever.
+        What becomes of one failed send (retried, resent cut down, dropped, or the worker
+        stopped) is ``send_outcome``'s rule; this loop sends, waits and retries.
 
         A producer that failed for good (``producer_failure``: kafka-python's idempotent
         producer does not survive a broker's refusal of a record as too large) is replaced by
         ``new_producer``, and the round's undelivered records are resent one at a time, so the
         refused one is known and cut down. Failed any other way, or with no ``new_producer``,
-        it is a FatalWorkerError, as are an authorization refusal or an unexplained
-        TypeError/ValueError still there after ``SEND_RETRY_LIMIT`` rounds, or a topic the broker
-        still answers without then (send's metadata wait running out, ``topic_unknown``). Every
-        other send error, including a TypeError or ValueError the producer raises for a record it
-        would take (a metadata change under it, see ``SEND_REFUSALS``), is retried with backoff.
+        it is a FatalWorkerError. Records to retry wait for the round's backoff.
 
         A send that blocked its ``max_block_ms`` and timed out (no metadata for the topic, or no
         buffer space) fails the round's other records to that topic with its error unsent: each
@@ -1531,7 +1060,7 @@ class StreamWorker(ConsumerRebalanceListener):
                 log.warning("flush failed: %s", exc)
             failure = producer_failure(self.producer)
             if failure is not None:  # before any future's error is read as this record's own
-                undelivered = [m for m, f in sent if not _delivered(f)]
+                undelivered = [m for m, f in sent if not delivered(f)]
                 if not isolate:
                     # every record failed with the one error: resend those not delivered one
                     # at a time, on a new producer, so the one the broker refuses is known
@@ -1553,73 +1082,18 @@ class StreamWorker(ConsumerRebalanceListener):
                         continue
                     except KafkaError as exc:
                         error = exc
-                too_large = isinstance(error, TOO_LARGE)
-                refused = msg.refused() if isinstance(error, SEND_REFUSALS) else []
-                if attempt >= SEND_RETRY_LIMIT and (
-                    isinstance(error, PRODUCER_REFUSED)
-                    or (isinstance(error, SEND_REFUSALS) and not refused)
-                    or msg.topic in unknown
-                ):
-                    # retrying for ever would keep the liveness probe green while nothing is
-                    # delivered; exiting makes it a restart loop an operator sees
-                    missing = (
-                        f"; the broker answers without topic {msg.topic}: create it"
-                        if msg.topic in unknown
-                        else ""
-                    )
-                    raise FatalWorkerError(
-                        f"sends to {msg.topic} still fail after {attempt + 1} tries: "
-                        f"{error!r}{missing}"
-                    ) from error
-                if not too_large and not refused:
+                outcome = send_outcome(msg, error, attempt, msg.topic in unknown, s.dlq_topic)
+                if outcome.action == "fatal":
+                    raise FatalWorkerError(outcome.reason) from error
+                if outcome.action == "retry":
                     retry.append(msg)
                     last_error = failing[msg.topic] = error
-                    continue
-                size = len(msg.key or b"") + len(msg.value or b"") if too_large else 0
-                if msg.topic != s.dlq_topic:
-                    if refused:
-                        raise FatalWorkerError(
-                            f"a result cannot be sent: {', '.join(refused)} ({error})"
-                        )
-                    raise FatalWorkerError(
-                        f"a result of {size} bytes is too large for {msg.topic} ({error}); "
-                        "raise the topic's max.message.bytes"
-                    )
-                smaller = msg.smaller() if too_large else msg.sendable(error)
-                where = parse_dlq_headers(sendable_headers(msg.headers))
-                origin = (
-                    f"{where.get('source_topic')}/{where.get('source_partition')}"
-                    f"@{where.get('source_offset')}"
-                )
-                if refused:
-                    log.warning(
-                        "dead letter of %s cannot be sent as it is (%s: %s); sending it without %s",
-                        origin,
-                        type(error).__name__,
-                        error,
-                        ", ".join(refused),
-                    )
-                    retry.append(smaller)
-                    continue
-                if smaller is None:
-                    log.error(
-                        "dead letter of %s is too large for %s even without its value and "
-                        "original headers and with its key cut to %d bytes (%s); dropped",
-                        origin,
-                        msg.topic,
-                        DLQ_KEY_PREFIX_BYTES,
-                        error,
-                    )
+                elif outcome.action == "resend":
+                    log.warning("%s", outcome.reason)
+                    retry.append(outcome.record)
+                else:
+                    log.error("%s", outcome.reason)
                     dropped.append(msg)
-                    continue
-                log.warning(
-                    "dead letter of %s (%d bytes) is too large for %s; sending it %s",
-                    origin,
-                    size,
-                    msg.topic,
-                    "without its value" if msg.value else "with its key and headers cut",
-                )
-                retry.append(smaller)
             pending = retry + held
             if last_error is not None:  # not only dead letters to resend smaller or repaired
                 self.metrics.retries.labels("kafka").inc()
@@ -1649,29 +1123,9 @@ class StreamWorker(ConsumerRebalanceListener):
     def _failed_for_good(
         self, failure: BaseException, undelivered: Sequence[Outgoing] = ()
     ) -> FatalWorkerError:
-        """The error stopping the worker when the producer failed for good on ``undelivered``
-        (one record once they are sent one at a time: the one the topic refuses).
-
-        A restart does not help by itself: it reads the same batch and sends the same record.
-        """
-        if len(undelivered) == 1:
-            msg = undelivered[0]
-            refused = f"{msg.topic} refuses {_describe(msg, self.settings.dlq_topic)}"
-        elif undelivered:
-            topics = ", ".join(sorted({m.topic for m in undelivered}))
-            refused = f"{topics} refused one of the {len(undelivered)} records not delivered"
-        else:
-            refused = f"{self.settings.output_topic} or {self.settings.dlq_topic} refused a record"
-        hint = (
-            "; raise the topic's max.message.bytes to at least the worker's max_message_bytes"
-            if isinstance(failure, TOO_LARGE)
-            else ""
-        )
-        return FatalWorkerError(
-            f"the Kafka producer failed for good: {refused} ({failure!r}){hint}; nothing of this "
-            "batch is committed, and a restart reads the same batch and fails the same way until "
-            "the topic accepts the record"
-        )
+        """The error stopping the worker when the producer failed for good on ``undelivered``."""
+        s = self.settings
+        return FatalWorkerError(failed_for_good(failure, undelivered, s.output_topic, s.dlq_topic))
 
     def _renew_producer(self, failure: BaseException, undelivered: Sequence[Outgoing] = ()) -> None:
         """Replace a producer that failed for good (``producer_failure``) with a new one; stop

@@ -18,25 +18,14 @@ from kafka.errors import (
 
 from tests.support import DoneFuture, Rec, tiny_manifest
 from training.preprocessing import PreprocessSpec
+from worker.backoff import Backoff
 from worker.dead_letter import dlq_headers, parse_dlq_headers
-from worker.errors import PostError
+from worker.delivery import DLQ_KEY_PREFIX_BYTES, SEND_RETRY_LIMIT, producer_failure
+from worker.engine_isolation import EngineFailedError, EngineFailureLog, infer_isolating
+from worker.errors import FatalWorkerError, PostError
 from worker.metrics import WorkerMetrics
-from worker.pipeline import (
-    DLQ_KEY_PREFIX_BYTES,
-    SEND_RETRY_LIMIT,
-    Backoff,
-    BatchAbortedError,
-    EngineFailedError,
-    EngineFailureLog,
-    FatalWorkerError,
-    Pending,
-    Result,
-    StreamWorker,
-    infer_isolating,
-    make_outputs,
-    original_headers,
-    producer_failure,
-)
+from worker.outputs import Pending, Result, make_outputs, original_headers
+from worker.pipeline import BatchAbortedError, StreamWorker
 from worker.prepare import Prepared, prepare
 from worker.schemas import PostEvent
 from worker.settings import WorkerSettings
@@ -321,7 +310,7 @@ def test_outgoing_refused_mirrors_what_kafka_python_send_refuses():
     from kafka import KafkaProducer
     from kafka.errors import KafkaTimeoutError
 
-    from worker.pipeline import SEND_REFUSALS, Outgoing
+    from worker.delivery import SEND_REFUSALS, Outgoing
 
     producer = KafkaProducer(
         bootstrap_servers="127.0.0.1:9", api_version=(2, 5), max_block_ms=10, acks="all"

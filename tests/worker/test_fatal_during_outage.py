@@ -14,7 +14,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tests.support import Rec
 from tests.worker.test_loop_overlap import TOPIC, make_worker, post
-from worker.pipeline import Backoff, FatalWorkerError
+from worker.backoff import Backoff
+from worker.errors import FatalWorkerError
 
 
 class RedisDown:

@@ -21,15 +21,10 @@ from kafka.errors import MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata
 
 from tests.support import Rec, image_bytes, tiny_manifest
+from worker.errors import FatalWorkerError
 from worker.metrics import WorkerMetrics
-from worker.pipeline import (
-    BatchAbortedError,
-    FatalWorkerError,
-    InFlight,
-    Pending,
-    StreamWorker,
-    overlaps,
-)
+from worker.outputs import Pending
+from worker.pipeline import BatchAbortedError, InFlight, StreamWorker, overlaps
 from worker.settings import WorkerSettings
 from worker.trends import ApplyResult
 

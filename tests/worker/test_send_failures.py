@@ -21,16 +21,12 @@ from tests.worker.test_delivery import (
 )
 from tests.worker.test_delivery import worker_with as _worker_with
 from worker.connections import metadata_answers, topic_unknown
+from worker.delivery import SEND_RETRY_LIMIT
+from worker.engine_isolation import EngineFailureLog, infer_isolating
+from worker.errors import FatalWorkerError
 from worker.metrics import WorkerMetrics
-from worker.pipeline import (
-    SEND_RETRY_LIMIT,
-    BatchAbortedError,
-    EngineFailureLog,
-    FatalWorkerError,
-    Result,
-    StreamWorker,
-    infer_isolating,
-)
+from worker.outputs import Result
+from worker.pipeline import BatchAbortedError, StreamWorker
 from worker.settings import WorkerSettings
 
 
@@ -311,7 +307,7 @@ def _poisoned(batch: np.ndarray) -> np.ndarray:
 
 
 def _records(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "worker.pipeline"]
+    return [r for r in caplog.records if r.name == "worker.engine_isolation"]
 
 
 def test_an_engine_failing_on_every_post_logs_one_traceback_then_counted_summaries(caplog):
@@ -319,7 +315,7 @@ def test_an_engine_failing_on_every_post_logs_one_traceback_then_counted_summari
     clock = _Clock()
     failures = EngineFailureLog(traceback_every_s=300, summary_every_s=60, clock=clock)
     rows = {i: np.ones(1, np.float32) for i in range(4)}
-    caplog.set_level(logging.INFO, logger="worker.pipeline")
+    caplog.set_level(logging.INFO, logger="worker.engine_isolation")
     for _ in range(100):  # 100 batches of 4 within the first minute
         _, failed = infer_isolating(_poisoned, rows, 2, np.stack, np.zeros_like, failures=failures)
         assert len(failed) == 4

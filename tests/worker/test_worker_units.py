@@ -18,7 +18,8 @@ from training.preprocessing import PreprocessSpec
 from worker.batching import Batcher
 from worker.dead_letter import dlq_headers, parse_dlq_headers
 from worker.errors import PostError
-from worker.pipeline import Pending, commit_offsets, make_outputs
+from worker.outputs import Pending, make_outputs
+from worker.pipeline import commit_offsets
 from worker.postprocess import classify
 from worker.prepare import Prepared, prepare
 from worker.schemas import MAX_JSON_DEPTH, MAX_JSON_VALUES, Prediction, parse_event
