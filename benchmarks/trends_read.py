@@ -36,15 +36,14 @@ from report import cpu_model, write_results  # noqa: E402
 from training.cli import positive_int  # noqa: E402
 from training.cli_help import DefaultsHelpFormatter  # noqa: E402
 from worker.stack import RedisServer, free_port  # noqa: E402
-from worker.trends import (  # noqa: E402
+from worker.trend_keys import (  # noqa: E402
     DEFAULT_MINUTE_TTL_S,
-    TrendReader,
-    compare_bounds,
     hour_bucket,
     minute_bucket,
-    name_matcher,
     trend_key,
 )
+from worker.trend_windows import compare_bounds, name_matcher  # noqa: E402
+from worker.trends import TrendReader  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,8 @@ MAX_LABEL_CHARS = 128  # the post_id's bound too: a label, not a document
 # a class name's bound: a folder name's (255 bytes on Linux), so every class a folder tree or
 # CompCars names fits; far beyond it is not a name (it would go into every result message)
 MAX_CLASS_NAME_CHARS = 255
-# worker/trends.py joins a make and its model with it ("Make|Model") and splits at the first one
+# worker/trend_keys.py (model_member) joins a make and its model with it ("Make|Model") and
+# splits at the first one
 MODEL_SEPARATOR = "|"
 # training.models.ARCHS' keys (not imported: that pulls in torchvision for every manifest reader)
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101"]

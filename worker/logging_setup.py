@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
@@ -46,7 +48,7 @@ class WorkerIdFilter(logging.Filter):
 def configure_logging(
     level: str = "INFO", json_lines: bool = False, worker_id: str | None = None
 ) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = FloodTellingHandler(sys.stderr)
     if worker_id is not None:
         handler.addFilter(WorkerIdFilter(worker_id))
     if json_lines:
@@ -59,7 +61,7 @@ def configure_logging(
     logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
     # kafka-python logs each failed retry of an outage, several times over: rate-limited on
     # the handler, so handlers of its own loggers (connections.BootstrapFailures) see them all
-    handler.addFilter(RepeatedLineFilter(loggers="kafka"))
+    RepeatedLineFilter(loggers="kafka").attach(handler)
     # Python warnings (Pillow's "Corrupt EXIF data" for a post's bad EXIF block) go through the
     # same handler, so --log-json output stays one JSON object a line
     logging.captureWarnings(True)
@@ -122,6 +124,10 @@ def _causes(record: logging.LogRecord) -> tuple[str, ...]:
     return tuple(out)
 
 
+# set on the line that tells a flood's dropped count: the filter lets it through untouched
+_FLOOD_SUMMARY = "carstream_flood_summary"
+
+
 class RepeatedLineFilter(logging.Filter):
     """Lets one record of each message (format string, per logger) through per ``every_s``;
     the next one let through says how many were dropped since.
@@ -129,10 +135,22 @@ class RepeatedLineFilter(logging.Filter):
     An outage must show in the log, once, with its rate; not bury everything else (a broker
     outage: 2,735 "Marking the coordinator dead" lines a second, and dozens of kafka-python
     ERRORs in 15 s, which fire ERROR-rate alerts). A record is dropped only when the same
-    message of the same logger got through less than ``every_s`` ago; the count of a flood
-    that ends is told with the next such record. Only ``messages`` are limited when given,
-    and only records of ``loggers`` (a logger name and the loggers under it) when given.
-    ``clock`` is injected so the rule is tested without waiting.
+    message of the same logger got through less than ``every_s`` ago. Only ``messages`` are
+    limited when given, and only records of ``loggers`` (a logger name and the loggers under it)
+    when given. ``clock`` is injected so the rule is tested without waiting.
+
+    A flood that ends is told too, not only when its message comes again (which it may never
+    do: the count was lost). Once :meth:`attach`-ed to a handler, the filter tells each flood
+    whose ``every_s`` has passed, in one line of the flood's logger and level, ``N more
+    '<template>' records were dropped in the last S s``, when it sees the next record of any
+    kind (before that record), and every flood still untold when the handler closes
+    (``logging.shutdown`` at exit closes it; a :class:`FloodTellingHandler` asks its filters).
+    The line is handed to the handler's ``handle`` from the filter, outside the filter's lock
+    (each count is taken, under it, exactly once, whichever thread sees it first), and is
+    marked so that the filter lets it through at once: no recursion, and no logger's other
+    handlers see it. Not a timer thread: a flood ends unseen only until the next line or exit.
+    Not attached (added with ``addFilter``, or on a logger), a count is told only with the next
+    record of its message.
     """
 
     def __init__(
@@ -148,9 +166,29 @@ class RepeatedLineFilter(logging.Filter):
         self.clock = clock
         self.loggers = loggers
         self._lock = threading.Lock()  # kafka-python logs from its IO thread and the caller's
-        self._last: dict[tuple[str, ...], tuple[float, int]] = {}  # -> (let through at, dropped)
+        # key -> (let through at, dropped since, level of the last one dropped)
+        self._last: dict[tuple[str, ...], tuple[float, int, int]] = {}
+        self._due = math.inf  # when the first flood in _last may be told as ended
+        # weak: the handler holds this filter, and a cycle would keep a replaced handler (and
+        # its stream) alive until exit, when closing it would tell its floods to a dead stream
+        self._handlers: list[weakref.ref[logging.Handler]] = []
+
+    def attach(self, handler: logging.Handler) -> RepeatedLineFilter:
+        """Filter ``handler``'s records, and tell it the floods that end; returns self."""
+        handler.addFilter(self)
+        self._handlers.append(weakref.ref(handler))
+        return self
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, _FLOOD_SUMMARY, False):
+            return True
+        now = self.clock()
+        keep = self._keep(record, now)
+        if self._handlers:
+            self._tell(self.ended(now))
+        return keep
+
+    def _keep(self, record: logging.LogRecord, now: float) -> bool:
         if self.loggers is not None and not (
             record.name == self.loggers or record.name.startswith(self.loggers + ".")
         ):
@@ -160,13 +198,13 @@ class RepeatedLineFilter(logging.Filter):
         if self.messages is not None and record.msg not in self.messages:
             return True
         key = (record.name, record.msg, *_causes(record))
-        now = self.clock()
         with self._lock:
             last = self._last.get(key)
             if last is not None and now - last[0] < self.every_s:
-                self._last[key] = (last[0], last[1] + 1)
+                self._last[key] = (last[0], last[1] + 1, record.levelno)
+                self._due = min(self._due, last[0] + self.every_s)
                 return False
-            self._last[key] = (now, 0)
+            self._last[key] = (now, 0, record.levelno)
         if last is not None and last[1]:
             record.msg = (
                 f"{record.getMessage()} ({last[1]} more like it dropped in the last "
@@ -174,3 +212,61 @@ class RepeatedLineFilter(logging.Filter):
             )
             record.args = ()
         return True
+
+    def ended(self, now: float, every: bool = False) -> list[logging.LogRecord]:
+        """The lines that tell the floods over at ``now`` (their ``every_s`` passed; with
+        ``every``, all of them), each count taken so that it is told once."""
+        with self._lock:
+            if now < self._due and not every:
+                return []
+            told, due = [], math.inf
+            for key, (since, dropped, level) in list(self._last.items()):
+                if every or now - since >= self.every_s:
+                    del self._last[key]  # a later record of it is let through as a first one
+                    if dropped:
+                        told.append((key, since, dropped, level))
+                elif dropped:
+                    due = min(due, since + self.every_s)
+            self._due = due
+        return [
+            _flood_summary(name, template, dropped, now - since, level)
+            for (name, template, *_), since, dropped, level in told
+        ]
+
+    def tell_all(self) -> None:
+        """Tell every flood with records dropped, over or not (the handler is closing)."""
+        self._tell(self.ended(self.clock(), every=True))
+
+    def _tell(self, lines: list[logging.LogRecord]) -> None:
+        for line in lines:
+            for ref in self._handlers:
+                handler = ref()
+                if handler is not None and line.levelno >= handler.level:
+                    handler.handle(line)
+
+
+def _flood_summary(
+    name: str, template: str, dropped: int, seconds: float, level: int
+) -> logging.LogRecord:
+    line = logging.LogRecord(
+        name,
+        level,
+        __file__,
+        0,
+        f"{dropped} more {template!r} records were dropped in the last {seconds:.0f} s",
+        (),
+        None,
+    )
+    setattr(line, _FLOOD_SUMMARY, True)
+    return line
+
+
+class FloodTellingHandler(logging.StreamHandler):
+    """A StreamHandler whose :class:`RepeatedLineFilter` filters tell their untold floods when
+    it closes, so a flood the process's exit cuts short still shows its count."""
+
+    def close(self) -> None:
+        if not getattr(self.stream, "closed", False):  # a test's captured stream, at exit
+            for flood in [f for f in self.filters if isinstance(f, RepeatedLineFilter)]:
+                flood.tell_all()
+        super().close()

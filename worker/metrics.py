@@ -8,7 +8,10 @@ count holds none, and must not hold up a rollout for it). It stays set through l
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
+import socket
 import sys
 import threading
 import time
@@ -213,8 +216,53 @@ class _Handler(EndpointHandler):
             self._send(404, b"not found\n")
 
 
+def bare_host(host: str) -> str:
+    """``host`` without the brackets an IPv6 address may be written in (``[::1]`` -> ``::1``)."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def is_ipv6_literal(host: str) -> bool:
+    """Whether ``host`` (brackets or not) is an IPv6 address, which needs an AF_INET6 socket."""
+    try:
+        return ipaddress.ip_address(bare_host(host)).version == 6
+    except ValueError:
+        return False
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it: ``[::1]:9100`` for an IPv6 address, whose colons would
+    otherwise run into the port's (``::1:9100`` is itself an address)."""
+    host = bare_host(host)
+    return f"[{host}]:{port}" if is_ipv6_literal(host) else f"{host}:{port}"
+
+
 class EndpointServer(ThreadingHTTPServer):
+    """The HTTP server of an endpoint, IPv4 or IPv6 as its host is.
+
+    ThreadingHTTPServer always makes an AF_INET socket, which cannot bind an IPv6 address (``::``
+    failed with "Address family for hostname not supported"): an IPv6 literal, with or without
+    brackets, gets an AF_INET6 one; ``::`` then also takes IPv4 (dual stack, as ``python -m
+    http.server --bind ::`` does). A host name is still looked up as IPv4.
+    """
+
     daemon_threads = True
+
+    def __init__(
+        self, server_address: tuple[str, int], handler: type[BaseHTTPRequestHandler]
+    ) -> None:
+        host, port = server_address
+        if is_ipv6_literal(host):
+            self.address_family = socket.AF_INET6
+        super().__init__((bare_host(host), port), handler)
+
+    def server_bind(self) -> None:
+        if (
+            self.address_family == socket.AF_INET6
+            and ipaddress.ip_address(self.server_address[0].partition("%")[0]).is_unspecified
+        ):
+            with contextlib.suppress(AttributeError, OSError):  # no dual stack: IPv6 only
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
     def handle_error(self, request: object, client_address: tuple) -> None:
         """Through logging, not a traceback on stderr (which breaks --log-json): a probe that
@@ -240,7 +288,7 @@ def start(server: ThreadingHTTPServer) -> ThreadingHTTPServer:
     """Answer requests from a daemon thread; returns the server (``.shutdown()`` to stop)."""
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     host, port = server.server_address[:2]
-    log.info("metrics on http://%s:%d/metrics (healthz, readyz)", host, port)
+    log.info("metrics on http://%s/metrics (healthz, readyz)", host_port(host, port))
     return server
 
 

@@ -23,7 +23,7 @@ from worker.postprocess import classify
 from worker.prepare import Prepared
 from worker.schemas import Prediction, Source, TopKEntry
 from worker.settings import WorkerSettings
-from worker.trends import TrendRecord
+from worker.trend_keys import TrendRecord
 
 
 @dataclass

@@ -42,7 +42,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from engine_build.manifest import Manifest
-from engine_build.runtime import Engine
+from engine_build.runtime import Engine, on_device
 from worker.backoff import Backoff
 from worker.batching import Batcher
 from worker.connections import metadata_answers, redis_refusal, topic_unknown
@@ -66,7 +66,8 @@ from worker.outputs import Pending, Result, make_outputs
 from worker.prepare import Prepared, decode_on_cpu, prepare
 from worker.settings import WorkerSettings
 from worker.thread_names import name_this_thread
-from worker.trends import ApplyResult, TrendRecord, TrendWriter, applied_key
+from worker.trend_keys import TrendRecord, applied_key
+from worker.trends import ApplyResult, TrendWriter
 from worker.url_fetch import UrlPolicy
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ def commit_offsets(batch: list[Pending]) -> dict[TopicPartition, OffsetAndMetada
 def overlaps(mode: str, engine: Engine, instances: int = 1) -> bool:
     """Whether the loop runs batches on inference and delivery threads (``overlap`` setting).
 
-    ``auto`` turns it on for engines on a GPU (they have ``infer_device``): there the engine
+    ``auto`` turns it on for engines on a GPU (``DeviceEngine``s): there the engine
     does not share the CPU, and a loop that polls, waits for decodes, publishes and commits
     between batches would leave it idle most of the time. It is on for more than one engine
     instance too, which only the inference threads can run side by side. On one CPU engine
@@ -275,7 +276,7 @@ def overlaps(mode: str, engine: Engine, instances: int = 1) -> bool:
     sections slow the engine as much as the overlap gains.
     """
     if mode == "auto":
-        return instances > 1 or hasattr(engine, "infer_device")
+        return instances > 1 or on_device(engine)
     return mode == "on"
 
 
@@ -341,7 +342,7 @@ class StreamWorker(ConsumerRebalanceListener):
         # GPU decode: JPEGs are decoded by nvJPEG on the engine's device, batch by batch
         self.gpu_device = (
             getattr(self.engine, "device", None)
-            if settings.gpu_decode and hasattr(self.engine, "infer_device")
+            if settings.gpu_decode and on_device(self.engine)
             else None
         )
         self._prepare = partial(

@@ -564,7 +564,7 @@ def _main(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from worker.settings import WorkerSettings, parse_bootstrap_servers
+    from worker.settings import WorkerSettings, parse_bootstrap_servers, unknown_env_warnings
 
     overrides: dict[str, object] = {}
     if args.bootstrap_servers is not None:  # given empty is an error, not the default
@@ -582,6 +582,10 @@ def _main(args: argparse.Namespace) -> int:
                 f"max_message_bytes takes ({reason})"
             )
         return fail(f"settings: {problem}")
+    # a mistyped variable (CARSTREAM_BOOTSTRAP_SERVER) otherwise sends to the default broker,
+    # unsaid; logged, as the other warnings (stderr: stdout is the report)
+    for line in unknown_env_warnings():
+        logger.warning("%s", line)
     max_message_bytes = settings.max_message_bytes  # the flag, or CARSTREAM_MAX_MESSAGE_BYTES
     if args.images is not None:
         if not args.images.is_dir():
@@ -718,7 +722,7 @@ def _field_problem(cities: Sequence[str], platform: str) -> str | None:
     from pydantic import ValidationError
 
     from worker.schemas import PostEvent
-    from worker.trends import normalize_city
+    from worker.trend_keys import normalize_city
 
     for flag, value in [*(("--city", c) for c in cities), ("--platform", platform)]:
         if utf8_problem(value) is not None:  # shown as repr: the escapes name the bad bytes

@@ -29,7 +29,7 @@ from worker.settings import (
     FETCH_MARGIN_BYTES,
     WorkerSettings,
     parse_bootstrap_servers,
-    unknown_env_settings,
+    unknown_env_warnings,
 )
 from worker.stop_signals import stop_on_signals
 
@@ -410,9 +410,8 @@ def main(args: argparse.Namespace) -> int:
     from worker.logging_setup import configure_logging
 
     configure_logging(settings.log_level, settings.log_json, settings.worker_id)
-    for variable, closest in unknown_env_settings():
-        hint = f"; did you mean {closest}?" if closest else ""
-        log.warning("%s is not a worker setting and is ignored%s", variable, hint)
+    for line in unknown_env_warnings():
+        log.warning("%s", line)
     for line in settings.ignored_settings():
         log.warning("%s", line)
 
@@ -449,7 +448,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _cannot_listen(settings: WorkerSettings, exc: OSError) -> int:
-    address = one_line(f"{settings.metrics_host}:{settings.metrics_port}")
+    from worker.metrics import host_port
+
+    address = one_line(host_port(settings.metrics_host, settings.metrics_port))
     reason = exc.strerror or str(exc)
     print(
         f"python -m worker run: error: --metrics-host/--metrics-port {address}: "
@@ -501,11 +502,12 @@ def _serve(
     from kafka.errors import KafkaError
 
     from engine_build.bundle import BundleError, load_bundle
-    from engine_build.runtime import EngineUnavailableError
+    from engine_build.runtime import EngineUnavailableError, on_device
     from worker.connections import redis_client
+    from worker.errors import FatalWorkerError
     from worker.logging_setup import ignore_kafka_close_race
     from worker.metrics import start
-    from worker.pipeline import FatalWorkerError, StreamWorker
+    from worker.pipeline import StreamWorker
     from worker.thread_names import name_python_threads
     from worker.trends import TrendWriter
 
@@ -539,7 +541,7 @@ def _serve(
     note = parity_note(bundle.parity, engine.name)
     if note is not None:
         (log.info if note[1] else log.warning)("%s", note[0])
-    if settings.gpu_decode and not hasattr(engine, "infer_device"):
+    if settings.gpu_decode and not on_device(engine):
         log.warning("gpu_decode ignored: the %s engine does not run on a GPU", engine.name)
     elif settings.gpu_decode:
         text, sound = gpu_decode_note(bundle.parity)
@@ -548,7 +550,7 @@ def _serve(
         engine.name, bundle.manifest.model_name, bundle.manifest.model_version
     ).set(1)
     gpu = visible_nvidia_gpu()
-    if settings.backend == "auto" and gpu and not hasattr(engine, "infer_device"):
+    if settings.backend == "auto" and gpu and not on_device(engine):
         log.warning(
             "backend auto chose %s on the CPU although this machine has an NVIDIA GPU (%s): "
             "see the 'backend ... unavailable' lines above for why; set the backend "

@@ -21,7 +21,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.host_names import ascii_host
-from worker.trends import MAX_TTL_S
+from worker.trend_keys import MAX_TTL_S
 
 Backend = Literal["auto", "tensorrt", "torch-cuda", "torch-cpu", "onnxruntime"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -322,6 +322,43 @@ MAX_WORKER_ID_CHARS = 200
 _NOT_IN_A_HOST = re.compile(r"[/@?#*\s]|://")
 
 
+def check_listen_host(value: str) -> str:
+    """``metrics_host`` as the endpoint binds it: an IP address (an IPv6 one with or without
+    brackets, returned without) or a host name; ValueError in one line otherwise.
+
+    Before, a value no socket can bind (a port in it, a URL, an empty string, which bound every
+    IPv4 interface unasked) was only found by the bind, with the OS's words, or not at all.
+    """
+    bracketed = value.startswith("[") and value.endswith("]")
+    host = value[1:-1] if bracketed else value
+    if not host:
+        raise ValueError(
+            "empty: give the address to listen on, like 0.0.0.0 (every IPv4 interface), "
+            ":: (every interface) or 127.0.0.1"
+        )
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None:
+        if bracketed and address.version == 4:
+            raise ValueError(f"{value!r}: brackets are for an IPv6 address; write {host}")
+        return host
+    if bracketed:
+        raise ValueError(f"{value!r}: not an IPv6 address inside the brackets")
+    if not host.isprintable() or any(c.isspace() for c in host):
+        raise ValueError(f"{value!r}: a host name holds no space or control character")
+    if _NOT_IN_A_HOST.search(host):
+        raise ValueError(f"{value!r}: a host name or IP address, not a URL")
+    if ":" in host:
+        raise ValueError(
+            f"{value!r}: a host name or IP address without a port (the port is metrics_port; "
+            "an IPv6 address is written ::1 or [::1])"
+        )
+    check_host_name(host)
+    return host
+
+
 def allow_list_host(entry: str) -> str:
     """An allow-list entry as the fetcher compares hosts: lower case, no trailing dot, IDNA
     (``bücher.de`` -> ``xn--bcher-kva.de``), an IPv6 literal without brackets; "" to skip.
@@ -551,7 +588,11 @@ class WorkerSettings(BaseSettings):
 
     # Operations
     metrics_port: int = Field(9400, ge=0, le=65535, description="0 disables the HTTP endpoint")
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = Field(
+        "0.0.0.0",
+        description="address the endpoint listens on: an IPv4 or IPv6 address (:: or [::] for "
+        "every interface) or a host name (looked up as IPv4)",
+    )
     log_json: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     worker_id: str = Field(
@@ -603,6 +644,11 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _allow_hosts(cls, value: list[str]) -> list[str]:
         return [host for host in map(allow_list_host, value) if host]
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _metrics_host(cls, value: str) -> str:
+        return check_listen_host(value)
 
     @field_validator("worker_id")
     @classmethod
@@ -803,3 +849,13 @@ def unknown_env_settings(
         close = difflib.get_close_matches(name, fields, n=1, cutoff=0.75)
         found.append((key, (prefix + close[0]).upper() if close else None))
     return found
+
+
+def unknown_env_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line per :func:`unknown_env_settings` variable, as every CLI that reads the worker's
+    settings (``run``, ``trends``, ``produce``) warns about it, each in its own way."""
+    return [
+        f"{variable} is not a worker setting and is ignored"
+        + (f"; did you mean {closest}?" if closest else "")
+        for variable, closest in unknown_env_settings(environ)
+    ]

@@ -17,24 +17,21 @@ from training.cli_errors import fail, first_validation_error, utf8_problem
 from training.cli_help import DefaultsHelpFormatter
 from worker.connections import redacted
 from worker.schemas import EARLIEST_POSTED_AT, LATEST_POSTED_AT
-from worker.trends import (
-    MAX_BREAKDOWN_CITIES,
+from worker.trend_keys import MODEL_SEPARATOR, Dimension, normalize_city
+from worker.trend_windows import (
     MAX_WINDOW_MINUTES,
-    MODEL_SEPARATOR,
-    Dimension,
     Interval,
-    TrendReader,
     changes,
     compare_bounds,
     keep,
     kept_after,
     name_matcher,
-    normalize_city,
     rank,
     series_bounds,
     series_names,
     summed_counts,
 )
+from worker.trends import MAX_BREAKDOWN_CITIES, TrendReader
 from worker.trends_format import (
     count_of,
     print_compare,
@@ -294,7 +291,7 @@ def main(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from worker.connections import redis_client
-    from worker.settings import WorkerSettings
+    from worker.settings import WorkerSettings, unknown_env_warnings
 
     try:
         # given empty is an error, not the default
@@ -306,6 +303,10 @@ def main(args: argparse.Namespace) -> int:
         settings.check_files()  # a missing CA file otherwise reads as a server not answering
     except ValueError as exc:
         return fail(str(exc))
+    # a mistyped variable (CARSTREAM_REDIS_UR) otherwise reads the default Redis, unsaid;
+    # stderr, as the other warnings: stdout is the table, JSON or CSV that scripts read
+    for line in unknown_env_warnings():
+        print(f"warning: {line}", file=sys.stderr)
     try:
         client = redis_client(settings)  # refuses a bad option of the URL before any I/O
     except ValueError as exc:

@@ -14,7 +14,7 @@ import re
 import sys
 from datetime import UTC, datetime, timedelta
 
-from worker.trends import Change
+from worker.trend_windows import Change
 
 _FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode's Cc: C0, DEL and C1

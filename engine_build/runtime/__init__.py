@@ -1,11 +1,13 @@
 """Runtime side of a bundle: one Engine interface, three backends, and auto selection."""
 
 from engine_build.runtime.base import (
+    DeviceEngine,
     Engine,
     EngineLoadError,
     EngineUnavailableError,
     InputSpec,
     PlanMismatchError,
+    on_device,
 )
 from engine_build.runtime.factory import BACKENDS, backend_of, create_engine, options_for
 from engine_build.runtime.onnxruntime_engine import OnnxRuntimeEngine
@@ -26,6 +28,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BACKENDS",
+    "DeviceEngine",
     "Engine",
     "EngineLoadError",
     "EngineUnavailableError",
@@ -36,5 +39,6 @@ __all__ = [
     "TorchCudaEngine",
     "backend_of",
     "create_engine",
+    "on_device",
     "options_for",
 ]

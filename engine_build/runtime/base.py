@@ -70,8 +70,8 @@ class InputSpec:
 class Engine(Protocol):
     """Raw logits for a preprocessed float32 NCHW batch of 1..max_batch images.
 
-    The CUDA backends also have ``device`` and ``infer_device(batch)``, which takes the batch as a
-    float32 torch tensor already on that device (the worker's GPU-decode path).
+    The CUDA backends are ``DeviceEngine``s too: ``infer_device(batch)`` takes the batch as a
+    float32 torch tensor already on their ``device`` (the worker's GPU-decode path).
     """
 
     name: str
@@ -82,6 +82,21 @@ class Engine(Protocol):
     def input_spec(self) -> InputSpec: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class DeviceEngine(Engine, Protocol):
+    """An engine on a GPU (the CUDA backends): it also takes a batch already on its ``device``,
+    so the worker can decode, resize and normalise there and hand the tensor over as it is."""
+
+    device: object  # a torch.device; torch is not imported on CPU-only hosts
+
+    def infer_device(self, batch: object) -> np.ndarray: ...
+
+
+def on_device(engine: Engine) -> bool:
+    """Whether ``engine`` runs on a GPU and takes device batches (a ``DeviceEngine``)."""
+    return isinstance(engine, DeviceEngine)
 
 
 def input_spec_of(bundle: Bundle) -> InputSpec:

@@ -22,7 +22,8 @@ import pytest
 import redis
 
 from worker.dead_letter import parse_dlq_headers
-from worker.trends import TrendRecord, TrendWriter, applied_key
+from worker.trend_keys import TrendRecord, applied_key
+from worker.trends import TrendWriter
 from worker.trends_script import APPLY_BATCH_LUA
 
 pytestmark = pytest.mark.faults

@@ -35,16 +35,16 @@ from engine_build.manifest import Manifest
 from tests.support import DoneFuture, Rec, tiny_manifest
 from training.preprocessing import PreprocessSpec
 from worker.errors import ErrorKind, PostError
-from worker.pipeline import Pending, make_outputs
+from worker.outputs import Pending, make_outputs
 from worker.prepare import Prepared, prepare
 from worker.schemas import MAX_JSON_DEPTH, PostEvent, Prediction, parse_event
 from worker.settings import WorkerSettings
-from worker.trends import (
+from worker.trend_keys import (
     DEFAULT_HOUR_TTL_S,
     DEFAULT_MINUTE_TTL_S,
     PREFIX,
     TrendRecord,
-    _expire_at,
+    expire_at,
     hour_bucket,
     increments,
     minute_bucket,
@@ -332,7 +332,7 @@ def check_trend_keys(record: TrendRecord, now: float, case: int) -> None:
     try:
         pairs = increments(record)
         expiries = {
-            key: _expire_at(key, DEFAULT_MINUTE_TTL_S, DEFAULT_HOUR_TTL_S, now) for key, _ in pairs
+            key: expire_at(key, DEFAULT_MINUTE_TTL_S, DEFAULT_HOUR_TTL_S, now) for key, _ in pairs
         }
     except Exception as exc:
         pytest.fail(f"case {case}: trend keys of {record!r} raised {exc!r}")

@@ -26,7 +26,8 @@ from worker.pipeline import StreamWorker, partition_lag
 from worker.run import consumer_config
 from worker.settings import WorkerSettings
 from worker.stack import RedisServer, create_topics, free_port, redis_server_available
-from worker.trends import ApplyResult, TrendRecord, TrendWriter
+from worker.trend_keys import TrendRecord
+from worker.trends import ApplyResult, TrendWriter
 
 pytestmark = pytest.mark.integration
 

@@ -346,8 +346,19 @@ def test_the_serial_loop_never_polls_while_the_engine_runs():
 
 
 class CudaLikeEngine(GatedEngine):
-    def infer_device(self, batch):  # what the torch-cuda and TensorRT engines have
+    """The face of the torch-cuda and TensorRT engines (a DeviceEngine)."""
+
+    name = "cuda-like"
+    device = "cuda:0"
+
+    def infer_device(self, batch):
         raise AssertionError("not called")
+
+    def input_spec(self):
+        raise AssertionError("not called")
+
+    def close(self):
+        pass
 
 
 @pytest.mark.parametrize(

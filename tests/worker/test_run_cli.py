@@ -732,8 +732,9 @@ def test_settings_the_protocol_does_not_use_are_warnings_at_start(tmp_path):
     ("args", "env", "needle"),
     [
         (("--bundle", "/no/such\nbundle"), {}, "/no/such\\nbundle"),
+        # refused as metrics_host by the settings, before any bind
         (("--bundle", "/x", "--metrics-host", "no\nhost.invalid"),
-         {"CARSTREAM_METRICS_PORT": "9400"}, "no\\nhost.invalid:9400"),
+         {"CARSTREAM_METRICS_PORT": "9400"}, "metrics_host: Value error, 'no\\nhost.invalid'"),
     ],
 )  # fmt: skip
 def test_a_newline_in_a_path_or_host_keeps_the_error_one_line(args, env, needle):

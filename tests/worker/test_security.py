@@ -16,7 +16,8 @@ from tests.support import make_certificates
 from worker.connections import redis_client
 from worker.settings import WorkerSettings
 from worker.stack import free_port
-from worker.trends import TrendReader, TrendRecord, TrendWriter
+from worker.trend_keys import TrendRecord
+from worker.trends import TrendReader, TrendWriter
 
 pytestmark = pytest.mark.integration
 

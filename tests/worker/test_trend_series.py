@@ -16,22 +16,19 @@ import pytest
 import redis
 
 from tests.support import worker_cli
-from worker.trends import (
+from worker.trend_keys import TrendRecord, normalize_city, trend_key
+from worker.trend_windows import (
     Interval,
-    TrendReader,
-    TrendRecord,
-    TrendWriter,
     changes,
     compare_bounds,
     interval_keys,
     keep,
     name_matcher,
-    normalize_city,
     series_bounds,
     series_names,
-    trend_key,
     window_keys,
 )
+from worker.trends import TrendReader, TrendWriter
 from worker.trends_format import csv_cell, shown, utc_z
 
 MIN_TTL = 48 * 3600

@@ -8,19 +8,18 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 import redis
 
-from worker.trends import (
+from worker.trend_keys import (
     CONFIG_KEY,
-    TrendReader,
     TrendRecord,
-    TrendWriter,
     applied_key,
     increments,
     minute_bucket,
     normalize_city,
     retry_key,
     trend_key,
-    window_keys,
 )
+from worker.trend_windows import window_keys
+from worker.trends import TrendReader, TrendWriter
 
 TOPIC = "car-posts"
 MIN_TTL = 48 * 3600
@@ -474,6 +473,6 @@ def test_the_manifest_refuses_the_separator_the_trends_split_models_at() -> None
     """A make holding it would split wrong in `Make|Model` members: the bundle rule and the key
     schema must name the same character."""
     from engine_build import manifest
-    from worker import trends
+    from worker import trend_keys
 
-    assert manifest.MODEL_SEPARATOR == trends.MODEL_SEPARATOR
+    assert manifest.MODEL_SEPARATOR == trend_keys.MODEL_SEPARATOR

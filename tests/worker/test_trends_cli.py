@@ -10,7 +10,9 @@ import pytest
 import redis
 
 from tests.support import worker_cli
-from worker.trends import TrendRecord, TrendWriter, kept_after
+from worker.trend_keys import TrendRecord
+from worker.trend_windows import kept_after
+from worker.trends import TrendWriter
 from worker.trends_cli import parse_window, redacted
 
 

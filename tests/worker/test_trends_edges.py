@@ -17,19 +17,9 @@ import pytest
 import redis
 
 from tests.support import worker_cli
-from worker.trends import (
-    Change,
-    TrendReader,
-    TrendRecord,
-    TrendWriter,
-    WrongTypeKeyError,
-    interval_keys,
-    keep,
-    name_matcher,
-    trend_key,
-    window_keys,
-    window_plan,
-)
+from worker.trend_keys import TrendRecord, trend_key
+from worker.trend_windows import Change, interval_keys, keep, name_matcher, window_keys, window_plan
+from worker.trends import TrendReader, TrendWriter, WrongTypeKeyError
 from worker.trends_cli import parse_at
 from worker.trends_format import _change, utc_z
 

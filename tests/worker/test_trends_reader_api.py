@@ -17,19 +17,15 @@ import pytest
 import redis
 
 from worker import trends_cli
-from worker.trends import (
+from worker.trend_keys import TrendRecord, normalize_city, trend_key
+from worker.trend_windows import (
     MAX_WINDOW_MINUTES,
-    TrendReader,
-    TrendRecord,
-    TrendWriter,
-    WrongTypeKeyError,
     compare_bounds,
-    normalize_city,
     rank,
     series_bounds,
-    trend_key,
     window_plan,
 )
+from worker.trends import TrendReader, TrendWriter, WrongTypeKeyError
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "trends.md"
 MIN_TTL = 48 * 3600
