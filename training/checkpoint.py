@@ -79,9 +79,9 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
         interrupt = interrupt_behind(exc)
         if interrupt is not None and interrupt is not exc:
-            # Ctrl-C or SIGTERM mid-write: torch.save's zip writer fails in its __exit__ on the
-            # half-written archive, and that RuntimeError would hide the interruption (a
-            # traceback and exit 1, the code of a diverged run, instead of exit 130)
+            # Ctrl-C or a second SIGTERM mid-write: torch.save's zip writer fails in its
+            # __exit__ on the half-written archive, and that RuntimeError would hide the
+            # interruption (a traceback and exit 1, the code of a diverged run, not exit 130)
             raise interrupt from None
         raise
     fsync_dir(path.parent)

@@ -8,6 +8,8 @@ import math
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +21,17 @@ from training.models import UnknownArchError
 
 class BadArgumentError(ValueError):
     """A flag value that is well-formed but unusable; the message names the flag and value."""
+
+
+class StopRequested(KeyboardInterrupt):
+    """Raised by a command, between two steps, once its ``stop`` Event is set (SIGTERM): it ends
+    the run exactly as Ctrl-C's KeyboardInterrupt does."""
+
+
+def raise_if_stopped(stop: threading.Event | None) -> None:
+    """End the command here, as an interruption, when a stop was requested."""
+    if stop is not None and stop.is_set():
+        raise StopRequested
 
 
 class Interrupted(KeyboardInterrupt):
@@ -150,11 +163,43 @@ EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
+# a SIGTERM this long after the first is a second one (interrupt now); one sooner is the same
+# stop sent twice (a wrapper script that forwards the signal it got, as the terminal sent it too)
+STOP_REPEAT_AFTER_S = 2.0
+
+
 def interrupt_on_sigterm() -> None:
-    """SIGTERM (a scheduler's stop, ``kill``) ends a run like Ctrl-C: KeyboardInterrupt unwinds
-    it, so a checkpoint write in progress removes its temp file, and one line says where the
-    last checkpoint is, instead of the process vanishing mid-write."""
+    """SIGTERM (a scheduler's stop, ``kill``) ends a command like Ctrl-C: KeyboardInterrupt
+    unwinds it, instead of the process vanishing mid-write. For the commands that do not poll a
+    stop Event (evaluate, make-sample); training uses :func:`stop_on_sigterm`."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def stop_on_sigterm(repeat_after_s: float = STOP_REPEAT_AFTER_S) -> threading.Event:
+    """SIGTERM (a scheduler's stop, ``kill``) sets the returned Event, and nothing else: training
+    checks it between two steps (and before each epoch and evaluation batch) and ends there as
+    an interruption (:class:`StopRequested`), so no step, checkpoint write or collective is cut
+    in half. A second SIGTERM, ``repeat_after_s`` or more after the first, does not wait for the
+    step to end: it raises KeyboardInterrupt at once, as SIGTERM did before (a checkpoint write
+    it cuts short removes its temp file; the same one line and exit code 130).
+
+    SIGINT keeps Python's own handler: Ctrl-C interrupts at once, during data loading and
+    indexing too, as before. Setting the Event from the handler is safe here, unlike in the
+    worker (``worker.stop_signals``): no thread ever waits on it, so the main thread cannot hold
+    its lock when the handler runs. Call once, from the main thread."""
+    stop = threading.Event()
+    first_at: list[float] = []  # when the first SIGTERM came
+
+    def request_stop(signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if first_at and now - first_at[0] >= repeat_after_s:
+            raise KeyboardInterrupt  # the second signal: the documented forced interruption
+        if not first_at:
+            first_at.append(now)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    return stop
 
 
 def run_guarded(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> int:

@@ -14,8 +14,10 @@ import copy
 import csv
 import io
 import itertools
+import json
 import logging
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,11 @@ BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 PREDICTIONS_FILE = "compare_predictions.csv"
 TESTS_FILE = "compare_tests.json"
+TABLE_FILE = "compare.md"
+ROWS_FILE = "compare.json"
+PLOT_FILE = "compare.png"
+# every file a comparison writes into --out itself (each arch's run writes into its sub-directory)
+COMPARE_FILES = (ROWS_FILE, TESTS_FILE, PREDICTIONS_FILE, TABLE_FILE, PLOT_FILE)
 
 
 def count_params(model: nn.Module) -> int:
@@ -244,8 +251,64 @@ def arch_run_args(args: argparse.Namespace, arch: str) -> argparse.Namespace:
     return run_args
 
 
-def main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Train and measure each arch; return the table's rows (rank 0) or [] (other ranks)."""
+def previous_archs(out: Path) -> list[str]:
+    """The archs of the comparison whose compare.json is in ``out`` (those whose checkpoint is
+    ``out/<arch>``); [] when there is none or it cannot be read."""
+    try:
+        rows = json.loads((out / ROWS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(rows, list):
+        return []
+    archs = []
+    for r in rows:
+        arch = r.get("arch") if isinstance(r, dict) else None
+        if arch in ARCHS and Path(str(r.get("checkpoint", ""))).name == arch:
+            archs.append(arch)
+    return archs
+
+
+def remove_previous_comparison(out: Path, archs: list[str]) -> list[str]:
+    """Remove what an earlier comparison wrote into ``out`` (``COMPARE_FILES`` and their temp
+    files) and, for the archs it trained that this one does not (``archs``), their runs' files
+    (``train.remove_previous_run``; a sub-directory left empty goes too); return what was
+    removed. ``compare --overwrite`` calls it before the first run: its arch runs replace their
+    own sub-directories, but the old table would otherwise stay, describing the old runs, until
+    this comparison writes its own, and for ever if it fails or is interrupted before that;
+    and the old archs' checkpoints would sit beside the new ones as if part of this comparison.
+    Nothing else in ``out`` is touched."""
+    removed = []
+    stale_archs = [a for a in previous_archs(out) if a not in archs]
+    for name in COMPARE_FILES:
+        for path in (out / name, *sorted(out.glob(f".{name}.*.tmp"))):
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+                removed.append(path.name)
+    for arch in stale_archs:
+        run_dir = out / arch
+        if run_dir.is_symlink() or not run_dir.is_dir():
+            continue
+        try:  # a run still writing there holds its lock: leave it be
+            lock = train_cmd.hold_out_lock(run_dir)
+        except BadArgumentError as exc:
+            log.warning("--overwrite: not removing %s: %s", run_dir, exc)
+            continue
+        try:
+            gone = train_cmd.remove_previous_run(run_dir)
+            (run_dir / train_cmd.LOCK_FILE).unlink()
+        finally:
+            lock.close()
+        try:
+            run_dir.rmdir()  # only when nothing else is in it
+            removed.append(f"{arch}/")
+        except OSError:
+            removed += [f"{arch}/{name}" for name in gone]
+    return removed
+
+
+def main(args: argparse.Namespace, stop: threading.Event | None = None) -> list[dict[str, Any]]:
+    """Train and measure each arch; return the table's rows (rank 0) or [] (other ranks).
+    ``stop`` (set by SIGTERM) ends it between two steps of a run, as an interruption."""
     archs = parse_archs(args.archs)
     if args.bench_batch > MAX_BENCH_BATCH:  # refused now, not after every arch has trained
         raise BadArgumentError(f"--bench-batch {args.bench_batch}: must be <= {MAX_BENCH_BATCH}")
@@ -255,7 +318,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         train_cmd.check_no_checkpoint_in_out(arch_run_args(args, arch), can_resume=False)
     dist_info = init_distributed(args.device)  # one process group for all the runs (under torchrun)
     try:
-        rows = _compare(args, archs, dist_info)
+        rows = _compare(args, archs, dist_info, stop)
         barrier(dist_info)  # the other ranks wait while rank 0 measures and writes the table
         return rows
     finally:
@@ -268,6 +331,7 @@ def score_checkpoint(
     args: argparse.Namespace,
     device: torch.device,
     dist_info: DistInfo | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any] | None:
     """The checkpoint training left in ``out`` scored on ``index`` as training's final
     evaluation scores it (EMA weights when kept, FP16 autocast and channels_last on CUDA unless
@@ -306,7 +370,14 @@ def score_checkpoint(
     loader = train_cmd.eval_loader(index, PreprocessSpec(**preprocess), args, info)
     amp = on_cuda and not args.no_amp
     scored = train_cmd.evaluate_split(
-        model, loader, device, info, amp=amp, channels_last=on_cuda, unreadable=unreadable
+        model,
+        loader,
+        device,
+        info,
+        amp=amp,
+        channels_last=on_cuda,
+        unreadable=unreadable,
+        stop=stop,
     )
     if scored is None:  # not rank 0: it has the scores
         return None
@@ -400,21 +471,32 @@ def predictions_csv(scores: dict[str, dict[str, Any]], classes: list[dict[str, A
 
 
 def _compare(
-    args: argparse.Namespace, archs: list[str], dist_info: DistInfo
+    args: argparse.Namespace,
+    archs: list[str],
+    dist_info: DistInfo,
+    stop: threading.Event | None = None,
 ) -> list[dict[str, Any]]:
     device = train_cmd.resolve_device(args.device, dist_info)
+    if dist_info.is_main and args.overwrite:
+        removed = remove_previous_comparison(args.out, archs)
+        if removed:
+            log.info(
+                "--overwrite: removed %s of the previous comparison from %s", removed, args.out
+            )
     test_index = None
     rows, scores = [], {}
     for arch in archs:
         run_args = arch_run_args(args, arch)
         start = time.perf_counter()
-        metrics = train_cmd.run(run_args)  # not main: the summary line is train's, not ours
+        metrics = train_cmd.run(
+            run_args, stop=stop
+        )  # not main: the summary line is train's, not ours
         train_seconds = time.perf_counter() - start
         if test_index is None:  # one index: every arch is scored on the same images, in order
             test_index = load_index(
                 args.dataset, args.data, "test", args.level, args.crop, args.strict
             )
-        score = score_checkpoint(run_args.out, test_index, run_args, device, dist_info)
+        score = score_checkpoint(run_args.out, test_index, run_args, device, dist_info, stop)
         if score is None:  # a non-main rank under torchrun: it trained and scored its share
             continue
         scores[arch] = score
@@ -473,10 +555,10 @@ def _compare(
         "multiply-add as 2."
     )
     table = markdown_table(rows, header) + "\n" + footnotes(rows)
-    atomic_write_json(args.out / "compare.json", rows)
+    atomic_write_json(args.out / ROWS_FILE, rows)
     atomic_write_json(args.out / TESTS_FILE, tests)
     atomic_write_bytes(args.out / PREDICTIONS_FILE, predictions_csv(scores, test_index.classes))
-    atomic_write_bytes(args.out / "compare.md", table.encode())
-    plots.compare_plot(rows, args.out / "compare.png")
+    atomic_write_bytes(args.out / TABLE_FILE, table.encode())
+    plots.compare_plot(rows, args.out / PLOT_FILE)
     print(table)
     return rows

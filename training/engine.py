@@ -1,7 +1,12 @@
-"""One training epoch and one evaluation pass; every object they use is passed in."""
+"""One training epoch and one evaluation pass; every object they use is passed in.
+
+Both take a ``stop`` Event (set by SIGTERM's handler, :func:`training.cli.stop_on_sigterm`) and
+return early once it is set, between two batches: the caller ends the run as an interruption.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -25,14 +30,21 @@ def split_batch(batch, unreadable: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return images, targets
 
 
-def smallest_batch(n: int, device: torch.device) -> int:
-    """The smallest of this step's batch sizes over all ranks (``n`` outside DDP): a batch one
-    rank skips must be skipped by all, or their gradient all-reduces fall out of step."""
+def step_agreement(n: int, stopping: bool, device: torch.device) -> tuple[int, bool]:
+    """The smallest of this step's batch sizes over all ranks, and whether any rank was asked to
+    stop (``(n, stopping)`` outside DDP): a batch one rank skips must be skipped by all, and a
+    rank that stops alone would leave the others waiting in the next gradient all-reduce. One
+    collective carries both."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return n
-    t = torch.tensor([n], device=device)
+        return n, stopping
+    t = torch.tensor([n, -int(stopping)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+    return int(t[0].item()), bool(t[1].item() < 0)
+
+
+def smallest_batch(n: int, device: torch.device) -> int:
+    """The smallest of this step's batch sizes over all ranks (``n`` outside DDP)."""
+    return step_agreement(n, False, device)[0]
 
 
 def train_one_epoch(
@@ -51,20 +63,29 @@ def train_one_epoch(
     writer: Any = None,
     global_step: int = 0,
     unreadable: Any = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``loader``; the scheduler steps per iteration.
 
     A batch left with fewer than 2 images after unreadable ones were dropped is not trained on
     (BatchNorm needs 2), but the LR schedule still advances so it stays in step with the epoch.
+    Once ``stop`` is set (on any rank, under DDP) it returns before the next step, with
+    ``stopped`` 1.0 in its stats: the epoch is unfinished and must not be checkpointed.
     """
     model.train()
     use_amp = scaler is not None
     total_loss, correct, seen = 0.0, 0, 0
+    stopped = False
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
     for batch in bar:
         images, targets = split_batch(batch, unreadable)
-        if smallest_batch(targets.shape[0], device) < 2:
+        smallest, stopped = step_agreement(
+            targets.shape[0], stop is not None and stop.is_set(), device
+        )
+        if stopped:
+            break
+        if smallest < 2:
             if scheduler is not None:
                 scheduler.step()
             global_step += 1
@@ -110,6 +131,7 @@ def train_one_epoch(
         "seconds": seconds,
         "images_per_s": seen / seconds if seconds > 0 else 0.0,
         "global_step": global_step,
+        "stopped": float(stopped),
     }
 
 
@@ -124,14 +146,18 @@ def evaluate(
     progress: bool = False,
     unreadable: Any = None,
     allow_empty: bool = False,
+    stop: threading.Event | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits (float32, CPU) and targets of ``loader``, model in eval mode; images that
     did not decode are left out (and handed to ``unreadable``). ``allow_empty``: a loader that
     yields no decodable image (one rank's shard of a small or damaged test set) gives empty
-    tensors instead of an error, which only the whole test set can justify."""
+    tensors instead of an error, which only the whole test set can justify. Once ``stop`` is
+    set it returns what it has (possibly nothing): the caller checks ``stop`` and discards it."""
     model.eval()
     all_logits, all_targets = [], []
     for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        if stop is not None and stop.is_set():
+            break
         images, targets = split_batch(batch, unreadable)
         if targets.shape[0] == 0:
             continue
@@ -143,7 +169,7 @@ def evaluate(
         all_logits.append(logits.float().cpu())
         all_targets.append(targets)
     if not all_logits:
-        if allow_empty:
+        if allow_empty or (stop is not None and stop.is_set()):
             return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
         raise DatasetError(NOTHING_DECODED)
     return torch.cat(all_logits), torch.cat(all_targets)

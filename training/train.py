@@ -18,6 +18,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +45,14 @@ from training.checkpoint import (
 from training.cli import (
     BadArgumentError,
     Interrupted,
+    StopRequested,
     check_out_dir,
     check_utf8_path,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
+    raise_if_stopped,
     seed_int,
     unit_float,
     usable_cpus,
@@ -69,6 +72,7 @@ from training.datasets.image_dataset import (
     UnreadableImages,
     collate_skipping_unreadable,
 )
+from training.datasets.leakage import TrainTestDuplicates, find_train_test_duplicates
 from training.datasets.splits import class_label
 from training.distributed import (
     DistInfo,
@@ -122,6 +126,10 @@ MAX_LOADER_WORKERS = 64
 LOCK_FILE = ".train.lock"
 PLOT_FILES = ("per_class_accuracy.png", "confused_pairs.png")
 TB_DIR = "tb"
+# --leak-check: what to do about test images byte-identical to training images
+LEAK_CHECKS = ("warn", "fail", "off")
+LEAK_EXAMPLES = 3  # duplicate pairs a warning or error names
+LEAK_RECORDED = 100  # duplicate pairs metrics.json lists
 # every file a run writes into --out (the lock aside): what --overwrite removes of a previous run
 RUN_FILES = (CHECKPOINT_FILE, LABELS_FILE, METRICS_FILE, ARGS_FILE, *PLOT_FILES)
 
@@ -223,6 +231,14 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-amp", action="store_true", help="disable AMP on CUDA")
     parser.add_argument("--eval-every", type=non_negative_int, default=1, help="0 = only at end")
     parser.add_argument(
+        "--leak-check",
+        choices=LEAK_CHECKS,
+        default="warn",
+        help="test images whose bytes equal a training image's (exact duplicates in both "
+        "splits): warn and count them in metrics.json, fail (exit 2), or off (no check; it "
+        "reads only files whose size matches a file in the other split)",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace a checkpoint already in --out (without it, only --resume may write there)",
@@ -263,6 +279,45 @@ def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
     if name != "cpu":
         raise BadArgumentError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
+
+
+def check_train_test_leak(
+    train_idx: DatasetIndex, test_idx: DatasetIndex, mode: str, announce: bool = True
+) -> TrainTestDuplicates | None:
+    """Find test images byte-identical to training images (``--leak-check``): None when
+    ``off``; with ``fail`` a DatasetError naming a few pairs; with ``warn`` one warning (when
+    ``announce``: rank 0 under DDP). Such an image is scored as unseen though trained on."""
+    if mode == "off":
+        return None
+    found = find_train_test_duplicates(
+        (s.path for s in train_idx.samples), (s.path for s in test_idx.samples)
+    )
+    if not found.count:
+        return found
+    shown = "; ".join(f"{test} = {train}" for train, test in found.pairs[:LEAK_EXAMPLES])
+    more = f" and {found.count - LEAK_EXAMPLES} more" if found.count > LEAK_EXAMPLES else ""
+    message = (
+        f"{train_idx.source}: {found.count} of {len(test_idx.samples)} test images are "
+        f"byte-identical to a training image, so the test score counts images the model trained "
+        f"on (test = train): {shown}{more}"
+    )
+    if mode == "fail":
+        raise DatasetError(f"{message}; remove one copy of each, or pass --leak-check warn")
+    if announce:
+        log.warning("%s; --leak-check fail makes this an error", message)
+    return found
+
+
+def describe_leak(found: TrainTestDuplicates | None) -> dict[str, Any]:
+    """The check's result as metrics.json records it (null count: the check was off)."""
+    if found is None:
+        return {"train_test_duplicates": None, "train_test_duplicate_pairs": []}
+    return {
+        "train_test_duplicates": found.count,
+        "train_test_duplicate_pairs": [
+            {"train": str(train), "test": str(test)} for train, test in found.pairs[:LEAK_RECORDED]
+        ],
+    }
 
 
 def load_splits(args: argparse.Namespace) -> tuple[DatasetIndex, DatasetIndex]:
@@ -545,6 +600,7 @@ def evaluate_split(
     amp: bool,
     channels_last: bool,
     unreadable: UnreadableImages,
+    stop: threading.Event | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """All logits and targets of the test set (rank 0) or None (other ranks).
 
@@ -552,12 +608,21 @@ def evaluate_split(
     rank 0 gathers the shards in dataset order: exactly what one process would score, without
     N-1 idle GPUs or the others timing out in a barrier. Every rank's ``unreadable`` then holds
     all ranks' images, and a failure on one rank (--strict, nothing decodable) is raised on all,
-    so none is left waiting in a collective.
+    so none is left waiting in a collective. A ``stop`` set on any rank raises StopRequested on
+    all, once they have gathered.
     """
     if not dist_info.enabled:
-        return evaluate(
-            model, loader, device, amp=amp, channels_last=channels_last, unreadable=unreadable
+        scored = evaluate(
+            model,
+            loader,
+            device,
+            amp=amp,
+            channels_last=channels_last,
+            unreadable=unreadable,
+            stop=stop,
         )
+        raise_if_stopped(stop)
+        return scored
     broadcast_weights(model, dist_info)
     error, logits, targets = None, torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     failed: Exception | None = None
@@ -570,6 +635,7 @@ def evaluate_split(
             channels_last=channels_last,
             unreadable=unreadable,
             allow_empty=True,
+            stop=stop,
         )
     except DatasetError as exc:  # --strict met an unreadable image in this rank's shard
         error = ("dataset", str(exc))
@@ -577,21 +643,24 @@ def evaluate_split(
         failed = exc
         error = ("other", f"rank {dist_info.rank}: {exc!r}")
     width = logits.shape[1] if len(targets) else 0
-    status = all_gather((error, len(targets), width, dict(unreadable.paths)), dist_info)
-    for *_, paths in status:
+    stopping = stop is not None and stop.is_set()
+    status = all_gather((error, len(targets), width, dict(unreadable.paths), stopping), dist_info)
+    for *_, paths, _ in status:
         unreadable.merge(paths)
     if failed is not None:
         raise failed
+    if any(s[-1] for s in status):
+        raise StopRequested
     errors = [e for e, *_ in status if e is not None]
     if errors:
         kind, message = errors[0]
         if kind == "dataset":
             raise DatasetError(message)
         raise RuntimeError(f"evaluation failed on {message}")
-    counts = [n for _, n, _, _ in status]
+    counts = [n for _, n, _, _, _ in status]
     if sum(counts) == 0:
         raise DatasetError(NOTHING_DECODED)
-    width = max(w for _, _, w, _ in status)  # a rank with no images has no logits to measure
+    width = max(w for _, _, w, _, _ in status)  # a rank with no images has no logits to measure
     all_logits = gather_rows(logits.float(), counts, width, dist_info)
     all_targets = gather_rows(targets.reshape(-1, 1), counts, 1, dist_info)
     if all_logits is None or all_targets is None:
@@ -614,6 +683,7 @@ def full_metrics(
     train_idx: DatasetIndex,
     test_idx: DatasetIndex,
     unreadable: UnreadableImages,
+    duplicates: TrainTestDuplicates | None = None,
 ) -> dict[str, Any]:
     m = classification_metrics(logits, targets, test_idx.classes, train_idx.class_counts())
     return {
@@ -628,6 +698,7 @@ def full_metrics(
         "skipped_corrupt": train_idx.skipped_corrupt + test_idx.skipped_corrupt,
         "skipped_unreadable": len(unreadable),
         "unreadable_images": list(unreadable.paths)[:100],
+        **describe_leak(duplicates),
     }
 
 
@@ -643,7 +714,8 @@ def write_reports(
 # flags that define a run: a resumed run must match the checkpoint's on every one (optimizer state,
 # step counts per epoch, the LR schedule, the data and the recorded preprocessing depend on them).
 # Everything else may change on resume: --epochs (extend or shorten), --stop-after, --workers,
-# --device, --no-amp, --eval-every, --strict, --out, --verbose; --pretrained is unused.
+# --device, --no-amp, --eval-every, --leak-check, --strict, --out, --verbose; --pretrained is
+# unused.
 RESUME_FIXED = (
     "arch",
     "dataset",
@@ -696,8 +768,8 @@ def check_resume(args: argparse.Namespace, ckpt: dict[str, Any], world_size: int
         raise BadArgumentError(
             f"--resume {args.resume}: this run's flags differ from the checkpoint's: "
             f"{'; '.join(diffs)}; only --data (the same data at another path), --epochs, "
-            "--stop-after, --workers, --device, --no-amp, --eval-every, --strict and --out may "
-            "change on resume"
+            "--stop-after, --workers, --device, --no-amp, --eval-every, --leak-check, --strict "
+            "and --out may change on resume"
         )
     if "data" in saved and saved["data"] != current.get("data"):
         # the same archive mounted elsewhere (another node, another job); the class list is
@@ -1037,12 +1109,13 @@ class RunReport:
             self.saved_epoch = epoch
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(args: argparse.Namespace, stop: threading.Event | None = None) -> dict[str, Any]:
     """The ``train`` command: :func:`run`, then its one summary line on stdout. An interruption
-    says whether this invocation saved a checkpoint to continue from (:func:`interrupt_note`)."""
+    (Ctrl-C, or ``stop`` set by SIGTERM and seen between steps) says whether this invocation
+    saved a checkpoint to continue from (:func:`interrupt_note`)."""
     report = RunReport()
     try:
-        metrics = run(args, report)
+        metrics = run(args, report, stop=stop)
     except KeyboardInterrupt as exc:
         report.settle(args.out)
         raise Interrupted(interrupt_note(args, report)) from exc
@@ -1072,14 +1145,26 @@ def interrupt_note(args: argparse.Namespace, report: RunReport) -> str:
     return f"no epoch finished, so this run saved no checkpoint in {out}"
 
 
-def run(args: argparse.Namespace, report: RunReport | None = None) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace,
+    report: RunReport | None = None,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
     """Train; return the final metrics (rank 0) or {} (other ranks). Writes the checkpoint
     directory and logs, but prints nothing: ``compare`` runs it once per arch between its own
-    output. ``report`` (optional) is filled in with what this invocation did."""
+    output. ``report`` (optional) is filled in with what this invocation did. Once ``stop`` is
+    set the run ends at the next step (or evaluation batch) with StopRequested, a
+    KeyboardInterrupt: the epoch in progress is not checkpointed."""
     dist_info = init_distributed(args.device)
     held: list[IO[str]] = []  # the --out lock, released however the run ends
     try:
-        return _train(args, dist_info, held, report if report is not None else RunReport())
+        return _train(
+            args,
+            dist_info,
+            held,
+            report if report is not None else RunReport(),
+            stop if stop is not None else threading.Event(),
+        )
     finally:
         for handle in held:
             handle.close()
@@ -1117,7 +1202,11 @@ def warn_if_mixed_run_files(resume: Path, ckpt: dict[str, Any]) -> None:
 
 
 def _train(
-    args: argparse.Namespace, dist_info: DistInfo, held: list[IO[str]], report: RunReport
+    args: argparse.Namespace,
+    dist_info: DistInfo,
+    held: list[IO[str]],
+    report: RunReport,
+    stop: threading.Event,
 ) -> dict[str, Any]:
     check_train_args(args)
     resolve_weight_decays(args)
@@ -1140,6 +1229,11 @@ def _train(
     )
     torch.manual_seed(args.seed)
     train_idx, test_idx = load_splits(args)
+    if not dist_info.enabled:  # under DDP the first step's agreement takes it, on every rank
+        raise_if_stopped(stop)
+    duplicates = check_train_test_leak(
+        train_idx, test_idx, getattr(args, "leak_check", "warn"), announce=dist_info.is_main
+    )
     classes = train_idx.classes
     counts = train_idx.class_counts()
     report.source, report.num_classes = train_idx.source, len(classes)
@@ -1296,11 +1390,14 @@ def _train(
             amp=amp,
             channels_last=on_cuda,
             unreadable=unreadable,
+            stop=stop,
         )
 
     train_seconds = 0.0
     epoch = start_epoch - 1
     for epoch in range(start_epoch, args.epochs):
+        if not dist_info.enabled:  # under DDP the epoch's first step agrees on it
+            raise_if_stopped(stop)
         torch.manual_seed(augment_seed(args.seed, epoch, dist_info))  # this epoch's augmentations
         skipped_before = unreadable.occurrences
         loader = train_loader(
@@ -1321,7 +1418,10 @@ def _train(
             writer=writer,
             global_step=global_step,
             unreadable=unreadable,
+            stop=stop,
         )
+        if stats.get("stopped"):  # every rank alike: the step's agreement said so
+            raise StopRequested
         global_step = int(stats["global_step"])
         train_seconds += stats["seconds"]
         log.info(
@@ -1381,7 +1481,9 @@ def _train(
             break
     eval_model = ema.module if ema is not None else model
     scored = score(eval_model)
-    metrics = {} if scored is None else full_metrics(*scored, train_idx, test_idx, unreadable)
+    metrics = (
+        {} if scored is None else full_metrics(*scored, train_idx, test_idx, unreadable, duplicates)
+    )
     if ema is not None:
         # the raw weights too, once at the end (every epoch would double the evaluation cost)
         raw = score(model)

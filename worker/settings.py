@@ -326,16 +326,16 @@ def check_listen_host(value: str) -> str:
     """``metrics_host`` as the endpoint binds it: an IP address (an IPv6 one with or without
     brackets, returned without) or a host name; ValueError in one line otherwise.
 
-    Before, a value no socket can bind (a port in it, a URL, an empty string, which bound every
-    IPv4 interface unasked) was only found by the bind, with the OS's words, or not at all.
+    Before, a value no socket can bind (a port in it, a URL) was only found by the bind, with
+    the OS's words. An empty value is socket's own spelling of every IPv4 interface, and kept
+    working: it becomes 0.0.0.0, which the log then shows.
     """
+    if value == "":
+        return "0.0.0.0"
     bracketed = value.startswith("[") and value.endswith("]")
     host = value[1:-1] if bracketed else value
     if not host:
-        raise ValueError(
-            "empty: give the address to listen on, like 0.0.0.0 (every IPv4 interface), "
-            ":: (every interface) or 127.0.0.1"
-        )
+        raise ValueError(f"{value!r}: no address inside the brackets")
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -343,6 +343,11 @@ def check_listen_host(value: str) -> str:
     if address is not None:
         if bracketed and address.version == 4:
             raise ValueError(f"{value!r}: brackets are for an IPv6 address; write {host}")
+        if getattr(address, "scope_id", None):
+            raise ValueError(
+                f"{value!r}: an address with a zone (%{address.scope_id}) is not supported; "
+                "listen on :: or on the pod's own address"
+            )
         return host
     if bracketed:
         raise ValueError(f"{value!r}: not an IPv6 address inside the brackets")
@@ -827,6 +832,11 @@ class WorkerSettings(BaseSettings):
         return data
 
 
+# CARSTREAM_* variables the project's own files read that are no worker setting: exported in a
+# shell that also runs `worker trends`, they are not typos
+PROJECT_VARIABLES = frozenset({"CARSTREAM_BUNDLE_DIR"})  # deploy/compose.yaml's bundle mount
+
+
 def unknown_env_settings(
     environ: Mapping[str, str] | None = None,
 ) -> list[tuple[str, str | None]]:
@@ -841,7 +851,7 @@ def unknown_env_settings(
     fields = list(WorkerSettings.model_fields)
     found: list[tuple[str, str | None]] = []
     for key in sorted(environ):
-        if not key.lower().startswith(prefix):
+        if not key.lower().startswith(prefix) or key.upper() in PROJECT_VARIABLES:
             continue
         name = key[len(prefix) :].lower()
         if name in WorkerSettings.model_fields:  # case_sensitive=False: any case is read

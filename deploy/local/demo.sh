@@ -117,7 +117,8 @@ say "waiting until Redis has counted all $sent posts (deadline ${WAIT_S}s)"
 "$PY" - "$sent" "$WAIT_S" <<'EOF'
 import os, sys, time
 import redis
-from worker.trends import TrendReader, total
+from worker.trend_windows import total
+from worker.trends import TrendReader
 
 sent, wait_s = int(sys.argv[1]), float(sys.argv[2])
 reader = TrendReader(redis.Redis.from_url(os.environ["CARSTREAM_REDIS_URL"]))

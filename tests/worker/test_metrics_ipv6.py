@@ -119,6 +119,7 @@ def test_host_port_brackets_ipv6_only():
         ("::1", "::1"),
         ("0.0.0.0", "0.0.0.0"),
         ("localhost", "localhost"),
+        ("", "0.0.0.0"),  # socket's own spelling of every IPv4 interface, as it bound before
     ],
 )
 def test_good_metrics_hosts_are_taken(value, expected):
@@ -128,7 +129,8 @@ def test_good_metrics_hosts_are_taken(value, expected):
 @pytest.mark.parametrize(
     ("value", "needle"),
     [
-        ("", "empty"),
+        ("[]", "no address inside the brackets"),
+        ("fe80::1%eth0", "an address with a zone (%eth0) is not supported"),
         ("[127.0.0.1]", "brackets are for an IPv6 address"),
         ("[nohost]", "not an IPv6 address inside the brackets"),
         ("127.0.0.1:9100", "without a port"),

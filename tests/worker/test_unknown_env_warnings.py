@@ -75,3 +75,12 @@ def test_run_still_warns_as_before():
     assert proc.returncode == 2, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if " WARNING " in line]
     assert len(warnings) == 1 and warnings[0].endswith(f"worker.run: {TYPO_WARNING}")
+
+
+def test_the_projects_own_variables_are_not_reported_as_typos():
+    """deploy/compose.yaml reads CARSTREAM_BUNDLE_DIR on the host; it was "did you mean
+    CARSTREAM_BUNDLE?" to a shell that exported it and ran `worker trends`."""
+    from worker.settings import unknown_env_settings
+
+    environ = {"CARSTREAM_BUNDLE_DIR": "/b", "CARSTREAM_BUNDEL": "/b"}
+    assert unknown_env_settings(environ) == [("CARSTREAM_BUNDEL", "CARSTREAM_BUNDLE")]
