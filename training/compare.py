@@ -35,10 +35,10 @@ from training.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
-from training.cli import BadArgumentError, positive_int
+from training.cli import BadArgumentError, StopRequested, positive_int
 from training.cli_errors import OneLineParser, path_arg
 from training.cli_help import DefaultsHelpFormatter
-from training.datasets import DatasetIndex, load_index
+from training.datasets import DatasetIndex
 from training.datasets.image_dataset import UnreadableImages
 from training.distributed import DistInfo, barrier, cleanup, from_main, init_distributed
 from training.metrics import (
@@ -262,8 +262,12 @@ def previous_archs(out: Path) -> list[str]:
         return []
     archs = []
     for r in rows:
-        arch = r.get("arch") if isinstance(r, dict) else None
-        if arch in ARCHS and Path(str(r.get("checkpoint", ""))).name == arch:
+        if not isinstance(r, dict):
+            continue
+        arch, checkpoint = r.get("arch"), r.get("checkpoint")
+        if not isinstance(arch, str) or not isinstance(checkpoint, str):
+            continue  # a hand-edited or foreign file: not a run of ours to remove
+        if arch in ARCHS and Path(checkpoint).name == arch and arch not in archs:
             archs.append(arch)
     return archs
 
@@ -272,7 +276,8 @@ def remove_previous_comparison(out: Path, archs: list[str]) -> list[str]:
     """Remove what an earlier comparison wrote into ``out`` (``COMPARE_FILES`` and their temp
     files) and, for the archs it trained that this one does not (``archs``), their runs' files
     (``train.remove_previous_run``; a sub-directory left empty goes too); return what was
-    removed. ``compare --overwrite`` calls it before the first run: its arch runs replace their
+    removed. ``compare --overwrite`` calls it once the data loaded and passed the leak check,
+    before the first run: its arch runs replace their
     own sub-directories, but the old table would otherwise stay, describing the old runs, until
     this comparison writes its own, and for ever if it fails or is interrupted before that;
     and the old archs' checkpoints would sit beside the new ones as if part of this comparison.
@@ -318,7 +323,13 @@ def main(args: argparse.Namespace, stop: threading.Event | None = None) -> list[
         train_cmd.check_no_checkpoint_in_out(arch_run_args(args, arch), can_resume=False)
     dist_info = init_distributed(args.device)  # one process group for all the runs (under torchrun)
     try:
-        rows = _compare(args, archs, dist_info, stop)
+        try:
+            rows = _compare(args, archs, dist_info, stop)
+        except Exception as exc:
+            if stop is None or not stop.is_set():
+                raise
+            # a failure once the stop was requested is its doing: the interruption, not a crash
+            raise StopRequested from exc
         barrier(dist_info)  # the other ranks wait while rank 0 measures and writes the table
         return rows
     finally:
@@ -477,25 +488,23 @@ def _compare(
     stop: threading.Event | None = None,
 ) -> list[dict[str, Any]]:
     device = train_cmd.resolve_device(args.device, dist_info)
+    # loaded and leak-checked once, for every arch, and before --overwrite removes anything: a
+    # comparison refused for its data (exit 2) must leave the previous one as it was
+    data = train_cmd.load_checked_data(args, dist_info, stop)
     if dist_info.is_main and args.overwrite:
         removed = remove_previous_comparison(args.out, archs)
         if removed:
             log.info(
                 "--overwrite: removed %s of the previous comparison from %s", removed, args.out
             )
-    test_index = None
+    test_index = data.test  # one index: every arch is scored on the same images, in order
     rows, scores = [], {}
     for arch in archs:
         run_args = arch_run_args(args, arch)
         start = time.perf_counter()
-        metrics = train_cmd.run(
-            run_args, stop=stop
-        )  # not main: the summary line is train's, not ours
+        # run, not main: the summary line is train's, not ours
+        metrics = train_cmd.run(run_args, stop=stop, data=data)
         train_seconds = time.perf_counter() - start
-        if test_index is None:  # one index: every arch is scored on the same images, in order
-            test_index = load_index(
-                args.dataset, args.data, "test", args.level, args.crop, args.strict
-            )
         score = score_checkpoint(run_args.out, test_index, run_args, device, dist_info, stop)
         if score is None:  # a non-main rank under torchrun: it trained and scored its share
             continue

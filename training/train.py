@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import threading
@@ -81,6 +82,7 @@ from training.distributed import (
     barrier,
     broadcast_weights,
     cleanup,
+    from_main,
     gather_rows,
     init_distributed,
     refusal_from_main,
@@ -282,11 +284,12 @@ def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
 
 
 def check_train_test_leak(
-    train_idx: DatasetIndex, test_idx: DatasetIndex, mode: str, announce: bool = True
+    train_idx: DatasetIndex, test_idx: DatasetIndex, mode: str
 ) -> TrainTestDuplicates | None:
     """Find test images byte-identical to training images (``--leak-check``): None when
-    ``off``; with ``fail`` a DatasetError naming a few pairs; with ``warn`` one warning (when
-    ``announce``: rank 0 under DDP). Such an image is scored as unseen though trained on."""
+    ``off``; with ``fail`` a DatasetError naming a few pairs; with ``warn`` one warning (under
+    DDP only rank 0 checks: :func:`load_checked_data`). Such an image is scored as unseen though
+    trained on."""
     if mode == "off":
         return None
     found = find_train_test_duplicates(
@@ -297,14 +300,13 @@ def check_train_test_leak(
     shown = "; ".join(f"{test} = {train}" for train, test in found.pairs[:LEAK_EXAMPLES])
     more = f" and {found.count - LEAK_EXAMPLES} more" if found.count > LEAK_EXAMPLES else ""
     message = (
-        f"{train_idx.source}: {found.count} of {len(test_idx.samples)} test images are "
-        f"byte-identical to a training image, so the test score counts images the model trained "
-        f"on (test = train): {shown}{more}"
+        f"{train_idx.source}: {found.count} of {len(test_idx.samples)} held-out images (the split "
+        f"scored as the test set) are byte-identical to a training image, so the test score "
+        f"counts images the model trained on (held-out = train): {shown}{more}"
     )
     if mode == "fail":
         raise DatasetError(f"{message}; remove one copy of each, or pass --leak-check warn")
-    if announce:
-        log.warning("%s; --leak-check fail makes this an error", message)
+    log.warning("%s; --leak-check fail makes this an error", message)
     return found
 
 
@@ -318,6 +320,38 @@ def describe_leak(found: TrainTestDuplicates | None) -> dict[str, Any]:
             {"train": str(train), "test": str(test)} for train, test in found.pairs[:LEAK_RECORDED]
         ],
     }
+
+
+@dataclass(frozen=True)
+class CheckedData:
+    """The training and held-out splits, loaded and leak-checked (``--leak-check``): what a run
+    needs before it may touch --out. ``compare`` loads them once, before its --overwrite removes
+    anything, and hands them to every arch's run."""
+
+    train: DatasetIndex
+    test: DatasetIndex
+    duplicates: TrainTestDuplicates | None  # None: the check was off
+
+
+def load_checked_data(
+    args: argparse.Namespace, dist_info: DistInfo, stop: threading.Event | None = None
+) -> CheckedData:
+    """Both splits and the leak check. Under DDP only rank 0 reads the files for the check and
+    the others take its result (or its refusal, with ``fail``), so every rank stops alike."""
+    train_idx, test_idx = load_splits(args)
+    if not dist_info.enabled:  # under DDP the first step's agreement takes it, on every rank
+        raise_if_stopped(stop)
+    mode = getattr(args, "leak_check", "warn")
+    duplicates, refusal = None, None
+    if dist_info.is_main:
+        try:
+            duplicates = check_train_test_leak(train_idx, test_idx, mode)
+        except DatasetError as exc:
+            refusal = str(exc)
+    refusal, duplicates = from_main(dist_info, (refusal, duplicates))
+    if refusal is not None:
+        raise DatasetError(refusal)
+    return CheckedData(train_idx, test_idx, duplicates)
 
 
 def load_splits(args: argparse.Namespace) -> tuple[DatasetIndex, DatasetIndex]:
@@ -514,6 +548,15 @@ def augment_seed(seed: int, epoch: int, dist_info: DistInfo) -> int:
     return epoch_seed(seed, epoch) * dist_info.world_size + dist_info.rank
 
 
+def ignore_sigterm_in_worker(worker_id: int) -> None:
+    """A DataLoader worker's init: SIGTERM sent to the whole process group (``kill -TERM
+    -PGID``: Slurm's scancel, systemd) must not kill the workers, or the main process fails on
+    the dead worker instead of ending at its next step as the interruption it is. The main
+    process still ends them: its loader sends them their stop when it is deleted, and a worker
+    whose parent is gone exits (torch's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train_loader(
     dataset: ImageDataset,
     targets: list[int],
@@ -558,6 +601,7 @@ def train_loader(
         drop_last=len(dataset) > args.batch_size * dist_info.world_size,
         generator=gen,
         collate_fn=collate_skipping_unreadable,
+        worker_init_fn=ignore_sigterm_in_worker,
     )
 
 
@@ -588,6 +632,7 @@ def eval_loader(
         sampler=sampler,
         num_workers=args.workers,
         collate_fn=collate_skipping_unreadable,
+        worker_init_fn=ignore_sigterm_in_worker,
     )
 
 
@@ -1119,6 +1164,14 @@ def main(args: argparse.Namespace, stop: threading.Event | None = None) -> dict[
     except KeyboardInterrupt as exc:
         report.settle(args.out)
         raise Interrupted(interrupt_note(args, report)) from exc
+    except Exception as exc:
+        if stop is None or not stop.is_set():
+            raise
+        # a failure once the stop was requested is the stop's doing (a loader worker that got
+        # the group's SIGTERM before it could ignore it): the interruption, not a crash
+        log.debug("after the stop request: %r", exc)
+        report.settle(args.out)
+        raise Interrupted(interrupt_note(args, report)) from exc
     if metrics:
         print(
             f"{args.arch} on {report.source}: top1 {metrics['top1']:.4f} top5 "
@@ -1149,12 +1202,15 @@ def run(
     args: argparse.Namespace,
     report: RunReport | None = None,
     stop: threading.Event | None = None,
+    data: CheckedData | None = None,
 ) -> dict[str, Any]:
     """Train; return the final metrics (rank 0) or {} (other ranks). Writes the checkpoint
     directory and logs, but prints nothing: ``compare`` runs it once per arch between its own
     output. ``report`` (optional) is filled in with what this invocation did. Once ``stop`` is
     set the run ends at the next step (or evaluation batch) with StopRequested, a
-    KeyboardInterrupt: the epoch in progress is not checkpointed."""
+    KeyboardInterrupt: the epoch in progress is not checkpointed (one whose training finished and
+    whose evaluation the stop cut short is). ``data``: the splits, already loaded and checked
+    (``compare``); by default the run loads them."""
     dist_info = init_distributed(args.device)
     held: list[IO[str]] = []  # the --out lock, released however the run ends
     try:
@@ -1164,6 +1220,7 @@ def run(
             held,
             report if report is not None else RunReport(),
             stop if stop is not None else threading.Event(),
+            data,
         )
     finally:
         for handle in held:
@@ -1207,6 +1264,7 @@ def _train(
     held: list[IO[str]],
     report: RunReport,
     stop: threading.Event,
+    data: CheckedData | None = None,
 ) -> dict[str, Any]:
     check_train_args(args)
     resolve_weight_decays(args)
@@ -1228,12 +1286,9 @@ def _train(
         f"--resume {args.resume}",
     )
     torch.manual_seed(args.seed)
-    train_idx, test_idx = load_splits(args)
-    if not dist_info.enabled:  # under DDP the first step's agreement takes it, on every rank
-        raise_if_stopped(stop)
-    duplicates = check_train_test_leak(
-        train_idx, test_idx, getattr(args, "leak_check", "warn"), announce=dist_info.is_main
-    )
+    if data is None:
+        data = load_checked_data(args, dist_info, stop)
+    train_idx, test_idx, duplicates = data.train, data.test, data.duplicates
     classes = train_idx.classes
     counts = train_idx.class_counts()
     report.source, report.num_classes = train_idx.source, len(classes)
@@ -1434,8 +1489,12 @@ def _train(
             unreadable.occurrences - skipped_before,
         )
         eval_model = ema.module if ema is not None else model
+        stopped_in_eval = False
         if args.eval_every and (epoch + 1) % args.eval_every == 0:
-            scored = score(eval_model)
+            try:
+                scored = score(eval_model)
+            except StopRequested:  # every rank alike (evaluate_split): save the trained epoch
+                scored, stopped_in_eval = None, True
             if scored is not None:
                 last_eval = classification_metrics(*scored, classes)
                 writer.add_scalar("test/top1", last_eval["top1"], epoch + 1)
@@ -1476,6 +1535,8 @@ def _train(
             report.saved_epoch = epoch + 1
             report.saving = None
         barrier(dist_info)
+        if stopped_in_eval:  # its checkpoint records the metrics of an epoch not evaluated
+            raise StopRequested
         if args.stop_after and epoch + 1 - start_epoch >= args.stop_after:
             log.info("stopping after epoch %d (--stop-after); continue with --resume", epoch + 1)
             break

@@ -93,3 +93,82 @@ def test_a_stale_arch_folder_with_other_files_keeps_them(tmp_path):
     )
     remove_previous_comparison(out, ["resnet18"])
     assert sorted(p.name for p in (out / "resnet34").iterdir()) == ["mine.txt"]
+
+
+def _old_comparison(out: Path) -> dict[str, bytes]:
+    """An earlier comparison's files in ``out`` (its table and two arch runs); what is there."""
+    for arch in ("resnet18", "resnet34"):
+        (out / arch).mkdir(parents=True)
+        for name in ("checkpoint.pt", "labels.json", "metrics.json", "args.json"):
+            (out / arch / name).write_text(f"old {arch} {name}")
+    rows = [{"arch": a, "checkpoint": str(out / a)} for a in ("resnet18", "resnet34")]
+    (out / "compare.json").write_text(json.dumps(rows))
+    for name in COMPARE_FILES[1:]:
+        (out / name).write_text(f"old {name}")
+    return _snapshot(out)
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_an_overwrite_refused_for_missing_data_removes_nothing(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    before = _old_comparison(out)
+    argv = compare_argv(tmp_path / "nonexistent", out, "resnet18", "--overwrite")
+    assert cli_main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+    assert _snapshot(out) == before
+
+
+def test_an_overwrite_refused_by_the_leak_check_removes_nothing(sample, tmp_path, capsys):
+    split = sample / "data/train_test_split/classification"
+    train = split.joinpath("train.txt").read_text().split()[0]
+    test = split.joinpath("test.txt").read_text().split()[0]
+    image = sample / "data/image"
+    (image / test).write_bytes((image / train).read_bytes())  # a test image is a training one
+    out = tmp_path / "cmp"
+    before = _old_comparison(out)
+    argv = compare_argv(sample, out, "resnet18", "--overwrite", "--leak-check", "fail")
+    assert cli_main(argv) == 2
+    assert "byte-identical" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [{"arch": ["resnet34"], "checkpoint": "x"}],
+        [{"arch": {"a": 1}, "checkpoint": "resnet34"}],
+        [{"arch": "resnet34", "checkpoint": ["resnet34"]}],
+        [{"arch": "resnet34", "checkpoint": 34}],
+        {"arch": "resnet34"},
+        "resnet34",
+    ],
+)
+def test_a_malformed_compare_json_names_no_previous_arch(tmp_path, rows):
+    from training.compare import previous_archs, remove_previous_comparison
+
+    out = tmp_path / "cmp"
+    (out / "resnet34").mkdir(parents=True)
+    (out / "resnet34" / "checkpoint.pt").write_text("not listed in a readable table")
+    (out / "compare.json").write_text(json.dumps(rows))
+    assert previous_archs(out) == []
+    assert remove_previous_comparison(out, ["resnet18"]) == ["compare.json"]
+    assert (out / "resnet34" / "checkpoint.pt").is_file()
+
+
+def test_compare_checks_the_data_for_leaks_once_for_all_archs(sample, tmp_path, monkeypatch):
+    calls = []
+    real = train_mod.find_train_test_duplicates
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "find_train_test_duplicates", counted)
+    assert cli_main(compare_argv(sample, tmp_path / "cmp", "resnet18,resnet34")) == 0
+    assert len(calls) == 1
+    for arch in ("resnet18", "resnet34"):  # each run still records the check's result
+        metrics = json.loads((tmp_path / "cmp" / arch / "metrics.json").read_text())
+        assert metrics["train_test_duplicates"] == 0

@@ -141,3 +141,96 @@ def test_sigterm_to_a_real_training_run_ends_it_as_an_interruption(tmp_path):
     assert f"(epoch {epoch} of 1000)" in last
     assert load_checkpoint(out)["epoch"] == epoch - 1  # the note names the checkpoint on disk
     assert not list(out.glob(".*.tmp")) and not (out / "metrics.json").exists()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def _group_is_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_is_an_interruption(tmp_path):
+    """``kill -TERM -PGID`` (Slurm's scancel, systemd) reaches the DataLoader workers too: the
+    run still ends as the interruption (130 and its note), not on a dead worker, and leaves no
+    worker behind."""
+    data, out = tmp_path / "sample", tmp_path / "out"
+    make_sample(data, 4, 6, seed=0)
+    argv = tiny_argv(data, out, "--epochs", "1000", "--eval-every", "0")
+    argv[argv.index("--workers") + 1] = "2"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training", *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a scheduler's job is
+    )
+    try:
+        _wait_for(lambda: len(_children(proc.pid)) >= 2, proc)  # the loader's workers run
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        deadline = time.monotonic() + 60
+        while not _group_is_gone(proc.pid):  # the workers end with the main process
+            assert time.monotonic() < deadline, "a loader worker outlived the run"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if not _group_is_gone(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
+    assert "Traceback" not in err and "killed by signal" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted; "), err[-3000:]
+
+
+# a real process whose SIGTERM arrives as the epoch's evaluation starts, every time: the wrapper
+# sends it from inside train's call of evaluate, before the first evaluation batch
+SIGTERM_AT_EVALUATION = """
+import os, signal, sys
+from training import train
+real = train.evaluate
+def evaluate(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+train.evaluate = evaluate
+from training.__main__ import main
+sys.exit(main(sys.argv[1:], own_signals=True))
+"""
+
+
+def test_sigterm_during_the_epochs_evaluation_keeps_the_trained_epoch(tmp_path):
+    data, out = tmp_path / "sample", tmp_path / "out"
+    make_sample(data, 4, 6, seed=0)
+    argv = tiny_argv(data, out, "--epochs", "3", "--eval-every", "1")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AT_EVALUATION, *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == EXIT_INTERRUPTED, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"interrupted; the last finished epoch's checkpoint (epoch 1 of 3) is in {out}; "
+        f"continue with --resume {out}"
+    )
+    ckpt = load_checkpoint(out)
+    assert ckpt["epoch"] == 0
+    assert ckpt["metrics"] == {}  # as an epoch not evaluated records it
+    assert not (out / "metrics.json").exists()

@@ -156,3 +156,49 @@ def test_the_folder_layout_is_checked_too(tmp_path, capsys):
     argv[argv.index("compcars")] = "folder"
     assert cli_main(argv) == 2
     assert "byte-identical" in capsys.readouterr().err
+
+
+def test_the_message_names_a_val_folder_held_out_not_test(tmp_path):
+    from training.datasets import DatasetError
+    from training.train import check_train_test_leak
+
+    data = tmp_path / "cars"
+    _folder_tree(data)
+    (data / "test").rename(data / "val")  # the held-out split is called val here
+    train_idx = load_index("folder", data, "train")
+    test_idx = load_index("folder", data, "test")
+    with pytest.raises(DatasetError) as err:
+        check_train_test_leak(train_idx, test_idx, "fail")
+    message = str(err.value)
+    assert "held-out images" in message and "(held-out = train)" in message
+    assert "test images" not in message and "test = train" not in message
+    assert str(data / "val" / "Kia" / "0.png") in message
+
+
+def test_under_ddp_only_rank_0_reads_the_files_and_its_refusal_stops_every_rank(
+    leaky_compcars, monkeypatch
+):
+    from training import train as train_mod
+    from training.datasets import DatasetError
+    from training.distributed import DistInfo
+
+    args = type("Args", (), {})()
+    args.dataset, args.data, args.level, args.crop, args.strict = (
+        "compcars",
+        leaky_compcars,
+        "model",
+        "bbox",
+        False,
+    )
+    args.leak_check = "fail"
+
+    def not_on_this_rank(*args, **kwargs):
+        raise AssertionError("rank 1 read the files for the leak check")
+
+    monkeypatch.setattr(train_mod, "find_train_test_duplicates", not_on_this_rank)
+    rank1 = DistInfo(1, 2, 1)
+    monkeypatch.setattr(train_mod, "from_main", lambda info, value: (None, None))
+    assert train_mod.load_checked_data(args, rank1).duplicates is None  # rank 0's result
+    monkeypatch.setattr(train_mod, "from_main", lambda info, value: ("rank 0's refusal", None))
+    with pytest.raises(DatasetError, match="rank 0's refusal"):
+        train_mod.load_checked_data(args, rank1)
