@@ -42,11 +42,6 @@ def step_agreement(n: int, stopping: bool, device: torch.device) -> tuple[int, b
     return int(t[0].item()), bool(t[1].item() < 0)
 
 
-def smallest_batch(n: int, device: torch.device) -> int:
-    """The smallest of this step's batch sizes over all ranks (``n`` outside DDP)."""
-    return step_agreement(n, False, device)[0]
-
-
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,

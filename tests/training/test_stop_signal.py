@@ -103,6 +103,10 @@ def test_the_handler_only_sets_the_event_and_a_later_second_signal_interrupts():
         signal.signal(signal.SIGTERM, old_term)
 
 
+# a training run in a child process: this checkout's packages, one OpenMP thread (tiny models)
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -115,11 +119,10 @@ def test_sigterm_to_a_real_training_run_ends_it_as_an_interruption(tmp_path):
     data, out = tmp_path / "sample", tmp_path / "out"
     make_sample(data, 4, 6, seed=0)
     argv = tiny_argv(data, out, "--epochs", "1000", "--eval-every", "0")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "training", *argv],
         cwd=REPO,
-        env=env,
+        env=CHILD_ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -167,11 +170,10 @@ def test_sigterm_to_the_process_group_with_loader_workers_is_an_interruption(tmp
     make_sample(data, 4, 6, seed=0)
     argv = tiny_argv(data, out, "--epochs", "1000", "--eval-every", "0")
     argv[argv.index("--workers") + 1] = "2"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "training", *argv],
         cwd=REPO,
-        env=env,
+        env=CHILD_ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -215,11 +217,10 @@ def test_sigterm_during_the_epochs_evaluation_keeps_the_trained_epoch(tmp_path):
     data, out = tmp_path / "sample", tmp_path / "out"
     make_sample(data, 4, 6, seed=0)
     argv = tiny_argv(data, out, "--epochs", "3", "--eval-every", "1")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", SIGTERM_AT_EVALUATION, *argv],
         cwd=REPO,
-        env=env,
+        env=CHILD_ENV,
         capture_output=True,
         text=True,
         timeout=240,
