@@ -24,10 +24,11 @@ _TOO_DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
 # 9999 overflow datetime arithmetic in the trend buckets: they go to the DLQ as schema errors
 EARLIEST_POSTED_AT = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST_POSTED_AT = datetime(2100, 1, 1, tzinfo=UTC)
-# RFC 3339 date-time: seconds required, fraction optional, offset required (checked apart, so a
-# missing offset gets its own message); "T", "t" or a space between date and time
+# RFC 3339 date-time: seconds required, fraction optional and of any length (time-secfrac is
+# "." 1*DIGIT; pydantic keeps microseconds and drops the rest), offset required (checked apart,
+# so a missing offset gets its own message); "T", "t" or a space between date and time
 _RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?P<offset>[Zz]|[+-]\d{2}:\d{2})?"
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?P<offset>[Zz]|[+-]\d{2}:\d{2})?"
 )
 
 

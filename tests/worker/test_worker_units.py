@@ -369,6 +369,21 @@ def test_a_leap_second_is_read_as_the_second_before():
         assert info.value.kind == "schema"
 
 
+def test_a_fraction_of_any_length_is_rfc_3339():
+    # time-secfrac is "." 1*DIGIT: ten digits (a 100 ps clock) was dead-lettered as schema
+    for text, micros in (
+        ("2026-01-01T00:00:00.1234567891Z", 123_456),
+        ("2026-01-01T00:00:00.9999999999999999Z", 999_999),
+        ("2026-01-01T00:00:00." + "5" * 200 + "+00:00", 555_555),
+    ):
+        ev = parse_event(_raw({**GOOD, "posted_at": text}), 10_000)
+        assert ev.posted_at == datetime(2026, 1, 1, 0, 0, 0, micros, tzinfo=UTC)
+    for bad in ("2026-01-01T00:00:00.Z", "2026-01-01T00:00:00.12a4Z"):
+        with pytest.raises(PostError) as info:
+            parse_event(_raw({**GOOD, "posted_at": bad}), 10_000)
+        assert info.value.kind == "schema" and "not an RFC 3339 timestamp" in info.value.reason
+
+
 # --- post-processing -----------------------------------------------------------------------
 
 
