@@ -12,6 +12,7 @@ import csv
 import json
 import re
 import sys
+import unicodedata
 from datetime import UTC, datetime, timedelta
 
 from worker.trend_windows import Change
@@ -62,6 +63,28 @@ def shown(name: str) -> str:
     if name.isprintable():
         return name
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in name)
+
+
+def columns(text: str) -> int:
+    """Terminal columns ``text`` takes, so tables line up: a wide (CJK, full-width) character
+    takes two and a combining mark none (``len`` counts code points: ``東京`` is 2 of them in 4
+    columns, a decomposed ``é`` 2 in 1)."""
+    return sum(
+        0
+        if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me")
+        else 2
+        if unicodedata.east_asian_width(c) in ("W", "F")
+        else 1
+        for c in text
+    )
+
+
+def ljust_columns(text: str, width: int) -> str:
+    return text + " " * max(0, width - columns(text))
+
+
+def rjust_columns(text: str, width: int) -> str:
+    return " " * max(0, width - columns(text)) + text
 
 
 def count_of(n: int, noun: str, plural: str | None = None) -> str:
@@ -125,9 +148,9 @@ def _ranked(rows: list[tuple[str, int, str]]) -> None:
     if not rows:
         print("  (no posts counted)")
     names = [shown(name) for name, _, _ in rows]
-    width = max((len(name) for name in names), default=0)
+    width = max((columns(name) for name in names), default=0)
     for place, (name, (_, count, note)) in enumerate(zip(names, rows, strict=True), 1):
-        print(f"{place:>3}. {name:<{width}}  {count:>6}  {note}")
+        print(f"{place:>3}. {ljust_columns(name, width)}  {count:>6}  {note}")
 
 
 def print_where(args: argparse.Namespace, head: dict, result: dict) -> None:
@@ -225,8 +248,8 @@ def print_series(args: argparse.Namespace, head: dict, result: dict) -> None:
         else f"{args.by} per {_duration(result['every_minutes'])}{scope}: no posts counted in "
         f"{count_of(len(intervals), 'interval')} up to {_minute(head['at'])} UTC"
     )
-    widths = [max(len(shown(name)), 6) for name in names]
-    header = "  ".join(f"{shown(name):>{w}}" for name, w in zip(names, widths, strict=True))
+    widths = [max(columns(shown(name)), 6) for name in names]
+    header = "  ".join(rjust_columns(shown(name), w) for name, w in zip(names, widths, strict=True))
     print(f"{'start (UTC)':<16}  {'total':>6}  {header}".rstrip())
     for interval in intervals:
         start = _minute(interval["start"])

@@ -21,7 +21,7 @@ from worker.trend_keys import TrendRecord, trend_key
 from worker.trend_windows import Change, interval_keys, keep, name_matcher, window_keys, window_plan
 from worker.trends import TrendReader, TrendWriter, WrongTypeKeyError
 from worker.trends_cli import parse_at
-from worker.trends_format import _change, utc_z
+from worker.trends_format import _change, _ranked, columns, utc_z
 
 MIN_TTL = 48 * 3600
 HOUR_TTL = 30 * 24 * 3600
@@ -350,3 +350,16 @@ def test_a_decoding_client_meets_a_member_that_is_not_utf8(r: redis.Redis) -> No
             TrendReader(decoding, MIN_TTL, HOUR_TTL).window(5, "make", now=now)
     finally:
         decoding.close()
+
+
+# --- pure: tables line up in terminal columns, not code points ---------------------------
+
+
+def test_wide_and_combining_names_keep_the_columns_aligned(capsys) -> None:
+    # 東京車 is 3 code points in 6 columns, a decomposed é 2 in 1: padded by len(), the count
+    # column moved 3 right and 1 left of the ASCII rows'
+    _ranked([("東京車", 1, "25.0%"), ("Audi", 2, "50.0%"), ("e\u0301", 1, "25.0%")])
+    lines = capsys.readouterr().out.splitlines()
+    assert columns("東京車") == 6 and columns("e\u0301") == 1 and columns("Audi") == 4
+    ends = {columns(line[: line.index("%") + 1]) for line in lines}
+    assert len(lines) == 3 and len(ends) == 1, lines
