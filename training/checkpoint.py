@@ -118,7 +118,9 @@ def save_checkpoint(out_dir: Path, ckpt: dict[str, Any]) -> Path:
     Required keys: arch, num_classes, classes (list of {make, model, make_id, model_id} in
     class-index order), level, preprocess (PreprocessSpec dict), state_dict, epoch, args.
     Optional: optimizer, lr_scheduler, scaler, ema_state_dict, rng, metrics, train_class_counts
-    (training images per class, for the majority-class baseline; older checkpoints lack it).
+    (training images per class, for the majority-class baseline; older checkpoints lack it),
+    global_step, steps_per_epoch and train_images (what --resume checks the data against; older
+    checkpoints lack them).
     """
     out_dir = Path(out_dir)
     ckpt = {"format_version": FORMAT_VERSION, **ckpt}

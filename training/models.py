@@ -164,12 +164,30 @@ def imagenet_state(weights: WeightsEnum, arch: str) -> dict[str, torch.Tensor] |
         ) from exc
 
 
+def pretrained_file(path: Path) -> Path:
+    """The weights file ``--pretrained PATH`` names: PATH itself, or a checkpoint directory's
+    ``checkpoint.pt``, so a training run's --out works as it does for --resume."""
+    from training.checkpoint import CHECKPOINT_FILE  # training.checkpoint imports this module
+
+    if path.is_dir():
+        if (path / CHECKPOINT_FILE).is_file():
+            return path / CHECKPOINT_FILE
+        raise IsADirectoryError(
+            f"--pretrained: {path} is a directory with no {CHECKPOINT_FILE}; pass a weights file"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"--pretrained: no such weights file: {path}")
+    return path
+
+
 def load_pretrained_backbone(model: nn.Module, arch: str, pretrained: str) -> str:
     """Load ImageNet weights into everything but ``fc``; return where they came from.
 
     ``pretrained`` is ``imagenet`` (torchvision's download, cached in TORCH_HOME), ``none``, or a
-    path to a state_dict file. Offline without a cached file, training starts from scratch and
-    says so rather than failing; a damaged cached file is a ValueError naming it.
+    path to a state_dict or checkpoint file, or to a checkpoint directory (its ``checkpoint.pt``,
+    as ``--resume`` and ``evaluate --checkpoint`` take it; recorded as that file). Offline without
+    a cached file, training starts from scratch and says so rather than failing; a damaged cached
+    file is a ValueError naming it.
     """
     if pretrained == "none":
         return "none (from scratch)"
@@ -181,9 +199,7 @@ def load_pretrained_backbone(model: nn.Module, arch: str, pretrained: str) -> st
         source = f"torchvision:{weights}"
         where = f"{source} (cached file {cached_weights_path(weights)})"
     else:
-        path = Path(pretrained)
-        if not path.is_file():
-            raise FileNotFoundError(f"--pretrained: no such weights file: {path}")
+        path = pretrained_file(Path(pretrained))
         loaded = torch_load_weights_only(path, "state dict or checkpoint")
         key = weights_key(loaded)
         state = as_state_dict(loaded)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import colorsys
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 import scipy.io
 from PIL import Image, ImageDraw
 
-from training.cli import BadArgumentError, check_out_dir, positive_int, seed_int
+from training.cli import BadArgumentError, check_out_dir, seed_int
 from training.cli_errors import OneLineParser, path_arg
 from training.cli_help import DefaultsHelpFormatter
 
@@ -39,6 +40,8 @@ MAKE_MODELS = {
 MAKE_NAMES = list(MAKE_MODELS)
 TRAIN_FRACTION = 0.7
 MISSING_PER_SPLIT = 2
+MIN_CLASSES = 3  # room for every quirk: an empty model name, one make name under two ids, ...
+MIN_PER_CLASS = 2  # one train and one test image
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,22 @@ def make_sample(out: Path, num_classes: int, per_class: int, seed: int) -> dict[
     }
 
 
+def int_at_least(minimum: int, why: str) -> Callable[[str], int]:
+    """An argparse type for an integer of at least ``minimum``: the first refusal names the real
+    minimum (a generic ">= 1" for 0 followed by ">= 3" for 1 sent users round twice)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be >= {minimum} ({why})")
+        return value
+
+    return parse
+
+
 def get_args_parser(add_parser=None, name: str = "make-sample") -> argparse.ArgumentParser:
     kwargs = {
         "description": "Write a small SYNTHETIC data set (drawn cars, not photos) in the exact "
@@ -189,8 +208,18 @@ def get_args_parser(add_parser=None, name: str = "make-sample") -> argparse.Argu
         else OneLineParser(prog=f"python -m training {name}", **kwargs)
     )
     parser.add_argument("--out", type=path_arg, required=True, help="archive root to write")
-    parser.add_argument("--classes", type=positive_int, default=6, help="models in the split")
-    parser.add_argument("--per-class", type=positive_int, default=30, help="images per model")
+    parser.add_argument(
+        "--classes",
+        type=int_at_least(MIN_CLASSES, "the sample needs room for every quirk"),
+        default=6,
+        help=f"models in the split (at least {MIN_CLASSES})",
+    )
+    parser.add_argument(
+        "--per-class",
+        type=int_at_least(MIN_PER_CLASS, "one train and one test image"),
+        default=30,
+        help=f"images per model (at least {MIN_PER_CLASS})",
+    )
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
     parser.add_argument(
         "--overwrite",
@@ -213,10 +242,15 @@ def check_out_is_new(out: Path, overwrite: bool) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, int]:
-    if args.classes < 3:
-        raise BadArgumentError("--classes must be >= 3 (the sample needs room for every quirk)")
-    if args.per_class < 2:
-        raise BadArgumentError("--per-class must be >= 2 (one train and one test image)")
+    # the parser refuses these already; a Namespace built in code is checked here
+    if args.classes < MIN_CLASSES:
+        raise BadArgumentError(
+            f"--classes must be >= {MIN_CLASSES} (the sample needs room for every quirk)"
+        )
+    if args.per_class < MIN_PER_CLASS:
+        raise BadArgumentError(
+            f"--per-class must be >= {MIN_PER_CLASS} (one train and one test image)"
+        )
     check_out_dir(args.out)
     check_out_is_new(args.out, args.overwrite)
     summary = make_sample(args.out, args.classes, args.per_class, args.seed)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
+from torch.utils.data.dataloader import _BaseDataLoaderIter
 from torch.utils.data.distributed import DistributedSampler
 
 from training import plots
@@ -227,7 +228,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cb-beta", type=unit_float, default=0.999, help="class-balanced beta")
     parser.add_argument("--ema-decay", type=unit_float, default=0.0, help="EMA decay; 0 = off")
     parser.add_argument(
-        "--pretrained", default="imagenet", help="imagenet, none, or a state_dict file"
+        "--pretrained",
+        default="imagenet",
+        help="imagenet, none, a state_dict or checkpoint file, or a checkpoint directory",
     )
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
     parser.add_argument("--no-amp", action="store_true", help="disable AMP on CUDA")
@@ -361,7 +364,32 @@ def load_splits(args: argparse.Namespace) -> tuple[DatasetIndex, DatasetIndex]:
         raise DatasetError(f"{args.data}: no training images found")
     if not test_idx.samples:
         raise DatasetError(f"{args.data}: no test images found")
+    check_two_classes(train_idx, args.dataset, args.level)
     return train_idx, test_idx
+
+
+MIN_CLASSES = 2  # one class trains to a top-1 of 1.0 that says nothing
+
+
+def check_two_classes(idx: DatasetIndex, dataset: str, level: str) -> None:
+    """Refuse a data set of one class: it "trains" to top-1 1.0 with chance 1.0, and the model
+    can only ever answer that class. For a folder tree that is most often --data one level too
+    deep or too high (a CompCars root reads as the one class data/image), so say what it wants."""
+    if idx.num_classes >= MIN_CLASSES:
+        return
+    unit = "make" if level == "make" else "class"
+    (cls,) = idx.classes
+    if dataset == "folder":
+        name = "/".join(dict.fromkeys(str(v) for v in (cls["make_id"], cls["model_id"]) if v))
+        raise DatasetError(
+            f"{idx.source}: one {unit} found ({name}); training needs at least {MIN_CLASSES} "
+            "(--dataset folder wants one folder per class under --data: <class>/*.jpg or "
+            "<make>/<model>/*.jpg)"
+        )
+    raise DatasetError(
+        f"{idx.source}: the split files name one {unit} ({class_label(cls)}); training needs "
+        f"at least {MIN_CLASSES}"
+    )
 
 
 # the layers torchvision's reference counts as normalization for --norm-weight-decay
@@ -553,8 +581,30 @@ def ignore_sigterm_in_worker(worker_id: int) -> None:
     -PGID``: Slurm's scancel, systemd) must not kill the workers, or the main process fails on
     the dead worker instead of ending at its next step as the interruption it is. The main
     process still ends them: its loader sends them their stop when it is deleted, and a worker
-    whose parent is gone exits (torch's watchdog)."""
+    whose parent is gone exits (torch's watchdog).
+
+    The worker starts with SIGTERM blocked (:class:`SigtermSafeLoader`): torch installs its own
+    SIGTERM handler, which dies of any SIGTERM not from the parent, before this runs, so a
+    group's SIGTERM in between killed a new worker (seen under load in CI). Ignoring a blocked
+    signal discards it if pending; only then is it unblocked."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+class SigtermSafeLoader(DataLoader):
+    """A DataLoader whose worker processes start with SIGTERM blocked (inherited through fork,
+    kept through exec) until :func:`ignore_sigterm_in_worker` ignores it. The main process
+    blocks it only while the workers are made: a SIGTERM then waits, and its stop handler runs
+    as the block ends."""
+
+    def __iter__(self) -> _BaseDataLoaderIter:
+        if self.num_workers == 0:
+            return super().__iter__()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def train_loader(
@@ -592,7 +642,7 @@ def train_loader(
         sampler = WeightedRandomSampler(w, len(targets), replacement=True, generator=gen)
     else:
         sampler = RandomSampler(dataset, generator=gen)
-    return DataLoader(
+    return SigtermSafeLoader(
         dataset,
         batch_size=args.batch_size,
         sampler=sampler,
@@ -625,7 +675,7 @@ def eval_loader(
             shard.stop,
             len(dataset),
         )
-    return DataLoader(
+    return SigtermSafeLoader(
         dataset,
         batch_size=args.batch_size,
         shuffle=False,
@@ -832,6 +882,30 @@ def check_resume(args: argparse.Namespace, ckpt: dict[str, Any], world_size: int
             saved["epochs"],
             args.epochs,
         )
+
+
+def check_resume_steps(
+    args: argparse.Namespace, ckpt: dict[str, Any], steps: int, images: int, world_size: int
+) -> None:
+    """Refuse a resume whose steps per epoch differ from the checkpoint's (a data set of another
+    size under --data): the LR schedule is rebuilt for this run's steps but resumed at the
+    checkpoint's step, so the cosine decay would end far from 0 or reach it early. A checkpoint
+    written before it recorded ``steps_per_epoch`` is not checked."""
+    saved = ckpt.get("steps_per_epoch")
+    if saved is None:
+        log.debug(
+            "--resume %s: the checkpoint records no steps per epoch; not compared", args.resume
+        )
+        return
+    if saved == steps:
+        return
+    then = ckpt.get("train_images")
+    then_images = f"{then} training images" if isinstance(then, int) else "its data"
+    raise BadArgumentError(
+        f"--resume {args.resume}: this run has {steps} steps per epoch ({images} training images, "
+        f"batch {args.batch_size} x {world_size} process(es)), the checkpoint {saved} "
+        f"({then_images}): the LR schedule would not fit; resume on the data set it trained on"
+    )
 
 
 # what a resumed run restores beyond the weights (training writes them every epoch)
@@ -1346,6 +1420,8 @@ def _train(
     steps = math.ceil(len(train_ds) / (args.batch_size * dist_info.world_size))
     if len(train_ds) > args.batch_size * dist_info.world_size:
         steps = len(train_ds) // (args.batch_size * dist_info.world_size)
+    if resume_ckpt is not None:
+        check_resume_steps(args, resume_ckpt, steps, len(train_ds), dist_info.world_size)
     optimizer = build_optimizer(model, args)
     scheduler = warmup_cosine(optimizer, round(args.warmup_epochs * steps), args.epochs * steps)
     scaler = torch.amp.GradScaler("cuda") if amp else None
@@ -1522,6 +1598,9 @@ def _train(
                     "state_dict": model.state_dict(),
                     "epoch": epoch,
                     "global_step": global_step,
+                    # the schedule's step count rests on it: --resume refuses another value
+                    "steps_per_epoch": steps,
+                    "train_images": len(train_ds),
                     "args": record,
                     "optimizer": optimizer.state_dict(),
                     "lr_scheduler": scheduler.state_dict(),

@@ -155,6 +155,33 @@ def test_bbox_parsing_is_one_based_inclusive(tmp_path):
     assert read_bbox(label) is None
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\n3\n1\n11 21 50 60\n",  # a leading blank line
+        "3\n1\n\n11 21 50 60\n",  # a blank line before the box
+        "3\n\n1\n  \n11 21 50 60",  # blank and space-only lines, no final newline
+        "\r\n3\r\n1\r\n\r\n11 21 50 60\r\n",  # CRLF, blank lines
+        "3\r1\r11 21 50 60\r",  # old-Mac CR
+        "\ufeff3\n1\n11 21 50 60\n",  # a UTF-8 BOM
+        "\ufeff\n3\n1\n11 21 50 60\n",  # a BOM on a line of its own
+        "  3  \n 1\n\t11 21 50 60 \n",  # padded lines
+    ],
+)
+def test_bbox_lines_are_counted_without_blank_ones(tmp_path, text):
+    """Line 3 by position lost the box of a file with a blank line (the image then trained
+    whole under --crop bbox); the box is the third non-blank line."""
+    label = tmp_path / "a.txt"
+    label.write_bytes(text.encode("utf-8"))
+    assert read_bbox(label) == (10, 20, 50, 60)
+
+
+def test_bbox_of_a_file_with_too_few_lines_is_none(tmp_path):
+    label = tmp_path / "a.txt"
+    label.write_text("3\n\n\n1\n\n")
+    assert read_bbox(label) is None
+
+
 def test_bbox_crop_follows_label_and_is_clamped(sample_root):
     idx = load_index("compcars", sample_root, "train", crop="bbox")
     assert all(s.bbox is not None for s in idx.samples)

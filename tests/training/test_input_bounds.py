@@ -95,3 +95,21 @@ def test_loader_workers_have_an_upper_bound(tmp_path, capsys, command):
     sub = get_args_parser()._subparsers._group_actions[0].choices[command]
     action = next(a for a in sub._actions if "--workers" in a.option_strings)
     assert f"0..{bound}" in action.help
+
+
+@pytest.mark.parametrize(
+    ("flag", "values", "minimum"),
+    [("--classes", ("0", "1", "2"), 3), ("--per-class", ("0", "1"), 2)],
+)
+def test_make_sample_counts_name_their_real_minimum_at_once(
+    tmp_path, capsys, flag, values, minimum
+):
+    """--classes 0 used to say ">= 1", then --classes 1 ">= 3": one refusal must do."""
+    for value in values:
+        argv = _sample_argv(tmp_path / "sample")
+        argv[argv.index(flag) + 1] = value
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(argv)
+        assert exit_.value.code == 2
+        assert f"{flag}: '{value}' must be >= {minimum}" in one_error_line(capsys)
+    assert not (tmp_path / "sample").exists()

@@ -135,3 +135,27 @@ def test_a_carstream_checkpoint_gives_its_ema_weights_the_shipped_model(tmp_path
     torch.testing.assert_close(model.conv1.weight, raw.conv1.weight)
     torch.save(raw.state_dict(), path)  # a plain state dict: no key to name
     assert load_pretrained_backbone(model, "resnet18", str(path)) == f"file:{path}"
+
+
+def test_a_checkpoint_directory_gives_its_checkpoint_pt_recorded_as_that_file(tmp_path):
+    """--pretrained RUN_DIR (a training run's --out, as --resume takes it) loads
+    RUN_DIR/checkpoint.pt and records the same source as naming the file; a directory
+    without one is refused saying it is a directory, not that it does not exist."""
+    trained = build_model("resnet18", 5)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(
+        {"state_dict": trained.state_dict(), "ema_state_dict": None}, run_dir / "checkpoint.pt"
+    )
+    model = build_model("resnet18", 3)
+    by_file = load_pretrained_backbone(model, "resnet18", str(run_dir / "checkpoint.pt"))
+    model = build_model("resnet18", 3)
+    assert load_pretrained_backbone(model, "resnet18", str(run_dir)) == by_file
+    assert by_file == f"file:{run_dir / 'checkpoint.pt'} (state_dict)"
+    torch.testing.assert_close(model.conv1.weight, trained.conv1.weight)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        load_pretrained_backbone(build_model("resnet18", 3), "resnet18", str(empty))
+    assert f"{empty} is a directory" in str(info.value)
+    assert "pass a weights file" in str(info.value)

@@ -120,9 +120,13 @@ def read_bbox(label_path: Path) -> BBox | None:
     A box under ``MIN_BOX_SIDE`` pixels a side (``10 10 10 10``) is no usable box either.
     A value that is not a finite number within an image's reach (``inf``, ``nan``, ``1e400``)
     makes the box unusable like any other malformed one, rather than an OverflowError.
+    Lines are counted without the blank ones (a leading blank line, or one before the box, as
+    hand-edited files have), so such a file keeps its box; CRLF and CR line ends and a UTF-8
+    byte-order mark read as plain lines.
     """
     try:
-        lines = label_path.read_text().split("\n")
+        text = label_path.read_text().lstrip("\ufeff")
+        lines = [ln for ln in (raw.strip() for raw in text.splitlines()) if ln]
         values = [float(v) for v in lines[2].split()[:4]]
     except (OSError, IndexError, ValueError):
         return None
