@@ -593,9 +593,9 @@ def ignore_sigterm_in_worker(worker_id: int) -> None:
 
 class SigtermSafeLoader(DataLoader):
     """A DataLoader whose worker processes start with SIGTERM blocked (inherited through fork,
-    kept through exec) until :func:`ignore_sigterm_in_worker` ignores it. The main process
-    blocks it only while the workers are made: a SIGTERM then waits, and its stop handler runs
-    as the block ends."""
+    kept through exec) until :func:`ignore_sigterm_in_worker` ignores it. The main thread blocks
+    it only while the workers are made: a SIGTERM to the process then reaches the stop handler
+    as the block ends, or at once through another thread that does not block it."""
 
     def __iter__(self) -> _BaseDataLoaderIter:
         if self.num_workers == 0:
