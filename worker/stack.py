@@ -20,8 +20,9 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -123,6 +124,28 @@ class StackRecord:
         tmp.replace(path)
 
 
+@contextlib.contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block, and raise it as KeyboardInterrupt as
+    the block ends, so that a step with no safe place to stop (a child made, its handle not yet
+    kept) finishes first. Only where SIGINT has Python's own handler, in the main thread: a
+    handler of someone else's is left alone. Another exception from the block wins."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
 class _Service:
     """One background server: argv, pid file, log file, readiness probe."""
 
@@ -170,20 +193,26 @@ class _Service:
                 f"{self.name}: port 127.0.0.1:{self.port} is already taken by another process"
             )
         argv = self.argv()
-        with self.log_file.open("ab") as log:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.state_dir,
-                start_new_session=True,  # outlives the CLI that started it
-            )
+        proc: subprocess.Popen | None = None
         try:
-            self.pid_file.write_text(f"{proc.pid}\n")
+            # a Ctrl-C inside Popen (the child made, Popen not yet returned) left the child
+            # running with no handle to kill it by (seen under CI load): held until ``proc`` is
+            # set, then raised here, where the child is killed
+            with ctrl_c_held():
+                with self.log_file.open("ab") as log:
+                    proc = subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        cwd=self.state_dir,
+                        start_new_session=True,  # outlives the CLI that started it
+                    )
+                self.pid_file.write_text(f"{proc.pid}\n")
             self.wait_ready(timeout_s, proc)
         except BaseException:  # not ready, Ctrl-C, or no pid file: never leave it running
-            self._kill_started(proc)
+            if proc is not None:
+                self._kill_started(proc)
             raise
         logger.info("%s started (pid %d, port %d)", self.name, proc.pid, self.port)
         return True

@@ -20,7 +20,9 @@ from worker.stack import (
     LocalStack,
     StackError,
     StackRecord,
+    TansuBroker,
     create_topics,
+    ctrl_c_held,
     free_port,
     redis_server_available,
 )
@@ -345,3 +347,43 @@ def test_cli_ctrl_c_during_up_stops_what_it_started(tmp_path: Path) -> None:
             proc.wait()
         _cli("down", "--state-dir", str(st))
         _kill_fake_broker(child_pid)
+
+
+def test_ctrl_c_inside_popen_still_kills_the_child(tmp_path: Path, monkeypatch) -> None:
+    """A Ctrl-C that lands while Popen returns (the child made, its handle not yet kept): the
+    CLI's flaky test saw that broker outlive an interrupted ``stack up``. Here it lands there
+    every time: the real Popen, then SIGINT to this process before the handle is returned."""
+    binary, _ = _fake_broker(tmp_path / "bin", "tansu")
+    monkeypatch.setenv("CALF_TANSU_BIN", str(binary))
+    made: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def popen_then_ctrl_c(*args, **kwargs):
+        made.append(real_popen(*args, **kwargs))
+        os.kill(os.getpid(), signal.SIGINT)
+        return made[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", popen_then_ctrl_c)
+    broker = TansuBroker(tmp_path / "st", free_port())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            broker.start(timeout_s=30)
+        assert len(made) == 1 and made[0].poll() is not None  # killed and reaped
+        assert not broker.pid_file.exists()
+    finally:
+        for proc in made:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_held_raises_as_the_block_ends_and_yields_to_another_error() -> None:
+    with pytest.raises(KeyboardInterrupt), ctrl_c_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        reached = True  # the block went on past the Ctrl-C
+    assert reached
+    with pytest.raises(ValueError), ctrl_c_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        raise ValueError("the block's own error")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
