@@ -107,6 +107,19 @@ def test_the_handler_only_sets_the_event_and_a_later_second_signal_interrupts():
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+def _start_training(argv: list[str], **popen: object) -> subprocess.Popen:
+    """``python -m training ARGV`` in a child of this checkout, its output captured as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "training", *argv],
+        cwd=REPO,
+        env=CHILD_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -119,14 +132,7 @@ def test_sigterm_to_a_real_training_run_ends_it_as_an_interruption(tmp_path):
     data, out = tmp_path / "sample", tmp_path / "out"
     make_sample(data, 4, 6, seed=0)
     argv = tiny_argv(data, out, "--epochs", "1000", "--eval-every", "0")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "training", *argv],
-        cwd=REPO,
-        env=CHILD_ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_training(argv)
     try:
         _wait_for(lambda: (out / "labels.json").is_file(), proc)  # epoch 1 checkpointed
         proc.send_signal(signal.SIGTERM)
@@ -170,15 +176,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_is_an_interruption(tmp
     make_sample(data, 4, 6, seed=0)
     argv = tiny_argv(data, out, "--epochs", "1000", "--eval-every", "0")
     argv[argv.index("--workers") + 1] = "2"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "training", *argv],
-        cwd=REPO,
-        env=CHILD_ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a scheduler's job is
-    )
+    proc = _start_training(argv, start_new_session=True)  # its own group, as a job's is
     try:
         _wait_for(lambda: len(_children(proc.pid)) >= 2, proc)  # the loader's workers run
         os.killpg(proc.pid, signal.SIGTERM)
